@@ -1,0 +1,127 @@
+"""Shared fixtures: real PostgreSQL (template-cloned per test), SQLite, a real tiny training run."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests import pg
+
+_counter = itertools.count()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:  # pragma: no cover - torch is a hard dependency
+        has_cuda = False
+    if has_cuda:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def _pg_server() -> Iterator[tuple[str, pg.Cluster | None]]:
+    admin_url, cluster = pg.find_server()
+    yield admin_url, cluster
+    if cluster is not None:
+        cluster.destroy()
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url(_pg_server: tuple[str, pg.Cluster | None]) -> str:
+    """URL of the maintenance database of the test server (to create extra databases)."""
+    return _pg_server[0]
+
+
+@pytest.fixture(scope="session")
+def pg_template(pg_admin_url: str) -> Iterator[str]:
+    """Name of a database migrated to head once per session; tests clone it."""
+    from service.db.migrations import upgrade
+
+    name = f"aw_template_{os.getpid()}"
+    pg.drop_database(pg_admin_url, name)
+    url = pg.create_database(pg_admin_url, name)
+    upgrade(url)
+    _dispose_engines()
+    yield name
+    pg.drop_database(pg_admin_url, name)
+
+
+def _dispose_engines() -> None:
+    # CREATE DATABASE ... TEMPLATE needs the template to have no open connections.
+    try:
+        from service.db import session as db_session
+    except ImportError:
+        return
+    dispose = getattr(db_session, "dispose_all", None)
+    if callable(dispose):
+        dispose()
+
+
+@pytest.fixture
+def pg_url(pg_admin_url: str, pg_template: str) -> Iterator[str]:
+    """A fresh migrated PostgreSQL database for this test, dropped after it."""
+    name = f"aw_test_{os.getpid()}_{next(_counter)}"
+    url = pg.create_database(pg_admin_url, name, template=pg_template)
+    yield url
+    _dispose_engines()
+    pg.drop_database(pg_admin_url, name)
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    """A fresh migrated SQLite database file for this test."""
+    from service.db.migrations import upgrade
+
+    url = f"sqlite:///{tmp_path / 'alphawatch.db'}"
+    upgrade(url)
+    return url
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+def db_url(request: pytest.FixtureRequest) -> str:
+    """Each test that takes it runs once on PostgreSQL and once on SQLite."""
+    name = "pg_url" if request.param == "postgres" else "sqlite_url"
+    return str(request.getfixturevalue(name))
+
+
+@pytest.fixture
+def throwaway_cluster() -> Iterator[Callable[[], pg.Cluster]]:
+    """Factory of private, migrated PostgreSQL clusters that a test may stop and start."""
+    from service.db.migrations import upgrade
+
+    made: list[pg.Cluster] = []
+
+    def make() -> pg.Cluster:
+        cluster = pg.new_cluster()
+        made.append(cluster)
+        pg.create_database(cluster.admin_url, "alphawatch")
+        cluster_url = pg.sqlalchemy_url(cluster.admin_url, "alphawatch")
+        upgrade(cluster_url)
+        cluster.url = cluster_url
+        return cluster
+
+    yield make
+    _dispose_engines()
+    for cluster in made:
+        cluster.destroy()
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real tiny training run (HF Trainer-style checkpoint-<step>/ folders), made once."""
+    from workers.demo_run import train
+
+    out = tmp_path_factory.mktemp("tiny-run")
+    train(out, steps=30, save_every=10, seed=0)
+    return out
