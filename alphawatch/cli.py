@@ -1,0 +1,395 @@
+"""The ``alphawatch`` command line.
+
+    alphawatch up RUN_DIR            API + dashboard + one worker, SQLite by default
+    alphawatch analyze PATH          one checkpoint, no database
+    alphawatch watch RUN_DIR...      worker only
+    alphawatch serve                 API + dashboard only
+    alphawatch gate --url U --run R  exit code for CI
+    alphawatch db upgrade | token create NAME | runs list
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import signal
+import sys
+import threading
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from alphawatch.settings import Settings
+
+EXIT_OK, EXIT_FAIL, EXIT_ERROR = 0, 1, 2
+
+_HELP = """\
+Watch the heavy-tailed spectral health (weightwatcher alpha) of a model while it trains.
+
+Start here:
+  alphawatch up runs/my-model        analyse every checkpoint as it appears and open
+                                     the dashboard at http://127.0.0.1:8000/
+  alphawatch analyze runs/my-model/checkpoint-500 --format table
+
+Settings come from ALPHAWATCH_* environment variables (ALPHAWATCH_DATABASE_URL,
+ALPHAWATCH_DEVICE, ALPHAWATCH_TRUST__ALPHA_MAX, ...); options below override them.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand (also used to check docker-compose commands)."""
+    parser = argparse.ArgumentParser(
+        prog="alphawatch", description=_HELP, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def db_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--db", metavar="URL", help="database URL (default: ALPHAWATCH_DATABASE_URL "
+                       "or ./alphawatch.db)")
+
+    def device_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--device", choices=["auto", "cpu", "cuda"],
+                       help="where eigenvalues are computed (default: auto = GPU when present)")
+
+    up = sub.add_parser("up", help="API + dashboard + one worker in one process (the main job)")
+    up.add_argument("run_dir", type=Path, nargs="+", metavar="RUN_DIR")
+    db_option(up)
+    device_option(up)
+    up.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    up.add_argument("--port", type=int, help="port to listen on (default 8000)")
+    up.add_argument("--poll", type=float, help="seconds between scans of the run directory")
+
+    watch = sub.add_parser("watch", help="worker only: analyse checkpoints into the database")
+    watch.add_argument("run_dir", type=Path, nargs="*", metavar="RUN_DIR",
+                       help="run directories; runs registered through the API are watched too")
+    db_option(watch)
+    device_option(watch)
+    watch.add_argument("--poll", type=float, help="seconds between scans of the run directories")
+    watch.add_argument("--reanalyze", action="store_true",
+                       help="analyse checkpoints again even when results exist")
+    watch.add_argument("--once", action="store_true", help="process what is there, then exit")
+
+    serve = sub.add_parser("serve", help="API + dashboard only")
+    db_option(serve)
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+
+    analyze = sub.add_parser("analyze", help="analyse one checkpoint, no database")
+    analyze.add_argument("path", type=Path, metavar="PATH")
+    device_option(analyze)
+    analyze.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    analyze.add_argument("--method", help="fit method (default: ww, weightwatcher-compatible)")
+
+    gate = sub.add_parser("gate", help="ask the API's CI gate; exit 0 pass, 1 fail, 2 error")
+    gate.add_argument("--url", required=True, help="base URL of the alphawatch API")
+    gate.add_argument("--run", required=True, help="run id or name")
+    gate.add_argument("--token", help="API token when reads need one")
+    for name in ("stat", "filter", "step", "ref-step", "max-alpha", "min-alpha",
+                 "max-untrusted-share", "max-delta"):
+        gate.add_argument(f"--{name}")
+
+    db = sub.add_parser("db", help="database maintenance")
+    db_sub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    db_option(db_sub.add_parser("upgrade", help="migrate the database to the latest schema"))
+
+    token = sub.add_parser("token", help="API tokens (writes always need one)")
+    token_sub = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    create = token_sub.add_parser("create", help="create a token and print it once")
+    create.add_argument("name")
+    db_option(create)
+
+    runs = sub.add_parser("runs", help="runs known to the database")
+    runs_sub = runs.add_subparsers(dest="runs_command", required=True, metavar="ACTION")
+    db_option(runs_sub.add_parser("list", help="list runs"))
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {}
+    for option, field in (("db", "database_url"), ("device", "device"), ("host", "host"),
+                          ("port", "port"), ("poll", "poll_interval_s")):
+        value = getattr(args, option, None)
+        if value is not None:
+            overrides[field] = value
+    return Settings(**overrides)
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.verbose)
+    try:
+        handler = _COMMANDS[args.command]
+        return handler(args)
+    except _UserError as exc:
+        print(f"alphawatch: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return EXIT_ERROR
+
+
+class _UserError(Exception):
+    """A mistake the user can fix; printed without a traceback."""
+
+
+def _check_dirs(paths: Sequence[Path]) -> list[Path]:
+    from workers.watcher import RunDirError, check_run_dir
+
+    try:
+        return [check_run_dir(p) for p in paths]
+    except RunDirError as exc:
+        raise _UserError(str(exc)) from exc
+
+
+def _prepare_database(settings: Settings, *, migrate: bool) -> None:
+    from service.db.migrations import SchemaOutOfDate, upgrade, verify_schema
+    from service.db.session import make_engine
+
+    if migrate:
+        upgrade(settings.database_url)
+        return
+    try:
+        verify_schema(make_engine(settings.database_url))
+    except SchemaOutOfDate as exc:
+        raise _UserError(str(exc)) from exc
+
+
+def _is_embedded(settings: Settings) -> bool:
+    return settings.database_url.startswith("sqlite")
+
+
+def _stop_on_signals(stop: threading.Event) -> None:
+    def handle(signum: int, _frame: object) -> None:
+        logging.getLogger("alphawatch").info("signal %s: finishing the job in hand", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.api import create_app
+    from workers.watcher import Watcher
+
+    dirs = _check_dirs(args.run_dir)
+    settings = _settings(args)
+    if not settings.allowed_roots:
+        settings = settings.model_copy(update={"allowed_roots": [d.parent for d in dirs]})
+    _prepare_database(settings, migrate=True)
+    watcher = Watcher(settings, dirs)
+    stop = threading.Event()
+    worker = threading.Thread(target=watcher.run_forever, args=(stop,), name="watcher",
+                              daemon=True)
+    worker.start()
+    print(f"alphawatch: dashboard at http://{settings.host}:{settings.port}/  "
+          f"(database {settings.database_url})", flush=True)
+    try:
+        uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
+                    log_level="warning")
+    finally:
+        stop.set()
+        worker.join(timeout=60)
+    return EXIT_OK
+
+
+def _cmd_watch(args: argparse.Namespace) -> int:
+    from workers.watcher import Watcher
+
+    dirs = _check_dirs(args.run_dir)
+    settings = _settings(args)
+    _prepare_database(settings, migrate=_is_embedded(settings))
+    watcher = Watcher(settings, dirs, reanalyze=args.reanalyze)
+    if args.once:
+        count = watcher.run_once()
+        print(f"alphawatch: analysed {count} checkpoints")
+        return EXIT_OK
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    watcher.run_forever(stop)
+    return EXIT_OK
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.api import create_app
+
+    settings = _settings(args)
+    _prepare_database(settings, migrate=_is_embedded(settings))
+    print(f"alphawatch: API and dashboard at http://{settings.host}:{settings.port}/", flush=True)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning")
+    return EXIT_OK
+
+
+_COLUMNS = ("name", "shape", "alpha", "D", "xmin", "num_pl_spikes", "fit_status", "trusted")
+
+
+def analyze_path(path: Path, settings: Settings, method: str | None = None) -> dict[str, Any]:
+    """Analyse one checkpoint (no database) into the public ``analyze`` JSON document."""
+    from service.api.robust import summarize
+    from workers.checkpoints import discover, iter_layers
+    from workers.spectral import Thresholds, analyze_matrix, resolve_device
+
+    device = resolve_device(settings.device)
+    thresholds = Thresholds(**settings.trust.model_dump())
+    refs = discover(path, settle_s=0.0) if path.is_dir() else []
+    step = next((r.step for r in refs if Path(r.path) == path), None)
+    layers: list[dict[str, Any]] = []
+    for matrix in iter_layers(path):
+        result = analyze_matrix(matrix.weight, stored_dtype=matrix.stored_dtype,
+                                method=method or settings.fit_method, thresholds=thresholds,
+                                device=device)
+        row = result.metrics()
+        row.update(name=matrix.name, kind=matrix.kind, block=matrix.block,
+                   shape=list(matrix.weight.shape),
+                   dtype=str(matrix.stored_dtype).removeprefix("torch."))
+        layers.append(row)
+    return {"step": step, "path": str(path), "device": str(device), "layers": layers,
+            "summary": summarize(layers)}
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from workers.checkpoints import CheckpointError
+
+    path = args.path.expanduser().resolve()
+    if not path.exists():
+        raise _UserError(f"{path} does not exist")
+    try:
+        doc = analyze_path(path, _settings(args), args.method)
+    except CheckpointError as exc:
+        raise _UserError(str(exc)) from exc
+    out = sys.stdout
+    if args.format == "json":
+        json.dump(doc, out, indent=2, default=str)
+        out.write("\n")
+    elif args.format == "csv":
+        keys = list(doc["layers"][0]) if doc["layers"] else list(_COLUMNS)
+        writer = csv.DictWriter(out, fieldnames=keys, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(doc["layers"])
+    else:
+        out.write(_table(doc))
+    return EXIT_OK
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list):
+        return "x".join(map(str, value))
+    return "-" if value is None else str(value)
+
+
+def _table(doc: dict[str, Any]) -> str:
+    rows = [[_fmt(layer.get(c)) for c in _COLUMNS] for layer in doc["layers"]]
+    widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(_COLUMNS)]
+    buf = io.StringIO()
+    buf.write("  ".join(c.ljust(w) for c, w in zip(_COLUMNS, widths, strict=True)) + "\n")
+    for row in rows:
+        buf.write("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) + "\n")
+    summary = doc["summary"]
+    buf.write(f"\nstep {doc['step']}: {json.dumps(summary, default=str)}\n")
+    return buf.getvalue()
+
+
+def _cmd_gate(args: argparse.Namespace) -> int:
+    params = {}
+    for name in ("stat", "filter", "step", "ref_step", "max_alpha", "min_alpha",
+                 "max_untrusted_share", "max_delta"):
+        value = getattr(args, name)
+        if value is not None:
+            params[name] = value
+    base = args.url.rstrip("/")
+    headers = {"Accept": "application/json"}
+    if args.token:
+        headers["Authorization"] = f"Bearer {args.token}"
+
+    def get(path: str) -> Any:
+        request = urllib.request.Request(f"{base}/api/v1{path}", headers=headers)
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.load(response)
+
+    try:
+        run_id = str(args.run)
+        if not run_id.isdigit():
+            runs = get("/runs?limit=1000")["runs"]
+            matches = [r["id"] for r in runs if r["name"] == run_id]
+            if not matches:
+                print(f"alphawatch gate: no run named {run_id!r} at {base}", file=sys.stderr)
+                return EXIT_ERROR
+            run_id = str(matches[0])
+        verdict = get(f"/runs/{run_id}/gate?{urllib.parse.urlencode(params)}")
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode(errors="replace")
+        print(f"alphawatch gate: HTTP {exc.code}: {detail}", file=sys.stderr)
+        return EXIT_ERROR
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        print(f"alphawatch gate: cannot reach {base}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    print(json.dumps(verdict, indent=2))
+    if verdict.get("passed"):
+        return EXIT_OK
+    for violation in verdict.get("violations", []):
+        print(f"gate: {violation.get('message', violation)}", file=sys.stderr)
+    return EXIT_FAIL
+
+
+def _cmd_db(args: argparse.Namespace) -> int:
+    from service.db.migrations import upgrade
+
+    settings = _settings(args)
+    upgrade(settings.database_url)
+    print(f"alphawatch: {settings.database_url} is at the latest schema")
+    return EXIT_OK
+
+
+def _cmd_token(args: argparse.Namespace) -> int:
+    from service.db.session import make_engine, session_scope
+    from service.db.tokens import create_token
+
+    settings = _settings(args)
+    _prepare_database(settings, migrate=_is_embedded(settings))
+    with session_scope(make_engine(settings.database_url)) as session:
+        token = create_token(session, name=args.name)
+    print(token)
+    return EXIT_OK
+
+
+def _cmd_runs(args: argparse.Namespace) -> int:
+    from sqlalchemy import select
+
+    from service.db.models import Run
+    from service.db.session import make_engine, session_scope
+
+    settings = _settings(args)
+    _prepare_database(settings, migrate=False)
+    with session_scope(make_engine(settings.database_url)) as session:
+        for run in session.scalars(select(Run).order_by(Run.id)):
+            print(f"{run.id}\t{run.name}\t{run.path}")
+    return EXIT_OK
+
+
+_COMMANDS = {
+    "up": _cmd_up, "watch": _cmd_watch, "serve": _cmd_serve, "analyze": _cmd_analyze,
+    "gate": _cmd_gate, "db": _cmd_db, "token": _cmd_token, "runs": _cmd_runs,
+}
+
+if __name__ == "__main__":
+    raise SystemExit(main())

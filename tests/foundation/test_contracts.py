@@ -1,0 +1,55 @@
+"""The import contracts hold on the tree, and they really fail when a boundary is crossed."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
+PACKAGES = ("alphawatch", "service", "workers", "dashboard")
+
+
+def _lint(cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(cwd)}
+    return subprocess.run(
+        [str(LINT_IMPORTS), "--config", str(cwd / "pyproject.toml"), "--no-cache"],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=240,
+    )
+
+
+@pytest.fixture
+def tree_copy(tmp_path: Path) -> Path:
+    for name in PACKAGES:
+        shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    return tmp_path
+
+
+def test_contracts_hold_on_the_tree(tree_copy: Path) -> None:
+    result = _lint(tree_copy)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("module", "statement", "contract"),
+    [
+        ("workers/spectral/_crossing.py", "import sqlalchemy", "The spectral engine is pure math"),
+        ("service/api/_crossing.py", "import workers.spectral", "The service never computes"),
+        ("dashboard/_crossing.py", "import service.db", "The dashboard reads only"),
+        ("workers/checkpoints/_crossing.py", "import service.db", "Checkpoint reading knows"),
+    ],
+)
+def test_crossing_a_boundary_fails(
+    tree_copy: Path, module: str, statement: str, contract: str
+) -> None:
+    (tree_copy / module).write_text(f"{statement}\n")
+    result = _lint(tree_copy)
+    assert result.returncode != 0, "lint-imports accepted a forbidden import"
+    assert contract in result.stdout
+    assert "BROKEN" in result.stdout

@@ -1,0 +1,115 @@
+"""The command line as a user runs it: analyze formats, gate exit codes, clear errors."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import uvicorn
+
+from alphawatch.cli import build_parser, main
+from alphawatch.settings import Settings
+from service.api import create_app
+from workers.watcher import Watcher
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "alphawatch", *args], capture_output=True,
+                          text=True, cwd=ROOT, timeout=180)
+
+
+def test_help_explains_how_to_start() -> None:
+    result = _cli("--help")
+    assert result.returncode == 0
+    assert "alphawatch up" in result.stdout and "analyze" in result.stdout
+
+
+def test_analyze_json_csv_table_agree(tiny_run: Path) -> None:
+    ckpt = tiny_run / "checkpoint-20"
+    as_json = _cli("analyze", str(ckpt), "--format", "json", "--device", "cpu")
+    assert as_json.returncode == 0, as_json.stderr
+    doc = json.loads(as_json.stdout)
+    assert doc["step"] == 20
+    names = [layer["name"] for layer in doc["layers"]]
+    assert "model.layers.0.self_attn.q_proj" in names
+    for layer in doc["layers"]:
+        assert {"name", "shape", "alpha", "D", "xmin", "num_pl_spikes", "fit_status",
+                "trusted"} <= set(layer)
+    assert "summary" in doc
+
+    as_csv = _cli("analyze", str(ckpt), "--format", "csv", "--device", "cpu")
+    rows = list(csv.DictReader(io.StringIO(as_csv.stdout)))
+    assert [r["name"] for r in rows] == names
+    for row, layer in zip(rows, doc["layers"], strict=True):
+        if layer["alpha"] is not None:
+            assert float(row["alpha"]) == pytest.approx(layer["alpha"], rel=1e-9)
+
+    table = _cli("analyze", str(ckpt), "--device", "cpu")
+    assert table.returncode == 0
+    assert all(name in table.stdout for name in names)
+
+
+def test_analyze_missing_path_exits_2(tmp_path: Path) -> None:
+    result = _cli("analyze", str(tmp_path / "missing"))
+    assert result.returncode == 2
+    assert "does not exist" in result.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def live_api(tiny_run: Path, tmp_path: Path, pg_url: str) -> Iterator[str]:
+    settings = Settings(database_url=pg_url, device="cpu", settle_s=0.0)
+    Watcher(settings, [tiny_run]).run_once()
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline, "API did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_gate_exit_codes(live_api: str, tiny_run: Path) -> None:
+    run = tiny_run.name
+    assert main(["gate", "--url", live_api, "--run", run, "--max-alpha", "100",
+                 "--max-untrusted-share", "1"]) == 0
+    assert main(["gate", "--url", live_api, "--run", run, "--max-alpha", "0.5"]) == 1
+    assert main(["gate", "--url", live_api, "--run", "no-such-run"]) == 2
+    assert main(["gate", "--url", "http://127.0.0.1:9", "--run", run]) == 2
+
+
+def test_db_upgrade_and_token_on_sqlite(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    assert _cli("db", "upgrade", "--db", url).returncode == 0
+    created = _cli("token", "create", "ci", "--db", url)
+    assert created.returncode == 0, created.stderr
+    assert len(created.stdout.strip()) >= 32
+
+
+def test_parser_knows_every_documented_command() -> None:
+    parser = build_parser()
+    for argv in (["up", "runs/x"], ["watch", "runs/x", "--reanalyze"], ["serve"],
+                 ["analyze", "x", "--format", "json"], ["gate", "--url", "u", "--run", "r"],
+                 ["db", "upgrade"], ["token", "create", "n"], ["runs", "list"]):
+        parser.parse_args(argv)

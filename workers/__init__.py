@@ -1,0 +1,1 @@
+"""alphawatch workers: checkpoint reading, the spectral engine and the watcher loop."""
