@@ -1,0 +1,1 @@
+"""alphawatch service: the database layer and the public REST API."""

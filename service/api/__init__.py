@@ -1,0 +1,66 @@
+"""The REST API and the dashboard's web server: ``create_app(settings)``."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import plotly
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from sqlalchemy.exc import SQLAlchemyError
+
+from alphawatch import __version__
+from alphawatch.settings import Settings
+from dashboard import STATIC_DIR
+from service.api.queries import NotFound
+from service.api.routes import health_router, router
+
+log = logging.getLogger("alphawatch.api")
+PLOTLY_JS = Path(plotly.__file__).resolve().parent / "package_data" / "plotly.min.js"
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the API + dashboard application; settings are read here, never at import time."""
+    settings = settings or Settings()
+    app = FastAPI(title="alphawatch", version=__version__,
+                  description="Heavy-tailed spectral health of models in training: per-layer "
+                              "power-law alpha, fit quality, traps and robust trends.")
+    app.state.settings = settings
+
+    @app.exception_handler(NotFound)
+    async def not_found(_request: Request, exc: NotFound) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=404)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err.get('loc', ()) if p != 'query')}: {err.get('msg')}"
+            for err in exc.errors()
+        )
+        return JSONResponse({"detail": f"invalid request: {problems}"}, status_code=422)
+
+    @app.exception_handler(SQLAlchemyError)
+    async def database_down(_request: Request, exc: SQLAlchemyError) -> JSONResponse:
+        log.error("database error: %s", exc)
+        return JSONResponse({"detail": "the database is unavailable; try again"},
+                            status_code=503)
+
+    app.include_router(health_router)
+    app.include_router(router)
+
+    @app.get("/static/vendor/plotly.min.js", include_in_schema=False)
+    def plotly_js() -> FileResponse:
+        return FileResponse(PLOTLY_JS, media_type="application/javascript")
+
+    @app.get("/", include_in_schema=False, response_model=None)
+    def index() -> FileResponse | HTMLResponse:
+        page = STATIC_DIR / "index.html"
+        if page.exists():
+            return FileResponse(page, media_type="text/html")
+        return HTMLResponse("<h1>alphawatch</h1><p>API docs at <a href='/docs'>/docs</a></p>")
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app

@@ -1,0 +1,223 @@
+"""Read-side service functions: SQL over runs, checkpoints and layer metrics (keyword-only)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from service.api import robust
+from service.db.models import Checkpoint, LayerMetric, Run, Spectrum
+
+KIND_ORDER = ("embed", "q", "k", "v", "qkv", "o", "gate", "up", "down", "fc_in", "fc_out",
+              "lora_update", "other", "lm_head")
+
+
+class NotFound(LookupError):
+    """The requested object does not exist (answered as 404)."""
+
+
+def get_run(*, session: Session, run_id: int) -> Run:
+    run = session.get(Run, run_id)
+    if run is None:
+        raise NotFound(f"run {run_id} not found")
+    return run
+
+
+def run_summary(*, session: Session, run: Run, alpha_max: float) -> dict[str, Any]:
+    counts = dict(
+        session.execute(
+            select(Checkpoint.status, func.count()).where(Checkpoint.run_id == run.id)
+            .group_by(Checkpoint.status)
+        ).tuples().all()
+    )
+    last = session.execute(
+        select(Checkpoint.id, Checkpoint.step).where(Checkpoint.run_id == run.id,
+                                                     Checkpoint.status == "done")
+        .order_by(Checkpoint.step.desc()).limit(1)
+    ).first()
+    latest_alpha = untrusted_share = None
+    if last is not None:
+        layers = layer_dicts(session=session, checkpoint_ids=[last[0]])
+        summary = robust.summarize(layers, alpha_max=alpha_max)
+        latest_alpha, untrusted_share = summary["alpha_median"], summary["untrusted_share"]
+    return {
+        "id": run.id, "name": run.name, "path": run.path, "created_at": run.created_at,
+        "n_checkpoints": sum(counts.values()), "n_done": counts.get("done", 0),
+        "n_failed": counts.get("failed", 0) + counts.get("vanished", 0),
+        "n_pending": counts.get("pending", 0) + counts.get("running", 0),
+        "last_step": last[1] if last else None, "latest_alpha": latest_alpha,
+        "untrusted_share": untrusted_share,
+    }
+
+
+_LAYER_FIELDS = [c for c in LayerMetric.__table__.columns if c.name not in ("id",)]
+
+
+def layer_dicts(
+    *, session: Session, checkpoint_ids: list[int], method: str = "ww",
+    kinds: list[str] | None = None, block_min: int | None = None, block_max: int | None = None,
+    name: str | None = None,
+) -> list[dict[str, Any]]:
+    query = select(*_LAYER_FIELDS).where(LayerMetric.checkpoint_id.in_(checkpoint_ids),
+                                         LayerMetric.method == method)
+    if kinds:
+        query = query.where(LayerMetric.kind.in_(kinds))
+    if block_min is not None:
+        query = query.where(LayerMetric.block >= block_min)
+    if block_max is not None:
+        query = query.where(LayerMetric.block <= block_max)
+    if name is not None:
+        query = query.where(LayerMetric.name == name)
+    return [dict(row._mapping) for row in session.execute(query)]
+
+
+def done_checkpoints(*, session: Session, run_id: int) -> list[tuple[int, int]]:
+    """(checkpoint id, step) of analysed checkpoints, by step."""
+    return [(int(i), int(s)) for i, s in session.execute(
+        select(Checkpoint.id, Checkpoint.step).where(Checkpoint.run_id == run_id,
+                                                     Checkpoint.status == "done")
+        .order_by(Checkpoint.step)
+    )]
+
+
+def downsample(items: list[Any], max_points: int | None) -> list[Any]:
+    """Evenly spaced subset that always keeps the first and the last item."""
+    if not max_points or len(items) <= max_points:
+        return items
+    idx = np.unique(np.linspace(0, len(items) - 1, max_points).round().astype(int))
+    return [items[i] for i in idx]
+
+
+def trend(
+    *, session: Session, run_id: int, metric: str, stat: str, filter: str, method: str,
+    kinds: list[str] | None, block_min: int | None, block_max: int | None, outliers: str,
+    mad_k: float, alpha_max: float, max_points: int | None,
+) -> list[dict[str, Any]]:
+    get_run(session=session, run_id=run_id)
+    checkpoints = downsample(done_checkpoints(session=session, run_id=run_id), max_points)
+    by_checkpoint: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for layer in layer_dicts(session=session, checkpoint_ids=[c for c, _ in checkpoints],
+                             method=method, kinds=kinds, block_min=block_min,
+                             block_max=block_max):
+        by_checkpoint[layer["checkpoint_id"]].append(layer)
+    points = []
+    for checkpoint_id, step in checkpoints:
+        chosen = robust.select(by_checkpoint[checkpoint_id], metric=metric, filter=filter,
+                               alpha_max=alpha_max, outliers=outliers, mad_k=mad_k)
+        described = robust.describe(chosen.values)
+        points.append({"step": step, "value": robust.statistic(chosen.values, stat),
+                       "n_used": chosen.n_used, "n_excluded": chosen.n_excluded,
+                       "excluded": chosen.excluded, **described})
+    return points
+
+
+def _layer_order(layer: dict[str, Any]) -> tuple[int, int, str]:
+    kind = layer.get("kind") or "other"
+    block = layer.get("block")
+    rank = KIND_ORDER.index(kind) if kind in KIND_ORDER else len(KIND_ORDER)
+    if kind == "embed":
+        return (-1, rank, layer["name"])
+    if kind == "lm_head":
+        return (1 << 30, rank, layer["name"])
+    return (block if block is not None else (1 << 29), rank, layer["name"])
+
+
+def heatmap(*, session: Session, run_id: int, metric: str, method: str,
+            max_points: int | None) -> dict[str, Any]:
+    get_run(session=session, run_id=run_id)
+    checkpoints = downsample(done_checkpoints(session=session, run_id=run_id), max_points)
+    layers = layer_dicts(session=session, checkpoint_ids=[c for c, _ in checkpoints],
+                         method=method)
+    order: dict[str, tuple[int, int, str]] = {}
+    for layer in layers:
+        order.setdefault(layer["name"], _layer_order(layer))
+    names = sorted(order, key=order.__getitem__)
+    column = {c: j for j, (c, _) in enumerate(checkpoints)}
+    row = {n: i for i, n in enumerate(names)}
+    z: list[list[float | None]] = [[None] * len(checkpoints) for _ in names]
+    trusted: list[list[bool | None]] = [[None] * len(checkpoints) for _ in names]
+    for layer in layers:
+        i, j = row[layer["name"]], column[layer["checkpoint_id"]]
+        z[i][j] = layer.get(metric)
+        trusted[i][j] = robust.untrusted_reason(layer) is None
+    return {"metric": metric, "steps": [s for _, s in checkpoints], "layers": names, "z": z,
+            "trusted": trusted}
+
+
+FLAG_KEYS = ("correlation_trap", "rank_collapse", "near_random", "over_trained", "under_trained")
+
+
+def flags(*, session: Session, run_id: int, method: str) -> list[dict[str, Any]]:
+    get_run(session=session, run_id=run_id)
+    checkpoints = done_checkpoints(session=session, run_id=run_id)
+    by_checkpoint: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for layer in layer_dicts(session=session, checkpoint_ids=[c for c, _ in checkpoints],
+                             method=method):
+        by_checkpoint[layer["checkpoint_id"]].append(layer)
+    points = []
+    for checkpoint_id, step in checkpoints:
+        layers = by_checkpoint[checkpoint_id]
+        point: dict[str, Any] = {"step": step, "n_layers": len(layers)}
+        for key in FLAG_KEYS:
+            point[key] = sum(1 for layer in layers if layer.get(key))
+        statuses = defaultdict(int)
+        for layer in layers:
+            statuses[layer["fit_status"]] += 1
+        point.update({s: statuses.get(s, 0) for s in
+                      ("ok", "poor_fit", "tail_too_short", "unstable", "alpha_out_of_range",
+                       "too_few_evals", "non_finite", "degenerate", "failed")})
+        points.append(point)
+    return points
+
+
+def checkpoint_id_at(*, session: Session, run_id: int, step: int) -> int:
+    found = session.scalars(select(Checkpoint.id).where(Checkpoint.run_id == run_id,
+                                                        Checkpoint.step == step)).first()
+    if found is None:
+        raise NotFound(f"run {run_id} has no checkpoint at step {step}")
+    return int(found)
+
+
+def esd(*, session: Session, run_id: int, step: int, layer_name: str,
+        method: str) -> dict[str, Any]:
+    checkpoint_id = checkpoint_id_at(session=session, run_id=run_id, step=step)
+    found = session.execute(
+        select(LayerMetric, Spectrum)
+        .outerjoin(Spectrum, Spectrum.layer_metric_id == LayerMetric.id)
+        .where(LayerMetric.checkpoint_id == checkpoint_id, LayerMetric.name == layer_name,
+               LayerMetric.method == method)
+    ).first()
+    if found is None:
+        raise NotFound(f"no layer {layer_name!r} at step {step} of run {run_id}")
+    layer, spectrum = found
+    evals = np.frombuffer(spectrum.evals, dtype=np.float32) if spectrum and spectrum.evals else None
+    rand = (np.frombuffer(spectrum.rand_evals, dtype=np.float32)
+            if spectrum and spectrum.rand_evals else None)
+    fit_line: dict[str, list[float]] = {"x": [], "y": []}
+    if evals is not None and layer.alpha and layer.xmin and layer.xmax and layer.alpha > 1:
+        # Density of the fitted power law p(x) = (α−1)/xmin · (x/xmin)^−α, scaled by the share
+        # of eigenvalues in the tail so it overlays the histogram of all eigenvalues.
+        xs = np.geomspace(layer.xmin, layer.xmax, 50)
+        share = (layer.num_pl_spikes or 0) / max(evals.size, 1)
+        ys = share * (layer.alpha - 1) / layer.xmin * (xs / layer.xmin) ** (-layer.alpha)
+        # The dashboard draws histograms of log10 λ: density in log10 space is p(x)·x·ln 10.
+        fit_line = {"x": xs.tolist(), "y": (ys * xs * np.log(10)).tolist()}
+    return {"layer": layer_name, "step": step, "method": method,
+            "evals": evals.tolist() if evals is not None else [],
+            "rand_evals": rand.tolist() if rand is not None else None,
+            "alpha": layer.alpha, "xmin": layer.xmin, "xmax": layer.xmax, "D": layer.D,
+            "num_pl_spikes": layer.num_pl_spikes, "mp_bulk_max": layer.mp_bulk_max,
+            "fit_status": layer.fit_status, "fit_line": fit_line}
+
+
+def numeric_metrics() -> list[str]:
+    """Layer metric columns a trend or history can be asked for."""
+    from sqlalchemy import Float, Integer
+
+    skip = {"id", "checkpoint_id", "block", "rows", "cols"}
+    return [c.name for c in LayerMetric.__table__.columns
+            if isinstance(c.type, Float | Integer) and c.name not in skip]

@@ -1,0 +1,172 @@
+"""SQLAlchemy 2.0 models. Table names are singular snake_case; constraint names are explicit."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Run(Base):
+    """A training run: one directory of checkpoints."""
+
+    __tablename__ = "run"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(255), unique=True)
+    path: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Checkpoint(Base):
+    """One saved step of a run and the state of its analysis."""
+
+    __tablename__ = "checkpoint"
+    __table_args__ = (UniqueConstraint("run_id", "step", name="uq_checkpoint_run_id_step"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("run.id", ondelete="CASCADE"), index=True)
+    step: Mapped[int] = mapped_column(BigInteger)
+    path: Mapped[str] = mapped_column(Text)
+    fingerprint: Mapped[str] = mapped_column(String(128), default="")
+    format: Mapped[str] = mapped_column(String(32), default="")
+    # pending | running | done | failed | vanished
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    error: Mapped[str | None] = mapped_column(Text)
+    discovered_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    analysis_s: Mapped[float | None] = mapped_column(Float)
+    device: Mapped[str | None] = mapped_column(String(32))
+    n_layers: Mapped[int | None] = mapped_column(Integer)
+    n_trusted: Mapped[int | None] = mapped_column(Integer)
+
+
+class LayerMetric(Base):
+    """Spectral metrics of one weight matrix at one checkpoint, for one fit method."""
+
+    __tablename__ = "layer_metric"
+    __table_args__ = (
+        UniqueConstraint("checkpoint_id", "name", "method",
+                         name="uq_layer_metric_checkpoint_id_name_method"),
+        Index("ix_layer_metric_name_checkpoint_id", "name", "checkpoint_id"),
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    checkpoint_id: Mapped[int] = mapped_column(
+        ForeignKey("checkpoint.id", ondelete="CASCADE"), index=True
+    )
+    name: Mapped[str] = mapped_column(String(512))
+    kind: Mapped[str] = mapped_column(String(32), default="other")
+    block: Mapped[int | None] = mapped_column(Integer)
+    dtype: Mapped[str | None] = mapped_column(String(32))
+    method: Mapped[str] = mapped_column(String(32), default="ww")
+    fit_status: Mapped[str] = mapped_column(String(32))
+    trusted: Mapped[bool] = mapped_column(Boolean, default=False)
+    error: Mapped[str | None] = mapped_column(Text)
+    rows: Mapped[int | None] = mapped_column(Integer)
+    cols: Mapped[int | None] = mapped_column(Integer)
+    num_evals: Mapped[int | None] = mapped_column(Integer)
+    lambda_max: Mapped[float | None] = mapped_column(Float)
+    alpha: Mapped[float | None] = mapped_column(Float)
+    alpha_weighted: Mapped[float | None] = mapped_column(Float)
+    log_norm: Mapped[float | None] = mapped_column(Float)
+    log_spectral_norm: Mapped[float | None] = mapped_column(Float)
+    stable_rank: Mapped[float | None] = mapped_column(Float)
+    log_alpha_norm: Mapped[float | None] = mapped_column(Float)
+    D: Mapped[float | None] = mapped_column(Float)
+    xmin: Mapped[float | None] = mapped_column(Float)
+    xmax: Mapped[float | None] = mapped_column(Float)
+    num_pl_spikes: Mapped[int | None] = mapped_column(Integer)
+    sigma: Mapped[float | None] = mapped_column(Float)
+    entropy: Mapped[float | None] = mapped_column(Float)
+    matrix_rank: Mapped[int | None] = mapped_column(Integer)
+    rank_loss: Mapped[int | None] = mapped_column(Integer)
+    mp_bulk_max: Mapped[float | None] = mapped_column(Float)
+    mp_sigma: Mapped[float | None] = mapped_column(Float)
+    num_spikes: Mapped[int | None] = mapped_column(Integer)
+    mp_softrank: Mapped[float | None] = mapped_column(Float)
+    num_traps: Mapped[int | None] = mapped_column(Integer)
+    rand_distance: Mapped[float | None] = mapped_column(Float)
+    max_rand_eval: Mapped[float | None] = mapped_column(Float)
+    mean_spike: Mapped[bool] = mapped_column(Boolean, default=False)
+    alpha_delta: Mapped[float | None] = mapped_column(Float)
+    correlation_trap: Mapped[bool] = mapped_column(Boolean, default=False)
+    rank_collapse: Mapped[bool] = mapped_column(Boolean, default=False)
+    near_random: Mapped[bool] = mapped_column(Boolean, default=False)
+    over_trained: Mapped[bool] = mapped_column(Boolean, default=False)
+    under_trained: Mapped[bool] = mapped_column(Boolean, default=False)
+    warning: Mapped[str | None] = mapped_column(String(32))
+    elapsed_ms: Mapped[float | None] = mapped_column(Float)
+    distance_from_init: Mapped[float | None] = mapped_column(Float)
+
+
+class Spectrum(Base):
+    """Eigenvalues of a layer (float32 bytes) for ESD plots and re-fits."""
+
+    __tablename__ = "spectrum"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    layer_metric_id: Mapped[int] = mapped_column(
+        ForeignKey("layer_metric.id", ondelete="CASCADE"), unique=True
+    )
+    evals: Mapped[bytes | None] = mapped_column(LargeBinary)
+    rand_evals: Mapped[bytes | None] = mapped_column(LargeBinary)
+
+
+class AnalysisJob(Base):
+    """The queue entry of a checkpoint: who holds it, until when, how often it was tried."""
+
+    __tablename__ = "analysis_job"
+    __table_args__ = (Index("ix_analysis_job_status_lease", "status", "lease_expires_at"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    checkpoint_id: Mapped[int] = mapped_column(
+        ForeignKey("checkpoint.id", ondelete="CASCADE"), unique=True
+    )
+    # queued | running | done | failed
+    status: Mapped[str] = mapped_column(String(16), default="queued")
+    worker_id: Mapped[str | None] = mapped_column(String(255))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ApiToken(Base):
+    """An API token, stored as its SHA-256 hash only."""
+
+    __tablename__ = "api_token"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(255))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+LAYER_COLUMNS = frozenset(c.name for c in LayerMetric.__table__.columns) - {"id", "checkpoint_id"}

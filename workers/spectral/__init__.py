@@ -1,0 +1,21 @@
+"""The spectral engine: eigenvalues, power-law alpha, fit quality, traps and rank collapse.
+
+Pure math on torch tensors; no files, no database, no logging configuration.
+"""
+
+from workers.spectral.analysis import analyze_many, analyze_matrix, as_matrices, resolve_device
+from workers.spectral.plfit import FIT_METHODS, fit_power_law
+from workers.spectral.types import FitStatus, LayerResult, PowerLawFit, Thresholds
+
+__all__ = [
+    "FIT_METHODS",
+    "FitStatus",
+    "LayerResult",
+    "PowerLawFit",
+    "Thresholds",
+    "analyze_many",
+    "analyze_matrix",
+    "as_matrices",
+    "fit_power_law",
+    "resolve_device",
+]

@@ -1,0 +1,281 @@
+"""Per-layer spectral analysis: eigenvalues, power-law fit, MP bulk, traps, rank, verdict."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+import torch
+
+from workers.spectral.plfit import fit_power_law
+from workers.spectral.types import FitStatus, LayerResult, Thresholds
+
+# Trap edge: Tracy–Widom scale (Johnstone 2001) times this many, beyond the MP bulk edge.
+TW_PAD = 5.0
+NEAR_RANDOM_DISTANCE = 0.05
+
+
+def resolve_device(requested: str | torch.device) -> torch.device:
+    """``"auto"`` → CUDA when available, else CPU; ``"cuda"`` without a GPU is an error."""
+    if isinstance(requested, torch.device):
+        return requested
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but no CUDA device is available")
+    return torch.device(requested)
+
+
+def as_matrices(weight: torch.Tensor) -> list[torch.Tensor]:
+    """The 2-D matrices whose spectra are pooled: W itself, or each (kh, kw) slice of a Conv2d.
+
+    Raises ValueError for shapes that have no unambiguous matrix reading (1-D, 3-D, 5-D+).
+    """
+    if weight.dim() == 2:
+        return [weight]
+    if weight.dim() == 4:
+        out, inp, kh, kw = weight.shape
+        return [weight[:, :, i, j] for i in range(kh) for j in range(kw)]
+    raise ValueError(f"cannot read a {weight.dim()}-D tensor of shape {tuple(weight.shape)} as a "
+                     "matrix; reshape it explicitly (Conv1d: (out, in*k))")
+
+
+def singular_values(matrix: torch.Tensor, device: torch.device) -> np.ndarray:
+    """Singular values, descending, float64.
+
+    On CPU: float64 SVD, accurate down to the smallest values (rank metrics need them).
+    On CUDA: float32 Gram matrix with TF32 off, then eigvalsh — the tail is exact, the smallest
+    values are not (documented in docs/SPECTRAL.md).
+    """
+    if device.type == "cuda":
+        previous = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            w = matrix.to(device=device, dtype=torch.float32, non_blocking=True)
+            gram = w.T @ w if w.shape[0] >= w.shape[1] else w @ w.T
+            evals = torch.linalg.eigvalsh(gram.double()).clamp_min(0).flip(0)
+            return np.sqrt(evals.cpu().numpy())
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = previous
+    return torch.linalg.svdvals(matrix.to(dtype=torch.float64)).numpy()
+
+
+def _dtype_eps(dtype: torch.dtype | None) -> float:
+    if dtype is None:
+        return float(torch.finfo(torch.float32).eps)
+    if dtype.is_floating_point:
+        return float(torch.finfo(dtype).eps)
+    return float(torch.finfo(torch.float32).eps)
+
+
+def _jensen_shannon(a: np.ndarray, b: np.ndarray, bins: int = 100) -> float:
+    la, lb = np.log10(a[a > 0]), np.log10(b[b > 0])
+    if la.size == 0 or lb.size == 0:
+        return 1.0
+    lo, hi = min(la.min(), lb.min()), max(la.max(), lb.max())
+    if hi <= lo:
+        return 0.0
+    pa, _ = np.histogram(la, bins=bins, range=(lo, hi))
+    pb, _ = np.histogram(lb, bins=bins, range=(lo, hi))
+    pa, pb = pa / pa.sum(), pb / pb.sum()
+    m = 0.5 * (pa + pb)
+
+    def kl(p: np.ndarray, q: np.ndarray) -> float:
+        nz = p > 0
+        return float(np.sum(p[nz] * np.log2(p[nz] / q[nz])))
+
+    return float(np.sqrt(max(0.0, 0.5 * kl(pa, m) + 0.5 * kl(pb, m))))
+
+
+def _mp_edge(variance: float, n: int, m: int) -> tuple[float, float]:
+    """MP bulk edge of an n×m iid matrix with entry variance, and the Tracy–Widom scale."""
+    sn, sm = np.sqrt(max(n - 1, 1)), np.sqrt(m)
+    edge = variance * (sn + sm) ** 2
+    scale = variance * (sn + sm) * (1.0 / sn + 1.0 / sm) ** (1.0 / 3.0)
+    return float(edge), float(scale)
+
+
+def analyze_matrix(
+    weight: torch.Tensor,
+    *,
+    stored_dtype: torch.dtype | None = None,
+    method: str = "ww",
+    thresholds: Thresholds | None = None,
+    device: str | torch.device = "cpu",
+    check_traps: bool = True,
+) -> LayerResult:
+    """All spectral metrics of one weight matrix and whether its alpha can be trusted.
+
+    Parameters
+    ----------
+    weight : torch.Tensor
+        (out, in) matrix or (out, in, kh, kw) Conv2d kernel (slices pooled into one spectrum),
+        any float dtype; orientation does not matter. Eigenvalues are λ = σ², no 1/N scaling
+        (weightwatcher convention).
+    stored_dtype : torch.dtype, optional
+        The dtype the weights were saved in; the rank tolerance is σmax · eps(stored_dtype).
+    method : str
+        Power-law fit method (``ww`` = weightwatcher 0.7.7 numbers).
+    thresholds : Thresholds
+        Trust thresholds.
+    device : str or torch.device
+        ``cpu``, ``cuda`` or ``auto``.
+    check_traps : bool
+        Whether to look for correlation traps (costs a second spectrum, of the shuffled W).
+
+    Returns
+    -------
+    LayerResult
+        Never raises: bad input gives a status (``non_finite``, ``degenerate``,
+        ``too_few_evals``, ``failed``). The fitted alpha is reported whatever the status; the
+        status and ``trusted`` say whether to believe it.
+    """
+    limits = thresholds or Thresholds()
+    started = time.perf_counter()
+    shape = tuple(weight.shape)
+    rows = int(shape[0]) if shape else 0
+    cols = int(shape[1]) if len(shape) > 1 else 1
+
+    def done(status: FitStatus, error: str | None = None, **values: object) -> LayerResult:
+        elapsed = 1000.0 * (time.perf_counter() - started)
+        return LayerResult(method=method, fit_status=status, trusted=False, error=error,
+                           rows=rows, cols=cols, elapsed_ms=elapsed, **values)  # type: ignore[arg-type]
+
+    try:
+        dev = resolve_device(device)
+        if weight.dim() < 2 or min(shape) < 1:
+            return done(FitStatus.TOO_FEW_EVALS, f"tensor of shape {shape} has no spectrum")
+        mats = as_matrices(weight.detach())
+        m = min(mats[0].shape)
+        n = max(mats[0].shape)
+        if m * len(mats) < limits.min_evals:
+            return done(FitStatus.TOO_FEW_EVALS, num_evals=m * len(mats),
+                        error=f"{m * len(mats)} eigenvalues, fewer than {limits.min_evals}")
+        flat = weight.detach().to(torch.float64)
+        if not bool(torch.isfinite(flat).all()):
+            return done(FitStatus.NON_FINITE, "weights contain NaN or Inf")
+        if float(flat.std()) == 0.0:
+            return done(FitStatus.DEGENERATE, "zero or constant matrix")
+        return _analyze(mats, n, m, flat, stored_dtype, method, limits, dev, check_traps,
+                        rows, cols, started)
+    except Exception as exc:  # a result per tensor, whatever happens
+        return done(FitStatus.FAILED, f"{type(exc).__name__}: {exc}")
+
+
+def _analyze(
+    mats: list[torch.Tensor], n: int, m: int, flat: torch.Tensor,
+    stored_dtype: torch.dtype | None, method: str, limits: Thresholds, dev: torch.device,
+    check_traps: bool, rows: int, cols: int, started: float,
+) -> LayerResult:
+    svals = [singular_values(w, dev) for w in mats]
+    evals = np.sort(np.concatenate([s**2 for s in svals]))
+    num_evals = int(evals.size)
+    lambda_max = float(evals[-1])
+    norm = float(evals.sum())
+
+    tol_eps = _dtype_eps(stored_dtype)
+    rank = int(sum(int(np.count_nonzero(s > s.max() * tol_eps)) for s in svals))
+    rank_loss = num_evals - rank
+    rank_collapse = rank_loss > limits.rank_loss_fraction * num_evals
+
+    sv = np.sqrt(evals)
+    ent_rank = int(np.count_nonzero(sv > sv.max() * n * np.finfo(np.float64).eps))
+    p = evals / norm + 1e-10
+    entropy = float(-np.sum(p * np.log(p)) / np.log(ent_rank + 1e-10)) if ent_rank > 1 else None
+
+    variance = float(flat.var())
+    mean = float(flat.mean())
+    edge, tw = _mp_edge(variance, n, m)
+    num_spikes = int(np.count_nonzero(evals > edge))
+
+    fit = fit_power_law(evals, method, bootstrap_samples=limits.bootstrap_samples,
+                        seed=limits.trap_seed, device=dev)
+
+    num_traps = None
+    rand_distance = max_rand_eval = None
+    mean_spike = False
+    rand_evals = None
+    if check_traps:
+        gen = torch.Generator().manual_seed(limits.trap_seed)
+        shuffled_mats = []
+        for w in mats:
+            perm = torch.randperm(w.numel(), generator=gen)
+            shuffled_mats.append(w.reshape(-1)[perm].reshape(w.shape))
+        rand_evals = np.sort(np.concatenate([singular_values(w, dev) ** 2
+                                             for w in shuffled_mats]))
+        max_rand_eval = float(rand_evals[-1])
+        rand_distance = _jensen_shannon(evals, rand_evals)
+        beyond = rand_evals[rand_evals > edge + TW_PAD * tw]
+        # A non-zero mean μ makes a rank-one spike of about μ²·n·m in any shuffle of W: it is
+        # a property of the mean, not a trap.
+        mean_eval = mean * mean * n * m
+        if beyond.size and mean_eval > edge + TW_PAD * tw:
+            mean_spike = True
+            closest = int(np.argmin(np.abs(beyond - mean_eval)))
+            beyond = np.delete(beyond, closest)
+        num_traps = int(beyond.size)
+    correlation_trap = bool(num_traps)
+    near_random = rand_distance is not None and rand_distance < NEAR_RANDOM_DISTANCE
+
+    alpha = D = xmin = xmax = sigma = alpha_delta = None
+    alpha_weighted = log_alpha_norm = None
+    num_pl_spikes = None
+    status = FitStatus.TAIL_TOO_SHORT
+    if fit is not None:
+        alpha, D, xmin, xmax = fit.alpha, fit.D, fit.xmin, fit.xmax
+        sigma, alpha_delta, num_pl_spikes = fit.sigma, fit.alpha_delta, fit.n
+        alpha_weighted = alpha * float(np.log10(lambda_max))
+        with np.errstate(over="ignore"):
+            log_alpha_norm = float(np.log10(np.sum(evals**alpha)))
+        if fit.n < limits.min_tail:
+            status = FitStatus.TAIL_TOO_SHORT
+        elif not (limits.alpha_min < alpha <= limits.alpha_max):
+            status = FitStatus.ALPHA_OUT_OF_RANGE
+        elif fit.D > limits.max_ks_distance:
+            status = FitStatus.POOR_FIT
+        elif fit.alpha_delta > limits.max_alpha_delta:
+            status = FitStatus.UNSTABLE
+        else:
+            status = FitStatus.OK
+    over = alpha is not None and alpha < limits.over_trained_below
+    under = alpha is not None and alpha > limits.under_trained_above
+    trusted = status is FitStatus.OK and not correlation_trap and not rank_collapse
+    return LayerResult(
+        method=method, fit_status=status, trusted=trusted, rows=rows, cols=cols,
+        num_evals=num_evals, lambda_max=lambda_max, alpha=alpha, alpha_weighted=alpha_weighted,
+        log_norm=float(np.log10(norm)), log_spectral_norm=float(np.log10(lambda_max)),
+        stable_rank=norm / lambda_max, log_alpha_norm=log_alpha_norm, D=D, xmin=xmin, xmax=xmax,
+        num_pl_spikes=num_pl_spikes, sigma=sigma, entropy=entropy, matrix_rank=rank,
+        rank_loss=rank_loss, mp_bulk_max=edge, mp_sigma=float(np.sqrt(variance)),
+        num_spikes=num_spikes, mp_softrank=edge / lambda_max, num_traps=num_traps,
+        rand_distance=rand_distance, max_rand_eval=max_rand_eval, mean_spike=mean_spike,
+        alpha_delta=alpha_delta, correlation_trap=correlation_trap, rank_collapse=rank_collapse,
+        near_random=near_random, over_trained=over, under_trained=under,
+        warning="over-trained" if over else ("under-trained" if under else None),
+        elapsed_ms=1000.0 * (time.perf_counter() - started),
+        evals=evals.astype(np.float32), rand_evals=None if rand_evals is None
+        else rand_evals.astype(np.float32),
+    )
+
+
+def analyze_many(
+    items: Iterable[tuple[str, torch.Tensor, torch.dtype | None]],
+    *,
+    method: str = "ww",
+    thresholds: Thresholds | None = None,
+    device: str | torch.device = "cpu",
+    check_traps: bool = True,
+) -> Iterator[tuple[str, LayerResult]]:
+    """Analyse many tensors, largest first so the device never idles on a small tail of work.
+
+    Yields one ``(name, result)`` per item, even when an item fails. On CUDA the next tensor is
+    copied to pinned memory while the current one is analysed.
+    """
+    dev = resolve_device(device)
+    work = sorted(items, key=lambda item: -item[1].numel())
+    for name, tensor, dtype in work:
+        if dev.type == "cuda":
+            tensor = tensor.pin_memory().to(dev, non_blocking=True)
+        yield name, analyze_matrix(tensor, stored_dtype=dtype, method=method,
+                                   thresholds=thresholds, device=dev, check_traps=check_traps)

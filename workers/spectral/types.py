@@ -1,0 +1,110 @@
+"""Result types of the spectral engine: frozen, typed, failure as a status value."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+
+
+class FitStatus(StrEnum):
+    """Whether a layer's fitted alpha can be believed; stored as text."""
+
+    OK = "ok"  # enough eigenvalues, long tail, good and stable fit, alpha in range
+    TOO_FEW_EVALS = "too_few_evals"  # fewer eigenvalues than thresholds.min_evals
+    TAIL_TOO_SHORT = "tail_too_short"  # the power-law tail has fewer than min_tail values
+    POOR_FIT = "poor_fit"  # KS distance D above thresholds.max_ks_distance
+    ALPHA_OUT_OF_RANGE = "alpha_out_of_range"  # alpha <= alpha_min or alpha > alpha_max
+    UNSTABLE = "unstable"  # alpha moves more than max_alpha_delta under resampling
+    NON_FINITE = "non_finite"  # NaN or Inf among the weights
+    DEGENERATE = "degenerate"  # zero or constant matrix: no spectrum to fit
+    FAILED = "failed"  # an unexpected error; see LayerResult.error
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Thresholds of the trust verdict (same names as the settings' ``trust`` section)."""
+
+    min_evals: int = 10
+    min_tail: int = 10
+    max_ks_distance: float = 0.1
+    alpha_min: float = 1.0
+    alpha_max: float = 8.0
+    max_alpha_delta: float = 0.5
+    rank_loss_fraction: float = 0.1
+    over_trained_below: float = 2.0
+    under_trained_above: float = 6.0
+    trap_seed: int = 0
+    bootstrap_samples: int = 32
+
+
+@dataclass(frozen=True)
+class PowerLawFit:
+    """A power-law fit of the tail of a spectrum (Clauset, Shalizi & Newman 2009).
+
+    ``alpha`` is the exponent of p(λ) ∝ λ^−α for λ ≥ ``xmin``; ``D`` the Kolmogorov–Smirnov
+    distance between the tail and the fitted law (smaller is better); ``n`` the tail size.
+    """
+
+    method: str
+    alpha: float
+    xmin: float
+    xmax: float
+    D: float
+    n: int
+    sigma: float
+    alpha_delta: float
+
+
+@dataclass(frozen=True)
+class LayerResult:
+    """Every spectral metric of one weight matrix; see docs/ARCHITECTURE.md for each field."""
+
+    method: str
+    fit_status: FitStatus
+    trusted: bool
+    error: str | None = None
+    rows: int = 0
+    cols: int = 0
+    num_evals: int = 0
+    lambda_max: float | None = None
+    alpha: float | None = None
+    alpha_weighted: float | None = None
+    log_norm: float | None = None
+    log_spectral_norm: float | None = None
+    stable_rank: float | None = None
+    log_alpha_norm: float | None = None
+    D: float | None = None
+    xmin: float | None = None
+    xmax: float | None = None
+    num_pl_spikes: int | None = None
+    sigma: float | None = None
+    entropy: float | None = None
+    matrix_rank: int | None = None
+    rank_loss: int | None = None
+    mp_bulk_max: float | None = None
+    mp_sigma: float | None = None
+    num_spikes: int | None = None
+    mp_softrank: float | None = None
+    num_traps: int | None = None
+    rand_distance: float | None = None
+    max_rand_eval: float | None = None
+    mean_spike: bool = False
+    alpha_delta: float | None = None
+    correlation_trap: bool = False
+    rank_collapse: bool = False
+    near_random: bool = False
+    over_trained: bool = False
+    under_trained: bool = False
+    warning: str | None = None
+    elapsed_ms: float = 0.0
+    evals: np.ndarray | None = field(default=None, repr=False, compare=False)
+    rand_evals: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+    def metrics(self) -> dict[str, Any]:
+        """Every field but the eigenvalue arrays, JSON/DB ready (status as its string)."""
+        out = {k: v for k, v in asdict(self).items() if k not in ("evals", "rand_evals")}
+        out["fit_status"] = str(self.fit_status.value)
+        return out
