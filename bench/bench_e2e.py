@@ -24,14 +24,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-from fastapi.testclient import TestClient  # noqa: E402
+import torch
+from fastapi.testclient import TestClient
 
-from alphawatch.settings import Settings  # noqa: E402
-from service.api import create_app  # noqa: E402
-from service.db.migrations import upgrade  # noqa: E402
-from workers.demo_run import train  # noqa: E402
-from workers.watcher import Watcher  # noqa: E402
+from alphawatch.settings import Settings
+from service.api import create_app
+from service.db.migrations import upgrade
+from workers.demo_run import train
+from workers.watcher import Watcher
 
 
 def _latency(settings: Settings, source: Path, work: Path) -> list[float]:

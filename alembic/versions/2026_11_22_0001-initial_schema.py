@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-22 16:45:48.367608
+Create Date: 2026-11-22 16:51:45.386471
 """
 
 from collections.abc import Sequence
@@ -110,8 +110,8 @@ def upgrade() -> None:
         sa.Column("stable_rank", sa.Float(), nullable=True),
         sa.Column("log_alpha_norm", sa.Float(), nullable=True),
         sa.Column("D", sa.Float(), nullable=True),
-        sa.Column("xmin", sa.Float(), nullable=True),
-        sa.Column("xmax", sa.Float(), nullable=True),
+        sa.Column("pl_xmin", sa.Float(), nullable=True),
+        sa.Column("pl_xmax", sa.Float(), nullable=True),
         sa.Column("num_pl_spikes", sa.Integer(), nullable=True),
         sa.Column("sigma", sa.Float(), nullable=True),
         sa.Column("entropy", sa.Float(), nullable=True),

@@ -28,11 +28,11 @@ def get_run(*, session: Session, run_id: int) -> Run:
 
 
 def run_summary(*, session: Session, run: Run, alpha_max: float) -> dict[str, Any]:
-    counts = dict(
+    counts: dict[str, int] = dict(
         session.execute(
             select(Checkpoint.status, func.count()).where(Checkpoint.run_id == run.id)
             .group_by(Checkpoint.status)
-        ).tuples().all()
+        ).all()
     )
     last = session.execute(
         select(Checkpoint.id, Checkpoint.step).where(Checkpoint.run_id == run.id,
@@ -54,7 +54,8 @@ def run_summary(*, session: Session, run: Run, alpha_max: float) -> dict[str, An
     }
 
 
-_LAYER_FIELDS = [c for c in LayerMetric.__table__.columns if c.name not in ("id",)]
+_LAYER_FIELDS = [getattr(LayerMetric, a.key).label(a.key)
+                 for a in LayerMetric.__mapper__.column_attrs if a.key != "id"]
 
 
 def layer_dicts(
@@ -219,5 +220,5 @@ def numeric_metrics() -> list[str]:
     from sqlalchemy import Float, Integer
 
     skip = {"id", "checkpoint_id", "block", "rows", "cols"}
-    return [c.name for c in LayerMetric.__table__.columns
-            if isinstance(c.type, Float | Integer) and c.name not in skip]
+    return [a.key for a in LayerMetric.__mapper__.column_attrs
+            if isinstance(a.columns[0].type, Float | Integer) and a.key not in skip]

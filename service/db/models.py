@@ -102,8 +102,9 @@ class LayerMetric(Base):
     stable_rank: Mapped[float | None] = mapped_column(Float)
     log_alpha_norm: Mapped[float | None] = mapped_column(Float)
     D: Mapped[float | None] = mapped_column(Float)
-    xmin: Mapped[float | None] = mapped_column(Float)
-    xmax: Mapped[float | None] = mapped_column(Float)
+    # xmin/xmax are PostgreSQL system column names: stored under a prefix.
+    xmin: Mapped[float | None] = mapped_column("pl_xmin", Float)
+    xmax: Mapped[float | None] = mapped_column("pl_xmax", Float)
     num_pl_spikes: Mapped[int | None] = mapped_column(Integer)
     sigma: Mapped[float | None] = mapped_column(Float)
     entropy: Mapped[float | None] = mapped_column(Float)
@@ -169,4 +170,5 @@ class ApiToken(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
-LAYER_COLUMNS = frozenset(c.name for c in LayerMetric.__table__.columns) - {"id", "checkpoint_id"}
+LAYER_COLUMNS = frozenset(a.key for a in LayerMetric.__mapper__.column_attrs) - {
+    "id", "checkpoint_id"}

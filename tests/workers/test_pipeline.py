@@ -135,7 +135,7 @@ def test_killed_worker_job_is_finished_once_by_another(tmp_path: Path, pg_url: s
            "ALPHAWATCH_SETTLE_S": "0", "ALPHAWATCH_DEVICE": "cpu"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "alphawatch", "watch", str(run), "--db", pg_url, "--poll", "0.2"],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
         _wait(lambda: _rows(pg_url, "SELECT status FROM checkpoint") == [("running",)], 90,

@@ -35,7 +35,7 @@ def as_matrices(weight: torch.Tensor) -> list[torch.Tensor]:
     if weight.dim() == 2:
         return [weight]
     if weight.dim() == 4:
-        out, inp, kh, kw = weight.shape
+        kh, kw = weight.shape[2], weight.shape[3]
         return [weight[:, :, i, j] for i in range(kh) for j in range(kw)]
     raise ValueError(f"cannot read a {weight.dim()}-D tensor of shape {tuple(weight.shape)} as a "
                      "matrix; reshape it explicitly (Conv1d: (out, in*k))")
@@ -232,7 +232,7 @@ def _analyze(
             status = FitStatus.TAIL_TOO_SHORT
         elif not (limits.alpha_min < alpha <= limits.alpha_max):
             status = FitStatus.ALPHA_OUT_OF_RANGE
-        elif fit.D > limits.max_ks_distance:
+        elif limits.max_ks_distance < fit.D:
             status = FitStatus.POOR_FIT
         elif fit.alpha_delta > limits.max_alpha_delta:
             status = FitStatus.UNSTABLE

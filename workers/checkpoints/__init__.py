@@ -1,0 +1,15 @@
+"""Checkpoint discovery and reading: complete checkpoints only, one tensor at a time, safely."""
+
+from workers.checkpoints.discovery import CheckpointRef, discover
+from workers.checkpoints.errors import CheckpointError, CheckpointVanished, UnsafeCheckpointError
+from workers.checkpoints.layers import LayerMatrix, iter_layers
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointRef",
+    "CheckpointVanished",
+    "LayerMatrix",
+    "UnsafeCheckpointError",
+    "discover",
+    "iter_layers",
+]

@@ -1,0 +1,196 @@
+"""Finding the checkpoints of a training run, their steps, and whether they are complete.
+
+A checkpoint is analysed only once its producer says it is complete: Hugging Face writes
+``trainer_state.json`` last, sharded safetensors are complete when the index exists and every
+shard's size equals 8 + header + largest data offset, DeepSpeed and Megatron write a tracker file
+(``latest``, ``latest_checkpointed_iteration.txt``) after the step folder, torch DCP writes
+``.metadata`` last. Anything else is complete once its files stop changing for ``settle_s``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from workers.checkpoints.errors import CheckpointError
+from workers.checkpoints.readers import safetensors_header
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+_HF = re.compile(r"^checkpoint-(\d+)$")
+_DEEPSPEED = re.compile(r"^global_step(\d+)$")
+_MEGATRON = re.compile(r"^iter_(\d+)$")
+_STEP_IN_NAME = re.compile(r"(?:step[=_-]?|iter[=_-]?|checkpoint[=_-]?|ckpt[=_-]?)(\d+)",
+                           re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    """One checkpoint of a run: where it is, its step, its producer, and whether it is complete."""
+
+    path: Path
+    step: int | None
+    format: str
+    complete: bool
+    reason: str
+    fingerprint: str
+
+
+def _ignored(name: str) -> bool:
+    return ".tmp" in name or name.startswith(("tmp-checkpoint-", "tmp_", ".")) or name.endswith(
+        (".tmp", ".partial", ".incomplete"))
+
+
+def fingerprint(path: Path) -> str:
+    """Changes when any file of the checkpoint changes (names, sizes, modification times)."""
+    digest = hashlib.sha1(usedforsecurity=False)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for file in files:
+        try:
+            stat = file.stat()
+        except FileNotFoundError:
+            continue
+        digest.update(f"{file.relative_to(path.parent)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()
+
+
+def _settled(path: Path, settle_s: float, now: float) -> bool:
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    try:
+        newest = max((f.stat().st_mtime for f in files), default=now)
+    except FileNotFoundError:
+        return False
+    return now - newest >= settle_s
+
+
+def weights_complete(folder: Path) -> tuple[bool, str]:
+    """Whether the weight files of a Hugging Face-style folder are whole."""
+    index = next((p for p in sorted(folder.glob("*.safetensors.index.json"))), None)
+    shards = sorted(folder.glob("*-of-*.safetensors"))
+    if index is None and shards:
+        return False, f"{folder}: shards without their index json"
+    if index is not None:
+        try:
+            mapping = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return False, f"{index}: index is not readable yet"
+        for name in sorted(set(mapping.values())):
+            shard = folder / name
+            if not shard.exists():
+                return False, f"{shard} is missing"
+            try:
+                safetensors_header(shard)
+            except CheckpointError as exc:
+                return False, str(exc)
+        return True, "index and every shard complete"
+    single = folder / "model.safetensors"
+    if single.exists():
+        try:
+            safetensors_header(single)
+        except CheckpointError as exc:
+            return False, str(exc)
+        return True, "model.safetensors complete"
+    if any(folder.glob("*.bin")) or any(folder.glob("*.pt")) or any(folder.glob("*.safetensors")):
+        return True, "weights present"
+    if (folder / "adapter_config.json").exists():
+        return True, "adapter present"
+    return False, f"{folder}: no weights yet"
+
+
+def _hf_ref(folder: Path, step: int | None, settle_s: float, now: float) -> CheckpointRef:
+    state = folder / "trainer_state.json"
+    complete, reason = False, "trainer_state.json not written yet"
+    if state.exists():
+        try:
+            parsed = json.loads(state.read_text())
+            if step is None and isinstance(parsed, dict):
+                step = int(parsed.get("global_step") or 0) or None
+            complete, reason = weights_complete(folder)
+            if not complete and _settled(folder, settle_s, now):
+                # The producer says it is done and nothing has changed since: a broken file,
+                # not one being written. Analyse it so it fails with its error, visibly.
+                complete, reason = True, f"marker present but {reason}"
+        except (OSError, ValueError):
+            reason = "trainer_state.json does not parse yet"
+    elif _settled(folder, settle_s, now):
+        complete, reason = weights_complete(folder)
+        reason = f"no trainer_state.json; files settled: {reason}"
+    fmt = "peft" if (folder / "adapter_config.json").exists() else "hf"
+    return CheckpointRef(folder, step, fmt, complete, reason, fingerprint(folder))
+
+
+def _tracker_step(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    digits = re.findall(r"\d+", text)
+    return int(digits[-1]) if digits else None
+
+
+def _has_weights(folder: Path) -> bool:
+    return any(p.suffix in WEIGHT_SUFFIXES for p in folder.iterdir() if p.is_file()) or (
+        folder / "adapter_config.json").exists()
+
+
+def discover(run_dir: Path, *, settle_s: float = 30.0, now: float | None = None
+             ) -> list[CheckpointRef]:
+    """Every checkpoint under ``run_dir`` (or ``run_dir`` itself), sorted by step.
+
+    Raises:
+        CheckpointError: ``run_dir`` does not exist or cannot be listed.
+    """
+    now = time.time() if now is None else now
+    run_dir = Path(run_dir)
+    if not run_dir.exists():
+        raise CheckpointError(run_dir, f"{run_dir} does not exist")
+    if run_dir.is_file():
+        match = _STEP_IN_NAME.search(run_dir.name)
+        return [CheckpointRef(run_dir, int(match.group(1)) if match else None, "file",
+                              _settled(run_dir, settle_s, now), "single file",
+                              fingerprint(run_dir))]
+    try:
+        children = sorted(run_dir.iterdir())
+    except OSError as exc:
+        raise CheckpointError(run_dir, f"cannot list {run_dir}: {exc}") from exc
+    refs: list[CheckpointRef] = []
+    ds_latest = _tracker_step(run_dir / "latest") if (run_dir / "latest").exists() else None
+    mg_latest = _tracker_step(run_dir / "latest_checkpointed_iteration.txt")
+    for child in children:
+        name = child.name
+        if _ignored(name):
+            continue
+        if child.is_dir():
+            if m := _HF.match(name):
+                refs.append(_hf_ref(child, int(m.group(1)), settle_s, now))
+            elif m := _DEEPSPEED.match(name):
+                step = int(m.group(1))
+                done = ds_latest is not None and ds_latest >= step
+                refs.append(CheckpointRef(child, step, "deepspeed", done,
+                                          "in `latest`" if done else "not yet in `latest`",
+                                          fingerprint(child)))
+            elif m := _MEGATRON.match(name):
+                step = int(m.group(1))
+                done = mg_latest is not None and mg_latest >= step
+                refs.append(CheckpointRef(child, step, "megatron", done,
+                                          "tracker file reached it" if done
+                                          else "tracker file not there yet", fingerprint(child)))
+            elif (child / ".metadata").exists():
+                match = _STEP_IN_NAME.search(name)
+                refs.append(CheckpointRef(child, int(match.group(1)) if match else None, "dcp",
+                                          True, ".metadata written", fingerprint(child)))
+        elif child.suffix in WEIGHT_SUFFIXES and not name.endswith(".index.json"):
+            match = _STEP_IN_NAME.search(name)
+            if match is None or "-of-" in name:
+                continue
+            fmt = "lightning" if child.suffix == ".ckpt" else "file"
+            done = _settled(child, settle_s, now)
+            refs.append(CheckpointRef(child, int(match.group(1)), fmt, done,
+                                      "settled" if done else "still changing", fingerprint(child)))
+    if not refs and _has_weights(run_dir):
+        # A model folder saved at the end of training: the run directory is the checkpoint.
+        refs.append(_hf_ref(run_dir, None, settle_s, now))
+    return sorted(refs, key=lambda r: (r.step is None, r.step or 0, str(r.path)))

@@ -1,0 +1,140 @@
+"""Reading weight tensors one at a time: safetensors (header validated) and safe torch pickles."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import struct
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from workers.checkpoints.errors import CheckpointError, CheckpointVanished, UnsafeCheckpointError
+
+_MAX_HEADER = 100 * 1024 * 1024
+_FLOAT8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
+
+
+def safetensors_header(path: Path) -> tuple[int, dict[str, dict[str, object]]]:
+    """Header length and parsed header of a safetensors file, checked against the file size.
+
+    A file is complete when its size is 8 + header length + the largest data offset: anything
+    shorter is a shard still being written or cut short.
+    """
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as handle:
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise CheckpointError(path, f"{path}: empty or truncated safetensors file")
+            (length,) = struct.unpack("<Q", prefix)
+            if length > _MAX_HEADER or length > size - 8:
+                raise CheckpointError(path, f"{path}: not a safetensors file (bad header length)")
+            raw = handle.read(length)
+    except FileNotFoundError as exc:
+        raise CheckpointVanished(path, f"{path} disappeared while being read") from exc
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(path, f"{path}: not a safetensors file (header is not JSON)") from exc
+    if not isinstance(header, dict):
+        raise CheckpointError(path, f"{path}: not a safetensors file (header is not an object)")
+    end = 0
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2):
+            raise CheckpointError(path, f"{path}: tensor {key!r} has no data offsets")
+        end = max(end, int(offsets[1]))
+    if size != 8 + length + end:
+        raise CheckpointError(
+            path, f"{path}: incomplete safetensors file ({size} bytes, expected {8 + length + end})"
+        )
+    return length, header
+
+
+def iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(key, tensor) of every tensor in a safetensors file, one at a time, as stored."""
+    _, header = safetensors_header(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            for key in header:
+                if key == "__metadata__":
+                    continue
+                yield key, handle.get_tensor(key)
+    except FileNotFoundError as exc:
+        raise CheckpointVanished(path, f"{path} disappeared while being read") from exc
+    except (OSError, RuntimeError) as exc:
+        if not path.exists():
+            raise CheckpointVanished(path, f"{path} disappeared while being read") from exc
+        raise CheckpointError(path, f"{path}: cannot read safetensors: {exc}") from exc
+
+
+def _flatten(obj: object, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            yield from _flatten(value, f"{prefix}.{key}" if prefix else str(key))
+
+
+def load_torch(path: Path) -> dict[str, object]:
+    """Load a torch pickle with ``weights_only=True``: tensors and plain containers only.
+
+    A pickle that needs any other global (a class, a function — code) is refused with
+    :class:`UnsafeCheckpointError`; nothing in it is executed.
+    """
+    try:
+        if path.stat().st_size == 0:
+            raise CheckpointError(path, f"{path}: empty file")
+        mmap = zipfile.is_zipfile(path)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except FileNotFoundError as exc:
+        raise CheckpointVanished(path, f"{path} disappeared while being read") from exc
+    except pickle.UnpicklingError as exc:
+        message = str(exc)
+        if "weights_only" in message or "global" in message.lower():
+            raise UnsafeCheckpointError(
+                path, f"{path}: refused: the pickle needs code, not only tensors "
+                      f"(alphawatch never unpickles code). {message.splitlines()[0]}"
+            ) from exc
+        raise CheckpointError(path, f"{path}: not a torch checkpoint: {message}") from exc
+    except (RuntimeError, EOFError, ValueError, OSError) as exc:
+        raise CheckpointError(path, f"{path}: cannot read torch checkpoint: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise CheckpointError(path, f"{path}: holds a {type(obj).__name__}, not a state dict")
+    return obj
+
+
+def iter_torch(path: Path, root_keys: tuple[str, ...] = ()) -> Iterator[tuple[str, torch.Tensor]]:
+    """(key, tensor) of a torch checkpoint; ``root_keys`` names where the weights live."""
+    obj: object = load_torch(path)
+    for key in root_keys:
+        if isinstance(obj, dict) and key in obj:
+            obj = obj[key]
+            break
+    yield from _flatten(obj)
+
+
+def upcast(tensor: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 copy of a stored tensor; fp8 weights are multiplied by their inverse scale."""
+    if tensor.dtype in _FLOAT8:
+        out = tensor.to(torch.float32)
+        if scale is not None:
+            out = _apply_block_scale(out, scale.to(torch.float32))
+        return out
+    return tensor.to(torch.float32)
+
+
+def _apply_block_scale(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    if scale.numel() == 1:
+        return weight * scale.reshape(())
+    # Block-wise scales (e.g. 128x128 blocks): expand each scale over its block.
+    rows = -(-weight.shape[0] // scale.shape[0])
+    cols = -(-weight.shape[1] // scale.shape[1])
+    expanded = scale.repeat_interleave(rows, 0).repeat_interleave(cols, 1)
+    return weight * expanded[: weight.shape[0], : weight.shape[1]]
