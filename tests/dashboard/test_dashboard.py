@@ -146,8 +146,8 @@ def test_filter_switch_changes_the_trend(page: Any, site: Site) -> None:
     page.select_option("select[data-param=filter]", "all")
     page.wait_for_function("() => location.hash.includes('filter=all')")
     page.wait_for_function(
-        "(before) => JSON.stringify(document.getElementById('trend')?.data?.[2]?.text)"
-        " !== JSON.stringify(before)", arg=trusted)
+        "(before) => { const t = document.getElementById('trend')?.data?.[2]?.text;"
+        " return t !== undefined && JSON.stringify(t) !== JSON.stringify(before); }", arg=trusted)
     everything = page.evaluate("() => document.getElementById('trend').data[2].text")
     used = [int(t.split("used ")[1].split(" ")[0]) for t in everything]
     used_trusted = [int(t.split("used ")[1].split(" ")[0]) for t in trusted]

@@ -13,7 +13,6 @@ from workers.spectral.types import FitStatus, LayerResult, Thresholds
 
 # Trap edge: Tracy–Widom scale (Johnstone 2001) times this many, beyond the MP bulk edge.
 TW_PAD = 5.0
-NEAR_RANDOM_DISTANCE = 0.05
 
 
 def resolve_device(requested: str | torch.device) -> torch.device:
@@ -55,10 +54,11 @@ def singular_values(matrix: torch.Tensor, device: torch.device) -> np.ndarray:
             w = matrix.to(device=device, dtype=torch.float32, non_blocking=True)
             gram = w.T @ w if w.shape[0] >= w.shape[1] else w @ w.T
             evals = torch.linalg.eigvalsh(gram.double()).clamp_min(0).flip(0)
-            return np.sqrt(evals.cpu().numpy())
+            return np.asarray(np.sqrt(evals.cpu().numpy()), dtype=np.float64)
         finally:
             torch.backends.cuda.matmul.allow_tf32 = previous
-    return torch.linalg.svdvals(matrix.to(dtype=torch.float64)).numpy()
+    return np.asarray(torch.linalg.svdvals(matrix.to(dtype=torch.float64)).numpy(),
+                      dtype=np.float64)
 
 
 def _dtype_eps(dtype: torch.dtype | None) -> float:
@@ -86,6 +86,16 @@ def _jensen_shannon(a: np.ndarray, b: np.ndarray, bins: int = 100) -> float:
         return float(np.sum(p[nz] * np.log2(p[nz] / q[nz])))
 
     return float(np.sqrt(max(0.0, 0.5 * kl(pa, m) + 0.5 * kl(pb, m))))
+
+
+def _same_distribution(a: np.ndarray, b: np.ndarray) -> bool:
+    """Two-sample KS test at the 5% level: is the ESD indistinguishable from its shuffle?"""
+    grid = np.union1d(a, b)
+    cdf_a = np.searchsorted(np.sort(a), grid, side="right") / a.size
+    cdf_b = np.searchsorted(np.sort(b), grid, side="right") / b.size
+    statistic = float(np.max(np.abs(cdf_a - cdf_b)))
+    critical = 1.36 * np.sqrt((a.size + b.size) / (a.size * b.size))
+    return statistic < critical
 
 
 def _mp_edge(variance: float, n: int, m: int) -> tuple[float, float]:
@@ -216,7 +226,7 @@ def _analyze(
             beyond = np.delete(beyond, closest)
         num_traps = int(beyond.size)
     correlation_trap = bool(num_traps)
-    near_random = rand_distance is not None and rand_distance < NEAR_RANDOM_DISTANCE
+    near_random = rand_evals is not None and _same_distribution(evals, rand_evals)
 
     alpha = D = xmin = xmax = sigma = alpha_delta = None
     alpha_weighted = log_alpha_norm = None

@@ -1,0 +1,117 @@
+"""Flags and statuses, each in both directions; nothing raises on bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from workers.spectral import FitStatus, Thresholds, analyze_many, analyze_matrix, resolve_device
+
+
+def gaussian(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, cols, generator=g) / np.sqrt(cols)
+
+
+def test_iid_gaussian_has_no_trap_and_looks_random() -> None:
+    result = analyze_matrix(gaussian(400, 200))
+    assert result.num_traps == 0 and not result.correlation_trap
+    assert not result.mean_spike
+    assert result.near_random
+
+
+def test_planted_large_entries_are_traps() -> None:
+    w = gaussian(400, 200)
+    w[3, 7] = 40.0
+    w[100, 50] = -35.0
+    result = analyze_matrix(w)
+    assert result.correlation_trap and result.num_traps >= 2
+    assert not result.trusted
+
+
+def test_constant_mean_shift_is_a_mean_spike_not_a_trap() -> None:
+    result = analyze_matrix(gaussian(400, 200) + 0.5)
+    assert result.mean_spike
+    assert result.num_traps == 0 and not result.correlation_trap
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rank_collapse_in_both_directions(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(1)
+    low = (torch.randn(1000, 50, generator=g) @ torch.randn(50, 500, generator=g)).to(dtype)
+    full = torch.randn(1000, 500, generator=g).to(dtype)
+    collapsed = analyze_matrix(low.float(), stored_dtype=dtype, check_traps=False)
+    healthy = analyze_matrix(full.float(), stored_dtype=dtype, check_traps=False)
+    assert collapsed.rank_collapse and collapsed.matrix_rank == 50
+    assert collapsed.rank_loss == 450 and not collapsed.trusted
+    assert not healthy.rank_collapse and healthy.matrix_rank == 500
+
+
+def test_non_finite_degenerate_and_tiny_inputs() -> None:
+    w = gaussian(50, 40)
+    w[1, 1] = float("nan")
+    assert analyze_matrix(w).fit_status is FitStatus.NON_FINITE
+    w[1, 1] = float("inf")
+    assert analyze_matrix(w).fit_status is FitStatus.NON_FINITE
+    assert analyze_matrix(torch.zeros(50, 40)).fit_status is FitStatus.DEGENERATE
+    assert analyze_matrix(torch.full((50, 40), 3.0)).fit_status is FitStatus.DEGENERATE
+    assert analyze_matrix(torch.randn(1, 300)).fit_status is FitStatus.TOO_FEW_EVALS
+    assert analyze_matrix(torch.randn(3, 3)).fit_status is FitStatus.TOO_FEW_EVALS
+    assert analyze_matrix(torch.randn(10)).fit_status is FitStatus.TOO_FEW_EVALS
+    failed = analyze_matrix(torch.randn(4, 5, 6))
+    assert failed.fit_status is FitStatus.FAILED and "reshape" in (failed.error or "")
+    assert not failed.trusted
+
+
+def test_invariances_transpose_permutation_scaling() -> None:
+    w = gaussian(300, 120, seed=3) + 0.3 * torch.distributions.StudentT(3.0).sample((300, 120)) / 11
+    base = analyze_matrix(w, check_traps=False)
+    g = torch.Generator().manual_seed(9)
+    variants = [w.T, w[torch.randperm(300, generator=g)], w[:, torch.randperm(120, generator=g)],
+                7.5 * w]
+    for variant in variants:
+        other = analyze_matrix(variant.contiguous(), check_traps=False)
+        assert other.alpha == pytest.approx(base.alpha, rel=1e-6)
+        assert other.num_pl_spikes == base.num_pl_spikes
+
+
+def test_status_thresholds_come_from_the_settings_object() -> None:
+    w = gaussian(300, 120, seed=4)
+    strict = analyze_matrix(w, thresholds=Thresholds(min_tail=10_000), check_traps=False)
+    assert strict.fit_status is FitStatus.TAIL_TOO_SHORT
+    assert strict.alpha is not None  # reported whatever the status
+
+
+def test_metrics_are_plain_values() -> None:
+    metrics = analyze_matrix(gaussian(100, 80)).metrics()
+    assert metrics["fit_status"] in {s.value for s in FitStatus}
+    assert "evals" not in metrics
+    assert metrics["alpha_weighted"] == pytest.approx(
+        metrics["alpha"] * np.log10(metrics["lambda_max"]))
+
+
+def test_analyze_many_gives_a_result_per_item_even_on_failure() -> None:
+    items = [("a", gaussian(100, 80), torch.float32), ("bad", torch.randn(2, 3, 4), None),
+             ("b", gaussian(200, 90), torch.bfloat16)]
+    results = dict(analyze_many(items, check_traps=False))
+    assert set(results) == {"a", "bad", "b"}
+    assert results["bad"].fit_status is FitStatus.FAILED
+
+
+def test_resolve_device() -> None:
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type in ("cpu", "cuda")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA"):
+            resolve_device("cuda")
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu() -> None:
+    w = gaussian(1024, 512) + 0.3 * torch.distributions.StudentT(3.0).sample((1024, 512)) / 22
+    cpu = analyze_matrix(w, device="cpu")
+    gpu = analyze_matrix(w, device="cuda")
+    assert gpu.alpha == pytest.approx(cpu.alpha, rel=1e-4)
+    assert gpu.num_pl_spikes == cpu.num_pl_spikes
+    assert pytest.approx(cpu.D, abs=1e-4) == gpu.D
