@@ -103,8 +103,12 @@ def load_torch(path: Path) -> dict[str, object]:
                       f"(alphawatch never unpickles code). {message.splitlines()[0]}"
             ) from exc
         raise CheckpointError(path, f"{path}: not a torch checkpoint: {message}") from exc
-    except (RuntimeError, EOFError, ValueError, OSError) as exc:
-        raise CheckpointError(path, f"{path}: cannot read torch checkpoint: {exc}") from exc
+    except CheckpointError:
+        raise
+    except Exception as exc:  # the unpickler fails in many ways on bytes that are no pickle
+        raise CheckpointError(
+            path, f"{path}: not a readable torch checkpoint ({type(exc).__name__}: {exc})"
+        ) from exc
     if not isinstance(obj, dict):
         raise CheckpointError(path, f"{path}: holds a {type(obj).__name__}, not a state dict")
     return obj

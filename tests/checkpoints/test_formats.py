@@ -1,0 +1,289 @@
+"""Real checkpoint files written here, read back as the matrices of the model they came from."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from workers.checkpoints import (
+    CheckpointError,
+    CheckpointVanished,
+    UnsafeCheckpointError,
+    discover,
+    iter_layers,
+)
+from workers.checkpoints.naming import classify
+
+
+def tiny_state(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    state = {"model.embed_tokens.weight": torch.randn(100, 32, generator=g)}
+    for i in range(2):
+        p = f"model.layers.{i}."
+        for name, shape in (("self_attn.q_proj", (32, 32)), ("self_attn.k_proj", (32, 32)),
+                            ("self_attn.v_proj", (32, 32)), ("self_attn.o_proj", (32, 32)),
+                            ("mlp.gate_proj", (64, 32)), ("mlp.up_proj", (64, 32)),
+                            ("mlp.down_proj", (32, 64))):
+            state[p + name + ".weight"] = torch.randn(*shape, generator=g)
+        state[p + "input_layernorm.weight"] = torch.ones(32)
+    state["model.norm.weight"] = torch.ones(32)
+    state["lm_head.weight"] = torch.randn(100, 32, generator=g)
+    return {k: v.to(dtype) for k, v in state.items()}
+
+
+def matrices(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k.removesuffix(".weight"): v.float() for k, v in state.items() if v.dim() == 2}
+
+
+def read(path: Path) -> dict[str, torch.Tensor]:
+    return {m.name: m.weight for m in iter_layers(path)}
+
+
+def hf_checkpoint(run: Path, step: int, state: dict[str, torch.Tensor]) -> Path:
+    folder = run / f"checkpoint-{step}"
+    folder.mkdir(parents=True)
+    save_file(state, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    return folder
+
+
+def assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert set(got) == set(want)
+    for name, tensor in want.items():
+        assert torch.equal(got[name], tensor), name
+
+
+def test_hf_safetensors_bf16_roundtrip(tmp_path: Path) -> None:
+    state = tiny_state(dtype=torch.bfloat16)
+    folder = hf_checkpoint(tmp_path, 10, state)
+    layers = list(iter_layers(folder))
+    assert {m.stored_dtype for m in layers} == {torch.bfloat16}
+    assert all(m.weight.dtype == torch.float32 for m in layers)
+    assert_same(read(folder), matrices(state))
+    q = next(m for m in layers if m.name == "model.layers.1.self_attn.q_proj")
+    assert (q.kind, q.block) == ("q", 1)
+
+
+def test_sharded_safetensors_with_index(tmp_path: Path) -> None:
+    state = tiny_state()
+    folder = tmp_path / "checkpoint-5"
+    folder.mkdir()
+    keys = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+              "model-00002-of-00002.safetensors": keys[len(keys) // 2 :]}
+    weight_map = {}
+    for name, part in shards.items():
+        save_file({k: state[k] for k in part}, str(folder / name))
+        weight_map.update(dict.fromkeys(part, name))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (folder / "trainer_state.json").write_text("{}")
+    assert_same(read(folder), matrices(state))
+    (ref,) = discover(tmp_path, settle_s=0)
+    assert ref.complete and ref.step == 5
+
+
+def test_pytorch_bin_lightning_and_plain_files(tmp_path: Path) -> None:
+    state = tiny_state(1)
+    folder = tmp_path / "checkpoint-7"
+    folder.mkdir()
+    torch.save(state, folder / "pytorch_model.bin")
+    (folder / "trainer_state.json").write_text("{}")
+    assert_same(read(folder), matrices(state))
+    ckpt = tmp_path / "epoch=0-step=20.ckpt"
+    torch.save({"state_dict": state, "global_step": 20}, ckpt)
+    assert_same(read(ckpt), matrices(state))
+    plain = tmp_path / "model_step_30.safetensors"
+    save_file(state, str(plain))
+    refs = {r.step: r for r in discover(tmp_path, settle_s=0)}
+    assert set(refs) == {7, 20, 30}
+    assert refs[20].format == "lightning"
+
+
+def test_transformers_gpt2_conv1d_and_fused_qkv(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=32, vocab_size=100,
+                                     n_positions=64)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config)
+    model.save_pretrained(tmp_path / "gpt2")
+    got = read(tmp_path / "gpt2")
+    c_attn = model.transformer.h[0].attn.c_attn.weight.detach().T  # Conv1D stores (in, out)
+    q, k, v = c_attn.chunk(3, dim=0)
+    assert torch.equal(got["transformer.h.0.attn.c_attn.q"], q)
+    assert torch.equal(got["transformer.h.0.attn.c_attn.v"], v)
+    assert torch.equal(got["transformer.h.0.mlp.c_fc"], model.transformer.h[0].mlp.c_fc.weight.T)
+    assert classify("transformer.h.0.attn.c_attn.k") == ("k", 0)
+    assert classify("transformer.h.1.mlp.c_proj") == ("fc_out", 1)
+    # lm_head is tied to wte in GPT-2: analysed once.
+    assert "lm_head" not in got and "transformer.wte" in got
+
+
+def test_transformers_llama_save_pretrained(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=4,
+                                      vocab_size=100)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    model.save_pretrained(tmp_path / "llama")
+    want = {k.removesuffix(".weight"): v for k, v in model.state_dict().items() if v.dim() == 2}
+    assert_same(read(tmp_path / "llama"), want)
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_megatron_tensor_parallel_shards_reassemble(tmp_path: Path, ranks: int) -> None:
+    g = torch.Generator().manual_seed(ranks)
+    full = {"decoder.layers.0.self_attention.linear_qkv.weight": torch.randn(96, 32, generator=g),
+            "decoder.layers.0.self_attention.linear_proj.weight": torch.randn(32, 32, generator=g),
+            "decoder.layers.0.mlp.linear_fc2.weight": torch.randn(32, 64, generator=g)}
+    gate, up = torch.randn(64, 32, generator=g), torch.randn(64, 32, generator=g)
+    step = tmp_path / "iter_0000100"
+    for r in range(ranks):
+        shard = {
+            "decoder.layers.0.self_attention.linear_qkv.weight":
+                full["decoder.layers.0.self_attention.linear_qkv.weight"].chunk(ranks, 0)[r],
+            "decoder.layers.0.self_attention.linear_proj.weight":
+                full["decoder.layers.0.self_attention.linear_proj.weight"].chunk(ranks, 1)[r],
+            "decoder.layers.0.mlp.linear_fc2.weight":
+                full["decoder.layers.0.mlp.linear_fc2.weight"].chunk(ranks, 1)[r],
+            "decoder.layers.0.mlp.linear_fc1.weight":
+                torch.cat([gate.chunk(ranks, 0)[r], up.chunk(ranks, 0)[r]], 0),
+        }
+        (step / f"mp_rank_{r:02d}").mkdir(parents=True)
+        torch.save({"model": shard, "iteration": 100}, step / f"mp_rank_{r:02d}" /
+                   "model_optim_rng.pt")
+    assert discover(tmp_path, settle_s=0)[0].complete is False
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("100")
+    (ref,) = discover(tmp_path, settle_s=0)
+    assert ref.complete and ref.step == 100 and ref.format == "megatron"
+    got = read(step)
+    assert torch.equal(got["decoder.layers.0.mlp.gate_proj"], gate)
+    assert torch.equal(got["decoder.layers.0.mlp.up_proj"], up)
+    assert torch.equal(got["decoder.layers.0.self_attention.linear_proj"],
+                       full["decoder.layers.0.self_attention.linear_proj.weight"])
+    assert torch.equal(got["decoder.layers.0.mlp.linear_fc2"],
+                       full["decoder.layers.0.mlp.linear_fc2.weight"])
+    qkv = torch.cat([got[f"decoder.layers.0.self_attention.linear_qkv.{p}"] for p in "qkv"])
+    assert torch.equal(qkv, full["decoder.layers.0.self_attention.linear_qkv.weight"])
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_peft_lora_merge_equals_merge_and_unload(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=4,
+                                      vocab_size=100)
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(config)
+    base.save_pretrained(tmp_path / "base")
+    lora = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8,
+                                                     target_modules=["q_proj", "v_proj"]))
+    for name, param in lora.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param)
+    lora.save_pretrained(tmp_path / "adapter")
+    adapter_config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    adapter_config["base_model_name_or_path"] = str(tmp_path / "base")
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(adapter_config))
+    merged = lora.merge_and_unload()
+    got = read(tmp_path / "adapter")
+    want = merged.model.layers[0].self_attn.q_proj.weight.detach()
+    assert torch.allclose(got["model.layers.0.self_attn.q_proj"], want, atol=1e-6)
+    assert "model.layers.0.self_attn.q_proj.lora_update" in got
+    adapter_config["use_dora"] = True
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(adapter_config))
+    with pytest.raises(CheckpointError, match="DoRA"):
+        read(tmp_path / "adapter")
+
+
+def test_incomplete_checkpoints_are_not_analysed(tmp_path: Path) -> None:
+    state = tiny_state()
+    folder = hf_checkpoint(tmp_path, 10, state)
+    (tmp_path / "tmp-checkpoint-20").mkdir()
+    save_file(state, str(tmp_path / "tmp-checkpoint-20" / "model.safetensors"))
+    writing = tmp_path / "checkpoint-30"
+    writing.mkdir()
+    save_file(state, str(writing / "model.safetensors"))  # trainer_state.json not yet
+    truncated = hf_checkpoint(tmp_path, 40, state)
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
+    missing_index = tmp_path / "checkpoint-50"
+    missing_index.mkdir()
+    save_file(state, str(missing_index / "model-00001-of-00002.safetensors"))
+    (missing_index / "trainer_state.json").write_text("{}")
+    refs = {r.step: r for r in discover(tmp_path, settle_s=60)}
+    assert 20 not in refs
+    assert refs[10].complete
+    assert not refs[30].complete and not refs[40].complete and not refs[50].complete
+    assert "incomplete" in refs[40].reason or "truncated" in refs[40].reason
+    assert folder.exists()
+
+
+def test_unsafe_pickle_is_refused_and_never_runs(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self) -> tuple[object, tuple[str]]:
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "model_step_1.pt"
+    torch.save({"model.layers.0.q_proj.weight": Exploit()}, path)
+    legacy = tmp_path / "legacy_step_2.pt"
+    with legacy.open("wb") as handle:
+        pickle.dump({"model.layers.0.q_proj.weight": Exploit()}, handle, protocol=2)
+    for bad in (path, legacy):
+        with pytest.raises(UnsafeCheckpointError, match="refused"):
+            list(iter_layers(bad))
+    time.sleep(0.1)
+    assert not marker.exists()
+
+
+def test_bad_files_give_clear_errors_naming_the_file(tmp_path: Path) -> None:
+    empty = tmp_path / "empty_step_1.safetensors"
+    empty.write_bytes(b"")
+    magic = tmp_path / "magic_step_2.pt"
+    magic.write_bytes(b"this is not a checkpoint at all")
+    nothing = tmp_path / "checkpoint-3"
+    nothing.mkdir()
+    (nothing / "notes.txt").write_text("no weights")
+    for path in (empty, magic, nothing):
+        with pytest.raises(CheckpointError) as info:
+            list(iter_layers(path))
+        assert str(path) in str(info.value)
+
+
+def test_nan_weights_pass_through_for_the_engine_to_flag(tmp_path: Path) -> None:
+    state = tiny_state()
+    state["model.layers.0.mlp.up_proj.weight"][0, 0] = float("nan")
+    folder = hf_checkpoint(tmp_path, 1, state)
+    got = read(folder)
+    assert torch.isnan(got["model.layers.0.mlp.up_proj"]).any()
+
+
+def test_checkpoint_deleted_mid_read_is_vanished(tmp_path: Path) -> None:
+    state = tiny_state()
+    folder = tmp_path / "checkpoint-9"
+    folder.mkdir()
+    keys = sorted(state)
+    weight_map = {}
+    for i, part in enumerate((keys[:8], keys[8:])):
+        name = f"model-0000{i + 1}-of-00002.safetensors"
+        save_file({k: state[k] for k in part}, str(folder / name))
+        weight_map.update(dict.fromkeys(part, name))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    stream = iter_layers(folder)
+    next(stream)
+    shutil.rmtree(folder)  # save_total_limit rotation
+    with pytest.raises(CheckpointVanished):
+        list(stream)
