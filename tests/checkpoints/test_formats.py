@@ -118,6 +118,7 @@ def test_transformers_gpt2_conv1d_and_fused_qkv(tmp_path: Path) -> None:
     got = read(tmp_path / "gpt2")
     c_attn = model.transformer.h[0].attn.c_attn.weight.detach().T  # Conv1D stores (in, out)
     q, k, v = c_attn.chunk(3, dim=0)
+    assert torch.equal(got["transformer.h.0.attn.c_attn.k"], k)
     assert torch.equal(got["transformer.h.0.attn.c_attn.q"], q)
     assert torch.equal(got["transformer.h.0.attn.c_attn.v"], v)
     assert torch.equal(got["transformer.h.0.mlp.c_fc"], model.transformer.h[0].mlp.c_fc.weight.T)

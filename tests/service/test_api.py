@@ -1,0 +1,222 @@
+"""The REST API on hand-made runs: trend numbers, gate verdicts, errors, auth, path safety."""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import quote
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from alphawatch.settings import Settings
+from service.api import create_app
+from service.db import queue
+from service.db.session import make_engine, session_scope
+from service.db.tokens import create_token
+
+STEPS = (100, 200, 300)
+
+
+def _layers(step: int, rng: np.random.Generator) -> list[dict[str, object]]:
+    layers = []
+    for block in range(4):
+        for kind in ("q", "k", "v", "o", "gate", "up", "down"):
+            alpha = float(rng.uniform(1.5, 9.5))
+            status = "ok" if rng.random() > 0.25 else str(rng.choice(["poor_fit", "unstable"]))
+            trap = bool(rng.random() < 0.1)
+            layers.append({
+                "name": f"model.layers.{block}.{kind}_proj", "kind": kind, "block": block,
+                "method": "ww", "fit_status": status, "correlation_trap": trap,
+                "rank_collapse": False, "trusted": status == "ok" and not trap, "alpha": alpha,
+                "D": float(rng.uniform(0, 0.2)), "stable_rank": float(rng.uniform(1, 50)),
+                "xmin": 1.0, "xmax": 10.0, "num_pl_spikes": 20,
+            })
+    return layers
+
+
+def fill(url: str, name: str = "run-a", seed: int = 0) -> dict[int, list[dict[str, object]]]:
+    rng = np.random.default_rng(seed)
+    engine = make_engine(url)
+    written: dict[int, list[dict[str, object]]] = {}
+    with session_scope(engine) as session:
+        run_id = queue.ensure_run(session, name=name, path=f"/runs/{name}")
+        for step in STEPS:
+            queue.register_checkpoint(session, run_id=run_id, step=step, path=f"/r/{step}",
+                                      fingerprint="x", fmt="hf")
+    for _ in STEPS:
+        with session_scope(engine) as session:
+            job = queue.claim(session, worker_id="t", lease_s=60)
+        assert job is not None
+        layers = _layers(job.step, rng)
+        evals = np.sort(rng.pareto(2.0, 64) + 1).astype(np.float32).tobytes()
+        spectra = [{"name": layer["name"], "method": "ww", "evals": evals, "rand_evals": None}
+                   for layer in layers]
+        with session_scope(engine) as session:
+            assert queue.complete(session, job_id=job.job_id, worker_id="t", layers=layers,
+                                  spectra=spectra, device="cpu", elapsed_s=0.1)
+        written[job.step] = layers
+    return written
+
+
+@pytest.fixture
+def client(db_url: str, tmp_path: Path) -> Iterator[TestClient]:
+    (tmp_path / "root" / "ok-run").mkdir(parents=True)
+    settings = Settings(database_url=db_url, allowed_roots=[tmp_path / "root"])
+    with TestClient(create_app(settings)) as c:
+        yield c
+
+
+def _expected(layers: list[dict[str, object]], stat: str, flt: str) -> float | None:
+    values = [float(x["alpha"]) for x in layers  # type: ignore[arg-type]
+              if float(x["alpha"]) <= 8.0  # type: ignore[arg-type]
+              and (flt == "all" or (x["fit_status"] == "ok" and not x["correlation_trap"]))]
+    if not values:
+        return None
+    v = np.asarray(values)
+    if stat == "median":
+        return float(np.median(v))
+    if stat == "mean":
+        return float(v.mean())
+    if stat == "trimmed_mean":
+        s = np.sort(v)
+        cut = int(0.1 * s.size)
+        return float(s[cut : s.size - cut].mean())
+    return float(np.percentile(v, int(stat[1:])))
+
+
+@pytest.mark.parametrize("stat", ["median", "mean", "trimmed_mean", "p10", "p25", "p75", "p90"])
+@pytest.mark.parametrize("flt", ["trusted", "all"])
+def test_trend_equals_direct_computation(pg_url: str, tmp_path: Path, stat: str, flt: str) -> None:
+    written = fill(pg_url)
+    with TestClient(create_app(Settings(database_url=pg_url))) as c:
+        body = c.get("/api/v1/runs/1/trend", params={"stat": stat, "filter": flt}).json()
+    assert [p["step"] for p in body["points"]] == list(STEPS)
+    for point in body["points"]:
+        layers = written[point["step"]]
+        assert point["value"] == pytest.approx(_expected(layers, stat, flt), rel=1e-12)
+        assert point["n_used"] + point["n_excluded"] == len(layers)
+        over = sum(1 for x in layers if float(x["alpha"]) > 8.0)  # type: ignore[arg-type]
+        assert point["excluded"].get("alpha_gt_8", 0) == over
+
+
+def test_trend_by_kind_and_blocks(pg_url: str) -> None:
+    written = fill(pg_url)
+    with TestClient(create_app(Settings(database_url=pg_url))) as c:
+        body = c.get("/api/v1/runs/1/trend", params={"filter": "all", "kind": "q,k",
+                                                     "block_min": 1, "block_max": 2}).json()
+    for point in body["points"]:
+        chosen = [x for x in written[point["step"]] if x["kind"] in ("q", "k")
+                  and 1 <= int(x["block"]) <= 2]  # type: ignore[call-overload]
+        assert point["value"] == pytest.approx(_expected(chosen, "median", "all"))
+
+
+def test_gate_passes_and_fails_exactly_at_thresholds(client: TestClient, db_url: str) -> None:
+    fill(db_url)
+    base = client.get("/api/v1/runs/1/gate", params={"min_alpha": 0, "max_alpha": 100}).json()
+    assert base["passed"] and base["step"] == 300
+    value, share = base["value"], base["untrusted_share"]
+    at = client.get("/api/v1/runs/1/gate", params={"max_alpha": value, "min_alpha": value}).json()
+    assert at["passed"]
+    below = client.get("/api/v1/runs/1/gate", params={"max_alpha": value - 1e-9}).json()
+    assert not below["passed"]
+    assert [v["rule"] for v in below["violations"]] == ["max_alpha"]
+    assert not client.get("/api/v1/runs/1/gate",
+                          params={"min_alpha": 0, "max_alpha": 100,
+                                  "max_untrusted_share": share - 1e-9}).json()["passed"]
+    ref = client.get("/api/v1/runs/1/gate", params={"min_alpha": 0, "max_alpha": 100,
+                                                     "ref_step": 100, "max_delta": 0}).json()
+    assert ref["delta"] is not None
+    assert ref["passed"] == (ref["delta"] == 0)
+    strict = client.get("/api/v1/runs/1/gate", params={"max_alpha": 0.1, "strict": True})
+    assert strict.status_code == 409
+    assert client.get("/api/v1/runs/1/gate", params={"step": 150}).json()["violations"][0][
+        "rule"] == "no_data"
+
+
+def test_layers_history_esd_heatmap_flags_csv(client: TestClient, db_url: str) -> None:
+    written = fill(db_url)
+    layers = client.get("/api/v1/runs/1/checkpoints/200/layers").json()["layers"]
+    assert len(layers) == len(written[200])
+    name = "model.layers.2.v_proj"
+    history = client.get(f"/api/v1/runs/1/layers/{name}/history").json()
+    assert [p["step"] for p in history["points"]] == list(STEPS)
+    esd = client.get(f"/api/v1/runs/1/checkpoints/300/layers/{name}/esd").json()
+    assert len(esd["evals"]) == 64 and esd["fit_line"]["x"]
+    heat = client.get("/api/v1/runs/1/heatmap").json()
+    assert heat["steps"] == list(STEPS) and len(heat["z"]) == len(heat["layers"]) == 28
+    assert heat["layers"][0].startswith("model.layers.0.")
+    flags = client.get("/api/v1/runs/1/flags").json()["points"]
+    assert [f["step"] for f in flags] == list(STEPS)
+    csv_text = client.get("/api/v1/runs/1/layers.csv").text
+    assert csv_text.count("\n") == 1 + 3 * 28
+    downsampled = client.get("/api/v1/runs/1/trend", params={"max_points": 2}).json()
+    assert [p["step"] for p in downsampled["points"]] == [100, 300]
+    compare = client.get("/api/v1/compare", params={"runs": "1"}).json()
+    assert len(compare["runs"][0]["points"]) == 3
+    assert "alphawatch_checkpoints" in client.get("/metrics").text
+
+
+@pytest.mark.parametrize(("path", "code"), [
+    ("/api/v1/runs/abc", 422), ("/api/v1/runs/999", 404), ("/api/v1/runs/1/trend?stat=max", 422),
+    ("/api/v1/runs/1/trend?metric=drop_table", 422), ("/api/v1/runs/1/trend?filter=x", 422),
+    ("/api/v1/runs/1/checkpoints/12345/layers", 404), ("/api/v1/runs/1/gate?max_untrusted_share=2",
+                                                       422),
+    ("/api/v1/runs/1/layers/nope/history", 404), ("/api/v1/compare?runs=1;2", 422),
+    ("/api/v1/runs/1/checkpoints/100/layers/nope/esd", 404),
+])
+def test_bad_requests_get_4xx_with_a_message(client: TestClient, db_url: str, path: str,
+                                             code: int) -> None:
+    fill(db_url)
+    response = client.get(path)
+    assert response.status_code == code
+    detail = response.json()["detail"]
+    assert isinstance(detail, str) and detail
+
+
+def test_writes_need_a_token_and_paths_stay_in_the_root(client: TestClient, db_url: str,
+                                                        tmp_path: Path) -> None:
+    body = {"name": "new-run", "path": str(tmp_path / "root" / "ok-run")}
+    assert client.post("/api/v1/runs", json=body).status_code == 401
+    assert client.post("/api/v1/runs", json=body,
+                       headers={"Authorization": "Bearer nope"}).status_code == 401
+    with session_scope(make_engine(db_url)) as session:
+        token = create_token(session, name="ci")
+    auth = {"Authorization": f"Bearer {token}"}
+    created = client.post("/api/v1/runs", json=body, headers=auth)
+    assert created.status_code == 201 and created.json()["name"] == "new-run"
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "root" / "escape").symlink_to(tmp_path / "outside")
+    for bad in (str(tmp_path / "root" / ".." / "outside"), str(tmp_path / "root" / "escape"),
+                "relative/path", "/etc"):
+        response = client.post("/api/v1/runs", json={"name": "bad", "path": bad}, headers=auth)
+        assert response.status_code in (403, 422), bad
+        assert response.json()["detail"]
+    assert client.delete(f"/api/v1/runs/{created.json()['id']}").status_code == 401
+    assert client.delete(f"/api/v1/runs/{created.json()['id']}", headers=auth).status_code == 204
+
+
+def test_reads_can_require_a_token(db_url: str) -> None:
+    with TestClient(create_app(Settings(database_url=db_url, read_requires_token=True))) as c:
+        assert c.get("/api/v1/runs").status_code == 401
+
+
+_text = st.text(alphabet=string.printable, max_size=12)
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(run=_text, metric=_text, stat=_text, flt=_text, kind=_text, step=_text, mp=_text)
+def test_fuzzed_queries_never_give_5xx(client: TestClient, run: str, metric: str, stat: str,
+                                       flt: str, kind: str, step: str, mp: str) -> None:
+    run, step = quote(run, safe=""), quote(step, safe="")
+    params = {"metric": metric, "stat": stat, "filter": flt, "kind": kind, "max_points": mp}
+    for path in (f"/api/v1/runs/{run}/trend", f"/api/v1/runs/{run}/gate",
+                 f"/api/v1/runs/1/checkpoints/{step}/layers",
+                 f"/api/v1/runs/1/layers/{run}/history", "/api/v1/compare"):
+        response = client.get(path, params=params)
+        assert response.status_code < 500, (path, params, response.text)

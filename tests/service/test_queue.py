@@ -1,0 +1,110 @@
+"""The job queue on real databases: exclusive claims, lease recovery, bounded retries."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from sqlalchemy import func, select
+
+from service.db import queue
+from service.db.models import AnalysisJob, Checkpoint, LayerMetric
+from service.db.session import make_engine, session_scope
+
+
+def _fill(url: str, n: int) -> None:
+    with session_scope(make_engine(url)) as session:
+        run = queue.ensure_run(session, name="r", path="/runs/r")
+        for step in range(n):
+            assert queue.register_checkpoint(session, run_id=run, step=step, path=f"/runs/r/{step}",
+                                             fingerprint="f", fmt="hf") is not None
+        # Registering again is idempotent.
+        assert queue.register_checkpoint(session, run_id=run, step=0, path="/x",
+                                         fingerprint="f", fmt="hf") is None
+
+
+def test_concurrent_claimers_never_share_a_job(pg_url: str) -> None:
+    _fill(pg_url, 40)
+    engine = make_engine(pg_url)
+    barrier = threading.Barrier(4)
+    claimed: list[list[int]] = [[] for _ in range(4)]
+
+    def worker(i: int) -> None:
+        barrier.wait()
+        while True:
+            with session_scope(engine) as session:
+                job = queue.claim(session, worker_id=f"w{i}", lease_s=60)
+            if job is None:
+                return
+            claimed[i].append(job.checkpoint_id)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    everything = [c for part in claimed for c in part]
+    assert len(everything) == 40 and len(set(everything)) == 40
+    assert sum(1 for part in claimed if part) >= 2  # the work really was shared
+
+
+def _layer(name: str) -> dict[str, object]:
+    return {"name": name, "kind": "q", "block": 0, "method": "ww", "fit_status": "ok",
+            "trusted": True, "alpha": 3.0}
+
+
+def test_expired_lease_is_requeued_and_finished_once(db_url: str) -> None:
+    _fill(db_url, 1)
+    engine = make_engine(db_url)
+    with session_scope(engine) as session:
+        dead = queue.claim(session, worker_id="dead", lease_s=0.2)
+    assert dead is not None
+    time.sleep(0.4)
+    with session_scope(engine) as session:
+        assert queue.requeue_stale(session) == 1
+    with session_scope(engine) as session:
+        alive = queue.claim(session, worker_id="alive", lease_s=60)
+    assert alive is not None and alive.job_id == dead.job_id and alive.attempts == 2
+    with session_scope(engine) as session:
+        # The dead worker comes back: its lease is gone, it may not write.
+        assert not queue.complete(session, job_id=dead.job_id, worker_id="dead",
+                                  layers=[_layer("a")], spectra=[], device="cpu", elapsed_s=1)
+    with session_scope(engine) as session:
+        assert queue.complete(session, job_id=alive.job_id, worker_id="alive",
+                              layers=[_layer("a"), _layer("b")], spectra=[], device="cpu",
+                              elapsed_s=1)
+    with session_scope(engine) as session:
+        assert session.scalar(select(func.count()).select_from(LayerMetric)) == 2
+        assert session.scalar(select(Checkpoint.status)) == "done"
+        assert session.scalar(select(Checkpoint.n_trusted)) == 2
+
+
+def test_failing_job_ends_failed_with_its_error(db_url: str) -> None:
+    _fill(db_url, 1)
+    engine = make_engine(db_url)
+    for attempt in range(3):
+        with session_scope(engine) as session:
+            job = queue.claim(session, worker_id="w", lease_s=60)
+        assert job is not None and job.attempts == attempt + 1
+        with session_scope(engine) as session:
+            queue.fail(session, job_id=job.job_id, worker_id="w", error=f"boom {attempt}",
+                       max_attempts=3)
+    with session_scope(engine) as session:
+        assert queue.claim(session, worker_id="w", lease_s=60) is None
+        job_row = session.scalars(select(AnalysisJob)).one()
+        assert job_row.status == "failed" and job_row.last_error == "boom 2"
+        assert session.scalar(select(Checkpoint.status)) == "failed"
+
+
+def test_heartbeat_extends_only_the_holders_lease(pg_url: str) -> None:
+    _fill(pg_url, 1)
+    engine = make_engine(pg_url)
+    with session_scope(engine) as session:
+        job = queue.claim(session, worker_id="w", lease_s=1)
+    assert job is not None
+    with session_scope(engine) as session:
+        assert queue.heartbeat(session, job_id=job.job_id, worker_id="w", lease_s=60)
+        assert not queue.heartbeat(session, job_id=job.job_id, worker_id="other", lease_s=60)
+    time.sleep(1.2)
+    with session_scope(engine) as session:
+        assert queue.requeue_stale(session) == 0
