@@ -95,7 +95,7 @@ def _same_distribution(a: np.ndarray, b: np.ndarray) -> bool:
     cdf_b = np.searchsorted(np.sort(b), grid, side="right") / b.size
     statistic = float(np.max(np.abs(cdf_a - cdf_b)))
     critical = 1.36 * np.sqrt((a.size + b.size) / (a.size * b.size))
-    return statistic < critical
+    return bool(statistic < critical)
 
 
 def _mp_edge(variance: float, n: int, m: int) -> tuple[float, float]:
