@@ -128,6 +128,7 @@ def _configure_logging(verbose: bool) -> None:
         stream=sys.stderr,
     )
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -5,20 +5,17 @@ from __future__ import annotations
 import csv
 import io
 import json
-import socket
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import uvicorn
 
 from alphawatch.cli import build_parser, main
 from alphawatch.settings import Settings
 from service.api import create_app
+from tests.live import serve
 from workers.watcher import Watcher
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,28 +63,12 @@ def test_analyze_missing_path_exits_2(tmp_path: Path) -> None:
     assert "does not exist" in result.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
-def live_api(tiny_run: Path, tmp_path: Path, pg_url: str) -> Iterator[str]:
+def live_api(tiny_run: Path, pg_url: str) -> Iterator[str]:
     settings = Settings(database_url=pg_url, device="cpu", settle_s=0.0)
     Watcher(settings, [tiny_run]).run_once()
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "API did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serve(create_app(settings)) as url:
+        yield url
 
 
 def test_gate_exit_codes(live_api: str, tiny_run: Path) -> None:

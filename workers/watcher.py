@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -110,6 +111,8 @@ class Watcher:
         self.device = resolve_device(settings.device)
         self.thresholds = Thresholds(**settings.trust.model_dump())
         self._reanalyzed: set[int] = set()
+        # A live line per layer on a terminal; plain log records when stderr is a file or pipe.
+        self.progress = sys.stderr.isatty()
 
     # -- database access with retry -------------------------------------------------------
     def _retry(self, what: str, fn: Callable[[], T], stop: threading.Event | None = None) -> T:
@@ -238,6 +241,12 @@ class Watcher:
                 "name": matrix.name, "method": result.method,
                 "evals": _as_bytes(result.evals), "rand_evals": _as_bytes(result.rand_evals),
             })
+            if self.progress:
+                sys.stderr.write(f"\r  {path.name}: {len(layers)} layers, {matrix.name[-48:]}"
+                                 f" alpha={result.alpha or float('nan'):.2f}\x1b[K")
+                sys.stderr.flush()
+        if self.progress:
+            sys.stderr.write("\n")
         if not layers:
             raise ValueError(f"{path}: no weight matrices found")
         return layers, spectra

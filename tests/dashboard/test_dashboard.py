@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import shutil
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 
 from alphawatch.settings import Settings
 from service.api import create_app
+from tests.live import serve
 from workers.watcher import Watcher
 
 pytestmark = pytest.mark.browser
@@ -32,12 +29,6 @@ class Site:
     url: str
     run_id: int
     empty_run_id: int
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -58,22 +49,12 @@ def site(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[S
     settings = Settings(database_url=url, device="cpu", settle_s=0.0, max_attempts=1,
                         allowed_roots=[runs])
     Watcher(settings, [run, empty]).run_once()
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "dashboard server did not start"
-        time.sleep(0.05)
     import httpx
 
-    listed = httpx.get(f"http://127.0.0.1:{port}/api/v1/runs").json()["runs"]
-    ids = {r["name"]: r["id"] for r in listed}
-    yield Site(f"http://127.0.0.1:{port}", ids["tiny-llama"], ids["empty-run"])
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serve(create_app(settings)) as base_url:
+        listed = httpx.get(f"{base_url}/api/v1/runs").json()["runs"]
+        ids = {r["name"]: r["id"] for r in listed}
+        yield Site(base_url, ids["tiny-llama"], ids["empty-run"])
 
 
 @pytest.fixture(scope="module")

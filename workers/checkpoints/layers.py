@@ -15,12 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from workers.checkpoints.discovery import CheckpointRef
 from workers.checkpoints.errors import CheckpointError, CheckpointVanished
 from workers.checkpoints.naming import classify, is_weight_matrix, layer_name
-from workers.checkpoints.readers import iter_torch, safetensors_header, upcast
+from workers.checkpoints.readers import iter_safetensors, iter_torch, upcast
 
 _ROOT_KEYS = ("state_dict", "module", "model")
 _COLUMN_PARALLEL = {"q", "k", "v", "qkv", "gate", "up", "fc_in", "embed", "lm_head"}
@@ -48,28 +47,6 @@ def _config(folder: Path) -> dict[str, object]:
         except (OSError, ValueError):
             continue
     return {}
-
-
-def _iter_safetensors_file(path: Path) -> Iterator[tuple[str, torch.Tensor, torch.Tensor | None]]:
-    _, header = safetensors_header(path)
-    keys = [k for k in header if k != "__metadata__"]
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            for key in keys:
-                if key.endswith("_scale_inv"):
-                    continue
-                info = header[key]
-                if not is_weight_matrix(key, len(info.get("shape", []))):  # type: ignore[arg-type]
-                    continue
-                scale_key = key + "_scale_inv"
-                scale = handle.get_tensor(scale_key) if scale_key in header else None
-                yield key, handle.get_tensor(key), scale
-    except FileNotFoundError as exc:
-        raise CheckpointVanished(path, f"{path} disappeared while being read") from exc
-    except (OSError, RuntimeError) as exc:
-        if not path.exists():
-            raise CheckpointVanished(path, f"{path} disappeared while being read") from exc
-        raise CheckpointError(path, f"{path}: cannot read safetensors: {exc}") from exc
 
 
 def _iter_torch_file(path: Path) -> Iterator[tuple[str, torch.Tensor, torch.Tensor | None]]:
@@ -103,8 +80,9 @@ def _raw_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor, torch.Tensor |
         if not files:
             raise CheckpointError(path, f"{path}: no weight files (safetensors, .bin, .pt)")
     for file in files:
-        reader = _iter_safetensors_file if file.suffix == ".safetensors" else _iter_torch_file
-        for key, tensor, scale in reader(file):
+        stream = (iter_safetensors(file, is_weight_matrix) if file.suffix == ".safetensors"
+                  else _iter_torch_file(file))
+        for key, tensor, scale in stream:
             yield key, tensor, scale, file
 
 

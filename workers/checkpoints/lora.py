@@ -55,7 +55,7 @@ def iter_lora(folder: Path) -> Iterator[LayerMatrix]:
                                            "(the magnitude vector changes the merged weight)")
     weights_file = folder / "adapter_model.safetensors"
     if weights_file.exists():
-        tensors = dict(iter_safetensors(weights_file))
+        tensors = {k: t for k, t, _ in iter_safetensors(weights_file)}
     elif (folder / "adapter_model.bin").exists():
         tensors = dict(iter_torch(folder / "adapter_model.bin"))
     else:

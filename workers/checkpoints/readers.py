@@ -6,7 +6,7 @@ import json
 import pickle
 import struct
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -57,15 +57,26 @@ def safetensors_header(path: Path) -> tuple[int, dict[str, dict[str, object]]]:
     return length, header
 
 
-def iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(key, tensor) of every tensor in a safetensors file, one at a time, as stored."""
+def iter_safetensors(
+    path: Path, want: Callable[[str, int], bool] | None = None
+) -> Iterator[tuple[str, torch.Tensor, torch.Tensor | None]]:
+    """(key, stored tensor, fp8 inverse scale or None) of a safetensors file, one at a time.
+
+    ``want(key, ndim)`` selects tensors before they are read; ``*_scale_inv`` tensors are
+    returned beside the weight they scale, not on their own.
+    """
     _, header = safetensors_header(path)
+    keys = [k for k in header if k != "__metadata__" and not k.endswith("_scale_inv")]
     try:
         with safe_open(str(path), framework="pt") as handle:
-            for key in header:
-                if key == "__metadata__":
+            for key in keys:
+                info = header[key]
+                ndim = len(info.get("shape", [])) if isinstance(info, dict) else 0
+                if want is not None and not want(key, ndim):
                     continue
-                yield key, handle.get_tensor(key)
+                scale_key = key + "_scale_inv"
+                scale = handle.get_tensor(scale_key) if scale_key in header else None
+                yield key, handle.get_tensor(key), scale
     except FileNotFoundError as exc:
         raise CheckpointVanished(path, f"{path} disappeared while being read") from exc
     except (OSError, RuntimeError) as exc:
