@@ -278,14 +278,13 @@ async function drawLayer(runId, layer, step, token) {
       x1: Math.log10(x), y0: 0, y1: 1, line: { color, dash: "dash" }, name: label });
   };
   vline(esd.xmin, COLORS.trap, "xmin");
-  vline(esd.mp_bulk_max, COLORS.green || "#009e73", "MP edge");
+  vline(esd.mp_bulk_max, "#009e73", "MP edge");
   if (esd.fit_line && esd.fit_line.x && esd.fit_line.x.length) {
     traces.push({ x: esd.fit_line.x.map((x) => Math.log10(x)), y: esd.fit_line.y, mode: "lines",
-      name: `power law α=${fmt(esd.alpha)}`, line: { color: COLORS.trap, width: 2 }, yaxis: "y2" });
+      name: `power law α=${fmt(esd.alpha)}`, line: { color: COLORS.trap, width: 2 } });
   }
   plot("esd", traces, { barmode: "overlay", shapes: lines,
-    xaxis: { title: "log10 eigenvalue" }, yaxis: { title: "density", type: "log" },
-    yaxis2: { overlaying: "y", side: "right", type: "log", showgrid: false, title: "fit (log density)" } });
+    xaxis: { title: "log10 eigenvalue (dashed: xmin, MP edge)" }, yaxis: { title: "density" } });
 }
 
 // ---------------------------------------------------------------- compare

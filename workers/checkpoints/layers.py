@@ -117,6 +117,11 @@ def _tensor_parallel(files: list[Path]) -> Iterator[tuple[str, torch.Tensor, Non
             yield key, torch.cat(parts, dim=dim), None, ranks[0]
 
 
+def _as_int(value: object, default: int) -> int:
+    """config.json integers; anything else (missing, null, text) falls back to the default."""
+    return value if isinstance(value, int) and value else default
+
+
 def _split_fused(name: str, weight: torch.Tensor, config: dict[str, object]
                  ) -> list[tuple[str, torch.Tensor]]:
     """Split fused QKV into Q, K, V (GPT-2 blocks, NeoX/BLOOM per-head interleave, [Q;K;V])."""
@@ -124,8 +129,8 @@ def _split_fused(name: str, weight: torch.Tensor, config: dict[str, object]
     if name.endswith(("query_key_value", "linear_qkv")) and model_type in (
         "gpt_neox", "bloom", "falcon", "megatron", ""
     ) and weight.shape[0] % 3 == 0:
-        heads = int(config.get("num_attention_heads", 0) or 0)
-        groups = int(config.get("num_key_value_heads", heads) or heads)
+        heads = _as_int(config.get("num_attention_heads"), 0)
+        groups = _as_int(config.get("num_key_value_heads"), heads)
         if heads and heads == groups and weight.shape[0] % (3 * heads) == 0:
             head_dim = weight.shape[0] // (3 * heads)
             per_head = weight.reshape(heads, 3, head_dim, weight.shape[1])

@@ -71,7 +71,8 @@ def iter_safetensors(
         with safe_open(str(path), framework="pt") as handle:
             for key in keys:
                 info = header[key]
-                ndim = len(info.get("shape", [])) if isinstance(info, dict) else 0
+                shape = info.get("shape", []) if isinstance(info, dict) else []
+                ndim = len(shape) if isinstance(shape, list) else 0
                 if want is not None and not want(key, ndim):
                     continue
                 scale_key = key + "_scale_inv"
