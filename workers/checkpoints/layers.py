@@ -180,5 +180,7 @@ def iter_layers(ref: CheckpointRef | Path) -> Iterator[LayerMatrix]:
             seen += 1
             yield LayerMatrix(piece_name, piece_kind, piece_block, piece.contiguous(),
                               stored.dtype, str(file))
+        # Drop this tensor before the next is read: peak memory stays ~ one tensor's worth.
+        del stored, weight, pieces
     if seen == 0:
         raise CheckpointError(path, f"{path}: no weight matrices found")

@@ -8,9 +8,9 @@ import struct
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
-from safetensors import safe_open
 
 from workers.checkpoints.errors import CheckpointError, CheckpointVanished, UnsafeCheckpointError
 
@@ -57,18 +57,46 @@ def safetensors_header(path: Path) -> tuple[int, dict[str, dict[str, object]]]:
     return length, header
 
 
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+    **({"F8_E4M3": torch.float8_e4m3fn} if hasattr(torch, "float8_e4m3fn") else {}),
+    **({"F8_E5M2": torch.float8_e5m2} if hasattr(torch, "float8_e5m2") else {}),
+}
+
+
+def _read_tensor(handle: BinaryIO, path: Path, base: int, key: str,
+                 info: dict[str, object]) -> torch.Tensor:
+    dtype = _SAFETENSORS_DTYPES.get(str(info.get("dtype")))
+    if dtype is None:
+        raise CheckpointError(
+            path, f"{path}: tensor {key!r} has unsupported dtype {info.get('dtype')}")
+    begin, end = (int(x) for x in info["data_offsets"])  # type: ignore[attr-defined]
+    shape = [int(d) for d in info.get("shape", [])]  # type: ignore[attr-defined]
+    buffer = bytearray(end - begin)
+    handle.seek(base + begin)
+    if handle.readinto(buffer) != len(buffer):
+        raise CheckpointVanished(path, f"{path} shrank while being read")
+    if not buffer:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
+
+
 def iter_safetensors(
     path: Path, want: Callable[[str, int], bool] | None = None
 ) -> Iterator[tuple[str, torch.Tensor, torch.Tensor | None]]:
     """(key, stored tensor, fp8 inverse scale or None) of a safetensors file, one at a time.
 
     ``want(key, ndim)`` selects tensors before they are read; ``*_scale_inv`` tensors are
-    returned beside the weight they scale, not on their own.
+    returned beside the weight they scale, not on their own. Tensors are read with plain file
+    reads rather than a memory map, so pages of tensors already analysed do not stay resident.
     """
-    _, header = safetensors_header(path)
+    length, header = safetensors_header(path)
+    base = 8 + length
     keys = [k for k in header if k != "__metadata__" and not k.endswith("_scale_inv")]
     try:
-        with safe_open(str(path), framework="pt") as handle:
+        with path.open("rb") as handle:
             for key in keys:
                 info = header[key]
                 shape = info.get("shape", []) if isinstance(info, dict) else []
@@ -76,11 +104,12 @@ def iter_safetensors(
                 if want is not None and not want(key, ndim):
                     continue
                 scale_key = key + "_scale_inv"
-                scale = handle.get_tensor(scale_key) if scale_key in header else None
-                yield key, handle.get_tensor(key), scale
+                scale = (_read_tensor(handle, path, base, scale_key, header[scale_key])
+                         if scale_key in header else None)
+                yield key, _read_tensor(handle, path, base, key, info), scale
     except FileNotFoundError as exc:
         raise CheckpointVanished(path, f"{path} disappeared while being read") from exc
-    except (OSError, RuntimeError) as exc:
+    except OSError as exc:
         if not path.exists():
             raise CheckpointVanished(path, f"{path} disappeared while being read") from exc
         raise CheckpointError(path, f"{path}: cannot read safetensors: {exc}") from exc
