@@ -288,3 +288,67 @@ def test_checkpoint_deleted_mid_read_is_vanished(tmp_path: Path) -> None:
     shutil.rmtree(folder)  # save_total_limit rotation
     with pytest.raises(CheckpointVanished):
         list(stream)
+
+
+def test_torch_distributed_checkpoint(tmp_path: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    state = tiny_state(2)
+    folder = tmp_path / "step_40"
+    with pytest.warns(UserWarning, match="torch.distributed"):
+        dcp.save({"model": state}, checkpoint_id=str(folder), no_dist=True)
+    (ref,) = discover(tmp_path, settle_s=0)
+    assert (ref.format, ref.step, ref.complete) == ("dcp", 40, True)
+    got = read(folder)
+    want = {f"model.{k}": v for k, v in matrices(state).items()}
+    assert_same(got, want)
+
+
+def test_deepspeed_global_step_with_two_ranks(tmp_path: Path) -> None:
+    state = tiny_state(3)
+    step = tmp_path / "global_step12"
+    step.mkdir()
+    for r in range(2):
+        shard = {}
+        for key, value in state.items():
+            if value.dim() != 2:
+                continue
+            kind, _ = classify(key.removesuffix(".weight"))
+            dim = 1 if kind in ("o", "down") else 0
+            shard[key] = value.chunk(2, dim=dim)[r].clone()
+        torch.save({"module": shard}, step / f"mp_rank_{r:02d}_model_states.pt")
+    assert not discover(tmp_path, settle_s=0)[0].complete
+    (tmp_path / "latest").write_text("global_step12")
+    (ref,) = discover(tmp_path, settle_s=0)
+    assert (ref.format, ref.step, ref.complete) == ("deepspeed", 12, True)
+    assert_same(read(step), matrices(state))
+
+
+def test_fp8_weights_are_scaled_back(tmp_path: Path) -> None:
+    if not hasattr(torch, "float8_e4m3fn"):
+        pytest.skip("this torch has no float8")
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(64, 32, generator=g)
+    scale = weight.abs().max() / 448.0
+    stored = (weight / scale).to(torch.float8_e4m3fn)
+    path = tmp_path / "model_step_3.safetensors"
+    save_file({"model.layers.0.mlp.up_proj.weight": stored,
+               "model.layers.0.mlp.up_proj.weight_scale_inv": scale.reshape(1)}, str(path))
+    (layer,) = list(iter_layers(path))
+    assert layer.stored_dtype == torch.float8_e4m3fn
+    assert torch.allclose(layer.weight, stored.float() * scale, rtol=0, atol=0)
+    assert torch.allclose(layer.weight, weight, rtol=0.07, atol=0.02)
+
+
+def test_settle_time_fallback_for_plain_files(tmp_path: Path) -> None:
+    path = tmp_path / "weights_step_8.pt"
+    torch.save(tiny_state(), path)
+    now = time.time()
+    (fresh,) = discover(tmp_path, settle_s=30, now=now)
+    assert not fresh.complete
+    (settled,) = discover(tmp_path, settle_s=30, now=now + 31)
+    assert settled.complete and settled.step == 8
+    # A file that changes gets a new fingerprint: results are tied to what was read.
+    torch.save(tiny_state(1), path)
+    (changed,) = discover(tmp_path, settle_s=0)
+    assert changed.fingerprint != settled.fingerprint

@@ -94,7 +94,9 @@ def _rank_files(path: Path) -> list[Path]:
     return files
 
 
-def _tensor_parallel(files: list[Path]) -> Iterator[tuple[str, torch.Tensor, None, Path]]:
+def _tensor_parallel(
+    files: list[Path],
+) -> Iterator[tuple[str, torch.Tensor, torch.Tensor | None, Path]]:
     """Reassemble Megatron/DeepSpeed tensor-parallel shards into whole layers."""
     ranks = sorted(files, key=lambda f: int(_MP_RANK.search(str(f)).group(1)))  # type: ignore[union-attr]
     states = [dict(iter_torch(f, _ROOT_KEYS)) for f in ranks]
@@ -160,7 +162,14 @@ def iter_layers(ref: CheckpointRef | Path) -> Iterator[LayerMatrix]:
         return
     config = _config(path if path.is_dir() else path.parent)
     rank_files = _rank_files(path)
-    source = _tensor_parallel(rank_files) if len(rank_files) > 1 else _raw_tensors(path)
+    if path.is_dir() and (path / ".metadata").exists():
+        from workers.checkpoints.dcp import iter_dcp
+
+        source: Iterator[tuple[str, torch.Tensor, torch.Tensor | None, Path]] = iter_dcp(path)
+    elif len(rank_files) > 1:
+        source = _tensor_parallel(rank_files)
+    else:
+        source = _raw_tensors(path)
     is_gpt2 = config.get("model_type") == "gpt2"
     vocab_mats: list[torch.Tensor] = []
     seen = 0
