@@ -6,11 +6,13 @@ from collections import defaultdict
 from typing import Any
 
 import numpy as np
-from sqlalchemy import func, select
+from pydantic_core import from_json
+from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session
 
-from service.api import robust
-from service.db.models import Checkpoint, LayerMetric, Run, Spectrum
+from service import robust
+from service.db.aggregates import PRECOMPUTED_KINDS, PRECOMPUTED_METRICS, kinds_key
+from service.db.models import Checkpoint, CheckpointStat, LayerMetric, Run, Spectrum
 
 KIND_ORDER = ("embed", "q", "k", "v", "qkv", "o", "gate", "up", "down", "fc_in", "fc_out",
               "lora_update", "other", "lm_head")
@@ -56,14 +58,19 @@ def run_summary(*, session: Session, run: Run, alpha_max: float) -> dict[str, An
 
 _LAYER_FIELDS = [getattr(LayerMetric, a.key).label(a.key)
                  for a in LayerMetric.__mapper__.column_attrs if a.key != "id"]
+# What robust.select reads besides the metric itself: fewer columns, less to fetch and build.
+_SELECT_FIELDS = ("checkpoint_id", "alpha", "fit_status", "trusted", "correlation_trap",
+                  "rank_collapse")
 
 
 def layer_dicts(
     *, session: Session, checkpoint_ids: list[int], method: str = "ww",
     kinds: list[str] | None = None, block_min: int | None = None, block_max: int | None = None,
-    name: str | None = None,
+    name: str | None = None, fields: tuple[str, ...] | None = None,
 ) -> list[dict[str, Any]]:
-    query = select(*_LAYER_FIELDS).where(LayerMetric.checkpoint_id.in_(checkpoint_ids),
+    columns = (_LAYER_FIELDS if fields is None
+               else [getattr(LayerMetric, f).label(f) for f in dict.fromkeys(fields)])
+    query = select(*columns).where(LayerMetric.checkpoint_id.in_(checkpoint_ids),
                                          LayerMetric.method == method)
     if kinds:
         query = query.where(LayerMetric.kind.in_(kinds))
@@ -93,27 +100,94 @@ def downsample(items: list[Any], max_points: int | None) -> list[Any]:
     return [items[i] for i in idx]
 
 
+def _point(step: int, chosen: robust.Selection, stat: str) -> dict[str, Any]:
+    return {"step": step, "value": robust.statistic(chosen.values, stat),
+            "n_used": chosen.n_used, "n_excluded": chosen.n_excluded,
+            "excluded": chosen.excluded, **robust.describe(chosen.values)}
+
+
+_STAT_FIELDS = [getattr(CheckpointStat, c) for c in
+                ("n_used", "n_excluded", "excluded", *robust.STATS)]
+
+
 def trend(
     *, session: Session, run_id: int, metric: str, stat: str, filter: str, method: str,
     kinds: list[str] | None, block_min: int | None, block_max: int | None, outliers: str,
     mad_k: float, alpha_max: float, max_points: int | None,
 ) -> list[dict[str, Any]]:
-    get_run(session=session, run_id=run_id)
-    checkpoints = downsample(done_checkpoints(session=session, run_id=run_id), max_points)
-    by_checkpoint: dict[int, list[dict[str, Any]]] = defaultdict(list)
-    for layer in layer_dicts(session=session, checkpoint_ids=[c for c, _ in checkpoints],
-                             method=method, kinds=kinds, block_min=block_min,
-                             block_max=block_max):
-        by_checkpoint[layer["checkpoint_id"]].append(layer)
-    points = []
-    for checkpoint_id, step in checkpoints:
-        chosen = robust.select(by_checkpoint[checkpoint_id], metric=metric, filter=filter,
-                               alpha_max=alpha_max, outliers=outliers, mad_k=mad_k)
-        described = robust.describe(chosen.values)
-        points.append({"step": step, "value": robust.statistic(chosen.values, stat),
-                       "n_used": chosen.n_used, "n_excluded": chosen.n_excluded,
-                       "excluded": chosen.excluded, **described})
-    return points
+    """The robust statistic per analysed checkpoint, with what was excluded and why.
+
+    Selections kept in ``checkpoint_stat`` (whole model, or a dashboard kind group) are read
+    in the same query as the checkpoints, one row per checkpoint; block ranges, other kind sets
+    and checkpoints without a kept row are computed from the layer rows by the same functions.
+    """
+    key = kinds_key(kinds)
+    kept = (block_min is None and block_max is None and key in PRECOMPUTED_KINDS
+            and (metric in PRECOMPUTED_METRICS if not key else metric == "alpha"))
+    if kept:
+        on = [CheckpointStat.checkpoint_id == Checkpoint.id, CheckpointStat.method == method,
+              CheckpointStat.metric == metric, CheckpointStat.filter == filter,
+              CheckpointStat.outliers == outliers, CheckpointStat.kinds == key,
+              CheckpointStat.alpha_max == alpha_max]
+        if outliers == "mad":
+            on.append(CheckpointStat.mad_k == mad_k)
+        query = (select(Checkpoint.id, Checkpoint.step, *_STAT_FIELDS)
+                 .outerjoin(CheckpointStat, and_(*on)))
+    else:
+        query = select(Checkpoint.id, Checkpoint.step)
+    rows = downsample(session.execute(
+        query.where(Checkpoint.run_id == run_id, Checkpoint.status == "done")
+        .order_by(Checkpoint.step)).all(), max_points)
+    if not rows:
+        get_run(session=session, run_id=run_id)  # 404 for an unknown run, [] for an empty one
+    points: dict[int, dict[str, Any]] = {}
+    missing: list[int] = []
+    at = robust.STATS.index(stat) + 5 if kept else 0
+    for row in rows:
+        if kept and row[2] is not None:
+            # Tuples by position: this loop runs once per checkpoint on every trend request.
+            points[row[0]] = {"step": row[1], "value": row[at], "n_used": row[2],
+                              "n_excluded": row[3], "excluded": from_json(row[4]),
+                              **dict(zip(robust.STATS, row[5:], strict=True))}
+        else:
+            missing.append(row[0])
+    if missing:
+        by_checkpoint: dict[int, list[dict[str, Any]]] = defaultdict(list)
+        for layer in layer_dicts(session=session, checkpoint_ids=missing, method=method,
+                                 kinds=kinds, block_min=block_min, block_max=block_max,
+                                 fields=(*_SELECT_FIELDS, metric)):
+            by_checkpoint[layer["checkpoint_id"]].append(layer)
+        step = {row[0]: row[1] for row in rows}
+        for checkpoint_id in missing:
+            chosen = robust.select(by_checkpoint[checkpoint_id], metric=metric, filter=filter,
+                                   alpha_max=alpha_max, outliers=outliers, mad_k=mad_k)
+            points[checkpoint_id] = _point(step[checkpoint_id], chosen, stat)
+    return [points[row[0]] for row in rows]
+
+
+def layer_history(
+    *, session: Session, run_id: int, layer_name: str, metric: str, method: str,
+    max_points: int | None, limit: int | None, offset: int,
+) -> list[dict[str, Any]]:
+    """One layer's rows over the analysed steps of a run, in step order."""
+    query = (
+        select(Checkpoint.step, *[getattr(LayerMetric, f) for f in dict.fromkeys(
+            (metric, "alpha", "D", "num_pl_spikes", "fit_status", "trusted",
+             "correlation_trap", "rank_collapse"))])
+        .join(Checkpoint, Checkpoint.id == LayerMetric.checkpoint_id)
+        .where(Checkpoint.run_id == run_id, Checkpoint.status == "done",
+               LayerMetric.name == layer_name, LayerMetric.method == method)
+        .order_by(Checkpoint.step).offset(offset)
+    )
+    if limit is not None:
+        query = query.limit(limit)
+    rows = downsample([dict(r._mapping) for r in session.execute(query)], max_points)
+    if not rows and offset == 0:
+        get_run(session=session, run_id=run_id)
+        raise NotFound(f"run {run_id} has no layer {layer_name!r} (method {method!r})")
+    return [{"step": r["step"], "value": r[metric], "alpha": r["alpha"], "D": r["D"],
+             "num_pl_spikes": r["num_pl_spikes"], "fit_status": r["fit_status"],
+             "trusted": robust.untrusted_reason(r) is None} for r in rows]
 
 
 def _layer_order(layer: dict[str, Any]) -> tuple[int, int, str]:

@@ -9,20 +9,36 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response
+from fastapi import Path as PathParam
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import PlainTextResponse
-from pydantic import BaseModel, Field
+from pydantic_core import to_json
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from alphawatch.settings import Settings
-from service.api import queries, robust
+from service.api import queries
+from service.api.schemas import (
+    CheckpointLayers,
+    CheckpointList,
+    CompareRead,
+    EsdRead,
+    GateRead,
+    HistoryRead,
+    RunCreate,
+    RunDetail,
+    RunList,
+    RunRead,
+    TrendRead,
+)
 from service.db import queue
 from service.db.models import AnalysisJob, Checkpoint, LayerMetric, Run
 from service.db.session import make_engine, session_scope
 from service.db.tokens import verify_token
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
+    # async: no I/O here, and a sync dependency would cost a thread-pool hop per request.
     settings: Settings = request.app.state.settings
     return settings
 
@@ -42,18 +58,29 @@ def _bearer(authorization: str | None) -> str | None:
     return None
 
 
+_TOKEN_REQUIRED = ("a valid API token is required: Authorization: Bearer <token>"
+                   " (create one with `alphawatch token create NAME`)")
+
+
 def require_token(session: SessionDep, authorization: Annotated[str | None, Header()] = None
                   ) -> None:
     token = _bearer(authorization)
     if token is None or not verify_token(session, token):
-        raise HTTPException(401, "a valid API token is required: Authorization: Bearer <token>"
-                                 " (create one with `alphawatch token create NAME`)")
+        raise HTTPException(401, _TOKEN_REQUIRED)
 
 
-def read_access(session: SessionDep, settings: SettingsDep,
-                authorization: Annotated[str | None, Header()] = None) -> None:
+def _known_token(settings: Settings, token: str) -> bool:
+    with session_scope(make_engine(settings.database_url)) as session:
+        return verify_token(session, token)
+
+
+async def read_access(settings: SettingsDep,
+                      authorization: Annotated[str | None, Header()] = None) -> None:
+    # async so open reads pay nothing; the token lookup, when required, runs off the loop.
     if settings.read_requires_token:
-        require_token(session, authorization)
+        token = _bearer(authorization)
+        if token is None or not await run_in_threadpool(_known_token, settings, token):
+            raise HTTPException(401, _TOKEN_REQUIRED)
 
 
 router = APIRouter(prefix="/api/v1", dependencies=[Depends(read_access)])
@@ -62,7 +89,19 @@ health_router = APIRouter()
 Method = Annotated[str, Query(max_length=32, pattern=r"^[a-z0-9_]+$",
                               description="fit method; methods are never mixed")]
 Metric = Annotated[str, Query(description="a layer metric column, e.g. alpha, D, stable_rank")]
+# Database integer ranges: a larger id or step is a bad request, not a database error.
+INT32, INT64 = 2**31 - 1, 2**63 - 1
+RunId = Annotated[int, PathParam(ge=1, le=INT32, description="run id")]
+StepPath = Annotated[int, PathParam(ge=0, le=INT64, description="training step")]
 MaxPoints = Annotated[int | None, Query(ge=2, le=100_000, description="downsample to N steps")]
+
+
+def _json(payload: dict[str, Any]) -> Response:
+    """Serialise in pydantic-core (Rust): trends and histories carry thousands of numbers.
+
+    The route still declares its response model for OpenAPI; the tests check the shape.
+    """
+    return Response(to_json(payload), media_type="application/json")
 
 
 def _metric(metric: str) -> str:
@@ -78,57 +117,7 @@ def _kinds(kind: str | None) -> list[str] | None:
     return [k.strip() for k in kind.split(",") if k.strip()]
 
 
-class RunCreate(BaseModel):
-    name: str = Field(min_length=1, max_length=255, pattern=r"^[\w.\-]+$")
-    path: str = Field(min_length=1, max_length=4096)
-
-
-class TrendPoint(BaseModel):
-    step: int
-    value: float | None
-    n_used: int
-    n_excluded: int
-    excluded: dict[str, int]
-    median: float | None
-    mean: float | None
-    trimmed_mean: float | None
-    p10: float | None
-    p25: float | None
-    p75: float | None
-    p90: float | None
-    iqr: float | None
-
-
-class TrendRead(BaseModel):
-    run_id: int
-    metric: str
-    stat: str
-    filter: str
-    method: str
-    outliers: str
-    points: list[TrendPoint]
-
-
-class Violation(BaseModel):
-    rule: str
-    value: float | None
-    threshold: float | None
-    message: str
-
-
-class GateRead(BaseModel):
-    run_id: int
-    passed: bool
-    step: int | None
-    stat: str
-    filter: str
-    value: float | None
-    untrusted_share: float | None
-    ref_step: int | None = None
-    delta: float | None = None
-    violations: list[Violation]
-
-
+@health_router.get("/health")
 @health_router.get("/api/v1/health")
 def health(session: SessionDep) -> dict[str, str]:
     """Liveness and database reachability."""
@@ -153,10 +142,10 @@ def metrics(session: SessionDep) -> str:
     return "\n".join(lines) + "\n"
 
 
-@router.get("/runs")
+@router.get("/runs", response_model=RunList)
 def list_runs(session: SessionDep, settings: SettingsDep,
               limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-              offset: Annotated[int, Query(ge=0)] = 0) -> dict[str, Any]:
+              offset: Annotated[int, Query(ge=0, le=INT64)] = 0) -> dict[str, Any]:
     """Runs with their status counts, last step and latest robust alpha."""
     total = session.scalar(select(func.count()).select_from(Run)) or 0
     runs = session.scalars(select(Run).order_by(Run.id).limit(limit).offset(offset)).all()
@@ -165,7 +154,8 @@ def list_runs(session: SessionDep, settings: SettingsDep,
             "total": total}
 
 
-@router.post("/runs", status_code=201, dependencies=[Depends(require_token)])
+@router.post("/runs", status_code=201, dependencies=[Depends(require_token)],
+             response_model=RunRead)
 def create_run(body: RunCreate, session: SessionDep, settings: SettingsDep) -> dict[str, Any]:
     """Register a run directory (must lie under an allowed root)."""
     path = _allowed_path(body.path, settings)
@@ -196,8 +186,8 @@ def _allowed_path(raw: str, settings: Settings) -> Path:
                              f"({', '.join(map(str, settings.allowed_roots))})")
 
 
-@router.get("/runs/{run_id}")
-def get_run(run_id: int, session: SessionDep, settings: SettingsDep) -> dict[str, Any]:
+@router.get("/runs/{run_id}", response_model=RunDetail)
+def get_run(run_id: RunId, session: SessionDep, settings: SettingsDep) -> dict[str, Any]:
     """One run, with the thresholds applied to its trust verdicts."""
     run = queries.get_run(session=session, run_id=run_id)
     methods = sorted(set(session.scalars(
@@ -208,17 +198,17 @@ def get_run(run_id: int, session: SessionDep, settings: SettingsDep) -> dict[str
 
 
 @router.delete("/runs/{run_id}", status_code=204, dependencies=[Depends(require_token)])
-def delete_run(run_id: int, session: SessionDep) -> Response:
+def delete_run(run_id: RunId, session: SessionDep) -> Response:
     """Delete a run and everything stored for it (the checkpoint files are not touched)."""
     queries.get_run(session=session, run_id=run_id)
     session.execute(delete(Run).where(Run.id == run_id))
     return Response(status_code=204)
 
 
-@router.get("/runs/{run_id}/checkpoints")
-def list_checkpoints(run_id: int, session: SessionDep,
+@router.get("/runs/{run_id}/checkpoints", response_model=CheckpointList)
+def list_checkpoints(run_id: RunId, session: SessionDep,
                      limit: Annotated[int, Query(ge=1, le=100_000)] = 10_000,
-                     offset: Annotated[int, Query(ge=0)] = 0) -> dict[str, Any]:
+                     offset: Annotated[int, Query(ge=0, le=INT64)] = 0) -> dict[str, Any]:
     """Checkpoints of a run with analysis status, timings and errors."""
     queries.get_run(session=session, run_id=run_id)
     rows = session.execute(
@@ -233,8 +223,8 @@ def list_checkpoints(run_id: int, session: SessionDep,
         for c, attempts in rows]}
 
 
-@router.get("/runs/{run_id}/checkpoints/{step}/layers")
-def checkpoint_layers(run_id: int, step: int, session: SessionDep,
+@router.get("/runs/{run_id}/checkpoints/{step}/layers", response_model=CheckpointLayers)
+def checkpoint_layers(run_id: RunId, step: StepPath, session: SessionDep,
                       method: Method = "ww") -> dict[str, Any]:
     """Every layer metric of one checkpoint."""
     queries.get_run(session=session, run_id=run_id)
@@ -245,7 +235,7 @@ def checkpoint_layers(run_id: int, step: int, session: SessionDep,
 
 
 @router.get("/runs/{run_id}/layers.csv", response_class=PlainTextResponse)
-def export_csv(run_id: int, session: SessionDep, method: Method = "ww") -> Response:
+def export_csv(run_id: RunId, session: SessionDep, method: Method = "ww") -> Response:
     """Every layer metric of every analysed checkpoint, as CSV."""
     queries.get_run(session=session, run_id=run_id)
     checkpoints = queries.done_checkpoints(session=session, run_id=run_id)
@@ -260,56 +250,47 @@ def export_csv(run_id: int, session: SessionDep, method: Method = "ww") -> Respo
     return Response(buffer.getvalue(), media_type="text/csv")
 
 
-@router.get("/runs/{run_id}/layers/{layer_name}/history")
-def layer_history(run_id: int, layer_name: str, session: SessionDep,
+@router.get("/runs/{run_id}/layers/{layer_name}/history", response_model=HistoryRead)
+def layer_history(run_id: RunId, layer_name: str, session: SessionDep,
                   metric: Metric = "alpha", method: Method = "ww",
-                  max_points: MaxPoints = None) -> dict[str, Any]:
-    """One layer's metric over steps, with fit quality and status."""
-    metric = _metric(metric)
-    queries.get_run(session=session, run_id=run_id)
-    checkpoints = queries.downsample(queries.done_checkpoints(session=session, run_id=run_id),
-                                     max_points)
-    steps = dict(checkpoints)
-    layers = queries.layer_dicts(session=session, checkpoint_ids=list(steps), method=method,
-                                 name=layer_name)
-    if not layers:
-        raise HTTPException(404, f"run {run_id} has no layer {layer_name!r}")
-    points = sorted(
-        ({"step": steps[r["checkpoint_id"]], "value": r.get(metric), "alpha": r["alpha"],
-          "D": r["D"], "num_pl_spikes": r["num_pl_spikes"], "fit_status": r["fit_status"],
-          "trusted": robust.untrusted_reason(r) is None} for r in layers),
-        key=lambda p: p["step"])
-    return {"run_id": run_id, "layer": layer_name, "metric": metric, "points": points}
+                  max_points: MaxPoints = None,
+                  limit: Annotated[int | None, Query(ge=1, le=100_000)] = None,
+                  offset: Annotated[int, Query(ge=0, le=INT64)] = 0) -> Response:
+    """One layer's metric over steps, with fit quality and status (paged, then downsampled)."""
+    points = queries.layer_history(session=session, run_id=run_id, layer_name=layer_name,
+                                   metric=_metric(metric), method=method,
+                                   max_points=max_points, limit=limit, offset=offset)
+    return _json({"run_id": run_id, "layer": layer_name, "metric": metric, "points": points})
 
 
 @router.get("/runs/{run_id}/trend", response_model=TrendRead)
 def get_trend(
-    run_id: int, session: SessionDep, settings: SettingsDep,
+    run_id: RunId, session: SessionDep, settings: SettingsDep,
     metric: Metric = "alpha",
     stat: Annotated[Literal["median", "mean", "trimmed_mean", "p10", "p25", "p75", "p90",
                             "iqr"], Query()] = "median",
     filter: Annotated[Literal["trusted", "all"], Query()] = "trusted",
     kind: Annotated[str | None,
                     Query(max_length=200, description="comma-separated kinds: q,k,v,o,...")] = None,
-    block_min: Annotated[int | None, Query(ge=0)] = None,
-    block_max: Annotated[int | None, Query(ge=0)] = None,
+    block_min: Annotated[int | None, Query(ge=0, le=INT32)] = None,
+    block_max: Annotated[int | None, Query(ge=0, le=INT32)] = None,
     outliers: Annotated[Literal["none", "mad"], Query()] = "none",
     mad_k: Annotated[float, Query(gt=0, le=100)] = 3.0,
     method: Method = "ww",
     max_points: MaxPoints = None,
-) -> dict[str, Any]:
+) -> Response:
     """Model-level robust statistic of a metric per checkpoint, with exclusions explained."""
     metric = _metric(metric)
     points = queries.trend(session=session, run_id=run_id, metric=metric, stat=stat,
                            filter=filter, method=method, kinds=_kinds(kind), block_min=block_min,
                            block_max=block_max, outliers=outliers, mad_k=mad_k,
                            alpha_max=settings.trust.alpha_max, max_points=max_points)
-    return {"run_id": run_id, "metric": metric, "stat": stat, "filter": filter,
-            "method": method, "outliers": outliers, "points": points}
+    return _json({"run_id": run_id, "metric": metric, "stat": stat, "filter": filter,
+                  "method": method, "outliers": outliers, "points": points})
 
 
 @router.get("/runs/{run_id}/heatmap")
-def get_heatmap(run_id: int, session: SessionDep, metric: Metric = "alpha",
+def get_heatmap(run_id: RunId, session: SessionDep, metric: Metric = "alpha",
                 method: Method = "ww", max_points: MaxPoints = 500) -> dict[str, Any]:
     """Layer x step matrix of a metric; layers ordered by block, then kind."""
     return queries.heatmap(session=session, run_id=run_id, metric=_metric(metric),
@@ -317,14 +298,15 @@ def get_heatmap(run_id: int, session: SessionDep, metric: Metric = "alpha",
 
 
 @router.get("/runs/{run_id}/flags")
-def get_flags(run_id: int, session: SessionDep, method: Method = "ww") -> dict[str, Any]:
+def get_flags(run_id: RunId, session: SessionDep, method: Method = "ww") -> dict[str, Any]:
     """Per checkpoint: how many layers carry each flag and each fit status."""
     return {"run_id": run_id, "points": queries.flags(session=session, run_id=run_id,
                                                       method=method)}
 
 
-@router.get("/runs/{run_id}/checkpoints/{step}/layers/{layer_name}/esd")
-def get_esd(run_id: int, step: int, layer_name: str, session: SessionDep,
+@router.get("/runs/{run_id}/checkpoints/{step}/layers/{layer_name}/esd",
+            response_model=EsdRead)
+def get_esd(run_id: RunId, step: StepPath, layer_name: str, session: SessionDep,
             method: Method = "ww") -> dict[str, Any]:
     """Eigenvalues of one layer at one step, its power-law fit and the MP bulk edge."""
     queries.get_run(session=session, run_id=run_id)
@@ -334,15 +316,16 @@ def get_esd(run_id: int, step: int, layer_name: str, session: SessionDep,
 
 @router.get("/runs/{run_id}/gate", response_model=GateRead)
 def gate(
-    run_id: int, session: SessionDep, settings: SettingsDep, response: Response,
+    run_id: RunId, session: SessionDep, settings: SettingsDep, response: Response,
     stat: Annotated[Literal["median", "mean", "trimmed_mean", "p10", "p25", "p75", "p90"],
                     Query()] = "median",
     filter: Annotated[Literal["trusted", "all"], Query()] = "trusted",
-    step: Annotated[int | None, Query(ge=0, description="default: the latest analysed")] = None,
+    step: Annotated[int | None, Query(ge=0, le=INT64,
+                                      description="default: the latest analysed")] = None,
     min_alpha: Annotated[float | None, Query(description="default: 2 (over-trained)")] = None,
     max_alpha: Annotated[float | None, Query(description="default: 6 (under-trained)")] = None,
     max_untrusted_share: Annotated[float | None, Query(ge=0, le=1)] = None,
-    ref_step: Annotated[int | None, Query(ge=0)] = None,
+    ref_step: Annotated[int | None, Query(ge=0, le=INT64)] = None,
     max_delta: Annotated[float | None, Query(ge=0)] = None,
     method: Method = "ww",
     strict: Annotated[bool, Query(description="answer 409 when the gate fails")] = False,
@@ -362,10 +345,11 @@ def gate(
     return verdict
 
 
-@router.get("/compare")
+@router.get("/compare", response_model=CompareRead)
 def compare(
     session: SessionDep, settings: SettingsDep,
-    runs: Annotated[str, Query(pattern=r"^\d+(,\d+)*$", description="run ids, comma-separated")],
+    runs: Annotated[str, Query(pattern=r"^\d{1,9}(,\d{1,9}){0,49}$",
+                               description="up to 50 run ids, comma-separated")],
     metric: Metric = "alpha",
     stat: Annotated[Literal["median", "mean", "trimmed_mean", "p25", "p75"], Query()] = "median",
     filter: Annotated[Literal["trusted", "all"], Query()] = "trusted",

@@ -129,6 +129,43 @@ class LayerMetric(Base):
     distance_from_init: Mapped[float | None] = mapped_column(Float)
 
 
+class CheckpointStat(Base):
+    """A robust statistic of one metric over the layers of one checkpoint, kept at write time.
+
+    Written by ``queue.complete`` in the same transaction as the layer rows, so a trend over a
+    long run reads one row per checkpoint instead of every layer. Filters that are not kept here
+    (other kind sets, block ranges, other MAD factors) are computed from the layer rows on request.
+    """
+
+    __tablename__ = "checkpoint_stat"
+    __table_args__ = (
+        UniqueConstraint("checkpoint_id", "method", "metric", "filter", "outliers", "kinds",
+                         name="uq_checkpoint_stat_key"),
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    checkpoint_id: Mapped[int] = mapped_column(ForeignKey("checkpoint.id", ondelete="CASCADE"))
+    method: Mapped[str] = mapped_column(String(32))
+    metric: Mapped[str] = mapped_column(String(64))
+    filter: Mapped[str] = mapped_column(String(16))
+    outliers: Mapped[str] = mapped_column(String(16))
+    # Layer kinds the statistic is over, sorted and comma-joined; "" for every layer.
+    kinds: Mapped[str] = mapped_column(String(200))
+    # The rule parameters the row was computed with: a server configured otherwise recomputes.
+    alpha_max: Mapped[float] = mapped_column(Float)
+    mad_k: Mapped[float] = mapped_column(Float)
+    n_used: Mapped[int] = mapped_column(Integer)
+    n_excluded: Mapped[int] = mapped_column(Integer)
+    excluded: Mapped[str] = mapped_column(Text, default="{}")  # JSON {reason: count}
+    median: Mapped[float | None] = mapped_column(Float)
+    mean: Mapped[float | None] = mapped_column(Float)
+    trimmed_mean: Mapped[float | None] = mapped_column(Float)
+    p10: Mapped[float | None] = mapped_column(Float)
+    p25: Mapped[float | None] = mapped_column(Float)
+    p75: Mapped[float | None] = mapped_column(Float)
+    p90: Mapped[float | None] = mapped_column(Float)
+    iqr: Mapped[float | None] = mapped_column(Float)
+
+
 class Spectrum(Base):
     """Eigenvalues of a layer (float32 bytes) for ESD plots and re-fits."""
 

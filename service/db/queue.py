@@ -12,10 +12,19 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, select, text, update
+from sqlalchemy import delete, func, insert, select, text, update
 from sqlalchemy.orm import Session
 
-from service.db.models import LAYER_COLUMNS, AnalysisJob, Checkpoint, LayerMetric, Run, Spectrum
+from service.db.aggregates import DEFAULT_ALPHA_MAX, stat_rows
+from service.db.models import (
+    LAYER_COLUMNS,
+    AnalysisJob,
+    Checkpoint,
+    CheckpointStat,
+    LayerMetric,
+    Run,
+    Spectrum,
+)
 
 
 @dataclass(frozen=True)
@@ -149,11 +158,13 @@ def complete(
     spectra: list[dict[str, Any]],
     device: str,
     elapsed_s: float,
+    alpha_max: float = DEFAULT_ALPHA_MAX,
 ) -> bool:
-    """Write every layer row, spectrum and the checkpoint summary in one transaction.
+    """Write every layer row, spectrum, robust statistic and the checkpoint summary at once.
 
-    Re-analysis replaces earlier rows of the same checkpoint and method. Returns False (and
-    writes nothing) when the lease was lost to another worker.
+    One transaction: a reader sees the checkpoint either not analysed or complete. Re-analysis
+    replaces earlier rows of the same checkpoint and method. Returns False (and writes nothing)
+    when the lease was lost to another worker.
     """
     job = _held(session, job_id, worker_id)
     if job is None:
@@ -162,6 +173,8 @@ def complete(
     methods = {str(layer.get("method", "ww")) for layer in layers}
     session.execute(delete(LayerMetric).where(LayerMetric.checkpoint_id == checkpoint_id,
                                               LayerMetric.method.in_(methods)))
+    session.execute(delete(CheckpointStat).where(CheckpointStat.checkpoint_id == checkpoint_id,
+                                                 CheckpointStat.method.in_(methods)))
     by_name = {(s["name"], s.get("method", "ww")): s for s in spectra}
     for layer in layers:
         values = {k: v for k, v in layer.items() if k in LAYER_COLUMNS}
@@ -172,6 +185,9 @@ def complete(
         if spectrum is not None and spectrum.get("evals") is not None:
             session.add(Spectrum(layer_metric_id=row.id, evals=spectrum["evals"],
                                  rand_evals=spectrum.get("rand_evals")))
+    summaries = stat_rows(layers, checkpoint_id=checkpoint_id, alpha_max=alpha_max)
+    if summaries:
+        session.execute(insert(CheckpointStat), summaries)
     checkpoint = session.get(Checkpoint, checkpoint_id)
     assert checkpoint is not None
     checkpoint.status, checkpoint.error = "done", None

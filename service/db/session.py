@@ -30,7 +30,8 @@ def make_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
     else:
-        engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+        # FastAPI runs sync routes on a 40-thread pool: one connection per thread at most.
+        engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=30)
     _ENGINES[url] = engine
     return engine
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import shutil
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from alphawatch.settings import Settings
@@ -20,6 +22,7 @@ pytestmark = pytest.mark.browser
 ROOT = Path(__file__).resolve().parents[2]
 SHOTS = ROOT / "test-artifacts" / "screenshots"
 CHROMIUM = Path("/usr/bin/chromium")
+MISSING_RUN = 999_999
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-quic", "--no-first-run", "--disable-component-update", "--disable-sync"]
 
@@ -29,6 +32,11 @@ class Site:
     url: str
     run_id: int
     empty_run_id: int
+    other_run_id: int
+    live_run_id: int
+    live_dir: Path
+    source: Path
+    settings: Settings
 
 
 @pytest.fixture(scope="module")
@@ -39,22 +47,29 @@ def site(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[S
     runs = base / "runs"
     run = runs / "tiny-llama"
     shutil.copytree(tiny_run, run)
+    # A corrupt checkpoint next to good ones: the page must show it failed, and why.
     bad = run / "checkpoint-25"
     shutil.copytree(run / "checkpoint-20", bad)
     (bad / "model.safetensors").write_bytes(b"garbage, not a safetensors file" * 4)
+    other = runs / "tiny-llama-short"
+    other.mkdir(parents=True)
+    for step in (10, 30):
+        shutil.copytree(tiny_run / f"checkpoint-{step}", other / f"checkpoint-{step}")
+    live = runs / "live-run"
+    live.mkdir()
+    shutil.copytree(tiny_run / "checkpoint-10", live / "checkpoint-10")
     empty = runs / "empty-run"
     empty.mkdir()
     url = f"sqlite:///{base / 'dash.db'}"
     upgrade(url)
     settings = Settings(database_url=url, device="cpu", settle_s=0.0, max_attempts=1,
                         allowed_roots=[runs])
-    Watcher(settings, [run, empty]).run_once()
-    import httpx
-
+    Watcher(settings, [run, other, live, empty]).run_once()
     with serve(create_app(settings)) as base_url:
         listed = httpx.get(f"{base_url}/api/v1/runs").json()["runs"]
         ids = {r["name"]: r["id"] for r in listed}
-        yield Site(base_url, ids["tiny-llama"], ids["empty-run"])
+        yield Site(base_url, ids["tiny-llama"], ids["empty-run"], ids["tiny-llama-short"],
+                   ids["live-run"], live, tiny_run, settings)
 
 
 @pytest.fixture(scope="module")
@@ -70,11 +85,24 @@ def browser() -> Iterator[Any]:
 
 
 @pytest.fixture
-def page(browser: Any) -> Iterator[Any]:
+def expected_console() -> list[str]:
+    """Text of browser console errors a test asks for (the browser logs every 4xx answer)."""
+    return []
+
+
+@pytest.fixture
+def page(browser: Any, expected_console: list[str]) -> Iterator[Any]:
     context = browser.new_context(viewport={"width": 1400, "height": 1000})
     pg = context.new_page()
     errors: list[str] = []
     pg.on("pageerror", lambda exc: errors.append(str(exc)))
+
+    def on_console(message: Any) -> None:
+        text = f"{message.text} {message.location.get('url', '')}"
+        if message.type == "error" and not any(e in text for e in expected_console):
+            errors.append(text)
+
+    pg.on("console", on_console)
     yield pg
     context.close()
     assert not errors, f"JavaScript errors on the page: {errors}"
@@ -82,92 +110,265 @@ def page(browser: Any) -> Iterator[Any]:
 
 def _shot(page: Any, name: str) -> None:
     SHOTS.mkdir(parents=True, exist_ok=True)
+    page.wait_for_timeout(250)  # let Plotly finish its transitions before the picture
     page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
 
 
-def _plot_len(page: Any, div: str, trace: int = 0, axis: str = "x") -> int:
-    return int(page.evaluate(
-        f"() => {{ const d = document.getElementById('{div}');"
-        f" return d && d.data && d.data[{trace}] ? (d.data[{trace}].{axis} || []).length : -1; }}"
-    ))
+def _data(page: Any, div: str) -> list[dict[str, Any]]:
+    result: list[dict[str, Any]] = page.evaluate(
+        f"() => (document.getElementById('{div}')?.data || []).map((t) => ({{"
+        " type: t.type || 'scatter', name: t.name, x: Array.from(t.x || []),"
+        " y: t.y ? Array.from(t.y) : null, text: t.text || null,"
+        " customdata: t.customdata || null, xaxis: t.xaxis || 'x',"
+        " rows: t.z ? t.z.length : 0 }))")
+    return result
 
 
-def test_runs_overview_lists_runs_with_sparklines(page: Any, site: Site) -> None:
+def _api(site: Site, path: str) -> Any:
+    response = httpx.get(f"{site.url}/api/v1{path}", timeout=30)
+    response.raise_for_status()
+    return response.json()
+
+
+def _used(texts: list[str]) -> list[int]:
+    return [int(t.split("used ")[1].split(" ")[0]) for t in texts]
+
+
+def test_runs_overview_lists_runs_with_sparklines_and_gate(page: Any, site: Site) -> None:
     page.goto(site.url + "/")
     page.wait_for_selector("#runs-table")
     text = page.inner_text("#runs-table")
     assert "tiny-llama" in text and "empty-run" in text
     page.wait_for_function(
         f"() => document.getElementById('spark-{site.run_id}')?.data?.[0]?.y?.length === 3")
+    spark = _data(page, f"spark-{site.run_id}")[0]
+    trend = _api(site, f"/runs/{site.run_id}/trend?metric=alpha&stat=median&filter=trusted")
+    assert spark["x"] == [10, 20, 30]
+    assert spark["y"] == pytest.approx([p["value"] for p in trend["points"]])
     page.wait_for_selector(f"#gate-{site.run_id} .badge")
+    gate = _api(site, f"/runs/{site.run_id}/gate")
+    badge = page.inner_text(f"#gate-{site.run_id}")
+    assert ("would fail" in badge) == (not gate["passed"])
+    # A run with nothing analysed is "no data", never a red failure.
+    page.wait_for_selector(f"#gate-{site.empty_run_id} .badge")
+    assert "no data" in page.inner_text(f"#gate-{site.empty_run_id}")
+    row = page.inner_text(f"tr[data-run='{site.run_id}']")
+    summary = next(r for r in _api(site, "/runs")["runs"] if r["id"] == site.run_id)
+    assert "1 failed" in row and f"{summary['latest_alpha']:.3f}" in row
     _shot(page, "runs")
+
+
+def test_runs_overview_without_runs_says_how_to_start(page: Any, tmp_path: Path) -> None:
+    from service.db.migrations import upgrade
+
+    url = f"sqlite:///{tmp_path / 'empty.db'}"
+    upgrade(url)
+    with serve(create_app(Settings(database_url=url))) as base_url:
+        page.goto(base_url + "/")
+        page.wait_for_selector("#runs-empty")
+        assert "alphawatch up RUN_DIR" in page.inner_text("#runs-empty")
+        _shot(page, "runs-empty")
 
 
 def test_run_page_plots_have_data_and_failed_checkpoint_shows(page: Any, site: Site) -> None:
     page.goto(f"{site.url}/#/runs/{site.run_id}")
-    page.wait_for_function("() => document.getElementById('trend')?.data?.length >= 3")
-    steps = page.evaluate("() => document.getElementById('trend').data[2].x")
-    assert steps == [10, 20, 30]
+    page.wait_for_function("() => document.getElementById('trend')?.data?.length >= 4")
+    trend = _data(page, "trend")
+    api_trend = _api(site, f"/runs/{site.run_id}/trend?metric=alpha&stat=median&filter=trusted")
+    median = next(t for t in trend if t["name"] == "median α")
+    assert median["x"] == [10, 20, 30]
+    assert median["y"] == pytest.approx([p["value"] for p in api_trend["points"]])
+    band = next(t for t in trend if t["name"] == "25–75th percentile")
+    assert band["y"] == pytest.approx([p["p25"] for p in api_trend["points"]])
+    trimmed = next(t for t in trend if t["name"] == "trimmed mean")
+    assert trimmed["y"] == pytest.approx([p["trimmed_mean"] for p in api_trend["points"]])
+    assert all("used " in t and "excluded " in t for t in median["text"])
+
     page.wait_for_function("() => document.getElementById('heatmap')?.data?.[0]?.z?.length > 0")
-    heat = page.evaluate("() => { const t = document.getElementById('heatmap').data[0];"
-                         " return {x: t.x, y: t.y, rows: t.z.length}; }")
+    heat = _data(page, "heatmap")[0]
     assert heat["x"] == [10, 20, 30]
     assert "model.layers.0.self_attn.q_proj" in heat["y"]
     assert heat["rows"] == len(heat["y"])
+    # Rows follow the API order: block first, then kind.
+    assert heat["y"] == _api(site, f"/runs/{site.run_id}/heatmap?metric=alpha")["layers"]
+
     page.wait_for_function("() => document.getElementById('flags')?.data?.length >= 1")
+    assert all(t["x"] == [10, 20, 30] for t in _data(page, "flags"))
+    page.wait_for_function("() => document.getElementById('kinds')?.data?.length >= 3")
+    kinds = {t["name"]: t for t in _data(page, "kinds")}
+    assert {"q", "k", "v", "o", "gate", "up", "down"} <= set(kinds)
+    assert len({t["xaxis"] for t in kinds.values()}) == len(kinds)  # one panel per kind
+    q = _api(site, f"/runs/{site.run_id}/trend?metric=alpha&filter=trusted&kind=q")
+    assert kinds["q"]["y"] == pytest.approx([p["value"] for p in q["points"]])
+    page.wait_for_function("() => document.getElementById('companion')?.data?.length >= 2")
+    companions = {t["name"] for t in _data(page, "companion")}
+    assert {"stable rank", "KS distance D (fit quality)"} <= companions
+
     row = page.inner_text("#checkpoints tr.ck-failed")
     assert "25" in row and "failed" in row and "model.safetensors" in row
+    assert page.locator("#checkpoints tr.ck-done").count() == 3
     _shot(page, "run")
 
 
 def test_filter_switch_changes_the_trend(page: Any, site: Site) -> None:
     page.goto(f"{site.url}/#/runs/{site.run_id}?filter=trusted")
-    page.wait_for_function("() => document.getElementById('trend')?.data?.length >= 3")
-    trusted = page.evaluate("() => document.getElementById('trend').data[2].text")
+    page.wait_for_function("() => document.getElementById('trend')?.data?.length >= 4")
+    trusted = next(t for t in _data(page, "trend") if t["name"] == "median α")
     page.select_option("select[data-param=filter]", "all")
     page.wait_for_function("() => location.hash.includes('filter=all')")
     page.wait_for_function(
         "(before) => { const t = document.getElementById('trend')?.data?.[2]?.text;"
-        " return t !== undefined && JSON.stringify(t) !== JSON.stringify(before); }", arg=trusted)
-    everything = page.evaluate("() => document.getElementById('trend').data[2].text")
-    used = [int(t.split("used ")[1].split(" ")[0]) for t in everything]
-    used_trusted = [int(t.split("used ")[1].split(" ")[0]) for t in trusted]
+        " return t !== undefined && JSON.stringify(t) !== JSON.stringify(before); }",
+        arg=trusted["text"])
+    everything = next(t for t in _data(page, "trend") if t["name"] == "median α")
+    used, used_trusted = _used(everything["text"]), _used(trusted["text"])
     assert all(a >= b for a, b in zip(used, used_trusted, strict=True))
     assert sum(used) > sum(used_trusted)
+    api_all = _api(site, f"/runs/{site.run_id}/trend?metric=alpha&filter=all")
+    assert used == [p["n_used"] for p in api_all["points"]]
+    # The kind switch narrows the trend to attention projections.
+    page.select_option("select[data-param=kind]", "attention")
+    page.wait_for_function("() => location.hash.includes('kind=attention')")
+    page.wait_for_function(
+        "(n) => { const t = document.getElementById('trend')?.data?.[2]?.customdata;"
+        " return t && t[0] < n; }", arg=used[0])
+    att = _api(site, f"/runs/{site.run_id}/trend?metric=alpha&filter=all&kind=q,k,v,o,qkv")
+    shown = next(t for t in _data(page, "trend") if t["name"] == "median α")
+    assert shown["customdata"] == [p["n_used"] for p in att["points"]]
+    # The state lives in the URL: a reload shows the same view.
+    page.reload()
+    page.wait_for_function("() => document.getElementById('trend')?.data?.length >= 4")
+    assert page.input_value("select[data-param=kind]") == "attention"
+    assert page.input_value("select[data-param=filter]") == "all"
 
 
 def test_clicking_a_heatmap_cell_opens_the_layer_esd(page: Any, site: Site) -> None:
     page.goto(f"{site.url}/#/runs/{site.run_id}")
     page.wait_for_function("() => document.getElementById('heatmap')?.data?.[0]?.z?.length > 0")
-    # Click the centre of the first row's last cell through the real mouse.
+    # Click the centre of the first row's middle cell through the real mouse.
     box = page.evaluate("""() => {
         const d = document.getElementById('heatmap'); const l = d._fullLayout;
         const xa = l.xaxis, ya = l.yaxis, t = d.data[0];
-        const x = xa._offset + xa.l2p(xa.d2l(t.x[t.x.length - 1]));
+        const x = xa._offset + xa.l2p(xa.d2l(t.x[1]));
         const y = ya._offset + ya.l2p(ya.d2l(t.y[0]));
         const r = d.getBoundingClientRect();
-        return {x: r.left + x, y: r.top + y, layer: t.y[0], step: t.x[t.x.length - 1]};
+        return {x: r.left + x, y: r.top + y, layer: t.y[0], step: t.x[1]};
     }""")
     page.mouse.click(box["x"], box["y"])
     page.wait_for_function("() => location.hash.includes('layer=')")
     assert f"step={box['step']}" in page.evaluate("() => location.hash")
     page.wait_for_function("() => document.getElementById('esd')?.data?.[0]?.x?.length > 0")
-    assert _plot_len(page, "layer-history") == 3
-    name = page.inner_text("#layer-name")
-    assert box["layer"] in name
-    page.wait_for_timeout(300)
+    assert page.inner_text("#layer-name") == box["layer"]
+    history = _data(page, "layer-history")
+    api_history = _api(site, f"/runs/{site.run_id}/layers/{box['layer']}/history?metric=alpha")
+    alpha = next(t for t in history if t["name"] == "α")
+    assert alpha["y"] == pytest.approx([p["value"] for p in api_history["points"]])
+    d_band = next(t for t in history if t["name"] == "KS distance D")
+    assert d_band["y"] == pytest.approx([p["D"] for p in api_history["points"]])
+
+    esd = _api(site, f"/runs/{site.run_id}/checkpoints/{box['step']}/layers/"
+                     f"{box['layer']}/esd")
+    traces = _data(page, "esd")
+    assert len(traces[0]["x"]) == sum(1 for e in esd["evals"] if e > 0)
+    fit = next(t for t in traces if (t["name"] or "").startswith("power law"))
+    assert fit["y"] == pytest.approx(esd["fit_line"]["y"])
+    axes = page.evaluate("() => { const l = document.getElementById('esd').layout;"
+                         " return {y: l.yaxis.type, lines: l.shapes.length,"
+                         " labels: l.annotations.map((a) => a.text.trim())}; }")
+    assert axes["y"] == "log"
+    assert "xmin" in axes["labels"]
+    if esd["mp_bulk_max"]:
+        assert "MP edge" in axes["labels"]
+    if esd["rand_evals"]:
+        assert any(t["name"] == "shuffled W" for t in traces)
     _shot(page, "layer")
+
+    # Another step from the step switch redraws the ESD of that step.
+    page.select_option("#esd-step", "30")
+    page.wait_for_function("() => location.hash.includes('step=30')")
+    later = _api(site, f"/runs/{site.run_id}/checkpoints/30/layers/{box['layer']}/esd")
+    page.wait_for_function(
+        "(fit) => JSON.stringify(document.getElementById('esd')?.data?.find("
+        "(t) => (t.name || '').startsWith('power law'))?.y) === JSON.stringify(fit)",
+        arg=later["fit_line"]["y"])
+
+
+def test_layer_name_picker_opens_the_layer(page: Any, site: Site) -> None:
+    page.goto(f"{site.url}/#/runs/{site.run_id}")
+    page.wait_for_function("() => document.querySelectorAll('#layer-pick option').length > 2")
+    name = "model.layers.1.mlp.down_proj"
+    page.select_option("#layer-pick", name)
+    page.wait_for_function("() => document.getElementById('esd')?.data?.[0]?.x?.length > 0")
+    assert page.inner_text("#layer-name") == name
+    assert page.input_value("#esd-step") == "30"  # the latest analysed step by default
 
 
 def test_empty_run_shows_the_empty_state(page: Any, site: Site) -> None:
     page.goto(f"{site.url}/#/runs/{site.empty_run_id}")
-    page.wait_for_selector("#run-empty")
-    assert "no checkpoints yet" in page.inner_text("#run-empty")
+    page.wait_for_selector("#run-empty:not([hidden])")
+    text = page.inner_text("#run-empty")
+    assert "no checkpoints yet" in text and "alphawatch up" in text
+    assert page.locator("#run-body").is_hidden()
     _shot(page, "empty-run")
 
 
+def test_unknown_run_says_so(page: Any, site: Site, expected_console: list[str]) -> None:
+    expected_console.append(f"/runs/{MISSING_RUN}")
+    page.goto(f"{site.url}/#/runs/{MISSING_RUN}")
+    page.wait_for_selector("#error")
+    assert "404" in page.inner_text("#error")
+
+
 def test_compare_overlays_runs(page: Any, site: Site) -> None:
-    page.goto(f"{site.url}/#/compare?runs={site.run_id}")
-    page.wait_for_function("() => document.getElementById('compare')?.data?.length === 1")
-    assert _plot_len(page, "compare") == 3
+    page.goto(f"{site.url}/#/compare?runs={site.run_id},{site.other_run_id}")
+    page.wait_for_function("() => document.getElementById('compare')?.data?.length === 2")
+    traces = {t["name"]: t for t in _data(page, "compare")}
+    assert traces["tiny-llama"]["x"] == [10, 20, 30]
+    assert traces["tiny-llama-short"]["x"] == [10, 30]
+    # Same checkpoints, same numbers: the short run is a subset of the long one.
+    long = dict(zip(traces["tiny-llama"]["x"], traces["tiny-llama"]["y"], strict=True))
+    assert traces["tiny-llama-short"]["y"] == pytest.approx([long[10], long[30]])
     _shot(page, "compare")
+    page.uncheck(f"#compare-runs input[value='{site.other_run_id}']")
+    page.wait_for_function("() => document.getElementById('compare')?.data?.length === 1")
+
+
+def test_live_page_shows_new_checkpoints_without_reload(page: Any, site: Site) -> None:
+    page.goto(f"{site.url}/#/runs/{site.live_run_id}")
+    page.wait_for_function("() => document.getElementById('trend')?.data?.[2]?.x?.length === 1")
+    page.evaluate("() => { window.__sameDocument = true; }")
+    shutil.copytree(site.source / "checkpoint-20", site.live_dir / "checkpoint-20")
+    Watcher(site.settings, [site.live_dir]).run_once()
+    t0 = time.monotonic()
+    page.wait_for_function(
+        "() => JSON.stringify(document.getElementById('trend')?.data?.[2]?.x) === '[10,20]'",
+        timeout=20_000)
+    assert page.evaluate("() => window.__sameDocument === true")  # no reload happened
+    assert time.monotonic() - t0 < 15
+    page.wait_for_function(
+        "() => document.getElementById('heatmap')?.data?.[0]?.x?.length === 2")
+    assert page.locator("#checkpoints tr.ck-done").count() == 2
+
+
+def test_token_protected_server_asks_for_a_token(
+        page: Any, tmp_path: Path, expected_console: list[str]) -> None:
+    from service.db.migrations import upgrade
+    from service.db.session import make_engine, session_scope
+    from service.db.tokens import create_token
+
+    expected_console.append("401 (Unauthorized)")
+    url = f"sqlite:///{tmp_path / 'locked.db'}"
+    upgrade(url)
+    with session_scope(make_engine(url)) as session:
+        token = create_token(session, name="dashboard")
+    settings = Settings(database_url=url, read_requires_token=True)
+    with serve(create_app(settings)) as base_url:
+        page.goto(base_url + "/")
+        page.wait_for_selector("#token-form")
+        page.fill("#token-input", "aw_wrong")
+        page.click("#token-form button")
+        page.wait_for_selector("#token-form")
+        page.fill("#token-input", token)
+        page.click("#token-form button")
+        page.wait_for_selector("#runs-empty")
+        assert token not in page.evaluate("() => location.href")

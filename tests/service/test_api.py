@@ -220,3 +220,70 @@ def test_fuzzed_queries_never_give_5xx(client: TestClient, run: str, metric: str
                  f"/api/v1/runs/1/layers/{run}/history", "/api/v1/compare"):
         response = client.get(path, params=params)
         assert response.status_code < 500, (path, params, response.text)
+
+
+def _mad_kept(values: list[float], k: float = 3.0) -> list[float]:
+    v = np.asarray(values)
+    if v.size < 3:
+        return values
+    median = np.median(v)
+    mad = 1.4826 * np.median(np.abs(v - median))
+    return values if mad == 0 else [x for x in values if abs(x - median) <= k * mad]
+
+
+@pytest.mark.parametrize("outliers", ["none", "mad"])
+def test_kept_statistics_equal_the_layer_rows(db_url: str, outliers: str) -> None:
+    """Trend points read from checkpoint_stat equal those computed from layer rows and numpy."""
+    from service.db.models import CheckpointStat
+
+    written = fill(db_url)
+    app = create_app(Settings(database_url=db_url))
+    stats = ["median", "mean", "trimmed_mean", "p10", "p25", "p75", "p90", "iqr"]
+    with TestClient(app) as c:
+        def all_points() -> dict[tuple[str, str], list[dict[str, object]]]:
+            return {(stat, flt): c.get("/api/v1/runs/1/trend", params={
+                "stat": stat, "filter": flt, "outliers": outliers}).json()["points"]
+                for stat in stats for flt in ("trusted", "all")}
+
+        def group_points() -> list[object]:
+            return [c.get("/api/v1/runs/1/trend", params={
+                "kind": kinds, "filter": flt, "outliers": outliers, "stat": stat}).json()
+                for kinds in ("v,o,q,k,qkv", "gate,up,down,fc_in,fc_out")
+                for flt in ("trusted", "all") for stat in ("median", "p90")]
+
+        kept, kept_groups = all_points(), group_points()
+        with session_scope(make_engine(db_url)) as session:
+            assert session.query(CheckpointStat).delete() > 0
+        recomputed, recomputed_groups = all_points(), group_points()
+    assert kept == recomputed
+    assert kept_groups == recomputed_groups
+    for (stat, flt), points in kept.items():
+        for point in points:
+            values = [float(x["alpha"]) for x in written[int(point["step"])]  # type: ignore[call-overload,arg-type]
+                      if float(x["alpha"]) <= 8.0  # type: ignore[arg-type]
+                      and (flt == "all" or (x["fit_status"] == "ok"
+                                            and not x["correlation_trap"]))]
+            if outliers == "mad":
+                values = _mad_kept(values)
+            v = np.asarray(values)
+            want = (float(np.percentile(v, 75) - np.percentile(v, 25)) if stat == "iqr"
+                    else _expected([{"alpha": x, "fit_status": "ok", "correlation_trap": False}
+                                    for x in values], stat, "all"))
+            assert point["value"] == pytest.approx(want, rel=1e-12), (stat, flt)
+            assert point["n_used"] == len(values)
+
+
+def test_layer_history_pages_and_downsamples(client: TestClient, db_url: str) -> None:
+    written = fill(db_url)
+    name = "model.layers.1.q_proj"
+    url = f"/api/v1/runs/1/layers/{name}/history"
+    full = client.get(url).json()["points"]
+    want = [next(float(x["alpha"]) for x in written[s] if x["name"] == name)  # type: ignore[arg-type]
+            for s in STEPS]
+    assert [p["value"] for p in full] == pytest.approx(want)
+    assert [p["step"] for p in client.get(url, params={"limit": 1, "offset": 1}).json()[
+        "points"]] == [200]
+    assert [p["step"] for p in client.get(url, params={"max_points": 2}).json()["points"]] == [
+        100, 300]
+    assert client.get(url, params={"metric": "D"}).json()["points"][0]["value"] == \
+        pytest.approx(next(x["D"] for x in written[100] if x["name"] == name))

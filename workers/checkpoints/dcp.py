@@ -14,11 +14,12 @@ from workers.checkpoints.naming import is_weight_matrix
 
 def iter_dcp(path: Path) -> Iterator[tuple[str, torch.Tensor, None, Path]]:
     """(key, tensor, no scale, source) of every weight matrix in a DCP folder, in one process."""
-    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.filesystem import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    from torch.distributed.checkpoint.state_dict_loader import load
 
     try:
-        metadata = dcp.FileSystemReader(str(path)).read_metadata()
+        metadata = FileSystemReader(str(path)).read_metadata()
     except FileNotFoundError as exc:
         raise CheckpointVanished(path, f"{path} disappeared while being read") from exc
     except Exception as exc:
@@ -33,7 +34,7 @@ def iter_dcp(path: Path) -> Iterator[tuple[str, torch.Tensor, None, Path]]:
             with warnings.catch_warnings():
                 # Loading without a process group is the point here, not a mistake.
                 warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-                dcp.load(target, checkpoint_id=str(path), no_dist=True)
+                load(target, checkpoint_id=str(path), no_dist=True)
         except FileNotFoundError as exc:
             raise CheckpointVanished(path, f"{path} disappeared while being read") from exc
         except Exception as exc:

@@ -136,9 +136,80 @@ def _has_weights(folder: Path) -> bool:
         folder / "adapter_config.json").exists()
 
 
+def _dir_ref(child: Path, trackers: dict[str, int | None], settle_s: float, now: float
+             ) -> CheckpointRef | None:
+    """The checkpoint a folder holds, judged by its name and its producer's marker, if any."""
+    name = child.name
+    if m := _HF.match(name):
+        return _hf_ref(child, int(m.group(1)), settle_s, now)
+    if m := _DEEPSPEED.match(name):
+        step, latest = int(m.group(1)), trackers["deepspeed"]
+        done = latest is not None and latest >= step
+        return CheckpointRef(child, step, "deepspeed", done,
+                             "in `latest`" if done else "not yet in `latest`", fingerprint(child))
+    if m := _MEGATRON.match(name):
+        step, latest = int(m.group(1)), trackers["megatron"]
+        done = latest is not None and latest >= step
+        return CheckpointRef(child, step, "megatron", done,
+                             "tracker file reached it" if done else "tracker file not there yet",
+                             fingerprint(child))
+    if (child / ".metadata").exists():
+        match = _STEP_IN_NAME.search(name)
+        return CheckpointRef(child, int(match.group(1)) if match else None, "dcp", True,
+                             ".metadata written", fingerprint(child))
+    return None
+
+
+def _trackers(folder: Path) -> dict[str, int | None]:
+    return {"deepspeed": _tracker_step(folder / "latest") if (folder / "latest").exists() else None,
+            "megatron": _tracker_step(folder / "latest_checkpointed_iteration.txt")}
+
+
+def _scan(folder: Path, settle_s: float, now: float, depth: int) -> list[CheckpointRef]:
+    try:
+        children = sorted(folder.iterdir())
+    except FileNotFoundError:
+        return []  # removed between listing its parent and listing it
+    except OSError as exc:
+        raise CheckpointError(folder, f"cannot list {folder}: {exc}") from exc
+    trackers = _trackers(folder)
+    refs: list[CheckpointRef] = []
+    for child in children:
+        name = child.name
+        if _ignored(name):
+            continue
+        if child.is_dir():
+            ref = _dir_ref(child, trackers, settle_s, now)
+            if ref is not None:
+                refs.append(ref)
+            elif depth > 0:
+                # Lightning keeps its files in <run>/lightning_logs/version_0/checkpoints/,
+                # other trainers in <run>/checkpoints/: look a few levels down.
+                refs += _scan(child, settle_s, now, depth - 1)
+        elif child.suffix in WEIGHT_SUFFIXES:
+            match = _STEP_IN_NAME.search(name)
+            if match is None or "-of-" in name:
+                continue
+            fmt = "lightning" if child.suffix == ".ckpt" else "file"
+            done = _settled(child, settle_s, now)
+            refs.append(CheckpointRef(child, int(match.group(1)), fmt, done,
+                                      "settled" if done else "still changing", fingerprint(child)))
+    return refs
+
+
 def discover(run_dir: Path, *, settle_s: float = 30.0, now: float | None = None
              ) -> list[CheckpointRef]:
     """Every checkpoint under ``run_dir`` (or ``run_dir`` itself), sorted by step.
+
+    Args:
+        run_dir: a training run's output folder, a single checkpoint folder or a weight file.
+        settle_s: for producers without a completion marker, how long a checkpoint's files must
+            stay unchanged before it counts as complete.
+        now: the current time (seconds since the epoch); for tests.
+
+    Returns:
+        Every checkpoint found, complete or not (``complete`` and ``reason`` say which and why);
+        ``*.tmp*`` and ``tmp-checkpoint-*`` are left out.
 
     Raises:
         CheckpointError: ``run_dir`` does not exist or cannot be listed.
@@ -149,48 +220,21 @@ def discover(run_dir: Path, *, settle_s: float = 30.0, now: float | None = None
         raise CheckpointError(run_dir, f"{run_dir} does not exist")
     if run_dir.is_file():
         match = _STEP_IN_NAME.search(run_dir.name)
-        return [CheckpointRef(run_dir, int(match.group(1)) if match else None, "file",
-                              _settled(run_dir, settle_s, now), "single file",
-                              fingerprint(run_dir))]
-    try:
-        children = sorted(run_dir.iterdir())
-    except OSError as exc:
-        raise CheckpointError(run_dir, f"cannot list {run_dir}: {exc}") from exc
-    refs: list[CheckpointRef] = []
-    ds_latest = _tracker_step(run_dir / "latest") if (run_dir / "latest").exists() else None
-    mg_latest = _tracker_step(run_dir / "latest_checkpointed_iteration.txt")
-    for child in children:
-        name = child.name
-        if _ignored(name):
-            continue
-        if child.is_dir():
-            if m := _HF.match(name):
-                refs.append(_hf_ref(child, int(m.group(1)), settle_s, now))
-            elif m := _DEEPSPEED.match(name):
-                step = int(m.group(1))
-                done = ds_latest is not None and ds_latest >= step
-                refs.append(CheckpointRef(child, step, "deepspeed", done,
-                                          "in `latest`" if done else "not yet in `latest`",
-                                          fingerprint(child)))
-            elif m := _MEGATRON.match(name):
-                step = int(m.group(1))
-                done = mg_latest is not None and mg_latest >= step
-                refs.append(CheckpointRef(child, step, "megatron", done,
-                                          "tracker file reached it" if done
-                                          else "tracker file not there yet", fingerprint(child)))
-            elif (child / ".metadata").exists():
-                match = _STEP_IN_NAME.search(name)
-                refs.append(CheckpointRef(child, int(match.group(1)) if match else None, "dcp",
-                                          True, ".metadata written", fingerprint(child)))
-        elif child.suffix in WEIGHT_SUFFIXES and not name.endswith(".index.json"):
-            match = _STEP_IN_NAME.search(name)
-            if match is None or "-of-" in name:
-                continue
-            fmt = "lightning" if child.suffix == ".ckpt" else "file"
-            done = _settled(child, settle_s, now)
-            refs.append(CheckpointRef(child, int(match.group(1)), fmt, done,
-                                      "settled" if done else "still changing", fingerprint(child)))
-    if not refs and _has_weights(run_dir):
-        # A model folder saved at the end of training: the run directory is the checkpoint.
-        refs.append(_hf_ref(run_dir, None, settle_s, now))
+        fmt = "lightning" if run_dir.suffix == ".ckpt" else "file"
+        done = _settled(run_dir, settle_s, now)
+        return [CheckpointRef(run_dir, int(match.group(1)) if match else None, fmt, done,
+                              "settled" if done else "still changing", fingerprint(run_dir))]
+    refs = _scan(run_dir, settle_s, now, depth=3)
+    if not refs:
+        # run_dir is itself one checkpoint: a step folder, or a model saved at the end.
+        own = _dir_ref(run_dir, _trackers(run_dir.parent), settle_s, now)
+        if own is not None:
+            refs.append(own)
+        elif _has_weights(run_dir) or rank_dirs(run_dir):
+            refs.append(_hf_ref(run_dir, None, settle_s, now))
     return sorted(refs, key=lambda r: (r.step is None, r.step or 0, str(r.path)))
+
+
+def rank_dirs(folder: Path) -> list[Path]:
+    """Megatron ``mp_rank_XX`` sub-folders of a step folder."""
+    return sorted(p for p in folder.glob("mp_rank_*") if p.is_dir())

@@ -1,4 +1,20 @@
-"""PEFT LoRA adapters: the update s·B·A of each adapted module, and W + s·B·A with the base."""
+"""LoRA adapters: the update s·B·A of each adapted module, and W + s·B·A with the base weights.
+
+Two producers:
+
+- PEFT adapter folders: ``adapter_config.json`` (``r``, ``lora_alpha``, ``use_rslora``,
+  ``rank_pattern``, ``alpha_pattern``, ``fan_in_fan_out``) and ``adapter_model.safetensors`` (or
+  ``.bin``) with ``…lora_A.weight`` (r, in) and ``…lora_B.weight`` (out, r). s = α/r, or α/√r
+  with rsLoRA. The base weights come from ``base_model_name_or_path`` when it is a local folder,
+  or from an explicit folder.
+- SAT (SwissArmyTransformer) ``LoraLinear``: inside the model's own state dict,
+  ``<module>.original.weight`` beside ``<module>.matrix_A.j`` (r, in) and ``<module>.matrix_B.j``
+  (out_j, r) per partition j (Q, K, V of a fused projection); the update is the partitions'
+  B_j·A_j stacked on the output dimension, s = lora_alpha / r (SAT's default α is 1).
+
+DoRA (a learnt magnitude vector rescales every column of the merged weight) is refused until it
+is supported, rather than analysed wrongly.
+"""
 
 from __future__ import annotations
 
@@ -12,77 +28,215 @@ from typing import TYPE_CHECKING
 import torch
 
 from workers.checkpoints.errors import CheckpointError
+from workers.checkpoints.fused import split_fused
 from workers.checkpoints.naming import classify
-from workers.checkpoints.readers import iter_safetensors, iter_torch
+from workers.checkpoints.readers import (
+    iter_safetensors,
+    iter_torch,
+    read_safetensors_tensor,
+    safetensors_header,
+    upcast,
+)
 
 if TYPE_CHECKING:
     from workers.checkpoints.layers import LayerMatrix
 
-_LORA = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$")
+_PEFT = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$")
+_SAT = re.compile(r"^(.+)\.(?:matrix_([AB])\.(\d+)|original\.weight)$")
 
 
-def _pattern_value(module: str, patterns: dict[str, float], default: float) -> float:
+def _pattern_value(module: str, patterns: object, default: float) -> float:
+    """PEFT's rule: a pattern applies when it matches the end of the module's dotted name."""
+    if not isinstance(patterns, dict):
+        return default
     for pattern, value in patterns.items():
-        if module == pattern or module.endswith("." + pattern) or re.fullmatch(pattern, module):
+        if re.match(rf"(.*\.)?({pattern})$", module):
             return float(value)
     return default
 
 
-def _base_weights(config: dict[str, object], folder: Path) -> dict[str, torch.Tensor]:
-    base = config.get("base_model_name_or_path")
-    if not isinstance(base, str):
-        return {}
-    base_dir = Path(base) if Path(base).is_absolute() else (folder / base)
-    if not base_dir.is_dir():
-        return {}
-    from workers.checkpoints.layers import _raw_tensors
+class _BaseWeights:
+    """The base model's weights by key, read one tensor at a time when asked for."""
 
-    return {k.removesuffix(".weight"): t.to(torch.float32)
-            for k, t, _, _ in _raw_tensors(base_dir)}
+    def __init__(self, folder: Path) -> None:
+        from workers.checkpoints.layers import model_config, weight_files
+
+        self.config = model_config(folder)
+        self._safetensors: dict[str, Path] = {}
+        self._torch: dict[str, torch.Tensor] = {}
+        for file in weight_files(folder):
+            if file.suffix == ".safetensors":
+                _, header = safetensors_header(file)
+                self._safetensors.update(dict.fromkeys(header, file))
+            else:
+                self._torch.update(iter_torch(file, ("state_dict", "module", "model")))
+
+    def get(self, module: str) -> torch.Tensor | None:
+        key = module + ".weight"
+        if key in self._safetensors:
+            stored, scale = read_safetensors_tensor(self._safetensors[key], key)
+            return upcast(stored, scale)
+        tensor = self._torch.get(key)
+        return None if tensor is None else upcast(tensor, self._torch.get(key + "_scale_inv"))
 
 
-def iter_lora(folder: Path) -> Iterator[LayerMatrix]:
-    """Updates (kind ``lora_update``) and, when the base model is local, merged weights."""
-    from workers.checkpoints.layers import LayerMatrix
-
-    config_path = folder / "adapter_config.json"
+def _adapter_config(folder: Path) -> dict[str, object]:
+    path = folder / "adapter_config.json"
     try:
-        config = json.loads(config_path.read_text())
+        config = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise CheckpointError(config_path, f"{config_path}: unreadable adapter config") from exc
+        raise CheckpointError(path, f"{path}: unreadable adapter config: {exc}") from exc
+    if not isinstance(config, dict):
+        raise CheckpointError(path, f"{path}: adapter config is not a JSON object")
     if config.get("use_dora"):
-        raise CheckpointError(config_path, f"{config_path}: DoRA adapters are not supported yet "
-                                           "(the magnitude vector changes the merged weight)")
-    weights_file = folder / "adapter_model.safetensors"
-    if weights_file.exists():
-        tensors = {k: t for k, t, _ in iter_safetensors(weights_file)}
-    elif (folder / "adapter_model.bin").exists():
-        tensors = dict(iter_torch(folder / "adapter_model.bin"))
-    else:
-        raise CheckpointError(folder, f"{folder}: adapter_config.json without adapter weights")
+        raise CheckpointError(path, f"{path}: DoRA adapters are not supported yet (the learnt "
+                                    "magnitude vector changes the merged weight)")
+    peft_type = str(config.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise CheckpointError(path, f"{path}: {peft_type} adapters are not supported (LoRA only)")
+    return config
+
+
+def _adapter_tensors(folder: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    weights = folder / "adapter_model.safetensors"
+    if weights.exists():
+        return weights, {k: t for k, t, _ in iter_safetensors(weights)}
+    weights = folder / "adapter_model.bin"
+    if weights.exists():
+        return weights, dict(iter_torch(weights))
+    raise CheckpointError(folder, f"{folder}: adapter_config.json without adapter weights")
+
+
+def _base_folder(config: dict[str, object], folder: Path, base: Path | None) -> Path | None:
+    if base is not None:
+        if not Path(base).is_dir():
+            raise CheckpointError(base, f"{base}: base model folder does not exist")
+        return Path(base)
+    named = config.get("base_model_name_or_path")
+    if not isinstance(named, str) or not named:
+        return None
+    candidate = Path(named) if Path(named).is_absolute() else folder / named
+    return candidate if candidate.is_dir() else None
+
+
+def iter_peft_lora(folder: Path, base: Path | None = None) -> Iterator[LayerMatrix]:
+    """Updates (kind ``lora_update``) and, when the base weights are found, merged weights."""
+    from workers.checkpoints.layers import _layer
+
+    config = _adapter_config(folder)
+    weights_file, tensors = _adapter_tensors(folder)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
-    stored: dict[str, torch.dtype] = {}
     for key, tensor in tensors.items():
-        match = _LORA.match(key)
+        match = _PEFT.match(key)
         if match:
             pairs.setdefault(match.group(1), {})[match.group(2)] = tensor
-            stored[match.group(1)] = tensor.dtype
-    r_default = float(config.get("r", 8))
-    alpha_default = float(config.get("lora_alpha", r_default))
-    base = _base_weights(config, folder)
+    if not pairs:
+        raise CheckpointError(weights_file, f"{weights_file}: no lora_A/lora_B weights")
+    base_dir = _base_folder(config, folder, base)
+    base_weights = _BaseWeights(base_dir) if base_dir is not None else None
+    r_default = float(config.get("r", 8))  # type: ignore[arg-type]
+    alpha_default = float(config.get("lora_alpha", r_default))  # type: ignore[arg-type]
     for module, ab in sorted(pairs.items()):
         if "A" not in ab or "B" not in ab:
             raise CheckpointError(weights_file, f"{weights_file}: {module} lacks lora_A or lora_B")
-        r = _pattern_value(module, config.get("rank_pattern") or {}, r_default)
-        alpha = _pattern_value(module, config.get("alpha_pattern") or {}, alpha_default)
+        r = _pattern_value(module, config.get("rank_pattern"), r_default)
+        alpha = _pattern_value(module, config.get("alpha_pattern"), alpha_default)
         scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-        update = scale * (ab["B"].to(torch.float32) @ ab["A"].to(torch.float32))
+        # B·A is (out, in) even for fan_in_fan_out (Conv1D) modules: PEFT transposes it only
+        # to add it to the (in, out) stored weight. alphawatch's convention is (out, in).
+        update = scale * (upcast(ab["B"]) @ upcast(ab["A"]))
+        dtype = ab["A"].dtype
+        yield _layer(f"{module}.lora_update", update, dtype, str(weights_file))
+        weight = base_weights.get(module) if base_weights is not None else None
+        if weight is None:
+            continue
         if config.get("fan_in_fan_out"):
-            update = update.T
-        kind, block = classify(module)
-        yield LayerMatrix(f"{module}.lora_update", "lora_update", block, update,
-                          stored[module], str(weights_file))
-        base_weight = base.get(module)
-        if base_weight is not None and base_weight.shape == update.shape:
-            yield LayerMatrix(module, kind, block, base_weight + update, stored[module],
-                              str(weights_file))
+            weight = weight.T
+        if weight.shape != update.shape:
+            raise CheckpointError(weights_file, f"{weights_file}: {module} update is "
+                                  f"{tuple(update.shape)}, base weight {tuple(weight.shape)}")
+        merged = weight + update
+        kind, _ = classify(module)
+        assert base_weights is not None
+        pieces = split_fused(module, merged, base_weights.config) if kind == "qkv" else [
+            (module, merged)]
+        for name, piece in pieces:
+            yield _layer(name, piece, dtype, str(weights_file))
+
+
+class _SatModule:
+    def __init__(self, file: str) -> None:
+        self.file = file
+        self.original: torch.Tensor | None = None
+        self.parts: dict[str, dict[int, torch.Tensor]] = {"A": {}, "B": {}}
+
+    def ready(self) -> bool:
+        a, b = self.parts["A"], self.parts["B"]
+        return self.original is not None and bool(a) and sorted(a) == sorted(b)
+
+
+class SatLora:
+    """Collects SAT ``LoraLinear`` tensors per module from a state-dict stream.
+
+    ``model.state_dict()`` keeps a module's keys together, so a module is emitted as soon as a
+    key of another module arrives and only its small A/B matrices and its original weight are
+    held. Pieces of a module that arrive out of that order wait until the end of the stream.
+    """
+
+    def __init__(self, config: dict[str, object]) -> None:
+        self._config = config
+        alpha = config.get("lora_alpha", 1.0)
+        self._alpha = float(alpha) if isinstance(alpha, int | float) else 1.0
+        self._current: str | None = None
+        self._modules: dict[str, _SatModule] = {}
+
+    def takes(self, key: str) -> bool:
+        return _SAT.match(key) is not None
+
+    def add(self, key: str, tensor: torch.Tensor, file: str
+            ) -> list[tuple[str, torch.Tensor, torch.dtype, str]]:
+        match = _SAT.match(key)
+        assert match is not None
+        name = match.group(1).removeprefix("module.")
+        done: list[tuple[str, torch.Tensor, torch.dtype, str]] = []
+        if self._current is not None and name != self._current:
+            previous = self._modules[self._current]
+            if previous.ready():
+                done = self._emit(self._current, self._modules.pop(self._current))
+        self._current = name
+        module = self._modules.setdefault(name, _SatModule(file))
+        if match.group(2) is None:
+            module.original = tensor
+        else:
+            module.parts[match.group(2)][int(match.group(3))] = tensor
+        return done
+
+    def finish(self) -> list[tuple[str, torch.Tensor, torch.dtype, str]]:
+        out: list[tuple[str, torch.Tensor, torch.dtype, str]] = []
+        for name in sorted(self._modules):
+            out += self._emit(name, self._modules[name])
+        self._modules.clear()
+        self._current = None
+        return out
+
+    def _emit(self, name: str, module: _SatModule
+              ) -> list[tuple[str, torch.Tensor, torch.dtype, str]]:
+        a, b, original, file = module.parts["A"], module.parts["B"], module.original, module.file
+        if sorted(a) != sorted(b):
+            raise CheckpointError(Path(file), f"{file}: {name} has matrix_A {sorted(a)} but "
+                                              f"matrix_B {sorted(b)}")
+        out: list[tuple[str, torch.Tensor, torch.dtype, str]] = []
+        merged = None if original is None else upcast(original)
+        if a:
+            rank = a[0].shape[0]
+            update = (self._alpha / rank) * torch.cat(
+                [upcast(b[j]) @ upcast(a[j]) for j in sorted(a)], dim=0)
+            out.append((f"{name}.lora_update", update, a[0].dtype, file))
+            if merged is not None:
+                merged = merged + update
+        if merged is not None and original is not None:
+            kind, _ = classify(name)
+            pieces = split_fused(name, merged, self._config) if kind == "qkv" else [
+                (name, merged)]
+            out += [(piece_name, piece, original.dtype, file) for piece_name, piece in pieces]
+        return out

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
+import io
 import json
 import pickle
 import struct
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any
 
+import numpy as np
 import torch
 
 from workers.checkpoints.errors import CheckpointError, CheckpointVanished, UnsafeCheckpointError
@@ -66,7 +69,7 @@ _SAFETENSORS_DTYPES = {
 }
 
 
-def _read_tensor(handle: BinaryIO, path: Path, base: int, key: str,
+def _read_tensor(handle: io.BufferedReader, path: Path, base: int, key: str,
                  info: dict[str, object]) -> torch.Tensor:
     dtype = _SAFETENSORS_DTYPES.get(str(info.get("dtype")))
     if dtype is None:
@@ -123,17 +126,40 @@ def _flatten(obj: object, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]
             yield from _flatten(value, f"{prefix}.{key}" if prefix else str(key))
 
 
+def _data_only_globals() -> list[Any]:
+    """Globals that only hold data, beside what ``weights_only`` already allows.
+
+    Megatron stores its arguments as an ``argparse.Namespace`` and numpy RNG states, Transformer
+    Engine its ``_extra_state`` as ``io.BytesIO``: refusing them would refuse every real Megatron
+    checkpoint. Each of these builds a value from bytes or sets attributes; none runs code, and
+    anything nested in them goes through the same restricted unpickler.
+    """
+    multiarray = (getattr(np, "_core", None) or np.core).multiarray  # numpy 2, numpy 1
+    allowed: list[Any] = [argparse.Namespace, io.BytesIO, np.ndarray, np.dtype]
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        allowed += [(multiarray._reconstruct, f"{module}._reconstruct"),
+                    (multiarray.scalar, f"{module}.scalar")]
+    allowed += [getattr(np.dtypes, name) for name in dir(np.dtypes)
+                if name.endswith("DType") and name not in ("ObjectDType", "VoidDType")]
+    return allowed
+
+
+_DATA_ONLY = _data_only_globals()
+
+
 def load_torch(path: Path) -> dict[str, object]:
-    """Load a torch pickle with ``weights_only=True``: tensors and plain containers only.
+    """Load a torch pickle with ``weights_only=True``: tensors, plain containers and data.
 
     A pickle that needs any other global (a class, a function — code) is refused with
-    :class:`UnsafeCheckpointError`; nothing in it is executed.
+    :class:`UnsafeCheckpointError`; nothing in it is executed. Zip-format files are memory
+    mapped, so a tensor's bytes are read only when that tensor is used.
     """
     try:
         if path.stat().st_size == 0:
             raise CheckpointError(path, f"{path}: empty file")
         mmap = zipfile.is_zipfile(path)
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        with torch.serialization.safe_globals(_DATA_ONLY):
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError as exc:
         raise CheckpointVanished(path, f"{path} disappeared while being read") from exc
     except pickle.UnpicklingError as exc:
@@ -183,3 +209,19 @@ def _apply_block_scale(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tenso
     cols = -(-weight.shape[1] // scale.shape[1])
     expanded = scale.repeat_interleave(rows, 0).repeat_interleave(cols, 1)
     return weight * expanded[: weight.shape[0], : weight.shape[1]]
+
+
+def read_safetensors_tensor(path: Path, key: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One tensor (and its fp8 inverse scale, if any) of a safetensors file, by key."""
+    length, header = safetensors_header(path)
+    info = header.get(key)
+    if not isinstance(info, dict):
+        raise CheckpointError(path, f"{path}: has no tensor {key!r}")
+    try:
+        with path.open("rb") as handle:
+            scale_info = header.get(key + "_scale_inv")
+            scale = (_read_tensor(handle, path, 8 + length, key + "_scale_inv", scale_info)
+                     if isinstance(scale_info, dict) else None)
+            return _read_tensor(handle, path, 8 + length, key, info), scale
+    except FileNotFoundError as exc:
+        raise CheckpointVanished(path, f"{path} disappeared while being read") from exc

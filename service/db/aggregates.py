@@ -1,0 +1,69 @@
+"""Robust statistics of a checkpoint, computed once when its layers are written.
+
+A trend over a long run would otherwise read every layer row of every checkpoint on each
+request (500 checkpoints x 300 layers = 150 000 rows). The rows kept here are made by the same
+pure functions (``service.robust``) the API applies to layer rows, so both paths give the same
+numbers; the API falls back to the layer rows for anything not kept here.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from service import robust
+
+PRECOMPUTED_METRICS: tuple[str, ...] = (
+    "alpha", "alpha_weighted", "log_alpha_norm", "log_norm", "log_spectral_norm", "stable_rank",
+    "D", "entropy", "mp_softrank", "distance_from_init",
+)
+PRECOMPUTED_FILTERS: tuple[str, ...] = ("trusted", "all")
+PRECOMPUTED_OUTLIERS: tuple[str, ...] = ("none", "mad")
+# The layer groups the dashboard offers (attention, MLP, embeddings), for alpha only.
+KIND_GROUPS: tuple[tuple[str, ...], ...] = (
+    ("q", "k", "v", "o", "qkv"), ("gate", "up", "down", "fc_in", "fc_out"), ("embed", "lm_head"),
+)
+DEFAULT_MAD_K = 3.0
+DEFAULT_ALPHA_MAX = 8.0
+
+
+def kinds_key(kinds: Iterable[str] | None) -> str:
+    """Canonical form of a set of layer kinds: sorted, unique, comma-joined ("" = all)."""
+    return ",".join(sorted(set(kinds or ())))
+
+
+PRECOMPUTED_KINDS = frozenset({"", *(kinds_key(g) for g in KIND_GROUPS)})
+
+
+def stat_rows(
+    layers: Sequence[Mapping[str, Any]],
+    *,
+    checkpoint_id: int,
+    alpha_max: float = DEFAULT_ALPHA_MAX,
+    mad_k: float = DEFAULT_MAD_K,
+) -> list[dict[str, Any]]:
+    """``checkpoint_stat`` rows for every method, kept metric, kind set, filter and outlier rule."""
+    by_method: dict[str, list[Mapping[str, Any]]] = {}
+    for layer in layers:
+        by_method.setdefault(str(layer.get("method", "ww")), []).append(layer)
+    rows: list[dict[str, Any]] = []
+    for method, of_method in by_method.items():
+        selections: list[tuple[str, str, Sequence[Mapping[str, Any]]]] = [
+            (metric, "", of_method) for metric in PRECOMPUTED_METRICS]
+        for group in KIND_GROUPS:
+            selections.append(("alpha", kinds_key(group),
+                               [x for x in of_method if x.get("kind") in group]))
+        for metric, kinds, chosen_layers in selections:
+            for flt in PRECOMPUTED_FILTERS:
+                for outliers in PRECOMPUTED_OUTLIERS:
+                    chosen = robust.select(chosen_layers, metric=metric, filter=flt,
+                                           alpha_max=alpha_max, outliers=outliers, mad_k=mad_k)
+                    rows.append({
+                        "checkpoint_id": checkpoint_id, "method": method, "metric": metric,
+                        "filter": flt, "outliers": outliers, "kinds": kinds,
+                        "alpha_max": alpha_max, "mad_k": mad_k, "n_used": chosen.n_used,
+                        "n_excluded": chosen.n_excluded, "excluded": json.dumps(chosen.excluded),
+                        **robust.describe(chosen.values),
+                    })
+    return rows
