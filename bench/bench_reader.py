@@ -66,7 +66,7 @@ def main() -> int:
         subprocess.run([sys.executable, "-c", _WRITER, str(folder), str(args.tensors),
                         str(args.dim), str(args.shards)], check=True)
         size = sum(p.stat().st_size for p in folder.iterdir())
-        # Drop the page cache's claim on this process: it was written by another process.
+        # Imported after the write so that the baseline holds torch and alphawatch, nothing else.
         from workers.checkpoints import discover, iter_layers
 
         (ref,) = discover(work, settle_s=0)

@@ -668,7 +668,7 @@ function drawEsd(esd, maxD) {
   vline(esd.mp_bulk_max, C.green, " MP edge", 0.9);
   plot("esd", traces, { barmode: "overlay", shapes, annotations,
     xaxis: { title: { text: "log₁₀ eigenvalue λ" } },
-    yaxis: { title: { text: "density" }, type: "log", exponentformat: "power" },
+    yaxis: { title: { text: "density" }, type: "log", exponentformat: "power", dtick: 1 },
     margin: { l: 60, r: 20, t: 30, b: 45 } });
 }
 

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
+import anyio.to_thread
 import plotly
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -22,10 +26,23 @@ log = logging.getLogger("alphawatch.api")
 PLOTLY_JS = Path(plotly.__file__).resolve().parent / "package_data" / "plotly.min.js"
 
 
+# Route handlers are sync (SQLAlchemy sessions) and run on anyio's thread pool. Its default of
+# 40 threads lets 40 CPU-bound handlers fight for the GIL at once, which on a small machine
+# stretches every request instead of finishing some; a few threads keep latency bounded and
+# still overlap database waits.
+API_THREADS = int(os.environ.get("ALPHAWATCH_API_THREADS", "6"))
+
+
+@asynccontextmanager
+async def _lifespan(_app: FastAPI) -> AsyncIterator[None]:
+    anyio.to_thread.current_default_thread_limiter().total_tokens = API_THREADS
+    yield
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the API + dashboard application; settings are read here, never at import time."""
     settings = settings or Settings()
-    app = FastAPI(title="alphawatch", version=__version__,
+    app = FastAPI(title="alphawatch", version=__version__, lifespan=_lifespan,
                   description="Heavy-tailed spectral health of models in training: per-layer "
                               "power-law alpha, fit quality, traps and robust trends.")
     app.state.settings = settings

@@ -190,9 +190,14 @@ def _allowed_path(raw: str, settings: Settings) -> Path:
 def get_run(run_id: RunId, session: SessionDep, settings: SettingsDep) -> dict[str, Any]:
     """One run, with the thresholds applied to its trust verdicts."""
     run = queries.get_run(session=session, run_id=run_id)
+    # Methods of the latest analysed checkpoint: scanning every layer row of a long run for
+    # DISTINCT would cost more than the rest of the page.
+    latest = session.scalar(select(Checkpoint.id).where(
+        Checkpoint.run_id == run_id, Checkpoint.status == "done")
+        .order_by(Checkpoint.step.desc()).limit(1))
     methods = sorted(set(session.scalars(
-        select(LayerMetric.method).join(Checkpoint).where(Checkpoint.run_id == run_id).distinct()
-    )))
+        select(LayerMetric.method).where(LayerMetric.checkpoint_id == latest).distinct()
+    ))) if latest is not None else []
     return {**queries.run_summary(session=session, run=run, alpha_max=settings.trust.alpha_max),
             "thresholds": settings.trust.model_dump(), "methods": methods}
 

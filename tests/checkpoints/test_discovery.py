@@ -42,14 +42,20 @@ def test_trainer_files_beside_pytorch_model_bin_are_not_read(tmp_path: Path) -> 
 
 def test_sharded_pytorch_bin_with_index(tmp_path: Path) -> None:
     weights = state(1)
+    folder = tmp_path / "checkpoint-3"
+    folder.mkdir()
     keys = sorted(weights)
     weight_map = {}
     for i, key in enumerate(keys):
         name = f"pytorch_model-0000{i + 1}-of-0000{len(keys)}.bin"
-        torch.save({key: weights[key]}, tmp_path / name)
+        torch.save({key: weights[key]}, folder / name)
         weight_map[key] = name
-    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    got = read(tmp_path)
+    (folder / "trainer_state.json").write_text("{}")
+    assert not discover(tmp_path, settle_s=60)[0].complete  # shards without their index
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (ref,) = discover(tmp_path, settle_s=60)
+    assert ref.complete, ref.reason
+    got = read(folder)
     assert len(got) == 2
     for key in ("model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj"):
         assert torch.equal(got[key], weights[key + ".weight"])

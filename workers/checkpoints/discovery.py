@@ -93,6 +93,19 @@ def weights_complete(folder: Path) -> tuple[bool, str]:
         except CheckpointError as exc:
             return False, str(exc)
         return True, "model.safetensors complete"
+    bin_shards = sorted(folder.glob("*-of-*.bin"))
+    bin_index = next(iter(sorted(folder.glob("*.bin.index.json"))), None)
+    if bin_shards or bin_index is not None:
+        if bin_index is None:
+            return False, f"{folder}: .bin shards without their index json"
+        try:
+            names = set(json.loads(bin_index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return False, f"{bin_index}: index is not readable yet"
+        missing = sorted(n for n in names if not (folder / n).exists())
+        if missing:
+            return False, f"{folder / missing[0]} is missing"
+        return True, "index and every .bin shard present"
     if any(folder.glob("*.bin")) or any(folder.glob("*.pt")) or any(folder.glob("*.safetensors")):
         return True, "weights present"
     if (folder / "adapter_config.json").exists():
