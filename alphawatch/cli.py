@@ -244,7 +244,7 @@ _COLUMNS = ("name", "shape", "alpha", "D", "xmin", "num_pl_spikes", "fit_status"
 
 def analyze_path(path: Path, settings: Settings, method: str | None = None) -> dict[str, Any]:
     """Analyse one checkpoint (no database) into the public ``analyze`` JSON document."""
-    from service.api.robust import summarize
+    from service.robust import summarize
     from workers.checkpoints import discover, iter_layers
     from workers.spectral import Thresholds, analyze_matrix, resolve_device
 

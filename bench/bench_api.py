@@ -167,7 +167,8 @@ class Connection:
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
-    async def get(self, path: str) -> tuple[int, bytes]:
+    async def get(self, path: str) -> tuple[int, bytes, bool]:
+        """Status, body, and whether the server answered from its result cache."""
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         assert self.reader is not None
@@ -177,7 +178,8 @@ class Connection:
         status = int(lines[0].split()[1])
         length = next(int(line.split(":", 1)[1]) for line in lines[1:]
                       if line.lower().startswith("content-length:"))
-        return status, await self.reader.readexactly(length)
+        hit = any(line.lower() == "x-cache: hit" for line in lines[1:])
+        return status, await self.reader.readexactly(length), hit
 
     def close(self) -> None:
         if self.writer is not None:
@@ -185,27 +187,31 @@ class Connection:
 
 
 async def drive(base: str, paths: list[str], clients: int, max_requests: int,
-                max_seconds: float) -> dict[str, Any]:
-    """``clients`` concurrent loops over ``paths`` until either bound; latencies of 200s."""
+                max_seconds: float, ordered: bool = False) -> dict[str, Any]:
+    """``clients`` concurrent loops over ``paths`` until either bound; latencies of 200s.
+
+    Paths are drawn at random, or each once in order with ``ordered``.
+    """
     latencies: list[float] = []
     errors: dict[str, int] = {}
-    issued = 0
+    issued = hits = 0
     deadline = time.perf_counter() + max_seconds
     host, port = base.removeprefix("http://").split(":")
 
     async def client(seed: int) -> None:
-        nonlocal issued
+        nonlocal issued, hits
         rng = random.Random(seed)
         connection = Connection(host, int(port))
         try:
             while issued < max_requests and time.perf_counter() < deadline:
+                path = paths[issued % len(paths)] if ordered else rng.choice(paths)
                 issued += 1
-                path = rng.choice(paths)
                 t0 = time.perf_counter()
-                status, _body = await connection.get(path)
+                status, _body, hit = await connection.get(path)
                 elapsed = time.perf_counter() - t0
                 if status == 200:
                     latencies.append(elapsed)
+                    hits += hit
                 else:
                     errors[str(status)] = errors.get(str(status), 0) + 1
         finally:
@@ -214,19 +220,22 @@ async def drive(base: str, paths: list[str], clients: int, max_requests: int,
     started = time.perf_counter()
     await asyncio.gather(*(client(i) for i in range(clients)))
     wall = time.perf_counter() - started
-    ordered = sorted(latencies)
+    done = sorted(latencies)
 
     def pct(q: float) -> float:
-        return 1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
+        return 1000 * done[min(len(done) - 1, int(q * len(done)))] if done else 0.0
 
-    return {"requests": len(ordered), "errors": errors, "wall_s": round(wall, 2),
-            "throughput_rps": round(len(ordered) / wall, 1), "p50_ms": round(pct(0.50), 1),
+    return {"requests": len(done), "errors": errors, "wall_s": round(wall, 2),
+            "throughput_rps": round(len(done) / wall, 1),
+            "cache_hits": round(hits / len(done), 3) if done else None,
+            "p50_ms": round(pct(0.50), 1),
             "p99_ms": round(pct(0.99), 1),
-            "mean_ms": round(1000 * statistics.fmean(ordered), 1) if ordered else None}
+            "mean_ms": round(1000 * statistics.fmean(done), 1) if done else None}
 
 
-def serve(url: str, port: int, workers: int) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "ALPHAWATCH_DATABASE_URL": url, "PYTHONPATH": str(ROOT)}
+def serve(url: str, port: int, workers: int, cache: bool) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "ALPHAWATCH_DATABASE_URL": url, "PYTHONPATH": str(ROOT),
+           "ALPHAWATCH_API_CACHE_ENTRIES": "4096" if cache else "0"}
     process = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "--factory", "service.api:create_app", "--host",
          "127.0.0.1", "--port", str(port), "--workers", str(workers), "--log-level", "warning",
@@ -288,23 +297,31 @@ def main() -> None:
                          f"&block_min=0&block_max=9" for r in range(1, n_runs + 1)]
     history_paths = [f"/api/v1/runs/{rng.randint(1, n_runs)}/layers/{rng.choice(names)}/history"
                      for _ in range(2000)]
-    server = serve(url, args.port, args.workers)
     results: dict[str, Any] = {}
-    try:
-        base = f"http://127.0.0.1:{args.port}"
-        asyncio.run(drive(base, trend_paths[:2] + history_paths[:2], 4, 40, 30))  # warm-up
-        for label, paths, n in (("trend (whole model, kept statistics)", trend_paths,
-                                 args.requests),
-                                ("layer history", history_paths, args.requests),
-                                ("trend of the attention group (kept statistics)",
-                                 trend_kind_paths, args.requests),
-                                ("trend of blocks 0-9 (from layer rows)", trend_block_paths,
-                                 max(args.requests // 20, 32))):
-            results[label] = asyncio.run(drive(base, paths, args.clients, n, args.seconds))
-            print(label, json.dumps(results[label]), flush=True)
-    finally:
-        server.send_signal(signal.SIGINT)
-        server.wait(timeout=30)
+    endpoints = (("trend (whole model, kept statistics)", trend_paths, args.requests),
+                 ("layer history", history_paths, args.requests),
+                 ("trend of the attention group (kept statistics)", trend_kind_paths,
+                  args.requests),
+                 ("trend of blocks 0-9 (from layer rows)", trend_block_paths,
+                  max(args.requests // 20, 32)))
+    base = f"http://127.0.0.1:{args.port}"
+    for cache in (True, False):
+        mode = "result cache on" if cache else "result cache off"
+        server = serve(url, args.port, args.workers, cache)
+        try:
+            asyncio.run(drive(base, trend_paths[:2] + history_paths[:2], 4, 40, 30))  # warm-up
+            for label, paths, n in endpoints:
+                if cache:
+                    # One pass over the distinct paths first: the figures are then those of
+                    # dashboards and CI jobs re-reading runs between two analysed checkpoints.
+                    distinct = sorted(set(paths))
+                    asyncio.run(drive(base, distinct, 8, len(distinct), 600, ordered=True))
+                results[f"{label}, {mode}"] = asyncio.run(
+                    drive(base, paths, args.clients, n, args.seconds))
+                print(f"{label}, {mode}", json.dumps(results[f"{label}, {mode}"]), flush=True)
+        finally:
+            server.send_signal(signal.SIGINT)
+            server.wait(timeout=30)
     report = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
                    f"{platform.python_implementation()} {platform.python_version()}",

@@ -121,8 +121,15 @@ def statistic(values: np.ndarray, stat: str) -> float | None:
 
 
 def describe(values: np.ndarray) -> dict[str, float | None]:
-    """Every statistic of :data:`STATS` at once."""
-    return {stat: statistic(values, stat) for stat in STATS}
+    """Every statistic of :data:`STATS` at once (the same numbers as :func:`statistic`)."""
+    if values.size == 0:
+        return dict.fromkeys(STATS)
+    # One percentile call for the four quantiles: element for element the same arithmetic as
+    # four calls, at a quarter of numpy's per-call overhead (trends make one per checkpoint).
+    p10, p25, p75, p90 = (float(v) for v in np.percentile(values, (10, 25, 75, 90)))
+    return {"median": float(np.median(values)), "mean": float(values.mean()),
+            "trimmed_mean": trimmed_mean(values), "p10": p10, "p25": p25, "p75": p75,
+            "p90": p90, "iqr": p75 - p25}
 
 
 def summarize(layers: list[Mapping[str, Any]], *, alpha_max: float = 8.0) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from alphawatch import __version__
 from alphawatch.settings import Settings
 from dashboard import STATIC_DIR
+from service.api.cache import ResultCache
 from service.api.queries import NotFound
 from service.api.routes import health_router, router
 
@@ -34,9 +35,16 @@ API_THREADS = int(os.environ.get("ALPHAWATCH_API_THREADS", "6"))
 
 
 @asynccontextmanager
-async def _lifespan(_app: FastAPI) -> AsyncIterator[None]:
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     anyio.to_thread.current_default_thread_limiter().total_tokens = API_THREADS
-    yield
+    cache: ResultCache | None = app.state.cache
+    if cache is not None:
+        cache.start()
+    try:
+        yield
+    finally:
+        if cache is not None:
+            await anyio.to_thread.run_sync(cache.stop)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -46,6 +54,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   description="Heavy-tailed spectral health of models in training: per-layer "
                               "power-law alpha, fit quality, traps and robust trends.")
     app.state.settings = settings
+    # Read responses kept until the database announces new results (PostgreSQL's NOTIFY);
+    # SQLite cannot announce, so its processes always read the database.
+    app.state.cache = (ResultCache(settings.database_url, max_entries=settings.api_cache_entries)
+                       if settings.api_cache_entries and
+                       settings.database_url.startswith("postgresql") else None)
 
     @app.exception_handler(NotFound)
     async def not_found(_request: Request, exc: NotFound) -> JSONResponse:

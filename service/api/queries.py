@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from typing import Any
 
@@ -80,7 +81,9 @@ def layer_dicts(
         query = query.where(LayerMetric.block <= block_max)
     if name is not None:
         query = query.where(LayerMetric.name == name)
-    return [dict(row._mapping) for row in session.execute(query)]
+    result = session.execute(query)
+    keys = tuple(result.keys())
+    return [dict(zip(keys, row, strict=True)) for row in result]
 
 
 def done_checkpoints(*, session: Session, run_id: int) -> list[tuple[int, int]]:
@@ -101,9 +104,9 @@ def downsample(items: list[Any], max_points: int | None) -> list[Any]:
 
 
 def _point(step: int, chosen: robust.Selection, stat: str) -> dict[str, Any]:
-    return {"step": step, "value": robust.statistic(chosen.values, stat),
-            "n_used": chosen.n_used, "n_excluded": chosen.n_excluded,
-            "excluded": chosen.excluded, **robust.describe(chosen.values)}
+    described = robust.describe(chosen.values)
+    return {"step": step, "value": described[stat], "n_used": chosen.n_used,
+            "n_excluded": chosen.n_excluded, "excluded": chosen.excluded, **described}
 
 
 _STAT_FIELDS = [getattr(CheckpointStat, c) for c in
@@ -181,7 +184,9 @@ def layer_history(
     )
     if limit is not None:
         query = query.limit(limit)
-    rows = downsample([dict(r._mapping) for r in session.execute(query)], max_points)
+    result = session.execute(query)
+    keys = tuple(result.keys())
+    rows = downsample([dict(zip(keys, r, strict=True)) for r in result], max_points)
     if not rows and offset == 0:
         get_run(session=session, run_id=run_id)
         raise NotFound(f"run {run_id} has no layer {layer_name!r} (method {method!r})")
@@ -289,6 +294,7 @@ def esd(*, session: Session, run_id: int, step: int, layer_name: str,
             "fit_status": layer.fit_status, "fit_line": fit_line}
 
 
+@functools.cache
 def numeric_metrics() -> list[str]:
     """Layer metric columns a trend or history can be asked for."""
     from sqlalchemy import Float, Integer

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from alphawatch.settings import Settings
 from service.api import queries
+from service.api.cache import ResultCache
 from service.api.schemas import (
     CheckpointLayers,
     CheckpointList,
@@ -96,12 +97,30 @@ StepPath = Annotated[int, PathParam(ge=0, le=INT64, description="training step")
 MaxPoints = Annotated[int | None, Query(ge=2, le=100_000, description="downsample to N steps")]
 
 
-def _json(payload: dict[str, Any]) -> Response:
-    """Serialise in pydantic-core (Rust): trends and histories carry thousands of numbers.
+def _compute(settings: Settings, build: Callable[[Session], dict[str, Any]]) -> bytes:
+    with session_scope(make_engine(settings.database_url)) as session:
+        return to_json(build(session))
 
-    The route still declares its response model for OpenAPI; the tests check the shape.
+
+async def _cached(request: Request, build: Callable[[Session], dict[str, Any]]) -> Response:
+    """The JSON body ``build`` makes, from the result cache when the results have not changed.
+
+    On a hit no thread, session or query is involved; on a miss ``build`` runs on the thread
+    pool with its own session, and its body is kept under the version read before it ran.
     """
-    return Response(to_json(payload), media_type="application/json")
+    settings: Settings = request.app.state.settings
+    cache: ResultCache | None = request.app.state.cache
+    if cache is None:
+        return Response(await run_in_threadpool(_compute, settings, build),
+                        media_type="application/json")
+    key = f"{request.url.path}?{sorted(request.query_params.multi_items())}"
+    body = cache.get(key)
+    if body is not None:
+        return Response(body, media_type="application/json", headers={"X-Cache": "hit"})
+    version = cache.version()
+    body = await run_in_threadpool(_compute, settings, build)
+    cache.put(key, version, body)
+    return Response(body, media_type="application/json", headers={"X-Cache": "miss"})
 
 
 def _metric(metric: str) -> str:
@@ -256,21 +275,26 @@ def export_csv(run_id: RunId, session: SessionDep, method: Method = "ww") -> Res
 
 
 @router.get("/runs/{run_id}/layers/{layer_name}/history", response_model=HistoryRead)
-def layer_history(run_id: RunId, layer_name: str, session: SessionDep,
-                  metric: Metric = "alpha", method: Method = "ww",
-                  max_points: MaxPoints = None,
-                  limit: Annotated[int | None, Query(ge=1, le=100_000)] = None,
-                  offset: Annotated[int, Query(ge=0, le=INT64)] = 0) -> Response:
+async def layer_history(request: Request, run_id: RunId, layer_name: str,
+                        metric: Metric = "alpha", method: Method = "ww",
+                        max_points: MaxPoints = None,
+                        limit: Annotated[int | None, Query(ge=1, le=100_000)] = None,
+                        offset: Annotated[int, Query(ge=0, le=INT64)] = 0) -> Response:
     """One layer's metric over steps, with fit quality and status (paged, then downsampled)."""
-    points = queries.layer_history(session=session, run_id=run_id, layer_name=layer_name,
-                                   metric=_metric(metric), method=method,
-                                   max_points=max_points, limit=limit, offset=offset)
-    return _json({"run_id": run_id, "layer": layer_name, "metric": metric, "points": points})
+    metric = _metric(metric)
+
+    def build(session: Session) -> dict[str, Any]:
+        points = queries.layer_history(session=session, run_id=run_id, layer_name=layer_name,
+                                       metric=metric, method=method, max_points=max_points,
+                                       limit=limit, offset=offset)
+        return {"run_id": run_id, "layer": layer_name, "metric": metric, "points": points}
+
+    return await _cached(request, build)
 
 
 @router.get("/runs/{run_id}/trend", response_model=TrendRead)
-def get_trend(
-    run_id: RunId, session: SessionDep, settings: SettingsDep,
+async def get_trend(
+    request: Request, run_id: RunId, settings: SettingsDep,
     metric: Metric = "alpha",
     stat: Annotated[Literal["median", "mean", "trimmed_mean", "p10", "p25", "p75", "p90",
                             "iqr"], Query()] = "median",
@@ -286,27 +310,34 @@ def get_trend(
 ) -> Response:
     """Model-level robust statistic of a metric per checkpoint, with exclusions explained."""
     metric = _metric(metric)
-    points = queries.trend(session=session, run_id=run_id, metric=metric, stat=stat,
-                           filter=filter, method=method, kinds=_kinds(kind), block_min=block_min,
-                           block_max=block_max, outliers=outliers, mad_k=mad_k,
-                           alpha_max=settings.trust.alpha_max, max_points=max_points)
-    return _json({"run_id": run_id, "metric": metric, "stat": stat, "filter": filter,
-                  "method": method, "outliers": outliers, "points": points})
+
+    def build(session: Session) -> dict[str, Any]:
+        points = queries.trend(session=session, run_id=run_id, metric=metric, stat=stat,
+                               filter=filter, method=method, kinds=_kinds(kind),
+                               block_min=block_min, block_max=block_max, outliers=outliers,
+                               mad_k=mad_k, alpha_max=settings.trust.alpha_max,
+                               max_points=max_points)
+        return {"run_id": run_id, "metric": metric, "stat": stat, "filter": filter,
+                "method": method, "outliers": outliers, "points": points}
+
+    return await _cached(request, build)
 
 
 @router.get("/runs/{run_id}/heatmap")
-def get_heatmap(run_id: RunId, session: SessionDep, metric: Metric = "alpha",
-                method: Method = "ww", max_points: MaxPoints = 500) -> dict[str, Any]:
+async def get_heatmap(request: Request, run_id: RunId, metric: Metric = "alpha",
+                      method: Method = "ww", max_points: MaxPoints = 500) -> Response:
     """Layer x step matrix of a metric; layers ordered by block, then kind."""
-    return queries.heatmap(session=session, run_id=run_id, metric=_metric(metric),
-                           method=method, max_points=max_points)
+    metric = _metric(metric)
+    return await _cached(request, lambda session: queries.heatmap(
+        session=session, run_id=run_id, metric=metric, method=method, max_points=max_points))
 
 
 @router.get("/runs/{run_id}/flags")
-def get_flags(run_id: RunId, session: SessionDep, method: Method = "ww") -> dict[str, Any]:
+async def get_flags(request: Request, run_id: RunId, method: Method = "ww") -> Response:
     """Per checkpoint: how many layers carry each flag and each fit status."""
-    return {"run_id": run_id, "points": queries.flags(session=session, run_id=run_id,
-                                                      method=method)}
+    return await _cached(request, lambda session: {
+        "run_id": run_id, "points": queries.flags(session=session, run_id=run_id,
+                                                  method=method)})
 
 
 @router.get("/runs/{run_id}/checkpoints/{step}/layers/{layer_name}/esd",
@@ -351,8 +382,8 @@ def gate(
 
 
 @router.get("/compare", response_model=CompareRead)
-def compare(
-    session: SessionDep, settings: SettingsDep,
+async def compare(
+    request: Request, settings: SettingsDep,
     runs: Annotated[str, Query(pattern=r"^\d{1,9}(,\d{1,9}){0,49}$",
                                description="up to 50 run ids, comma-separated")],
     metric: Metric = "alpha",
@@ -362,14 +393,18 @@ def compare(
 ) -> dict[str, Any]:
     """Robust trends of several runs, to overlay."""
     metric = _metric(metric)
-    out = []
-    for run_id in dict.fromkeys(int(r) for r in runs.split(",")):
-        run = queries.get_run(session=session, run_id=run_id)
-        points = queries.trend(session=session, run_id=run_id, metric=metric, stat=stat,
-                               filter=filter, method=method, kinds=None, block_min=None,
-                               block_max=None, outliers="none", mad_k=3.0,
-                               alpha_max=settings.trust.alpha_max, max_points=max_points)
-        out.append({"run_id": run_id, "name": run.name,
-                    "points": [{"step": p["step"], "value": p["value"], "n_used": p["n_used"]}
-                               for p in points]})
-    return {"metric": metric, "stat": stat, "runs": out}
+
+    def build(session: Session) -> dict[str, Any]:
+        out = []
+        for run_id in dict.fromkeys(int(r) for r in runs.split(",")):
+            run = queries.get_run(session=session, run_id=run_id)
+            points = queries.trend(session=session, run_id=run_id, metric=metric, stat=stat,
+                                   filter=filter, method=method, kinds=None, block_min=None,
+                                   block_max=None, outliers="none", mad_k=3.0,
+                                   alpha_max=settings.trust.alpha_max, max_points=max_points)
+            out.append({"run_id": run_id, "name": run.name,
+                        "points": [{"step": p["step"], "value": p["value"],
+                                    "n_used": p["n_used"]} for p in points]})
+        return {"metric": metric, "stat": stat, "runs": out}
+
+    return await _cached(request, build)

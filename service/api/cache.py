@@ -1,0 +1,138 @@
+"""Read responses kept in memory until PostgreSQL says that results changed.
+
+A dashboard refreshes the same trends and histories every few seconds, and a CI job asks for the
+same gate of the same run: between two analysed checkpoints the answers do not change. Each API
+process keeps the JSON bodies of its read routes in an LRU and drops them all when a
+notification arrives on :data:`CHANNEL`. Triggers (migration 0003) send that notification on
+every committed write to ``run``, ``checkpoint``, ``layer_metric`` and ``checkpoint_stat``,
+whatever wrote it (a worker, a re-analysis, a deleted run, a bulk load).
+
+Correctness rests on two rules:
+
+* an entry is served only while the listener is connected: a process that may have missed a
+  notification serves nothing from memory;
+* a body is stored under the version read *before* its query ran; a notification that arrives
+  while the query runs bumps the version, so the body is never served. PostgreSQL delivers a
+  notification after its transaction is visible, so a query that starts after the bump sees it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+
+import psycopg
+from sqlalchemy.engine import make_url
+
+log = logging.getLogger("alphawatch.api.cache")
+
+CHANNEL = "alphawatch_results"
+
+
+def libpq_url(database_url: str) -> str:
+    """The SQLAlchemy URL of a PostgreSQL database as a libpq connection URL."""
+    return make_url(database_url).set(drivername="postgresql").render_as_string(
+        hide_password=False)
+
+
+class ResultCache:
+    """LRU of response bodies, valid while the database's results are unchanged.
+
+    Args:
+        database_url: a PostgreSQL SQLAlchemy URL; the listener opens its own connection.
+        max_entries: bodies kept at most; the least recently used go first.
+        poll_s: how often the listener wakes to check its stop flag and its connection.
+    """
+
+    def __init__(self, database_url: str, *, max_entries: int = 2048, poll_s: float = 0.25):
+        self._conninfo = libpq_url(database_url)
+        self._max = max_entries
+        self._poll_s = poll_s
+        self._entries: OrderedDict[str, tuple[int, bytes]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._version = 0
+        self._live = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def live(self) -> bool:
+        return self._live.is_set()
+
+    def version(self) -> int | None:
+        """The version a computation started now would be stored under; None when not live."""
+        return self._version if self._live.is_set() else None
+
+    def get(self, key: str) -> bytes | None:
+        if not self._live.is_set():
+            return None
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None or entry[0] != self._version:
+                self.misses += 1
+                return None
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return entry[1]
+
+    def put(self, key: str, version: int | None, body: bytes) -> None:
+        with self._lock:
+            if version is None or version != self._version or not self._live.is_set():
+                return
+            self._entries[key] = (version, body)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self._max:
+                self._entries.popitem(last=False)
+
+    def invalidate(self) -> None:
+        with self._lock:
+            self._version += 1
+            self._entries.clear()
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._listen, name="alphawatch-cache",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10 * self._poll_s + 5)
+        self._live.clear()
+        self.invalidate()
+
+    def wait_live(self, timeout: float) -> bool:
+        """Block until the listener is connected (for tests and benchmarks)."""
+        return self._live.wait(timeout)
+
+    def _listen(self) -> None:
+        backoff = 0.5
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(self._conninfo, autocommit=True,
+                                     application_name="alphawatch-cache") as conn:
+                    conn.execute(f"LISTEN {CHANNEL}")
+                    # Anything may have changed while nobody listened.
+                    self.invalidate()
+                    self._live.set()
+                    backoff = 0.5
+                    idle = 0.0
+                    while not self._stop.is_set():
+                        for _note in conn.notifies(timeout=self._poll_s):
+                            self.invalidate()
+                        idle += self._poll_s
+                        if idle >= 5.0:  # a dead server shows itself here, not in notifies()
+                            conn.execute("SELECT 1")
+                            idle = 0.0
+            except psycopg.Error as exc:
+                if self._live.is_set():
+                    log.warning("result cache off: lost the database listener (%s)", exc)
+                self._live.clear()
+                self.invalidate()
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
+        self._live.clear()

@@ -1,0 +1,144 @@
+"""The result cache: served while nothing changed, dropped on every committed write."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import psycopg
+import pytest
+from fastapi.testclient import TestClient
+
+from alphawatch.settings import Settings
+from service.api import create_app
+from service.api.cache import ResultCache, libpq_url
+from service.db import queue
+from service.db.session import make_engine, session_scope
+from tests.service.test_api import fill
+
+TREND = "/api/v1/runs/1/trend"
+HISTORY = "/api/v1/runs/1/layers/model.layers.0.q_proj/history"
+
+
+@pytest.fixture
+def client(pg_url: str) -> Iterator[TestClient]:
+    fill(pg_url)
+    app = create_app(Settings(database_url=pg_url))
+    with TestClient(app) as c:
+        cache: ResultCache = app.state.cache
+        assert cache.wait_live(10), "the cache listener did not connect"
+        yield c
+
+
+def _until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.02)
+
+
+def _cache(client: TestClient) -> ResultCache:
+    cache: ResultCache = client.app.state.cache  # type: ignore[attr-defined]
+    return cache
+
+
+def test_repeated_reads_are_served_from_memory_with_the_same_body(client: TestClient) -> None:
+    for path in (TREND, HISTORY, "/api/v1/runs/1/heatmap", "/api/v1/runs/1/flags",
+                 "/api/v1/compare?runs=1"):
+        first, second = client.get(path), client.get(path)
+        assert first.status_code == second.status_code == 200, first.text
+        assert (first.headers["x-cache"], second.headers["x-cache"]) == ("miss", "hit")
+        assert first.content == second.content
+    # Other parameters are other answers, not the cached one.
+    mean = client.get(TREND, params={"stat": "mean"})
+    assert mean.headers["x-cache"] == "miss"
+    assert mean.json()["stat"] == "mean"
+
+
+def test_a_completed_checkpoint_is_visible_at_once(client: TestClient, pg_url: str) -> None:
+    before = client.get(TREND).json()
+    assert client.get(TREND).headers["x-cache"] == "hit"
+    version = _cache(client).version()
+    engine = make_engine(pg_url)
+    with session_scope(engine) as session:
+        queue.register_checkpoint(session, run_id=1, step=400, path="/r/400", fingerprint="y",
+                                  fmt="hf")
+    with session_scope(engine) as session:
+        job = queue.claim(session, worker_id="w", lease_s=60)
+    assert job is not None and job.step == 400
+    layers = [{"name": "model.layers.0.q_proj", "kind": "q", "block": 0, "method": "ww",
+               "fit_status": "ok", "correlation_trap": False, "rank_collapse": False,
+               "trusted": True, "alpha": 3.25, "D": 0.05, "num_pl_spikes": 20}]
+    with session_scope(engine) as session:
+        assert queue.complete(session, job_id=job.job_id, worker_id="w", layers=layers,
+                              spectra=[], device="cpu", elapsed_s=0.1)
+    _until(lambda: _cache(client).version() != version)
+    after = client.get(TREND)
+    assert after.headers["x-cache"] == "miss"
+    assert [p["step"] for p in after.json()["points"]] == [
+        *(p["step"] for p in before["points"]), 400]
+    assert after.json()["points"][-1]["value"] == 3.25
+    history = client.get(HISTORY).json()["points"]
+    assert history[-1] == {**history[-1], "step": 400, "value": 3.25}
+
+
+def test_a_deleted_run_is_not_served_from_memory(client: TestClient, pg_url: str) -> None:
+    assert client.get(HISTORY).status_code == 200
+    assert client.get(HISTORY).headers["x-cache"] == "hit"
+    version = _cache(client).version()
+    # Deleted behind the API's back, as another API process or an operator would.
+    with psycopg.connect(libpq_url(pg_url), autocommit=True) as conn:
+        conn.execute("DELETE FROM run WHERE id = 1")
+    _until(lambda: _cache(client).version() != version)
+    gone = client.get(HISTORY)
+    assert gone.status_code == 404
+    assert "run 1" in gone.json()["detail"]
+
+
+def test_a_lost_listener_serves_nothing_until_it_is_back(client: TestClient, pg_url: str) -> None:
+    assert client.get(TREND).headers["x-cache"] == "miss"
+    assert client.get(TREND).headers["x-cache"] == "hit"
+    cache = _cache(client)
+    version = cache.version()
+    with psycopg.connect(libpq_url(pg_url), autocommit=True) as conn:
+        killed = conn.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE application_name = 'alphawatch-cache' AND datname = current_database()"
+        ).fetchone()
+    assert killed == (1,)
+    # Reconnected, and everything kept before the loss is gone: a notification may be missed.
+    _until(lambda: cache.live and cache.version() not in (None, version))
+    assert client.get(TREND).headers["x-cache"] == "miss"
+    assert client.get(TREND).headers["x-cache"] == "hit"
+
+
+def test_a_body_computed_across_a_change_is_never_stored(pg_url: str) -> None:
+    cache = ResultCache(pg_url, max_entries=4)
+    cache.start()
+    try:
+        assert cache.wait_live(10)
+        version = cache.version()
+        with psycopg.connect(libpq_url(pg_url), autocommit=True) as conn:
+            conn.execute("INSERT INTO run (name, path, created_at) VALUES ('x', '/x', now())")
+        _until(lambda: cache.version() != version)
+        cache.put("k", version, b"stale")  # computed before the write, finished after it
+        assert cache.get("k") is None
+        cache.put("k", cache.version(), b"fresh")
+        assert cache.get("k") == b"fresh"
+        for i in range(8):  # bounded: least recently used go first
+            cache.put(f"k{i}", cache.version(), b"v")
+        assert cache.get("k") is None and cache.get("k7") == b"v"
+    finally:
+        cache.stop()
+    assert not cache.live and cache.get("k7") is None
+
+
+def test_sqlite_keeps_nothing(sqlite_url: str) -> None:
+    fill(sqlite_url)
+    app = create_app(Settings(database_url=sqlite_url))
+    assert app.state.cache is None
+    with TestClient(app) as c:
+        first, second = c.get(TREND), c.get(TREND)
+    assert first.status_code == 200 and "x-cache" not in second.headers
+    assert np.isfinite(second.json()["points"][-1]["value"])
