@@ -288,3 +288,17 @@ def test_settle_time_fallback_for_plain_files(tmp_path: Path) -> None:
     torch.save(tiny_state(1), path)
     (changed,) = discover(tmp_path, settle_s=0)
     assert changed.fingerprint != settled.fingerprint
+
+
+def test_deepspeed_zero3_placeholders_say_how_to_consolidate(tmp_path: Path) -> None:
+    step = tmp_path / "global_step5"
+    step.mkdir()
+    # ZeRO-3 model states hold empty placeholders; the weights are flat partitions per rank.
+    torch.save({"module": {k: torch.empty(0) for k in tiny_state(0)}},
+               step / "mp_rank_00_model_states.pt")
+    for r in range(2):
+        torch.save({"optimizer_state_dict": {"fp32_flat_groups": [torch.randn(64)]}},
+                   step / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt")
+    with pytest.raises(CheckpointError, match="ZeRO-3.*zero_to_fp32") as err:
+        read(step)
+    assert str(step) in str(err.value)

@@ -193,6 +193,14 @@ def iter_layers(ref: CheckpointRef | Path, *, base: Path | None = None) -> Itera
         seen += 1
         yield _layer(lora_name, lora_weight, lora_dtype, lora_file)
     if seen == 0:
+        if path.is_dir() and any(path.glob("*zero_pp_rank_*")):
+            # ZeRO-3 keeps only placeholders in the model states; the weights are flat fp32
+            # partitions inside every rank's optimizer states.
+            raise CheckpointError(path, f"{path}: DeepSpeed ZeRO-3 checkpoint, its weights are "
+                                        "partitioned across the optimizer states of every rank; "
+                                        "consolidate it with the zero_to_fp32.py script "
+                                        "DeepSpeed writes beside it, or save with "
+                                        "stage3_gather_16bit_weights_on_model_save")
         raise CheckpointError(path, f"{path}: no weight matrices found")
 
 
