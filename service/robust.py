@@ -38,14 +38,20 @@ class Selection:
 
 def untrusted_reason(layer: Mapping[str, Any]) -> str | None:
     """Why a layer is not trusted (its fit status, a trap, rank collapse), or None."""
-    status = layer.get("fit_status")
-    if status not in (None, "ok"):
-        return str(status)
-    if layer.get("correlation_trap"):
+    return untrusted_reason_of(layer.get("fit_status"), layer.get("correlation_trap"),
+                               layer.get("rank_collapse"), layer.get("trusted"))
+
+
+def untrusted_reason_of(fit_status: str | None, correlation_trap: bool | None,
+                        rank_collapse: bool | None, trusted: bool | None) -> str | None:
+    """:func:`untrusted_reason` from the four fields, for callers that hold rows as tuples."""
+    if fit_status not in (None, "ok"):
+        return str(fit_status)
+    if correlation_trap:
         return "correlation_trap"
-    if layer.get("rank_collapse"):
+    if rank_collapse:
         return "rank_collapse"
-    if layer.get("trusted") is False:
+    if trusted is False:
         return "untrusted"
     return None
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 from pydantic_core import from_json
-from sqlalchemy import and_, func, select
+from sqlalchemy import and_, case, func, select
 from sqlalchemy.orm import Session
 
 from service import robust
@@ -173,10 +173,10 @@ def layer_history(
     max_points: int | None, limit: int | None, offset: int,
 ) -> list[dict[str, Any]]:
     """One layer's rows over the analysed steps of a run, in step order."""
+    fields = tuple(dict.fromkeys((metric, "alpha", "D", "num_pl_spikes", "fit_status", "trusted",
+                                  "correlation_trap", "rank_collapse")))
     query = (
-        select(Checkpoint.step, *[getattr(LayerMetric, f) for f in dict.fromkeys(
-            (metric, "alpha", "D", "num_pl_spikes", "fit_status", "trusted",
-             "correlation_trap", "rank_collapse"))])
+        select(Checkpoint.step, *[getattr(LayerMetric, f) for f in fields])
         .join(Checkpoint, Checkpoint.id == LayerMetric.checkpoint_id)
         .where(Checkpoint.run_id == run_id, Checkpoint.status == "done",
                LayerMetric.name == layer_name, LayerMetric.method == method)
@@ -184,15 +184,20 @@ def layer_history(
     )
     if limit is not None:
         query = query.limit(limit)
-    result = session.execute(query)
-    keys = tuple(result.keys())
-    rows = downsample([dict(zip(keys, r, strict=True)) for r in result], max_points)
+    rows = downsample(list(session.execute(query)), max_points)
     if not rows and offset == 0:
         get_run(session=session, run_id=run_id)
         raise NotFound(f"run {run_id} has no layer {layer_name!r} (method {method!r})")
-    return [{"step": r["step"], "value": r[metric], "alpha": r["alpha"], "D": r["D"],
-             "num_pl_spikes": r["num_pl_spikes"], "fit_status": r["fit_status"],
-             "trusted": robust.untrusted_reason(r) is None} for r in rows]
+    # Positions, not mappings: this runs once per point of every history request.
+    at = {f: i + 1 for i, f in enumerate(fields)}
+    value, alpha, d, spikes = at[metric], at["alpha"], at["D"], at["num_pl_spikes"]
+    status, trusted, trap, collapse = (at["fit_status"], at["trusted"], at["correlation_trap"],
+                                       at["rank_collapse"])
+    trusted_of = robust.untrusted_reason_of
+    return [{"step": r[0], "value": r[value], "alpha": r[alpha], "D": r[d],
+             "num_pl_spikes": r[spikes], "fit_status": r[status],
+             "trusted": trusted_of(r[status], r[trap], r[collapse], r[trusted]) is None}
+            for r in rows]
 
 
 def _layer_order(layer: dict[str, Any]) -> tuple[int, int, str]:
@@ -208,50 +213,63 @@ def _layer_order(layer: dict[str, Any]) -> tuple[int, int, str]:
 
 def heatmap(*, session: Session, run_id: int, metric: str, method: str,
             max_points: int | None) -> dict[str, Any]:
+    """Layer x step matrix of a metric with each cell's trust verdict."""
     get_run(session=session, run_id=run_id)
     checkpoints = downsample(done_checkpoints(session=session, run_id=run_id), max_points)
-    layers = layer_dicts(session=session, checkpoint_ids=[c for c, _ in checkpoints],
-                         method=method)
+    fields = tuple(dict.fromkeys(("checkpoint_id", "name", "kind", "block", metric, "fit_status",
+                                  "correlation_trap", "rank_collapse", "trusted")))
+    rows = session.execute(
+        select(*[getattr(LayerMetric, f) for f in fields])
+        .where(LayerMetric.checkpoint_id.in_([c for c, _ in checkpoints]),
+               LayerMetric.method == method)).all()
+    # Positions, not mappings: a long run has hundreds of thousands of cells.
+    at = {f: i for i, f in enumerate(fields)}
+    cid, nm, kd, bl, val = at["checkpoint_id"], at["name"], at["kind"], at["block"], at[metric]
+    st, tr, rc, ok = at["fit_status"], at["correlation_trap"], at["rank_collapse"], at["trusted"]
     order: dict[str, tuple[int, int, str]] = {}
-    for layer in layers:
-        order.setdefault(layer["name"], _layer_order(layer))
+    for r in rows:
+        if r[nm] not in order:
+            order[r[nm]] = _layer_order({"name": r[nm], "kind": r[kd], "block": r[bl]})
     names = sorted(order, key=order.__getitem__)
     column = {c: j for j, (c, _) in enumerate(checkpoints)}
-    row = {n: i for i, n in enumerate(names)}
+    row_of = {n: i for i, n in enumerate(names)}
     z: list[list[float | None]] = [[None] * len(checkpoints) for _ in names]
     trusted: list[list[bool | None]] = [[None] * len(checkpoints) for _ in names]
-    for layer in layers:
-        i, j = row[layer["name"]], column[layer["checkpoint_id"]]
-        z[i][j] = layer.get(metric)
-        trusted[i][j] = robust.untrusted_reason(layer) is None
+    trusted_of = robust.untrusted_reason_of
+    for r in rows:
+        i, j = row_of[r[nm]], column[r[cid]]
+        z[i][j] = r[val]
+        trusted[i][j] = trusted_of(r[st], r[tr], r[rc], r[ok]) is None
     return {"metric": metric, "steps": [s for _, s in checkpoints], "layers": names, "z": z,
             "trusted": trusted}
 
 
 FLAG_KEYS = ("correlation_trap", "rank_collapse", "near_random", "over_trained", "under_trained")
+FIT_STATUSES = ("ok", "poor_fit", "tail_too_short", "unstable", "alpha_out_of_range",
+                "too_few_evals", "non_finite", "degenerate", "failed")
 
 
 def flags(*, session: Session, run_id: int, method: str) -> list[dict[str, Any]]:
+    """Per analysed checkpoint: layers, and how many carry each flag and each fit status.
+
+    Counted by the database: a long run has hundreds of thousands of layer rows.
+    """
     get_run(session=session, run_id=run_id)
-    checkpoints = done_checkpoints(session=session, run_id=run_id)
-    by_checkpoint: dict[int, list[dict[str, Any]]] = defaultdict(list)
-    for layer in layer_dicts(session=session, checkpoint_ids=[c for c, _ in checkpoints],
-                             method=method):
-        by_checkpoint[layer["checkpoint_id"]].append(layer)
-    points = []
-    for checkpoint_id, step in checkpoints:
-        layers = by_checkpoint[checkpoint_id]
-        point: dict[str, Any] = {"step": step, "n_layers": len(layers)}
-        for key in FLAG_KEYS:
-            point[key] = sum(1 for layer in layers if layer.get(key))
-        statuses = defaultdict(int)
-        for layer in layers:
-            statuses[layer["fit_status"]] += 1
-        point.update({s: statuses.get(s, 0) for s in
-                      ("ok", "poor_fit", "tail_too_short", "unstable", "alpha_out_of_range",
-                       "too_few_evals", "non_finite", "degenerate", "failed")})
-        points.append(point)
-    return points
+
+    def count(condition: Any) -> Any:
+        return func.coalesce(func.sum(case((condition, 1), else_=0)), 0)
+
+    labels = ("n_layers", *FLAG_KEYS, *FIT_STATUSES)
+    counts = [func.count(LayerMetric.id),
+              *[count(getattr(LayerMetric, key).is_(True)) for key in FLAG_KEYS],
+              *[count(LayerMetric.fit_status == status) for status in FIT_STATUSES]]
+    query = (select(Checkpoint.step, *counts)
+             .outerjoin(LayerMetric, and_(LayerMetric.checkpoint_id == Checkpoint.id,
+                                          LayerMetric.method == method))
+             .where(Checkpoint.run_id == run_id, Checkpoint.status == "done")
+             .group_by(Checkpoint.id, Checkpoint.step).order_by(Checkpoint.step))
+    return [{"step": row[0], **{label: int(n) for label, n in zip(labels, row[1:], strict=True)}}
+            for row in session.execute(query)]
 
 
 def checkpoint_id_at(*, session: Session, run_id: int, step: int) -> int:

@@ -299,6 +299,6 @@ def test_deepspeed_zero3_placeholders_say_how_to_consolidate(tmp_path: Path) -> 
     for r in range(2):
         torch.save({"optimizer_state_dict": {"fp32_flat_groups": [torch.randn(64)]}},
                    step / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt")
-    with pytest.raises(CheckpointError, match="ZeRO-3.*zero_to_fp32") as err:
+    with pytest.raises(CheckpointError, match=r"ZeRO-3.*zero_to_fp32") as err:
         read(step)
     assert str(step) in str(err.value)

@@ -150,8 +150,21 @@ def test_layers_history_esd_heatmap_flags_csv(client: TestClient, db_url: str) -
     heat = client.get("/api/v1/runs/1/heatmap").json()
     assert heat["steps"] == list(STEPS) and len(heat["z"]) == len(heat["layers"]) == 28
     assert heat["layers"][0].startswith("model.layers.0.")
+    for step in STEPS:
+        cell = (heat["layers"].index(name), heat["steps"].index(step))
+        row = next(x for x in written[step] if x["name"] == name)
+        assert heat["z"][cell[0]][cell[1]] == pytest.approx(row["alpha"])
+        assert heat["trusted"][cell[0]][cell[1]] == (row["fit_status"] == "ok"
+                                                    and not row["correlation_trap"])
     flags = client.get("/api/v1/runs/1/flags").json()["points"]
     assert [f["step"] for f in flags] == list(STEPS)
+    for point in flags:
+        rows = written[point["step"]]
+        assert point["n_layers"] == len(rows)
+        assert point["correlation_trap"] == sum(bool(x["correlation_trap"]) for x in rows)
+        assert point["rank_collapse"] == 0
+        for status in ("ok", "poor_fit", "unstable", "failed"):
+            assert point[status] == sum(x["fit_status"] == status for x in rows)
     csv_text = client.get("/api/v1/runs/1/layers.csv").text
     assert csv_text.count("\n") == 1 + 3 * 28
     downsampled = client.get("/api/v1/runs/1/trend", params={"max_points": 2}).json()
