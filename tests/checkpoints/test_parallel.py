@@ -146,13 +146,17 @@ def test_sat_lora_with_strided_qkv_shards(tmp_path: Path, ranks: int) -> None:
         torch.save({"module": shard}, step / f"mp_rank_{rk:02d}_model_states.pt")
     got = {m.name: m for m in iter_layers(step)}
     s = alpha / r
-    qkv_update = s * torch.cat([model[f"qkv_B{j}"] @ model[f"qkv_A{j}"] for j in range(3)])
+    qkv_updates = [s * model[f"qkv_B{j}"] @ model[f"qkv_A{j}"] for j in range(3)]
     dense_update = s * model["dense_B0"] @ model["dense_A0"]
-    merged_qkv = model["qkv"] + qkv_update
-    assert set(got) == {a + "query_key_value.lora_update", a + "dense.lora_update",
-                        a + "query_key_value.q", a + "query_key_value.k",
-                        a + "query_key_value.v", a + "dense"}
-    torch.testing.assert_close(got[a + "query_key_value.lora_update"].weight, qkv_update)
+    merged_qkv = model["qkv"] + torch.cat(qkv_updates)
+    assert set(got) == {*(a + f"query_key_value.{p}.lora_update" for p in "qkv"),
+                        a + "dense.lora_update", a + "query_key_value.q",
+                        a + "query_key_value.k", a + "query_key_value.v", a + "dense"}
+    for p, update in zip("qkv", qkv_updates, strict=True):
+        # One independent (A, B) pair per part: each update is its own rank-r matrix.
+        torch.testing.assert_close(got[a + f"query_key_value.{p}.lora_update"].weight, update)
+        assert torch.linalg.matrix_rank(got[a + f"query_key_value.{p}.lora_update"].weight) == r
+        assert got[a + f"query_key_value.{p}.lora_update"].kind == "lora_update"
     torch.testing.assert_close(got[a + "dense.lora_update"].weight, dense_update)
     torch.testing.assert_close(got[a + "dense"].weight, model["dense"] + dense_update)
     for name, part in zip("qkv", merged_qkv.chunk(3), strict=True):

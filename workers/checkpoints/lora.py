@@ -229,11 +229,17 @@ class SatLora:
         merged = None if original is None else upcast(original)
         if a:
             rank = a[0].shape[0]
-            update = (self._alpha / rank) * torch.cat(
-                [upcast(b[j]) @ upcast(a[j]) for j in sorted(a)], dim=0)
-            out.append((f"{name}.lora_update", update, a[0].dtype, file))
+            updates = [(self._alpha / rank) * (upcast(b[j]) @ upcast(a[j])) for j in sorted(a)]
+            # A fused projection has one independent (A, B) pair per part (q, k, v, or k, v of
+            # a key_value layer): each part's update is its own rank-r matrix, analysed alone.
+            labels = "qkv"[-len(updates):] if len(updates) in (2, 3) else ""
+            if labels:
+                out += [(f"{name}.{label}.lora_update", update, a[0].dtype, file)
+                        for label, update in zip(labels, updates, strict=True)]
+            else:
+                out += [(f"{name}.lora_update", torch.cat(updates, dim=0), a[0].dtype, file)]
             if merged is not None:
-                merged = merged + update
+                merged = merged + torch.cat(updates, dim=0)
         if merged is not None and original is not None:
             kind, _ = classify(name)
             pieces = split_fused(name, merged, self._config) if kind == "qkv" else [
