@@ -52,8 +52,8 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(10.0, gt=0)
     max_attempts: int = Field(3, ge=1)
     read_requires_token: bool = False
-    api_cache_entries: int = Field(
-        2048, ge=0, description="read responses kept per API process (PostgreSQL only; 0: off)"
+    api_cache_mb: float = Field(
+        256, ge=0, description="MiB of read answers kept per API process (PostgreSQL only; 0: off)"
     )
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)

@@ -235,7 +235,7 @@ async def drive(base: str, paths: list[str], clients: int, max_requests: int,
 
 def serve(url: str, port: int, workers: int, cache: bool) -> subprocess.Popen[bytes]:
     env = {**os.environ, "ALPHAWATCH_DATABASE_URL": url, "PYTHONPATH": str(ROOT),
-           "ALPHAWATCH_API_CACHE_ENTRIES": "4096" if cache else "0"}
+           "ALPHAWATCH_API_CACHE_MB": "256" if cache else "0"}
     process = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "--factory", "service.api:create_app", "--host",
          "127.0.0.1", "--port", str(port), "--workers", str(workers), "--log-level", "warning",

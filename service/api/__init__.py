@@ -56,8 +56,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     # Read responses kept until the database announces new results (PostgreSQL's NOTIFY);
     # SQLite cannot announce, so its processes always read the database.
-    app.state.cache = (ResultCache(settings.database_url, max_entries=settings.api_cache_entries)
-                       if settings.api_cache_entries and
+    app.state.cache = (ResultCache(settings.database_url,
+                                   max_bytes=int(settings.api_cache_mb * 2**20))
+                       if settings.api_cache_mb > 0 and
                        settings.database_url.startswith("postgresql") else None)
 
     @app.exception_handler(NotFound)

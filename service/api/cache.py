@@ -41,13 +41,15 @@ class ResultCache:
 
     Args:
         database_url: a PostgreSQL SQLAlchemy URL; the listener opens its own connection.
-        max_entries: bodies kept at most; the least recently used go first.
+        max_bytes: total size of the bodies kept; the least recently used go first, and a body
+            larger than an eighth of it is never kept.
         poll_s: how often the listener wakes to check its stop flag and its connection.
     """
 
-    def __init__(self, database_url: str, *, max_entries: int = 2048, poll_s: float = 0.25):
+    def __init__(self, database_url: str, *, max_bytes: int = 256 * 2**20, poll_s: float = 0.25):
         self._conninfo = libpq_url(database_url)
-        self._max = max_entries
+        self._max = max_bytes
+        self._size = 0
         self._poll_s = poll_s
         self._entries: OrderedDict[str, tuple[int, bytes]] = OrderedDict()
         self._lock = threading.Lock()
@@ -80,17 +82,23 @@ class ResultCache:
 
     def put(self, key: str, version: int | None, body: bytes) -> None:
         with self._lock:
-            if version is None or version != self._version or not self._live.is_set():
+            if (version is None or version != self._version or not self._live.is_set()
+                    or 8 * len(body) > self._max):
                 return
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self._size -= len(old[1])
             self._entries[key] = (version, body)
-            self._entries.move_to_end(key)
-            while len(self._entries) > self._max:
-                self._entries.popitem(last=False)
+            self._size += len(body)
+            while self._size > self._max:
+                _key, (_version, dropped) = self._entries.popitem(last=False)
+                self._size -= len(dropped)
 
     def invalidate(self) -> None:
         with self._lock:
             self._version += 1
             self._entries.clear()
+            self._size = 0
 
     def start(self) -> None:
         self._stop.clear()

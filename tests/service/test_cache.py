@@ -114,7 +114,7 @@ def test_a_lost_listener_serves_nothing_until_it_is_back(client: TestClient, pg_
 
 
 def test_a_body_computed_across_a_change_is_never_stored(pg_url: str) -> None:
-    cache = ResultCache(pg_url, max_entries=4)
+    cache = ResultCache(pg_url, max_bytes=64)
     cache.start()
     try:
         assert cache.wait_live(10)
@@ -126,12 +126,15 @@ def test_a_body_computed_across_a_change_is_never_stored(pg_url: str) -> None:
         assert cache.get("k") is None
         cache.put("k", cache.version(), b"fresh")
         assert cache.get("k") == b"fresh"
-        for i in range(8):  # bounded: least recently used go first
-            cache.put(f"k{i}", cache.version(), b"v")
-        assert cache.get("k") is None and cache.get("k7") == b"v"
+        cache.put("big", cache.version(), b"x" * 9)  # over an eighth of the budget: not kept
+        assert cache.get("big") is None
+        for i in range(16):  # 16 x 8 bytes in a 64-byte budget: least recently used go first
+            cache.put(f"k{i}", cache.version(), b"v" * 8)
+        assert cache.get("k") is None and cache.get("k7") is None
+        assert all(cache.get(f"k{i}") == b"v" * 8 for i in range(8, 16))
     finally:
         cache.stop()
-    assert not cache.live and cache.get("k7") is None
+    assert not cache.live and cache.get("k15") is None
 
 
 def test_sqlite_keeps_nothing(sqlite_url: str) -> None:
