@@ -36,7 +36,7 @@ test: lint types contracts pytest
 # Trains a small real model in the background and watches it live at http://127.0.0.1:$(DEMO_PORT)/
 demo: install
 	rm -rf $(DEMO_DIR) && mkdir -p $(DEMO_DIR)
-	$(PY) -m workers.demo_run $(DEMO_DIR) --steps $(DEMO_STEPS) --save-every 20 --sleep 1 \
+	$(PY) -m alphawatch.workers.demo_run $(DEMO_DIR) --steps $(DEMO_STEPS) --save-every 20 --sleep 1 \
 		> $(DEMO_DIR).train.log 2>&1 & \
 	trap 'kill $$! 2>/dev/null' EXIT INT TERM; \
 	$(BIN)/alphawatch up $(DEMO_DIR) --port $(DEMO_PORT)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from sqlalchemy import create_engine
 
 from alembic import context
-from service.db.models import Base
+from alphawatch.service.db.models import Base
 
 config = context.config
 target_metadata = Base.metadata

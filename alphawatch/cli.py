@@ -149,7 +149,7 @@ class _UserError(Exception):
 
 
 def _check_dirs(paths: Sequence[Path]) -> list[Path]:
-    from workers.watcher import RunDirError, check_run_dir
+    from alphawatch.workers.watcher import RunDirError, check_run_dir
 
     try:
         return [check_run_dir(p) for p in paths]
@@ -158,8 +158,8 @@ def _check_dirs(paths: Sequence[Path]) -> list[Path]:
 
 
 def _prepare_database(settings: Settings, *, migrate: bool) -> None:
-    from service.db.migrations import SchemaOutOfDate, upgrade, verify_schema
-    from service.db.session import make_engine
+    from alphawatch.service.db.migrations import SchemaOutOfDate, upgrade, verify_schema
+    from alphawatch.service.db.session import make_engine
 
     if migrate:
         upgrade(settings.database_url)
@@ -186,8 +186,8 @@ def _stop_on_signals(stop: threading.Event) -> None:
 def _cmd_up(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from service.api import create_app
-    from workers.watcher import Watcher
+    from alphawatch.service.api import create_app
+    from alphawatch.workers.watcher import Watcher
 
     dirs = _check_dirs(args.run_dir)
     settings = _settings(args)
@@ -211,7 +211,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
 
 
 def _cmd_watch(args: argparse.Namespace) -> int:
-    from workers.watcher import Watcher
+    from alphawatch.workers.watcher import Watcher
 
     dirs = _check_dirs(args.run_dir)
     settings = _settings(args)
@@ -230,7 +230,7 @@ def _cmd_watch(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from service.api import create_app
+    from alphawatch.service.api import create_app
 
     settings = _settings(args)
     _prepare_database(settings, migrate=_is_embedded(settings))
@@ -244,9 +244,9 @@ _COLUMNS = ("name", "shape", "alpha", "D", "xmin", "num_pl_spikes", "fit_status"
 
 def analyze_path(path: Path, settings: Settings, method: str | None = None) -> dict[str, Any]:
     """Analyse one checkpoint (no database) into the public ``analyze`` JSON document."""
-    from service.robust import summarize
-    from workers.checkpoints import discover, iter_layers
-    from workers.spectral import Thresholds, analyze_matrix, resolve_device
+    from alphawatch.service.robust import summarize
+    from alphawatch.workers.checkpoints import discover, iter_layers
+    from alphawatch.workers.spectral import Thresholds, analyze_matrix, resolve_device
 
     device = resolve_device(settings.device)
     thresholds = Thresholds(**settings.trust.model_dump())
@@ -267,7 +267,7 @@ def analyze_path(path: Path, settings: Settings, method: str | None = None) -> d
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
-    from workers.checkpoints import CheckpointError
+    from alphawatch.workers.checkpoints import CheckpointError
 
     path = args.path.expanduser().resolve()
     if not path.exists():
@@ -353,7 +353,7 @@ def _cmd_gate(args: argparse.Namespace) -> int:
 
 
 def _cmd_db(args: argparse.Namespace) -> int:
-    from service.db.migrations import upgrade
+    from alphawatch.service.db.migrations import upgrade
 
     settings = _settings(args)
     upgrade(settings.database_url)
@@ -362,8 +362,8 @@ def _cmd_db(args: argparse.Namespace) -> int:
 
 
 def _cmd_token(args: argparse.Namespace) -> int:
-    from service.db.session import make_engine, session_scope
-    from service.db.tokens import create_token
+    from alphawatch.service.db.session import make_engine, session_scope
+    from alphawatch.service.db.tokens import create_token
 
     settings = _settings(args)
     _prepare_database(settings, migrate=_is_embedded(settings))
@@ -376,8 +376,8 @@ def _cmd_token(args: argparse.Namespace) -> int:
 def _cmd_runs(args: argparse.Namespace) -> int:
     from sqlalchemy import select
 
-    from service.db.models import Run
-    from service.db.session import make_engine, session_scope
+    from alphawatch.service.db.models import Run
+    from alphawatch.service.db.session import make_engine, session_scope
 
     settings = _settings(args)
     _prepare_database(settings, migrate=False)

@@ -37,9 +37,9 @@ from sqlalchemy.engine import make_url
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from service.db.aggregates import stat_rows  # noqa: E402
-from service.db.migrations import upgrade  # noqa: E402
-from service.db.session import dispose_all  # noqa: E402
+from alphawatch.service.db.aggregates import stat_rows  # noqa: E402
+from alphawatch.service.db.migrations import upgrade  # noqa: E402
+from alphawatch.service.db.session import dispose_all  # noqa: E402
 
 KINDS = ("q", "k", "v", "o", "gate", "up", "down")
 PROJ = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
@@ -237,9 +237,9 @@ def serve(url: str, port: int, workers: int, cache: bool) -> subprocess.Popen[by
     env = {**os.environ, "ALPHAWATCH_DATABASE_URL": url, "PYTHONPATH": str(ROOT),
            "ALPHAWATCH_API_CACHE_MB": "256" if cache else "0"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "--factory", "service.api:create_app", "--host",
-         "127.0.0.1", "--port", str(port), "--workers", str(workers), "--log-level", "warning",
-         "--no-access-log"], env=env, cwd=ROOT)
+        [sys.executable, "-m", "uvicorn", "--factory", "alphawatch.service.api:create_app",
+         "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
+         "--log-level", "warning", "--no-access-log"], env=env, cwd=ROOT)
     for _ in range(200):
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:

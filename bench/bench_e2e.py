@@ -27,11 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 from fastapi.testclient import TestClient
 
+from alphawatch.service.api import create_app
+from alphawatch.service.db.migrations import upgrade
 from alphawatch.settings import Settings
-from service.api import create_app
-from service.db.migrations import upgrade
-from workers.demo_run import train
-from workers.watcher import Watcher
+from alphawatch.workers.demo_run import train
+from alphawatch.workers.watcher import Watcher
 
 
 def _latency(settings: Settings, source: Path, work: Path) -> list[float]:

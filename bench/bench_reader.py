@@ -67,7 +67,7 @@ def main() -> int:
                         str(args.dim), str(args.shards)], check=True)
         size = sum(p.stat().st_size for p in folder.iterdir())
         # Imported after the write so that the baseline holds torch and alphawatch, nothing else.
-        from workers.checkpoints import discover, iter_layers
+        from alphawatch.workers.checkpoints import discover, iter_layers
 
         (ref,) = discover(work, settle_s=0)
         assert ref.complete, ref.reason

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from workers.spectral import analyze_matrix
+from alphawatch.workers.spectral import analyze_matrix
 
 
 def layer_weights(width: int, ffn: int, seed: int = 0) -> dict[str, torch.Tensor]:

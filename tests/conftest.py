@@ -46,7 +46,7 @@ def pg_admin_url(_pg_server: tuple[str, pg.Cluster | None]) -> str:
 @pytest.fixture(scope="session")
 def pg_template(pg_admin_url: str) -> Iterator[str]:
     """Name of a database migrated to head once per session; tests clone it."""
-    from service.db.migrations import upgrade
+    from alphawatch.service.db.migrations import upgrade
 
     name = f"aw_template_{os.getpid()}"
     pg.drop_database(pg_admin_url, name)
@@ -60,7 +60,7 @@ def pg_template(pg_admin_url: str) -> Iterator[str]:
 def _dispose_engines() -> None:
     # CREATE DATABASE ... TEMPLATE needs the template to have no open connections.
     try:
-        from service.db import session as db_session
+        from alphawatch.service.db import session as db_session
     except ImportError:
         return
     dispose = getattr(db_session, "dispose_all", None)
@@ -81,7 +81,7 @@ def pg_url(pg_admin_url: str, pg_template: str) -> Iterator[str]:
 @pytest.fixture
 def sqlite_url(tmp_path: Path) -> str:
     """A fresh migrated SQLite database file for this test."""
-    from service.db.migrations import upgrade
+    from alphawatch.service.db.migrations import upgrade
 
     url = f"sqlite:///{tmp_path / 'alphawatch.db'}"
     upgrade(url)
@@ -98,7 +98,7 @@ def db_url(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def throwaway_cluster() -> Iterator[Callable[[], pg.Cluster]]:
     """Factory of private, migrated PostgreSQL clusters that a test may stop and start."""
-    from service.db.migrations import upgrade
+    from alphawatch.service.db.migrations import upgrade
 
     made: list[pg.Cluster] = []
 
@@ -120,7 +120,7 @@ def throwaway_cluster() -> Iterator[Callable[[], pg.Cluster]]:
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real tiny training run (HF Trainer-style checkpoint-<step>/ folders), made once."""
-    from workers.demo_run import train
+    from alphawatch.workers.demo_run import train
 
     out = tmp_path_factory.mktemp("tiny-run")
     train(out, steps=30, save_every=10, seed=0)

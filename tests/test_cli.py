@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from alphawatch.cli import build_parser, main
+from alphawatch.service.api import create_app
 from alphawatch.settings import Settings
-from service.api import create_app
+from alphawatch.workers.watcher import Watcher
 from tests.live import serve
-from workers.watcher import Watcher
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,7 +6,7 @@ writes Hugging Face Trainer-style ``checkpoint-<step>/`` folders: ``model.safete
 ``config.json`` and, last, ``trainer_state.json``. Folders are written as
 ``tmp-checkpoint-<step>`` and renamed, as the Trainer does, so a watcher never sees half a save.
 
-    python -m workers.demo_run runs/demo --steps 300 --save-every 20 --sleep 1
+    python -m alphawatch.workers.demo_run runs/demo --steps 300 --save-every 20 --sleep 1
 """
 
 from __future__ import annotations
@@ -199,7 +199,7 @@ def train(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m workers.demo_run",
+        prog="python -m alphawatch.workers.demo_run",
         description="Train a tiny Llama-style model on stdlib source and write HF checkpoints.",
     )
     parser.add_argument("out_dir", type=Path, help="run directory to write checkpoint-<step>/ into")

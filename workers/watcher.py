@@ -24,12 +24,17 @@ import torch
 from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError, OperationalError
 
+from alphawatch.service.db import queue
+from alphawatch.service.db.models import Run
+from alphawatch.service.db.session import make_engine, session_scope
 from alphawatch.settings import Settings
-from service.db import queue
-from service.db.models import Run
-from service.db.session import make_engine, session_scope
-from workers.checkpoints import CheckpointError, CheckpointVanished, discover, iter_layers
-from workers.spectral import Thresholds, analyze_matrix, resolve_device
+from alphawatch.workers.checkpoints import (
+    CheckpointError,
+    CheckpointVanished,
+    discover,
+    iter_layers,
+)
+from alphawatch.workers.spectral import Thresholds, analyze_matrix, resolve_device
 
 log = logging.getLogger("alphawatch.worker")
 T = TypeVar("T")
@@ -252,7 +257,7 @@ class Watcher:
         return layers, spectra
 
     def _first_checkpoint(self, run_id: int) -> Path | None:
-        from service.db.models import Checkpoint
+        from alphawatch.service.db.models import Checkpoint
 
         with session_scope(self.engine) as session:
             first = session.scalars(

@@ -17,11 +17,11 @@ from fastapi.staticfiles import StaticFiles
 from sqlalchemy.exc import SQLAlchemyError
 
 from alphawatch import __version__
+from alphawatch.dashboard import STATIC_DIR
+from alphawatch.service.api.cache import ResultCache
+from alphawatch.service.api.queries import NotFound
+from alphawatch.service.api.routes import health_router, router
 from alphawatch.settings import Settings
-from dashboard import STATIC_DIR
-from service.api.cache import ResultCache
-from service.api.queries import NotFound
-from service.api.routes import health_router, router
 
 log = logging.getLogger("alphawatch.api")
 PLOTLY_JS = Path(plotly.__file__).resolve().parent / "package_data" / "plotly.min.js"

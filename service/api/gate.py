@@ -6,8 +6,8 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from service import robust
-from service.api import queries
+from alphawatch.service import robust
+from alphawatch.service.api import queries
 
 
 def _stat_at(*, session: Session, run_id: int, checkpoint_id: int, stat: str, filter: str,

@@ -11,9 +11,9 @@ from pydantic_core import from_json
 from sqlalchemy import and_, case, func, select
 from sqlalchemy.orm import Session
 
-from service import robust
-from service.db.aggregates import PRECOMPUTED_KINDS, PRECOMPUTED_METRICS, kinds_key
-from service.db.models import Checkpoint, CheckpointStat, LayerMetric, Run, Spectrum
+from alphawatch.service import robust
+from alphawatch.service.db.aggregates import PRECOMPUTED_KINDS, PRECOMPUTED_METRICS, kinds_key
+from alphawatch.service.db.models import Checkpoint, CheckpointStat, LayerMetric, Run, Spectrum
 
 KIND_ORDER = ("embed", "q", "k", "v", "qkv", "o", "gate", "up", "down", "fc_in", "fc_out",
               "lora_update", "other", "lm_head")

@@ -16,10 +16,9 @@ from pydantic_core import to_json
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from alphawatch.settings import Settings
-from service.api import queries
-from service.api.cache import ResultCache
-from service.api.schemas import (
+from alphawatch.service.api import queries
+from alphawatch.service.api.cache import ResultCache
+from alphawatch.service.api.schemas import (
     CheckpointLayers,
     CheckpointList,
     CompareRead,
@@ -32,10 +31,11 @@ from service.api.schemas import (
     RunRead,
     TrendRead,
 )
-from service.db import queue
-from service.db.models import AnalysisJob, Checkpoint, LayerMetric, Run
-from service.db.session import make_engine, session_scope
-from service.db.tokens import verify_token
+from alphawatch.service.db import queue
+from alphawatch.service.db.models import AnalysisJob, Checkpoint, LayerMetric, Run
+from alphawatch.service.db.session import make_engine, session_scope
+from alphawatch.service.db.tokens import verify_token
+from alphawatch.settings import Settings
 
 
 async def get_settings(request: Request) -> Settings:
@@ -367,7 +367,7 @@ def gate(
     strict: Annotated[bool, Query(description="answer 409 when the gate fails")] = False,
 ) -> dict[str, Any]:
     """CI gate: thresholds on the robust alpha, the untrusted share and the change since a step."""
-    from service.api.gate import evaluate
+    from alphawatch.service.api.gate import evaluate
 
     verdict = evaluate(
         session=session, run_id=run_id, stat=stat, filter=filter, step=step,

@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, create_model
 from sqlalchemy import Boolean, Float, Integer
 
-from service.db.models import LayerMetric
+from alphawatch.service.db.models import LayerMetric
 
 
 class RunCreate(BaseModel):

@@ -12,7 +12,7 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from service import robust
+from alphawatch.service import robust
 
 PRECOMPUTED_METRICS: tuple[str, ...] = (
     "alpha", "alpha_weighted", "log_alpha_norm", "log_norm", "log_spectral_norm", "stable_rank",

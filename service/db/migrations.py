@@ -9,10 +9,13 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine
 
+import alphawatch
 from alembic import command
-from service.db.session import make_engine
+from alphawatch.service.db.session import make_engine
 
-ROOT = Path(__file__).resolve().parents[2]
+# The migrations ship inside the package (alphawatch/migrations), so an installed wheel finds
+# them from any working folder; the repository keeps them in alembic/ behind a symlink.
+SCRIPT_LOCATION = Path(alphawatch.__file__).resolve().parent / "migrations"
 
 
 class SchemaOutOfDate(RuntimeError):
@@ -20,8 +23,9 @@ class SchemaOutOfDate(RuntimeError):
 
 
 def alembic_config(url: str | None = None) -> Config:
-    config = Config(str(ROOT / "alembic.ini"))
-    config.set_main_option("script_location", str(ROOT / "alembic"))
+    config = Config()
+    config.set_main_option("script_location", str(SCRIPT_LOCATION))
+    config.set_main_option("path_separator", "os")
     if url is not None:
         # ConfigParser interpolates '%': a password containing it must be escaped.
         config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))

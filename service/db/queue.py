@@ -15,8 +15,8 @@ from typing import Any
 from sqlalchemy import delete, func, insert, select, text, update
 from sqlalchemy.orm import Session
 
-from service.db.aggregates import DEFAULT_ALPHA_MAX, stat_rows
-from service.db.models import (
+from alphawatch.service.db.aggregates import DEFAULT_ALPHA_MAX, stat_rows
+from alphawatch.service.db.models import (
     LAYER_COLUMNS,
     AnalysisJob,
     Checkpoint,

@@ -8,7 +8,7 @@ import secrets
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.db.models import ApiToken
+from alphawatch.service.db.models import ApiToken
 
 
 def _hash(token: str) -> str:

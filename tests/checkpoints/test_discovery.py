@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from workers.checkpoints import discover, iter_layers
+from alphawatch.workers.checkpoints import discover, iter_layers
 
 
 def state(seed: int) -> dict[str, torch.Tensor]:

@@ -14,14 +14,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from workers.checkpoints import (
+from alphawatch.workers.checkpoints import (
     CheckpointError,
     CheckpointVanished,
     UnsafeCheckpointError,
     discover,
     iter_layers,
 )
-from workers.checkpoints.naming import classify
+from alphawatch.workers.checkpoints.naming import classify
 
 
 def tiny_state(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:

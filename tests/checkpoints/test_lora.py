@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from workers.checkpoints import CheckpointError, iter_layers
+from alphawatch.workers.checkpoints import CheckpointError, iter_layers
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")

@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from workers.checkpoints import iter_layers
-from workers.checkpoints.fused import split_fused
-from workers.checkpoints.naming import classify, is_weight_matrix, layer_name
+from alphawatch.workers.checkpoints import iter_layers
+from alphawatch.workers.checkpoints.fused import split_fused
+from alphawatch.workers.checkpoints.naming import classify, is_weight_matrix, layer_name
 
 transformers = pytest.importorskip("transformers")
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from workers.checkpoints import CheckpointError, discover, iter_layers
+from alphawatch.workers.checkpoints import CheckpointError, discover, iter_layers
 
 HEADS, GROUPS, HEAD_DIM, HIDDEN, FFN, VOCAB = 8, 4, 4, 32, 48, 64
 

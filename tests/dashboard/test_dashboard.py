@@ -12,10 +12,10 @@ from typing import Any
 import httpx
 import pytest
 
+from alphawatch.service.api import create_app
 from alphawatch.settings import Settings
-from service.api import create_app
+from alphawatch.workers.watcher import Watcher
 from tests.live import serve
-from workers.watcher import Watcher
 
 pytestmark = pytest.mark.browser
 
@@ -41,7 +41,7 @@ class Site:
 
 @pytest.fixture(scope="module")
 def site(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
-    from service.db.migrations import upgrade
+    from alphawatch.service.db.migrations import upgrade
 
     base = tmp_path_factory.mktemp("dash")
     runs = base / "runs"
@@ -159,7 +159,7 @@ def test_runs_overview_lists_runs_with_sparklines_and_gate(page: Any, site: Site
 
 
 def test_runs_overview_without_runs_says_how_to_start(page: Any, tmp_path: Path) -> None:
-    from service.db.migrations import upgrade
+    from alphawatch.service.db.migrations import upgrade
 
     url = f"sqlite:///{tmp_path / 'empty.db'}"
     upgrade(url)
@@ -352,9 +352,9 @@ def test_live_page_shows_new_checkpoints_without_reload(page: Any, site: Site) -
 
 def test_token_protected_server_asks_for_a_token(
         page: Any, tmp_path: Path, expected_console: list[str]) -> None:
-    from service.db.migrations import upgrade
-    from service.db.session import make_engine, session_scope
-    from service.db.tokens import create_token
+    from alphawatch.service.db.migrations import upgrade
+    from alphawatch.service.db.session import make_engine, session_scope
+    from alphawatch.service.db.tokens import create_token
 
     expected_console.append("401 (Unauthorized)")
     url = f"sqlite:///{tmp_path / 'locked.db'}"

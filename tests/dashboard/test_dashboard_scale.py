@@ -14,8 +14,8 @@ import numpy as np
 import psycopg
 import pytest
 
+from alphawatch.service.api import create_app
 from alphawatch.settings import Settings
-from service.api import create_app
 from tests.live import serve
 from tests.pg import libpq_dsn
 

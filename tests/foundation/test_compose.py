@@ -67,7 +67,7 @@ def test_environment_names_real_settings(
 def test_api_healthcheck_path_exists(compose: dict, sqlite_url: str) -> None:
     from fastapi.testclient import TestClient
 
-    from service.api import create_app
+    from alphawatch.service.api import create_app
 
     test = " ".join(compose["services"]["api"]["healthcheck"]["test"])
     path = test.split("http://127.0.0.1:8000")[1].split("'")[0]

@@ -52,7 +52,10 @@ def test_bad_values_are_refused() -> None:
 
 def test_importing_the_packages_builds_no_settings(tmp_path: Path) -> None:
     # A bad environment must not break imports: settings are built in main()/the app factory.
-    code = "import alphawatch.settings, service.api, service.db, workers.watcher, alphawatch.cli"
+    code = (
+        "import alphawatch.settings, alphawatch.service.api, alphawatch.service.db, "
+        "alphawatch.workers.watcher, alphawatch.cli"
+    )
     env = {"ALPHAWATCH_DEVICE": "not-a-device", "PATH": "/usr/bin:/bin"}
     result = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True,

@@ -13,11 +13,11 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from alphawatch.service.api import create_app
+from alphawatch.service.db import queue
+from alphawatch.service.db.session import make_engine, session_scope
+from alphawatch.service.db.tokens import create_token
 from alphawatch.settings import Settings
-from service.api import create_app
-from service.db import queue
-from service.db.session import make_engine, session_scope
-from service.db.tokens import create_token
 
 STEPS = (100, 200, 300)
 
@@ -247,7 +247,7 @@ def _mad_kept(values: list[float], k: float = 3.0) -> list[float]:
 @pytest.mark.parametrize("outliers", ["none", "mad"])
 def test_kept_statistics_equal_the_layer_rows(db_url: str, outliers: str) -> None:
     """Trend points read from checkpoint_stat equal those computed from layer rows and numpy."""
-    from service.db.models import CheckpointStat
+    from alphawatch.service.db.models import CheckpointStat
 
     written = fill(db_url)
     app = create_app(Settings(database_url=db_url))

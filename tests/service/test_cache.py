@@ -10,11 +10,11 @@ import psycopg
 import pytest
 from fastapi.testclient import TestClient
 
+from alphawatch.service.api import create_app
+from alphawatch.service.api.cache import ResultCache, libpq_url
+from alphawatch.service.db import queue
+from alphawatch.service.db.session import make_engine, session_scope
 from alphawatch.settings import Settings
-from service.api import create_app
-from service.api.cache import ResultCache, libpq_url
-from service.db import queue
-from service.db.session import make_engine, session_scope
 from tests.service.test_api import fill
 
 TREND = "/api/v1/runs/1/trend"

@@ -8,8 +8,8 @@ from typing import Any
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
+from alphawatch.service.api import create_app
 from alphawatch.settings import Settings
-from service.api import create_app
 from tests.service.test_api import fill
 
 

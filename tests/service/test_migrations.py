@@ -8,9 +8,9 @@ from alembic.migration import MigrationContext
 from sqlalchemy import inspect
 
 from alembic import command
-from service.db.migrations import SchemaOutOfDate, alembic_config, upgrade, verify_schema
-from service.db.models import Base
-from service.db.session import make_engine
+from alphawatch.service.db.migrations import SchemaOutOfDate, alembic_config, upgrade, verify_schema
+from alphawatch.service.db.models import Base
+from alphawatch.service.db.session import make_engine
 
 
 def test_models_match_migrations(db_url: str) -> None:

@@ -7,9 +7,9 @@ import time
 
 from sqlalchemy import func, select
 
-from service.db import queue
-from service.db.models import AnalysisJob, Checkpoint, LayerMetric
-from service.db.session import make_engine, session_scope
+from alphawatch.service.db import queue
+from alphawatch.service.db.models import AnalysisJob, Checkpoint, LayerMetric
+from alphawatch.service.db.session import make_engine, session_scope
 
 
 def _fill(url: str, n: int) -> None:

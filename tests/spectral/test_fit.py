@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 import pytest
 
-from workers.spectral import FIT_METHODS, fit_power_law
+from alphawatch.workers.spectral import FIT_METHODS, fit_power_law
 
 
 def golden(alpha: float = 2.5, n: int = 1000) -> np.ndarray:

@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from workers.spectral import FitStatus, Thresholds, analyze_many, analyze_matrix, resolve_device
+from alphawatch.workers.spectral import (
+    FitStatus,
+    Thresholds,
+    analyze_many,
+    analyze_matrix,
+    resolve_device,
+)
 
 
 def gaussian(rows: int, cols: int, seed: int = 0) -> torch.Tensor:

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from workers.spectral import analyze_matrix
+from alphawatch.workers.spectral import analyze_matrix
 
 SHAPES = [(20, 20), (64, 20), (20, 64), (128, 128), (200, 96), (96, 200), (300, 128),
           (128, 300), (512, 256), (256, 512), (512, 512)]

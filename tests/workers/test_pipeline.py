@@ -18,10 +18,10 @@ from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
 
 from alphawatch.cli import analyze_path
+from alphawatch.service.api import create_app
 from alphawatch.settings import Settings
-from service.api import create_app
-from workers.demo_run import train
-from workers.watcher import RunDirError, Watcher
+from alphawatch.workers.demo_run import train
+from alphawatch.workers.watcher import RunDirError, Watcher
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -151,7 +151,7 @@ def test_killed_worker_job_is_finished_once_by_another(tmp_path: Path, pg_url: s
     assert _rows(pg_url, "SELECT status FROM checkpoint") == [("done",)]
     (n_layers,) = _rows(pg_url, "SELECT count(*) FROM layer_metric")[0]
     (distinct,) = _rows(pg_url, "SELECT count(DISTINCT name) FROM layer_metric")[0]
-    from workers.checkpoints import iter_layers
+    from alphawatch.workers.checkpoints import iter_layers
 
     expected = sum(1 for _ in iter_layers(run / "checkpoint-2"))
     assert n_layers == distinct == expected > 4 * 7

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from workers.checkpoints.errors import CheckpointError, CheckpointVanished
-from workers.checkpoints.naming import is_weight_matrix
+from alphawatch.workers.checkpoints.errors import CheckpointError, CheckpointVanished
+from alphawatch.workers.checkpoints.naming import is_weight_matrix
 
 
 def iter_dcp(path: Path) -> Iterator[tuple[str, torch.Tensor, None, Path]]:

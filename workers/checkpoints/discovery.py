@@ -16,8 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from workers.checkpoints.errors import CheckpointError
-from workers.checkpoints.readers import safetensors_header
+from alphawatch.workers.checkpoints.errors import CheckpointError
+from alphawatch.workers.checkpoints.readers import safetensors_header
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 _HF = re.compile(r"^checkpoint-(\d+)$")

@@ -17,18 +17,18 @@ from pathlib import Path
 
 import torch
 
-from workers.checkpoints.discovery import CheckpointRef
-from workers.checkpoints.errors import CheckpointError, CheckpointVanished
-from workers.checkpoints.fused import split_fused
-from workers.checkpoints.naming import classify, is_weight_matrix, layer_name
-from workers.checkpoints.parallel import (
+from alphawatch.workers.checkpoints.discovery import CheckpointRef
+from alphawatch.workers.checkpoints.errors import CheckpointError, CheckpointVanished
+from alphawatch.workers.checkpoints.fused import split_fused
+from alphawatch.workers.checkpoints.naming import classify, is_weight_matrix, layer_name
+from alphawatch.workers.checkpoints.parallel import (
     ROOT_KEYS,
     Tensors,
     iter_tensor_parallel,
     rank_files,
     training_config,
 )
-from workers.checkpoints.readers import iter_safetensors, iter_torch, upcast
+from alphawatch.workers.checkpoints.readers import iter_safetensors, iter_torch, upcast
 
 # Files a Trainer writes beside the weights; training_args.bin is a pickle of a class and would
 # (rightly) be refused, the others hold no model weights.
@@ -127,7 +127,7 @@ def _digest(weight: torch.Tensor) -> str:
 
 def _source(path: Path, config: dict[str, object]) -> tuple[Tensors, dict[str, object]]:
     if path.is_dir() and (path / ".metadata").exists():
-        from workers.checkpoints.dcp import iter_dcp
+        from alphawatch.workers.checkpoints.dcp import iter_dcp
 
         return iter_dcp(path), config
     ranks = rank_files(path)
@@ -155,11 +155,11 @@ def iter_layers(ref: CheckpointRef | Path, *, base: Path | None = None) -> Itera
     """
     path = ref.path if isinstance(ref, CheckpointRef) else Path(ref)
     if path.is_dir() and (path / "adapter_config.json").exists():
-        from workers.checkpoints.lora import iter_peft_lora
+        from alphawatch.workers.checkpoints.lora import iter_peft_lora
 
         yield from iter_peft_lora(path, base)
         return
-    from workers.checkpoints.lora import SatLora
+    from alphawatch.workers.checkpoints.lora import SatLora
 
     config = model_config(path if path.is_dir() else path.parent)
     source, config = _source(path, config)

@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from workers.checkpoints.errors import CheckpointError
-from workers.checkpoints.fused import split_fused
-from workers.checkpoints.naming import classify
-from workers.checkpoints.readers import (
+from alphawatch.workers.checkpoints.errors import CheckpointError
+from alphawatch.workers.checkpoints.fused import split_fused
+from alphawatch.workers.checkpoints.naming import classify
+from alphawatch.workers.checkpoints.readers import (
     iter_safetensors,
     iter_torch,
     read_safetensors_tensor,
@@ -39,7 +39,7 @@ from workers.checkpoints.readers import (
 )
 
 if TYPE_CHECKING:
-    from workers.checkpoints.layers import LayerMatrix
+    from alphawatch.workers.checkpoints.layers import LayerMatrix
 
 _PEFT = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$")
 _SAT = re.compile(r"^(.+)\.(?:matrix_([AB])\.(\d+)|original\.weight)$")
@@ -59,7 +59,7 @@ class _BaseWeights:
     """The base model's weights by key, read one tensor at a time when asked for."""
 
     def __init__(self, folder: Path) -> None:
-        from workers.checkpoints.layers import model_config, weight_files
+        from alphawatch.workers.checkpoints.layers import model_config, weight_files
 
         self.config = model_config(folder)
         self._safetensors: dict[str, Path] = {}
@@ -121,7 +121,7 @@ def _base_folder(config: dict[str, object], folder: Path, base: Path | None) -> 
 
 def iter_peft_lora(folder: Path, base: Path | None = None) -> Iterator[LayerMatrix]:
     """Updates (kind ``lora_update``) and, when the base weights are found, merged weights."""
-    from workers.checkpoints.layers import _layer
+    from alphawatch.workers.checkpoints.layers import _layer
 
     config = _adapter_config(folder)
     weights_file, tensors = _adapter_tensors(folder)

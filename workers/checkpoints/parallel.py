@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from workers.checkpoints.errors import CheckpointError
-from workers.checkpoints.fused import layout, split_fused
-from workers.checkpoints.naming import classify, is_weight_matrix, layer_name
-from workers.checkpoints.readers import iter_torch, load_torch
+from alphawatch.workers.checkpoints.errors import CheckpointError
+from alphawatch.workers.checkpoints.fused import layout, split_fused
+from alphawatch.workers.checkpoints.naming import classify, is_weight_matrix, layer_name
+from alphawatch.workers.checkpoints.readers import iter_torch, load_torch
 
 ROOT_KEYS = ("state_dict", "module", "model")
 COLUMN_PARALLEL = {"q", "k", "v", "qkv", "gate", "up", "fc_in", "embed", "lm_head"}

@@ -15,7 +15,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from workers.checkpoints.errors import CheckpointError, CheckpointVanished, UnsafeCheckpointError
+from alphawatch.workers.checkpoints.errors import (
+    CheckpointError,
+    CheckpointVanished,
+    UnsafeCheckpointError,
+)
 
 _MAX_HEADER = 100 * 1024 * 1024
 _FLOAT8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))

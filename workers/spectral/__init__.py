@@ -3,9 +3,14 @@
 Pure math on torch tensors; no files, no database, no logging configuration.
 """
 
-from workers.spectral.analysis import analyze_many, analyze_matrix, as_matrices, resolve_device
-from workers.spectral.plfit import FIT_METHODS, fit_power_law
-from workers.spectral.types import FitStatus, LayerResult, PowerLawFit, Thresholds
+from alphawatch.workers.spectral.analysis import (
+    analyze_many,
+    analyze_matrix,
+    as_matrices,
+    resolve_device,
+)
+from alphawatch.workers.spectral.plfit import FIT_METHODS, fit_power_law
+from alphawatch.workers.spectral.types import FitStatus, LayerResult, PowerLawFit, Thresholds
 
 __all__ = [
     "FIT_METHODS",

@@ -8,8 +8,8 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import torch
 
-from workers.spectral.plfit import fit_power_law
-from workers.spectral.types import FitStatus, LayerResult, Thresholds
+from alphawatch.workers.spectral.plfit import fit_power_law
+from alphawatch.workers.spectral.types import FitStatus, LayerResult, Thresholds
 
 # Trap edge: Tracy–Widom scale (Johnstone 2001) times this many, beyond the MP bulk edge.
 TW_PAD = 5.0

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from workers.spectral.types import PowerLawFit
+from alphawatch.workers.spectral.types import PowerLawFit
 
 EVALS_THRESH = 1e-5
 """Absolute eigenvalue floor of weightwatcher 0.7.7 (``EVALS_THRESH``) for the ``ww`` method."""
