@@ -246,10 +246,10 @@ def analyze_path(path: Path, settings: Settings, method: str | None = None) -> d
     """Analyse one checkpoint (no database) into the public ``analyze`` JSON document."""
     from alphawatch.service.robust import summarize
     from alphawatch.workers.checkpoints import discover, iter_layers
-    from alphawatch.workers.spectral import Thresholds, analyze_matrix, resolve_device
+    from alphawatch.workers.spectral import analyze_matrix, resolve_device
 
     device = resolve_device(settings.device)
-    thresholds = Thresholds(**settings.trust.model_dump())
+    thresholds = settings.trust
     refs = discover(path, settle_s=0.0) if path.is_dir() else []
     step = next((r.step for r in refs if Path(r.path) == path), None)
     layers: list[dict[str, Any]] = []
@@ -263,7 +263,7 @@ def analyze_path(path: Path, settings: Settings, method: str | None = None) -> d
                    dtype=str(matrix.stored_dtype).removeprefix("torch."))
         layers.append(row)
     return {"step": step, "path": str(path), "device": str(device), "layers": layers,
-            "summary": summarize(layers)}
+            "summary": summarize(layers, thresholds=thresholds)}
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:

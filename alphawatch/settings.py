@@ -9,30 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from alphawatch.trust import Thresholds
+
 DEFAULT_DATABASE_URL = "sqlite:///./alphawatch.db"
-
-
-class TrustSettings(BaseModel):
-    """Thresholds of the trust verdict; the API reports them so users see what was applied."""
-
-    min_evals: int = Field(10, ge=1, description="fewer eigenvalues than this: too_few_evals")
-    min_tail: int = Field(10, ge=2, description="power-law tail shorter than this: tail_too_short")
-    max_ks_distance: float = Field(0.1, gt=0, le=1, description="KS distance D above: poor_fit")
-    alpha_min: float = Field(1.0, description="alpha at or below this: alpha_out_of_range")
-    alpha_max: float = Field(8.0, description="alpha above this: alpha_out_of_range")
-    max_alpha_delta: float = Field(
-        0.5, gt=0, description="alpha moving more than this under bootstrap: unstable"
-    )
-    rank_loss_fraction: float = Field(
-        0.1, gt=0, le=1, description="share of zero singular values that flags rank collapse"
-    )
-    over_trained_below: float = Field(2.0, description="weightwatcher's over-trained label")
-    under_trained_above: float = Field(6.0, description="weightwatcher's under-trained label")
-    trap_seed: int = Field(0, description="seed of the shuffle used to find correlation traps")
-    bootstrap_samples: int = Field(32, ge=0, description="tail bootstrap resamples for stability")
 
 
 class Settings(BaseSettings):
@@ -57,7 +39,7 @@ class Settings(BaseSettings):
     )
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    trust: TrustSettings = Field(default_factory=TrustSettings)  # type: ignore[arg-type]
+    trust: Thresholds = Field(default_factory=Thresholds)
 
     @field_validator("database_url")
     @classmethod

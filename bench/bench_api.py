@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 from alphawatch.service.db.aggregates import stat_rows  # noqa: E402
 from alphawatch.service.db.migrations import upgrade  # noqa: E402
 from alphawatch.service.db.session import dispose_all  # noqa: E402
+from alphawatch.trust import Thresholds  # noqa: E402
 
 KINDS = ("q", "k", "v", "o", "gate", "up", "down")
 PROJ = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
@@ -108,7 +109,7 @@ def fill_chunk(args: tuple[str, list[tuple[int, int, int]], int]) -> int:
                 layers = checkpoint_layers(checkpoint_id, seed, index, names)
                 for layer in layers:
                     lcopy.write_row([layer[c] for c in LAYER_COLUMNS])
-                stats += stat_rows(layers, checkpoint_id=checkpoint_id)
+                stats += stat_rows(layers, checkpoint_id=checkpoint_id, thresholds=Thresholds())
         with cur.copy(f"COPY checkpoint_stat ({', '.join(STAT_COLUMNS)}) FROM STDIN") as scopy:
             for row in stats:
                 scopy.write_row([row[c] for c in STAT_COLUMNS])

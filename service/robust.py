@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from alphawatch.trust import Thresholds
+
 Stat = Literal["median", "mean", "trimmed_mean", "p10", "p25", "p75", "p90", "iqr"]
 STATS: tuple[str, ...] = ("median", "mean", "trimmed_mean", "p10", "p25", "p75", "p90", "iqr")
 FILTERS: tuple[str, ...] = ("trusted", "all")
@@ -61,9 +63,9 @@ def select(
     *,
     metric: str = "alpha",
     filter: str = "trusted",
-    alpha_max: float = 8.0,
+    alpha_max: float,
     outliers: str = "none",
-    mad_k: float = 3.0,
+    mad_k: float,
 ) -> Selection:
     """Pick the values of ``metric`` that a robust statistic may use.
 
@@ -138,9 +140,10 @@ def describe(values: np.ndarray) -> dict[str, float | None]:
             "p90": p90, "iqr": p75 - p25}
 
 
-def summarize(layers: list[Mapping[str, Any]], *, alpha_max: float = 8.0) -> dict[str, Any]:
-    """Model-level alpha of one checkpoint: trusted layers, alpha > 8 excluded, with reasons."""
-    chosen = select(layers, metric="alpha", filter="trusted", alpha_max=alpha_max)
+def summarize(layers: list[Mapping[str, Any]], *, thresholds: Thresholds) -> dict[str, Any]:
+    """Model-level alpha of one checkpoint: trusted layers, alpha > alpha_max excluded."""
+    chosen = select(layers, metric="alpha", filter="trusted", alpha_max=thresholds.alpha_max,
+                    mad_k=thresholds.mad_k)
     n = len(layers)
     untrusted = sum(1 for layer in layers if untrusted_reason(layer) is not None)
     return {

@@ -34,7 +34,7 @@ from alphawatch.workers.checkpoints import (
     discover,
     iter_layers,
 )
-from alphawatch.workers.spectral import Thresholds, analyze_matrix, resolve_device
+from alphawatch.workers.spectral import analyze_matrix, resolve_device
 
 log = logging.getLogger("alphawatch.worker")
 T = TypeVar("T")
@@ -114,7 +114,7 @@ class Watcher:
         self.reanalyze = reanalyze
         self.engine = make_engine(settings.database_url)
         self.device = resolve_device(settings.device)
-        self.thresholds = Thresholds(**settings.trust.model_dump())
+        self.thresholds = settings.trust
         self._reanalyzed: set[int] = set()
         # A live line per layer on a terminal; plain log records when stderr is a file or pipe.
         self.progress = sys.stderr.isatty()
@@ -205,6 +205,7 @@ class Watcher:
                         return queue.complete(
                             session, job_id=job.job_id, worker_id=self.worker_id, layers=layers,
                             spectra=spectra, device=str(self.device), elapsed_s=elapsed,
+                            thresholds=self.thresholds,
                         )
 
                 done = self._retry("complete", write)

@@ -8,12 +8,14 @@ from sqlalchemy.orm import Session
 
 from alphawatch.service import robust
 from alphawatch.service.api import queries
+from alphawatch.trust import Thresholds
 
 
 def _stat_at(*, session: Session, run_id: int, checkpoint_id: int, stat: str, filter: str,
-             method: str, alpha_max: float) -> tuple[float | None, float | None, int]:
+             method: str, thresholds: Thresholds) -> tuple[float | None, float | None, int]:
     layers = queries.layer_dicts(session=session, checkpoint_ids=[checkpoint_id], method=method)
-    chosen = robust.select(layers, metric="alpha", filter=filter, alpha_max=alpha_max)
+    chosen = robust.select(layers, metric="alpha", filter=filter,
+                           alpha_max=thresholds.alpha_max, mad_k=thresholds.mad_k)
     untrusted = sum(1 for layer in layers if robust.untrusted_reason(layer) is not None)
     share = untrusted / len(layers) if layers else None
     return robust.statistic(chosen.values, stat), share, chosen.n_used
@@ -22,7 +24,7 @@ def _stat_at(*, session: Session, run_id: int, checkpoint_id: int, stat: str, fi
 def evaluate(
     *, session: Session, run_id: int, stat: str, filter: str, step: int | None,
     min_alpha: float | None, max_alpha: float | None, max_untrusted_share: float | None,
-    ref_step: int | None, max_delta: float | None, method: str, alpha_max: float,
+    ref_step: int | None, max_delta: float | None, method: str, thresholds: Thresholds,
 ) -> dict[str, Any]:
     """Check the robust alpha of ``step`` (default: latest analysed) against the thresholds."""
     queries.get_run(session=session, run_id=run_id)
@@ -40,7 +42,7 @@ def evaluate(
         verdict.update(step=step, passed=False)
         return verdict
     value, share, n_used = _stat_at(session=session, run_id=run_id, checkpoint_id=done[step],
-                                    stat=stat, filter=filter, method=method, alpha_max=alpha_max)
+                                    stat=stat, filter=filter, method=method, thresholds=thresholds)
     verdict.update(step=step, value=value, untrusted_share=share)
 
     def violate(rule: str, got: float | None, threshold: float | None, message: str) -> None:
@@ -66,7 +68,7 @@ def evaluate(
             violate("no_reference", None, None, f"reference step {ref_step} is not analysed")
         else:
             ref, _, _ = _stat_at(session=session, run_id=run_id, checkpoint_id=done[ref_step],
-                                 stat=stat, filter=filter, method=method, alpha_max=alpha_max)
+                                 stat=stat, filter=filter, method=method, thresholds=thresholds)
             if ref is not None and value is not None:
                 delta = value - ref
                 verdict["delta"] = delta

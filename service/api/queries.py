@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 from alphawatch.service import robust
 from alphawatch.service.db.aggregates import PRECOMPUTED_KINDS, PRECOMPUTED_METRICS, kinds_key
 from alphawatch.service.db.models import Checkpoint, CheckpointStat, LayerMetric, Run, Spectrum
+from alphawatch.trust import Thresholds
 
 KIND_ORDER = ("embed", "q", "k", "v", "qkv", "o", "gate", "up", "down", "fc_in", "fc_out",
               "lora_update", "other", "lm_head")
@@ -30,7 +31,7 @@ def get_run(*, session: Session, run_id: int) -> Run:
     return run
 
 
-def run_summary(*, session: Session, run: Run, alpha_max: float) -> dict[str, Any]:
+def run_summary(*, session: Session, run: Run, thresholds: Thresholds) -> dict[str, Any]:
     counts: dict[str, int] = dict(
         session.execute(
             select(Checkpoint.status, func.count()).where(Checkpoint.run_id == run.id)
@@ -45,7 +46,7 @@ def run_summary(*, session: Session, run: Run, alpha_max: float) -> dict[str, An
     latest_alpha = untrusted_share = None
     if last is not None:
         layers = layer_dicts(session=session, checkpoint_ids=[last[0]])
-        summary = robust.summarize(layers, alpha_max=alpha_max)
+        summary = robust.summarize(layers, thresholds=thresholds)
         latest_alpha, untrusted_share = summary["alpha_median"], summary["untrusted_share"]
     return {
         "id": run.id, "name": run.name, "path": run.path, "created_at": run.created_at,
@@ -116,7 +117,7 @@ _STAT_FIELDS = [getattr(CheckpointStat, c) for c in
 def trend(
     *, session: Session, run_id: int, metric: str, stat: str, filter: str, method: str,
     kinds: list[str] | None, block_min: int | None, block_max: int | None, outliers: str,
-    mad_k: float, alpha_max: float, max_points: int | None,
+    mad_k: float | None, thresholds: Thresholds, max_points: int | None,
 ) -> list[dict[str, Any]]:
     """The robust statistic per analysed checkpoint, with what was excluded and why.
 
@@ -124,6 +125,8 @@ def trend(
     in the same query as the checkpoints, one row per checkpoint; block ranges, other kind sets
     and checkpoints without a kept row are computed from the layer rows by the same functions.
     """
+    alpha_max = thresholds.alpha_max
+    mad_k = thresholds.mad_k if mad_k is None else mad_k
     key = kinds_key(kinds)
     kept = (block_min is None and block_max is None and key in PRECOMPUTED_KINDS
             and (metric in PRECOMPUTED_METRICS if not key else metric == "alpha"))

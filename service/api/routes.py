@@ -169,7 +169,7 @@ def list_runs(session: SessionDep, settings: SettingsDep,
     total = session.scalar(select(func.count()).select_from(Run)) or 0
     runs = session.scalars(select(Run).order_by(Run.id).limit(limit).offset(offset)).all()
     return {"runs": [queries.run_summary(session=session, run=r,
-                                         alpha_max=settings.trust.alpha_max) for r in runs],
+                                         thresholds=settings.trust) for r in runs],
             "total": total}
 
 
@@ -183,7 +183,7 @@ def create_run(body: RunCreate, session: SessionDep, settings: SettingsDep) -> d
     run_id = queue.ensure_run(session, name=body.name, path=str(path))
     session.flush()
     return queries.run_summary(session=session, run=queries.get_run(session=session,
-                               run_id=run_id), alpha_max=settings.trust.alpha_max)
+                               run_id=run_id), thresholds=settings.trust)
 
 
 def _allowed_path(raw: str, settings: Settings) -> Path:
@@ -217,7 +217,7 @@ def get_run(run_id: RunId, session: SessionDep, settings: SettingsDep) -> dict[s
     methods = sorted(set(session.scalars(
         select(LayerMetric.method).where(LayerMetric.checkpoint_id == latest).distinct()
     ))) if latest is not None else []
-    return {**queries.run_summary(session=session, run=run, alpha_max=settings.trust.alpha_max),
+    return {**queries.run_summary(session=session, run=run, thresholds=settings.trust),
             "thresholds": settings.trust.model_dump(), "methods": methods}
 
 
@@ -304,7 +304,8 @@ async def get_trend(
     block_min: Annotated[int | None, Query(ge=0, le=INT32)] = None,
     block_max: Annotated[int | None, Query(ge=0, le=INT32)] = None,
     outliers: Annotated[Literal["none", "mad"], Query()] = "none",
-    mad_k: Annotated[float, Query(gt=0, le=100)] = 3.0,
+    mad_k: Annotated[float | None, Query(gt=0, le=100,
+                                         description="default: the server's trust.mad_k")] = None,
     method: Method = "ww",
     max_points: MaxPoints = None,
 ) -> Response:
@@ -315,7 +316,7 @@ async def get_trend(
         points = queries.trend(session=session, run_id=run_id, metric=metric, stat=stat,
                                filter=filter, method=method, kinds=_kinds(kind),
                                block_min=block_min, block_max=block_max, outliers=outliers,
-                               mad_k=mad_k, alpha_max=settings.trust.alpha_max,
+                               mad_k=mad_k, thresholds=settings.trust,
                                max_points=max_points)
         return {"run_id": run_id, "metric": metric, "stat": stat, "filter": filter,
                 "method": method, "outliers": outliers, "points": points}
@@ -374,7 +375,7 @@ def gate(
         min_alpha=settings.trust.over_trained_below if min_alpha is None else min_alpha,
         max_alpha=settings.trust.under_trained_above if max_alpha is None else max_alpha,
         max_untrusted_share=max_untrusted_share, ref_step=ref_step, max_delta=max_delta,
-        method=method, alpha_max=settings.trust.alpha_max,
+        method=method, thresholds=settings.trust,
     )
     if strict and not verdict["passed"]:
         response.status_code = 409
@@ -400,8 +401,8 @@ async def compare(
             run = queries.get_run(session=session, run_id=run_id)
             points = queries.trend(session=session, run_id=run_id, metric=metric, stat=stat,
                                    filter=filter, method=method, kinds=None, block_min=None,
-                                   block_max=None, outliers="none", mad_k=3.0,
-                                   alpha_max=settings.trust.alpha_max, max_points=max_points)
+                                   block_max=None, outliers="none", mad_k=None,
+                                   thresholds=settings.trust, max_points=max_points)
             out.append({"run_id": run_id, "name": run.name,
                         "points": [{"step": p["step"], "value": p["value"],
                                     "n_used": p["n_used"]} for p in points]})

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from alphawatch.service import robust
+from alphawatch.trust import Thresholds
 
 PRECOMPUTED_METRICS: tuple[str, ...] = (
     "alpha", "alpha_weighted", "log_alpha_norm", "log_norm", "log_spectral_norm", "stable_rank",
@@ -24,8 +25,6 @@ PRECOMPUTED_OUTLIERS: tuple[str, ...] = ("none", "mad")
 KIND_GROUPS: tuple[tuple[str, ...], ...] = (
     ("q", "k", "v", "o", "qkv"), ("gate", "up", "down", "fc_in", "fc_out"), ("embed", "lm_head"),
 )
-DEFAULT_MAD_K = 3.0
-DEFAULT_ALPHA_MAX = 8.0
 
 
 def kinds_key(kinds: Iterable[str] | None) -> str:
@@ -40,10 +39,15 @@ def stat_rows(
     layers: Sequence[Mapping[str, Any]],
     *,
     checkpoint_id: int,
-    alpha_max: float = DEFAULT_ALPHA_MAX,
-    mad_k: float = DEFAULT_MAD_K,
+    thresholds: Thresholds,
 ) -> list[dict[str, Any]]:
-    """``checkpoint_stat`` rows for every method, kept metric, kind set, filter and outlier rule."""
+    """``checkpoint_stat`` rows for every method, kept metric, kind set, filter and outlier rule.
+
+    Each row records the ``alpha_max`` and ``mad_k`` it was made with: the API serves a kept row
+    only when they equal the thresholds it applies, so a changed setting is never answered with
+    numbers made under the old one.
+    """
+    alpha_max, mad_k = thresholds.alpha_max, thresholds.mad_k
     by_method: dict[str, list[Mapping[str, Any]]] = {}
     for layer in layers:
         by_method.setdefault(str(layer.get("method", "ww")), []).append(layer)

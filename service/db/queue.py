@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import delete, func, insert, select, text, update
 from sqlalchemy.orm import Session
 
-from alphawatch.service.db.aggregates import DEFAULT_ALPHA_MAX, stat_rows
+from alphawatch.service.db.aggregates import stat_rows
 from alphawatch.service.db.models import (
     LAYER_COLUMNS,
     AnalysisJob,
@@ -25,6 +25,7 @@ from alphawatch.service.db.models import (
     Run,
     Spectrum,
 )
+from alphawatch.trust import Thresholds
 
 
 @dataclass(frozen=True)
@@ -158,7 +159,7 @@ def complete(
     spectra: list[dict[str, Any]],
     device: str,
     elapsed_s: float,
-    alpha_max: float = DEFAULT_ALPHA_MAX,
+    thresholds: Thresholds,
 ) -> bool:
     """Write every layer row, spectrum, robust statistic and the checkpoint summary at once.
 
@@ -185,7 +186,7 @@ def complete(
         if spectrum is not None and spectrum.get("evals") is not None:
             session.add(Spectrum(layer_metric_id=row.id, evals=spectrum["evals"],
                                  rand_evals=spectrum.get("rand_evals")))
-    summaries = stat_rows(layers, checkpoint_id=checkpoint_id, alpha_max=alpha_max)
+    summaries = stat_rows(layers, checkpoint_id=checkpoint_id, thresholds=thresholds)
     if summaries:
         session.execute(insert(CheckpointStat), summaries)
     checkpoint = session.get(Checkpoint, checkpoint_id)

@@ -18,6 +18,7 @@ from alphawatch.service.db import queue
 from alphawatch.service.db.session import make_engine, session_scope
 from alphawatch.service.db.tokens import create_token
 from alphawatch.settings import Settings
+from alphawatch.trust import Thresholds
 
 STEPS = (100, 200, 300)
 
@@ -58,7 +59,8 @@ def fill(url: str, name: str = "run-a", seed: int = 0) -> dict[int, list[dict[st
                    for layer in layers]
         with session_scope(engine) as session:
             assert queue.complete(session, job_id=job.job_id, worker_id="t", layers=layers,
-                                  spectra=spectra, device="cpu", elapsed_s=0.1)
+                                  spectra=spectra, device="cpu", elapsed_s=0.1,
+                                  thresholds=Thresholds())
         written[job.step] = layers
     return written
 

@@ -15,6 +15,7 @@ from alphawatch.service.api.cache import ResultCache, libpq_url
 from alphawatch.service.db import queue
 from alphawatch.service.db.session import make_engine, session_scope
 from alphawatch.settings import Settings
+from alphawatch.trust import Thresholds
 from tests.service.test_api import fill
 
 TREND = "/api/v1/runs/1/trend"
@@ -72,7 +73,7 @@ def test_a_completed_checkpoint_is_visible_at_once(client: TestClient, pg_url: s
                "trusted": True, "alpha": 3.25, "D": 0.05, "num_pl_spikes": 20}]
     with session_scope(engine) as session:
         assert queue.complete(session, job_id=job.job_id, worker_id="w", layers=layers,
-                              spectra=[], device="cpu", elapsed_s=0.1)
+                              spectra=[], device="cpu", elapsed_s=0.1, thresholds=Thresholds())
     _until(lambda: _cache(client).version() != version)
     after = client.get(TREND)
     assert after.headers["x-cache"] == "miss"

@@ -10,6 +10,7 @@ from sqlalchemy import func, select
 from alphawatch.service.db import queue
 from alphawatch.service.db.models import AnalysisJob, Checkpoint, LayerMetric
 from alphawatch.service.db.session import make_engine, session_scope
+from alphawatch.trust import Thresholds
 
 
 def _fill(url: str, n: int) -> None:
@@ -68,11 +69,12 @@ def test_expired_lease_is_requeued_and_finished_once(db_url: str) -> None:
     with session_scope(engine) as session:
         # The dead worker comes back: its lease is gone, it may not write.
         assert not queue.complete(session, job_id=dead.job_id, worker_id="dead",
-                                  layers=[_layer("a")], spectra=[], device="cpu", elapsed_s=1)
+                                  layers=[_layer("a")], spectra=[], device="cpu", elapsed_s=1,
+                                  thresholds=Thresholds())
     with session_scope(engine) as session:
         assert queue.complete(session, job_id=alive.job_id, worker_id="alive",
                               layers=[_layer("a"), _layer("b")], spectra=[], device="cpu",
-                              elapsed_s=1)
+                              elapsed_s=1, thresholds=Thresholds())
     with session_scope(engine) as session:
         assert session.scalar(select(func.count()).select_from(LayerMetric)) == 2
         assert session.scalar(select(Checkpoint.status)) == "done"

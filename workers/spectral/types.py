@@ -8,6 +8,10 @@ from typing import Any
 
 import numpy as np
 
+from alphawatch.trust import Thresholds
+
+__all__ = ["FitStatus", "LayerResult", "PowerLawFit", "Thresholds"]
+
 
 class FitStatus(StrEnum):
     """Whether a layer's fitted alpha can be believed; stored as text."""
@@ -21,23 +25,6 @@ class FitStatus(StrEnum):
     NON_FINITE = "non_finite"  # NaN or Inf among the weights
     DEGENERATE = "degenerate"  # zero or constant matrix: no spectrum to fit
     FAILED = "failed"  # an unexpected error; see LayerResult.error
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    """Thresholds of the trust verdict (same names as the settings' ``trust`` section)."""
-
-    min_evals: int = 10
-    min_tail: int = 10
-    max_ks_distance: float = 0.1
-    alpha_min: float = 1.0
-    alpha_max: float = 8.0
-    max_alpha_delta: float = 0.5
-    rank_loss_fraction: float = 0.1
-    over_trained_below: float = 2.0
-    under_trained_above: float = 6.0
-    trap_seed: int = 0
-    bootstrap_samples: int = 32
 
 
 @dataclass(frozen=True)
