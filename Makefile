@@ -8,7 +8,7 @@ DEMO_DIR ?= demo-run
 DEMO_STEPS ?= 300
 DEMO_PORT ?= 8000
 
-.PHONY: install lint types contracts pytest test demo bench clean
+.PHONY: install lint types contracts pytest test wheel-smoke demo bench clean
 
 install: $(VENV)/.installed
 
@@ -32,6 +32,10 @@ pytest: install
 	$(BIN)/pytest
 
 test: lint types contracts pytest
+
+# The wheel as users get it: built, installed in a fresh venv, used from another folder.
+wheel-smoke:
+	TORCH_PIN="$(TORCH_PIN)" python3 scripts/wheel_smoke.py
 
 # Trains a small real model in the background and watches it live at http://127.0.0.1:$(DEMO_PORT)/
 demo: install
