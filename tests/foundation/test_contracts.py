@@ -42,7 +42,11 @@ def test_contracts_hold_on_the_tree(tree_copy: Path) -> None:
         ("workers/spectral", "import sqlalchemy", "The spectral engine is pure math"),
         ("service/api", "import alphawatch.workers.spectral", "The service never computes"),
         ("dashboard", "import alphawatch.service.db", "The dashboard reads only"),
-        ("workers/checkpoints", "import alphawatch.service.db", "Checkpoint reading knows"),
+        ("workers/checkpoints", "import sqlalchemy", "Checkpoint reading knows"),
+        ("workers/checkpoints", "import alphawatch.service.db", "Layers"),
+        ("workers/spectral", "import alphawatch.workers.checkpoints", "Layers"),
+        ("service/db", "import alphawatch.service.api", "Layers"),
+        ("service/api", "import alphawatch.cli", "Layers"),
     ],
 )
 def test_crossing_a_boundary_fails(
