@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from alphawatch.workers.spectral.plfit import fit_power_law
-from alphawatch.workers.spectral.types import FitStatus, LayerResult, Thresholds
+from alphawatch.workers.spectral.types import FitStatus, LayerResult, PowerLawFit, Thresholds
 
 # Trap edge: Tracy–Widom scale (Johnstone 2001) times this many, beyond the MP bulk edge.
 TW_PAD = 5.0
@@ -110,6 +111,146 @@ def _mp_edge(variance: float, n: int, m: int) -> tuple[float, float]:
     return float(edge), float(scale)
 
 
+@dataclass(frozen=True)
+class Spectrum:
+    """Eigenvalues λ = σ² pooled over the matrices, ascending; singular values per matrix."""
+
+    evals: np.ndarray
+    svals: list[np.ndarray]
+
+    @property
+    def lambda_max(self) -> float:
+        return float(self.evals[-1])
+
+    @property
+    def norm(self) -> float:
+        return float(self.evals.sum())
+
+
+@dataclass(frozen=True)
+class Rank:
+    """Numerical rank with a tolerance matched to the stored dtype, and the spectral entropy."""
+
+    matrix_rank: int
+    rank_loss: int
+    rank_collapse: bool
+    entropy: float | None
+
+
+@dataclass(frozen=True)
+class Bulk:
+    """Marchenko–Pastur bulk of an iid matrix with W's entry variance: edge λ+, TW scale."""
+
+    variance: float
+    mean: float
+    edge: float
+    tw_scale: float
+    num_spikes: int
+
+
+@dataclass(frozen=True)
+class Traps:
+    """Eigenvalues of the shuffled W beyond the bulk edge (+ Tracy–Widom pad): traps."""
+
+    rand_evals: np.ndarray
+    num_traps: int
+    rand_distance: float
+    max_rand_eval: float
+    mean_spike: bool
+    near_random: bool
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Whether to believe the alpha, and weightwatcher's training labels."""
+
+    status: FitStatus
+    trusted: bool
+    over_trained: bool
+    under_trained: bool
+
+
+def spectrum_of(mats: list[torch.Tensor], dev: torch.device) -> Spectrum:
+    """Pooled eigenvalues of ``mats`` (one matrix, or the slices of a Conv2d kernel)."""
+    svals = [singular_values(w, dev) for w in mats]
+    return Spectrum(evals=np.sort(np.concatenate([s**2 for s in svals])), svals=svals)
+
+
+def rank_of(spec: Spectrum, stored_dtype: torch.dtype | None, n: int,
+            rank_loss_fraction: float) -> Rank:
+    """Rank at tolerance σmax · eps(stored dtype); collapse when the loss passes the fraction."""
+    num_evals = int(spec.evals.size)
+    tol_eps = _dtype_eps(stored_dtype)
+    rank = int(sum(int(np.count_nonzero(s > s.max() * tol_eps)) for s in spec.svals))
+    sv = np.sqrt(spec.evals)
+    ent_rank = int(np.count_nonzero(sv > sv.max() * n * np.finfo(np.float64).eps))
+    p = spec.evals / spec.norm + 1e-10
+    entropy = float(-np.sum(p * np.log(p)) / np.log(ent_rank + 1e-10)) if ent_rank > 1 else None
+    return Rank(matrix_rank=rank, rank_loss=num_evals - rank,
+                rank_collapse=num_evals - rank > rank_loss_fraction * num_evals,
+                entropy=entropy)
+
+
+def bulk_of(flat: torch.Tensor, spec: Spectrum, n: int, m: int) -> Bulk:
+    """The MP bulk an iid n×m matrix with W's entry variance would have; spikes beyond it."""
+    variance, mean = float(flat.var()), float(flat.mean())
+    edge, tw = _mp_edge(variance, n, m)
+    return Bulk(variance=variance, mean=mean, edge=edge, tw_scale=tw,
+                num_spikes=int(np.count_nonzero(spec.evals > edge)))
+
+
+def traps_of(mats: list[torch.Tensor], spec: Spectrum, bulk: Bulk, n: int, m: int, seed: int,
+             dev: torch.device) -> Traps:
+    """Correlation traps: the spectrum of W with its entries shuffled (seeded), against the bulk.
+
+    A shuffle destroys correlations, so its eigenvalues should stay inside the MP bulk; those
+    beyond edge + ``TW_PAD`` Tracy–Widom scales are traps (Martin & Mahoney 2021).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    shuffled = []
+    for w in mats:
+        perm = torch.randperm(w.numel(), generator=gen)
+        shuffled.append(w.reshape(-1)[perm].reshape(w.shape))
+    rand_evals = np.sort(np.concatenate([singular_values(w, dev) ** 2 for w in shuffled]))
+    limit = bulk.edge + TW_PAD * bulk.tw_scale
+    beyond = rand_evals[rand_evals > limit]
+    # A non-zero mean μ makes a rank-one spike of about μ²·n·m in any shuffle of W: it is a
+    # property of the mean, not a trap.
+    mean_eval = bulk.mean * bulk.mean * n * m
+    mean_spike = False
+    if beyond.size and mean_eval > limit:
+        mean_spike = True
+        beyond = np.delete(beyond, int(np.argmin(np.abs(beyond - mean_eval))))
+    return Traps(rand_evals=rand_evals, num_traps=int(beyond.size),
+                 rand_distance=_jensen_shannon(spec.evals, rand_evals),
+                 max_rand_eval=float(rand_evals[-1]), mean_spike=mean_spike,
+                 near_random=_same_distribution(spec.evals, rand_evals))
+
+
+def verdict_of(fit: PowerLawFit | None, rank: Rank, traps: Traps | None,
+               limits: Thresholds) -> Verdict:
+    """The fit status (first failed rule wins), trust, and the over/under-trained labels."""
+    status = FitStatus.TAIL_TOO_SHORT
+    if fit is not None:
+        if fit.n < limits.min_tail:
+            status = FitStatus.TAIL_TOO_SHORT
+        elif not (limits.alpha_min < fit.alpha <= limits.alpha_max):
+            status = FitStatus.ALPHA_OUT_OF_RANGE
+        elif limits.max_ks_distance < fit.D:
+            status = FitStatus.POOR_FIT
+        elif fit.alpha_delta > limits.max_alpha_delta:
+            status = FitStatus.UNSTABLE
+        else:
+            status = FitStatus.OK
+    trap = traps is not None and traps.num_traps > 0
+    return Verdict(
+        status=status,
+        trusted=status is FitStatus.OK and not trap and not rank.rank_collapse,
+        over_trained=fit is not None and fit.alpha < limits.over_trained_below,
+        under_trained=fit is not None and fit.alpha > limits.under_trained_above,
+    )
+
+
 def analyze_matrix(
     weight: torch.Tensor,
     *,
@@ -182,94 +323,52 @@ def _analyze(
     stored_dtype: torch.dtype | None, method: str, limits: Thresholds, dev: torch.device,
     check_traps: bool, rows: int, cols: int, started: float,
 ) -> LayerResult:
-    svals = [singular_values(w, dev) for w in mats]
-    evals = np.sort(np.concatenate([s**2 for s in svals]))
-    num_evals = int(evals.size)
-    lambda_max = float(evals[-1])
-    norm = float(evals.sum())
-
-    tol_eps = _dtype_eps(stored_dtype)
-    rank = int(sum(int(np.count_nonzero(s > s.max() * tol_eps)) for s in svals))
-    rank_loss = num_evals - rank
-    rank_collapse = rank_loss > limits.rank_loss_fraction * num_evals
-
-    sv = np.sqrt(evals)
-    ent_rank = int(np.count_nonzero(sv > sv.max() * n * np.finfo(np.float64).eps))
-    p = evals / norm + 1e-10
-    entropy = float(-np.sum(p * np.log(p)) / np.log(ent_rank + 1e-10)) if ent_rank > 1 else None
-
-    variance = float(flat.var())
-    mean = float(flat.mean())
-    edge, tw = _mp_edge(variance, n, m)
-    num_spikes = int(np.count_nonzero(evals > edge))
-
-    fit = fit_power_law(evals, method, bootstrap_samples=limits.bootstrap_samples,
+    spec = spectrum_of(mats, dev)
+    rank = rank_of(spec, stored_dtype, n, limits.rank_loss_fraction)
+    bulk = bulk_of(flat, spec, n, m)
+    fit = fit_power_law(spec.evals, method, bootstrap_samples=limits.bootstrap_samples,
                         seed=limits.trap_seed, device=dev)
+    traps = traps_of(mats, spec, bulk, n, m, limits.trap_seed, dev) if check_traps else None
+    verdict = verdict_of(fit, rank, traps, limits)
+    return _result(method=method, rows=rows, cols=cols, spec=spec, rank=rank, bulk=bulk,
+                   fit=fit, traps=traps, verdict=verdict, started=started)
 
-    num_traps = None
-    rand_distance = max_rand_eval = None
-    mean_spike = False
-    rand_evals = None
-    if check_traps:
-        gen = torch.Generator().manual_seed(limits.trap_seed)
-        shuffled_mats = []
-        for w in mats:
-            perm = torch.randperm(w.numel(), generator=gen)
-            shuffled_mats.append(w.reshape(-1)[perm].reshape(w.shape))
-        rand_evals = np.sort(np.concatenate([singular_values(w, dev) ** 2
-                                             for w in shuffled_mats]))
-        max_rand_eval = float(rand_evals[-1])
-        rand_distance = _jensen_shannon(evals, rand_evals)
-        beyond = rand_evals[rand_evals > edge + TW_PAD * tw]
-        # A non-zero mean μ makes a rank-one spike of about μ²·n·m in any shuffle of W: it is
-        # a property of the mean, not a trap.
-        mean_eval = mean * mean * n * m
-        if beyond.size and mean_eval > edge + TW_PAD * tw:
-            mean_spike = True
-            closest = int(np.argmin(np.abs(beyond - mean_eval)))
-            beyond = np.delete(beyond, closest)
-        num_traps = int(beyond.size)
-    correlation_trap = bool(num_traps)
-    near_random = rand_evals is not None and _same_distribution(evals, rand_evals)
 
-    alpha = D = xmin = xmax = sigma = alpha_delta = None
-    alpha_weighted = log_alpha_norm = None
-    num_pl_spikes = None
-    status = FitStatus.TAIL_TOO_SHORT
+def _result(*, method: str, rows: int, cols: int, spec: Spectrum, rank: Rank, bulk: Bulk,
+            fit: PowerLawFit | None, traps: Traps | None, verdict: Verdict,
+            started: float) -> LayerResult:
+    lambda_max, norm = spec.lambda_max, spec.norm
+    fitted: dict[str, float | int | None] = dict.fromkeys(
+        ("alpha", "D", "xmin", "xmax", "sigma", "alpha_delta", "num_pl_spikes",
+         "alpha_weighted", "log_alpha_norm"))
     if fit is not None:
-        alpha, D, xmin, xmax = fit.alpha, fit.D, fit.xmin, fit.xmax
-        sigma, alpha_delta, num_pl_spikes = fit.sigma, fit.alpha_delta, fit.n
-        alpha_weighted = alpha * float(np.log10(lambda_max))
         with np.errstate(over="ignore"):
-            log_alpha_norm = float(np.log10(np.sum(evals**alpha)))
-        if fit.n < limits.min_tail:
-            status = FitStatus.TAIL_TOO_SHORT
-        elif not (limits.alpha_min < alpha <= limits.alpha_max):
-            status = FitStatus.ALPHA_OUT_OF_RANGE
-        elif limits.max_ks_distance < fit.D:
-            status = FitStatus.POOR_FIT
-        elif fit.alpha_delta > limits.max_alpha_delta:
-            status = FitStatus.UNSTABLE
-        else:
-            status = FitStatus.OK
-    over = alpha is not None and alpha < limits.over_trained_below
-    under = alpha is not None and alpha > limits.under_trained_above
-    trusted = status is FitStatus.OK and not correlation_trap and not rank_collapse
+            log_alpha_norm = float(np.log10(np.sum(spec.evals**fit.alpha)))
+        fitted = {"alpha": fit.alpha, "D": fit.D, "xmin": fit.xmin, "xmax": fit.xmax,
+                  "sigma": fit.sigma, "alpha_delta": fit.alpha_delta, "num_pl_spikes": fit.n,
+                  "alpha_weighted": fit.alpha * float(np.log10(lambda_max)),
+                  "log_alpha_norm": log_alpha_norm}
+    over, under = verdict.over_trained, verdict.under_trained
     return LayerResult(
-        method=method, fit_status=status, trusted=trusted, rows=rows, cols=cols,
-        num_evals=num_evals, lambda_max=lambda_max, alpha=alpha, alpha_weighted=alpha_weighted,
-        log_norm=float(np.log10(norm)), log_spectral_norm=float(np.log10(lambda_max)),
-        stable_rank=norm / lambda_max, log_alpha_norm=log_alpha_norm, D=D, xmin=xmin, xmax=xmax,
-        num_pl_spikes=num_pl_spikes, sigma=sigma, entropy=entropy, matrix_rank=rank,
-        rank_loss=rank_loss, mp_bulk_max=edge, mp_sigma=float(np.sqrt(variance)),
-        num_spikes=num_spikes, mp_softrank=edge / lambda_max, num_traps=num_traps,
-        rand_distance=rand_distance, max_rand_eval=max_rand_eval, mean_spike=mean_spike,
-        alpha_delta=alpha_delta, correlation_trap=correlation_trap, rank_collapse=rank_collapse,
-        near_random=near_random, over_trained=over, under_trained=under,
+        method=method, fit_status=verdict.status, trusted=verdict.trusted, rows=rows, cols=cols,
+        num_evals=int(spec.evals.size), lambda_max=lambda_max, log_norm=float(np.log10(norm)),
+        log_spectral_norm=float(np.log10(lambda_max)), stable_rank=norm / lambda_max,
+        entropy=rank.entropy, matrix_rank=rank.matrix_rank, rank_loss=rank.rank_loss,
+        mp_bulk_max=bulk.edge, mp_sigma=float(np.sqrt(bulk.variance)),
+        num_spikes=bulk.num_spikes, mp_softrank=bulk.edge / lambda_max,
+        num_traps=None if traps is None else traps.num_traps,
+        rand_distance=None if traps is None else traps.rand_distance,
+        max_rand_eval=None if traps is None else traps.max_rand_eval,
+        mean_spike=traps is not None and traps.mean_spike,
+        correlation_trap=traps is not None and traps.num_traps > 0,
+        rank_collapse=rank.rank_collapse,
+        near_random=traps is not None and traps.near_random, over_trained=over,
+        under_trained=under,
         warning="over-trained" if over else ("under-trained" if under else None),
         elapsed_ms=1000.0 * (time.perf_counter() - started),
-        evals=evals.astype(np.float32), rand_evals=None if rand_evals is None
-        else rand_evals.astype(np.float32),
+        evals=spec.evals.astype(np.float32),
+        rand_evals=None if traps is None else traps.rand_evals.astype(np.float32),
+        **fitted,  # type: ignore[arg-type]
     )
 
 
