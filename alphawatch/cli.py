@@ -51,49 +51,71 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def db_option(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--db", metavar="URL", help="database URL (default: ALPHAWATCH_DATABASE_URL "
+        p.add_argument("--db", type=str, metavar="URL", help="database URL (default: ALPHAWATCH_DATABASE_URL "
                        "or ./alphawatch.db)")
 
     def device_option(p: argparse.ArgumentParser) -> None:
         p.add_argument("--device", choices=["auto", "cpu", "cuda"],
                        help="where eigenvalues are computed (default: auto = GPU when present)")
 
+    def listen_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--host", type=str, help="address to listen on (default 127.0.0.1)")
+        p.add_argument("--port", type=port_number, help="port to listen on (default 8000)")
+
+    def poll_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--poll", type=positive, metavar="SECONDS",
+                       help="seconds between scans of the run directories (default 5)")
+
     up = sub.add_parser("up", help="API + dashboard + one worker in one process (the main job)")
-    up.add_argument("run_dir", type=Path, nargs="+", metavar="RUN_DIR")
+    up.add_argument("run_dir", type=Path, nargs="+", metavar="RUN_DIR",
+                    help="run directories to watch; the worker reads nothing outside them")
     db_option(up)
     device_option(up)
-    up.add_argument("--host", help="address to listen on (default 127.0.0.1)")
-    up.add_argument("--port", type=int, help="port to listen on (default 8000)")
-    up.add_argument("--poll", type=float, help="seconds between scans of the run directory")
+    listen_options(up)
+    poll_option(up)
 
     watch = sub.add_parser("watch", help="worker only: analyse checkpoints into the database")
     watch.add_argument("run_dir", type=Path, nargs="*", metavar="RUN_DIR",
                        help="run directories; runs registered through the API are watched too")
     db_option(watch)
     device_option(watch)
-    watch.add_argument("--poll", type=float, help="seconds between scans of the run directories")
+    poll_option(watch)
     watch.add_argument("--reanalyze", action="store_true",
                        help="analyse checkpoints again even when results exist")
     watch.add_argument("--once", action="store_true", help="process what is there, then exit")
 
     serve = sub.add_parser("serve", help="API + dashboard only")
     db_option(serve)
-    serve.add_argument("--host")
-    serve.add_argument("--port", type=int)
+    listen_options(serve)
 
     analyze = sub.add_parser("analyze", help="analyse one checkpoint, no database")
-    analyze.add_argument("path", type=Path, metavar="PATH")
+    analyze.add_argument("path", type=Path, metavar="PATH",
+                         help="a checkpoint folder or file (any format alphawatch discovers)")
     device_option(analyze)
-    analyze.add_argument("--format", choices=["table", "json", "csv"], default="table")
-    analyze.add_argument("--method", help="fit method (default: ww, weightwatcher-compatible)")
+    analyze.add_argument("--format", choices=["table", "json", "csv"], default="table",
+                         help="output format (default: table)")
+    analyze.add_argument("--method", type=str,
+                         help="fit method (default: ww, weightwatcher-compatible)")
 
     gate = sub.add_parser("gate", help="ask the API's CI gate; exit 0 pass, 1 fail, 2 error")
-    gate.add_argument("--url", required=True, help="base URL of the alphawatch API")
-    gate.add_argument("--run", required=True, help="run id or name")
-    gate.add_argument("--token", help="API token when reads need one")
-    for name in ("stat", "filter", "step", "ref-step", "max-alpha", "min-alpha",
-                 "max-untrusted-share", "max-delta"):
-        gate.add_argument(f"--{name}")
+    gate.add_argument("--url", type=str, required=True, help="base URL of the alphawatch API")
+    gate.add_argument("--run", type=str, required=True, help="run id or name")
+    gate.add_argument("--token", type=str, help="API token when reads need one")
+    gate.add_argument("--stat", choices=["median", "mean", "trimmed_mean", "p10", "p25", "p75",
+                                         "p90"], help="robust statistic of alpha (default: median)")
+    gate.add_argument("--filter", choices=["trusted", "all"],
+                      help="layers that count (default: trusted)")
+    gate.add_argument("--step", type=step_number, help="step to judge (default: the latest analysed)")
+    gate.add_argument("--ref-step", type=step_number,
+                      help="reference step for --max-delta")
+    gate.add_argument("--max-alpha", type=float,
+                      help="fail above this alpha (default: the server's under-trained label)")
+    gate.add_argument("--min-alpha", type=float,
+                      help="fail below this alpha (default: the server's over-trained label)")
+    gate.add_argument("--max-untrusted-share", type=share,
+                      help="fail when a larger share of layers (0..1) is untrusted")
+    gate.add_argument("--max-delta", type=positive,
+                      help="fail when alpha moved more than this since --ref-step")
 
     db = sub.add_parser("db", help="database maintenance")
     db_sub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
@@ -102,13 +124,41 @@ def build_parser() -> argparse.ArgumentParser:
     token = sub.add_parser("token", help="API tokens (writes always need one)")
     token_sub = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
     create = token_sub.add_parser("create", help="create a token and print it once")
-    create.add_argument("name")
+    create.add_argument("name", type=str, help="a name to recognise the token by")
     db_option(create)
 
     runs = sub.add_parser("runs", help="runs known to the database")
     runs_sub = runs.add_subparsers(dest="runs_command", required=True, metavar="ACTION")
     db_option(runs_sub.add_parser("list", help="list runs"))
     return parser
+
+
+def positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
+def share(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not a share between 0 and 1")
+    return value
+
+
+def step_number(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"{text} is not a step (0 .. 2^63-1)")
+    return value
+
+
+def port_number(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text} is not a port (0 .. 65535)")
+    return value
 
 
 def _settings(args: argparse.Namespace) -> Settings:

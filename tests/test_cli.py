@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import json
@@ -94,3 +95,42 @@ def test_parser_knows_every_documented_command() -> None:
                  ["analyze", "x", "--format", "json"], ["gate", "--url", "u", "--run", "r"],
                  ["db", "upgrade"], ["token", "create", "n"], ["runs", "list"]):
         parser.parse_args(argv)
+
+
+def _parsers(parser: argparse.ArgumentParser) -> Iterator[tuple[str, argparse.ArgumentParser]]:
+    yield parser.prog, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                yield from _parsers(child)
+
+
+def test_every_option_has_a_type_and_a_help_text() -> None:
+    missing = []
+    for prog, parser in _parsers(build_parser()):
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction | argparse._SubParsersAction):
+                continue
+            name = "/".join(action.option_strings) or action.dest
+            if not action.help:
+                missing.append(f"{prog} {name}: no help")
+            takes_value = action.nargs != 0
+            if takes_value and action.type is None and action.choices is None:
+                missing.append(f"{prog} {name}: no type")
+    assert missing == []
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["gate", "--url", "u", "--run", "r", "--max-untrusted-share", "1.5"], "between 0 and 1"),
+    (["gate", "--url", "u", "--run", "r", "--step", "-3"], "is not a step"),
+    (["gate", "--url", "u", "--run", "r", "--step", str(2**64)], "is not a step"),
+    (["up", "runs", "--port", "70000"], "is not a port"),
+    (["watch", "--poll", "0"], "not a positive number"),
+])
+def test_bad_option_values_are_refused_with_a_reason(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(args)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
