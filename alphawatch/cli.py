@@ -51,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def db_option(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--db", type=str, metavar="URL", help="database URL (default: ALPHAWATCH_DATABASE_URL "
-                       "or ./alphawatch.db)")
+        p.add_argument("--db", type=str, metavar="URL",
+                       help="database URL (default: ALPHAWATCH_DATABASE_URL or ./alphawatch.db)")
 
     def device_option(p: argparse.ArgumentParser) -> None:
         p.add_argument("--device", choices=["auto", "cpu", "cuda"],
@@ -105,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                                          "p90"], help="robust statistic of alpha (default: median)")
     gate.add_argument("--filter", choices=["trusted", "all"],
                       help="layers that count (default: trusted)")
-    gate.add_argument("--step", type=step_number, help="step to judge (default: the latest analysed)")
+    gate.add_argument("--step", type=step_number,
+                      help="step to judge (default: the latest analysed)")
     gate.add_argument("--ref-step", type=step_number,
                       help="reference step for --max-delta")
     gate.add_argument("--max-alpha", type=float,
