@@ -7,7 +7,7 @@ trend, the CI gate and ``alphawatch analyze`` all report the same numbers.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -140,7 +140,7 @@ def describe(values: np.ndarray) -> dict[str, float | None]:
             "p90": p90, "iqr": p75 - p25}
 
 
-def summarize(layers: list[Mapping[str, Any]], *, thresholds: Thresholds) -> dict[str, Any]:
+def summarize(layers: Sequence[Mapping[str, Any]], *, thresholds: Thresholds) -> dict[str, Any]:
     """Model-level alpha of one checkpoint: trusted layers, alpha > alpha_max excluded."""
     chosen = select(layers, metric="alpha", filter="trusted", alpha_max=thresholds.alpha_max,
                     mad_k=thresholds.mad_k)

@@ -71,7 +71,8 @@ class Attention(nn.Module):
 
         q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, d))
+        projected: torch.Tensor = self.o_proj(out.transpose(1, 2).reshape(b, t, d))
+        return projected
 
 
 class MLP(nn.Module):
@@ -82,7 +83,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        out: torch.Tensor = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return out
 
 
 class Block(nn.Module):
@@ -95,7 +97,25 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x))
-        return x + self.mlp(self.post_attention_layernorm(x))
+        out: torch.Tensor = x + self.mlp(self.post_attention_layernorm(x))
+        return out
+
+
+class Decoder(nn.Module):
+    """The ``model.`` part of a Llama: embeddings, decoder blocks, final norm."""
+
+    def __init__(self, vocab: int, dim: int, n_layers: int, n_heads: int, hidden: int) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(vocab, dim)
+        self.layers = nn.ModuleList(Block(dim, n_heads, hidden) for _ in range(n_layers))
+        self.norm = RMSNorm(dim)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x: torch.Tensor = self.embed_tokens(tokens)
+        for layer in self.layers:
+            x = layer(x)
+        normed: torch.Tensor = self.norm(x)
+        return normed
 
 
 class TinyLlama(nn.Module):
@@ -103,17 +123,12 @@ class TinyLlama(nn.Module):
 
     def __init__(self, vocab: int, dim: int, n_layers: int, n_heads: int, hidden: int) -> None:
         super().__init__()
-        self.model = nn.Module()
-        self.model.embed_tokens = nn.Embedding(vocab, dim)
-        self.model.layers = nn.ModuleList(Block(dim, n_heads, hidden) for _ in range(n_layers))
-        self.model.norm = RMSNorm(dim)
+        self.model = Decoder(vocab, dim, n_layers, n_heads, hidden)
         self.lm_head = nn.Linear(dim, vocab, bias=False)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.model.embed_tokens(tokens)
-        for layer in self.model.layers:
-            x = layer(x)
-        return self.lm_head(self.model.norm(x))
+        logits: torch.Tensor = self.lm_head(self.model(tokens))
+        return logits
 
 
 def _save(model: TinyLlama, out_dir: Path, step: int, config: dict[str, object],
@@ -184,7 +199,7 @@ def train(
         logits = model(batch[:, :-1])
         loss = F.cross_entropy(logits.reshape(-1, vocab), batch[:, 1:].reshape(-1))
         optimiser.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         optimiser.step()
         value = float(loss.item())
         if not math.isfinite(value):

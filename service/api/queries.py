@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections import defaultdict
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -96,10 +97,10 @@ def done_checkpoints(*, session: Session, run_id: int) -> list[tuple[int, int]]:
     )]
 
 
-def downsample(items: list[Any], max_points: int | None) -> list[Any]:
+def downsample(items: Sequence[Any], max_points: int | None) -> list[Any]:
     """Evenly spaced subset that always keeps the first and the last item."""
     if not max_points or len(items) <= max_points:
-        return items
+        return list(items)
     idx = np.unique(np.linspace(0, len(items) - 1, max_points).round().astype(int))
     return [items[i] for i in idx]
 

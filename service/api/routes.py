@@ -391,7 +391,7 @@ async def compare(
     stat: Annotated[Literal["median", "mean", "trimmed_mean", "p25", "p75"], Query()] = "median",
     filter: Annotated[Literal["trusted", "all"], Query()] = "trusted",
     method: Method = "ww", max_points: MaxPoints = 500,
-) -> dict[str, Any]:
+) -> Response:
     """Robust trends of several runs, to overlay."""
     metric = _metric(metric)
 

@@ -91,7 +91,7 @@ class CheckpointLayers(BaseModel):
     run_id: int
     step: int
     method: str
-    layers: list[LayerMetricRead]  # type: ignore[valid-type]
+    layers: list[LayerMetricRead]
 
 
 class HistoryPoint(BaseModel):
