@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
@@ -116,3 +117,13 @@ def test_vocabulary_is_public_on_a_token_protected_server(sqlite_url: str) -> No
     with TestClient(create_app(settings)) as c:
         assert c.get("/api/v1/runs").status_code == 401
         assert c.get("/api/v1/vocabulary").status_code == 200
+
+
+def test_every_statistic_has_its_column_and_its_trend_field() -> None:
+    from alphawatch.service.api.schemas import TrendPoint
+    from alphawatch.service.db.models import CheckpointStat
+
+    names = {s.value for s in words.Statistic}
+    assert names <= set(TrendPoint.model_fields)
+    assert names <= set(CheckpointStat.__table__.columns.keys())
+    assert set(robust.describe(np.arange(5.0))) == names
