@@ -9,15 +9,21 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from alphawatch.trust import Thresholds
+from alphawatch.vocabulary import (
+    DEFAULT_FILTER,
+    DEFAULT_OUTLIER_RULE,
+    LayerFilter,
+    OutlierRule,
+    Statistic,
+)
 
-Stat = Literal["median", "mean", "trimmed_mean", "p10", "p25", "p75", "p90", "iqr"]
-STATS: tuple[str, ...] = ("median", "mean", "trimmed_mean", "p10", "p25", "p75", "p90", "iqr")
-FILTERS: tuple[str, ...] = ("trusted", "all")
+# Plain strings: they key rows and JSON objects, where an enum member would leak its type.
+STATS: tuple[str, ...] = tuple(s.value for s in Statistic)
 ALPHA_METRICS = frozenset({"alpha", "alpha_weighted", "log_alpha_norm"})
 TRIM = 0.1
 
@@ -62,9 +68,9 @@ def select(
     layers: Iterable[Mapping[str, Any]],
     *,
     metric: str = "alpha",
-    filter: str = "trusted",
+    filter: str = DEFAULT_FILTER,
     alpha_max: float,
-    outliers: str = "none",
+    outliers: str = DEFAULT_OUTLIER_RULE,
     mad_k: float,
 ) -> Selection:
     """Pick the values of ``metric`` that a robust statistic may use.
@@ -85,7 +91,7 @@ def select(
         if metric in ALPHA_METRICS and alpha is not None and alpha > alpha_max:
             excluded[f"alpha_gt_{alpha_max:g}"] += 1
             continue
-        if filter == "trusted":
+        if filter == LayerFilter.TRUSTED:
             reason = untrusted_reason(layer)
             if reason is not None:
                 excluded[reason] += 1
@@ -93,7 +99,7 @@ def select(
         kept.append(float(value))
     # Sorted: every statistic then sees the same array whatever order the rows came in.
     values = np.sort(np.asarray(kept, dtype=np.float64))
-    if outliers == "mad" and values.size >= 3:
+    if outliers == OutlierRule.MAD and values.size >= 3:
         median = float(np.median(values))
         mad = 1.4826 * float(np.median(np.abs(values - median)))
         if mad > 0:
@@ -115,15 +121,15 @@ def statistic(values: np.ndarray, stat: str) -> float | None:
     """One statistic of ``values``; None when there is no value to summarise."""
     if values.size == 0:
         return None
-    if stat == "median":
+    if stat == Statistic.MEDIAN:
         return float(np.median(values))
-    if stat == "mean":
+    if stat == Statistic.MEAN:
         return float(values.mean())
-    if stat == "trimmed_mean":
+    if stat == Statistic.TRIMMED_MEAN:
         return trimmed_mean(values)
-    if stat == "iqr":
+    if stat == Statistic.IQR:
         return float(np.percentile(values, 75) - np.percentile(values, 25))
-    if stat.startswith("p") and stat[1:].isdigit():
+    if stat in STATS and stat.startswith("p") and stat[1:].isdigit():
         return float(np.percentile(values, int(stat[1:])))
     raise ValueError(f"unknown statistic {stat!r}; choose one of {', '.join(STATS)}")
 

@@ -12,15 +12,17 @@ import anyio.to_thread
 import plotly
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy.exc import SQLAlchemyError
+from starlette.types import Scope
 
 from alphawatch import __version__
 from alphawatch.dashboard import STATIC_DIR
 from alphawatch.service.api.cache import ResultCache
 from alphawatch.service.api.queries import NotFound
 from alphawatch.service.api.routes import health_router, router
+from alphawatch.service.api.vocabulary import vocabulary_router
 from alphawatch.settings import Settings
 
 log = logging.getLogger("alphawatch.api")
@@ -32,6 +34,18 @@ PLOTLY_JS = Path(plotly.__file__).resolve().parent / "package_data" / "plotly.mi
 # stretches every request instead of finishing some; a few threads keep latency bounded and
 # still overlap database waits.
 API_THREADS = int(os.environ.get("ALPHAWATCH_API_THREADS", "6"))
+
+
+class _Static(StaticFiles):
+    """Static files with ``.js`` always sent as JavaScript, whatever the host's MIME table says
+    (Windows registries often say text/plain): browsers refuse such module scripts."""
+
+    def file_response(self, full_path: str | os.PathLike[str], stat_result: os.stat_result,
+                      scope: Scope, status_code: int = 200) -> Response:
+        response = super().file_response(full_path, stat_result, scope, status_code)
+        if isinstance(response, FileResponse) and str(full_path).endswith(".js"):
+            response.headers["content-type"] = "text/javascript; charset=utf-8"
+        return response
 
 
 @asynccontextmanager
@@ -81,6 +95,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.include_router(health_router)
     app.include_router(router)
+    app.include_router(vocabulary_router)
 
     @app.get("/static/vendor/plotly.min.js", include_in_schema=False)
     def plotly_js() -> FileResponse:
@@ -93,5 +108,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return FileResponse(page, media_type="text/html")
         return HTMLResponse("<h1>alphawatch</h1><p>API docs at <a href='/docs'>/docs</a></p>")
 
-    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.mount("/static", _Static(directory=STATIC_DIR), name="static")
     return app

@@ -16,9 +16,7 @@ from alphawatch.service import robust
 from alphawatch.service.db.aggregates import PRECOMPUTED_KINDS, PRECOMPUTED_METRICS, kinds_key
 from alphawatch.service.db.models import Checkpoint, CheckpointStat, LayerMetric, Run, Spectrum
 from alphawatch.trust import Thresholds
-
-KIND_ORDER = ("embed", "q", "k", "v", "qkv", "o", "gate", "up", "down", "fc_in", "fc_out",
-              "lora_update", "other", "lm_head")
+from alphawatch.vocabulary import KIND_ORDER, Kind
 
 
 class NotFound(LookupError):
@@ -205,12 +203,12 @@ def layer_history(
 
 
 def _layer_order(layer: dict[str, Any]) -> tuple[int, int, str]:
-    kind = layer.get("kind") or "other"
+    kind = layer.get("kind") or Kind.OTHER
     block = layer.get("block")
     rank = KIND_ORDER.index(kind) if kind in KIND_ORDER else len(KIND_ORDER)
-    if kind == "embed":
+    if kind == Kind.EMBED:
         return (-1, rank, layer["name"])
-    if kind == "lm_head":
+    if kind == Kind.LM_HEAD:
         return (1 << 30, rank, layer["name"])
     return (block if block is not None else (1 << 29), rank, layer["name"])
 

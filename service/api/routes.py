@@ -6,7 +6,7 @@ import csv
 import io
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response
 from fastapi import Path as PathParam
@@ -36,6 +36,14 @@ from alphawatch.service.db.models import AnalysisJob, Checkpoint, LayerMetric, R
 from alphawatch.service.db.session import make_engine, session_scope
 from alphawatch.service.db.tokens import verify_token
 from alphawatch.settings import Settings
+from alphawatch.vocabulary import (
+    DEFAULT_FILTER,
+    DEFAULT_OUTLIER_RULE,
+    DEFAULT_STATISTIC,
+    LayerFilter,
+    OutlierRule,
+    Statistic,
+)
 
 
 async def get_settings(request: Request) -> Settings:
@@ -296,14 +304,13 @@ async def layer_history(request: Request, run_id: RunId, layer_name: str,
 async def get_trend(
     request: Request, run_id: RunId, settings: SettingsDep,
     metric: Metric = "alpha",
-    stat: Annotated[Literal["median", "mean", "trimmed_mean", "p10", "p25", "p75", "p90",
-                            "iqr"], Query()] = "median",
-    filter: Annotated[Literal["trusted", "all"], Query()] = "trusted",
+    stat: Annotated[Statistic, Query()] = DEFAULT_STATISTIC,
+    filter: Annotated[LayerFilter, Query()] = DEFAULT_FILTER,
     kind: Annotated[str | None,
                     Query(max_length=200, description="comma-separated kinds: q,k,v,o,...")] = None,
     block_min: Annotated[int | None, Query(ge=0, le=INT32)] = None,
     block_max: Annotated[int | None, Query(ge=0, le=INT32)] = None,
-    outliers: Annotated[Literal["none", "mad"], Query()] = "none",
+    outliers: Annotated[OutlierRule, Query()] = DEFAULT_OUTLIER_RULE,
     mad_k: Annotated[float | None, Query(gt=0, le=100,
                                          description="default: the server's trust.mad_k")] = None,
     method: Method = "ww",
@@ -354,9 +361,8 @@ def get_esd(run_id: RunId, step: StepPath, layer_name: str, session: SessionDep,
 @router.get("/runs/{run_id}/gate", response_model=GateRead)
 def gate(
     run_id: RunId, session: SessionDep, settings: SettingsDep, response: Response,
-    stat: Annotated[Literal["median", "mean", "trimmed_mean", "p10", "p25", "p75", "p90"],
-                    Query()] = "median",
-    filter: Annotated[Literal["trusted", "all"], Query()] = "trusted",
+    stat: Annotated[Statistic, Query(description="a level: not iqr")] = DEFAULT_STATISTIC,
+    filter: Annotated[LayerFilter, Query()] = DEFAULT_FILTER,
     step: Annotated[int | None, Query(ge=0, le=INT64,
                                       description="default: the latest analysed")] = None,
     min_alpha: Annotated[float | None, Query(description="default: 2 (over-trained)")] = None,
@@ -370,6 +376,10 @@ def gate(
     """CI gate: thresholds on the robust alpha, the untrusted share and the change since a step."""
     from alphawatch.service.api.gate import evaluate
 
+    if not stat.is_level:
+        levels = ", ".join(s for s in Statistic if s.is_level)
+        raise HTTPException(422, f"stat {stat.value} is a spread, not a level of alpha that a"
+                                 f" band can gate; choose one of {levels}")
     verdict = evaluate(
         session=session, run_id=run_id, stat=stat, filter=filter, step=step,
         min_alpha=settings.trust.over_trained_below if min_alpha is None else min_alpha,
@@ -388,8 +398,8 @@ async def compare(
     runs: Annotated[str, Query(pattern=r"^\d{1,9}(,\d{1,9}){0,49}$",
                                description="up to 50 run ids, comma-separated")],
     metric: Metric = "alpha",
-    stat: Annotated[Literal["median", "mean", "trimmed_mean", "p25", "p75"], Query()] = "median",
-    filter: Annotated[Literal["trusted", "all"], Query()] = "trusted",
+    stat: Annotated[Statistic, Query()] = DEFAULT_STATISTIC,
+    filter: Annotated[LayerFilter, Query()] = DEFAULT_FILTER,
     method: Method = "ww", max_points: MaxPoints = 500,
 ) -> Response:
     """Robust trends of several runs, to overlay."""

@@ -14,17 +14,17 @@ from typing import Any
 
 from alphawatch.service import robust
 from alphawatch.trust import Thresholds
+from alphawatch.vocabulary import KIND_GROUPS, LayerFilter, OutlierRule
 
 PRECOMPUTED_METRICS: tuple[str, ...] = (
     "alpha", "alpha_weighted", "log_alpha_norm", "log_norm", "log_spectral_norm", "stable_rank",
     "D", "entropy", "mp_softrank", "distance_from_init",
 )
-PRECOMPUTED_FILTERS: tuple[str, ...] = ("trusted", "all")
-PRECOMPUTED_OUTLIERS: tuple[str, ...] = ("none", "mad")
-# The layer groups the dashboard offers (attention, MLP, embeddings), for alpha only.
-KIND_GROUPS: tuple[tuple[str, ...], ...] = (
-    ("q", "k", "v", "o", "qkv"), ("gate", "up", "down", "fc_in", "fc_out"), ("embed", "lm_head"),
-)
+PRECOMPUTED_FILTERS: tuple[str, ...] = tuple(f.value for f in LayerFilter)
+PRECOMPUTED_OUTLIERS: tuple[str, ...] = tuple(r.value for r in OutlierRule)
+# The kind groups users pick (attention, MLP, embeddings), for alpha only.
+PRECOMPUTED_GROUPS: tuple[tuple[str, ...], ...] = tuple(
+    tuple(k.value for k in group.kinds) for group in KIND_GROUPS)
 
 
 def kinds_key(kinds: Iterable[str] | None) -> str:
@@ -32,7 +32,7 @@ def kinds_key(kinds: Iterable[str] | None) -> str:
     return ",".join(sorted(set(kinds or ())))
 
 
-PRECOMPUTED_KINDS = frozenset({"", *(kinds_key(g) for g in KIND_GROUPS)})
+PRECOMPUTED_KINDS = frozenset({"", *(kinds_key(g) for g in PRECOMPUTED_GROUPS)})
 
 
 def stat_rows(
@@ -55,7 +55,7 @@ def stat_rows(
     for method, of_method in by_method.items():
         selections: list[tuple[str, str, Sequence[Mapping[str, Any]]]] = [
             (metric, "", of_method) for metric in PRECOMPUTED_METRICS]
-        for group in KIND_GROUPS:
+        for group in PRECOMPUTED_GROUPS:
             selections.append(("alpha", kinds_key(group),
                                [x for x in of_method if x.get("kind") in group]))
         for metric, kinds, chosen_layers in selections:

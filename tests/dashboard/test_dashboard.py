@@ -14,6 +14,7 @@ import pytest
 
 from alphawatch.service.api import create_app
 from alphawatch.settings import Settings
+from alphawatch.trust import Thresholds
 from alphawatch.workers.watcher import Watcher
 from tests.live import serve
 
@@ -372,3 +373,104 @@ def test_token_protected_server_asks_for_a_token(
         page.click("#token-form button")
         page.wait_for_selector("#runs-empty")
         assert token not in page.evaluate("() => location.href")
+
+
+def _options(page: Any, param: str) -> list[list[str]]:
+    options: list[list[str]] = page.eval_on_selector_all(
+        f"select[data-param={param}] option", "(os) => os.map((o) => [o.value, o.textContent])")
+    return options
+
+
+def _kind_panels(page: Any) -> list[str]:
+    return [t["name"] for t in _data(page, "kinds")]
+
+
+def test_pickers_and_kind_order_are_the_apis(page: Any, site: Site) -> None:
+    words = _api(site, "/vocabulary")
+    page.goto(f"{site.url}/#/runs/{site.run_id}")
+    page.wait_for_function("() => document.getElementById('kinds')?.data?.length >= 3")
+    assert _options(page, "stat") == [[s["name"], s["label"]] for s in words["statistics"]]
+    assert _options(page, "filter") == [[f["name"], f["label"]] for f in words["filters"]]
+    assert _options(page, "outliers") == [[r["name"], r["label"]] for r in words["outlier_rules"]]
+    assert [v for v, _ in _options(page, "kind")] == \
+        ["all", *(g["name"] for g in words["kind_groups"])]
+    shown = _kind_panels(page)
+    assert shown == [k for k in words["kinds"] if k in shown]
+    # Another statistic from the picker: the line is the API's numbers for it.
+    page.select_option("select[data-param=stat]", "p90")
+    page.wait_for_function("() => document.getElementById('trend')?.data?.[2]?.name"
+                           " === '90th percentile α'")
+    p90 = _api(site, f"/runs/{site.run_id}/trend?metric=alpha&stat=p90&filter=trusted")
+    line = next(t for t in _data(page, "trend") if t["name"] == "90th percentile α")
+    assert line["y"] == pytest.approx([p["value"] for p in p90["points"]])
+    page.goto(f"{site.url}/#/compare?runs={site.run_id}&stat=p90")
+    page.wait_for_function("() => document.getElementById('compare')?.data?.length === 1")
+    assert _options(page, "stat") == [[s["name"], s["label"]] for s in words["statistics"]]
+    assert _data(page, "compare")[0]["y"] == pytest.approx([p["value"] for p in p90["points"]])
+
+
+def test_a_changed_vocabulary_changes_the_page(page: Any, site: Site) -> None:
+    """Served another vocabulary, the page follows it: nothing of it is baked into the page."""
+    from alphawatch.service.api.vocabulary import VocabularyRead, current_vocabulary
+
+    words = _api(site, "/vocabulary")
+    stats = [{**s, "label": f"stat {s['name']}", "default": s["name"] == "mean"}
+             for s in reversed(words["statistics"])]
+    changed = VocabularyRead.model_validate({
+        **words, "statistics": stats, "kinds": list(reversed(words["kinds"])),
+        "kind_groups": [{"name": "qk", "label": "queries and keys", "kinds": ["q", "k"]}]})
+    app = create_app(site.settings)
+    app.dependency_overrides[current_vocabulary] = lambda: changed
+    with serve(app) as url:
+        page.goto(f"{url}/#/runs/{site.run_id}?filter=all")
+        page.wait_for_function("() => document.getElementById('kinds')?.data?.length >= 3")
+        assert _options(page, "stat") == [[s["name"], s["label"]] for s in stats]
+        assert page.input_value("select[data-param=stat]") == "mean"  # the served default
+        mean = _api(site, f"/runs/{site.run_id}/trend?metric=alpha&stat=mean&filter=all")
+        line = next(t for t in _data(page, "trend") if t["name"] == "stat mean α")
+        assert line["y"] == pytest.approx([p["value"] for p in mean["points"]])
+        shown = _kind_panels(page)
+        assert shown == [k for k in reversed(words["kinds"]) if k in shown]
+        assert [v for v, _ in _options(page, "kind")] == ["all", "qk"]
+        page.select_option("select[data-param=kind]", "qk")
+        qk = _api(site, f"/runs/{site.run_id}/trend?metric=alpha&stat=mean&filter=all&kind=q,k")
+        page.wait_for_function(
+            "(n) => JSON.stringify(document.getElementById('trend')?.data?.[2]?.customdata)"
+            " === JSON.stringify(n)", arg=[p["n_used"] for p in qk["points"]])
+        _shot(page, "vocabulary-changed")
+
+
+def test_every_module_loads_from_the_server_without_errors(page: Any, site: Site) -> None:
+    from alphawatch.dashboard import STATIC_DIR
+
+    modules = {f"/static/{p.relative_to(STATIC_DIR).as_posix()}"
+               for p in STATIC_DIR.rglob("*.js")}
+    for view, drawn in (("/", f"spark-{site.run_id}"), ("/#/compare", "compare"),
+                        (f"/#/runs/{site.run_id}?layer=model.layers.0.mlp.up_proj", "esd")):
+        page.goto(site.url + view)
+        page.wait_for_function(f"() => document.getElementById('{drawn}')?.data?.length > 0")
+        loaded = page.evaluate("() => performance.getEntriesByType('resource')"
+                               ".map((e) => e.name)")
+        # Every module arrived, and nothing came from anywhere but this server.
+        assert modules <= {u.removeprefix(site.url) for u in loaded}
+        assert all(u.startswith(site.url) for u in loaded)
+    # The page fixture fails the test on any console error or uncaught exception.
+
+
+@pytest.mark.parametrize("trust", [Thresholds(),
+                                   Thresholds(alpha_max=5.0, over_trained_below=2.5,
+                                              under_trained_above=4.5)])
+def test_plots_follow_the_servers_thresholds(page: Any, site: Site, trust: Thresholds) -> None:
+    # The band of well-trained α and the heatmap's α scale are the server's trust settings.
+    settings = site.settings.model_copy(update={"trust": trust})
+    with serve(create_app(settings)) as base_url:
+        page.goto(f"{base_url}/#/runs/{site.run_id}")
+        page.wait_for_function("() => document.getElementById('heatmap')?.data?.[0]?.z?.length")
+        shapes = page.evaluate("() => document.getElementById('trend').layout.shapes"
+                               ".filter((s) => s.type === 'rect').map((s) => [s.y0, s.y1])")
+        zmax = page.evaluate("() => document.getElementById('heatmap').data[0].zmax")
+        label = page.evaluate("() => document.getElementById('trend').layout.annotations"
+                              ".map((a) => a.text).join(' ')")
+    assert shapes == [[trust.over_trained_below, trust.under_trained_above]]
+    assert zmax == trust.alpha_max
+    assert f"{trust.over_trained_below:g} ≤ α ≤ {trust.under_trained_above:g}" in label

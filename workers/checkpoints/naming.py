@@ -4,27 +4,30 @@ from __future__ import annotations
 
 import re
 
+from alphawatch.vocabulary import Kind
+
 _BLOCK = re.compile(
     r"(?:^|\.)(?:layers|layer|h|blocks|block|decoder\.layers|encoder\.layer)\.(\d+)\."
 )
 # Order matters: the first pattern that matches the key's tail wins.
-_KINDS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
+_KINDS: tuple[tuple[Kind, re.Pattern[str]], ...] = tuple(
     (kind, re.compile(pattern)) for kind, pattern in (
-        ("lora_update", r"lora_update$"),
-        ("qkv", r"(query_key_value|c_attn|qkv_proj|Wqkv|linear_qkv|\.qkv)$"),
-        ("q", r"(q_proj|\.query|\.q|wq|q_lin)$"),
-        ("k", r"(k_proj|\.key|\.k|wk|k_lin)$"),
-        ("v", r"(v_proj|\.value|\.v|wv|v_lin)$"),
-        ("o", r"(o_proj|out_proj|attn\.c_proj|attention\.dense|attention\.output\.dense|"
-              r"self_attention\.dense|linear_proj|\.wo|attn\.proj|out_lin)$"),
-        ("gate", r"(gate_proj|w1|\.gate)$"),
-        ("up", r"(up_proj|w3)$"),
-        ("down", r"(down_proj|w2)$"),
-        ("fc_in", r"(c_fc|fc1|dense_h_to_4h|intermediate\.dense|linear_fc1|mlp\.fc_in|lin1)$"),
-        ("fc_out", r"(mlp\.c_proj|fc2|dense_4h_to_h|output\.dense|linear_fc2|mlp\.fc_out|lin2)$"),
-        ("embed", r"(embed_tokens|wte|wpe|word_embeddings|position_embeddings|embed_in|"
-                  r"token_type_embeddings|patch_embed.*|tok_embeddings|embedding.*)$"),
-        ("lm_head", r"(lm_head|embed_out|output_layer|^output)$"),
+        (Kind.LORA_UPDATE, r"lora_update$"),
+        (Kind.QKV, r"(query_key_value|c_attn|qkv_proj|Wqkv|linear_qkv|\.qkv)$"),
+        (Kind.Q, r"(q_proj|\.query|\.q|wq|q_lin)$"),
+        (Kind.K, r"(k_proj|\.key|\.k|wk|k_lin)$"),
+        (Kind.V, r"(v_proj|\.value|\.v|wv|v_lin)$"),
+        (Kind.O, r"(o_proj|out_proj|attn\.c_proj|attention\.dense|attention\.output\.dense|"
+                 r"self_attention\.dense|linear_proj|\.wo|attn\.proj|out_lin)$"),
+        (Kind.GATE, r"(gate_proj|w1|\.gate)$"),
+        (Kind.UP, r"(up_proj|w3)$"),
+        (Kind.DOWN, r"(down_proj|w2)$"),
+        (Kind.FC_IN, r"(c_fc|fc1|dense_h_to_4h|intermediate\.dense|linear_fc1|mlp\.fc_in|lin1)$"),
+        (Kind.FC_OUT,
+         r"(mlp\.c_proj|fc2|dense_4h_to_h|output\.dense|linear_fc2|mlp\.fc_out|lin2)$"),
+        (Kind.EMBED, r"(embed_tokens|wte|wpe|word_embeddings|position_embeddings|embed_in|"
+                     r"token_type_embeddings|patch_embed.*|tok_embeddings|embedding.*)$"),
+        (Kind.LM_HEAD, r"(lm_head|embed_out|output_layer|^output)$"),
     )
 )
 _SKIP = re.compile(r"(norm|ln_|layernorm|\.ln\d*$|bias$|rotary|inv_freq|position_ids|"
@@ -45,8 +48,8 @@ def classify(name: str) -> tuple[str, int | None]:
     block = int(match.group(1)) if match else None
     for kind, pattern in _KINDS:
         if pattern.search(name):
-            return kind, block
-    return "other", block
+            return kind.value, block
+    return Kind.OTHER.value, block
 
 
 def is_weight_matrix(key: str, ndim: int) -> bool:

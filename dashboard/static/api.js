@@ -1,0 +1,62 @@
+// The only way the dashboard reaches data: the public REST API under /api/v1, so the page shows
+// exactly the numbers a CI gate or a script sees.
+
+import { state } from "./state.js";
+
+const API = "/api/v1";
+// Servers that require a token for reads get one typed in once per browser tab; it is kept in
+// sessionStorage only, never in the URL, so shared links do not leak it.
+export const TOKEN_KEY = "alphawatch.token";
+
+export class ApiError extends Error {
+  constructor(status, message) { super(`${status}: ${message}`); this.status = status; }
+}
+
+export async function api(path) {
+  const headers = { Accept: "application/json" };
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  if (token) headers.Authorization = `Bearer ${token}`;
+  const response = await fetch(API + path, { headers });
+  if (!response.ok) {
+    let detail = response.statusText;
+    try { detail = (await response.json()).detail ?? detail; } catch (_) { /* not JSON */ }
+    throw new ApiError(response.status,
+      typeof detail === "string" ? detail : JSON.stringify(detail));
+  }
+  return response.json();
+}
+
+// Heatmap, flags and layer lists change only when checkpoints do: keep them per signature, so
+// a switch of filter or layer on a long run does not download them again.
+const heavy = new Map();
+
+export function apiOnce(path) {
+  const hit = heavy.get(path);
+  if (hit && hit.signature === state.lastSignature) return hit.promise;
+  const promise = api(path);
+  heavy.set(path, { signature: state.lastSignature, promise });
+  promise.catch(() => heavy.delete(path));
+  return promise;
+}
+
+// Statistics, filters, outlier rules and layer kinds are the server's: asked once per page,
+// never copied here, so a name added to the API shows up in every picker.
+let vocabularyPromise = null;
+
+export function vocabulary() {
+  if (!vocabularyPromise) {
+    vocabularyPromise = api("/vocabulary");
+    vocabularyPromise.catch(() => { vocabularyPromise = null; });
+  }
+  return vocabularyPromise;
+}
+
+// The value a picker shows when the URL names none: the API's own default.
+export const defaultOf = (terms) => (terms.find((t) => t.default) ?? terms[0]).name;
+
+// A kind group's name (kind=attention) or a raw list of kinds (kind=q,k), as the API wants it.
+export function kindQuery(words, value) {
+  if (!value || value === "all") return "";
+  const group = words.kind_groups.find((g) => g.name === value);
+  return group ? group.kinds.join(",") : value;
+}

@@ -1,0 +1,61 @@
+// α per layer and step: one row per weight matrix in the API's order, one column per checkpoint.
+
+import { setParams } from "../state.js";
+import { alphaMax, esc, note, plot } from "../ui.js";
+
+// Past this many untrusted cells, per-cell markers cost more than they tell: fade cells instead.
+const MAX_MARKERS = 4000;
+
+export function drawHeatmap(heat, kindOf) {
+  const el = document.getElementById("heatmap");
+  if (!heat.layers.length) { note(el, "No layer metrics yet."); return; }
+  const nRows = heat.layers.length;
+  const hover = heat.trusted.map((row, i) => row.map((t) =>
+    `${kindOf[heat.layers[i]] ?? ""}${t === false ? " · untrusted" : ""}`));
+  const traces = [{ type: "heatmap", x: heat.steps, y: heat.layers, z: heat.z,
+    customdata: hover, colorscale: "Viridis", zmin: 1, zmax: alphaMax(), xgap: nRows < 60 ? 1 : 0,
+    ygap: nRows < 60 ? 1 : 0, colorbar: { title: { text: "α" }, thickness: 14 },
+    hovertemplate: "%{y}<br>step %{x}<br>α %{z:.3f} %{customdata}<extra></extra>" }];
+  let nUntrusted = 0;
+  heat.trusted.forEach((row) => row.forEach((t) => { if (t === false) nUntrusted += 1; }));
+  if (nUntrusted && nUntrusted <= MAX_MARKERS) {
+    const xs = [], ys = [];
+    heat.trusted.forEach((row, i) => row.forEach((t, j) => {
+      if (t === false) { xs.push(heat.steps[j]); ys.push(heat.layers[i]); }
+    }));
+    traces.push({ type: "scatter", mode: "markers", x: xs, y: ys, name: "untrusted",
+      marker: { symbol: "x-thin", size: nRows < 60 ? 8 : 5,
+        line: { color: "rgba(255,255,255,0.95)", width: 1.5 } }, hoverinfo: "skip" });
+  } else if (nUntrusted) {
+    traces.push({ type: "heatmap", x: heat.steps, y: heat.layers, name: "untrusted",
+      z: heat.trusted.map((row) => row.map((t) => (t === false ? 1 : null))),
+      colorscale: [[0, "rgba(255,255,255,0.6)"], [1, "rgba(255,255,255,0.6)"]],
+      showscale: false, hoverinfo: "skip" });
+  }
+  const rowPx = nRows <= 40 ? 18 : Math.max(2, Math.min(12, 900 / nRows));
+  const longest = heat.layers.reduce((m, n) => Math.max(m, n.length), 0);
+  plot(el, traces, { height: Math.round(Math.max(260, rowPx * nRows + 80)),
+    margin: { l: Math.min(330, 12 + 6.4 * longest), r: 20, t: 10, b: 45 },
+    yaxis: { autorange: "reversed", type: "category", tickfont: { size: 10 },
+      showticklabels: nRows <= 120 },
+    xaxis: { title: { text: "step" }, type: "category", tickangle: 0,
+      nticks: Math.min(heat.steps.length, 12) }, showlegend: false });
+  if (!el.dataset.bound) {
+    el.dataset.bound = "1";
+    el.on("plotly_click", (ev) => {
+      const point = ev.points && ev.points[0];
+      if (point && point.y !== undefined) setParams({ layer: point.y, step: point.x });
+    });
+  }
+}
+
+export function fillLayerPick(layers, current) {
+  const pick = document.getElementById("layer-pick");
+  const key = layers.join("\n");
+  if (pick.dataset.key !== key) {
+    pick.dataset.key = key;
+    pick.innerHTML = '<option value="">choose…</option>' + layers.map((n) =>
+      `<option value="${esc(n)}">${esc(n)}</option>`).join("");
+  }
+  pick.value = current && layers.includes(current) ? current : "";
+}

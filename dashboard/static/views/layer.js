@@ -1,0 +1,72 @@
+// Layer drill-down: one layer's α over steps with its fit quality, and the ESD at a step.
+
+import { api } from "../api.js";
+import { enc, setParams, state } from "../state.js";
+import { C, esc, goodBand, isNum, note, plot } from "../ui.js";
+import { drawEsd } from "./esd.js";
+
+export async function drawLayer(runId, layer, step, run, token) {
+  const panel = document.getElementById("layer-panel");
+  const wasHidden = panel.hidden;
+  panel.hidden = false;
+  document.getElementById("layer-name").textContent = layer;
+  let history;
+  try {
+    history = await api(`/runs/${runId}/layers/${enc(layer)}/history?metric=alpha&max_points=500`);
+  } catch (err) {
+    if (token !== state.renderToken) return;
+    note("layer-history", esc(err.message));
+    note("esd", "");
+    return;
+  }
+  if (token !== state.renderToken) return;
+  const pts = history.points;
+  const atStep = step !== null && pts.some((p) => String(p.step) === String(step))
+    ? Number(step) : (pts.length ? pts[pts.length - 1].step : null);
+  const stepPick = document.getElementById("esd-step");
+  stepPick.innerHTML = pts.map((p) =>
+    `<option value="${p.step}"${p.step === atStep ? " selected" : ""}>${p.step}</option>`).join("");
+  const maxD = run?.thresholds?.max_ks_distance;
+  drawHistory(pts, maxD);
+  if (wasHidden) panel.scrollIntoView({ block: "nearest" });
+  if (atStep === null) { note("esd", "This layer has no analysed step."); return; }
+  let esd;
+  try {
+    esd = await api(`/runs/${runId}/checkpoints/${atStep}/layers/${enc(layer)}/esd`);
+  } catch (err) {
+    if (token === state.renderToken) note("esd", esc(err.message));
+    return;
+  }
+  if (token !== state.renderToken) return;
+  drawEsd(esd, maxD);
+}
+
+function drawHistory(pts, maxD) {
+  const hist = document.getElementById("layer-history");
+  plot(hist, [
+    { x: pts.map((p) => p.step), y: pts.map((p) => p.D), name: "KS distance D", yaxis: "y2",
+      mode: "lines", fill: "tozeroy", line: { color: "rgba(107,114,128,0.6)", width: 1 },
+      fillcolor: "rgba(107,114,128,0.15)",
+      hovertemplate: "step %{x}<br>D %{y:.3f}<extra></extra>" },
+    { x: pts.map((p) => p.step), y: pts.map((p) => p.value), name: "α", mode: "lines+markers",
+      line: { color: C.blue, width: 2 },
+      marker: { size: 8, color: pts.map((p) => (p.trusted ? C.blue : "#fff")),
+        symbol: pts.map((p) => (p.trusted ? "circle" : "x")),
+        line: { color: pts.map((p) => (p.trusted ? C.blue : C.vermillion)), width: 2 } },
+      text: pts.map((p) => `${p.fit_status}${p.trusted ? "" : " (untrusted)"}`),
+      hovertemplate: "step %{x}<br>α %{y:.3f}<br>%{text}<extra></extra>" },
+  ], { xaxis: { title: { text: "step" } }, yaxis: { title: { text: "α" } },
+    yaxis2: { title: { text: "D (lower = better fit)" }, overlaying: "y", side: "right",
+      rangemode: "tozero", showgrid: false, nticks: 5, tickformat: ".2f",
+      range: [0, Math.max(0.3, ...pts.map((p) => p.D ?? 0))] },
+    shapes: [...goodBand(), ...(isNum(maxD) ? [{ type: "line", xref: "paper", x0: 0, x1: 1,
+      yref: "y2", y0: maxD, y1: maxD, line: { color: C.grey, dash: "dot", width: 1 } }] : [])],
+    margin: { l: 55, r: 60, t: 30, b: 45 } });
+  if (!hist.dataset.bound) {
+    hist.dataset.bound = "1";
+    hist.on("plotly_click", (ev) => {
+      const point = ev.points && ev.points[0];
+      if (point) setParams({ step: point.x });
+    });
+  }
+}

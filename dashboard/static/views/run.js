@@ -1,0 +1,173 @@
+// Run page (#/runs/{id}): summary, trend, heatmap, layer drill-down, kinds, flags, companions
+// and the checkpoint table. The pickers are built from the API's vocabulary.
+
+import { api, apiOnce, vocabulary } from "../api.js";
+import { setParams, state, view } from "../state.js";
+import {
+  bindParamSelects, esc, fmt, gateBadge, pct, select, setThresholds, termSelect,
+} from "../ui.js";
+import { drawCompanions } from "./companions.js";
+import { drawFlags } from "./flags.js";
+import { drawHeatmap, fillLayerPick } from "./heatmap.js";
+import { drawKinds } from "./kinds.js";
+import { drawLayer } from "./layer.js";
+import { drawTrend, switchOf, trendQuery } from "./trend.js";
+
+function runSkeleton(runId, params, words) {
+  const kind = params.get("kind") || "all";
+  const kindOptions = [["all", "all kinds"], ...words.kind_groups.map((g) => [g.name, g.label])];
+  if (kind !== "all" && !words.kind_groups.some((g) => g.name === kind)) {
+    kindOptions.push([kind, `kinds ${kind}`]);
+  }
+  return `
+    <h1 id="run-title">Run <span class="muted">#${esc(runId)}</span></h1>
+    <div id="run-summary" class="summary"></div>
+    <div class="panel" id="run-empty" hidden></div>
+    <div id="run-body">
+    <div class="panel">
+      <h2>Model-level α over training</h2>
+      <div class="controls" role="group" aria-label="trend switches">
+        ${termSelect("stat", "Statistic", words.statistics, switchOf(words, params, "stat"))}
+        ${termSelect("filter", "Layers", words.filters, switchOf(words, params, "filter"))}
+        ${select("kind", "Kind", kindOptions, kind)}
+        ${termSelect("outliers", "Outlier rule", words.outlier_rules,
+          switchOf(words, params, "outliers"))}
+      </div>
+      <div id="trend" class="plot"></div>
+      <p class="muted small">Line: the chosen statistic of α per checkpoint; band: 25th–75th
+      percentile; dotted: 10% trimmed mean. Green band: 2 ≤ α ≤ 6. Hover a point for how many
+      layers it used and why the others were left out.</p>
+    </div>
+    <div class="panel">
+      <h2>α per layer and step</h2>
+      <div class="controls">
+        <label>Open layer <select id="layer-pick"><option value="">choose…</option></select></label>
+        <span class="muted small">Click a cell for that layer's ESD at that step.
+        <span class="legend-x">×</span> / faded: untrusted fit.</span>
+      </div>
+      <div id="heatmap" class="plot"></div>
+    </div>
+    <div class="panel" id="layer-panel" hidden>
+      <div class="panel-head"><h2>Layer <code id="layer-name"></code></h2>
+        <label>Step <select id="esd-step"></select></label>
+        <button type="button" id="layer-close" class="link">close</button></div>
+      <div class="grid2"><div><h3>α history and fit quality</h3>
+        <div id="layer-history" class="plot small"></div></div>
+        <div><h3>Eigenvalue spectrum (ESD), log–log</h3><div id="esd" class="plot small"></div>
+        </div></div>
+      <p class="muted small" id="layer-note"></p>
+    </div>
+    <div class="panel"><h2>α by layer kind</h2>
+      <div id="kinds" class="plot kinds"></div></div>
+    <div class="grid2">
+      <div class="panel"><h2>Flags per checkpoint</h2><div id="flags" class="plot small"></div>
+        <p class="muted small">Layers per checkpoint carrying each flag; a rising bar is a
+        layer going wrong.</p></div>
+      <div class="panel"><h2>Companion metrics (over layers)</h2>
+        <div id="companion" class="plot small"></div></div>
+    </div>
+    </div>
+    <div class="panel"><h2>Checkpoints</h2><div class="table-scroll"><table id="checkpoints">
+      <thead><tr><th scope="col">Step</th><th scope="col">Status</th><th scope="col">Layers</th>
+      <th scope="col">Trusted</th><th scope="col">Analysis (s)</th><th scope="col">Device</th>
+      <th scope="col">Error</th></tr></thead><tbody></tbody></table></div></div>`;
+}
+
+export async function renderRun(runId, params, token) {
+  const words = await vocabulary();
+  if (token !== state.renderToken) return;
+  view.innerHTML = runSkeleton(runId, params, words);
+  view.dataset.run = String(runId);
+  state.drawnKey = null;
+  bindParamSelects(view);
+  document.getElementById("layer-pick").addEventListener("change", (ev) => {
+    if (ev.target.value) setParams({ layer: ev.target.value });
+  });
+  document.getElementById("esd-step").addEventListener("change", (ev) =>
+    setParams({ step: ev.target.value }));
+  document.getElementById("layer-close").addEventListener("click", () =>
+    setParams({ layer: null, step: null }));
+  await refreshRun(runId, params, token);
+}
+
+export async function refreshRun(runId, params, token) {
+  const [run, checkpoints, gate, words] = await Promise.all([api(`/runs/${runId}`),
+    api(`/runs/${runId}/checkpoints`), api(`/runs/${runId}/gate`).catch(() => null),
+    vocabulary()]);
+  if (token !== state.renderToken) return;
+  setThresholds(run.thresholds);
+  state.lastSignature = JSON.stringify([run.n_checkpoints, run.n_done, run.n_failed,
+    run.n_pending, run.last_step]);
+  document.title = `${run.name} · alphawatch`;
+  document.getElementById("run-title").innerHTML =
+    `${esc(run.name)} <span class="muted small">${esc(run.path)}</span>`;
+  document.getElementById("run-summary").innerHTML = `
+    <span><b>${run.n_done ?? 0}</b> analysed</span>
+    <span class="${run.n_failed ? "status-failed" : ""}"><b>${run.n_failed ?? 0}</b> failed</span>
+    <span><b>${run.n_pending ?? 0}</b> pending</span>
+    <span>last step <b>${fmt(run.last_step, 0)}</b></span>
+    <span>median α <b>${fmt(run.latest_alpha)}</b></span>
+    <span>untrusted <b>${pct(run.untrusted_share)}</b></span>
+    <span id="run-gate">${gateBadge(gate)}</span>`;
+  renderCheckpointTable(checkpoints.checkpoints);
+  const done = checkpoints.checkpoints.filter((c) => c.status === "done");
+  const empty = document.getElementById("run-empty");
+  const body = document.getElementById("run-body");
+  if (!done.length) {
+    empty.hidden = false;
+    body.hidden = true;
+    empty.innerHTML = `<div class="empty">${checkpoints.checkpoints.length
+      ? "<p><strong>No checkpoint has been analysed yet.</strong></p><p>Results appear here as" +
+        " the worker finishes them; see the table below for failures.</p>"
+      : "<p><strong>This run has no checkpoints yet.</strong></p><p>alphawatch polls the run" +
+        " directory and analyses each checkpoint once it is complete (HF" +
+        " <code>checkpoint-&lt;step&gt;/</code>, DeepSpeed, Megatron, Lightning, safetensors)." +
+        " Is a worker running? <code>alphawatch up RUN_DIR</code></p>"}
+      <p class="muted">This page updates by itself when one arrives.</p></div>`;
+    return;
+  }
+  empty.hidden = true;
+  body.hidden = false;
+  await drawRunPlots(runId, params, words, token, run, done);
+}
+
+function renderCheckpointTable(list) {
+  const tbody = document.querySelector("#checkpoints tbody");
+  if (!tbody) return;
+  // Newest first, so a long run shows its latest state without scrolling.
+  const rows = [...list].sort((a, b) => b.step - a.step).map((c) => `<tr class="ck-${
+    esc(c.status)}"><td class="num">${c.step}</td><td class="status-${esc(c.status)}">${
+    esc(c.status)}</td><td class="num">${c.n_layers ?? "–"}</td><td class="num">${
+    c.n_trusted ?? "–"}</td><td class="num">${fmt(c.analysis_s, 2)}</td><td>${
+    esc(c.device ?? "")}</td><td class="error">${esc(c.error ?? "")}</td></tr>`).join("");
+  tbody.innerHTML = rows || '<tr><td colspan="7" class="muted">no checkpoints</td></tr>';
+}
+
+async function drawRunPlots(runId, params, words, token, run, done) {
+  const layer = params.get("layer");
+  const layerTask = layer ? drawLayer(runId, layer, params.get("step"), run, token) : null;
+  if (!layer) document.getElementById("layer-panel").hidden = true;
+  const key = JSON.stringify([runId, state.lastSignature, trendQuery(words, params)]);
+  if (key === state.drawnKey) {
+    const pick = document.getElementById("layer-pick");
+    pick.value = layer && [...pick.options].some((o) => o.value === layer) ? layer : "";
+    await layerTask;
+    return;
+  }
+  const lastStep = done.reduce((m, c) => Math.max(m, c.step), -Infinity);
+  const [trend, heat, flags, latest] = await Promise.all([
+    api(`/runs/${runId}/trend?${trendQuery(words, params)}`),
+    apiOnce(`/runs/${runId}/heatmap?metric=alpha&max_points=500`),
+    apiOnce(`/runs/${runId}/flags`),
+    apiOnce(`/runs/${runId}/checkpoints/${lastStep}/layers`),
+  ]);
+  if (token !== state.renderToken) return;
+  drawTrend(trend, words);
+  const kindOf = Object.fromEntries(latest.layers.map((l) => [l.name, l.kind]));
+  drawHeatmap(heat, kindOf);
+  drawFlags(flags.points);
+  fillLayerPick(heat.layers, layer);
+  await Promise.all([drawKinds(runId, params, latest.layers, words, token),
+    drawCompanions(runId, params, words, token), layerTask]);
+  if (token === state.renderToken) state.drawnKey = key;
+}

@@ -1,0 +1,73 @@
+"""``GET /api/v1/vocabulary``: the statistics, filters, outlier rules and kinds the API accepts.
+
+Clients (the dashboard first) build their pickers from this answer instead of copying the lists,
+so a statistic or kind added in :mod:`alphawatch.vocabulary` shows up everywhere at once.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends
+from pydantic import BaseModel, Field
+
+from alphawatch import vocabulary as words
+
+
+class Term(BaseModel):
+    name: str = Field(description="the value a query parameter takes")
+    label: str = Field(description="how a person reads it")
+    default: bool = Field(False, description="what the API assumes when the parameter is absent")
+
+
+class StatisticTerm(Term):
+    level: bool = Field(description="a level of the metric (a band can gate it), not a spread")
+
+
+class KindGroupTerm(Term):
+    kinds: list[str] = Field(description="the kinds the group stands for, in kind order")
+
+
+class VocabularyRead(BaseModel):
+    statistics: list[StatisticTerm]
+    filters: list[Term]
+    outlier_rules: list[Term]
+    kinds: list[str] = Field(description="every layer kind, in the order a model runs them")
+    kind_groups: list[KindGroupTerm]
+
+
+def _build() -> VocabularyRead:
+    return VocabularyRead(
+        statistics=[StatisticTerm(name=s.value, label=s.label, level=s.is_level,
+                                  default=s is words.DEFAULT_STATISTIC)
+                    for s in words.Statistic],
+        filters=[Term(name=f.value, label=f.label, default=f is words.DEFAULT_FILTER)
+                 for f in words.LayerFilter],
+        outlier_rules=[Term(name=r.value, label=r.label, default=r is words.DEFAULT_OUTLIER_RULE)
+                       for r in words.OutlierRule],
+        kinds=[k.value for k in words.KIND_ORDER],
+        kind_groups=[KindGroupTerm(name=g.name, label=g.label,
+                                   kinds=[k.value for k in words.KIND_ORDER if k in g.kinds])
+                     for g in words.KIND_GROUPS],
+    )
+
+
+_VOCABULARY = _build()
+
+
+async def current_vocabulary() -> VocabularyRead:
+    """The vocabulary of this alphawatch version (a dependency, so a test may serve another)."""
+    return _VOCABULARY
+
+
+# Public like /docs, whose OpenAPI schema lists the same values: the page needs it before any
+# token is typed in.
+vocabulary_router = APIRouter(prefix="/api/v1")
+
+
+@vocabulary_router.get("/vocabulary", response_model=VocabularyRead)
+async def get_vocabulary(
+    terms: Annotated[VocabularyRead, Depends(current_vocabulary)],
+) -> VocabularyRead:
+    """Statistics, layer filters, outlier rules, layer kinds in order and kind groups."""
+    return terms
