@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,8 @@ def test_writes_are_visible_to_the_next_request_on_the_same_connection(
         status, created, _ = client.request("POST", "/api/v1/runs", body)
         assert status == 201, (i, created)
         run = f"/api/v1/runs/{created['id']}"
+        # RFC 3339: a zone, on SQLite too (it hands timestamps back without one).
+        assert datetime.fromisoformat(created["created_at"]).tzinfo is not None
         assert client.request("GET", run)[0] == 200, i
         # Read twice: the second answer may come from the result cache; it must not outlive
         # the run deleted below.
