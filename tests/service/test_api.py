@@ -305,3 +305,12 @@ def test_layer_history_pages_and_downsamples(client: TestClient, db_url: str) ->
         100, 300]
     assert client.get(url, params={"metric": "D"}).json()["points"][0]["value"] == \
         pytest.approx(next(x["D"] for x in written[100] if x["name"] == name))
+
+
+def test_layer_schema_is_written_out_and_covers_every_column() -> None:
+    """LayerMetricRead is declared field by field (not generated), and must follow the table."""
+    from alphawatch.service.api.schemas import LayerMetricRead
+    from alphawatch.service.db.models import LAYER_COLUMNS
+
+    assert set(LayerMetricRead.model_fields) == set(LAYER_COLUMNS), (
+        "add the new layer_metric column to schemas.LayerMetricRead (or drop the old one)")

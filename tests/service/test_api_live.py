@@ -289,8 +289,9 @@ def test_big_bodies_are_refused_without_growing_the_server(pg_url: str, tmp_path
                           "Content-Type: application/json\r\n"
                           "Transfer-Encoding: chunked\r\n\r\n").encode() + framed * 40)
             answer = sock.recv(65536)
+        # Only the status line is sure to arrive: the server closes a socket that still holds
+        # unread body, and the kernel may then drop the rest of the answer.
         assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
-        assert b"MAX_BODY_BYTES" in answer
         grown = _peak_kib(server.pid) - before
         assert grown < 16 * 1024, f"the server grew by {grown} KiB"
         # A body under the limit still works.
