@@ -7,6 +7,7 @@ this process's kept answers, before it answers: the next request on any connecti
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Response
@@ -80,7 +81,8 @@ MaxPoints = Annotated[int | None, Query(ge=2, le=100_000, description="downsampl
 READ_ERRORS = documented(404, 422, 503)
 
 
-def _engine_session(request: Request) -> Any:
+def _unit_of_work(request: Request) -> AbstractContextManager[Session]:
+    """A session that commits when its block ends: a write route answers after that."""
     return session_scope(make_engine(request.app.state.settings.database_url))
 
 
@@ -94,8 +96,9 @@ def _written(request: Request) -> None:
 def _compute(settings: Settings, build: Callable[[Session], dict[str, Any]],
              adapter: TypeAdapter[Any]) -> bytes:
     with session_scope(make_engine(settings.database_url)) as session:
-        # Validated like any response model: a kept answer is as checked as a fresh one.
-        return adapter.dump_json(adapter.validate_python(build(session)))
+        answer = build(session)
+    # Validated like any response model: a kept answer is as checked as a fresh one.
+    return adapter.dump_json(adapter.validate_python(answer))
 
 
 _ADAPTERS: dict[type[BaseModel], TypeAdapter[Any]] = {}
@@ -160,7 +163,7 @@ def create_run(body: RunCreate, request: Request, settings: SettingsDep,
                _token: Annotated[object, Depends(require(TokenScope.WRITE))]) -> dict[str, Any]:
     """Register a run directory (must lie under an allowed root); needs a write token."""
     path = runs.allowed_path(body.path, allowed_roots=settings.allowed_roots)
-    with _engine_session(request) as session:
+    with _unit_of_work(request) as session:
         created = runs.create(session=session, name=body.name, path=path,
                               alpha_max=settings.trust.alpha_max)
     _written(request)
@@ -178,7 +181,7 @@ def get_run(run_id: RunId, session: SessionDep, settings: SettingsDep) -> dict[s
 def delete_run(run_id: RunId, request: Request,
                _token: Annotated[object, Depends(require(TokenScope.ADMIN))]) -> Response:
     """Delete a run and everything stored for it (not its files); needs an admin token."""
-    with _engine_session(request) as session:
+    with _unit_of_work(request) as session:
         runs.delete_run(session=session, run_id=run_id)
     _written(request)
     return Response(status_code=204)

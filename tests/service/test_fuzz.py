@@ -23,12 +23,13 @@ from tests.service.test_api import fill
 SCHEMATHESIS = Path(sys.executable).with_name("schemathesis")
 
 
-def _run(base: str, token: str, *options: str) -> str:
+def _run(base: str, token: str, workdir: Path, *options: str) -> str:
     result = subprocess.run(
         [str(SCHEMATHESIS), "run", f"{base}/openapi.json", "--checks", "all", "--workers", "1",
          "--max-examples", "15", "--suppress-health-check", "all", "--seed", "1",
          "-H", f"Authorization: Bearer {token}", *options],
-        capture_output=True, text=True, timeout=280, check=False)
+        # Its crash cache goes to the working directory: not into the repository.
+        capture_output=True, text=True, timeout=280, check=False, cwd=workdir)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-6000:]
     assert "passed" in output and "failures" not in output.split("SUMMARY")[-1], output[-3000:]
@@ -48,6 +49,7 @@ def test_schemathesis_all_checks_pass(pg_url: str, tmp_path: Path,
                               read_requires_token=reads_need_token))
     with serve(app) as base:
         # Reads over the filled run first; then everything, deletes and stateful links included.
-        _run(base, token, "--exclude-method", "DELETE", "--phases", "examples,coverage,fuzzing")
-        _run(base, token)
+        _run(base, token, tmp_path, "--exclude-method", "DELETE",
+             "--phases", "examples,coverage,fuzzing")
+        _run(base, token, tmp_path)
     assert sum(len(ops) for ops in app.openapi()["paths"].values()) >= 17
