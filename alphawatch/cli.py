@@ -5,7 +5,7 @@
     alphawatch watch RUN_DIR...      worker only
     alphawatch serve                 API + dashboard only
     alphawatch gate --url U --run R  exit code for CI
-    alphawatch db upgrade | token create NAME | runs list
+    alphawatch db upgrade | token create|list|revoke | runs list
 """
 
 from __future__ import annotations
@@ -126,7 +126,17 @@ def build_parser() -> argparse.ArgumentParser:
     token_sub = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
     create = token_sub.add_parser("create", help="create a token and print it once")
     create.add_argument("name", type=str, help="a name to recognise the token by")
+    create.add_argument("--scope", choices=["read", "write", "admin"], default="write",
+                        help="read: GETs only; write: also register runs; admin: also delete "
+                             "runs (default: write)")
+    create.add_argument("--expires-in", type=float, metavar="DAYS",
+                        help="refuse the token after this many days (default: never)")
     db_option(create)
+    db_option(token_sub.add_parser("list", help="tokens with scope, dates and state "
+                                                "(never the secret)"))
+    revoke = token_sub.add_parser("revoke", help="refuse a token from its next request on")
+    revoke.add_argument("name", type=str, help="the name given at creation")
+    db_option(revoke)
 
     runs = sub.add_parser("runs", help="runs known to the database")
     runs_sub = runs.add_subparsers(dest="runs_command", required=True, metavar="ACTION")
@@ -413,15 +423,44 @@ def _cmd_db(args: argparse.Namespace) -> int:
 
 
 def _cmd_token(args: argparse.Namespace) -> int:
+    from alphawatch.service.db import tokens
     from alphawatch.service.db.session import make_engine, session_scope
-    from alphawatch.service.db.tokens import create_token
 
     settings = _settings(args)
     _prepare_database(settings, migrate=_is_embedded(settings))
-    with session_scope(make_engine(settings.database_url)) as session:
-        token = create_token(session, name=args.name)
-    print(token)
+    try:
+        with session_scope(make_engine(settings.database_url)) as session:
+            if args.token_command == "create":
+                print(tokens.create_token(session, name=args.name,
+                                          scope=tokens.TokenScope(args.scope),
+                                          expires_in_days=args.expires_in))
+            elif args.token_command == "revoke":
+                count = tokens.revoke_token(session, name=args.name)
+                print(f"alphawatch: revoked {count} token(s) named {args.name!r}")
+            else:
+                _print_tokens(tokens.list_tokens(session))
+    except tokens.TokenError as exc:
+        raise _UserError(str(exc)) from exc
     return EXIT_OK
+
+
+def _print_tokens(found: Sequence[Any]) -> None:
+    from datetime import UTC, datetime
+
+    now = datetime.now(UTC)
+
+    def when(moment: datetime | None) -> str:
+        return moment.strftime("%Y-%m-%d %H:%M") if moment is not None else "-"
+
+    rows = [("NAME", "SCOPE", "CREATED", "LAST USED", "EXPIRES", "STATE")]
+    for t in found:
+        state = ("revoked" if t.revoked_at is not None else
+                 "expired" if t.expires_at is not None and t.expires_at <= now else "active")
+        rows.append((t.name, str(t.scope), when(t.created_at), when(t.last_used_at),
+                     when(t.expires_at), state))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
 
 
 def _cmd_runs(args: argparse.Namespace) -> int:

@@ -33,7 +33,12 @@ class Settings(BaseSettings):
     lease_s: float = Field(60.0, gt=0)
     heartbeat_s: float = Field(10.0, gt=0)
     max_attempts: int = Field(3, ge=1)
-    read_requires_token: bool = False
+    read_requires_token: bool = Field(
+        False, description="reads (and /metrics) need a token of any scope, as writes always do"
+    )
+    max_body_bytes: int = Field(
+        2**20, ge=1024, description="largest request body accepted (413 above it), 1 MiB default"
+    )
     api_cache_mb: float = Field(
         256, ge=0, description="MiB of read answers kept per API process (PostgreSQL only; 0: off)"
     )

@@ -93,7 +93,9 @@ def test_parser_knows_every_documented_command() -> None:
     parser = build_parser()
     for argv in (["up", "runs/x"], ["watch", "runs/x", "--reanalyze"], ["serve"],
                  ["analyze", "x", "--format", "json"], ["gate", "--url", "u", "--run", "r"],
-                 ["db", "upgrade"], ["token", "create", "n"], ["runs", "list"]):
+                 ["db", "upgrade"], ["token", "create", "n"], ["token", "list"],
+                 ["token", "create", "n", "--scope", "read", "--expires-in", "7"],
+                 ["token", "revoke", "n"], ["runs", "list"]):
         parser.parse_args(argv)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -10,17 +11,18 @@ from pathlib import Path
 
 import anyio.to_thread
 import plotly
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from fastapi import FastAPI
+from fastapi.responses import FileResponse, HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
-from sqlalchemy.exc import SQLAlchemyError
 from starlette.types import Scope
 
 from alphawatch import __version__
 from alphawatch.dashboard import STATIC_DIR
+from alphawatch.service.api import errors
+from alphawatch.service.api.auth import identify
 from alphawatch.service.api.cache import ResultCache
-from alphawatch.service.api.queries import NotFound
+from alphawatch.service.api.guard import RequestGuard
+from alphawatch.service.api.openapi import with_read_security
 from alphawatch.service.api.routes import health_router, router
 from alphawatch.service.api.vocabulary import vocabulary_router
 from alphawatch.settings import Settings
@@ -75,24 +77,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                        if settings.api_cache_mb > 0 and
                        settings.database_url.startswith("postgresql") else None)
 
-    @app.exception_handler(NotFound)
-    async def not_found(_request: Request, exc: NotFound) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=404)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err.get('loc', ()) if p != 'query')}: {err.get('msg')}"
-            for err in exc.errors()
-        )
-        return JSONResponse({"detail": f"invalid request: {problems}"}, status_code=422)
-
-    @app.exception_handler(SQLAlchemyError)
-    async def database_down(_request: Request, exc: SQLAlchemyError) -> JSONResponse:
-        log.error("database error: %s", exc)
-        return JSONResponse({"detail": "the database is unavailable; try again"},
-                            status_code=503)
-
+    errors.install(app)
+    app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes,
+                       identify=functools.partial(identify, settings))
     app.include_router(health_router)
     app.include_router(router)
     app.include_router(vocabulary_router)
@@ -109,4 +96,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return HTMLResponse("<h1>alphawatch</h1><p>API docs at <a href='/docs'>/docs</a></p>")
 
     app.mount("/static", _Static(directory=STATIC_DIR), name="static")
+    if settings.read_requires_token:
+        with_read_security(app)
     return app

@@ -8,7 +8,9 @@ from sqlalchemy.orm import Session
 
 from alphawatch.service import robust
 from alphawatch.service.api import queries
+from alphawatch.service.api.errors import Invalid
 from alphawatch.trust import Thresholds
+from alphawatch.vocabulary import Statistic
 
 
 def _stat_at(*, session: Session, run_id: int, checkpoint_id: int, stat: str, filter: str,
@@ -27,6 +29,10 @@ def evaluate(
     ref_step: int | None, max_delta: float | None, method: str, thresholds: Thresholds,
 ) -> dict[str, Any]:
     """Check the robust alpha of ``step`` (default: latest analysed) against the thresholds."""
+    if not Statistic(stat).is_level:
+        levels = ", ".join(s for s in Statistic if s.is_level)
+        raise Invalid(f"stat {stat} is a spread, not a level of alpha that a band can gate; "
+                      f"choose one of {levels}")
     queries.get_run(session=session, run_id=run_id)
     done = {s: c for c, s in queries.done_checkpoints(session=session, run_id=run_id)}
     violations: list[dict[str, Any]] = []

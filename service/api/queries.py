@@ -1,4 +1,4 @@
-"""Read-side service functions: SQL over runs, checkpoints and layer metrics (keyword-only)."""
+"""Trend service: robust trends, layer histories, heatmaps, flags and ESDs (keyword-only)."""
 
 from __future__ import annotations
 
@@ -13,14 +13,11 @@ from sqlalchemy import and_, case, func, select
 from sqlalchemy.orm import Session
 
 from alphawatch.service import robust
+from alphawatch.service.api.errors import NotFound
 from alphawatch.service.db.aggregates import PRECOMPUTED_KINDS, PRECOMPUTED_METRICS, kinds_key
 from alphawatch.service.db.models import Checkpoint, CheckpointStat, LayerMetric, Run, Spectrum
 from alphawatch.trust import Thresholds
 from alphawatch.vocabulary import KIND_ORDER, Kind
-
-
-class NotFound(LookupError):
-    """The requested object does not exist (answered as 404)."""
 
 
 def get_run(*, session: Session, run_id: int) -> Run:
@@ -170,6 +167,21 @@ def trend(
     return [points[row[0]] for row in rows]
 
 
+def compare(*, session: Session, run_ids: list[int], metric: str, stat: str, filter: str,
+            method: str, thresholds: Thresholds, max_points: int | None) -> dict[str, Any]:
+    """Whole-model robust trends of several runs, to overlay."""
+    out = []
+    for run_id in run_ids:
+        run = get_run(session=session, run_id=run_id)
+        points = trend(session=session, run_id=run_id, metric=metric, stat=stat, filter=filter,
+                       method=method, kinds=None, block_min=None, block_max=None,
+                       outliers="none", mad_k=None, thresholds=thresholds, max_points=max_points)
+        out.append({"run_id": run_id, "name": run.name,
+                    "points": [{"step": p["step"], "value": p["value"], "n_used": p["n_used"]}
+                               for p in points]})
+    return {"metric": metric, "stat": stat, "runs": out}
+
+
 def layer_history(
     *, session: Session, run_id: int, layer_name: str, metric: str, method: str,
     max_points: int | None, limit: int | None, offset: int,
@@ -202,7 +214,8 @@ def layer_history(
             for r in rows]
 
 
-def _layer_order(layer: dict[str, Any]) -> tuple[int, int, str]:
+def layer_order(layer: dict[str, Any]) -> tuple[int, int, str]:
+    """Sort key of a layer: embeddings first, then by block and kind, the head last."""
     kind = layer.get("kind") or Kind.OTHER
     block = layer.get("block")
     rank = KIND_ORDER.index(kind) if kind in KIND_ORDER else len(KIND_ORDER)
@@ -231,7 +244,7 @@ def heatmap(*, session: Session, run_id: int, metric: str, method: str,
     order: dict[str, tuple[int, int, str]] = {}
     for r in rows:
         if r[nm] not in order:
-            order[r[nm]] = _layer_order({"name": r[nm], "kind": r[kd], "block": r[bl]})
+            order[r[nm]] = layer_order({"name": r[nm], "kind": r[kd], "block": r[bl]})
     names = sorted(order, key=order.__getitem__)
     column = {c: j for j, (c, _) in enumerate(checkpoints)}
     row_of = {n: i for i, n in enumerate(names)}
@@ -284,6 +297,8 @@ def checkpoint_id_at(*, session: Session, run_id: int, step: int) -> int:
 
 def esd(*, session: Session, run_id: int, step: int, layer_name: str,
         method: str) -> dict[str, Any]:
+    """Eigenvalues of one layer at one step, its power-law fit line and the MP bulk edge."""
+    get_run(session=session, run_id=run_id)
     checkpoint_id = checkpoint_id_at(session=session, run_id=run_id, step=step)
     found = session.execute(
         select(LayerMetric, Spectrum)

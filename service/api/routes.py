@@ -1,29 +1,36 @@
-"""REST routes under /api/v1: thin handlers over keyword-only query functions."""
+"""REST routes under /api/v1: parameters in, one service call, the answer out.
+
+Reads use a session closed when the route returns. A write commits in the route, and drops
+this process's kept answers, before it answers: the next request on any connection sees it.
+"""
 
 from __future__ import annotations
 
-import csv
-import io
 from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Annotated, Any
+from contextlib import AbstractContextManager
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import PlainTextResponse
-from pydantic_core import to_json
-from sqlalchemy import delete, func, select
+from pydantic import BaseModel, TypeAdapter
 from sqlalchemy.orm import Session
 
-from alphawatch.service.api import queries
+from alphawatch.service.api import gate as gates
+from alphawatch.service.api import queries, runs
+from alphawatch.service.api.auth import read_access, require
 from alphawatch.service.api.cache import ResultCache
+from alphawatch.service.api.errors import documented
 from alphawatch.service.api.schemas import (
     CheckpointLayers,
     CheckpointList,
     CompareRead,
     EsdRead,
+    FlagsRead,
     GateRead,
+    HealthRead,
+    HeatmapRead,
     HistoryRead,
     RunCreate,
     RunDetail,
@@ -31,10 +38,8 @@ from alphawatch.service.api.schemas import (
     RunRead,
     TrendRead,
 )
-from alphawatch.service.db import queue
-from alphawatch.service.db.models import AnalysisJob, Checkpoint, LayerMetric, Run
 from alphawatch.service.db.session import make_engine, session_scope
-from alphawatch.service.db.tokens import verify_token
+from alphawatch.service.db.tokens import TokenScope
 from alphawatch.settings import Settings
 from alphawatch.vocabulary import (
     DEFAULT_FILTER,
@@ -58,38 +63,12 @@ def get_session(request: Request) -> Iterator[Session]:
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-SessionDep = Annotated[Session, Depends(get_session)]
+# scope="function": the session ends when the route returns, before the answer is sent.
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
-def _bearer(authorization: str | None) -> str | None:
-    if authorization and authorization.lower().startswith("bearer "):
-        return authorization[7:].strip()
-    return None
-
-
-_TOKEN_REQUIRED = ("a valid API token is required: Authorization: Bearer <token>"
-                   " (create one with `alphawatch token create NAME`)")
-
-
-def require_token(session: SessionDep, authorization: Annotated[str | None, Header()] = None
-                  ) -> None:
-    token = _bearer(authorization)
-    if token is None or not verify_token(session, token):
-        raise HTTPException(401, _TOKEN_REQUIRED)
-
-
-def _known_token(settings: Settings, token: str) -> bool:
-    with session_scope(make_engine(settings.database_url)) as session:
-        return verify_token(session, token)
-
-
-async def read_access(settings: SettingsDep,
-                      authorization: Annotated[str | None, Header()] = None) -> None:
-    # async so open reads pay nothing; the token lookup, when required, runs off the loop.
-    if settings.read_requires_token:
-        token = _bearer(authorization)
-        if token is None or not await run_in_threadpool(_known_token, settings, token):
-            raise HTTPException(401, _TOKEN_REQUIRED)
+class CsvResponse(PlainTextResponse):
+    media_type = "text/csv"
 
 
 router = APIRouter(prefix="/api/v1", dependencies=[Depends(read_access)])
@@ -97,20 +76,44 @@ health_router = APIRouter()
 
 Method = Annotated[str, Query(max_length=32, pattern=r"^[a-z0-9_]+$",
                               description="fit method; methods are never mixed")]
-Metric = Annotated[str, Query(description="a layer metric column, e.g. alpha, D, stable_rank")]
+# The schema lists the metrics, so a client (or a fuzzer) knows which names are valid.
+MetricName = Literal[tuple(queries.numeric_metrics())]  # type: ignore[valid-type]
+Metric = Annotated[MetricName, Query(description="a numeric layer metric")]  # type: ignore[valid-type]
 # Database integer ranges: a larger id or step is a bad request, not a database error.
 INT32, INT64 = 2**31 - 1, 2**63 - 1
 RunId = Annotated[int, PathParam(ge=1, le=INT32, description="run id")]
 StepPath = Annotated[int, PathParam(ge=0, le=INT64, description="training step")]
+LayerName = Annotated[str, PathParam(max_length=512, description="layer name")]
 MaxPoints = Annotated[int | None, Query(ge=2, le=100_000, description="downsample to N steps")]
 
+READ_ERRORS = documented(404, 422, 503)
 
-def _compute(settings: Settings, build: Callable[[Session], dict[str, Any]]) -> bytes:
+
+def _unit_of_work(request: Request) -> AbstractContextManager[Session]:
+    """A session that commits when its block ends: a write route answers after that."""
+    return session_scope(make_engine(request.app.state.settings.database_url))
+
+
+def _written(request: Request) -> None:
+    # Committed already; other API processes hear of it through NOTIFY.
+    cache: ResultCache | None = request.app.state.cache
+    if cache is not None:
+        cache.invalidate()
+
+
+def _compute(settings: Settings, build: Callable[[Session], dict[str, Any]],
+             adapter: TypeAdapter[Any]) -> bytes:
     with session_scope(make_engine(settings.database_url)) as session:
-        return to_json(build(session))
+        answer = build(session)
+    # Validated like any response model: a kept answer is as checked as a fresh one.
+    return adapter.dump_json(adapter.validate_python(answer))
 
 
-async def _cached(request: Request, build: Callable[[Session], dict[str, Any]]) -> Response:
+_ADAPTERS: dict[type[BaseModel], TypeAdapter[Any]] = {}
+
+
+async def _cached(request: Request, model: type[BaseModel],
+                  build: Callable[[Session], dict[str, Any]]) -> Response:
     """The JSON body ``build`` makes, from the result cache when the results have not changed.
 
     On a hit no thread, session or query is involved; on a miss ``build`` runs on the thread
@@ -118,24 +121,18 @@ async def _cached(request: Request, build: Callable[[Session], dict[str, Any]]) 
     """
     settings: Settings = request.app.state.settings
     cache: ResultCache | None = request.app.state.cache
+    adapter = _ADAPTERS.get(model) or _ADAPTERS.setdefault(model, TypeAdapter(model))
     if cache is None:
-        return Response(await run_in_threadpool(_compute, settings, build),
+        return Response(await run_in_threadpool(_compute, settings, build, adapter),
                         media_type="application/json")
     key = f"{request.url.path}?{sorted(request.query_params.multi_items())}"
     body = cache.get(key)
     if body is not None:
         return Response(body, media_type="application/json", headers={"X-Cache": "hit"})
     version = cache.version()
-    body = await run_in_threadpool(_compute, settings, build)
+    body = await run_in_threadpool(_compute, settings, build, adapter)
     cache.put(key, version, body)
     return Response(body, media_type="application/json", headers={"X-Cache": "miss"})
-
-
-def _metric(metric: str) -> str:
-    allowed = queries.numeric_metrics()
-    if metric not in allowed:
-        raise HTTPException(422, f"unknown metric {metric!r}; choose one of {', '.join(allowed)}")
-    return metric
 
 
 def _kinds(kind: str | None) -> list[str] | None:
@@ -144,152 +141,92 @@ def _kinds(kind: str | None) -> list[str] | None:
     return [k.strip() for k in kind.split(",") if k.strip()]
 
 
-@health_router.get("/health")
-@health_router.get("/api/v1/health")
-def health(session: SessionDep) -> dict[str, str]:
+@health_router.get("/health", responses=documented(503))
+@health_router.get("/api/v1/health", responses=documented(503))
+def health(session: SessionDep) -> HealthRead:
     """Liveness and database reachability."""
-    session.execute(select(1))
-    return {"status": "ok"}
+    runs.ping(session=session)
+    return HealthRead(status="ok")
 
 
-@health_router.get("/metrics", response_class=PlainTextResponse)
+@health_router.get("/metrics", response_class=PlainTextResponse,
+                   dependencies=[Depends(read_access)], responses=documented(503))
 def metrics(session: SessionDep) -> str:
     """Prometheus metrics: checkpoints by status, queue depth, runs."""
-    lines = ["# HELP alphawatch_checkpoints Checkpoints by analysis status.",
-             "# TYPE alphawatch_checkpoints gauge"]
-    for status, count in session.execute(
-        select(Checkpoint.status, func.count()).group_by(Checkpoint.status)
-    ):
-        lines.append(f'alphawatch_checkpoints{{status="{status}"}} {count}')
-    lines += ["# HELP alphawatch_queue_depth Jobs waiting for a worker.",
-              "# TYPE alphawatch_queue_depth gauge",
-              f"alphawatch_queue_depth {queue.queue_depth(session)}",
-              "# HELP alphawatch_runs Runs known.", "# TYPE alphawatch_runs gauge",
-              f"alphawatch_runs {session.scalar(select(func.count()).select_from(Run))}"]
-    return "\n".join(lines) + "\n"
+    return runs.metrics_text(session=session)
 
 
-@router.get("/runs", response_model=RunList)
+@router.get("/runs", response_model=RunList, responses=documented(422, 503))
 def list_runs(session: SessionDep, settings: SettingsDep,
               limit: Annotated[int, Query(ge=1, le=1000)] = 100,
               offset: Annotated[int, Query(ge=0, le=INT64)] = 0) -> dict[str, Any]:
     """Runs with their status counts, last step and latest robust alpha."""
-    total = session.scalar(select(func.count()).select_from(Run)) or 0
-    runs = session.scalars(select(Run).order_by(Run.id).limit(limit).offset(offset)).all()
-    return {"runs": [queries.run_summary(session=session, run=r,
-                                         thresholds=settings.trust) for r in runs],
-            "total": total}
+    return runs.list_runs(session=session, limit=limit, offset=offset,
+                          thresholds=settings.trust)
 
 
-@router.post("/runs", status_code=201, dependencies=[Depends(require_token)],
-             response_model=RunRead)
-def create_run(body: RunCreate, session: SessionDep, settings: SettingsDep) -> dict[str, Any]:
-    """Register a run directory (must lie under an allowed root)."""
-    path = _allowed_path(body.path, settings)
-    if session.scalars(select(Run.id).where(Run.name == body.name)).first() is not None:
-        raise HTTPException(409, f"a run named {body.name!r} exists already")
-    run_id = queue.ensure_run(session, name=body.name, path=str(path))
-    session.flush()
-    return queries.run_summary(session=session, run=queries.get_run(session=session,
-                               run_id=run_id), thresholds=settings.trust)
+@router.post("/runs", status_code=201, response_model=RunRead,
+             responses=documented(400, 401, 403, 409, 413, 422, 503))
+def create_run(body: RunCreate, request: Request, settings: SettingsDep,
+               _token: Annotated[object, Depends(require(TokenScope.WRITE))]) -> dict[str, Any]:
+    """Register a run directory (must lie under an allowed root); needs a write token."""
+    path = runs.allowed_path(body.path, allowed_roots=settings.allowed_roots)
+    with _unit_of_work(request) as session:
+        created = runs.create(session=session, name=body.name, path=path,
+                              thresholds=settings.trust)
+    _written(request)
+    return created
 
 
-def _allowed_path(raw: str, settings: Settings) -> Path:
-    if "\x00" in raw:
-        raise HTTPException(422, "path contains a NUL byte")
-    given = Path(raw)
-    if not given.is_absolute() or ".." in given.parts:
-        raise HTTPException(422, "path must be absolute and must not contain '..'")
-    if not settings.allowed_roots:
-        raise HTTPException(403, "no checkpoint root is allowed on this server "
-                                 "(set ALPHAWATCH_ALLOWED_ROOTS)")
-    resolved = given.resolve()  # follows symlinks: a link out of the root is caught below
-    for root in settings.allowed_roots:
-        if resolved == root or root in resolved.parents:
-            if not resolved.is_dir():
-                raise HTTPException(422, f"{resolved} is not a directory")
-            return resolved
-    raise HTTPException(403, f"{raw} is not under an allowed root "
-                             f"({', '.join(map(str, settings.allowed_roots))})")
-
-
-@router.get("/runs/{run_id}", response_model=RunDetail)
+@router.get("/runs/{run_id}", response_model=RunDetail, responses=READ_ERRORS)
 def get_run(run_id: RunId, session: SessionDep, settings: SettingsDep) -> dict[str, Any]:
     """One run, with the thresholds applied to its trust verdicts."""
-    run = queries.get_run(session=session, run_id=run_id)
-    # Methods of the latest analysed checkpoint: scanning every layer row of a long run for
-    # DISTINCT would cost more than the rest of the page.
-    latest = session.scalar(select(Checkpoint.id).where(
-        Checkpoint.run_id == run_id, Checkpoint.status == "done")
-        .order_by(Checkpoint.step.desc()).limit(1))
-    methods = sorted(set(session.scalars(
-        select(LayerMetric.method).where(LayerMetric.checkpoint_id == latest).distinct()
-    ))) if latest is not None else []
-    return {**queries.run_summary(session=session, run=run, thresholds=settings.trust),
-            "thresholds": settings.trust.model_dump(), "methods": methods}
+    return runs.get(session=session, run_id=run_id, trust=settings.trust)
 
 
-@router.delete("/runs/{run_id}", status_code=204, dependencies=[Depends(require_token)])
-def delete_run(run_id: RunId, session: SessionDep) -> Response:
-    """Delete a run and everything stored for it (the checkpoint files are not touched)."""
-    queries.get_run(session=session, run_id=run_id)
-    session.execute(delete(Run).where(Run.id == run_id))
+@router.delete("/runs/{run_id}", status_code=204,
+               responses=documented(401, 403, 404, 422, 503))
+def delete_run(run_id: RunId, request: Request,
+               _token: Annotated[object, Depends(require(TokenScope.ADMIN))]) -> Response:
+    """Delete a run and everything stored for it (not its files); needs an admin token."""
+    with _unit_of_work(request) as session:
+        runs.delete_run(session=session, run_id=run_id)
+    _written(request)
     return Response(status_code=204)
 
 
-@router.get("/runs/{run_id}/checkpoints", response_model=CheckpointList)
+@router.get("/runs/{run_id}/checkpoints", response_model=CheckpointList, responses=READ_ERRORS)
 def list_checkpoints(run_id: RunId, session: SessionDep,
                      limit: Annotated[int, Query(ge=1, le=100_000)] = 10_000,
                      offset: Annotated[int, Query(ge=0, le=INT64)] = 0) -> dict[str, Any]:
     """Checkpoints of a run with analysis status, timings and errors."""
-    queries.get_run(session=session, run_id=run_id)
-    rows = session.execute(
-        select(Checkpoint, AnalysisJob.attempts).outerjoin(AnalysisJob)
-        .where(Checkpoint.run_id == run_id).order_by(Checkpoint.step).limit(limit).offset(offset)
-    ).all()
-    return {"run_id": run_id, "checkpoints": [
-        {"id": c.id, "step": c.step, "path": c.path, "format": c.format, "status": c.status,
-         "error": c.error, "discovered_at": c.discovered_at, "started_at": c.started_at,
-         "finished_at": c.finished_at, "analysis_s": c.analysis_s, "device": c.device,
-         "n_layers": c.n_layers, "n_trusted": c.n_trusted, "attempts": attempts}
-        for c, attempts in rows]}
+    return runs.checkpoints(session=session, run_id=run_id, limit=limit, offset=offset)
 
 
-@router.get("/runs/{run_id}/checkpoints/{step}/layers", response_model=CheckpointLayers)
+@router.get("/runs/{run_id}/checkpoints/{step}/layers", response_model=CheckpointLayers,
+            responses=READ_ERRORS)
 def checkpoint_layers(run_id: RunId, step: StepPath, session: SessionDep,
                       method: Method = "ww") -> dict[str, Any]:
     """Every layer metric of one checkpoint."""
-    queries.get_run(session=session, run_id=run_id)
-    checkpoint_id = queries.checkpoint_id_at(session=session, run_id=run_id, step=step)
-    layers = queries.layer_dicts(session=session, checkpoint_ids=[checkpoint_id], method=method)
-    return {"run_id": run_id, "step": step, "method": method,
-            "layers": sorted(layers, key=queries._layer_order)}
+    return runs.checkpoint_layers(session=session, run_id=run_id, step=step, method=method)
 
 
-@router.get("/runs/{run_id}/layers.csv", response_class=PlainTextResponse)
-def export_csv(run_id: RunId, session: SessionDep, method: Method = "ww") -> Response:
+@router.get("/runs/{run_id}/layers.csv", response_class=CsvResponse, responses={
+    **READ_ERRORS, 200: {"description": "one row per layer and analysed step",
+                         "content": {"text/csv": {"schema": {"type": "string"}}}}})
+def export_csv(run_id: RunId, session: SessionDep, method: Method = "ww") -> CsvResponse:
     """Every layer metric of every analysed checkpoint, as CSV."""
-    queries.get_run(session=session, run_id=run_id)
-    checkpoints = queries.done_checkpoints(session=session, run_id=run_id)
-    steps = dict(checkpoints)
-    layers = queries.layer_dicts(session=session, checkpoint_ids=list(steps), method=method)
-    buffer = io.StringIO()
-    columns = ["step", *[c for c in (layers[0] if layers else {}) if c != "checkpoint_id"]]
-    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
-    writer.writeheader()
-    for layer in layers:
-        writer.writerow({**layer, "step": steps[layer["checkpoint_id"]]})
-    return Response(buffer.getvalue(), media_type="text/csv")
+    return CsvResponse(runs.layers_csv(session=session, run_id=run_id, method=method))
 
 
-@router.get("/runs/{run_id}/layers/{layer_name}/history", response_model=HistoryRead)
-async def layer_history(request: Request, run_id: RunId, layer_name: str,
+@router.get("/runs/{run_id}/layers/{layer_name}/history", response_model=HistoryRead,
+            responses=READ_ERRORS)
+async def layer_history(request: Request, run_id: RunId, layer_name: LayerName,
                         metric: Metric = "alpha", method: Method = "ww",
                         max_points: MaxPoints = None,
                         limit: Annotated[int | None, Query(ge=1, le=100_000)] = None,
                         offset: Annotated[int, Query(ge=0, le=INT64)] = 0) -> Response:
     """One layer's metric over steps, with fit quality and status (paged, then downsampled)."""
-    metric = _metric(metric)
 
     def build(session: Session) -> dict[str, Any]:
         points = queries.layer_history(session=session, run_id=run_id, layer_name=layer_name,
@@ -297,10 +234,10 @@ async def layer_history(request: Request, run_id: RunId, layer_name: str,
                                        limit=limit, offset=offset)
         return {"run_id": run_id, "layer": layer_name, "metric": metric, "points": points}
 
-    return await _cached(request, build)
+    return await _cached(request, HistoryRead, build)
 
 
-@router.get("/runs/{run_id}/trend", response_model=TrendRead)
+@router.get("/runs/{run_id}/trend", response_model=TrendRead, responses=READ_ERRORS)
 async def get_trend(
     request: Request, run_id: RunId, settings: SettingsDep,
     metric: Metric = "alpha",
@@ -317,7 +254,6 @@ async def get_trend(
     max_points: MaxPoints = None,
 ) -> Response:
     """Model-level robust statistic of a metric per checkpoint, with exclusions explained."""
-    metric = _metric(metric)
 
     def build(session: Session) -> dict[str, Any]:
         points = queries.trend(session=session, run_id=run_id, metric=metric, stat=stat,
@@ -328,59 +264,55 @@ async def get_trend(
         return {"run_id": run_id, "metric": metric, "stat": stat, "filter": filter,
                 "method": method, "outliers": outliers, "points": points}
 
-    return await _cached(request, build)
+    return await _cached(request, TrendRead, build)
 
 
-@router.get("/runs/{run_id}/heatmap")
+@router.get("/runs/{run_id}/heatmap", response_model=HeatmapRead, responses=READ_ERRORS)
 async def get_heatmap(request: Request, run_id: RunId, metric: Metric = "alpha",
                       method: Method = "ww", max_points: MaxPoints = 500) -> Response:
     """Layer x step matrix of a metric; layers ordered by block, then kind."""
-    metric = _metric(metric)
-    return await _cached(request, lambda session: queries.heatmap(
+    return await _cached(request, HeatmapRead, lambda session: queries.heatmap(
         session=session, run_id=run_id, metric=metric, method=method, max_points=max_points))
 
 
-@router.get("/runs/{run_id}/flags")
+@router.get("/runs/{run_id}/flags", response_model=FlagsRead, responses=READ_ERRORS)
 async def get_flags(request: Request, run_id: RunId, method: Method = "ww") -> Response:
     """Per checkpoint: how many layers carry each flag and each fit status."""
-    return await _cached(request, lambda session: {
+    return await _cached(request, FlagsRead, lambda session: {
         "run_id": run_id, "points": queries.flags(session=session, run_id=run_id,
                                                   method=method)})
 
 
 @router.get("/runs/{run_id}/checkpoints/{step}/layers/{layer_name}/esd",
-            response_model=EsdRead)
-def get_esd(run_id: RunId, step: StepPath, layer_name: str, session: SessionDep,
+            response_model=EsdRead, responses=READ_ERRORS)
+def get_esd(run_id: RunId, step: StepPath, layer_name: LayerName, session: SessionDep,
             method: Method = "ww") -> dict[str, Any]:
     """Eigenvalues of one layer at one step, its power-law fit and the MP bulk edge."""
-    queries.get_run(session=session, run_id=run_id)
     return queries.esd(session=session, run_id=run_id, step=step, layer_name=layer_name,
                        method=method)
 
 
-@router.get("/runs/{run_id}/gate", response_model=GateRead)
+@router.get("/runs/{run_id}/gate", response_model=GateRead,
+            responses={**READ_ERRORS, 409: {"model": GateRead,
+                                            "description": "strict=true and the gate failed"}})
 def gate(
     run_id: RunId, session: SessionDep, settings: SettingsDep, response: Response,
     stat: Annotated[Statistic, Query(description="a level: not iqr")] = DEFAULT_STATISTIC,
     filter: Annotated[LayerFilter, Query()] = DEFAULT_FILTER,
     step: Annotated[int | None, Query(ge=0, le=INT64,
                                       description="default: the latest analysed")] = None,
-    min_alpha: Annotated[float | None, Query(description="default: 2 (over-trained)")] = None,
-    max_alpha: Annotated[float | None, Query(description="default: 6 (under-trained)")] = None,
+    min_alpha: Annotated[float | None, Query(allow_inf_nan=False,
+                                             description="default: 2 (over-trained)")] = None,
+    max_alpha: Annotated[float | None, Query(allow_inf_nan=False,
+                                             description="default: 6 (under-trained)")] = None,
     max_untrusted_share: Annotated[float | None, Query(ge=0, le=1)] = None,
     ref_step: Annotated[int | None, Query(ge=0, le=INT64)] = None,
-    max_delta: Annotated[float | None, Query(ge=0)] = None,
+    max_delta: Annotated[float | None, Query(ge=0, allow_inf_nan=False)] = None,
     method: Method = "ww",
     strict: Annotated[bool, Query(description="answer 409 when the gate fails")] = False,
 ) -> dict[str, Any]:
     """CI gate: thresholds on the robust alpha, the untrusted share and the change since a step."""
-    from alphawatch.service.api.gate import evaluate
-
-    if not stat.is_level:
-        levels = ", ".join(s for s in Statistic if s.is_level)
-        raise HTTPException(422, f"stat {stat.value} is a spread, not a level of alpha that a"
-                                 f" band can gate; choose one of {levels}")
-    verdict = evaluate(
+    verdict = gates.evaluate(
         session=session, run_id=run_id, stat=stat, filter=filter, step=step,
         min_alpha=settings.trust.over_trained_below if min_alpha is None else min_alpha,
         max_alpha=settings.trust.under_trained_above if max_alpha is None else max_alpha,
@@ -392,7 +324,7 @@ def gate(
     return verdict
 
 
-@router.get("/compare", response_model=CompareRead)
+@router.get("/compare", response_model=CompareRead, responses=READ_ERRORS)
 async def compare(
     request: Request, settings: SettingsDep,
     runs: Annotated[str, Query(pattern=r"^\d{1,9}(,\d{1,9}){0,49}$",
@@ -403,19 +335,7 @@ async def compare(
     method: Method = "ww", max_points: MaxPoints = 500,
 ) -> Response:
     """Robust trends of several runs, to overlay."""
-    metric = _metric(metric)
-
-    def build(session: Session) -> dict[str, Any]:
-        out = []
-        for run_id in dict.fromkeys(int(r) for r in runs.split(",")):
-            run = queries.get_run(session=session, run_id=run_id)
-            points = queries.trend(session=session, run_id=run_id, metric=metric, stat=stat,
-                                   filter=filter, method=method, kinds=None, block_min=None,
-                                   block_max=None, outliers="none", mad_k=None,
-                                   thresholds=settings.trust, max_points=max_points)
-            out.append({"run_id": run_id, "name": run.name,
-                        "points": [{"step": p["step"], "value": p["value"],
-                                    "n_used": p["n_used"]} for p in points]})
-        return {"metric": metric, "stat": stat, "runs": out}
-
-    return await _cached(request, build)
+    run_ids = list(dict.fromkeys(int(r) for r in runs.split(",")))
+    return await _cached(request, CompareRead, lambda session: queries.compare(
+        session=session, run_ids=run_ids, metric=metric, stat=stat, filter=filter,
+        method=method, thresholds=settings.trust, max_points=max_points))

@@ -6,25 +6,47 @@ dicts in Python, which matters for histories and trends of thousands of points.
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any
+from datetime import UTC, datetime
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
-from sqlalchemy import Boolean, Float, Integer
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from alphawatch.service.db.models import LayerMetric
+from alphawatch.trust import Thresholds
+
+
+def _utc(moment: datetime) -> datetime:
+    # SQLite returns timestamps without their zone; alphawatch writes them in UTC, and RFC 3339
+    # (the OpenAPI date-time format) needs the offset.
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+UtcDatetime = Annotated[datetime, AfterValidator(_utc)]
+
+
+class ErrorRead(BaseModel):
+    """The body of every 4xx and 5xx answer."""
+
+    detail: str = Field(description="what went wrong, and how to fix it when the caller can")
+
+
+class HealthRead(BaseModel):
+    status: str = Field(description="ok")
 
 
 class RunCreate(BaseModel):
     name: str = Field(min_length=1, max_length=255, pattern=r"^[\w.\-]+$")
-    path: str = Field(min_length=1, max_length=4096)
+    path: str = Field(
+        max_length=4096, pattern=r"^(/[^/\x00]{1,255})+/?$|^/$",
+        description="absolute path of the run directory, under one of ALPHAWATCH_ALLOWED_ROOTS "
+                    "once symlinks are followed; at most 255 characters per component",
+        examples=["/data/runs/llama-7b-sft"])
 
 
 class RunRead(BaseModel):
     id: int
     name: str
     path: str
-    created_at: datetime
+    created_at: UtcDatetime
     n_checkpoints: int
     n_done: int
     n_failed: int
@@ -35,8 +57,8 @@ class RunRead(BaseModel):
 
 
 class RunDetail(RunRead):
-    thresholds: dict[str, Any]
-    methods: list[str]
+    thresholds: Thresholds = Field(description="the trust thresholds this server applies")
+    methods: list[str] = Field(description="fit methods of the latest analysed checkpoint")
 
 
 class RunList(BaseModel):
@@ -51,9 +73,9 @@ class CheckpointRead(BaseModel):
     format: str
     status: str = Field(description="pending | running | done | failed | vanished")
     error: str | None
-    discovered_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
+    discovered_at: UtcDatetime
+    started_at: UtcDatetime | None
+    finished_at: UtcDatetime | None
     analysis_s: float | None
     device: str | None
     n_layers: int | None
@@ -66,25 +88,54 @@ class CheckpointList(BaseModel):
     checkpoints: list[CheckpointRead]
 
 
-def _python_type(column: Any) -> Any:
-    if isinstance(column.type, Boolean):
-        base: Any = bool
-    elif isinstance(column.type, Integer):
-        base = int
-    elif isinstance(column.type, Float):
-        base = float
-    else:
-        base = str
-    return base | None if column.nullable else base
+class LayerMetricRead(BaseModel):
+    """Every metric of one layer at one checkpoint for one fit method (docs/API.md)."""
 
+    model_config = ConfigDict(extra="ignore")
 
-# One field per layer_metric column, so the schema follows the table without a second list.
-LayerMetricRead: type[BaseModel] = create_model(  # type: ignore[call-overload]
-    "LayerMetricRead",
-    __config__=ConfigDict(extra="ignore"),
-    **{a.key: (_python_type(a.columns[0]), None if a.columns[0].nullable else ...)
-       for a in LayerMetric.__mapper__.column_attrs if a.key not in ("id", "checkpoint_id")},
-)
+    name: str
+    kind: str
+    block: int | None = None
+    dtype: str | None = None
+    method: str
+    fit_status: str
+    trusted: bool
+    error: str | None = None
+    rows: int | None = None
+    cols: int | None = None
+    num_evals: int | None = None
+    lambda_max: float | None = None
+    alpha: float | None = None
+    alpha_weighted: float | None = None
+    log_norm: float | None = None
+    log_spectral_norm: float | None = None
+    stable_rank: float | None = None
+    log_alpha_norm: float | None = None
+    D: float | None = None
+    xmin: float | None = None
+    xmax: float | None = None
+    num_pl_spikes: int | None = None
+    sigma: float | None = None
+    entropy: float | None = None
+    matrix_rank: int | None = None
+    rank_loss: int | None = None
+    mp_bulk_max: float | None = None
+    mp_sigma: float | None = None
+    num_spikes: int | None = None
+    mp_softrank: float | None = None
+    num_traps: int | None = None
+    rand_distance: float | None = None
+    max_rand_eval: float | None = None
+    mean_spike: bool
+    alpha_delta: float | None = None
+    correlation_trap: bool
+    rank_collapse: bool
+    near_random: bool
+    over_trained: bool
+    under_trained: bool
+    warning: str | None = None
+    elapsed_ms: float | None = None
+    distance_from_init: float | None = None
 
 
 class CheckpointLayers(BaseModel):
@@ -191,7 +242,42 @@ class CompareRun(BaseModel):
     points: list[ComparePoint]
 
 
+class HeatmapRead(BaseModel):
+    metric: str
+    steps: list[int]
+    layers: list[str] = Field(description="rows: layers by block, then kind")
+    z: list[list[float | None]] = Field(description="z[layer][step]; null where not analysed")
+    trusted: list[list[bool | None]]
+
+
+class FlagPoint(BaseModel):
+    """Layer counts of one analysed checkpoint, by flag and by fit status."""
+
+    step: int
+    n_layers: int
+    correlation_trap: int
+    rank_collapse: int
+    near_random: int
+    over_trained: int
+    under_trained: int
+    ok: int
+    poor_fit: int
+    tail_too_short: int
+    unstable: int
+    alpha_out_of_range: int
+    too_few_evals: int
+    non_finite: int
+    degenerate: int
+    failed: int
+
+
+class FlagsRead(BaseModel):
+    run_id: int
+    points: list[FlagPoint]
+
+
 class CompareRead(BaseModel):
     metric: str
     stat: str
     runs: list[CompareRun]
+

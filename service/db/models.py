@@ -205,6 +205,11 @@ class ApiToken(Base):
     name: Mapped[str] = mapped_column(String(255))
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # read | write | admin (``tokens.TokenScope``); tokens made before scopes existed are admin.
+    scope: Mapped[str] = mapped_column(String(16), default="write", server_default="admin")
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 LAYER_COLUMNS = frozenset(a.key for a in LayerMetric.__mapper__.column_attrs) - {

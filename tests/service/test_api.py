@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from alphawatch.service.api import create_app
 from alphawatch.service.db import queue
 from alphawatch.service.db.session import make_engine, session_scope
-from alphawatch.service.db.tokens import create_token
+from alphawatch.service.db.tokens import TokenScope, create_token
 from alphawatch.settings import Settings
 from alphawatch.trust import Thresholds
 
@@ -201,18 +201,23 @@ def test_writes_need_a_token_and_paths_stay_in_the_root(client: TestClient, db_u
                        headers={"Authorization": "Bearer nope"}).status_code == 401
     with session_scope(make_engine(db_url)) as session:
         token = create_token(session, name="ci")
+        admin = create_token(session, name="ops", scope=TokenScope.ADMIN)
     auth = {"Authorization": f"Bearer {token}"}
     created = client.post("/api/v1/runs", json=body, headers=auth)
     assert created.status_code == 201 and created.json()["name"] == "new-run"
     (tmp_path / "outside").mkdir()
     (tmp_path / "root" / "escape").symlink_to(tmp_path / "outside")
-    for bad in (str(tmp_path / "root" / ".." / "outside"), str(tmp_path / "root" / "escape"),
-                "relative/path", "/etc"):
+    for bad, code in ((str(tmp_path / "root" / ".." / "outside"), 403),
+                      (str(tmp_path / "root" / "escape"), 403), ("relative/path", 422),
+                      ("/etc", 403), (str(tmp_path / "root" / "missing"), 422)):
         response = client.post("/api/v1/runs", json={"name": "bad", "path": bad}, headers=auth)
-        assert response.status_code in (403, 422), bad
+        assert response.status_code == code, (bad, response.text)
         assert response.json()["detail"]
-    assert client.delete(f"/api/v1/runs/{created.json()['id']}").status_code == 401
-    assert client.delete(f"/api/v1/runs/{created.json()['id']}", headers=auth).status_code == 204
+    run = f"/api/v1/runs/{created.json()['id']}"
+    assert client.delete(run).status_code == 401
+    refused = client.delete(run, headers=auth)  # a write token may register, not delete
+    assert refused.status_code == 403 and "'admin'" in refused.json()["detail"]
+    assert client.delete(run, headers={"Authorization": f"Bearer {admin}"}).status_code == 204
 
 
 def test_reads_can_require_a_token(db_url: str) -> None:
@@ -302,3 +307,12 @@ def test_layer_history_pages_and_downsamples(client: TestClient, db_url: str) ->
         100, 300]
     assert client.get(url, params={"metric": "D"}).json()["points"][0]["value"] == \
         pytest.approx(next(x["D"] for x in written[100] if x["name"] == name))
+
+
+def test_layer_schema_is_written_out_and_covers_every_column() -> None:
+    """LayerMetricRead is declared field by field (not generated), and must follow the table."""
+    from alphawatch.service.api.schemas import LayerMetricRead
+    from alphawatch.service.db.models import LAYER_COLUMNS
+
+    assert set(LayerMetricRead.model_fields) == set(LAYER_COLUMNS), (
+        "add the new layer_metric column to schemas.LayerMetricRead (or drop the old one)")

@@ -1,0 +1,172 @@
+"""Run service: registering, listing, reading and deleting runs and their checkpoints.
+
+Keyword-only functions over a session, called by the thin routes; they raise the domain errors
+of :mod:`alphawatch.service.api.errors`, never HTTP exceptions.
+"""
+
+from __future__ import annotations
+
+import csv
+import errno
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import delete, func, select
+from sqlalchemy.orm import Session
+
+from alphawatch.service.api import queries
+from alphawatch.service.api.errors import Conflict, Invalid, Refused
+from alphawatch.service.db import queue
+from alphawatch.service.db.models import AnalysisJob, Checkpoint, LayerMetric, Run
+from alphawatch.trust import Thresholds
+
+# Linux's NAME_MAX and PATH_MAX (schemas.RunCreate states them too): longer names cannot
+# exist, so they are refused before the file system is asked, which would raise.
+NAME_MAX, PATH_MAX = 255, 4096
+
+
+def allowed_path(raw: str, *, allowed_roots: list[Path]) -> Path:
+    """``raw`` resolved (symlinks and '..' followed) when it is a directory under a root.
+
+    Raises:
+        Invalid: not absolute, NUL, too long, a symlink loop, not an existing directory.
+        Refused: no root is configured, or the resolved path lies outside every root.
+    """
+    if "\x00" in raw:
+        raise Invalid("path contains a NUL byte")
+    given = Path(raw)
+    if not given.is_absolute():
+        raise Invalid("path must be absolute")
+    if len(raw) > PATH_MAX or any(len(part) > NAME_MAX for part in given.parts):
+        raise Invalid(f"path is too long (at most {PATH_MAX} characters, {NAME_MAX} per "
+                      "component)")
+    if not allowed_roots:
+        raise Refused("no checkpoint root is allowed on this server (set ALPHAWATCH_ALLOWED_ROOTS)")
+    try:
+        # Follows symlinks and '..': what is checked against the roots is where the path leads.
+        resolved = given.resolve()
+    except RuntimeError as exc:  # Python 3.11 reports a symlink loop this way
+        raise Invalid(f"path cannot be resolved: {exc}") from exc
+    except OSError as exc:
+        raise Invalid(f"path cannot be resolved: {_reason(exc)}") from exc
+    if not any(resolved == root or root in resolved.parents for root in allowed_roots):
+        raise Refused(f"{raw} is not under an allowed root "
+                      f"({', '.join(map(str, allowed_roots))})")
+    try:
+        is_dir = resolved.is_dir()
+    except OSError as exc:
+        raise Invalid(f"{resolved} cannot be read: {_reason(exc)}") from exc
+    if not is_dir:
+        raise Invalid(f"{resolved} is not an existing directory")
+    return resolved
+
+
+def _reason(exc: OSError) -> str:
+    return "a symlink loop" if exc.errno == errno.ELOOP else os.strerror(exc.errno or 0)
+
+
+def list_runs(*, session: Session, limit: int, offset: int,
+              thresholds: Thresholds) -> dict[str, Any]:
+    """A page of runs with their summaries, and how many runs there are."""
+    total = session.scalar(select(func.count()).select_from(Run)) or 0
+    rows = session.scalars(select(Run).order_by(Run.id).limit(limit).offset(offset)).all()
+    return {"runs": [queries.run_summary(session=session, run=r, thresholds=thresholds)
+                     for r in rows], "total": total}
+
+
+def get(*, session: Session, run_id: int, trust: Thresholds) -> dict[str, Any]:
+    """One run's summary, the trust thresholds applied and the fit methods it holds."""
+    run = queries.get_run(session=session, run_id=run_id)
+    # Methods of the latest analysed checkpoint: scanning every layer row of a long run for
+    # DISTINCT would cost more than the rest of the page.
+    latest = session.scalar(select(Checkpoint.id).where(
+        Checkpoint.run_id == run_id, Checkpoint.status == "done")
+        .order_by(Checkpoint.step.desc()).limit(1))
+    methods = sorted(set(session.scalars(
+        select(LayerMetric.method).where(LayerMetric.checkpoint_id == latest).distinct()
+    ))) if latest is not None else []
+    return {**queries.run_summary(session=session, run=run, thresholds=trust),
+            "thresholds": trust, "methods": methods}
+
+
+def create(*, session: Session, name: str, path: Path,
+           thresholds: Thresholds) -> dict[str, Any]:
+    """Register a run at an already checked ``path``; its summary.
+
+    Raises:
+        Conflict: a run of that name exists.
+    """
+    if session.scalars(select(Run.id).where(Run.name == name)).first() is not None:
+        raise Conflict(f"a run named {name!r} exists already")
+    run_id = queue.ensure_run(session, name=name, path=str(path))
+    session.flush()
+    return queries.run_summary(session=session, run=queries.get_run(session=session,
+                               run_id=run_id), thresholds=thresholds)
+
+
+def delete_run(*, session: Session, run_id: int) -> None:
+    """Delete a run and, by cascade, everything stored for it (never the checkpoint files)."""
+    queries.get_run(session=session, run_id=run_id)
+    session.execute(delete(Run).where(Run.id == run_id))
+
+
+def checkpoints(*, session: Session, run_id: int, limit: int, offset: int) -> dict[str, Any]:
+    """A page of a run's checkpoints, by step, with analysis status, timings and attempts."""
+    queries.get_run(session=session, run_id=run_id)
+    rows = session.execute(
+        select(Checkpoint, AnalysisJob.attempts).outerjoin(AnalysisJob)
+        .where(Checkpoint.run_id == run_id).order_by(Checkpoint.step).limit(limit).offset(offset)
+    ).all()
+    return {"run_id": run_id, "checkpoints": [
+        {"id": c.id, "step": c.step, "path": c.path, "format": c.format, "status": c.status,
+         "error": c.error, "discovered_at": c.discovered_at, "started_at": c.started_at,
+         "finished_at": c.finished_at, "analysis_s": c.analysis_s, "device": c.device,
+         "n_layers": c.n_layers, "n_trusted": c.n_trusted, "attempts": attempts}
+        for c, attempts in rows]}
+
+
+def checkpoint_layers(*, session: Session, run_id: int, step: int,
+                      method: str) -> dict[str, Any]:
+    """Every layer metric of one checkpoint, by block then kind."""
+    queries.get_run(session=session, run_id=run_id)
+    checkpoint_id = queries.checkpoint_id_at(session=session, run_id=run_id, step=step)
+    layers = queries.layer_dicts(session=session, checkpoint_ids=[checkpoint_id], method=method)
+    return {"run_id": run_id, "step": step, "method": method,
+            "layers": sorted(layers, key=queries.layer_order)}
+
+
+def layers_csv(*, session: Session, run_id: int, method: str) -> str:
+    """Every layer metric of every analysed checkpoint of a run, as CSV text."""
+    queries.get_run(session=session, run_id=run_id)
+    steps = dict(queries.done_checkpoints(session=session, run_id=run_id))
+    layers = queries.layer_dicts(session=session, checkpoint_ids=list(steps), method=method)
+    buffer = io.StringIO()
+    columns = ["step", *[c for c in (layers[0] if layers else {}) if c != "checkpoint_id"]]
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    for layer in layers:
+        writer.writerow({**layer, "step": steps[layer["checkpoint_id"]]})
+    return buffer.getvalue()
+
+
+def ping(*, session: Session) -> None:
+    """Raise when the database cannot answer."""
+    session.execute(select(1))
+
+
+def metrics_text(*, session: Session) -> str:
+    """Prometheus text: checkpoints by status, queue depth, runs."""
+    lines = ["# HELP alphawatch_checkpoints Checkpoints by analysis status.",
+             "# TYPE alphawatch_checkpoints gauge"]
+    for status, count in session.execute(
+        select(Checkpoint.status, func.count()).group_by(Checkpoint.status)
+    ):
+        lines.append(f'alphawatch_checkpoints{{status="{status}"}} {count}')
+    lines += ["# HELP alphawatch_queue_depth Jobs waiting for a worker.",
+              "# TYPE alphawatch_queue_depth gauge",
+              f"alphawatch_queue_depth {queue.queue_depth(session)}",
+              "# HELP alphawatch_runs Runs known.", "# TYPE alphawatch_runs gauge",
+              f"alphawatch_runs {session.scalar(select(func.count()).select_from(Run))}"]
+    return "\n".join(lines) + "\n"
