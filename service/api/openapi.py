@@ -26,6 +26,8 @@ def with_read_security(app: FastAPI) -> None:
                     "/health"):
                 continue
             for operation in operations.values():
+                if operation.get("security") == []:
+                    continue  # declared public by its route (the vocabulary)
                 operation.setdefault("security", [{"HTTPBearer": []}])
                 operation["responses"].setdefault("401", {
                     "description": unauthorized["description"],

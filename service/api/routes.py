@@ -79,6 +79,8 @@ Method = Annotated[str, Query(max_length=32, pattern=r"^[a-z0-9_]+$",
 # The schema lists the metrics, so a client (or a fuzzer) knows which names are valid.
 MetricName = Literal[tuple(queries.numeric_metrics())]  # type: ignore[valid-type]
 Metric = Annotated[MetricName, Query(description="a numeric layer metric")]  # type: ignore[valid-type]
+# The gate bands a level of alpha: its schema offers the statistics that are levels, only.
+LevelName = Literal[tuple(s.value for s in Statistic if s.is_level)]  # type: ignore[valid-type]
 # Database integer ranges: a larger id or step is a bad request, not a database error.
 INT32, INT64 = 2**31 - 1, 2**63 - 1
 RunId = Annotated[int, PathParam(ge=1, le=INT32, description="run id")]
@@ -297,7 +299,9 @@ def get_esd(run_id: RunId, step: StepPath, layer_name: LayerName, session: Sessi
                                             "description": "strict=true and the gate failed"}})
 def gate(
     run_id: RunId, session: SessionDep, settings: SettingsDep, response: Response,
-    stat: Annotated[Statistic, Query(description="a level: not iqr")] = DEFAULT_STATISTIC,
+    stat: Annotated[LevelName,  # type: ignore[valid-type]
+                    Query(description="a level of alpha (a spread cannot be gated)")
+                    ] = DEFAULT_STATISTIC.value,
     filter: Annotated[LayerFilter, Query()] = DEFAULT_FILTER,
     step: Annotated[int | None, Query(ge=0, le=INT64,
                                       description="default: the latest analysed")] = None,

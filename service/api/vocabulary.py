@@ -65,7 +65,8 @@ async def current_vocabulary() -> VocabularyRead:
 vocabulary_router = APIRouter(prefix="/api/v1")
 
 
-@vocabulary_router.get("/vocabulary", response_model=VocabularyRead)
+@vocabulary_router.get("/vocabulary", response_model=VocabularyRead,
+                       openapi_extra={"security": []})
 async def get_vocabulary(
     terms: Annotated[VocabularyRead, Depends(current_vocabulary)],
 ) -> VocabularyRead:

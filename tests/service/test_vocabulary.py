@@ -63,8 +63,13 @@ def test_routes_accept_exactly_the_served_names_with_the_served_defaults(
         return [t["name"] for t in terms], next(t["name"] for t in terms if t["default"])
 
     for path in ("/api/v1/runs/{run_id}/trend", "/api/v1/compare", "/api/v1/runs/{run_id}/gate"):
-        assert _query_enum(openapi, path, "stat") == served("statistics")
         assert _query_enum(openapi, path, "filter") == served("filters")
+    for path in ("/api/v1/runs/{run_id}/trend", "/api/v1/compare"):
+        assert _query_enum(openapi, path, "stat") == served("statistics")
+    # The gate bands a level of alpha: it offers the levels only, under the same default.
+    levels = [t["name"] for t in body["statistics"] if t["level"]]
+    assert _query_enum(openapi, "/api/v1/runs/{run_id}/gate", "stat") == \
+        (levels, served("statistics")[1])
     assert _query_enum(openapi, "/api/v1/runs/{run_id}/trend", "outliers") == \
         served("outlier_rules")
     # The robust module computes each served statistic, under the same names.
@@ -89,7 +94,7 @@ def test_every_served_statistic_answers_and_the_gate_refuses_a_spread(sqlite_url
                 assert gate.status_code == 200, gate.text
             else:
                 assert gate.status_code == 422
-                assert "spread" in gate.json()["detail"] and "median" in gate.json()["detail"]
+                assert "stat" in gate.json()["detail"] and "median" in gate.json()["detail"]
         for group in body["kind_groups"]:
             grouped = c.get("/api/v1/runs/1/trend",
                             params={"kind": ",".join(group["kinds"]), "filter": "all"}).json()
