@@ -192,7 +192,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
     dirs = _check_dirs(args.run_dir)
     settings = _settings(args)
     if not settings.allowed_roots:
-        settings = settings.model_copy(update={"allowed_roots": [d.parent for d in dirs]})
+        # The folders named and nothing above them: `up /runs` must not allow `/`.
+        settings = settings.model_copy(update={"allowed_roots": dirs})
     _prepare_database(settings, migrate=True)
     watcher = Watcher(settings, dirs)
     stop = threading.Event()
