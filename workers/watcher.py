@@ -121,6 +121,8 @@ class Watcher:
         self.device = resolve_device(settings.device)
         self.thresholds = Thresholds(**settings.trust.model_dump())
         self._reanalyzed: set[int] = set()
+        # Discovery passes completed; a supervisor reads it to see that the loop is live.
+        self.passes = 0
         # A live line per layer on a terminal; plain log records when stderr is a file or pipe.
         self.progress = sys.stderr.isatty()
 
@@ -356,6 +358,7 @@ class Watcher:
         while not stop.is_set():
             try:
                 self._retry("discover", self.discover_once, stop)
+                self.passes += 1
                 while not stop.is_set() and self.process_one():
                     pass
             except (OperationalError, DBAPIError):

@@ -138,9 +138,14 @@ def _kinds(kind: str | None) -> list[str] | None:
 
 @health_router.get("/health")
 @health_router.get("/api/v1/health")
-def health(session: SessionDep) -> dict[str, str]:
-    """Liveness and database reachability."""
+def health(session: SessionDep, request: Request, response: Response) -> dict[str, str]:
+    """Liveness, database reachability and, under `alphawatch up`, the worker's state."""
     session.execute(select(1))
+    liveness: Callable[[], str | None] | None = request.app.state.liveness
+    reason = liveness() if liveness is not None else None
+    if reason is not None:
+        response.status_code = 503
+        return {"status": "degraded", "reason": reason}
     return {"status": "ok"}
 
 
@@ -243,7 +248,9 @@ def list_checkpoints(run_id: RunId, session: SessionDep,
         {"id": c.id, "step": c.step, "path": c.path, "format": c.format, "status": c.status,
          "error": c.error, "discovered_at": c.discovered_at, "started_at": c.started_at,
          "finished_at": c.finished_at, "analysis_s": c.analysis_s, "device": c.device,
-         "n_layers": c.n_layers, "n_trusted": c.n_trusted, "attempts": attempts}
+         "n_layers": c.n_layers, "n_trusted": c.n_trusted, "attempts": attempts,
+         "discovery_error": c.discovery_error, "analysis_count": c.analysis_count,
+         "rewritten_at": c.rewritten_at}
         for c, attempts in rows]}
 
 

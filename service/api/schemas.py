@@ -32,6 +32,9 @@ class RunRead(BaseModel):
     last_step: int | None
     latest_alpha: float | None = Field(description="median alpha of trusted layers, latest step")
     untrusted_share: float | None
+    discovery_error: str | None = Field(
+        None, description="why the latest discovery pass could not list the run, or the "
+                          "entries it refused that have no step (null when all is well)")
 
 
 class RunDetail(RunRead):
@@ -59,6 +62,13 @@ class CheckpointRead(BaseModel):
     n_layers: int | None
     n_trusted: int | None
     attempts: int | None
+    discovery_error: str | None = Field(
+        None, description="why discovery refused it (it is then failed, never read), or what "
+                          "it found wrong with it after the analysis")
+    analysis_count: int = Field(0, description="completed analyses; more than 1 when its "
+                                               "files were rewritten in place and re-analysed")
+    rewritten_at: datetime | None = Field(
+        None, description="when its files last changed after an analysis (queued again)")
 
 
 class CheckpointList(BaseModel):
