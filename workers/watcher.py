@@ -35,6 +35,7 @@ from alphawatch.workers.checkpoints import (
     discover,
     iter_layers,
 )
+from alphawatch.workers.checkpoints.discovery import fingerprint
 from alphawatch.workers.checkpoints.errors import printable, shown
 from alphawatch.workers.spectral import Thresholds, analyze_matrix, resolve_device
 
@@ -397,7 +398,9 @@ def _distance(first: Path | None, name: str, weight: torch.Tensor, confine: Conf
 
 
 def _first_weight(first: Path, name: str, confine: Confinement) -> torch.Tensor | None:
-    cache = _FIRST_CACHE.get(first)
+    # Keyed by the files' fingerprint too: a first checkpoint rewritten in place is read again.
+    key = (first, fingerprint(first, confine))
+    cache = _FIRST_CACHE.get(key)
     if cache is None:
         if _size(first) > _DISTANCE_MAX_BYTES:
             return None
@@ -405,7 +408,7 @@ def _first_weight(first: Path, name: str, confine: Confinement) -> torch.Tensor 
         # the cache holds one run's first checkpoint at a time.
         cache = {m.name: m.weight for m in iter_layers(first, confine=confine)}
         _FIRST_CACHE.clear()
-        _FIRST_CACHE[first] = cache
+        _FIRST_CACHE[key] = cache
     return cache.get(name)
 
 
@@ -434,4 +437,4 @@ _PROBLEMS_SHOWN = 20
 # Distance from init keeps the first checkpoint's matrices in memory; past this size it would
 # break the "a few times the largest matrix" memory promise, so it is not computed.
 _DISTANCE_MAX_BYTES = 256 * 1024 * 1024
-_FIRST_CACHE: dict[Path, dict[str, torch.Tensor]] = {}
+_FIRST_CACHE: dict[tuple[Path, str], dict[str, torch.Tensor]] = {}
