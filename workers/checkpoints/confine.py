@@ -58,8 +58,10 @@ class Confinement:
     @classmethod
     def to(cls, roots: Iterable[Path]) -> Confinement:
         """Confine to ``roots``, each resolved now (later symlink swaps cannot move a root)."""
-        resolved = dict.fromkeys(Path(os.path.realpath(Path(r).expanduser())) for r in roots)
-        return cls(tuple(resolved))
+        resolved = list(dict.fromkeys(Path(os.path.realpath(Path(r).expanduser()))
+                                      for r in roots))
+        # A root inside another adds nothing, and would only lengthen every refusal message.
+        return cls(tuple(r for r in resolved if not any(o in r.parents for o in resolved)))
 
     def describe(self) -> str:
         if self.roots is None:

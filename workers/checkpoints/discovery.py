@@ -315,7 +315,8 @@ def _entry(child: Path, trackers: dict[str, int | None], scan: _Scan, depth: int
         raise CheckpointError(child, f"refused: {shown(child)}: the name is not printable "
                                      "UTF-8 (control characters or undecodable bytes)")
     if is_dir:
-        scan.confine.check(child, "checkpoint folder")
+        scan.confine.check(child, "checkpoint folder" if _name_step(name) is not None
+                           else "folder")
         ref = _dir_ref(child, trackers, scan)
         if ref is not None:
             return [ref]
