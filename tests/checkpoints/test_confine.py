@@ -168,3 +168,28 @@ def test_messages_never_carry_raw_control_characters_or_undecodable_bytes() -> N
     assert shown == "refused: /runs/checkpoint-1\\xff\\n"
     shown.encode("utf-8")  # storable as text in any database
     assert str(CheckpointError(name, f"{name}: bad")).isprintable()
+
+
+def test_fifos_are_refused_without_blocking(roots: tuple[Path, Path, Confinement]) -> None:
+    root, _outside, confine = roots
+    os.mkfifo(root / "model.safetensors")
+    # A blocking open would wait for a writer forever; the refusal comes at once.
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        confine.read_bytes(root / "model.safetensors")
+    (root / "trainer_state.json").write_text("{}")
+    os.mkfifo(root / "config.json")
+    with pytest.raises(CheckpointError, match=r"config\.json is not a regular file"):
+        list(iter_layers(root, confine=confine))
+
+
+def test_dangling_and_looping_links_are_no_checkpoint(
+    roots: tuple[Path, Path, Confinement]
+) -> None:
+    root, _outside, confine = roots
+    run = root / "run"
+    _weights(run / "checkpoint-1")
+    (run / "checkpoint-1" / "trainer_state.json").write_text("{}")
+    (run / "step-2.safetensors").symlink_to(run / "gone.safetensors")
+    (run / "step-3.safetensors").symlink_to(run / "step-3.safetensors")
+    refs = discover(run, settle_s=0, confine=confine)
+    assert [(r.step, r.error) for r in refs] == [(1, None)]

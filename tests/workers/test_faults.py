@@ -125,6 +125,25 @@ def symlinked_config_read_only_by_the_analysis(scene: Scene) -> None:
     scene.expect("hostile", 118, "config.json", "outside the allowed roots")
 
 
+@hostile
+def fifo_posing_as_a_weight_file(scene: Scene) -> None:
+    # Opening a FIFO for reading waits for a writer: a blocking open would stop the worker.
+    folder = scene.checkpoint("hostile", "checkpoint-119")
+    (folder / "model.safetensors").unlink()
+    os.mkfifo(folder / "model.safetensors")
+    # Discovery waits for it, then takes the settled folder as broken; the reader does not
+    # count a FIFO as a weight file.
+    scene.expect("hostile", 119, "checkpoint-119", "no weight files")
+
+
+@hostile
+def fifo_posing_as_a_config(scene: Scene) -> None:
+    folder = scene.checkpoint("hostile", "checkpoint-120")
+    (folder / "config.json").unlink()
+    os.mkfifo(folder / "config.json")
+    scene.expect("hostile", 120, "config.json", "not a regular file")
+
+
 def _index_to(scene: Scene, name: str, entry: str) -> None:
     folder = scene.run("hostile") / name
     folder.mkdir()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePath
@@ -104,12 +105,26 @@ class Confinement:
 
         Raises:
             OutsideRootError: the opened file lies outside every allowed root.
+            CheckpointError: it is not a regular file (checked without blocking on a FIFO).
             OSError: as ``open`` does (FileNotFoundError when it is gone).
         """
         path = Path(path)
         if self.roots is not None and not _PROC_FD.is_dir():
             self.check(path, what)
-        with path.open("rb") as handle:
+        # Non-blocking open: opening a FIFO for reading would otherwise wait for a writer
+        # forever (and a worker with it). Only regular files are read past this point.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                raise CheckpointError(path, f"refused: {what} {shown(path)} is not a regular "
+                                            "file (a FIFO, device or socket is never read)")
+            os.set_blocking(fd, True)
+            handle = os.fdopen(fd, "rb")
+        except BaseException:
+            os.close(fd)
+            raise
+        with handle:
             if self.roots is not None:
                 real = opened_path(handle)
                 if real is not None and not self._under_root(real):

@@ -328,6 +328,8 @@ def _entry(child: Path, trackers: dict[str, int | None], scan: _Scan, depth: int
         return []
     step = parse_step(match.group(1), child)
     scan.confine.check(child, "checkpoint file")
+    if not child.exists():
+        return []  # a dangling or looping link: nothing to analyse (yet)
     fmt = "lightning" if child.suffix == ".ckpt" else "file"
     done = _settled(child, scan)
     return [CheckpointRef(child, step, fmt, done, "settled" if done else "still changing",
