@@ -183,9 +183,15 @@ class Watcher:
     def _record_run_error(self, run_dir: Path, exc: Exception) -> None:
         log.error("discovery of %s failed", shown(run_dir), exc_info=exc)
         message = printable(f"discovery failed: {type(exc).__name__}: {exc}")[:_ERROR_MAX]
-        with session_scope(self.engine) as session:
-            run_id = queue.ensure_run(session, name=run_dir.name, path=str(run_dir))
-            queue.set_run_discovery_error(session, run_id=run_id, error=message)
+        try:
+            with session_scope(self.engine) as session:
+                run_id = queue.ensure_run(session, name=run_dir.name, path=str(run_dir))
+                queue.set_run_discovery_error(session, run_id=run_id, error=message)
+        except (OperationalError, DBAPIError) as failed:
+            if _is_connection_error(failed):
+                raise
+            # Not even the error could be written: the log has it, the other runs go on.
+            log.error("cannot record the discovery error of %s: %s", shown(run_dir), failed)
 
     def _discover_run(self, run_dir: Path) -> int:
         problems: list[str] = []
@@ -304,7 +310,8 @@ class Watcher:
         self, path: Path, run_id: int | None = None
     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """Read and analyse one checkpoint, tensor by tensor; returns layer and spectrum rows."""
-        first = self._first_checkpoint(run_id) if run_id is not None else None
+        first = _first_key(self._first_checkpoint(run_id) if run_id is not None else None,
+                           self.confine)
         layers: list[dict[str, Any]] = []
         spectra: list[dict[str, Any]] = []
         for matrix in iter_layers(path, confine=self.confine):
@@ -380,10 +387,21 @@ def _as_bytes(values: np.ndarray | None) -> bytes | None:
     return np.ascontiguousarray(values, dtype=np.float32).tobytes()
 
 
-def _distance(first: Path | None, name: str, weight: torch.Tensor, confine: Confinement
-              ) -> float | None:
-    """‖W_t − W_0‖_F / ‖W_0‖_F against the run's first checkpoint, read one tensor at a time."""
+def _first_key(first: Path | None, confine: Confinement) -> tuple[Path, str] | None:
+    """The run's first checkpoint and its fingerprint, once per analysis; None when unusable.
+
+    The fingerprint keys the cache of its matrices: a first checkpoint rewritten in place is
+    read again rather than compared from memory.
+    """
     if first is None or not first.exists() or not confine.allows(first):
+        return None
+    return first, fingerprint(first, confine)
+
+
+def _distance(first: tuple[Path, str] | None, name: str, weight: torch.Tensor,
+              confine: Confinement) -> float | None:
+    """‖W_t − W_0‖_F / ‖W_0‖_F against the run's first checkpoint, read one tensor at a time."""
+    if first is None:
         return None
     try:
         w0 = _first_weight(first, name, confine)
@@ -397,9 +415,9 @@ def _distance(first: Path | None, name: str, weight: torch.Tensor, confine: Conf
     return float(torch.linalg.norm(weight - w0)) / norm0
 
 
-def _first_weight(first: Path, name: str, confine: Confinement) -> torch.Tensor | None:
-    # Keyed by the files' fingerprint too: a first checkpoint rewritten in place is read again.
-    key = (first, fingerprint(first, confine))
+def _first_weight(key: tuple[Path, str], name: str, confine: Confinement
+                  ) -> torch.Tensor | None:
+    first = key[0]
     cache = _FIRST_CACHE.get(key)
     if cache is None:
         if _size(first) > _DISTANCE_MAX_BYTES:

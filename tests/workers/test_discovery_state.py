@@ -95,6 +95,11 @@ def test_checkpoint_rewritten_in_place_is_analysed_again(
     for name, alpha in expected.items():
         assert math.isclose(after[name], alpha, rel_tol=1e-9), name
     assert watcher.run_once() == 0  # unchanged since: not analysed a third time
+    # Step 10 is the run's first checkpoint: its distance from itself is 0, so its matrices
+    # were read again, not taken from memory of the files before the rewrite.
+    distances = _rows(db_url, "SELECT distance_from_init FROM layer_metric "
+                              "WHERE distance_from_init IS NOT NULL")
+    assert distances and all(d == 0.0 for (d,) in distances)
 
     with TestClient(create_app(settings)) as client:
         run_id = client.get("/api/v1/runs").json()["runs"][0]["id"]
