@@ -248,23 +248,25 @@ def _cmd_up(args: argparse.Namespace) -> int:
     import uvicorn
 
     from alphawatch.service.api import create_app
+    from alphawatch.workers.supervisor import Supervisor
     from alphawatch.workers.watcher import Watcher
 
     dirs = _check_dirs(args.run_dir)
     settings = _settings(args)
     if not settings.allowed_roots:
-        settings = settings.model_copy(update={"allowed_roots": [d.parent for d in dirs]})
+        # The folders named and nothing above them: `up /runs` must not allow `/`.
+        settings = settings.model_copy(update={"allowed_roots": dirs})
     _prepare_database(settings, migrate=True)
     watcher = Watcher(settings, dirs)
     stop = threading.Event()
-    worker = threading.Thread(target=watcher.run_forever, args=(stop,), name="watcher",
-                              daemon=True)
+    # A worker loop that dies is restarted; /health answers 503 until it runs again.
+    worker = Supervisor(watcher.run_forever, lambda: watcher.passes, stop)
     worker.start()
     print(f"alphawatch: dashboard at http://{settings.host}:{settings.port}/  "
           f"(database {settings.database_url})", flush=True)
     try:
-        uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                    log_level="warning")
+        uvicorn.run(create_app(settings, liveness=worker.liveness), host=settings.host,
+                    port=settings.port, log_level="warning")
     finally:
         stop.set()
         worker.join(timeout=60)

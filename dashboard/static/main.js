@@ -59,7 +59,7 @@ async function poll() {
     if (parts[0] === "runs" && parts[1]) {
       const run = await api(`/runs/${parts[1]}`);
       now = JSON.stringify([run.n_checkpoints, run.n_done, run.n_failed, run.n_pending,
-        run.last_step]);
+        run.last_step, run.discovery_error]);
     } else {
       const runs = (await api("/runs?limit=1000")).runs;
       now = JSON.stringify(parts[0] === "compare"

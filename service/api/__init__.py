@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -63,13 +63,19 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             await anyio.to_thread.run_sync(cache.stop)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build the API + dashboard application; settings are read here, never at import time."""
+def create_app(settings: Settings | None = None, *,
+               liveness: Callable[[], str | None] | None = None) -> FastAPI:
+    """Build the API + dashboard application; settings are read here, never at import time.
+
+    ``liveness``, when given, is asked by ``/health``: None while what it watches (the worker
+    thread of ``alphawatch up``) is fine, else the reason, and ``/health`` answers 503.
+    """
     settings = settings or Settings()
     app = FastAPI(title="alphawatch", version=__version__, lifespan=_lifespan,
                   description="Heavy-tailed spectral health of models in training: per-layer "
                               "power-law alpha, fit quality, traps and robust trends.")
     app.state.settings = settings
+    app.state.liveness = liveness
     # Read responses kept until the database announces new results (PostgreSQL's NOTIFY);
     # SQLite cannot announce, so its processes always read the database.
     app.state.cache = (ResultCache(settings.database_url,

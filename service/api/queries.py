@@ -50,7 +50,7 @@ def run_summary(*, session: Session, run: Run, thresholds: Thresholds) -> dict[s
         "n_failed": counts.get("failed", 0) + counts.get("vanished", 0),
         "n_pending": counts.get("pending", 0) + counts.get("running", 0),
         "last_step": last[1] if last else None, "latest_alpha": latest_alpha,
-        "untrusted_share": untrusted_share,
+        "untrusted_share": untrusted_share, "discovery_error": run.discovery_error,
     }
 
 

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, TypeAdapter
 from sqlalchemy.orm import Session
 
@@ -29,6 +29,7 @@ from alphawatch.service.api.schemas import (
     EsdRead,
     FlagsRead,
     GateRead,
+    HealthDegraded,
     HealthRead,
     HeatmapRead,
     HistoryRead,
@@ -143,11 +144,18 @@ def _kinds(kind: str | None) -> list[str] | None:
     return [k.strip() for k in kind.split(",") if k.strip()]
 
 
-@health_router.get("/health", responses=documented(503))
-@health_router.get("/api/v1/health", responses=documented(503))
-def health(session: SessionDep) -> HealthRead:
-    """Liveness and database reachability."""
+@health_router.get("/health", responses={
+    **documented(503), 503: {"model": HealthDegraded, "description":
+                             "the database is unreachable, or the embedded worker is down"}})
+@health_router.get("/api/v1/health", include_in_schema=False)
+def health(session: SessionDep, request: Request) -> Any:
+    """Liveness, database reachability and, under `alphawatch up`, the worker's state."""
     runs.ping(session=session)
+    liveness: Callable[[], str | None] | None = request.app.state.liveness
+    reason = liveness() if liveness is not None else None
+    if reason is not None:
+        return JSONResponse(HealthDegraded(detail=f"degraded: {reason}", reason=reason)
+                            .model_dump(), status_code=503)
     return HealthRead(status="ok")
 
 

@@ -123,7 +123,9 @@ def checkpoints(*, session: Session, run_id: int, limit: int, offset: int) -> di
         {"id": c.id, "step": c.step, "path": c.path, "format": c.format, "status": c.status,
          "error": c.error, "discovered_at": c.discovered_at, "started_at": c.started_at,
          "finished_at": c.finished_at, "analysis_s": c.analysis_s, "device": c.device,
-         "n_layers": c.n_layers, "n_trusted": c.n_trusted, "attempts": attempts}
+         "n_layers": c.n_layers, "n_trusted": c.n_trusted, "attempts": attempts,
+         "discovery_error": c.discovery_error, "analysis_count": c.analysis_count,
+         "rewritten_at": c.rewritten_at}
         for c, attempts in rows]}
 
 

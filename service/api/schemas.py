@@ -33,6 +33,13 @@ class HealthRead(BaseModel):
     status: str = Field(description="ok")
 
 
+class HealthDegraded(ErrorRead):
+    """/health while the embedded worker is down: an error body that also says why."""
+
+    status: str = Field("degraded", description="degraded")
+    reason: str = Field(description="what is down, e.g. the worker loop being restarted")
+
+
 class RunCreate(BaseModel):
     name: str = Field(min_length=1, max_length=255, pattern=r"^[\w.\-]+$")
     path: str = Field(
@@ -54,6 +61,9 @@ class RunRead(BaseModel):
     last_step: int | None
     latest_alpha: float | None = Field(description="median alpha of trusted layers, latest step")
     untrusted_share: float | None
+    discovery_error: str | None = Field(
+        None, description="why the latest discovery pass could not list the run, or the "
+                          "entries it refused that have no step (null when all is well)")
 
 
 class RunDetail(RunRead):
@@ -81,6 +91,13 @@ class CheckpointRead(BaseModel):
     n_layers: int | None
     n_trusted: int | None
     attempts: int | None
+    discovery_error: str | None = Field(
+        None, description="why discovery refused it (it is then failed, never read), or what "
+                          "it found wrong with it after the analysis")
+    analysis_count: int = Field(0, description="completed analyses; more than 1 when its "
+                                               "files were rewritten in place and re-analysed")
+    rewritten_at: datetime | None = Field(
+        None, description="when its files last changed after an analysis (queued again)")
 
 
 class CheckpointList(BaseModel):

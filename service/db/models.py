@@ -45,6 +45,9 @@ class Run(Base):
     name: Mapped[str] = mapped_column(String(255), unique=True)
     path: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # Why the latest discovery pass could not list the run, or which entries it refused that
+    # have no step to be recorded under (names that are not UTF-8, steps beyond 64 bits).
+    discovery_error: Mapped[str | None] = mapped_column(Text)
 
 
 class Checkpoint(Base):
@@ -68,6 +71,13 @@ class Checkpoint(Base):
     device: Mapped[str | None] = mapped_column(String(32))
     n_layers: Mapped[int | None] = mapped_column(Integer)
     n_trusted: Mapped[int | None] = mapped_column(Integer)
+    # Why discovery refused it (then failed without being read), or what discovery found wrong
+    # with it after it was analysed (e.g. its folder now resolves outside the allowed roots).
+    discovery_error: Mapped[str | None] = mapped_column(Text)
+    # Completed analyses: more than one when its files were rewritten in place (or re-queued).
+    analysis_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # When discovery last saw its files change after analysis and queued it again.
+    rewritten_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class LayerMetric(Base):

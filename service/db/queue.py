@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import delete, func, insert, select, text, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from alphawatch.service.db.aggregates import stat_rows
@@ -44,37 +45,147 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+def _insert(session: Session, table: Any) -> Any:
+    """``INSERT`` for the session's dialect, where ``on_conflict_do_nothing`` exists."""
+    if session.get_bind().dialect.name == "postgresql":
+        return postgresql.insert(table)
+    return sqlite.insert(table)
+
+
 def ensure_run(session: Session, *, name: str, path: str) -> int:
-    """Id of the run at ``path``, created if new (a name already taken gets a suffix)."""
-    found = session.scalars(select(Run.id).where(Run.path == path)).first()
-    if found is not None:
-        return found
-    unique, n = name, 1
-    while session.scalars(select(Run.id).where(Run.name == unique)).first() is not None:
-        n += 1
-        unique = f"{name}-{n}"
-    run = Run(name=unique, path=path)
-    session.add(run)
-    session.flush()
-    return run.id
+    """Id of the run at ``path``, created if new (a name already taken gets a suffix).
+
+    Two workers that find the same new run at once both end with the one row: the insert
+    does nothing on a name conflict (waiting for the other transaction on PostgreSQL), and
+    the run is then looked up again by path.
+    """
+    for n in range(1, 1000):
+        found = session.scalars(select(Run.id).where(Run.path == path).order_by(Run.id)).first()
+        if found is not None:
+            return found
+        unique = name if n == 1 else f"{name}-{n}"
+        if session.scalars(select(Run.id).where(Run.name == unique)).first() is not None:
+            continue
+        created = session.scalar(
+            _insert(session, Run).values(name=unique, path=path, created_at=_now())
+            .on_conflict_do_nothing(index_elements=["name"]).returning(Run.id))
+        if created is not None:
+            return int(created)
+    raise ValueError(f"no free run name for {name!r}")
 
 
 def register_checkpoint(
     session: Session, *, run_id: int, step: int, path: str, fingerprint: str, fmt: str
 ) -> int | None:
-    """Create the checkpoint and its queued job; None when (run, step) is already known."""
-    exists = session.scalars(
-        select(Checkpoint.id).where(Checkpoint.run_id == run_id, Checkpoint.step == step)
-    ).first()
-    if exists is not None:
+    """Create the checkpoint and its queued job; None when (run, step) is already known.
+
+    A conflict with a checkpoint another worker registered at the same moment does nothing,
+    instead of failing the transaction.
+    """
+    checkpoint_id = session.scalar(
+        _insert(session, Checkpoint).values(
+            run_id=run_id, step=step, path=path, fingerprint=fingerprint, format=fmt,
+            status="pending", discovered_at=_now(), analysis_count=0)
+        .on_conflict_do_nothing(index_elements=["run_id", "step"]).returning(Checkpoint.id))
+    if checkpoint_id is None:
         return None
-    checkpoint = Checkpoint(run_id=run_id, step=step, path=path, fingerprint=fingerprint,
-                            format=fmt, status="pending")
-    session.add(checkpoint)
+    session.add(AnalysisJob(checkpoint_id=checkpoint_id, status="queued"))
     session.flush()
-    session.add(AnalysisJob(checkpoint_id=checkpoint.id, status="queued"))
+    return int(checkpoint_id)
+
+
+def register_refused(
+    session: Session, *, run_id: int, step: int, path: str, fmt: str, error: str
+) -> int | None:
+    """Record a checkpoint discovery refused: ``failed`` with the error, never queued.
+
+    Returns its id when it is new; None when (run, step) is known, whose row then only gets the
+    error as its ``discovery_error`` (results stored before stay).
+    """
+    checkpoint_id = session.scalar(
+        _insert(session, Checkpoint).values(
+            run_id=run_id, step=step, path=path, fingerprint="", format=fmt, status="failed",
+            error=error, discovery_error=error, discovered_at=_now(), finished_at=_now(),
+            analysis_count=0)
+        .on_conflict_do_nothing(index_elements=["run_id", "step"]).returning(Checkpoint.id))
+    if checkpoint_id is None:
+        session.execute(update(Checkpoint).where(
+            Checkpoint.run_id == run_id, Checkpoint.step == step,
+            Checkpoint.discovery_error.is_distinct_from(error)).values(discovery_error=error))
+        return None
+    session.add(AnalysisJob(checkpoint_id=checkpoint_id, status="failed", last_error=error))
     session.flush()
-    return checkpoint.id
+    return int(checkpoint_id)
+
+
+@dataclass(frozen=True)
+class KnownCheckpoint:
+    """What discovery compares a checkpoint found on disk with."""
+
+    checkpoint_id: int
+    path: str
+    fingerprint: str
+    status: str
+    job_status: str | None
+    discovery_error: str | None
+
+
+def known_checkpoints(session: Session, *, run_id: int) -> dict[int, KnownCheckpoint]:
+    """Every registered checkpoint of a run by step, in one query."""
+    rows = session.execute(
+        select(Checkpoint.step, Checkpoint.id, Checkpoint.path, Checkpoint.fingerprint,
+               Checkpoint.status, AnalysisJob.status, Checkpoint.discovery_error)
+        .outerjoin(AnalysisJob).where(Checkpoint.run_id == run_id)
+    ).all()
+    return {int(r[0]): KnownCheckpoint(int(r[1]), r[2], r[3], r[4], r[5], r[6]) for r in rows}
+
+
+def requeue_rewritten(session: Session, *, checkpoint_id: int, fingerprint: str) -> bool:
+    """Queue a finished checkpoint whose files changed in place; False when it is not finished.
+
+    Its stored results stay until the new analysis replaces them in one transaction
+    (:func:`complete`); meanwhile it is ``pending`` again, so trends leave it out rather than
+    show numbers of files that no longer exist. A job queued or running is left alone (and
+    the stored fingerprint with it): the next pass sees the change again once it ends.
+    """
+    job = session.scalars(select(AnalysisJob).where(
+        AnalysisJob.checkpoint_id == checkpoint_id,
+        AnalysisJob.status.in_(("done", "failed")))).first()
+    checkpoint = session.get(Checkpoint, checkpoint_id)
+    if checkpoint is None:
+        return False
+    if job is None:
+        if checkpoint.status in ("pending", "running"):
+            return False
+        job = AnalysisJob(checkpoint_id=checkpoint_id)
+        session.add(job)
+    job.status, job.attempts, job.worker_id, job.last_error = "queued", 0, None, None
+    job.lease_expires_at = None
+    checkpoint.status, checkpoint.fingerprint, checkpoint.rewritten_at = (
+        "pending", fingerprint, _now())
+    checkpoint.error = checkpoint.discovery_error = None
+    return True
+
+
+def set_fingerprint(session: Session, *, checkpoint_id: int, fingerprint: str) -> None:
+    """A queued checkpoint's files changed before it was analysed: it will read the new ones."""
+    session.execute(update(Checkpoint).where(Checkpoint.id == checkpoint_id)
+                    .values(fingerprint=fingerprint))
+
+
+def set_run_discovery_error(session: Session, *, run_id: int, error: str | None) -> None:
+    """Record (or, with None, clear) why discovery could not list a run or refused entries."""
+    session.execute(update(Run).where(Run.id == run_id,
+                                      Run.discovery_error.is_distinct_from(error))
+                    .values(discovery_error=error))
+
+
+def set_checkpoint_discovery_error(session: Session, *, checkpoint_id: int,
+                                   error: str | None) -> None:
+    """Record (or, with None, clear) what discovery found wrong with a registered checkpoint."""
+    session.execute(update(Checkpoint).where(
+        Checkpoint.id == checkpoint_id, Checkpoint.discovery_error.is_distinct_from(error))
+        .values(discovery_error=error))
 
 
 _CLAIM_POSTGRES = text(
@@ -194,6 +305,7 @@ def complete(
     checkpoint.status, checkpoint.error = "done", None
     checkpoint.finished_at, checkpoint.analysis_s, checkpoint.device = _now(), elapsed_s, device
     checkpoint.n_layers = len(layers)
+    checkpoint.analysis_count += 1
     checkpoint.n_trusted = sum(1 for layer in layers if layer.get("trusted"))
     job.status, job.lease_expires_at, job.last_error = "done", None, None
     return True

@@ -38,6 +38,7 @@ class Site:
     live_dir: Path
     source: Path
     settings: Settings
+    hostile_run_id: int
 
 
 @pytest.fixture(scope="module")
@@ -61,16 +62,22 @@ def site(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[S
     shutil.copytree(tiny_run / "checkpoint-10", live / "checkpoint-10")
     empty = runs / "empty-run"
     empty.mkdir()
+    # What discovery refuses: a step beyond 64 bits (recorded on the run) and a checkpoint
+    # folder that links out of the allowed root (recorded on a failed checkpoint).
+    hostile = runs / "hostile-run"
+    shutil.copytree(tiny_run / "checkpoint-10", hostile / f"checkpoint-{2**64}")
+    shutil.copytree(tiny_run / "checkpoint-10", base / "outside" / "checkpoint-5")
+    (hostile / "checkpoint-5").symlink_to(base / "outside" / "checkpoint-5")
     url = f"sqlite:///{base / 'dash.db'}"
     upgrade(url)
     settings = Settings(database_url=url, device="cpu", settle_s=0.0, max_attempts=1,
                         allowed_roots=[runs])
-    Watcher(settings, [run, other, live, empty]).run_once()
+    Watcher(settings, [run, other, live, empty, hostile]).run_once()
     with serve(create_app(settings)) as base_url:
         listed = httpx.get(f"{base_url}/api/v1/runs").json()["runs"]
         ids = {r["name"]: r["id"] for r in listed}
         yield Site(base_url, ids["tiny-llama"], ids["empty-run"], ids["tiny-llama-short"],
-                   ids["live-run"], live, tiny_run, settings)
+                   ids["live-run"], live, tiny_run, settings, ids["hostile-run"])
 
 
 @pytest.fixture(scope="module")
@@ -302,6 +309,19 @@ def test_layer_name_picker_opens_the_layer(page: Any, site: Site) -> None:
     page.wait_for_function("() => document.getElementById('esd')?.data?.[0]?.x?.length > 0")
     assert page.inner_text("#layer-name") == name
     assert page.input_value("#esd-step") == "30"  # the latest analysed step by default
+
+
+def test_run_page_shows_what_discovery_refused(page: Any, site: Site) -> None:
+    page.goto(f"{site.url}/#/runs/{site.hostile_run_id}")
+    page.wait_for_selector("#run-discovery:not([hidden])")
+    text = page.inner_text("#run-discovery")
+    assert f"checkpoint-{2**64}" in text and "not a step number" in text
+    row = page.inner_text("#checkpoints tr.ck-failed")
+    assert "5" in row and "checkpoint-5" in row and "outside the allowed roots" in row
+    _shot(page, "discovery-errors")
+    page.goto(f"{site.url}/#/runs/{site.run_id}")
+    page.wait_for_selector("#checkpoints tr.ck-done")
+    assert page.locator("#run-discovery").is_hidden()
 
 
 def test_empty_run_shows_the_empty_state(page: Any, site: Site) -> None:

@@ -1,5 +1,6 @@
 """Checkpoint discovery and reading: complete checkpoints only, one tensor at a time, safely."""
 
+from alphawatch.workers.checkpoints.confine import UNCONFINED, Confinement, OutsideRootError
 from alphawatch.workers.checkpoints.discovery import CheckpointRef, discover
 from alphawatch.workers.checkpoints.errors import (
     CheckpointError,
@@ -9,10 +10,13 @@ from alphawatch.workers.checkpoints.errors import (
 from alphawatch.workers.checkpoints.layers import LayerMatrix, iter_layers
 
 __all__ = [
+    "UNCONFINED",
     "CheckpointError",
     "CheckpointRef",
     "CheckpointVanished",
+    "Confinement",
     "LayerMatrix",
+    "OutsideRootError",
     "UnsafeCheckpointError",
     "discover",
     "iter_layers",

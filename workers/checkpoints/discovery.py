@@ -11,25 +11,38 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
 import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from alphawatch.workers.checkpoints.errors import CheckpointError
+from alphawatch.workers.checkpoints.confine import UNCONFINED, Confinement, OutsideRootError
+from alphawatch.workers.checkpoints.errors import CheckpointError, printable, shown
 from alphawatch.workers.checkpoints.readers import safetensors_header
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
-_HF = re.compile(r"^checkpoint-(\d+)$")
-_DEEPSPEED = re.compile(r"^global_step(\d+)$")
-_MEGATRON = re.compile(r"^iter_(\d+)$")
+# fullmatch, never match + "$": "$" also matches before a trailing newline, and a folder named
+# "checkpoint-5\n" must not pass for checkpoint-5.
+_HF = re.compile(r"checkpoint-(\d+)")
+_DEEPSPEED = re.compile(r"global_step(\d+)")
+_MEGATRON = re.compile(r"iter_(\d+)")
 _STEP_IN_NAME = re.compile(r"(?:step[=_-]?|iter[=_-]?|checkpoint[=_-]?|ckpt[=_-]?)(\d+)",
                            re.IGNORECASE)
+# Steps are stored as BIGINT: a step beyond it (or below 0) is refused, never wrapped.
+MAX_STEP = 2**63 - 1
+_TRACKER_MAX = 4096
 
 
 @dataclass(frozen=True)
 class CheckpointRef:
-    """One checkpoint of a run: where it is, its step, its producer, and whether it is complete."""
+    """One checkpoint of a run: where it is, its step, its producer, and whether it is complete.
+
+    ``error`` is set when discovery refused the entry (outside the allowed roots, a step that
+    is no BIGINT, a name that is not printable UTF-8, unreadable producer files): such a ref
+    is never analysed, and ``step`` is None when the entry could not even be given a step.
+    """
 
     path: Path
     step: int | None
@@ -37,6 +50,42 @@ class CheckpointRef:
     complete: bool
     reason: str
     fingerprint: str
+    error: str | None = None
+
+
+class StepError(CheckpointError):
+    """A step number that is no step: negative, beyond 64 bits, or not an integer."""
+
+
+@dataclass(frozen=True)
+class _Scan:
+    """What every step of one discovery pass needs: when, how patient, and where it may read."""
+
+    settle_s: float
+    now: float
+    confine: Confinement
+
+
+def parse_step(value: object, where: Path | str) -> int:
+    """A step number from a folder name's digits or a JSON value, in 0..2**63-1.
+
+    Raises:
+        StepError: anything else (the message names ``where`` and the value).
+    """
+    step: int | None = None
+    if isinstance(value, str) and value.isdigit() and value.isascii():
+        digits = value.lstrip("0") or "0"
+        # Past 19 digits it is out of range anyway: never hand int() thousands of digits.
+        step = int(digits) if len(digits) <= 19 else MAX_STEP + 1
+    elif isinstance(value, int) and not isinstance(value, bool):
+        step = value
+    elif isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        step = int(value)
+    if step is None or not 0 <= step <= MAX_STEP:
+        text = printable(repr(value))
+        raise StepError(where, f"{where}: step {text[:40]}{'...' if len(text) > 40 else ''} "
+                               f"is not a step number (an integer from 0 to 2**63-1)")
+    return step
 
 
 def _ignored(name: str) -> bool:
@@ -44,52 +93,90 @@ def _ignored(name: str) -> bool:
         (".tmp", ".partial", ".incomplete"))
 
 
-def fingerprint(path: Path) -> str:
-    """Changes when any file of the checkpoint changes (names, sizes, modification times)."""
+def _files(path: Path) -> list[Path]:
+    # rglob lists symlinks to folders but never descends into them; symlinked files are kept
+    # and judged by the callers.
+    return [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+
+
+def _escapes(file: Path, confine: Confinement) -> bool:
+    # rglob never descends into a symlinked folder, so within a checked folder only a file that
+    # is itself a symlink can lead elsewhere.
+    return file.is_symlink() and not confine.allows(file)
+
+
+def fingerprint(path: Path, confine: Confinement = UNCONFINED) -> str:
+    """Changes when any file of the checkpoint changes (names, sizes, modification times).
+
+    A file that resolves outside the allowed roots counts by its name only: its target is not
+    looked at.
+    """
     digest = hashlib.sha1(usedforsecurity=False)
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for file in files:
+    for file in _files(path):
+        name = os.fsencode(file.relative_to(path.parent))
+        if _escapes(file, confine):
+            digest.update(name + b":outside\n")
+            continue
         try:
             stat = file.stat()
         except FileNotFoundError:
             continue
-        digest.update(f"{file.relative_to(path.parent)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+        digest.update(name + f":{stat.st_size}:{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()
 
 
-def _settled(path: Path, settle_s: float, now: float) -> bool:
-    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+def _settled(path: Path, scan: _Scan) -> bool:
+    files = _files(path)
     try:
-        newest = max((f.stat().st_mtime for f in files), default=now)
+        # A symlink out of the roots is judged by its own time, its target is not looked at.
+        newest = max(((f.lstat() if _escapes(f, scan.confine) else f.stat()).st_mtime
+                      for f in files), default=scan.now)
     except FileNotFoundError:
         return False
-    return now - newest >= settle_s
+    return scan.now - newest >= scan.settle_s
 
 
-def weights_complete(folder: Path) -> tuple[bool, str]:
-    """Whether the weight files of a Hugging Face-style folder are whole."""
+def _index_names(index: Path, confine: Confinement) -> list[str]:
+    mapping = json.loads(confine.read_text(index, "shard index"))["weight_map"]
+    names = sorted(set(mapping.values()))
+    if not all(isinstance(n, str) for n in names):
+        raise TypeError("shard names must be strings")
+    return names
+
+
+def weights_complete(folder: Path, confine: Confinement = UNCONFINED) -> tuple[bool, str]:
+    """Whether the weight files of a Hugging Face-style folder are whole.
+
+    Raises:
+        OutsideRootError: a weight file or a shard-index entry resolves outside the roots:
+            that is not "incomplete", it is refused.
+    """
     index = next((p for p in sorted(folder.glob("*.safetensors.index.json"))), None)
     shards = sorted(folder.glob("*-of-*.safetensors"))
     if index is None and shards:
         return False, f"{folder}: shards without their index json"
     if index is not None:
         try:
-            mapping = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError):
+            names = _index_names(index, confine)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return False, f"{index}: index is not readable yet"
-        for name in sorted(set(mapping.values())):
-            shard = folder / name
+        for name in names:
+            shard = confine.member(folder, name, f"shard-index entry of {index.name}")
             if not shard.exists():
                 return False, f"{shard} is missing"
             try:
-                safetensors_header(shard)
+                safetensors_header(shard, confine)
+            except OutsideRootError:
+                raise
             except CheckpointError as exc:
                 return False, str(exc)
         return True, "index and every shard complete"
     single = folder / "model.safetensors"
     if single.exists():
         try:
-            safetensors_header(single)
+            safetensors_header(single, confine)
+        except OutsideRootError:
+            raise
         except CheckpointError as exc:
             return False, str(exc)
         return True, "model.safetensors complete"
@@ -99,12 +186,14 @@ def weights_complete(folder: Path) -> tuple[bool, str]:
         if bin_index is None:
             return False, f"{folder}: .bin shards without their index json"
         try:
-            names = set(json.loads(bin_index.read_text())["weight_map"].values())
+            bin_names = _index_names(bin_index, confine)
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return False, f"{bin_index}: index is not readable yet"
-        missing = sorted(n for n in names if not (folder / n).exists())
+        entries = [confine.member(folder, n, f"shard-index entry of {bin_index.name}")
+                   for n in bin_names]
+        missing = [e for e in entries if not e.exists()]
         if missing:
-            return False, f"{folder / missing[0]} is missing"
+            return False, f"{missing[0]} is missing"
         return True, "index and every .bin shard present"
     if any(folder.glob("*.bin")) or any(folder.glob("*.pt")) or any(folder.glob("*.safetensors")):
         return True, "weights present"
@@ -113,35 +202,53 @@ def weights_complete(folder: Path) -> tuple[bool, str]:
     return False, f"{folder}: no weights yet"
 
 
-def _hf_ref(folder: Path, step: int | None, settle_s: float, now: float) -> CheckpointRef:
+def _state_step(parsed: object, state: Path) -> int | None:
+    if not isinstance(parsed, dict):
+        raise CheckpointError(state, f"{state}: trainer_state.json is not a JSON object")
+    value = parsed.get("global_step")
+    if value is None or value == 0:
+        return None
+    return parse_step(value, state)
+
+
+def _hf_ref(folder: Path, step: int | None, scan: _Scan) -> CheckpointRef:
     state = folder / "trainer_state.json"
     complete, reason = False, "trainer_state.json not written yet"
-    if state.exists():
+    settled = _settled(folder, scan)
+    if state.exists() or state.is_symlink():
         try:
-            parsed = json.loads(state.read_text())
-            if step is None and isinstance(parsed, dict):
-                step = int(parsed.get("global_step") or 0) or None
-            complete, reason = weights_complete(folder)
-            if not complete and _settled(folder, settle_s, now):
+            parsed = json.loads(scan.confine.read_text(state, "trainer_state.json"))
+        except (OSError, ValueError, RecursionError) as exc:
+            if settled:
+                # Nothing has changed for the settle period: a broken file, not one being
+                # written. Refused, visibly, rather than waited for forever.
+                raise CheckpointError(state, f"{state}: trainer_state.json does not parse: "
+                                             f"{type(exc).__name__}: {exc}") from exc
+            reason = "trainer_state.json does not parse yet"
+        else:
+            named = _state_step(parsed, state)
+            step = named if step is None else step
+            complete, reason = weights_complete(folder, scan.confine)
+            if not complete and settled:
                 # The producer says it is done and nothing has changed since: a broken file,
                 # not one being written. Analyse it so it fails with its error, visibly.
                 complete, reason = True, f"marker present but {reason}"
-        except (OSError, ValueError):
-            reason = "trainer_state.json does not parse yet"
-    elif _settled(folder, settle_s, now):
-        complete, reason = weights_complete(folder)
+    elif settled:
+        complete, reason = weights_complete(folder, scan.confine)
         reason = f"no trainer_state.json; files settled: {reason}"
     fmt = "peft" if (folder / "adapter_config.json").exists() else "hf"
-    return CheckpointRef(folder, step, fmt, complete, reason, fingerprint(folder))
+    return CheckpointRef(folder, step, fmt, complete, reason, fingerprint(folder, scan.confine))
 
 
-def _tracker_step(path: Path) -> int | None:
-    try:
-        text = path.read_text().strip()
-    except OSError:
+def _tracker_step(path: Path, confine: Confinement) -> int | None:
+    if not (path.exists() or path.is_symlink()):
         return None
+    try:
+        text = confine.read_text(path, "tracker file", _TRACKER_MAX).strip()
+    except (OSError, ValueError):
+        return None  # being written; the step folder waits for it
     digits = re.findall(r"\d+", text)
-    return int(digits[-1]) if digits else None
+    return parse_step(digits[-1], path) if digits else None
 
 
 def _has_weights(folder: Path) -> bool:
@@ -149,69 +256,112 @@ def _has_weights(folder: Path) -> bool:
         folder / "adapter_config.json").exists()
 
 
-def _dir_ref(child: Path, trackers: dict[str, int | None], settle_s: float, now: float
-             ) -> CheckpointRef | None:
+def _dir_ref(child: Path, trackers: dict[str, int | None], scan: _Scan) -> CheckpointRef | None:
     """The checkpoint a folder holds, judged by its name and its producer's marker, if any."""
     name = child.name
-    if m := _HF.match(name):
-        return _hf_ref(child, int(m.group(1)), settle_s, now)
-    if m := _DEEPSPEED.match(name):
-        step, latest = int(m.group(1)), trackers["deepspeed"]
+    if m := _HF.fullmatch(name):
+        return _hf_ref(child, parse_step(m.group(1), child), scan)
+    if m := _DEEPSPEED.fullmatch(name):
+        step, latest = parse_step(m.group(1), child), trackers["deepspeed"]
         done = latest is not None and latest >= step
         return CheckpointRef(child, step, "deepspeed", done,
-                             "in `latest`" if done else "not yet in `latest`", fingerprint(child))
-    if m := _MEGATRON.match(name):
-        step, latest = int(m.group(1)), trackers["megatron"]
+                             "in `latest`" if done else "not yet in `latest`",
+                             fingerprint(child, scan.confine))
+    if m := _MEGATRON.fullmatch(name):
+        step, latest = parse_step(m.group(1), child), trackers["megatron"]
         done = latest is not None and latest >= step
         return CheckpointRef(child, step, "megatron", done,
                              "tracker file reached it" if done else "tracker file not there yet",
-                             fingerprint(child))
+                             fingerprint(child, scan.confine))
     if (child / ".metadata").exists():
         match = _STEP_IN_NAME.search(name)
-        return CheckpointRef(child, int(match.group(1)) if match else None, "dcp", True,
-                             ".metadata written", fingerprint(child))
+        return CheckpointRef(child, parse_step(match.group(1), child) if match else None, "dcp",
+                             True, ".metadata written", fingerprint(child, scan.confine))
     return None
 
 
-def _trackers(folder: Path) -> dict[str, int | None]:
-    return {"deepspeed": _tracker_step(folder / "latest") if (folder / "latest").exists() else None,
-            "megatron": _tracker_step(folder / "latest_checkpointed_iteration.txt")}
+def _trackers(folder: Path, confine: Confinement) -> dict[str, int | None]:
+    return {"deepspeed": _tracker_step(folder / "latest", confine),
+            "megatron": _tracker_step(folder / "latest_checkpointed_iteration.txt", confine)}
 
 
-def _scan(folder: Path, settle_s: float, now: float, depth: int) -> list[CheckpointRef]:
+def _name_step(name: str) -> int | None:
+    """The step a name claims, when it claims a valid one (for a refused entry's record)."""
+    match = (_HF.fullmatch(name) or _DEEPSPEED.fullmatch(name) or _MEGATRON.fullmatch(name)
+             or _STEP_IN_NAME.search(name))
+    try:
+        return parse_step(match.group(1), name) if match else None
+    except StepError:
+        return None
+
+
+def refused(path: Path, exc: BaseException, step: int | None = None) -> CheckpointRef:
+    """A ref for an entry discovery could not accept; the error names the path."""
+    message = str(exc) if isinstance(exc, CheckpointError) else (
+        f"{shown(path)}: {type(exc).__name__}: {printable(str(exc))}")
+    return CheckpointRef(path, step, "", False, "refused", "", error=message)
+
+
+def _entry(child: Path, trackers: dict[str, int | None], scan: _Scan, depth: int
+           ) -> list[CheckpointRef]:
+    """The checkpoints one entry of a folder holds (nested folders are searched)."""
+    name = child.name
+    is_dir = child.is_dir()
+    if not is_dir and child.suffix not in WEIGHT_SUFFIXES:
+        return []
+    if not name.isprintable():
+        # A newline or bytes that are not UTF-8 in a name: it would break logs and the
+        # database's text encoding, and could pose as another checkpoint. It gets no step.
+        raise CheckpointError(child, f"refused: {shown(child)}: the name is not printable "
+                                     "UTF-8 (control characters or undecodable bytes)")
+    if is_dir:
+        scan.confine.check(child, "checkpoint folder" if _name_step(name) is not None
+                           else "folder")
+        ref = _dir_ref(child, trackers, scan)
+        if ref is not None:
+            return [ref]
+        # Lightning keeps its files in <run>/lightning_logs/version_0/checkpoints/, other
+        # trainers in <run>/checkpoints/: look a few levels down.
+        return _scan(child, scan, depth - 1) if depth > 0 else []
+    match = _STEP_IN_NAME.search(name)
+    if match is None or "-of-" in name:
+        return []
+    step = parse_step(match.group(1), child)
+    scan.confine.check(child, "checkpoint file")
+    if not child.exists():
+        return []  # a dangling or looping link: nothing to analyse (yet)
+    fmt = "lightning" if child.suffix == ".ckpt" else "file"
+    done = _settled(child, scan)
+    return [CheckpointRef(child, step, fmt, done, "settled" if done else "still changing",
+                          fingerprint(child, scan.confine))]
+
+
+def _scan(folder: Path, scan: _Scan, depth: int) -> list[CheckpointRef]:
     try:
         children = sorted(folder.iterdir())
     except FileNotFoundError:
         return []  # removed between listing its parent and listing it
     except OSError as exc:
         raise CheckpointError(folder, f"cannot list {folder}: {exc}") from exc
-    trackers = _trackers(folder)
     refs: list[CheckpointRef] = []
+    try:
+        trackers = _trackers(folder, scan.confine)
+    except Exception as exc:  # a hostile tracker must not hide the folder's other checkpoints
+        refs.append(refused(folder, exc))
+        trackers = {"deepspeed": None, "megatron": None}
     for child in children:
-        name = child.name
-        if _ignored(name):
+        if _ignored(child.name):
             continue
-        if child.is_dir():
-            ref = _dir_ref(child, trackers, settle_s, now)
-            if ref is not None:
-                refs.append(ref)
-            elif depth > 0:
-                # Lightning keeps its files in <run>/lightning_logs/version_0/checkpoints/,
-                # other trainers in <run>/checkpoints/: look a few levels down.
-                refs += _scan(child, settle_s, now, depth - 1)
-        elif child.suffix in WEIGHT_SUFFIXES:
-            match = _STEP_IN_NAME.search(name)
-            if match is None or "-of-" in name:
-                continue
-            fmt = "lightning" if child.suffix == ".ckpt" else "file"
-            done = _settled(child, settle_s, now)
-            refs.append(CheckpointRef(child, int(match.group(1)), fmt, done,
-                                      "settled" if done else "still changing", fingerprint(child)))
+        try:
+            refs += _entry(child, trackers, scan, depth)
+        except Exception as exc:  # one entry, whatever it holds, never ends the listing
+            step = _name_step(child.name) if child.name.isprintable() else None
+            refs.append(refused(child, exc, step))
     return refs
 
 
-def discover(run_dir: Path, *, settle_s: float = 30.0, now: float | None = None
-             ) -> list[CheckpointRef]:
+def discover(run_dir: Path, *, settle_s: float = 30.0, now: float | None = None,
+             confine: Confinement = UNCONFINED) -> list[CheckpointRef]:
     """Every checkpoint under ``run_dir`` (or ``run_dir`` itself), sorted by step.
 
     Args:
@@ -219,32 +369,45 @@ def discover(run_dir: Path, *, settle_s: float = 30.0, now: float | None = None
         settle_s: for producers without a completion marker, how long a checkpoint's files must
             stay unchanged before it counts as complete.
         now: the current time (seconds since the epoch); for tests.
+        confine: the roots every file read must resolve under (anywhere by default).
 
     Returns:
         Every checkpoint found, complete or not (``complete`` and ``reason`` say which and why);
-        ``*.tmp*`` and ``tmp-checkpoint-*`` are left out.
+        ``*.tmp*`` and ``tmp-checkpoint-*`` are left out. Entries that cannot be accepted come
+        back with ``error`` set (see :class:`CheckpointRef`) instead of stopping the listing.
 
     Raises:
-        CheckpointError: ``run_dir`` does not exist or cannot be listed.
+        CheckpointError: ``run_dir`` does not exist or cannot be listed; OutsideRootError when
+            it resolves outside the allowed roots (a run folder swapped for a symlink).
     """
-    now = time.time() if now is None else now
+    scan = _Scan(settle_s, time.time() if now is None else now, confine)
     run_dir = Path(run_dir)
     if not run_dir.exists():
         raise CheckpointError(run_dir, f"{run_dir} does not exist")
+    confine.check(run_dir, "run folder")
     if run_dir.is_file():
         match = _STEP_IN_NAME.search(run_dir.name)
         fmt = "lightning" if run_dir.suffix == ".ckpt" else "file"
-        done = _settled(run_dir, settle_s, now)
-        return [CheckpointRef(run_dir, int(match.group(1)) if match else None, fmt, done,
-                              "settled" if done else "still changing", fingerprint(run_dir))]
-    refs = _scan(run_dir, settle_s, now, depth=3)
+        done = _settled(run_dir, scan)
+        try:
+            step = parse_step(match.group(1), run_dir) if match else None
+        except StepError as exc:
+            return [refused(run_dir, exc)]
+        return [CheckpointRef(run_dir, step, fmt, done, "settled" if done else "still changing",
+                              fingerprint(run_dir, confine))]
+    refs = _scan(run_dir, scan, depth=3)
     if not refs:
         # run_dir is itself one checkpoint: a step folder, or a model saved at the end.
-        own = _dir_ref(run_dir, _trackers(run_dir.parent), settle_s, now)
-        if own is not None:
-            refs.append(own)
-        elif _has_weights(run_dir) or rank_dirs(run_dir):
-            refs.append(_hf_ref(run_dir, None, settle_s, now))
+        try:
+            own = _dir_ref(run_dir, _trackers(run_dir.parent, confine)
+                           if confine.allows(run_dir.parent) else
+                           {"deepspeed": None, "megatron": None}, scan)
+            if own is not None:
+                refs.append(own)
+            elif _has_weights(run_dir) or rank_dirs(run_dir):
+                refs.append(_hf_ref(run_dir, None, scan))
+        except Exception as exc:  # refused like any other entry, never raised
+            refs.append(refused(run_dir, exc, _name_step(run_dir.name)))
     return sorted(refs, key=lambda r: (r.step is None, r.step or 0, str(r.path)))
 
 

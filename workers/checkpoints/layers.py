@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from alphawatch.workers.checkpoints.confine import UNCONFINED, Confinement
 from alphawatch.workers.checkpoints.discovery import CheckpointRef
 from alphawatch.workers.checkpoints.errors import CheckpointError, CheckpointVanished
 from alphawatch.workers.checkpoints.fused import split_fused
@@ -50,12 +51,18 @@ class LayerMatrix:
     source: str
 
 
-def model_config(folder: Path) -> dict[str, object]:
-    """``config.json`` (or SAT's ``model_config.json``) of a checkpoint folder or its parent."""
+def model_config(folder: Path, confine: Confinement = UNCONFINED) -> dict[str, object]:
+    """``config.json`` (or SAT's ``model_config.json``) of a checkpoint folder or its parent.
+
+    The parent is consulted only when it lies under an allowed root itself: it is optional,
+    and a checkpoint watched on its own must not reach out of its folder for it.
+    """
     for base in (folder, folder.parent):
+        if base != folder and not confine.allows(base):
+            continue
         for name, extra in (("config.json", {}), ("model_config.json", {"model_type": "sat"})):
             try:
-                loaded = json.loads((base / name).read_text())
+                loaded = json.loads(confine.read_text(base / name, "model config"))
             except (OSError, ValueError):
                 continue
             if isinstance(loaded, dict):
@@ -65,17 +72,20 @@ def model_config(folder: Path) -> dict[str, object]:
     return {}
 
 
-def _index_files(index: Path, folder: Path) -> list[Path]:
+def _index_files(index: Path, folder: Path, confine: Confinement) -> list[Path]:
     try:
-        mapping = json.loads(index.read_text())["weight_map"]
-        return [folder / name for name in sorted(set(mapping.values()))]
+        mapping = json.loads(confine.read_text(index, "shard index"))["weight_map"]
+        names = sorted(set(mapping.values()))
+        if not all(isinstance(name, str) for name in names):
+            raise ValueError("shard names must be strings")
     except FileNotFoundError as exc:
         raise CheckpointVanished(index, f"{index} disappeared while being read") from exc
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CheckpointError(index, f"{index}: unreadable index: {exc}") from exc
+    return [confine.member(folder, name, f"shard-index entry of {index.name}") for name in names]
 
 
-def weight_files(path: Path) -> list[Path]:
+def weight_files(path: Path, confine: Confinement = UNCONFINED) -> list[Path]:
     """The files holding a single-rank checkpoint's weights, in reading order.
 
     Raises:
@@ -86,7 +96,7 @@ def weight_files(path: Path) -> list[Path]:
     for pattern in ("*.safetensors.index.json", "*.bin.index.json"):
         index = sorted(path.glob(pattern))
         if index:
-            return _index_files(index[0], path)
+            return _index_files(index[0], path, confine)
     try:
         entries = sorted(p for p in path.iterdir() if p.is_file())
     except FileNotFoundError as exc:
@@ -100,21 +110,22 @@ def weight_files(path: Path) -> list[Path]:
     return files
 
 
-def _iter_torch_file(path: Path) -> Iterator[tuple[str, torch.Tensor, torch.Tensor | None]]:
-    tensors = dict(iter_torch(path, ROOT_KEYS))
+def _iter_torch_file(path: Path, confine: Confinement
+                     ) -> Iterator[tuple[str, torch.Tensor, torch.Tensor | None]]:
+    tensors = dict(iter_torch(path, ROOT_KEYS, confine))
     for key, tensor in tensors.items():
         if key.endswith("_scale_inv") or not is_weight_matrix(key, tensor.dim()):
             continue
         yield key, tensor, tensors.get(key + "_scale_inv")
 
 
-def raw_tensors(path: Path) -> Tensors:
+def raw_tensors(path: Path, confine: Confinement = UNCONFINED) -> Tensors:
     """(key, stored tensor, fp8 scale, source file) of a single-rank checkpoint."""
     if not path.exists():
         raise CheckpointVanished(path, f"{path} disappeared before it was read")
-    for file in weight_files(path):
-        stream = (iter_safetensors(file, is_weight_matrix) if file.suffix == ".safetensors"
-                  else _iter_torch_file(file))
+    for file in weight_files(path, confine):
+        stream = (iter_safetensors(file, is_weight_matrix, confine)
+                  if file.suffix == ".safetensors" else _iter_torch_file(file, confine))
         for key, tensor, scale in stream:
             yield key, tensor, scale, file
 
@@ -125,19 +136,21 @@ def _digest(weight: torch.Tensor) -> str:
     return hashlib.blake2b(data.data.cast("B"), digest_size=16).hexdigest()
 
 
-def _source(path: Path, config: dict[str, object]) -> tuple[Tensors, dict[str, object]]:
+def _source(path: Path, config: dict[str, object], confine: Confinement
+            ) -> tuple[Tensors, dict[str, object]]:
     if path.is_dir() and (path / ".metadata").exists():
         from alphawatch.workers.checkpoints.dcp import iter_dcp
 
-        return iter_dcp(path), config
+        return iter_dcp(path, confine), config
     ranks = rank_files(path)
     if ranks:
-        merged = {**training_config(ranks[0]), **config}
-        return iter_tensor_parallel(ranks, merged), merged
-    return raw_tensors(path), config
+        merged = {**training_config(ranks[0], confine), **config}
+        return iter_tensor_parallel(ranks, merged, confine), merged
+    return raw_tensors(path, confine), config
 
 
-def iter_layers(ref: CheckpointRef | Path, *, base: Path | None = None) -> Iterator[LayerMatrix]:
+def iter_layers(ref: CheckpointRef | Path, *, base: Path | None = None,
+                confine: Confinement = UNCONFINED) -> Iterator[LayerMatrix]:
     """Analysable weight matrices of one checkpoint, one tensor at a time.
 
     Args:
@@ -145,24 +158,28 @@ def iter_layers(ref: CheckpointRef | Path, *, base: Path | None = None) -> Itera
         base: for a LoRA adapter, the folder of the base model's weights; by default the
             adapter's ``base_model_name_or_path`` when it is a local folder. Without base
             weights only the updates s·B·A are yielded.
+        confine: the roots every file read must resolve under; anywhere by default (a
+            watcher always passes its own).
 
     Yields:
         LayerMatrix: float32 CPU matrices (out, in), each released before the next is read.
 
     Raises:
         CheckpointError: unreadable file (the message names it); CheckpointVanished when the
-            checkpoint was deleted while being read; UnsafeCheckpointError for a pickle with code.
+            checkpoint was deleted while being read; UnsafeCheckpointError for a pickle with code;
+            OutsideRootError for a file that resolves outside ``confine``'s roots.
     """
     path = ref.path if isinstance(ref, CheckpointRef) else Path(ref)
+    confine.check(path, "checkpoint")
     if path.is_dir() and (path / "adapter_config.json").exists():
         from alphawatch.workers.checkpoints.lora import iter_peft_lora
 
-        yield from iter_peft_lora(path, base)
+        yield from iter_peft_lora(path, base, confine)
         return
     from alphawatch.workers.checkpoints.lora import SatLora
 
-    config = model_config(path if path.is_dir() else path.parent)
-    source, config = _source(path, config)
+    config = model_config(path if path.is_dir() else path.parent, confine)
+    source, config = _source(path, config, confine)
     is_gpt2 = config.get("model_type") == "gpt2"
     sat = SatLora(config)
     vocab_digests: set[str] = set()

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from alphawatch.workers.checkpoints.confine import UNCONFINED, Confinement
 from alphawatch.workers.checkpoints.errors import CheckpointError
 from alphawatch.workers.checkpoints.fused import split_fused
 from alphawatch.workers.checkpoints.naming import classify
@@ -58,32 +59,33 @@ def _pattern_value(module: str, patterns: object, default: float) -> float:
 class _BaseWeights:
     """The base model's weights by key, read one tensor at a time when asked for."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, confine: Confinement) -> None:
         from alphawatch.workers.checkpoints.layers import model_config, weight_files
 
-        self.config = model_config(folder)
+        self._confine = confine
+        self.config = model_config(folder, confine)
         self._safetensors: dict[str, Path] = {}
         self._torch: dict[str, torch.Tensor] = {}
-        for file in weight_files(folder):
+        for file in weight_files(folder, confine):
             if file.suffix == ".safetensors":
-                _, header = safetensors_header(file)
+                _, header = safetensors_header(file, confine)
                 self._safetensors.update(dict.fromkeys(header, file))
             else:
-                self._torch.update(iter_torch(file, ("state_dict", "module", "model")))
+                self._torch.update(iter_torch(file, ("state_dict", "module", "model"), confine))
 
     def get(self, module: str) -> torch.Tensor | None:
         key = module + ".weight"
         if key in self._safetensors:
-            stored, scale = read_safetensors_tensor(self._safetensors[key], key)
+            stored, scale = read_safetensors_tensor(self._safetensors[key], key, self._confine)
             return upcast(stored, scale)
         tensor = self._torch.get(key)
         return None if tensor is None else upcast(tensor, self._torch.get(key + "_scale_inv"))
 
 
-def _adapter_config(folder: Path) -> dict[str, object]:
+def _adapter_config(folder: Path, confine: Confinement) -> dict[str, object]:
     path = folder / "adapter_config.json"
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(confine.read_text(path, "adapter config"))
     except (OSError, ValueError) as exc:
         raise CheckpointError(path, f"{path}: unreadable adapter config: {exc}") from exc
     if not isinstance(config, dict):
@@ -97,34 +99,46 @@ def _adapter_config(folder: Path) -> dict[str, object]:
     return config
 
 
-def _adapter_tensors(folder: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+def _adapter_tensors(folder: Path, confine: Confinement
+                     ) -> tuple[Path, dict[str, torch.Tensor]]:
     weights = folder / "adapter_model.safetensors"
     if weights.exists():
-        return weights, {k: t for k, t, _ in iter_safetensors(weights)}
+        return weights, {k: t for k, t, _ in iter_safetensors(weights, confine=confine)}
     weights = folder / "adapter_model.bin"
     if weights.exists():
-        return weights, dict(iter_torch(weights))
+        return weights, dict(iter_torch(weights, confine=confine))
     raise CheckpointError(folder, f"{folder}: adapter_config.json without adapter weights")
 
 
-def _base_folder(config: dict[str, object], folder: Path, base: Path | None) -> Path | None:
+def _base_folder(config: dict[str, object], folder: Path, base: Path | None,
+                 confine: Confinement) -> Path | None:
     if base is not None:
+        confine.check(base, "base model folder")
         if not Path(base).is_dir():
             raise CheckpointError(base, f"{base}: base model folder does not exist")
         return Path(base)
     named = config.get("base_model_name_or_path")
-    if not isinstance(named, str) or not named:
+    if not isinstance(named, str) or not named or "\x00" in named:
         return None
     candidate = Path(named) if Path(named).is_absolute() else folder / named
+    # Checked before it is even looked at: whether a folder outside the roots exists is
+    # itself something an adapter config must not be able to find out.
+    confine.check(candidate, "PEFT base_model_name_or_path")
     return candidate if candidate.is_dir() else None
 
 
-def iter_peft_lora(folder: Path, base: Path | None = None) -> Iterator[LayerMatrix]:
-    """Updates (kind ``lora_update``) and, when the base weights are found, merged weights."""
+def iter_peft_lora(folder: Path, base: Path | None = None, confine: Confinement = UNCONFINED
+                   ) -> Iterator[LayerMatrix]:
+    """Updates (kind ``lora_update``) and, when the base weights are found, merged weights.
+
+    Raises:
+        OutsideRootError: a file of the adapter, or the base model folder it names, resolves
+            outside ``confine``'s roots.
+    """
     from alphawatch.workers.checkpoints.layers import _layer
 
-    config = _adapter_config(folder)
-    weights_file, tensors = _adapter_tensors(folder)
+    config = _adapter_config(folder, confine)
+    weights_file, tensors = _adapter_tensors(folder, confine)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         match = _PEFT.match(key)
@@ -132,8 +146,8 @@ def iter_peft_lora(folder: Path, base: Path | None = None) -> Iterator[LayerMatr
             pairs.setdefault(match.group(1), {})[match.group(2)] = tensor
     if not pairs:
         raise CheckpointError(weights_file, f"{weights_file}: no lora_A/lora_B weights")
-    base_dir = _base_folder(config, folder, base)
-    base_weights = _BaseWeights(base_dir) if base_dir is not None else None
+    base_dir = _base_folder(config, folder, base, confine)
+    base_weights = _BaseWeights(base_dir, confine) if base_dir is not None else None
     r_default = float(config.get("r", 8))  # type: ignore[arg-type]
     alpha_default = float(config.get("lora_alpha", r_default))  # type: ignore[arg-type]
     for module, ab in sorted(pairs.items()):

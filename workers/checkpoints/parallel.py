@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from alphawatch.workers.checkpoints.confine import UNCONFINED, Confinement
 from alphawatch.workers.checkpoints.errors import CheckpointError
 from alphawatch.workers.checkpoints.fused import layout, split_fused
 from alphawatch.workers.checkpoints.naming import classify, is_weight_matrix, layer_name
@@ -52,9 +53,9 @@ def rank_files(path: Path) -> list[Path]:
     return [file for _, file in sorted(ranks)]
 
 
-def training_config(file: Path) -> dict[str, object]:
+def training_config(file: Path, confine: Confinement = UNCONFINED) -> dict[str, object]:
     """Head counts and MLP shape from a Megatron checkpoint's ``args``, in config.json terms."""
-    state = load_torch(file)
+    state = load_torch(file, confine)
     args = state.get("args")
     if not isinstance(args, argparse.Namespace):
         return {}
@@ -79,9 +80,10 @@ def _gated(key: str, state: dict[str, torch.Tensor], config: dict[str, object]) 
     return fc2 is not None and fc1.shape[0] == 2 * fc2.shape[1]
 
 
-def iter_tensor_parallel(files: list[Path], config: dict[str, object]) -> Tensors:
+def iter_tensor_parallel(files: list[Path], config: dict[str, object],
+                         confine: Confinement = UNCONFINED) -> Tensors:
     """(key, whole tensor, no scale, first rank file) of every weight matrix, reassembled."""
-    states = [dict(iter_torch(f, ROOT_KEYS)) for f in files]
+    states = [dict(iter_torch(f, ROOT_KEYS, confine)) for f in files]
     for key in states[0]:
         parts = [s.get(key) for s in states]
         first = parts[0]

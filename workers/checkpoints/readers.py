@@ -5,16 +5,18 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import pickle
 import struct
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
 
+from alphawatch.workers.checkpoints.confine import UNCONFINED, Confinement, descriptor_path
 from alphawatch.workers.checkpoints.errors import (
     CheckpointError,
     CheckpointVanished,
@@ -25,24 +27,35 @@ _MAX_HEADER = 100 * 1024 * 1024
 _FLOAT8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
 
 
-def safetensors_header(path: Path) -> tuple[int, dict[str, dict[str, object]]]:
+def safetensors_header(
+    path: Path, confine: Confinement = UNCONFINED
+) -> tuple[int, dict[str, dict[str, object]]]:
     """Header length and parsed header of a safetensors file, checked against the file size.
 
     A file is complete when its size is 8 + header length + the largest data offset: anything
     shorter is a shard still being written or cut short.
+
+    Raises:
+        OutsideRootError: the file resolves outside ``confine``'s roots (it is not read).
+        CheckpointError: not a whole safetensors file; CheckpointVanished when it is gone.
     """
     try:
-        size = path.stat().st_size
-        with path.open("rb") as handle:
-            prefix = handle.read(8)
-            if len(prefix) < 8:
-                raise CheckpointError(path, f"{path}: empty or truncated safetensors file")
-            (length,) = struct.unpack("<Q", prefix)
-            if length > _MAX_HEADER or length > size - 8:
-                raise CheckpointError(path, f"{path}: not a safetensors file (bad header length)")
-            raw = handle.read(length)
+        with confine.open(path) as handle:
+            return _header_of(handle, path)
     except FileNotFoundError as exc:
         raise CheckpointVanished(path, f"{path} disappeared while being read") from exc
+
+
+def _header_of(handle: BinaryIO, path: Path) -> tuple[int, dict[str, dict[str, object]]]:
+    """The header of the safetensors file open as ``handle``, validated against its size."""
+    size = os.fstat(handle.fileno()).st_size
+    prefix = handle.read(8)
+    if len(prefix) < 8:
+        raise CheckpointError(path, f"{path}: empty or truncated safetensors file")
+    (length,) = struct.unpack("<Q", prefix)
+    if length > _MAX_HEADER or length > size - 8:
+        raise CheckpointError(path, f"{path}: not a safetensors file (bad header length)")
+    raw = handle.read(length)
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -73,7 +86,7 @@ _SAFETENSORS_DTYPES = {
 }
 
 
-def _read_tensor(handle: io.BufferedReader, path: Path, base: int, key: str,
+def _read_tensor(handle: BinaryIO, path: Path, base: int, key: str,
                  info: dict[str, object]) -> torch.Tensor:
     dtype = _SAFETENSORS_DTYPES.get(str(info.get("dtype")))
     if dtype is None:
@@ -83,7 +96,8 @@ def _read_tensor(handle: io.BufferedReader, path: Path, base: int, key: str,
     shape = [int(d) for d in info.get("shape", [])]  # type: ignore[attr-defined]
     buffer = bytearray(end - begin)
     handle.seek(base + begin)
-    if handle.readinto(buffer) != len(buffer):
+    # Binary files opened by open() are buffered readers; BinaryIO does not declare readinto.
+    if handle.readinto(buffer) != len(buffer):  # type: ignore[attr-defined]
         raise CheckpointVanished(path, f"{path} shrank while being read")
     if not buffer:
         return torch.empty(shape, dtype=dtype)
@@ -91,19 +105,21 @@ def _read_tensor(handle: io.BufferedReader, path: Path, base: int, key: str,
 
 
 def iter_safetensors(
-    path: Path, want: Callable[[str, int], bool] | None = None
+    path: Path, want: Callable[[str, int], bool] | None = None,
+    confine: Confinement = UNCONFINED,
 ) -> Iterator[tuple[str, torch.Tensor, torch.Tensor | None]]:
     """(key, stored tensor, fp8 inverse scale or None) of a safetensors file, one at a time.
 
     ``want(key, ndim)`` selects tensors before they are read; ``*_scale_inv`` tensors are
     returned beside the weight they scale, not on their own. Tensors are read with plain file
     reads rather than a memory map, so pages of tensors already analysed do not stay resident.
+    The header and the tensors are read through one descriptor, checked by ``confine``.
     """
-    length, header = safetensors_header(path)
-    base = 8 + length
-    keys = [k for k in header if k != "__metadata__" and not k.endswith("_scale_inv")]
     try:
-        with path.open("rb") as handle:
+        with confine.open(path) as handle:
+            length, header = _header_of(handle, path)
+            base = 8 + length
+            keys = [k for k in header if k != "__metadata__" and not k.endswith("_scale_inv")]
             for key in keys:
                 info = header[key]
                 shape = info.get("shape", []) if isinstance(info, dict) else []
@@ -151,19 +167,23 @@ def _data_only_globals() -> list[Any]:
 _DATA_ONLY = _data_only_globals()
 
 
-def load_torch(path: Path) -> dict[str, object]:
+def load_torch(path: Path, confine: Confinement = UNCONFINED) -> dict[str, object]:
     """Load a torch pickle with ``weights_only=True``: tensors, plain containers and data.
 
     A pickle that needs any other global (a class, a function — code) is refused with
     :class:`UnsafeCheckpointError`; nothing in it is executed. Zip-format files are memory
-    mapped, so a tensor's bytes are read only when that tensor is used.
+    mapped, so a tensor's bytes are read only when that tensor is used. The file is opened and
+    checked by ``confine`` first; torch then reads that same open file (``/proc/self/fd/N``).
     """
     try:
-        if path.stat().st_size == 0:
-            raise CheckpointError(path, f"{path}: empty file")
-        mmap = zipfile.is_zipfile(path)
-        with torch.serialization.safe_globals(_DATA_ONLY):
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        with confine.open(path) as handle:
+            if os.fstat(handle.fileno()).st_size == 0:
+                raise CheckpointError(path, f"{path}: empty file")
+            mmap = zipfile.is_zipfile(handle)
+            handle.seek(0)
+            with torch.serialization.safe_globals(_DATA_ONLY):
+                obj = torch.load(descriptor_path(handle, path), map_location="cpu",
+                                 weights_only=True, mmap=mmap)
     except FileNotFoundError as exc:
         raise CheckpointVanished(path, f"{path} disappeared while being read") from exc
     except pickle.UnpicklingError as exc:
@@ -185,9 +205,10 @@ def load_torch(path: Path) -> dict[str, object]:
     return obj
 
 
-def iter_torch(path: Path, root_keys: tuple[str, ...] = ()) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_torch(path: Path, root_keys: tuple[str, ...] = (), confine: Confinement = UNCONFINED
+               ) -> Iterator[tuple[str, torch.Tensor]]:
     """(key, tensor) of a torch checkpoint; ``root_keys`` names where the weights live."""
-    obj: object = load_torch(path)
+    obj: object = load_torch(path, confine)
     for key in root_keys:
         if isinstance(obj, dict) and key in obj:
             obj = obj[key]
@@ -215,14 +236,15 @@ def _apply_block_scale(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tenso
     return weight * expanded[: weight.shape[0], : weight.shape[1]]
 
 
-def read_safetensors_tensor(path: Path, key: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+def read_safetensors_tensor(path: Path, key: str, confine: Confinement = UNCONFINED
+                            ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One tensor (and its fp8 inverse scale, if any) of a safetensors file, by key."""
-    length, header = safetensors_header(path)
-    info = header.get(key)
-    if not isinstance(info, dict):
-        raise CheckpointError(path, f"{path}: has no tensor {key!r}")
     try:
-        with path.open("rb") as handle:
+        with confine.open(path) as handle:
+            length, header = _header_of(handle, path)
+            info = header.get(key)
+            if not isinstance(info, dict):
+                raise CheckpointError(path, f"{path}: has no tensor {key!r}")
             scale_info = header.get(key + "_scale_inv")
             scale = (_read_tensor(handle, path, 8 + length, key + "_scale_inv", scale_info)
                      if isinstance(scale_info, dict) else None)

@@ -22,6 +22,7 @@ function runSkeleton(runId, params, words) {
   return `
     <h1 id="run-title">Run <span class="muted">#${esc(runId)}</span></h1>
     <div id="run-summary" class="summary"></div>
+    <div id="run-discovery" class="panel error discovery" role="alert" hidden></div>
     <div class="panel" id="run-empty" hidden></div>
     <div id="run-body">
     <div class="panel">
@@ -97,7 +98,7 @@ export async function refreshRun(runId, params, token) {
   if (token !== state.renderToken) return;
   setThresholds(run.thresholds);
   state.lastSignature = JSON.stringify([run.n_checkpoints, run.n_done, run.n_failed,
-    run.n_pending, run.last_step]);
+    run.n_pending, run.last_step, run.discovery_error]);
   document.title = `${run.name} · alphawatch`;
   document.getElementById("run-title").innerHTML =
     `${esc(run.name)} <span class="muted small">${esc(run.path)}</span>`;
@@ -109,6 +110,12 @@ export async function refreshRun(runId, params, token) {
     <span>median α <b>${fmt(run.latest_alpha)}</b></span>
     <span>untrusted <b>${pct(run.untrusted_share)}</b></span>
     <span id="run-gate">${gateBadge(gate)}</span>`;
+  // What discovery refused without a checkpoint to show it on (or why it could not list the
+  // run at all): shown above everything, since it can hide checkpoints from the table.
+  const discovery = document.getElementById("run-discovery");
+  discovery.hidden = !run.discovery_error;
+  discovery.innerHTML = run.discovery_error
+    ? `<b>Discovery problems in this run</b><pre>${esc(run.discovery_error)}</pre>` : "";
   renderCheckpointTable(checkpoints.checkpoints);
   const done = checkpoints.checkpoints.filter((c) => c.status === "done");
   const empty = document.getElementById("run-empty");
@@ -137,10 +144,27 @@ function renderCheckpointTable(list) {
   // Newest first, so a long run shows its latest state without scrolling.
   const rows = [...list].sort((a, b) => b.step - a.step).map((c) => `<tr class="ck-${
     esc(c.status)}"><td class="num">${c.step}</td><td class="status-${esc(c.status)}">${
-    esc(c.status)}</td><td class="num">${c.n_layers ?? "–"}</td><td class="num">${
+    esc(c.status)}${reanalysed(c)}</td><td class="num">${c.n_layers ?? "–"}</td><td class="num">${
     c.n_trusted ?? "–"}</td><td class="num">${fmt(c.analysis_s, 2)}</td><td>${
-    esc(c.device ?? "")}</td><td class="error">${esc(c.error ?? "")}</td></tr>`).join("");
+    esc(c.device ?? "")}</td><td class="error">${esc(checkpointError(c))}</td></tr>`).join("");
   tbody.innerHTML = rows || '<tr><td colspan="7" class="muted">no checkpoints</td></tr>';
+}
+
+// A checkpoint whose files changed in place is analysed again; say so beside its status.
+function reanalysed(c) {
+  if (!(c.analysis_count > 1)) return "";
+  const when = c.rewritten_at ? ` (files changed ${new Date(c.rewritten_at).toLocaleString()})`
+    : "";
+  return ` <span class="muted small" title="analysed ${c.analysis_count} times${esc(when)}">` +
+    `re-analysed ×${c.analysis_count - 1}</span>`;
+}
+
+function checkpointError(c) {
+  // Refused at discovery: error and discovery_error are the same text, shown once.
+  if (c.discovery_error && c.discovery_error !== c.error) {
+    return [c.error, `discovery: ${c.discovery_error}`].filter(Boolean).join(" · ");
+  }
+  return c.error ?? "";
 }
 
 async function drawRunPlots(runId, params, words, token, run, done) {
