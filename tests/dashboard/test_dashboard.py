@@ -491,6 +491,9 @@ def test_plots_follow_the_servers_thresholds(page: Any, site: Site, trust: Thres
         zmax = page.evaluate("() => document.getElementById('heatmap').data[0].zmax")
         label = page.evaluate("() => document.getElementById('trend').layout.annotations"
                               ".map((a) => a.text).join(' ')")
+        # Let the rest of the page finish loading before this server goes away.
+        page.wait_for_load_state("networkidle")
+        page.goto("about:blank")
     assert shapes == [[trust.over_trained_below, trust.under_trained_above]]
     assert zmax == trust.alpha_max
     assert f"{trust.over_trained_below:g} ≤ α ≤ {trust.under_trained_above:g}" in label
