@@ -190,6 +190,14 @@ class Watcher:
     # -- one job ---------------------------------------------------------------------------
     def process_one(self) -> bool:
         """Claim one job and process it; returns False when the queue had nothing to give."""
+        try:
+            # Started (once, or after a death) before claiming: importing torch is no part of any
+            # checkpoint's budget, and a worker always has an analysis process ready.
+            self.child.start()
+        except RuntimeError as exc:
+            log.error("%s; trying again at the next poll", exc)
+            return False
+
         def claim() -> queue.ClaimedJob | None:
             with session_scope(self.engine) as session:
                 queue.requeue_stale(session, max_attempts=self.settings.max_attempts)
@@ -201,13 +209,6 @@ class Watcher:
             return False
         log.info("analysing step %s of run %s (%s)", job.step, job.run_id, job.path)
         first = self._retry("first checkpoint", lambda: self._first_checkpoint(job.run_id))
-        try:
-            # Started (once, or after a death) outside the budget: importing torch is no part of
-            # any checkpoint's cost.
-            self.child.start()
-        except RuntimeError as exc:
-            self._finish_failed(job, str(exc))
-            raise
         # The heartbeat outlives the budget by one beat: the stopped job's failure is written
         # while the lease still holds.
         beat = _Heartbeat(self, job.job_id, self.budget.timeout_s + self.settings.heartbeat_s)

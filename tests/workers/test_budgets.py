@@ -206,6 +206,8 @@ def test_analysis_process_killed_by_the_kernel_is_counted_then_given_up(
         for attempt in (1, 2):
             _wait(lambda a=attempt: _running_attempt(db_url) == a, 120,
                   f"attempt {attempt} to start")
+            # The worker starts its analysis process before it claims a job: this is the one
+            # analysing. The kernel's OOM killer picks it, the largest process.
             (child,) = _children(proc.pid)
             os.kill(child, signal.SIGKILL)
         _wait(lambda: _rows(db_url, "SELECT status FROM checkpoint") == [("failed",)], 60,
