@@ -274,8 +274,16 @@ def serve(conn: Connection) -> None:
             del layers, spectra
 
 
+def _first_to_go_out_of_memory() -> None:
+    # Under memory pressure the kernel kills the analysis, which the worker reports and survives,
+    # rather than the worker holding the lease (raising one's own score needs no privilege).
+    with contextlib.suppress(OSError), open("/proc/self/oom_score_adj", "w") as handle:
+        handle.write("500")
+
+
 def main(argv: list[str]) -> int:
     _die_with_parent()
+    _first_to_go_out_of_memory()
     # The worker handles SIGINT/SIGTERM and stops the child itself, after its job.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

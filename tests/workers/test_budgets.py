@@ -237,3 +237,22 @@ def test_heartbeat_stops_renewing_after_the_budget(pg_url: str) -> None:
     time.sleep(1.2)
     with session_scope(watcher.engine) as session:
         assert queue.requeue_stale(session) == 1  # the stuck job's lease ran out
+
+
+def test_budgets_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from alphawatch.workers.budget import budget_of, default_memory_mb
+
+    monkeypatch.delenv("ALPHAWATCH_JOB_MEMORY_MB", raising=False)
+    monkeypatch.delenv("ALPHAWATCH_JOB_TIMEOUT_S", raising=False)
+    default = budget_of(Settings())
+    with open("/proc/meminfo") as meminfo:
+        total_mb = int(meminfo.readline().split()[1]) / 1024
+    assert default.memory_mb == pytest.approx(0.75 * total_mb) == default_memory_mb()
+    assert default.timeout_s >= 3600  # generous: a large model on CPU takes a while
+    monkeypatch.setenv("ALPHAWATCH_JOB_MEMORY_MB", "512")
+    monkeypatch.setenv("ALPHAWATCH_JOB_TIMEOUT_S", "30")
+    budget = budget_of(Settings())
+    assert (budget.memory_mb, budget.timeout_s) == (512, 30)
+    monkeypatch.setenv("ALPHAWATCH_JOB_TIMEOUT_S", "0")
+    with pytest.raises(ValueError, match="job_timeout_s"):
+        Settings()
