@@ -79,15 +79,14 @@ class Outcome:
 
 
 def default_memory_mb() -> float:
-    """Three quarters of the machine's memory: room for the worker, the OS and the page cache."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) / 1024 * 0.75
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20 * 0.75
+    """Three quarters of the memory this worker may use: the machine's, or its container's."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
+    with contextlib.suppress(OSError, ValueError):
+        # cgroup v2: a container's limit, where the kernel would OOM-kill long before MemTotal.
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            total = min(total, int(limit) / 2**20)
+    return total * 0.75
 
 
 def resident_mb(pid: int) -> float | None:
@@ -172,7 +171,10 @@ class AnalysisChild:
         started = time.monotonic()
         deadline = started + self.budget.timeout_s
         peak = resident_mb(proc.pid) or 0.0
-        conn.send(("analyze", str(path), None if first is None else str(first)))
+        try:
+            conn.send(("analyze", str(path), None if first is None else str(first)))
+        except OSError:  # it died while idle, after start() looked
+            raise self._died(path) from None
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -207,8 +209,13 @@ class AnalysisChild:
 
     def _died(self, path: Path) -> ChildDied:
         proc = self._proc
-        code = proc.wait(timeout=30) if proc is not None else None
+        code = None
+        if proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                code = proc.wait(timeout=5)
         self.close()
+        if code is None:
+            return ChildDied(f"{path}: the analysis process stopped answering and was stopped")
         if code is not None and code < 0:
             name = signal.Signals(-code).name
             why = " (killed by the kernel: out of memory?)" if -code == signal.SIGKILL else ""

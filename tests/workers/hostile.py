@@ -157,6 +157,40 @@ def code_pickle(run: Path, step: int) -> Path:
     return folder
 
 
+def _dcp(folder: Path) -> None:
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # saving without a process group is intended here
+        dcp.save({_UP: torch.ones(4, 4)}, checkpoint_id=str(folder), no_dist=True)
+
+
+# What a payload would leave behind if a checkpoint's code ever ran.
+PWNED = "PWNED"
+
+
+def dcp_metadata_code(run: Path, step: int) -> Path:
+    """A DCP folder whose ``.metadata`` (read by torch with plain pickle) runs a command."""
+    folder = _folder(run, step)
+    _dcp(folder)
+    command = f"touch {folder / PWNED}".encode()
+    (folder / ".metadata").write_bytes(
+        b"\x80\x02cos\nsystem\nX" + struct.pack("<I", len(command)) + command + b"\x85R.")
+    return folder
+
+
+def dcp_metadata_lie(run: Path, step: int) -> Path:
+    """A DCP folder whose metadata declares a 100000x100000 matrix over 64 bytes of data."""
+    folder = _folder(run, step)
+    _dcp(folder)
+    metadata = pickle.loads((folder / ".metadata").read_bytes())  # written by torch just now
+    metadata.state_dict_metadata[_UP].size = torch.Size([100_000, 100_000])
+    (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+    return folder
+
+
 # Each hostile class, and words its checkpoint's error must contain.
 HOSTILE: dict[str, tuple[Callable[[Path, int], Path], str]] = {
     "lying safetensors header": (lying_safetensors, "header lies"),
@@ -168,4 +202,6 @@ HOSTILE: dict[str, tuple[Callable[[Path, int], Path], str]] = {
     "memory-exploding pickle": (memory_bomb, "exceeded the memory budget of"),
     "slow pickle": (time_bomb, "exceeded the time budget of"),
     "pickle holding code": (code_pickle, "refused"),
+    "DCP metadata holding code": (dcp_metadata_code, "refused: the DCP metadata needs os.system"),
+    "lying DCP metadata": (dcp_metadata_lie, "the metadata lies about the data"),
 }

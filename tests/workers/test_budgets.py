@@ -111,6 +111,7 @@ def test_lying_and_exploding_files_are_refused_before_allocating(name: str,
     started = time.monotonic()
     with pytest.raises(CheckpointError, match=words):
         list(iter_layers(folder))
+    assert not list(tmp_path.rglob(hostile.PWNED))  # nothing in it ever ran
     # Refused from the declarations, not after materialising what they declare.
     assert time.monotonic() - started < 30
 
@@ -153,6 +154,7 @@ def test_hostile_checkpoints_fail_alone_under_a_real_worker(
         assert state == "failed", f"{name}: {state}"
         assert words in error and f"checkpoint-{step}" in error, f"{name}: {error}"
         assert step not in layers
+    assert not list(run.rglob(hostile.PWNED))  # no payload ever ran
     # The memory bomb asked for 4 GiB: its child was stopped near the budget (it is polled
     # every 20 ms), and the worker itself never held a checkpoint's data.
     assert probe.child_peak < MEMORY_MB * 1.25, probe.child_peak
@@ -247,7 +249,8 @@ def test_budgets_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> N
     default = budget_of(Settings())
     with open("/proc/meminfo") as meminfo:
         total_mb = int(meminfo.readline().split()[1]) / 1024
-    assert default.memory_mb == pytest.approx(0.75 * total_mb) == default_memory_mb()
+    assert default.memory_mb == default_memory_mb()
+    assert 0 < default.memory_mb <= 0.75 * total_mb + 1  # a container's limit may be lower
     assert default.timeout_s >= 3600  # generous: a large model on CPU takes a while
     monkeypatch.setenv("ALPHAWATCH_JOB_MEMORY_MB", "512")
     monkeypatch.setenv("ALPHAWATCH_JOB_TIMEOUT_S", "30")
