@@ -50,6 +50,7 @@ bench: install
 	$(PY) bench/bench_reader.py
 	$(PY) bench/bench_api.py
 	$(PY) bench/bench_e2e.py
+	$(PY) bench/bench_budget.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache $(DEMO_DIR) alphawatch.db

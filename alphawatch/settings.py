@@ -33,6 +33,12 @@ class Settings(BaseSettings):
     lease_s: float = Field(60.0, gt=0)
     heartbeat_s: float = Field(10.0, gt=0)
     max_attempts: int = Field(3, ge=1)
+    job_timeout_s: float = Field(
+        4 * 3600.0, gt=0, description="wall-clock budget of one checkpoint's analysis"
+    )
+    job_memory_mb: float = Field(
+        0, ge=0, description="resident memory budget of one analysis (MiB; 0: 3/4 of the RAM)"
+    )
     read_requires_token: bool = Field(
         False, description="reads (and /metrics) need a token of any scope, as writes always do"
     )

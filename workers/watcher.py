@@ -2,8 +2,9 @@
 
 Polling, not inotify: training clusters keep checkpoints on network filesystems where change
 notifications do not arrive. Every step that touches the database is short and retried with
-backoff when the database is unreachable; the analysis itself runs outside any transaction,
-with a heartbeat thread keeping the job's lease alive.
+backoff when the database is unreachable; the analysis itself runs outside any transaction, in
+a child process held to a time and memory budget (``workers.budget``), with a heartbeat thread
+keeping the job's lease alive for at most that time.
 """
 
 from __future__ import annotations
@@ -19,8 +20,6 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
-import numpy as np
-import torch
 from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError, OperationalError
 
@@ -28,16 +27,18 @@ from alphawatch.service.db import queue
 from alphawatch.service.db.models import Run
 from alphawatch.service.db.session import make_engine, session_scope
 from alphawatch.settings import Settings
-from alphawatch.workers.checkpoints import (
-    CheckpointError,
-    CheckpointVanished,
-    Confinement,
-    discover,
-    iter_layers,
+from alphawatch.workers.analyst import AnalysisOptions, analyze_checkpoint
+from alphawatch.workers.budget import (
+    AnalysisChild,
+    AnalysisFailed,
+    BudgetExceeded,
+    ChildDied,
+    budget_of,
+    options_of,
 )
-from alphawatch.workers.checkpoints.discovery import fingerprint
+from alphawatch.workers.checkpoints import CheckpointError, Confinement, discover
 from alphawatch.workers.checkpoints.errors import printable, shown
-from alphawatch.workers.spectral import analyze_matrix, resolve_device
+from alphawatch.workers.spectral import resolve_device
 
 log = logging.getLogger("alphawatch.worker")
 T = TypeVar("T")
@@ -64,18 +65,28 @@ def default_worker_id() -> str:
 
 
 class _Heartbeat(threading.Thread):
-    """Renews a job's lease until stopped; records when the lease was lost."""
+    """Renews a job's lease until stopped or past the job's time budget; records a lost lease.
 
-    def __init__(self, watcher: Watcher, job_id: int) -> None:
+    Past the budget the analysis has been stopped (or the worker is stuck): renewing further
+    would keep a stuck job's lease alive for ever, so the lease is left to run out and another
+    worker recovers the job, counting the attempt.
+    """
+
+    def __init__(self, watcher: Watcher, job_id: int, budget_s: float) -> None:
         super().__init__(name=f"heartbeat-{job_id}", daemon=True)
         self.watcher = watcher
         self.job_id = job_id
+        self.deadline = time.monotonic() + budget_s
         self.stop_event = threading.Event()
         self.lost = False
 
     def run(self) -> None:
         settings = self.watcher.settings
         while not self.stop_event.wait(settings.heartbeat_s):
+            if time.monotonic() > self.deadline:
+                log.warning("job %s is past its time budget: its lease is no longer renewed",
+                            self.job_id)
+                return
             try:
                 with session_scope(self.watcher.engine) as session:
                     alive = queue.heartbeat(
@@ -126,6 +137,9 @@ class Watcher:
         self.passes = 0
         # A live line per layer on a terminal; plain log records when stderr is a file or pipe.
         self.progress = sys.stderr.isatty()
+        self.budget = budget_of(settings)
+        self.child = AnalysisChild(options_of(settings, self.progress, self.confine.roots),
+                                   self.budget)
 
     # -- database access with retry -------------------------------------------------------
     def _retry(self, what: str, fn: Callable[[], T], stop: threading.Event | None = None) -> T:
@@ -257,9 +271,17 @@ class Watcher:
     # -- one job ---------------------------------------------------------------------------
     def process_one(self) -> bool:
         """Claim one job and process it; returns False when the queue had nothing to give."""
+        try:
+            # Started (once, or after a death) before claiming: importing torch is no part of any
+            # checkpoint's budget, and a worker always has an analysis process ready.
+            self.child.start()
+        except RuntimeError as exc:
+            log.error("%s; trying again at the next poll", exc)
+            return False
+
         def claim() -> queue.ClaimedJob | None:
             with session_scope(self.engine) as session:
-                queue.requeue_stale(session)
+                queue.requeue_stale(session, max_attempts=self.settings.max_attempts)
             with session_scope(self.engine) as session:
                 return queue.claim(session, worker_id=self.worker_id, lease_s=self.settings.lease_s)
 
@@ -267,79 +289,66 @@ class Watcher:
         if job is None:
             return False
         log.info("analysing step %s of run %s (%s)", job.step, job.run_id, job.path)
-        beat = _Heartbeat(self, job.job_id)
+        first = self._retry("first checkpoint", lambda: self._first_checkpoint(job.run_id))
+        # The heartbeat outlives the budget by one beat: the stopped job's failure is written
+        # while the lease still holds.
+        beat = _Heartbeat(self, job.job_id, self.budget.timeout_s + self.settings.heartbeat_s)
         beat.start()
-        started = time.monotonic()
         try:
-            layers, spectra = self.analyze_checkpoint(Path(job.path), job.run_id)
-        except CheckpointVanished as exc:
-            self._finish_failed(job, str(exc), vanished=True)
-        except Exception as exc:  # one bad checkpoint must never stop the worker
-            log.exception("step %s of run %s failed", job.step, job.run_id)
-            self._finish_failed(job, f"{type(exc).__name__}: {exc}")
+            outcome = self.child.analyze(Path(job.path), first)
+        except (BudgetExceeded, ChildDied) as exc:
+            log.error("step %s of run %s failed: %s", job.step, job.run_id, exc)
+            # The same input breaks the same budget again: no further attempt is made.
+            self._finish_failed(job, str(exc), final=isinstance(exc, BudgetExceeded))
+        except AnalysisFailed as exc:
+            log.error("step %s of run %s failed: %s", job.step, job.run_id, exc)
+            self._finish_failed(job, str(exc), vanished=exc.vanished)
         else:
-            elapsed = time.monotonic() - started
             if beat.lost:
                 log.warning("dropping results of job %s: its lease was lost", job.job_id)
             else:
                 def write() -> bool:
                     with session_scope(self.engine) as session:
                         return queue.complete(
-                            session, job_id=job.job_id, worker_id=self.worker_id, layers=layers,
-                            spectra=spectra, device=str(self.device), elapsed_s=elapsed,
+                            session, job_id=job.job_id, worker_id=self.worker_id,
+                            layers=outcome.layers, spectra=outcome.spectra,
+                            device=outcome.device, elapsed_s=outcome.elapsed_s,
                             thresholds=self.thresholds,
                         )
 
                 done = self._retry("complete", write)
-                log.info("step %s of run %s: %d layers in %.2fs%s", job.step, job.run_id,
-                         len(layers), elapsed, "" if done else " (lease lost, not written)")
+                log.info("step %s of run %s: %d layers in %.2fs, peak %.0f MB%s", job.step,
+                         job.run_id, len(outcome.layers), outcome.elapsed_s, outcome.peak_mb,
+                         "" if done else " (lease lost, not written)")
         finally:
             beat.stop_event.set()
             beat.join(timeout=5)
         return True
 
-    def _finish_failed(self, job: queue.ClaimedJob, error: str, *, vanished: bool = False) -> None:
+    def _finish_failed(self, job: queue.ClaimedJob, error: str, *, vanished: bool = False,
+                       final: bool = False) -> None:
         error = printable(error)  # exception texts may quote file names that are not UTF-8
         def write() -> None:
             with session_scope(self.engine) as session:
                 queue.fail(session, job_id=job.job_id, worker_id=self.worker_id, error=error,
-                           vanished=vanished, max_attempts=self.settings.max_attempts)
+                           vanished=vanished,
+                           max_attempts=job.attempts if final else self.settings.max_attempts)
 
         self._retry("fail", write)
 
     def analyze_checkpoint(
         self, path: Path, run_id: int | None = None
     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """Read and analyse one checkpoint, tensor by tensor; returns layer and spectrum rows."""
-        first = _first_key(self._first_checkpoint(run_id) if run_id is not None else None,
-                           self.confine)
-        layers: list[dict[str, Any]] = []
-        spectra: list[dict[str, Any]] = []
-        for matrix in iter_layers(path, confine=self.confine):
-            result = analyze_matrix(
-                matrix.weight, stored_dtype=matrix.stored_dtype, method=self.settings.fit_method,
-                thresholds=self.thresholds, device=self.device,
-            )
-            row = result.metrics()
-            row.update(
-                name=matrix.name, kind=matrix.kind, block=matrix.block,
-                dtype=str(matrix.stored_dtype).removeprefix("torch."),
-                distance_from_init=_distance(first, matrix.name, matrix.weight, self.confine),
-            )
-            layers.append(row)
-            spectra.append({
-                "name": matrix.name, "method": result.method,
-                "evals": _as_bytes(result.evals), "rand_evals": _as_bytes(result.rand_evals),
-            })
-            if self.progress:
-                sys.stderr.write(f"\r  {path.name}: {len(layers)} layers, {matrix.name[-48:]}"
-                                 f" alpha={result.alpha or float('nan'):.2f}\x1b[K")
-                sys.stderr.flush()
-        if self.progress:
-            sys.stderr.write("\n")
-        if not layers:
-            raise ValueError(f"{path}: no weight matrices found")
-        return layers, spectra
+        """Read and analyse one checkpoint in this process, without a budget (for debugging)."""
+        first = self._first_checkpoint(run_id) if run_id is not None else None
+        options = AnalysisOptions(method=self.settings.fit_method, thresholds=self.thresholds,
+                                  device=self.device, progress=self.progress,
+                                  confine=self.confine)
+        return analyze_checkpoint(path, first, options)
+
+    def close(self) -> None:
+        """Stop the analysis process; the next job starts a new one."""
+        self.child.close()
 
     def _first_checkpoint(self, run_id: int) -> Path | None:
         from alphawatch.service.db.models import Checkpoint
@@ -375,66 +384,12 @@ class Watcher:
                     break
                 raise
             stop.wait(self.settings.poll_interval_s)
+        self.close()
         log.info("worker %s stopped", self.worker_id)
 
 
 def _is_connection_error(exc: DBAPIError) -> bool:
     return bool(exc.connection_invalidated) or isinstance(exc, OperationalError)
-
-
-def _as_bytes(values: np.ndarray | None) -> bytes | None:
-    if values is None:
-        return None
-    return np.ascontiguousarray(values, dtype=np.float32).tobytes()
-
-
-def _first_key(first: Path | None, confine: Confinement) -> tuple[Path, str] | None:
-    """The run's first checkpoint and its fingerprint, once per analysis; None when unusable.
-
-    The fingerprint keys the cache of its matrices: a first checkpoint rewritten in place is
-    read again rather than compared from memory.
-    """
-    if first is None or not first.exists() or not confine.allows(first):
-        return None
-    return first, fingerprint(first, confine)
-
-
-def _distance(first: tuple[Path, str] | None, name: str, weight: torch.Tensor,
-              confine: Confinement) -> float | None:
-    """‖W_t − W_0‖_F / ‖W_0‖_F against the run's first checkpoint, read one tensor at a time."""
-    if first is None:
-        return None
-    try:
-        w0 = _first_weight(first, name, confine)
-    except (CheckpointError, OSError):
-        return None
-    if w0 is None or w0.shape != weight.shape:
-        return None
-    norm0 = float(torch.linalg.norm(w0))
-    if norm0 == 0.0:
-        return None
-    return float(torch.linalg.norm(weight - w0)) / norm0
-
-
-def _first_weight(key: tuple[Path, str], name: str, confine: Confinement
-                  ) -> torch.Tensor | None:
-    first = key[0]
-    cache = _FIRST_CACHE.get(key)
-    if cache is None:
-        if _size(first) > _DISTANCE_MAX_BYTES:
-            return None
-        # Only matrices are kept, as float32: bounded by the model's size for a small run, and
-        # the cache holds one run's first checkpoint at a time.
-        cache = {m.name: m.weight for m in iter_layers(first, confine=confine)}
-        _FIRST_CACHE.clear()
-        _FIRST_CACHE[key] = cache
-    return cache.get(name)
-
-
-def _size(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.lstat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def _problems(messages: list[str]) -> str | None:
@@ -451,9 +406,3 @@ def _problems(messages: list[str]) -> str | None:
 # a few kilobytes, not megabytes, per run.
 _ERROR_MAX = 8000
 _PROBLEMS_SHOWN = 20
-
-
-# Distance from init keeps the first checkpoint's matrices in memory; past this size it would
-# break the "a few times the largest matrix" memory promise, so it is not computed.
-_DISTANCE_MAX_BYTES = 256 * 1024 * 1024
-_FIRST_CACHE: dict[tuple[Path, str], dict[str, torch.Tensor]] = {}

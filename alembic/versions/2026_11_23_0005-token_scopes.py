@@ -1,7 +1,7 @@
 """token scopes: scope, expiry, revocation and last use of API tokens
 
 Revision ID: 0005
-Revises: 0003
+Revises: 0004
 Create Date: 2026-11-23 15:00:00.000000
 
 Tokens made before this revision could register and delete runs: they become ``admin`` so
@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0005"
-down_revision: str | None = "0003"
+down_revision: str | None = "0004"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

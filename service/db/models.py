@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from enum import StrEnum
 
 from sqlalchemy import (
     BigInteger,
     Boolean,
+    CheckConstraint,
     DateTime,
     Float,
     ForeignKey,
@@ -37,6 +39,29 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 
+class CheckpointStatus(StrEnum):
+    """Where a checkpoint's analysis stands; the strings are what the API and dashboard show."""
+
+    PENDING = "pending"  # discovered, its job is queued
+    RUNNING = "running"  # a worker holds its job's lease and is analysing it
+    DONE = "done"  # analysed: its layer rows are complete
+    FAILED = "failed"  # given up: unreadable, refused, over a budget, or its workers kept dying
+    VANISHED = "vanished"  # deleted (rotation) before or while it was read
+
+
+class JobStatus(StrEnum):
+    """Where a checkpoint's queue entry stands; moves together with :class:`CheckpointStatus`."""
+
+    QUEUED = "queued"  # waiting for a worker to claim it
+    RUNNING = "running"  # claimed: a worker holds a lease on it
+    DONE = "done"  # its results are written
+    FAILED = "failed"  # no further attempt will be made (the checkpoint says why)
+
+
+def _one_of(enum: type[StrEnum]) -> str:
+    return "status IN (" + ", ".join(f"'{member.value}'" for member in enum) + ")"
+
+
 class Run(Base):
     """A training run: one directory of checkpoints."""
 
@@ -54,15 +79,17 @@ class Checkpoint(Base):
     """One saved step of a run and the state of its analysis."""
 
     __tablename__ = "checkpoint"
-    __table_args__ = (UniqueConstraint("run_id", "step", name="uq_checkpoint_run_id_step"),)
+    __table_args__ = (
+        UniqueConstraint("run_id", "step", name="uq_checkpoint_run_id_step"),
+        CheckConstraint(_one_of(CheckpointStatus), name="status"),
+    )
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     run_id: Mapped[int] = mapped_column(ForeignKey("run.id", ondelete="CASCADE"), index=True)
     step: Mapped[int] = mapped_column(BigInteger)
     path: Mapped[str] = mapped_column(Text)
     fingerprint: Mapped[str] = mapped_column(String(128), default="")
     format: Mapped[str] = mapped_column(String(32), default="")
-    # pending | running | done | failed | vanished
-    status: Mapped[str] = mapped_column(String(16), default="pending")
+    status: Mapped[str] = mapped_column(String(16), default=CheckpointStatus.PENDING.value)
     error: Mapped[str | None] = mapped_column(Text)
     discovered_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -192,13 +219,15 @@ class AnalysisJob(Base):
     """The queue entry of a checkpoint: who holds it, until when, how often it was tried."""
 
     __tablename__ = "analysis_job"
-    __table_args__ = (Index("ix_analysis_job_status_lease", "status", "lease_expires_at"),)
+    __table_args__ = (
+        Index("ix_analysis_job_status_lease", "status", "lease_expires_at"),
+        CheckConstraint(_one_of(JobStatus), name="status"),
+    )
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     checkpoint_id: Mapped[int] = mapped_column(
         ForeignKey("checkpoint.id", ondelete="CASCADE"), unique=True
     )
-    # queued | running | done | failed
-    status: Mapped[str] = mapped_column(String(16), default="queued")
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED.value)
     worker_id: Mapped[str | None] = mapped_column(String(255))
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

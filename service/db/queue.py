@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from enum import Enum
 from typing import Any
 
 from sqlalchemy import delete, func, insert, select, text, update
@@ -22,6 +23,8 @@ from alphawatch.service.db.models import (
     AnalysisJob,
     Checkpoint,
     CheckpointStat,
+    CheckpointStatus,
+    JobStatus,
     LayerMetric,
     Run,
     Spectrum,
@@ -39,6 +42,55 @@ class ClaimedJob:
     step: int
     path: str
     attempts: int
+
+
+class Event(Enum):
+    """What happens to a job; each moves the job and its checkpoint together."""
+
+    CLAIM = "claim"  # a worker takes a queued job
+    COMPLETE = "complete"  # its results were written
+    RETRY = "retry"  # an attempt failed or its worker died, and attempts are left
+    GIVE_UP = "give_up"  # an attempt failed or its worker died, and none are left
+    VANISH = "vanish"  # the checkpoint was deleted before or while it was read
+    REQUEUE = "requeue"  # a finished checkpoint is to be analysed again
+
+
+@dataclass(frozen=True)
+class Transition:
+    """From which job statuses an event may happen, and the pair of statuses it leads to."""
+
+    sources: frozenset[JobStatus]
+    job: JobStatus
+    checkpoint: CheckpointStatus
+
+
+_RUNNING = frozenset({JobStatus.RUNNING})
+
+# The one state machine of jobs and checkpoints: nothing else assigns either status.
+TRANSITIONS: dict[Event, Transition] = {
+    Event.CLAIM: Transition(frozenset({JobStatus.QUEUED}), JobStatus.RUNNING,
+                            CheckpointStatus.RUNNING),
+    Event.COMPLETE: Transition(_RUNNING, JobStatus.DONE, CheckpointStatus.DONE),
+    Event.RETRY: Transition(_RUNNING, JobStatus.QUEUED, CheckpointStatus.PENDING),
+    Event.GIVE_UP: Transition(_RUNNING, JobStatus.FAILED, CheckpointStatus.FAILED),
+    Event.VANISH: Transition(_RUNNING, JobStatus.FAILED, CheckpointStatus.VANISHED),
+    Event.REQUEUE: Transition(frozenset({JobStatus.DONE, JobStatus.FAILED}), JobStatus.QUEUED,
+                              CheckpointStatus.PENDING),
+}
+
+
+class IllegalTransition(RuntimeError):
+    """An event that the state machine does not allow from the job's current status."""
+
+
+def move(job: AnalysisJob, checkpoint: Checkpoint | None, event: Event) -> None:
+    """Apply ``event`` to a job and its checkpoint together, or raise IllegalTransition."""
+    transition = TRANSITIONS[event]
+    if job.status not in transition.sources:
+        raise IllegalTransition(f"job {job.id}: cannot {event.value} a {job.status} job")
+    job.status = transition.job.value
+    if checkpoint is not None:
+        checkpoint.status = transition.checkpoint.value
 
 
 def _now() -> datetime:
@@ -85,11 +137,11 @@ def register_checkpoint(
     checkpoint_id = session.scalar(
         _insert(session, Checkpoint).values(
             run_id=run_id, step=step, path=path, fingerprint=fingerprint, format=fmt,
-            status="pending", discovered_at=_now(), analysis_count=0)
+            status=CheckpointStatus.PENDING.value, discovered_at=_now(), analysis_count=0)
         .on_conflict_do_nothing(index_elements=["run_id", "step"]).returning(Checkpoint.id))
     if checkpoint_id is None:
         return None
-    session.add(AnalysisJob(checkpoint_id=checkpoint_id, status="queued"))
+    session.add(AnalysisJob(checkpoint_id=checkpoint_id, status=JobStatus.QUEUED.value))
     session.flush()
     return int(checkpoint_id)
 
@@ -104,7 +156,8 @@ def register_refused(
     """
     checkpoint_id = session.scalar(
         _insert(session, Checkpoint).values(
-            run_id=run_id, step=step, path=path, fingerprint="", format=fmt, status="failed",
+            run_id=run_id, step=step, path=path, fingerprint="", format=fmt,
+            status=CheckpointStatus.FAILED.value,
             error=error, discovery_error=error, discovered_at=_now(), finished_at=_now(),
             analysis_count=0)
         .on_conflict_do_nothing(index_elements=["run_id", "step"]).returning(Checkpoint.id))
@@ -113,7 +166,8 @@ def register_refused(
             Checkpoint.run_id == run_id, Checkpoint.step == step,
             Checkpoint.discovery_error.is_distinct_from(error)).values(discovery_error=error))
         return None
-    session.add(AnalysisJob(checkpoint_id=checkpoint_id, status="failed", last_error=error))
+    session.add(AnalysisJob(checkpoint_id=checkpoint_id, status=JobStatus.FAILED.value,
+                            last_error=error))
     session.flush()
     return int(checkpoint_id)
 
@@ -148,21 +202,22 @@ def requeue_rewritten(session: Session, *, checkpoint_id: int, fingerprint: str)
     show numbers of files that no longer exist. A job queued or running is left alone (and
     the stored fingerprint with it): the next pass sees the change again once it ends.
     """
+    finished = TRANSITIONS[Event.REQUEUE].sources
     job = session.scalars(select(AnalysisJob).where(
         AnalysisJob.checkpoint_id == checkpoint_id,
-        AnalysisJob.status.in_(("done", "failed")))).first()
+        AnalysisJob.status.in_([s.value for s in finished]))).first()
     checkpoint = session.get(Checkpoint, checkpoint_id)
     if checkpoint is None:
         return False
     if job is None:
-        if checkpoint.status in ("pending", "running"):
+        if checkpoint.status in (CheckpointStatus.PENDING, CheckpointStatus.RUNNING):
             return False
-        job = AnalysisJob(checkpoint_id=checkpoint_id)
+        # A finished checkpoint without a job (made before jobs were kept): give it a finished one.
+        job = AnalysisJob(checkpoint_id=checkpoint_id, status=JobStatus.FAILED.value)
         session.add(job)
-    job.status, job.attempts, job.worker_id, job.last_error = "queued", 0, None, None
-    job.lease_expires_at = None
-    checkpoint.status, checkpoint.fingerprint, checkpoint.rewritten_at = (
-        "pending", fingerprint, _now())
+    move(job, checkpoint, Event.REQUEUE)
+    job.attempts, job.worker_id, job.last_error, job.lease_expires_at = 0, None, None, None
+    checkpoint.fingerprint, checkpoint.rewritten_at = fingerprint, _now()
     checkpoint.error = checkpoint.discovery_error = None
     return True
 
@@ -191,13 +246,13 @@ def set_checkpoint_discovery_error(session: Session, *, checkpoint_id: int,
 _CLAIM_POSTGRES = text(
     """
     UPDATE analysis_job
-       SET status = 'running', worker_id = :worker, attempts = attempts + 1,
+       SET status = :running, worker_id = :worker, attempts = attempts + 1,
            lease_expires_at = :lease, heartbeat_at = :now
      WHERE id = (
            -- the oldest queued job; SKIP LOCKED passes over rows another claimer is taking
            -- right now instead of waiting for its transaction, so claimers never block
            SELECT id FROM analysis_job
-            WHERE status = 'queued'
+            WHERE status = :queued
             ORDER BY id
             LIMIT 1
               FOR UPDATE SKIP LOCKED)
@@ -210,9 +265,12 @@ def claim(session: Session, *, worker_id: str, lease_s: float) -> ClaimedJob | N
     """Take the oldest queued job with a lease of ``lease_s`` seconds; commits at once."""
     now = _now()
     lease = now + timedelta(seconds=lease_s)
+    claiming = TRANSITIONS[Event.CLAIM]
     if session.get_bind().dialect.name == "postgresql":
+        (queued,) = claiming.sources
         row = session.execute(
-            _CLAIM_POSTGRES, {"worker": worker_id, "lease": lease, "now": now}
+            _CLAIM_POSTGRES, {"worker": worker_id, "lease": lease, "now": now,
+                              "running": claiming.job.value, "queued": queued.value},
         ).first()
         if row is None:
             session.commit()
@@ -220,19 +278,21 @@ def claim(session: Session, *, worker_id: str, lease_s: float) -> ClaimedJob | N
         job_id, checkpoint_id, attempts = int(row[0]), int(row[1]), int(row[2])
     else:
         job = session.scalars(
-            select(AnalysisJob).where(AnalysisJob.status == "queued").order_by(AnalysisJob.id)
-            .limit(1)
+            select(AnalysisJob).where(AnalysisJob.status.in_([s.value for s in claiming.sources]))
+            .order_by(AnalysisJob.id).limit(1)
         ).first()
         if job is None:
             session.commit()
             return None
-        job.status, job.worker_id = "running", worker_id
+        move(job, None, Event.CLAIM)
+        job.worker_id = worker_id
         job.attempts += 1
         job.lease_expires_at, job.heartbeat_at = lease, now
         job_id, checkpoint_id, attempts = job.id, job.checkpoint_id, job.attempts
     checkpoint = session.get(Checkpoint, checkpoint_id)
     assert checkpoint is not None  # the foreign key guarantees it
-    checkpoint.status, checkpoint.started_at = "running", now
+    # The job row moved in SQL above (PostgreSQL) or through move(); its checkpoint follows.
+    checkpoint.status, checkpoint.started_at = claiming.checkpoint.value, now
     # Commit now: the lease must be visible to other workers before the long analysis starts.
     session.commit()
     return ClaimedJob(job_id=job_id, checkpoint_id=checkpoint_id, run_id=checkpoint.run_id,
@@ -245,7 +305,7 @@ def heartbeat(session: Session, *, job_id: int, worker_id: str, lease_s: float) 
     result = session.execute(
         update(AnalysisJob)
         .where(AnalysisJob.id == job_id, AnalysisJob.worker_id == worker_id,
-               AnalysisJob.status == "running")
+               AnalysisJob.status == JobStatus.RUNNING.value)
         .values(lease_expires_at=now + timedelta(seconds=lease_s), heartbeat_at=now)
     )
     return bool(getattr(result, "rowcount", 0))
@@ -254,7 +314,7 @@ def heartbeat(session: Session, *, job_id: int, worker_id: str, lease_s: float) 
 def _held(session: Session, job_id: int, worker_id: str) -> AnalysisJob | None:
     query = select(AnalysisJob).where(
         AnalysisJob.id == job_id, AnalysisJob.worker_id == worker_id,
-        AnalysisJob.status == "running",
+        AnalysisJob.status == JobStatus.RUNNING.value,
     )
     if session.get_bind().dialect.name == "postgresql":
         query = query.with_for_update()
@@ -302,12 +362,13 @@ def complete(
         session.execute(insert(CheckpointStat), summaries)
     checkpoint = session.get(Checkpoint, checkpoint_id)
     assert checkpoint is not None
-    checkpoint.status, checkpoint.error = "done", None
+    move(job, checkpoint, Event.COMPLETE)
+    checkpoint.error = None
     checkpoint.finished_at, checkpoint.analysis_s, checkpoint.device = _now(), elapsed_s, device
     checkpoint.n_layers = len(layers)
     checkpoint.analysis_count += 1
     checkpoint.n_trusted = sum(1 for layer in layers if layer.get("trusted"))
-    job.status, job.lease_expires_at, job.last_error = "done", None, None
+    job.lease_expires_at, job.last_error = None, None
     return True
 
 
@@ -328,48 +389,63 @@ def fail(
     assert checkpoint is not None
     job.last_error, checkpoint.error = error, error
     if vanished:
-        job.status, checkpoint.status = "failed", "vanished"
-    elif job.attempts >= max_attempts:
-        job.status, checkpoint.status = "failed", "failed"
+        move(job, checkpoint, Event.VANISH)
     else:
-        job.status, checkpoint.status = "queued", "pending"
+        move(job, checkpoint, Event.GIVE_UP if job.attempts >= max_attempts else Event.RETRY)
     job.worker_id, job.lease_expires_at = None, None
     checkpoint.finished_at = _now()
 
 
-def requeue_stale(session: Session) -> int:
-    """Put jobs whose lease ran out (a dead worker) back in the queue; returns how many."""
+def requeue_stale(session: Session, *, max_attempts: int = 3) -> int:
+    """Recover jobs whose lease ran out (a dead or hung worker); returns how many.
+
+    Every claim counted an attempt, so a checkpoint that kills its worker each time (out of
+    memory, a crash in native code) ends ``failed`` after ``max_attempts`` instead of going back
+    to the queue for ever.
+    """
     now = _now()
-    stale = session.scalars(
-        select(AnalysisJob).where(AnalysisJob.status == "running",
-                                  AnalysisJob.lease_expires_at < now)
-    ).all()
+    query = select(AnalysisJob).where(AnalysisJob.status == JobStatus.RUNNING.value,
+                                      AnalysisJob.lease_expires_at < now)
+    if session.get_bind().dialect.name == "postgresql":
+        # Two workers recovering at once: the second re-checks the row after the first commits
+        # (or skips it while locked) instead of overwriting a claim made in between.
+        query = query.with_for_update(skip_locked=True)
+    stale = session.scalars(query).all()
     for job in stale:
-        job.status, job.worker_id, job.lease_expires_at = "queued", None, None
-        job.last_error = "lease expired: the worker stopped heartbeating"
         checkpoint = session.get(Checkpoint, job.checkpoint_id)
-        if checkpoint is not None:
-            checkpoint.status = "pending"
+        died = (f"the worker analysing it died or hung (lease expired without a heartbeat) "
+                f"on attempt {job.attempts}")
+        if job.attempts >= max_attempts:
+            error = f"given up after {job.attempts} attempts: {died}"
+            if job.last_error and "lease expired" not in job.last_error:
+                error += f"; an earlier attempt: {job.last_error}"
+            move(job, checkpoint, Event.GIVE_UP)
+            if checkpoint is not None:
+                checkpoint.error, checkpoint.finished_at = error, now
+        else:
+            error = died
+            move(job, checkpoint, Event.RETRY)
+        job.worker_id, job.lease_expires_at, job.last_error = None, None, error
     return len(stale)
 
 
 def reanalyze(session: Session, *, run_id: int, step: int | None = None) -> int:
     """Queue finished checkpoints of a run again; returns how many."""
     query = select(AnalysisJob).join(Checkpoint).where(
-        Checkpoint.run_id == run_id, AnalysisJob.status.in_(("done", "failed"))
+        Checkpoint.run_id == run_id,
+        AnalysisJob.status.in_([s.value for s in TRANSITIONS[Event.REQUEUE].sources]),
     )
     if step is not None:
         query = query.where(Checkpoint.step == step)
     jobs = session.scalars(query).all()
     for job in jobs:
-        job.status, job.attempts, job.worker_id = "queued", 0, None
-        checkpoint = session.get(Checkpoint, job.checkpoint_id)
-        if checkpoint is not None:
-            checkpoint.status = "pending"
+        move(job, session.get(Checkpoint, job.checkpoint_id), Event.REQUEUE)
+        job.attempts, job.worker_id = 0, None
     return len(jobs)
 
 
 def queue_depth(session: Session) -> int:
     return int(session.scalar(
-        select(func.count()).select_from(AnalysisJob).where(AnalysisJob.status == "queued")
+        select(func.count()).select_from(AnalysisJob)
+        .where(AnalysisJob.status == JobStatus.QUEUED.value)
     ) or 0)

@@ -5,10 +5,18 @@ from __future__ import annotations
 import threading
 import time
 
-from sqlalchemy import func, select
+import pytest
+from sqlalchemy import func, select, text
+from sqlalchemy.exc import IntegrityError
 
 from alphawatch.service.db import queue
-from alphawatch.service.db.models import AnalysisJob, Checkpoint, LayerMetric
+from alphawatch.service.db.models import (
+    AnalysisJob,
+    Checkpoint,
+    CheckpointStatus,
+    JobStatus,
+    LayerMetric,
+)
 from alphawatch.service.db.session import make_engine, session_scope
 from alphawatch.trust import Thresholds
 
@@ -110,3 +118,79 @@ def test_heartbeat_extends_only_the_holders_lease(pg_url: str) -> None:
     time.sleep(1.2)
     with session_scope(engine) as session:
         assert queue.requeue_stale(session) == 0
+
+
+def test_job_whose_worker_dies_every_time_ends_failed(db_url: str) -> None:
+    _fill(db_url, 1)
+    engine = make_engine(db_url)
+    for attempt in (1, 2, 3):
+        with session_scope(engine) as session:
+            job = queue.claim(session, worker_id=f"doomed-{attempt}", lease_s=0.1)
+        assert job is not None and job.attempts == attempt
+        time.sleep(0.2)  # the worker was SIGKILLed: no heartbeat, no fail()
+        with session_scope(engine) as session:
+            assert queue.requeue_stale(session, max_attempts=3) == 1
+    with session_scope(engine) as session:
+        assert queue.claim(session, worker_id="next", lease_s=60) is None
+        job_row = session.scalars(select(AnalysisJob)).one()
+        checkpoint = session.scalars(select(Checkpoint)).one()
+        assert (job_row.status, checkpoint.status) == ("failed", "failed")
+        assert checkpoint.error is not None and "given up after 3 attempts" in checkpoint.error
+        assert "died" in checkpoint.error and job_row.last_error == checkpoint.error
+
+
+def test_dead_worker_after_a_failed_attempt_keeps_that_error(db_url: str) -> None:
+    _fill(db_url, 1)
+    engine = make_engine(db_url)
+    with session_scope(engine) as session:
+        job = queue.claim(session, worker_id="w", lease_s=60)
+    assert job is not None
+    with session_scope(engine) as session:
+        queue.fail(session, job_id=job.job_id, worker_id="w", error="MemoryError: boom",
+                   max_attempts=2)
+    with session_scope(engine) as session:
+        assert queue.claim(session, worker_id="doomed", lease_s=0.1) is not None
+    time.sleep(0.2)
+    with session_scope(engine) as session:
+        assert queue.requeue_stale(session, max_attempts=2) == 1
+    with session_scope(engine) as session:
+        error = session.scalar(select(Checkpoint.error))
+    assert error is not None and "given up after 2 attempts" in error and "MemoryError" in error
+
+
+def test_statuses_outside_the_state_machine_are_refused_by_the_database(db_url: str) -> None:
+    _fill(db_url, 1)
+    engine = make_engine(db_url)
+    for table, good in (("checkpoint", CheckpointStatus), ("analysis_job", JobStatus)):
+        for status in good:
+            with engine.begin() as conn:
+                conn.execute(text(f"UPDATE {table} SET status = :s"), {"s": status.value})
+        with pytest.raises(IntegrityError, match="status"), engine.begin() as conn:
+            conn.execute(text(f"UPDATE {table} SET status = 'bogus'"))
+    with pytest.raises(IntegrityError, match="status"), engine.begin() as conn:
+        conn.execute(text("INSERT INTO checkpoint (run_id, step, path, fingerprint, format, "
+                          "status, discovered_at) SELECT run_id, 99, path, fingerprint, format, "
+                          "'Done', discovered_at FROM checkpoint"))
+
+
+def test_one_state_machine_moves_job_and_checkpoint_together(db_url: str) -> None:
+    _fill(db_url, 1)
+    engine = make_engine(db_url)
+    with session_scope(engine) as session:
+        job = queue.claim(session, worker_id="w", lease_s=60)
+    assert job is not None
+    with session_scope(engine) as session:
+        assert queue.complete(session, job_id=job.job_id, worker_id="w", layers=[_layer("a")],
+                              spectra=[], device="cpu", elapsed_s=1)
+    with session_scope(engine) as session:
+        row = session.scalars(select(AnalysisJob)).one()
+        checkpoint = session.scalars(select(Checkpoint)).one()
+        assert (row.status, checkpoint.status) == ("done", "done")
+        with pytest.raises(queue.IllegalTransition, match="cannot claim a done job"):
+            queue.move(row, checkpoint, queue.Event.CLAIM)
+        assert (row.status, checkpoint.status) == ("done", "done")
+        queue.move(row, checkpoint, queue.Event.REQUEUE)
+        assert (row.status, checkpoint.status) == ("queued", "pending")
+    # Every transition leads to statuses the enums (and the database) know.
+    for transition in queue.TRANSITIONS.values():
+        assert transition.job in JobStatus and transition.checkpoint in CheckpointStatus

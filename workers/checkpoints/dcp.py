@@ -125,11 +125,22 @@ def iter_dcp(path: Path, confine: Confinement = UNCONFINED
         raise
     except Exception as exc:  # the unpickler fails in many ways on bytes that are no pickle
         raise CheckpointError(path, f"{path}: unreadable DCP metadata: {exc}") from exc
+    try:
+        stored = sum(f.stat().st_size for f in path.glob("*.distcp"))
+    except FileNotFoundError as exc:
+        raise CheckpointVanished(path, f"{path} disappeared while being read") from exc
     for key, info in metadata.state_dict_metadata.items():
         if not isinstance(info, TensorStorageMetadata):
             continue
         if not is_weight_matrix(key, len(info.size)) or "optim" in key:
             continue
+        declared = info.size.numel() * info.properties.dtype.itemsize
+        if declared > stored:
+            # The target tensor is allocated from the declaration before any byte is read.
+            raise CheckpointError(
+                path, f"{path}: tensor {key!r} declares {tuple(info.size)} "
+                      f"{info.properties.dtype} ({declared} bytes) but the .distcp files hold "
+                      f"{stored} bytes: the metadata lies about the data")
         target = {key: torch.empty(tuple(info.size), dtype=info.properties.dtype)}
         try:
             with warnings.catch_warnings():

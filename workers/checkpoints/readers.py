@@ -86,12 +86,58 @@ _SAFETENSORS_DTYPES = {
 }
 
 
+def check_layout(path: Path, header: dict[str, dict[str, object]]) -> None:
+    """Refuse a safetensors header whose declarations disagree with the bytes that are there.
+
+    Every tensor's dtype size times the product of its shape must equal its byte range, and the
+    ranges must tile the data area without gaps or overlaps (as the safetensors format requires),
+    so no read is larger than the file and nothing is read twice: a file that lies about its
+    tensors is refused before anything is allocated for them.
+    """
+    spans: list[tuple[int, int, str]] = []
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        dtype = _SAFETENSORS_DTYPES.get(str(info.get("dtype")))
+        if dtype is None:
+            raise CheckpointError(
+                path, f"{path}: tensor {key!r} has unsupported dtype {info.get('dtype')}")
+        shape, offsets = info.get("shape"), info.get("data_offsets")
+        if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):
+            raise CheckpointError(path, f"{path}: tensor {key!r} has an invalid shape {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2
+                and all(_is_count(o) for o in offsets) and offsets[0] <= offsets[1]):
+            raise CheckpointError(
+                path, f"{path}: tensor {key!r} has invalid data offsets {offsets!r}")
+        numel = 1
+        for dim in shape:
+            numel *= dim
+        declared = numel * dtype.itemsize
+        begin, end = offsets
+        if declared != end - begin:
+            raise CheckpointError(
+                path, f"{path}: tensor {key!r} declares {dtype} {shape} ({declared} bytes) but "
+                      f"its data holds {end - begin} bytes: the header lies about the file")
+        spans.append((begin, end, key))
+    position = 0
+    for begin, end, key in sorted(spans):
+        if begin != position:
+            what = "overlaps the tensor before it" if begin < position else "leaves a gap"
+            raise CheckpointError(
+                path, f"{path}: tensor {key!r} at bytes {begin}-{end} {what}: invalid layout")
+        position = end
+    # safetensors_header already matched the file size to the largest end offset, so a tiling
+    # from 0 covers every byte of the data area.
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _read_tensor(handle: BinaryIO, path: Path, base: int, key: str,
                  info: dict[str, object]) -> torch.Tensor:
-    dtype = _SAFETENSORS_DTYPES.get(str(info.get("dtype")))
-    if dtype is None:
-        raise CheckpointError(
-            path, f"{path}: tensor {key!r} has unsupported dtype {info.get('dtype')}")
+    # Only called after check_layout: dtype, shape and offsets agree with the file.
+    dtype = _SAFETENSORS_DTYPES[str(info.get("dtype"))]
     begin, end = (int(x) for x in info["data_offsets"])  # type: ignore[attr-defined]
     shape = [int(d) for d in info.get("shape", [])]  # type: ignore[attr-defined]
     buffer = bytearray(end - begin)
@@ -118,6 +164,7 @@ def iter_safetensors(
     try:
         with confine.open(path) as handle:
             length, header = _header_of(handle, path)
+            check_layout(path, header)
             base = 8 + length
             keys = [k for k in header if k != "__metadata__" and not k.endswith("_scale_inv")]
             for key in keys:
@@ -138,12 +185,49 @@ def iter_safetensors(
         raise CheckpointError(path, f"{path}: cannot read safetensors: {exc}") from exc
 
 
-def _flatten(obj: object, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
-    if isinstance(obj, torch.Tensor):
-        yield prefix, obj
-    elif isinstance(obj, dict):
-        for key, value in obj.items():
-            yield from _flatten(value, f"{prefix}.{key}" if prefix else str(key))
+def _flatten(path: Path, obj: object) -> Iterator[tuple[str, torch.Tensor]]:
+    """(dotted key, tensor) of nested dicts, refusing graphs built to explode when walked.
+
+    A dict reached a second time (shared references: n levels of two keys pointing at the
+    level below name 2**n tensors) or nested deeper than any real checkpoint is refused, and so
+    is a tensor whose shape and strides span more elements than its storage holds.
+    """
+    seen: set[int] = set()
+    stack: list[tuple[str, object, int]] = [("", obj, 0)]
+    while stack:
+        prefix, node, depth = stack.pop()
+        if isinstance(node, torch.Tensor):
+            _check_extent(path, prefix, node)
+            yield prefix, node
+        elif isinstance(node, dict):
+            if id(node) in seen:
+                raise CheckpointError(
+                    path, f"{path}: refused: the same container is reachable under several keys "
+                          f"(at {prefix!r}); a pickle built to explode when walked")
+            seen.add(id(node))
+            if depth >= _MAX_DEPTH:
+                raise CheckpointError(
+                    path, f"{path}: refused: containers nested deeper than {_MAX_DEPTH} levels")
+            children = [(f"{prefix}.{key}" if prefix else str(key), value, depth + 1)
+                        for key, value in node.items()]
+            stack.extend(reversed(children))  # keep the file's order
+
+
+# Real checkpoints nest a handful of levels (Lightning: state_dict -> module -> weights).
+_MAX_DEPTH = 64
+
+
+def _check_extent(path: Path, key: str, tensor: torch.Tensor) -> None:
+    """Refuse a tensor whose view reaches past its storage (zero or overlapping strides)."""
+    if tensor.numel() == 0:
+        return
+    storage = tensor.untyped_storage().nbytes()
+    needed = tensor.numel() * tensor.element_size()
+    if needed > storage:
+        raise CheckpointError(
+            path, f"{path}: tensor {key!r} declares {tuple(tensor.shape)} {tensor.dtype} "
+                  f"({needed} bytes) over a storage of {storage} bytes: refused before "
+                  f"materialising it")
 
 
 def _data_only_globals() -> list[Any]:
@@ -165,6 +249,10 @@ def _data_only_globals() -> list[Any]:
 
 
 _DATA_ONLY = _data_only_globals()
+
+
+_SIZE_LIES = ("resize storage that is not resizable", "does not match expected size",
+              "wrong byte size", "out of bounds for storage")
 
 
 def load_torch(path: Path, confine: Confinement = UNCONFINED) -> dict[str, object]:
@@ -196,7 +284,15 @@ def load_torch(path: Path, confine: Confinement = UNCONFINED) -> dict[str, objec
         raise CheckpointError(path, f"{path}: not a torch checkpoint: {message}") from exc
     except CheckpointError:
         raise
+    except RecursionError as exc:
+        raise CheckpointError(path, f"{path}: refused: its pickle is nested too deeply") from exc
     except Exception as exc:  # the unpickler fails in many ways on bytes that are no pickle
+        if any(sign in str(exc) for sign in _SIZE_LIES):
+            # torch compares each storage's declared size with its record before using it.
+            raise CheckpointError(
+                path, f"{path}: a tensor declares more bytes than the file stores for it "
+                      f"(the file lies about its size): {str(exc).splitlines()[0]}"
+            ) from exc
         raise CheckpointError(
             path, f"{path}: not a readable torch checkpoint ({type(exc).__name__}: {exc})"
         ) from exc
@@ -213,7 +309,7 @@ def iter_torch(path: Path, root_keys: tuple[str, ...] = (), confine: Confinement
         if isinstance(obj, dict) and key in obj:
             obj = obj[key]
             break
-    yield from _flatten(obj)
+    yield from _flatten(path, obj)
 
 
 def upcast(tensor: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -242,6 +338,7 @@ def read_safetensors_tensor(path: Path, key: str, confine: Confinement = UNCONFI
     try:
         with confine.open(path) as handle:
             length, header = _header_of(handle, path)
+            check_layout(path, header)
             info = header.get(key)
             if not isinstance(info, dict):
                 raise CheckpointError(path, f"{path}: has no tensor {key!r}")

@@ -1,0 +1,133 @@
+"""One checkpoint's analysis, from files to layer and spectrum rows: no database, no settings.
+
+The worker runs it in a child process held to a budget (``workers.budget``); it takes the path
+of the run's first checkpoint instead of asking the database for it, so the child never opens a
+database connection.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from alphawatch.workers.checkpoints import CheckpointError, Confinement, iter_layers
+from alphawatch.workers.checkpoints.discovery import fingerprint
+from alphawatch.workers.spectral import Thresholds, analyze_matrix
+
+Rows = tuple[list[dict[str, Any]], list[dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class AnalysisOptions:
+    """How to analyse: fit method, thresholds, device, the roots it may read, progress or not."""
+
+    method: str
+    thresholds: Thresholds
+    device: torch.device
+    confine: Confinement
+    progress: bool = False
+
+
+def analyze_checkpoint(path: Path, first: Path | None, options: AnalysisOptions) -> Rows:
+    """Read and analyse one checkpoint, tensor by tensor; returns layer and spectrum rows.
+
+    ``first`` is the run's first checkpoint, against which distance from init is measured.
+    """
+    confine = options.confine
+    first_key = _first_key(first, confine)
+    layers: list[dict[str, Any]] = []
+    spectra: list[dict[str, Any]] = []
+    for matrix in iter_layers(path, confine=confine):
+        result = analyze_matrix(
+            matrix.weight, stored_dtype=matrix.stored_dtype, method=options.method,
+            thresholds=options.thresholds, device=options.device,
+        )
+        row = result.metrics()
+        row.update(
+            name=matrix.name, kind=matrix.kind, block=matrix.block,
+            dtype=str(matrix.stored_dtype).removeprefix("torch."),
+            distance_from_init=_distance(first_key, matrix.name, matrix.weight, confine),
+        )
+        layers.append(row)
+        spectra.append({
+            "name": matrix.name, "method": result.method,
+            "evals": _as_bytes(result.evals), "rand_evals": _as_bytes(result.rand_evals),
+        })
+        if options.progress:
+            sys.stderr.write(f"\r  {path.name}: {len(layers)} layers, {matrix.name[-48:]}"
+                             f" alpha={result.alpha or float('nan'):.2f}\x1b[K")
+            sys.stderr.flush()
+    if options.progress:
+        sys.stderr.write("\n")
+    if not layers:
+        raise ValueError(f"{path}: no weight matrices found")
+    return layers, spectra
+
+
+def _as_bytes(values: np.ndarray | None) -> bytes | None:
+    if values is None:
+        return None
+    return np.ascontiguousarray(values, dtype=np.float32).tobytes()
+
+
+def _first_key(first: Path | None, confine: Confinement) -> tuple[Path, str] | None:
+    """The run's first checkpoint and its fingerprint, once per analysis; None when unusable.
+
+    The fingerprint keys the cache of its matrices: a first checkpoint rewritten in place is
+    read again rather than compared from memory.
+    """
+    if first is None or not first.exists() or not confine.allows(first):
+        return None
+    try:
+        return first, fingerprint(first, confine)
+    except (CheckpointError, OSError):
+        return None
+
+
+def _distance(first: tuple[Path, str] | None, name: str, weight: torch.Tensor,
+              confine: Confinement) -> float | None:
+    """‖W_t − W_0‖_F / ‖W_0‖_F against the run's first checkpoint, read one tensor at a time."""
+    if first is None:
+        return None
+    try:
+        w0 = _first_weight(first, name, confine)
+    except (CheckpointError, OSError):
+        return None
+    if w0 is None or w0.shape != weight.shape:
+        return None
+    norm0 = float(torch.linalg.norm(w0))
+    if norm0 == 0.0:
+        return None
+    return float(torch.linalg.norm(weight - w0)) / norm0
+
+
+def _first_weight(key: tuple[Path, str], name: str, confine: Confinement
+                  ) -> torch.Tensor | None:
+    first = key[0]
+    cache = _FIRST_CACHE.get(key)
+    if cache is None:
+        if _size(first) > _DISTANCE_MAX_BYTES:
+            return None
+        # Only matrices are kept, as float32: bounded by the model's size for a small run, and
+        # the cache holds one run's first checkpoint at a time.
+        cache = {m.name: m.weight for m in iter_layers(first, confine=confine)}
+        _FIRST_CACHE.clear()
+        _FIRST_CACHE[key] = cache
+    return cache.get(name)
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.lstat().st_size for p in path.rglob("*") if p.is_file())
+
+
+# Distance from init keeps the first checkpoint's matrices in memory; past this size it would
+# break the "a few times the largest matrix" memory promise, so it is not computed.
+_DISTANCE_MAX_BYTES = 256 * 1024 * 1024
+_FIRST_CACHE: dict[tuple[Path, str], dict[str, torch.Tensor]] = {}
