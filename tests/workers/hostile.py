@@ -1,6 +1,7 @@
 """Builders of hostile checkpoints, written as real files the way an attacker would craft them.
 
-Each builder writes one ``checkpoint-<step>`` folder and returns it. The torch pickles are made
+Each builder writes one checkpoint folder (``checkpoint-<step>``, or ``step_<step>`` for torch
+DCP) and returns it. The torch pickles are made
 by hand (a pickler with its own persistent ids, or raw opcodes) so that they can declare what no
 honest ``torch.save`` would write.
 """
@@ -19,8 +20,8 @@ from pathlib import Path
 import torch
 
 
-def _folder(run: Path, step: int) -> Path:
-    folder = run / f"checkpoint-{step}"
+def _folder(run: Path, step: int, pattern: str = "checkpoint-{}") -> Path:
+    folder = run / pattern.format(step)
     folder.mkdir(parents=True)
     return folder
 
@@ -173,7 +174,7 @@ PWNED = "PWNED"
 
 def dcp_metadata_code(run: Path, step: int) -> Path:
     """A DCP folder whose ``.metadata`` (read by torch with plain pickle) runs a command."""
-    folder = _folder(run, step)
+    folder = _folder(run, step, "step_{}")  # DCP folders are named by the training loop
     _dcp(folder)
     command = f"touch {folder / PWNED}".encode()
     (folder / ".metadata").write_bytes(
@@ -183,7 +184,7 @@ def dcp_metadata_code(run: Path, step: int) -> Path:
 
 def dcp_metadata_lie(run: Path, step: int) -> Path:
     """A DCP folder whose metadata declares a 100000x100000 matrix over 64 bytes of data."""
-    folder = _folder(run, step)
+    folder = _folder(run, step, "step_{}")
     _dcp(folder)
     metadata = pickle.loads((folder / ".metadata").read_bytes())  # written by torch just now
     metadata.state_dict_metadata[_UP].size = torch.Size([100_000, 100_000])

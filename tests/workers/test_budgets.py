@@ -124,10 +124,10 @@ def test_hostile_checkpoints_fail_alone_under_a_real_worker(
     shutil.copytree(tiny_run, run)
     expected_layers = {int(p.name.split("-")[1]): sum(1 for _ in iter_layers(p))
                        for p in run.glob("checkpoint-*")}
-    steps: dict[int, tuple[str, str]] = {}
+    steps: dict[int, tuple[str, str, str]] = {}
     for offset, (name, (build, words)) in enumerate(hostile.HOSTILE.items()):
-        build(run, 101 + offset)
-        steps[101 + offset] = (name, words)
+        folder = build(run, 101 + offset)
+        steps[101 + offset] = (name, words, folder.name)
     every = len(expected_layers) + len(steps)
 
     with _worker(run, db_url, ALPHAWATCH_MAX_ATTEMPTS="2") as proc:
@@ -149,10 +149,10 @@ def test_hostile_checkpoints_fail_alone_under_a_real_worker(
     for step, n in expected_layers.items():
         assert status[step] == ("done", None)
         assert layers[step] == n > 0
-    for step, (name, words) in steps.items():
+    for step, (name, words, folder_name) in steps.items():
         state, error = status[step]
         assert state == "failed", f"{name}: {state}"
-        assert words in error and f"checkpoint-{step}" in error, f"{name}: {error}"
+        assert words in error and folder_name in error, f"{name}: {error}"
         assert step not in layers
     assert not list(run.rglob(hostile.PWNED))  # no payload ever ran
     # The memory bomb asked for 4 GiB: its child was stopped near the budget (it is polled
