@@ -181,7 +181,7 @@ def test_one_state_machine_moves_job_and_checkpoint_together(db_url: str) -> Non
     assert job is not None
     with session_scope(engine) as session:
         assert queue.complete(session, job_id=job.job_id, worker_id="w", layers=[_layer("a")],
-                              spectra=[], device="cpu", elapsed_s=1)
+                              spectra=[], device="cpu", elapsed_s=1, thresholds=Thresholds())
     with session_scope(engine) as session:
         row = session.scalars(select(AnalysisJob)).one()
         checkpoint = session.scalars(select(Checkpoint)).one()
