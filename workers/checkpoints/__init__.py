@@ -7,7 +7,8 @@ from alphawatch.workers.checkpoints.errors import (
     CheckpointVanished,
     UnsafeCheckpointError,
 )
-from alphawatch.workers.checkpoints.layers import LayerMatrix, iter_layers
+from alphawatch.workers.checkpoints.files import LayerMatrix
+from alphawatch.workers.checkpoints.layers import iter_layers
 
 __all__ = [
     "UNCONFINED",

@@ -9,10 +9,8 @@ Q, K, V), tied embeddings (analysed once), PEFT and SAT LoRA.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,7 +18,9 @@ import torch
 from alphawatch.workers.checkpoints.confine import UNCONFINED, Confinement
 from alphawatch.workers.checkpoints.discovery import CheckpointRef
 from alphawatch.workers.checkpoints.errors import CheckpointError, CheckpointVanished
+from alphawatch.workers.checkpoints.files import LayerMatrix, make_layer, model_config, weight_files
 from alphawatch.workers.checkpoints.fused import split_fused
+from alphawatch.workers.checkpoints.lora import SatLora, iter_peft_lora
 from alphawatch.workers.checkpoints.naming import classify, is_weight_matrix, layer_name
 from alphawatch.workers.checkpoints.parallel import (
     ROOT_KEYS,
@@ -31,83 +31,7 @@ from alphawatch.workers.checkpoints.parallel import (
 )
 from alphawatch.workers.checkpoints.readers import iter_safetensors, iter_torch, upcast
 
-# Files a Trainer writes beside the weights; training_args.bin is a pickle of a class and would
-# (rightly) be refused, the others hold no model weights.
-_NOT_WEIGHTS = re.compile(r"^(training_args\.bin|optimizer.*|scheduler.*|scaler.*|rng_state.*|"
-                          r"adapter_model\..*|.*optim.*)$")
-_TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 _CONV1D = re.compile(r"(c_attn|c_proj|c_fc)$")
-
-
-@dataclass(frozen=True)
-class LayerMatrix:
-    """One weight matrix to analyse: float32 on CPU, with where and how it was stored."""
-
-    name: str
-    kind: str
-    block: int | None
-    weight: torch.Tensor
-    stored_dtype: torch.dtype
-    source: str
-
-
-def model_config(folder: Path, confine: Confinement = UNCONFINED) -> dict[str, object]:
-    """``config.json`` (or SAT's ``model_config.json``) of a checkpoint folder or its parent.
-
-    The parent is consulted only when it lies under an allowed root itself: it is optional,
-    and a checkpoint watched on its own must not reach out of its folder for it.
-    """
-    for base in (folder, folder.parent):
-        if base != folder and not confine.allows(base):
-            continue
-        for name, extra in (("config.json", {}), ("model_config.json", {"model_type": "sat"})):
-            try:
-                loaded = json.loads(confine.read_text(base / name, "model config"))
-            except (OSError, ValueError):
-                continue
-            if isinstance(loaded, dict):
-                if isinstance(loaded.get("args"), dict):  # SAT nests its arguments
-                    loaded = {**loaded["args"], **loaded}
-                return {**loaded, **extra}
-    return {}
-
-
-def _index_files(index: Path, folder: Path, confine: Confinement) -> list[Path]:
-    try:
-        mapping = json.loads(confine.read_text(index, "shard index"))["weight_map"]
-        names = sorted(set(mapping.values()))
-        if not all(isinstance(name, str) for name in names):
-            raise ValueError("shard names must be strings")
-    except FileNotFoundError as exc:
-        raise CheckpointVanished(index, f"{index} disappeared while being read") from exc
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise CheckpointError(index, f"{index}: unreadable index: {exc}") from exc
-    return [confine.member(folder, name, f"shard-index entry of {index.name}") for name in names]
-
-
-def weight_files(path: Path, confine: Confinement = UNCONFINED) -> list[Path]:
-    """The files holding a single-rank checkpoint's weights, in reading order.
-
-    Raises:
-        CheckpointError: a folder with no weight file in it.
-    """
-    if path.is_file():
-        return [path]
-    for pattern in ("*.safetensors.index.json", "*.bin.index.json"):
-        index = sorted(path.glob(pattern))
-        if index:
-            return _index_files(index[0], path, confine)
-    try:
-        entries = sorted(p for p in path.iterdir() if p.is_file())
-    except FileNotFoundError as exc:
-        raise CheckpointVanished(path, f"{path} disappeared while being read") from exc
-    files = [p for p in entries if p.suffix == ".safetensors" and not _NOT_WEIGHTS.match(p.name)]
-    if not files:
-        files = [p for p in entries
-                 if p.suffix in _TORCH_SUFFIXES and not _NOT_WEIGHTS.match(p.name)]
-    if not files:
-        raise CheckpointError(path, f"{path}: no weight files (safetensors, .bin, .pt, .ckpt)")
-    return files
 
 
 def _iter_torch_file(path: Path, confine: Confinement
@@ -139,6 +63,8 @@ def _digest(weight: torch.Tensor) -> str:
 def _source(path: Path, config: dict[str, object], confine: Confinement
             ) -> tuple[Tensors, dict[str, object]]:
     if path.is_dir() and (path / ".metadata").exists():
+        # Imported here, not at the top: torch.distributed costs seconds to import, and only a
+        # DCP folder needs it (no cycle is dodged).
         from alphawatch.workers.checkpoints.dcp import iter_dcp
 
         return iter_dcp(path, confine), config
@@ -172,11 +98,9 @@ def iter_layers(ref: CheckpointRef | Path, *, base: Path | None = None,
     path = ref.path if isinstance(ref, CheckpointRef) else Path(ref)
     confine.check(path, "checkpoint")
     if path.is_dir() and (path / "adapter_config.json").exists():
-        from alphawatch.workers.checkpoints.lora import iter_peft_lora
 
         yield from iter_peft_lora(path, base, confine)
         return
-    from alphawatch.workers.checkpoints.lora import SatLora
 
     config = model_config(path if path.is_dir() else path.parent, confine)
     source, config = _source(path, config, confine)
@@ -189,7 +113,7 @@ def iter_layers(ref: CheckpointRef | Path, *, base: Path | None = None,
         if sat.takes(key):
             for lora_name, lora_weight, lora_dtype, lora_file in sat.add(key, stored, str(file)):
                 seen += 1
-                yield _layer(lora_name, lora_weight, lora_dtype, lora_file)
+                yield make_layer(lora_name, lora_weight, lora_dtype, lora_file)
             continue
         weight = upcast(stored, scale)
         if is_gpt2 and _CONV1D.search(name) and weight.dim() == 2:
@@ -203,12 +127,12 @@ def iter_layers(ref: CheckpointRef | Path, *, base: Path | None = None,
         pieces = split_fused(name, weight, config) if kind == "qkv" else [(name, weight)]
         for piece_name, piece in pieces:
             seen += 1
-            yield _layer(piece_name, piece, stored.dtype, str(file))
+            yield make_layer(piece_name, piece, stored.dtype, str(file))
         # Drop this tensor before the next is read: peak memory stays ~ one tensor's worth.
         del stored, weight, pieces
     for lora_name, lora_weight, lora_dtype, lora_file in sat.finish():
         seen += 1
-        yield _layer(lora_name, lora_weight, lora_dtype, lora_file)
+        yield make_layer(lora_name, lora_weight, lora_dtype, lora_file)
     if seen == 0:
         if path.is_dir() and any(path.glob("*zero_pp_rank_*")):
             # ZeRO-3 keeps only placeholders in the model states; the weights are flat fp32
@@ -219,8 +143,3 @@ def iter_layers(ref: CheckpointRef | Path, *, base: Path | None = None,
                                         "DeepSpeed writes beside it, or save with "
                                         "stage3_gather_16bit_weights_on_model_save")
         raise CheckpointError(path, f"{path}: no weight matrices found")
-
-
-def _layer(name: str, weight: torch.Tensor, dtype: torch.dtype, source: str) -> LayerMatrix:
-    kind, block = classify(name)
-    return LayerMatrix(name, kind, block, weight.contiguous(), dtype, source)

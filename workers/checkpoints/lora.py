@@ -23,12 +23,12 @@ import math
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from alphawatch.workers.checkpoints.confine import UNCONFINED, Confinement
 from alphawatch.workers.checkpoints.errors import CheckpointError
+from alphawatch.workers.checkpoints.files import LayerMatrix, make_layer, model_config, weight_files
 from alphawatch.workers.checkpoints.fused import split_fused
 from alphawatch.workers.checkpoints.naming import classify
 from alphawatch.workers.checkpoints.readers import (
@@ -38,9 +38,6 @@ from alphawatch.workers.checkpoints.readers import (
     safetensors_header,
     upcast,
 )
-
-if TYPE_CHECKING:
-    from alphawatch.workers.checkpoints.layers import LayerMatrix
 
 _PEFT = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$")
 _SAT = re.compile(r"^(.+)\.(?:matrix_([AB])\.(\d+)|original\.weight)$")
@@ -60,8 +57,6 @@ class _BaseWeights:
     """The base model's weights by key, read one tensor at a time when asked for."""
 
     def __init__(self, folder: Path, confine: Confinement) -> None:
-        from alphawatch.workers.checkpoints.layers import model_config, weight_files
-
         self._confine = confine
         self.config = model_config(folder, confine)
         self._safetensors: dict[str, Path] = {}
@@ -135,8 +130,6 @@ def iter_peft_lora(folder: Path, base: Path | None = None, confine: Confinement 
         OutsideRootError: a file of the adapter, or the base model folder it names, resolves
             outside ``confine``'s roots.
     """
-    from alphawatch.workers.checkpoints.layers import _layer
-
     config = _adapter_config(folder, confine)
     weights_file, tensors = _adapter_tensors(folder, confine)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
@@ -160,7 +153,7 @@ def iter_peft_lora(folder: Path, base: Path | None = None, confine: Confinement 
         # to add it to the (in, out) stored weight. alphawatch's convention is (out, in).
         update = scale * (upcast(ab["B"]) @ upcast(ab["A"]))
         dtype = ab["A"].dtype
-        yield _layer(f"{module}.lora_update", update, dtype, str(weights_file))
+        yield make_layer(f"{module}.lora_update", update, dtype, str(weights_file))
         weight = base_weights.get(module) if base_weights is not None else None
         if weight is None:
             continue
@@ -175,7 +168,7 @@ def iter_peft_lora(folder: Path, base: Path | None = None, confine: Confinement 
         pieces = split_fused(module, merged, base_weights.config) if kind == "qkv" else [
             (module, merged)]
         for name, piece in pieces:
-            yield _layer(name, piece, dtype, str(weights_file))
+            yield make_layer(name, piece, dtype, str(weights_file))
 
 
 class _SatModule:
