@@ -203,6 +203,6 @@ HOSTILE: dict[str, tuple[Callable[[Path, int], Path], str]] = {
     "memory-exploding pickle": (memory_bomb, "exceeded the memory budget of"),
     "slow pickle": (time_bomb, "exceeded the time budget of"),
     "pickle holding code": (code_pickle, "refused"),
-    "DCP metadata holding code": (dcp_metadata_code, "refused: the DCP metadata needs os.system"),
+    "DCP metadata holding code": (dcp_metadata_code, "global os.system is not DCP metadata"),
     "lying DCP metadata": (dcp_metadata_lie, "the metadata lies about the data"),
 }

@@ -98,48 +98,61 @@ def iter_layers(ref: CheckpointRef | Path, *, base: Path | None = None,
     path = ref.path if isinstance(ref, CheckpointRef) else Path(ref)
     confine.check(path, "checkpoint")
     if path.is_dir() and (path / "adapter_config.json").exists():
-
         yield from iter_peft_lora(path, base, confine)
         return
-
     config = model_config(path if path.is_dir() else path.parent, confine)
     source, config = _source(path, config, confine)
-    is_gpt2 = config.get("model_type") == "gpt2"
     sat = SatLora(config)
     vocab_digests: set[str] = set()
     seen = 0
     for key, stored, scale, file in source:
-        name = layer_name(key)
         if sat.takes(key):
             for lora_name, lora_weight, lora_dtype, lora_file in sat.add(key, stored, str(file)):
                 seen += 1
                 yield make_layer(lora_name, lora_weight, lora_dtype, lora_file)
             continue
-        weight = upcast(stored, scale)
-        if is_gpt2 and _CONV1D.search(name) and weight.dim() == 2:
-            weight = weight.T  # GPT-2 Conv1D stores (in, out)
-        kind, _ = classify(name)
-        if kind in ("embed", "lm_head"):
-            digest = _digest(weight)
-            if digest in vocab_digests:
-                continue  # tied input and output embeddings: analysed once
-            vocab_digests.add(digest)
-        pieces = split_fused(name, weight, config) if kind == "qkv" else [(name, weight)]
-        for piece_name, piece in pieces:
+        for matrix in _matrices(key, stored, scale, str(file), config, vocab_digests):
             seen += 1
-            yield make_layer(piece_name, piece, stored.dtype, str(file))
+            yield matrix
         # Drop this tensor before the next is read: peak memory stays ~ one tensor's worth.
-        del stored, weight, pieces
+        del stored
     for lora_name, lora_weight, lora_dtype, lora_file in sat.finish():
         seen += 1
         yield make_layer(lora_name, lora_weight, lora_dtype, lora_file)
     if seen == 0:
-        if path.is_dir() and any(path.glob("*zero_pp_rank_*")):
-            # ZeRO-3 keeps only placeholders in the model states; the weights are flat fp32
-            # partitions inside every rank's optimizer states.
-            raise CheckpointError(path, f"{path}: DeepSpeed ZeRO-3 checkpoint, its weights are "
-                                        "partitioned across the optimizer states of every rank; "
-                                        "consolidate it with the zero_to_fp32.py script "
-                                        "DeepSpeed writes beside it, or save with "
-                                        "stage3_gather_16bit_weights_on_model_save")
-        raise CheckpointError(path, f"{path}: no weight matrices found")
+        raise _nothing_found(path)
+
+
+def _matrices(key: str, stored: torch.Tensor, scale: torch.Tensor | None, source: str,
+              config: dict[str, object], vocab_digests: set[str]) -> Iterator[LayerMatrix]:
+    """The matrices one stored tensor holds: upcast, un-transposed, split when fused.
+
+    ``vocab_digests`` remembers the embeddings seen so far: tied input and output embeddings
+    are one matrix and are analysed once.
+    """
+    name = layer_name(key)
+    weight = upcast(stored, scale)
+    if config.get("model_type") == "gpt2" and _CONV1D.search(name) and weight.dim() == 2:
+        weight = weight.T  # GPT-2 Conv1D stores (in, out)
+    kind, _ = classify(name)
+    if kind in ("embed", "lm_head"):
+        digest = _digest(weight)
+        if digest in vocab_digests:
+            return
+        vocab_digests.add(digest)
+    pieces = split_fused(name, weight, config) if kind == "qkv" else [(name, weight)]
+    for piece_name, piece in pieces:
+        yield make_layer(piece_name, piece, stored.dtype, source)
+
+
+def _nothing_found(path: Path) -> CheckpointError:
+    """The error for a checkpoint without a weight matrix, saying why when it can."""
+    if path.is_dir() and any(path.glob("*zero_pp_rank_*")):
+        # ZeRO-3 keeps only placeholders in the model states; the weights are flat fp32
+        # partitions inside every rank's optimizer states.
+        return CheckpointError(path, f"{path}: DeepSpeed ZeRO-3 checkpoint, its weights are "
+                                     "partitioned across the optimizer states of every rank; "
+                                     "consolidate it with the zero_to_fp32.py script "
+                                     "DeepSpeed writes beside it, or save with "
+                                     "stage3_gather_16bit_weights_on_model_save")
+    return CheckpointError(path, f"{path}: no weight matrices found")
