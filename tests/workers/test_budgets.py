@@ -14,12 +14,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
 
 from alphawatch.service.db import queue
 from alphawatch.service.db.session import make_engine, session_scope
@@ -27,28 +26,13 @@ from alphawatch.settings import Settings
 from alphawatch.workers.budget import resident_mb
 from alphawatch.workers.checkpoints import CheckpointError, iter_layers
 from alphawatch.workers.watcher import Watcher, _Heartbeat
+from tests.db import rows as _rows
+from tests.db import wait_until as _wait
 from tests.workers import hostile
 
 ROOT = Path(__file__).resolve().parents[2]
 MEMORY_MB = 600
 TIMEOUT_S = 15
-
-
-def _rows(url: str, sql: str) -> list[tuple]:
-    engine = create_engine(url)
-    try:
-        with engine.connect() as conn:
-            return [tuple(r) for r in conn.execute(text(sql))]
-    finally:
-        engine.dispose()
-
-
-def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
 
 
 def _children(pid: int) -> list[int]:

@@ -9,26 +9,17 @@ import threading
 from pathlib import Path
 
 from fastapi.testclient import TestClient
-from sqlalchemy import create_engine, text
 
 from alphawatch.cli import analyze_path
 from alphawatch.service.api import create_app
 from alphawatch.settings import Settings
 from alphawatch.workers.watcher import Watcher
+from tests.db import rows as _rows
 
 
 def _settings(url: str, root: Path) -> Settings:
     return Settings(database_url=url, allowed_roots=[root], device="cpu", settle_s=0.0,
                     lease_s=30.0, heartbeat_s=0.5)
-
-
-def _rows(url: str, sql: str) -> list[tuple]:
-    engine = create_engine(url)
-    try:
-        with engine.connect() as conn:
-            return [tuple(r) for r in conn.execute(text(sql))]
-    finally:
-        engine.dispose()
 
 
 def test_two_workers_discovering_the_same_new_runs_at_once(

@@ -31,13 +31,13 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import save_file
-from sqlalchemy import create_engine, text
 
 from alphawatch.service.api import create_app
 from alphawatch.service.db import queue
 from alphawatch.service.db.session import make_engine, session_scope
 from alphawatch.settings import Settings
 from alphawatch.workers.watcher import Watcher
+from tests.db import rows as _rows
 
 ROOT = Path(__file__).resolve().parents[2]
 # A worker that has imported torch, analysed a tiny run and refused every hostile input: its
@@ -288,15 +288,6 @@ def _secret_checkpoint(folder: Path) -> None:
                for i in range(2)}, str(folder / "model.safetensors"))
     (folder / "config.json").write_text('{"model_type": "llama"}')
     _trainer_state(folder, '{"global_step": 1}')
-
-
-def _rows(url: str, sql: str) -> list[tuple]:
-    engine = create_engine(url)
-    try:
-        with engine.connect() as conn:
-            return [tuple(r) for r in conn.execute(text(sql))]
-    finally:
-        engine.dispose()
 
 
 def _build(tmp_path: Path, tiny_run: Path) -> Scene:

@@ -15,13 +15,14 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import create_engine, text
 
 from alphawatch.cli import analyze_path
 from alphawatch.service.api import create_app
 from alphawatch.settings import Settings
 from alphawatch.workers.demo_run import train
 from alphawatch.workers.watcher import RunDirError, Watcher
+from tests.db import rows as _rows
+from tests.db import wait_until as _wait
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -31,23 +32,6 @@ def _settings(url: str, **extra: object) -> Settings:
                                  "poll_interval_s": 0.2, "lease_s": 30.0, "heartbeat_s": 0.5}
     values.update(extra)
     return Settings(**values)
-
-
-def _rows(url: str, sql: str) -> list[tuple]:
-    engine = create_engine(url)
-    try:
-        with engine.connect() as conn:
-            return [tuple(r) for r in conn.execute(text(sql))]
-    finally:
-        engine.dispose()
-
-
-def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
 
 
 def _copy_run(tiny_run: Path, tmp_path: Path) -> Path:
