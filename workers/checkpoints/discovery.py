@@ -172,20 +172,50 @@ def _escapes(file: Path, confine: Confinement) -> bool:
     return file.is_symlink() and not confine.allows(file)
 
 
+def _walk(folder: str, rel: tuple[str, ...], out: list[tuple[tuple[str, ...], os.DirEntry[str]]]
+          ) -> None:
+    """Every file under ``folder`` as :func:`_files` finds them (symlinked folders are not
+    entered, unreadable ones are passed over), with its path parts below the checkpoint."""
+    try:
+        with os.scandir(folder) as listing:
+            entries = list(listing)
+    except PermissionError:
+        return
+    for entry in entries:
+        parts = (*rel, entry.name)
+        try:
+            is_dir = entry.is_dir()
+        except OSError:
+            is_dir = False
+        if is_dir and not entry.is_symlink():
+            _walk(entry.path, parts, out)
+        elif not is_dir and entry.is_file():
+            out.append((parts, entry))
+
+
 def fingerprint(path: Path, confine: Confinement = UNCONFINED) -> str:
     """Changes when any file of the checkpoint changes (names, sizes, modification times).
 
     A file that resolves outside the allowed roots counts by its name only: its target is not
-    looked at.
+    looked at. The files are those of :func:`_files`, in the same order (by path parts), read
+    with ``os.scandir``: the watcher fingerprints settled checkpoints again every pass.
     """
     digest = hashlib.sha1(usedforsecurity=False)
-    for file in _files(path):
-        name = os.fsencode(file.relative_to(path.parent))
-        if _escapes(file, confine):
+    if path.is_file():
+        files: list[tuple[tuple[str, ...], os.DirEntry[str] | None]] = [((path.name,), None)]
+    else:
+        found: list[tuple[tuple[str, ...], os.DirEntry[str]]] = []
+        _walk(str(path), (path.name,), found)
+        files = sorted(found, key=lambda f: f[0])  # type: ignore[arg-type]
+    for parts, entry in files:
+        name = os.fsencode("/".join(parts))
+        file = path if entry is None else Path(entry.path)
+        if (file.is_symlink() if entry is None else entry.is_symlink()) and not confine.allows(
+                file):
             digest.update(name + b":outside\n")
             continue
         try:
-            stat = file.stat()
+            stat = file.stat() if entry is None else entry.stat()
         except FileNotFoundError:
             continue
         digest.update(name + f":{stat.st_size}:{stat.st_mtime_ns}\n".encode())
