@@ -206,7 +206,7 @@ def fingerprint(path: Path, confine: Confinement = UNCONFINED) -> str:
     else:
         found: list[tuple[tuple[str, ...], os.DirEntry[str]]] = []
         _walk(str(path), (path.name,), found)
-        files = sorted(found, key=lambda f: f[0])  # type: ignore[arg-type]
+        files = sorted(found, key=lambda f: f[0])
     for parts, entry in files:
         name = os.fsencode("/".join(parts))
         file = path if entry is None else Path(entry.path)
