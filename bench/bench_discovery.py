@@ -51,6 +51,9 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--window", type=float, default=30.0, help="seconds of fleet CPU measured")
     p.add_argument("--tree", type=Path, default=Path(tempfile.gettempdir()) / "aw-bench-disc")
     p.add_argument("--code", type=Path, help="import alphawatch from this folder instead")
+    p.add_argument("--warmup", type=float,
+                   help="seconds the workers get for start-up and their first pass before "
+                        "the window (default: from the in-process first pass)")
     p.add_argument("--label", default="after")
     p.add_argument("--no-fleet", action="store_true", help="the in-process figures only")
     return p.parse_args()
@@ -206,14 +209,25 @@ def fleet(url: str, root: Path, first_pass_wall_s: float) -> dict[str, float]:
                                   cwd=root.parent) for _ in range(ARGS.workers)]
     result: dict[str, float] = {}
     try:
-        # Start-up (imports, the analysis process) and every worker's first pass, then steady.
-        time.sleep(max(20.0, 2 * first_pass_wall_s * ARGS.workers + 2 * ARGS.poll))
+        # Start-up (imports, the analysis process) and the first pass: over once the fleet
+        # spends under a quarter of each poll interval twice in a row (code that never gets
+        # there, like the code before, is measured after the longest warm-up).
+        longest = (ARGS.warmup if ARGS.warmup is not None else
+                   max(30.0, 3 * first_pass_wall_s * ARGS.workers + 2 * ARGS.poll))
+        started, quiet, last = time.monotonic(), 0, 0.0
+        while time.monotonic() - started < longest and quiet < 2:
+            time.sleep(ARGS.poll)
+            now = sum(_cpu_s(p.pid) for p in procs)
+            quiet = quiet + 1 if last and now - last < ARGS.poll / 4 else 0
+            last = now
+        result["warmup_s"] = time.monotonic() - started
         for proc in procs:
             assert proc.poll() is None, logs.read_text(errors="replace")[-3000:]
         before = [_cpu_s(p.pid) for p in procs]
         time.sleep(ARGS.window)
         spent = sum(_cpu_s(p.pid) for p in procs) - sum(before)
         result["fleet_cpu_ms_per_poll"] = 1000 * spent / (ARGS.window / ARGS.poll)
+        print(json.dumps(result), flush=True)
         base = 10**9
         latencies = [_notice(url, root, base + i, (i * 37) % ARGS.runs, False) for i in range(3)]
         result["notice_s_mean"] = statistics.mean(latencies)
