@@ -346,7 +346,8 @@ class Watcher:
                 entry = settled.get(ref.path)
                 if entry is None or entry[1] is not ref:
                     entry = (inodes.get(ref.path, -1), ref)
-                    self._round.append((run_dir, ref.path, entry))
+                    if self.settings.rewrite_checks_per_poll:
+                        self._round.append((run_dir, ref.path, entry))
                 now_settled[ref.path] = entry
             if self.reanalyze and run_id not in self._reanalyzed:
                 queue.reanalyze(session, run_id=run_id)
