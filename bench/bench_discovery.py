@@ -246,14 +246,20 @@ def fleet(url: str, root: Path, first_pass_wall_s: float) -> dict[str, float]:
                 proc.wait(timeout=120)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        for run in root.iterdir():
-            for new in run.glob("checkpoint-100000000*"):
-                shutil.rmtree(new)
+        _remove_new(root)
     return result
+
+
+def _remove_new(root: Path) -> None:
+    """The checkpoints the notice trials wrote (steps from 10**9 on)."""
+    for run in root.iterdir():
+        for new in run.glob("checkpoint-1000000*"):
+            shutil.rmtree(new)
 
 
 def main() -> None:
     root = build_tree(ARGS.tree, ARGS.runs, ARGS.checkpoints)
+    _remove_new(root)
     url = make_database(ARGS.db, ARGS.tree)
     fill(url, root)
     figures: dict[str, object] = {
