@@ -203,23 +203,23 @@ def fleet(url: str, root: Path, first_pass_wall_s: float) -> dict[str, float]:
     env = {**os.environ, "PYTHONPATH": str(CODE), "ALPHAWATCH_ALLOWED_ROOTS": json.dumps(
         [str(root)]), "ALPHAWATCH_SETTLE_S": "0", "ALPHAWATCH_DEVICE": "cpu"}
     logs = root.parent / "workers.log"
+    probe = root / f"run-{ARGS.runs - 1:04d}" / "checkpoint-1000000099"
+    write_checkpoint(probe, 10**9 + 99)
     with logs.open("wb") as out:
         procs = [subprocess.Popen([sys.executable, "-m", "alphawatch", "watch", "--db", url,
                                    "--poll", str(ARGS.poll)], env=env, stdout=out, stderr=out,
                                   cwd=root.parent) for _ in range(ARGS.workers)]
     result: dict[str, float] = {}
     try:
-        # Start-up (imports, the analysis process) and the first pass: over once the fleet
-        # spends under a quarter of each poll interval twice in a row (code that never gets
-        # there, like the code before, is measured after the longest warm-up).
+        # Start-up (imports, the analysis process) and the first pass: over once a checkpoint
+        # written in the last run before the workers started is registered (the first pass
+        # reaches it last), and two polls later.
         longest = (ARGS.warmup if ARGS.warmup is not None else
-                   max(30.0, 3 * first_pass_wall_s * ARGS.workers + 2 * ARGS.poll))
-        started, quiet, last = time.monotonic(), 0, 0.0
-        while time.monotonic() - started < longest and quiet < 2:
-            time.sleep(ARGS.poll)
-            now = sum(_cpu_s(p.pid) for p in procs)
-            quiet = quiet + 1 if last and now - last < ARGS.poll / 4 else 0
-            last = now
+                   max(60.0, 4 * first_pass_wall_s * ARGS.workers + 2 * ARGS.poll))
+        started = time.monotonic()
+        while not _registered(url, probe) and time.monotonic() - started < longest:
+            time.sleep(1.0)
+        time.sleep(2 * ARGS.poll)
         result["warmup_s"] = time.monotonic() - started
         for proc in procs:
             assert proc.poll() is None, logs.read_text(errors="replace")[-3000:]
