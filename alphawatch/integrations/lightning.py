@@ -45,6 +45,7 @@ class AlphaWatchCallback(pl.Callback):
         self.dirpath = Path(dirpath) if dirpath is not None else None
         self.stopped_by_gate = False
         self._unseen_save = False
+        self._seen: tuple[Any, ...] = ()
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
@@ -56,10 +57,14 @@ class AlphaWatchCallback(pl.Callback):
             return
         self.link.start(folder)
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._seen = _saves(trainer)
+
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
-        # Called while the checkpoint is being made, before its file is written: the scan is
-        # asked for at the next hook, once the file is there.
+        # Called while a full checkpoint is being made, before its file is written: the scan
+        # is asked for at the next hook, once the file is there. (Weights-only saves skip this
+        # hook; they show in the checkpoint callbacks' state instead.)
         self._unseen_save = True
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
@@ -78,9 +83,10 @@ class AlphaWatchCallback(pl.Callback):
     def _after_save(self, trainer: pl.Trainer, *, last: bool = False) -> None:
         # Every rank saw the save (checkpoints are made on all of them): they take this branch
         # together, so the broadcast below is met by every rank.
-        if not self._unseen_save:
+        seen = _saves(trainer)
+        if not self._unseen_save and seen == self._seen:
             return
-        self._unseen_save = False
+        self._unseen_save, self._seen = False, seen
         failed = False
         if trainer.is_global_zero:
             self.link.saved()
@@ -97,6 +103,13 @@ class AlphaWatchCallback(pl.Callback):
                 log.warning("alphawatch: the gate failed at step %s (%s): stopping training",
                             verdict.get("step"), "; ".join(
                                 str(v.get("message")) for v in verdict.get("violations", [])))
+
+
+def _saves(trainer: pl.Trainer) -> tuple[Any, ...]:
+    """What the checkpoint callbacks have saved so far; it changes with every save."""
+    return tuple((getattr(c, "_last_global_step_saved", None), getattr(c, "last_model_path", None),
+                  tuple(sorted(getattr(c, "best_k_models", {}) or {})))
+                 for c in trainer.checkpoint_callbacks)
 
 
 def _checkpoint_dir(trainer: pl.Trainer) -> Path | None:
