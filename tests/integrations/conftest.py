@@ -35,6 +35,23 @@ def _one_thread(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real small training run (demo_run: checkpoint-10/, checkpoint-20/), on one thread."""
+    import torch
+
+    from alphawatch.workers.demo_run import train
+
+    out = tmp_path_factory.mktemp("small-run")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(out, steps=20, save_every=10, seed=0, d_model=64)
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
 @dataclass
 class Live:
     """A running server and worker: base URL, a write token, the allowed root, the settings."""

@@ -216,16 +216,23 @@ class WandbTarget:
     def open(self, run_name: str) -> WandbRun:
         wandb = _require("wandb")
         run_id = wandb_run_id(run_name)
-        self.directory.mkdir(parents=True, exist_ok=True)
         offline = os.environ.get("WANDB_MODE", "").lower() in ("offline", "dryrun")
         logged = (read_offline(self.directory, run_id) if offline
                   else self._read_online(wandb, run_id))
-        run = wandb.init(project=self.project, entity=self.entity, id=run_id, name=run_name,
-                         resume="allow", dir=str(self.directory), reinit="create_new",
-                         settings=wandb.Settings(console="off", silent=True))
-        run.define_metric(STEP_KEY)
-        run.define_metric(f"{PREFIX}/*", step_metric=STEP_KEY)
-        return WandbRun(run, logged)
+
+        def start() -> Any:
+            # Only once there is something to log: an export that adds nothing leaves no
+            # trace, not even an empty offline run.
+            self.directory.mkdir(parents=True, exist_ok=True)
+            run = wandb.init(project=self.project, entity=self.entity, id=run_id,
+                             name=run_name, resume="allow", dir=str(self.directory),
+                             reinit="create_new",
+                             settings=wandb.Settings(console="off", silent=True))
+            run.define_metric(STEP_KEY)
+            run.define_metric(f"{PREFIX}/*", step_metric=STEP_KEY)
+            return run
+
+        return WandbRun(start, logged)
 
     def shutdown(self) -> None:
         # A finished run's records may still be on their way to disk in W&B's service process;
@@ -254,14 +261,17 @@ def wandb_run_id(run_name: str) -> str:
 
 
 class WandbRun:
-    def __init__(self, run: Any, logged: dict[str, set[int]]) -> None:
-        self.run = run
+    def __init__(self, start: Any, logged: dict[str, set[int]]) -> None:
+        self._start = start
+        self.run: Any = None
         self._logged = logged
 
     def logged(self, keys: Sequence[str]) -> dict[str, set[int]]:
         return {k: self._logged[k] for k in keys if k in self._logged}
 
     def log(self, step: int, values: dict[str, float]) -> None:
+        if self.run is None:
+            self.run = self._start()
         self.run.log({STEP_KEY: step, **values})
         for key in values:
             self._logged.setdefault(key, set()).add(step)
@@ -270,7 +280,9 @@ class WandbRun:
         pass
 
     def close(self) -> None:
-        self.run.finish()
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
 
 
 def _collect(row: dict[str, Any], logged: dict[str, set[int]]) -> None:
@@ -286,8 +298,8 @@ def read_offline(directory: Path, run_id: str) -> dict[str, set[int]]:
     """What the offline runs of ``run_id`` under ``directory/wandb`` hold, by key."""
     protocol = _require("wandb.proto.wandb_internal_pb2")
     logged: dict[str, set[int]] = defaultdict(set)
-    for path in sorted((directory / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")):
-        for data in wandb_records(path):
+    for path in offline_runs(directory, run_id):
+        for data in wandb_records(path / f"run-{run_id}.wandb"):
             record = protocol.Record()
             record.ParseFromString(data)
             if record.WhichOneof("record_type") != "history":
@@ -296,6 +308,16 @@ def read_offline(directory: Path, run_id: str) -> dict[str, set[int]]:
                    for item in record.history.item}
             _collect(row, logged)
     return dict(logged)
+
+
+def offline_runs(directory: Path, run_id: str) -> list[Path]:
+    """The offline run folders of ``run_id``, oldest first (``offline-run-<time>-<id>[-<n>]``,
+    the suffix added when two start in the same second)."""
+    own = re.compile(rf"offline-run-\d{{8}}_\d{{6}}-{re.escape(run_id)}(-\d+)?")
+    folder = directory / "wandb"
+    found = [p for p in folder.glob("offline-run-*") if own.fullmatch(p.name)] \
+        if folder.is_dir() else []
+    return sorted(p for p in found if (p / f"run-{run_id}.wandb").is_file())
 
 
 # W&B's transaction log (``run-<id>.wandb``) is LevelDB's log format after a 7-byte header:
