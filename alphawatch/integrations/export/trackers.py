@@ -247,7 +247,7 @@ class WandbTarget:
         path = f"{self.entity or api.default_entity}/{self.project}/{run_id}"
         try:
             run = api.run(path)
-        except wandb.errors.CommError:  # no such run yet
+        except (wandb.errors.CommError, ValueError):  # no such run yet
             return {}
         logged: dict[str, set[int]] = defaultdict(set)
         for row in run.scan_history():
