@@ -16,14 +16,10 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from alphawatch.integrations.hf import AlphaWatchCallback
 from alphawatch.integrations.link import gate_failed
-from alphawatch.service.api.routes import router
 from alphawatch.trust import Thresholds
 from tests.db import wait_until
-from tests.integrations.conftest import Live, Tokens, start_live, tiny_llama
+from tests.integrations.conftest import HAS_SCAN_ROUTE, Live, Tokens, start_live, tiny_llama
 from tests.pg import free_port
-
-HAS_SCAN_ROUTE = any(getattr(r, "path", None) == "/api/v1/runs/{run_id}/scan"
-                     and "POST" in getattr(r, "methods", ()) for r in router.routes)
 
 
 def _args(out: Path, *, steps: int, save_every: int) -> TrainingArguments:

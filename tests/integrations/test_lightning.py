@@ -18,8 +18,7 @@ from torch.utils.data import DataLoader
 from alphawatch.integrations.lightning import AlphaWatchCallback
 from alphawatch.trust import Thresholds
 from tests.db import wait_until
-from tests.integrations.conftest import Live, Tokens, start_live, tiny_llama
-from tests.integrations.test_hf import HAS_SCAN_ROUTE
+from tests.integrations.conftest import HAS_SCAN_ROUTE, Live, Tokens, start_live, tiny_llama
 from tests.pg import free_port
 
 
