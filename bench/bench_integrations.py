@@ -73,7 +73,7 @@ def fill(url: str, *, checkpoints: int, layers: int, seed: int = 0) -> int:
 
 def ms(values: list[float]) -> str:
     ordered = sorted(values)
-    p95 = ordered[max(0, int(round(0.95 * len(ordered))) - 1)]
+    p95 = ordered[max(0, round(0.95 * len(ordered)) - 1)]
     return f"median {statistics.median(ordered) * 1e3:.2f} ms, p95 {p95 * 1e3:.2f} ms"
 
 
