@@ -14,7 +14,12 @@ import threading
 from dataclasses import dataclass, field
 
 from alphawatch.integrations.export.points import export_run
-from alphawatch.integrations.export.trackers import Target, TrackerRun, targets_of
+from alphawatch.integrations.export.trackers import (
+    Target,
+    TrackerMissing,
+    TrackerRun,
+    targets_of,
+)
 from alphawatch.service.db.models import Run
 from alphawatch.service.db.session import make_engine, session_scope
 from alphawatch.settings import Settings
@@ -46,6 +51,7 @@ class ContinuousExport:
         self.exported = 0  # values logged so far, over every target
         self.failures = 0
         self._handed = 0  # checkpoints handed over and not yet exported
+        self._missing: set[int] = set()  # targets whose library is not installed
         self._done = threading.Condition()
 
     def __call__(self, run_id: int, step: int) -> None:
@@ -100,8 +106,15 @@ class ContinuousExport:
     def _export_all(self, run_ids: set[int]) -> None:
         for run_id in sorted(run_ids):
             for index, target in enumerate(self.targets):
+                if index in self._missing:
+                    continue
                 try:
                     self._export(index, target, run_id)
+                except TrackerMissing as exc:
+                    # Not installed: no later checkpoint will do better than this one.
+                    self._missing.add(index)
+                    self.failures += 1
+                    log.error("export to %s is off: %s", target.kind, exc)
                 except Exception as exc:  # whatever a tracker raises, the worker goes on
                     self.failures += 1
                     log.warning("export of run %s to %s failed: %s: %s", run_id, target.kind,

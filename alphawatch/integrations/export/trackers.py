@@ -163,8 +163,10 @@ class TensorBoardRun:
         self._writer: Any = None
 
     def logged(self, keys: Sequence[str]) -> dict[str, set[int]]:
-        return {k: v for k, v in read_scalars(self.folder).items() if k in set(keys)} \
-            if self.folder.is_dir() else {}
+        if not self.folder.is_dir():
+            return {}
+        wanted = set(keys)
+        return {k: v for k, v in read_scalars(self.folder).items() if k in wanted}
 
     def log(self, step: int, values: dict[str, float]) -> None:
         if self._writer is None:
