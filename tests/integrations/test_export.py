@@ -209,3 +209,23 @@ def test_the_worker_exports_each_analysed_checkpoint_whatever_a_tracker_does(
     assert [c["status"] for c in checkpoints] == ["done", "done"]
     assert scalars["alphawatch/alpha/median"] == pytest.approx(
         {p["step"]: p["value"] for p in trend}, rel=1e-6)
+
+
+def test_wandb_records_larger_than_a_block_are_read_back(wandb_offline: Path) -> None:
+    from alphawatch.integrations.export import WandbTarget
+
+    # ~80 KiB of keys in one history record: it spans three 32 KiB blocks of the run file.
+    values = {f"alphawatch/layers/model.layers.{i}.mlp.down_proj/alpha": i / 7 for i in range(1500)}
+    target = WandbTarget("spectra", directory=wandb_offline)
+    tracker = target.open("big-run")
+    tracker.log(7, values)
+    tracker.log(9, {"alphawatch/alpha/median": 3.5})
+    tracker.close()
+    target.shutdown()
+    run_file = offline_runs(wandb_offline, wandb_run_id("big-run"))[0] / (
+        f"run-{wandb_run_id('big-run')}.wandb")
+    assert run_file.stat().st_size > 64 * 1024
+    logged = read_offline(wandb_offline, wandb_run_id("big-run"))
+    assert logged == {**{key: {7} for key in values}, "alphawatch/alpha/median": {9}}
+    row = _wandb_values(run_file.parent)[7]
+    assert all(row[k] == pytest.approx(v) for k, v in values.items())

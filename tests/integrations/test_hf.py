@@ -96,6 +96,18 @@ def test_a_server_that_is_down_costs_one_warning(tmp_path: Path,
     assert time.monotonic() - started < 120
 
 
+def test_a_refused_registration_costs_one_warning(live: Live,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="alphawatch.integrations")
+    callback = AlphaWatchCallback(url=live.url, token="not-a-token")
+    trainer = _trainer(live.root / "refused", [callback], steps=20, save_every=5)
+    trainer.train()
+    assert trainer.state.global_step == 20
+    warnings = _warnings(caplog)
+    assert len(warnings) == 1 and "HTTP 401" in warnings[0], warnings
+    assert callback.link.run is None and live.get("/runs")["runs"] == []
+
+
 @pytest.fixture
 def failing_gate(pg_url: str, tmp_path: Path) -> Iterator[Live]:
     """A server whose gate fails every analysed checkpoint: alpha must lie in [50, 60]."""
