@@ -103,6 +103,13 @@ def live(pg_url: str, tmp_path: Path) -> Iterator[Live]:
     yield from start_live(pg_url, tmp_path / "runs")
 
 
+@pytest.fixture
+def failing_gate(pg_url: str, tmp_path: Path) -> Iterator[Live]:
+    """A server whose gate fails every analysed checkpoint: alpha must lie in [50, 60]."""
+    yield from start_live(pg_url, tmp_path / "runs",
+                          trust=Thresholds(over_trained_below=50.0, under_trained_above=60.0))
+
+
 def tiny_llama(seed: int = 0) -> Any:
     """A Llama built from a config (nothing downloaded): 2 blocks, width 64."""
     import torch

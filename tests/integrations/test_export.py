@@ -60,6 +60,7 @@ def _export(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
 
 def test_mlflow_export_is_read_back_and_never_doubled(
         served: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -96,6 +97,7 @@ def test_mlflow_export_is_read_back_and_never_doubled(
 
 
 def _tensorboard(folder: Path) -> dict[str, dict[int, float]]:
+    pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(folder), size_guidance={"scalars": 0})

@@ -16,7 +16,6 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from alphawatch.integrations.hf import AlphaWatchCallback
 from alphawatch.integrations.link import gate_failed
-from alphawatch.trust import Thresholds
 from tests.db import wait_until
 from tests.integrations.conftest import HAS_SCAN_ROUTE, Live, Tokens, start_live, tiny_llama
 from tests.pg import free_port
@@ -106,13 +105,6 @@ def test_a_refused_registration_costs_one_warning(live: Live,
     warnings = _warnings(caplog)
     assert len(warnings) == 1 and "HTTP 401" in warnings[0], warnings
     assert callback.link.run is None and live.get("/runs")["runs"] == []
-
-
-@pytest.fixture
-def failing_gate(pg_url: str, tmp_path: Path) -> Iterator[Live]:
-    """A server whose gate fails every analysed checkpoint: alpha must lie in [50, 60]."""
-    yield from start_live(pg_url, tmp_path / "runs",
-                          trust=Thresholds(over_trained_below=50.0, under_trained_above=60.0))
 
 
 class _Guard(TrainerCallback):

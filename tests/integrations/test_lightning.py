@@ -16,9 +16,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from alphawatch.integrations.lightning import AlphaWatchCallback
-from alphawatch.trust import Thresholds
 from tests.db import wait_until
-from tests.integrations.conftest import HAS_SCAN_ROUTE, Live, Tokens, start_live, tiny_llama
+from tests.integrations.conftest import HAS_SCAN_ROUTE, Live, Tokens, tiny_llama
 from tests.pg import free_port
 
 
@@ -104,20 +103,17 @@ class _Slow(pl.Callback):
             self.fired = trainer.should_stop = True
 
 
-def test_lightning_stops_when_the_gate_fails(pg_url: str, tmp_path: Path) -> None:
-    for live in start_live(pg_url, tmp_path / "runs",
-                           trust=Thresholds(over_trained_below=50.0, under_trained_above=60.0)):
-        callback = AlphaWatchCallback(url=live.url, token=live.token, stop_on_gate=True)
-        slow = _Slow(limit=5000)
-        folder = live.root / "gated"
-        checkpoints = ModelCheckpoint(dirpath=folder, filename="{step}", save_top_k=-1,
-                                      every_n_train_steps=10, save_weights_only=True)
-        trainer = pl.Trainer(max_steps=100_000, accelerator="cpu", devices=1, logger=False,
-                             enable_progress_bar=False, enable_model_summary=False,
-                             callbacks=[callback, slow, checkpoints],
-                             default_root_dir=tmp_path)
-        trainer.fit(TinyLlamaModule(), DataLoader(Tokens(n=100_000), batch_size=8))  # type: ignore[arg-type]
-        assert not slow.fired, "the failing gate did not stop training"
-        assert callback.stopped_by_gate and trainer.global_step < 5000
-        verdict = callback.link.last_verdict
-        assert verdict is not None and verdict["passed"] is False and verdict["step"] is not None
+def test_lightning_stops_when_the_gate_fails(failing_gate: Live, tmp_path: Path) -> None:
+    live = failing_gate
+    callback = AlphaWatchCallback(url=live.url, token=live.token, stop_on_gate=True)
+    slow = _Slow(limit=5000)
+    checkpoints = ModelCheckpoint(dirpath=live.root / "gated", filename="{step}", save_top_k=-1,
+                                  every_n_train_steps=10, save_weights_only=True)
+    trainer = pl.Trainer(max_steps=100_000, accelerator="cpu", devices=1, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[callback, slow, checkpoints], default_root_dir=tmp_path)
+    trainer.fit(TinyLlamaModule(), DataLoader(Tokens(n=100_000), batch_size=8))  # type: ignore[arg-type]
+    assert not slow.fired, "the failing gate did not stop training"
+    assert callback.stopped_by_gate and trainer.global_step < 5000
+    verdict = callback.link.last_verdict
+    assert verdict is not None and verdict["passed"] is False and verdict["step"] is not None
