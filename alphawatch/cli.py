@@ -485,15 +485,18 @@ def _cmd_export(args: argparse.Namespace) -> int:
             raise _UserError(f"no run named {args.run!r} in {settings.database_url}")
         try:
             tracker = target.open(run.name)
+            try:
+                count = export_run(session=session, run_id=run.id, tracker=tracker,
+                                   thresholds=settings.trust, method=args.method,
+                                   layers=args.layers)
+            finally:
+                tracker.close()
+                target.shutdown()
         except TrackerMissing as exc:
             raise _UserError(str(exc)) from exc
-        try:
-            count = export_run(session=session, run_id=run.id, tracker=tracker,
-                               thresholds=settings.trust, method=args.method,
-                               layers=args.layers)
-        finally:
-            tracker.close()
-            target.shutdown()
+        except Exception as exc:  # each tracker raises its own types (MlflowException, ...)
+            raise _UserError(f"export to {args.tracker} failed: {type(exc).__name__}: "
+                             f"{exc}") from exc
         print(f"alphawatch: logged {count} new values of run {run.name!r} to {args.tracker}")
     return EXIT_OK
 

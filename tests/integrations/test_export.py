@@ -231,3 +231,15 @@ def test_wandb_records_larger_than_a_block_are_read_back(wandb_offline: Path) ->
     assert logged == {**{key: {7} for key in values}, "alphawatch/alpha/median": {9}}
     row = _wandb_values(run_file.parent)[7]
     assert all(row[k] == pytest.approx(v) for k, v in values.items())
+
+
+def test_export_of_an_unknown_run_or_to_a_broken_store_is_a_clear_error(
+        served: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["export", "tensorboard", "--run", "no-such-run", "--logdir",
+                 str(tmp_path / "tb"), "--db", served["url"]]) == 2
+    assert "no run named 'no-such-run'" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("not a folder")
+    assert main(["export", "mlflow", "--run", "run-a", "--db", served["url"],
+                 "--tracking-uri", f"sqlite:///{tmp_path / 'a-file' / 'mlflow.db'}"]) == 2
+    assert "export to mlflow failed" in capsys.readouterr().err
+    assert not (tmp_path / "tb").exists()
