@@ -5,6 +5,7 @@
     alphawatch watch RUN_DIR...      worker only
     alphawatch serve                 API + dashboard only
     alphawatch gate --url U --run R  exit code for CI
+    alphawatch export mlflow|tensorboard|wandb --run R   robust statistics into a tracker
     alphawatch db upgrade | token create|list|revoke | runs list
 """
 
@@ -117,6 +118,34 @@ def build_parser() -> argparse.ArgumentParser:
                       help="fail when a larger share of layers (0..1) is untrusted")
     gate.add_argument("--max-delta", type=positive,
                       help="fail when alpha moved more than this since --ref-step")
+
+    export = sub.add_parser("export", help="log a run's robust statistics to an experiment "
+                                           "tracker (again: only what it lacks)")
+    export_sub = export.add_subparsers(dest="tracker", required=True, metavar="TRACKER")
+
+    def export_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--run", type=str, required=True, help="run name (or id)")
+        p.add_argument("--layers", action="store_true",
+                       help="every layer's alpha too, not only the model-level statistics")
+        p.add_argument("--method", type=str, default="ww", help="fit method (default: ww)")
+        db_option(p)
+
+    mlflow = export_sub.add_parser("mlflow", help="MLflow: one run per alphawatch run")
+    export_options(mlflow)
+    mlflow.add_argument("--tracking-uri", type=str, required=True, metavar="URI",
+                        help="MLflow tracking URI (sqlite:///mlflow.db, http://mlflow:5000)")
+    mlflow.add_argument("--experiment", type=str, default="alphawatch",
+                        help="MLflow experiment (default: alphawatch)")
+    tensorboard = export_sub.add_parser("tensorboard", help="TensorBoard event files")
+    export_options(tensorboard)
+    tensorboard.add_argument("--logdir", type=Path, required=True, metavar="DIR",
+                             help="TensorBoard folder; the run is written to DIR/<run name>/")
+    wandb = export_sub.add_parser("wandb", help="Weights & Biases (WANDB_MODE=offline works)")
+    export_options(wandb)
+    wandb.add_argument("--project", type=str, default="alphawatch",
+                       help="W&B project (default: alphawatch)")
+    wandb.add_argument("--entity", type=str, help="W&B entity (default: the user's)")
+    wandb.add_argument("--dir", type=Path, help="where W&B keeps its files (default: here)")
 
     db = sub.add_parser("db", help="database maintenance")
     db_sub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
@@ -257,7 +286,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
         # The folders named and nothing above them: `up /runs` must not allow `/`.
         settings = settings.model_copy(update={"allowed_roots": dirs})
     _prepare_database(settings, migrate=True)
-    watcher = Watcher(settings, dirs)
+    exporter = _exporter(settings)
+    watcher = Watcher(settings, dirs, on_analysed=exporter)
     stop = threading.Event()
     # A worker loop that dies is restarted; /health answers 503 until it runs again.
     worker = Supervisor(watcher.run_forever, lambda: watcher.passes, stop)
@@ -270,6 +300,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
     finally:
         stop.set()
         worker.join(timeout=60)
+        if exporter is not None:
+            exporter.close()
     return EXIT_OK
 
 
@@ -279,14 +311,19 @@ def _cmd_watch(args: argparse.Namespace) -> int:
     dirs = _check_dirs(args.run_dir)
     settings = _settings(args)
     _prepare_database(settings, migrate=_is_embedded(settings))
-    watcher = Watcher(settings, dirs, reanalyze=args.reanalyze)
-    if args.once:
-        count = watcher.run_once()
-        print(f"alphawatch: analysed {count} checkpoints")
-        return EXIT_OK
-    stop = threading.Event()
-    _stop_on_signals(stop)
-    watcher.run_forever(stop)
+    exporter = _exporter(settings)
+    watcher = Watcher(settings, dirs, reanalyze=args.reanalyze, on_analysed=exporter)
+    try:
+        if args.once:
+            count = watcher.run_once()
+            print(f"alphawatch: analysed {count} checkpoints")
+            return EXIT_OK
+        stop = threading.Event()
+        _stop_on_signals(stop)
+        watcher.run_forever(stop)
+    finally:
+        if exporter is not None:
+            exporter.close()
     return EXIT_OK
 
 
@@ -415,6 +452,63 @@ def _cmd_gate(args: argparse.Namespace) -> int:
     return EXIT_FAIL
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from sqlalchemy import select
+
+    from alphawatch.integrations.export import (
+        MlflowTarget,
+        Target,
+        TensorBoardTarget,
+        WandbTarget,
+        export_run,
+    )
+    from alphawatch.integrations.export.trackers import TrackerMissing
+    from alphawatch.service.db.models import Run
+    from alphawatch.service.db.session import make_engine, session_scope
+
+    settings = _settings(args)
+    _prepare_database(settings, migrate=False)
+    target: Target
+    if args.tracker == "mlflow":
+        target = MlflowTarget(args.tracking_uri, args.experiment)
+    elif args.tracker == "tensorboard":
+        target = TensorBoardTarget(args.logdir.expanduser().resolve())
+    else:
+        target = WandbTarget(args.project, args.entity,
+                             args.dir.expanduser().resolve() if args.dir else None)
+    with session_scope(make_engine(settings.database_url)) as session:
+        query = select(Run).where(Run.name == args.run)
+        run = session.scalars(query).first()
+        if run is None and args.run.isdigit():
+            run = session.get(Run, int(args.run))
+        if run is None:
+            raise _UserError(f"no run named {args.run!r} in {settings.database_url}")
+        try:
+            tracker = target.open(run.name)
+            try:
+                count = export_run(session=session, run_id=run.id, tracker=tracker,
+                                   thresholds=settings.trust, method=args.method,
+                                   layers=args.layers)
+            finally:
+                tracker.close()
+                target.shutdown()
+        except TrackerMissing as exc:
+            raise _UserError(str(exc)) from exc
+        except Exception as exc:  # each tracker raises its own types (MlflowException, ...)
+            raise _UserError(f"export to {args.tracker} failed: {type(exc).__name__}: "
+                             f"{exc}") from exc
+        print(f"alphawatch: logged {count} new values of run {run.name!r} to {args.tracker}")
+    return EXIT_OK
+
+
+def _exporter(settings: Settings) -> Any:
+    """The worker's continuous export when ``ALPHAWATCH_EXPORT__*`` names a target, else None."""
+    from alphawatch.integrations.export.continuous import ContinuousExport
+
+    exporter = ContinuousExport(settings)
+    return exporter if exporter.targets else None
+
+
 def _cmd_db(args: argparse.Namespace) -> int:
     from alphawatch.service.db.migrations import upgrade
 
@@ -481,7 +575,7 @@ def _cmd_runs(args: argparse.Namespace) -> int:
 
 _COMMANDS = {
     "up": _cmd_up, "watch": _cmd_watch, "serve": _cmd_serve, "analyze": _cmd_analyze,
-    "gate": _cmd_gate, "db": _cmd_db, "token": _cmd_token, "runs": _cmd_runs,
+    "gate": _cmd_gate, "export": _cmd_export, "db": _cmd_db, "token": _cmd_token, "runs": _cmd_runs,
 }
 
 if __name__ == "__main__":

@@ -9,12 +9,30 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from alphawatch.trust import Thresholds
 
 DEFAULT_DATABASE_URL = "sqlite:///./alphawatch.db"
+
+
+class ExportSettings(BaseModel):
+    """Trackers the worker exports each analysed checkpoint to (``ALPHAWATCH_EXPORT__*``).
+
+    Nothing is exported unless a target is named. A tracker that fails is logged and skipped:
+    it never fails a job or stops the worker.
+    """
+
+    mlflow_tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI (sqlite:///mlflow.db, http://mlflow:5000)")
+    mlflow_experiment: str = Field("alphawatch", min_length=1, description="MLflow experiment")
+    tensorboard_logdir: Path | None = Field(
+        None, description="TensorBoard folder; each run writes <logdir>/<run name>/")
+    wandb_project: str | None = Field(None, description="Weights & Biases project")
+    wandb_entity: str | None = Field(None, description="W&B entity (default: the user's)")
+    wandb_dir: Path | None = Field(None, description="where W&B keeps its files (offline too)")
+    layers: bool = Field(False, description="export every layer's alpha, not only the model's")
 
 
 class Settings(BaseSettings):
@@ -51,6 +69,7 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     trust: Thresholds = Field(default_factory=Thresholds)
+    export: ExportSettings = Field(default_factory=ExportSettings)
 
     @field_validator("database_url")
     @classmethod

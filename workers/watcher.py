@@ -112,6 +112,8 @@ class Watcher:
             registered through the API are watched as well.
         worker_id: name of this worker in job leases; host:pid:random by default.
         reanalyze: queue checkpoints already analysed once more.
+        on_analysed: called with (run id, step) once a checkpoint's results are committed
+            (continuous export); whatever it raises is logged, never the worker's concern.
     """
 
     def __init__(
@@ -121,6 +123,7 @@ class Watcher:
         *,
         worker_id: str | None = None,
         reanalyze: bool = False,
+        on_analysed: Callable[[int, int], None] | None = None,
     ) -> None:
         self.settings = settings
         self.run_dirs = [check_run_dir(Path(p)) for p in run_dirs]
@@ -129,6 +132,7 @@ class Watcher:
         self.confine = Confinement.to([*settings.allowed_roots, *self.run_dirs])
         self.worker_id = worker_id or default_worker_id()
         self.reanalyze = reanalyze
+        self.on_analysed = on_analysed
         self.engine = make_engine(settings.database_url)
         self.device = resolve_device(settings.device)
         self.thresholds = settings.trust
@@ -320,10 +324,20 @@ class Watcher:
                 log.info("step %s of run %s: %d layers in %.2fs, peak %.0f MB%s", job.step,
                          job.run_id, len(outcome.layers), outcome.elapsed_s, outcome.peak_mb,
                          "" if done else " (lease lost, not written)")
+                if done and self.on_analysed is not None:
+                    self._announce(job)
         finally:
             beat.stop_event.set()
             beat.join(timeout=5)
         return True
+
+    def _announce(self, job: queue.ClaimedJob) -> None:
+        assert self.on_analysed is not None
+        try:
+            self.on_analysed(job.run_id, job.step)
+        except Exception as exc:  # an exporter's failure never fails the job or the worker
+            log.warning("after step %s of run %s: %s: %s", job.step, job.run_id,
+                        type(exc).__name__, exc)
 
     def _finish_failed(self, job: queue.ClaimedJob, error: str, *, vanished: bool = False,
                        final: bool = False) -> None:
