@@ -18,6 +18,7 @@ from pydantic import BaseModel, TypeAdapter
 from sqlalchemy.orm import Session
 
 from alphawatch.service.api import gate as gates
+from alphawatch.service.api import metrics as metrics_
 from alphawatch.service.api import queries, runs
 from alphawatch.service.api.auth import read_access, require
 from alphawatch.service.api.cache import ResultCache
@@ -165,9 +166,11 @@ def health(session: SessionDep, request: Request) -> Any:
 
 @health_router.get("/metrics", response_class=PlainTextResponse,
                    dependencies=[Depends(read_access)], responses=documented(503))
-def metrics(session: SessionDep) -> str:
-    """Prometheus metrics: checkpoints by status, queue depth, runs."""
-    return runs.metrics_text(session=session)
+def metrics(session: SessionDep, settings: SettingsDep) -> Response:
+    """Prometheus metrics: per run alpha, untrusted share, gate, last step; analyses; queue."""
+    return Response(metrics_.metrics_text(session=session, method=settings.fit_method,
+                                          thresholds=settings.trust),
+                    media_type=metrics_.CONTENT_TYPE)
 
 
 @router.get("/runs", response_model=RunList, responses=documented(422, 503))
