@@ -69,11 +69,18 @@ class GateRules(BaseModel):
         # A gate query may name an empty band (it then fails); stored rules may not.
         if info.context and info.context.get("empty_band_allowed"):
             return self
+        problem = self.empty_band()
+        if problem is not None:
+            raise ValueError(problem)
+        return self
+
+    def empty_band(self) -> str | None:
+        """Why no alpha could pass (min_alpha above max_alpha), or None."""
         if (self.min_alpha is not None and self.max_alpha is not None
                 and self.min_alpha > self.max_alpha):
-            raise ValueError(f"min_alpha {self.min_alpha:g} is above max_alpha "
-                             f"{self.max_alpha:g}: no alpha could pass")
-        return self
+            return (f"min_alpha {self.min_alpha:g} is above max_alpha {self.max_alpha:g}: "
+                    "no alpha could pass")
+        return None
 
     def merged(self, overrides: dict[str, Any], *, empty_band_allowed: bool = False) -> GateRules:
         """These rules with ``overrides`` (rule name -> value, ``None`` = off) applied, checked.

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from alphawatch.gate_rules import GateRules
 from alphawatch.service.api import queries
-from alphawatch.service.api.errors import Invalid
+from alphawatch.service.api.errors import Conflict, Invalid
 from alphawatch.service.db import alerts
 from alphawatch.service.db import gate as gates
 from alphawatch.trust import Thresholds
@@ -63,13 +63,20 @@ def rules_write(*, session: Session, run_id: int, overrides: dict[str, Any],
 
     Raises:
         NotFound: no such run.
-        Invalid: the merged rules are nonsense, e.g. min_alpha above max_alpha.
+        Invalid: a rule the schema cannot refuse, e.g. a null ``stat``.
+        Conflict: the rules contradict each other once merged with the server's defaults
+            (min_alpha above max_alpha). Not 422: the body alone may be valid, as
+            ``{"min_alpha": 7}`` is against a server whose max_alpha is 6.
     """
     queries.get_run(session=session, run_id=run_id)
     try:
-        alerts.set_rules(session, run_id=run_id, overrides=overrides, defaults=defaults)
+        empty = defaults.merged(overrides, empty_band_allowed=True).empty_band()
     except ValueError as exc:
         raise Invalid(_reason(exc)) from exc
+    if empty is not None:
+        raise Conflict(f"{empty}; the server's defaults are min_alpha {defaults.min_alpha}, "
+                       f"max_alpha {defaults.max_alpha}")
+    alerts.set_rules(session, run_id=run_id, overrides=overrides, defaults=defaults)
     if queries.done_checkpoints(session=session, run_id=run_id):
         # New rules can flip the verdict as much as a new checkpoint can.
         alerts.record_verdict(session, run_id=run_id, check=check)

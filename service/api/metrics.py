@@ -27,7 +27,6 @@ from prometheus_client.metrics_core import (
     Metric,
 )
 from prometheus_client.registry import Collector
-from prometheus_client.utils import floatToGoString
 from sqlalchemy import and_, case, func, select
 from sqlalchemy.orm import Session
 
@@ -148,7 +147,7 @@ class DatabaseCollector(Collector):
             *[func.coalesce(func.sum(case((seconds <= bound, 1), else_=0)), 0)
               for bound in ANALYSIS_BUCKETS_S]).where(seconds.is_not(None))).one()
         total, sum_s, *cumulative = counts
-        buckets = [(floatToGoString(bound), float(n)) for bound, n in
+        buckets = [(str(float(bound)), float(n)) for bound, n in
                    zip(ANALYSIS_BUCKETS_S, cumulative, strict=True)]
         buckets.append(("+Inf", float(total)))
         return HistogramMetricFamily(

@@ -355,7 +355,7 @@ def get_gate_rules(run_id: RunId, session: SessionDep, settings: SettingsDep) ->
 
 
 @router.put("/runs/{run_id}/gate-rules", response_model=GateRulesRead,
-            responses=documented(400, 401, 403, 404, 413, 422, 503))
+            responses=documented(400, 401, 403, 404, 409, 413, 422, 503))
 def put_gate_rules(run_id: RunId, body: GateRulesWrite, request: Request,
                    settings: SettingsDep,
                    _token: Annotated[object, Depends(require(TokenScope.WRITE))]

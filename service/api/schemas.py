@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic.json_schema import SkipJsonSchema
 
 from alphawatch.gate_rules import GateRules
 from alphawatch.trust import Thresholds
@@ -253,12 +254,15 @@ LevelStatistic = Literal[tuple(s.value for s in Statistic if s.is_level)]  # typ
 
 
 class GateRulesWrite(BaseModel):
-    """A run's gate rules: a rule left out takes the server's default, null switches it off."""
+    """A run's gate rules: a rule left out takes the server's default, null switches it off.
+
+    ``stat`` and ``filter`` cannot be switched off: null is not in their schema.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
-    stat: LevelStatistic | None = None  # type: ignore[valid-type]
-    filter: LayerFilter | None = None
+    stat: LevelStatistic | SkipJsonSchema[None] = None  # type: ignore[valid-type]
+    filter: LayerFilter | SkipJsonSchema[None] = None
     min_alpha: float | None = Field(None, allow_inf_nan=False)
     max_alpha: float | None = Field(None, allow_inf_nan=False)
     max_untrusted_share: float | None = Field(None, ge=0, le=1)
