@@ -263,11 +263,13 @@ class GateRulesWrite(BaseModel):
 
     stat: LevelStatistic | SkipJsonSchema[None] = None  # type: ignore[valid-type]
     filter: LayerFilter | SkipJsonSchema[None] = None
-    min_alpha: float | None = Field(None, allow_inf_nan=False)
-    max_alpha: float | None = Field(None, allow_inf_nan=False)
-    max_untrusted_share: float | None = Field(None, ge=0, le=1)
-    max_delta: float | None = Field(None, ge=0, allow_inf_nan=False)
-    ref_step: int | None = Field(None, ge=0, le=2**63 - 1)
+    # strict: true is not 1, nor "3" a number, as the schema says.
+    min_alpha: float | None = Field(None, allow_inf_nan=False, strict=True)
+    max_alpha: float | None = Field(None, allow_inf_nan=False, strict=True)
+    max_untrusted_share: float | None = Field(None, ge=0, le=1, strict=True)
+    max_delta: float | None = Field(None, ge=0, allow_inf_nan=False, strict=True)
+    # 2**53 - 1: the largest integer every JSON reader (and JSON Schema's maximum) holds exactly.
+    ref_step: int | None = Field(None, ge=0, le=2**53 - 1, strict=True)
 
 
 class VerdictRead(BaseModel):
