@@ -103,21 +103,23 @@ def build_parser() -> argparse.ArgumentParser:
     gate.add_argument("--run", type=str, required=True, help="run id or name")
     gate.add_argument("--token", type=str, help="API token when reads need one")
     gate.add_argument("--stat", choices=["median", "mean", "trimmed_mean", "p10", "p25", "p75",
-                                         "p90"], help="robust statistic of alpha (default: median)")
+                                         "p90"],
+                      help="robust statistic of alpha (default: the run's gate rules)")
     gate.add_argument("--filter", choices=["trusted", "all"],
-                      help="layers that count (default: trusted)")
+                      help="layers that count (default: the run's gate rules)")
     gate.add_argument("--step", type=step_number,
                       help="step to judge (default: the latest analysed)")
     gate.add_argument("--ref-step", type=step_number,
                       help="reference step for --max-delta")
     gate.add_argument("--max-alpha", type=float,
-                      help="fail above this alpha (default: the server's under-trained label)")
+                      help="fail above this alpha (default: the run's gate rules)")
     gate.add_argument("--min-alpha", type=float,
-                      help="fail below this alpha (default: the server's over-trained label)")
+                      help="fail below this alpha (default: the run's gate rules)")
     gate.add_argument("--max-untrusted-share", type=share,
                       help="fail when a larger share of layers (0..1) is untrusted")
     gate.add_argument("--max-delta", type=positive,
-                      help="fail when alpha moved more than this since --ref-step")
+                      help="fail when alpha moved more than this since --ref-step "
+                           "(default: the checkpoint before)")
 
     export = sub.add_parser("export", help="log a run's robust statistics to an experiment "
                                            "tracker (again: only what it lacks)")

@@ -7,11 +7,13 @@ embedding applications can pass their own.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Self
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from alphawatch.gate_rules import GateRules
 from alphawatch.trust import Thresholds
 
 DEFAULT_DATABASE_URL = "sqlite:///./alphawatch.db"
@@ -33,6 +35,33 @@ class ExportSettings(BaseModel):
     wandb_entity: str | None = Field(None, description="W&B entity (default: the user's)")
     wandb_dir: Path | None = Field(None, description="where W&B keeps its files (offline too)")
     layers: bool = Field(False, description="export every layer's alpha, not only the model's")
+class AlertSettings(BaseModel):
+    """Where and how gate alerts are delivered (``ALPHAWATCH_ALERTS__<NAME>``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    webhook_url: str | None = Field(
+        None, description="http(s) URL that gate verdict changes are POSTed to; none: no alerts")
+    timeout_s: float = Field(
+        10.0, gt=0, le=300, description="connect, send and each read of one delivery attempt")
+    max_attempts: int = Field(8, ge=1, le=100, description="attempts before a delivery fails")
+    backoff_s: float = Field(
+        2.0, gt=0, description="wait before the second attempt; doubled after each failure")
+    backoff_max_s: float = Field(600.0, gt=0, description="longest wait between two attempts")
+    poll_s: float = Field(2.0, gt=0, description="how often a worker looks for due deliveries")
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _http_only(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        value = value.strip()
+        parts = urlsplit(value)
+        # Only plain HTTP(S) to a named host: no file:, ftp: or other scheme a URL opener
+        # would follow, and nothing that is not a network request.
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("the alert webhook URL must be http:// or https:// with a host")
+        return value
 
 
 class Settings(BaseSettings):
@@ -70,6 +99,20 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     trust: Thresholds = Field(default_factory=Thresholds)
     export: ExportSettings = Field(default_factory=ExportSettings)
+    # min_alpha / max_alpha left unset take the trust thresholds' over-/under-trained labels.
+    gate: GateRules = Field(default_factory=GateRules)
+    alerts: AlertSettings = Field(default_factory=AlertSettings)
+
+    @model_validator(mode="after")
+    def _gate_band_from_trust(self) -> Self:
+        band: dict[str, float] = {}
+        if "min_alpha" not in self.gate.model_fields_set:
+            band["min_alpha"] = self.trust.over_trained_below
+        if "max_alpha" not in self.gate.model_fields_set:
+            band["max_alpha"] = self.trust.under_trained_above
+        if band:
+            self.gate = self.gate.merged(band)
+        return self
 
     @field_validator("database_url")
     @classmethod

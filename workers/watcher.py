@@ -24,9 +24,11 @@ from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from alphawatch.service.db import queue
+from alphawatch.service.db.alerts import GateCheck
 from alphawatch.service.db.models import Run
 from alphawatch.service.db.session import make_engine, session_scope
 from alphawatch.settings import Settings
+from alphawatch.workers.alerts import AlertDispatcher
 from alphawatch.workers.analyst import AnalysisOptions, analyze_checkpoint
 from alphawatch.workers.budget import (
     AnalysisChild,
@@ -144,6 +146,13 @@ class Watcher:
         self.budget = budget_of(settings)
         self.child = AnalysisChild(options_of(settings, self.progress, self.confine.roots),
                                    self.budget)
+        # The gate is evaluated after each analysed checkpoint; its alerts are delivered by a
+        # thread of this worker, never by the loop that analyses.
+        notify = settings.alerts.webhook_url is not None
+        self.gate = GateCheck(defaults=settings.gate, method=settings.fit_method,
+                              thresholds=settings.trust, notify=notify)
+        self.alerts = (AlertDispatcher(settings.alerts, self.engine, self.worker_id)
+                       if notify else None)
 
     # -- database access with retry -------------------------------------------------------
     def _retry(self, what: str, fn: Callable[[], T], stop: threading.Event | None = None) -> T:
@@ -317,10 +326,12 @@ class Watcher:
                             session, job_id=job.job_id, worker_id=self.worker_id,
                             layers=outcome.layers, spectra=outcome.spectra,
                             device=outcome.device, elapsed_s=outcome.elapsed_s,
-                            thresholds=self.thresholds,
+                            thresholds=self.thresholds, gate=self.gate,
                         )
 
                 done = self._retry("complete", write)
+                if done and self.alerts is not None:
+                    self.alerts.wake()
                 log.info("step %s of run %s: %d layers in %.2fs, peak %.0f MB%s", job.step,
                          job.run_id, len(outcome.layers), outcome.elapsed_s, outcome.peak_mb,
                          "" if done else " (lease lost, not written)")
@@ -381,23 +392,32 @@ class Watcher:
         processed = 0
         while self.process_one():
             processed += 1
+        if self.alerts is not None:
+            # One pass, no waiting for retries: what is left stays queued for the next worker.
+            self.alerts.deliver_due()
         return processed
 
     def run_forever(self, stop: threading.Event) -> None:
         """Poll until ``stop`` is set; the job in hand is finished before returning."""
         log.info("worker %s watching %s on %s", self.worker_id,
                  ", ".join(map(str, self.run_dirs)) or "registered runs", self.device)
-        while not stop.is_set():
-            try:
-                self._retry("discover", self.discover_once, stop)
-                self.passes += 1
-                while not stop.is_set() and self.process_one():
-                    pass
-            except (OperationalError, DBAPIError):
-                if stop.is_set():
-                    break
-                raise
-            stop.wait(self.settings.poll_interval_s)
+        if self.alerts is not None:
+            self.alerts.start()
+        try:
+            while not stop.is_set():
+                try:
+                    self._retry("discover", self.discover_once, stop)
+                    self.passes += 1
+                    while not stop.is_set() and self.process_one():
+                        pass
+                except (OperationalError, DBAPIError):
+                    if stop.is_set():
+                        break
+                    raise
+                stop.wait(self.settings.poll_interval_s)
+        finally:
+            if self.alerts is not None:
+                self.alerts.stop()
         self.close()
         log.info("worker %s stopped", self.worker_id)
 

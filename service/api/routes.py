@@ -18,17 +18,21 @@ from pydantic import BaseModel, TypeAdapter
 from sqlalchemy.orm import Session
 
 from alphawatch.service.api import gate as gates
+from alphawatch.service.api import metrics as metrics_
 from alphawatch.service.api import queries, runs
 from alphawatch.service.api.auth import read_access, require
 from alphawatch.service.api.cache import ResultCache
 from alphawatch.service.api.errors import documented
 from alphawatch.service.api.schemas import (
+    AlertList,
     CheckpointLayers,
     CheckpointList,
     CompareRead,
     EsdRead,
     FlagsRead,
     GateRead,
+    GateRulesRead,
+    GateRulesWrite,
     HealthDegraded,
     HealthRead,
     HeatmapRead,
@@ -39,6 +43,7 @@ from alphawatch.service.api.schemas import (
     RunRead,
     TrendRead,
 )
+from alphawatch.service.db.alerts import GateCheck
 from alphawatch.service.db.session import make_engine, session_scope
 from alphawatch.service.db.tokens import TokenScope
 from alphawatch.settings import Settings
@@ -161,9 +166,11 @@ def health(session: SessionDep, request: Request) -> Any:
 
 @health_router.get("/metrics", response_class=PlainTextResponse,
                    dependencies=[Depends(read_access)], responses=documented(503))
-def metrics(session: SessionDep) -> str:
-    """Prometheus metrics: checkpoints by status, queue depth, runs."""
-    return runs.metrics_text(session=session)
+def metrics(session: SessionDep, settings: SettingsDep) -> Response:
+    """Prometheus metrics: per run alpha, untrusted share, gate, last step; analyses; queue."""
+    return Response(metrics_.metrics_text(session=session, method=settings.fit_method,
+                                          thresholds=settings.trust),
+                    media_type=metrics_.CONTENT_TYPE)
 
 
 @router.get("/runs", response_model=RunList, responses=documented(422, 503))
@@ -307,33 +314,70 @@ def get_esd(run_id: RunId, step: StepPath, layer_name: LayerName, session: Sessi
                                             "description": "strict=true and the gate failed"}})
 def gate(
     run_id: RunId, session: SessionDep, settings: SettingsDep, response: Response,
-    stat: Annotated[LevelName,  # type: ignore[valid-type]
-                    Query(description="a level of alpha (a spread cannot be gated)")
-                    ] = DEFAULT_STATISTIC.value,
-    filter: Annotated[LayerFilter, Query()] = DEFAULT_FILTER,
+    stat: Annotated[LevelName | None,  # type: ignore[valid-type]
+                    Query(description="a level of alpha (a spread cannot be gated); "
+                                      "default: the run's gate rules")] = None,
+    filter: Annotated[LayerFilter | None, Query(description="default: the run's gate rules")
+                      ] = None,
     step: Annotated[int | None, Query(ge=0, le=INT64,
                                       description="default: the latest analysed")] = None,
-    min_alpha: Annotated[float | None, Query(allow_inf_nan=False,
-                                             description="default: 2 (over-trained)")] = None,
-    max_alpha: Annotated[float | None, Query(allow_inf_nan=False,
-                                             description="default: 6 (under-trained)")] = None,
+    min_alpha: Annotated[float | None, Query(
+        allow_inf_nan=False,
+        description="default: the run's gate rules (server: 2, over-trained)")] = None,
+    max_alpha: Annotated[float | None, Query(
+        allow_inf_nan=False,
+        description="default: the run's gate rules (server: 6, under-trained)")] = None,
     max_untrusted_share: Annotated[float | None, Query(ge=0, le=1)] = None,
     ref_step: Annotated[int | None, Query(ge=0, le=INT64)] = None,
-    max_delta: Annotated[float | None, Query(ge=0, allow_inf_nan=False)] = None,
+    max_delta: Annotated[float | None, Query(
+        ge=0, allow_inf_nan=False,
+        description="without ref_step: since the analysed checkpoint before")] = None,
     method: Method = "ww",
     strict: Annotated[bool, Query(description="answer 409 when the gate fails")] = False,
 ) -> dict[str, Any]:
-    """CI gate: thresholds on the robust alpha, the untrusted share and the change since a step."""
+    """CI gate: the run's gate rules, or those the query names, on its robust alpha."""
+    named = {"stat": stat, "filter": filter, "min_alpha": min_alpha, "max_alpha": max_alpha,
+             "max_untrusted_share": max_untrusted_share, "ref_step": ref_step,
+             "max_delta": max_delta}
     verdict = gates.evaluate(
-        session=session, run_id=run_id, stat=stat, filter=filter, step=step,
-        min_alpha=settings.trust.over_trained_below if min_alpha is None else min_alpha,
-        max_alpha=settings.trust.under_trained_above if max_alpha is None else max_alpha,
-        max_untrusted_share=max_untrusted_share, ref_step=ref_step, max_delta=max_delta,
-        method=method, thresholds=settings.trust,
-    )
+        session=session, run_id=run_id, step=step,
+        query={k: v for k, v in named.items() if v is not None},
+        defaults=settings.gate, method=method, thresholds=settings.trust)
     if strict and not verdict["passed"]:
         response.status_code = 409
     return verdict
+
+
+@router.get("/runs/{run_id}/gate-rules", response_model=GateRulesRead, responses=READ_ERRORS)
+def get_gate_rules(run_id: RunId, session: SessionDep, settings: SettingsDep) -> dict[str, Any]:
+    """The gate rules that apply to a run, those it stores, and its last recorded verdict."""
+    return gates.rules_read(session=session, run_id=run_id, defaults=settings.gate)
+
+
+@router.put("/runs/{run_id}/gate-rules", response_model=GateRulesRead,
+            responses=documented(400, 401, 403, 404, 409, 413, 422, 503))
+def put_gate_rules(run_id: RunId, body: GateRulesWrite, request: Request,
+                   settings: SettingsDep,
+                   _token: Annotated[object, Depends(require(TokenScope.WRITE))]
+                   ) -> dict[str, Any]:
+    """Store a run's gate rules (left out: server default; null: off); needs a write token."""
+    check = GateCheck(defaults=settings.gate, method=settings.fit_method,
+                      thresholds=settings.trust,
+                      notify=settings.alerts.webhook_url is not None)
+    with _unit_of_work(request) as session:
+        answer = gates.rules_write(
+            session=session, run_id=run_id, defaults=settings.gate, check=check,
+            overrides=body.model_dump(mode="json", include=body.model_fields_set))
+    _written(request)
+    return answer
+
+
+@router.get("/runs/{run_id}/alerts", response_model=AlertList, responses=READ_ERRORS)
+def list_alerts(run_id: RunId, session: SessionDep,
+                limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+                offset: Annotated[int, Query(ge=0, le=INT64)] = 0) -> dict[str, Any]:
+    """A run's gate alerts (verdict changes) and their webhook deliveries, newest first."""
+    return gates.alerts_read(session=session, run_id=run_id, limit=limit, offset=offset)
 
 
 @router.get("/compare", response_model=CompareRead, responses=READ_ERRORS)

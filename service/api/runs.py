@@ -156,19 +156,3 @@ def layers_csv(*, session: Session, run_id: int, method: str) -> str:
 def ping(*, session: Session) -> None:
     """Raise when the database cannot answer."""
     session.execute(select(1))
-
-
-def metrics_text(*, session: Session) -> str:
-    """Prometheus text: checkpoints by status, queue depth, runs."""
-    lines = ["# HELP alphawatch_checkpoints Checkpoints by analysis status.",
-             "# TYPE alphawatch_checkpoints gauge"]
-    for status, count in session.execute(
-        select(Checkpoint.status, func.count()).group_by(Checkpoint.status)
-    ):
-        lines.append(f'alphawatch_checkpoints{{status="{status}"}} {count}')
-    lines += ["# HELP alphawatch_queue_depth Jobs waiting for a worker.",
-              "# TYPE alphawatch_queue_depth gauge",
-              f"alphawatch_queue_depth {queue.queue_depth(session)}",
-              "# HELP alphawatch_runs Runs known.", "# TYPE alphawatch_runs gauge",
-              f"alphawatch_runs {session.scalar(select(func.count()).select_from(Run))}"]
-    return "\n".join(lines) + "\n"

@@ -7,11 +7,14 @@ dicts in Python, which matters for histories and trends of thousands of points.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic.json_schema import SkipJsonSchema
 
+from alphawatch.gate_rules import GateRules
 from alphawatch.trust import Thresholds
+from alphawatch.vocabulary import LayerFilter, Statistic
 
 
 def _utc(moment: datetime) -> datetime:
@@ -245,6 +248,65 @@ class GateRead(BaseModel):
     delta: float | None = None
     n_used: int | None = None
     violations: list[Violation]
+
+
+LevelStatistic = Literal[tuple(s.value for s in Statistic if s.is_level)]  # type: ignore[valid-type]
+
+
+class GateRulesWrite(BaseModel):
+    """A run's gate rules: a rule left out takes the server's default, null switches it off.
+
+    ``stat`` and ``filter`` cannot be switched off: null is not in their schema.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    stat: LevelStatistic | SkipJsonSchema[None] = None  # type: ignore[valid-type]
+    filter: LayerFilter | SkipJsonSchema[None] = None
+    # strict: true is not 1, nor "3" a number, as the schema says.
+    min_alpha: float | None = Field(None, allow_inf_nan=False, strict=True)
+    max_alpha: float | None = Field(None, allow_inf_nan=False, strict=True)
+    max_untrusted_share: float | None = Field(None, ge=0, le=1, strict=True)
+    max_delta: float | None = Field(None, ge=0, allow_inf_nan=False, strict=True)
+    # 2**53 - 1: the largest integer every JSON reader (and JSON Schema's maximum) holds exactly.
+    ref_step: int | None = Field(None, ge=0, le=2**53 - 1, strict=True)
+
+
+class VerdictRead(BaseModel):
+    passed: bool
+    step: int | None
+    violations: list[Violation]
+    evaluated_at: UtcDatetime | None
+
+
+class GateRulesRead(BaseModel):
+    run_id: int
+    rules: GateRules = Field(description="what the gate and its alerts apply to this run")
+    overrides: dict[str, Any] = Field(description="the rules stored for this run (null: off)")
+    defaults: GateRules = Field(description="the server's rules (ALPHAWATCH_GATE__*)")
+    updated_at: UtcDatetime | None
+    last_verdict: VerdictRead | None = Field(
+        description="the verdict recorded after the latest analysis or rule change")
+
+
+class AlertRead(BaseModel):
+    id: int
+    step: int | None
+    verdict: str = Field(description="pass or fail: the gate's new verdict")
+    previous: str | None = Field(description="the verdict before; null for the run's first")
+    status: str = Field(description="pending, sending, delivered or failed")
+    attempts: int
+    last_status_code: int | None = Field(description="the receiver's last HTTP status")
+    last_error: str | None
+    created_at: UtcDatetime
+    next_attempt_at: UtcDatetime
+    finished_at: UtcDatetime | None
+    body: dict[str, Any] = Field(description="the JSON body POSTed to the webhook")
+
+
+class AlertList(BaseModel):
+    run_id: int
+    alerts: list[AlertRead]
 
 
 class ComparePoint(BaseModel):

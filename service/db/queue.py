@@ -8,6 +8,7 @@ as plain transactions (one worker per database file).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import Enum
@@ -18,6 +19,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from alphawatch.service.db.aggregates import stat_rows
+from alphawatch.service.db.alerts import GateCheck, record_verdict
 from alphawatch.service.db.models import (
     LAYER_COLUMNS,
     AnalysisJob,
@@ -30,6 +32,8 @@ from alphawatch.service.db.models import (
     Spectrum,
 )
 from alphawatch.trust import Thresholds
+
+log = logging.getLogger("alphawatch.queue")
 
 
 @dataclass(frozen=True)
@@ -331,12 +335,15 @@ def complete(
     device: str,
     elapsed_s: float,
     thresholds: Thresholds,
+    gate: GateCheck | None = None,
 ) -> bool:
     """Write every layer row, spectrum, robust statistic and the checkpoint summary at once.
 
     One transaction: a reader sees the checkpoint either not analysed or complete. Re-analysis
-    replaces earlier rows of the same checkpoint and method. Returns False (and writes nothing)
-    when the lease was lost to another worker.
+    replaces earlier rows of the same checkpoint and method. With ``gate``, the run's gate
+    verdict is recorded in the same transaction, and an alert queued when it changed
+    (:mod:`alphawatch.service.db.alerts`). Returns False (and writes nothing) when the lease was
+    lost to another worker.
     """
     job = _held(session, job_id, worker_id)
     if job is None:
@@ -369,6 +376,14 @@ def complete(
     checkpoint.analysis_count += 1
     checkpoint.n_trusted = sum(1 for layer in layers if layer.get("trusted"))
     job.lease_expires_at, job.last_error = None, None
+    if gate is not None:
+        try:
+            # A savepoint: a gate that cannot be evaluated never costs the results.
+            with session.begin_nested():
+                record_verdict(session, run_id=checkpoint.run_id, check=gate)
+        except Exception:
+            log.exception("the gate of run %s could not be evaluated after step %s",
+                          checkpoint.run_id, checkpoint.step)
     return True
 
 
