@@ -62,6 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--host", type=str, help="address to listen on (default 127.0.0.1)")
         p.add_argument("--port", type=port_number, help="port to listen on (default 8000)")
 
+    def variant_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--optimizer-state", action="store_true", default=None,
+                       help="also analyse Adam's exp_avg (gradient average) of each weight "
+                            "matrix, as <layer>@exp_avg rows (ALPHAWATCH_OPTIMIZER_STATE)")
+        p.add_argument("--nested-widths", type=widths, metavar="K1,K2",
+                       help="also analyse MLP matrices cut to their first K neurons, as "
+                            "<layer>@w<K> rows (default: ALPHAWATCH_NESTED_WIDTHS, else the "
+                            "model config's nested_widths)")
+
     def poll_option(p: argparse.ArgumentParser) -> None:
         p.add_argument("--poll", type=positive, metavar="SECONDS",
                        help="seconds between scans of the run directories (default 5)")
@@ -73,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     device_option(up)
     listen_options(up)
     poll_option(up)
+    variant_options(up)
 
     watch = sub.add_parser("watch", help="worker only: analyse checkpoints into the database")
     watch.add_argument("run_dir", type=Path, nargs="*", metavar="RUN_DIR",
@@ -80,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     db_option(watch)
     device_option(watch)
     poll_option(watch)
+    variant_options(watch)
     watch.add_argument("--reanalyze", action="store_true",
                        help="analyse checkpoints again even when results exist")
     watch.add_argument("--once", action="store_true", help="process what is there, then exit")
@@ -96,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="output format (default: table)")
     analyze.add_argument("--method", type=str,
                          help="fit method (default: ww, weightwatcher-compatible)")
+    variant_options(analyze)
 
     gate = sub.add_parser("gate", help="ask the API's CI gate; exit 0 pass, 1 fail, 2 error")
     gate.add_argument("--url", type=str, required=True, help="base URL of the alphawatch API")
@@ -158,6 +170,16 @@ def share(text: str) -> float:
     return value
 
 
+def widths(text: str) -> list[int]:
+    try:
+        values = [int(w) for w in text.split(",") if w.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"{text} is not a list of positive widths (1024,2048)")
+    return values
+
+
 def step_number(text: str) -> int:
     value = int(text)
     if not 0 <= value < 2**63:
@@ -175,7 +197,9 @@ def port_number(text: str) -> int:
 def _settings(args: argparse.Namespace) -> Settings:
     overrides: dict[str, Any] = {}
     for option, field in (("db", "database_url"), ("device", "device"), ("host", "host"),
-                          ("port", "port"), ("poll", "poll_interval_s")):
+                          ("port", "port"), ("poll", "poll_interval_s"),
+                          ("optimizer_state", "optimizer_state"),
+                          ("nested_widths", "nested_widths")):
         value = getattr(args, option, None)
         if value is not None:
             overrides[field] = value
@@ -308,7 +332,9 @@ _COLUMNS = ("name", "shape", "alpha", "D", "xmin", "num_pl_spikes", "fit_status"
 def analyze_path(path: Path, settings: Settings, method: str | None = None) -> dict[str, Any]:
     """Analyse one checkpoint (no database) into the public ``analyze`` JSON document."""
     from alphawatch.service.robust import summarize
-    from alphawatch.workers.checkpoints import discover, iter_layers
+    from alphawatch.vocabulary import DEFAULT_VARIANT, split_variant
+    from alphawatch.workers.analyst import AnalysisOptions, analysed_matrices
+    from alphawatch.workers.checkpoints import UNCONFINED, discover
     from alphawatch.workers.spectral import analyze_matrix, resolve_device
 
     device = resolve_device(settings.device)
@@ -316,17 +342,22 @@ def analyze_path(path: Path, settings: Settings, method: str | None = None) -> d
     refs = discover(path, settle_s=0.0) if path.is_dir() else []
     step = next((r.step for r in refs if Path(r.path) == path), None)
     layers: list[dict[str, Any]] = []
-    for matrix in iter_layers(path):
+    options = AnalysisOptions(method=method or settings.fit_method, thresholds=thresholds,
+                              device=device, confine=UNCONFINED,
+                              optimizer_state=settings.optimizer_state,
+                              nested_widths=tuple(settings.nested_widths))
+    for matrix in analysed_matrices(path, options, layers):
         result = analyze_matrix(matrix.weight, stored_dtype=matrix.stored_dtype,
-                                method=method or settings.fit_method, thresholds=thresholds,
-                                device=device)
+                                method=options.method, thresholds=thresholds, device=device)
         row = result.metrics()
         row.update(name=matrix.name, kind=matrix.kind, block=matrix.block,
                    shape=list(matrix.weight.shape),
                    dtype=str(matrix.stored_dtype).removeprefix("torch."))
         layers.append(row)
+    # The summary is the weights' own: gradients and nested slices are rows beside them.
+    weights = [r for r in layers if split_variant(r["name"])[1] == DEFAULT_VARIANT]
     return {"step": step, "path": str(path), "device": str(device), "layers": layers,
-            "summary": summarize(layers, thresholds=thresholds)}
+            "summary": summarize(weights, thresholds=thresholds)}
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:

@@ -1,0 +1,194 @@
+"""Gradient spectra from optimizer state: a real Trainer run and a real Lightning run.
+
+Each ``<layer>@exp_avg`` matrix must be the very tensor the live optimizer holds for that layer
+(named exactly, never guessed), its alpha weightwatcher 0.7.7's on the same tensor, and every
+state that cannot be named exactly is refused with a message while the weights are analysed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from alphawatch.trust import Thresholds
+from alphawatch.workers.analyst import AnalysisOptions, analyze_checkpoint
+from alphawatch.workers.checkpoints import Confinement, iter_layers
+from alphawatch.workers.checkpoints.optimizer import _DECAY_RULES as DECAY_RULES
+from alphawatch.workers.checkpoints.optimizer import (
+    OptimizerStateRefused,
+    decay_parameter_names,
+    iter_exp_avg,
+)
+from tests.checkpoints.training import lightning_run, trainer_run
+from tests.spectral.test_parity import ww_row
+
+pytestmark = pytest.mark.slow
+
+
+def _options(confine: Confinement | None = None, **extra: Any) -> AnalysisOptions:
+    return AnalysisOptions(method="ww", thresholds=Thresholds(), device=torch.device("cpu"),
+                           confine=confine or Confinement(None), **extra)
+
+
+def _live_moments(model: nn.Module, optimizer: Any) -> dict[str, torch.Tensor]:
+    inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate wraps the torch optimizer
+    return {name.removesuffix(".weight"): inner.state[p]["exp_avg"]
+            for name, p in model.named_parameters() if p.dim() == 2}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+    return trainer_run(tmp_path_factory.mktemp("trainer"))
+
+
+def test_trainer_exp_avg_is_the_live_optimizers_tensor(trained: tuple[Path, Any]) -> None:
+    checkpoint, trainer = trained
+    live = _live_moments(trainer.model, trainer.optimizer)
+    read = {m.name: m for m in iter_exp_avg(checkpoint)}
+    weights = {m.name: m for m in iter_layers(checkpoint)}
+    assert set(read) == {f"{name}@exp_avg" for name in weights}
+    assert len(live) == len(weights)
+    for name, moment in live.items():
+        matrix = read[f"{name}@exp_avg"]
+        # Exactly the tensor the optimizer holds: q and o (same shape) cannot be swapped.
+        assert torch.equal(matrix.weight, moment.float()), name
+        assert (matrix.kind, matrix.block) == (weights[name].kind, weights[name].block)
+
+
+def test_our_decay_rule_is_the_installed_trainers(trained: tuple[Path, Any]) -> None:
+    _, trainer = trained
+    current = next(iter(DECAY_RULES.values()))
+    assert decay_parameter_names(trainer.model, current) == \
+        trainer.get_decay_parameter_names(trainer.model)
+
+
+def test_exp_avg_alpha_is_weightwatchers(trained: tuple[Path, Any]) -> None:
+    checkpoint, trainer = trained
+    layers, _ = analyze_checkpoint(checkpoint, None, _options(optimizer_state=True))
+    rows = {r["name"]: r for r in layers}
+    live = _live_moments(trainer.model, trainer.optimizer)
+    compared = 0
+    for name, moment in live.items():
+        row = rows[f"{name}@exp_avg"]
+        linear = nn.Linear(moment.shape[1], moment.shape[0], bias=False)
+        # The moment as analysed: scaled to a mean eigenvalue of 1 (alpha is scale-free, and
+        # weightwatcher's absolute floor of 1e-5 would drop most of a raw gradient's spectrum).
+        scaled = moment.double() * min(moment.shape) ** 0.5 / torch.linalg.norm(moment.double())
+        linear.weight.data = scaled.float()
+        expected = ww_row(nn.Sequential(linear))
+        assert row["alpha"] == pytest.approx(expected["alpha"], rel=1e-6), name
+        assert row["num_pl_spikes"] == int(expected["num_pl_spikes"]), name
+        assert row["log_norm"] == pytest.approx(np.log10(min(moment.shape)), rel=1e-5)
+        compared += 1
+    assert compared == 16
+    # The weights are there as before, under their own names.
+    assert sum("@" not in n for n in rows) == 16
+
+
+def test_off_by_default(trained: tuple[Path, Any]) -> None:
+    layers, _ = analyze_checkpoint(trained[0], None, _options())
+    assert not [r for r in layers if "@" in r["name"]]
+
+
+def _copy(checkpoint: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(checkpoint, tmp_path / checkpoint.name))
+
+
+def _refusal(path: Path, confine: Confinement | None = None) -> str:
+    layers, _ = analyze_checkpoint(path, None, _options(confine, optimizer_state=True))
+    assert sum("@" not in r["name"] for r in layers) == 16, "the weights are analysed all the same"
+    refused = [r for r in layers if r["name"] == "optimizer_state@exp_avg"]
+    assert len(refused) == 1 and refused[0]["fit_status"] == "failed"
+    assert not [r for r in layers if r["name"].endswith("@exp_avg") and r is not refused[0]]
+    return str(refused[0]["error"])
+
+
+def test_group_sizes_that_no_layout_gives_are_refused(trained: tuple[Path, Any],
+                                                      tmp_path: Path) -> None:
+    checkpoint = _copy(trained[0], tmp_path)
+    state = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    first, second = state["param_groups"]
+    # One index moved from the decay group to the other: sizes no Trainer rule produces.
+    second["params"] = [first["params"].pop(), *second["params"]]
+    torch.save(state, checkpoint / "optimizer.pt")
+    message = _refusal(checkpoint)
+    assert "no parameter layout matches it exactly" in message
+    assert "group sizes [15, 6]" in message
+
+
+def test_a_moment_of_another_shape_is_refused(trained: tuple[Path, Any], tmp_path: Path) -> None:
+    checkpoint = _copy(trained[0], tmp_path)
+    state = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    # Indices 1 and 2 are layer 0's q (48x48) and k (24x48): swapped, the shapes disagree.
+    state["state"][1], state["state"][2] = state["state"][2], state["state"][1]
+    torch.save(state, checkpoint / "optimizer.pt")
+    assert "has shape (24, 48), but model.layers.0.self_attn.q_proj.weight has (48, 48)" in \
+        _refusal(checkpoint)
+
+
+def test_a_config_without_architecture_is_refused(trained: tuple[Path, Any],
+                                                  tmp_path: Path) -> None:
+    checkpoint = _copy(trained[0], tmp_path)
+    config = (checkpoint / "config.json").read_text()
+    (checkpoint / "config.json").write_text(config.replace('"LlamaForCausalLM"', '"MyLlama"'))
+    assert "'MyLlama' is not part of transformers" in _refusal(checkpoint)
+
+
+def test_state_of_an_optimizer_without_exp_avg_is_refused(trained: tuple[Path, Any],
+                                                          tmp_path: Path) -> None:
+    checkpoint = _copy(trained[0], tmp_path)
+    state = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    state["state"] = {i: {"momentum_buffer": s["exp_avg"]} for i, s in state["state"].items()}
+    torch.save(state, checkpoint / "optimizer.pt")
+    assert "not an Adam-like optimizer" in _refusal(checkpoint)
+
+
+def test_an_optimizer_pickle_with_code_is_refused(trained: tuple[Path, Any],
+                                                  tmp_path: Path) -> None:
+    checkpoint = _copy(trained[0], tmp_path)
+    torch.save({"state": {}, "param_groups": [], "why": Path("x")}, checkpoint / "optimizer.pt")
+    assert "the pickle needs code" in _refusal(checkpoint)
+
+
+def test_an_optimizer_file_outside_the_roots_is_never_read(trained: tuple[Path, Any],
+                                                           tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    checkpoint = _copy(trained[0], root)
+    outside = tmp_path / "elsewhere.pt"
+    shutil.move(checkpoint / "optimizer.pt", outside)
+    os.symlink(outside, checkpoint / "optimizer.pt")
+    message = _refusal(checkpoint, Confinement.to([root]))
+    assert "outside the allowed roots" in message
+
+
+def test_missing_optimizer_state_is_said(trained: tuple[Path, Any], tmp_path: Path) -> None:
+    checkpoint = _copy(trained[0], tmp_path)
+    (checkpoint / "optimizer.pt").unlink()
+    assert "no optimizer state beside the weights" in _refusal(checkpoint)
+    with pytest.raises(OptimizerStateRefused):
+        list(iter_exp_avg(checkpoint))
+
+
+def test_lightning_exp_avg_is_the_live_optimizers_tensor(tmp_path: Path) -> None:
+    pytest.importorskip("lightning")
+    ckpt, trainer = lightning_run(tmp_path)
+    live = _live_moments(trainer.lightning_module, trainer.optimizers[0])
+    read = {m.name: m for m in iter_exp_avg(ckpt)}
+    weights = {m.name for m in iter_layers(ckpt)}
+    assert set(read) == {f"{name}@exp_avg" for name in weights}
+    for name, moment in live.items():
+        assert torch.equal(read[f"{name}@exp_avg"].weight, moment.float()), name
+
+
+def test_lightning_with_several_groups_is_refused(tmp_path: Path) -> None:
+    pytest.importorskip("lightning")
+    ckpt, _ = lightning_run(tmp_path, groups=2)
+    with pytest.raises(OptimizerStateRefused, match="2 parameter groups"):
+        list(iter_exp_avg(ckpt))
