@@ -168,3 +168,19 @@ def source_of(variant: str) -> Source:
     if variant in (Source.WEIGHT.value, Source.EXP_AVG.value):
         return Source(variant)
     return Source.NESTED
+
+
+class LayerOrder(StrEnum):
+    """How layers are ordered in a heatmap or a per-block view."""
+
+    BLOCK = "block"  # embeddings, block 0, 1, ..., the head: the order a model runs them
+    BLOCK_DESC = "block_desc"  # the head and the last block first: where gradients arrive first
+
+    @property
+    def label(self) -> str:
+        """How people read the order's name."""
+        return "first block first" if self is LayerOrder.BLOCK else "last block first"
+
+
+DEFAULT_ORDER = LayerOrder.BLOCK
+"""What every query assumes when it names no layer order."""

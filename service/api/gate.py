@@ -10,12 +10,14 @@ from alphawatch.service import robust
 from alphawatch.service.api import queries
 from alphawatch.service.api.errors import Invalid
 from alphawatch.trust import Thresholds
-from alphawatch.vocabulary import Statistic
+from alphawatch.vocabulary import DEFAULT_VARIANT, Statistic
 
 
 def _stat_at(*, session: Session, run_id: int, checkpoint_id: int, stat: str, filter: str,
-             method: str, thresholds: Thresholds) -> tuple[float | None, float | None, int]:
-    layers = queries.layer_dicts(session=session, checkpoint_ids=[checkpoint_id], method=method)
+             method: str, thresholds: Thresholds, variant: str = DEFAULT_VARIANT
+             ) -> tuple[float | None, float | None, int]:
+    layers = queries.layer_dicts(session=session, checkpoint_ids=[checkpoint_id], method=method,
+                                 variant=variant)
     chosen = robust.select(layers, metric="alpha", filter=filter,
                            alpha_max=thresholds.alpha_max, mad_k=thresholds.mad_k)
     untrusted = sum(1 for layer in layers if robust.untrusted_reason(layer) is not None)
@@ -27,6 +29,7 @@ def evaluate(
     *, session: Session, run_id: int, stat: str, filter: str, step: int | None,
     min_alpha: float | None, max_alpha: float | None, max_untrusted_share: float | None,
     ref_step: int | None, max_delta: float | None, method: str, thresholds: Thresholds,
+    variant: str = DEFAULT_VARIANT,
 ) -> dict[str, Any]:
     """Check the robust alpha of ``step`` (default: latest analysed) against the thresholds."""
     if not Statistic(stat).is_level:
@@ -48,7 +51,8 @@ def evaluate(
         verdict.update(step=step, passed=False)
         return verdict
     value, share, n_used = _stat_at(session=session, run_id=run_id, checkpoint_id=done[step],
-                                    stat=stat, filter=filter, method=method, thresholds=thresholds)
+                                    stat=stat, filter=filter, method=method, thresholds=thresholds,
+                                    variant=variant)
     verdict.update(step=step, value=value, untrusted_share=share)
 
     def violate(rule: str, got: float | None, threshold: float | None, message: str) -> None:
@@ -74,7 +78,8 @@ def evaluate(
             violate("no_reference", None, None, f"reference step {ref_step} is not analysed")
         else:
             ref, _, _ = _stat_at(session=session, run_id=run_id, checkpoint_id=done[ref_step],
-                                 stat=stat, filter=filter, method=method, thresholds=thresholds)
+                                 stat=stat, filter=filter, method=method, thresholds=thresholds,
+                                 variant=variant)
             if ref is not None and value is not None:
                 delta = value - ref
                 verdict["delta"] = delta

@@ -23,6 +23,7 @@ from alphawatch.service.api.auth import read_access, require
 from alphawatch.service.api.cache import ResultCache
 from alphawatch.service.api.errors import documented
 from alphawatch.service.api.schemas import (
+    BlockTrendRead,
     CheckpointLayers,
     CheckpointList,
     CompareRead,
@@ -38,6 +39,7 @@ from alphawatch.service.api.schemas import (
     RunList,
     RunRead,
     TrendRead,
+    VariantsRead,
 )
 from alphawatch.service.db.session import make_engine, session_scope
 from alphawatch.service.db.tokens import TokenScope
@@ -46,7 +48,10 @@ from alphawatch.vocabulary import (
     DEFAULT_FILTER,
     DEFAULT_OUTLIER_RULE,
     DEFAULT_STATISTIC,
+    DEFAULT_VARIANT,
+    VARIANT_PATTERN,
     LayerFilter,
+    LayerOrder,
     OutlierRule,
     Statistic,
 )
@@ -87,6 +92,12 @@ INT32, INT64 = 2**31 - 1, 2**63 - 1
 RunId = Annotated[int, PathParam(ge=1, le=INT32, description="run id")]
 StepPath = Annotated[int, PathParam(ge=0, le=INT64, description="training step")]
 LayerName = Annotated[str, PathParam(max_length=512, description="layer name")]
+Variant = Annotated[str, Query(max_length=16, pattern=VARIANT_PATTERN,
+                               description="weight (default), exp_avg (gradients) or a nested "
+                                           "width w<k>; variants are never mixed")]
+KindList = Annotated[str | None,
+                     Query(max_length=200, description="comma-separated kinds: q,k,v,o,...")]
+BlockBound = Annotated[int | None, Query(ge=0, le=2**31 - 1)]
 MaxPoints = Annotated[int | None, Query(ge=2, le=100_000, description="downsample to N steps")]
 
 READ_ERRORS = documented(404, 422, 503)
@@ -262,6 +273,7 @@ async def get_trend(
                                          description="default: the server's trust.mad_k")] = None,
     method: Method = "ww",
     max_points: MaxPoints = None,
+    variant: Variant = DEFAULT_VARIANT,
 ) -> Response:
     """Model-level robust statistic of a metric per checkpoint, with exclusions explained."""
 
@@ -270,27 +282,65 @@ async def get_trend(
                                filter=filter, method=method, kinds=_kinds(kind),
                                block_min=block_min, block_max=block_max, outliers=outliers,
                                mad_k=mad_k, thresholds=settings.trust,
-                               max_points=max_points)
+                               max_points=max_points, variant=variant)
         return {"run_id": run_id, "metric": metric, "stat": stat, "filter": filter,
-                "method": method, "outliers": outliers, "points": points}
+                "method": method, "outliers": outliers, "variant": variant, "points": points}
 
     return await _cached(request, TrendRead, build)
 
 
 @router.get("/runs/{run_id}/heatmap", response_model=HeatmapRead, responses=READ_ERRORS)
 async def get_heatmap(request: Request, run_id: RunId, metric: Metric = "alpha",
-                      method: Method = "ww", max_points: MaxPoints = 500) -> Response:
-    """Layer x step matrix of a metric; layers ordered by block, then kind."""
+                      method: Method = "ww", max_points: MaxPoints = 500,
+                      variant: Variant = DEFAULT_VARIANT, kind: KindList = None,
+                      block_min: BlockBound = None, block_max: BlockBound = None,
+                      order: Annotated[LayerOrder, Query()] = LayerOrder.BLOCK) -> Response:
+    """Layer x step matrix of a metric; layers ordered by block (or last block first), then kind."""
     return await _cached(request, HeatmapRead, lambda session: queries.heatmap(
-        session=session, run_id=run_id, metric=metric, method=method, max_points=max_points))
+        session=session, run_id=run_id, metric=metric, method=method, max_points=max_points,
+        variant=variant, kinds=_kinds(kind), block_min=block_min, block_max=block_max,
+        order=order))
+
+
+@router.get("/runs/{run_id}/blocks", response_model=BlockTrendRead, responses=READ_ERRORS)
+async def get_block_trends(
+    request: Request, run_id: RunId, settings: SettingsDep, metric: Metric = "alpha",
+    stat: Annotated[Statistic, Query()] = DEFAULT_STATISTIC,
+    filter: Annotated[LayerFilter, Query()] = DEFAULT_FILTER,
+    kind: KindList = None, variant: Variant = DEFAULT_VARIANT,
+    outliers: Annotated[OutlierRule, Query()] = DEFAULT_OUTLIER_RULE,
+    mad_k: Annotated[float | None, Query(gt=0, le=100)] = None,
+    order: Annotated[LayerOrder, Query()] = LayerOrder.BLOCK_DESC,
+    method: Method = "ww", max_points: MaxPoints = 500,
+) -> Response:
+    """The robust statistic of each block over the checkpoints, the last block first."""
+
+    def build(session: Session) -> dict[str, Any]:
+        blocks = queries.block_trends(session=session, run_id=run_id, metric=metric, stat=stat,
+                                      filter=filter, method=method, variant=variant,
+                                      kinds=_kinds(kind), outliers=outliers, mad_k=mad_k,
+                                      thresholds=settings.trust, max_points=max_points,
+                                      order=order)
+        return {"run_id": run_id, "metric": metric, "stat": stat, "filter": filter,
+                "variant": variant, "order": order, "blocks": blocks}
+
+    return await _cached(request, BlockTrendRead, build)
+
+
+@router.get("/runs/{run_id}/variants", response_model=VariantsRead, responses=READ_ERRORS)
+def get_variants(run_id: RunId, session: SessionDep, method: Method = "ww") -> dict[str, Any]:
+    """What the latest checkpoint analysed: weights, gradients (exp_avg), nested widths."""
+    return {"run_id": run_id,
+            "variants": queries.variants(session=session, run_id=run_id, method=method)}
 
 
 @router.get("/runs/{run_id}/flags", response_model=FlagsRead, responses=READ_ERRORS)
-async def get_flags(request: Request, run_id: RunId, method: Method = "ww") -> Response:
+async def get_flags(request: Request, run_id: RunId, method: Method = "ww",
+                    variant: Variant = DEFAULT_VARIANT) -> Response:
     """Per checkpoint: how many layers carry each flag and each fit status."""
     return await _cached(request, FlagsRead, lambda session: {
         "run_id": run_id, "points": queries.flags(session=session, run_id=run_id,
-                                                  method=method)})
+                                                  method=method, variant=variant)})
 
 
 @router.get("/runs/{run_id}/checkpoints/{step}/layers/{layer_name}/esd",
@@ -322,6 +372,7 @@ def gate(
     max_delta: Annotated[float | None, Query(ge=0, allow_inf_nan=False)] = None,
     method: Method = "ww",
     strict: Annotated[bool, Query(description="answer 409 when the gate fails")] = False,
+    variant: Variant = DEFAULT_VARIANT,
 ) -> dict[str, Any]:
     """CI gate: thresholds on the robust alpha, the untrusted share and the change since a step."""
     verdict = gates.evaluate(
@@ -329,7 +380,7 @@ def gate(
         min_alpha=settings.trust.over_trained_below if min_alpha is None else min_alpha,
         max_alpha=settings.trust.under_trained_above if max_alpha is None else max_alpha,
         max_untrusted_share=max_untrusted_share, ref_step=ref_step, max_delta=max_delta,
-        method=method, thresholds=settings.trust,
+        method=method, thresholds=settings.trust, variant=variant,
     )
     if strict and not verdict["passed"]:
         response.status_code = 409

@@ -21,6 +21,7 @@ from alphawatch.service.api.errors import Conflict, Invalid, Refused
 from alphawatch.service.db import queue
 from alphawatch.service.db.models import AnalysisJob, Checkpoint, LayerMetric, Run
 from alphawatch.trust import Thresholds
+from alphawatch.vocabulary import split_variant
 
 # Linux's NAME_MAX and PATH_MAX (schemas.RunCreate states them too): longer names cannot
 # exist, so they are refused before the file system is asked, which would raise.
@@ -143,13 +144,18 @@ def layers_csv(*, session: Session, run_id: int, method: str) -> str:
     """Every layer metric of every analysed checkpoint of a run, as CSV text."""
     queries.get_run(session=session, run_id=run_id)
     steps = dict(queries.done_checkpoints(session=session, run_id=run_id))
-    layers = queries.layer_dicts(session=session, checkpoint_ids=list(steps), method=method)
+    # Every variant: weights, gradients (name@exp_avg) and nested widths (name@w<k>), each row
+    # saying which in its own column.
+    layers = queries.layer_dicts(session=session, checkpoint_ids=list(steps), method=method,
+                                 variant=None)
     buffer = io.StringIO()
     columns = ["step", *[c for c in (layers[0] if layers else {}) if c != "checkpoint_id"]]
+    columns.insert(columns.index("name") + 1 if "name" in columns else 1, "variant")
     writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
     for layer in layers:
-        writer.writerow({**layer, "step": steps[layer["checkpoint_id"]]})
+        writer.writerow({**layer, "step": steps[layer["checkpoint_id"]],
+                         "variant": split_variant(layer["name"])[1]})
     return buffer.getvalue()
 
 
