@@ -132,10 +132,11 @@ def checkpoints(*, session: Session, run_id: int, limit: int, offset: int) -> di
 
 def checkpoint_layers(*, session: Session, run_id: int, step: int,
                       method: str) -> dict[str, Any]:
-    """Every layer metric of one checkpoint, by block then kind."""
+    """Every layer metric of one checkpoint (every variant), by block then kind."""
     queries.get_run(session=session, run_id=run_id)
     checkpoint_id = queries.checkpoint_id_at(session=session, run_id=run_id, step=step)
-    layers = queries.layer_dicts(session=session, checkpoint_ids=[checkpoint_id], method=method)
+    layers = queries.layer_dicts(session=session, checkpoint_ids=[checkpoint_id], method=method,
+                                 variant=None)
     return {"run_id": run_id, "step": step, "method": method,
             "layers": sorted(layers, key=queries.layer_order)}
 

@@ -33,7 +33,7 @@ def _samples(n: int, seed: int) -> list[dict[str, list[int]]]:
 
 
 def trainer_run(out: Path, *, steps: int = 4, weight_decay: float = 0.01, seed: int = 0,
-                **config: Any) -> tuple[Path, Any]:
+                save_every: int | None = None, **config: Any) -> tuple[Path, Any]:
     """A real ``transformers.Trainer`` run of a tiny Llama: its last checkpoint and the trainer
     (whose optimizer still holds the state that checkpoint saved)."""
     from transformers import LlamaForCausalLM, Trainer, TrainingArguments
@@ -44,7 +44,8 @@ def trainer_run(out: Path, *, steps: int = 4, weight_decay: float = 0.01, seed: 
     torch.manual_seed(seed)
     model = LlamaForCausalLM(llama_config(**config))
     args = TrainingArguments(
-        output_dir=str(out), max_steps=steps, save_steps=steps, save_strategy="steps",
+        output_dir=str(out), max_steps=steps, save_steps=save_every or steps,
+        save_strategy="steps",
         per_device_train_batch_size=4, learning_rate=1e-2, weight_decay=weight_decay,
         report_to=[], use_cpu=True, logging_strategy="no", seed=seed,
         dataloader_num_workers=0, disable_tqdm=True,
