@@ -192,3 +192,38 @@ def test_lightning_with_several_groups_is_refused(tmp_path: Path) -> None:
     ckpt, _ = lightning_run(tmp_path, groups=2)
     with pytest.raises(OptimizerStateRefused, match="2 parameter groups"):
         list(iter_exp_avg(ckpt))
+
+
+def test_analyze_command_adds_gradients_and_widths_beside_the_weights(
+        trained: tuple[Path, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from alphawatch.cli import main
+
+    assert main(["analyze", str(trained[0]), "--optimizer-state", "--nested-widths", "64,32",
+                 "--device", "cpu", "--format", "json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    variants = [r["name"].partition("@")[2] or "weight" for r in doc["layers"]]
+    assert {v: variants.count(v) for v in set(variants)} == {
+        "weight": 16, "exp_avg": 16, "w32": 6, "w64": 6}
+    # The summary is the weights' own.
+    assert doc["summary"]["n_layers"] == 16
+    with pytest.raises(SystemExit):  # argparse refuses a width that is not positive
+        main(["analyze", str(trained[0]), "--nested-widths", "0,32"])
+
+
+def test_settings_read_widths_and_optimizer_state_from_the_environment(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydantic import ValidationError
+
+    from alphawatch.settings import Settings
+
+    monkeypatch.setenv("ALPHAWATCH_NESTED_WIDTHS", "2048,1024,2048")
+    monkeypatch.setenv("ALPHAWATCH_OPTIMIZER_STATE", "true")
+    settings = Settings()
+    assert settings.nested_widths == [1024, 2048] and settings.optimizer_state
+    assert Settings().model_copy().nested_widths == [1024, 2048]
+    monkeypatch.setenv("ALPHAWATCH_NESTED_WIDTHS", "1024,-5")
+    with pytest.raises(ValidationError):
+        Settings()
+    assert Settings(nested_widths=[]).nested_widths == []
