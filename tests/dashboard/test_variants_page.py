@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -15,14 +14,12 @@ from alphawatch.service.api import create_app
 from alphawatch.settings import Settings
 from alphawatch.workers.watcher import Watcher
 from tests.checkpoints.training import trainer_run
-from tests.dashboard.test_dashboard import (  # noqa: F401  (fixtures)
-    _data,
-    _shot,
-    browser,
-    expected_console,
-    page,
-)
+from tests.dashboard import test_dashboard as dashboard
 from tests.live import serve
+
+# The dashboard tests' browser and page, with their check that the page logs no error.
+browser, expected_console, page = dashboard.browser, dashboard.expected_console, dashboard.page
+_data, _shot = dashboard._data, dashboard._shot
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
