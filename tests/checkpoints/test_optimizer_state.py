@@ -227,3 +227,47 @@ def test_settings_read_widths_and_optimizer_state_from_the_environment(
     with pytest.raises(ValidationError):
         Settings()
     assert Settings(nested_widths=[]).nested_widths == []
+
+
+def _dcp_run(folder: Path, rename: str = "") -> tuple[Path, nn.Module, Any]:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from transformers import LlamaForCausalLM
+
+    from tests.checkpoints.training import llama_config
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(llama_config())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(2):
+        ids = torch.randint(0, 96, (4, 16))
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    weights, state = get_state_dict(model, optimizer)
+    weights = {f"{rename}{k}": v for k, v in weights.items()}
+    with pytest.warns(UserWarning, match="torch.distributed"):
+        dcp.save({"model": weights, "optim": state}, checkpoint_id=str(folder), no_dist=True)
+    return folder, model, optimizer
+
+
+def test_dcp_exp_avg_is_the_live_optimizers_tensor(tmp_path: Path) -> None:
+    checkpoint, model, optimizer = _dcp_run(tmp_path / "step_2")
+    live = _live_moments(model, optimizer)
+    read = {m.name: m for m in iter_exp_avg(checkpoint)}
+    weights = {m.name: m for m in iter_layers(checkpoint)}
+    # DCP keys carry the top-level key the weights were saved under: "model." + the name.
+    assert set(read) == {f"{name}@exp_avg" for name in weights}
+    for name, moment in live.items():
+        matrix = read[f"model.{name}@exp_avg"]
+        assert torch.equal(matrix.weight, moment.float()), name
+        assert (matrix.kind, matrix.block) == (weights[f"model.{name}"].kind,
+                                               weights[f"model.{name}"].block)
+
+
+def test_dcp_moments_that_name_no_weight_exactly_are_refused(tmp_path: Path) -> None:
+    # Weights saved under other names: "renamed_lm_head.weight" does not end with the head's
+    # parameter name at a dot (the blocks' "renamed_model.model.layers..." still do).
+    checkpoint, _, _ = _dcp_run(tmp_path / "step_2", rename="renamed_")
+    with pytest.raises(OptimizerStateRefused, match="'lm_head.weight', which matches 0 weight"):
+        list(iter_exp_avg(checkpoint))

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from alphawatch.vocabulary import VARIANT_SEPARATOR, Kind, nested_variant
 from alphawatch.workers.checkpoints.confine import UNCONFINED, Confinement
+from alphawatch.workers.checkpoints.errors import CheckpointError
 from alphawatch.workers.checkpoints.files import LayerMatrix, model_config
 
 CONFIG_KEY = "nested_widths"
@@ -43,7 +44,11 @@ def nested_widths(path: Path, explicit: Iterable[int] = (),
     chosen = tuple(sorted(set(explicit)))
     if chosen:
         return chosen
-    return widths_from_config(model_config(path if path.is_dir() else path.parent, confine))
+    try:
+        config = model_config(path if path.is_dir() else path.parent, confine)
+    except CheckpointError:
+        return ()  # an unreadable config names no widths; the weights' reader says why
+    return widths_from_config(config)
 
 
 def nested_matrices(matrix: LayerMatrix, widths: Iterable[int]) -> Iterator[LayerMatrix]:

@@ -21,6 +21,12 @@ handed to the optimizer, group after group. Naming them is done exactly or not a
   the number of distinct floating tensors of the state dict, every shape agreeing; a state dict
   holding buffers, or several groups, cannot be named exactly and is refused.
 
+- torch DCP (``.metadata`` folders saved from ``get_state_dict(model, optimizer)``): the state
+  is keyed by parameter name already (``<optim>.state.<fqn>.exp_avg``). Each moment is matched
+  to the one weight tensor whose key is its name, or ends with ``.`` + its name (the weights'
+  own top-level key, e.g. ``model.``), and has its shape; none, several, or another shape is
+  refused.
+
 Anything else is refused with :class:`OptimizerStateRefused`, whose message says why: the
 weights are analysed all the same.
 
@@ -65,6 +71,8 @@ class OptimizerStateRefused(CheckpointError):
 
 def optimizer_file(path: Path) -> Path | None:
     """The file holding a checkpoint's optimizer state, or None when it has none."""
+    if path.is_dir() and (path / ".metadata").is_file():
+        return path / ".metadata"
     if path.is_dir():
         return next((path / n for n in OPTIMIZER_FILES if (path / n).is_file()), None)
     return path if path.suffix == ".ckpt" else None
@@ -92,7 +100,11 @@ def iter_exp_avg(path: Path, confine: Confinement = UNCONFINED) -> Iterator[Laye
     if file is None:
         raise OptimizerStateRefused(
             path, f"{shown(path)}: no optimizer state beside the weights "
-                  f"({' or '.join(OPTIMIZER_FILES)} in a checkpoint folder, or a Lightning .ckpt)")
+                  f"({' or '.join(OPTIMIZER_FILES)} in a checkpoint folder, a torch DCP "
+                  "folder, or a Lightning .ckpt)")
+    if file.name == ".metadata":
+        yield from _dcp_moments(path, confine)
+        return
     loaded = load_torch(file, confine)
     if path.is_dir():
         config = model_config(path, confine)
@@ -318,3 +330,42 @@ def _lightning(file: Path, loaded: Mapping[str, Any]
                             f"{len(parameters)} distinct floating tensors (buffers or frozen "
                             "parameters): its entries cannot be named exactly")
     return groups, moments, parameters
+
+
+# -- torch DCP ---------------------------------------------------------------------------------
+def _dcp_moments(path: Path, confine: Confinement) -> Iterator[LayerMatrix]:
+    # Imported here: torch.distributed costs seconds to import, and only a DCP folder needs it.
+    from alphawatch.workers.checkpoints.dcp import dcp_shapes, iter_dcp
+
+    file = path / ".metadata"
+    shapes = dcp_shapes(path, confine)
+    suffix = f".{EXP_AVG}"
+    moments = {key: shape for key, shape in shapes.items()
+               if key.endswith(suffix) and ".state." in key}
+    if not moments:
+        raise _refuse(file, "the DCP checkpoint holds no optimizer state with exp_avg")
+    prefixes = {key.split(".state.", 1)[0] for key in moments}
+    if len(prefixes) != 1:
+        raise _refuse(file, f"optimizer state under several keys {sorted(prefixes)}")
+    prefix = f"{prefixes.pop()}.state."
+    weights = {key: shape for key, shape in shapes.items() if not key.startswith(prefix)
+               and ".state." not in key}
+    names: dict[str, str] = {}
+    for key, shape in moments.items():
+        fqn = key[len(prefix):-len(suffix)]
+        found = [w for w in weights if w == fqn or w.endswith(f".{fqn}")]
+        if len(found) != 1:
+            raise _refuse(file, f"{key} names parameter {fqn!r}, which matches "
+                                f"{len(found)} weight tensors ({found[:3]}), not exactly one")
+        if weights[found[0]] != shape:
+            raise _refuse(file, f"{key} has shape {shape}, but {found[0]} has "
+                                f"{weights[found[0]]}")
+        names[key] = found[0]
+    config = model_config(path, confine)
+    digests: set[str] = set()
+    for key, moment, _, _ in iter_dcp(path, confine, lambda k, _ndim: k in names):
+        name = names[key]
+        if not is_weight_matrix(name, moment.dim()):
+            continue
+        for matrix in _matrices(name, moment, None, str(file), config, digests):
+            yield replace(matrix, name=f"{matrix.name}{VARIANT_SEPARATOR}{EXP_AVG}")
