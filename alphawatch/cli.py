@@ -399,6 +399,10 @@ def _table(doc: dict[str, Any]) -> str:
     buf.write("  ".join(c.ljust(w) for c, w in zip(_COLUMNS, widths, strict=True)) + "\n")
     for row in rows:
         buf.write("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) + "\n")
+    for layer in doc["layers"]:
+        if layer.get("fit_status") == "failed" and layer.get("error"):
+            # A refused optimizer state (or a matrix that failed) says why, not only "failed".
+            buf.write(f"{layer['name']}: {layer['error']}\n")
     summary = doc["summary"]
     buf.write(f"\nstep {doc['step']}: {json.dumps(summary, default=str)}\n")
     return buf.getvalue()

@@ -168,12 +168,18 @@ def test_an_optimizer_file_outside_the_roots_is_never_read(trained: tuple[Path, 
     assert "outside the allowed roots" in message
 
 
-def test_missing_optimizer_state_is_said(trained: tuple[Path, Any], tmp_path: Path) -> None:
+def test_missing_optimizer_state_is_said(trained: tuple[Path, Any], tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from alphawatch.cli import main
+
     checkpoint = _copy(trained[0], tmp_path)
     (checkpoint / "optimizer.pt").unlink()
     assert "no optimizer state beside the weights" in _refusal(checkpoint)
     with pytest.raises(OptimizerStateRefused):
         list(iter_exp_avg(checkpoint))
+    assert main(["analyze", str(checkpoint), "--optimizer-state", "--device", "cpu"]) == 0
+    table = capsys.readouterr().out
+    assert "optimizer_state@exp_avg: " in table and "no optimizer state beside" in table
 
 
 def test_lightning_exp_avg_is_the_live_optimizers_tensor(tmp_path: Path) -> None:
