@@ -23,6 +23,7 @@ from alphawatch.vocabulary import (
     VARIANT_SEPARATOR,
     Kind,
     LayerOrder,
+    Source,
     source_of,
     split_variant,
 )
@@ -345,9 +346,9 @@ def variants(*, session: Session, run_id: int, method: str) -> list[dict[str, An
             counts[variant] = counts.get(variant, 0) + 1
 
     def key(variant: str) -> tuple[int, int]:
-        source = list(type(source_of(variant))).index(source_of(variant))
-        return (source, int(variant[1:]) if variant.startswith("w") and variant[1:].isdigit()
-                else 0)
+        # Weights, gradients, then the nested widths from the narrowest.
+        width = int(variant[1:]) if variant[1:].isdigit() else 0
+        return list(Source).index(source_of(variant)), width
 
     return [{"name": v, "source": source_of(v).value, "label": _variant_label(v),
              "n_layers": counts[v]} for v in sorted(counts, key=key)]
@@ -355,9 +356,7 @@ def variants(*, session: Session, run_id: int, method: str) -> list[dict[str, An
 
 def _variant_label(variant: str) -> str:
     source = source_of(variant)
-    if variant.startswith("w") and variant[1:].isdigit():
-        return f"nested width {variant[1:]}"
-    return source.label
+    return f"nested width {variant[1:]}" if source is Source.NESTED else source.label
 
 
 FLAG_KEYS = ("correlation_trap", "rank_collapse", "near_random", "over_trained", "under_trained")
