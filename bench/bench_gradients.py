@@ -62,20 +62,37 @@ def write_checkpoint(folder: Path, hidden: int, layers: int, steps: int) -> Path
     return checkpoint
 
 
-def timed(label: str, checkpoint: Path, repeat: int, **extra: object) -> float:
-    """The least CPU time of ``repeat`` analyses (and their least wall-clock time)."""
-    options = AnalysisOptions(method="ww", thresholds=Thresholds(), device=torch.device("cpu"),
-                              confine=Confinement(None), **extra)  # type: ignore[arg-type]
-    walls, cpus = [], []
-    for _ in range(repeat):
-        started, cpu = time.perf_counter(), time.process_time()
-        layers, _ = analyze_checkpoint(checkpoint, None, options)
-        walls.append(time.perf_counter() - started)
-        cpus.append(time.process_time() - cpu)
-    # CPU time too: on a shared machine wall-clock time measures the neighbours as much.
-    print(f"  {label:<32} {len(layers):>4} rows  {min(walls):8.2f} s wall  {min(cpus):8.2f} s CPU"
-          f"  (least of {repeat})")
-    return min(cpus)
+CONFIGS: dict[str, dict[str, object]] = {
+    "weights": {},
+    "weights + exp_avg": {"optimizer_state": True},
+    "weights + nested widths": {"nested_widths": None},
+    "weights + exp_avg + widths": {"optimizer_state": True, "nested_widths": None},
+}
+
+
+def timed(checkpoint: Path, widths: tuple[int, ...], rounds: int) -> dict[str, float]:
+    """Least CPU time per configuration over ``rounds`` rounds, the configurations interleaved
+    in each round so a change of load on the machine hits them alike."""
+    walls: dict[str, list[float]] = {label: [] for label in CONFIGS}
+    cpus: dict[str, list[float]] = {label: [] for label in CONFIGS}
+    rows: dict[str, int] = {}
+    for round_ in range(rounds + 1):
+        for label, extra in CONFIGS.items():
+            chosen = {k: (widths if v is None else v) for k, v in extra.items()}
+            options = AnalysisOptions(method="ww", thresholds=Thresholds(),
+                                      device=torch.device("cpu"), confine=Confinement(None),
+                                      **chosen)  # type: ignore[arg-type]
+            started, cpu = time.perf_counter(), time.process_time()
+            layers, _ = analyze_checkpoint(checkpoint, None, options)
+            if round_:  # the first round warms up, and is not counted
+                walls[label].append(time.perf_counter() - started)
+                cpus[label].append(time.process_time() - cpu)
+            rows[label] = len(layers)
+    for label in CONFIGS:
+        # CPU time too: on a shared machine wall-clock time measures the neighbours as much.
+        print(f"  {label:<28} {rows[label]:>4} rows  {min(walls[label]):7.2f} s wall  "
+              f"{min(cpus[label]):7.2f} s CPU  (least of {rounds})")
+    return {label: min(cpus[label]) for label in CONFIGS}
 
 
 def weightwatcher_on_moments(checkpoint: Path) -> float:
@@ -117,12 +134,8 @@ def main() -> None:
         named = sum(1 for _ in iter_exp_avg(checkpoint))
         print(f"  naming {named} optimizer entries (no analysis): "
               f"{time.perf_counter() - started:.2f} s")
-        timed("warm-up (not counted)", checkpoint, 1)
-        base = timed("weights", checkpoint, args.repeat)
-        grads = timed("weights + exp_avg", checkpoint, args.repeat, optimizer_state=True)
-        nested = timed("weights + nested widths", checkpoint, args.repeat, nested_widths=widths)
-        both = timed("weights + exp_avg + widths", checkpoint, args.repeat, optimizer_state=True,
-                     nested_widths=widths)
+        cpu = timed(checkpoint, widths, args.repeat)
+        base, grads, nested, both = cpu.values()
         print(f"  CPU-time ratios to weights only: exp_avg x{grads / base:.2f}, "
               f"widths x{nested / base:.2f}, both x{both / base:.2f}")
         reference = weightwatcher_on_moments(checkpoint)

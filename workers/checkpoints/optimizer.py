@@ -82,7 +82,8 @@ def iter_exp_avg(path: Path, confine: Confinement = UNCONFINED) -> Iterator[Laye
     """``exp_avg`` of each weight matrix of a checkpoint, as ``<layer>@exp_avg`` matrices.
 
     Args:
-        path: a Hugging Face Trainer ``checkpoint-N`` folder or a Lightning ``.ckpt`` file.
+        path: a Hugging Face Trainer ``checkpoint-N`` folder, a torch DCP folder or a
+            Lightning ``.ckpt`` file.
         confine: the roots every file read must resolve under.
 
     Yields:
@@ -123,7 +124,6 @@ def iter_exp_avg(path: Path, confine: Confinement = UNCONFINED) -> Iterator[Laye
             continue
         for matrix in _matrices(name, moment, None, str(file), config, digests):
             yield replace(matrix, name=f"{matrix.name}{VARIANT_SEPARATOR}{EXP_AVG}")
-        del moment
 
 
 def unit_mean_eigenvalue(matrix: LayerMatrix) -> LayerMatrix:
