@@ -129,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="fail when a larger share of layers (0..1) is untrusted")
     gate.add_argument("--max-delta", type=positive,
                       help="fail when alpha moved more than this since --ref-step")
+    gate.add_argument("--variant", type=str,
+                      help="weight (default), exp_avg (gradients) or a nested width w<k>")
 
     db = sub.add_parser("db", help="database maintenance")
     db_sub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
@@ -411,7 +413,7 @@ def _table(doc: dict[str, Any]) -> str:
 def _cmd_gate(args: argparse.Namespace) -> int:
     params = {}
     for name in ("stat", "filter", "step", "ref_step", "max_alpha", "min_alpha",
-                 "max_untrusted_share", "max_delta"):
+                 "max_untrusted_share", "max_delta", "variant"):
         value = getattr(args, name)
         if value is not None:
             params[name] = value

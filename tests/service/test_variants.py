@@ -167,3 +167,19 @@ def test_vocabulary_serves_sources_and_orders(tmp_path: Path) -> None:
     assert [s["name"] for s in words["sources"]] == ["weight", "exp_avg", "nested"]
     assert [o["name"] for o in words["orders"]] == ["block", "block_desc"]
     assert words["variant_separator"] == "@"
+
+
+def test_gate_command_judges_the_variant_it_names(sqlite_url: str,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from alphawatch.cli import main
+    from tests.live import serve
+
+    written = _fill(sqlite_url)
+    with serve(create_app(Settings(database_url=sqlite_url))) as base:
+        for args, suffix in (([], ""), (["--variant", "exp_avg"], "@exp_avg")):
+            main(["gate", "--url", base, "--run", "nested", "--filter", "all", *args])
+            verdict = json.loads(capsys.readouterr().out)
+            assert verdict["value"] == pytest.approx(_median(written[30], suffix))
+        assert main(["gate", "--url", base, "--run", "nested", "--variant", "grad"]) == 2
