@@ -63,6 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--host", type=str, help="address to listen on (default 127.0.0.1)")
         p.add_argument("--port", type=port_number, help="port to listen on (default 8000)")
 
+    def variant_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--optimizer-state", action="store_true", default=None,
+                       help="also analyse Adam's exp_avg (gradient average) of each weight "
+                            "matrix, as <layer>@exp_avg rows (ALPHAWATCH_OPTIMIZER_STATE)")
+        p.add_argument("--nested-widths", type=widths, metavar="K1,K2",
+                       help="also analyse MLP matrices cut to their first K neurons, as "
+                            "<layer>@w<K> rows (default: ALPHAWATCH_NESTED_WIDTHS, else the "
+                            "model config's nested_widths)")
+
     def poll_option(p: argparse.ArgumentParser) -> None:
         p.add_argument("--poll", type=positive, metavar="SECONDS",
                        help="seconds between scans of the run directories (default 5)")
@@ -74,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     device_option(up)
     listen_options(up)
     poll_option(up)
+    variant_options(up)
 
     watch = sub.add_parser("watch", help="worker only: analyse checkpoints into the database")
     watch.add_argument("run_dir", type=Path, nargs="*", metavar="RUN_DIR",
@@ -81,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     db_option(watch)
     device_option(watch)
     poll_option(watch)
+    variant_options(watch)
     watch.add_argument("--reanalyze", action="store_true",
                        help="analyse checkpoints again even when results exist")
     watch.add_argument("--once", action="store_true", help="process what is there, then exit")
@@ -97,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="output format (default: table)")
     analyze.add_argument("--method", type=str,
                          help="fit method (default: ww, weightwatcher-compatible)")
+    variant_options(analyze)
 
     gate = sub.add_parser("gate", help="ask the API's CI gate; exit 0 pass, 1 fail, 2 error")
     gate.add_argument("--url", type=str, required=True, help="base URL of the alphawatch API")
@@ -120,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     gate.add_argument("--max-delta", type=positive,
                       help="fail when alpha moved more than this since --ref-step "
                            "(default: the checkpoint before)")
+    gate.add_argument("--variant", type=str,
+                      help="weight (default), exp_avg (gradients) or a nested width w<k>")
 
     export = sub.add_parser("export", help="log a run's robust statistics to an experiment "
                                            "tracker (again: only what it lacks)")
@@ -189,6 +203,16 @@ def share(text: str) -> float:
     return value
 
 
+def widths(text: str) -> list[int]:
+    try:
+        values = [int(w) for w in text.split(",") if w.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"{text} is not a list of positive widths (1024,2048)")
+    return values
+
+
 def step_number(text: str) -> int:
     value = int(text)
     if not 0 <= value < 2**63:
@@ -206,7 +230,9 @@ def port_number(text: str) -> int:
 def _settings(args: argparse.Namespace) -> Settings:
     overrides: dict[str, Any] = {}
     for option, field in (("db", "database_url"), ("device", "device"), ("host", "host"),
-                          ("port", "port"), ("poll", "poll_interval_s")):
+                          ("port", "port"), ("poll", "poll_interval_s"),
+                          ("optimizer_state", "optimizer_state"),
+                          ("nested_widths", "nested_widths")):
         value = getattr(args, option, None)
         if value is not None:
             overrides[field] = value
@@ -347,7 +373,9 @@ _COLUMNS = ("name", "shape", "alpha", "D", "xmin", "num_pl_spikes", "fit_status"
 def analyze_path(path: Path, settings: Settings, method: str | None = None) -> dict[str, Any]:
     """Analyse one checkpoint (no database) into the public ``analyze`` JSON document."""
     from alphawatch.service.robust import summarize
-    from alphawatch.workers.checkpoints import discover, iter_layers
+    from alphawatch.vocabulary import DEFAULT_VARIANT, split_variant
+    from alphawatch.workers.analyst import AnalysisOptions, analysed_matrices
+    from alphawatch.workers.checkpoints import UNCONFINED, discover
     from alphawatch.workers.spectral import analyze_matrix, resolve_device
 
     device = resolve_device(settings.device)
@@ -355,17 +383,22 @@ def analyze_path(path: Path, settings: Settings, method: str | None = None) -> d
     refs = discover(path, settle_s=0.0) if path.is_dir() else []
     step = next((r.step for r in refs if Path(r.path) == path), None)
     layers: list[dict[str, Any]] = []
-    for matrix in iter_layers(path):
+    options = AnalysisOptions(method=method or settings.fit_method, thresholds=thresholds,
+                              device=device, confine=UNCONFINED,
+                              optimizer_state=settings.optimizer_state,
+                              nested_widths=tuple(settings.nested_widths))
+    for matrix in analysed_matrices(path, options, layers):
         result = analyze_matrix(matrix.weight, stored_dtype=matrix.stored_dtype,
-                                method=method or settings.fit_method, thresholds=thresholds,
-                                device=device)
+                                method=options.method, thresholds=thresholds, device=device)
         row = result.metrics()
         row.update(name=matrix.name, kind=matrix.kind, block=matrix.block,
                    shape=list(matrix.weight.shape),
                    dtype=str(matrix.stored_dtype).removeprefix("torch."))
         layers.append(row)
+    # The summary is the weights' own: gradients and nested slices are rows beside them.
+    weights = [r for r in layers if split_variant(r["name"])[1] == DEFAULT_VARIANT]
     return {"step": step, "path": str(path), "device": str(device), "layers": layers,
-            "summary": summarize(layers, thresholds=thresholds)}
+            "summary": summarize(weights, thresholds=thresholds)}
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
@@ -407,6 +440,10 @@ def _table(doc: dict[str, Any]) -> str:
     buf.write("  ".join(c.ljust(w) for c, w in zip(_COLUMNS, widths, strict=True)) + "\n")
     for row in rows:
         buf.write("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) + "\n")
+    for layer in doc["layers"]:
+        if layer.get("fit_status") == "failed" and layer.get("error"):
+            # A refused optimizer state (or a matrix that failed) says why, not only "failed".
+            buf.write(f"{layer['name']}: {layer['error']}\n")
     summary = doc["summary"]
     buf.write(f"\nstep {doc['step']}: {json.dumps(summary, default=str)}\n")
     return buf.getvalue()
@@ -415,7 +452,7 @@ def _table(doc: dict[str, Any]) -> str:
 def _cmd_gate(args: argparse.Namespace) -> int:
     params = {}
     for name in ("stat", "filter", "step", "ref_step", "max_alpha", "min_alpha",
-                 "max_untrusted_share", "max_delta"):
+                 "max_untrusted_share", "max_delta", "variant"):
         value = getattr(args, name)
         if value is not None:
             params[name] = value

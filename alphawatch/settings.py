@@ -7,11 +7,11 @@ embedding applications can pass their own.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Self
+from typing import Annotated, Literal, Self
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from alphawatch.gate_rules import GateRules
 from alphawatch.trust import Thresholds
@@ -86,6 +86,16 @@ class Settings(BaseSettings):
     job_memory_mb: float = Field(
         0, ge=0, description="resident memory budget of one analysis (MiB; 0: 3/4 of the RAM)"
     )
+    optimizer_state: bool = Field(
+        False, description="also analyse Adam's exp_avg of each weight matrix (<layer>@exp_avg "
+                           "rows) from the optimizer state saved beside the weights"
+    )
+    # NoDecode: the environment's "1024,2048" is split by the validator, not parsed as JSON.
+    nested_widths: Annotated[list[int], NoDecode] = Field(
+        default_factory=list,
+        description="MLP widths k analysed as nested sub-models (<layer>@w<k> rows); empty: "
+                    "the widths the model's config.json names under nested_widths, if any",
+    )
     read_requires_token: bool = Field(
         False, description="reads (and /metrics) need a token of any scope, as writes always do"
     )
@@ -124,6 +134,21 @@ class Settings(BaseSettings):
         if value.startswith("postgresql://"):
             value = "postgresql+psycopg://" + value[len("postgresql://") :]
         return value
+
+    @field_validator("nested_widths", mode="before")
+    @classmethod
+    def _parse_widths(cls, value: object) -> object:
+        # "1024,2048" from the environment or the command line, besides a JSON list.
+        if isinstance(value, str):
+            return [int(w) for w in value.strip().strip("[]").split(",") if w.strip()]
+        return value
+
+    @field_validator("nested_widths")
+    @classmethod
+    def _positive_widths(cls, value: list[int]) -> list[int]:
+        if any(w <= 0 for w in value):
+            raise ValueError("nested widths must be positive integers")
+        return sorted(set(value))
 
     @field_validator("allowed_roots")
     @classmethod

@@ -119,3 +119,68 @@ KIND_GROUPS: tuple[KindGroup, ...] = (
               (Kind.GATE, Kind.UP, Kind.DOWN, Kind.FC_IN, Kind.FC_OUT)),
     KindGroup("embeddings", "embeddings", (Kind.EMBED, Kind.LM_HEAD)),
 )
+
+
+VARIANT_SEPARATOR = "@"
+"""Separates a layer's name from the variant of its matrix: ``model.layers.3.mlp.up_proj@w1024``."""
+
+
+class Source(StrEnum):
+    """What a layer row's spectrum is of. Weights are the default of every view and statistic:
+    a gradient or a nested sub-matrix is never averaged with weights unless asked for by name."""
+
+    WEIGHT = "weight"  # the weight matrix itself; its name has no variant
+    EXP_AVG = "exp_avg"  # Adam's first moment: an exponential average of the weight's gradient
+    NESTED = "nested"  # an MLP matrix cut to its first k neurons (a MatFormer sub-model)
+
+    @property
+    def label(self) -> str:
+        """How people read the source's name."""
+        return _SOURCE_LABELS[self]
+
+
+_SOURCE_LABELS = {
+    Source.WEIGHT: "weights",
+    Source.EXP_AVG: "gradients (Adam exp_avg)",
+    Source.NESTED: "nested width w<k> (first k MLP neurons)",
+}
+
+DEFAULT_VARIANT = Source.WEIGHT.value
+"""The variant every query assumes when it names none: the weights themselves."""
+
+VARIANT_PATTERN = r"^(weight|exp_avg|w[1-9][0-9]{0,8})$"
+"""The variants a query may name: ``weight``, ``exp_avg`` or a nested width ``w<k>``."""
+
+
+def nested_variant(width: int) -> str:
+    """The variant of an MLP matrix cut to its first ``width`` neurons: ``w<width>``."""
+    return f"w{width}"
+
+
+def split_variant(name: str) -> tuple[str, str]:
+    """(layer name, variant) of a row's name; the variant of a weight is ``weight``."""
+    base, sep, variant = name.rpartition(VARIANT_SEPARATOR)
+    return (base, variant) if sep else (name, DEFAULT_VARIANT)
+
+
+def source_of(variant: str) -> Source:
+    """The :class:`Source` a variant belongs to (``w1024`` is nested)."""
+    if variant in (Source.WEIGHT.value, Source.EXP_AVG.value):
+        return Source(variant)
+    return Source.NESTED
+
+
+class LayerOrder(StrEnum):
+    """How layers are ordered in a heatmap or a per-block view."""
+
+    BLOCK = "block"  # embeddings, block 0, 1, ..., the head: the order a model runs them
+    BLOCK_DESC = "block_desc"  # the head and the last block first: where gradients arrive first
+
+    @property
+    def label(self) -> str:
+        """How people read the order's name."""
+        return "first block first" if self is LayerOrder.BLOCK else "last block first"
+
+
+DEFAULT_ORDER = LayerOrder.BLOCK
+"""What every query assumes when it names no layer order."""

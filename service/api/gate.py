@@ -14,6 +14,7 @@ from alphawatch.service.api.errors import Conflict, Invalid
 from alphawatch.service.db import alerts
 from alphawatch.service.db import gate as gates
 from alphawatch.trust import Thresholds
+from alphawatch.vocabulary import DEFAULT_VARIANT
 
 
 def _reason(exc: ValueError) -> str:
@@ -24,7 +25,8 @@ def _reason(exc: ValueError) -> str:
 
 
 def evaluate(*, session: Session, run_id: int, step: int | None, query: dict[str, Any],
-             defaults: GateRules, method: str, thresholds: Thresholds) -> dict[str, Any]:
+             defaults: GateRules, method: str, thresholds: Thresholds,
+             variant: str = DEFAULT_VARIANT) -> dict[str, Any]:
     """The gate at ``step`` (default: latest analysed) under the run's rules and ``query``'s.
 
     The rules are the server's defaults, then the run's stored rules, then every rule the query
@@ -37,7 +39,7 @@ def evaluate(*, session: Session, run_id: int, step: int | None, query: dict[str
     except ValueError as exc:
         raise Invalid(_reason(exc)) from exc
     return gates.evaluate(session, run_id=run_id, rules=rules, step=step, method=method,
-                          thresholds=thresholds)
+                          thresholds=thresholds, variant=variant)
 
 
 def rules_read(*, session: Session, run_id: int, defaults: GateRules) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from alphawatch.service.api.cache import ResultCache
 from alphawatch.service.api.errors import documented
 from alphawatch.service.api.schemas import (
     AlertList,
+    BlockTrendRead,
     CheckpointLayers,
     CheckpointList,
     CompareRead,
@@ -42,6 +43,7 @@ from alphawatch.service.api.schemas import (
     RunList,
     RunRead,
     TrendRead,
+    VariantsRead,
 )
 from alphawatch.service.db.alerts import GateCheck
 from alphawatch.service.db.session import make_engine, session_scope
@@ -51,7 +53,10 @@ from alphawatch.vocabulary import (
     DEFAULT_FILTER,
     DEFAULT_OUTLIER_RULE,
     DEFAULT_STATISTIC,
+    DEFAULT_VARIANT,
+    VARIANT_PATTERN,
     LayerFilter,
+    LayerOrder,
     OutlierRule,
     Statistic,
 )
@@ -92,6 +97,12 @@ INT32, INT64 = 2**31 - 1, 2**63 - 1
 RunId = Annotated[int, PathParam(ge=1, le=INT32, description="run id")]
 StepPath = Annotated[int, PathParam(ge=0, le=INT64, description="training step")]
 LayerName = Annotated[str, PathParam(max_length=512, description="layer name")]
+Variant = Annotated[str, Query(max_length=16, pattern=VARIANT_PATTERN,
+                               description="weight (default), exp_avg (gradients) or a nested "
+                                           "width w<k>; variants are never mixed")]
+KindList = Annotated[str | None,
+                     Query(max_length=200, description="comma-separated kinds: q,k,v,o,...")]
+BlockBound = Annotated[int | None, Query(ge=0, le=2**31 - 1)]
 MaxPoints = Annotated[int | None, Query(ge=2, le=100_000, description="downsample to N steps")]
 
 READ_ERRORS = documented(404, 422, 503)
@@ -269,6 +280,7 @@ async def get_trend(
                                          description="default: the server's trust.mad_k")] = None,
     method: Method = "ww",
     max_points: MaxPoints = None,
+    variant: Variant = DEFAULT_VARIANT,
 ) -> Response:
     """Model-level robust statistic of a metric per checkpoint, with exclusions explained."""
 
@@ -277,27 +289,65 @@ async def get_trend(
                                filter=filter, method=method, kinds=_kinds(kind),
                                block_min=block_min, block_max=block_max, outliers=outliers,
                                mad_k=mad_k, thresholds=settings.trust,
-                               max_points=max_points)
+                               max_points=max_points, variant=variant)
         return {"run_id": run_id, "metric": metric, "stat": stat, "filter": filter,
-                "method": method, "outliers": outliers, "points": points}
+                "method": method, "outliers": outliers, "variant": variant, "points": points}
 
     return await _cached(request, TrendRead, build)
 
 
 @router.get("/runs/{run_id}/heatmap", response_model=HeatmapRead, responses=READ_ERRORS)
 async def get_heatmap(request: Request, run_id: RunId, metric: Metric = "alpha",
-                      method: Method = "ww", max_points: MaxPoints = 500) -> Response:
-    """Layer x step matrix of a metric; layers ordered by block, then kind."""
+                      method: Method = "ww", max_points: MaxPoints = 500,
+                      variant: Variant = DEFAULT_VARIANT, kind: KindList = None,
+                      block_min: BlockBound = None, block_max: BlockBound = None,
+                      order: Annotated[LayerOrder, Query()] = LayerOrder.BLOCK) -> Response:
+    """Layer x step matrix of a metric; layers ordered by block (or last block first), then kind."""
     return await _cached(request, HeatmapRead, lambda session: queries.heatmap(
-        session=session, run_id=run_id, metric=metric, method=method, max_points=max_points))
+        session=session, run_id=run_id, metric=metric, method=method, max_points=max_points,
+        variant=variant, kinds=_kinds(kind), block_min=block_min, block_max=block_max,
+        order=order))
+
+
+@router.get("/runs/{run_id}/blocks", response_model=BlockTrendRead, responses=READ_ERRORS)
+async def get_block_trends(
+    request: Request, run_id: RunId, settings: SettingsDep, metric: Metric = "alpha",
+    stat: Annotated[Statistic, Query()] = DEFAULT_STATISTIC,
+    filter: Annotated[LayerFilter, Query()] = DEFAULT_FILTER,
+    kind: KindList = None, variant: Variant = DEFAULT_VARIANT,
+    outliers: Annotated[OutlierRule, Query()] = DEFAULT_OUTLIER_RULE,
+    mad_k: Annotated[float | None, Query(gt=0, le=100)] = None,
+    order: Annotated[LayerOrder, Query()] = LayerOrder.BLOCK_DESC,
+    method: Method = "ww", max_points: MaxPoints = 500,
+) -> Response:
+    """The robust statistic of each block over the checkpoints, the last block first."""
+
+    def build(session: Session) -> dict[str, Any]:
+        blocks = queries.block_trends(session=session, run_id=run_id, metric=metric, stat=stat,
+                                      filter=filter, method=method, variant=variant,
+                                      kinds=_kinds(kind), outliers=outliers, mad_k=mad_k,
+                                      thresholds=settings.trust, max_points=max_points,
+                                      order=order)
+        return {"run_id": run_id, "metric": metric, "stat": stat, "filter": filter,
+                "variant": variant, "order": order, "blocks": blocks}
+
+    return await _cached(request, BlockTrendRead, build)
+
+
+@router.get("/runs/{run_id}/variants", response_model=VariantsRead, responses=READ_ERRORS)
+def get_variants(run_id: RunId, session: SessionDep, method: Method = "ww") -> dict[str, Any]:
+    """What the latest checkpoint analysed: weights, gradients (exp_avg), nested widths."""
+    return {"run_id": run_id,
+            "variants": queries.variants(session=session, run_id=run_id, method=method)}
 
 
 @router.get("/runs/{run_id}/flags", response_model=FlagsRead, responses=READ_ERRORS)
-async def get_flags(request: Request, run_id: RunId, method: Method = "ww") -> Response:
+async def get_flags(request: Request, run_id: RunId, method: Method = "ww",
+                    variant: Variant = DEFAULT_VARIANT) -> Response:
     """Per checkpoint: how many layers carry each flag and each fit status."""
     return await _cached(request, FlagsRead, lambda session: {
         "run_id": run_id, "points": queries.flags(session=session, run_id=run_id,
-                                                  method=method)})
+                                                  method=method, variant=variant)})
 
 
 @router.get("/runs/{run_id}/checkpoints/{step}/layers/{layer_name}/esd",
@@ -334,6 +384,7 @@ def gate(
         description="without ref_step: since the analysed checkpoint before")] = None,
     method: Method = "ww",
     strict: Annotated[bool, Query(description="answer 409 when the gate fails")] = False,
+    variant: Variant = DEFAULT_VARIANT,
 ) -> dict[str, Any]:
     """CI gate: the run's gate rules, or those the query names, on its robust alpha."""
     named = {"stat": stat, "filter": filter, "min_alpha": min_alpha, "max_alpha": max_alpha,
@@ -342,7 +393,7 @@ def gate(
     verdict = gates.evaluate(
         session=session, run_id=run_id, step=step,
         query={k: v for k, v in named.items() if v is not None},
-        defaults=settings.gate, method=method, thresholds=settings.trust)
+        defaults=settings.gate, method=method, thresholds=settings.trust, variant=variant)
     if strict and not verdict["passed"]:
         response.status_code = 409
     return verdict

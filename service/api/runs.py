@@ -21,6 +21,7 @@ from alphawatch.service.api.errors import Conflict, Invalid, Refused
 from alphawatch.service.db import queue
 from alphawatch.service.db.models import AnalysisJob, Checkpoint, LayerMetric, Run
 from alphawatch.trust import Thresholds
+from alphawatch.vocabulary import split_variant
 
 # Linux's NAME_MAX and PATH_MAX (schemas.RunCreate states them too): longer names cannot
 # exist, so they are refused before the file system is asked, which would raise.
@@ -131,10 +132,11 @@ def checkpoints(*, session: Session, run_id: int, limit: int, offset: int) -> di
 
 def checkpoint_layers(*, session: Session, run_id: int, step: int,
                       method: str) -> dict[str, Any]:
-    """Every layer metric of one checkpoint, by block then kind."""
+    """Every layer metric of one checkpoint (every variant), by block then kind."""
     queries.get_run(session=session, run_id=run_id)
     checkpoint_id = queries.checkpoint_id_at(session=session, run_id=run_id, step=step)
-    layers = queries.layer_dicts(session=session, checkpoint_ids=[checkpoint_id], method=method)
+    layers = queries.layer_dicts(session=session, checkpoint_ids=[checkpoint_id], method=method,
+                                 variant=None)
     return {"run_id": run_id, "step": step, "method": method,
             "layers": sorted(layers, key=queries.layer_order)}
 
@@ -143,13 +145,18 @@ def layers_csv(*, session: Session, run_id: int, method: str) -> str:
     """Every layer metric of every analysed checkpoint of a run, as CSV text."""
     queries.get_run(session=session, run_id=run_id)
     steps = dict(queries.done_checkpoints(session=session, run_id=run_id))
-    layers = queries.layer_dicts(session=session, checkpoint_ids=list(steps), method=method)
+    # Every variant: weights, gradients (name@exp_avg) and nested widths (name@w<k>), each row
+    # saying which in its own column.
+    layers = queries.layer_dicts(session=session, checkpoint_ids=list(steps), method=method,
+                                 variant=None)
     buffer = io.StringIO()
     columns = ["step", *[c for c in (layers[0] if layers else {}) if c != "checkpoint_id"]]
+    columns.insert(columns.index("name") + 1 if "name" in columns else 1, "variant")
     writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
     for layer in layers:
-        writer.writerow({**layer, "step": steps[layer["checkpoint_id"]]})
+        writer.writerow({**layer, "step": steps[layer["checkpoint_id"]],
+                         "variant": split_variant(layer["name"])[1]})
     return buffer.getvalue()
 
 

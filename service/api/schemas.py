@@ -205,7 +205,35 @@ class TrendRead(BaseModel):
     filter: str
     method: str
     outliers: str
+    variant: str = Field(description="weight, exp_avg (gradients) or a nested width w<k>")
     points: list[TrendPoint]
+
+
+class BlockTrend(BaseModel):
+    block: int
+    points: list[TrendPoint]
+
+
+class BlockTrendRead(BaseModel):
+    run_id: int
+    metric: str
+    stat: str
+    filter: str
+    variant: str
+    order: str
+    blocks: list[BlockTrend] = Field(description="one trend per block, in the order asked for")
+
+
+class VariantRead(BaseModel):
+    name: str = Field(description="the value of the variant query parameter")
+    source: str = Field(description="weight, exp_avg or nested")
+    label: str
+    n_layers: int = Field(description="rows of this variant in the latest analysed checkpoint")
+
+
+class VariantsRead(BaseModel):
+    run_id: int
+    variants: list[VariantRead]
 
 
 class FitLine(BaseModel):
@@ -323,8 +351,10 @@ class CompareRun(BaseModel):
 
 class HeatmapRead(BaseModel):
     metric: str
+    variant: str = "weight"
     steps: list[int]
     layers: list[str] = Field(description="rows: layers by block, then kind")
+    blocks: list[int | None] = Field(default_factory=list, description="block of each row")
     z: list[list[float | None]] = Field(description="z[layer][step]; null where not analysed")
     trusted: list[list[bool | None]]
 

@@ -18,6 +18,7 @@ from alphawatch.gate_rules import GateRules
 from alphawatch.service import robust
 from alphawatch.service.db.models import Checkpoint, CheckpointStatus, LayerMetric, RunGate
 from alphawatch.trust import Thresholds
+from alphawatch.vocabulary import DEFAULT_VARIANT, VARIANT_SEPARATOR
 
 # What robust.select and robust.untrusted_reason read from a layer row.
 _FIELDS = ("alpha", "fit_status", "trusted", "correlation_trap", "rank_collapse")
@@ -37,16 +38,28 @@ def stored_rules(session: Session, *, run_id: int, defaults: GateRules) -> GateR
     return defaults.merged(overrides_of(session, run_id=run_id), empty_band_allowed=True)
 
 
-def _layers(session: Session, checkpoint_id: int, method: str) -> list[dict[str, Any]]:
+def of_variant(variant: str) -> Any:
+    """The SQL condition that keeps the rows of one variant: weights have no ``@`` in their name.
+
+    Weights, gradients and nested widths are never mixed: every view and statistic is over one.
+    """
+    if variant == DEFAULT_VARIANT:
+        return ~LayerMetric.name.contains(VARIANT_SEPARATOR, autoescape=True)
+    return LayerMetric.name.endswith(f"{VARIANT_SEPARATOR}{variant}", autoescape=True)
+
+
+def _layers(session: Session, checkpoint_id: int, method: str,
+            variant: str) -> list[dict[str, Any]]:
     result = session.execute(
         select(*[getattr(LayerMetric, f).label(f) for f in _FIELDS])
-        .where(LayerMetric.checkpoint_id == checkpoint_id, LayerMetric.method == method))
+        .where(LayerMetric.checkpoint_id == checkpoint_id, LayerMetric.method == method,
+               of_variant(variant)))
     return [dict(zip(_FIELDS, row, strict=True)) for row in result]
 
 
 def _stat_at(session: Session, checkpoint_id: int, rules: GateRules, method: str,
-             thresholds: Thresholds) -> tuple[float | None, float | None, int]:
-    layers = _layers(session, checkpoint_id, method)
+             thresholds: Thresholds, variant: str) -> tuple[float | None, float | None, int]:
+    layers = _layers(session, checkpoint_id, method, variant)
     chosen = robust.select(layers, metric="alpha", filter=rules.filter,
                            alpha_max=thresholds.alpha_max, mad_k=thresholds.mad_k)
     untrusted = sum(1 for layer in layers if robust.untrusted_reason(layer) is not None)
@@ -55,12 +68,14 @@ def _stat_at(session: Session, checkpoint_id: int, rules: GateRules, method: str
 
 
 def evaluate(session: Session, *, run_id: int, rules: GateRules, step: int | None,
-             method: str, thresholds: Thresholds) -> dict[str, Any]:
+             method: str, thresholds: Thresholds,
+             variant: str = DEFAULT_VARIANT) -> dict[str, Any]:
     """Check the robust alpha of ``step`` (default: the latest analysed) against ``rules``.
 
     Returns the verdict: ``passed``, the ``violations`` (rule, value, threshold, message), the
     statistic's ``value`` and the ``untrusted_share`` at ``step``, the ``delta`` since the
-    reference step. No analysed checkpoint, or no layer passing the filter, fails the gate.
+    reference step. Rows are one ``variant``'s (the weights by default). No analysed
+    checkpoint, or no layer passing the filter, fails the gate.
     """
     done = {int(s): int(c) for c, s in session.execute(
         select(Checkpoint.id, Checkpoint.step).where(
@@ -79,7 +94,7 @@ def evaluate(session: Session, *, run_id: int, rules: GateRules, step: int | Non
                            "message": f"run {run_id}: {what}"})
         verdict.update(step=step, passed=False)
         return verdict
-    value, share, n_used = _stat_at(session, done[step], rules, method, thresholds)
+    value, share, n_used = _stat_at(session, done[step], rules, method, thresholds, variant)
     verdict.update(step=step, value=value, untrusted_share=share)
 
     def violate(rule: str, got: float | None, threshold: float | None, message: str) -> None:
@@ -110,7 +125,8 @@ def evaluate(session: Session, *, run_id: int, rules: GateRules, step: int | Non
         if ref_step not in done:
             violate("no_reference", None, None, f"reference step {ref_step} is not analysed")
         else:
-            ref, _, _ = _stat_at(session, done[ref_step], rules, method, thresholds)
+            ref, _, _ = _stat_at(session, done[ref_step], rules, method, thresholds,
+                                 variant)
             if ref is not None and value is not None:
                 delta = value - ref
                 verdict["delta"] = delta

@@ -18,7 +18,7 @@ from sqlalchemy import delete, func, insert, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from alphawatch.service.db.aggregates import stat_rows
+from alphawatch.service.db.aggregates import stat_rows, weight_rows
 from alphawatch.service.db.alerts import GateCheck, record_verdict
 from alphawatch.service.db.models import (
     LAYER_COLUMNS,
@@ -372,9 +372,10 @@ def complete(
     move(job, checkpoint, Event.COMPLETE)
     checkpoint.error = None
     checkpoint.finished_at, checkpoint.analysis_s, checkpoint.device = _now(), elapsed_s, device
-    checkpoint.n_layers = len(layers)
+    weights = weight_rows(layers)  # what the checkpoint's counts and statistics are about
+    checkpoint.n_layers = len(weights)
     checkpoint.analysis_count += 1
-    checkpoint.n_trusted = sum(1 for layer in layers if layer.get("trusted"))
+    checkpoint.n_trusted = sum(1 for layer in weights if layer.get("trusted"))
     job.lease_expires_at, job.last_error = None, None
     if gate is not None:
         try:

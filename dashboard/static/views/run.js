@@ -1,7 +1,7 @@
 // Run page (#/runs/{id}): summary, trend, heatmap, layer drill-down, kinds, flags, companions
 // and the checkpoint table. The pickers are built from the API's vocabulary.
 
-import { api, apiOnce, vocabulary } from "../api.js";
+import { api, apiOnce, kindQuery, vocabulary } from "../api.js";
 import { setParams, state, view } from "../state.js";
 import {
   bindParamSelects, esc, fmt, gateBadge, pct, select, setThresholds, termSelect,
@@ -12,6 +12,9 @@ import { drawHeatmap, fillLayerPick } from "./heatmap.js";
 import { drawKinds } from "./kinds.js";
 import { drawLayer } from "./layer.js";
 import { drawTrend, switchOf, trendQuery } from "./trend.js";
+import {
+  blockOrderOf, drawBlockTrends, drawVariantTrends, orderOf, variantControls, variantOf,
+} from "./variants.js";
 
 function runSkeleton(runId, params, words) {
   const kind = params.get("kind") || "all";
@@ -42,11 +45,23 @@ function runSkeleton(runId, params, words) {
     <div class="panel">
       <h2>α per layer and step</h2>
       <div class="controls">
+        <span id="variant-controls"></span>
         <label>Open layer <select id="layer-pick"><option value="">choose…</option></select></label>
         <span class="muted small">Click a cell for that layer's ESD at that step.
         <span class="legend-x">×</span> / faded: untrusted fit.</span>
       </div>
       <div id="heatmap" class="plot"></div>
+    </div>
+    <div class="panel" id="variants-panel" hidden>
+      <h2>Weights, gradients and nested widths</h2>
+      <div class="grid2"><div><h3>α per variant over training</h3>
+        <div id="variant-trend" class="plot small"></div></div>
+        <div><h3>α per block, <span id="block-order">last block first</span></h3>
+        <div id="block-trend" class="plot small"></div></div></div>
+      <p class="muted small">Weights (solid) beside Adam's exp_avg, the running average of their
+      gradients (dashed), and MLPs cut to their first k neurons (w&lt;k&gt;): each a statistic
+      over its own rows, never mixed. Kind and statistic follow the switches above; the rows
+      picker of the heatmap chooses the variant per block.</p>
     </div>
     <div class="panel" id="layer-panel" hidden>
       <div class="panel-head"><h2>Layer <code id="layer-name"></code></h2>
@@ -171,7 +186,10 @@ async function drawRunPlots(runId, params, words, token, run, done) {
   const layer = params.get("layer");
   const layerTask = layer ? drawLayer(runId, layer, params.get("step"), run, token) : null;
   if (!layer) document.getElementById("layer-panel").hidden = true;
-  const key = JSON.stringify([runId, state.lastSignature, trendQuery(words, params)]);
+  const variant = variantOf(words, params);
+  const order = orderOf(words, params);
+  const key = JSON.stringify([runId, state.lastSignature, trendQuery(words, params), variant,
+    order]);
   if (key === state.drawnKey) {
     const pick = document.getElementById("layer-pick");
     pick.value = layer && [...pick.options].some((o) => o.value === layer) ? layer : "";
@@ -179,19 +197,47 @@ async function drawRunPlots(runId, params, words, token, run, done) {
     return;
   }
   const lastStep = done.reduce((m, c) => Math.max(m, c.step), -Infinity);
-  const [trend, heat, flags, latest] = await Promise.all([
+  const heatQuery = new URLSearchParams({ metric: "alpha", max_points: "500", variant, order });
+  const kinds = kindQuery(words, params.get("kind"));
+  if (kinds) heatQuery.set("kind", kinds);
+  const [trend, heat, flags, latest, found] = await Promise.all([
     api(`/runs/${runId}/trend?${trendQuery(words, params)}`),
-    apiOnce(`/runs/${runId}/heatmap?metric=alpha&max_points=500`),
+    apiOnce(`/runs/${runId}/heatmap?${heatQuery}`),
     apiOnce(`/runs/${runId}/flags`),
     apiOnce(`/runs/${runId}/checkpoints/${lastStep}/layers`),
+    apiOnce(`/runs/${runId}/variants`),
   ]);
   if (token !== state.renderToken) return;
   drawTrend(trend, words);
+  const variantTasks = drawVariants(runId, params, words, found.variants, token);
   const kindOf = Object.fromEntries(latest.layers.map((l) => [l.name, l.kind]));
   drawHeatmap(heat, kindOf);
   drawFlags(flags.points);
   fillLayerPick(heat.layers, layer);
-  await Promise.all([drawKinds(runId, params, latest.layers, words, token),
-    drawCompanions(runId, params, words, token), layerTask]);
+  // Kinds of the weights: gradient and nested rows share them, and the failed row recording a
+  // refused optimizer state is no layer of the model.
+  const weights = latest.layers.filter((l) => !l.name.includes(words.variant_separator));
+  await Promise.all([drawKinds(runId, params, weights, words, token),
+    drawCompanions(runId, params, words, token), layerTask, variantTasks]);
   if (token === state.renderToken) state.drawnKey = key;
+}
+
+// The variant pickers and panel, only for runs analysed with gradients or nested widths.
+function drawVariants(runId, params, words, variants, token) {
+  const present = variants.filter((v) => v.name === "weight" || v.n_layers > 0);
+  const controls = document.getElementById("variant-controls");
+  const panel = document.getElementById("variants-panel");
+  if (present.length < 2) {
+    controls.innerHTML = "";
+    panel.hidden = true;
+    return null;
+  }
+  controls.innerHTML = variantControls(words, params, present);
+  bindParamSelects(controls);
+  panel.hidden = false;
+  const order = blockOrderOf(words, params);
+  document.getElementById("block-order").textContent =
+    words.orders.find((o) => o.name === order)?.label ?? order;
+  return Promise.all([drawVariantTrends(runId, params, words, present, token),
+    drawBlockTrends(runId, params, words, token)]);
 }
