@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from alphawatch.settings import Settings
+from alphawatch.vocabulary import FitMethod
 
 EXIT_OK, EXIT_FAIL, EXIT_ERROR = 0, 1, 2
 
@@ -94,8 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     device_option(analyze)
     analyze.add_argument("--format", choices=["table", "json", "csv"], default="table",
                          help="output format (default: table)")
-    analyze.add_argument("--method", type=str,
-                         help="fit method (default: ww, weightwatcher-compatible)")
+    analyze.add_argument("--method", choices=[m.value for m in FitMethod],
+                         help="fit method (default: the fit_method setting, ww: weightwatcher's)")
 
     gate = sub.add_parser("gate", help="ask the API's CI gate; exit 0 pass, 1 fail, 2 error")
     gate.add_argument("--url", type=str, required=True, help="base URL of the alphawatch API")

@@ -13,6 +13,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from alphawatch.trust import Thresholds
+from alphawatch.vocabulary import DEFAULT_FIT_METHOD, FitMethod
 
 DEFAULT_DATABASE_URL = "sqlite:///./alphawatch.db"
 
@@ -27,7 +28,7 @@ class Settings(BaseSettings):
     database_url: str = DEFAULT_DATABASE_URL
     allowed_roots: list[Path] = Field(default_factory=list)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    fit_method: str = "ww"
+    fit_method: FitMethod = Field(DEFAULT_FIT_METHOD, description="power-law fit method")
     poll_interval_s: float = Field(5.0, gt=0)
     settle_s: float = Field(30.0, ge=0, description="size/mtime stable this long: complete")
     lease_s: float = Field(60.0, gt=0)

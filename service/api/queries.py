@@ -17,7 +17,7 @@ from alphawatch.service.api.errors import NotFound
 from alphawatch.service.db.aggregates import PRECOMPUTED_KINDS, PRECOMPUTED_METRICS, kinds_key
 from alphawatch.service.db.models import Checkpoint, CheckpointStat, LayerMetric, Run, Spectrum
 from alphawatch.trust import Thresholds
-from alphawatch.vocabulary import KIND_ORDER, Kind
+from alphawatch.vocabulary import KIND_ORDER, FitStatus, Kind
 
 
 def get_run(*, session: Session, run_id: int) -> Run:
@@ -260,8 +260,7 @@ def heatmap(*, session: Session, run_id: int, metric: str, method: str,
 
 
 FLAG_KEYS = ("correlation_trap", "rank_collapse", "near_random", "over_trained", "under_trained")
-FIT_STATUSES = ("ok", "poor_fit", "tail_too_short", "unstable", "alpha_out_of_range",
-                "too_few_evals", "non_finite", "degenerate", "failed")
+FIT_STATUSES = tuple(s.value for s in FitStatus)
 
 
 def flags(*, session: Session, run_id: int, method: str) -> list[dict[str, Any]]:

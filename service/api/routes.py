@@ -46,6 +46,7 @@ from alphawatch.vocabulary import (
     DEFAULT_FILTER,
     DEFAULT_OUTLIER_RULE,
     DEFAULT_STATISTIC,
+    FitMethod,
     LayerFilter,
     OutlierRule,
     Statistic,
@@ -75,8 +76,9 @@ class CsvResponse(PlainTextResponse):
 router = APIRouter(prefix="/api/v1", dependencies=[Depends(read_access)])
 health_router = APIRouter()
 
-Method = Annotated[str, Query(max_length=32, pattern=r"^[a-z0-9_]+$",
-                              description="fit method; methods are never mixed")]
+# The schema lists the fit methods (alphawatch.vocabulary.FitMethod): an unknown one is a 422.
+MethodName = Literal[tuple(m.value for m in FitMethod)]  # type: ignore[valid-type]
+Method = Annotated[MethodName, Query(description="fit method; methods are never mixed")]  # type: ignore[valid-type]
 # The schema lists the metrics, so a client (or a fuzzer) knows which names are valid.
 MetricName = Literal[tuple(queries.numeric_metrics())]  # type: ignore[valid-type]
 Metric = Annotated[MetricName, Query(description="a numeric layer metric")]  # type: ignore[valid-type]

@@ -286,6 +286,7 @@ class FlagPoint(BaseModel):
     non_finite: int
     degenerate: int
     failed: int
+    not_power_law: int
 
 
 class FlagsRead(BaseModel):
