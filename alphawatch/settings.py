@@ -9,13 +9,27 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from alphawatch.trust import Thresholds
 from alphawatch.vocabulary import DEFAULT_FIT_METHOD, FitMethod
 
 DEFAULT_DATABASE_URL = "sqlite:///./alphawatch.db"
+
+
+class CrossCheck(BaseModel):
+    """The live cross-check: a share of layers re-analysed with weightwatcher itself."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    share: float = Field(
+        0.0, ge=0, le=1,
+        description="share of layers the worker re-analyses with weightwatcher (needs the "
+        "crosscheck extra); chosen by a hash of checkpoint and layer name; 0: off",
+    )
+    tolerance: float = Field(
+        1e-3, gt=0, description="relative alpha difference above which a layer is flagged")
 
 
 class Settings(BaseSettings):
@@ -52,6 +66,7 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     trust: Thresholds = Field(default_factory=Thresholds)
+    crosscheck: CrossCheck = Field(default_factory=CrossCheck)
 
     @field_validator("database_url")
     @classmethod

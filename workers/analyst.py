@@ -7,6 +7,7 @@ database connection.
 
 from __future__ import annotations
 
+import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch
 
 from alphawatch.workers.checkpoints import CheckpointError, Confinement, iter_layers
 from alphawatch.workers.checkpoints.discovery import fingerprint
-from alphawatch.workers.spectral import Thresholds, analyze_matrix
+from alphawatch.workers.spectral import Thresholds, analyze_matrix, crosscheck
 
 Rows = tuple[list[dict[str, Any]], list[dict[str, Any]]]
 
@@ -31,6 +32,7 @@ class AnalysisOptions:
     device: torch.device
     confine: Confinement
     progress: bool = False
+    crosscheck_share: float = 0.0  # share of layers re-analysed with weightwatcher itself
 
 
 def analyze_checkpoint(path: Path, first: Path | None, options: AnalysisOptions) -> Rows:
@@ -40,6 +42,10 @@ def analyze_checkpoint(path: Path, first: Path | None, options: AnalysisOptions)
     """
     confine = options.confine
     first_key = _first_key(first, confine)
+    share = options.crosscheck_share
+    if share > 0 and (reason := crosscheck.unavailable(options.method)) is not None:
+        logging.getLogger(__name__).warning("cross-check skipped: %s", reason)
+        share = 0.0
     layers: list[dict[str, Any]] = []
     spectra: list[dict[str, Any]] = []
     for matrix in iter_layers(path, confine=confine):
@@ -53,6 +59,8 @@ def analyze_checkpoint(path: Path, first: Path | None, options: AnalysisOptions)
             dtype=str(matrix.stored_dtype).removeprefix("torch."),
             distance_from_init=_distance(first_key, matrix.name, matrix.weight, confine),
         )
+        if crosscheck.chosen(f"{path.name}/{matrix.name}", share):
+            row["crosscheck_diff"] = _crosscheck(matrix.weight, result.alpha, options.method)
         layers.append(row)
         spectra.append({
             "name": matrix.name, "method": result.method,
@@ -67,6 +75,17 @@ def analyze_checkpoint(path: Path, first: Path | None, options: AnalysisOptions)
     if not layers:
         raise ValueError(f"{path}: no weight matrices found")
     return layers, spectra
+
+
+def _crosscheck(weight: torch.Tensor, alpha: float | None, method: str) -> float | None:
+    """Relative alpha difference from weightwatcher's; a failure of weightwatcher is logged,
+    never the layer's or the checkpoint's failure."""
+    try:
+        return crosscheck.difference(alpha, crosscheck.weightwatcher_row(weight, method))
+    except Exception as exc:
+        logging.getLogger(__name__).warning("cross-check failed: %s: %s",
+                                            type(exc).__name__, exc)
+        return None
 
 
 def _as_bytes(values: np.ndarray | None) -> bytes | None:

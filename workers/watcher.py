@@ -343,7 +343,8 @@ class Watcher:
         first = self._first_checkpoint(run_id) if run_id is not None else None
         options = AnalysisOptions(method=self.settings.fit_method, thresholds=self.thresholds,
                                   device=self.device, progress=self.progress,
-                                  confine=self.confine)
+                                  confine=self.confine,
+                                  crosscheck_share=self.settings.crosscheck.share)
         return analyze_checkpoint(path, first, options)
 
     def close(self) -> None:

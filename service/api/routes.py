@@ -193,7 +193,8 @@ def create_run(body: RunCreate, request: Request, settings: SettingsDep,
 @router.get("/runs/{run_id}", response_model=RunDetail, responses=READ_ERRORS)
 def get_run(run_id: RunId, session: SessionDep, settings: SettingsDep) -> dict[str, Any]:
     """One run, with the thresholds applied to its trust verdicts."""
-    return runs.get(session=session, run_id=run_id, trust=settings.trust)
+    return runs.get(session=session, run_id=run_id, trust=settings.trust,
+                    crosscheck=settings.crosscheck)
 
 
 @router.delete("/runs/{run_id}", status_code=204,
