@@ -5,7 +5,7 @@ import { enc, setParams, state } from "../state.js";
 import { C, esc, fmt, goodBand, isNum, note, plot } from "../ui.js";
 import { drawEsd } from "./esd.js";
 
-export async function drawLayer(runId, layer, step, run, token, method = "ww") {
+export async function drawLayer(runId, layer, step, run, token, method) {
   const m = `method=${enc(method)}`;
   const panel = document.getElementById("layer-panel");
   const wasHidden = panel.hidden;
