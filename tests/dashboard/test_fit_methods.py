@@ -2,7 +2,7 @@
 and the distribution tests; the summary reports the weightwatcher cross-check.
 
 A real checkpoint analysed by the real worker twice: with ``ww`` (cross-checking every layer
-against weightwatcher) and again with ``xmin_peak``, so both methods are stored for every checkpoint.
+against weightwatcher) and again with ``xmin_peak``, so both methods are stored for it.
 """
 
 from __future__ import annotations
@@ -19,8 +19,12 @@ from alphawatch.service.api import create_app
 from alphawatch.settings import CrossCheck, Settings
 from alphawatch.vocabulary import FitMethod
 from alphawatch.workers.watcher import Watcher
-from tests.dashboard.test_dashboard import _data, browser, expected_console, page  # noqa: F401
+from tests.dashboard import test_dashboard as dashboard
 from tests.live import serve
+
+# The browser and page fixtures of the main dashboard tests (console errors fail a test).
+browser, expected_console, page = dashboard.browser, dashboard.expected_console, dashboard.page
+_data = dashboard._data
 
 pytestmark = pytest.mark.browser
 

@@ -125,3 +125,9 @@ def test_tpl_method_matches_powerlaw_truncated_fit() -> None:
     result = analyze_matrix(torch.from_numpy(_samples("pareto_2.5").reshape(30, 20)),
                             method="tpl", check_traps=False).metrics()
     assert result["method"] == "tpl" and result["alpha"] == pytest.approx(result["tpl_alpha"])
+
+
+def test_a_tail_without_a_test_gives_none() -> None:
+    assert compare_tail(np.array([1.0]), 1.0) is None
+    assert compare_tail(np.array([0.5, 0.7]), 1.0) is None  # nothing at or above xmin
+    assert compare_fit(None, np.arange(1.0, 10.0)) is None

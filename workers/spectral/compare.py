@@ -219,10 +219,14 @@ def fitted_tail(fit: PowerLawFit, evals: np.ndarray) -> np.ndarray:
 
 
 def compare_fit(fit: PowerLawFit | None, evals: np.ndarray) -> Comparison | None:
-    """:func:`compare_tail` on the tail of ``fit``; None without a fit."""
+    """:func:`compare_tail` on the tail of ``fit``; None without a fit, or when a test cannot be
+    computed (a numerical failure of the tests never fails the layer's analysis)."""
     if fit is None:
         return None
-    return compare_tail(fitted_tail(fit, evals), fit.xmin)
+    try:
+        return compare_tail(fitted_tail(fit, evals), fit.xmin)
+    except (ArithmeticError, ValueError, TypeError):
+        return None
 
 
 def tpl_fit(plain: PowerLawFit, evals: np.ndarray) -> PowerLawFit:
