@@ -131,3 +131,18 @@ def test_a_tail_without_a_test_gives_none() -> None:
     assert compare_tail(np.array([1.0]), 1.0) is None
     assert compare_tail(np.array([0.5, 0.7]), 1.0) is None  # nothing at or above xmin
     assert compare_fit(None, np.arange(1.0, 10.0)) is None
+
+
+def test_upper_gamma_equals_mpmath() -> None:
+    import mpmath
+
+    from alphawatch.workers.spectral.compare import upper_gamma
+
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        a, x = 1 - rng.uniform(0.01, 49.9), 10 ** rng.uniform(-7, 3)
+        expected = float(mpmath.gammainc(a, x))
+        if expected != 0:
+            assert upper_gamma(a, x) == pytest.approx(expected, rel=1e-11), (a, x)
+    for a in (-3.0, -2.0, 0.0, 0.5, 1.0):  # integer orders: the recurrence's special points
+        assert upper_gamma(a, 0.3) == pytest.approx(float(mpmath.gammainc(a, 0.3)), rel=1e-12)
