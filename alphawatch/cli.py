@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from alphawatch.settings import Settings
+from alphawatch.vocabulary import FitMethod
 
 EXIT_OK, EXIT_FAIL, EXIT_ERROR = 0, 1, 2
 
@@ -106,8 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     device_option(analyze)
     analyze.add_argument("--format", choices=["table", "json", "csv"], default="table",
                          help="output format (default: table)")
-    analyze.add_argument("--method", type=str,
-                         help="fit method (default: ww, weightwatcher-compatible)")
+    analyze.add_argument("--method", choices=[m.value for m in FitMethod],
+                         help="fit method (default: the fit_method setting, ww: weightwatcher's)")
+    analyze.add_argument("--engine", choices=["alphawatch", "weightwatcher"],
+                         default="alphawatch",
+                         help="alphawatch's engine (default), or weightwatcher 0.7.7 itself for "
+                              "its exact numbers (crosscheck extra; ww, xmin_peak, clip_xmax)")
     variant_options(analyze)
 
     gate = sub.add_parser("gate", help="ask the API's CI gate; exit 0 pass, 1 fail, 2 error")
@@ -370,35 +375,50 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 _COLUMNS = ("name", "shape", "alpha", "D", "xmin", "num_pl_spikes", "fit_status", "trusted")
 
 
-def analyze_path(path: Path, settings: Settings, method: str | None = None) -> dict[str, Any]:
-    """Analyse one checkpoint (no database) into the public ``analyze`` JSON document."""
+def analyze_path(path: Path, settings: Settings, method: str | None = None,
+                 engine: str = "alphawatch") -> dict[str, Any]:
+    """Analyse one checkpoint (no database) into the public ``analyze`` JSON document.
+
+    ``engine="weightwatcher"``: the fit numbers are weightwatcher 0.7.7's own (its ``analyze()``
+    on each matrix), with alphawatch's fit rules applied to them; no bootstrap stability, no
+    trap search and no distribution tests, which weightwatcher does not compute.
+    """
     from alphawatch.service.robust import summarize
     from alphawatch.vocabulary import DEFAULT_VARIANT, split_variant
     from alphawatch.workers.analyst import AnalysisOptions, analysed_matrices
     from alphawatch.workers.checkpoints import UNCONFINED, discover
-    from alphawatch.workers.spectral import analyze_matrix, resolve_device
+    from alphawatch.workers.spectral import analyze_matrix, crosscheck, resolve_device
 
     device = resolve_device(settings.device)
     thresholds = settings.trust
+    fit_method = method or settings.fit_method
+    if engine == "weightwatcher" and (reason := crosscheck.unavailable(fit_method)):
+        raise _UserError(f"--engine weightwatcher: {reason}")
     refs = discover(path, settle_s=0.0) if path.is_dir() else []
     step = next((r.step for r in refs if Path(r.path) == path), None)
     layers: list[dict[str, Any]] = []
-    options = AnalysisOptions(method=method or settings.fit_method, thresholds=thresholds,
+    options = AnalysisOptions(method=fit_method, thresholds=thresholds,
                               device=device, confine=UNCONFINED,
                               optimizer_state=settings.optimizer_state,
                               nested_widths=tuple(settings.nested_widths))
     for matrix in analysed_matrices(path, options, layers):
-        result = analyze_matrix(matrix.weight, stored_dtype=matrix.stored_dtype,
-                                method=options.method, thresholds=thresholds, device=device)
-        row = result.metrics()
+        if engine == "weightwatcher":
+            row = crosscheck.weightwatcher_row(matrix.weight, fit_method)
+            status = crosscheck.status_of(row, thresholds)
+            row.update(method=str(fit_method), fit_status=status.value,
+                       trusted=status.value == "ok")
+        else:
+            row = analyze_matrix(matrix.weight, stored_dtype=matrix.stored_dtype,
+                                 method=fit_method, thresholds=thresholds,
+                                 device=device).metrics()
         row.update(name=matrix.name, kind=matrix.kind, block=matrix.block,
                    shape=list(matrix.weight.shape),
                    dtype=str(matrix.stored_dtype).removeprefix("torch."))
         layers.append(row)
     # The summary is the weights' own: gradients and nested slices are rows beside them.
     weights = [r for r in layers if split_variant(r["name"])[1] == DEFAULT_VARIANT]
-    return {"step": step, "path": str(path), "device": str(device), "layers": layers,
-            "summary": summarize(weights, thresholds=thresholds)}
+    return {"step": step, "path": str(path), "device": str(device), "engine": engine,
+            "layers": layers, "summary": summarize(weights, thresholds=thresholds)}
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
@@ -408,7 +428,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     if not path.exists():
         raise _UserError(f"{path} does not exist")
     try:
-        doc = analyze_path(path, _settings(args), args.method)
+        doc = analyze_path(path, _settings(args), args.method, args.engine)
     except CheckpointError as exc:
         raise _UserError(str(exc)) from exc
     out = sys.stdout

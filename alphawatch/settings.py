@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from alphawatch.gate_rules import GateRules
 from alphawatch.trust import Thresholds
+from alphawatch.vocabulary import DEFAULT_FIT_METHOD, FitMethod
 
 DEFAULT_DATABASE_URL = "sqlite:///./alphawatch.db"
 
@@ -64,6 +65,20 @@ class AlertSettings(BaseModel):
         return value
 
 
+class CrossCheck(BaseModel):
+    """The live cross-check: a share of layers re-analysed with weightwatcher itself."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    share: float = Field(
+        0.0, ge=0, le=1,
+        description="share of layers the worker re-analyses with weightwatcher (needs the "
+        "crosscheck extra); chosen by a hash of checkpoint and layer name; 0: off",
+    )
+    tolerance: float = Field(
+        1e-3, gt=0, description="relative alpha difference above which a layer is flagged")
+
+
 class Settings(BaseSettings):
     """All settings of alphawatch. Environment: ``ALPHAWATCH_<NAME>``, nested with ``__``."""
 
@@ -74,7 +89,7 @@ class Settings(BaseSettings):
     database_url: str = DEFAULT_DATABASE_URL
     allowed_roots: list[Path] = Field(default_factory=list)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    fit_method: str = "ww"
+    fit_method: FitMethod = Field(DEFAULT_FIT_METHOD, description="power-law fit method")
     poll_interval_s: float = Field(5.0, gt=0)
     settle_s: float = Field(30.0, ge=0, description="size/mtime stable this long: complete")
     lease_s: float = Field(60.0, gt=0)
@@ -112,6 +127,7 @@ class Settings(BaseSettings):
     # min_alpha / max_alpha left unset take the trust thresholds' over-/under-trained labels.
     gate: GateRules = Field(default_factory=GateRules)
     alerts: AlertSettings = Field(default_factory=AlertSettings)
+    crosscheck: CrossCheck = Field(default_factory=CrossCheck)
 
     @model_validator(mode="after")
     def _gate_band_from_trust(self) -> Self:

@@ -7,6 +7,7 @@ database connection.
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,7 +27,13 @@ from alphawatch.workers.checkpoints import (
 from alphawatch.workers.checkpoints.discovery import fingerprint
 from alphawatch.workers.checkpoints.nested import nested_matrices, nested_widths
 from alphawatch.workers.checkpoints.optimizer import EXP_AVG, iter_exp_avg, unit_mean_eigenvalue
-from alphawatch.workers.spectral import FitStatus, LayerResult, Thresholds, analyze_matrix
+from alphawatch.workers.spectral import (
+    FitStatus,
+    LayerResult,
+    Thresholds,
+    analyze_matrix,
+    crosscheck,
+)
 
 Rows = tuple[list[dict[str, Any]], list[dict[str, Any]]]
 
@@ -42,6 +49,7 @@ class AnalysisOptions:
     progress: bool = False
     optimizer_state: bool = False  # also analyse Adam's exp_avg of each matrix (@exp_avg rows)
     nested_widths: tuple[int, ...] = ()  # first-k-neuron MLP slices (@w<k>); () = the config's
+    crosscheck_share: float = 0.0  # share of layers re-analysed with weightwatcher itself
 
 
 def analyze_checkpoint(path: Path, first: Path | None, options: AnalysisOptions) -> Rows:
@@ -51,6 +59,10 @@ def analyze_checkpoint(path: Path, first: Path | None, options: AnalysisOptions)
     """
     confine = options.confine
     first_key = _first_key(first, confine)
+    share = options.crosscheck_share
+    if share > 0 and (reason := crosscheck.unavailable(options.method)) is not None:
+        logging.getLogger(__name__).warning("cross-check skipped: %s", reason)
+        share = 0.0
     layers: list[dict[str, Any]] = []
     spectra: list[dict[str, Any]] = []
     for matrix in analysed_matrices(path, options, layers):
@@ -64,6 +76,8 @@ def analyze_checkpoint(path: Path, first: Path | None, options: AnalysisOptions)
             dtype=str(matrix.stored_dtype).removeprefix("torch."),
             distance_from_init=_distance(first_key, matrix.name, matrix.weight, confine),
         )
+        if crosscheck.chosen(f"{path.name}/{matrix.name}", share):
+            row["crosscheck_diff"] = _crosscheck(matrix.weight, result.alpha, options.method)
         layers.append(row)
         spectra.append({
             "name": matrix.name, "method": result.method,
@@ -108,6 +122,17 @@ def refused_row(name: str, error: str, method: str) -> dict[str, Any]:
                       error=error).metrics()
     row.update(name=name, kind="other", block=None, dtype=None, distance_from_init=None)
     return row
+
+
+def _crosscheck(weight: torch.Tensor, alpha: float | None, method: str) -> float | None:
+    """Relative alpha difference from weightwatcher's; a failure of weightwatcher is logged,
+    never the layer's or the checkpoint's failure."""
+    try:
+        return crosscheck.difference(alpha, crosscheck.weightwatcher_row(weight, method))
+    except Exception as exc:
+        logging.getLogger(__name__).warning("cross-check failed: %s: %s",
+                                            type(exc).__name__, exc)
+        return None
 
 
 def _as_bytes(values: np.ndarray | None) -> bytes | None:

@@ -370,7 +370,8 @@ class Watcher:
                                   device=self.device, progress=self.progress,
                                   confine=self.confine,
                                   optimizer_state=self.settings.optimizer_state,
-                                  nested_widths=tuple(self.settings.nested_widths))
+                                  nested_widths=tuple(self.settings.nested_widths),
+                                  crosscheck_share=self.settings.crosscheck.share)
         return analyze_checkpoint(path, first, options)
 
     def close(self) -> None:

@@ -1,6 +1,6 @@
 """gate alerts: per-run gate rules with the last verdict, and the alert outbox
 
-Revision ID: 0007_gate_alerts
+Revision ID: 0007
 Revises: 0006
 Create Date: 2026-11-23 17:40:00.000000
 
@@ -16,7 +16,7 @@ import sqlalchemy as sa
 
 from alembic import op
 
-revision: str = "0007_gate_alerts"
+revision: str = "0007"
 down_revision: str | None = "0006"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None

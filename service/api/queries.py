@@ -21,6 +21,7 @@ from alphawatch.trust import Thresholds
 from alphawatch.vocabulary import (
     DEFAULT_VARIANT,
     KIND_ORDER,
+    FitStatus,
     Kind,
     LayerOrder,
     Source,
@@ -350,8 +351,7 @@ def _variant_label(variant: str) -> str:
 
 
 FLAG_KEYS = ("correlation_trap", "rank_collapse", "near_random", "over_trained", "under_trained")
-FIT_STATUSES = ("ok", "poor_fit", "tail_too_short", "unstable", "alpha_out_of_range",
-                "too_few_evals", "non_finite", "degenerate", "failed")
+FIT_STATUSES = tuple(s.value for s in FitStatus)
 
 
 def flags(*, session: Session, run_id: int, method: str,

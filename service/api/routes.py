@@ -55,6 +55,7 @@ from alphawatch.vocabulary import (
     DEFAULT_STATISTIC,
     DEFAULT_VARIANT,
     VARIANT_PATTERN,
+    FitMethod,
     LayerFilter,
     LayerOrder,
     OutlierRule,
@@ -85,8 +86,9 @@ class CsvResponse(PlainTextResponse):
 router = APIRouter(prefix="/api/v1", dependencies=[Depends(read_access)])
 health_router = APIRouter()
 
-Method = Annotated[str, Query(max_length=32, pattern=r"^[a-z0-9_]+$",
-                              description="fit method; methods are never mixed")]
+# The schema lists the fit methods (alphawatch.vocabulary.FitMethod): an unknown one is a 422.
+MethodName = Literal[tuple(m.value for m in FitMethod)]  # type: ignore[valid-type]
+Method = Annotated[MethodName, Query(description="fit method; methods are never mixed")]  # type: ignore[valid-type]
 # The schema lists the metrics, so a client (or a fuzzer) knows which names are valid.
 MetricName = Literal[tuple(queries.numeric_metrics())]  # type: ignore[valid-type]
 Metric = Annotated[MetricName, Query(description="a numeric layer metric")]  # type: ignore[valid-type]
@@ -209,7 +211,8 @@ def create_run(body: RunCreate, request: Request, settings: SettingsDep,
 @router.get("/runs/{run_id}", response_model=RunDetail, responses=READ_ERRORS)
 def get_run(run_id: RunId, session: SessionDep, settings: SettingsDep) -> dict[str, Any]:
     """One run, with the thresholds applied to its trust verdicts."""
-    return runs.get(session=session, run_id=run_id, trust=settings.trust)
+    return runs.get(session=session, run_id=run_id, trust=settings.trust,
+                    crosscheck=settings.crosscheck)
 
 
 @router.delete("/runs/{run_id}", status_code=204,

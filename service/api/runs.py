@@ -13,13 +13,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import case, delete, func, select
 from sqlalchemy.orm import Session
 
 from alphawatch.service.api import queries
 from alphawatch.service.api.errors import Conflict, Invalid, Refused
 from alphawatch.service.db import queue
 from alphawatch.service.db.models import AnalysisJob, Checkpoint, LayerMetric, Run
+from alphawatch.settings import CrossCheck
 from alphawatch.trust import Thresholds
 from alphawatch.vocabulary import split_variant
 
@@ -77,8 +78,10 @@ def list_runs(*, session: Session, limit: int, offset: int,
                      for r in rows], "total": total}
 
 
-def get(*, session: Session, run_id: int, trust: Thresholds) -> dict[str, Any]:
-    """One run's summary, the trust thresholds applied and the fit methods it holds."""
+def get(*, session: Session, run_id: int, trust: Thresholds,
+        crosscheck: CrossCheck | None = None) -> dict[str, Any]:
+    """One run's summary, the trust thresholds applied, the fit methods it holds and what the
+    live cross-check with weightwatcher found."""
     run = queries.get_run(session=session, run_id=run_id)
     # Methods of the latest analysed checkpoint: scanning every layer row of a long run for
     # DISTINCT would cost more than the rest of the page.
@@ -88,8 +91,17 @@ def get(*, session: Session, run_id: int, trust: Thresholds) -> dict[str, Any]:
     methods = sorted(set(session.scalars(
         select(LayerMetric.method).where(LayerMetric.checkpoint_id == latest).distinct()
     ))) if latest is not None else []
+    check = crosscheck or CrossCheck()
+    n, largest, over = session.execute(
+        select(func.count(LayerMetric.crosscheck_diff), func.max(LayerMetric.crosscheck_diff),
+               func.coalesce(func.sum(case((LayerMetric.crosscheck_diff > check.tolerance, 1),
+                                           else_=0)), 0))
+        .join(Checkpoint, Checkpoint.id == LayerMetric.checkpoint_id)
+        .where(Checkpoint.run_id == run_id, LayerMetric.crosscheck_diff.is_not(None))).one()
     return {**queries.run_summary(session=session, run=run, thresholds=trust),
-            "thresholds": trust, "methods": methods}
+            "thresholds": trust, "methods": methods,
+            "crosscheck": {"layers": int(n), "max_diff": largest, "over_tolerance": int(over),
+                           "tolerance": check.tolerance, "share": check.share}}
 
 
 def create(*, session: Session, name: str, path: Path,

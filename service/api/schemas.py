@@ -69,9 +69,20 @@ class RunRead(BaseModel):
                           "entries it refused that have no step (null when all is well)")
 
 
+class CrossCheckRead(BaseModel):
+    """The live cross-check with weightwatcher over a run's layer rows (every method)."""
+
+    layers: int = Field(description="layer rows re-analysed with weightwatcher")
+    max_diff: float | None = Field(description="largest relative alpha difference")
+    over_tolerance: int = Field(description="layer rows whose difference exceeds the tolerance")
+    tolerance: float = Field(description="the tolerance (settings.crosscheck.tolerance)")
+    share: float = Field(description="share of layers this server's workers cross-check")
+
+
 class RunDetail(RunRead):
     thresholds: Thresholds = Field(description="the trust thresholds this server applies")
     methods: list[str] = Field(description="fit methods of the latest analysed checkpoint")
+    crosscheck: CrossCheckRead
 
 
 class RunList(BaseModel):
@@ -156,6 +167,17 @@ class LayerMetricRead(BaseModel):
     warning: str | None = None
     elapsed_ms: float | None = None
     distance_from_init: float | None = None
+    num_fingers: int | None = Field(None, description="clip_xmax: top eigenvalues clipped")
+    tpl_alpha: float | None = Field(None, description="truncated power law's exponent")
+    tpl_lambda: float | None = Field(None, description="truncated power law's rate Λ")
+    pl_vs_tpl_R: float | None = Field(
+        None, description="normalised log-likelihood ratio, power law vs truncated (R > 0: PL)")
+    pl_vs_tpl_p: float | None = Field(None, description="its p-value (nested: χ²₁)")
+    pl_vs_lognormal_R: float | None = Field(
+        None, description="normalised log-likelihood ratio, power law vs lognormal (R > 0: PL)")
+    pl_vs_lognormal_p: float | None = Field(None, description="its p-value (Vuong)")
+    crosscheck_diff: float | None = Field(
+        None, description="relative alpha difference from weightwatcher (cross-checked layers)")
 
 
 class CheckpointLayers(BaseModel):
@@ -378,6 +400,7 @@ class FlagPoint(BaseModel):
     non_finite: int
     degenerate: int
     failed: int
+    not_power_law: int
 
 
 class FlagsRead(BaseModel):

@@ -1,4 +1,4 @@
-"""``GET /api/v1/vocabulary``: the statistics, filters, outlier rules and kinds the API accepts.
+"""``GET /api/v1/vocabulary``: the statistics, filters, outlier rules, kinds and fit methods.
 
 Clients (the dashboard first) build their pickers from this answer instead of copying the lists,
 so a statistic or kind added in :mod:`alphawatch.vocabulary` shows up everywhere at once.
@@ -39,6 +39,7 @@ class VocabularyRead(BaseModel):
     variant_pattern: str = Field(description="the values the variant parameter takes")
     variant_separator: str = Field(description="joins a layer's name and its variant")
     orders: list[Term] = Field(description="layer orders of heatmaps and per-block trends")
+    fit_methods: list[Term] = Field(description="power-law fit methods; never mixed in a trend")
 
 
 def _build() -> VocabularyRead:
@@ -60,6 +61,8 @@ def _build() -> VocabularyRead:
         variant_separator=words.VARIANT_SEPARATOR,
         orders=[Term(name=o.value, label=o.label, default=o is words.DEFAULT_ORDER)
                 for o in words.LayerOrder],
+        fit_methods=[Term(name=m.value, label=m.label, default=m is words.DEFAULT_FIT_METHOD)
+                     for m in words.FitMethod],
     )
 
 

@@ -19,6 +19,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -115,6 +116,10 @@ class LayerMetric(Base):
         UniqueConstraint("checkpoint_id", "name", "method",
                          name="uq_layer_metric_checkpoint_id_name_method"),
         Index("ix_layer_metric_name_checkpoint_id", "name", "checkpoint_id"),
+        # The few cross-checked rows, found without scanning a run's layers.
+        Index("ix_layer_metric_crosscheck_diff", "checkpoint_id", "crosscheck_diff",
+              postgresql_where=text("crosscheck_diff IS NOT NULL"),
+              sqlite_where=text("crosscheck_diff IS NOT NULL")),
     )
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     checkpoint_id: Mapped[int] = mapped_column(
@@ -164,6 +169,18 @@ class LayerMetric(Base):
     warning: Mapped[str | None] = mapped_column(String(32))
     elapsed_ms: Mapped[float | None] = mapped_column(Float)
     distance_from_init: Mapped[float | None] = mapped_column(Float)
+    # Is the tail a power law? powerlaw's likelihood-ratio tests on the fitted tail (R > 0
+    # favours the power law), the truncated power law's fit, and clip_xmax's clipped fingers.
+    num_fingers: Mapped[int | None] = mapped_column(Integer)
+    tpl_alpha: Mapped[float | None] = mapped_column(Float)
+    tpl_lambda: Mapped[float | None] = mapped_column(Float)
+    pl_vs_tpl_R: Mapped[float | None] = mapped_column(Float)
+    pl_vs_tpl_p: Mapped[float | None] = mapped_column(Float)
+    pl_vs_lognormal_R: Mapped[float | None] = mapped_column(Float)
+    pl_vs_lognormal_p: Mapped[float | None] = mapped_column(Float)
+    # Relative difference |alpha - weightwatcher's| / weightwatcher's, for the layers the live
+    # cross-check re-analysed (settings.crosscheck.share); None for the others.
+    crosscheck_diff: Mapped[float | None] = mapped_column(Float)
 
 
 class CheckpointStat(Base):

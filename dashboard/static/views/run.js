@@ -2,7 +2,7 @@
 // and the checkpoint table. The pickers are built from the API's vocabulary.
 
 import { api, apiOnce, kindQuery, vocabulary } from "../api.js";
-import { setParams, state, view } from "../state.js";
+import { enc, setParams, state, view } from "../state.js";
 import {
   bindParamSelects, esc, fmt, gateBadge, pct, select, setThresholds, termSelect,
 } from "../ui.js";
@@ -36,6 +36,8 @@ function runSkeleton(runId, params, words) {
         ${select("kind", "Kind", kindOptions, kind)}
         ${termSelect("outliers", "Outlier rule", words.outlier_rules,
           switchOf(words, params, "outliers"))}
+        ${termSelect("method", "Fit method", words.fit_methods,
+          switchOf(words, params, "method"))}
       </div>
       <div id="trend" class="plot"></div>
       <p class="muted small">Line: the chosen statistic of α per checkpoint; band: 25th–75th
@@ -71,6 +73,7 @@ function runSkeleton(runId, params, words) {
         <div id="layer-history" class="plot small"></div></div>
         <div><h3>Eigenvalue spectrum (ESD), log–log</h3><div id="esd" class="plot small"></div>
         </div></div>
+      <div id="layer-fit" class="table-scroll"></div>
       <p class="muted small" id="layer-note"></p>
     </div>
     <div class="panel"><h2>α by layer kind</h2>
@@ -107,9 +110,11 @@ export async function renderRun(runId, params, token) {
 }
 
 export async function refreshRun(runId, params, token) {
-  const [run, checkpoints, gate, words] = await Promise.all([api(`/runs/${runId}`),
-    api(`/runs/${runId}/checkpoints`), api(`/runs/${runId}/gate`).catch(() => null),
-    vocabulary()]);
+  const words = await vocabulary();
+  const method = enc(switchOf(words, params, "method"));
+  const [run, checkpoints, gate] = await Promise.all([api(`/runs/${runId}`),
+    api(`/runs/${runId}/checkpoints`),
+    api(`/runs/${runId}/gate?method=${method}`).catch(() => null)]);
   if (token !== state.renderToken) return;
   setThresholds(run.thresholds);
   state.lastSignature = JSON.stringify([run.n_checkpoints, run.n_done, run.n_failed,
@@ -124,7 +129,8 @@ export async function refreshRun(runId, params, token) {
     <span>last step <b>${fmt(run.last_step, 0)}</b></span>
     <span>median α <b>${fmt(run.latest_alpha)}</b></span>
     <span>untrusted <b>${pct(run.untrusted_share)}</b></span>
-    <span id="run-gate">${gateBadge(gate)}</span>`;
+    <span id="run-gate">${gateBadge(gate)}</span>
+    ${crosscheckBadge(run.crosscheck)}`;
   // What discovery refused without a checkpoint to show it on (or why it could not list the
   // run at all): shown above everything, since it can hide checkpoints from the table.
   const discovery = document.getElementById("run-discovery");
@@ -151,6 +157,17 @@ export async function refreshRun(runId, params, token) {
   empty.hidden = true;
   body.hidden = false;
   await drawRunPlots(runId, params, words, token, run, done);
+}
+
+// The live cross-check with weightwatcher (ALPHAWATCH_CROSSCHECK__SHARE): how many layers were
+// re-analysed, the largest relative α difference, and a warning when any exceeds the tolerance.
+function crosscheckBadge(check) {
+  if (!check || !check.layers) return "";
+  const over = check.over_tolerance > 0;
+  return `<span id="run-crosscheck" class="${over ? "status-failed" : ""}" title="layers ` +
+    `re-analysed with weightwatcher 0.7.7; tolerance ${esc(check.tolerance)}">cross-checked ` +
+    `<b>${check.layers}</b> layers, max Δα <b>${esc(check.max_diff?.toExponential(1) ?? "–")}` +
+    `</b>${over ? ` — ⚠ ${check.over_tolerance} above ${esc(check.tolerance)}` : ""}</span>`;
 }
 
 function renderCheckpointTable(list) {
@@ -184,7 +201,9 @@ function checkpointError(c) {
 
 async function drawRunPlots(runId, params, words, token, run, done) {
   const layer = params.get("layer");
-  const layerTask = layer ? drawLayer(runId, layer, params.get("step"), run, token) : null;
+  const method = switchOf(words, params, "method");
+  const layerTask = layer
+    ? drawLayer(runId, layer, params.get("step"), run, token, method) : null;
   if (!layer) document.getElementById("layer-panel").hidden = true;
   const variant = variantOf(words, params);
   const order = orderOf(words, params);
@@ -197,15 +216,17 @@ async function drawRunPlots(runId, params, words, token, run, done) {
     return;
   }
   const lastStep = done.reduce((m, c) => Math.max(m, c.step), -Infinity);
-  const heatQuery = new URLSearchParams({ metric: "alpha", max_points: "500", variant, order });
+  const heatQuery = new URLSearchParams({ metric: "alpha", max_points: "500", variant, order,
+    method });
   const kinds = kindQuery(words, params.get("kind"));
   if (kinds) heatQuery.set("kind", kinds);
+  const m = `method=${enc(method)}`;
   const [trend, heat, flags, latest, found] = await Promise.all([
     api(`/runs/${runId}/trend?${trendQuery(words, params)}`),
     apiOnce(`/runs/${runId}/heatmap?${heatQuery}`),
-    apiOnce(`/runs/${runId}/flags`),
-    apiOnce(`/runs/${runId}/checkpoints/${lastStep}/layers`),
-    apiOnce(`/runs/${runId}/variants`),
+    apiOnce(`/runs/${runId}/flags?${m}`),
+    apiOnce(`/runs/${runId}/checkpoints/${lastStep}/layers?${m}`),
+    apiOnce(`/runs/${runId}/variants?${m}`),
   ]);
   if (token !== state.renderToken) return;
   drawTrend(trend, words);
