@@ -51,6 +51,7 @@ bench: install
 	$(PY) bench/bench_api.py
 	$(PY) bench/bench_e2e.py
 	$(PY) bench/bench_budget.py
+	$(PY) bench/bench_compare.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache $(DEMO_DIR) alphawatch.db

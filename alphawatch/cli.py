@@ -5,6 +5,7 @@
     alphawatch watch RUN_DIR...      worker only
     alphawatch serve                 API + dashboard only
     alphawatch gate --url U --run R  exit code for CI
+    alphawatch export mlflow|tensorboard|wandb --run R   robust statistics into a tracker
     alphawatch db upgrade | token create|list|revoke | runs list
 """
 
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from alphawatch.settings import Settings
+from alphawatch.vocabulary import FitMethod
 
 EXIT_OK, EXIT_FAIL, EXIT_ERROR = 0, 1, 2
 
@@ -62,6 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--host", type=str, help="address to listen on (default 127.0.0.1)")
         p.add_argument("--port", type=port_number, help="port to listen on (default 8000)")
 
+    def variant_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--optimizer-state", action="store_true", default=None,
+                       help="also analyse Adam's exp_avg (gradient average) of each weight "
+                            "matrix, as <layer>@exp_avg rows (ALPHAWATCH_OPTIMIZER_STATE)")
+        p.add_argument("--nested-widths", type=widths, metavar="K1,K2",
+                       help="also analyse MLP matrices cut to their first K neurons, as "
+                            "<layer>@w<K> rows (default: ALPHAWATCH_NESTED_WIDTHS, else the "
+                            "model config's nested_widths)")
+
     def poll_option(p: argparse.ArgumentParser) -> None:
         p.add_argument("--poll", type=positive, metavar="SECONDS",
                        help="seconds between scans of the run directories (default 5)")
@@ -73,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     device_option(up)
     listen_options(up)
     poll_option(up)
+    variant_options(up)
 
     watch = sub.add_parser("watch", help="worker only: analyse checkpoints into the database")
     watch.add_argument("run_dir", type=Path, nargs="*", metavar="RUN_DIR",
@@ -80,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     db_option(watch)
     device_option(watch)
     poll_option(watch)
+    variant_options(watch)
     watch.add_argument("--reanalyze", action="store_true",
                        help="analyse checkpoints again even when results exist")
     watch.add_argument("--once", action="store_true", help="process what is there, then exit")
@@ -94,29 +107,66 @@ def build_parser() -> argparse.ArgumentParser:
     device_option(analyze)
     analyze.add_argument("--format", choices=["table", "json", "csv"], default="table",
                          help="output format (default: table)")
-    analyze.add_argument("--method", type=str,
-                         help="fit method (default: ww, weightwatcher-compatible)")
+    analyze.add_argument("--method", choices=[m.value for m in FitMethod],
+                         help="fit method (default: the fit_method setting, ww: weightwatcher's)")
+    analyze.add_argument("--engine", choices=["alphawatch", "weightwatcher"],
+                         default="alphawatch",
+                         help="alphawatch's engine (default), or weightwatcher 0.7.7 itself for "
+                              "its exact numbers (crosscheck extra; ww, xmin_peak, clip_xmax)")
+    variant_options(analyze)
 
     gate = sub.add_parser("gate", help="ask the API's CI gate; exit 0 pass, 1 fail, 2 error")
     gate.add_argument("--url", type=str, required=True, help="base URL of the alphawatch API")
     gate.add_argument("--run", type=str, required=True, help="run id or name")
     gate.add_argument("--token", type=str, help="API token when reads need one")
     gate.add_argument("--stat", choices=["median", "mean", "trimmed_mean", "p10", "p25", "p75",
-                                         "p90"], help="robust statistic of alpha (default: median)")
+                                         "p90"],
+                      help="robust statistic of alpha (default: the run's gate rules)")
     gate.add_argument("--filter", choices=["trusted", "all"],
-                      help="layers that count (default: trusted)")
+                      help="layers that count (default: the run's gate rules)")
     gate.add_argument("--step", type=step_number,
                       help="step to judge (default: the latest analysed)")
     gate.add_argument("--ref-step", type=step_number,
                       help="reference step for --max-delta")
     gate.add_argument("--max-alpha", type=float,
-                      help="fail above this alpha (default: the server's under-trained label)")
+                      help="fail above this alpha (default: the run's gate rules)")
     gate.add_argument("--min-alpha", type=float,
-                      help="fail below this alpha (default: the server's over-trained label)")
+                      help="fail below this alpha (default: the run's gate rules)")
     gate.add_argument("--max-untrusted-share", type=share,
                       help="fail when a larger share of layers (0..1) is untrusted")
     gate.add_argument("--max-delta", type=positive,
-                      help="fail when alpha moved more than this since --ref-step")
+                      help="fail when alpha moved more than this since --ref-step "
+                           "(default: the checkpoint before)")
+    gate.add_argument("--variant", type=str,
+                      help="weight (default), exp_avg (gradients) or a nested width w<k>")
+
+    export = sub.add_parser("export", help="log a run's robust statistics to an experiment "
+                                           "tracker (again: only what it lacks)")
+    export_sub = export.add_subparsers(dest="tracker", required=True, metavar="TRACKER")
+
+    def export_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--run", type=str, required=True, help="run name (or id)")
+        p.add_argument("--layers", action="store_true",
+                       help="every layer's alpha too, not only the model-level statistics")
+        p.add_argument("--method", type=str, default="ww", help="fit method (default: ww)")
+        db_option(p)
+
+    mlflow = export_sub.add_parser("mlflow", help="MLflow: one run per alphawatch run")
+    export_options(mlflow)
+    mlflow.add_argument("--tracking-uri", type=str, required=True, metavar="URI",
+                        help="MLflow tracking URI (sqlite:///mlflow.db, http://mlflow:5000)")
+    mlflow.add_argument("--experiment", type=str, default="alphawatch",
+                        help="MLflow experiment (default: alphawatch)")
+    tensorboard = export_sub.add_parser("tensorboard", help="TensorBoard event files")
+    export_options(tensorboard)
+    tensorboard.add_argument("--logdir", type=Path, required=True, metavar="DIR",
+                             help="TensorBoard folder; the run is written to DIR/<run name>/")
+    wandb = export_sub.add_parser("wandb", help="Weights & Biases (WANDB_MODE=offline works)")
+    export_options(wandb)
+    wandb.add_argument("--project", type=str, default="alphawatch",
+                       help="W&B project (default: alphawatch)")
+    wandb.add_argument("--entity", type=str, help="W&B entity (default: the user's)")
+    wandb.add_argument("--dir", type=Path, help="where W&B keeps its files (default: here)")
 
     db = sub.add_parser("db", help="database maintenance")
     db_sub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
@@ -158,6 +208,16 @@ def share(text: str) -> float:
     return value
 
 
+def widths(text: str) -> list[int]:
+    try:
+        values = [int(w) for w in text.split(",") if w.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"{text} is not a list of positive widths (1024,2048)")
+    return values
+
+
 def step_number(text: str) -> int:
     value = int(text)
     if not 0 <= value < 2**63:
@@ -175,7 +235,9 @@ def port_number(text: str) -> int:
 def _settings(args: argparse.Namespace) -> Settings:
     overrides: dict[str, Any] = {}
     for option, field in (("db", "database_url"), ("device", "device"), ("host", "host"),
-                          ("port", "port"), ("poll", "poll_interval_s")):
+                          ("port", "port"), ("poll", "poll_interval_s"),
+                          ("optimizer_state", "optimizer_state"),
+                          ("nested_widths", "nested_widths")):
         value = getattr(args, option, None)
         if value is not None:
             overrides[field] = value
@@ -257,7 +319,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
         # The folders named and nothing above them: `up /runs` must not allow `/`.
         settings = settings.model_copy(update={"allowed_roots": dirs})
     _prepare_database(settings, migrate=True)
-    watcher = Watcher(settings, dirs)
+    exporter = _exporter(settings)
+    watcher = Watcher(settings, dirs, on_analysed=exporter)
     stop = threading.Event()
     # A worker loop that dies is restarted; /health answers 503 until it runs again.
     worker = Supervisor(watcher.run_forever, lambda: watcher.passes, stop)
@@ -270,6 +333,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
     finally:
         stop.set()
         worker.join(timeout=60)
+        if exporter is not None:
+            exporter.close()
     return EXIT_OK
 
 
@@ -279,14 +344,19 @@ def _cmd_watch(args: argparse.Namespace) -> int:
     dirs = _check_dirs(args.run_dir)
     settings = _settings(args)
     _prepare_database(settings, migrate=_is_embedded(settings))
-    watcher = Watcher(settings, dirs, reanalyze=args.reanalyze)
-    if args.once:
-        count = watcher.run_once()
-        print(f"alphawatch: analysed {count} checkpoints")
-        return EXIT_OK
-    stop = threading.Event()
-    _stop_on_signals(stop)
-    watcher.run_forever(stop)
+    exporter = _exporter(settings)
+    watcher = Watcher(settings, dirs, reanalyze=args.reanalyze, on_analysed=exporter)
+    try:
+        if args.once:
+            count = watcher.run_once()
+            print(f"alphawatch: analysed {count} checkpoints")
+            return EXIT_OK
+        stop = threading.Event()
+        _stop_on_signals(stop)
+        watcher.run_forever(stop)
+    finally:
+        if exporter is not None:
+            exporter.close()
     return EXIT_OK
 
 
@@ -305,28 +375,50 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 _COLUMNS = ("name", "shape", "alpha", "D", "xmin", "num_pl_spikes", "fit_status", "trusted")
 
 
-def analyze_path(path: Path, settings: Settings, method: str | None = None) -> dict[str, Any]:
-    """Analyse one checkpoint (no database) into the public ``analyze`` JSON document."""
+def analyze_path(path: Path, settings: Settings, method: str | None = None,
+                 engine: str = "alphawatch") -> dict[str, Any]:
+    """Analyse one checkpoint (no database) into the public ``analyze`` JSON document.
+
+    ``engine="weightwatcher"``: the fit numbers are weightwatcher 0.7.7's own (its ``analyze()``
+    on each matrix), with alphawatch's fit rules applied to them; no bootstrap stability, no
+    trap search and no distribution tests, which weightwatcher does not compute.
+    """
     from alphawatch.service.robust import summarize
-    from alphawatch.workers.checkpoints import discover, iter_layers
-    from alphawatch.workers.spectral import analyze_matrix, resolve_device
+    from alphawatch.vocabulary import DEFAULT_VARIANT, split_variant
+    from alphawatch.workers.analyst import AnalysisOptions, analysed_matrices
+    from alphawatch.workers.checkpoints import UNCONFINED, discover
+    from alphawatch.workers.spectral import analyze_matrix, crosscheck, resolve_device
 
     device = resolve_device(settings.device)
     thresholds = settings.trust
+    fit_method = method or settings.fit_method
+    if engine == "weightwatcher" and (reason := crosscheck.unavailable(fit_method)):
+        raise _UserError(f"--engine weightwatcher: {reason}")
     refs = discover(path, settle_s=0.0) if path.is_dir() else []
     step = next((r.step for r in refs if Path(r.path) == path), None)
     layers: list[dict[str, Any]] = []
-    for matrix in iter_layers(path):
-        result = analyze_matrix(matrix.weight, stored_dtype=matrix.stored_dtype,
-                                method=method or settings.fit_method, thresholds=thresholds,
-                                device=device)
-        row = result.metrics()
+    options = AnalysisOptions(method=fit_method, thresholds=thresholds,
+                              device=device, confine=UNCONFINED,
+                              optimizer_state=settings.optimizer_state,
+                              nested_widths=tuple(settings.nested_widths))
+    for matrix in analysed_matrices(path, options, layers):
+        if engine == "weightwatcher":
+            row = crosscheck.weightwatcher_row(matrix.weight, fit_method)
+            status = crosscheck.status_of(row, thresholds)
+            row.update(method=str(fit_method), fit_status=status.value,
+                       trusted=status.value == "ok")
+        else:
+            row = analyze_matrix(matrix.weight, stored_dtype=matrix.stored_dtype,
+                                 method=fit_method, thresholds=thresholds,
+                                 device=device).metrics()
         row.update(name=matrix.name, kind=matrix.kind, block=matrix.block,
                    shape=list(matrix.weight.shape),
                    dtype=str(matrix.stored_dtype).removeprefix("torch."))
         layers.append(row)
-    return {"step": step, "path": str(path), "device": str(device), "layers": layers,
-            "summary": summarize(layers, thresholds=thresholds)}
+    # The summary is the weights' own: gradients and nested slices are rows beside them.
+    weights = [r for r in layers if split_variant(r["name"])[1] == DEFAULT_VARIANT]
+    return {"step": step, "path": str(path), "device": str(device), "engine": engine,
+            "layers": layers, "summary": summarize(weights, thresholds=thresholds)}
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
@@ -336,7 +428,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     if not path.exists():
         raise _UserError(f"{path} does not exist")
     try:
-        doc = analyze_path(path, _settings(args), args.method)
+        doc = analyze_path(path, _settings(args), args.method, args.engine)
     except CheckpointError as exc:
         raise _UserError(str(exc)) from exc
     out = sys.stdout
@@ -368,6 +460,10 @@ def _table(doc: dict[str, Any]) -> str:
     buf.write("  ".join(c.ljust(w) for c, w in zip(_COLUMNS, widths, strict=True)) + "\n")
     for row in rows:
         buf.write("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) + "\n")
+    for layer in doc["layers"]:
+        if layer.get("fit_status") == "failed" and layer.get("error"):
+            # A refused optimizer state (or a matrix that failed) says why, not only "failed".
+            buf.write(f"{layer['name']}: {layer['error']}\n")
     summary = doc["summary"]
     buf.write(f"\nstep {doc['step']}: {json.dumps(summary, default=str)}\n")
     return buf.getvalue()
@@ -376,7 +472,7 @@ def _table(doc: dict[str, Any]) -> str:
 def _cmd_gate(args: argparse.Namespace) -> int:
     params = {}
     for name in ("stat", "filter", "step", "ref_step", "max_alpha", "min_alpha",
-                 "max_untrusted_share", "max_delta"):
+                 "max_untrusted_share", "max_delta", "variant"):
         value = getattr(args, name)
         if value is not None:
             params[name] = value
@@ -413,6 +509,63 @@ def _cmd_gate(args: argparse.Namespace) -> int:
     for violation in verdict.get("violations", []):
         print(f"gate: {violation.get('message', violation)}", file=sys.stderr)
     return EXIT_FAIL
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from sqlalchemy import select
+
+    from alphawatch.integrations.export import (
+        MlflowTarget,
+        Target,
+        TensorBoardTarget,
+        WandbTarget,
+        export_run,
+    )
+    from alphawatch.integrations.export.trackers import TrackerMissing
+    from alphawatch.service.db.models import Run
+    from alphawatch.service.db.session import make_engine, session_scope
+
+    settings = _settings(args)
+    _prepare_database(settings, migrate=False)
+    target: Target
+    if args.tracker == "mlflow":
+        target = MlflowTarget(args.tracking_uri, args.experiment)
+    elif args.tracker == "tensorboard":
+        target = TensorBoardTarget(args.logdir.expanduser().resolve())
+    else:
+        target = WandbTarget(args.project, args.entity,
+                             args.dir.expanduser().resolve() if args.dir else None)
+    with session_scope(make_engine(settings.database_url)) as session:
+        query = select(Run).where(Run.name == args.run)
+        run = session.scalars(query).first()
+        if run is None and args.run.isdigit():
+            run = session.get(Run, int(args.run))
+        if run is None:
+            raise _UserError(f"no run named {args.run!r} in {settings.database_url}")
+        try:
+            tracker = target.open(run.name)
+            try:
+                count = export_run(session=session, run_id=run.id, tracker=tracker,
+                                   thresholds=settings.trust, method=args.method,
+                                   layers=args.layers)
+            finally:
+                tracker.close()
+                target.shutdown()
+        except TrackerMissing as exc:
+            raise _UserError(str(exc)) from exc
+        except Exception as exc:  # each tracker raises its own types (MlflowException, ...)
+            raise _UserError(f"export to {args.tracker} failed: {type(exc).__name__}: "
+                             f"{exc}") from exc
+        print(f"alphawatch: logged {count} new values of run {run.name!r} to {args.tracker}")
+    return EXIT_OK
+
+
+def _exporter(settings: Settings) -> Any:
+    """The worker's continuous export when ``ALPHAWATCH_EXPORT__*`` names a target, else None."""
+    from alphawatch.integrations.export.continuous import ContinuousExport
+
+    exporter = ContinuousExport(settings)
+    return exporter if exporter.targets else None
 
 
 def _cmd_db(args: argparse.Namespace) -> int:
@@ -481,7 +634,7 @@ def _cmd_runs(args: argparse.Namespace) -> int:
 
 _COMMANDS = {
     "up": _cmd_up, "watch": _cmd_watch, "serve": _cmd_serve, "analyze": _cmd_analyze,
-    "gate": _cmd_gate, "db": _cmd_db, "token": _cmd_token, "runs": _cmd_runs,
+    "gate": _cmd_gate, "export": _cmd_export, "db": _cmd_db, "token": _cmd_token, "runs": _cmd_runs,
 }
 
 if __name__ == "__main__":

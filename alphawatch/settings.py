@@ -7,14 +7,76 @@ embedding applications can pass their own.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal, Self
+from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from alphawatch.gate_rules import GateRules
 from alphawatch.trust import Thresholds
+from alphawatch.vocabulary import DEFAULT_FIT_METHOD, FitMethod
 
 DEFAULT_DATABASE_URL = "sqlite:///./alphawatch.db"
+
+
+class ExportSettings(BaseModel):
+    """Trackers the worker exports each analysed checkpoint to (``ALPHAWATCH_EXPORT__*``).
+
+    Nothing is exported unless a target is named. A tracker that fails is logged and skipped:
+    it never fails a job or stops the worker.
+    """
+
+    mlflow_tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI (sqlite:///mlflow.db, http://mlflow:5000)")
+    mlflow_experiment: str = Field("alphawatch", min_length=1, description="MLflow experiment")
+    tensorboard_logdir: Path | None = Field(
+        None, description="TensorBoard folder; each run writes <logdir>/<run name>/")
+    wandb_project: str | None = Field(None, description="Weights & Biases project")
+    wandb_entity: str | None = Field(None, description="W&B entity (default: the user's)")
+    wandb_dir: Path | None = Field(None, description="where W&B keeps its files (offline too)")
+    layers: bool = Field(False, description="export every layer's alpha, not only the model's")
+class AlertSettings(BaseModel):
+    """Where and how gate alerts are delivered (``ALPHAWATCH_ALERTS__<NAME>``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    webhook_url: str | None = Field(
+        None, description="http(s) URL that gate verdict changes are POSTed to; none: no alerts")
+    timeout_s: float = Field(
+        10.0, gt=0, le=300, description="connect, send and each read of one delivery attempt")
+    max_attempts: int = Field(8, ge=1, le=100, description="attempts before a delivery fails")
+    backoff_s: float = Field(
+        2.0, gt=0, description="wait before the second attempt; doubled after each failure")
+    backoff_max_s: float = Field(600.0, gt=0, description="longest wait between two attempts")
+    poll_s: float = Field(2.0, gt=0, description="how often a worker looks for due deliveries")
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _http_only(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        value = value.strip()
+        parts = urlsplit(value)
+        # Only plain HTTP(S) to a named host: no file:, ftp: or other scheme a URL opener
+        # would follow, and nothing that is not a network request.
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("the alert webhook URL must be http:// or https:// with a host")
+        return value
+
+
+class CrossCheck(BaseModel):
+    """The live cross-check: a share of layers re-analysed with weightwatcher itself."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    share: float = Field(
+        0.0, ge=0, le=1,
+        description="share of layers the worker re-analyses with weightwatcher (needs the "
+        "crosscheck extra); chosen by a hash of checkpoint and layer name; 0: off",
+    )
+    tolerance: float = Field(
+        1e-3, gt=0, description="relative alpha difference above which a layer is flagged")
 
 
 class Settings(BaseSettings):
@@ -27,7 +89,7 @@ class Settings(BaseSettings):
     database_url: str = DEFAULT_DATABASE_URL
     allowed_roots: list[Path] = Field(default_factory=list)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    fit_method: str = "ww"
+    fit_method: FitMethod = Field(DEFAULT_FIT_METHOD, description="power-law fit method")
     poll_interval_s: float = Field(5.0, gt=0)
     settle_s: float = Field(30.0, ge=0, description="size/mtime stable this long: complete")
     rewrite_checks_per_poll: int = Field(
@@ -43,6 +105,16 @@ class Settings(BaseSettings):
     job_memory_mb: float = Field(
         0, ge=0, description="resident memory budget of one analysis (MiB; 0: 3/4 of the RAM)"
     )
+    optimizer_state: bool = Field(
+        False, description="also analyse Adam's exp_avg of each weight matrix (<layer>@exp_avg "
+                           "rows) from the optimizer state saved beside the weights"
+    )
+    # NoDecode: the environment's "1024,2048" is split by the validator, not parsed as JSON.
+    nested_widths: Annotated[list[int], NoDecode] = Field(
+        default_factory=list,
+        description="MLP widths k analysed as nested sub-models (<layer>@w<k> rows); empty: "
+                    "the widths the model's config.json names under nested_widths, if any",
+    )
     read_requires_token: bool = Field(
         False, description="reads (and /metrics) need a token of any scope, as writes always do"
     )
@@ -55,6 +127,22 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     trust: Thresholds = Field(default_factory=Thresholds)
+    export: ExportSettings = Field(default_factory=ExportSettings)
+    # min_alpha / max_alpha left unset take the trust thresholds' over-/under-trained labels.
+    gate: GateRules = Field(default_factory=GateRules)
+    alerts: AlertSettings = Field(default_factory=AlertSettings)
+    crosscheck: CrossCheck = Field(default_factory=CrossCheck)
+
+    @model_validator(mode="after")
+    def _gate_band_from_trust(self) -> Self:
+        band: dict[str, float] = {}
+        if "min_alpha" not in self.gate.model_fields_set:
+            band["min_alpha"] = self.trust.over_trained_below
+        if "max_alpha" not in self.gate.model_fields_set:
+            band["max_alpha"] = self.trust.under_trained_above
+        if band:
+            self.gate = self.gate.merged(band)
+        return self
 
     @field_validator("database_url")
     @classmethod
@@ -66,6 +154,21 @@ class Settings(BaseSettings):
         if value.startswith("postgresql://"):
             value = "postgresql+psycopg://" + value[len("postgresql://") :]
         return value
+
+    @field_validator("nested_widths", mode="before")
+    @classmethod
+    def _parse_widths(cls, value: object) -> object:
+        # "1024,2048" from the environment or the command line, besides a JSON list.
+        if isinstance(value, str):
+            return [int(w) for w in value.strip().strip("[]").split(",") if w.strip()]
+        return value
+
+    @field_validator("nested_widths")
+    @classmethod
+    def _positive_widths(cls, value: list[int]) -> list[int]:
+        if any(w <= 0 for w in value):
+            raise ValueError("nested widths must be positive integers")
+        return sorted(set(value))
 
     @field_validator("allowed_roots")
     @classmethod

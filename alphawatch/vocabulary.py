@@ -79,6 +79,48 @@ DEFAULT_OUTLIER_RULE = OutlierRule.NONE
 """What every query assumes when it names no outlier rule."""
 
 
+class FitStatus(StrEnum):
+    """Whether a layer's fitted alpha can be believed; stored as text."""
+
+    OK = "ok"  # enough eigenvalues, long tail, good and stable fit, alpha in range
+    TOO_FEW_EVALS = "too_few_evals"  # fewer eigenvalues than thresholds.min_evals
+    TAIL_TOO_SHORT = "tail_too_short"  # the power-law tail has fewer than min_tail values
+    POOR_FIT = "poor_fit"  # KS distance D above thresholds.max_ks_distance
+    ALPHA_OUT_OF_RANGE = "alpha_out_of_range"  # alpha <= alpha_min or alpha > alpha_max
+    UNSTABLE = "unstable"  # alpha moves more than max_alpha_delta under resampling
+    NON_FINITE = "non_finite"  # NaN or Inf among the weights
+    DEGENERATE = "degenerate"  # zero or constant matrix: no spectrum to fit
+    NOT_POWER_LAW = "not_power_law"  # a truncated power law or lognormal explains the tail
+    # significantly better (thresholds.not_power_law_p; off by default)
+    FAILED = "failed"  # an unexpected error; see LayerResult.error
+
+
+class FitMethod(StrEnum):
+    """How a layer's power-law tail is fitted; every alpha is stored and trended per method."""
+
+    WW = "ww"  # weightwatcher 0.7.7's default fit: the reference numbers
+    WW_RELFLOOR = "ww_relfloor"  # the same above 1e-6·λmax instead of an absolute 1e-5 floor
+    KS2 = "ks2"  # two-sided KS distance picks xmin
+    XMIN_PEAK = "xmin_peak"  # weightwatcher's fix_fingers='xmin_peak': xmin near the ESD's peak
+    CLIP_XMAX = "clip_xmax"  # weightwatcher's fix_fingers='clip_xmax': outlying top values clipped
+    TPL = "tpl"  # truncated power law x^-α·e^(-Λx) at the ww fit's xmin (weightwatcher fit='TPL')
+
+    @property
+    def label(self) -> str:
+        """How people read the method's name."""
+        return _FIT_METHOD_LABELS[self]
+
+
+DEFAULT_FIT_METHOD = FitMethod.WW
+"""What every query and the worker assume when they name no method."""
+
+_FIT_METHOD_LABELS = {
+    FitMethod.WW: "weightwatcher (default)", FitMethod.WW_RELFLOOR: "relative floor",
+    FitMethod.KS2: "two-sided KS", FitMethod.XMIN_PEAK: "xmin at the ESD peak (fingers)",
+    FitMethod.CLIP_XMAX: "clipped fingers", FitMethod.TPL: "truncated power law",
+}
+
+
 class Kind(StrEnum):
     """The role of a weight matrix in the model; declared in the order a model runs them.
 
@@ -119,3 +161,68 @@ KIND_GROUPS: tuple[KindGroup, ...] = (
               (Kind.GATE, Kind.UP, Kind.DOWN, Kind.FC_IN, Kind.FC_OUT)),
     KindGroup("embeddings", "embeddings", (Kind.EMBED, Kind.LM_HEAD)),
 )
+
+
+VARIANT_SEPARATOR = "@"
+"""Separates a layer's name from the variant of its matrix: ``model.layers.3.mlp.up_proj@w1024``."""
+
+
+class Source(StrEnum):
+    """What a layer row's spectrum is of. Weights are the default of every view and statistic:
+    a gradient or a nested sub-matrix is never averaged with weights unless asked for by name."""
+
+    WEIGHT = "weight"  # the weight matrix itself; its name has no variant
+    EXP_AVG = "exp_avg"  # Adam's first moment: an exponential average of the weight's gradient
+    NESTED = "nested"  # an MLP matrix cut to its first k neurons (a MatFormer sub-model)
+
+    @property
+    def label(self) -> str:
+        """How people read the source's name."""
+        return _SOURCE_LABELS[self]
+
+
+_SOURCE_LABELS = {
+    Source.WEIGHT: "weights",
+    Source.EXP_AVG: "gradients (Adam exp_avg)",
+    Source.NESTED: "nested width w<k> (first k MLP neurons)",
+}
+
+DEFAULT_VARIANT = Source.WEIGHT.value
+"""The variant every query assumes when it names none: the weights themselves."""
+
+VARIANT_PATTERN = r"^(weight|exp_avg|w[1-9][0-9]{0,8})$"
+"""The variants a query may name: ``weight``, ``exp_avg`` or a nested width ``w<k>``."""
+
+
+def nested_variant(width: int) -> str:
+    """The variant of an MLP matrix cut to its first ``width`` neurons: ``w<width>``."""
+    return f"w{width}"
+
+
+def split_variant(name: str) -> tuple[str, str]:
+    """(layer name, variant) of a row's name; the variant of a weight is ``weight``."""
+    base, sep, variant = name.rpartition(VARIANT_SEPARATOR)
+    return (base, variant) if sep else (name, DEFAULT_VARIANT)
+
+
+def source_of(variant: str) -> Source:
+    """The :class:`Source` a variant belongs to (``w1024`` is nested)."""
+    if variant in (Source.WEIGHT.value, Source.EXP_AVG.value):
+        return Source(variant)
+    return Source.NESTED
+
+
+class LayerOrder(StrEnum):
+    """How layers are ordered in a heatmap or a per-block view."""
+
+    BLOCK = "block"  # embeddings, block 0, 1, ..., the head: the order a model runs them
+    BLOCK_DESC = "block_desc"  # the head and the last block first: where gradients arrive first
+
+    @property
+    def label(self) -> str:
+        """How people read the order's name."""
+        return "first block first" if self is LayerOrder.BLOCK else "last block first"
+
+
+DEFAULT_ORDER = LayerOrder.BLOCK
+"""What every query assumes when it names no layer order."""

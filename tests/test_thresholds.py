@@ -37,6 +37,8 @@ TREND_CASES: list[tuple[str, float, dict[str, str]]] = [
     ("rank_loss_fraction", 0.5, {}),
     ("mad_k", 0.5, {"filter": "all", "outliers": "mad"}),
     ("trap_seed", 7, {}),
+    # p < 1 whenever the truncated law fits at all better: every ok layer is demoted.
+    ("not_power_law_p", 1.0, {}),
 ]
 # Labels that do not select layers: they reach the layer rows and the gate's defaults.
 LABEL_CASES: list[tuple[str, float]] = [("over_trained_below", 3.0), ("under_trained_above", 3.5)]

@@ -7,7 +7,9 @@ database connection.
 
 from __future__ import annotations
 
+import logging
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,9 +17,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from alphawatch.workers.checkpoints import CheckpointError, Confinement, iter_layers
+from alphawatch.workers.checkpoints import (
+    CheckpointError,
+    CheckpointVanished,
+    Confinement,
+    LayerMatrix,
+    iter_layers,
+)
 from alphawatch.workers.checkpoints.discovery import fingerprint
-from alphawatch.workers.spectral import Thresholds, analyze_matrix
+from alphawatch.workers.checkpoints.nested import nested_matrices, nested_widths
+from alphawatch.workers.checkpoints.optimizer import EXP_AVG, iter_exp_avg, unit_mean_eigenvalue
+from alphawatch.workers.spectral import (
+    FitStatus,
+    LayerResult,
+    Thresholds,
+    analyze_matrix,
+    crosscheck,
+)
 
 Rows = tuple[list[dict[str, Any]], list[dict[str, Any]]]
 
@@ -31,6 +47,9 @@ class AnalysisOptions:
     device: torch.device
     confine: Confinement
     progress: bool = False
+    optimizer_state: bool = False  # also analyse Adam's exp_avg of each matrix (@exp_avg rows)
+    nested_widths: tuple[int, ...] = ()  # first-k-neuron MLP slices (@w<k>); () = the config's
+    crosscheck_share: float = 0.0  # share of layers re-analysed with weightwatcher itself
 
 
 def analyze_checkpoint(path: Path, first: Path | None, options: AnalysisOptions) -> Rows:
@@ -40,9 +59,13 @@ def analyze_checkpoint(path: Path, first: Path | None, options: AnalysisOptions)
     """
     confine = options.confine
     first_key = _first_key(first, confine)
+    share = options.crosscheck_share
+    if share > 0 and (reason := crosscheck.unavailable(options.method)) is not None:
+        logging.getLogger(__name__).warning("cross-check skipped: %s", reason)
+        share = 0.0
     layers: list[dict[str, Any]] = []
     spectra: list[dict[str, Any]] = []
-    for matrix in iter_layers(path, confine=confine):
+    for matrix in analysed_matrices(path, options, layers):
         result = analyze_matrix(
             matrix.weight, stored_dtype=matrix.stored_dtype, method=options.method,
             thresholds=options.thresholds, device=options.device,
@@ -53,6 +76,8 @@ def analyze_checkpoint(path: Path, first: Path | None, options: AnalysisOptions)
             dtype=str(matrix.stored_dtype).removeprefix("torch."),
             distance_from_init=_distance(first_key, matrix.name, matrix.weight, confine),
         )
+        if crosscheck.chosen(f"{path.name}/{matrix.name}", share):
+            row["crosscheck_diff"] = _crosscheck(matrix.weight, result.alpha, options.method)
         layers.append(row)
         spectra.append({
             "name": matrix.name, "method": result.method,
@@ -67,6 +92,47 @@ def analyze_checkpoint(path: Path, first: Path | None, options: AnalysisOptions)
     if not layers:
         raise ValueError(f"{path}: no weight matrices found")
     return layers, spectra
+
+
+def analysed_matrices(path: Path, options: AnalysisOptions, rows: list[dict[str, Any]]
+                      ) -> Iterator[LayerMatrix]:
+    """Every matrix the options ask for: weights, their nested slices, then their exp_avg.
+
+    Optimizer state that cannot be read or named exactly adds one failed row to ``rows``
+    (named ``optimizer_state@exp_avg``, its error saying why) instead of failing the checkpoint.
+    """
+    confine = options.confine
+    widths = nested_widths(path, options.nested_widths, confine)
+    for matrix in iter_layers(path, confine=confine):
+        yield matrix
+        yield from nested_matrices(matrix, widths)
+    if options.optimizer_state:
+        try:
+            for moment in iter_exp_avg(path, confine):
+                yield unit_mean_eigenvalue(moment)  # scale-free: see workers.checkpoints.optimizer
+        except CheckpointVanished:
+            raise
+        except CheckpointError as exc:
+            rows.append(refused_row(f"optimizer_state@{EXP_AVG}", str(exc), options.method))
+
+
+def refused_row(name: str, error: str, method: str) -> dict[str, Any]:
+    """A failed row recording what could not be analysed, and why."""
+    row = LayerResult(method=method, fit_status=FitStatus.FAILED, trusted=False,
+                      error=error).metrics()
+    row.update(name=name, kind="other", block=None, dtype=None, distance_from_init=None)
+    return row
+
+
+def _crosscheck(weight: torch.Tensor, alpha: float | None, method: str) -> float | None:
+    """Relative alpha difference from weightwatcher's; a failure of weightwatcher is logged,
+    never the layer's or the checkpoint's failure."""
+    try:
+        return crosscheck.difference(alpha, crosscheck.weightwatcher_row(weight, method))
+    except Exception as exc:
+        logging.getLogger(__name__).warning("cross-check failed: %s: %s",
+                                            type(exc).__name__, exc)
+        return None
 
 
 def _as_bytes(values: np.ndarray | None) -> bytes | None:

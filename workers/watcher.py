@@ -34,9 +34,11 @@ from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from alphawatch.service.db import queue, scans
+from alphawatch.service.db.alerts import GateCheck
 from alphawatch.service.db.models import Run
 from alphawatch.service.db.session import make_engine, session_scope
 from alphawatch.settings import Settings
+from alphawatch.workers.alerts import AlertDispatcher
 from alphawatch.workers.analyst import AnalysisOptions, analyze_checkpoint
 from alphawatch.workers.budget import (
     AnalysisChild,
@@ -145,6 +147,8 @@ class Watcher:
             registered through the API are watched as well.
         worker_id: name of this worker in job leases; host:pid:random by default.
         reanalyze: queue checkpoints already analysed once more.
+        on_analysed: called with (run id, step) once a checkpoint's results are committed
+            (continuous export); whatever it raises is logged, never the worker's concern.
     """
 
     def __init__(
@@ -154,6 +158,7 @@ class Watcher:
         *,
         worker_id: str | None = None,
         reanalyze: bool = False,
+        on_analysed: Callable[[int, int], None] | None = None,
     ) -> None:
         self.settings = settings
         self.run_dirs = [check_run_dir(Path(p)) for p in run_dirs]
@@ -162,6 +167,7 @@ class Watcher:
         self.confine = Confinement.to([*settings.allowed_roots, *self.run_dirs])
         self.worker_id = worker_id or default_worker_id()
         self.reanalyze = reanalyze
+        self.on_analysed = on_analysed
         self.engine = make_engine(settings.database_url)
         self.device = resolve_device(settings.device)
         self.thresholds = settings.trust
@@ -182,6 +188,13 @@ class Watcher:
         self.budget = budget_of(settings)
         self.child = AnalysisChild(options_of(settings, self.progress, self.confine.roots),
                                    self.budget)
+        # The gate is evaluated after each analysed checkpoint; its alerts are delivered by a
+        # thread of this worker, never by the loop that analyses.
+        notify = settings.alerts.webhook_url is not None
+        self.gate = GateCheck(defaults=settings.gate, method=settings.fit_method,
+                              thresholds=settings.trust, notify=notify)
+        self.alerts = (AlertDispatcher(settings.alerts, self.engine, self.worker_id)
+                       if notify else None)
 
     # -- database access with retry -------------------------------------------------------
     def _retry(self, what: str, fn: Callable[[], T], stop: threading.Event | None = None) -> T:
@@ -497,17 +510,29 @@ class Watcher:
                             session, job_id=job.job_id, worker_id=self.worker_id,
                             layers=outcome.layers, spectra=outcome.spectra,
                             device=outcome.device, elapsed_s=outcome.elapsed_s,
-                            thresholds=self.thresholds,
+                            thresholds=self.thresholds, gate=self.gate,
                         )
 
                 done = self._retry("complete", write)
+                if done and self.alerts is not None:
+                    self.alerts.wake()
                 log.info("step %s of run %s: %d layers in %.2fs, peak %.0f MB%s", job.step,
                          job.run_id, len(outcome.layers), outcome.elapsed_s, outcome.peak_mb,
                          "" if done else " (lease lost, not written)")
+                if done and self.on_analysed is not None:
+                    self._announce(job)
         finally:
             beat.stop_event.set()
             beat.join(timeout=5)
         return True
+
+    def _announce(self, job: queue.ClaimedJob) -> None:
+        assert self.on_analysed is not None
+        try:
+            self.on_analysed(job.run_id, job.step)
+        except Exception as exc:  # an exporter's failure never fails the job or the worker
+            log.warning("after step %s of run %s: %s: %s", job.step, job.run_id,
+                        type(exc).__name__, exc)
 
     def _finish_failed(self, job: queue.ClaimedJob, error: str, *, vanished: bool = False,
                        final: bool = False) -> None:
@@ -527,7 +552,10 @@ class Watcher:
         first = self._first_checkpoint(run_id) if run_id is not None else None
         options = AnalysisOptions(method=self.settings.fit_method, thresholds=self.thresholds,
                                   device=self.device, progress=self.progress,
-                                  confine=self.confine)
+                                  confine=self.confine,
+                                  optimizer_state=self.settings.optimizer_state,
+                                  nested_widths=tuple(self.settings.nested_widths),
+                                  crosscheck_share=self.settings.crosscheck.share)
         return analyze_checkpoint(path, first, options)
 
     def close(self) -> None:
@@ -551,6 +579,9 @@ class Watcher:
         processed = 0
         while self.process_one():
             processed += 1
+        if self.alerts is not None:
+            # One pass, no waiting for retries: what is left stays queued for the next worker.
+            self.alerts.deliver_due()
         return processed
 
     def run_forever(self, stop: threading.Event) -> None:
@@ -567,6 +598,8 @@ class Watcher:
         finder = threading.Thread(target=self._discover_forever, args=(stop, ended),
                                   name="discovery", daemon=True)
         finder.start()
+        if self.alerts is not None:
+            self.alerts.start()
         try:
             while not stop.is_set():
                 if self._discovery_failed is not None:
@@ -584,6 +617,8 @@ class Watcher:
             finder.join(timeout=60)
             self._leasing = False
             self._release_lease()
+            if self.alerts is not None:
+                self.alerts.stop()
             self.close()
         log.info("worker %s stopped", self.worker_id)
 

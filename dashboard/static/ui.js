@@ -85,7 +85,8 @@ export function gateBadge(gate) {
   if (!gate) return '<span class="muted">–</span>';
   const reasons = (gate.violations || []).map((v) => v.message).join("\n");
   if (gate.passed) {
-    return `<span class="badge pass" title="median α ${esc(fmt(gate.value))} at step ${
+    // The run's gate rules choose the statistic: name the one the verdict used.
+    return `<span class="badge pass" title="${esc(gate.stat)} α ${esc(fmt(gate.value))} at step ${
       esc(gate.step)}">gate passes</span>`;
   }
   if ((gate.violations || []).every((v) => v.rule === "no_data")) {

@@ -1,87 +1,98 @@
-"""The CI gate: one verdict with every violated rule, from the same robust statistics."""
+"""The CI gate and a run's stored gate rules: the API's side of ``service.db.gate``."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
-from alphawatch.service import robust
+from alphawatch.gate_rules import GateRules
 from alphawatch.service.api import queries
-from alphawatch.service.api.errors import Invalid
+from alphawatch.service.api.errors import Conflict, Invalid
+from alphawatch.service.db import alerts
+from alphawatch.service.db import gate as gates
 from alphawatch.trust import Thresholds
-from alphawatch.vocabulary import Statistic
+from alphawatch.vocabulary import DEFAULT_VARIANT
 
 
-def _stat_at(*, session: Session, run_id: int, checkpoint_id: int, stat: str, filter: str,
-             method: str, thresholds: Thresholds) -> tuple[float | None, float | None, int]:
-    layers = queries.layer_dicts(session=session, checkpoint_ids=[checkpoint_id], method=method)
-    chosen = robust.select(layers, metric="alpha", filter=filter,
-                           alpha_max=thresholds.alpha_max, mad_k=thresholds.mad_k)
-    untrusted = sum(1 for layer in layers if robust.untrusted_reason(layer) is not None)
-    share = untrusted / len(layers) if layers else None
-    return robust.statistic(chosen.values, stat), share, chosen.n_used
+def _reason(exc: ValueError) -> str:
+    if isinstance(exc, ValidationError):
+        return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'rules'}: "
+                         f"{e['msg'].removeprefix('Value error, ')}" for e in exc.errors())
+    return str(exc)
 
 
-def evaluate(
-    *, session: Session, run_id: int, stat: str, filter: str, step: int | None,
-    min_alpha: float | None, max_alpha: float | None, max_untrusted_share: float | None,
-    ref_step: int | None, max_delta: float | None, method: str, thresholds: Thresholds,
-) -> dict[str, Any]:
-    """Check the robust alpha of ``step`` (default: latest analysed) against the thresholds."""
-    if not Statistic(stat).is_level:
-        levels = ", ".join(s for s in Statistic if s.is_level)
-        raise Invalid(f"stat {stat} is a spread, not a level of alpha that a band can gate; "
-                      f"choose one of {levels}")
+def evaluate(*, session: Session, run_id: int, step: int | None, query: dict[str, Any],
+             defaults: GateRules, method: str, thresholds: Thresholds,
+             variant: str = DEFAULT_VARIANT) -> dict[str, Any]:
+    """The gate at ``step`` (default: latest analysed) under the run's rules and ``query``'s.
+
+    The rules are the server's defaults, then the run's stored rules, then every rule the query
+    names (a query may name an empty band: the gate then fails rather than refusing).
+    """
     queries.get_run(session=session, run_id=run_id)
-    done = {s: c for c, s in queries.done_checkpoints(session=session, run_id=run_id)}
-    violations: list[dict[str, Any]] = []
-    verdict: dict[str, Any] = {"run_id": run_id, "stat": stat, "filter": filter, "step": None,
-                               "value": None, "untrusted_share": None, "ref_step": ref_step,
-                               "delta": None, "violations": violations}
-    if step is None:
-        step = max(done) if done else None
-    if step is None or step not in done:
-        what = "no analysed checkpoint yet" if step is None else f"step {step} is not analysed"
-        violations.append({"rule": "no_data", "value": None, "threshold": None,
-                           "message": f"run {run_id}: {what}"})
-        verdict.update(step=step, passed=False)
-        return verdict
-    value, share, n_used = _stat_at(session=session, run_id=run_id, checkpoint_id=done[step],
-                                    stat=stat, filter=filter, method=method, thresholds=thresholds)
-    verdict.update(step=step, value=value, untrusted_share=share)
+    try:
+        rules = gates.stored_rules(session, run_id=run_id, defaults=defaults).merged(
+            query, empty_band_allowed=True)
+    except ValueError as exc:
+        raise Invalid(_reason(exc)) from exc
+    return gates.evaluate(session, run_id=run_id, rules=rules, step=step, method=method,
+                          thresholds=thresholds, variant=variant)
 
-    def violate(rule: str, got: float | None, threshold: float | None, message: str) -> None:
-        violations.append({"rule": rule, "value": got, "threshold": threshold,
-                           "message": message})
 
-    if value is None:
-        violate("no_trusted_layers", None, None,
-                f"step {step}: no layer passed the '{filter}' filter, so alpha has no value")
-    else:
-        if max_alpha is not None and value > max_alpha:
-            violate("max_alpha", value, max_alpha,
-                    f"{stat} alpha {value:.3f} at step {step} is above {max_alpha:g}")
-        if min_alpha is not None and value < min_alpha:
-            violate("min_alpha", value, min_alpha,
-                    f"{stat} alpha {value:.3f} at step {step} is below {min_alpha:g}")
-    if max_untrusted_share is not None and share is not None and share > max_untrusted_share:
-        violate("max_untrusted_share", share, max_untrusted_share,
-                f"{share:.0%} of layers are untrusted at step {step} "
-                f"(limit {max_untrusted_share:.0%})")
-    if ref_step is not None:
-        if ref_step not in done:
-            violate("no_reference", None, None, f"reference step {ref_step} is not analysed")
-        else:
-            ref, _, _ = _stat_at(session=session, run_id=run_id, checkpoint_id=done[ref_step],
-                                 stat=stat, filter=filter, method=method, thresholds=thresholds)
-            if ref is not None and value is not None:
-                delta = value - ref
-                verdict["delta"] = delta
-                if max_delta is not None and abs(delta) > max_delta:
-                    violate("max_delta", abs(delta), max_delta,
-                            f"{stat} alpha moved by {delta:+.3f} since step {ref_step} "
-                            f"(limit {max_delta:g})")
-    verdict["passed"] = not violations
-    verdict["n_used"] = n_used
-    return verdict
+def rules_read(*, session: Session, run_id: int, defaults: GateRules) -> dict[str, Any]:
+    """The rules that apply to a run, what it overrides, the server's defaults, the verdict."""
+    queries.get_run(session=session, run_id=run_id)
+    row = alerts.gate_row(session, run_id=run_id)
+    overrides: dict[str, Any] = json.loads(row.rules) if row is not None else {}
+    verdict = None
+    if row is not None and row.passed is not None:
+        verdict = {"passed": row.passed, "step": row.step,
+                   "violations": json.loads(row.violations or "[]"),
+                   "evaluated_at": row.evaluated_at}
+    return {"run_id": run_id,
+            "rules": gates.stored_rules(session, run_id=run_id, defaults=defaults),
+            "overrides": overrides, "defaults": defaults,
+            "updated_at": row.rules_updated_at if row is not None else None,
+            "last_verdict": verdict}
+
+
+def rules_write(*, session: Session, run_id: int, overrides: dict[str, Any],
+                defaults: GateRules, check: alerts.GateCheck) -> dict[str, Any]:
+    """Replace a run's stored rules, then record its verdict under them (alerting on a change).
+
+    Raises:
+        NotFound: no such run.
+        Invalid: a rule the schema cannot refuse, e.g. a null ``stat``.
+        Conflict: the rules contradict each other once merged with the server's defaults
+            (min_alpha above max_alpha). Not 422: the body alone may be valid, as
+            ``{"min_alpha": 7}`` is against a server whose max_alpha is 6.
+    """
+    queries.get_run(session=session, run_id=run_id)
+    try:
+        empty = defaults.merged(overrides, empty_band_allowed=True).empty_band()
+    except ValueError as exc:
+        raise Invalid(_reason(exc)) from exc
+    if empty is not None:
+        raise Conflict(f"{empty}; the server's defaults are min_alpha {defaults.min_alpha}, "
+                       f"max_alpha {defaults.max_alpha}")
+    alerts.set_rules(session, run_id=run_id, overrides=overrides, defaults=defaults)
+    if queries.done_checkpoints(session=session, run_id=run_id):
+        # New rules can flip the verdict as much as a new checkpoint can.
+        alerts.record_verdict(session, run_id=run_id, check=check)
+    return rules_read(session=session, run_id=run_id, defaults=defaults)
+
+
+def alerts_read(*, session: Session, run_id: int, limit: int, offset: int) -> dict[str, Any]:
+    """A page of a run's alerts with their delivery state, newest first."""
+    queries.get_run(session=session, run_id=run_id)
+    rows = alerts.list_alerts(session, run_id=run_id, limit=limit, offset=offset)
+    return {"run_id": run_id, "alerts": [
+        {"id": a.id, "step": a.step, "verdict": "pass" if a.passed else "fail",
+         "previous": None if a.previous is None else ("pass" if a.previous else "fail"),
+         "status": a.status, "attempts": a.attempts, "last_status_code": a.last_status_code,
+         "last_error": a.last_error, "created_at": a.created_at,
+         "next_attempt_at": a.next_attempt_at, "finished_at": a.finished_at,
+         "body": json.loads(a.payload)} for a in rows]}

@@ -15,9 +15,19 @@ from sqlalchemy.orm import Session
 from alphawatch.service import robust
 from alphawatch.service.api.errors import NotFound
 from alphawatch.service.db.aggregates import PRECOMPUTED_KINDS, PRECOMPUTED_METRICS, kinds_key
+from alphawatch.service.db.gate import of_variant
 from alphawatch.service.db.models import Checkpoint, CheckpointStat, LayerMetric, Run, Spectrum
 from alphawatch.trust import Thresholds
-from alphawatch.vocabulary import KIND_ORDER, Kind
+from alphawatch.vocabulary import (
+    DEFAULT_VARIANT,
+    KIND_ORDER,
+    FitStatus,
+    Kind,
+    LayerOrder,
+    Source,
+    source_of,
+    split_variant,
+)
 
 
 def get_run(*, session: Session, run_id: int) -> Run:
@@ -65,11 +75,16 @@ def layer_dicts(
     *, session: Session, checkpoint_ids: list[int], method: str = "ww",
     kinds: list[str] | None = None, block_min: int | None = None, block_max: int | None = None,
     name: str | None = None, fields: tuple[str, ...] | None = None,
+    variant: str | None = DEFAULT_VARIANT,
 ) -> list[dict[str, Any]]:
+    """Layer rows of checkpoints as dicts; of the weights unless another ``variant`` (or None:
+    every variant) is asked for."""
     columns = (_LAYER_FIELDS if fields is None
                else [getattr(LayerMetric, f).label(f) for f in dict.fromkeys(fields)])
     query = select(*columns).where(LayerMetric.checkpoint_id.in_(checkpoint_ids),
                                          LayerMetric.method == method)
+    if variant is not None:
+        query = query.where(of_variant(variant))
     if kinds:
         query = query.where(LayerMetric.kind.in_(kinds))
     if block_min is not None:
@@ -114,6 +129,7 @@ def trend(
     *, session: Session, run_id: int, metric: str, stat: str, filter: str, method: str,
     kinds: list[str] | None, block_min: int | None, block_max: int | None, outliers: str,
     mad_k: float | None, thresholds: Thresholds, max_points: int | None,
+    variant: str = DEFAULT_VARIANT,
 ) -> list[dict[str, Any]]:
     """The robust statistic per analysed checkpoint, with what was excluded and why.
 
@@ -124,7 +140,9 @@ def trend(
     alpha_max = thresholds.alpha_max
     mad_k = thresholds.mad_k if mad_k is None else mad_k
     key = kinds_key(kinds)
-    kept = (block_min is None and block_max is None and key in PRECOMPUTED_KINDS
+    # Only the weights' statistics are kept; gradients and nested widths come from their rows.
+    kept = (variant == DEFAULT_VARIANT and block_min is None and block_max is None
+            and key in PRECOMPUTED_KINDS
             and (metric in PRECOMPUTED_METRICS if not key else metric == "alpha"))
     if kept:
         on = [CheckpointStat.checkpoint_id == Checkpoint.id, CheckpointStat.method == method,
@@ -157,7 +175,7 @@ def trend(
         by_checkpoint: dict[int, list[dict[str, Any]]] = defaultdict(list)
         for layer in layer_dicts(session=session, checkpoint_ids=missing, method=method,
                                  kinds=kinds, block_min=block_min, block_max=block_max,
-                                 fields=(*_SELECT_FIELDS, metric)):
+                                 fields=(*_SELECT_FIELDS, metric), variant=variant):
             by_checkpoint[layer["checkpoint_id"]].append(layer)
         step = {row[0]: row[1] for row in rows}
         for checkpoint_id in missing:
@@ -227,25 +245,43 @@ def layer_order(layer: dict[str, Any]) -> tuple[int, int, str]:
 
 
 def heatmap(*, session: Session, run_id: int, metric: str, method: str,
-            max_points: int | None) -> dict[str, Any]:
-    """Layer x step matrix of a metric with each cell's trust verdict."""
+            max_points: int | None, variant: str = DEFAULT_VARIANT,
+            kinds: list[str] | None = None, block_min: int | None = None,
+            block_max: int | None = None, order: str = LayerOrder.BLOCK) -> dict[str, Any]:
+    """Layer x step matrix of a metric with each cell's trust verdict.
+
+    Rows are one variant's (the weights by default), optionally only some kinds or blocks,
+    ordered by block then kind, or with ``order=block_desc`` from the head and the last block
+    back to the embeddings.
+    """
     get_run(session=session, run_id=run_id)
     checkpoints = downsample(done_checkpoints(session=session, run_id=run_id), max_points)
     fields = tuple(dict.fromkeys(("checkpoint_id", "name", "kind", "block", metric, "fit_status",
                                   "correlation_trap", "rank_collapse", "trusted")))
-    rows = session.execute(
-        select(*[getattr(LayerMetric, f) for f in fields])
-        .where(LayerMetric.checkpoint_id.in_([c for c, _ in checkpoints]),
-               LayerMetric.method == method)).all()
+    query = (select(*[getattr(LayerMetric, f) for f in fields])
+             .where(LayerMetric.checkpoint_id.in_([c for c, _ in checkpoints]),
+                    LayerMetric.method == method, of_variant(variant)))
+    if kinds:
+        query = query.where(LayerMetric.kind.in_(kinds))
+    if block_min is not None:
+        query = query.where(LayerMetric.block >= block_min)
+    if block_max is not None:
+        query = query.where(LayerMetric.block <= block_max)
+    rows = session.execute(query).all()
     # Positions, not mappings: a long run has hundreds of thousands of cells.
     at = {f: i for i, f in enumerate(fields)}
     cid, nm, kd, bl, val = at["checkpoint_id"], at["name"], at["kind"], at["block"], at[metric]
     st, tr, rc, ok = at["fit_status"], at["correlation_trap"], at["rank_collapse"], at["trusted"]
-    order: dict[str, tuple[int, int, str]] = {}
+    keys: dict[str, tuple[int, int, str]] = {}
+    blocks: dict[str, int | None] = {}
     for r in rows:
-        if r[nm] not in order:
-            order[r[nm]] = layer_order({"name": r[nm], "kind": r[kd], "block": r[bl]})
-    names = sorted(order, key=order.__getitem__)
+        if r[nm] not in keys:
+            keys[r[nm]] = layer_order({"name": r[nm], "kind": r[kd], "block": r[bl]})
+            blocks[r[nm]] = r[bl]
+    names = sorted(keys, key=keys.__getitem__)
+    if order == LayerOrder.BLOCK_DESC:
+        # Blocks from the last back; inside a block the kinds keep the order the model runs them.
+        names = sorted(names, key=lambda n: (-keys[n][0], keys[n][1:]))
     column = {c: j for j, (c, _) in enumerate(checkpoints)}
     row_of = {n: i for i, n in enumerate(names)}
     z: list[list[float | None]] = [[None] * len(checkpoints) for _ in names]
@@ -255,16 +291,71 @@ def heatmap(*, session: Session, run_id: int, metric: str, method: str,
         i, j = row_of[r[nm]], column[r[cid]]
         z[i][j] = r[val]
         trusted[i][j] = trusted_of(r[st], r[tr], r[rc], r[ok]) is None
-    return {"metric": metric, "steps": [s for _, s in checkpoints], "layers": names, "z": z,
-            "trusted": trusted}
+    return {"metric": metric, "variant": variant, "steps": [s for _, s in checkpoints],
+            "layers": names, "blocks": [blocks[n] for n in names], "z": z, "trusted": trusted}
+
+
+def block_trends(*, session: Session, run_id: int, metric: str, stat: str, filter: str,
+                 method: str, variant: str, kinds: list[str] | None, outliers: str,
+                 mad_k: float | None, thresholds: Thresholds, max_points: int | None,
+                 order: str = LayerOrder.BLOCK_DESC) -> list[dict[str, Any]]:
+    """The robust statistic per block and checkpoint: one trend per block, the last block first
+    by default (layers outside a block, embeddings and head, are left out)."""
+    get_run(session=session, run_id=run_id)
+    checkpoints = downsample(done_checkpoints(session=session, run_id=run_id), max_points)
+    step = dict(checkpoints)
+    grouped: dict[int, dict[int, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    for layer in layer_dicts(session=session, checkpoint_ids=list(step), method=method,
+                             kinds=kinds, fields=(*_SELECT_FIELDS, "block", metric),
+                             variant=variant):
+        if layer["block"] is not None:
+            grouped[layer["block"]][layer["checkpoint_id"]].append(layer)
+    mad_k = thresholds.mad_k if mad_k is None else mad_k
+    out = []
+    for block in sorted(grouped, reverse=order == LayerOrder.BLOCK_DESC):
+        points = []
+        for checkpoint_id, _ in checkpoints:
+            chosen = robust.select(grouped[block].get(checkpoint_id, []), metric=metric,
+                                   filter=filter, alpha_max=thresholds.alpha_max,
+                                   outliers=outliers, mad_k=mad_k)
+            points.append(_point(step[checkpoint_id], chosen, stat))
+        out.append({"block": block, "points": points})
+    return out
+
+
+def variants(*, session: Session, run_id: int, method: str) -> list[dict[str, Any]]:
+    """The variants analysed in a run (weights, gradients, nested widths) with their row counts,
+    read from its latest analysed checkpoint."""
+    get_run(session=session, run_id=run_id)
+    done = done_checkpoints(session=session, run_id=run_id)
+    counts: dict[str, int] = {DEFAULT_VARIANT: 0}
+    if done:
+        names = session.scalars(select(LayerMetric.name).where(
+            LayerMetric.checkpoint_id == done[-1][0], LayerMetric.method == method))
+        for name in names:
+            variant = split_variant(name)[1]
+            counts[variant] = counts.get(variant, 0) + 1
+
+    def key(variant: str) -> tuple[int, int]:
+        # Weights, gradients, then the nested widths from the narrowest.
+        width = int(variant[1:]) if variant[1:].isdigit() else 0
+        return list(Source).index(source_of(variant)), width
+
+    return [{"name": v, "source": source_of(v).value, "label": _variant_label(v),
+             "n_layers": counts[v]} for v in sorted(counts, key=key)]
+
+
+def _variant_label(variant: str) -> str:
+    source = source_of(variant)
+    return f"nested width {variant[1:]}" if source is Source.NESTED else source.label
 
 
 FLAG_KEYS = ("correlation_trap", "rank_collapse", "near_random", "over_trained", "under_trained")
-FIT_STATUSES = ("ok", "poor_fit", "tail_too_short", "unstable", "alpha_out_of_range",
-                "too_few_evals", "non_finite", "degenerate", "failed")
+FIT_STATUSES = tuple(s.value for s in FitStatus)
 
 
-def flags(*, session: Session, run_id: int, method: str) -> list[dict[str, Any]]:
+def flags(*, session: Session, run_id: int, method: str,
+          variant: str = DEFAULT_VARIANT) -> list[dict[str, Any]]:
     """Per analysed checkpoint: layers, and how many carry each flag and each fit status.
 
     Counted by the database: a long run has hundreds of thousands of layer rows.
@@ -280,7 +371,7 @@ def flags(*, session: Session, run_id: int, method: str) -> list[dict[str, Any]]
               *[count(LayerMetric.fit_status == status) for status in FIT_STATUSES]]
     query = (select(Checkpoint.step, *counts)
              .outerjoin(LayerMetric, and_(LayerMetric.checkpoint_id == Checkpoint.id,
-                                          LayerMetric.method == method))
+                                          LayerMetric.method == method, of_variant(variant)))
              .where(Checkpoint.run_id == run_id, Checkpoint.status == "done")
              .group_by(Checkpoint.id, Checkpoint.step).order_by(Checkpoint.step))
     return [{"step": row[0], **{label: int(n) for label, n in zip(labels, row[1:], strict=True)}}

@@ -18,17 +18,22 @@ from pydantic import BaseModel, TypeAdapter
 from sqlalchemy.orm import Session
 
 from alphawatch.service.api import gate as gates
+from alphawatch.service.api import metrics as metrics_
 from alphawatch.service.api import queries, runs
 from alphawatch.service.api.auth import read_access, require
 from alphawatch.service.api.cache import ResultCache
 from alphawatch.service.api.errors import documented
 from alphawatch.service.api.schemas import (
+    AlertList,
+    BlockTrendRead,
     CheckpointLayers,
     CheckpointList,
     CompareRead,
     EsdRead,
     FlagsRead,
     GateRead,
+    GateRulesRead,
+    GateRulesWrite,
     HealthDegraded,
     HealthRead,
     HeatmapRead,
@@ -39,7 +44,9 @@ from alphawatch.service.api.schemas import (
     RunRead,
     ScanRequested,
     TrendRead,
+    VariantsRead,
 )
+from alphawatch.service.db.alerts import GateCheck
 from alphawatch.service.db.session import make_engine, session_scope
 from alphawatch.service.db.tokens import TokenScope
 from alphawatch.settings import Settings
@@ -47,7 +54,11 @@ from alphawatch.vocabulary import (
     DEFAULT_FILTER,
     DEFAULT_OUTLIER_RULE,
     DEFAULT_STATISTIC,
+    DEFAULT_VARIANT,
+    VARIANT_PATTERN,
+    FitMethod,
     LayerFilter,
+    LayerOrder,
     OutlierRule,
     Statistic,
 )
@@ -76,8 +87,9 @@ class CsvResponse(PlainTextResponse):
 router = APIRouter(prefix="/api/v1", dependencies=[Depends(read_access)])
 health_router = APIRouter()
 
-Method = Annotated[str, Query(max_length=32, pattern=r"^[a-z0-9_]+$",
-                              description="fit method; methods are never mixed")]
+# The schema lists the fit methods (alphawatch.vocabulary.FitMethod): an unknown one is a 422.
+MethodName = Literal[tuple(m.value for m in FitMethod)]  # type: ignore[valid-type]
+Method = Annotated[MethodName, Query(description="fit method; methods are never mixed")]  # type: ignore[valid-type]
 # The schema lists the metrics, so a client (or a fuzzer) knows which names are valid.
 MetricName = Literal[tuple(queries.numeric_metrics())]  # type: ignore[valid-type]
 Metric = Annotated[MetricName, Query(description="a numeric layer metric")]  # type: ignore[valid-type]
@@ -88,6 +100,12 @@ INT32, INT64 = 2**31 - 1, 2**63 - 1
 RunId = Annotated[int, PathParam(ge=1, le=INT32, description="run id")]
 StepPath = Annotated[int, PathParam(ge=0, le=INT64, description="training step")]
 LayerName = Annotated[str, PathParam(max_length=512, description="layer name")]
+Variant = Annotated[str, Query(max_length=16, pattern=VARIANT_PATTERN,
+                               description="weight (default), exp_avg (gradients) or a nested "
+                                           "width w<k>; variants are never mixed")]
+KindList = Annotated[str | None,
+                     Query(max_length=200, description="comma-separated kinds: q,k,v,o,...")]
+BlockBound = Annotated[int | None, Query(ge=0, le=2**31 - 1)]
 MaxPoints = Annotated[int | None, Query(ge=2, le=100_000, description="downsample to N steps")]
 
 READ_ERRORS = documented(404, 422, 503)
@@ -162,9 +180,11 @@ def health(session: SessionDep, request: Request) -> Any:
 
 @health_router.get("/metrics", response_class=PlainTextResponse,
                    dependencies=[Depends(read_access)], responses=documented(503))
-def metrics(session: SessionDep) -> str:
-    """Prometheus metrics: checkpoints by status, queue depth, runs."""
-    return runs.metrics_text(session=session)
+def metrics(session: SessionDep, settings: SettingsDep) -> Response:
+    """Prometheus metrics: per run alpha, untrusted share, gate, last step; analyses; queue."""
+    return Response(metrics_.metrics_text(session=session, method=settings.fit_method,
+                                          thresholds=settings.trust),
+                    media_type=metrics_.CONTENT_TYPE)
 
 
 @router.get("/runs", response_model=RunList, responses=documented(422, 503))
@@ -192,7 +212,8 @@ def create_run(body: RunCreate, request: Request, settings: SettingsDep,
 @router.get("/runs/{run_id}", response_model=RunDetail, responses=READ_ERRORS)
 def get_run(run_id: RunId, session: SessionDep, settings: SettingsDep) -> dict[str, Any]:
     """One run, with the thresholds applied to its trust verdicts."""
-    return runs.get(session=session, run_id=run_id, trust=settings.trust)
+    return runs.get(session=session, run_id=run_id, trust=settings.trust,
+                    crosscheck=settings.crosscheck)
 
 
 @router.delete("/runs/{run_id}", status_code=204,
@@ -272,6 +293,7 @@ async def get_trend(
                                          description="default: the server's trust.mad_k")] = None,
     method: Method = "ww",
     max_points: MaxPoints = None,
+    variant: Variant = DEFAULT_VARIANT,
 ) -> Response:
     """Model-level robust statistic of a metric per checkpoint, with exclusions explained."""
 
@@ -280,27 +302,65 @@ async def get_trend(
                                filter=filter, method=method, kinds=_kinds(kind),
                                block_min=block_min, block_max=block_max, outliers=outliers,
                                mad_k=mad_k, thresholds=settings.trust,
-                               max_points=max_points)
+                               max_points=max_points, variant=variant)
         return {"run_id": run_id, "metric": metric, "stat": stat, "filter": filter,
-                "method": method, "outliers": outliers, "points": points}
+                "method": method, "outliers": outliers, "variant": variant, "points": points}
 
     return await _cached(request, TrendRead, build)
 
 
 @router.get("/runs/{run_id}/heatmap", response_model=HeatmapRead, responses=READ_ERRORS)
 async def get_heatmap(request: Request, run_id: RunId, metric: Metric = "alpha",
-                      method: Method = "ww", max_points: MaxPoints = 500) -> Response:
-    """Layer x step matrix of a metric; layers ordered by block, then kind."""
+                      method: Method = "ww", max_points: MaxPoints = 500,
+                      variant: Variant = DEFAULT_VARIANT, kind: KindList = None,
+                      block_min: BlockBound = None, block_max: BlockBound = None,
+                      order: Annotated[LayerOrder, Query()] = LayerOrder.BLOCK) -> Response:
+    """Layer x step matrix of a metric; layers ordered by block (or last block first), then kind."""
     return await _cached(request, HeatmapRead, lambda session: queries.heatmap(
-        session=session, run_id=run_id, metric=metric, method=method, max_points=max_points))
+        session=session, run_id=run_id, metric=metric, method=method, max_points=max_points,
+        variant=variant, kinds=_kinds(kind), block_min=block_min, block_max=block_max,
+        order=order))
+
+
+@router.get("/runs/{run_id}/blocks", response_model=BlockTrendRead, responses=READ_ERRORS)
+async def get_block_trends(
+    request: Request, run_id: RunId, settings: SettingsDep, metric: Metric = "alpha",
+    stat: Annotated[Statistic, Query()] = DEFAULT_STATISTIC,
+    filter: Annotated[LayerFilter, Query()] = DEFAULT_FILTER,
+    kind: KindList = None, variant: Variant = DEFAULT_VARIANT,
+    outliers: Annotated[OutlierRule, Query()] = DEFAULT_OUTLIER_RULE,
+    mad_k: Annotated[float | None, Query(gt=0, le=100)] = None,
+    order: Annotated[LayerOrder, Query()] = LayerOrder.BLOCK_DESC,
+    method: Method = "ww", max_points: MaxPoints = 500,
+) -> Response:
+    """The robust statistic of each block over the checkpoints, the last block first."""
+
+    def build(session: Session) -> dict[str, Any]:
+        blocks = queries.block_trends(session=session, run_id=run_id, metric=metric, stat=stat,
+                                      filter=filter, method=method, variant=variant,
+                                      kinds=_kinds(kind), outliers=outliers, mad_k=mad_k,
+                                      thresholds=settings.trust, max_points=max_points,
+                                      order=order)
+        return {"run_id": run_id, "metric": metric, "stat": stat, "filter": filter,
+                "variant": variant, "order": order, "blocks": blocks}
+
+    return await _cached(request, BlockTrendRead, build)
+
+
+@router.get("/runs/{run_id}/variants", response_model=VariantsRead, responses=READ_ERRORS)
+def get_variants(run_id: RunId, session: SessionDep, method: Method = "ww") -> dict[str, Any]:
+    """What the latest checkpoint analysed: weights, gradients (exp_avg), nested widths."""
+    return {"run_id": run_id,
+            "variants": queries.variants(session=session, run_id=run_id, method=method)}
 
 
 @router.get("/runs/{run_id}/flags", response_model=FlagsRead, responses=READ_ERRORS)
-async def get_flags(request: Request, run_id: RunId, method: Method = "ww") -> Response:
+async def get_flags(request: Request, run_id: RunId, method: Method = "ww",
+                    variant: Variant = DEFAULT_VARIANT) -> Response:
     """Per checkpoint: how many layers carry each flag and each fit status."""
     return await _cached(request, FlagsRead, lambda session: {
         "run_id": run_id, "points": queries.flags(session=session, run_id=run_id,
-                                                  method=method)})
+                                                  method=method, variant=variant)})
 
 
 @router.get("/runs/{run_id}/checkpoints/{step}/layers/{layer_name}/esd",
@@ -317,33 +377,71 @@ def get_esd(run_id: RunId, step: StepPath, layer_name: LayerName, session: Sessi
                                             "description": "strict=true and the gate failed"}})
 def gate(
     run_id: RunId, session: SessionDep, settings: SettingsDep, response: Response,
-    stat: Annotated[LevelName,  # type: ignore[valid-type]
-                    Query(description="a level of alpha (a spread cannot be gated)")
-                    ] = DEFAULT_STATISTIC.value,
-    filter: Annotated[LayerFilter, Query()] = DEFAULT_FILTER,
+    stat: Annotated[LevelName | None,  # type: ignore[valid-type]
+                    Query(description="a level of alpha (a spread cannot be gated); "
+                                      "default: the run's gate rules")] = None,
+    filter: Annotated[LayerFilter | None, Query(description="default: the run's gate rules")
+                      ] = None,
     step: Annotated[int | None, Query(ge=0, le=INT64,
                                       description="default: the latest analysed")] = None,
-    min_alpha: Annotated[float | None, Query(allow_inf_nan=False,
-                                             description="default: 2 (over-trained)")] = None,
-    max_alpha: Annotated[float | None, Query(allow_inf_nan=False,
-                                             description="default: 6 (under-trained)")] = None,
+    min_alpha: Annotated[float | None, Query(
+        allow_inf_nan=False,
+        description="default: the run's gate rules (server: 2, over-trained)")] = None,
+    max_alpha: Annotated[float | None, Query(
+        allow_inf_nan=False,
+        description="default: the run's gate rules (server: 6, under-trained)")] = None,
     max_untrusted_share: Annotated[float | None, Query(ge=0, le=1)] = None,
     ref_step: Annotated[int | None, Query(ge=0, le=INT64)] = None,
-    max_delta: Annotated[float | None, Query(ge=0, allow_inf_nan=False)] = None,
+    max_delta: Annotated[float | None, Query(
+        ge=0, allow_inf_nan=False,
+        description="without ref_step: since the analysed checkpoint before")] = None,
     method: Method = "ww",
     strict: Annotated[bool, Query(description="answer 409 when the gate fails")] = False,
+    variant: Variant = DEFAULT_VARIANT,
 ) -> dict[str, Any]:
-    """CI gate: thresholds on the robust alpha, the untrusted share and the change since a step."""
+    """CI gate: the run's gate rules, or those the query names, on its robust alpha."""
+    named = {"stat": stat, "filter": filter, "min_alpha": min_alpha, "max_alpha": max_alpha,
+             "max_untrusted_share": max_untrusted_share, "ref_step": ref_step,
+             "max_delta": max_delta}
     verdict = gates.evaluate(
-        session=session, run_id=run_id, stat=stat, filter=filter, step=step,
-        min_alpha=settings.trust.over_trained_below if min_alpha is None else min_alpha,
-        max_alpha=settings.trust.under_trained_above if max_alpha is None else max_alpha,
-        max_untrusted_share=max_untrusted_share, ref_step=ref_step, max_delta=max_delta,
-        method=method, thresholds=settings.trust,
-    )
+        session=session, run_id=run_id, step=step,
+        query={k: v for k, v in named.items() if v is not None},
+        defaults=settings.gate, method=method, thresholds=settings.trust, variant=variant)
     if strict and not verdict["passed"]:
         response.status_code = 409
     return verdict
+
+
+@router.get("/runs/{run_id}/gate-rules", response_model=GateRulesRead, responses=READ_ERRORS)
+def get_gate_rules(run_id: RunId, session: SessionDep, settings: SettingsDep) -> dict[str, Any]:
+    """The gate rules that apply to a run, those it stores, and its last recorded verdict."""
+    return gates.rules_read(session=session, run_id=run_id, defaults=settings.gate)
+
+
+@router.put("/runs/{run_id}/gate-rules", response_model=GateRulesRead,
+            responses=documented(400, 401, 403, 404, 409, 413, 422, 503))
+def put_gate_rules(run_id: RunId, body: GateRulesWrite, request: Request,
+                   settings: SettingsDep,
+                   _token: Annotated[object, Depends(require(TokenScope.WRITE))]
+                   ) -> dict[str, Any]:
+    """Store a run's gate rules (left out: server default; null: off); needs a write token."""
+    check = GateCheck(defaults=settings.gate, method=settings.fit_method,
+                      thresholds=settings.trust,
+                      notify=settings.alerts.webhook_url is not None)
+    with _unit_of_work(request) as session:
+        answer = gates.rules_write(
+            session=session, run_id=run_id, defaults=settings.gate, check=check,
+            overrides=body.model_dump(mode="json", include=body.model_fields_set))
+    _written(request)
+    return answer
+
+
+@router.get("/runs/{run_id}/alerts", response_model=AlertList, responses=READ_ERRORS)
+def list_alerts(run_id: RunId, session: SessionDep,
+                limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+                offset: Annotated[int, Query(ge=0, le=INT64)] = 0) -> dict[str, Any]:
+    """A run's gate alerts (verdict changes) and their webhook deliveries, newest first."""
+    return gates.alerts_read(session=session, run_id=run_id, limit=limit, offset=offset)
 
 
 @router.get("/compare", response_model=CompareRead, responses=READ_ERRORS)

@@ -13,14 +13,16 @@ import os
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import case, delete, func, select
 from sqlalchemy.orm import Session
 
 from alphawatch.service.api import queries
 from alphawatch.service.api.errors import Conflict, Invalid, NotFound, Refused
 from alphawatch.service.db import queue, scans
 from alphawatch.service.db.models import AnalysisJob, Checkpoint, LayerMetric, Run
+from alphawatch.settings import CrossCheck
 from alphawatch.trust import Thresholds
+from alphawatch.vocabulary import split_variant
 
 # Linux's NAME_MAX and PATH_MAX (schemas.RunCreate states them too): longer names cannot
 # exist, so they are refused before the file system is asked, which would raise.
@@ -76,8 +78,10 @@ def list_runs(*, session: Session, limit: int, offset: int,
                      for r in rows], "total": total}
 
 
-def get(*, session: Session, run_id: int, trust: Thresholds) -> dict[str, Any]:
-    """One run's summary, the trust thresholds applied and the fit methods it holds."""
+def get(*, session: Session, run_id: int, trust: Thresholds,
+        crosscheck: CrossCheck | None = None) -> dict[str, Any]:
+    """One run's summary, the trust thresholds applied, the fit methods it holds and what the
+    live cross-check with weightwatcher found."""
     run = queries.get_run(session=session, run_id=run_id)
     # Methods of the latest analysed checkpoint: scanning every layer row of a long run for
     # DISTINCT would cost more than the rest of the page.
@@ -87,8 +91,17 @@ def get(*, session: Session, run_id: int, trust: Thresholds) -> dict[str, Any]:
     methods = sorted(set(session.scalars(
         select(LayerMetric.method).where(LayerMetric.checkpoint_id == latest).distinct()
     ))) if latest is not None else []
+    check = crosscheck or CrossCheck()
+    n, largest, over = session.execute(
+        select(func.count(LayerMetric.crosscheck_diff), func.max(LayerMetric.crosscheck_diff),
+               func.coalesce(func.sum(case((LayerMetric.crosscheck_diff > check.tolerance, 1),
+                                           else_=0)), 0))
+        .join(Checkpoint, Checkpoint.id == LayerMetric.checkpoint_id)
+        .where(Checkpoint.run_id == run_id, LayerMetric.crosscheck_diff.is_not(None))).one()
     return {**queries.run_summary(session=session, run=run, thresholds=trust),
-            "thresholds": trust, "methods": methods}
+            "thresholds": trust, "methods": methods,
+            "crosscheck": {"layers": int(n), "max_diff": largest, "over_tolerance": int(over),
+                           "tolerance": check.tolerance, "share": check.share}}
 
 
 def create(*, session: Session, name: str, path: Path,
@@ -143,10 +156,11 @@ def checkpoints(*, session: Session, run_id: int, limit: int, offset: int) -> di
 
 def checkpoint_layers(*, session: Session, run_id: int, step: int,
                       method: str) -> dict[str, Any]:
-    """Every layer metric of one checkpoint, by block then kind."""
+    """Every layer metric of one checkpoint (every variant), by block then kind."""
     queries.get_run(session=session, run_id=run_id)
     checkpoint_id = queries.checkpoint_id_at(session=session, run_id=run_id, step=step)
-    layers = queries.layer_dicts(session=session, checkpoint_ids=[checkpoint_id], method=method)
+    layers = queries.layer_dicts(session=session, checkpoint_ids=[checkpoint_id], method=method,
+                                 variant=None)
     return {"run_id": run_id, "step": step, "method": method,
             "layers": sorted(layers, key=queries.layer_order)}
 
@@ -155,32 +169,21 @@ def layers_csv(*, session: Session, run_id: int, method: str) -> str:
     """Every layer metric of every analysed checkpoint of a run, as CSV text."""
     queries.get_run(session=session, run_id=run_id)
     steps = dict(queries.done_checkpoints(session=session, run_id=run_id))
-    layers = queries.layer_dicts(session=session, checkpoint_ids=list(steps), method=method)
+    # Every variant: weights, gradients (name@exp_avg) and nested widths (name@w<k>), each row
+    # saying which in its own column.
+    layers = queries.layer_dicts(session=session, checkpoint_ids=list(steps), method=method,
+                                 variant=None)
     buffer = io.StringIO()
     columns = ["step", *[c for c in (layers[0] if layers else {}) if c != "checkpoint_id"]]
+    columns.insert(columns.index("name") + 1 if "name" in columns else 1, "variant")
     writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
     for layer in layers:
-        writer.writerow({**layer, "step": steps[layer["checkpoint_id"]]})
+        writer.writerow({**layer, "step": steps[layer["checkpoint_id"]],
+                         "variant": split_variant(layer["name"])[1]})
     return buffer.getvalue()
 
 
 def ping(*, session: Session) -> None:
     """Raise when the database cannot answer."""
     session.execute(select(1))
-
-
-def metrics_text(*, session: Session) -> str:
-    """Prometheus text: checkpoints by status, queue depth, runs."""
-    lines = ["# HELP alphawatch_checkpoints Checkpoints by analysis status.",
-             "# TYPE alphawatch_checkpoints gauge"]
-    for status, count in session.execute(
-        select(Checkpoint.status, func.count()).group_by(Checkpoint.status)
-    ):
-        lines.append(f'alphawatch_checkpoints{{status="{status}"}} {count}')
-    lines += ["# HELP alphawatch_queue_depth Jobs waiting for a worker.",
-              "# TYPE alphawatch_queue_depth gauge",
-              f"alphawatch_queue_depth {queue.queue_depth(session)}",
-              "# HELP alphawatch_runs Runs known.", "# TYPE alphawatch_runs gauge",
-              f"alphawatch_runs {session.scalar(select(func.count()).select_from(Run))}"]
-    return "\n".join(lines) + "\n"

@@ -7,11 +7,14 @@ dicts in Python, which matters for histories and trends of thousands of points.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic.json_schema import SkipJsonSchema
 
+from alphawatch.gate_rules import GateRules
 from alphawatch.trust import Thresholds
+from alphawatch.vocabulary import LayerFilter, Statistic
 
 
 def _utc(moment: datetime) -> datetime:
@@ -73,9 +76,20 @@ class RunRead(BaseModel):
                           "entries it refused that have no step (null when all is well)")
 
 
+class CrossCheckRead(BaseModel):
+    """The live cross-check with weightwatcher over a run's layer rows (every method)."""
+
+    layers: int = Field(description="layer rows re-analysed with weightwatcher")
+    max_diff: float | None = Field(description="largest relative alpha difference")
+    over_tolerance: int = Field(description="layer rows whose difference exceeds the tolerance")
+    tolerance: float = Field(description="the tolerance (settings.crosscheck.tolerance)")
+    share: float = Field(description="share of layers this server's workers cross-check")
+
+
 class RunDetail(RunRead):
     thresholds: Thresholds = Field(description="the trust thresholds this server applies")
     methods: list[str] = Field(description="fit methods of the latest analysed checkpoint")
+    crosscheck: CrossCheckRead
 
 
 class RunList(BaseModel):
@@ -160,6 +174,17 @@ class LayerMetricRead(BaseModel):
     warning: str | None = None
     elapsed_ms: float | None = None
     distance_from_init: float | None = None
+    num_fingers: int | None = Field(None, description="clip_xmax: top eigenvalues clipped")
+    tpl_alpha: float | None = Field(None, description="truncated power law's exponent")
+    tpl_lambda: float | None = Field(None, description="truncated power law's rate Λ")
+    pl_vs_tpl_R: float | None = Field(
+        None, description="normalised log-likelihood ratio, power law vs truncated (R > 0: PL)")
+    pl_vs_tpl_p: float | None = Field(None, description="its p-value (nested: χ²₁)")
+    pl_vs_lognormal_R: float | None = Field(
+        None, description="normalised log-likelihood ratio, power law vs lognormal (R > 0: PL)")
+    pl_vs_lognormal_p: float | None = Field(None, description="its p-value (Vuong)")
+    crosscheck_diff: float | None = Field(
+        None, description="relative alpha difference from weightwatcher (cross-checked layers)")
 
 
 class CheckpointLayers(BaseModel):
@@ -209,7 +234,35 @@ class TrendRead(BaseModel):
     filter: str
     method: str
     outliers: str
+    variant: str = Field(description="weight, exp_avg (gradients) or a nested width w<k>")
     points: list[TrendPoint]
+
+
+class BlockTrend(BaseModel):
+    block: int
+    points: list[TrendPoint]
+
+
+class BlockTrendRead(BaseModel):
+    run_id: int
+    metric: str
+    stat: str
+    filter: str
+    variant: str
+    order: str
+    blocks: list[BlockTrend] = Field(description="one trend per block, in the order asked for")
+
+
+class VariantRead(BaseModel):
+    name: str = Field(description="the value of the variant query parameter")
+    source: str = Field(description="weight, exp_avg or nested")
+    label: str
+    n_layers: int = Field(description="rows of this variant in the latest analysed checkpoint")
+
+
+class VariantsRead(BaseModel):
+    run_id: int
+    variants: list[VariantRead]
 
 
 class FitLine(BaseModel):
@@ -254,6 +307,65 @@ class GateRead(BaseModel):
     violations: list[Violation]
 
 
+LevelStatistic = Literal[tuple(s.value for s in Statistic if s.is_level)]  # type: ignore[valid-type]
+
+
+class GateRulesWrite(BaseModel):
+    """A run's gate rules: a rule left out takes the server's default, null switches it off.
+
+    ``stat`` and ``filter`` cannot be switched off: null is not in their schema.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    stat: LevelStatistic | SkipJsonSchema[None] = None  # type: ignore[valid-type]
+    filter: LayerFilter | SkipJsonSchema[None] = None
+    # strict: true is not 1, nor "3" a number, as the schema says.
+    min_alpha: float | None = Field(None, allow_inf_nan=False, strict=True)
+    max_alpha: float | None = Field(None, allow_inf_nan=False, strict=True)
+    max_untrusted_share: float | None = Field(None, ge=0, le=1, strict=True)
+    max_delta: float | None = Field(None, ge=0, allow_inf_nan=False, strict=True)
+    # 2**53 - 1: the largest integer every JSON reader (and JSON Schema's maximum) holds exactly.
+    ref_step: int | None = Field(None, ge=0, le=2**53 - 1, strict=True)
+
+
+class VerdictRead(BaseModel):
+    passed: bool
+    step: int | None
+    violations: list[Violation]
+    evaluated_at: UtcDatetime | None
+
+
+class GateRulesRead(BaseModel):
+    run_id: int
+    rules: GateRules = Field(description="what the gate and its alerts apply to this run")
+    overrides: dict[str, Any] = Field(description="the rules stored for this run (null: off)")
+    defaults: GateRules = Field(description="the server's rules (ALPHAWATCH_GATE__*)")
+    updated_at: UtcDatetime | None
+    last_verdict: VerdictRead | None = Field(
+        description="the verdict recorded after the latest analysis or rule change")
+
+
+class AlertRead(BaseModel):
+    id: int
+    step: int | None
+    verdict: str = Field(description="pass or fail: the gate's new verdict")
+    previous: str | None = Field(description="the verdict before; null for the run's first")
+    status: str = Field(description="pending, sending, delivered or failed")
+    attempts: int
+    last_status_code: int | None = Field(description="the receiver's last HTTP status")
+    last_error: str | None
+    created_at: UtcDatetime
+    next_attempt_at: UtcDatetime
+    finished_at: UtcDatetime | None
+    body: dict[str, Any] = Field(description="the JSON body POSTed to the webhook")
+
+
+class AlertList(BaseModel):
+    run_id: int
+    alerts: list[AlertRead]
+
+
 class ComparePoint(BaseModel):
     step: int
     value: float | None
@@ -268,8 +380,10 @@ class CompareRun(BaseModel):
 
 class HeatmapRead(BaseModel):
     metric: str
+    variant: str = "weight"
     steps: list[int]
     layers: list[str] = Field(description="rows: layers by block, then kind")
+    blocks: list[int | None] = Field(default_factory=list, description="block of each row")
     z: list[list[float | None]] = Field(description="z[layer][step]; null where not analysed")
     trusted: list[list[bool | None]]
 
@@ -293,6 +407,7 @@ class FlagPoint(BaseModel):
     non_finite: int
     degenerate: int
     failed: int
+    not_power_law: int
 
 
 class FlagsRead(BaseModel):

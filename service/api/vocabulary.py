@@ -1,4 +1,4 @@
-"""``GET /api/v1/vocabulary``: the statistics, filters, outlier rules and kinds the API accepts.
+"""``GET /api/v1/vocabulary``: the statistics, filters, outlier rules, kinds and fit methods.
 
 Clients (the dashboard first) build their pickers from this answer instead of copying the lists,
 so a statistic or kind added in :mod:`alphawatch.vocabulary` shows up everywhere at once.
@@ -34,6 +34,12 @@ class VocabularyRead(BaseModel):
     outlier_rules: list[Term]
     kinds: list[str] = Field(description="every layer kind, in the order a model runs them")
     kind_groups: list[KindGroupTerm]
+    sources: list[Term] = Field(description="what a row's spectrum is of: weights, gradients, "
+                                            "nested widths; never mixed in one statistic")
+    variant_pattern: str = Field(description="the values the variant parameter takes")
+    variant_separator: str = Field(description="joins a layer's name and its variant")
+    orders: list[Term] = Field(description="layer orders of heatmaps and per-block trends")
+    fit_methods: list[Term] = Field(description="power-law fit methods; never mixed in a trend")
 
 
 def _build() -> VocabularyRead:
@@ -49,6 +55,14 @@ def _build() -> VocabularyRead:
         kind_groups=[KindGroupTerm(name=g.name, label=g.label,
                                    kinds=[k.value for k in words.KIND_ORDER if k in g.kinds])
                      for g in words.KIND_GROUPS],
+        sources=[Term(name=s.value, label=s.label, default=s.value == words.DEFAULT_VARIANT)
+                 for s in words.Source],
+        variant_pattern=words.VARIANT_PATTERN,
+        variant_separator=words.VARIANT_SEPARATOR,
+        orders=[Term(name=o.value, label=o.label, default=o is words.DEFAULT_ORDER)
+                for o in words.LayerOrder],
+        fit_methods=[Term(name=m.value, label=m.label, default=m is words.DEFAULT_FIT_METHOD)
+                     for m in words.FitMethod],
     )
 
 

@@ -14,7 +14,13 @@ from typing import Any
 
 from alphawatch.service import robust
 from alphawatch.trust import Thresholds
-from alphawatch.vocabulary import KIND_GROUPS, LayerFilter, OutlierRule
+from alphawatch.vocabulary import (
+    DEFAULT_VARIANT,
+    KIND_GROUPS,
+    LayerFilter,
+    OutlierRule,
+    split_variant,
+)
 
 PRECOMPUTED_METRICS: tuple[str, ...] = (
     "alpha", "alpha_weighted", "log_alpha_norm", "log_norm", "log_spectral_norm", "stable_rank",
@@ -35,6 +41,11 @@ def kinds_key(kinds: Iterable[str] | None) -> str:
 PRECOMPUTED_KINDS = frozenset({"", *(kinds_key(g) for g in PRECOMPUTED_GROUPS)})
 
 
+def weight_rows(layers: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The rows of weight matrices themselves, without gradient or nested-width variants."""
+    return [x for x in layers if split_variant(str(x.get("name", "")))[1] == DEFAULT_VARIANT]
+
+
 def stat_rows(
     layers: Sequence[Mapping[str, Any]],
     *,
@@ -45,11 +56,12 @@ def stat_rows(
 
     Each row records the ``alpha_max`` and ``mad_k`` it was made with: the API serves a kept row
     only when they equal the thresholds it applies, so a changed setting is never answered with
-    numbers made under the old one.
+    numbers made under the old one. Only the weights' rows are kept: gradient (``@exp_avg``) and
+    nested-width (``@w<k>``) rows never enter a weights statistic, and are summarised on request.
     """
     alpha_max, mad_k = thresholds.alpha_max, thresholds.mad_k
     by_method: dict[str, list[Mapping[str, Any]]] = {}
-    for layer in layers:
+    for layer in weight_rows(layers):
         by_method.setdefault(str(layer.get("method", "ww")), []).append(layer)
     rows: list[dict[str, Any]] = []
     for method, of_method in by_method.items():

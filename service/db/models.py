@@ -19,6 +19,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -132,6 +133,10 @@ class LayerMetric(Base):
         UniqueConstraint("checkpoint_id", "name", "method",
                          name="uq_layer_metric_checkpoint_id_name_method"),
         Index("ix_layer_metric_name_checkpoint_id", "name", "checkpoint_id"),
+        # The few cross-checked rows, found without scanning a run's layers.
+        Index("ix_layer_metric_crosscheck_diff", "checkpoint_id", "crosscheck_diff",
+              postgresql_where=text("crosscheck_diff IS NOT NULL"),
+              sqlite_where=text("crosscheck_diff IS NOT NULL")),
     )
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     checkpoint_id: Mapped[int] = mapped_column(
@@ -181,6 +186,18 @@ class LayerMetric(Base):
     warning: Mapped[str | None] = mapped_column(String(32))
     elapsed_ms: Mapped[float | None] = mapped_column(Float)
     distance_from_init: Mapped[float | None] = mapped_column(Float)
+    # Is the tail a power law? powerlaw's likelihood-ratio tests on the fitted tail (R > 0
+    # favours the power law), the truncated power law's fit, and clip_xmax's clipped fingers.
+    num_fingers: Mapped[int | None] = mapped_column(Integer)
+    tpl_alpha: Mapped[float | None] = mapped_column(Float)
+    tpl_lambda: Mapped[float | None] = mapped_column(Float)
+    pl_vs_tpl_R: Mapped[float | None] = mapped_column(Float)
+    pl_vs_tpl_p: Mapped[float | None] = mapped_column(Float)
+    pl_vs_lognormal_R: Mapped[float | None] = mapped_column(Float)
+    pl_vs_lognormal_p: Mapped[float | None] = mapped_column(Float)
+    # Relative difference |alpha - weightwatcher's| / weightwatcher's, for the layers the live
+    # cross-check re-analysed (settings.crosscheck.share); None for the others.
+    crosscheck_diff: Mapped[float | None] = mapped_column(Float)
 
 
 class CheckpointStat(Base):
@@ -251,6 +268,58 @@ class AnalysisJob(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class AlertStatus(StrEnum):
+    """Where the delivery of one gate alert to the webhook stands."""
+
+    PENDING = "pending"  # waiting for its first or next attempt (next_attempt_at)
+    SENDING = "sending"  # a worker's delivery thread holds it until lease_expires_at
+    DELIVERED = "delivered"  # the receiver answered 2xx
+    FAILED = "failed"  # given up: attempts spent, or an answer that retrying cannot change
+
+
+class RunGate(Base):
+    """A run's stored gate rules and the last verdict the worker recorded with them."""
+
+    __tablename__ = "run_gate"
+    run_id: Mapped[int] = mapped_column(ForeignKey("run.id", ondelete="CASCADE"),
+                                        primary_key=True)
+    # JSON {rule: value} set by PUT gate-rules; a rule not named takes the server's default,
+    # a rule named with null is switched off for this run.
+    rules: Mapped[str] = mapped_column(Text, default="{}", server_default="{}")
+    rules_updated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The last verdict: None until the gate was first evaluated after an analysis.
+    passed: Mapped[bool | None] = mapped_column(Boolean)
+    step: Mapped[int | None] = mapped_column(BigInteger)
+    violations: Mapped[str | None] = mapped_column(Text)  # JSON list, as the gate answers
+    evaluated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Alert(Base):
+    """A change of a run's gate verdict, and its delivery to the webhook (the outbox)."""
+
+    __tablename__ = "alert"
+    __table_args__ = (
+        Index("ix_alert_status_next_attempt_at", "status", "next_attempt_at"),
+        CheckConstraint(_one_of(AlertStatus), name="status"),
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("run.id", ondelete="CASCADE"), index=True)
+    step: Mapped[int | None] = mapped_column(BigInteger)
+    passed: Mapped[bool] = mapped_column(Boolean)
+    # The verdict before this one; None when this is the run's first.
+    previous: Mapped[bool | None] = mapped_column(Boolean)
+    payload: Mapped[str] = mapped_column(Text)  # the JSON body POSTed, exactly
+    status: Mapped[str] = mapped_column(String(16), default=AlertStatus.PENDING.value)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    worker_id: Mapped[str | None] = mapped_column(String(255))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_error: Mapped[str | None] = mapped_column(Text)
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class ApiToken(Base):

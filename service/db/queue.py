@@ -8,6 +8,7 @@ as plain transactions (one worker per database file).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import Enum
@@ -17,7 +18,8 @@ from sqlalchemy import delete, func, insert, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from alphawatch.service.db.aggregates import stat_rows
+from alphawatch.service.db.aggregates import stat_rows, weight_rows
+from alphawatch.service.db.alerts import GateCheck, record_verdict
 from alphawatch.service.db.models import (
     LAYER_COLUMNS,
     AnalysisJob,
@@ -30,6 +32,8 @@ from alphawatch.service.db.models import (
     Spectrum,
 )
 from alphawatch.trust import Thresholds
+
+log = logging.getLogger("alphawatch.queue")
 
 
 @dataclass(frozen=True)
@@ -331,12 +335,15 @@ def complete(
     device: str,
     elapsed_s: float,
     thresholds: Thresholds,
+    gate: GateCheck | None = None,
 ) -> bool:
     """Write every layer row, spectrum, robust statistic and the checkpoint summary at once.
 
     One transaction: a reader sees the checkpoint either not analysed or complete. Re-analysis
-    replaces earlier rows of the same checkpoint and method. Returns False (and writes nothing)
-    when the lease was lost to another worker.
+    replaces earlier rows of the same checkpoint and method. With ``gate``, the run's gate
+    verdict is recorded in the same transaction, and an alert queued when it changed
+    (:mod:`alphawatch.service.db.alerts`). Returns False (and writes nothing) when the lease was
+    lost to another worker.
     """
     job = _held(session, job_id, worker_id)
     if job is None:
@@ -365,10 +372,19 @@ def complete(
     move(job, checkpoint, Event.COMPLETE)
     checkpoint.error = None
     checkpoint.finished_at, checkpoint.analysis_s, checkpoint.device = _now(), elapsed_s, device
-    checkpoint.n_layers = len(layers)
+    weights = weight_rows(layers)  # what the checkpoint's counts and statistics are about
+    checkpoint.n_layers = len(weights)
     checkpoint.analysis_count += 1
-    checkpoint.n_trusted = sum(1 for layer in layers if layer.get("trusted"))
+    checkpoint.n_trusted = sum(1 for layer in weights if layer.get("trusted"))
     job.lease_expires_at, job.last_error = None, None
+    if gate is not None:
+        try:
+            # A savepoint: a gate that cannot be evaluated never costs the results.
+            with session.begin_nested():
+                record_verdict(session, run_id=checkpoint.run_id, check=gate)
+        except Exception:
+            log.exception("the gate of run %s could not be evaluated after step %s",
+                          checkpoint.run_id, checkpoint.step)
     return True
 
 

@@ -62,9 +62,10 @@ def test_the_wheel_ships_every_static_file() -> None:
                        for g in globs), f"{relative} would be missing from the wheel"
 
 
-def test_no_module_copies_a_statistic_or_kind_name(client: TestClient) -> None:
+def test_no_module_copies_a_statistic_kind_or_method_name(client: TestClient) -> None:
     words = client.get("/api/v1/vocabulary").json()
-    names = [s["name"] for s in words["statistics"]] + words["kinds"]
+    names = ([s["name"] for s in words["statistics"]] + words["kinds"]
+             + [m["name"] for m in words["fit_methods"]])
     alternatives = "|".join(map(re.escape, names))
     literal = re.compile(rf"""["'`]({alternatives})["'`]""")
     for module in MODULES:

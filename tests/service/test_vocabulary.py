@@ -32,9 +32,12 @@ def _query_enum(openapi: dict[str, Any], path: str, name: str) -> tuple[list[str
     schemas = openapi["components"]["schemas"]
     param = next(p for p in openapi["paths"][path]["get"]["parameters"] if p["name"] == name)
     schema = param["schema"]
+    default = schema.get("default")
+    # An optional parameter (the gate's, whose default is the run's gate rules): its non-null arm.
+    schema = next((s for s in schema.get("anyOf", []) if s.get("type") != "null"), schema)
     if "$ref" in schema:
         schema = {**schemas[schema["$ref"].rsplit("/", 1)[1]], **schema}
-    return schema["enum"], schema["default"]
+    return schema["enum"], schema.get("default", default)
 
 
 def test_served_vocabulary_is_the_single_definition(client: TestClient) -> None:
@@ -62,14 +65,19 @@ def test_routes_accept_exactly_the_served_names_with_the_served_defaults(
         terms = body[key]
         return [t["name"] for t in terms], next(t["name"] for t in terms if t["default"])
 
-    for path in ("/api/v1/runs/{run_id}/trend", "/api/v1/compare", "/api/v1/runs/{run_id}/gate"):
+    for path in ("/api/v1/runs/{run_id}/trend", "/api/v1/compare"):
         assert _query_enum(openapi, path, "filter") == served("filters")
+    # The gate's stat and filter default to the run's gate rules, whose server defaults
+    # (Settings.gate, alphawatch.gate_rules) are the served defaults.
+    gate_filters, no_default = _query_enum(openapi, "/api/v1/runs/{run_id}/gate", "filter")
+    assert (gate_filters, no_default) == (served("filters")[0], None)
+    gate = Settings().gate
+    assert (gate.stat, gate.filter) == (served("statistics")[1], served("filters")[1])
     for path in ("/api/v1/runs/{run_id}/trend", "/api/v1/compare"):
         assert _query_enum(openapi, path, "stat") == served("statistics")
     # The gate bands a level of alpha: it offers the levels only, under the same default.
     levels = [t["name"] for t in body["statistics"] if t["level"]]
-    assert _query_enum(openapi, "/api/v1/runs/{run_id}/gate", "stat") == \
-        (levels, served("statistics")[1])
+    assert _query_enum(openapi, "/api/v1/runs/{run_id}/gate", "stat") == (levels, None)
     assert _query_enum(openapi, "/api/v1/runs/{run_id}/trend", "outliers") == \
         served("outlier_rules")
     # The robust module computes each served statistic, under the same names.

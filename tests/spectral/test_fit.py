@@ -7,6 +7,7 @@ import warnings
 import numpy as np
 import pytest
 
+from alphawatch.vocabulary import FitMethod
 from alphawatch.workers.spectral import FIT_METHODS, fit_power_law
 
 
@@ -63,7 +64,8 @@ def test_scaling_leaves_alpha_unchanged() -> None:
 def test_methods_are_named_and_differ_where_they_should() -> None:
     data = golden(3.0, 500)
     fits = {m: fit_power_law(data, m) for m in FIT_METHODS}
-    assert set(fits) == {"ww", "ww_relfloor", "ks2"}
+    assert set(fits) == {m.value for m in FitMethod}
+    assert set(fits) >= {"ww", "ww_relfloor", "ks2", "xmin_peak", "clip_xmax", "tpl"}
     assert all(f is not None and f.method == m for m, f in fits.items())
     assert fits["ks2"].D >= fits["ww"].D  # type: ignore[union-attr]
     with pytest.raises(ValueError, match="unknown fit method"):

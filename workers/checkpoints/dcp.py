@@ -14,7 +14,7 @@ import contextlib
 import io
 import pickle
 import warnings
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -107,24 +107,41 @@ class _SafeReader(FileSystemReader):
         return metadata
 
 
-def iter_dcp(path: Path, confine: Confinement = UNCONFINED
-             ) -> Iterator[tuple[str, torch.Tensor, None, Path]]:
-    """(key, tensor, no scale, source) of every weight matrix in a DCP folder, in one process.
+def _weights(key: str, ndim: int) -> bool:
+    return is_weight_matrix(key, ndim) and "optim" not in key
 
-    Raises:
-        UnsafeCheckpointError: ``.metadata`` names a global that is not DCP metadata.
-        OutsideRootError: ``.metadata`` or a data file it names resolves outside the roots.
-        CheckpointError: unreadable metadata or data; CheckpointVanished when it is gone.
-    """
+
+def dcp_shapes(path: Path, confine: Confinement = UNCONFINED) -> dict[str, tuple[int, ...]]:
+    """Key and shape of every tensor a DCP folder's metadata declares (nothing else is read)."""
+    return {key: tuple(info.size) for key, info in _metadata(path, confine)
+            .state_dict_metadata.items() if isinstance(info, TensorStorageMetadata)}
+
+
+def _metadata(path: Path, confine: Confinement) -> Metadata:
     reader = _SafeReader(path, confine)
     try:
-        metadata = reader.read_metadata()
+        return reader.read_metadata()
     except FileNotFoundError as exc:
         raise CheckpointVanished(path, f"{path} disappeared while being read") from exc
     except CheckpointError:
         raise
     except Exception as exc:  # the unpickler fails in many ways on bytes that are no pickle
         raise CheckpointError(path, f"{path}: unreadable DCP metadata: {exc}") from exc
+
+
+def iter_dcp(path: Path, confine: Confinement = UNCONFINED,
+             want: Callable[[str, int], bool] = _weights
+             ) -> Iterator[tuple[str, torch.Tensor, None, Path]]:
+    """(key, tensor, no scale, source) of every weight matrix in a DCP folder, in one process.
+
+    ``want(key, ndim)`` selects other tensors (optimizer moments) instead of the weights.
+
+    Raises:
+        UnsafeCheckpointError: ``.metadata`` names a global that is not DCP metadata.
+        OutsideRootError: ``.metadata`` or a data file it names resolves outside the roots.
+        CheckpointError: unreadable metadata or data; CheckpointVanished when it is gone.
+    """
+    metadata = _metadata(path, confine)
     try:
         stored = sum(f.stat().st_size for f in path.glob("*.distcp"))
     except FileNotFoundError as exc:
@@ -132,7 +149,7 @@ def iter_dcp(path: Path, confine: Confinement = UNCONFINED
     for key, info in metadata.state_dict_metadata.items():
         if not isinstance(info, TensorStorageMetadata):
             continue
-        if not is_weight_matrix(key, len(info.size)) or "optim" in key:
+        if not want(key, len(info.size)):
             continue
         declared = info.size.numel() * info.properties.dtype.itemsize
         if declared > stored:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
+from alphawatch.workers.spectral import compare
 from alphawatch.workers.spectral.plfit import fit_power_law
 from alphawatch.workers.spectral.types import FitStatus, LayerResult, PowerLawFit, Thresholds
 
@@ -330,13 +331,19 @@ def _analyze(
                         seed=limits.trap_seed, device=dev)
     traps = traps_of(mats, spec, bulk, n, m, limits.trap_seed, dev) if check_traps else None
     verdict = verdict_of(fit, rank, traps, limits)
+    # Is the tail a power law at all? (workers/spectral/compare.py; the rule is optional)
+    comparison = compare.compare_fit(fit, spec.evals)
+    status = compare.apply_rule(verdict.status, comparison, limits)
+    if status is not verdict.status:
+        verdict = replace(verdict, status=status, trusted=False)
     return _result(method=method, rows=rows, cols=cols, spec=spec, rank=rank, bulk=bulk,
-                   fit=fit, traps=traps, verdict=verdict, started=started)
+                   fit=fit, traps=traps, verdict=verdict, started=started,
+                   extra=compare.result_fields(fit, comparison))
 
 
 def _result(*, method: str, rows: int, cols: int, spec: Spectrum, rank: Rank, bulk: Bulk,
             fit: PowerLawFit | None, traps: Traps | None, verdict: Verdict,
-            started: float) -> LayerResult:
+            started: float, extra: dict[str, object] | None = None) -> LayerResult:
     lambda_max, norm = spec.lambda_max, spec.norm
     fitted: dict[str, float | int | None] = dict.fromkeys(
         ("alpha", "D", "xmin", "xmax", "sigma", "alpha_delta", "num_pl_spikes",
@@ -369,6 +376,7 @@ def _result(*, method: str, rows: int, cols: int, spec: Spectrum, rank: Rank, bu
         evals=spec.evals.astype(np.float32),
         rand_evals=None if traps is None else traps.rand_evals.astype(np.float32),
         **fitted,  # type: ignore[arg-type]
+        **(extra or {}),  # type: ignore[arg-type]
     )
 
 

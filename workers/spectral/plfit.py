@@ -10,13 +10,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from alphawatch.vocabulary import FitMethod
 from alphawatch.workers.spectral.types import PowerLawFit
 
 EVALS_THRESH = 1e-5
 """Absolute eigenvalue floor of weightwatcher 0.7.7 (``EVALS_THRESH``) for the ``ww`` method."""
 RELATIVE_FLOOR = 1e-6
 """Floor relative to λmax for ``ww_relfloor``: scale-free, unlike the absolute floor."""
-FIT_METHODS: tuple[str, ...] = ("ww", "ww_relfloor", "ks2")
+FIT_METHODS: tuple[str, ...] = tuple(m.value for m in FitMethod)
+"""Every fit method's name; declared once, as :class:`alphawatch.vocabulary.FitMethod`."""
+FINGER_METHODS = (FitMethod.XMIN_PEAK.value, FitMethod.CLIP_XMAX.value)
 _CHUNK_ELEMENTS = 1 << 22
 
 
@@ -100,6 +103,17 @@ def fit_power_law(
     """
     if method not in FIT_METHODS:
         raise ValueError(f"unknown fit method {method!r}; choose one of {', '.join(FIT_METHODS)}")
+    if method in FINGER_METHODS:
+        from alphawatch.workers.spectral import fingers
+
+        fitter = fingers.fit_xmin_peak if method == "xmin_peak" else fingers.fit_clip_xmax
+        return fitter(evals, bootstrap_samples=bootstrap_samples, seed=seed)
+    if method == "tpl":
+        from alphawatch.workers.spectral import compare
+
+        plain = fit_power_law(evals, "ww", bootstrap_samples=bootstrap_samples, seed=seed,
+                              device=device)
+        return None if plain is None else compare.tpl_fit(plain, tail_floor(evals, "ww"))
     data = tail_floor(evals, method)
     if data.size < 2:
         return None
@@ -112,14 +126,18 @@ def fit_power_law(
     neighbours = [alphas[j] for j in (i - 1, i + 1) if 0 <= j < alphas.size]
     delta = max((abs(float(a) - alpha) for a in neighbours if np.isfinite(a)), default=0.0)
     if bootstrap_samples > 0 and tail_n >= 2:
-        rng = np.random.default_rng(seed)
-        tail = logs[i:] - logs[i]
-        picks = rng.integers(0, tail_n, size=(bootstrap_samples, tail_n))
-        sums = tail[picks].sum(axis=1)
-        with np.errstate(divide="ignore"):
-            boot = 1.0 + tail_n / sums
-        boot = boot[np.isfinite(boot)]
-        if boot.size:
-            delta = max(delta, float(np.std(boot)))
+        delta = max(delta, bootstrap_delta(logs[i:] - logs[i], bootstrap_samples, seed))
     return PowerLawFit(method=method, alpha=alpha, xmin=xmin, xmax=float(data[-1]), D=float(ds[i]),
                        n=tail_n, sigma=float(sigma), alpha_delta=float(delta))
+
+
+def bootstrap_delta(tail: np.ndarray, samples: int, seed: int) -> float:
+    """Standard deviation of α over resamples of the tail's log(λ/xmin), with replacement."""
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, tail.size, size=(samples, tail.size))
+    sums = tail[picks].sum(axis=1)
+    with np.errstate(divide="ignore"):
+        boot = 1.0 + tail.size / sums
+    boot = boot[np.isfinite(boot)]
+    return float(np.std(boot)) if boot.size else 0.0
+

@@ -3,28 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from enum import StrEnum
 from typing import Any
 
 import numpy as np
 
 from alphawatch.trust import Thresholds
+from alphawatch.vocabulary import FitStatus
 
 __all__ = ["FitStatus", "LayerResult", "PowerLawFit", "Thresholds"]
-
-
-class FitStatus(StrEnum):
-    """Whether a layer's fitted alpha can be believed; stored as text."""
-
-    OK = "ok"  # enough eigenvalues, long tail, good and stable fit, alpha in range
-    TOO_FEW_EVALS = "too_few_evals"  # fewer eigenvalues than thresholds.min_evals
-    TAIL_TOO_SHORT = "tail_too_short"  # the power-law tail has fewer than min_tail values
-    POOR_FIT = "poor_fit"  # KS distance D above thresholds.max_ks_distance
-    ALPHA_OUT_OF_RANGE = "alpha_out_of_range"  # alpha <= alpha_min or alpha > alpha_max
-    UNSTABLE = "unstable"  # alpha moves more than max_alpha_delta under resampling
-    NON_FINITE = "non_finite"  # NaN or Inf among the weights
-    DEGENERATE = "degenerate"  # zero or constant matrix: no spectrum to fit
-    FAILED = "failed"  # an unexpected error; see LayerResult.error
 
 
 @dataclass(frozen=True)
@@ -43,6 +29,8 @@ class PowerLawFit:
     n: int
     sigma: float
     alpha_delta: float
+    num_fingers: int = 0  # clip_xmax: outlying top eigenvalues left out of the fit
+    tpl_lambda: float | None = None  # tpl: the truncation rate Λ of x^-α·e^(-Λx)
 
 
 @dataclass(frozen=True)
@@ -86,6 +74,14 @@ class LayerResult:
     over_trained: bool = False
     under_trained: bool = False
     warning: str | None = None
+    num_fingers: int | None = None
+    tpl_alpha: float | None = None
+    tpl_lambda: float | None = None
+    pl_vs_tpl_R: float | None = None
+    pl_vs_tpl_p: float | None = None
+    pl_vs_lognormal_R: float | None = None
+    pl_vs_lognormal_p: float | None = None
+    crosscheck_diff: float | None = None
     elapsed_ms: float = 0.0
     evals: np.ndarray | None = field(default=None, repr=False, compare=False)
     rand_evals: np.ndarray | None = field(default=None, repr=False, compare=False)

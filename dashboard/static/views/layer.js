@@ -1,18 +1,20 @@
 // Layer drill-down: one layer's α over steps with its fit quality, and the ESD at a step.
 
-import { api } from "../api.js";
+import { api, apiOnce } from "../api.js";
 import { enc, setParams, state } from "../state.js";
-import { C, esc, goodBand, isNum, note, plot } from "../ui.js";
+import { C, esc, fmt, goodBand, isNum, note, plot } from "../ui.js";
 import { drawEsd } from "./esd.js";
 
-export async function drawLayer(runId, layer, step, run, token) {
+export async function drawLayer(runId, layer, step, run, token, method) {
+  const m = `method=${enc(method)}`;
   const panel = document.getElementById("layer-panel");
   const wasHidden = panel.hidden;
   panel.hidden = false;
   document.getElementById("layer-name").textContent = layer;
   let history;
   try {
-    history = await api(`/runs/${runId}/layers/${enc(layer)}/history?metric=alpha&max_points=500`);
+    history = await api(
+      `/runs/${runId}/layers/${enc(layer)}/history?metric=alpha&max_points=500&${m}`);
   } catch (err) {
     if (token !== state.renderToken) return;
     note("layer-history", esc(err.message));
@@ -30,15 +32,46 @@ export async function drawLayer(runId, layer, step, run, token) {
   drawHistory(pts, maxD);
   if (wasHidden) panel.scrollIntoView({ block: "nearest" });
   if (atStep === null) { note("esd", "This layer has no analysed step."); return; }
-  let esd;
+  let esd, rows;
   try {
-    esd = await api(`/runs/${runId}/checkpoints/${atStep}/layers/${enc(layer)}/esd`);
+    [esd, rows] = await Promise.all([
+      api(`/runs/${runId}/checkpoints/${atStep}/layers/${enc(layer)}/esd?${m}`),
+      apiOnce(`/runs/${runId}/checkpoints/${atStep}/layers?${m}`)]);
   } catch (err) {
     if (token === state.renderToken) note("esd", esc(err.message));
     return;
   }
   if (token !== state.renderToken) return;
   drawEsd(esd, maxD);
+  drawFit(rows.layers.find((l) => l.name === layer), method, atStep);
+}
+
+// The fit at the chosen step: the method's power law, the truncated power law, and powerlaw's
+// likelihood-ratio tests against both alternatives (R > 0 favours the power law).
+function drawFit(row, method, step) {
+  const el = document.getElementById("layer-fit");
+  if (!el) return;
+  if (!row) { el.innerHTML = ""; return; }
+  const test = (r, p) => (isNum(r)
+    ? `R = ${fmt(r, 2)}, p = ${isNum(p) ? p.toExponential(1) : "–"}${
+      r < 0 && isNum(p) && p < 0.05 ? ` <span class="status-failed">(alternative better)</span>`
+        : ""}` : "–");
+  const fingers = isNum(row.num_fingers) && row.num_fingers > 0
+    ? `, ${row.num_fingers} finger${row.num_fingers > 1 ? "s" : ""} clipped` : "";
+  el.innerHTML = `<table class="fit-table"><caption class="muted small">step ${esc(step)}
+    </caption><tbody>
+    <tr><th scope="row">Power law (${esc(method)})</th><td>α = ${fmt(row.alpha)}, D = ${
+      fmt(row.D)}, xmin = ${fmt(row.xmin, 4)}, tail ${row.num_pl_spikes ?? "–"}${fingers}; ${
+      esc(row.fit_status)}${row.trusted ? "" : " (untrusted)"}</td></tr>
+    <tr><th scope="row">Truncated power law</th><td>α = ${fmt(row.tpl_alpha)}, Λ = ${
+      isNum(row.tpl_lambda) ? row.tpl_lambda.toExponential(2) : "–"}</td></tr>
+    <tr><th scope="row">PL vs truncated PL</th><td>${test(row.pl_vs_tpl_R, row.pl_vs_tpl_p)}
+      </td></tr>
+    <tr><th scope="row">PL vs lognormal</th><td>${
+      test(row.pl_vs_lognormal_R, row.pl_vs_lognormal_p)}</td></tr>
+    ${isNum(row.crosscheck_diff) ? `<tr><th scope="row">weightwatcher cross-check</th><td>` +
+      `relative Δα ${row.crosscheck_diff.toExponential(1)}</td></tr>` : ""}
+    </tbody></table>`;
 }
 
 function drawHistory(pts, maxD) {

@@ -1,8 +1,8 @@
 // Run page (#/runs/{id}): summary, trend, heatmap, layer drill-down, kinds, flags, companions
 // and the checkpoint table. The pickers are built from the API's vocabulary.
 
-import { api, apiOnce, vocabulary } from "../api.js";
-import { setParams, state, view } from "../state.js";
+import { api, apiOnce, kindQuery, vocabulary } from "../api.js";
+import { enc, setParams, state, view } from "../state.js";
 import {
   bindParamSelects, esc, fmt, gateBadge, pct, select, setThresholds, termSelect,
 } from "../ui.js";
@@ -12,6 +12,9 @@ import { drawHeatmap, fillLayerPick } from "./heatmap.js";
 import { drawKinds } from "./kinds.js";
 import { drawLayer } from "./layer.js";
 import { drawTrend, switchOf, trendQuery } from "./trend.js";
+import {
+  blockOrderOf, drawBlockTrends, drawVariantTrends, orderOf, variantControls, variantOf,
+} from "./variants.js";
 
 function runSkeleton(runId, params, words) {
   const kind = params.get("kind") || "all";
@@ -33,6 +36,8 @@ function runSkeleton(runId, params, words) {
         ${select("kind", "Kind", kindOptions, kind)}
         ${termSelect("outliers", "Outlier rule", words.outlier_rules,
           switchOf(words, params, "outliers"))}
+        ${termSelect("method", "Fit method", words.fit_methods,
+          switchOf(words, params, "method"))}
       </div>
       <div id="trend" class="plot"></div>
       <p class="muted small">Line: the chosen statistic of α per checkpoint; band: 25th–75th
@@ -42,11 +47,23 @@ function runSkeleton(runId, params, words) {
     <div class="panel">
       <h2>α per layer and step</h2>
       <div class="controls">
+        <span id="variant-controls"></span>
         <label>Open layer <select id="layer-pick"><option value="">choose…</option></select></label>
         <span class="muted small">Click a cell for that layer's ESD at that step.
         <span class="legend-x">×</span> / faded: untrusted fit.</span>
       </div>
       <div id="heatmap" class="plot"></div>
+    </div>
+    <div class="panel" id="variants-panel" hidden>
+      <h2>Weights, gradients and nested widths</h2>
+      <div class="grid2"><div><h3>α per variant over training</h3>
+        <div id="variant-trend" class="plot small"></div></div>
+        <div><h3>α per block, <span id="block-order">last block first</span></h3>
+        <div id="block-trend" class="plot small"></div></div></div>
+      <p class="muted small">Weights (solid) beside Adam's exp_avg, the running average of their
+      gradients (dashed), and MLPs cut to their first k neurons (w&lt;k&gt;): each a statistic
+      over its own rows, never mixed. Kind and statistic follow the switches above; the rows
+      picker of the heatmap chooses the variant per block.</p>
     </div>
     <div class="panel" id="layer-panel" hidden>
       <div class="panel-head"><h2>Layer <code id="layer-name"></code></h2>
@@ -56,6 +73,7 @@ function runSkeleton(runId, params, words) {
         <div id="layer-history" class="plot small"></div></div>
         <div><h3>Eigenvalue spectrum (ESD), log–log</h3><div id="esd" class="plot small"></div>
         </div></div>
+      <div id="layer-fit" class="table-scroll"></div>
       <p class="muted small" id="layer-note"></p>
     </div>
     <div class="panel"><h2>α by layer kind</h2>
@@ -92,9 +110,11 @@ export async function renderRun(runId, params, token) {
 }
 
 export async function refreshRun(runId, params, token) {
-  const [run, checkpoints, gate, words] = await Promise.all([api(`/runs/${runId}`),
-    api(`/runs/${runId}/checkpoints`), api(`/runs/${runId}/gate`).catch(() => null),
-    vocabulary()]);
+  const words = await vocabulary();
+  const method = enc(switchOf(words, params, "method"));
+  const [run, checkpoints, gate] = await Promise.all([api(`/runs/${runId}`),
+    api(`/runs/${runId}/checkpoints`),
+    api(`/runs/${runId}/gate?method=${method}`).catch(() => null)]);
   if (token !== state.renderToken) return;
   setThresholds(run.thresholds);
   state.lastSignature = JSON.stringify([run.n_checkpoints, run.n_done, run.n_failed,
@@ -109,7 +129,8 @@ export async function refreshRun(runId, params, token) {
     <span>last step <b>${fmt(run.last_step, 0)}</b></span>
     <span>median α <b>${fmt(run.latest_alpha)}</b></span>
     <span>untrusted <b>${pct(run.untrusted_share)}</b></span>
-    <span id="run-gate">${gateBadge(gate)}</span>`;
+    <span id="run-gate">${gateBadge(gate)}</span>
+    ${crosscheckBadge(run.crosscheck)}`;
   // What discovery refused without a checkpoint to show it on (or why it could not list the
   // run at all): shown above everything, since it can hide checkpoints from the table.
   const discovery = document.getElementById("run-discovery");
@@ -136,6 +157,17 @@ export async function refreshRun(runId, params, token) {
   empty.hidden = true;
   body.hidden = false;
   await drawRunPlots(runId, params, words, token, run, done);
+}
+
+// The live cross-check with weightwatcher (ALPHAWATCH_CROSSCHECK__SHARE): how many layers were
+// re-analysed, the largest relative α difference, and a warning when any exceeds the tolerance.
+function crosscheckBadge(check) {
+  if (!check || !check.layers) return "";
+  const over = check.over_tolerance > 0;
+  return `<span id="run-crosscheck" class="${over ? "status-failed" : ""}" title="layers ` +
+    `re-analysed with weightwatcher 0.7.7; tolerance ${esc(check.tolerance)}">cross-checked ` +
+    `<b>${check.layers}</b> layers, max Δα <b>${esc(check.max_diff?.toExponential(1) ?? "–")}` +
+    `</b>${over ? ` — ⚠ ${check.over_tolerance} above ${esc(check.tolerance)}` : ""}</span>`;
 }
 
 function renderCheckpointTable(list) {
@@ -169,9 +201,14 @@ function checkpointError(c) {
 
 async function drawRunPlots(runId, params, words, token, run, done) {
   const layer = params.get("layer");
-  const layerTask = layer ? drawLayer(runId, layer, params.get("step"), run, token) : null;
+  const method = switchOf(words, params, "method");
+  const layerTask = layer
+    ? drawLayer(runId, layer, params.get("step"), run, token, method) : null;
   if (!layer) document.getElementById("layer-panel").hidden = true;
-  const key = JSON.stringify([runId, state.lastSignature, trendQuery(words, params)]);
+  const variant = variantOf(words, params);
+  const order = orderOf(words, params);
+  const key = JSON.stringify([runId, state.lastSignature, trendQuery(words, params), variant,
+    order]);
   if (key === state.drawnKey) {
     const pick = document.getElementById("layer-pick");
     pick.value = layer && [...pick.options].some((o) => o.value === layer) ? layer : "";
@@ -179,19 +216,49 @@ async function drawRunPlots(runId, params, words, token, run, done) {
     return;
   }
   const lastStep = done.reduce((m, c) => Math.max(m, c.step), -Infinity);
-  const [trend, heat, flags, latest] = await Promise.all([
+  const heatQuery = new URLSearchParams({ metric: "alpha", max_points: "500", variant, order,
+    method });
+  const kinds = kindQuery(words, params.get("kind"));
+  if (kinds) heatQuery.set("kind", kinds);
+  const m = `method=${enc(method)}`;
+  const [trend, heat, flags, latest, found] = await Promise.all([
     api(`/runs/${runId}/trend?${trendQuery(words, params)}`),
-    apiOnce(`/runs/${runId}/heatmap?metric=alpha&max_points=500`),
-    apiOnce(`/runs/${runId}/flags`),
-    apiOnce(`/runs/${runId}/checkpoints/${lastStep}/layers`),
+    apiOnce(`/runs/${runId}/heatmap?${heatQuery}`),
+    apiOnce(`/runs/${runId}/flags?${m}`),
+    apiOnce(`/runs/${runId}/checkpoints/${lastStep}/layers?${m}`),
+    apiOnce(`/runs/${runId}/variants?${m}`),
   ]);
   if (token !== state.renderToken) return;
   drawTrend(trend, words);
+  const variantTasks = drawVariants(runId, params, words, found.variants, token);
   const kindOf = Object.fromEntries(latest.layers.map((l) => [l.name, l.kind]));
   drawHeatmap(heat, kindOf);
   drawFlags(flags.points);
   fillLayerPick(heat.layers, layer);
-  await Promise.all([drawKinds(runId, params, latest.layers, words, token),
-    drawCompanions(runId, params, words, token), layerTask]);
+  // Kinds of the weights: gradient and nested rows share them, and the failed row recording a
+  // refused optimizer state is no layer of the model.
+  const weights = latest.layers.filter((l) => !l.name.includes(words.variant_separator));
+  await Promise.all([drawKinds(runId, params, weights, words, token),
+    drawCompanions(runId, params, words, token), layerTask, variantTasks]);
   if (token === state.renderToken) state.drawnKey = key;
+}
+
+// The variant pickers and panel, only for runs analysed with gradients or nested widths.
+function drawVariants(runId, params, words, variants, token) {
+  const present = variants.filter((v) => v.name === "weight" || v.n_layers > 0);
+  const controls = document.getElementById("variant-controls");
+  const panel = document.getElementById("variants-panel");
+  if (present.length < 2) {
+    controls.innerHTML = "";
+    panel.hidden = true;
+    return null;
+  }
+  controls.innerHTML = variantControls(words, params, present);
+  bindParamSelects(controls);
+  panel.hidden = false;
+  const order = blockOrderOf(words, params);
+  document.getElementById("block-order").textContent =
+    words.orders.find((o) => o.name === order)?.label ?? order;
+  return Promise.all([drawVariantTrends(runId, params, words, present, token),
+    drawBlockTrends(runId, params, words, token)]);
 }

@@ -9,14 +9,15 @@ import { C, fmt, goodBand, goodLabel, isNum, note, plot } from "../ui.js";
 export function trendQuery(words, params, metric = "alpha", extra = {}) {
   const q = new URLSearchParams({ metric, stat: switchOf(words, params, "stat"),
     filter: switchOf(words, params, "filter"), outliers: switchOf(words, params, "outliers"),
-    max_points: "500" });
+    method: switchOf(words, params, "method"), max_points: "500" });
   const kinds = kindQuery(words, params.get("kind"));
   if (kinds) q.set("kind", kinds);
   for (const [key, value] of Object.entries(extra)) q.set(key, value);
   return q.toString();
 }
 
-const TERMS = { stat: "statistics", filter: "filters", outliers: "outlier_rules" };
+const TERMS = { stat: "statistics", filter: "filters", outliers: "outlier_rules",
+  method: "fit_methods" };
 
 // The value of one trend switch: the URL's, else the API's default.
 export function switchOf(words, params, name) {

@@ -1,7 +1,7 @@
 """discovery at scale: "scan now" requests on runs, and the lease of the discovering worker
 
-Revision ID: 0007_discovery_scale
-Revises: 0006
+Revision ID: 0009
+Revises: 0008
 Create Date: 2026-11-23 18:00:00.000000
 
 ``run.scan_requested_at``: when a "scan now" was asked for (``POST /api/v1/runs/{id}/scan``)
@@ -15,8 +15,8 @@ import sqlalchemy as sa
 
 from alembic import op
 
-revision: str = "0007_discovery_scale"
-down_revision: str | None = "0006"
+revision: str = "0009"
+down_revision: str | None = "0008"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -1,0 +1,327 @@
+"""Is the tail a power law? powerlaw's likelihood-ratio tests against a truncated power law and a
+lognormal, on the fitted tail (same xmin), and the truncated-power-law fit of method ``tpl``.
+
+This is what powerlaw 2.0.0 computes for ``Fit(tail, xmin=xmin, parameter_ranges=RANGES)
+.distribution_compare("power_law", alternative, normalized_ratio=True)`` — the same maximum
+likelihood fits (Nelder–Mead from the same start, same bounds and tolerance, the same
+densities and floors), with the per-value densities computed on whole arrays and without the
+per-evaluation object overhead. tests/spectral/test_compare.py holds it to powerlaw itself.
+
+The sign is powerlaw's: R > 0 favours the power law, R < 0 the alternative. R is the normalised
+ratio R / √(n·var) (weightwatcher's reading); p is powerlaw's: for the nested truncated power
+law 1 − χ²₁(|2R_raw|), for the lognormal erfc(|R_raw| / √(2·n·var)) (Vuong's test). A tail is
+significantly better explained by the alternative when R < 0 and p < the threshold.
+
+Parameter ranges: powerlaw caps α at 3 by default, far below the α of many weight matrices;
+here α may lie in (0, 50) for both laws (``RANGES``), Λ > 0, σ > 0.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import ClassVar
+
+import mpmath
+import numpy as np
+import scipy.optimize
+import scipy.special
+
+from alphawatch.trust import Thresholds
+from alphawatch.vocabulary import FitStatus
+from alphawatch.workers.spectral.types import PowerLawFit
+
+ALPHA_RANGE = (0.0, 50.0)
+RANGES: dict[str, list[float]] = {"alpha": list(ALPHA_RANGE)}
+"""The ``parameter_ranges`` these tests equal powerlaw's under."""
+_FLOOR = 10.0 ** sys.float_info.min_10_exp  # powerlaw's likelihood of an impossible value
+_LOG_FLOOR = float(np.log(10.0 ** sys.float_info.min_10_exp))
+_TOL = 1e-4
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The likelihood-ratio tests of one tail and the fitted alternatives."""
+
+    n: int
+    pl_alpha: float
+    tpl_alpha: float
+    tpl_lambda: float
+    lognormal_mu: float
+    lognormal_sigma: float
+    pl_vs_tpl_R: float
+    pl_vs_tpl_p: float
+    pl_vs_lognormal_R: float
+    pl_vs_lognormal_p: float
+
+    def not_power_law(self, p_threshold: float) -> bool:
+        """Whether an alternative explains the tail significantly better (R < 0, p < threshold)."""
+        return any(r < 0 and p < p_threshold for r, p in (
+            (self.pl_vs_tpl_R, self.pl_vs_tpl_p),
+            (self.pl_vs_lognormal_R, self.pl_vs_lognormal_p)))
+
+
+def _continued_fraction(a: float, x: float) -> float:
+    """Γ(a, x) for x ≥ 1 by its continued fraction (modified Lentz), any real a."""
+    tiny = 1e-300
+    b = x + 1.0 - a
+    c, d = 1.0 / tiny, 1.0 / b
+    h = d
+    for i in range(1, 500):
+        an = -i * (i - a)
+        b += 2.0
+        d = an * d + b
+        d = tiny if abs(d) < tiny else d
+        c = b + an / c
+        c = tiny if abs(c) < tiny else c
+        d = 1.0 / d
+        delta = d * c
+        h *= delta
+        if abs(delta - 1.0) < 1e-16:
+            value = math.exp(-x + a * math.log(x)) * h
+            return value if value != 0 and math.isfinite(value) else _mp_gamma(a, x)
+    return _mp_gamma(a, x)
+
+
+def _mp_gamma(a: float, x: float) -> float:
+    return float(mpmath.gammainc(a, x))
+
+
+def upper_gamma(a: float, x: float) -> float:
+    """The upper incomplete gamma function Γ(a, x), x > 0, any real a, in float64.
+
+    What powerlaw evaluates with mpmath's ``gammainc`` (~0.3 ms a call), ~100× faster and within
+    1e-12 relative of it (tests/spectral/test_compare.py): the continued fraction for x ≥ 1;
+    below, scipy at a + k ∈ (0, 1] and the recurrence Γ(b − 1, x) = (Γ(b, x) − x^(b−1)·e^(−x)) /
+    (b − 1) down to a. Where the recurrence would cancel, overflow or underflow, mpmath.
+    """
+    if x >= 1.0:
+        return _continued_fraction(a, x)
+    if a > 0:
+        return float(scipy.special.gammaincc(a, x) * scipy.special.gamma(a))
+    k = math.floor(-a) + 1
+    b = a + k
+    g = float(scipy.special.gammaincc(b, x) * scipy.special.gamma(b))
+    try:
+        for _ in range(k):
+            b -= 1.0
+            term = x**b * math.exp(-x)
+            diff = g - term
+            if (b == 0 or not math.isfinite(diff) or diff == 0
+                    or abs(diff) < 1e-3 * max(abs(g), abs(term))):
+                return _mp_gamma(a, x)
+            g = diff / b
+    except OverflowError:
+        return _mp_gamma(a, x)
+    return g if math.isfinite(g) and g != 0 else _mp_gamma(a, x)
+
+
+def _in_range(values: list[float],
+              bounds: tuple[tuple[float | None, float | None], ...]) -> bool:
+    return all((lo is None or v > lo) and (hi is None or v < hi)
+               for v, (lo, hi) in zip(values, bounds, strict=True))
+
+
+def _floored_log(likelihoods: np.ndarray) -> np.ndarray:
+    likelihoods = np.where(likelihoods == 0, _FLOOR, likelihoods)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.asarray(np.log(likelihoods), dtype=np.float64)
+
+
+class _Law:
+    """A continuous law on [xmin, ∞) as powerlaw 2.0.0 fits it: its densities and its MLE."""
+
+    bounds: ClassVar[tuple[tuple[float | None, float | None], ...]]
+
+    def __init__(self, data: np.ndarray, xmin: float) -> None:
+        self.data, self.xmin = data, xmin
+        self.params = self.initial()
+
+    def initial(self) -> list[float]:
+        raise NotImplementedError
+
+    def loglikelihoods(self, params: list[float]) -> np.ndarray:
+        raise NotImplementedError
+
+    def minimise(self) -> None:
+        def cost(params: np.ndarray) -> float:
+            return float(-np.sum(self.loglikelihoods([float(p) for p in params])))
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = scipy.optimize.minimize(cost, x0=self.params, bounds=list(self.bounds),
+                                             method="Nelder-Mead", tol=_TOL)
+        self.params = [float(p) for p in result.x]
+
+
+class _PowerLaw(_Law):
+    bounds = (ALPHA_RANGE,)
+
+    def initial(self) -> list[float]:
+        alpha = 1 + self.data.size / np.sum(np.log(self.data / self.xmin))
+        return [max(float(alpha), 1.0)]
+
+    def fit(self) -> None:
+        # powerlaw uses the closed-form MLE for 1.5 < α ≤ 3 and a numerical fit otherwise.
+        if not 1.5 < self.params[0] <= 3:
+            self.minimise()
+
+    def loglikelihoods(self, params: list[float]) -> np.ndarray:
+        (alpha,) = params
+        if not _in_range(params, self.bounds):
+            return np.full(self.data.size, _LOG_FLOOR)
+        f = self.data ** (-alpha)
+        if alpha <= 1:  # powerlaw then normalises on [xmin, max(data)]
+            top = float(np.max(self.data))
+            c = (1 - alpha) / (top ** (1 - alpha) - self.xmin ** (1 - alpha))
+        else:
+            c = (alpha - 1) * self.xmin ** (alpha - 1)
+        return _floored_log(f * c)
+
+
+class _TruncatedPowerLaw(_Law):
+    bounds = (ALPHA_RANGE, (0.0, None))
+
+    def initial(self) -> list[float]:
+        alpha = 1 + self.data.size / np.sum(np.log(self.data / self.xmin))
+        return [float(alpha), float(1 / np.mean(self.data))]
+
+    def loglikelihoods(self, params: list[float]) -> np.ndarray:
+        alpha, lam = params
+        if not _in_range(params, self.bounds):
+            return np.full(self.data.size, _LOG_FLOOR)
+        with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+            f = self.data ** (-alpha) * np.exp(-lam * self.data)
+            c = lam ** (1 - alpha) / upper_gamma(1 - alpha, lam * self.xmin)
+            return _floored_log(f * c)
+
+
+class _Lognormal(_Law):
+    bounds = ((None, None), (0.0, None))
+
+    def initial(self) -> list[float]:
+        logs = np.log(self.data)
+        return [float(np.mean(logs)), float(np.std(logs))]
+
+    def loglikelihoods(self, params: list[float]) -> np.ndarray:
+        mu, sigma = params
+        if not _in_range(params, self.bounds):
+            return np.full(self.data.size, _LOG_FLOOR)
+        with np.errstate(over="ignore", under="ignore", invalid="ignore", divide="ignore"):
+            f = 1 / self.data * np.exp(-(np.log(self.data) - mu) ** 2 / (2 * sigma**2))
+            # mpmath, as powerlaw: lognormal fits of power-law tails drift along a flat valley
+            # (μ → −∞), where last-digit differences would send the optimiser elsewhere.
+            c = np.float64(sigma * np.sqrt(np.pi / 2) * mpmath.erfc(
+                -(mu - np.log(self.xmin)) / (sigma * np.sqrt(2))))
+            if not c > 0:
+                return np.full(self.data.size, _LOG_FLOOR)
+            return _floored_log(f / c)
+
+
+def loglikelihood_ratio(ll1: np.ndarray, ll2: np.ndarray, *, nested: bool) -> tuple[float, float]:
+    """powerlaw's normalised log-likelihood ratio R and its p-value (R > 0 favours ``ll1``)."""
+    n = float(ll1.size)
+    if n == 0:
+        return 0.0, 1.0
+    ll1 = np.where(ll1 == -np.inf, _LOG_FLOOR, ll1)
+    ll2 = np.where(ll2 == -np.inf, _LOG_FLOOR, ll2)
+    diff = ll1 - ll2
+    raw = float(np.sum(diff))
+    variance = float(np.sum((diff - (np.mean(ll1) - np.mean(ll2))) ** 2) / n)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if nested:
+            # = 1 − scipy.stats.chi2.cdf(|2R|, 1), without importing scipy.stats (~25 MB)
+            p = float(1 - scipy.special.chdtr(1.0, abs(2 * raw)))
+        else:
+            p = float(scipy.special.erfc(abs(raw) / np.sqrt(2 * n * variance)))
+        return float(raw / np.sqrt(n * variance)), p
+
+
+def _fitted(law: Callable[[np.ndarray, float], _Law], data: np.ndarray, xmin: float) -> _Law:
+    model = law(data, xmin)
+    if isinstance(model, _PowerLaw):
+        model.fit()
+    else:
+        model.minimise()
+    return model
+
+
+def compare_tail(tail: np.ndarray, xmin: float) -> Comparison | None:
+    """The power law against a truncated power law and a lognormal on ``tail`` (values ≥ xmin).
+
+    None for fewer than two values (no test is possible).
+    """
+    data = np.sort(np.asarray(tail, dtype=np.float64))
+    data = data[data >= xmin]
+    if data.size < 2:
+        return None
+    pl = _fitted(_PowerLaw, data, xmin)
+    tpl = _fitted(_TruncatedPowerLaw, data, xmin)
+    ln = _fitted(_Lognormal, data, xmin)
+    ll_pl = pl.loglikelihoods(pl.params)
+    r_tpl, p_tpl = loglikelihood_ratio(ll_pl, tpl.loglikelihoods(tpl.params), nested=True)
+    r_ln, p_ln = loglikelihood_ratio(ll_pl, ln.loglikelihoods(ln.params), nested=False)
+    return Comparison(n=int(data.size), pl_alpha=pl.params[0], tpl_alpha=tpl.params[0],
+                      tpl_lambda=tpl.params[1], lognormal_mu=ln.params[0],
+                      lognormal_sigma=ln.params[1], pl_vs_tpl_R=r_tpl, pl_vs_tpl_p=p_tpl,
+                      pl_vs_lognormal_R=r_ln, pl_vs_lognormal_p=p_ln)
+
+
+def fitted_tail(fit: PowerLawFit, evals: np.ndarray) -> np.ndarray:
+    """The eigenvalues a fit used: xmin ≤ λ ≤ xmax (clipped fingers left out)."""
+    values = np.asarray(evals, dtype=np.float64)
+    return np.sort(values[(values >= fit.xmin) & (values <= fit.xmax)])
+
+
+def compare_fit(fit: PowerLawFit | None, evals: np.ndarray) -> Comparison | None:
+    """:func:`compare_tail` on the tail of ``fit``; None without a fit, or when a test cannot be
+    computed (a numerical failure of the tests never fails the layer's analysis)."""
+    if fit is None:
+        return None
+    try:
+        return compare_tail(fitted_tail(fit, evals), fit.xmin)
+    except (ArithmeticError, ValueError, TypeError):
+        return None
+
+
+def tpl_fit(plain: PowerLawFit, evals: np.ndarray) -> PowerLawFit:
+    """Method ``tpl``: the truncated power law fitted at the ``ww`` fit's xmin.
+
+    α is the truncated law's exponent and ``tpl_lambda`` its rate Λ; xmin, D and the tail are
+    the ``ww`` fit's (weightwatcher's ``fit='TPL'`` reports the truncated α beside its D).
+    """
+    data = fitted_tail(plain, evals)
+    model = _fitted(_TruncatedPowerLaw, data, plain.xmin)
+    alpha, lam = model.params
+    return replace(plain, method="tpl", alpha=alpha, tpl_lambda=lam,
+                   sigma=float((alpha - 1.0) / np.sqrt(data.size)))
+
+
+def apply_rule(status: FitStatus, comparison: Comparison | None,
+               limits: Thresholds) -> FitStatus:
+    """The optional ``not_power_law`` rule: an OK fit whose tail an alternative explains
+    significantly better (R < 0, p < ``limits.not_power_law_p``) is not trusted; 0 turns it off.
+    """
+    if (status is FitStatus.OK and comparison is not None and limits.not_power_law_p > 0
+            and comparison.not_power_law(limits.not_power_law_p)):
+        return FitStatus.NOT_POWER_LAW
+    return status
+
+
+def result_fields(fit: PowerLawFit | None, comparison: Comparison | None) -> dict[str, object]:
+    """The layer-result fields of the finger count, the truncated fit and the two tests."""
+    out: dict[str, object] = {"num_fingers": None if fit is None else fit.num_fingers}
+    if comparison is not None:
+        out.update(tpl_alpha=comparison.tpl_alpha, tpl_lambda=comparison.tpl_lambda,
+                   pl_vs_tpl_R=_finite(comparison.pl_vs_tpl_R),
+                   pl_vs_tpl_p=_finite(comparison.pl_vs_tpl_p),
+                   pl_vs_lognormal_R=_finite(comparison.pl_vs_lognormal_R),
+                   pl_vs_lognormal_p=_finite(comparison.pl_vs_lognormal_p))
+    return out
+
+
+def _finite(value: float) -> float | None:
+    return value if np.isfinite(value) else None
