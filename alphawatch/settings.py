@@ -92,6 +92,10 @@ class Settings(BaseSettings):
     fit_method: FitMethod = Field(DEFAULT_FIT_METHOD, description="power-law fit method")
     poll_interval_s: float = Field(5.0, gt=0)
     settle_s: float = Field(30.0, ge=0, description="size/mtime stable this long: complete")
+    rewrite_checks_per_poll: int = Field(
+        200, ge=0, description="settled checkpoints re-fingerprinted per poll, round-robin, to "
+        "see files rewritten in place (0: never)"
+    )
     lease_s: float = Field(60.0, gt=0)
     heartbeat_s: float = Field(10.0, gt=0)
     max_attempts: int = Field(3, ge=1)

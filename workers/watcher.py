@@ -5,6 +5,14 @@ notifications do not arrive. Every step that touches the database is short and r
 backoff when the database is unreachable; the analysis itself runs outside any transaction, in
 a child process held to a time and memory budget (``workers.budget``), with a heartbeat thread
 keeping the job's lease alive for at most that time.
+
+A pass costs next to nothing when nothing changed: a run whose folders all kept their stamp
+(inode, mtime) and whose checkpoints were all settled in the last pass is not listed, and in a
+run that changed only new or unsettled entries are read. Files rewritten in place change no
+folder's stamp: ``rewrite_checks_per_poll`` settled checkpoints are fingerprinted again each
+pass, round-robin. In :meth:`Watcher.run_forever` discovery runs in its own thread and only the
+worker holding the discovery lease discovers (every worker analyses); the holder also looks
+for "scan now" requests every second and scans those runs fully at once.
 """
 
 from __future__ import annotations
@@ -16,14 +24,16 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections import deque
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from alphawatch.service.db import queue
+from alphawatch.service.db import queue, scans
 from alphawatch.service.db.alerts import GateCheck
 from alphawatch.service.db.models import Run
 from alphawatch.service.db.session import make_engine, session_scope
@@ -38,7 +48,15 @@ from alphawatch.workers.budget import (
     budget_of,
     options_of,
 )
-from alphawatch.workers.checkpoints import CheckpointError, Confinement, discover
+from alphawatch.workers.checkpoints import (
+    CheckpointError,
+    CheckpointRef,
+    Confinement,
+    fingerprint,
+    survey,
+    unchanged,
+)
+from alphawatch.workers.checkpoints.discovery import Stamp
 from alphawatch.workers.checkpoints.errors import printable, shown
 from alphawatch.workers.spectral import resolve_device
 
@@ -64,6 +82,21 @@ def check_run_dir(path: Path) -> Path:
 
 def default_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+@dataclass
+class _RunMemory:
+    """What the last pass over one run left: enough to skip it, or to re-read only what changed.
+
+    ``settled``: entries found complete, registered and matching the database, by path (their
+    inode then, and their ref). ``quiet``: every entry was settled and nothing was refused; a
+    quiet run whose folders kept their stamps is skipped.
+    """
+
+    run_id: int
+    listed: dict[Path, Stamp]
+    settled: dict[Path, tuple[int, CheckpointRef]]
+    quiet: bool
 
 
 class _Heartbeat(threading.Thread):
@@ -139,6 +172,15 @@ class Watcher:
         self.device = resolve_device(settings.device)
         self.thresholds = settings.trust
         self._reanalyzed: set[int] = set()
+        self._memory: dict[Path, _RunMemory] = {}
+        # Settled entries in the order they are fingerprinted again: (run, path, the memory
+        # entry); one whose memory entry was replaced or dropped leaves the round.
+        self._round: deque[tuple[Path, Path, tuple[int, CheckpointRef]]] = deque()
+        self._work = threading.Event()  # new jobs were queued: the analysis loop claims
+        self._leased = False
+        self._lease_renew_at = 0.0
+        self._discovery_failed: BaseException | None = None
+        self._leasing = False  # only run_forever discovers behind the lease
         # Discovery passes completed; a supervisor reads it to see that the loop is live.
         self.passes = 0
         # A live line per layer on a terminal; plain log records when stderr is a file or pipe.
@@ -172,40 +214,83 @@ class Watcher:
                 delay = min(delay * 2, 30.0)
 
     # -- discovery ---------------------------------------------------------------------------
-    def _watched_dirs(self) -> list[Path]:
+    def _watched_dirs(self) -> dict[Path, int | None]:
+        """Every run folder to look at, with its run id when it is registered."""
         with session_scope(self.engine) as session:
-            registered = [Path(p) for p in session.scalars(select(Run.path))]
-        seen: dict[Path, None] = dict.fromkeys(self.run_dirs)
-        for path in registered:
+            registered = [(Path(p), int(i)) for i, p in session.execute(
+                select(Run.id, Run.path).order_by(Run.id))]
+        seen: dict[Path, int | None] = dict.fromkeys(self.run_dirs)
+        for path, run_id in registered:
             # A registered run whose folder is gone is skipped; one that now leads outside the
             # roots (or cannot be looked at) is kept, so discovery records why on the run.
             try:
                 present = path.exists() or path.is_symlink()
             except (OSError, ValueError):
                 present = True
-            if present:
-                seen.setdefault(path, None)
-        return list(seen)
+            if present and seen.get(path) is None:
+                seen[path] = run_id
+        return seen
 
-    def discover_once(self) -> int:
+    def discover_once(self, *, runs: Collection[Path] | None = None,
+                      full: Collection[Path] = ()) -> int:
         """Register every complete checkpoint found; returns how many were new.
+
+        Args:
+            runs: only these run folders (a "scan now"); every watched run by default, and then
+                ``rewrite_checks_per_poll`` settled checkpoints are fingerprinted again.
+            full: run folders to read whole, as if seen for the first time.
 
         Nothing found in a run directory ends the pass: a run that cannot be listed, and each
         entry discovery refuses, is recorded on the run or on the checkpoint (``discovery_error``)
         and the other runs and checkpoints go on. Only an unreachable database is raised, for
         the caller to retry.
         """
+        watched = self._watched_dirs()
+        for gone in [p for p, m in self._memory.items() if m.run_id != watched.get(p, m.run_id)
+                     or p not in watched]:
+            del self._memory[gone]  # deleted, or deleted and registered again
+        changed: set[Path] = set()
+        if runs is None:
+            changed = self._recheck_settled()
+        else:
+            watched = {p: i for p, i in watched.items() if p in runs}
         new = 0
-        for run_dir in self._watched_dirs():
+        for run_dir, run_id in watched.items():
+            memory = None if run_dir in full else self._memory.get(run_dir)
+            if (memory is not None and memory.quiet and memory.run_id == run_id
+                    and run_dir not in changed and unchanged(memory.listed)):
+                continue
             try:
-                new += self._discover_run(run_dir)
+                new += self._discover_run(run_dir, memory)
             except (OperationalError, DBAPIError) as exc:
+                self._memory.pop(run_dir, None)
                 if _is_connection_error(exc):
                     raise
                 self._record_run_error(run_dir, exc)
             except Exception as exc:  # one run, whatever its folder holds, never ends the worker
+                self._memory.pop(run_dir, None)
                 self._record_run_error(run_dir, exc)
+            self._renew_lease()
         return new
+
+    def _recheck_settled(self) -> set[Path]:
+        """Fingerprint the next settled checkpoints again; the runs where one changed."""
+        changed: set[Path] = set()
+        for _ in range(min(self.settings.rewrite_checks_per_poll, len(self._round))):
+            run_dir, path, entry = self._round.popleft()
+            memory = self._memory.get(run_dir)
+            if memory is None or memory.settled.get(path) is not entry:
+                continue  # read again since, or forgotten: its newer entry has its own turn
+            try:
+                same = fingerprint(path, self.confine) == entry[1].fingerprint
+            except Exception:  # whatever went wrong, the run's next pass reads it and says
+                same = False
+            if same:
+                self._round.append((run_dir, path, entry))
+            else:
+                del memory.settled[path]
+                changed.add(run_dir)
+        return changed
 
     def _record_run_error(self, run_dir: Path, exc: Exception) -> None:
         log.error("discovery of %s failed", shown(run_dir), exc_info=exc)
@@ -220,66 +305,165 @@ class Watcher:
             # Not even the error could be written: the log has it, the other runs go on.
             log.error("cannot record the discovery error of %s: %s", shown(run_dir), failed)
 
-    def _discover_run(self, run_dir: Path) -> int:
+    def _discover_run(self, run_dir: Path, memory: _RunMemory | None) -> int:
         problems: list[str] = []
+        settled = memory.settled if memory is not None else {}
         try:
-            refs = discover(run_dir, settle_s=self.settings.settle_s, confine=self.confine)
+            found = survey(run_dir, settle_s=self.settings.settle_s, confine=self.confine,
+                           settled=settled)
+            refs, listed, inodes = found.refs, found.listed, found.inodes
         except CheckpointError as exc:
             log.error("cannot list %s: %s", shown(run_dir), exc)
-            refs, problems = [], [str(exc)]
+            refs, problems, listed, inodes = [], [str(exc)], {}, {}
         new = 0
+        now_settled: dict[Path, tuple[int, CheckpointRef]] = {}
+        quiet = True
         with session_scope(self.engine) as session:
             run_id = queue.ensure_run(session, name=run_dir.name, path=str(run_dir))
             known = queue.known_checkpoints(session, run_id=run_id)
             for ref in refs:
+                final = False
                 if ref.error is not None and ref.step is None:
                     problems.append(ref.error)
                     continue
                 step = ref.step if ref.step is not None else 0
                 if ref.error is not None:
+                    quiet = False  # read again each pass, as long as it is refused
                     if queue.register_refused(session, run_id=run_id, step=step,
                                               path=shown(ref.path), fmt=ref.format,
                                               error=ref.error[:_ERROR_MAX]) is not None:
                         log.error("refused %s step %s: %s", run_dir.name, step, ref.error)
                     continue
                 if not ref.complete:
+                    quiet = False
                     continue
-                found = known.get(step)
-                if found is None:
+                found_ = known.get(step)
+                if found_ is None:
                     created = queue.register_checkpoint(
                         session, run_id=run_id, step=step, path=str(ref.path),
                         fingerprint=ref.fingerprint, fmt=ref.format,
                     )
                     if created is not None:
                         new += 1
+                        final = True
                         log.info("queued %s step %s", run_dir.name, ref.step)
-                elif found.path == str(ref.path):
-                    new += self._refresh(session, run_dir, step, found, ref.fingerprint)
+                elif found_.path == str(ref.path):
+                    queued, final = self._refresh(session, run_dir, step, found_,
+                                                  ref.fingerprint)
+                    new += queued
+                else:
+                    final = True  # the step is registered under another path: left alone
+                if not final:
+                    quiet = False
+                    continue
+                entry = settled.get(ref.path)
+                if entry is None or entry[1] is not ref:
+                    entry = (inodes.get(ref.path, -1), ref)
+                    if self.settings.rewrite_checks_per_poll:
+                        self._round.append((run_dir, ref.path, entry))
+                now_settled[ref.path] = entry
             if self.reanalyze and run_id not in self._reanalyzed:
                 queue.reanalyze(session, run_id=run_id)
                 self._reanalyzed.add(run_id)
             summary = _problems(problems)
             queue.set_run_discovery_error(session, run_id=run_id, error=summary)
+        self._memory[run_dir] = _RunMemory(run_id, listed, now_settled,
+                                           quiet and not problems)
         return new
 
     def _refresh(self, session: Any, run_dir: Path, step: int, found: queue.KnownCheckpoint,
-                 fingerprint: str) -> int:
-        """Compare a registered checkpoint with its files; 1 when it was queued again."""
+                 fingerprint: str) -> tuple[int, bool]:
+        """Compare a registered checkpoint with its files.
+
+        Returns:
+            1 when it was queued again (else 0), and whether the database now matches the
+            files (False: a job holds it, the change is looked at again next pass).
+        """
         if found.discovery_error is not None and found.status != "failed":
             # The problem discovery noted after the analysis is gone (the folder is back).
             queue.set_checkpoint_discovery_error(session, checkpoint_id=found.checkpoint_id,
                                                  error=None)
         if found.fingerprint == fingerprint:
-            return 0
+            return 0, True
         if found.status == "pending" and found.job_status == "queued":
             queue.set_fingerprint(session, checkpoint_id=found.checkpoint_id,
                                   fingerprint=fingerprint)
-            return 0
+            return 0, True
         if queue.requeue_rewritten(session, checkpoint_id=found.checkpoint_id,
                                    fingerprint=fingerprint):
             log.info("%s step %s changed on disk: queued again", run_dir.name, step)
-            return 1
-        return 0
+            return 1, True
+        return 0, False
+
+    # -- the discovery lease and "scan now" ---------------------------------------------------
+    def _renew_lease(self) -> bool:
+        """Take or keep the discovery lease; writes only when half of it has run out."""
+        if self._leased and time.monotonic() < self._lease_renew_at:
+            return True
+        if not self._leasing:
+            return True
+        ttl = self.settings.lease_s
+        with session_scope(self.engine) as session:
+            held = scans.hold_lease(session, holder=self.worker_id, ttl_s=ttl)
+        if held and not self._leased:
+            log.info("worker %s discovers now", self.worker_id)
+        self._leased = held
+        self._lease_renew_at = time.monotonic() + ttl / 2
+        return held
+
+    def _release_lease(self) -> None:
+        if not self._leased:
+            return
+        self._leased = False
+        try:
+            with session_scope(self.engine) as session:
+                scans.release_lease(session, holder=self.worker_id)
+        except (OperationalError, DBAPIError) as exc:
+            log.warning("could not give the discovery lease back (it runs out): %s", exc)
+
+    def _tick(self, due: bool, stop: threading.Event) -> None:
+        """One discovery tick: a whole pass when due, else only the runs asked to be scanned."""
+        if not self._retry("discovery lease", self._renew_lease, stop):
+            return
+        def pending() -> list[scans.ScanRequest]:
+            with session_scope(self.engine) as session:
+                return scans.scan_requests(session)
+
+        requests = self._retry("scan requests", pending, stop)
+        if not due and not requests:
+            return
+        asked = {Path(r.path) for r in requests}
+        if asked:
+            log.info("scan asked for: %s", ", ".join(sorted(map(str, asked))))
+        new = self._retry("discover", lambda: self.discover_once(
+            runs=None if due else asked, full=asked), stop)
+
+        def clear() -> None:
+            with session_scope(self.engine) as session:
+                for request in requests:
+                    scans.clear_scan_request(session, request=request)
+
+        self._retry("scan requests", clear, stop)
+        if new:
+            self._work.set()
+
+    def _discover_forever(self, stop: threading.Event, ended: threading.Event) -> None:
+        """The discovery thread: a pass every poll interval, scan requests every second."""
+        next_pass = time.monotonic()
+        try:
+            while not (stop.is_set() or ended.is_set()):
+                due = time.monotonic() >= next_pass
+                if due:
+                    next_pass = time.monotonic() + self.settings.poll_interval_s
+                if due or self._leased:
+                    self._tick(due, stop)
+                if due:
+                    self.passes += 1
+                ended.wait(min(_TICK_S, max(0.0, next_pass - time.monotonic())))
+        except BaseException as exc:
+            if not (stop.is_set() and isinstance(exc, (OperationalError, DBAPIError))):
+                self._discovery_failed = exc
+            self._work.set()
 
     # -- one job ---------------------------------------------------------------------------
     def process_one(self) -> bool:
@@ -401,28 +585,51 @@ class Watcher:
         return processed
 
     def run_forever(self, stop: threading.Event) -> None:
-        """Poll until ``stop`` is set; the job in hand is finished before returning."""
+        """Poll until ``stop`` is set; the job in hand is finished before returning.
+
+        Discovery runs in a thread of its own, behind the discovery lease; this loop claims and
+        analyses jobs, at once when that thread queued some, else every poll interval.
+        """
         log.info("worker %s watching %s on %s", self.worker_id,
                  ", ".join(map(str, self.run_dirs)) or "registered runs", self.device)
+        ended = threading.Event()
+        self._discovery_failed = None
+        self._leasing = True
+        finder = threading.Thread(target=self._discover_forever, args=(stop, ended),
+                                  name="discovery", daemon=True)
+        finder.start()
         if self.alerts is not None:
             self.alerts.start()
         try:
             while not stop.is_set():
+                if self._discovery_failed is not None:
+                    raise self._discovery_failed
                 try:
-                    self._retry("discover", self.discover_once, stop)
-                    self.passes += 1
-                    while not stop.is_set() and self.process_one():
-                        pass
+                    busy = self.process_one()
                 except (OperationalError, DBAPIError):
                     if stop.is_set():
                         break
                     raise
-                stop.wait(self.settings.poll_interval_s)
+                if not busy:
+                    self._idle(stop)
         finally:
+            ended.set()
+            finder.join(timeout=60)
+            self._leasing = False
+            self._release_lease()
             if self.alerts is not None:
                 self.alerts.stop()
-        self.close()
+            self.close()
         log.info("worker %s stopped", self.worker_id)
+
+    def _idle(self, stop: threading.Event) -> None:
+        """Wait a poll interval, or less: until discovery queues work or ``stop`` is set."""
+        until = time.monotonic() + self.settings.poll_interval_s
+        while not stop.is_set() and self._discovery_failed is None:
+            left = until - time.monotonic()
+            if left <= 0 or self._work.wait(min(left, _TICK_S)):
+                break
+        self._work.clear()
 
 
 def _is_connection_error(exc: DBAPIError) -> bool:
@@ -443,3 +650,6 @@ def _problems(messages: list[str]) -> str | None:
 # a few kilobytes, not megabytes, per run.
 _ERROR_MAX = 8000
 _PROBLEMS_SHOWN = 20
+# How often the discovering worker looks for "scan now" requests, and the longest wait of the
+# loops between looking at their stop event.
+_TICK_S = 1.0

@@ -42,6 +42,7 @@ from alphawatch.service.api.schemas import (
     RunDetail,
     RunList,
     RunRead,
+    ScanRequested,
     TrendRead,
     VariantsRead,
 )
@@ -224,6 +225,15 @@ def delete_run(run_id: RunId, request: Request,
         runs.delete_run(session=session, run_id=run_id)
     _written(request)
     return Response(status_code=204)
+
+
+@router.post("/runs/{run_id}/scan", status_code=202, response_model=ScanRequested,
+             responses=documented(401, 403, 404, 422, 503))
+def request_scan(run_id: RunId, request: Request,
+                 _token: Annotated[object, Depends(require(TokenScope.WRITE))]) -> dict[str, Any]:
+    """Ask the workers to scan a run now (e.g. after each checkpoint save); needs a write token."""
+    with _unit_of_work(request) as session:
+        return runs.request_scan(session=session, run_id=run_id)
 
 
 @router.get("/runs/{run_id}/checkpoints", response_model=CheckpointList, responses=READ_ERRORS)

@@ -17,8 +17,8 @@ from sqlalchemy import case, delete, func, select
 from sqlalchemy.orm import Session
 
 from alphawatch.service.api import queries
-from alphawatch.service.api.errors import Conflict, Invalid, Refused
-from alphawatch.service.db import queue
+from alphawatch.service.api.errors import Conflict, Invalid, NotFound, Refused
+from alphawatch.service.db import queue, scans
 from alphawatch.service.db.models import AnalysisJob, Checkpoint, LayerMetric, Run
 from alphawatch.settings import CrossCheck
 from alphawatch.trust import Thresholds
@@ -117,6 +117,18 @@ def create(*, session: Session, name: str, path: Path,
     session.flush()
     return queries.run_summary(session=session, run=queries.get_run(session=session,
                                run_id=run_id), thresholds=thresholds)
+
+
+def request_scan(*, session: Session, run_id: int) -> dict[str, Any]:
+    """Record a "scan now" for the run: the discovering worker scans it fully within a second.
+
+    Raises:
+        NotFound: no such run.
+    """
+    requested_at = scans.request_scan(session, run_id=run_id)
+    if requested_at is None:
+        raise NotFound(f"run {run_id} not found")
+    return {"run_id": run_id, "requested_at": requested_at}
 
 
 def delete_run(*, session: Session, run_id: int) -> None:

@@ -52,6 +52,13 @@ class RunCreate(BaseModel):
         examples=["/data/runs/llama-7b-sft"])
 
 
+class ScanRequested(BaseModel):
+    """A "scan now" request, recorded: the discovering worker scans the run within a second."""
+
+    run_id: int
+    requested_at: UtcDatetime = Field(description="when the request was recorded (UTC)")
+
+
 class RunRead(BaseModel):
     id: int
     name: str

@@ -74,6 +74,23 @@ class Run(Base):
     # Why the latest discovery pass could not list the run, or which entries it refused that
     # have no step to be recorded under (names that are not UTF-8, steps beyond 64 bits).
     discovery_error: Mapped[str | None] = mapped_column(Text)
+    # When a "scan now" was asked for (POST /runs/{id}/scan) and not yet honoured; indexed so
+    # that the discovering worker can look for requests every second at no cost.
+    scan_requested_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True),
+                                                               index=True)
+
+
+class DiscoveryLease(Base):
+    """Which worker discovers: one at a time, all of them analyse.
+
+    The holder renews ``expires_at`` while it works; once it has run out (the holder died or
+    hangs), another worker takes the lease over.
+    """
+
+    __tablename__ = "discovery_lease"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str | None] = mapped_column(String(255))
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class Checkpoint(Base):

@@ -1,7 +1,14 @@
 """Checkpoint discovery and reading: complete checkpoints only, one tensor at a time, safely."""
 
 from alphawatch.workers.checkpoints.confine import UNCONFINED, Confinement, OutsideRootError
-from alphawatch.workers.checkpoints.discovery import CheckpointRef, discover
+from alphawatch.workers.checkpoints.discovery import (
+    CheckpointRef,
+    Survey,
+    discover,
+    fingerprint,
+    survey,
+    unchanged,
+)
 from alphawatch.workers.checkpoints.errors import (
     CheckpointError,
     CheckpointVanished,
@@ -18,7 +25,11 @@ __all__ = [
     "Confinement",
     "LayerMatrix",
     "OutsideRootError",
+    "Survey",
     "UnsafeCheckpointError",
     "discover",
+    "fingerprint",
     "iter_layers",
+    "survey",
+    "unchanged",
 ]

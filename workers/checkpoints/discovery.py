@@ -5,6 +5,11 @@ A checkpoint is analysed only once its producer says it is complete: Hugging Fac
 shard's size equals 8 + header + largest data offset, DeepSpeed and Megatron write a tracker file
 (``latest``, ``latest_checkpointed_iteration.txt``) after the step folder, torch DCP writes
 ``.metadata`` last. Anything else is complete once its files stop changing for ``settle_s``.
+
+:func:`survey` is :func:`discover` for a caller that remembers earlier passes: entries it
+passes as settled (same name, same inode) are taken as they were instead of being read again,
+and it returns the stamp of every folder it listed, so that the next pass can skip a run
+whose folders did not change (:func:`unchanged`).
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ import math
 import os
 import re
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from alphawatch.workers.checkpoints.confine import UNCONFINED, Confinement, OutsideRootError
@@ -33,6 +39,9 @@ _STEP_IN_NAME = re.compile(r"(?:step[=_-]?|iter[=_-]?|checkpoint[=_-]?|ckpt[=_-]
 # Steps are stored as BIGINT: a step beyond it (or below 0) is refused, never wrapped.
 MAX_STEP = 2**63 - 1
 _TRACKER_MAX = 4096
+# A folder modified this recently may be modified again within the same timestamp tick (or
+# the file system's attribute cache): its stamp is not trusted, so it is listed again.
+_RACY_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -57,13 +66,71 @@ class StepError(CheckpointError):
     """A step number that is no step: negative, beyond 64 bits, or not an integer."""
 
 
+# A folder's identity and last change: (inode, mtime in ns); None when not to be trusted.
+Stamp = tuple[int, int] | None
+
+
 @dataclass(frozen=True)
 class _Scan:
-    """What every step of one discovery pass needs: when, how patient, and where it may read."""
+    """What every step of one discovery pass needs: when, how patient, and where it may read.
+
+    ``settled`` holds entries known from an earlier pass (by path: the inode they had and the
+    ref they gave); ``listed`` and ``inodes`` are filled as folders are listed.
+    """
 
     settle_s: float
     now: float
     confine: Confinement
+    settled: Mapping[Path, tuple[int, CheckpointRef]] = field(default_factory=dict)
+    listed: dict[Path, Stamp] = field(default_factory=dict)
+    inodes: dict[Path, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Survey:
+    """One pass over a run folder: its checkpoints and what the next pass compares with.
+
+    Attributes:
+        refs: every checkpoint found, as :func:`discover` returns them.
+        listed: the stamp of every folder listed (the run folder and the folders searched
+            below it); see :func:`unchanged`.
+        inodes: the inode of every entry listed, by path, for the caller's ``settled``.
+    """
+
+    refs: list[CheckpointRef]
+    listed: dict[Path, Stamp]
+    inodes: dict[Path, int]
+
+
+def stamp(path: Path, now: float) -> Stamp:
+    """``path``'s (inode, mtime) after every symlink; None when too recent to be trusted.
+
+    Raises:
+        OSError: it cannot be looked at.
+    """
+    st = os.stat(path)
+    if now - st.st_mtime < _RACY_S:
+        return None
+    return (st.st_ino, st.st_mtime_ns)
+
+
+def unchanged(listed: Mapping[Path, Stamp]) -> bool:
+    """Whether every folder a survey listed is still the same folder, unmodified since.
+
+    A new entry, a deleted or renamed one, or a folder swapped for a symlink changes its parent
+    folder's stamp; a file rewritten in place does not (see the watcher's re-check of settled
+    checkpoints). One ``stat`` per folder.
+    """
+    now = time.time()
+    for path, was in listed.items():
+        if was is None:
+            return False
+        try:
+            if stamp(path, now) != was:
+                return False
+        except OSError:
+            return False
+    return True
 
 
 def parse_step(value: object, where: Path | str) -> int:
@@ -105,20 +172,50 @@ def _escapes(file: Path, confine: Confinement) -> bool:
     return file.is_symlink() and not confine.allows(file)
 
 
+def _walk(folder: str, rel: tuple[str, ...], out: list[tuple[tuple[str, ...], os.DirEntry[str]]]
+          ) -> None:
+    """Every file under ``folder`` as :func:`_files` finds them (symlinked folders are not
+    entered, unreadable ones are passed over), with its path parts below the checkpoint."""
+    try:
+        with os.scandir(folder) as listing:
+            entries = list(listing)
+    except PermissionError:
+        return
+    for entry in entries:
+        parts = (*rel, entry.name)
+        try:
+            is_dir = entry.is_dir()
+        except OSError:
+            is_dir = False
+        if is_dir and not entry.is_symlink():
+            _walk(entry.path, parts, out)
+        elif not is_dir and entry.is_file():
+            out.append((parts, entry))
+
+
 def fingerprint(path: Path, confine: Confinement = UNCONFINED) -> str:
     """Changes when any file of the checkpoint changes (names, sizes, modification times).
 
     A file that resolves outside the allowed roots counts by its name only: its target is not
-    looked at.
+    looked at. The files are those of :func:`_files`, in the same order (by path parts), read
+    with ``os.scandir``: the watcher fingerprints settled checkpoints again every pass.
     """
     digest = hashlib.sha1(usedforsecurity=False)
-    for file in _files(path):
-        name = os.fsencode(file.relative_to(path.parent))
-        if _escapes(file, confine):
+    if path.is_file():
+        files: list[tuple[tuple[str, ...], os.DirEntry[str] | None]] = [((path.name,), None)]
+    else:
+        found: list[tuple[tuple[str, ...], os.DirEntry[str]]] = []
+        _walk(str(path), (path.name,), found)
+        files = sorted(found, key=lambda f: f[0])
+    for parts, entry in files:
+        name = os.fsencode("/".join(parts))
+        file = path if entry is None else Path(entry.path)
+        if (file.is_symlink() if entry is None else entry.is_symlink()) and not confine.allows(
+                file):
             digest.update(name + b":outside\n")
             continue
         try:
-            stat = file.stat()
+            stat = file.stat() if entry is None else entry.stat()
         except FileNotFoundError:
             continue
         digest.update(name + f":{stat.st_size}:{stat.st_mtime_ns}\n".encode())
@@ -336,9 +433,23 @@ def _entry(child: Path, trackers: dict[str, int | None], scan: _Scan, depth: int
                           fingerprint(child, scan.confine))]
 
 
+def _list(folder: Path, scan: _Scan) -> list[Path]:
+    """The entries of ``folder``, sorted; records its stamp and their inodes (no stat each)."""
+    try:
+        # Stamped before listing: an entry added meanwhile changes the folder after the stamp.
+        scan.listed[folder] = stamp(folder, scan.now)
+        with os.scandir(folder) as entries:
+            found = {folder / e.name: e.inode() for e in entries}
+    except FileNotFoundError:
+        scan.listed[folder] = None
+        raise
+    scan.inodes.update(found)
+    return sorted(found)
+
+
 def _scan(folder: Path, scan: _Scan, depth: int) -> list[CheckpointRef]:
     try:
-        children = sorted(folder.iterdir())
+        children = _list(folder, scan)
     except FileNotFoundError:
         return []  # removed between listing its parent and listing it
     except OSError as exc:
@@ -351,6 +462,12 @@ def _scan(folder: Path, scan: _Scan, depth: int) -> list[CheckpointRef]:
         trackers = {"deepspeed": None, "megatron": None}
     for child in children:
         if _ignored(child.name):
+            continue
+        known = scan.settled.get(child)
+        if known is not None and known[0] == scan.inodes[child]:
+            # Settled in an earlier pass and still the same entry (a folder or file replaced,
+            # or swapped for a symlink, has a new inode): not read again.
+            refs.append(known[1])
             continue
         try:
             refs += _entry(child, trackers, scan, depth)
@@ -380,21 +497,41 @@ def discover(run_dir: Path, *, settle_s: float = 30.0, now: float | None = None,
         CheckpointError: ``run_dir`` does not exist or cannot be listed; OutsideRootError when
             it resolves outside the allowed roots (a run folder swapped for a symlink).
     """
-    scan = _Scan(settle_s, time.time() if now is None else now, confine)
+    return survey(run_dir, settle_s=settle_s, now=now, confine=confine).refs
+
+
+def survey(run_dir: Path, *, settle_s: float = 30.0, now: float | None = None,
+           confine: Confinement = UNCONFINED,
+           settled: Mapping[Path, tuple[int, CheckpointRef]] | None = None) -> Survey:
+    """:func:`discover`, taking the entries in ``settled`` as they were when their inode is.
+
+    Args:
+        settled: entries an earlier pass found complete and registered, by path: the inode
+            they had then and their ref. Anything else is read as :func:`discover` reads it.
+
+    Returns:
+        The refs, and the stamps and inodes the next pass compares with (:class:`Survey`).
+
+    Raises:
+        CheckpointError: as :func:`discover`.
+    """
+    scan = _Scan(settle_s, time.time() if now is None else now, confine, settled or {})
     run_dir = Path(run_dir)
     if not run_dir.exists():
         raise CheckpointError(run_dir, f"{run_dir} does not exist")
     confine.check(run_dir, "run folder")
     if run_dir.is_file():
+        scan.listed[run_dir] = stamp(run_dir, scan.now)
         match = _STEP_IN_NAME.search(run_dir.name)
         fmt = "lightning" if run_dir.suffix == ".ckpt" else "file"
         done = _settled(run_dir, scan)
         try:
             step = parse_step(match.group(1), run_dir) if match else None
         except StepError as exc:
-            return [refused(run_dir, exc)]
-        return [CheckpointRef(run_dir, step, fmt, done, "settled" if done else "still changing",
-                              fingerprint(run_dir, confine))]
+            return Survey([refused(run_dir, exc)], scan.listed, scan.inodes)
+        return Survey([CheckpointRef(run_dir, step, fmt, done,
+                                     "settled" if done else "still changing",
+                                     fingerprint(run_dir, confine))], scan.listed, scan.inodes)
     refs = _scan(run_dir, scan, depth=3)
     if not refs:
         # run_dir is itself one checkpoint: a step folder, or a model saved at the end.
@@ -408,7 +545,8 @@ def discover(run_dir: Path, *, settle_s: float = 30.0, now: float | None = None,
                 refs.append(_hf_ref(run_dir, None, scan))
         except Exception as exc:  # refused like any other entry, never raised
             refs.append(refused(run_dir, exc, _name_step(run_dir.name)))
-    return sorted(refs, key=lambda r: (r.step is None, r.step or 0, str(r.path)))
+    refs.sort(key=lambda r: (r.step is None, r.step or 0, str(r.path)))
+    return Survey(refs, scan.listed, scan.inodes)
 
 
 def rank_dirs(folder: Path) -> list[Path]:

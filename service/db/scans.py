@@ -1,0 +1,85 @@
+""""Scan now" requests on runs, and the lease that lets one worker discover at a time.
+
+A request is a timestamp on the run (``run.scan_requested_at``): asking twice before it is
+honoured is one request, and clearing it only up to the time that was seen keeps a request
+made during the scan for the next one. The lease is a row updated with a condition (held by
+this worker, or run out), which works the same on PostgreSQL and SQLite.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from alphawatch.service.db.models import DiscoveryLease, Run
+
+DISCOVERY = "discovery"
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def request_scan(session: Session, *, run_id: int) -> datetime | None:
+    """Ask for a full scan of the run at the next tick; when, or None for an unknown run."""
+    now = _now()
+    result = session.execute(update(Run).where(Run.id == run_id)
+                             .values(scan_requested_at=now))
+    return now if getattr(result, "rowcount", 0) else None
+
+
+@dataclass(frozen=True)
+class ScanRequest:
+    """A run whose scan was asked for, and when (to clear exactly that request)."""
+
+    run_id: int
+    path: str
+    requested_at: datetime
+
+
+def scan_requests(session: Session) -> list[ScanRequest]:
+    """Runs with a scan asked for and not yet honoured (one indexed query)."""
+    rows = session.execute(select(Run.id, Run.path, Run.scan_requested_at)
+                           .where(Run.scan_requested_at.is_not(None))).all()
+    return [ScanRequest(int(r[0]), r[1], r[2]) for r in rows if r[2] is not None]
+
+
+def clear_scan_request(session: Session, *, request: ScanRequest) -> None:
+    """The request was honoured; a newer one, made while the scan ran, stays."""
+    session.execute(update(Run).where(Run.id == request.run_id,
+                                      Run.scan_requested_at <= request.requested_at)
+                    .values(scan_requested_at=None))
+
+
+def hold_lease(session: Session, *, holder: str, ttl_s: float, name: str = DISCOVERY) -> bool:
+    """Take or renew the lease for ``ttl_s`` seconds; False while another worker holds it."""
+    now = _now()
+    values = {"holder": holder, "expires_at": now + timedelta(seconds=ttl_s)}
+    result = session.execute(update(DiscoveryLease).where(
+        DiscoveryLease.name == name,
+        (DiscoveryLease.holder == holder) | DiscoveryLease.holder.is_(None)
+        | (DiscoveryLease.expires_at < now)).values(**values))
+    if getattr(result, "rowcount", 0):
+        return True
+    if session.get(DiscoveryLease, name) is not None:
+        return False
+    # The first worker ever: the row is made here (a second one at the same moment conflicts
+    # on the primary key and gets False from the next call).
+    session.add(DiscoveryLease(name=name, **values))
+    try:
+        session.flush()
+    except IntegrityError:
+        session.rollback()
+        return False
+    return True
+
+
+def release_lease(session: Session, *, holder: str, name: str = DISCOVERY) -> None:
+    """Give the lease up (a worker stopping): another worker takes it at its next poll."""
+    session.execute(update(DiscoveryLease).where(DiscoveryLease.name == name,
+                                                 DiscoveryLease.holder == holder)
+                    .values(holder=None, expires_at=None))
