@@ -309,17 +309,17 @@ def analyze_path(path: Path, settings: Settings, method: str | None = None) -> d
     """Analyse one checkpoint (no database) into the public ``analyze`` JSON document."""
     from alphawatch.service.robust import summarize
     from alphawatch.workers.checkpoints import discover, iter_layers
-    from alphawatch.workers.spectral import analyze_matrix, resolve_device
+    from alphawatch.workers.spectral import analyze_stream, resolve_device
 
     device = resolve_device(settings.device)
     thresholds = settings.trust
     refs = discover(path, settle_s=0.0) if path.is_dir() else []
     step = next((r.step for r in refs if Path(r.path) == path), None)
     layers: list[dict[str, Any]] = []
-    for matrix in iter_layers(path):
-        result = analyze_matrix(matrix.weight, stored_dtype=matrix.stored_dtype,
-                                method=method or settings.fit_method, thresholds=thresholds,
-                                device=device)
+    matrices = ((m, m.weight, m.stored_dtype) for m in iter_layers(path))
+    for matrix, result in analyze_stream(matrices, workers=settings.analysis_workers,
+                                         method=method or settings.fit_method,
+                                         thresholds=thresholds, device=device):
         row = result.metrics()
         row.update(name=matrix.name, kind=matrix.kind, block=matrix.block,
                    shape=list(matrix.weight.shape),

@@ -28,6 +28,10 @@ class Settings(BaseSettings):
     allowed_roots: list[Path] = Field(default_factory=list)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     fit_method: str = "ww"
+    analysis_workers: int = Field(
+        0, ge=0, description="matrices analysed at once on a CPU, one BLAS thread share each "
+        "(0: one per core, at most 4)"
+    )
     poll_interval_s: float = Field(5.0, gt=0)
     settle_s: float = Field(30.0, ge=0, description="size/mtime stable this long: complete")
     lease_s: float = Field(60.0, gt=0)

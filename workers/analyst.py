@@ -17,20 +17,22 @@ import torch
 
 from alphawatch.workers.checkpoints import CheckpointError, Confinement, iter_layers
 from alphawatch.workers.checkpoints.discovery import fingerprint
-from alphawatch.workers.spectral import Thresholds, analyze_matrix
+from alphawatch.workers.spectral import Thresholds, analyze_stream
 
 Rows = tuple[list[dict[str, Any]], list[dict[str, Any]]]
 
 
 @dataclass(frozen=True)
 class AnalysisOptions:
-    """How to analyse: fit method, thresholds, device, the roots it may read, progress or not."""
+    """How to analyse: fit method, thresholds, device, the roots it may read, progress or not,
+    and how many matrices at once on a CPU (0: one per core, see ``analysis_workers``)."""
 
     method: str
     thresholds: Thresholds
     device: torch.device
     confine: Confinement
     progress: bool = False
+    workers: int = 0
 
 
 def analyze_checkpoint(path: Path, first: Path | None, options: AnalysisOptions) -> Rows:
@@ -42,11 +44,11 @@ def analyze_checkpoint(path: Path, first: Path | None, options: AnalysisOptions)
     first_key = _first_key(first, confine)
     layers: list[dict[str, Any]] = []
     spectra: list[dict[str, Any]] = []
-    for matrix in iter_layers(path, confine=confine):
-        result = analyze_matrix(
-            matrix.weight, stored_dtype=matrix.stored_dtype, method=options.method,
-            thresholds=options.thresholds, device=options.device,
-        )
+    matrices = ((m, m.weight, m.stored_dtype) for m in iter_layers(path, confine=confine))
+    for matrix, result in analyze_stream(
+        matrices, workers=options.workers, method=options.method,
+        thresholds=options.thresholds, device=options.device,
+    ):
         row = result.metrics()
         row.update(
             name=matrix.name, kind=matrix.kind, block=matrix.block,
