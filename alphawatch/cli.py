@@ -319,7 +319,8 @@ def analyze_path(path: Path, settings: Settings, method: str | None = None) -> d
     matrices = ((m, m.weight, m.stored_dtype) for m in iter_layers(path))
     for matrix, result in analyze_stream(matrices, workers=settings.analysis_workers,
                                          method=method or settings.fit_method,
-                                         thresholds=thresholds, device=device):
+                                         thresholds=thresholds, device=device,
+                                         check_traps=settings.check_traps):
         row = result.metrics()
         row.update(name=matrix.name, kind=matrix.kind, block=matrix.block,
                    shape=list(matrix.weight.shape),

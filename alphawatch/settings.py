@@ -28,6 +28,9 @@ class Settings(BaseSettings):
     allowed_roots: list[Path] = Field(default_factory=list)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     fit_method: str = "ww"
+    check_traps: bool = Field(
+        True, description="look for correlation traps (a second spectrum, of the shuffled W)"
+    )
     analysis_workers: int = Field(
         0, ge=0, description="matrices analysed at once on a CPU, one BLAS thread share each "
         "(0: one per core, at most 4)"

@@ -25,7 +25,8 @@ Rows = tuple[list[dict[str, Any]], list[dict[str, Any]]]
 @dataclass(frozen=True)
 class AnalysisOptions:
     """How to analyse: fit method, thresholds, device, the roots it may read, progress or not,
-    and how many matrices at once on a CPU (0: one per core, see ``analysis_workers``)."""
+    how many matrices at once on a CPU (0: one per core, see ``analysis_workers``), traps or
+    not."""
 
     method: str
     thresholds: Thresholds
@@ -33,6 +34,7 @@ class AnalysisOptions:
     confine: Confinement
     progress: bool = False
     workers: int = 0
+    check_traps: bool = True
 
 
 def analyze_checkpoint(path: Path, first: Path | None, options: AnalysisOptions) -> Rows:
@@ -47,7 +49,7 @@ def analyze_checkpoint(path: Path, first: Path | None, options: AnalysisOptions)
     matrices = ((m, m.weight, m.stored_dtype) for m in iter_layers(path, confine=confine))
     for matrix, result in analyze_stream(
         matrices, workers=options.workers, method=options.method,
-        thresholds=options.thresholds, device=options.device,
+        thresholds=options.thresholds, device=options.device, check_traps=options.check_traps,
     ):
         row = result.metrics()
         row.update(

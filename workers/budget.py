@@ -258,7 +258,7 @@ def serve(conn: Connection) -> None:
         options = AnalysisOptions(
             method=settings["method"], thresholds=Thresholds(**settings["thresholds"]),
             device=resolve_device(settings["device"]), progress=settings["progress"],
-            workers=settings.get("workers", 0),
+            workers=settings.get("workers", 0), check_traps=settings.get("check_traps", True),
             # Roots resolved by the worker: the child reads under exactly the same folders.
             confine=Confinement(None if settings["roots"] is None
                                 else tuple(Path(r) for r in settings["roots"])),
@@ -307,7 +307,7 @@ def options_of(settings: Settings, progress: bool, roots: tuple[Path, ...] | Non
     """The analysis options of a child, from the worker's settings and confinement roots."""
     return {"method": settings.fit_method, "thresholds": settings.trust.model_dump(),
             "device": settings.device, "progress": progress,
-            "workers": settings.analysis_workers,
+            "workers": settings.analysis_workers, "check_traps": settings.check_traps,
             "roots": None if roots is None else [str(r) for r in roots]}
 
 

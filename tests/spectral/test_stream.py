@@ -39,7 +39,7 @@ def test_parallel_results_equal_sequential_ones_in_reading_order(workers: int) -
             continue
         # BLAS threads change the order of sums: equal up to rounding, flags identical
         assert ours.alpha == pytest.approx(ref.alpha, rel=1e-9)
-        assert ours.D == pytest.approx(ref.D, rel=1e-9)
+        assert pytest.approx(ref.D, rel=1e-9) == ours.D
         assert ours.rand_distance == pytest.approx(ref.rand_distance, abs=1e-6)
         assert ours.num_pl_spikes == ref.num_pl_spikes and ours.num_traps == ref.num_traps
         assert ours.matrix_rank == ref.matrix_rank and ours.trusted == ref.trusted
