@@ -18,7 +18,9 @@ difference. Then a 1024-wide 8-layer model's checkpoints go through one worker (
 budgeted analysis child, distance from init on) for checkpoints per minute.
 
 ``--quick``: widths 1024 and 2048, two repeats, three checkpoints (a few minutes on a quiet
-2-core machine). Prints markdown for BENCHMARKS.md.
+2-core machine). ``--ww-blas-threads 1`` runs weightwatcher with one BLAS thread: on a busy
+machine its threaded OpenBLAS SVD slows down 10-30x, which would flatter the ratio. Prints
+markdown for BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -89,16 +91,21 @@ def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float, str]:
     return wall, cpu, done.stdout
 
 
-def bench_width(width: int, repeats: int, work: Path) -> list[dict[str, object]]:
+def bench_width(width: int, repeats: int, work: Path, ww_threads: int | None
+                ) -> list[dict[str, object]]:
     path = work / f"layer{width}.safetensors"
     write_layer(width, path)
     env = dict(os.environ)
+    ww_env = dict(env)
+    if ww_threads:
+        ww_env.update({k: str(ww_threads) for k in
+                       ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")})
     alphawatch = [sys.executable, "-m", "alphawatch", "analyze", str(path), "--device", "cpu",
                   "--format", "json"]
     runs: dict[str, list[tuple[float, float]]] = {"ww": [], "on": [], "off": []}
     alphas: dict[str, dict[str, float]] = {}
     for _ in range(repeats):
-        wall, cpu, out = timed([sys.executable, "-c", _WW_CHILD, str(path)], env)
+        wall, cpu, out = timed([sys.executable, "-c", _WW_CHILD, str(path)], ww_env)
         runs["ww"].append((wall, cpu))
         alphas["ww"] = json.loads(out)
         for traps in ("on", "off"):
@@ -142,6 +149,9 @@ def main() -> int:
     parser.add_argument("--widths", type=str, help="comma-separated, of 1024,2048,4096")
     parser.add_argument("--repeats", type=int, help="runs of each process per width")
     parser.add_argument("--checkpoints", type=int, help="checkpoints through the worker")
+    parser.add_argument("--ww-blas-threads", type=int,
+                        help="BLAS threads of weightwatcher's process (default: its own); 1 "
+                        "spares it the collapse of threaded OpenBLAS on a busy machine")
     args = parser.parse_args()
     widths = ([int(w) for w in args.widths.split(",")] if args.widths
               else [1024, 2048] if args.quick else [1024, 2048, 4096])
@@ -152,7 +162,7 @@ def main() -> int:
     rows: list[dict[str, object]] = []
     try:
         for width in widths:
-            rows += bench_width(width, repeats, work)
+            rows += bench_width(width, repeats, work, args.ww_blas_threads)
             load.append(os.getloadavg()[0])
             print(f"  {width}: done, load {load[-1]:.1f}", file=sys.stderr, flush=True)
         count, seconds = throughput(checkpoints, work) if checkpoints else (0, 0.0)
@@ -166,7 +176,8 @@ def main() -> int:
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; python "
           f"{platform.python_version()}, torch {torch.__version__}, weightwatcher "
           f"{weightwatcher.__version__}; load average during the run "
-          f"{min(load):.1f}..{max(load):.1f}")
+          f"{min(load):.1f}..{max(load):.1f}; weightwatcher's BLAS threads: "
+          f"{args.ww_blas_threads or 'its default'}")
     print("| layer | traps | weightwatcher s | alphawatch s | ratio | CPU s (ww / ours) "
           "| CPU ratio | max rel. Δα | runs |")
     print("|---|---|---|---|---|---|---|---|---|")
