@@ -22,12 +22,16 @@ import threading
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from alphawatch.settings import Settings
 from alphawatch.vocabulary import FitMethod
+
+if TYPE_CHECKING:
+    from alphawatch.workers.analyst import AnalysisOptions
+    from alphawatch.workers.checkpoints.files import LayerMatrix
 
 EXIT_OK, EXIT_FAIL, EXIT_ERROR = 0, 1, 2
 
@@ -387,7 +391,7 @@ def analyze_path(path: Path, settings: Settings, method: str | None = None,
     from alphawatch.vocabulary import DEFAULT_VARIANT, split_variant
     from alphawatch.workers.analyst import AnalysisOptions, analysed_matrices
     from alphawatch.workers.checkpoints import UNCONFINED, discover
-    from alphawatch.workers.spectral import analyze_matrix, crosscheck, resolve_device
+    from alphawatch.workers.spectral import crosscheck, resolve_device
 
     device = resolve_device(settings.device)
     thresholds = settings.trust
@@ -400,17 +404,10 @@ def analyze_path(path: Path, settings: Settings, method: str | None = None,
     options = AnalysisOptions(method=fit_method, thresholds=thresholds,
                               device=device, confine=UNCONFINED,
                               optimizer_state=settings.optimizer_state,
-                              nested_widths=tuple(settings.nested_widths))
-    for matrix in analysed_matrices(path, options, layers):
-        if engine == "weightwatcher":
-            row = crosscheck.weightwatcher_row(matrix.weight, fit_method)
-            status = crosscheck.status_of(row, thresholds)
-            row.update(method=str(fit_method), fit_status=status.value,
-                       trusted=status.value == "ok")
-        else:
-            row = analyze_matrix(matrix.weight, stored_dtype=matrix.stored_dtype,
-                                 method=fit_method, thresholds=thresholds,
-                                 device=device).metrics()
+                              nested_widths=tuple(settings.nested_widths),
+                              workers=settings.analysis_workers,
+                              check_traps=settings.check_traps)
+    for matrix, row in _analysed_rows(analysed_matrices(path, options, layers), options, engine):
         row.update(name=matrix.name, kind=matrix.kind, block=matrix.block,
                    shape=list(matrix.weight.shape),
                    dtype=str(matrix.stored_dtype).removeprefix("torch."))
@@ -419,6 +416,27 @@ def analyze_path(path: Path, settings: Settings, method: str | None = None,
     weights = [r for r in layers if split_variant(r["name"])[1] == DEFAULT_VARIANT]
     return {"step": step, "path": str(path), "device": str(device), "engine": engine,
             "layers": layers, "summary": summarize(weights, thresholds=thresholds)}
+
+
+def _analysed_rows(matrices: Iterator[LayerMatrix], options: AnalysisOptions, engine: str
+                   ) -> Iterator[tuple[LayerMatrix, dict[str, Any]]]:
+    """Each matrix with its row: alphawatch's engine (matrices in parallel), or weightwatcher's."""
+    from alphawatch.workers.spectral import analyze_stream, crosscheck
+
+    if engine == "weightwatcher":
+        for matrix in matrices:
+            row = crosscheck.weightwatcher_row(matrix.weight, options.method)
+            status = crosscheck.status_of(row, options.thresholds)
+            row.update(method=str(options.method), fit_status=status.value,
+                       trusted=status.value == "ok")
+            yield matrix, row
+        return
+    for matrix, result in analyze_stream(
+        ((m, m.weight, m.stored_dtype) for m in matrices), workers=options.workers,
+        method=options.method, thresholds=options.thresholds, device=options.device,
+        check_traps=options.check_traps,
+    ):
+        yield matrix, result.metrics()
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:

@@ -90,6 +90,13 @@ class Settings(BaseSettings):
     allowed_roots: list[Path] = Field(default_factory=list)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     fit_method: FitMethod = Field(DEFAULT_FIT_METHOD, description="power-law fit method")
+    check_traps: bool = Field(
+        True, description="look for correlation traps (a second spectrum, of the shuffled W)"
+    )
+    analysis_workers: int = Field(
+        0, ge=0, description="matrices analysed at once on a CPU, one BLAS thread share each "
+        "(0: one per core, at most 4)"
+    )
     poll_interval_s: float = Field(5.0, gt=0)
     settle_s: float = Field(30.0, ge=0, description="size/mtime stable this long: complete")
     rewrite_checks_per_poll: int = Field(

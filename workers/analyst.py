@@ -31,7 +31,7 @@ from alphawatch.workers.spectral import (
     FitStatus,
     LayerResult,
     Thresholds,
-    analyze_matrix,
+    analyze_stream,
     crosscheck,
 )
 
@@ -40,7 +40,9 @@ Rows = tuple[list[dict[str, Any]], list[dict[str, Any]]]
 
 @dataclass(frozen=True)
 class AnalysisOptions:
-    """How to analyse: fit method, thresholds, device, the roots it may read, progress or not."""
+    """How to analyse: fit method, thresholds, device, the roots it may read, progress or not,
+    how many matrices at once on a CPU (0: one per core, see ``analysis_workers``), traps or
+    not."""
 
     method: str
     thresholds: Thresholds
@@ -50,6 +52,8 @@ class AnalysisOptions:
     optimizer_state: bool = False  # also analyse Adam's exp_avg of each matrix (@exp_avg rows)
     nested_widths: tuple[int, ...] = ()  # first-k-neuron MLP slices (@w<k>); () = the config's
     crosscheck_share: float = 0.0  # share of layers re-analysed with weightwatcher itself
+    workers: int = 0  # matrices analysed at once on a CPU (0: one per core, at most 4)
+    check_traps: bool = True  # look for correlation traps in the shuffled spectrum
 
 
 def analyze_checkpoint(path: Path, first: Path | None, options: AnalysisOptions) -> Rows:
@@ -65,11 +69,12 @@ def analyze_checkpoint(path: Path, first: Path | None, options: AnalysisOptions)
         share = 0.0
     layers: list[dict[str, Any]] = []
     spectra: list[dict[str, Any]] = []
-    for matrix in analysed_matrices(path, options, layers):
-        result = analyze_matrix(
-            matrix.weight, stored_dtype=matrix.stored_dtype, method=options.method,
-            thresholds=options.thresholds, device=options.device,
-        )
+    matrices = ((m, m.weight, m.stored_dtype)
+                for m in analysed_matrices(path, options, layers))
+    for matrix, result in analyze_stream(
+        matrices, workers=options.workers, method=options.method,
+        thresholds=options.thresholds, device=options.device, check_traps=options.check_traps,
+    ):
         row = result.metrics()
         row.update(
             name=matrix.name, kind=matrix.kind, block=matrix.block,

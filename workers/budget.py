@@ -261,6 +261,7 @@ def serve(conn: Connection) -> None:
             optimizer_state=settings.get("optimizer_state", False),
             nested_widths=tuple(settings.get("nested_widths", ())),
             crosscheck_share=float(settings.get("crosscheck_share", 0.0)),
+            workers=settings.get("workers", 0), check_traps=settings.get("check_traps", True),
             # Roots resolved by the worker: the child reads under exactly the same folders.
             confine=Confinement(None if settings["roots"] is None
                                 else tuple(Path(r) for r in settings["roots"])),
@@ -312,6 +313,7 @@ def options_of(settings: Settings, progress: bool, roots: tuple[Path, ...] | Non
             "optimizer_state": settings.optimizer_state,
             "nested_widths": list(settings.nested_widths),
             "crosscheck_share": settings.crosscheck.share,
+            "workers": settings.analysis_workers, "check_traps": settings.check_traps,
             "roots": None if roots is None else [str(r) for r in roots]}
 
 

@@ -10,6 +10,7 @@ from alphawatch.workers.spectral.analysis import (
     resolve_device,
 )
 from alphawatch.workers.spectral.plfit import FIT_METHODS, fit_power_law
+from alphawatch.workers.spectral.stream import analysis_workers, analyze_stream
 from alphawatch.workers.spectral.types import FitStatus, LayerResult, PowerLawFit, Thresholds
 
 __all__ = [
@@ -18,8 +19,10 @@ __all__ = [
     "LayerResult",
     "PowerLawFit",
     "Thresholds",
+    "analysis_workers",
     "analyze_many",
     "analyze_matrix",
+    "analyze_stream",
     "as_matrices",
     "fit_power_law",
     "resolve_device",

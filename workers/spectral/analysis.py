@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 
@@ -42,6 +44,29 @@ def as_matrices(weight: torch.Tensor) -> list[torch.Tensor]:
                      "matrix; reshape it explicitly (Conv1d: (out, in*k))")
 
 
+GRAM_TILES = 4
+"""Tiles per side of the Gram matrix: only the lower ones are computed (10 of 16 products)."""
+
+
+def gram_lower(matrix: torch.Tensor) -> torch.Tensor:
+    """The Gram matrix of the smaller side (WᵀW or WWᵀ), its lower triangle filled.
+
+    ``eigvalsh`` reads only the lower triangle, so the upper tiles are left at zero: 25-30 %
+    less work than a full product on a CPU, and the same numbers (each tile is the same dot
+    products).
+    """
+    a = matrix if matrix.shape[0] >= matrix.shape[1] else matrix.T
+    m = a.shape[1]
+    if m < 512 or a.device.type != "cpu":
+        return a.T @ a
+    gram = torch.zeros(m, m, dtype=a.dtype)
+    step = -(-m // GRAM_TILES)
+    for i in range(0, m, step):
+        for j in range(0, i + 1, step):
+            gram[i:i + step, j:j + step] = a[:, i:i + step].T @ a[:, j:j + step]
+    return gram
+
+
 def singular_values(matrix: torch.Tensor, device: torch.device) -> np.ndarray:
     """Singular values, descending, float64.
 
@@ -61,10 +86,29 @@ def singular_values(matrix: torch.Tensor, device: torch.device) -> np.ndarray:
             torch.backends.cuda.matmul.allow_tf32 = previous
     # float64 Gram + eigvalsh is several times faster than an SVD; its absolute error on λ is
     # ~eps64·λmax, i.e. ~1e-8·σmax on σ: below the float32 rank tolerance (1.2e-7·σmax).
-    w64 = matrix.to(dtype=torch.float64)
-    gram = w64.T @ w64 if w64.shape[0] >= w64.shape[1] else w64 @ w64.T
-    evals = torch.linalg.eigvalsh(gram).clamp_min(0).flip(0)
+    gram = gram_lower(matrix.to(dtype=torch.float64))
+    evals = torch.linalg.eigvalsh(gram, UPLO="L").clamp_min(0).flip(0)
     return np.asarray(np.sqrt(evals.numpy()), dtype=np.float64)
+
+
+def shuffled_eigenvalues(matrix: torch.Tensor, perm: torch.Tensor, device: torch.device
+                         ) -> np.ndarray:
+    """Eigenvalues λ = σ² of ``matrix`` with its entries permuted by ``perm``, ascending.
+
+    Float32 Gram matrix and float32 ``eigvalsh`` (TF32 off on CUDA): the shuffle feeds only the
+    trap count, ``max_rand_eval``, ``rand_distance`` and ``near_random``, which look at the top
+    of the spectrum and at log-histograms, not at the rank. Absolute error ~eps32·λmax: the
+    top is exact to ~1e-7 relative, eigenvalues below ~1e-6·λmax are noise (clamped at 0).
+    """
+    w = matrix.to(device=device, dtype=torch.float32)
+    shuffled = w.reshape(-1).index_select(0, perm.to(device)).reshape(w.shape)
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        evals = torch.linalg.eigvalsh(gram_lower(shuffled), UPLO="L").clamp_min(0)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    return np.asarray(evals.cpu().numpy(), dtype=np.float64)
 
 
 def _dtype_eps(dtype: torch.dtype | None) -> float:
@@ -200,6 +244,35 @@ def bulk_of(flat: torch.Tensor, spec: Spectrum, n: int, m: int) -> Bulk:
                 num_spikes=int(np.count_nonzero(spec.evals > edge)))
 
 
+_PERMS: OrderedDict[tuple[int, int, int], list[torch.Tensor]] = OrderedDict()
+_PERMS_LOCK = threading.Lock()
+_PERMS_MAX_BYTES = 256 * 2**20
+
+
+def _permutations(seed: int, numel: int, count: int) -> list[torch.Tensor]:
+    """The ``count`` permutations of ``numel`` entries a generator seeded with ``seed`` draws.
+
+    The shuffle is seeded per matrix, so every matrix of a shape gets the same permutations:
+    they are drawn once and kept (the few most recent, at most ``_PERMS_MAX_BYTES``), which
+    saves a ``randperm`` per q/k/v/o/... matrix, as exactly the same draw.
+    """
+    key = (seed, numel, count)
+    with _PERMS_LOCK:
+        if key in _PERMS:
+            _PERMS.move_to_end(key)
+            return _PERMS[key]
+    gen = torch.Generator().manual_seed(seed)
+    # int32 indices draw the same permutation as int64 ones, in about half the time.
+    index = torch.int32 if numel < 2**31 else torch.int64
+    perms = [torch.randperm(numel, generator=gen, dtype=index) for _ in range(count)]
+    with _PERMS_LOCK:
+        _PERMS[key] = perms
+        while _PERMS and sum(p.numel() * p.element_size()
+                             for ps in _PERMS.values() for p in ps) > _PERMS_MAX_BYTES:
+            _PERMS.popitem(last=False)
+    return perms
+
+
 def traps_of(mats: list[torch.Tensor], spec: Spectrum, bulk: Bulk, n: int, m: int, seed: int,
              dev: torch.device) -> Traps:
     """Correlation traps: the spectrum of W with its entries shuffled (seeded), against the bulk.
@@ -207,12 +280,9 @@ def traps_of(mats: list[torch.Tensor], spec: Spectrum, bulk: Bulk, n: int, m: in
     A shuffle destroys correlations, so its eigenvalues should stay inside the MP bulk; those
     beyond edge + ``TW_PAD`` Tracy–Widom scales are traps (Martin & Mahoney 2021).
     """
-    gen = torch.Generator().manual_seed(seed)
-    shuffled = []
-    for w in mats:
-        perm = torch.randperm(w.numel(), generator=gen)
-        shuffled.append(w.reshape(-1)[perm].reshape(w.shape))
-    rand_evals = np.sort(np.concatenate([singular_values(w, dev) ** 2 for w in shuffled]))
+    perms = _permutations(seed, mats[0].numel(), len(mats))
+    rand_evals = np.sort(np.concatenate([
+        shuffled_eigenvalues(w, perm, dev) for w, perm in zip(mats, perms, strict=True)]))
     limit = bulk.edge + TW_PAD * bulk.tw_scale
     beyond = rand_evals[rand_evals > limit]
     # A non-zero mean μ makes a rank-one spike of about μ²·n·m in any shuffle of W: it is a

@@ -1,0 +1,88 @@
+"""Matrices analysed in parallel: same results as one by one, in reading order, lazily read."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+
+from alphawatch.workers.spectral import FitStatus, analysis_workers, analyze_matrix, analyze_stream
+from alphawatch.workers.spectral.analysis import shuffled_eigenvalues, singular_values
+
+
+def heavy(rows: int, cols: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    gauss = torch.randn(rows, cols, generator=g) / np.sqrt(cols)
+    torch.manual_seed(seed)
+    t = torch.distributions.StudentT(torch.tensor(3.0)).sample((rows, cols))
+    return gauss + 0.5 * t / np.sqrt(cols)
+
+
+def items() -> list[tuple[str, torch.Tensor, torch.dtype | None]]:
+    shapes = [(300, 120), (64, 256), (200, 200), (150, 90), (256, 128)]
+    out: list[tuple[str, torch.Tensor, torch.dtype | None]] = [
+        (f"m{i}", heavy(r, c, i), torch.float32) for i, (r, c) in enumerate(shapes)]
+    out.insert(2, ("bad", torch.randn(2, 3, 4), None))
+    return out
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_parallel_results_equal_sequential_ones_in_reading_order(workers: int) -> None:
+    expected = [(name, analyze_matrix(w, stored_dtype=d)) for name, w, d in items()]
+    got = list(analyze_stream(items(), workers=workers))
+    assert [name for name, _ in got] == [name for name, _ in expected]
+    for (_, ours), (_, ref) in zip(got, expected, strict=True):
+        assert ours.fit_status == ref.fit_status
+        if ref.fit_status is FitStatus.FAILED:
+            continue
+        # BLAS threads change the order of sums: equal up to rounding, flags identical
+        assert ours.alpha == pytest.approx(ref.alpha, rel=1e-9)
+        assert pytest.approx(ref.D, rel=1e-9) == ours.D
+        assert ours.rand_distance == pytest.approx(ref.rand_distance, abs=1e-6)
+        assert ours.num_pl_spikes == ref.num_pl_spikes and ours.num_traps == ref.num_traps
+        assert ours.matrix_rank == ref.matrix_rank and ours.trusted == ref.trusted
+        assert ours.near_random == ref.near_random
+    assert dict(got)["bad"].fit_status is FitStatus.FAILED
+
+
+def test_reads_lazily_and_holds_few_tensors() -> None:
+    read: list[int] = []
+    done: list[int] = []
+
+    def reader() -> Iterator[tuple[int, torch.Tensor, torch.dtype | None]]:
+        for i in range(8):
+            read.append(i)
+            # never more than workers + 1 read ahead of what was handed back
+            assert len(read) - len(done) <= 3
+            yield i, heavy(120, 60, i), None
+
+    for i, result in analyze_stream(reader(), workers=2, check_traps=False):
+        done.append(i)
+        assert result.alpha is not None
+    assert done == list(range(8))
+
+
+def test_torch_threads_are_restored() -> None:
+    before = torch.get_num_threads()
+    list(analyze_stream(items()[:3], workers=2, check_traps=False))
+    assert torch.get_num_threads() == before
+
+
+def test_worker_count() -> None:
+    assert analysis_workers(3) == 3
+    assert 1 <= analysis_workers(0) <= 4
+
+
+def test_shuffled_spectrum_in_float32_matches_float64_at_the_top() -> None:
+    w = heavy(400, 160, 7)
+    perm = torch.randperm(w.numel(), generator=torch.Generator().manual_seed(0))
+    exact = singular_values(w.reshape(-1)[perm].reshape(w.shape), torch.device("cpu")) ** 2
+    fast = shuffled_eigenvalues(w, perm.to(torch.int32), torch.device("cpu"))
+    exact = np.sort(exact)
+    assert fast.shape == exact.shape and np.all(np.diff(fast) >= 0)
+    # absolute error ~eps32·λmax: the top 20% are exact to 1e-5 relative
+    top = exact.size // 5
+    np.testing.assert_allclose(fast[-top:], exact[-top:], rtol=1e-5)
+    assert np.max(np.abs(fast - exact)) < 1e-5 * exact[-1]

@@ -1,0 +1,93 @@
+"""Several matrices analysed at once on the CPU's cores, results in the order they were read.
+
+Eigendecompositions scale poorly over threads (half of the tridiagonal reduction is
+memory-bound BLAS-2), and a multi-threaded BLAS slows down badly when another process holds a
+core. So on a CPU the engine runs one matrix per worker thread, each with ``cores // workers``
+BLAS threads (one on a small machine): never more threads than cores, nothing nested. The next
+tensor is read while the workers compute, so reading overlaps the analysis.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import TypeVar
+
+import torch
+
+from alphawatch.workers.spectral.analysis import analyze_matrix, resolve_device
+from alphawatch.workers.spectral.types import LayerResult, Thresholds
+
+T = TypeVar("T")
+
+MAX_AUTO_WORKERS = 4
+"""``workers=0`` uses one worker per core up to this many: memory grows with each worker."""
+
+
+def cpu_cores() -> int:
+    """Cores this process may run on (its affinity mask, e.g. a container's cpuset)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def analysis_workers(requested: int = 0) -> int:
+    """Matrices analysed at once: ``requested``, or (0) one per core, at most four."""
+    if requested > 0:
+        return requested
+    return min(cpu_cores(), MAX_AUTO_WORKERS)
+
+
+@contextmanager
+def _intra_op_threads(threads: int) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def analyze_stream(
+    items: Iterable[tuple[T, torch.Tensor, torch.dtype | None]],
+    *,
+    workers: int = 0,
+    method: str = "ww",
+    thresholds: Thresholds | None = None,
+    device: str | torch.device = "cpu",
+    check_traps: bool = True,
+) -> Iterator[tuple[T, LayerResult]]:
+    """``analyze_matrix`` over ``(payload, weight, stored_dtype)`` items, ``workers`` at a time.
+
+    Yields ``(payload, result)`` in the order of ``items``, one per item even when it fails.
+    At most ``workers + 1`` items are held at once (those being analysed and the one being
+    read), so ``items`` may be a lazy reader. On CUDA, or with one worker, items are analysed
+    one after the other. Results do not depend on the number of workers beyond rounding (BLAS
+    sums in another order: ~1e-14 relative).
+    """
+    dev = resolve_device(device)
+    count = 1 if dev.type == "cuda" else analysis_workers(workers)
+
+    def one(weight: torch.Tensor, dtype: torch.dtype | None) -> LayerResult:
+        return analyze_matrix(weight, stored_dtype=dtype, method=method, thresholds=thresholds,
+                              device=dev, check_traps=check_traps)
+
+    if count == 1:
+        for payload, weight, dtype in items:
+            yield payload, one(weight, dtype)
+        return
+    threads = max(1, cpu_cores() // count)
+    pending: deque[tuple[T, Future[LayerResult]]] = deque()
+    with _intra_op_threads(threads), ThreadPoolExecutor(count, "alphawatch-spectral") as pool:
+        for payload, weight, dtype in items:
+            pending.append((payload, pool.submit(one, weight, dtype)))
+            while len(pending) > count:
+                done, future = pending.popleft()
+                yield done, future.result()
+        while pending:
+            done, future = pending.popleft()
+            yield done, future.result()
