@@ -16,16 +16,16 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, timedelta
 from typing import Any
 
 from sqlalchemy import and_, exists, func, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, aliased
 
 from alphawatch.gate_rules import GateRules
 from alphawatch.service.db import gate
 from alphawatch.service.db.models import Alert, AlertStatus, Run, RunGate
+from alphawatch.service.db.session import dialect_insert, utcnow
 from alphawatch.trust import Thresholds
 
 
@@ -49,19 +49,11 @@ class ClaimedAlert:
     attempts: int
 
 
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
-def _insert(session: Session, table: Any) -> Any:
-    if session.get_bind().dialect.name == "postgresql":
-        return postgresql.insert(table)
-    return sqlite.insert(table)
 
 
 def _gate_row(session: Session, run_id: int) -> RunGate:
     """The run's gate row, created when missing, locked until the transaction ends."""
-    session.execute(_insert(session, RunGate).values(run_id=run_id, rules="{}")
+    session.execute(dialect_insert(session, RunGate).values(run_id=run_id, rules="{}")
                     .on_conflict_do_nothing(index_elements=["run_id"]))
     query = select(RunGate).where(RunGate.run_id == run_id)
     if session.get_bind().dialect.name == "postgresql":
@@ -120,7 +112,7 @@ def record_verdict(session: Session, *, run_id: int, check: GateCheck) -> Alert 
     previous, passed = row.passed, bool(verdict["passed"])
     row.passed, row.step = passed, verdict["step"]
     row.violations = json.dumps(verdict["violations"])
-    row.evaluated_at = _now()
+    row.evaluated_at = utcnow()
     changed = passed is not previous if previous is not None else not passed
     if not (changed and check.notify):
         return None
@@ -128,7 +120,7 @@ def record_verdict(session: Session, *, run_id: int, check: GateCheck) -> Alert 
     assert run is not None  # the gate row's foreign key
     alert = Alert(run_id=run_id, step=verdict["step"], passed=passed, previous=previous,
                   payload="{}", status=AlertStatus.PENDING.value, attempts=0,
-                  next_attempt_at=_now(), created_at=_now())
+                  next_attempt_at=utcnow(), created_at=utcnow())
     session.add(alert)
     session.flush()  # the id goes into the body
     alert.payload = json.dumps(payload_of(alert.id, run, verdict, previous))
@@ -145,7 +137,7 @@ def set_rules(session: Session, *, run_id: int, overrides: dict[str, Any],
     rules = defaults.merged(overrides)
     row = _gate_row(session, run_id)
     row.rules = json.dumps(overrides, sort_keys=True)
-    row.rules_updated_at = _now()
+    row.rules_updated_at = utcnow()
     return rules
 
 
@@ -162,7 +154,7 @@ def list_alerts(session: Session, *, run_id: int, limit: int, offset: int) -> li
 
 def recover_stale(session: Session, *, max_attempts: int) -> int:
     """Alerts whose sender died or hung mid-delivery: due again, or failed when spent."""
-    now = _now()
+    now = utcnow()
     query = select(Alert).where(Alert.status == AlertStatus.SENDING.value,
                                 Alert.lease_expires_at < now)
     if session.get_bind().dialect.name == "postgresql":
@@ -185,7 +177,7 @@ def claim(session: Session, *, worker_id: str, lease_s: float) -> ClaimedAlert |
     One run's alerts go out in order: a "passes again" never overtakes the "fails" it follows
     while that one waits for a retry.
     """
-    now = _now()
+    now = utcnow()
     earlier = aliased(Alert)
     open_ = (AlertStatus.PENDING.value, AlertStatus.SENDING.value)
     query = (select(Alert).where(
@@ -216,7 +208,7 @@ def finish(session: Session, *, alert_id: int, worker_id: str, status_code: int 
 
     Returns False when this worker no longer held the alert (its lease ran out meanwhile).
     """
-    now = _now()
+    now = utcnow()
     values: dict[str, Any] = {"last_status_code": status_code, "last_error": error,
                               "worker_id": None, "lease_expires_at": None}
     if error is None:
@@ -240,4 +232,4 @@ def next_due_in(session: Session) -> float | None:
         return None
     if due.tzinfo is None:  # SQLite gives back naive UTC
         due = due.replace(tzinfo=UTC)
-    return (due - _now()).total_seconds()
+    return (due - utcnow()).total_seconds()

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from enum import Enum
 from typing import Any
 
 from sqlalchemy import delete, func, insert, select, text, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from alphawatch.service.db.aggregates import stat_rows, weight_rows
@@ -31,6 +30,7 @@ from alphawatch.service.db.models import (
     Run,
     Spectrum,
 )
+from alphawatch.service.db.session import dialect_insert, utcnow
 from alphawatch.trust import Thresholds
 
 log = logging.getLogger("alphawatch.queue")
@@ -97,15 +97,6 @@ def move(job: AnalysisJob, checkpoint: Checkpoint | None, event: Event) -> None:
         checkpoint.status = transition.checkpoint.value
 
 
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
-def _insert(session: Session, table: Any) -> Any:
-    """``INSERT`` for the session's dialect, where ``on_conflict_do_nothing`` exists."""
-    if session.get_bind().dialect.name == "postgresql":
-        return postgresql.insert(table)
-    return sqlite.insert(table)
 
 
 def ensure_run(session: Session, *, name: str, path: str) -> int:
@@ -123,7 +114,7 @@ def ensure_run(session: Session, *, name: str, path: str) -> int:
         if session.scalars(select(Run.id).where(Run.name == unique)).first() is not None:
             continue
         created = session.scalar(
-            _insert(session, Run).values(name=unique, path=path, created_at=_now())
+            dialect_insert(session, Run).values(name=unique, path=path, created_at=utcnow())
             .on_conflict_do_nothing(index_elements=["name"]).returning(Run.id))
         if created is not None:
             return int(created)
@@ -139,9 +130,9 @@ def register_checkpoint(
     instead of failing the transaction.
     """
     checkpoint_id = session.scalar(
-        _insert(session, Checkpoint).values(
+        dialect_insert(session, Checkpoint).values(
             run_id=run_id, step=step, path=path, fingerprint=fingerprint, format=fmt,
-            status=CheckpointStatus.PENDING.value, discovered_at=_now(), analysis_count=0)
+            status=CheckpointStatus.PENDING.value, discovered_at=utcnow(), analysis_count=0)
         .on_conflict_do_nothing(index_elements=["run_id", "step"]).returning(Checkpoint.id))
     if checkpoint_id is None:
         return None
@@ -159,10 +150,10 @@ def register_refused(
     error as its ``discovery_error`` (results stored before stay).
     """
     checkpoint_id = session.scalar(
-        _insert(session, Checkpoint).values(
+        dialect_insert(session, Checkpoint).values(
             run_id=run_id, step=step, path=path, fingerprint="", format=fmt,
             status=CheckpointStatus.FAILED.value,
-            error=error, discovery_error=error, discovered_at=_now(), finished_at=_now(),
+            error=error, discovery_error=error, discovered_at=utcnow(), finished_at=utcnow(),
             analysis_count=0)
         .on_conflict_do_nothing(index_elements=["run_id", "step"]).returning(Checkpoint.id))
     if checkpoint_id is None:
@@ -221,7 +212,7 @@ def requeue_rewritten(session: Session, *, checkpoint_id: int, fingerprint: str)
         session.add(job)
     move(job, checkpoint, Event.REQUEUE)
     job.attempts, job.worker_id, job.last_error, job.lease_expires_at = 0, None, None, None
-    checkpoint.fingerprint, checkpoint.rewritten_at = fingerprint, _now()
+    checkpoint.fingerprint, checkpoint.rewritten_at = fingerprint, utcnow()
     checkpoint.error = checkpoint.discovery_error = None
     return True
 
@@ -267,7 +258,7 @@ _CLAIM_POSTGRES = text(
 
 def claim(session: Session, *, worker_id: str, lease_s: float) -> ClaimedJob | None:
     """Take the oldest queued job with a lease of ``lease_s`` seconds; commits at once."""
-    now = _now()
+    now = utcnow()
     lease = now + timedelta(seconds=lease_s)
     claiming = TRANSITIONS[Event.CLAIM]
     if session.get_bind().dialect.name == "postgresql":
@@ -305,7 +296,7 @@ def claim(session: Session, *, worker_id: str, lease_s: float) -> ClaimedJob | N
 
 def heartbeat(session: Session, *, job_id: int, worker_id: str, lease_s: float) -> bool:
     """Extend the lease; False when this worker no longer holds the job."""
-    now = _now()
+    now = utcnow()
     result = session.execute(
         update(AnalysisJob)
         .where(AnalysisJob.id == job_id, AnalysisJob.worker_id == worker_id,
@@ -371,7 +362,7 @@ def complete(
     assert checkpoint is not None
     move(job, checkpoint, Event.COMPLETE)
     checkpoint.error = None
-    checkpoint.finished_at, checkpoint.analysis_s, checkpoint.device = _now(), elapsed_s, device
+    checkpoint.finished_at, checkpoint.analysis_s, checkpoint.device = utcnow(), elapsed_s, device
     weights = weight_rows(layers)  # what the checkpoint's counts and statistics are about
     checkpoint.n_layers = len(weights)
     checkpoint.analysis_count += 1
@@ -409,7 +400,7 @@ def fail(
     else:
         move(job, checkpoint, Event.GIVE_UP if job.attempts >= max_attempts else Event.RETRY)
     job.worker_id, job.lease_expires_at = None, None
-    checkpoint.finished_at = _now()
+    checkpoint.finished_at = utcnow()
 
 
 def requeue_stale(session: Session, *, max_attempts: int = 3) -> int:
@@ -419,7 +410,7 @@ def requeue_stale(session: Session, *, max_attempts: int = 3) -> int:
     memory, a crash in native code) ends ``failed`` after ``max_attempts`` instead of going back
     to the queue for ever.
     """
-    now = _now()
+    now = utcnow()
     query = select(AnalysisJob).where(AnalysisJob.status == JobStatus.RUNNING.value,
                                       AnalysisJob.lease_expires_at < now)
     if session.get_bind().dialect.name == "postgresql":

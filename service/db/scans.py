@@ -9,24 +9,22 @@ this worker, or run out), which works the same on PostgreSQL and SQLite.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from alphawatch.service.db.models import DiscoveryLease, Run
+from alphawatch.service.db.session import utcnow
 
 DISCOVERY = "discovery"
 
 
-def _now() -> datetime:
-    return datetime.now(UTC)
-
 
 def request_scan(session: Session, *, run_id: int) -> datetime | None:
     """Ask for a full scan of the run at the next tick; when, or None for an unknown run."""
-    now = _now()
+    now = utcnow()
     result = session.execute(update(Run).where(Run.id == run_id)
                              .values(scan_requested_at=now))
     return now if getattr(result, "rowcount", 0) else None
@@ -57,7 +55,7 @@ def clear_scan_request(session: Session, *, request: ScanRequest) -> None:
 
 def hold_lease(session: Session, *, holder: str, ttl_s: float, name: str = DISCOVERY) -> bool:
     """Take or renew the lease for ``ttl_s`` seconds; False while another worker holds it."""
-    now = _now()
+    now = utcnow()
     values = {"holder": holder, "expires_at": now + timedelta(seconds=ttl_s)}
     result = session.execute(update(DiscoveryLease).where(
         DiscoveryLease.name == name,

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
 _ENGINES: dict[str, Engine] = {}
@@ -60,3 +62,15 @@ def session_scope(engine: Engine) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def utcnow() -> datetime:
+    """Now, timezone-aware (UTC): what every timestamp column is written with."""
+    return datetime.now(UTC)
+
+
+def dialect_insert(session: Session, table: Any) -> Any:
+    """``INSERT`` for the session's dialect, where ``on_conflict_do_nothing`` exists."""
+    if session.get_bind().dialect.name == "postgresql":
+        return postgresql.insert(table)
+    return sqlite.insert(table)
