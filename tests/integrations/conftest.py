@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -136,3 +137,15 @@ class Tokens:
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         return {"input_ids": self.data[i], "labels": self.data[i]}
+
+
+def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """What the integrations warned about (the callbacks' only way to speak)."""
+    return [r.getMessage() for r in caplog.records
+            if r.name == "alphawatch.integrations" and r.levelno >= logging.WARNING]
+
+
+def analysed_steps(live: Live, run_id: int) -> list[int]:
+    """Steps of a run's checkpoints the live server serves as analysed."""
+    checkpoints = live.get(f"/runs/{run_id}/checkpoints")["checkpoints"]
+    return [c["step"] for c in checkpoints if c["status"] == "done"]

@@ -17,7 +17,15 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from alphawatch.integrations.hf import AlphaWatchCallback
 from alphawatch.integrations.link import gate_failed
 from tests.db import wait_until
-from tests.integrations.conftest import HAS_SCAN_ROUTE, Live, Tokens, start_live, tiny_llama
+from tests.integrations.conftest import (
+    HAS_SCAN_ROUTE,
+    Live,
+    Tokens,
+    analysed_steps,
+    start_live,
+    tiny_llama,
+    warnings_of,
+)
 from tests.pg import free_port
 
 
@@ -35,17 +43,7 @@ def _trainer(out: Path, callbacks: list[Any], *, steps: int = 30,
                    train_dataset=Tokens(), callbacks=callbacks)
 
 
-def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records
-            if r.name == "alphawatch.integrations" and r.levelno >= logging.WARNING]
-
-
-def _analysed(live: Live, run_id: int) -> list[int]:
-    checkpoints = live.get(f"/runs/{run_id}/checkpoints")["checkpoints"]
-    return [c["step"] for c in checkpoints if c["status"] == "done"]
-
-
-def test_trainer_run_is_registered_and_every_save_analysed(
+def test_trainer_run_is_registered_and_every_saveanalysed_steps(
         live: Live, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="alphawatch.integrations")
     out = live.root / "tiny-llama"
@@ -58,14 +56,15 @@ def test_trainer_run_is_registered_and_every_save_analysed(
     assert run is not None, "the run was not registered"
     assert run.name == "tiny-llama" and Path(run.path) == out.resolve()
     # The folder is watched by the worker from registration on: every save is analysed.
-    wait_until(lambda: _analysed(live, run.id) == [10, 20, 30], 90, "steps 10, 20, 30 analysed")
+    wait_until(lambda: analysed_steps(live, run.id) == [10, 20, 30], 90,
+               "steps 10, 20, 30 analysed")
     trend = live.get(f"/runs/{run.id}/trend?filter=all")
     assert [p["step"] for p in trend["points"]] == [10, 20, 30]
     assert all(p["n_used"] > 0 and p["value"] is not None for p in trend["points"])
     if HAS_SCAN_ROUTE:
-        assert _warnings(caplog) == []
+        assert warnings_of(caplog) == []
     else:  # the nudge is refused (404) three times: one warning, and the poll does the rest
-        assert len(_warnings(caplog)) == 1 and "scan" in _warnings(caplog)[0]
+        assert len(warnings_of(caplog)) == 1 and "scan" in warnings_of(caplog)[0]
     layers = live.get(f"/runs/{run.id}/checkpoints/30/layers")["layers"]
     assert any(layer["name"] == "model.layers.1.mlp.down_proj" for layer in layers)
 
@@ -88,7 +87,7 @@ def test_a_server_that_is_down_costs_one_warning(tmp_path: Path,
     assert trainer.state.global_step == 20
     assert sorted(p.name for p in out.glob("checkpoint-*")) == [
         "checkpoint-10", "checkpoint-15", "checkpoint-20", "checkpoint-5"]
-    warnings = _warnings(caplog)
+    warnings = warnings_of(caplog)
     assert len(warnings) == 1, warnings
     assert "cannot reach" in warnings[0] and "training goes on" in warnings[0]
     assert callback.link.run is None and not callback.stopped_by_gate
@@ -102,7 +101,7 @@ def test_a_refused_registration_costs_one_warning(live: Live,
     trainer = _trainer(live.root / "refused", [callback], steps=20, save_every=5)
     trainer.train()
     assert trainer.state.global_step == 20
-    warnings = _warnings(caplog)
+    warnings = warnings_of(caplog)
     assert len(warnings) == 1 and "HTTP 401" in warnings[0], warnings
     assert callback.link.run is None and live.get("/runs")["runs"] == []
 
@@ -178,6 +177,6 @@ def test_a_save_is_analysed_at_once_when_the_server_can_be_asked_to_scan(
     saved = time.monotonic()
     run = callback.link.run
     assert run is not None
-    wait_until(lambda: _analysed(live, run.id) == [10], 15, "step 10 analysed after the nudge")
+    wait_until(lambda: analysed_steps(live, run.id) == [10], 15, "step 10 analysed after the nudge")
     assert time.monotonic() - saved < 15
-    assert _warnings(caplog) == []
+    assert warnings_of(caplog) == []

@@ -17,7 +17,14 @@ from torch.utils.data import DataLoader
 
 from alphawatch.integrations.lightning import AlphaWatchCallback
 from tests.db import wait_until
-from tests.integrations.conftest import HAS_SCAN_ROUTE, Live, Tokens, tiny_llama
+from tests.integrations.conftest import (
+    HAS_SCAN_ROUTE,
+    Live,
+    Tokens,
+    analysed_steps,
+    tiny_llama,
+    warnings_of,
+)
 from tests.pg import free_port
 
 
@@ -45,17 +52,7 @@ def _fit(folder: Path, callback: pl.Callback, *, steps: int = 30,
     return trainer
 
 
-def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records
-            if r.name == "alphawatch.integrations" and r.levelno >= logging.WARNING]
-
-
-def _analysed(live: Live, run_id: int) -> list[int]:
-    checkpoints = live.get(f"/runs/{run_id}/checkpoints")["checkpoints"]
-    return [c["step"] for c in checkpoints if c["status"] == "done"]
-
-
-def test_lightning_run_is_registered_and_every_save_analysed(
+def test_lightning_run_is_registered_and_every_saveanalysed_steps(
         live: Live, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="alphawatch.integrations")
     folder = live.root / "lit-llama"
@@ -67,13 +64,14 @@ def test_lightning_run_is_registered_and_every_save_analysed(
 
     run = callback.link.run
     assert run is not None and run.name == "lit-llama" and Path(run.path) == folder.resolve()
-    wait_until(lambda: _analysed(live, run.id) == [10, 20, 30], 90, "steps 10, 20, 30 analysed")
+    wait_until(lambda: analysed_steps(live, run.id) == [10, 20, 30], 90,
+               "steps 10, 20, 30 analysed")
     layers = live.get(f"/runs/{run.id}/checkpoints/30/layers")["layers"]
     assert any(layer["name"].endswith("layers.1.self_attn.q_proj") for layer in layers)
     if HAS_SCAN_ROUTE:
-        assert _warnings(caplog) == []
+        assert warnings_of(caplog) == []
     else:
-        assert len(_warnings(caplog)) == 1 and "scan" in _warnings(caplog)[0]
+        assert len(warnings_of(caplog)) == 1 and "scan" in warnings_of(caplog)[0]
 
 
 def test_lightning_with_the_server_down_trains_on(tmp_path: Path,
@@ -83,7 +81,7 @@ def test_lightning_with_the_server_down_trains_on(tmp_path: Path,
     trainer = _fit(tmp_path / "ckpt", callback, steps=20, save_every=5)
     assert trainer.global_step == 20
     assert len(list((tmp_path / "ckpt").glob("*.ckpt"))) == 4
-    warnings = _warnings(caplog)
+    warnings = warnings_of(caplog)
     assert len(warnings) == 1 and "cannot reach" in warnings[0], warnings
     assert not callback.stopped_by_gate
 
