@@ -7,11 +7,15 @@ References: Clauset, Shalizi & Newman, "Power-law distributions in empirical dat
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 from alphawatch.vocabulary import FitMethod
 from alphawatch.workers.spectral.types import PowerLawFit
+
+if TYPE_CHECKING:
+    import torch
 
 EVALS_THRESH = 1e-5
 """Absolute eigenvalue floor of weightwatcher 0.7.7 (``EVALS_THRESH``) for the ``ww`` method."""
@@ -41,28 +45,56 @@ def _all_alphas(logs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return alphas, n
 
 
+def _on_cpu(device: str | torch.device) -> bool:
+    return str(device).split(":", 1)[0] == "cpu"
+
+
+def _gaps(logs: np.ndarray, alphas: np.ndarray, n: np.ndarray, cand: np.ndarray, *,
+          two_sided: bool, device: str | torch.device) -> np.ndarray:
+    """Exact KS distance of the tails starting at the indices ``cand`` (one matrix).
+
+    D_i = max_j |1 − (λ_j/λ_i)^(1−α_i) − (j − i)/n_i| over j ≥ i (two-sided: the larger of
+    both CDF gaps), written through logs to stay vectorised. numpy on the CPU (no torch in the
+    fit's path), torch on an accelerator.
+    """
+    first = int(cand.min())
+    if not _on_cpu(device):
+        return _gaps_torch(logs, alphas, n, cand, first, two_sided=two_sided, device=device)
+    k = (np.arange(first, logs.size)[None, :] - cand[:, None]).astype(np.float64)
+    nn = n[cand, None]
+    with np.errstate(over="ignore", invalid="ignore"):
+        cdf = 1.0 - np.exp((1.0 - alphas[cand, None]) * (logs[None, first:] - logs[cand, None]))
+        emp = k / nn
+        gap = np.abs(cdf - emp) if not two_sided else np.maximum(cdf - emp, (k + 1.0) / nn - cdf)
+        gap = np.where(k >= 0, gap, 0.0)
+    return np.asarray(gap.max(axis=1), dtype=np.float64)
+
+
+def _gaps_torch(logs: np.ndarray, alphas: np.ndarray, n: np.ndarray, cand: np.ndarray,
+                first: int, *, two_sided: bool, device: str | torch.device) -> np.ndarray:
+    import torch
+
+    log_t = torch.as_tensor(logs[first:], dtype=torch.float64, device=device)
+    idx = torch.as_tensor(cand - first, device=device)
+    a = torch.as_tensor(alphas[cand], dtype=torch.float64, device=device)
+    nn = torch.as_tensor(n[cand], dtype=torch.float64, device=device)[:, None]
+    j = torch.arange(log_t.numel(), device=device)
+    k = (j[None, :] - idx[:, None]).to(torch.float64)
+    cdf = 1.0 - torch.exp((1.0 - a[:, None]) * (log_t[None, :] - log_t[idx][:, None]))
+    emp = k / nn
+    gap = (cdf - emp).abs() if not two_sided else torch.maximum(cdf - emp, (k + 1.0) / nn - cdf)
+    gap = torch.where(k >= 0, gap, torch.zeros_like(gap))
+    return np.asarray(gap.max(dim=1).values.cpu().numpy(), dtype=np.float64)
+
+
 def _all_ks(logs: np.ndarray, alphas: np.ndarray, n: np.ndarray, *, two_sided: bool,
-            device: torch.device) -> np.ndarray:
-    """KS distance of every candidate xmin at once, in chunks of candidates."""
-    total = logs.size
-    log_t = torch.as_tensor(logs, dtype=torch.float64, device=device)
+            device: str | torch.device = "cpu") -> np.ndarray:
+    """KS distance of every candidate xmin (1 where α ≤ 1 or undefined), in chunks."""
     out = np.ones(alphas.size, dtype=np.float64)
-    chunk = max(1, _CHUNK_ELEMENTS // max(total, 1))
-    j = torch.arange(total, device=device)
+    chunk = max(1, _CHUNK_ELEMENTS // max(logs.size, 1))
     for start in range(0, alphas.size, chunk):
         stop = min(start + chunk, alphas.size)
-        idx = torch.arange(start, stop, device=device)
-        a = torch.as_tensor(alphas[start:stop], dtype=torch.float64, device=device)
-        nn = torch.as_tensor(n[start:stop], dtype=torch.float64, device=device)
-        k = (j[None, :] - idx[:, None]).to(torch.float64)  # position inside each tail
-        mask = k >= 0
-        # theoretical CDF 1 − (λ/xmin)^(1−α), written through logs to stay vectorised
-        cdf = 1.0 - torch.exp((1.0 - a[:, None]) * (log_t[None, :] - log_t[idx][:, None]))
-        emp = k / nn[:, None]
-        gap = (cdf - emp).abs() if not two_sided else torch.maximum(
-            cdf - emp, (k + 1.0) / nn[:, None] - cdf)
-        gap = torch.where(mask, gap, torch.zeros_like(gap))
-        d = gap.max(dim=1).values.cpu().numpy()
+        d = _gaps(logs, alphas, n, np.arange(start, stop), two_sided=two_sided, device=device)
         valid = np.isfinite(alphas[start:stop]) & (alphas[start:stop] > 1.0)
         out[start:stop] = np.where(valid, d, 1.0)
     return out
@@ -71,37 +103,20 @@ def _all_ks(logs: np.ndarray, alphas: np.ndarray, n: np.ndarray, *, two_sided: b
 _BOUND_POINTS = 64
 _PRUNE_BELOW = 256
 _MARGIN = 1e-12
-
-
-def _ks_at(log_t: torch.Tensor, alphas: np.ndarray, n: np.ndarray, cand: np.ndarray, *,
-           two_sided: bool, device: torch.device) -> np.ndarray:
-    """Exact KS distance of the candidates ``cand`` (indices), as ``_all_ks`` computes it."""
-    total = int(log_t.numel())
-    first = int(cand.min())
-    idx = torch.as_tensor(cand, device=device)
-    a = torch.as_tensor(alphas[cand], dtype=torch.float64, device=device)
-    nn = torch.as_tensor(n[cand], dtype=torch.float64, device=device)
-    j = torch.arange(first, total, device=device)  # the tails start at `first` or later
-    k = (j[None, :] - idx[:, None]).to(torch.float64)
-    mask = k >= 0
-    cdf = 1.0 - torch.exp((1.0 - a[:, None]) * (log_t[None, first:] - log_t[idx][:, None]))
-    emp = k / nn[:, None]
-    gap = (cdf - emp).abs() if not two_sided else torch.maximum(
-        cdf - emp, (k + 1.0) / nn[:, None] - cdf)
-    gap = torch.where(mask, gap, torch.zeros_like(gap))
-    return np.asarray(gap.max(dim=1).values.cpu().numpy(), dtype=np.float64)
+_FIRST_EXACT = 8
 
 
 def _best_ks(logs: np.ndarray, alphas: np.ndarray, n: np.ndarray, *, two_sided: bool,
-             device: torch.device) -> tuple[int, float]:
+             device: str | torch.device = "cpu") -> tuple[int, float]:
     """``i = argmin(_all_ks(...))`` and its distance, without every candidate's full distance.
 
     The gap of candidate i evaluated at ``_BOUND_POINTS`` positions spread over its tail is a
     lower bound of its distance D_i (a maximum over fewer positions). Candidates are computed
-    exactly in increasing order of that bound, until the next bound exceeds the smallest exact
-    distance found: every candidate left has a larger D, so the minimum, and the first index
-    reaching it, are those of the full search. O(N·(points + a few candidates)) instead of
-    O(N²). Anything unusual (no valid candidate, NaN, a best D of 1) takes the full search.
+    exactly in increasing order of that bound, in batches of 8, 16, 32, ..., until the next
+    bound exceeds the smallest exact distance found: every candidate left has a larger D, so
+    the minimum, and the first index reaching it, are those of the full search.
+    O(N·(points + a few candidates)) instead of O(N²). Anything unusual (no valid candidate,
+    NaN, a best D of 1) takes the full search.
     """
     total = logs.size
     valid = np.flatnonzero(np.isfinite(alphas) & (alphas > 1.0))
@@ -125,20 +140,20 @@ def _best_ks(logs: np.ndarray, alphas: np.ndarray, n: np.ndarray, *, two_sided: 
     if not np.all(np.isfinite(bound)):
         return full()
     order = np.argsort(bound, kind="stable")
-    log_t = torch.as_tensor(logs, dtype=torch.float64, device=device)
-    chunk = max(4, _CHUNK_ELEMENTS // max(total, 1))
+    most = max(_FIRST_EXACT, _CHUNK_ELEMENTS // max(total, 1))
+    chunk = _FIRST_EXACT
     best, best_i = np.inf, -1
     start = 0
     while start < order.size and bound[order[start]] <= best * (1.0 + _MARGIN) + _MARGIN:
         stop = min(start + chunk, order.size)
         cand = valid[order[start:stop]]
-        ds = _ks_at(log_t, alphas, n, cand, two_sided=two_sided, device=device)
+        ds = _gaps(logs, alphas, n, cand, two_sided=two_sided, device=device)
         if not np.all(np.isfinite(ds)):
             return full()
         for i, d in zip(cand.tolist(), ds.tolist(), strict=True):
             if d < best or (d == best and i < best_i):
                 best, best_i = d, i
-        start = stop
+        start, chunk = stop, min(2 * chunk, most)
     if best_i < 0 or best >= 1.0:
         return full()
     return best_i, float(best)
@@ -168,7 +183,7 @@ def fit_power_law(
     seed : int
         Seed of the bootstrap.
     device : str or torch.device
-        Where the KS pass runs.
+        Where the KS pass runs: numpy on the CPU, torch elsewhere.
 
     Returns
     -------
@@ -195,8 +210,7 @@ def fit_power_law(
         return None
     logs = np.log(data)
     alphas, n = _all_alphas(logs)
-    i, distance = _best_ks(logs, alphas, n, two_sided=method == "ks2",
-                           device=torch.device(device))
+    i, distance = _best_ks(logs, alphas, n, two_sided=method == "ks2", device=device)
     alpha, xmin, tail_n = float(alphas[i]), float(data[i]), int(n[i])
     sigma = (alpha - 1.0) / np.sqrt(tail_n)
     neighbours = [alphas[j] for j in (i - 1, i + 1) if 0 <= j < alphas.size]
