@@ -146,3 +146,82 @@ def test_upper_gamma_equals_mpmath() -> None:
             assert upper_gamma(a, x) == pytest.approx(expected, rel=1e-11), (a, x)
     for a in (-3.0, -2.0, 0.0, 0.5, 1.0):  # integer orders: the recurrence's special points
         assert upper_gamma(a, 0.3) == pytest.approx(float(mpmath.gammainc(a, 0.3)), rel=1e-12)
+
+
+def _law_costs() -> list[tuple[str, object, list[float], tuple[Any, ...]]]:
+    from alphawatch.workers.spectral import compare
+
+    out = []
+    for case in ("pareto_2.5", "pareto_4.5", "lognormal", "truncated"):
+        data = np.sort(_samples(case))
+        for law in (compare._PowerLaw, compare._TruncatedPowerLaw, compare._Lognormal):
+            model = law(data, float(data[0]))
+
+            def cost(params: list[float], model: Any = model) -> float:
+                with np.errstate(all="ignore"):
+                    return float(-np.sum(model.loglikelihoods([float(p) for p in params])))
+
+            out.append((f"{case}/{law.__name__}", cost, model.params, model.bounds))
+    return out
+
+
+def test_nelder_mead_is_scipys_step_for_step() -> None:
+    import scipy.optimize
+
+    from alphawatch.workers.spectral.compare import nelder_mead
+
+    def flat(p: list[float]) -> float:  # ties everywhere: the order of equal values decides
+        return float(np.floor(4 * abs(p[0] - 0.3)) + np.floor(4 * abs(p[1] + 2.0)))
+
+    def rosen(p: list[float]) -> float:  # runs out of its 400 calls
+        return float(100 * (p[1] - p[0] ** 2) ** 2 + (1 - p[0]) ** 2)
+
+    cases = [*_law_costs(),
+             ("flat", flat, [1.0, 0.0], ((None, None), (-1.0, 3.0))),
+             ("rosen", rosen, [-40.0, 49.99], ((-50.0, 50.0), (0.0, 50.0))),
+             ("at the bound", lambda p: (p[0] - 60.0) ** 2, [49.9], ((0.0, 50.0),))]
+    for name, cost, x0, bounds in cases:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            expected = scipy.optimize.minimize(cost, x0=x0, bounds=list(bounds),
+                                               method="Nelder-Mead", tol=1e-4).x
+        assert nelder_mead(cost, x0, bounds) == [float(v) for v in expected], name
+
+
+def test_small_sorts_keep_numpys_order_of_ties() -> None:
+    import itertools
+
+    from alphawatch.workers.spectral.compare import _argsort
+
+    values = [0.0, -0.0, 1.0, 2.0, np.nan, np.inf, -np.inf]
+    for n in (2, 3):
+        for pattern in itertools.product(values, repeat=n):
+            assert _argsort(list(pattern)) == np.argsort(np.array(pattern)).tolist(), pattern
+
+
+def test_lognormal_normaliser_is_mpmaths_to_a_few_ulps() -> None:
+    import mpmath
+
+    from alphawatch.workers.spectral.compare import _lognormal_norm
+
+    rng = np.random.default_rng(1)
+    for z in np.concatenate([rng.uniform(-6, 27.5, 3000), np.linspace(26.0, 27.4, 200)]):
+        sigma = float(10 ** rng.uniform(-2, 2))
+        expected = np.float64(sigma * np.sqrt(np.pi / 2) * mpmath.erfc(z))
+        ours = _lognormal_norm(sigma, float(z))
+        if expected < 0.99e-300:  # denormal or near: mpmath itself, to the last bit
+            assert ours == expected, z
+        else:  # libm's erfc: measured within 3 ulps of the correctly rounded value
+            assert abs(ours - expected) <= 4 * np.spacing(expected), z
+
+
+def test_importing_the_tests_loads_no_optimiser() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, alphawatch.workers.spectral.compare; "
+            "print(sorted(m for m in ('scipy.optimize', 'scipy.special', 'mpmath') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"

@@ -3,9 +3,11 @@ lognormal, on the fitted tail (same xmin), and the truncated-power-law fit of me
 
 This is what powerlaw 2.0.0 computes for ``Fit(tail, xmin=xmin, parameter_ranges=RANGES)
 .distribution_compare("power_law", alternative, normalized_ratio=True)`` — the same maximum
-likelihood fits (Nelder–Mead from the same start, same bounds and tolerance, the same
-densities and floors), with the per-value densities computed on whole arrays and without the
-per-evaluation object overhead. tests/spectral/test_compare.py holds it to powerlaw itself.
+likelihood fits (scipy's bounded Nelder–Mead from the same start, same bounds and tolerance,
+step for step, on the same densities and floors), with the per-value densities computed on
+whole arrays and without the per-evaluation object overhead. tests/spectral/test_compare.py
+holds it to powerlaw itself. Neither scipy.optimize nor mpmath is imported at start-up:
+mpmath only where float64 underflows, scipy.special at the first test.
 
 The sign is powerlaw's: R > 0 favours the power law, R < 0 the alternative. R is the normalised
 ratio R / √(n·var) (weightwatcher's reading); p is powerlaw's: for the nested truncated power
@@ -25,10 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
-import mpmath
 import numpy as np
-import scipy.optimize
-import scipy.special
 
 from alphawatch.trust import Thresholds
 from alphawatch.vocabulary import FitStatus
@@ -40,6 +39,8 @@ RANGES: dict[str, list[float]] = {"alpha": list(ALPHA_RANGE)}
 _FLOOR = 10.0 ** sys.float_info.min_10_exp  # powerlaw's likelihood of an impossible value
 _LOG_FLOOR = float(np.log(10.0 ** sys.float_info.min_10_exp))
 _TOL = 1e-4
+_ALPHA_LO, _ALPHA_HI = ALPHA_RANGE
+_NORMAL = 1e-300  # above this, libm's erfc keeps its full precision
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,8 @@ def _continued_fraction(a: float, x: float) -> float:
 
 
 def _mp_gamma(a: float, x: float) -> float:
+    import mpmath  # only where float64 would cancel, overflow or underflow
+
     return float(mpmath.gammainc(a, x))
 
 
@@ -100,6 +103,8 @@ def upper_gamma(a: float, x: float) -> float:
     """
     if x >= 1.0:
         return _continued_fraction(a, x)
+    import scipy.special  # on first use: not at start-up
+
     if a > 0:
         return float(scipy.special.gammaincc(a, x) * scipy.special.gamma(a))
     k = math.floor(-a) + 1
@@ -119,10 +124,118 @@ def upper_gamma(a: float, x: float) -> float:
     return g if math.isfinite(g) and g != 0 else _mp_gamma(a, x)
 
 
-def _in_range(values: list[float],
-              bounds: tuple[tuple[float | None, float | None], ...]) -> bool:
-    return all((lo is None or v > lo) and (hi is None or v < hi)
-               for v, (lo, hi) in zip(values, bounds, strict=True))
+class _TooManyCalls(Exception):
+    pass
+
+
+def _nan_last(value: float) -> tuple[bool, float]:
+    return (True, 0.0) if value != value else (False, value)
+
+
+def _argsort(values: list[float]) -> list[int]:
+    """``np.argsort(values)``, as scipy sorts the simplex: NaN last, equal values in order.
+
+    For the 2 or 3 vertices of these fits numpy's sort keeps equal values in their order, as
+    Python's stable sort does (tests/spectral/test_compare.py checks every pattern of ties);
+    numpy itself for larger simplices.
+    """
+    if len(values) <= 3:
+        return sorted(range(len(values)), key=lambda i: _nan_last(values[i]))
+    return [int(i) for i in np.argsort(np.array(values, dtype=np.float64))]
+
+
+def _clip(x: list[float], lo: list[float], hi: list[float]) -> list[float]:
+    # np.clip: NaN passes through
+    return [lo_ if v < lo_ else (hi_ if v > hi_ else v) for v, lo_, hi_ in zip(x, lo, hi,
+                                                                               strict=True)]
+
+
+def nelder_mead(cost: Callable[[list[float]], float], x0: list[float],
+                bounds: tuple[tuple[float | None, float | None], ...]) -> list[float]:
+    """``scipy.optimize.minimize(cost, x0, bounds=bounds, method="Nelder-Mead", tol=1e-4).x``.
+
+    scipy 1.x's bounded Nelder–Mead step for step (the same simplex, the same arithmetic on the
+    same floats, the same order of equal values, the same limit of 200·N calls), on Python
+    floats: for the one or two parameters of these laws its per-step array overhead, not the
+    likelihood, was most of the cost. tests/spectral/test_compare.py holds it to scipy.
+    """
+    n = len(x0)
+    lo = [-math.inf if b[0] is None else float(b[0]) for b in bounds]
+    hi = [math.inf if b[1] is None else float(b[1]) for b in bounds]
+    start = _clip([float(v) for v in x0], lo, hi)
+    sim = [start]
+    for k in range(n):
+        y = list(start)
+        y[k] = (1 + 0.05) * y[k] if y[k] != 0 else 0.00025
+        sim.append(y)
+    # a simplex beyond an upper bound is reflected into the interior, then clipped
+    sim = [_clip([2 * h - v if v > h else v for v, h in zip(row, hi, strict=True)], lo, hi)
+           for row in sim]
+    limit = 200 * n
+    calls = 0
+
+    def f(x: list[float]) -> float:
+        nonlocal calls
+        if calls >= limit:
+            raise _TooManyCalls
+        calls += 1
+        return float(cost(list(x)))
+
+    fsim = [math.inf] * (n + 1)
+    try:
+        for k in range(n + 1):
+            fsim[k] = f(sim[k])
+    except _TooManyCalls:
+        pass
+    for _ in range(2):  # scipy sorts twice here; an unstable sort may reorder equal values
+        order = _argsort(fsim)
+        sim, fsim = [sim[i] for i in order], [fsim[i] for i in order]
+    iterations = 1
+    while calls < limit and iterations < limit:
+        try:
+            best, worst = sim[0], sim[-1]
+            if (all(abs(v - b) <= _TOL for row in sim[1:] for v, b in zip(row, best, strict=True))
+                    and all(abs(fsim[0] - v) <= _TOL for v in fsim[1:])):
+                break
+            xbar = [sum_ / n for sum_ in ([sum(col) for col in zip(*sim[:-1], strict=True)]
+                                          if n > 1 else sim[0])]
+            xr = _clip([2 * m - w for m, w in zip(xbar, worst, strict=True)], lo, hi)
+            fxr = f(xr)
+            if fxr < fsim[0]:
+                xe = _clip([3 * m - 2 * w for m, w in zip(xbar, worst, strict=True)], lo, hi)
+                fxe = f(xe)
+                sim[-1], fsim[-1] = (xe, fxe) if fxe < fxr else (xr, fxr)
+            elif fxr < fsim[-2]:
+                sim[-1], fsim[-1] = xr, fxr
+            else:
+                shrink = False
+                if fxr < fsim[-1]:  # outside contraction
+                    xc = _clip([1.5 * m - 0.5 * w for m, w in zip(xbar, worst, strict=True)],
+                               lo, hi)
+                    fxc = f(xc)
+                    if fxc <= fxr:
+                        sim[-1], fsim[-1] = xc, fxc
+                    else:
+                        shrink = True
+                else:  # inside contraction
+                    xcc = _clip([0.5 * m + 0.5 * w for m, w in zip(xbar, worst, strict=True)],
+                                lo, hi)
+                    fxcc = f(xcc)
+                    if fxcc < fsim[-1]:
+                        sim[-1], fsim[-1] = xcc, fxcc
+                    else:
+                        shrink = True
+                if shrink:
+                    for j in range(1, n + 1):
+                        sim[j] = _clip([b + 0.5 * (v - b) for v, b in zip(sim[j], sim[0],
+                                                                           strict=True)], lo, hi)
+                        fsim[j] = f(sim[j])
+            iterations += 1
+        except _TooManyCalls:
+            pass
+        order = _argsort(fsim)
+        sim, fsim = [sim[i] for i in order], [fsim[i] for i in order]
+    return sim[0]
 
 
 def _floored_log(likelihoods: np.ndarray) -> np.ndarray:
@@ -132,29 +245,54 @@ def _floored_log(likelihoods: np.ndarray) -> np.ndarray:
 
 
 class _Law:
-    """A continuous law on [xmin, ∞) as powerlaw 2.0.0 fits it: its densities and its MLE."""
+    """A continuous law on [xmin, ∞) as powerlaw 2.0.0 fits it: its densities and its MLE.
+
+    The per-value densities are powerlaw's expressions on whole arrays, float for float; what
+    does not depend on the parameters (1/x, ln x) is computed once per tail.
+    """
 
     bounds: ClassVar[tuple[tuple[float | None, float | None], ...]]
 
     def __init__(self, data: np.ndarray, xmin: float) -> None:
         self.data, self.xmin = data, xmin
+        self.floor = np.full(data.size, _LOG_FLOOR)
+        self.floor_cost = -float(self.floor.sum())
         self.params = self.initial()
 
     def initial(self) -> list[float]:
         raise NotImplementedError
 
-    def loglikelihoods(self, params: list[float]) -> np.ndarray:
+    def likelihoods(self, params: list[float]) -> np.ndarray | None:
+        """The densities at every value, for parameters in range (floating-point errors off);
+        None: every value at the floor."""
         raise NotImplementedError
 
-    def minimise(self) -> None:
-        def cost(params: np.ndarray) -> float:
-            return float(-np.sum(self.loglikelihoods([float(p) for p in params])))
+    def loglikelihoods(self, params: list[float]) -> np.ndarray:
+        """powerlaw's log-likelihood of every value: a zero density, or parameters out of
+        range, count as the floor 10^−307."""
+        if not self.in_range(params):
+            return self.floor
+        with np.errstate(all="ignore"):
+            densities = self.likelihoods(params)
+            return self.floor if densities is None else _floored_log(densities)
 
-        with warnings.catch_warnings():
+    def in_range(self, params: list[float]) -> bool:
+        return all((lo is None or v > lo) and (hi is None or v < hi)
+                   for v, (lo, hi) in zip(params, self.bounds, strict=True))
+
+    def minimise(self) -> None:
+        def cost(params: list[float]) -> float:
+            densities = self.likelihoods(params) if self.in_range(params) else None
+            if densities is None:
+                return self.floor_cost
+            total = np.log(densities).sum()
+            if not math.isfinite(total):  # a zero density: powerlaw's floor in its place
+                total = _floored_log(densities).sum()
+            return -float(total)
+
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
             warnings.simplefilter("ignore")
-            result = scipy.optimize.minimize(cost, x0=self.params, bounds=list(self.bounds),
-                                             method="Nelder-Mead", tol=_TOL)
-        self.params = [float(p) for p in result.x]
+            self.params = nelder_mead(cost, self.params, self.bounds)
 
 
 class _PowerLaw(_Law):
@@ -169,17 +307,18 @@ class _PowerLaw(_Law):
         if not 1.5 < self.params[0] <= 3:
             self.minimise()
 
-    def loglikelihoods(self, params: list[float]) -> np.ndarray:
+    def in_range(self, params: list[float]) -> bool:
+        return _ALPHA_LO < params[0] < _ALPHA_HI
+
+    def likelihoods(self, params: list[float]) -> np.ndarray:
         (alpha,) = params
-        if not _in_range(params, self.bounds):
-            return np.full(self.data.size, _LOG_FLOOR)
         f = self.data ** (-alpha)
         if alpha <= 1:  # powerlaw then normalises on [xmin, max(data)]
-            top = float(np.max(self.data))
+            top = float(self.data[-1])
             c = (1 - alpha) / (top ** (1 - alpha) - self.xmin ** (1 - alpha))
         else:
             c = (alpha - 1) * self.xmin ** (alpha - 1)
-        return _floored_log(f * c)
+        return np.asarray(f * c)
 
 
 class _TruncatedPowerLaw(_Law):
@@ -189,36 +328,55 @@ class _TruncatedPowerLaw(_Law):
         alpha = 1 + self.data.size / np.sum(np.log(self.data / self.xmin))
         return [float(alpha), float(1 / np.mean(self.data))]
 
-    def loglikelihoods(self, params: list[float]) -> np.ndarray:
+    def in_range(self, params: list[float]) -> bool:
+        return _ALPHA_LO < params[0] < _ALPHA_HI and params[1] > 0.0
+
+    def likelihoods(self, params: list[float]) -> np.ndarray:
         alpha, lam = params
-        if not _in_range(params, self.bounds):
-            return np.full(self.data.size, _LOG_FLOOR)
-        with np.errstate(over="ignore", under="ignore", invalid="ignore"):
-            f = self.data ** (-alpha) * np.exp(-lam * self.data)
-            c = lam ** (1 - alpha) / upper_gamma(1 - alpha, lam * self.xmin)
-            return _floored_log(f * c)
+        f = self.data ** (-alpha) * np.exp(-lam * self.data)
+        c = lam ** (1 - alpha) / upper_gamma(1 - alpha, lam * self.xmin)
+        return np.asarray(f * c)
 
 
 class _Lognormal(_Law):
     bounds = ((None, None), (0.0, None))
 
-    def initial(self) -> list[float]:
-        logs = np.log(self.data)
-        return [float(np.mean(logs)), float(np.std(logs))]
+    def __init__(self, data: np.ndarray, xmin: float) -> None:
+        self.inverse, self.logs, self.log_xmin = 1 / data, np.log(data), np.log(xmin)
+        super().__init__(data, xmin)
 
-    def loglikelihoods(self, params: list[float]) -> np.ndarray:
+    def initial(self) -> list[float]:
+        return [float(np.mean(self.logs)), float(np.std(self.logs))]
+
+    def in_range(self, params: list[float]) -> bool:
+        return params[1] > 0.0
+
+    def likelihoods(self, params: list[float]) -> np.ndarray | None:
         mu, sigma = params
-        if not _in_range(params, self.bounds):
-            return np.full(self.data.size, _LOG_FLOOR)
-        with np.errstate(over="ignore", under="ignore", invalid="ignore", divide="ignore"):
-            f = 1 / self.data * np.exp(-(np.log(self.data) - mu) ** 2 / (2 * sigma**2))
-            # mpmath, as powerlaw: lognormal fits of power-law tails drift along a flat valley
-            # (μ → −∞), where last-digit differences would send the optimiser elsewhere.
-            c = np.float64(sigma * np.sqrt(np.pi / 2) * mpmath.erfc(
-                -(mu - np.log(self.xmin)) / (sigma * np.sqrt(2))))
-            if not c > 0:
-                return np.full(self.data.size, _LOG_FLOOR)
-            return _floored_log(f / c)
+        f = self.inverse * np.exp(-(self.logs - mu) ** 2 / (2 * sigma**2))
+        c = _lognormal_norm(sigma, -(mu - self.log_xmin) / (sigma * np.sqrt(2)))
+        if not c > 0:  # powerlaw: every value at the floor
+            return None
+        return np.asarray(f / c)
+
+
+def _lognormal_norm(sigma: float, z: float) -> np.float64:
+    """σ·√(π/2)·erfc(z), the lognormal's normaliser on [xmin, ∞), as powerlaw computes it.
+
+    powerlaw evaluates erfc with mpmath (~40 µs a call), correctly rounded; libm's erfc is
+    within 3 ulps of it wherever erfc(z) is a normal float (tests/spectral/test_compare.py),
+    which moves the lognormal test's R by ~1e-10 relative at most where R is near 0. Where
+    erfc(z) is not normal (z > 26.5: the flat valley μ → −∞ of lognormal fits of power-law
+    tails, where float64 erfc loses its digits to underflow and the optimiser follows them),
+    mpmath as powerlaw.
+    """
+    scale = sigma * np.sqrt(np.pi / 2)
+    value = scale * math.erfc(z)
+    if value > _NORMAL:
+        return np.float64(value)
+    import mpmath
+
+    return np.float64(scale * mpmath.erfc(z))
 
 
 def loglikelihood_ratio(ll1: np.ndarray, ll2: np.ndarray, *, nested: bool) -> tuple[float, float]:
@@ -231,6 +389,8 @@ def loglikelihood_ratio(ll1: np.ndarray, ll2: np.ndarray, *, nested: bool) -> tu
     diff = ll1 - ll2
     raw = float(np.sum(diff))
     variance = float(np.sum((diff - (np.mean(ll1) - np.mean(ll2))) ** 2) / n)
+    import scipy.special  # on first use: not at start-up
+
     with np.errstate(divide="ignore", invalid="ignore"):
         if nested:
             # = 1 − scipy.stats.chi2.cdf(|2R|, 1), without importing scipy.stats (~25 MB)
