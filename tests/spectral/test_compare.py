@@ -225,3 +225,15 @@ def test_importing_the_tests_loads_no_optimiser() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_upper_gamma_near_integer_orders_equals_mpmath() -> None:
+    import mpmath
+
+    from alphawatch.workers.spectral.compare import upper_gamma
+
+    # a + k just above 0: the series' 1/b terms, where libm's lgamma loses its digits
+    for a in (1e-12, 1e-6, 0.19999, 0.2, 0.9999999, -1 + 1e-10, -2 + 1e-7, -7 + 1e-4):
+        for x in (1e-8, 0.01, 0.3, 0.5615, 0.999):
+            assert upper_gamma(a, x) == pytest.approx(float(mpmath.gammainc(a, x)),
+                                                      rel=1e-11), (a, x)

@@ -6,8 +6,9 @@ This is what powerlaw 2.0.0 computes for ``Fit(tail, xmin=xmin, parameter_ranges
 likelihood fits (scipy's bounded Nelder–Mead from the same start, same bounds and tolerance,
 step for step, on the same densities and floors), with the per-value densities computed on
 whole arrays and without the per-evaluation object overhead. tests/spectral/test_compare.py
-holds it to powerlaw itself. Neither scipy.optimize nor mpmath is imported at start-up:
-mpmath only where float64 underflows, scipy.special at the first test.
+holds it to powerlaw itself. Neither scipy nor mpmath is imported for it: the optimiser, erfc,
+the incomplete gamma function and the p-values are computed here in float64 (mpmath only where
+float64 underflows, in the flat valleys of some fits).
 
 The sign is powerlaw's: R > 0 favours the power law, R < 0 the alternative. R is the normalised
 ratio R / √(n·var) (weightwatcher's reading); p is powerlaw's: for the nested truncated power
@@ -93,23 +94,63 @@ def _mp_gamma(a: float, x: float) -> float:
     return float(mpmath.gammainc(a, x))
 
 
+_EULER = 0.5772156649015329
+_ZETA = (1.6449340668482264, 1.2020569031595942, 1.0823232337111381, 1.03692775514337,
+         1.0173430619844492, 1.008349277381923, 1.0040773561979444, 1.0020083928260821,
+         1.000994575127818, 1.0004941886041194, 1.000246086553308, 1.0001227133475785,
+         1.0000612481350588, 1.000030588236307, 1.0000152822594086, 1.0000076371976379,
+         1.000003817293265, 1.0000019082127165, 1.0000009539620338, 1.0000004769329869,
+         1.0000002384505027, 1.000000119219926, 1.000000059608189, 1.0000000298035034)
+"""ζ(2), ..., ζ(25)."""
+
+
+def _lgamma1p(b: float) -> float:
+    """ln Γ(1 + b), to full relative precision also for small b (libm's loses it near 0)."""
+    if b >= 0.2:
+        return math.lgamma(1.0 + b)
+    # ln Γ(1 + b) = −γ·b + Σ_{k≥2} ζ(k)·(−b)^k / k; |b| < 0.2: ζ(25)·0.2^25 / 25 < 2e-19
+    total, power = 0.0, -b
+    for k, zeta in enumerate(_ZETA, start=2):
+        power *= -b
+        total += zeta * power / k
+    return -_EULER * b + total
+
+
+def _series(b: float, x: float) -> float:
+    """Γ(b, x) for b ∈ (0, 1], 0 < x < 1: Γ(b) − γ(b, x) without the cancellation of 1/b.
+
+    Γ(b) − x^b/b = ((Γ(1 + b) − 1) − (x^b − 1)) / b, each bracket by expm1 (exact to rounding
+    for small b), less x^b·Σ_{n≥1} (−x)^n / (n!·(b + n)), which converges fast for x < 1.
+    """
+    head = (math.expm1(_lgamma1p(b)) - math.expm1(b * math.log(x))) / b
+    term, total = 1.0, 0.0
+    for n in range(1, 60):
+        term *= -x / n
+        part = term / (b + n)
+        total += part
+        if abs(part) <= 1e-17 * abs(total):
+            break
+    return head - x**b * total
+
+
 def upper_gamma(a: float, x: float) -> float:
-    """The upper incomplete gamma function Γ(a, x), x > 0, any real a, in float64.
+    """The upper incomplete gamma function Γ(a, x), x > 0, a ≤ 1, in float64.
 
     What powerlaw evaluates with mpmath's ``gammainc`` (~0.3 ms a call), ~100× faster and within
-    1e-12 relative of it (tests/spectral/test_compare.py): the continued fraction for x ≥ 1;
-    below, scipy at a + k ∈ (0, 1] and the recurrence Γ(b − 1, x) = (Γ(b, x) − x^(b−1)·e^(−x)) /
-    (b − 1) down to a. Where the recurrence would cancel, overflow or underflow, mpmath.
+    1e-11 relative of it (tests/spectral/test_compare.py): the continued fraction for x ≥ 1;
+    below, a series at a + k ∈ (0, 1] and the recurrence Γ(b − 1, x) = (Γ(b, x) − x^(b−1)·e^(−x))
+    / (b − 1) down to a. Where the recurrence would cancel, overflow or underflow, and for
+    a > 1 below x = 1 (the laws here never ask), mpmath.
     """
     if x >= 1.0:
         return _continued_fraction(a, x)
-    import scipy.special  # on first use: not at start-up
-
+    if a > 1:
+        return _mp_gamma(a, x)
     if a > 0:
-        return float(scipy.special.gammaincc(a, x) * scipy.special.gamma(a))
+        return _series(a, x)
     k = math.floor(-a) + 1
     b = a + k
-    g = float(scipy.special.gammaincc(b, x) * scipy.special.gamma(b))
+    g = _series(b, x)
     try:
         for _ in range(k):
             b -= 1.0
@@ -389,14 +430,12 @@ def loglikelihood_ratio(ll1: np.ndarray, ll2: np.ndarray, *, nested: bool) -> tu
     diff = ll1 - ll2
     raw = float(np.sum(diff))
     variance = float(np.sum((diff - (np.mean(ll1) - np.mean(ll2))) ** 2) / n)
-    import scipy.special  # on first use: not at start-up
-
     with np.errstate(divide="ignore", invalid="ignore"):
         if nested:
-            # = 1 − scipy.stats.chi2.cdf(|2R|, 1), without importing scipy.stats (~25 MB)
-            p = float(1 - scipy.special.chdtr(1.0, abs(2 * raw)))
+            # = 1 − scipy.stats.chi2.cdf(|2R|, 1): χ²₁'s CDF at |2R| is erf(√|R|)
+            p = 1.0 - math.erf(math.sqrt(abs(raw)))
         else:
-            p = float(scipy.special.erfc(abs(raw) / np.sqrt(2 * n * variance)))
+            p = math.erfc(abs(raw) / np.sqrt(2 * n * variance))
         return float(raw / np.sqrt(n * variance)), p
 
 
