@@ -130,7 +130,7 @@ def _series(b: float, x: float) -> float:
         total += part
         if abs(part) <= 1e-17 * abs(total):
             break
-    return head - x**b * total
+    return float(head - math.pow(x, b) * total)
 
 
 def upper_gamma(a: float, x: float) -> float:
@@ -401,6 +401,45 @@ class _Lognormal(_Law):
         return np.asarray(f / c)
 
 
+_SPLIT = 134217729.0  # 2^27 + 1: Dekker's split of a float64 into two 26-bit halves
+_LN2_HI, _LN2_LO = 6.93147180369123816490e-01, 1.90821492927058770002e-10  # fdlibm's ln 2
+_ROUNDING = 4e-15  # relative error bound of the product below, mpmath's own roundings included
+
+
+def _subnormal_product(scale: float, z: float) -> float | None:
+    """scale·erfc(z) for z > 20, rounded to float64 as mpmath's value of it is, where that
+    is a subnormal float; None where it is not, or where the rounding is too close to call.
+
+    erfc(z) = e^(−z²)·erfcx(z): z² exactly as two floats (Dekker), e^(−z²) as 2^−J·e^r with
+    r = J·ln 2 − z² small, erfcx by its asymptotic series (z > 20: six terms reach 1e-17).
+    The product, in units of the smallest subnormal 2^−1074, is then known to 4e-15 relative;
+    rounded to the nearest unit unless it lies that close to a half.
+    """
+    c = _SPLIT * z
+    hi = c - (c - z)
+    lo = z - hi
+    square = z * z
+    square_lo = ((hi * hi - square) + 2.0 * hi * lo) + lo * lo
+    j = round(square / _LN2_HI)
+    r = (j * _LN2_HI - square) + (j * _LN2_LO - square_lo)
+    inv = 1.0 / (2.0 * square)
+    series, term = 1.0, 1.0
+    for k in range(1, 12):
+        term *= -(2 * k - 1) * inv
+        series += term
+        if abs(term) < 1e-18:
+            break
+    mantissa = scale * math.exp(r) * series / (z * math.sqrt(math.pi))
+    units = math.ldexp(mantissa, 1074 - j)
+    if not 0.0 <= units < 2.0**52:
+        return None
+    whole = math.floor(units)
+    fraction = units - whole
+    if abs(fraction - 0.5) <= units * _ROUNDING + 1e-300:
+        return None
+    return math.ldexp(whole + (1.0 if fraction > 0.5 else 0.0), -1074)
+
+
 def _lognormal_norm(sigma: float, z: float) -> np.float64:
     """σ·√(π/2)·erfc(z), the lognormal's normaliser on [xmin, ∞), as powerlaw computes it.
 
@@ -415,6 +454,10 @@ def _lognormal_norm(sigma: float, z: float) -> np.float64:
     value = scale * math.erfc(z)
     if value > _NORMAL:
         return np.float64(value)
+    if z > 20.0 and math.isfinite(scale) and scale > 0:
+        rounded = _subnormal_product(float(scale), float(z))
+        if rounded is not None:
+            return np.float64(rounded)
     import mpmath
 
     return np.float64(scale * mpmath.erfc(z))
