@@ -66,3 +66,21 @@ def test_kept_permutations_are_the_seeded_draws() -> None:
     assert again is kept
     for a, b in zip(kept, fresh, strict=True):
         assert torch.equal(a.long(), b)
+
+
+@pytest.mark.parametrize("kind", ["gauss", "heavy", "spikes", "lowrank"])
+def test_finger_fits_pruned_search_picks_the_full_search_xmin(kind: str) -> None:
+    from alphawatch.workers.spectral.fingers import _best, _tail_alphas, _tail_ks, _unique_starts
+
+    for seed, m in enumerate((256, 300, 512, 700)):
+        data = tail_floor(spectrum(kind, m, seed), "ww")
+        for starts in (_unique_starts(data, float(data[0]), float(data[-1])),
+                       _unique_starts(data, float(data[m // 4]), float(data[3 * m // 4]))):
+            found = _best(data, starts)
+            alphas = _tail_alphas(np.log(data))[0][starts]
+            valid = np.isfinite(alphas) & (alphas > 1.0)
+            ds = np.full(starts.size, np.inf)
+            ds[valid] = _tail_ks(np.log(data), starts[valid], alphas[valid])
+            i = int(np.argmin(ds))
+            assert found is not None and found[0] == int(starts[i])
+            assert found[2] == pytest.approx(float(ds[i]), rel=1e-12, abs=1e-15)

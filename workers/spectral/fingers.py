@@ -26,7 +26,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from alphawatch.workers.spectral.plfit import EVALS_THRESH, bootstrap_delta
+from alphawatch.workers.spectral.plfit import (
+    _PRUNE_BELOW,
+    EVALS_THRESH,
+    bootstrap_delta,
+    pruned_best,
+)
 from alphawatch.workers.spectral.types import PowerLawFit
 
 PEAK_BINS = 100
@@ -76,11 +81,16 @@ def _best(data: np.ndarray, starts: np.ndarray) -> tuple[int, float, float, np.n
     if starts.size == 0:
         return None
     logs = np.log(data)
-    all_alphas, _ = _tail_alphas(logs)
+    all_alphas, n = _tail_alphas(logs)
     alphas = all_alphas[starts]
     valid = np.isfinite(alphas) & (alphas > 1.0)
     if not valid.any():
         return None
+    if data.size >= _PRUNE_BELOW:  # the same choice, without every candidate's distance
+        found = pruned_best(logs, all_alphas, n, starts[valid])
+        if found is not None:
+            start, distance = found
+            return start, float(all_alphas[start]), distance, alphas
     ds = np.full(starts.size, np.inf)
     ds[valid] = _tail_ks(logs, starts[valid], alphas[valid])
     i = int(np.argmin(ds))

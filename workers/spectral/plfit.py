@@ -118,7 +118,6 @@ def _best_ks(logs: np.ndarray, alphas: np.ndarray, n: np.ndarray, *, two_sided: 
     O(N·(points + a few candidates)) instead of O(N²). Anything unusual (no valid candidate,
     NaN, a best D of 1) takes the full search.
     """
-    total = logs.size
     valid = np.flatnonzero(np.isfinite(alphas) & (alphas > 1.0))
 
     def full() -> tuple[int, float]:
@@ -126,19 +125,33 @@ def _best_ks(logs: np.ndarray, alphas: np.ndarray, n: np.ndarray, *, two_sided: 
         i = int(np.argmin(ds))
         return i, float(ds[i])
 
-    if total < _PRUNE_BELOW or valid.size == 0:
+    if logs.size < _PRUNE_BELOW or valid.size == 0:
         return full()
+    found = pruned_best(logs, alphas, n, valid, two_sided=two_sided, device=device)
+    if found is None or found[1] >= 1.0:
+        return full()
+    return found
+
+
+def pruned_best(logs: np.ndarray, alphas: np.ndarray, n: np.ndarray, valid: np.ndarray, *,
+                two_sided: bool = False,
+                device: str | torch.device = "cpu") -> tuple[int, float] | None:
+    """Among the candidate indices ``valid`` (α finite and > 1), the first one of smallest KS
+    distance and that distance, by the bound-ordered search of :func:`_best_ks`; None where
+    a bound or a distance is not finite (the caller then searches in full)."""
+    total = logs.size
     steps = np.linspace(0.0, 1.0, _BOUND_POINTS)
     pos = valid[:, None] + np.floor(steps[None, :] * (n[valid, None] - 1.0)).astype(np.int64)
     k = (pos - valid[:, None]).astype(np.float64)
     a = alphas[valid, None]
-    cdf = 1.0 - np.exp((1.0 - a) * (logs[pos] - logs[valid, None]))
-    emp = k / n[valid, None]
-    gap = np.abs(cdf - emp) if not two_sided else np.maximum(cdf - emp, (k + 1.0) / n[valid, None]
-                                                             - cdf)
+    with np.errstate(over="ignore", invalid="ignore"):
+        cdf = 1.0 - np.exp((1.0 - a) * (logs[pos] - logs[valid, None]))
+        emp = k / n[valid, None]
+        gap = np.abs(cdf - emp) if not two_sided else np.maximum(
+            cdf - emp, (k + 1.0) / n[valid, None] - cdf)
     bound = gap.max(axis=1)
     if not np.all(np.isfinite(bound)):
-        return full()
+        return None
     order = np.argsort(bound, kind="stable")
     most = max(_FIRST_EXACT, _CHUNK_ELEMENTS // max(total, 1))
     chunk = _FIRST_EXACT
@@ -149,14 +162,12 @@ def _best_ks(logs: np.ndarray, alphas: np.ndarray, n: np.ndarray, *, two_sided: 
         cand = valid[order[start:stop]]
         ds = _gaps(logs, alphas, n, cand, two_sided=two_sided, device=device)
         if not np.all(np.isfinite(ds)):
-            return full()
+            return None
         for i, d in zip(cand.tolist(), ds.tolist(), strict=True):
             if d < best or (d == best and i < best_i):
                 best, best_i = d, i
         start, chunk = stop, min(2 * chunk, most)
-    if best_i < 0 or best >= 1.0:
-        return full()
-    return best_i, float(best)
+    return None if best_i < 0 else (best_i, float(best))
 
 
 def fit_power_law(
