@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from alphawatch.workers.spectral.analysis import _permutations, gram, singular_values
+from alphawatch.workers.spectral.analysis import (
+    _permutations,
+    gram,
+    random_permutation,
+    singular_values,
+)
 from alphawatch.workers.spectral.plfit import _all_alphas, _all_ks, _best_ks, tail_floor
 
 
@@ -71,11 +76,34 @@ def test_cpu_eigenvalues_match_torch_float64() -> None:
 
 
 def test_kept_permutations_are_the_seeded_draws() -> None:
-    fresh = np.random.Generator(np.random.PCG64(5))
+    rng = np.random.Generator(np.random.PCG64(5))
+    fresh = [random_permutation(rng, 1234) for _ in range(3)]
     kept = _permutations(5, 1234, 3)
     again = _permutations(5, 1234, 3)
     assert again is kept
-    for perm in kept:
+    for perm, draw in zip(kept, fresh, strict=True):
         assert perm.dtype == np.int32
-        np.testing.assert_array_equal(perm, fresh.permutation(1234))
+        np.testing.assert_array_equal(perm, draw)
     assert not np.array_equal(kept[0], kept[1])
+
+
+@pytest.mark.parametrize("numel", [0, 1, 255, 256, 1000, 70_000])
+def test_random_permutation_is_a_permutation(numel: int) -> None:
+    perm = random_permutation(np.random.default_rng(numel), numel)
+    np.testing.assert_array_equal(np.sort(perm), np.arange(numel))
+
+
+def test_random_permutation_is_uniform() -> None:
+    """Each of the 24 orders of 4 entries about equally often (binomial sd ≈ 4.5 %)."""
+    draws = 12_000
+    counts: dict[tuple[int, ...], int] = {}
+    for seed in range(draws):
+        order = tuple(random_permutation(np.random.Generator(np.random.PCG64(seed)), 4))
+        counts[order] = counts.get(order, 0) + 1
+    assert len(counts) == 24
+    expected = draws / 24
+    assert all(abs(c - expected) < 0.2 * expected for c in counts.values()), counts
+    # and on a larger array, every entry equally likely at each position
+    first = [int(random_permutation(np.random.default_rng(s), 600)[0]) for s in range(3000)]
+    histogram = np.bincount(np.asarray(first) // 100, minlength=6)
+    assert np.all(np.abs(histogram - 500) < 100), histogram
