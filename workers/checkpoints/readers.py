@@ -135,7 +135,8 @@ def decode_array(data: bytes | bytearray | memoryview, dtype: str, shape: list[i
     Raises:
         KeyError: a dtype name the format does not define.
     """
-    raw = np.frombuffer(data, dtype=np.dtype(_NUMPY_STORAGE[dtype]).newbyteorder("<"))
+    raw: np.ndarray = np.frombuffer(data, dtype=np.dtype(_NUMPY_STORAGE[dtype]).newbyteorder("<"))
+    decoded: np.ndarray
     if dtype == "BF16":
         decoded = (raw.astype(np.uint32) << 16).view(np.float32)
     elif dtype in _FLOAT8_TABLES:
