@@ -88,7 +88,10 @@ def analyze_stream(
         return
     threads = max(1, cpu_cores() // count)
     pending: deque[tuple[T, Future[LayerResult]]] = deque()
-    with _intra_op_threads(threads), ThreadPoolExecutor(count, "alphawatch-spectral") as pool:
+    # torch's thread count is also a per-thread OpenMP setting: each worker thread sets its own.
+    with _intra_op_threads(threads), ThreadPoolExecutor(
+            count, "alphawatch-spectral", initializer=torch.set_num_threads,
+            initargs=(threads,)) as pool:
         for payload, weight, dtype in items:
             pending.append((payload, pool.submit(one, weight, dtype)))
             while len(pending) > count:
