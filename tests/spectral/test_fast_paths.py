@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 import torch
@@ -85,6 +87,12 @@ def test_kept_permutations_are_the_seeded_draws() -> None:
         assert perm.dtype == np.int32
         np.testing.assert_array_equal(perm, draw)
     assert not np.array_equal(kept[0], kept[1])
+
+
+def test_threads_asking_at_once_share_one_draw() -> None:
+    with ThreadPoolExecutor(4) as pool:
+        drawn = list(pool.map(lambda _: _permutations(11, 300_007, 1), range(8)))
+    assert all(d is drawn[0] for d in drawn)
 
 
 @pytest.mark.parametrize("numel", [0, 1, 255, 256, 1000, 70_000])

@@ -345,13 +345,14 @@ def _permutations(seed: int, numel: int, count: int) -> list[np.ndarray]:
     draw.
     """
     key = (seed, numel, count)
+    # Drawn under the lock: two worker threads starting on matrices of one size at once (q and
+    # k, gate and up) would otherwise both draw it (0.5 CPU s for 5504×2048); one waits instead.
     with _PERMS_LOCK:
         if key in _PERMS:
             _PERMS.move_to_end(key)
             return _PERMS[key]
-    rng = np.random.Generator(np.random.PCG64(seed))
-    perms = [random_permutation(rng, numel) for _ in range(count)]
-    with _PERMS_LOCK:
+        rng = np.random.Generator(np.random.PCG64(seed))
+        perms = [random_permutation(rng, numel) for _ in range(count)]
         _PERMS[key] = perms
         while _PERMS and sum(p.nbytes for ps in _PERMS.values() for p in ps) > _PERMS_MAX_BYTES:
             _PERMS.popitem(last=False)
