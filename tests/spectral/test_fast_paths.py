@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from alphawatch.workers.spectral import analyze_matrix
 from alphawatch.workers.spectral.analysis import (
     _permutations,
     gram,
@@ -115,3 +116,19 @@ def test_random_permutation_is_uniform() -> None:
     first = [int(random_permutation(np.random.default_rng(s), 600)[0]) for s in range(3000)]
     histogram = np.bincount(np.asarray(first) // 100, minlength=6)
     assert np.all(np.abs(histogram - 500) < 100), histogram
+
+
+def test_numpy_arrays_and_torch_tensors_give_the_same_result() -> None:
+    """A read-only float32 array (as decoded from a file), its tensor, a bfloat16 tensor."""
+    w = torch.randn(400, 160, generator=torch.Generator().manual_seed(9))
+    frozen = w.numpy().copy()
+    frozen.flags.writeable = False
+    from_array = analyze_matrix(frozen, stored_dtype="float32").metrics()
+    from_tensor = analyze_matrix(w, stored_dtype=torch.float32).metrics()
+    from_array.pop("elapsed_ms")
+    from_tensor.pop("elapsed_ms")
+    assert from_array == from_tensor
+    assert from_array["num_traps"] is not None
+    bf16 = analyze_matrix(w.bfloat16(), stored_dtype=torch.bfloat16)
+    named = analyze_matrix(w.bfloat16().float().numpy(), stored_dtype="bfloat16")
+    assert bf16.alpha == named.alpha and bf16.matrix_rank == named.matrix_rank

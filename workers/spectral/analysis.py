@@ -63,7 +63,9 @@ def host_array(matrix: Matrix) -> np.ndarray:
 
 
 def _device_tensor(matrix: Matrix, device: torch.device) -> torch.Tensor:
-    tensor = torch.from_numpy(matrix) if isinstance(matrix, np.ndarray) else matrix.detach()
+    # torch shares a numpy array's memory and warns on read-only ones (decoded file bytes)
+    tensor = (torch.from_numpy(np.require(matrix, requirements="W"))
+              if isinstance(matrix, np.ndarray) else matrix.detach())
     return tensor.to(device=device, non_blocking=True)
 
 
@@ -556,7 +558,7 @@ def analyze_many(
     work = sorted(items, key=lambda item: -_numel(item[1]))
     for name, tensor, dtype in work:
         if dev.type == "cuda":
-            host = torch.from_numpy(tensor) if isinstance(tensor, np.ndarray) else tensor
-            tensor = host.pin_memory().to(dev, non_blocking=True)
+            tensor = _device_tensor(tensor, torch.device("cpu")).pin_memory().to(
+                dev, non_blocking=True)
         yield name, analyze_matrix(tensor, stored_dtype=dtype, method=method,
                                    thresholds=thresholds, device=dev, check_traps=check_traps)
