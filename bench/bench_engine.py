@@ -17,6 +17,9 @@ Medians are reported with the ratio weightwatcher / alphawatch and the largest r
 difference. Then a 1024-wide 8-layer model's checkpoints go through one worker (SQLite, the
 budgeted analysis child, distance from init on) for checkpoints per minute.
 
+``--baseline DIR``: also runs another checkout's ``alphawatch analyze`` (its own ``.venv``),
+traps on, in the same alternation: this code against that one in the same minutes.
+
 ``--quick``: widths 1024 and 2048, two repeats, three checkpoints (a few minutes on a quiet
 2-core machine). ``--ww-blas-threads 1`` runs weightwatcher with one BLAS thread: on a busy
 machine its threaded OpenBLAS SVD slows down 10-30x, which would flatter the ratio. Prints
@@ -78,11 +81,12 @@ def write_layer(width: int, path: Path) -> None:
               str(path))
 
 
-def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float, str]:
+def timed(cmd: list[str], env: dict[str, str], cwd: Path | None = None
+          ) -> tuple[float, float, str]:
     """Wall seconds, CPU seconds (user + system) of the child, and its stdout."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    done = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
@@ -91,8 +95,8 @@ def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float, str]:
     return wall, cpu, done.stdout
 
 
-def bench_width(width: int, repeats: int, work: Path, ww_threads: int | None
-                ) -> list[dict[str, object]]:
+def bench_width(width: int, repeats: int, work: Path, ww_threads: int | None,
+                baseline: Path | None = None) -> list[dict[str, object]]:
     path = work / f"layer{width}.safetensors"
     write_layer(width, path)
     env = dict(os.environ)
@@ -102,22 +106,29 @@ def bench_width(width: int, repeats: int, work: Path, ww_threads: int | None
                        ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")})
     alphawatch = [sys.executable, "-m", "alphawatch", "analyze", str(path), "--device", "cpu",
                   "--format", "json"]
-    runs: dict[str, list[tuple[float, float]]] = {"ww": [], "on": [], "off": []}
+    variants: dict[str, tuple[list[str], dict[str, str], Path | None]] = {
+        traps: (alphawatch, {**env, "ALPHAWATCH_CHECK_TRAPS": str(traps == "on")}, None)
+        for traps in ("on", "off")}
+    if baseline is not None:
+        # the other checkout's own interpreter and package, traps on
+        other = {k: v for k, v in env.items() if k != "PYTHONPATH"}
+        variants["baseline on"] = ([str(baseline / ".venv/bin/python"), *alphawatch[1:]],
+                                   {**other, "ALPHAWATCH_CHECK_TRAPS": "True"}, baseline)
+    runs: dict[str, list[tuple[float, float]]] = {"ww": [], **{k: [] for k in variants}}
     alphas: dict[str, dict[str, float]] = {}
     for _ in range(repeats):
         wall, cpu, out = timed([sys.executable, "-c", _WW_CHILD, str(path)], ww_env)
         runs["ww"].append((wall, cpu))
         alphas["ww"] = json.loads(out)
-        for traps in ("on", "off"):
-            traps_env = {**env, "ALPHAWATCH_CHECK_TRAPS": str(traps == "on")}
-            wall, cpu, out = timed(alphawatch, traps_env)
+        for traps, (cmd, traps_env, cwd) in variants.items():
+            wall, cpu, out = timed(cmd, traps_env, cwd)
             runs[traps].append((wall, cpu))
             alphas[traps] = {layer["name"] + ".weight": layer["alpha"]
                              for layer in json.loads(out)["layers"]}
     ww_wall = statistics.median(w for w, _ in runs["ww"])
     ww_cpu = statistics.median(c for _, c in runs["ww"])
     rows = []
-    for traps in ("on", "off"):
+    for traps in variants:
         wall = statistics.median(w for w, _ in runs[traps])
         cpu = statistics.median(c for _, c in runs[traps])
         diff = max(abs(alphas[traps][k] - a) / abs(a) for k, a in alphas["ww"].items())
@@ -149,6 +160,8 @@ def main() -> int:
     parser.add_argument("--widths", type=str, help="comma-separated, of 1024,2048,4096")
     parser.add_argument("--repeats", type=int, help="runs of each process per width")
     parser.add_argument("--checkpoints", type=int, help="checkpoints through the worker")
+    parser.add_argument("--baseline", type=Path,
+                        help="another checkout (with its .venv) to time in the same runs")
     parser.add_argument("--ww-blas-threads", type=int,
                         help="BLAS threads of weightwatcher's process (default: its own); 1 "
                         "spares it the collapse of threaded OpenBLAS on a busy machine")
@@ -162,7 +175,7 @@ def main() -> int:
     rows: list[dict[str, object]] = []
     try:
         for width in widths:
-            rows += bench_width(width, repeats, work, args.ww_blas_threads)
+            rows += bench_width(width, repeats, work, args.ww_blas_threads, args.baseline)
             load.append(os.getloadavg()[0])
             print(f"  {width}: done, load {load[-1]:.1f}", file=sys.stderr, flush=True)
         count, seconds = throughput(checkpoints, work) if checkpoints else (0, 0.0)

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 import torch
 
-from alphawatch.workers.spectral.analysis import _permutations, gram_lower
+from alphawatch.workers.spectral import analyze_matrix
+from alphawatch.workers.spectral.analysis import (
+    _permutations,
+    gram,
+    random_permutation,
+    singular_values,
+)
 from alphawatch.workers.spectral.plfit import _all_alphas, _all_ks, _best_ks, tail_floor
 
 
@@ -47,25 +55,39 @@ def test_ties_go_to_the_first_candidate_as_in_argmin() -> None:
 
 
 @pytest.mark.parametrize("shape", [(700, 600), (600, 700), (1030, 513), (300, 200)])
-def test_gram_lower_is_the_gram_matrix_lower_triangle(shape: tuple[int, int]) -> None:
-    w = torch.randn(*shape, dtype=torch.float64)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_gram_is_the_gram_matrix_of_the_smaller_side(shape: tuple[int, int],
+                                                       dtype: type[np.floating]) -> None:
+    w = np.random.default_rng(3).standard_normal(shape).astype(dtype)
     a = w if shape[0] >= shape[1] else w.T
-    full = a.T @ a
-    lower = gram_lower(w)
-    # the same dot products; BLAS may block them differently (rounding only)
-    torch.testing.assert_close(torch.tril(lower), torch.tril(full), rtol=1e-13, atol=1e-12)
-    np.testing.assert_allclose(torch.linalg.eigvalsh(lower, UPLO="L").numpy(),
-                               torch.linalg.eigvalsh(full).numpy(), rtol=0, atol=1e-10)
+    full = np.einsum("ki,kj->ij", a.astype(np.float64), a.astype(np.float64))
+    g = gram(w)
+    assert g.shape == (min(shape), min(shape)) and g.dtype == dtype
+    tol = 1e-12 if dtype == np.float64 else 2e-5
+    np.testing.assert_allclose(g, full, rtol=tol, atol=tol * np.abs(full).max())
+
+
+def test_cpu_eigenvalues_match_torch_float64() -> None:
+    """numpy's Gram + syevd against torch's float64 eigvalsh: ~eps64·λmax absolute."""
+    w = torch.from_numpy(np.random.default_rng(4).standard_normal((900, 400)))
+    exact = torch.linalg.eigvalsh(w.T @ w).flip(0).clamp_min(0).sqrt().numpy()
+    for matrix in (w, w.numpy(), w.float(), w.T.contiguous().numpy()):
+        ours = singular_values(matrix, torch.device("cpu"))
+        assert np.all(np.diff(ours) <= 0)
+        tol = 1e-12 if matrix.dtype in (torch.float64, np.float64) else 1e-6
+        np.testing.assert_allclose(ours**2, exact**2, rtol=0, atol=tol * exact[0] ** 2)
 
 
 def test_kept_permutations_are_the_seeded_draws() -> None:
-    gen = torch.Generator().manual_seed(5)
-    fresh = [torch.randperm(1234, generator=gen) for _ in range(3)]
+    rng = np.random.Generator(np.random.PCG64(5))
+    fresh = [random_permutation(rng, 1234) for _ in range(3)]
     kept = _permutations(5, 1234, 3)
     again = _permutations(5, 1234, 3)
     assert again is kept
-    for a, b in zip(kept, fresh, strict=True):
-        assert torch.equal(a.long(), b)
+    for perm, draw in zip(kept, fresh, strict=True):
+        assert perm.dtype == np.int32
+        np.testing.assert_array_equal(perm, draw)
+    assert not np.array_equal(kept[0], kept[1])
 
 
 @pytest.mark.parametrize("kind", ["gauss", "heavy", "spikes", "lowrank"])
@@ -84,3 +106,47 @@ def test_finger_fits_pruned_search_picks_the_full_search_xmin(kind: str) -> None
             i = int(np.argmin(ds))
             assert found is not None and found[0] == int(starts[i])
             assert found[2] == pytest.approx(float(ds[i]), rel=1e-12, abs=1e-15)
+
+
+def test_threads_asking_at_once_share_one_draw() -> None:
+    with ThreadPoolExecutor(4) as pool:
+        drawn = list(pool.map(lambda _: _permutations(11, 300_007, 1), range(8)))
+    assert all(d is drawn[0] for d in drawn)
+
+
+@pytest.mark.parametrize("numel", [0, 1, 255, 256, 1000, 70_000])
+def test_random_permutation_is_a_permutation(numel: int) -> None:
+    perm = random_permutation(np.random.default_rng(numel), numel)
+    np.testing.assert_array_equal(np.sort(perm), np.arange(numel))
+
+
+def test_random_permutation_is_uniform() -> None:
+    """Each of the 24 orders of 4 entries about equally often (binomial sd ≈ 4.5 %)."""
+    draws = 12_000
+    counts: dict[tuple[int, ...], int] = {}
+    for seed in range(draws):
+        order = tuple(random_permutation(np.random.Generator(np.random.PCG64(seed)), 4))
+        counts[order] = counts.get(order, 0) + 1
+    assert len(counts) == 24
+    expected = draws / 24
+    assert all(abs(c - expected) < 0.2 * expected for c in counts.values()), counts
+    # and on a larger array, every entry equally likely at each position
+    first = [int(random_permutation(np.random.default_rng(s), 600)[0]) for s in range(3000)]
+    histogram = np.bincount(np.asarray(first) // 100, minlength=6)
+    assert np.all(np.abs(histogram - 500) < 100), histogram
+
+
+def test_numpy_arrays_and_torch_tensors_give_the_same_result() -> None:
+    """A read-only float32 array (as decoded from a file), its tensor, a bfloat16 tensor."""
+    w = torch.randn(400, 160, generator=torch.Generator().manual_seed(9))
+    frozen = w.numpy().copy()
+    frozen.flags.writeable = False
+    from_array = analyze_matrix(frozen, stored_dtype="float32").metrics()
+    from_tensor = analyze_matrix(w, stored_dtype=torch.float32).metrics()
+    from_array.pop("elapsed_ms")
+    from_tensor.pop("elapsed_ms")
+    assert from_array == from_tensor
+    assert from_array["num_traps"] is not None
+    bf16 = analyze_matrix(w.bfloat16(), stored_dtype=torch.bfloat16)
+    named = analyze_matrix(w.bfloat16().float().numpy(), stored_dtype="bfloat16")
+    assert bf16.alpha == named.alpha and bf16.matrix_rank == named.matrix_rank

@@ -86,6 +86,66 @@ _SAFETENSORS_DTYPES = {
 }
 
 
+# numpy's reading of each safetensors dtype: the dtype of the stored bytes, and for the dtypes
+# numpy has no arithmetic for (bfloat16, float8), how ``decode_array`` widens them to float32.
+_NUMPY_STORAGE = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+    "BOOL": np.bool_, "F8_E4M3": np.uint8, "F8_E5M2": np.uint8,
+}
+
+
+def _float8_table(exponent_bits: int, mantissa_bits: int, fn: bool) -> np.ndarray:
+    """float32 value of each of the 256 bytes of an OCP float8 format (exact: all fit).
+
+    E4M3 (``fn``: finite, only S.1111.111 is NaN, bias 7) and E5M2 (IEEE-like: infinities and
+    NaNs at the top exponent, bias 15); subnormals at exponent 0.
+    """
+    bias = 2 ** (exponent_bits - 1) - 1
+    top = 2**exponent_bits - 1
+    table = np.empty(256, dtype=np.float32)
+    for byte in range(256):
+        sign = -1.0 if byte >> 7 else 1.0
+        exponent = (byte >> mantissa_bits) & top
+        mantissa = byte & (2**mantissa_bits - 1)
+        fraction = mantissa / 2**mantissa_bits
+        if exponent == top and (not fn or mantissa == 2**mantissa_bits - 1):
+            value = float("nan") if (fn or mantissa) else sign * float("inf")
+        elif exponent == 0:
+            value = sign * fraction * 2.0 ** (1 - bias)
+        else:
+            value = sign * (1.0 + fraction) * 2.0 ** (exponent - bias)
+        table[byte] = value
+    return table
+
+
+_FLOAT8_TABLES = {"F8_E4M3": _float8_table(4, 3, fn=True),
+                  "F8_E5M2": _float8_table(5, 2, fn=False)}
+
+
+def decode_array(data: bytes | bytearray | memoryview, dtype: str, shape: list[int]
+                 ) -> np.ndarray:
+    """The tensor a safetensors dtype name and shape make of ``data``, as numpy, without torch.
+
+    F64/F32/F16 and the integer and bool dtypes are read in place (little-endian, as the format
+    stores them); BF16 becomes float32 by a 16-bit shift (exact: bfloat16 is float32's top
+    half), F8_E4M3/F8_E5M2 become float32 through a 256-entry table (exact). Equal to torch's
+    own decoding bit for bit (tests/checkpoints/test_formats.py).
+
+    Raises:
+        KeyError: a dtype name the format does not define.
+    """
+    raw: np.ndarray = np.frombuffer(data, dtype=np.dtype(_NUMPY_STORAGE[dtype]).newbyteorder("<"))
+    decoded: np.ndarray
+    if dtype == "BF16":
+        decoded = (raw.astype(np.uint32) << 16).view(np.float32)
+    elif dtype in _FLOAT8_TABLES:
+        decoded = _FLOAT8_TABLES[dtype][raw]
+    else:
+        decoded = raw
+    return decoded.reshape(shape)
+
+
 def check_layout(path: Path, header: dict[str, dict[str, object]]) -> None:
     """Refuse a safetensors header whose declarations disagree with the bytes that are there.
 

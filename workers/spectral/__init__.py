@@ -1,6 +1,7 @@
 """The spectral engine: eigenvalues, power-law alpha, fit quality, traps and rank collapse.
 
-Pure math on torch tensors; no files, no database, no logging configuration.
+Pure math on numpy arrays or torch tensors (numpy on a CPU, torch on CUDA); no files, no
+database, no logging configuration.
 """
 
 from alphawatch.workers.spectral.analysis import (

@@ -30,69 +30,89 @@ def resolve_device(requested: str | torch.device) -> torch.device:
     return torch.device(requested)
 
 
-def as_matrices(weight: torch.Tensor) -> list[torch.Tensor]:
+Matrix = np.ndarray | torch.Tensor
+"""A weight matrix as the engine takes it: a numpy array or a torch tensor (any device)."""
+
+
+def as_matrices(weight: Matrix) -> list[Matrix]:
     """The 2-D matrices whose spectra are pooled: W itself, or each (kh, kw) slice of a Conv2d.
 
     Raises ValueError for shapes that have no unambiguous matrix reading (1-D, 3-D, 5-D+).
     """
-    if weight.dim() == 2:
+    if weight.ndim == 2:
         return [weight]
-    if weight.dim() == 4:
+    if weight.ndim == 4:
         kh, kw = weight.shape[2], weight.shape[3]
         return [weight[:, :, i, j] for i in range(kh) for j in range(kw)]
-    raise ValueError(f"cannot read a {weight.dim()}-D tensor of shape {tuple(weight.shape)} as a "
+    raise ValueError(f"cannot read a {weight.ndim}-D tensor of shape {tuple(weight.shape)} as a "
                      "matrix; reshape it explicitly (Conv1d: (out, in*k))")
 
 
-GRAM_TILES = 4
-"""Tiles per side of the Gram matrix: only the lower ones are computed (10 of 16 products)."""
+def host_array(matrix: Matrix) -> np.ndarray:
+    """``matrix`` as a numpy array in host memory, without a copy where its dtype allows.
 
-
-def gram_lower(matrix: torch.Tensor) -> torch.Tensor:
-    """The Gram matrix of the smaller side (WᵀW or WWᵀ), its lower triangle filled.
-
-    ``eigvalsh`` reads only the lower triangle, so the upper tiles are left at zero: 25-30 %
-    less work than a full product on a CPU, and the same numbers (each tile is the same dot
-    products).
+    float16/32/64 CPU tensors share their memory (``Tensor.numpy()``); bfloat16, float8 and
+    integer tensors, which numpy has no dtype for, become float32 copies.
     """
-    a = matrix if matrix.shape[0] >= matrix.shape[1] else matrix.T
-    m = a.shape[1]
-    if m < 512 or a.device.type != "cpu":
-        return a.T @ a
-    gram = torch.zeros(m, m, dtype=a.dtype)
-    step = -(-m // GRAM_TILES)
-    for i in range(0, m, step):
-        for j in range(0, i + 1, step):
-            gram[i:i + step, j:j + step] = a[:, i:i + step].T @ a[:, j:j + step]
-    return gram
+    if isinstance(matrix, np.ndarray):
+        return matrix
+    tensor = matrix.detach().cpu()
+    if tensor.dtype not in (torch.float64, torch.float32, torch.float16):
+        tensor = tensor.to(torch.float32)
+    return tensor.numpy()
 
 
-def singular_values(matrix: torch.Tensor, device: torch.device) -> np.ndarray:
+def _device_tensor(matrix: Matrix, device: torch.device) -> torch.Tensor:
+    # torch shares a numpy array's memory and warns on read-only ones (decoded file bytes)
+    tensor = (torch.from_numpy(np.require(matrix, requirements="W"))
+              if isinstance(matrix, np.ndarray) else matrix.detach())
+    return tensor.to(device=device, non_blocking=True)
+
+
+def _numel(matrix: Matrix) -> int:
+    return int(np.prod(matrix.shape))
+
+
+def gram(matrix: np.ndarray) -> np.ndarray:
+    """The Gram matrix of the smaller side (WᵀW or WWᵀ), M×M, in ``matrix``'s dtype.
+
+    numpy computes a product of a matrix with its own transpose with BLAS ``syrk`` (one
+    triangle, mirrored): half the multiplications of a general product, and it releases the
+    GIL, so the worker threads of ``analyze_stream`` run their products at once.
+    """
+    product: np.ndarray = (matrix.T @ matrix if matrix.shape[0] >= matrix.shape[1]
+                           else matrix @ matrix.T)
+    return product
+
+
+def singular_values(matrix: Matrix, device: torch.device) -> np.ndarray:
     """Singular values, descending, float64.
 
-    On CPU: float64 Gram matrix and eigvalsh, accurate to ~1e-8·σmax (rank metrics need that).
-    On CUDA: float32 Gram matrix with TF32 off, then eigvalsh — the tail is exact, the smallest
-    values are not (documented in docs/SPECTRAL.md).
+    On CPU: float64 Gram matrix (BLAS ``syrk``) and LAPACK ``syevd`` through numpy, accurate to
+    ~1e-8·σmax (rank metrics need that). On CUDA: float32 Gram matrix with TF32 off, then
+    eigvalsh — the tail is exact, the smallest values are not (documented in docs/SPECTRAL.md).
     """
     if device.type == "cuda":
         previous = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = False
         try:
-            w = matrix.to(device=device, dtype=torch.float32, non_blocking=True)
-            gram = w.T @ w if w.shape[0] >= w.shape[1] else w @ w.T
-            evals = torch.linalg.eigvalsh(gram.double()).clamp_min(0).flip(0)
+            w = _device_tensor(matrix, device).to(torch.float32)
+            g = w.T @ w if w.shape[0] >= w.shape[1] else w @ w.T
+            evals = torch.linalg.eigvalsh(g.double()).clamp_min(0).flip(0)
             return np.asarray(np.sqrt(evals.cpu().numpy()), dtype=np.float64)
         finally:
             torch.backends.cuda.matmul.allow_tf32 = previous
     # float64 Gram + eigvalsh is several times faster than an SVD; its absolute error on λ is
     # ~eps64·λmax, i.e. ~1e-8·σmax on σ: below the float32 rank tolerance (1.2e-7·σmax).
-    gram = gram_lower(matrix.to(dtype=torch.float64))
-    evals = torch.linalg.eigvalsh(gram, UPLO="L").clamp_min(0).flip(0)
-    return np.asarray(np.sqrt(evals.numpy()), dtype=np.float64)
+    # numpy (OpenBLAS) rather than torch on a CPU: about twice as fast on the Gram matrix and
+    # 1.5x on eigvalsh (BENCHMARKS.md), and numpy's LAPACK calls release the GIL where
+    # scipy.linalg's hold it, which would serialise the worker threads.
+    evals = np.linalg.eigvalsh(gram(host_array(matrix).astype(np.float64, copy=False)))
+    svals: np.ndarray = np.sqrt(np.clip(evals[::-1], 0.0, None))
+    return svals
 
 
-def shuffled_eigenvalues(matrix: torch.Tensor, perm: torch.Tensor, device: torch.device
-                         ) -> np.ndarray:
+def shuffled_eigenvalues(matrix: Matrix, perm: np.ndarray, device: torch.device) -> np.ndarray:
     """Eigenvalues λ = σ² of ``matrix`` with its entries permuted by ``perm``, ascending.
 
     Float32 Gram matrix and float32 ``eigvalsh`` (TF32 off on CUDA): the shuffle feeds only the
@@ -100,23 +120,42 @@ def shuffled_eigenvalues(matrix: torch.Tensor, perm: torch.Tensor, device: torch
     of the spectrum and at log-histograms, not at the rank. Absolute error ~eps32·λmax: the
     top is exact to ~1e-7 relative, eigenvalues below ~1e-6·λmax are noise (clamped at 0).
     """
-    w = matrix.to(device=device, dtype=torch.float32)
-    shuffled = w.reshape(-1).index_select(0, perm.to(device)).reshape(w.shape)
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        evals = torch.linalg.eigvalsh(gram_lower(shuffled), UPLO="L").clamp_min(0)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
-    return np.asarray(evals.cpu().numpy(), dtype=np.float64)
+    if device.type == "cuda":
+        t = _device_tensor(matrix, device).to(torch.float32)
+        index = torch.from_numpy(perm).to(device=device, dtype=torch.int64)
+        mixed = t.reshape(-1).index_select(0, index).reshape(t.shape)
+        previous = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            g = mixed.T @ mixed if t.shape[0] >= t.shape[1] else mixed @ mixed.T
+            evals = torch.linalg.eigvalsh(g).clamp_min(0)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = previous
+        return np.asarray(evals.cpu().numpy(), dtype=np.float64)
+    w = host_array(matrix)
+    flat = np.ascontiguousarray(w, dtype=np.float32).reshape(-1)
+    shuffled = flat.take(perm).reshape(w.shape)
+    # torch's float32 eigvalsh (MKL's ssyevd) is about twice as fast as OpenBLAS's at 2048²
+    # (1.25 vs 2.3 CPU s for four), the same at 1024², but its float32 noise in the smallest
+    # eigenvalues depends on its thread count, and rand_distance histograms all of them: a
+    # matrix analysed alone and in a worker thread gave rand_distance 0.199 and 0.213.
+    # OpenBLAS's gives the same numbers with one thread or two.
+    return np.clip(np.linalg.eigvalsh(gram(shuffled)), 0.0, None).astype(np.float64)
 
 
-def _dtype_eps(dtype: torch.dtype | None) -> float:
-    if dtype is None:
-        return float(torch.finfo(torch.float32).eps)
-    if dtype.is_floating_point:
-        return float(torch.finfo(dtype).eps)
-    return float(torch.finfo(torch.float32).eps)
+# Machine epsilon of each stored dtype, by name: torch's dtypes print as ``torch.<name>``,
+# numpy's as ``<name>``; numpy has no bfloat16 or float8, so their values are written out
+# (torch.finfo gives the same). Integer and unknown dtypes get float32's.
+_EPS = {
+    "float64": float(np.finfo(np.float64).eps), "float32": float(np.finfo(np.float32).eps),
+    "float16": float(np.finfo(np.float16).eps), "bfloat16": 2.0**-7,
+    "float8_e4m3fn": 2.0**-3, "float8_e5m2": 2.0**-2,
+}
+
+
+def _dtype_eps(dtype: object) -> float:
+    name = "float32" if dtype is None else str(dtype).removeprefix("torch.")
+    return _EPS.get(name, _EPS["float32"])
 
 
 def _jensen_shannon(a: np.ndarray, b: np.ndarray, bins: int = 100) -> float:
@@ -215,13 +254,13 @@ class Verdict:
     under_trained: bool
 
 
-def spectrum_of(mats: list[torch.Tensor], dev: torch.device) -> Spectrum:
+def spectrum_of(mats: list[Matrix], dev: torch.device) -> Spectrum:
     """Pooled eigenvalues of ``mats`` (one matrix, or the slices of a Conv2d kernel)."""
     svals = [singular_values(w, dev) for w in mats]
     return Spectrum(evals=np.sort(np.concatenate([s**2 for s in svals])), svals=svals)
 
 
-def rank_of(spec: Spectrum, stored_dtype: torch.dtype | None, n: int,
+def rank_of(spec: Spectrum, stored_dtype: object, n: int,
             rank_loss_fraction: float) -> Rank:
     """Rank at tolerance σmax · eps(stored dtype); collapse when the loss passes the fraction."""
     num_evals = int(spec.evals.size)
@@ -236,51 +275,100 @@ def rank_of(spec: Spectrum, stored_dtype: torch.dtype | None, n: int,
                 entropy=entropy)
 
 
-def bulk_of(flat: torch.Tensor, spec: Spectrum, n: int, m: int) -> Bulk:
+@dataclass(frozen=True)
+class Moments:
+    """Entry statistics of W (float64 sums): finite or not, constant or not, mean, variance."""
+
+    finite: bool
+    constant: bool
+    mean: float
+    variance: float  # unbiased (n − 1), as torch's and weightwatcher's
+
+
+def moments_of(weight: Matrix, dev: torch.device) -> Moments:
+    """Whether W is finite and non-constant, and its entries' mean and variance."""
+    if dev.type == "cuda":
+        flat = _device_tensor(weight, dev).to(torch.float64)
+        finite = bool(torch.isfinite(flat).all())
+        return Moments(finite=finite, constant=finite and bool(flat.min() == flat.max()),
+                       mean=float(flat.mean()), variance=float(flat.var()))
+    w = host_array(weight)
+    finite = bool(np.isfinite(w).all())
+    if not finite:
+        return Moments(finite=False, constant=False, mean=float("nan"), variance=float("nan"))
+    return Moments(finite=True, constant=bool(w.min() == w.max()),
+                   mean=float(w.mean(dtype=np.float64)),
+                   variance=float(w.var(dtype=np.float64, ddof=1)))
+
+
+def bulk_of(moments: Moments, spec: Spectrum, n: int, m: int) -> Bulk:
     """The MP bulk an iid n×m matrix with W's entry variance would have; spikes beyond it."""
-    variance, mean = float(flat.var()), float(flat.mean())
+    variance, mean = moments.variance, moments.mean
     edge, tw = _mp_edge(variance, n, m)
     return Bulk(variance=variance, mean=mean, edge=edge, tw_scale=tw,
                 num_spikes=int(np.count_nonzero(spec.evals > edge)))
 
 
-_PERMS: OrderedDict[tuple[int, int, int], list[torch.Tensor]] = OrderedDict()
+SHUFFLE_BUCKETS = 256
+"""Buckets of the two-stage shuffle (``random_permutation``): 256 keeps each in the L2 cache."""
+
+
+def random_permutation(rng: np.random.Generator, numel: int) -> np.ndarray:
+    """A uniformly random permutation of ``range(numel)``, int32 where it fits.
+
+    Rao–Sandelius two-stage shuffle: every index goes to one of ``SHUFFLE_BUCKETS`` buckets
+    drawn uniformly (a stable radix sort on the 8-bit keys groups them), then each bucket is
+    shuffled by Fisher–Yates. Given any outcome, the probability of drawing it is
+    Σ_sizes B⁻ⁿ·Π 1/size_b!, the same for every permutation, so the result is uniform (Rao
+    1961; Sandelius 1962). The buckets fit in the cache, which makes it about twice as fast as
+    ``Generator.permutation``'s one Fisher–Yates pass over the whole array on large matrices.
+    """
+    keys = rng.integers(0, SHUFFLE_BUCKETS, numel, dtype=np.uint8)
+    order = np.argsort(keys, kind="stable").astype(np.int32 if numel < 2**31 else np.int64)
+    start = 0
+    for end in np.cumsum(np.bincount(keys, minlength=SHUFFLE_BUCKETS)).tolist():
+        rng.shuffle(order[start:end])
+        start = end
+    return order
+
+
+_PERMS: OrderedDict[tuple[int, int, int], list[np.ndarray]] = OrderedDict()
 _PERMS_LOCK = threading.Lock()
 _PERMS_MAX_BYTES = 256 * 2**20
 
 
-def _permutations(seed: int, numel: int, count: int) -> list[torch.Tensor]:
+def _permutations(seed: int, numel: int, count: int) -> list[np.ndarray]:
     """The ``count`` permutations of ``numel`` entries a generator seeded with ``seed`` draws.
 
-    The shuffle is seeded per matrix, so every matrix of a shape gets the same permutations:
-    they are drawn once and kept (the few most recent, at most ``_PERMS_MAX_BYTES``), which
-    saves a ``randperm`` per q/k/v/o/... matrix, as exactly the same draw.
+    numpy's PCG64 generator and ``random_permutation``, on every device: a CUDA worker and a
+    CPU one shuffle a matrix alike. The shuffle is seeded per matrix, so every matrix of a
+    size gets the same permutations: they are drawn once and kept (the few most recent, at
+    most ``_PERMS_MAX_BYTES``), which saves a draw per q/k/v/o/... matrix, as exactly the same
+    draw.
     """
     key = (seed, numel, count)
+    # Drawn under the lock: two worker threads starting on matrices of one size at once (q and
+    # k, gate and up) would otherwise both draw it (0.5 CPU s for 5504×2048); one waits instead.
     with _PERMS_LOCK:
         if key in _PERMS:
             _PERMS.move_to_end(key)
             return _PERMS[key]
-    gen = torch.Generator().manual_seed(seed)
-    # int32 indices draw the same permutation as int64 ones, in about half the time.
-    index = torch.int32 if numel < 2**31 else torch.int64
-    perms = [torch.randperm(numel, generator=gen, dtype=index) for _ in range(count)]
-    with _PERMS_LOCK:
+        rng = np.random.Generator(np.random.PCG64(seed))
+        perms = [random_permutation(rng, numel) for _ in range(count)]
         _PERMS[key] = perms
-        while _PERMS and sum(p.numel() * p.element_size()
-                             for ps in _PERMS.values() for p in ps) > _PERMS_MAX_BYTES:
+        while _PERMS and sum(p.nbytes for ps in _PERMS.values() for p in ps) > _PERMS_MAX_BYTES:
             _PERMS.popitem(last=False)
     return perms
 
 
-def traps_of(mats: list[torch.Tensor], spec: Spectrum, bulk: Bulk, n: int, m: int, seed: int,
+def traps_of(mats: list[Matrix], spec: Spectrum, bulk: Bulk, n: int, m: int, seed: int,
              dev: torch.device) -> Traps:
     """Correlation traps: the spectrum of W with its entries shuffled (seeded), against the bulk.
 
     A shuffle destroys correlations, so its eigenvalues should stay inside the MP bulk; those
     beyond edge + ``TW_PAD`` Tracy–Widom scales are traps (Martin & Mahoney 2021).
     """
-    perms = _permutations(seed, mats[0].numel(), len(mats))
+    perms = _permutations(seed, _numel(mats[0]), len(mats))
     rand_evals = np.sort(np.concatenate([
         shuffled_eigenvalues(w, perm, dev) for w, perm in zip(mats, perms, strict=True)]))
     limit = bulk.edge + TW_PAD * bulk.tw_scale
@@ -323,9 +411,9 @@ def verdict_of(fit: PowerLawFit | None, rank: Rank, traps: Traps | None,
 
 
 def analyze_matrix(
-    weight: torch.Tensor,
+    weight: Matrix,
     *,
-    stored_dtype: torch.dtype | None = None,
+    stored_dtype: object = None,
     method: str = "ww",
     thresholds: Thresholds | None = None,
     device: str | torch.device = "cpu",
@@ -335,12 +423,14 @@ def analyze_matrix(
 
     Parameters
     ----------
-    weight : torch.Tensor
+    weight : numpy.ndarray or torch.Tensor
         (out, in) matrix or (out, in, kh, kw) Conv2d kernel (slices pooled into one spectrum),
         any float dtype; orientation does not matter. Eigenvalues are λ = σ², no 1/N scaling
-        (weightwatcher convention).
-    stored_dtype : torch.dtype, optional
-        The dtype the weights were saved in; the rank tolerance is σmax · eps(stored_dtype).
+        (weightwatcher convention). On a CPU the engine computes with numpy (a float32/64 CPU
+        tensor is read in place); on CUDA with torch.
+    stored_dtype : torch.dtype, numpy.dtype or dtype name, optional
+        The dtype the weights were saved in (``"bfloat16"`` for a bf16 checkpoint read as
+        float32); the rank tolerance is σmax · eps(stored_dtype).
     method : str
         Power-law fit method (``ww`` = weightwatcher 0.7.7 numbers).
     thresholds : Thresholds
@@ -370,33 +460,34 @@ def analyze_matrix(
 
     try:
         dev = resolve_device(device)
-        if weight.dim() < 2 or min(shape) < 1:
+        if weight.ndim < 2 or min(shape) < 1:
             return done(FitStatus.TOO_FEW_EVALS, f"tensor of shape {shape} has no spectrum")
-        mats = as_matrices(weight.detach())
+        data = host_array(weight) if dev.type == "cpu" else _device_tensor(weight, dev)
+        mats = as_matrices(data)
         m = min(mats[0].shape)
         n = max(mats[0].shape)
         if m * len(mats) < limits.min_evals:
             return done(FitStatus.TOO_FEW_EVALS, num_evals=m * len(mats),
                         error=f"{m * len(mats)} eigenvalues, fewer than {limits.min_evals}")
-        flat = weight.detach().to(torch.float64)
-        if not bool(torch.isfinite(flat).all()):
+        moments = moments_of(data, dev)
+        if not moments.finite:
             return done(FitStatus.NON_FINITE, "weights contain NaN or Inf")
-        if float(flat.std()) == 0.0:
+        if moments.constant:
             return done(FitStatus.DEGENERATE, "zero or constant matrix")
-        return _analyze(mats, n, m, flat, stored_dtype, method, limits, dev, check_traps,
+        return _analyze(mats, n, m, moments, stored_dtype, method, limits, dev, check_traps,
                         rows, cols, started)
     except Exception as exc:  # a result per tensor, whatever happens
         return done(FitStatus.FAILED, f"{type(exc).__name__}: {exc}")
 
 
 def _analyze(
-    mats: list[torch.Tensor], n: int, m: int, flat: torch.Tensor,
-    stored_dtype: torch.dtype | None, method: str, limits: Thresholds, dev: torch.device,
+    mats: list[Matrix], n: int, m: int, moments: Moments,
+    stored_dtype: object, method: str, limits: Thresholds, dev: torch.device,
     check_traps: bool, rows: int, cols: int, started: float,
 ) -> LayerResult:
     spec = spectrum_of(mats, dev)
     rank = rank_of(spec, stored_dtype, n, limits.rank_loss_fraction)
-    bulk = bulk_of(flat, spec, n, m)
+    bulk = bulk_of(moments, spec, n, m)
     fit = fit_power_law(spec.evals, method, bootstrap_samples=limits.bootstrap_samples,
                         seed=limits.trap_seed, device=dev)
     traps = traps_of(mats, spec, bulk, n, m, limits.trap_seed, dev) if check_traps else None
@@ -451,7 +542,7 @@ def _result(*, method: str, rows: int, cols: int, spec: Spectrum, rank: Rank, bu
 
 
 def analyze_many(
-    items: Iterable[tuple[str, torch.Tensor, torch.dtype | None]],
+    items: Iterable[tuple[str, Matrix, object]],
     *,
     method: str = "ww",
     thresholds: Thresholds | None = None,
@@ -464,9 +555,10 @@ def analyze_many(
     copied to pinned memory while the current one is analysed.
     """
     dev = resolve_device(device)
-    work = sorted(items, key=lambda item: -item[1].numel())
+    work = sorted(items, key=lambda item: -_numel(item[1]))
     for name, tensor, dtype in work:
         if dev.type == "cuda":
-            tensor = tensor.pin_memory().to(dev, non_blocking=True)
+            tensor = _device_tensor(tensor, torch.device("cpu")).pin_memory().to(
+                dev, non_blocking=True)
         yield name, analyze_matrix(tensor, stored_dtype=dtype, method=method,
                                    thresholds=thresholds, device=dev, check_traps=check_traps)

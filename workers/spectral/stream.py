@@ -3,7 +3,10 @@
 Eigendecompositions scale poorly over threads (half of the tridiagonal reduction is
 memory-bound BLAS-2), and a multi-threaded BLAS slows down badly when another process holds a
 core. So on a CPU the engine runs one matrix per worker thread, each with ``cores // workers``
-BLAS threads (one on a small machine): never more threads than cores, nothing nested. The next
+BLAS threads (one on a small machine): never more threads than cores, nothing nested. The
+limit is set on every BLAS/OpenMP pool the process has loaded (threadpoolctl: numpy's and
+scipy's OpenBLAS, torch's), for the time of the stream; the CPU engine computes with numpy,
+whose BLAS and LAPACK calls release the GIL, so the worker threads really run at once. The next
 tensor is read while the workers compute, so reading overlaps the analysis.
 """
 
@@ -17,8 +20,9 @@ from contextlib import contextmanager
 from typing import TypeVar
 
 import torch
+from threadpoolctl import threadpool_limits
 
-from alphawatch.workers.spectral.analysis import analyze_matrix, resolve_device
+from alphawatch.workers.spectral.analysis import Matrix, analyze_matrix, resolve_device
 from alphawatch.workers.spectral.types import LayerResult, Thresholds
 
 T = TypeVar("T")
@@ -44,16 +48,18 @@ def analysis_workers(requested: int = 0) -> int:
 
 @contextmanager
 def _intra_op_threads(threads: int) -> Iterator[None]:
+    """At most ``threads`` threads in each BLAS and OpenMP pool, and in torch's, then back."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        yield
+        with threadpool_limits(limits=threads):
+            yield
     finally:
         torch.set_num_threads(previous)
 
 
 def analyze_stream(
-    items: Iterable[tuple[T, torch.Tensor, torch.dtype | None]],
+    items: Iterable[tuple[T, Matrix, object]],
     *,
     workers: int = 0,
     method: str = "ww",
@@ -72,7 +78,7 @@ def analyze_stream(
     dev = resolve_device(device)
     count = 1 if dev.type == "cuda" else analysis_workers(workers)
 
-    def one(weight: torch.Tensor, dtype: torch.dtype | None) -> LayerResult:
+    def one(weight: Matrix, dtype: object) -> LayerResult:
         return analyze_matrix(weight, stored_dtype=dtype, method=method, thresholds=thresholds,
                               device=dev, check_traps=check_traps)
 
@@ -82,7 +88,10 @@ def analyze_stream(
         return
     threads = max(1, cpu_cores() // count)
     pending: deque[tuple[T, Future[LayerResult]]] = deque()
-    with _intra_op_threads(threads), ThreadPoolExecutor(count, "alphawatch-spectral") as pool:
+    # torch's thread count is also a per-thread OpenMP setting: each worker thread sets its own.
+    with _intra_op_threads(threads), ThreadPoolExecutor(
+            count, "alphawatch-spectral", initializer=torch.set_num_threads,
+            initargs=(threads,)) as pool:
         for payload, weight, dtype in items:
             pending.append((payload, pool.submit(one, weight, dtype)))
             while len(pending) > count:
