@@ -201,7 +201,8 @@ def test_a_rewrite_in_place_is_seen_within_the_round_robin_bound(
     assert _rows(sqlite_url, "SELECT step FROM checkpoint WHERE status = 'pending'") == [(20,)]
 
 
-def _shaped(folder: Path, confine: Confinement = Confinement.to([])) -> Shape:
+def _shaped(folder: Path) -> Shape:
+    confine = Confinement.to([])
     digest, shape = fingerprint_shape(folder, confine)
     assert digest == fingerprint(folder, confine)
     assert shape is not None
