@@ -9,8 +9,12 @@ keeping the job's lease alive for at most that time.
 A pass costs next to nothing when nothing changed: a run whose folders all kept their stamp
 (inode, mtime) and whose checkpoints were all settled in the last pass is not listed, and in a
 run that changed only new or unsettled entries are read. Files rewritten in place change no
-folder's stamp: ``rewrite_checks_per_poll`` settled checkpoints are fingerprinted again each
-pass, round-robin. In :meth:`Watcher.run_forever` discovery runs in its own thread and only the
+folder's stamp: ``rewrite_checks_per_poll`` settled checkpoints are re-checked each pass,
+round-robin, by a ``stat`` of the files and folders their fingerprint was computed from
+(:class:`~alphawatch.workers.checkpoints.discovery.Shape`), or by their fingerprint where a
+symlinked file makes that not enough. An idle worker asks the queue whether it has anything
+(one read) before it claims, and bids for the discovery lease with one statement. In
+:meth:`Watcher.run_forever` discovery runs in its own thread and only the
 worker holding the discovery lease discovers (every worker analyses); the holder also looks
 for "scan now" requests every second and scans those runs fully at once.
 """
