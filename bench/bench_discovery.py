@@ -8,7 +8,7 @@ then measures:
   nothing changed, after a first pass (the first pass is timed too);
 * with ``--workers N`` real ``alphawatch watch`` processes, the CPU all of them spend per poll
   interval (utime + stime from /proc, the analysis child processes not included), measured
-  over ``--window`` seconds after the first pass;
+  over ``--window`` seconds after the first pass, in all and per worker;
 * with those workers running, the seconds from a new checkpoint's last file written to its row
   in the database, by polling, and (where the code has it) after a "scan now" request.
 
@@ -199,7 +199,8 @@ def _notice(url: str, root: Path, step: int, run: int, request_scan: bool) -> fl
     return time.monotonic() - written
 
 
-def fleet(url: str, root: Path, first_pass_wall_s: float) -> dict[str, float]:
+def fleet(url: str, root: Path, first_pass_wall_s: float
+          ) -> tuple[dict[str, float], list[float]]:
     env = {**os.environ, "PYTHONPATH": str(CODE), "ALPHAWATCH_ALLOWED_ROOTS": json.dumps(
         [str(root)]), "ALPHAWATCH_SETTLE_S": "0", "ALPHAWATCH_DEVICE": "cpu"}
     logs = root.parent / "workers.log"
@@ -210,6 +211,7 @@ def fleet(url: str, root: Path, first_pass_wall_s: float) -> dict[str, float]:
                                    "--poll", str(ARGS.poll)], env=env, stdout=out, stderr=out,
                                   cwd=root.parent) for _ in range(ARGS.workers)]
     result: dict[str, float] = {}
+    per_process: list[float] = []
     try:
         # Start-up (imports, the analysis process) and the first pass: over once a checkpoint
         # written in the last run before the workers started is registered (the first pass
@@ -225,9 +227,12 @@ def fleet(url: str, root: Path, first_pass_wall_s: float) -> dict[str, float]:
             assert proc.poll() is None, logs.read_text(errors="replace")[-3000:]
         before = [_cpu_s(p.pid) for p in procs]
         time.sleep(ARGS.window)
-        spent = sum(_cpu_s(p.pid) for p in procs) - sum(before)
-        result["fleet_cpu_ms_per_poll"] = 1000 * spent / (ARGS.window / ARGS.poll)
-        print(json.dumps(result), flush=True)
+        each = [_cpu_s(p.pid) - b for p, b in zip(procs, before, strict=True)]
+        polls = ARGS.window / ARGS.poll
+        result["fleet_cpu_ms_per_poll"] = 1000 * sum(each) / polls
+        # Per worker, largest first: the first is the lease holder (it discovers).
+        per_process = sorted((round(1000 * s / polls, 1) for s in each), reverse=True)
+        print(json.dumps({**result, "cpu_ms_per_poll_by_worker": per_process}), flush=True)
         base = 10**9
         latencies = [_notice(url, root, base + i, (i * 37) % ARGS.runs, False) for i in range(3)]
         result["notice_s_mean"] = statistics.mean(latencies)
@@ -247,7 +252,7 @@ def fleet(url: str, root: Path, first_pass_wall_s: float) -> dict[str, float]:
             except subprocess.TimeoutExpired:
                 proc.kill()
         _remove_new(root)
-    return result
+    return result, per_process
 
 
 def _remove_new(root: Path) -> None:
@@ -271,7 +276,9 @@ def main() -> None:
     print(json.dumps(figures), flush=True)
     if not ARGS.no_fleet:
         first = float(figures["first_pass_wall_s"])  # type: ignore[arg-type]
-        figures.update({k: round(v, 3) for k, v in fleet(url, root, first).items()})
+        measured, per_worker = fleet(url, root, first)
+        figures.update({k: round(v, 3) for k, v in measured.items()})
+        figures["cpu_ms_per_poll_by_worker"] = per_worker
         figures["load_avg_at_end"] = round(os.getloadavg()[0], 2)
         print(json.dumps(figures), flush=True)
 

@@ -9,8 +9,12 @@ keeping the job's lease alive for at most that time.
 A pass costs next to nothing when nothing changed: a run whose folders all kept their stamp
 (inode, mtime) and whose checkpoints were all settled in the last pass is not listed, and in a
 run that changed only new or unsettled entries are read. Files rewritten in place change no
-folder's stamp: ``rewrite_checks_per_poll`` settled checkpoints are fingerprinted again each
-pass, round-robin. In :meth:`Watcher.run_forever` discovery runs in its own thread and only the
+folder's stamp: ``rewrite_checks_per_poll`` settled checkpoints are re-checked each pass,
+round-robin, by a ``stat`` of the files and folders their fingerprint was computed from
+(:class:`~alphawatch.workers.checkpoints.discovery.Shape`), or by their fingerprint where a
+symlinked file makes that not enough. An idle worker asks the queue whether it has anything
+(one read) before it claims, and bids for the discovery lease with one statement. In
+:meth:`Watcher.run_forever` discovery runs in its own thread and only the
 worker holding the discovery lease discovers (every worker analyses); the holder also looks
 for "scan now" requests every second and scans those runs fully at once.
 """
@@ -56,7 +60,7 @@ from alphawatch.workers.checkpoints import (
     survey,
     unchanged,
 )
-from alphawatch.workers.checkpoints.discovery import Stamp
+from alphawatch.workers.checkpoints.discovery import Shape, Stamp, restat
 from alphawatch.workers.checkpoints.errors import printable, shown
 from alphawatch.workers.spectral import resolve_device
 
@@ -162,6 +166,7 @@ class Watcher:
     ) -> None:
         self.settings = settings
         self.run_dirs = [check_run_dir(Path(p)) for p in run_dirs]
+        self._named = frozenset(self.run_dirs)
         # The folders named on the command line are allowed, besides ALPHAWATCH_ALLOWED_ROOTS:
         # naming a folder to watch is allowing it. Nothing else is, whatever a symlink says.
         self.confine = Confinement.to([*settings.allowed_roots, *self.run_dirs])
@@ -173,9 +178,12 @@ class Watcher:
         self.thresholds = settings.trust
         self._reanalyzed: set[int] = set()
         self._memory: dict[Path, _RunMemory] = {}
-        # Settled entries in the order they are fingerprinted again: (run, path, the memory
-        # entry); one whose memory entry was replaced or dropped leaves the round.
-        self._round: deque[tuple[Path, Path, tuple[int, CheckpointRef]]] = deque()
+        # Settled entries in the order they are looked at again: (run, path, the memory entry,
+        # the shape its fingerprint was computed from); one whose memory entry was replaced or
+        # dropped leaves the round.
+        self._round: deque[tuple[Path, Path, tuple[int, CheckpointRef], Shape | None]] = deque()
+        # Registered run folders as Path objects, by the text the database holds.
+        self._paths: dict[str, Path] = {}
         self._work = threading.Event()  # new jobs were queued: the analysis loop claims
         self._leased = False
         self._lease_renew_at = 0.0
@@ -215,21 +223,34 @@ class Watcher:
 
     # -- discovery ---------------------------------------------------------------------------
     def _watched_dirs(self) -> dict[Path, int | None]:
-        """Every run folder to look at, with its run id when it is registered."""
-        with session_scope(self.engine) as session:
-            registered = [(Path(p), int(i)) for i, p in session.execute(
-                select(Run.id, Run.path).order_by(Run.id))]
+        """Every run folder to look at, with its run id when it is registered.
+
+        Whether a registered run's folder is still there is left to :meth:`_present`, asked
+        only of the runs that are not skipped as unchanged (whose stamp is one ``stat``).
+        """
+        with self.engine.connect() as conn:
+            rows = conn.execute(_RUNS).all()
+        paths = self._paths
+        if len(paths) > 2 * len(rows) + 100:
+            paths.clear()  # runs deleted: their folders are forgotten
         seen: dict[Path, int | None] = dict.fromkeys(self.run_dirs)
-        for path, run_id in registered:
-            # A registered run whose folder is gone is skipped; one that now leads outside the
-            # roots (or cannot be looked at) is kept, so discovery records why on the run.
-            try:
-                present = path.exists() or path.is_symlink()
-            except (OSError, ValueError):
-                present = True
-            if present and seen.get(path) is None:
-                seen[path] = run_id
+        for run_id, text_ in rows:
+            path = paths.get(text_)
+            if path is None:
+                path = paths[text_] = Path(text_)
+            if seen.get(path) is None:
+                seen[path] = int(run_id)
         return seen
+
+    def _present(self, run_dir: Path) -> bool:
+        """A registered run whose folder is gone is skipped; one that now leads outside the
+        roots (or cannot be looked at) is kept, so discovery records why on the run."""
+        if run_dir in self._named:
+            return True
+        try:
+            return run_dir.exists() or run_dir.is_symlink()
+        except (OSError, ValueError):
+            return True
 
     def discover_once(self, *, runs: Collection[Path] | None = None,
                       full: Collection[Path] = ()) -> int:
@@ -260,6 +281,9 @@ class Watcher:
             if (memory is not None and memory.quiet and memory.run_id == run_id
                     and run_dir not in changed and unchanged(memory.listed)):
                 continue
+            if not self._present(run_dir):
+                self._memory.pop(run_dir, None)
+                continue
             try:
                 new += self._discover_run(run_dir, memory)
             except (OperationalError, DBAPIError) as exc:
@@ -277,16 +301,20 @@ class Watcher:
         """Fingerprint the next settled checkpoints again; the runs where one changed."""
         changed: set[Path] = set()
         for _ in range(min(self.settings.rewrite_checks_per_poll, len(self._round))):
-            run_dir, path, entry = self._round.popleft()
+            turn = self._round.popleft()
+            run_dir, path, entry, shape = turn
             memory = self._memory.get(run_dir)
             if memory is None or memory.settled.get(path) is not entry:
                 continue  # read again since, or forgotten: its newer entry has its own turn
             try:
-                same = fingerprint(path, self.confine) == entry[1].fingerprint
+                # One stat per member where the fingerprint's members are known (the same
+                # answer: see Shape), else the fingerprint itself.
+                same = (restat(path, shape) == shape.stamp if shape is not None
+                        else fingerprint(path, self.confine) == entry[1].fingerprint)
             except Exception:  # whatever went wrong, the run's next pass reads it and says
                 same = False
             if same:
-                self._round.append((run_dir, path, entry))
+                self._round.append(turn)
             else:
                 del memory.settled[path]
                 changed.add(run_dir)
@@ -311,10 +339,10 @@ class Watcher:
         try:
             found = survey(run_dir, settle_s=self.settings.settle_s, confine=self.confine,
                            settled=settled)
-            refs, listed, inodes = found.refs, found.listed, found.inodes
+            refs, listed, inodes, shapes = found.refs, found.listed, found.inodes, found.shapes
         except CheckpointError as exc:
             log.error("cannot list %s: %s", shown(run_dir), exc)
-            refs, problems, listed, inodes = [], [str(exc)], {}, {}
+            refs, problems, listed, inodes, shapes = [], [str(exc)], {}, {}, {}
         new = 0
         now_settled: dict[Path, tuple[int, CheckpointRef]] = {}
         quiet = True
@@ -360,7 +388,8 @@ class Watcher:
                 if entry is None or entry[1] is not ref:
                     entry = (inodes.get(ref.path, -1), ref)
                     if self.settings.rewrite_checks_per_poll:
-                        self._round.append((run_dir, ref.path, entry))
+                        self._round.append((run_dir, ref.path, entry,
+                                            shapes.get(ref.path)))
                 now_settled[ref.path] = entry
             if self.reanalyze and run_id not in self._reanalyzed:
                 queue.reanalyze(session, run_id=run_id)
@@ -403,8 +432,8 @@ class Watcher:
         if not self._leasing:
             return True
         ttl = self.settings.lease_s
-        with session_scope(self.engine) as session:
-            held = scans.hold_lease(session, holder=self.worker_id, ttl_s=ttl)
+        with self.engine.begin() as conn:
+            held = scans.hold_lease(conn, holder=self.worker_id, ttl_s=ttl)
         if held and not self._leased:
             log.info("worker %s discovers now", self.worker_id)
         self._leased = held
@@ -426,8 +455,8 @@ class Watcher:
         if not self._retry("discovery lease", self._renew_lease, stop):
             return
         def pending() -> list[scans.ScanRequest]:
-            with session_scope(self.engine) as session:
-                return scans.scan_requests(session)
+            with self.engine.connect() as conn:
+                return scans.scan_requests(conn)
 
         requests = self._retry("scan requests", pending, stop)
         if not due and not requests:
@@ -443,7 +472,8 @@ class Watcher:
                 for request in requests:
                     scans.clear_scan_request(session, request=request)
 
-        self._retry("scan requests", clear, stop)
+        if requests:
+            self._retry("scan requests", clear, stop)
         if new:
             self._work.set()
 
@@ -466,8 +496,13 @@ class Watcher:
             self._work.set()
 
     # -- one job ---------------------------------------------------------------------------
-    def process_one(self) -> bool:
-        """Claim one job and process it; returns False when the queue had nothing to give."""
+    def process_one(self, *, ask_first: bool = False) -> bool:
+        """Claim one job and process it; returns False when the queue had nothing to give.
+
+        Args:
+            ask_first: look whether the queue has anything to give (one query that writes
+                nothing, :func:`queue.has_work`) before recovering stale jobs and claiming.
+        """
         try:
             # Started (once, or after a death) before claiming: importing torch is no part of any
             # checkpoint's budget, and a worker always has an analysis process ready.
@@ -477,6 +512,10 @@ class Watcher:
             return False
 
         def claim() -> queue.ClaimedJob | None:
+            if ask_first:
+                with self.engine.connect() as conn:
+                    if not queue.has_work(conn):
+                        return None
             with session_scope(self.engine) as session:
                 queue.requeue_stale(session, max_attempts=self.settings.max_attempts)
             with session_scope(self.engine) as session:
@@ -605,7 +644,8 @@ class Watcher:
                 if self._discovery_failed is not None:
                     raise self._discovery_failed
                 try:
-                    busy = self.process_one()
+                    # An idle worker asks before it claims: one read per poll, not two writes.
+                    busy = self.process_one(ask_first=True)
                 except (OperationalError, DBAPIError):
                     if stop.is_set():
                         break
@@ -650,6 +690,7 @@ def _problems(messages: list[str]) -> str | None:
 # a few kilobytes, not megabytes, per run.
 _ERROR_MAX = 8000
 _PROBLEMS_SHOWN = 20
+_RUNS = select(Run.id, Run.path).order_by(Run.id)
 # How often the discovering worker looks for "scan now" requests, and the longest wait of the
 # loops between looking at their stop event.
 _TICK_S = 1.0

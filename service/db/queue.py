@@ -14,7 +14,7 @@ from datetime import timedelta
 from enum import Enum
 from typing import Any
 
-from sqlalchemy import delete, func, insert, select, text, update
+from sqlalchemy import Connection, bindparam, delete, func, insert, select, text, update
 from sqlalchemy.orm import Session
 
 from alphawatch.service.db.aggregates import stat_rows, weight_rows
@@ -292,6 +292,22 @@ def claim(session: Session, *, worker_id: str, lease_s: float) -> ClaimedJob | N
     session.commit()
     return ClaimedJob(job_id=job_id, checkpoint_id=checkpoint_id, run_id=checkpoint.run_id,
                       step=checkpoint.step, path=checkpoint.path, attempts=attempts)
+
+
+_WORK = select(
+    select(AnalysisJob.id).where(AnalysisJob.status == JobStatus.QUEUED.value).exists()
+    | select(AnalysisJob.id).where(AnalysisJob.status == JobStatus.RUNNING.value,
+                                   AnalysisJob.lease_expires_at < bindparam("now")).exists())
+
+
+def has_work(session: Session | Connection) -> bool:
+    """Whether a claim could find something: a job queued, or one whose lease ran out.
+
+    One indexed query (``ix_analysis_job_status_lease``) that writes nothing: what an idle
+    worker asks each poll before it recovers stale jobs and claims (:func:`requeue_stale`,
+    :func:`claim`), which lock and write.
+    """
+    return bool(session.execute(_WORK, {"now": utcnow()}).scalar())
 
 
 def heartbeat(session: Session, *, job_id: int, worker_id: str, lease_s: float) -> bool:

@@ -3,7 +3,9 @@
 A request is a timestamp on the run (``run.scan_requested_at``): asking twice before it is
 honoured is one request, and clearing it only up to the time that was seen keeps a request
 made during the scan for the next one. The lease is a row updated with a condition (held by
-this worker, or run out), which works the same on PostgreSQL and SQLite.
+this worker, or run out), which works the same on PostgreSQL and SQLite; it is one statement,
+an insert that updates the row where it exists, so that a worker not holding the lease pays one
+round trip per poll for asking.
 """
 
 from __future__ import annotations
@@ -11,15 +13,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Connection, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from alphawatch.service.db.models import DiscoveryLease, Run
 from alphawatch.service.db.session import utcnow
 
 DISCOVERY = "discovery"
-
 
 
 def request_scan(session: Session, *, run_id: int) -> datetime | None:
@@ -39,10 +40,13 @@ class ScanRequest:
     requested_at: datetime
 
 
-def scan_requests(session: Session) -> list[ScanRequest]:
+_REQUESTS = (select(Run.id, Run.path, Run.scan_requested_at)
+             .where(Run.scan_requested_at.is_not(None)))
+
+
+def scan_requests(session: Session | Connection) -> list[ScanRequest]:
     """Runs with a scan asked for and not yet honoured (one indexed query)."""
-    rows = session.execute(select(Run.id, Run.path, Run.scan_requested_at)
-                           .where(Run.scan_requested_at.is_not(None))).all()
+    rows = session.execute(_REQUESTS).all()
     return [ScanRequest(int(r[0]), r[1], r[2]) for r in rows if r[2] is not None]
 
 
@@ -53,27 +57,24 @@ def clear_scan_request(session: Session, *, request: ScanRequest) -> None:
                     .values(scan_requested_at=None))
 
 
-def hold_lease(session: Session, *, holder: str, ttl_s: float, name: str = DISCOVERY) -> bool:
-    """Take or renew the lease for ``ttl_s`` seconds; False while another worker holds it."""
+def hold_lease(session: Session | Connection, *, holder: str, ttl_s: float,
+               name: str = DISCOVERY) -> bool:
+    """Take or renew the lease for ``ttl_s`` seconds; False while another worker holds it.
+
+    One statement, whoever asks: an insert of the row that, when it exists (always but the
+    first time ever), updates it only where it is held by ``holder``, free or run out.
+    """
     now = utcnow()
     values = {"holder": holder, "expires_at": now + timedelta(seconds=ttl_s)}
-    result = session.execute(update(DiscoveryLease).where(
-        DiscoveryLease.name == name,
-        (DiscoveryLease.holder == holder) | DiscoveryLease.holder.is_(None)
-        | (DiscoveryLease.expires_at < now)).values(**values))
-    if getattr(result, "rowcount", 0):
-        return True
-    if session.get(DiscoveryLease, name) is not None:
-        return False
-    # The first worker ever: the row is made here (a second one at the same moment conflicts
-    # on the primary key and gets False from the next call).
-    session.add(DiscoveryLease(name=name, **values))
-    try:
-        session.flush()
-    except IntegrityError:
-        session.rollback()
-        return False
-    return True
+    dialect = (session.dialect if isinstance(session, Connection)
+               else session.get_bind().dialect).name
+    insert = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(DiscoveryLease)
+    lease = DiscoveryLease.__table__.c
+    statement = insert.values(name=name, **values).on_conflict_do_update(
+        index_elements=[lease.name], set_=values,
+        where=(lease.holder == holder) | lease.holder.is_(None) | (lease.expires_at < now),
+    ).returning(lease.name)
+    return session.execute(statement).first() is not None
 
 
 def release_lease(session: Session, *, holder: str, name: str = DISCOVERY) -> None:

@@ -194,3 +194,30 @@ def test_one_state_machine_moves_job_and_checkpoint_together(db_url: str) -> Non
     # Every transition leads to statuses the enums (and the database) know.
     for transition in queue.TRANSITIONS.values():
         assert transition.job in JobStatus and transition.checkpoint in CheckpointStatus
+
+
+def test_has_work_says_whether_a_claim_could_find_a_job(db_url: str) -> None:
+    engine = make_engine(db_url)
+
+    def work() -> bool:
+        with engine.connect() as conn:
+            return queue.has_work(conn)
+
+    assert not work()  # empty queue
+    _fill(db_url, 1)
+    assert work()  # queued
+    with session_scope(engine) as session:
+        job = queue.claim(session, worker_id="w", lease_s=0.3)
+    assert job is not None
+    assert not work()  # running, lease alive: nothing to claim
+    time.sleep(0.5)
+    assert work()  # the lease ran out: requeue_stale has something to recover
+    with session_scope(engine) as session:
+        assert queue.requeue_stale(session) == 1
+        again = queue.claim(session, worker_id="w", lease_s=30)
+    assert again is not None
+    with session_scope(engine) as session:
+        assert queue.complete(session, job_id=again.job_id, worker_id="w", layers=[],
+                              spectra=[], device="cpu", elapsed_s=0.0,
+                              thresholds=Thresholds())
+    assert not work()  # done

@@ -19,7 +19,13 @@ import pytest
 
 from alphawatch.settings import Settings
 from alphawatch.workers.checkpoints import Confinement, fingerprint, survey, unchanged
-from alphawatch.workers.checkpoints.discovery import _escapes, _files
+from alphawatch.workers.checkpoints.discovery import (
+    Shape,
+    _escapes,
+    _files,
+    fingerprint_shape,
+    restat,
+)
 from alphawatch.workers.watcher import Watcher
 from tests.db import rows as _rows
 
@@ -193,3 +199,86 @@ def test_a_rewrite_in_place_is_seen_within_the_round_robin_bound(
         assert passes <= bound, f"not seen within {bound} passes"
         watcher.discover_once()
     assert _rows(sqlite_url, "SELECT step FROM checkpoint WHERE status = 'pending'") == [(20,)]
+
+
+def _shaped(folder: Path) -> Shape:
+    confine = Confinement.to([])
+    digest, shape = fingerprint_shape(folder, confine)
+    assert digest == fingerprint(folder, confine)
+    assert shape is not None
+    return shape
+
+
+def test_a_stat_of_the_known_members_sees_every_change_a_fingerprint_sees(
+    tmp_path: Path
+) -> None:
+    folder = tmp_path / "checkpoint-5"
+    (folder / "sub").mkdir(parents=True)
+    for name in ("model.safetensors", "config.json", "sub/optim.pt"):
+        (folder / name).write_bytes(b"x" * 64)
+    shape = _shaped(folder)
+    assert set(shape.members) == {"", "sub", "model.safetensors", "config.json", "sub/optim.pt"}
+    assert restat(folder, shape) == shape.stamp  # nothing changed: no fingerprint needed
+
+    printed = fingerprint(folder)
+
+    def changed(change: str) -> None:
+        nonlocal shape, printed
+        assert restat(folder, shape) != shape.stamp, change
+        assert fingerprint(folder) != printed, change  # a change the fingerprint sees too
+        shape, printed = _shaped(folder), fingerprint(folder)
+
+    then = time.time() - 100
+    os.utime(folder / "sub" / "optim.pt", (then, then))  # rewritten: same size, other mtime
+    changed("mtime")
+    with (folder / "config.json").open("r+b") as handle:  # in place, longer
+        handle.seek(0, os.SEEK_END)
+        handle.write(b"y")
+    changed("size")
+    (folder / "sub" / "extra.bin").write_bytes(b"z")  # a file added in a nested folder
+    changed("added")
+    (folder / "sub" / "extra.bin").unlink()
+    changed("deleted")
+    (folder / "new.json").write_bytes(b"x" * 64)
+    os.replace(folder / "new.json", folder / "config.json")  # replaced by rename
+    changed("replaced")
+    shutil.rmtree(folder)
+    assert restat(folder, shape) is None
+
+
+def test_a_checkpoint_holding_a_symlink_has_no_shape(tmp_path: Path) -> None:
+    folder = tmp_path / "checkpoint-5"
+    folder.mkdir()
+    (tmp_path / "weights.bin").write_bytes(b"w")
+    (folder / "model.bin").symlink_to(tmp_path / "weights.bin")
+    # The target changes without the link or its folder changing: only a fingerprint sees it.
+    assert fingerprint_shape(folder, Confinement.to([tmp_path]))[1] is None
+    assert fingerprint_shape(folder, Confinement.to([folder]))[1] is None
+
+
+def test_a_rewrite_is_seen_through_the_stat_round_and_the_fingerprint_round(
+    tiny_run: Path, tmp_path: Path, sqlite_url: str
+) -> None:
+    root = tmp_path / "runs"
+    run = root / "run"
+    for step in (10, 20):
+        _checkpoint(tiny_run, run, step)
+    # checkpoint-20 holds a symlinked file (allowed: inside the root), so it has no shape and
+    # is fingerprinted; checkpoint-10 is re-checked by stat.
+    shared = root / "shared.json"
+    shared.write_text("{}")
+    (run / "checkpoint-20" / "extra.json").symlink_to(shared)
+    _age(run)
+    watcher = Watcher(_settings(sqlite_url, root, rewrite_checks_per_poll=2), [run])
+    watcher.discover_once()
+    while watcher.process_one():
+        pass
+    watcher.close()
+    shapes = {path.name: shape for _, path, _, shape in watcher._round}
+    assert shapes["checkpoint-20"] is None and shapes["checkpoint-10"] is not None
+    then = time.time() - 100
+    os.utime(run / "checkpoint-10" / "model.safetensors", (then, then))
+    shared.write_text('{"a": 1}')  # the link's target: neither the link nor a folder changes
+    watcher.discover_once()
+    assert _rows(sqlite_url, "SELECT step FROM checkpoint WHERE status = 'pending' "
+                             "ORDER BY step") == [(10,), (20,)]

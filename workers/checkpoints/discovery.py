@@ -84,6 +84,15 @@ class _Scan:
     settled: Mapping[Path, tuple[int, CheckpointRef]] = field(default_factory=dict)
     listed: dict[Path, Stamp] = field(default_factory=dict)
     inodes: dict[Path, int] = field(default_factory=dict)
+    shapes: dict[Path, Shape] = field(default_factory=dict)
+
+
+def _print(path: Path, scan: _Scan) -> str:
+    """``path``'s fingerprint; its shape is kept in ``scan.shapes`` when it has one."""
+    digest, shape = fingerprint_shape(path, scan.confine)
+    if shape is not None:
+        scan.shapes[path] = shape
+    return digest
 
 
 @dataclass(frozen=True)
@@ -95,11 +104,14 @@ class Survey:
         listed: the stamp of every folder listed (the run folder and the folders searched
             below it); see :func:`unchanged`.
         inodes: the inode of every entry listed, by path, for the caller's ``settled``.
+        shapes: the :class:`Shape` of every checkpoint fingerprinted in this pass that has
+            one, by path: what a later :func:`restat` compares with.
     """
 
     refs: list[CheckpointRef]
     listed: dict[Path, Stamp]
     inodes: dict[Path, int]
+    shapes: dict[Path, Shape] = field(default_factory=dict)
 
 
 def stamp(path: Path, now: float) -> Stamp:
@@ -172,15 +184,21 @@ def _escapes(file: Path, confine: Confinement) -> bool:
     return file.is_symlink() and not confine.allows(file)
 
 
-def _walk(folder: str, rel: tuple[str, ...], out: list[tuple[tuple[str, ...], os.DirEntry[str]]]
-          ) -> None:
+def _walk(folder: str, rel: tuple[str, ...], out: list[tuple[tuple[str, ...], os.DirEntry[str]]],
+          dirs: list[tuple[tuple[str, ...], os.stat_result]] | None = None) -> bool:
     """Every file under ``folder`` as :func:`_files` finds them (symlinked folders are not
-    entered, unreadable ones are passed over), with its path parts below the checkpoint."""
+    entered, unreadable ones are passed over), with its path parts below the checkpoint.
+
+    ``dirs`` gets each folder's stat, taken before it is listed. Returns False when a folder
+    could not be listed."""
     try:
+        if dirs is not None:
+            dirs.append((rel, os.stat(folder)))
         with os.scandir(folder) as listing:
             entries = list(listing)
     except PermissionError:
-        return
+        return False
+    whole = True
     for entry in entries:
         parts = (*rel, entry.name)
         try:
@@ -188,9 +206,10 @@ def _walk(folder: str, rel: tuple[str, ...], out: list[tuple[tuple[str, ...], os
         except OSError:
             is_dir = False
         if is_dir and not entry.is_symlink():
-            _walk(entry.path, parts, out)
+            whole = _walk(entry.path, parts, out, dirs) and whole
         elif not is_dir and entry.is_file():
             out.append((parts, entry))
+    return whole
 
 
 def fingerprint(path: Path, confine: Confinement = UNCONFINED) -> str:
@@ -198,28 +217,90 @@ def fingerprint(path: Path, confine: Confinement = UNCONFINED) -> str:
 
     A file that resolves outside the allowed roots counts by its name only: its target is not
     looked at. The files are those of :func:`_files`, in the same order (by path parts), read
-    with ``os.scandir``: the watcher fingerprints settled checkpoints again every pass.
+    with ``os.scandir``.
+    """
+    return fingerprint_shape(path, confine)[0]
+
+
+# Members of a checkpoint, relative to it ("" is the checkpoint itself): one shared tuple per
+# layout, so that 100,000 checkpoints of the same trainer hold one between them.
+_LAYOUTS: dict[tuple[str, ...], tuple[str, ...]] = {}
+_LAYOUTS_MAX = 10_000
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What a checkpoint's :func:`fingerprint` was computed from, to be compared by ``stat``.
+
+    ``members``: the checkpoint's folders and files, relative to it ("" is itself), folders
+    first; ``stamp``: a hash of (inode, size, mtime in ns) of each, folders stat'ed before they
+    were listed. A new, deleted or renamed file changes its folder's mtime; a file rewritten in
+    place its own; so while :func:`restat` gives the same stamp, the fingerprint is the same.
+    """
+
+    members: tuple[str, ...]
+    stamp: int
+
+
+def _stamp_of(stats: list[os.stat_result]) -> int:
+    return hash(tuple((s.st_ino, s.st_size, s.st_mtime_ns) for s in stats))
+
+
+def restat(path: Path, shape: Shape) -> int | None:
+    """The stamp of ``shape``'s members now (one ``stat`` each); None when one is gone."""
+    base = str(path)
+    try:
+        return _stamp_of([os.stat(f"{base}/{m}" if m else base) for m in shape.members])
+    except OSError:
+        return None
+
+
+def fingerprint_shape(path: Path, confine: Confinement = UNCONFINED) -> tuple[str, Shape | None]:
+    """:func:`fingerprint`, and the :class:`Shape` it was computed from.
+
+    The shape is None where a ``stat`` of the members cannot stand for the fingerprint: a
+    checkpoint holding a symlinked file (its target is judged through the allowed roots), a
+    folder that could not be listed, a file gone while it was read.
     """
     digest = hashlib.sha1(usedforsecurity=False)
+    dirs: list[tuple[tuple[str, ...], os.stat_result]] = []
+    whole = True
     if path.is_file():
         files: list[tuple[tuple[str, ...], os.DirEntry[str] | None]] = [((path.name,), None)]
     else:
         found: list[tuple[tuple[str, ...], os.DirEntry[str]]] = []
-        _walk(str(path), (path.name,), found)
+        try:
+            whole = _walk(str(path), (path.name,), found, dirs)
+        except OSError:
+            # The folder's own stat failed (gone meanwhile): fingerprinted as before, no shape.
+            found, dirs, whole = [], [], False
+            _walk(str(path), (path.name,), found)
         files = sorted(found, key=lambda f: f[0])
+    stats = [s for _, s in dirs]
+    members = ["/".join(rel[1:]) for rel, _ in dirs]
     for parts, entry in files:
         name = os.fsencode("/".join(parts))
         file = path if entry is None else Path(entry.path)
-        if (file.is_symlink() if entry is None else entry.is_symlink()) and not confine.allows(
-                file):
-            digest.update(name + b":outside\n")
-            continue
+        if (file.is_symlink() if entry is None else entry.is_symlink()):
+            whole = False
+            if not confine.allows(file):
+                digest.update(name + b":outside\n")
+                continue
         try:
             stat = file.stat() if entry is None else entry.stat()
         except FileNotFoundError:
+            whole = False
             continue
         digest.update(name + f":{stat.st_size}:{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
+        stats.append(stat)
+        members.append("/".join(parts[1:]))
+    shape = None
+    if whole:
+        layout = tuple(members)
+        if len(_LAYOUTS) < _LAYOUTS_MAX:
+            layout = _LAYOUTS.setdefault(layout, layout)
+        shape = Shape(layout, _stamp_of(stats))
+    return digest.hexdigest(), shape
 
 
 def _settled(path: Path, scan: _Scan) -> bool:
@@ -334,7 +415,7 @@ def _hf_ref(folder: Path, step: int | None, scan: _Scan) -> CheckpointRef:
         complete, reason = weights_complete(folder, scan.confine)
         reason = f"no trainer_state.json; files settled: {reason}"
     fmt = "peft" if (folder / "adapter_config.json").exists() else "hf"
-    return CheckpointRef(folder, step, fmt, complete, reason, fingerprint(folder, scan.confine))
+    return CheckpointRef(folder, step, fmt, complete, reason, _print(folder, scan))
 
 
 def _tracker_step(path: Path, confine: Confinement) -> int | None:
@@ -363,17 +444,17 @@ def _dir_ref(child: Path, trackers: dict[str, int | None], scan: _Scan) -> Check
         done = latest is not None and latest >= step
         return CheckpointRef(child, step, "deepspeed", done,
                              "in `latest`" if done else "not yet in `latest`",
-                             fingerprint(child, scan.confine))
+                             _print(child, scan))
     if m := _MEGATRON.fullmatch(name):
         step, latest = parse_step(m.group(1), child), trackers["megatron"]
         done = latest is not None and latest >= step
         return CheckpointRef(child, step, "megatron", done,
                              "tracker file reached it" if done else "tracker file not there yet",
-                             fingerprint(child, scan.confine))
+                             _print(child, scan))
     if (child / ".metadata").exists():
         match = _STEP_IN_NAME.search(name)
         return CheckpointRef(child, parse_step(match.group(1), child) if match else None, "dcp",
-                             True, ".metadata written", fingerprint(child, scan.confine))
+                             True, ".metadata written", _print(child, scan))
     return None
 
 
@@ -430,7 +511,7 @@ def _entry(child: Path, trackers: dict[str, int | None], scan: _Scan, depth: int
     fmt = "lightning" if child.suffix == ".ckpt" else "file"
     done = _settled(child, scan)
     return [CheckpointRef(child, step, fmt, done, "settled" if done else "still changing",
-                          fingerprint(child, scan.confine))]
+                          _print(child, scan))]
 
 
 def _list(folder: Path, scan: _Scan) -> list[Path]:
@@ -528,10 +609,11 @@ def survey(run_dir: Path, *, settle_s: float = 30.0, now: float | None = None,
         try:
             step = parse_step(match.group(1), run_dir) if match else None
         except StepError as exc:
-            return Survey([refused(run_dir, exc)], scan.listed, scan.inodes)
+            return Survey([refused(run_dir, exc)], scan.listed, scan.inodes, scan.shapes)
         return Survey([CheckpointRef(run_dir, step, fmt, done,
                                      "settled" if done else "still changing",
-                                     fingerprint(run_dir, confine))], scan.listed, scan.inodes)
+                                     _print(run_dir, scan))], scan.listed, scan.inodes,
+                      scan.shapes)
     refs = _scan(run_dir, scan, depth=3)
     if not refs:
         # run_dir is itself one checkpoint: a step folder, or a model saved at the end.
@@ -546,7 +628,7 @@ def survey(run_dir: Path, *, settle_s: float = 30.0, now: float | None = None,
         except Exception as exc:  # refused like any other entry, never raised
             refs.append(refused(run_dir, exc, _name_step(run_dir.name)))
     refs.sort(key=lambda r: (r.step is None, r.step or 0, str(r.path)))
-    return Survey(refs, scan.listed, scan.inodes)
+    return Survey(refs, scan.listed, scan.inodes, scan.shapes)
 
 
 def rank_dirs(folder: Path) -> list[Path]:
