@@ -16,7 +16,7 @@ arguments give, the fused matrix is analysed whole (kind ``qkv``) rather than sp
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import numpy as np
 
@@ -103,7 +103,16 @@ def layout(name: str, config: dict[str, object]) -> str:
     return "unknown"
 
 
-def split_fused(name: str, weight: _M, config: dict[str, object]) -> list[tuple[str, _M]]:
+@overload
+def split_fused(name: str, weight: np.ndarray, config: dict[str, object]
+                ) -> list[tuple[str, np.ndarray]]: ...
+@overload
+def split_fused(name: str, weight: torch.Tensor, config: dict[str, object]
+                ) -> list[tuple[str, torch.Tensor]]: ...
+@overload
+def split_fused(name: str, weight: torch.Tensor | np.ndarray, config: dict[str, object]
+                ) -> list[tuple[str, torch.Tensor | np.ndarray]]: ...
+def split_fused(name: str, weight: Any, config: dict[str, object]) -> list[tuple[str, Any]]:
     """``[(name.q, Q), (name.k, K), (name.v, V)]``, or ``[(name, weight)]`` when unknown.
 
     Args:
@@ -115,7 +124,7 @@ def split_fused(name: str, weight: _M, config: dict[str, object]) -> list[tuple[
     heads = _heads(config, weight.shape[0])
     if config.get("model_type") in _HEAD_INTERLEAVED and heads is not None:
         heads = _Heads(heads.heads, heads.heads, heads.head_dim)  # these never group heads
-    parts: tuple[_M, ...] | None = None
+    parts: tuple[Any, ...] | None = None
     kind = layout(name, config)
     if kind == "blocks":
         parts = _blocks(weight, heads)

@@ -10,8 +10,8 @@ import pickle
 import struct
 import zipfile
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar, overload
 
 import numpy as np
@@ -459,11 +459,11 @@ def upcast(tensor: torch.Tensor | StoredArray, scale: torch.Tensor | StoredArray
     import torch
 
     if str(tensor.dtype).removeprefix("torch.") in _FLOAT8_NAMES:
-        out = tensor.to(torch.float32)
+        widened = tensor.to(torch.float32)
         if scale is not None:
-            factors = scale.to_torch() if isinstance(scale, StoredArray) else scale
-            out = _apply_block_scale(out, factors.to(torch.float32))
-        return out
+            inverse = scale.to_torch() if isinstance(scale, StoredArray) else scale
+            widened = _apply_block_scale(widened, inverse.to(torch.float32))
+        return widened
     return tensor.to(torch.float32)
 
 
@@ -479,12 +479,15 @@ def _apply_block_scale(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tenso
 
 def _apply_block_scale_array(weight: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """:func:`_apply_block_scale` in numpy: the same float32 products."""
+    scaled: np.ndarray
     if scale.size == 1:
-        return weight * scale.reshape(())
+        scaled = weight * scale.reshape(())
+        return scaled
     rows = -(-weight.shape[0] // scale.shape[0])
     cols = -(-weight.shape[1] // scale.shape[1])
     expanded = np.repeat(np.repeat(scale, rows, axis=0), cols, axis=1)
-    return weight * expanded[: weight.shape[0], : weight.shape[1]]
+    scaled = weight * expanded[: weight.shape[0], : weight.shape[1]]
+    return scaled
 
 
 def read_safetensors_tensor(path: Path, key: str, confine: Confinement = UNCONFINED

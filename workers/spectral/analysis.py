@@ -100,8 +100,7 @@ def _device_tensor(matrix: Matrix, device: Device) -> torch.Tensor:
     # torch shares a numpy array's memory and warns on read-only ones (decoded file bytes)
     tensor = (torch.from_numpy(np.require(matrix, requirements="W"))
               if isinstance(matrix, np.ndarray) else matrix.detach())
-    return tensor.to(device=str(device) if isinstance(device, HostDevice) else device,
-                     non_blocking=True)
+    return tensor.to(device=str(device), non_blocking=True)
 
 
 def _numel(matrix: Matrix) -> int:
@@ -161,7 +160,7 @@ def shuffled_eigenvalues(matrix: Matrix, perm: np.ndarray, device: Device) -> np
         import torch
 
         t = _device_tensor(matrix, device).to(torch.float32)
-        index = torch.from_numpy(perm).to(device=device, dtype=torch.int64)
+        index = torch.from_numpy(perm).to(device=str(device), dtype=torch.int64)
         mixed = t.reshape(-1).index_select(0, index).reshape(t.shape)
         previous = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -530,7 +529,7 @@ def _analyze(
     rank = rank_of(spec, stored_dtype, n, limits.rank_loss_fraction)
     bulk = bulk_of(moments, spec, n, m)
     fit = fit_power_law(spec.evals, method, bootstrap_samples=limits.bootstrap_samples,
-                        seed=limits.trap_seed, device=dev)
+                        seed=limits.trap_seed, device=str(dev))
     traps = traps_of(mats, spec, bulk, n, m, limits.trap_seed, dev) if check_traps else None
     verdict = verdict_of(fit, rank, traps, limits)
     # Is the tail a power law at all? (workers/spectral/compare.py; the rule is optional)
@@ -600,6 +599,6 @@ def analyze_many(
     for name, tensor, dtype in work:
         if dev.type == "cuda":
             tensor = _device_tensor(tensor, HOST).pin_memory().to(
-                dev, non_blocking=True)
+                str(dev), non_blocking=True)
         yield name, analyze_matrix(tensor, stored_dtype=dtype, method=method,
                                    thresholds=thresholds, device=dev, check_traps=check_traps)
