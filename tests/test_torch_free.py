@@ -149,3 +149,17 @@ def test_analysis_child_reads_safetensors_without_torch(checkpoints: tuple[Path,
         assert _same(row, want_rows[name]), name
     # Files keep their own tensor order (safetensors sorts its keys): compared by name.
     assert _same({s["name"]: s for s in got["spectra"]}, {s["name"]: s for s in want["spectra"]})
+
+
+def test_auto_device_asks_torch_only_where_a_gpu_may_be() -> None:
+    probe = ("import sys; from alphawatch.workers.spectral import resolve_device; "
+             "print(resolve_device('auto'), 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          env=_env(), cwd=ROOT, check=True, timeout=120)
+    device, imported = done.stdout.split()
+    assert device == ("cuda" if torch.cuda.is_available() else "cpu")
+    nodes = Path("/dev/kfd").exists() or any(Path("/dev").glob("nvidia[0-9]*"))
+    if sys.platform.startswith("linux") and not nodes:
+        assert imported == "False"
+    else:
+        assert imported == "True"

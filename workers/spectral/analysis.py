@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, TypeAlias
 
 import numpy as np
@@ -41,14 +43,26 @@ Device: TypeAlias = "HostDevice | torch.device"
 """Where the engine computes: the host (numpy), or a torch device (CUDA)."""
 
 
+def _gpu_nodes() -> bool:
+    """Whether this machine may have a GPU torch can use: always, except on a Linux machine
+    without the device files the NVIDIA (``/dev/nvidia0``...) and ROCm (``/dev/kfd``) drivers
+    create, where ``torch.cuda.is_available()`` is False and importing torch to ask costs
+    more than a second."""
+    if not sys.platform.startswith("linux"):
+        return True
+    dev = Path("/dev")
+    return (dev / "kfd").exists() or any(dev.glob("nvidia[0-9]*"))
+
+
 def resolve_device(requested: str | Device) -> Device:
     """``"auto"`` → CUDA when available, else CPU; ``"cuda"`` without a GPU is an error.
 
-    ``"cpu"`` is :data:`HOST` and imports nothing; any other request imports torch to ask it.
+    ``"cpu"`` is :data:`HOST` and imports nothing, and so is ``"auto"`` on a Linux machine
+    without a GPU's device files; any other request imports torch to ask it.
     """
     if not isinstance(requested, str):
         return requested
-    if requested == "cpu":
+    if requested == "cpu" or (requested == "auto" and not _gpu_nodes()):
         return HOST
     import torch
 
