@@ -7,9 +7,9 @@ and analyses one checkpoint per request (safetensors checkpoints on a CPU need n
 first pickle, DCP folder or CUDA device imports it, once); the worker keeps the database, the
 lease and the heartbeat, and watches the child: past ``timeout_s`` of wall-clock time, or past
 ``memory_mb`` of resident anonymous memory, the child is killed and the job fails with a message
-saying which budget it broke. A child that dies on its own (the kernel's OOM killer, a crash in native code) is reported
-the same way. The next job gets a fresh child; a healthy child serves job after job, so the
-imports are paid once, not per checkpoint.
+saying which budget it broke. A child that dies on its own (the kernel's OOM killer, a crash in
+native code) is reported the same way. The next job gets a fresh child; a healthy child serves
+job after job, so the imports are paid once, not per checkpoint.
 
 Memory is read from ``/proc/<pid>/status`` (``RssAnon`` + ``RssShmem``) every ``POLL_S``:
 ``RLIMIT_AS`` would count torch's address-space reservations and the memory-mapped checkpoint
