@@ -167,7 +167,9 @@ def decode_array(data: bytes | bytearray | memoryview, dtype: str, shape: list[i
     raw: np.ndarray = np.frombuffer(data, dtype=np.dtype(_NUMPY_STORAGE[dtype]).newbyteorder("<"))
     decoded: np.ndarray
     if dtype == "BF16":
-        decoded = (raw.astype(np.uint32) << 16).view(np.float32)
+        widened = raw.astype(np.uint32)
+        widened <<= 16  # in place: one float32-sized array, not two
+        decoded = widened.view(np.float32)
     elif dtype in _FLOAT8_TABLES:
         decoded = _FLOAT8_TABLES[dtype][raw]
     else:
@@ -450,7 +452,8 @@ def upcast(tensor: torch.Tensor | StoredArray, scale: torch.Tensor | StoredArray
     A :class:`StoredArray` gives a numpy array (computed without torch), a tensor a tensor.
     """
     if isinstance(tensor, StoredArray):
-        array = tensor.array.astype(np.float32)
+        # No copy when already float32 (as torch's ``.to``): the array owns its file bytes.
+        array = tensor.array.astype(np.float32, copy=False)
         if tensor.dtype in _FLOAT8_NAMES and scale is not None:
             factors = (scale.array if isinstance(scale, StoredArray)
                        else scale.numpy()).astype(np.float32)
