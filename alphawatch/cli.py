@@ -19,9 +19,6 @@ import logging
 import signal
 import sys
 import threading
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -488,6 +485,11 @@ def _table(doc: dict[str, Any]) -> str:
 
 
 def _cmd_gate(args: argparse.Namespace) -> int:
+    # Imported here: http.client and email cost ~20 ms that no other command needs.
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
     params = {}
     for name in ("stat", "filter", "step", "ref_step", "max_alpha", "min_alpha",
                  "max_untrusted_share", "max_delta", "variant"):

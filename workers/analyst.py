@@ -12,10 +12,9 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from alphawatch.workers.checkpoints import (
     CheckpointError,
@@ -26,7 +25,6 @@ from alphawatch.workers.checkpoints import (
 )
 from alphawatch.workers.checkpoints.discovery import fingerprint
 from alphawatch.workers.checkpoints.nested import nested_matrices, nested_widths
-from alphawatch.workers.checkpoints.optimizer import EXP_AVG, iter_exp_avg, unit_mean_eigenvalue
 from alphawatch.workers.spectral import (
     FitStatus,
     LayerResult,
@@ -34,6 +32,10 @@ from alphawatch.workers.spectral import (
     analyze_stream,
     crosscheck,
 )
+from alphawatch.workers.spectral.analysis import Device, host_array
+
+if TYPE_CHECKING:
+    import torch
 
 Rows = tuple[list[dict[str, Any]], list[dict[str, Any]]]
 
@@ -46,7 +48,7 @@ class AnalysisOptions:
 
     method: str
     thresholds: Thresholds
-    device: torch.device
+    device: Device
     confine: Confinement
     progress: bool = False
     optimizer_state: bool = False  # also analyse Adam's exp_avg of each matrix (@exp_avg rows)
@@ -112,6 +114,14 @@ def analysed_matrices(path: Path, options: AnalysisOptions, rows: list[dict[str,
         yield matrix
         yield from nested_matrices(matrix, widths)
     if options.optimizer_state:
+        # Imported here: optimizer state is a torch pickle (or DCP); safetensors weights alone
+        # are read and analysed without importing torch.
+        from alphawatch.workers.checkpoints.optimizer import (
+            EXP_AVG,
+            iter_exp_avg,
+            unit_mean_eigenvalue,
+        )
+
         try:
             for moment in iter_exp_avg(path, confine):
                 yield unit_mean_eigenvalue(moment)  # scale-free: see workers.checkpoints.optimizer
@@ -129,7 +139,8 @@ def refused_row(name: str, error: str, method: str) -> dict[str, Any]:
     return row
 
 
-def _crosscheck(weight: torch.Tensor, alpha: float | None, method: str) -> float | None:
+def _crosscheck(weight: torch.Tensor | np.ndarray, alpha: float | None, method: str
+                ) -> float | None:
     """Relative alpha difference from weightwatcher's; a failure of weightwatcher is logged,
     never the layer's or the checkpoint's failure."""
     try:
@@ -160,7 +171,7 @@ def _first_key(first: Path | None, confine: Confinement) -> tuple[Path, str] | N
         return None
 
 
-def _distance(first: tuple[Path, str] | None, name: str, weight: torch.Tensor,
+def _distance(first: tuple[Path, str] | None, name: str, weight: torch.Tensor | np.ndarray,
               confine: Confinement) -> float | None:
     """‖W_t − W_0‖_F / ‖W_0‖_F against the run's first checkpoint, read one tensor at a time."""
     if first is None:
@@ -171,14 +182,16 @@ def _distance(first: tuple[Path, str] | None, name: str, weight: torch.Tensor,
         return None
     if w0 is None or w0.shape != weight.shape:
         return None
-    norm0 = float(torch.linalg.norm(w0))
+    # numpy on both (a tensor's memory is shared, not copied): no torch needed for safetensors.
+    now, then = host_array(weight), host_array(w0)
+    norm0 = float(np.linalg.norm(then))
     if norm0 == 0.0:
         return None
-    return float(torch.linalg.norm(weight - w0)) / norm0
+    return float(np.linalg.norm(now - then)) / norm0
 
 
 def _first_weight(key: tuple[Path, str], name: str, confine: Confinement
-                  ) -> torch.Tensor | None:
+                  ) -> torch.Tensor | np.ndarray | None:
     first = key[0]
     cache = _FIRST_CACHE.get(key)
     if cache is None:
@@ -201,4 +214,4 @@ def _size(path: Path) -> int:
 # Distance from init keeps the first checkpoint's matrices in memory; past this size it would
 # break the "a few times the largest matrix" memory promise, so it is not computed.
 _DISTANCE_MAX_BYTES = 256 * 1024 * 1024
-_FIRST_CACHE: dict[tuple[Path, str], dict[str, torch.Tensor]] = {}
+_FIRST_CACHE: dict[tuple[Path, str], dict[str, torch.Tensor | np.ndarray]] = {}

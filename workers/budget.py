@@ -2,13 +2,14 @@
 
 A checkpoint is hostile input: a pickle graph that explodes when loaded, a header that lies, or a
 model that is simply too large for the machine. The worker therefore never analyses in its own
-process. A long-lived child (``python -m alphawatch.workers.budget``) imports torch once and
-analyses one checkpoint per request; the worker keeps the database, the lease and the heartbeat,
-and watches the child: past ``timeout_s`` of wall-clock time, or past ``memory_mb`` of resident
-anonymous memory, the child is killed and the job fails with a message saying which budget it
-broke. A child that dies on its own (the kernel's OOM killer, a crash in native code) is reported
-the same way. The next job gets a fresh child; a healthy child serves job after job, so the
-import of torch is paid once, not per checkpoint.
+process. A long-lived child (``python -m alphawatch.workers.budget``) imports the engine once
+and analyses one checkpoint per request (safetensors checkpoints on a CPU need no torch; the
+first pickle, DCP folder or CUDA device imports it, once); the worker keeps the database, the
+lease and the heartbeat, and watches the child: past ``timeout_s`` of wall-clock time, or past
+``memory_mb`` of resident anonymous memory, the child is killed and the job fails with a message
+saying which budget it broke. A child that dies on its own (the kernel's OOM killer, a crash in
+native code) is reported the same way. The next job gets a fresh child; a healthy child serves
+job after job, so the imports are paid once, not per checkpoint.
 
 Memory is read from ``/proc/<pid>/status`` (``RssAnon`` + ``RssShmem``) every ``POLL_S``:
 ``RLIMIT_AS`` would count torch's address-space reservations and the memory-mapped checkpoint
@@ -129,7 +130,7 @@ class AnalysisChild:
         return self._proc.pid if self._proc is not None else None
 
     def start(self) -> None:
-        """Start the child (if none is running) and wait until it has imported torch."""
+        """Start the child (if none is running) and wait until it has imported the engine."""
         if self._proc is not None and self._proc.poll() is None:
             return
         self.close()

@@ -108,7 +108,7 @@ def test_nested_rows_from_the_config_match_weightwatcher_on_the_slices(nested: P
     assert {n for n in rows if "@" in n} == {f"{n}@w{k}" for n in mlp for k in (32, 64)}
     assert {s["name"] for s in spectra} == set(rows)
     for name in mlp:
-        weight = weights[name].weight
+        weight = torch.as_tensor(weights[name].weight)
         for width in (32, 64):
             piece = weight[:width] if weights[name].kind != "down" else weight[:, :width]
             linear = nn.Linear(piece.shape[1], piece.shape[0], bias=False)

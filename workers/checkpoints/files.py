@@ -10,12 +10,16 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 
 from alphawatch.workers.checkpoints.confine import UNCONFINED, Confinement
 from alphawatch.workers.checkpoints.errors import CheckpointError, CheckpointVanished
 from alphawatch.workers.checkpoints.naming import classify
+
+if TYPE_CHECKING:
+    import torch
 
 # Files a Trainer writes beside the weights; training_args.bin is a pickle of a class and would
 # (rightly) be refused, the others hold no model weights.
@@ -26,13 +30,18 @@ _TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 @dataclass(frozen=True)
 class LayerMatrix:
-    """One weight matrix to analyse: float32 on CPU, with where and how it was stored."""
+    """One weight matrix to analyse: float32 on CPU, with where and how it was stored.
+
+    Read from safetensors, ``weight`` is a numpy array and ``stored_dtype`` the stored dtype's
+    name (``bfloat16``): no torch is needed. Read from a torch pickle or DCP, or made by a
+    transformation done in torch, they are a tensor and a ``torch.dtype``.
+    """
 
     name: str
     kind: str
     block: int | None
-    weight: torch.Tensor
-    stored_dtype: torch.dtype
+    weight: torch.Tensor | np.ndarray
+    stored_dtype: torch.dtype | str
     source: str
 
 
@@ -95,7 +104,10 @@ def weight_files(path: Path, confine: Confinement = UNCONFINED) -> list[Path]:
     return files
 
 
-def make_layer(name: str, weight: torch.Tensor, dtype: torch.dtype, source: str) -> LayerMatrix:
+def make_layer(name: str, weight: torch.Tensor | np.ndarray, dtype: torch.dtype | str,
+               source: str) -> LayerMatrix:
     """A :class:`LayerMatrix` named and classified from its tensor key."""
     kind, block = classify(name)
-    return LayerMatrix(name, kind, block, weight.contiguous(), dtype, source)
+    dense = (np.ascontiguousarray(weight) if isinstance(weight, np.ndarray)
+             else weight.contiguous())
+    return LayerMatrix(name, kind, block, dense, dtype, source)

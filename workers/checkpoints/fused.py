@@ -16,8 +16,15 @@ arguments give, the fused matrix is analysed whole (kind ``qkv``) rather than sp
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
-import torch
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+# A torch tensor or a numpy array: the splits below only slice and reshape.
+_M = TypeVar("_M", "torch.Tensor", np.ndarray)
 
 _BLOCK_MODELS = {"gpt2", "phi3", "mpt", "chatglm", "glm", "vit", "sat"}
 _HEAD_INTERLEAVED = {"gpt_neox", "bloom"}
@@ -56,17 +63,18 @@ def _heads(config: dict[str, object], rows: int) -> _Heads | None:
     return _Heads(heads, groups, head_dim)
 
 
-def _blocks(weight: torch.Tensor, heads: _Heads | None) -> tuple[torch.Tensor, ...] | None:
+def _blocks(weight: _M, heads: _Heads | None) -> tuple[_M, ...] | None:
     if heads is None:
         if weight.shape[0] % 3:
             return None
-        return weight.chunk(3, dim=0)
+        third = weight.shape[0] // 3
+        return weight[:third], weight[third:2 * third], weight[2 * third:]
     q = heads.heads * heads.head_dim
     kv = heads.groups * heads.head_dim
-    return tuple(torch.split(weight, [q, kv, kv], dim=0))
+    return weight[:q], weight[q:q + kv], weight[q + kv:q + 2 * kv]
 
 
-def _grouped(weight: torch.Tensor, heads: _Heads) -> tuple[torch.Tensor, ...]:
+def _grouped(weight: _M, heads: _Heads) -> tuple[_M, ...]:
     per_group = heads.heads // heads.groups
     cols = weight.shape[1:]
     grouped = weight.reshape(heads.groups, per_group + 2, heads.head_dim, *cols)
@@ -95,8 +103,16 @@ def layout(name: str, config: dict[str, object]) -> str:
     return "unknown"
 
 
+@overload
+def split_fused(name: str, weight: np.ndarray, config: dict[str, object]
+                ) -> list[tuple[str, np.ndarray]]: ...
+@overload
 def split_fused(name: str, weight: torch.Tensor, config: dict[str, object]
-                ) -> list[tuple[str, torch.Tensor]]:
+                ) -> list[tuple[str, torch.Tensor]]: ...
+@overload
+def split_fused(name: str, weight: torch.Tensor | np.ndarray, config: dict[str, object]
+                ) -> list[tuple[str, torch.Tensor | np.ndarray]]: ...
+def split_fused(name: str, weight: Any, config: dict[str, object]) -> list[tuple[str, Any]]:
     """``[(name.q, Q), (name.k, K), (name.v, V)]``, or ``[(name, weight)]`` when unknown.
 
     Args:
@@ -108,7 +124,7 @@ def split_fused(name: str, weight: torch.Tensor, config: dict[str, object]
     heads = _heads(config, weight.shape[0])
     if config.get("model_type") in _HEAD_INTERLEAVED and heads is not None:
         heads = _Heads(heads.heads, heads.heads, heads.head_dim)  # these never group heads
-    parts: tuple[torch.Tensor, ...] | None = None
+    parts: tuple[Any, ...] | None = None
     kind = layout(name, config)
     if kind == "blocks":
         parts = _blocks(weight, heads)

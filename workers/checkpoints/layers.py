@@ -12,8 +12,9 @@ import hashlib
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 
 from alphawatch.workers.checkpoints.confine import UNCONFINED, Confinement
 from alphawatch.workers.checkpoints.discovery import CheckpointRef
@@ -29,7 +30,15 @@ from alphawatch.workers.checkpoints.parallel import (
     rank_files,
     training_config,
 )
-from alphawatch.workers.checkpoints.readers import iter_safetensors, iter_torch, upcast
+from alphawatch.workers.checkpoints.readers import (
+    StoredArray,
+    iter_safetensors_arrays,
+    iter_torch,
+    upcast,
+)
+
+if TYPE_CHECKING:
+    import torch
 
 _CONV1D = re.compile(r"(c_attn|c_proj|c_fc)$")
 
@@ -48,15 +57,19 @@ def raw_tensors(path: Path, confine: Confinement = UNCONFINED) -> Tensors:
     if not path.exists():
         raise CheckpointVanished(path, f"{path} disappeared before it was read")
     for file in weight_files(path, confine):
-        stream = (iter_safetensors(file, is_weight_matrix, confine)
+        # safetensors are read with numpy alone: torch is imported only for a pickle.
+        stream: Iterator[tuple[str, StoredArray | torch.Tensor,
+                               StoredArray | torch.Tensor | None]]
+        stream = (iter_safetensors_arrays(file, is_weight_matrix, confine)
                   if file.suffix == ".safetensors" else _iter_torch_file(file, confine))
         for key, tensor, scale in stream:
             yield key, tensor, scale, file
 
 
-def _digest(weight: torch.Tensor) -> str:
+def _digest(weight: torch.Tensor | np.ndarray) -> str:
     """Content hash: tied embeddings are recognised without keeping the first one in memory."""
-    data = weight.detach().contiguous().numpy()
+    data = (np.ascontiguousarray(weight) if isinstance(weight, np.ndarray)
+            else weight.detach().contiguous().numpy())
     return hashlib.blake2b(data.data.cast("B"), digest_size=16).hexdigest()
 
 
@@ -107,6 +120,9 @@ def iter_layers(ref: CheckpointRef | Path, *, base: Path | None = None,
     seen = 0
     for key, stored, scale, file in source:
         if sat.takes(key):
+            # SAT LoRA merges in torch: only these tensors are handed to it.
+            if isinstance(stored, StoredArray):
+                stored = stored.to_torch()
             for lora_name, lora_weight, lora_dtype, lora_file in sat.add(key, stored, str(file)):
                 seen += 1
                 yield make_layer(lora_name, lora_weight, lora_dtype, lora_file)
@@ -123,7 +139,8 @@ def iter_layers(ref: CheckpointRef | Path, *, base: Path | None = None,
         raise _nothing_found(path)
 
 
-def _matrices(key: str, stored: torch.Tensor, scale: torch.Tensor | None, source: str,
+def _matrices(key: str, stored: torch.Tensor | StoredArray,
+              scale: torch.Tensor | StoredArray | None, source: str,
               config: dict[str, object], vocab_digests: set[str]) -> Iterator[LayerMatrix]:
     """The matrices one stored tensor holds: upcast, un-transposed, split when fused.
 
@@ -131,8 +148,8 @@ def _matrices(key: str, stored: torch.Tensor, scale: torch.Tensor | None, source
     are one matrix and are analysed once.
     """
     name = layer_name(key)
-    weight = upcast(stored, scale)
-    if config.get("model_type") == "gpt2" and _CONV1D.search(name) and weight.dim() == 2:
+    weight: torch.Tensor | np.ndarray = upcast(stored, scale)
+    if config.get("model_type") == "gpt2" and _CONV1D.search(name) and weight.ndim == 2:
         weight = weight.T  # GPT-2 Conv1D stores (in, out)
     kind, _ = classify(name)
     if kind in ("embed", "lm_head"):

@@ -23,8 +23,7 @@ import math
 import re
 from collections.abc import Iterator
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from alphawatch.workers.checkpoints.confine import UNCONFINED, Confinement
 from alphawatch.workers.checkpoints.errors import CheckpointError
@@ -38,6 +37,9 @@ from alphawatch.workers.checkpoints.readers import (
     safetensors_header,
     upcast,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 _PEFT = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$")
 _SAT = re.compile(r"^(.+)\.(?:matrix_([AB])\.(\d+)|original\.weight)$")
@@ -228,6 +230,8 @@ class SatLora:
 
     def _emit(self, name: str, module: _SatModule
               ) -> list[tuple[str, torch.Tensor, torch.dtype, str]]:
+        import torch  # the merges are done in torch, as the pieces arrive (pickles, DCP)
+
         a, b, original, file = module.parts["A"], module.parts["B"], module.original, module.file
         if sorted(a) != sorted(b):
             raise CheckpointError(Path(file), f"{file}: {name} has matrix_A {sorted(a)} but "

@@ -17,6 +17,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+
 from alphawatch.vocabulary import VARIANT_SEPARATOR, Kind, nested_variant
 from alphawatch.workers.checkpoints.confine import UNCONFINED, Confinement
 from alphawatch.workers.checkpoints.errors import CheckpointError
@@ -58,7 +60,7 @@ def nested_matrices(matrix: LayerMatrix, widths: Iterable[int]) -> Iterator[Laye
     and plain-MLP output matrices (hidden, intermediate) their first k columns. Other kinds
     yield nothing.
     """
-    if matrix.weight.dim() != 2 or matrix.kind not in NEURON_ROWS | NEURON_COLUMNS:
+    if matrix.weight.ndim != 2 or matrix.kind not in NEURON_ROWS | NEURON_COLUMNS:
         return
     rows = matrix.kind in NEURON_ROWS
     neurons = matrix.weight.shape[0 if rows else 1]
@@ -67,4 +69,5 @@ def nested_matrices(matrix: LayerMatrix, widths: Iterable[int]) -> Iterator[Laye
             continue
         piece = matrix.weight[:width] if rows else matrix.weight[:, :width]
         yield replace(matrix, name=f"{matrix.name}{VARIANT_SEPARATOR}{nested_variant(width)}",
-                      weight=piece.contiguous())
+                      weight=np.ascontiguousarray(piece) if isinstance(piece, np.ndarray)
+                      else piece.contiguous())

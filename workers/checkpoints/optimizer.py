@@ -132,7 +132,7 @@ def unit_mean_eigenvalue(matrix: LayerMatrix) -> LayerMatrix:
     For W of shape (N, M), M ≤ N: W · √M / ‖W‖_F, so Σλ = M. A zero matrix is returned as is
     (the engine reports it as degenerate).
     """
-    weight = matrix.weight
+    weight = torch.as_tensor(matrix.weight)
     norm = float(torch.linalg.norm(weight.double()))
     if norm == 0.0 or not torch.isfinite(torch.tensor(norm)):
         return matrix

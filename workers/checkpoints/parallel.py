@@ -13,21 +13,25 @@ import argparse
 import re
 from collections.abc import Iterator
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from alphawatch.workers.checkpoints.confine import UNCONFINED, Confinement
 from alphawatch.workers.checkpoints.errors import CheckpointError
 from alphawatch.workers.checkpoints.fused import layout, split_fused
 from alphawatch.workers.checkpoints.naming import classify, is_weight_matrix, layer_name
-from alphawatch.workers.checkpoints.readers import iter_torch, load_torch
+from alphawatch.workers.checkpoints.readers import StoredArray, iter_torch, load_torch
+
+if TYPE_CHECKING:
+    import torch
 
 ROOT_KEYS = ("state_dict", "module", "model")
 COLUMN_PARALLEL = {"q", "k", "v", "qkv", "gate", "up", "fc_in", "embed", "lm_head"}
 _RANK = re.compile(r"mp_rank_(\d+)(?:_(\d+))?")
 _SAT_LORA = re.compile(r"^(.+)\.(?:matrix_([AB])\.\d+|original\.weight)$")
 
-Tensors = Iterator[tuple[str, torch.Tensor, torch.Tensor | None, Path]]
+# (key, stored tensor, fp8 inverse scale, file): torch tensors, or numpy arrays from safetensors.
+Tensors = Iterator[tuple[str, "torch.Tensor | StoredArray", "torch.Tensor | StoredArray | None",
+                         Path]]
 
 
 def rank_files(path: Path) -> list[Path]:
@@ -83,6 +87,8 @@ def _gated(key: str, state: dict[str, torch.Tensor], config: dict[str, object]) 
 def iter_tensor_parallel(files: list[Path], config: dict[str, object],
                          confine: Confinement = UNCONFINED) -> Tensors:
     """(key, whole tensor, no scale, first rank file) of every weight matrix, reassembled."""
+    import torch
+
     states = [dict(iter_torch(f, ROOT_KEYS, confine)) for f in files]
     for key in states[0]:
         parts = [s.get(key) for s in states]
@@ -120,6 +126,8 @@ def iter_tensor_parallel(files: list[Path], config: dict[str, object],
 def _strided_qkv(name: str, shards: list[torch.Tensor], config: dict[str, object]
                  ) -> torch.Tensor:
     """A [Q; K; V] block projection whose ranks each hold [Q_r; K_r; V_r] (SAT's stride 3)."""
+    import torch
+
     ranks = len(shards)
     per_rank = dict(config)
     for key in ("num_attention_heads", "num_key_value_heads", "num_query_groups",

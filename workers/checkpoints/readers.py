@@ -10,11 +10,11 @@ import pickle
 import struct
 import zipfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar, overload
 
 import numpy as np
-import torch
 
 from alphawatch.workers.checkpoints.confine import UNCONFINED, Confinement, descriptor_path
 from alphawatch.workers.checkpoints.errors import (
@@ -23,8 +23,11 @@ from alphawatch.workers.checkpoints.errors import (
     UnsafeCheckpointError,
 )
 
+if TYPE_CHECKING:
+    import torch
+
 _MAX_HEADER = 100 * 1024 * 1024
-_FLOAT8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
+_FLOAT8_NAMES = ("float8_e4m3fn", "float8_e5m2")
 
 
 def safetensors_header(
@@ -77,13 +80,39 @@ def _header_of(handle: BinaryIO, path: Path) -> tuple[int, dict[str, dict[str, o
     return length, header
 
 
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-    **({"F8_E4M3": torch.float8_e4m3fn} if hasattr(torch, "float8_e4m3fn") else {}),
-    **({"F8_E5M2": torch.float8_e5m2} if hasattr(torch, "float8_e5m2") else {}),
+# Each safetensors dtype: its name in torch (and numpy, where numpy has it) and its size.
+_SAFETENSORS_DTYPES: dict[str, tuple[str, int]] = {
+    "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
+    "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1),
+    "U8": ("uint8", 1), "BOOL": ("bool", 1),
+    "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1),
 }
+
+
+@dataclass(frozen=True)
+class StoredArray:
+    """A safetensors tensor read without torch: its values and the dtype it was stored in.
+
+    ``array`` is numpy: float32 for BF16 and float8 (numpy has no arithmetic for them; the
+    widening is exact), the stored dtype otherwise. ``dtype`` is the stored dtype's name as torch
+    spells it without ``torch.`` (``bfloat16``, ``float8_e4m3fn``).
+    """
+
+    array: np.ndarray
+    dtype: str
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.array.shape)
+
+    def dim(self) -> int:
+        return int(self.array.ndim)
+
+    def to_torch(self) -> torch.Tensor:
+        """The tensor torch would have read: the stored dtype, the same values."""
+        import torch
+
+        return torch.from_numpy(np.array(self.array)).to(getattr(torch, self.dtype))
 
 
 # numpy's reading of each safetensors dtype: the dtype of the stored bytes, and for the dtypes
@@ -138,7 +167,9 @@ def decode_array(data: bytes | bytearray | memoryview, dtype: str, shape: list[i
     raw: np.ndarray = np.frombuffer(data, dtype=np.dtype(_NUMPY_STORAGE[dtype]).newbyteorder("<"))
     decoded: np.ndarray
     if dtype == "BF16":
-        decoded = (raw.astype(np.uint32) << 16).view(np.float32)
+        widened = raw.astype(np.uint32)
+        widened <<= 16  # in place: one float32-sized array, not two
+        decoded = widened.view(np.float32)
     elif dtype in _FLOAT8_TABLES:
         decoded = _FLOAT8_TABLES[dtype][raw]
     else:
@@ -158,8 +189,8 @@ def check_layout(path: Path, header: dict[str, dict[str, object]]) -> None:
     for key, info in header.items():
         if key == "__metadata__":
             continue
-        dtype = _SAFETENSORS_DTYPES.get(str(info.get("dtype")))
-        if dtype is None:
+        known = _SAFETENSORS_DTYPES.get(str(info.get("dtype")))
+        if known is None:
             raise CheckpointError(
                 path, f"{path}: tensor {key!r} has unsupported dtype {info.get('dtype')}")
         shape, offsets = info.get("shape"), info.get("data_offsets")
@@ -172,7 +203,8 @@ def check_layout(path: Path, header: dict[str, dict[str, object]]) -> None:
         numel = 1
         for dim in shape:
             numel *= dim
-        declared = numel * dtype.itemsize
+        dtype, itemsize = f"torch.{known[0]}", known[1]
+        declared = numel * itemsize
         begin, end = offsets
         if declared != end - begin:
             raise CheckpointError(
@@ -194,10 +226,9 @@ def _is_count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _read_tensor(handle: BinaryIO, path: Path, base: int, key: str,
-                 info: dict[str, object]) -> torch.Tensor:
+def _read_bytes(handle: BinaryIO, path: Path, base: int, info: dict[str, object]
+                ) -> tuple[bytearray, str, list[int]]:
     # Only called after check_layout: dtype, shape and offsets agree with the file.
-    dtype = _SAFETENSORS_DTYPES[str(info.get("dtype"))]
     begin, end = (int(x) for x in info["data_offsets"])  # type: ignore[attr-defined]
     shape = [int(d) for d in info.get("shape", [])]  # type: ignore[attr-defined]
     buffer = bytearray(end - begin)
@@ -205,9 +236,24 @@ def _read_tensor(handle: BinaryIO, path: Path, base: int, key: str,
     # Binary files opened by open() are buffered readers; BinaryIO does not declare readinto.
     if handle.readinto(buffer) != len(buffer):  # type: ignore[attr-defined]
         raise CheckpointVanished(path, f"{path} shrank while being read")
+    return buffer, str(info.get("dtype")), shape
+
+
+def _read_tensor(handle: BinaryIO, path: Path, base: int, key: str,
+                 info: dict[str, object]) -> torch.Tensor:
+    import torch
+
+    buffer, name, shape = _read_bytes(handle, path, base, info)
+    dtype = getattr(torch, _SAFETENSORS_DTYPES[name][0])
     if not buffer:
         return torch.empty(shape, dtype=dtype)
     return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
+
+
+def _read_array(handle: BinaryIO, path: Path, base: int, key: str,
+                info: dict[str, object]) -> StoredArray:
+    buffer, name, shape = _read_bytes(handle, path, base, info)
+    return StoredArray(decode_array(buffer, name, shape), _SAFETENSORS_DTYPES[name][0])
 
 
 def iter_safetensors(
@@ -221,6 +267,24 @@ def iter_safetensors(
     reads rather than a memory map, so pages of tensors already analysed do not stay resident.
     The header and the tensors are read through one descriptor, checked by ``confine``.
     """
+    return _iter_safetensors(_read_tensor, path, want, confine)
+
+
+def iter_safetensors_arrays(
+    path: Path, want: Callable[[str, int], bool] | None = None,
+    confine: Confinement = UNCONFINED,
+) -> Iterator[tuple[str, StoredArray, StoredArray | None]]:
+    """:func:`iter_safetensors` with numpy arrays (:class:`StoredArray`): no torch imported."""
+    return _iter_safetensors(_read_array, path, want, confine)
+
+
+_T = TypeVar("_T")
+
+
+def _iter_safetensors(
+    read: Callable[[BinaryIO, Path, int, str, dict[str, object]], _T], path: Path,
+    want: Callable[[str, int], bool] | None, confine: Confinement,
+) -> Iterator[tuple[str, _T, _T | None]]:
     try:
         with confine.open(path) as handle:
             length, header = _header_of(handle, path)
@@ -234,9 +298,9 @@ def iter_safetensors(
                 if want is not None and not want(key, ndim):
                     continue
                 scale_key = key + "_scale_inv"
-                scale = (_read_tensor(handle, path, base, scale_key, header[scale_key])
+                scale = (read(handle, path, base, scale_key, header[scale_key])
                          if scale_key in header else None)
-                yield key, _read_tensor(handle, path, base, key, info), scale
+                yield key, read(handle, path, base, key, info), scale
     except FileNotFoundError as exc:
         raise CheckpointVanished(path, f"{path} disappeared while being read") from exc
     except OSError as exc:
@@ -252,6 +316,8 @@ def _flatten(path: Path, obj: object) -> Iterator[tuple[str, torch.Tensor]]:
     level below name 2**n tensors) or nested deeper than any real checkpoint is refused, and so
     is a tensor whose shape and strides span more elements than its storage holds.
     """
+    import torch
+
     seen: set[int] = set()
     stack: list[tuple[str, object, int]] = [("", obj, 0)]
     while stack:
@@ -323,6 +389,8 @@ def load_torch(path: Path, confine: Confinement = UNCONFINED) -> dict[str, objec
     mapped, so a tensor's bytes are read only when that tensor is used. The file is opened and
     checked by ``confine`` first; torch then reads that same open file (``/proc/self/fd/N``).
     """
+    import torch
+
     try:
         with confine.open(path) as handle:
             if os.fstat(handle.fileno()).st_size == 0:
@@ -372,13 +440,33 @@ def iter_torch(path: Path, root_keys: tuple[str, ...] = (), confine: Confinement
     yield from _flatten(path, obj)
 
 
-def upcast(tensor: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """float32 copy of a stored tensor; fp8 weights are multiplied by their inverse scale."""
-    if tensor.dtype in _FLOAT8:
-        out = tensor.to(torch.float32)
+@overload
+def upcast(tensor: StoredArray, scale: torch.Tensor | StoredArray | None = None) -> np.ndarray: ...
+@overload
+def upcast(tensor: torch.Tensor, scale: torch.Tensor | StoredArray | None = None
+           ) -> torch.Tensor: ...
+def upcast(tensor: torch.Tensor | StoredArray, scale: torch.Tensor | StoredArray | None = None
+           ) -> torch.Tensor | np.ndarray:
+    """float32 copy of a stored tensor; fp8 weights are multiplied by their inverse scale.
+
+    A :class:`StoredArray` gives a numpy array (computed without torch), a tensor a tensor.
+    """
+    if isinstance(tensor, StoredArray):
+        # No copy when already float32 (as torch's ``.to``): the array owns its file bytes.
+        array = tensor.array.astype(np.float32, copy=False)
+        if tensor.dtype in _FLOAT8_NAMES and scale is not None:
+            factors = (scale.array if isinstance(scale, StoredArray)
+                       else scale.numpy()).astype(np.float32)
+            array = _apply_block_scale_array(array, factors)
+        return array
+    import torch
+
+    if str(tensor.dtype).removeprefix("torch.") in _FLOAT8_NAMES:
+        widened = tensor.to(torch.float32)
         if scale is not None:
-            out = _apply_block_scale(out, scale.to(torch.float32))
-        return out
+            inverse = scale.to_torch() if isinstance(scale, StoredArray) else scale
+            widened = _apply_block_scale(widened, inverse.to(torch.float32))
+        return widened
     return tensor.to(torch.float32)
 
 
@@ -390,6 +478,19 @@ def _apply_block_scale(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tenso
     cols = -(-weight.shape[1] // scale.shape[1])
     expanded = scale.repeat_interleave(rows, 0).repeat_interleave(cols, 1)
     return weight * expanded[: weight.shape[0], : weight.shape[1]]
+
+
+def _apply_block_scale_array(weight: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """:func:`_apply_block_scale` in numpy: the same float32 products."""
+    scaled: np.ndarray
+    if scale.size == 1:
+        scaled = weight * scale.reshape(())
+        return scaled
+    rows = -(-weight.shape[0] // scale.shape[0])
+    cols = -(-weight.shape[1] // scale.shape[1])
+    expanded = np.repeat(np.repeat(scale, rows, axis=0), cols, axis=1)
+    scaled = weight * expanded[: weight.shape[0], : weight.shape[1]]
+    return scaled
 
 
 def read_safetensors_tensor(path: Path, key: str, confine: Confinement = UNCONFINED

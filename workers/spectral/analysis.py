@@ -2,35 +2,79 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeAlias
 
 import numpy as np
-import torch
 
 from alphawatch.workers.spectral import compare
 from alphawatch.workers.spectral.plfit import fit_power_law
 from alphawatch.workers.spectral.types import FitStatus, LayerResult, PowerLawFit, Thresholds
 
+if TYPE_CHECKING:
+    import torch
+
 # Trap edge: Tracy–Widom scale (Johnstone 2001) times this many, beyond the MP bulk edge.
 TW_PAD = 5.0
 
 
-def resolve_device(requested: str | torch.device) -> torch.device:
-    """``"auto"`` → CUDA when available, else CPU; ``"cuda"`` without a GPU is an error."""
-    if isinstance(requested, torch.device):
+@dataclass(frozen=True)
+class HostDevice:
+    """The CPU, named without importing torch: the CPU engine computes with numpy alone.
+
+    Read like a ``torch.device("cpu")`` where the engine reads one: ``.type`` and ``str()``.
+    """
+
+    type: str = "cpu"
+
+    def __str__(self) -> str:
+        return self.type
+
+
+HOST = HostDevice()
+
+Device: TypeAlias = "HostDevice | torch.device"
+"""Where the engine computes: the host (numpy), or a torch device (CUDA)."""
+
+
+def _gpu_nodes() -> bool:
+    """Whether this machine may have a GPU torch can use: always, except on a Linux machine
+    without the device files the NVIDIA (``/dev/nvidia0``...) and ROCm (``/dev/kfd``) drivers
+    create, where ``torch.cuda.is_available()`` is False and importing torch to ask costs
+    more than a second."""
+    if not sys.platform.startswith("linux"):
+        return True
+    dev = Path("/dev")
+    return (dev / "kfd").exists() or any(dev.glob("nvidia[0-9]*"))
+
+
+def resolve_device(requested: str | Device) -> Device:
+    """``"auto"`` → CUDA when available, else CPU; ``"cuda"`` without a GPU is an error.
+
+    ``"cpu"`` is :data:`HOST` and imports nothing, and so is ``"auto"`` on a Linux machine
+    without a GPU's device files; any other request imports torch to ask it.
+    """
+    if not isinstance(requested, str):
         return requested
+    if requested == "cpu" or (requested == "auto" and not _gpu_nodes()):
+        return HOST
+    import torch
+
     if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda") if torch.cuda.is_available() else HOST
     if requested.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("device 'cuda' requested but no CUDA device is available")
-    return torch.device(requested)
+    device = torch.device(requested)
+    return HOST if device.type == "cpu" else device
 
 
-Matrix = np.ndarray | torch.Tensor
+Matrix: TypeAlias = "np.ndarray | torch.Tensor"
 """A weight matrix as the engine takes it: a numpy array or a torch tensor (any device)."""
 
 
@@ -56,17 +100,21 @@ def host_array(matrix: Matrix) -> np.ndarray:
     """
     if isinstance(matrix, np.ndarray):
         return matrix
+    import torch
+
     tensor = matrix.detach().cpu()
     if tensor.dtype not in (torch.float64, torch.float32, torch.float16):
         tensor = tensor.to(torch.float32)
     return tensor.numpy()
 
 
-def _device_tensor(matrix: Matrix, device: torch.device) -> torch.Tensor:
+def _device_tensor(matrix: Matrix, device: Device) -> torch.Tensor:
+    import torch
+
     # torch shares a numpy array's memory and warns on read-only ones (decoded file bytes)
     tensor = (torch.from_numpy(np.require(matrix, requirements="W"))
               if isinstance(matrix, np.ndarray) else matrix.detach())
-    return tensor.to(device=device, non_blocking=True)
+    return tensor.to(device=str(device), non_blocking=True)
 
 
 def _numel(matrix: Matrix) -> int:
@@ -85,7 +133,7 @@ def gram(matrix: np.ndarray) -> np.ndarray:
     return product
 
 
-def singular_values(matrix: Matrix, device: torch.device) -> np.ndarray:
+def singular_values(matrix: Matrix, device: Device) -> np.ndarray:
     """Singular values, descending, float64.
 
     On CPU: float64 Gram matrix (BLAS ``syrk``) and LAPACK ``syevd`` through numpy, accurate to
@@ -93,6 +141,8 @@ def singular_values(matrix: Matrix, device: torch.device) -> np.ndarray:
     eigvalsh — the tail is exact, the smallest values are not (documented in docs/SPECTRAL.md).
     """
     if device.type == "cuda":
+        import torch
+
         previous = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = False
         try:
@@ -112,7 +162,7 @@ def singular_values(matrix: Matrix, device: torch.device) -> np.ndarray:
     return svals
 
 
-def shuffled_eigenvalues(matrix: Matrix, perm: np.ndarray, device: torch.device) -> np.ndarray:
+def shuffled_eigenvalues(matrix: Matrix, perm: np.ndarray, device: Device) -> np.ndarray:
     """Eigenvalues λ = σ² of ``matrix`` with its entries permuted by ``perm``, ascending.
 
     Float32 Gram matrix and float32 ``eigvalsh`` (TF32 off on CUDA): the shuffle feeds only the
@@ -121,8 +171,10 @@ def shuffled_eigenvalues(matrix: Matrix, perm: np.ndarray, device: torch.device)
     top is exact to ~1e-7 relative, eigenvalues below ~1e-6·λmax are noise (clamped at 0).
     """
     if device.type == "cuda":
+        import torch
+
         t = _device_tensor(matrix, device).to(torch.float32)
-        index = torch.from_numpy(perm).to(device=device, dtype=torch.int64)
+        index = torch.from_numpy(perm).to(device=str(device), dtype=torch.int64)
         mixed = t.reshape(-1).index_select(0, index).reshape(t.shape)
         previous = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -254,7 +306,7 @@ class Verdict:
     under_trained: bool
 
 
-def spectrum_of(mats: list[Matrix], dev: torch.device) -> Spectrum:
+def spectrum_of(mats: list[Matrix], dev: Device) -> Spectrum:
     """Pooled eigenvalues of ``mats`` (one matrix, or the slices of a Conv2d kernel)."""
     svals = [singular_values(w, dev) for w in mats]
     return Spectrum(evals=np.sort(np.concatenate([s**2 for s in svals])), svals=svals)
@@ -285,9 +337,11 @@ class Moments:
     variance: float  # unbiased (n − 1), as torch's and weightwatcher's
 
 
-def moments_of(weight: Matrix, dev: torch.device) -> Moments:
+def moments_of(weight: Matrix, dev: Device) -> Moments:
     """Whether W is finite and non-constant, and its entries' mean and variance."""
     if dev.type == "cuda":
+        import torch
+
         flat = _device_tensor(weight, dev).to(torch.float64)
         finite = bool(torch.isfinite(flat).all())
         return Moments(finite=finite, constant=finite and bool(flat.min() == flat.max()),
@@ -362,7 +416,7 @@ def _permutations(seed: int, numel: int, count: int) -> list[np.ndarray]:
 
 
 def traps_of(mats: list[Matrix], spec: Spectrum, bulk: Bulk, n: int, m: int, seed: int,
-             dev: torch.device) -> Traps:
+             dev: Device) -> Traps:
     """Correlation traps: the spectrum of W with its entries shuffled (seeded), against the bulk.
 
     A shuffle destroys correlations, so its eigenvalues should stay inside the MP bulk; those
@@ -416,7 +470,7 @@ def analyze_matrix(
     stored_dtype: object = None,
     method: str = "ww",
     thresholds: Thresholds | None = None,
-    device: str | torch.device = "cpu",
+    device: str | Device = "cpu",
     check_traps: bool = True,
 ) -> LayerResult:
     """All spectral metrics of one weight matrix and whether its alpha can be trusted.
@@ -482,14 +536,14 @@ def analyze_matrix(
 
 def _analyze(
     mats: list[Matrix], n: int, m: int, moments: Moments,
-    stored_dtype: object, method: str, limits: Thresholds, dev: torch.device,
+    stored_dtype: object, method: str, limits: Thresholds, dev: Device,
     check_traps: bool, rows: int, cols: int, started: float,
 ) -> LayerResult:
     spec = spectrum_of(mats, dev)
     rank = rank_of(spec, stored_dtype, n, limits.rank_loss_fraction)
     bulk = bulk_of(moments, spec, n, m)
     fit = fit_power_law(spec.evals, method, bootstrap_samples=limits.bootstrap_samples,
-                        seed=limits.trap_seed, device=dev)
+                        seed=limits.trap_seed, device=str(dev))
     traps = traps_of(mats, spec, bulk, n, m, limits.trap_seed, dev) if check_traps else None
     verdict = verdict_of(fit, rank, traps, limits)
     # Is the tail a power law at all? (workers/spectral/compare.py; the rule is optional)
@@ -546,7 +600,7 @@ def analyze_many(
     *,
     method: str = "ww",
     thresholds: Thresholds | None = None,
-    device: str | torch.device = "cpu",
+    device: str | Device = "cpu",
     check_traps: bool = True,
 ) -> Iterator[tuple[str, LayerResult]]:
     """Analyse many tensors, largest first so the device never idles on a small tail of work.
@@ -558,7 +612,7 @@ def analyze_many(
     work = sorted(items, key=lambda item: -_numel(item[1]))
     for name, tensor, dtype in work:
         if dev.type == "cuda":
-            tensor = _device_tensor(tensor, torch.device("cpu")).pin_memory().to(
-                dev, non_blocking=True)
+            tensor = _device_tensor(tensor, HOST).pin_memory().to(
+                str(dev), non_blocking=True)
         yield name, analyze_matrix(tensor, stored_dtype=dtype, method=method,
                                    thresholds=thresholds, device=dev, check_traps=check_traps)

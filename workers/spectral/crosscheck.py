@@ -14,13 +14,15 @@ import io
 import logging
 import warnings
 from importlib import metadata
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from alphawatch.trust import Thresholds
 from alphawatch.vocabulary import FitStatus
+
+if TYPE_CHECKING:
+    import torch
 
 WW_OPTIONS: dict[str, dict[str, Any]] = {
     "ww": {},
@@ -69,8 +71,11 @@ def chosen(key: str, share: float) -> bool:
     return int.from_bytes(digest[:8], "big") / 2.0**64 < share
 
 
-def _module(weight: torch.Tensor) -> torch.nn.Module:
-    w = weight.detach().to(torch.float32).cpu()
+def _module(weight: torch.Tensor | np.ndarray) -> torch.nn.Module:
+    import torch  # weightwatcher takes a torch module (and imports torch itself)
+
+    w = (torch.from_numpy(np.array(weight, dtype=np.float32)) if isinstance(weight, np.ndarray)
+         else weight.detach().to(torch.float32).cpu())
     if w.dim() == 4:
         conv = torch.nn.Conv2d(w.shape[1], w.shape[0], (w.shape[2], w.shape[3]), bias=False)
         conv.weight.data = w.clone()
@@ -80,7 +85,7 @@ def _module(weight: torch.Tensor) -> torch.nn.Module:
     return torch.nn.Sequential(linear)
 
 
-def weightwatcher_row(weight: torch.Tensor, method: str = "ww") -> dict[str, Any]:
+def weightwatcher_row(weight: torch.Tensor | np.ndarray, method: str = "ww") -> dict[str, Any]:
     """weightwatcher 0.7.7's numbers for one matrix, under alphawatch's field names.
 
     Raises RuntimeError when it cannot run here (see :func:`unavailable`).

@@ -13,16 +13,17 @@ tensor is read while the workers compute, so reading overlaps the analysis.
 from __future__ import annotations
 
 import os
+import sys
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
+from types import ModuleType
 from typing import TypeVar
 
-import torch
 from threadpoolctl import threadpool_limits
 
-from alphawatch.workers.spectral.analysis import Matrix, analyze_matrix, resolve_device
+from alphawatch.workers.spectral.analysis import Device, Matrix, analyze_matrix, resolve_device
 from alphawatch.workers.spectral.types import LayerResult, Thresholds
 
 T = TypeVar("T")
@@ -46,16 +47,33 @@ def analysis_workers(requested: int = 0) -> int:
     return min(cpu_cores(), MAX_AUTO_WORKERS)
 
 
+def _torch() -> ModuleType | None:
+    """torch when something has imported it (a pickle's reader, CUDA), else None.
+
+    The CPU engine computes with numpy: a stream of safetensors matrices never imports torch,
+    and its thread pools need no limit then.
+    """
+    return sys.modules.get("torch")
+
+
+def _set_torch_threads(threads: int) -> None:
+    torch = _torch()
+    if torch is not None:
+        torch.set_num_threads(threads)
+
+
 @contextmanager
 def _intra_op_threads(threads: int) -> Iterator[None]:
     """At most ``threads`` threads in each BLAS and OpenMP pool, and in torch's, then back."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    torch = _torch()
+    previous = torch.get_num_threads() if torch is not None else None
+    _set_torch_threads(threads)
     try:
         with threadpool_limits(limits=threads):
             yield
     finally:
-        torch.set_num_threads(previous)
+        if previous is not None:
+            _set_torch_threads(previous)
 
 
 def analyze_stream(
@@ -64,7 +82,7 @@ def analyze_stream(
     workers: int = 0,
     method: str = "ww",
     thresholds: Thresholds | None = None,
-    device: str | torch.device = "cpu",
+    device: str | Device = "cpu",
     check_traps: bool = True,
 ) -> Iterator[tuple[T, LayerResult]]:
     """``analyze_matrix`` over ``(payload, weight, stored_dtype)`` items, ``workers`` at a time.
@@ -90,7 +108,7 @@ def analyze_stream(
     pending: deque[tuple[T, Future[LayerResult]]] = deque()
     # torch's thread count is also a per-thread OpenMP setting: each worker thread sets its own.
     with _intra_op_threads(threads), ThreadPoolExecutor(
-            count, "alphawatch-spectral", initializer=torch.set_num_threads,
+            count, "alphawatch-spectral", initializer=_set_torch_threads,
             initargs=(threads,)) as pool:
         for payload, weight, dtype in items:
             pending.append((payload, pool.submit(one, weight, dtype)))
