@@ -279,6 +279,30 @@ def test_fp8_weights_are_scaled_back(tmp_path: Path) -> None:
     assert torch.allclose(got, weight, rtol=0.07, atol=0.02)
 
 
+@pytest.mark.parametrize("scale_shape", [[7], [0, 4], [65, 4], [2, 2, 2]])
+def test_an_inverse_scale_that_fits_no_block_is_refused(tmp_path: Path,
+                                                        scale_shape: list[int]) -> None:
+    if not hasattr(torch, "float8_e4m3fn"):
+        pytest.skip("this torch has no float8")
+    stored = torch.randn(64, 32, generator=torch.Generator().manual_seed(1)).to(
+        torch.float8_e4m3fn)
+    path = tmp_path / "model_step_4.safetensors"
+    save_file({"model.layers.0.mlp.up_proj.weight": stored,
+               "model.layers.0.mlp.up_proj.weight_scale_inv": torch.ones(scale_shape)},
+              str(path))
+    with pytest.raises(CheckpointError, match="not one inverse scale per block"):
+        list(iter_layers(path))
+    # one per 32x16 block is a reading, and is scaled back block by block
+    save_file({"model.layers.0.mlp.up_proj.weight": stored,
+               "model.layers.0.mlp.up_proj.weight_scale_inv": torch.tensor([[1.0, 2.0],
+                                                                            [3.0, 4.0]])},
+              str(path))
+    (layer,) = list(iter_layers(path))
+    got = torch.as_tensor(layer.weight)
+    assert torch.equal(got[:32, 16:], stored.float()[:32, 16:] * 2.0)
+    assert torch.equal(got[32:, :16], stored.float()[32:, :16] * 3.0)
+
+
 def test_settle_time_fallback_for_plain_files(tmp_path: Path) -> None:
     path = tmp_path / "weights_step_8.pt"
     torch.save(tiny_state(), path)

@@ -220,6 +220,31 @@ def check_layout(path: Path, header: dict[str, dict[str, object]]) -> None:
         position = end
     # safetensors_header already matched the file size to the largest end offset, so a tiling
     # from 0 covers every byte of the data area.
+    for key, info in header.items():
+        weight = key[: -len("_scale_inv")]
+        if key.endswith("_scale_inv") and weight in header and weight != "__metadata__":
+            _check_block_scale(path, key, header[weight]["shape"], info["shape"])
+
+
+def _check_block_scale(path: Path, key: str, weight: object, scale: object) -> None:
+    """Refuse an fp8 inverse scale that is neither one number nor one per block of its weight.
+
+    A block-wise scale has the weight's two dimensions, each between 1 and the weight's own
+    (each scale then covers ``ceil(weight / scale)`` rows or columns); anything else has no
+    reading, and would fail (or divide by zero) when the weight is scaled back.
+    """
+    assert isinstance(weight, list) and isinstance(scale, list)  # check_layout checked both
+    numel = 1
+    for dim in scale:
+        numel *= dim
+    if numel == 1:
+        return
+    if len(weight) == 2 and len(scale) == 2 and all(
+            1 <= s <= w for s, w in zip(scale, weight, strict=True)):
+        return
+    raise CheckpointError(
+        path, f"{path}: tensor {key!r} of shape {scale} is not one inverse scale per block of "
+              f"its weight of shape {weight}")
 
 
 def _is_count(value: object) -> bool:
