@@ -15,7 +15,7 @@ from alphawatch.workers.spectral.analysis import (
     random_permutation,
     singular_values,
 )
-from alphawatch.workers.spectral.plfit import _all_alphas, _all_ks, _best_ks, tail_floor
+from alphawatch.workers.spectral.plfit import _all_ks, _best_ks, tail_alphas, tail_floor
 
 
 def spectrum(kind: str, m: int, seed: int) -> np.ndarray:
@@ -38,7 +38,7 @@ def spectrum(kind: str, m: int, seed: int) -> np.ndarray:
 def test_pruned_ks_search_picks_the_full_search_xmin(kind: str, two_sided: bool) -> None:
     for seed, m in enumerate((256, 300, 512, 700)):
         logs = np.log(tail_floor(spectrum(kind, m, seed), "ww"))
-        alphas, n = _all_alphas(logs)
+        alphas, n = tail_alphas(logs)
         ds = _all_ks(logs, alphas, n, two_sided=two_sided, device=torch.device("cpu"))
         i, d = _best_ks(logs, alphas, n, two_sided=two_sided, device=torch.device("cpu"))
         assert i == int(np.argmin(ds))
@@ -48,7 +48,7 @@ def test_pruned_ks_search_picks_the_full_search_xmin(kind: str, two_sided: bool)
 def test_ties_go_to_the_first_candidate_as_in_argmin() -> None:
     # equally spaced logs: several candidates share the same distance
     logs = np.log(np.geomspace(1.0, 1e3, 400))
-    alphas, n = _all_alphas(logs)
+    alphas, n = tail_alphas(logs)
     ds = _all_ks(logs, alphas, n, two_sided=False, device=torch.device("cpu"))
     i, _ = _best_ks(logs, alphas, n, two_sided=False, device=torch.device("cpu"))
     assert i == int(np.argmin(ds))
@@ -92,14 +92,14 @@ def test_kept_permutations_are_the_seeded_draws() -> None:
 
 @pytest.mark.parametrize("kind", ["gauss", "heavy", "spikes", "lowrank"])
 def test_finger_fits_pruned_search_picks_the_full_search_xmin(kind: str) -> None:
-    from alphawatch.workers.spectral.fingers import _best, _tail_alphas, _tail_ks, _unique_starts
+    from alphawatch.workers.spectral.fingers import _best, _tail_ks, _unique_starts
 
     for seed, m in enumerate((256, 300, 512, 700)):
         data = tail_floor(spectrum(kind, m, seed), "ww")
         for starts in (_unique_starts(data, float(data[0]), float(data[-1])),
                        _unique_starts(data, float(data[m // 4]), float(data[3 * m // 4]))):
             found = _best(data, starts)
-            alphas = _tail_alphas(np.log(data))[0][starts]
+            alphas = tail_alphas(np.log(data))[0][starts]
             valid = np.isfinite(alphas) & (alphas > 1.0)
             ds = np.full(starts.size, np.inf)
             ds[valid] = _tail_ks(np.log(data), starts[valid], alphas[valid])

@@ -31,6 +31,7 @@ from alphawatch.workers.spectral.plfit import (
     EVALS_THRESH,
     bootstrap_delta,
     pruned_best,
+    tail_alphas,
 )
 from alphawatch.workers.spectral.types import PowerLawFit
 
@@ -43,16 +44,6 @@ FINGER_THRESH = 1.0
 CLIP_MIN_ALPHA = 2.0
 """Clipping stops when the clipped α falls to this or below (weightwatcher's ``min_alpha``)."""
 _CHUNK_ELEMENTS = 1 << 22
-
-
-def _tail_alphas(logs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """α of the tail starting at every index but the last, and the tail sizes."""
-    total = logs.size
-    n = (total - np.arange(total - 1)).astype(np.float64)
-    suffix = np.cumsum(logs[::-1])[::-1][: total - 1]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        alphas = 1.0 + n / (suffix - n * logs[: total - 1])
-    return alphas, n
 
 
 def _tail_ks(logs: np.ndarray, starts: np.ndarray, alphas: np.ndarray) -> np.ndarray:
@@ -81,7 +72,7 @@ def _best(data: np.ndarray, starts: np.ndarray) -> tuple[int, float, float, np.n
     if starts.size == 0:
         return None
     logs = np.log(data)
-    all_alphas, n = _tail_alphas(logs)
+    all_alphas, n = tail_alphas(logs)
     alphas = all_alphas[starts]
     valid = np.isfinite(alphas) & (alphas > 1.0)
     if not valid.any():

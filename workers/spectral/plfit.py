@@ -36,7 +36,8 @@ def tail_floor(evals: np.ndarray, method: str) -> np.ndarray:
     return values[values > EVALS_THRESH]
 
 
-def _all_alphas(logs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def tail_alphas(logs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """α of the tail starting at every index but the last (``logs`` ascending); tail sizes."""
     n_total = logs.size
     n = (n_total - np.arange(n_total - 1)).astype(np.float64)
     suffix = np.cumsum(logs[::-1])[::-1][: n_total - 1]
@@ -220,7 +221,7 @@ def fit_power_law(
     if data.size < 2:
         return None
     logs = np.log(data)
-    alphas, n = _all_alphas(logs)
+    alphas, n = tail_alphas(logs)
     i, distance = _best_ks(logs, alphas, n, two_sided=method == "ks2", device=device)
     alpha, xmin, tail_n = float(alphas[i]), float(data[i]), int(n[i])
     sigma = (alpha - 1.0) / np.sqrt(tail_n)
