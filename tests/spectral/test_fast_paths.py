@@ -150,3 +150,55 @@ def test_numpy_arrays_and_torch_tensors_give_the_same_result() -> None:
     bf16 = analyze_matrix(w.bfloat16(), stored_dtype=torch.bfloat16)
     named = analyze_matrix(w.bfloat16().float().numpy(), stored_dtype="bfloat16")
     assert bf16.alpha == named.alpha and bf16.matrix_rank == named.matrix_rank
+
+
+@pytest.mark.parametrize("case", ["gauss", "offset", "conv", "float64", "tiny-spread"])
+def test_variance_from_the_spectrum_is_the_two_pass_variance(case: str) -> None:
+    from alphawatch.workers.spectral.analysis import (
+        HOST,
+        as_matrices,
+        moments_of,
+        spectrum_of,
+        with_variance,
+    )
+
+    rng = np.random.default_rng(8)
+    w = {"gauss": rng.standard_normal((300, 200)).astype(np.float32),
+         # the mean is most of Σw²: computed in two passes instead
+         "offset": (3.0 + 1e-4 * rng.standard_normal((300, 200))).astype(np.float32),
+         "conv": rng.standard_t(3, (32, 16, 3, 3)).astype(np.float32),
+         "float64": rng.standard_normal((250, 250)),
+         "tiny-spread": (1e-20 * rng.standard_normal((120, 90))).astype(np.float32)}[case]
+    moments = moments_of(w, HOST)
+    assert moments.finite and not moments.constant
+    assert moments.mean == pytest.approx(float(w.mean(dtype=np.float64)), rel=1e-12, abs=1e-30)
+    variance = with_variance(moments, spectrum_of(as_matrices(w), HOST), w).variance
+    assert variance == pytest.approx(float(w.var(dtype=np.float64, ddof=1)), rel=1e-11)
+
+
+@pytest.mark.parametrize("bad", [[np.nan], [np.inf], [-np.inf], [np.inf, -np.inf]])
+def test_one_non_finite_entry_is_found(bad: list[float]) -> None:
+    from alphawatch.workers.spectral.analysis import HOST, moments_of
+
+    for dtype in (np.float32, np.float64):
+        w = np.random.default_rng(9).standard_normal((64, 48)).astype(dtype)
+        w.reshape(-1)[[1000 + 37 * i for i in range(len(bad))]] = bad
+        assert not moments_of(w, HOST).finite
+    # finite float64 entries whose sum overflows are still finite
+    huge = np.full((40, 30), 1e307)
+    huge[0, 0] = 1.5e308
+    assert moments_of(huge, HOST).finite
+
+
+def test_rand_distance_pools_what_lies_below_the_floor() -> None:
+    from alphawatch.workers.spectral.analysis import _jensen_shannon
+
+    x = np.random.default_rng(10).standard_normal((600, 600))
+    evals = np.linalg.eigvalsh(x.T @ x)  # square: eigenvalues down to ~1e-7·λmax
+    noisy = evals.copy()
+    noisy[:4] = [1e-15 * evals[-1], 0.0, 3e-9 * evals[-1], 1e-12 * evals[-1]]
+    assert _jensen_shannon(evals, evals) == 0.0
+    # four values of 600 moved below the floor: a small distance, not a new range of bins
+    assert _jensen_shannon(evals, noisy) < 0.05
+    # and it still tells spectra apart
+    assert _jensen_shannon(evals, evals * 3.0) > 0.3

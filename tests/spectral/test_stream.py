@@ -86,3 +86,35 @@ def test_shuffled_spectrum_in_float32_matches_float64_at_the_top() -> None:
     top = exact.size // 5
     np.testing.assert_allclose(fast[-top:], exact[-top:], rtol=1e-5)
     assert np.max(np.abs(fast - exact)) < 1e-5 * exact[-1]
+
+
+def test_an_error_of_the_shuffle_task_fails_that_matrix_only(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from alphawatch.workers.spectral import stream
+
+    own = stream._shuffled_spectrum
+
+    def broken(weight: torch.Tensor, seed: int, dev: object) -> np.ndarray:
+        if tuple(weight.shape) == (150, 90):
+            raise MemoryError("no room for the shuffle")
+        return own(weight, seed, dev)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(stream, "_shuffled_spectrum", broken)
+    got = dict(analyze_stream(items(), workers=2))
+    assert got["m3"].fit_status is FitStatus.FAILED
+    assert got["m3"].error == "MemoryError: no room for the shuffle"
+    for name, weight, dtype in items():
+        if name not in ("m3", "bad"):
+            ref = analyze_matrix(weight, stored_dtype=dtype)
+            assert got[name].fit_status == ref.fit_status and got[name].num_traps == ref.num_traps
+
+
+def test_a_matrix_stopped_early_does_not_wait_for_its_shuffle() -> None:
+    nan = heavy(100, 80, 1)
+    nan[5, 7] = float("inf")
+    constant = torch.full((100, 80), 0.5)
+    got = dict(analyze_stream([("inf", nan, None), ("constant", constant, None),
+                               ("ok", heavy(100, 80, 2), None)], workers=2))
+    assert got["inf"].fit_status is FitStatus.NON_FINITE
+    assert got["constant"].fit_status is FitStatus.DEGENERATE
+    assert got["ok"].rand_distance is not None and got["ok"].error is None

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, TypeAlias
 
 import numpy as np
 
-from alphawatch.workers.spectral import compare
+from alphawatch.workers.spectral import compare, lapack
 from alphawatch.workers.spectral.plfit import fit_power_law
 from alphawatch.workers.spectral.types import FitStatus, LayerResult, PowerLawFit, Thresholds
 
@@ -154,10 +154,12 @@ def singular_values(matrix: Matrix, device: Device) -> np.ndarray:
             torch.backends.cuda.matmul.allow_tf32 = previous
     # float64 Gram + eigvalsh is several times faster than an SVD; its absolute error on λ is
     # ~eps64·λmax, i.e. ~1e-8·σmax on σ: below the float32 rank tolerance (1.2e-7·σmax).
-    # numpy (OpenBLAS) rather than torch on a CPU: about twice as fast on the Gram matrix and
-    # 1.5x on eigvalsh (BENCHMARKS.md), and numpy's LAPACK calls release the GIL where
-    # scipy.linalg's hold it, which would serialise the worker threads.
-    evals = np.linalg.eigvalsh(gram(host_array(matrix).astype(np.float64, copy=False)))
+    # numpy's OpenBLAS rather than torch's MKL on a CPU: about twice as fast on the Gram matrix
+    # and 1.5x on the eigenvalues (BENCHMARKS.md); its LAPACK is called through ctypes
+    # (lapack.py: a faster reduction from 1536), which releases the GIL where scipy.linalg's
+    # wrappers hold it and would serialise the worker threads.
+    evals = lapack.eigvalsh(gram(host_array(matrix).astype(np.float64, copy=False)),
+                            overwrite=True)
     svals: np.ndarray = np.sqrt(np.clip(evals[::-1], 0.0, None))
     return svals
 
@@ -165,10 +167,12 @@ def singular_values(matrix: Matrix, device: Device) -> np.ndarray:
 def shuffled_eigenvalues(matrix: Matrix, perm: np.ndarray, device: Device) -> np.ndarray:
     """Eigenvalues λ = σ² of ``matrix`` with its entries permuted by ``perm``, ascending.
 
-    Float32 Gram matrix and float32 ``eigvalsh`` (TF32 off on CUDA): the shuffle feeds only the
-    trap count, ``max_rand_eval``, ``rand_distance`` and ``near_random``, which look at the top
-    of the spectrum and at log-histograms, not at the rank. Absolute error ~eps32·λmax: the
-    top is exact to ~1e-7 relative, eigenvalues below ~1e-6·λmax are noise (clamped at 0).
+    Float32 Gram matrix (TF32 off on CUDA), its eigenvalues in float64 (on a CPU by
+    :func:`lapack.eigvalsh`): the shuffle feeds only the trap count, ``max_rand_eval``,
+    ``rand_distance`` and ``near_random``, which look at the top of the spectrum and at
+    log-histograms, not at the rank. The float32 products leave an absolute error of
+    ~eps32·λmax: the top is exact to ~1e-7 relative, eigenvalues below ~1e-6·λmax are noise
+    (clamped at 0; ``rand_distance`` pools everything below ``RAND_FLOOR``·λmax).
     """
     if device.type == "cuda":
         import torch
@@ -186,13 +190,20 @@ def shuffled_eigenvalues(matrix: Matrix, perm: np.ndarray, device: Device) -> np
         return np.asarray(evals.cpu().numpy(), dtype=np.float64)
     w = host_array(matrix)
     flat = np.ascontiguousarray(w, dtype=np.float32).reshape(-1)
-    shuffled = flat.take(perm).reshape(w.shape)
-    # torch's float32 eigvalsh (MKL's ssyevd) is about twice as fast as OpenBLAS's at 2048²
-    # (1.25 vs 2.3 CPU s for four), the same at 1024², but its float32 noise in the smallest
-    # eigenvalues depends on its thread count, and rand_distance histograms all of them: a
-    # matrix analysed alone and in a worker thread gave rand_distance 0.199 and 0.213.
-    # OpenBLAS's gives the same numbers with one thread or two.
-    return np.clip(np.linalg.eigvalsh(gram(shuffled)), 0.0, None).astype(np.float64)
+    # perm is in range by construction: "clip" skips numpy's per-index bounds check
+    shuffled = flat.take(perm, mode="clip").reshape(w.shape)
+    product = gram(shuffled)
+    del shuffled
+    # every entry is in one diagonal sum of squares: a NaN or Inf weight shows there, and
+    # LAPACK is not given it
+    if not np.isfinite(np.diagonal(product)).all():
+        raise ValueError("the shuffled matrix is not finite")
+    # Not a float32 eigensolver (torch's MKL, OpenBLAS's): its smallest eigenvalues depend on
+    # the BLAS thread count (a matrix analysed alone and in a worker thread gave rand_distance
+    # 0.199 and 0.213). In float64 that noise is ~1e-15·λmax.
+    evals = lapack.eigvalsh(product)
+    np.clip(evals, 0.0, None, out=evals)
+    return evals.astype(np.float64)
 
 
 # Machine epsilon of each stored dtype, by name: torch's dtypes print as ``torch.<name>``,
@@ -210,10 +221,19 @@ def _dtype_eps(dtype: object) -> float:
     return _EPS.get(name, _EPS["float32"])
 
 
+RAND_FLOOR = 1e-4
+"""``rand_distance`` pools eigenvalues below this fraction of the larger λmax of the two spectra
+in its lowest bin: the shuffle's float32 Gram matrix leaves noise of ~1e-6·λmax, and a few
+noise values or W's zero eigenvalues (rank loss) spread over ten more decades would otherwise
+set the range of the 100 bins (docs/SPECTRAL.md)."""
+
+
 def _jensen_shannon(a: np.ndarray, b: np.ndarray, bins: int = 100) -> float:
-    la, lb = np.log10(a[a > 0]), np.log10(b[b > 0])
-    if la.size == 0 or lb.size == 0:
+    """Jensen–Shannon distance (base 2) between the log10-histograms of two spectra."""
+    if a.size == 0 or b.size == 0 or a.max() <= 0 or b.max() <= 0:
         return 1.0
+    floor = max(float(a.max()), float(b.max())) * RAND_FLOOR
+    la, lb = np.log10(np.maximum(a, floor)), np.log10(np.maximum(b, floor))
     lo, hi = min(la.min(), lb.min()), max(la.max(), lb.max())
     if hi <= lo:
         return 0.0
@@ -334,11 +354,17 @@ class Moments:
     finite: bool
     constant: bool
     mean: float
-    variance: float  # unbiased (n − 1), as torch's and weightwatcher's
+    variance: float  # unbiased (n − 1), as torch's and weightwatcher's; NaN until known
 
 
 def moments_of(weight: Matrix, dev: Device) -> Moments:
-    """Whether W is finite and non-constant, and its entries' mean and variance."""
+    """Whether W is finite and non-constant, and its entries' mean (and on CUDA, variance).
+
+    On a CPU the variance is left to :func:`with_variance`, which takes Σw² from W's spectrum
+    instead of two more passes over W with a float64 temporary, and NaN/Inf are found by the
+    sum: a sum of finite float32 values cannot overflow float64, so it is finite exactly when
+    every entry is (a float64 W whose sum overflows is checked entry by entry).
+    """
     if dev.type == "cuda":
         import torch
 
@@ -347,12 +373,26 @@ def moments_of(weight: Matrix, dev: Device) -> Moments:
         return Moments(finite=finite, constant=finite and bool(flat.min() == flat.max()),
                        mean=float(flat.mean()), variance=float(flat.var()))
     w = host_array(weight)
-    finite = bool(np.isfinite(w).all())
-    if not finite:
+    with np.errstate(over="ignore", invalid="ignore"):  # Inf − Inf, or a float64 overflow
+        total = float(w.sum(dtype=np.float64))
+    if not np.isfinite(total) and not (w.dtype == np.float64 and np.isfinite(w).all()):
         return Moments(finite=False, constant=False, mean=float("nan"), variance=float("nan"))
-    return Moments(finite=True, constant=bool(w.min() == w.max()),
-                   mean=float(w.mean(dtype=np.float64)),
-                   variance=float(w.var(dtype=np.float64, ddof=1)))
+    return Moments(finite=True, constant=bool(w.min() == w.max()), mean=total / w.size,
+                   variance=float("nan"))
+
+
+def with_variance(moments: Moments, spec: Spectrum, weight: Matrix) -> Moments:
+    """``moments`` with the variance of W's entries, from Σw² = Σλ (the trace of the Gram
+    matrices, to ~1e-13 relative) when the mean does not cancel most of it, else in two passes."""
+    if not np.isnan(moments.variance):
+        return moments
+    count = _numel(weight)
+    centred = spec.norm - count * moments.mean * moments.mean
+    if centred > 1e-3 * spec.norm:
+        variance = centred / (count - 1)
+    else:
+        variance = float(host_array(weight).var(dtype=np.float64, ddof=1))
+    return replace(moments, variance=variance)
 
 
 def bulk_of(moments: Moments, spec: Spectrum, n: int, m: int) -> Bulk:
@@ -415,16 +455,25 @@ def _permutations(seed: int, numel: int, count: int) -> list[np.ndarray]:
     return perms
 
 
-def traps_of(mats: list[Matrix], spec: Spectrum, bulk: Bulk, n: int, m: int, seed: int,
-             dev: Device) -> Traps:
-    """Correlation traps: the spectrum of W with its entries shuffled (seeded), against the bulk.
+def shuffled_spectrum(mats: list[Matrix], seed: int, dev: Device) -> np.ndarray:
+    """Eigenvalues of ``mats`` with their entries shuffled (seeded per matrix), pooled, ascending.
 
-    A shuffle destroys correlations, so its eigenvalues should stay inside the MP bulk; those
-    beyond edge + ``TW_PAD`` Tracy–Widom scales are traps (Martin & Mahoney 2021).
+    The costly half of the trap check, and independent of W's own spectrum: ``analyze_stream``
+    runs it as a task of its own beside the rest of the analysis. Raises ValueError when the
+    shuffle has a non-finite Gram diagonal (a NaN or Inf weight; W's own analysis says so).
     """
     perms = _permutations(seed, _numel(mats[0]), len(mats))
-    rand_evals = np.sort(np.concatenate([
+    return np.sort(np.concatenate([
         shuffled_eigenvalues(w, perm, dev) for w, perm in zip(mats, perms, strict=True)]))
+
+
+def traps_of(rand_evals: np.ndarray, spec: Spectrum, bulk: Bulk, n: int, m: int) -> Traps:
+    """Correlation traps: the spectrum of W with its entries shuffled, against the bulk.
+
+    A shuffle destroys correlations, so its eigenvalues (``rand_evals``, from
+    :func:`shuffled_spectrum`) should stay inside the MP bulk; those beyond edge + ``TW_PAD``
+    Tracy–Widom scales are traps (Martin & Mahoney 2021).
+    """
     limit = bulk.edge + TW_PAD * bulk.tw_scale
     beyond = rand_evals[rand_evals > limit]
     # A non-zero mean μ makes a rank-one spike of about μ²·n·m in any shuffle of W: it is a
@@ -501,6 +550,76 @@ def analyze_matrix(
         ``too_few_evals``, ``failed``). The fitted alpha is reported whatever the status; the
         status and ``trusted`` say whether to believe it.
     """
+    outcome = analyze_spectrum(weight, stored_dtype=stored_dtype, method=method,
+                               thresholds=thresholds, device=device)
+    if isinstance(outcome, LayerResult):
+        return outcome
+    if not check_traps:
+        return outcome.finish(None)
+    try:
+        rand_evals = shuffled_spectrum(outcome.mats, outcome.limits.trap_seed, outcome.device)
+    except Exception as exc:  # a result per tensor, whatever happens
+        return outcome.failed(exc)
+    return outcome.finish(rand_evals)
+
+
+@dataclass(frozen=True)
+class Analysed:
+    """W's own analysis, done; the trap check's verdict still to come (:meth:`finish`).
+
+    ``analyze_stream`` computes the shuffle's spectrum (:func:`shuffled_spectrum` of
+    :attr:`mats`) as a task of its own beside this one, and finishes here when both are done.
+    """
+
+    mats: list[Matrix]
+    device: Device
+    limits: Thresholds
+    method: str
+    rows: int
+    cols: int
+    n: int
+    m: int
+    spec: Spectrum
+    rank: Rank
+    bulk: Bulk
+    fit: PowerLawFit | None
+    comparison: compare.Comparison | None
+    started: float
+
+    def failed(self, exc: BaseException) -> LayerResult:
+        """The "failed" result of this matrix, for an error of its trap check."""
+        return LayerResult(method=self.method, fit_status=FitStatus.FAILED, trusted=False,
+                           error=f"{type(exc).__name__}: {exc}", rows=self.rows,
+                           cols=self.cols,
+                           elapsed_ms=1000.0 * (time.perf_counter() - self.started))
+
+    def finish(self, rand_evals: np.ndarray | None) -> LayerResult:
+        """The result, with the traps of the shuffle's eigenvalues (None: trap check off)."""
+        try:
+            traps = (None if rand_evals is None
+                     else traps_of(rand_evals, self.spec, self.bulk, self.n, self.m))
+            verdict = verdict_of(self.fit, self.rank, traps, self.limits)
+            status = compare.apply_rule(verdict.status, self.comparison, self.limits)
+            if status is not verdict.status:
+                verdict = replace(verdict, status=status, trusted=False)
+            return _result(method=self.method, rows=self.rows, cols=self.cols, spec=self.spec,
+                           rank=self.rank, bulk=self.bulk, fit=self.fit, traps=traps,
+                           verdict=verdict, started=self.started,
+                           extra=compare.result_fields(self.fit, self.comparison))
+        except Exception as exc:  # a result per tensor, whatever happens
+            return self.failed(exc)
+
+
+def analyze_spectrum(
+    weight: Matrix,
+    *,
+    stored_dtype: object = None,
+    method: str = "ww",
+    thresholds: Thresholds | None = None,
+    device: str | Device = "cpu",
+) -> LayerResult | Analysed:
+    """:func:`analyze_matrix` up to the trap check: a final result when W cannot be analysed
+    (``non_finite``, ``degenerate``, ``too_few_evals``, ``failed``), else :class:`Analysed`."""
     limits = thresholds or Thresholds()
     started = time.perf_counter()
     shape = tuple(weight.shape)
@@ -528,32 +647,18 @@ def analyze_matrix(
             return done(FitStatus.NON_FINITE, "weights contain NaN or Inf")
         if moments.constant:
             return done(FitStatus.DEGENERATE, "zero or constant matrix")
-        return _analyze(mats, n, m, moments, stored_dtype, method, limits, dev, check_traps,
-                        rows, cols, started)
+        spec = spectrum_of(mats, dev)
+        moments = with_variance(moments, spec, data)
+        fit = fit_power_law(spec.evals, method, bootstrap_samples=limits.bootstrap_samples,
+                            seed=limits.trap_seed, device=str(dev))
+        return Analysed(
+            mats=mats, device=dev, limits=limits, method=method, rows=rows, cols=cols, n=n,
+            m=m, spec=spec, rank=rank_of(spec, stored_dtype, n, limits.rank_loss_fraction),
+            bulk=bulk_of(moments, spec, n, m), fit=fit,
+            # Is the tail a power law at all? (workers/spectral/compare.py; the rule is optional)
+            comparison=compare.compare_fit(fit, spec.evals), started=started)
     except Exception as exc:  # a result per tensor, whatever happens
         return done(FitStatus.FAILED, f"{type(exc).__name__}: {exc}")
-
-
-def _analyze(
-    mats: list[Matrix], n: int, m: int, moments: Moments,
-    stored_dtype: object, method: str, limits: Thresholds, dev: Device,
-    check_traps: bool, rows: int, cols: int, started: float,
-) -> LayerResult:
-    spec = spectrum_of(mats, dev)
-    rank = rank_of(spec, stored_dtype, n, limits.rank_loss_fraction)
-    bulk = bulk_of(moments, spec, n, m)
-    fit = fit_power_law(spec.evals, method, bootstrap_samples=limits.bootstrap_samples,
-                        seed=limits.trap_seed, device=str(dev))
-    traps = traps_of(mats, spec, bulk, n, m, limits.trap_seed, dev) if check_traps else None
-    verdict = verdict_of(fit, rank, traps, limits)
-    # Is the tail a power law at all? (workers/spectral/compare.py; the rule is optional)
-    comparison = compare.compare_fit(fit, spec.evals)
-    status = compare.apply_rule(verdict.status, comparison, limits)
-    if status is not verdict.status:
-        verdict = replace(verdict, status=status, trusted=False)
-    return _result(method=method, rows=rows, cols=cols, spec=spec, rank=rank, bulk=bulk,
-                   fit=fit, traps=traps, verdict=verdict, started=started,
-                   extra=compare.result_fields(fit, comparison))
 
 
 def _result(*, method: str, rows: int, cols: int, spec: Spectrum, rank: Rank, bulk: Bulk,

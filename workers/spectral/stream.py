@@ -2,11 +2,14 @@
 
 Eigendecompositions scale poorly over threads (half of the tridiagonal reduction is
 memory-bound BLAS-2), and a multi-threaded BLAS slows down badly when another process holds a
-core. So on a CPU the engine runs one matrix per worker thread, each with ``cores // workers``
-BLAS threads (one on a small machine): never more threads than cores, nothing nested. The
+core. So on a CPU the engine runs one task per worker thread, each with ``cores // workers``
+BLAS threads (one on a small machine): never more threads than cores, nothing nested. A matrix
+is two tasks, its own spectrum (``analyze_spectrum``) and its shuffle's (the trap check), joined
+in the reading thread: the last matrix of a checkpoint still keeps two cores busy. The
 limit is set on every BLAS/OpenMP pool the process has loaded (threadpoolctl: numpy's and
 scipy's OpenBLAS, torch's), for the time of the stream; the CPU engine computes with numpy,
-whose BLAS and LAPACK calls release the GIL, so the worker threads really run at once. The next
+whose BLAS and LAPACK calls (and ``lapack``'s, through ctypes) release the GIL, so the worker
+threads really run at once. The next
 tensor is read while the workers compute, so reading overlaps the analysis.
 """
 
@@ -21,9 +24,20 @@ from contextlib import contextmanager
 from types import ModuleType
 from typing import TypeVar
 
+import numpy as np
 from threadpoolctl import threadpool_limits
 
-from alphawatch.workers.spectral.analysis import Device, Matrix, analyze_matrix, resolve_device
+from alphawatch.workers.spectral.analysis import (
+    Analysed,
+    Device,
+    Matrix,
+    analyze_matrix,
+    analyze_spectrum,
+    as_matrices,
+    host_array,
+    resolve_device,
+    shuffled_spectrum,
+)
 from alphawatch.workers.spectral.types import LayerResult, Thresholds
 
 T = TypeVar("T")
@@ -95,26 +109,50 @@ def analyze_stream(
     """
     dev = resolve_device(device)
     count = 1 if dev.type == "cuda" else analysis_workers(workers)
-
-    def one(weight: Matrix, dtype: object) -> LayerResult:
-        return analyze_matrix(weight, stored_dtype=dtype, method=method, thresholds=thresholds,
-                              device=dev, check_traps=check_traps)
-
+    limits = thresholds or Thresholds()
     if count == 1:
         for payload, weight, dtype in items:
-            yield payload, one(weight, dtype)
+            yield payload, analyze_matrix(weight, stored_dtype=dtype, method=method,
+                                          thresholds=limits, device=dev,
+                                          check_traps=check_traps)
         return
     threads = max(1, cpu_cores() // count)
-    pending: deque[tuple[T, Future[LayerResult]]] = deque()
+    pending: deque[tuple[T, Future[LayerResult | Analysed], Future[np.ndarray] | None]] = deque()
     # torch's thread count is also a per-thread OpenMP setting: each worker thread sets its own.
     with _intra_op_threads(threads), ThreadPoolExecutor(
             count, "alphawatch-spectral", initializer=_set_torch_threads,
             initargs=(threads,)) as pool:
         for payload, weight, dtype in items:
-            pending.append((payload, pool.submit(one, weight, dtype)))
+            own = pool.submit(analyze_spectrum, weight, stored_dtype=dtype, method=method,
+                              thresholds=limits, device=dev)
+            # The shuffle's spectrum is a task of its own: a matrix keeps two cores busy when
+            # it is the last one, and no worker waits on another's task.
+            shuffle = (pool.submit(_shuffled_spectrum, weight, limits.trap_seed, dev)
+                       if check_traps else None)
+            pending.append((payload, own, shuffle))
             while len(pending) > count:
-                done, future = pending.popleft()
-                yield done, future.result()
+                yield _finished(*pending.popleft())
         while pending:
-            done, future = pending.popleft()
-            yield done, future.result()
+            yield _finished(*pending.popleft())
+
+
+def _finished(payload: T, own: Future[LayerResult | Analysed],
+              shuffle: Future[np.ndarray] | None) -> tuple[T, LayerResult]:
+    """The matrix's result once both its tasks are done (a matrix stopped early, NaN or
+    constant, drops its shuffle: cancelled if not started, else its result or error unread)."""
+    outcome = own.result()
+    if isinstance(outcome, LayerResult):
+        if shuffle is not None:
+            shuffle.cancel()
+        return payload, outcome
+    if shuffle is None:
+        return payload, outcome.finish(None)
+    try:
+        rand_evals = shuffle.result()
+    except Exception as exc:  # a result per tensor, whatever happens
+        return payload, outcome.failed(exc)
+    return payload, outcome.finish(rand_evals)
+
+
+def _shuffled_spectrum(weight: Matrix, seed: int, dev: Device) -> np.ndarray:
+    return shuffled_spectrum(as_matrices(host_array(weight)), seed, dev)

@@ -1,0 +1,75 @@
+"""The direct LAPACK binding gives numpy's eigenvalues, faster, and fails as numpy does."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from threadpoolctl import threadpool_info, threadpool_limits
+
+from alphawatch.workers.spectral import lapack
+
+
+def gram_of(rows: int, cols: int, seed: int, dtype: type[np.floating] = np.float64
+            ) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_t(3, (rows, cols)).astype(np.float32)
+    return (x.T @ x).astype(dtype)
+
+
+def test_the_binding_is_found_where_numpy_bundles_openblas() -> None:
+    if not any(info.get("internal_api") == "openblas" for info in threadpool_info()):
+        pytest.skip("numpy is not linked to OpenBLAS here")
+    assert lapack.available()
+
+
+@pytest.mark.parametrize("two_stage_from", [10_000, 0])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_eigenvalues_are_numpys(monkeypatch: pytest.MonkeyPatch, dtype: type[np.floating],
+                                two_stage_from: int) -> None:
+    monkeypatch.setattr(lapack, "TWO_STAGE_FROM", two_stage_from)
+    for rows, cols, seed in ((500, 300, 0), (300, 300, 1), (90, 7, 2), (3, 2, 3)):
+        g = gram_of(rows, cols, seed, dtype)
+        ours = lapack.eigvalsh(g)
+        reference = np.linalg.eigvalsh(g.astype(np.float64))
+        assert ours.dtype == np.float64 and np.all(np.diff(ours) >= 0)
+        # both backward stable: they agree to a small multiple of eps64·λmax
+        np.testing.assert_allclose(ours, reference, rtol=0, atol=1e-13 * reference[-1])
+
+
+def test_the_input_is_kept_unless_it_may_be_overwritten() -> None:
+    g = gram_of(200, 150, 3)
+    kept = g.copy()
+    values = lapack.eigvalsh(g)
+    assert np.array_equal(g, kept)
+    assert np.array_equal(lapack.eigvalsh(g, overwrite=True), values)
+    if lapack.available():
+        assert not np.array_equal(g, kept)  # reduced in place: no copy
+
+
+def test_the_thread_count_moves_only_the_last_digits(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lapack, "TWO_STAGE_FROM", 0)
+    g = gram_of(900, 700, 4)
+    with threadpool_limits(1):
+        one = lapack.eigvalsh(g)
+    with threadpool_limits(2):
+        two = lapack.eigvalsh(g)
+    np.testing.assert_allclose(one, two, rtol=0, atol=1e-14 * one[-1])
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nan_or_inf_is_an_error(bad: float) -> None:
+    if not lapack.available():
+        pytest.skip("numpy's own eigvalsh is used here")
+    g = gram_of(100, 80, 5)
+    g[3, 7] = g[7, 3] = bad
+    with pytest.raises(np.linalg.LinAlgError):
+        lapack.eigvalsh(g)
+
+
+def test_without_the_binding_it_is_numpys(monkeypatch: pytest.MonkeyPatch) -> None:
+    g = gram_of(120, 60, 6)
+    monkeypatch.setattr(lapack, "_binding", None)
+    monkeypatch.setattr(lapack, "_searched", True)
+    assert not lapack.available()
+    np.testing.assert_array_equal(lapack.eigvalsh(g), np.linalg.eigvalsh(g))
+    with pytest.raises(np.linalg.LinAlgError):
+        lapack.eigvalsh(np.ones((3, 4)))
