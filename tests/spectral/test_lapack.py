@@ -73,3 +73,21 @@ def test_without_the_binding_it_is_numpys(monkeypatch: pytest.MonkeyPatch) -> No
     np.testing.assert_array_equal(lapack.eigvalsh(g), np.linalg.eigvalsh(g))
     with pytest.raises(np.linalg.LinAlgError):
         lapack.eigvalsh(np.ones((3, 4)))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("rows", [1, 700, 1500])
+def test_the_gram_matrix_summed_over_blocks_is_the_gram_matrix(
+        monkeypatch: pytest.MonkeyPatch, rows: int, dtype: type[np.floating]) -> None:
+    if not lapack.available():
+        pytest.skip("numpy's own eigvalsh is used here")
+    monkeypatch.setattr(lapack, "BLOCK_ROWS", 256)  # several blocks and a short last one
+    w = np.random.default_rng(7).standard_normal((rows, 90)).astype(np.float32)
+    product = lapack.gram_upper(lambda i, j: w[i:j], rows, 90, dtype)
+    assert product is not None and product.dtype == dtype
+    exact = w.astype(np.float64).T @ w.astype(np.float64)
+    tol = 1e-12 if dtype == np.float64 else 1e-5
+    np.testing.assert_allclose(np.triu(product), np.triu(exact), rtol=tol,
+                               atol=tol * np.abs(exact).max())
+    np.testing.assert_allclose(lapack.eigvalsh(product), np.linalg.eigvalsh(exact),
+                               rtol=0, atol=tol * np.linalg.eigvalsh(exact)[-1])

@@ -158,8 +158,13 @@ def singular_values(matrix: Matrix, device: Device) -> np.ndarray:
     # and 1.5x on the eigenvalues (BENCHMARKS.md); its LAPACK is called through ctypes
     # (lapack.py: a faster reduction from 1536), which releases the GIL where scipy.linalg's
     # wrappers hold it and would serialise the worker threads.
-    evals = lapack.eigvalsh(gram(host_array(matrix).astype(np.float64, copy=False)),
-                            overwrite=True)
+    host = host_array(matrix)
+    tall = host if host.shape[0] >= host.shape[1] else host.T
+    product = lapack.gram_upper(lambda i, j: tall[i:j], tall.shape[0], tall.shape[1],
+                                np.float64)
+    if product is None:
+        product = gram(host.astype(np.float64, copy=False))
+    evals = lapack.eigvalsh(product, overwrite=True)
     svals: np.ndarray = np.sqrt(np.clip(evals[::-1], 0.0, None))
     return svals
 
@@ -190,10 +195,17 @@ def shuffled_eigenvalues(matrix: Matrix, perm: np.ndarray, device: Device) -> np
         return np.asarray(evals.cpu().numpy(), dtype=np.float64)
     w = host_array(matrix)
     flat = np.ascontiguousarray(w, dtype=np.float32).reshape(-1)
-    # perm is in range by construction: "clip" skips numpy's per-index bounds check
-    shuffled = flat.take(perm, mode="clip").reshape(w.shape)
-    product = gram(shuffled)
-    del shuffled
+    # The shuffle is laid out tall (rows ≥ columns) whatever W's orientation, and its Gram
+    # matrix summed over blocks of rows gathered one at a time (no shuffled copy of W).
+    # perm is in range by construction: "clip" skips numpy's per-index bounds check.
+    tall, small = max(w.shape), min(w.shape)
+
+    def rows(start: int, stop: int) -> np.ndarray:
+        return flat.take(perm[start * small:stop * small], mode="clip").reshape(-1, small)
+
+    product = lapack.gram_upper(rows, tall, small, np.float32)
+    if product is None:
+        product = gram(rows(0, tall))
     # every entry is in one diagonal sum of squares: a NaN or Inf weight shows there, and
     # LAPACK is not given it
     if not np.isfinite(np.diagonal(product)).all():

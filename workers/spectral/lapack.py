@@ -37,7 +37,11 @@ TWO_STAGE_FROM = 1536
 BAND = 64
 """Subdiagonals of the band of the first stage: 48-64 is fastest at 2048² and 4096² (a wider
 band moves work to the bulge chasing, a narrower one to BLAS-2)."""
-_COL_MAJOR = 102
+
+BLOCK_ROWS = 512
+"""Rows converted at a time by :func:`gram_upper`."""
+
+_ROW_MAJOR, _COL_MAJOR, _UPPER, _TRANS = 101, 102, 121, 112
 _lock = threading.Lock()
 
 
@@ -123,6 +127,14 @@ def _bind(path: Path) -> _Binding | None:
             syevd.argtypes = [ctypes.c_int, ctypes.c_char, ctypes.c_char, integer,
                               ctypes.c_void_p, integer, ctypes.c_void_p]
             functions["syevd"] = syevd
+            for kind, real in (("s", ctypes.c_float), ("d", ctypes.c_double)):
+                syrk = getattr(lib, f"{prefix}cblas_{kind}syrk{suffix}", None)
+                if syrk is None:
+                    return None
+                syrk.restype = None
+                syrk.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, integer, integer,
+                                 real, ctypes.c_void_p, integer, real, ctypes.c_void_p, integer]
+                functions[kind + "syrk"] = syrk
             for name in ("sytrd_sy2sb", "sytrd_sb2st", "sterf"):
                 fortran = getattr(lib, f"{prefix}d{name}_{suffix}", None)
                 if fortran is None:
@@ -139,6 +151,14 @@ def _checked(binding: _Binding) -> bool:
     rng = np.random.default_rng(0)
     for rows, cols in ((40, 24), (130, 100)):
         x = rng.standard_normal((rows, cols))
+        for kind, dtype in (("s", np.float32), ("d", np.float64)):
+            xk: np.ndarray = x.astype(dtype)
+            product = np.zeros((cols, cols), dtype=dtype)
+            binding.functions[kind + "syrk"](_ROW_MAJOR, _UPPER, _TRANS, cols, rows, 1.0,
+                                             xk.ctypes.data, cols, 0.0, product.ctypes.data,
+                                             cols)
+            if not np.allclose(np.triu(product), np.triu(xk.T @ xk), rtol=1e-4, atol=1e-3):
+                return False
         reference = np.linalg.eigvalsh(x.T @ x)
         for values in (binding.syevd(x.T @ x), binding.two_stage(x.T @ x)):
             if values is None or not np.allclose(np.sort(values), reference, rtol=1e-10,
@@ -167,6 +187,25 @@ def _load() -> _Binding | None:
         return _binding
 
 
+def gram_upper(rows: Callable[[int, int], np.ndarray], count: int, k: int,
+               dtype: type[np.floating]) -> np.ndarray | None:
+    """Σ BᵀB over the row blocks ``B = rows(i, j)`` (rows i..j of a ``count``×``k`` matrix, in
+    ``dtype``), by BLAS ``syrk`` with accumulation: the Gram matrix of a float32 matrix in
+    float64 without its float64 copy (20 % faster at 5504×2048, and no 90 MB to fault in), or
+    of a shuffle without the shuffled copy. Only the upper triangle (row-major) is filled, the
+    one :func:`eigvalsh` reads; None without the binding."""
+    binding = _load()
+    if binding is None:
+        return None
+    syrk = binding.functions[("s" if dtype == np.float32 else "d") + "syrk"]
+    product = np.zeros((k, k), dtype=dtype)
+    for start in range(0, count, BLOCK_ROWS):
+        block = np.ascontiguousarray(rows(start, min(start + BLOCK_ROWS, count)), dtype=dtype)
+        syrk(_ROW_MAJOR, _UPPER, _TRANS, k, block.shape[0], 1.0, block.ctypes.data, k,
+             1.0, product.ctypes.data, k)
+    return product
+
+
 def available() -> bool:
     """Whether the direct LAPACK binding is in use (else :func:`eigvalsh` is numpy's)."""
     return _load() is not None
@@ -175,10 +214,11 @@ def available() -> bool:
 def eigvalsh(a: np.ndarray, *, overwrite: bool = False) -> np.ndarray:
     """Eigenvalues of the symmetric matrix ``a``, ascending, float64.
 
-    ``a`` must be symmetric (one triangle is read). ``overwrite``: a float64 ``a`` may be
-    destroyed (saves a copy). Without the binding, ``numpy.linalg.eigvalsh``. Raises
-    ``numpy.linalg.LinAlgError`` for a NaN or Inf entry, a non-square matrix, or when LAPACK
-    fails, as numpy does.
+    ``a`` must be symmetric, or hold its upper triangle (row-major, as :func:`gram_upper`
+    fills it) when the binding is available: only that triangle is read. ``overwrite``: a
+    float64 ``a`` may be destroyed (saves a copy). Without the binding,
+    ``numpy.linalg.eigvalsh``. Raises ``numpy.linalg.LinAlgError`` for a NaN or Inf entry, a
+    non-square matrix, or when LAPACK fails, as numpy does.
     """
     binding = _load()
     if (binding is None or a.ndim != 2 or a.shape[0] != a.shape[1]
