@@ -430,12 +430,14 @@ def random_permutation(rng: np.random.Generator, numel: int) -> np.ndarray:
     ``Generator.permutation``'s one Fisher–Yates pass over the whole array on large matrices.
     """
     keys = rng.integers(0, SHUFFLE_BUCKETS, numel, dtype=np.uint8)
-    order = np.argsort(keys, kind="stable").astype(np.int32 if numel < 2**31 else np.int64)
+    # shuffled as int64 (argsort's dtype), narrowed after: numpy shuffles 8-byte items faster
+    # than 4-byte ones (10 vs 15 ns each), and the draws depend only on the lengths
+    order = np.argsort(keys, kind="stable")
     start = 0
     for end in np.cumsum(np.bincount(keys, minlength=SHUFFLE_BUCKETS)).tolist():
         rng.shuffle(order[start:end])
         start = end
-    return order
+    return order.astype(np.int32) if numel < 2**31 else order
 
 
 _PERMS: OrderedDict[tuple[int, int, int], list[np.ndarray]] = OrderedDict()
