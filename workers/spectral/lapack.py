@@ -1,13 +1,15 @@
-"""Eigenvalues of a symmetric float64 matrix through the LAPACK numpy already links (OpenBLAS).
+"""Gram matrices and their eigenvalues through the BLAS and LAPACK numpy links (OpenBLAS).
 
 For large matrices a two-stage reduction (``dsytrd_sy2sb``: to a band of ``BAND`` subdiagonals
 with BLAS-3; ``dsytrd_sb2st``: to tridiagonal form by bulge chasing; ``dsterf``) avoids the
 memory-bound half of the one-stage ``dsyevd`` that ``numpy.linalg.eigvalsh`` calls: 13 % faster
 at 2048², 17 % faster than LAPACK's own ``dsyevd_2stage`` (whose band is 32) at 4096², one
-core (BENCHMARKS.md). The eigenvalues agree with ``dsyevd``'s to ~1e-15·λmax.
+core (BENCHMARKS.md). The eigenvalues agree with ``dsyevd``'s to ~1e-15·λmax. Gram matrices
+are summed over blocks of rows by ``syrk`` with accumulation (:func:`gram_upper`), so a float32
+matrix's float64 Gram needs no float64 copy of it.
 
-Only float64: float32 routines are 1.5x faster, but their smallest eigenvalues move by
-~1e-6·λmax with the BLAS thread count (``ssyevd``, the stages, and at some orders
+Eigenvalues only in float64: float32 routines are 1.5x faster, but their smallest eigenvalues
+move by ~1e-6·λmax with the BLAS thread count (``ssyevd``, the stages, and at some orders
 ``ssyevd_2stage``), so a matrix analysed alone (two BLAS threads) and in a worker thread (one)
 would give another ``rand_distance``. In float64 that noise is ~1e-15·λmax.
 
@@ -75,8 +77,8 @@ class _Binding:
                     else arg if isinstance(arg, bytes) else ctypes.byref(it(arg))
                     for arg in args]
             chars = sum(isinstance(arg, bytes) for arg in args)
-            self.functions[name](*refs, ctypes.byref(info),
-                                        *([ctypes.c_size_t(1)] * chars))
+            lengths = [ctypes.c_size_t(1)] * chars
+            self.functions[name](*refs, ctypes.byref(info), *lengths)
             return info.value == 0
 
         ab = np.zeros((n, band + 1), dtype=a.dtype)  # the band, column-major (band+1)×n
