@@ -202,3 +202,32 @@ def test_rand_distance_pools_what_lies_below_the_floor() -> None:
     assert _jensen_shannon(evals, noisy) < 0.05
     # and it still tells spectra apart
     assert _jensen_shannon(evals, evals * 3.0) > 0.3
+
+
+@pytest.mark.parametrize("shape", [(900, 700), (700, 700), (400, 1100)])
+def test_the_float32_shuffle_moves_no_flag_and_rand_distance_by_little(
+        monkeypatch: pytest.MonkeyPatch, shape: tuple[int, int]) -> None:
+    from threadpoolctl import threadpool_limits
+
+    from alphawatch.workers.spectral import lapack
+
+    rng = np.random.default_rng(11)
+    rows, cols = shape
+    w = (rng.standard_normal(shape) + 0.5 * rng.standard_t(3, shape)) / np.sqrt(cols)
+    w[:, :4] += 0.2 * rng.standard_normal((rows, 1))  # a few correlated columns: traps
+    w = w.astype(np.float32)
+    runs = {}
+    for threads in (1, 2):
+        with threadpool_limits(threads):
+            runs[threads] = analyze_matrix(w)
+    exact = lapack.eigvalsh
+    monkeypatch.setattr(lapack, "eigvalsh", lambda a, overwrite=False, single=False:
+                        exact(a, overwrite=overwrite))
+    reference = analyze_matrix(w)  # the shuffle's eigenvalues in float64
+    assert reference.num_traps is not None and reference.rand_distance is not None
+    for ours in runs.values():
+        assert ours.alpha == pytest.approx(reference.alpha, rel=1e-12)  # W: float64 either way
+        assert ours.num_traps == reference.num_traps and ours.near_random == reference.near_random
+        assert ours.trusted == reference.trusted and ours.fit_status == reference.fit_status
+        assert ours.rand_distance == pytest.approx(reference.rand_distance, abs=1e-3)
+        assert ours.max_rand_eval == pytest.approx(reference.max_rand_eval, rel=1e-5)

@@ -55,6 +55,29 @@ def test_the_thread_count_moves_only_the_last_digits(monkeypatch: pytest.MonkeyP
     np.testing.assert_allclose(one, two, rtol=0, atol=1e-14 * one[-1])
 
 
+@pytest.mark.parametrize("two_stage_from", [10_000, 0])
+def test_single_precision_is_float32s_error_and_only_when_asked(
+        monkeypatch: pytest.MonkeyPatch, two_stage_from: int) -> None:
+    monkeypatch.setattr(lapack, "TWO_STAGE_FROM", two_stage_from)
+    g = gram_of(600, 400, 8, np.float32)
+    reference = np.linalg.eigvalsh(g.astype(np.float64))
+    single = lapack.eigvalsh(g, single=True)
+    assert single.dtype == np.float64 and np.all(np.diff(single) >= 0)
+    error = np.abs(single - reference).max() / reference[-1]
+    assert error < 1e-5  # float32's backward error, a small multiple of eps32·λmax
+    # the top of the spectrum, which the trap check reads, to float32's relative precision
+    np.testing.assert_allclose(single[-20:], reference[-20:], rtol=1e-5)
+    if lapack.available():
+        assert error > 1e-12  # really decomposed in float32
+        # a float64 matrix, or float32 without single=True, is decomposed in float64
+        for exact in (lapack.eigvalsh(g), lapack.eigvalsh(g.astype(np.float64), single=True)):
+            np.testing.assert_allclose(exact, reference, rtol=0, atol=1e-13 * reference[-1])
+        kept = g.copy()
+        assert np.array_equal(lapack.eigvalsh(g, single=True), single) and np.array_equal(g, kept)
+        lapack.eigvalsh(g, single=True, overwrite=True)
+        assert not np.array_equal(g, kept)
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_nan_or_inf_is_an_error(bad: float) -> None:
     if not lapack.available():
