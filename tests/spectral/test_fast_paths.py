@@ -120,6 +120,28 @@ def test_random_permutation_is_a_permutation(numel: int) -> None:
     np.testing.assert_array_equal(np.sort(perm), np.arange(numel))
 
 
+@pytest.mark.parametrize("numel", [0, 1, 2, 1000, 4096 * 3 + 17])
+def test_random_permutation_draws_the_plain_two_stage_shuffle(
+        monkeypatch: pytest.MonkeyPatch, numel: int) -> None:
+    """Placed a chunk at a time, the same permutation as one sort of all the keys."""
+    from alphawatch.workers.spectral import analysis
+
+    monkeypatch.setattr(analysis, "PLACE_CHUNK", 4096)  # several chunks and a short last one
+
+    def plain(rng: np.random.Generator) -> np.ndarray:
+        keys = rng.integers(0, analysis.SHUFFLE_BUCKETS, numel, dtype=np.uint8)
+        order = np.argsort(keys, kind="stable")
+        start = 0
+        for end in np.cumsum(np.bincount(keys, minlength=analysis.SHUFFLE_BUCKETS)).tolist():
+            rng.shuffle(order[start:end])
+            start = end
+        return order
+
+    ours = random_permutation(np.random.Generator(np.random.PCG64(numel)), numel)
+    assert ours.dtype == np.int32
+    np.testing.assert_array_equal(ours, plain(np.random.Generator(np.random.PCG64(numel))))
+
+
 def test_random_permutation_is_uniform() -> None:
     """Each of the 24 orders of 4 entries about equally often (binomial sd ≈ 4.5 %)."""
     draws = 12_000

@@ -418,25 +418,49 @@ SHUFFLE_BUCKETS = 256
 """Buckets of the two-stage shuffle (``random_permutation``): 256 keeps each in the L2 cache."""
 
 
+PLACE_CHUNK = 1 << 20
+"""Keys placed at a time by ``random_permutation``'s first stage (its int64 sort buffer)."""
+
+
 def random_permutation(rng: np.random.Generator, numel: int) -> np.ndarray:
     """A uniformly random permutation of ``range(numel)``, int32 where it fits.
 
     Rao–Sandelius two-stage shuffle: every index goes to one of ``SHUFFLE_BUCKETS`` buckets
-    drawn uniformly (a stable radix sort on the 8-bit keys groups them), then each bucket is
-    shuffled by Fisher–Yates. Given any outcome, the probability of drawing it is
-    Σ_sizes B⁻ⁿ·Π 1/size_b!, the same for every permutation, so the result is uniform (Rao
+    drawn uniformly (the buckets concatenated in order, each in increasing index order), then
+    each bucket is shuffled by Fisher–Yates. Given any outcome, the probability of drawing it
+    is Σ_sizes B⁻ⁿ·Π 1/size_b!, the same for every permutation, so the result is uniform (Rao
     1961; Sandelius 1962). The buckets fit in the cache, which makes it about twice as fast as
     ``Generator.permutation``'s one Fisher–Yates pass over the whole array on large matrices.
     """
     keys = rng.integers(0, SHUFFLE_BUCKETS, numel, dtype=np.uint8)
-    # shuffled as int64 (argsort's dtype), narrowed after: numpy shuffles 8-byte items faster
-    # than 4-byte ones (10 vs 15 ns each), and the draws depend only on the lengths
-    order = np.argsort(keys, kind="stable")
+    sizes = np.bincount(keys, minlength=SHUFFLE_BUCKETS)
+    ends = np.cumsum(sizes)
+    out = np.empty(numel, dtype=np.int32 if numel < 2**31 else np.int64)
+    # First stage, written straight into the output a chunk of keys at a time (a stable sort of
+    # each chunk, its runs appended to their buckets): no int64 array of numel, whose pages cost
+    # more than the sort on a fresh process (0.3 of 0.5 s at 5504×2048).
+    cursor = ends - sizes
+    for first in range(0, numel, PLACE_CHUNK):
+        chunk = keys[first:first + PLACE_CHUNK]
+        order = np.argsort(chunk, kind="stable")
+        counts = np.bincount(chunk, minlength=SHUFFLE_BUCKETS)
+        at = 0
+        for bucket in np.flatnonzero(counts).tolist():
+            count = int(counts[bucket])
+            place = int(cursor[bucket])
+            out[place:place + count] = order[at:at + count] + first
+            cursor[bucket] = place + count
+            at += count
+    # Second stage, each bucket shuffled as int64: numpy shuffles 8-byte items faster than
+    # 4-byte ones (10 vs 15 ns each), and the draws depend only on the lengths
     start = 0
-    for end in np.cumsum(np.bincount(keys, minlength=SHUFFLE_BUCKETS)).tolist():
-        rng.shuffle(order[start:end])
+    for end in ends.tolist():
+        if end - start > 1:
+            bucket_items = out[start:end].astype(np.int64)
+            rng.shuffle(bucket_items)
+            out[start:end] = bucket_items
         start = end
-    return order.astype(np.int32) if numel < 2**31 else order
+    return out
 
 
 _PERMS: OrderedDict[tuple[int, int, int], list[np.ndarray]] = OrderedDict()
