@@ -210,8 +210,8 @@ def shuffled_eigenvalues(matrix: Matrix, perm: np.ndarray, device: Device) -> np
     # LAPACK is not given it
     if not np.isfinite(np.diagonal(product)).all():
         raise ValueError("the shuffled matrix is not finite")
-    # In float32 (1.8x faster at 2048²): the noise it adds lies under RAND_FLOOR, where
-    # rand_distance pools it, and moves rand_distance by <1e-4 (docs/SPECTRAL.md)
+    # In float32 (1.5x faster at 2048²): its noise lies a decade under RAND_FLOOR, where
+    # rand_distance pools it, and moved rand_distance by <1e-3 (docs/SPECTRAL.md)
     evals = lapack.eigvalsh(product, overwrite=True, single=True)
     np.clip(evals, 0.0, None, out=evals)
     return evals
