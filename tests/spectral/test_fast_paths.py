@@ -253,3 +253,20 @@ def test_the_float32_shuffle_moves_no_flag_and_rand_distance_by_little(
         assert ours.trusted == reference.trusted and ours.fit_status == reference.fit_status
         assert ours.rand_distance == pytest.approx(reference.rand_distance, abs=1e-3)
         assert ours.max_rand_eval == pytest.approx(reference.max_rand_eval, rel=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # the stored float32 ESD
+@pytest.mark.parametrize("scale", [1e18, 1e-25, 1e-30])
+def test_weights_whose_squares_leave_float32_still_get_their_traps(scale: float) -> None:
+    """Finite weights of 1e18 overflow the shuffle's float32 Gram matrix, of 1e-25 underflow
+    it: that shuffle is computed in float64, and the trap check is scale-free."""
+    rng = np.random.default_rng(12)
+    w = rng.standard_normal((300, 200)) + 0.5 * rng.standard_t(3, (300, 200))
+    w[:, :3] += 0.3 * rng.standard_normal((300, 1))
+    reference = analyze_matrix(w.astype(np.float32))
+    scaled = analyze_matrix((w * scale).astype(np.float32))
+    assert scaled.error is None and scaled.num_traps == reference.num_traps
+    assert reference.num_traps is not None and reference.rand_distance is not None
+    assert scaled.rand_distance == pytest.approx(reference.rand_distance, abs=1e-3)
+    assert scaled.near_random == reference.near_random
+    assert scaled.max_rand_eval == pytest.approx(reference.max_rand_eval * scale**2, rel=1e-4)

@@ -189,6 +189,11 @@ def shuffled_eigenvalues(matrix: Matrix, perm: np.ndarray, device: Device) -> np
         torch.backends.cuda.matmul.allow_tf32 = False
         try:
             g = mixed.T @ mixed if t.shape[0] >= t.shape[1] else mixed @ mixed.T
+            if not _float32_gram_usable(g.diagonal().cpu().numpy()):
+                mixed = mixed.double()
+                g = mixed.T @ mixed if t.shape[0] >= t.shape[1] else mixed @ mixed.T
+                if not bool(torch.isfinite(g.diagonal()).all()):
+                    raise ValueError("the shuffled matrix is not finite")
             evals = torch.linalg.eigvalsh(g).clamp_min(0)
         finally:
             torch.backends.cuda.matmul.allow_tf32 = previous
@@ -203,18 +208,34 @@ def shuffled_eigenvalues(matrix: Matrix, perm: np.ndarray, device: Device) -> np
     def rows(start: int, stop: int) -> np.ndarray:
         return flat.take(perm[start * small:stop * small], mode="clip").reshape(-1, small)
 
-    product = lapack.gram_upper(rows, tall, small, np.float32)
-    if product is None:
-        product = gram(rows(0, tall))
-    # every entry is in one diagonal sum of squares: a NaN or Inf weight shows there, and
-    # LAPACK is not given it
-    if not np.isfinite(np.diagonal(product)).all():
-        raise ValueError("the shuffled matrix is not finite")
+    def shuffled_gram(dtype: type[np.floating]) -> np.ndarray:
+        product = lapack.gram_upper(rows, tall, small, dtype)
+        return gram(rows(0, tall).astype(dtype, copy=False)) if product is None else product
+
+    product = shuffled_gram(np.float32)
+    if not _float32_gram_usable(np.diagonal(product)):
+        product = shuffled_gram(np.float64)
+        # every entry is in one diagonal sum of squares: a NaN or Inf weight shows there
+        if not np.isfinite(np.diagonal(product)).all():
+            raise ValueError("the shuffled matrix is not finite")
     # In float32 (1.5x faster at 2048²): its noise lies a decade under RAND_FLOOR, where
     # rand_distance pools it, and moved rand_distance by <1e-3 (docs/SPECTRAL.md)
     evals = lapack.eigvalsh(product, overwrite=True, single=True)
     np.clip(evals, 0.0, None, out=evals)
     return evals
+
+
+FLOAT32_GRAM_FLOOR = 1e-30
+"""Below this largest diagonal entry the shuffle's float32 Gram matrix has lost its squares to
+underflow (subnormal or 0)."""
+
+
+def _float32_gram_usable(diagonal: np.ndarray) -> bool:
+    """Whether the shuffle's float32 Gram matrix holds its spectrum: every diagonal sum of
+    squares finite and not underflowed. Finite weights of 1e18 or 1e-25 have squares beyond
+    float32's range (inf, or 0): that rare shuffle is computed again in float64, and only a
+    NaN or Inf weight fails it."""
+    return bool(np.isfinite(diagonal).all()) and float(diagonal.max()) >= FLOAT32_GRAM_FLOOR
 
 
 # Machine epsilon of each stored dtype, by name: torch's dtypes print as ``torch.<name>``,
