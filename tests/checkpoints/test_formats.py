@@ -317,6 +317,38 @@ def test_settle_time_fallback_for_plain_files(tmp_path: Path) -> None:
     assert changed.fingerprint != settled.fingerprint
 
 
+def test_integer_and_complex_weights_are_skipped_not_misread(tmp_path: Path) -> None:
+    """A quantized layer's integers and a complex layer are not analysed as if they were real
+    float weights (the real part alone, or packed integers), and do not fail the file."""
+    g = torch.Generator().manual_seed(3)
+    state = tiny_state()
+    others = {
+        "model.layers.0.mlp.q8.weight": torch.randint(-128, 127, (64, 32), generator=g,
+                                                      dtype=torch.int8),
+        "model.layers.0.mlp.packed.weight": torch.randint(0, 2**16, (64, 32), generator=g,
+                                                          dtype=torch.int32).to(torch.uint16),
+        "model.layers.0.spectral.weight": torch.randn(32, 32, generator=g,
+                                                      dtype=torch.complex64),
+        "model.layers.0.mask.weight": torch.rand(32, 32, generator=g) > 0.5,
+    }
+    folder = hf_checkpoint(tmp_path / "st", 1, {**state, **others})
+    pickled = tmp_path / "pt" / "model_step_1.pt"
+    pickled.parent.mkdir()
+    torch.save({**state, **others}, pickled)
+    plain = read(hf_checkpoint(tmp_path / "plain", 1, state))
+    assert len(plain) >= 5
+    for path in (folder, pickled):
+        got = read(path)
+        assert set(got) == set(plain), path
+        for name, tensor in plain.items():
+            torch.testing.assert_close(got[name], tensor)
+    # only such tensors: the error says why nothing was analysed
+    quantized = hf_checkpoint(tmp_path / "q", 2, others)
+    with pytest.raises(CheckpointError, match=r"4 weight tensors of integer, boolean") as err:
+        read(quantized)
+    assert str(quantized) in str(err.value)
+
+
 def test_deepspeed_zero3_placeholders_say_how_to_consolidate(tmp_path: Path) -> None:
     step = tmp_path / "global_step5"
     step.mkdir()

@@ -23,6 +23,8 @@ def stored(dtype: torch.dtype, seed: int) -> torch.Tensor:
     values = torch.randn(37, 53, generator=g, dtype=torch.float64) * 7
     if dtype == torch.bool:
         return values > 0
+    if dtype.is_complex:
+        return torch.complex(values, values.flip(0) / 3).to(dtype)
     if not dtype.is_floating_point:
         info = torch.iinfo(dtype)
         return values.clamp(info.min, info.max).to(dtype)
@@ -46,7 +48,9 @@ def through_file(tmp_path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16,
                                    torch.float8_e4m3fn, torch.float8_e5m2, torch.int64,
-                                   torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool])
+                                   torch.int32, torch.int16, torch.int8, torch.uint64,
+                                   torch.uint32, torch.uint16, torch.uint8, torch.bool,
+                                   torch.complex64])
 def test_every_dtype_decodes_as_torch_does(tmp_path: Path, dtype: torch.dtype) -> None:
     tensor = stored(dtype, 3)
     got = through_file(tmp_path, {"w": tensor, "row": tensor[0].clone()})

@@ -54,6 +54,21 @@ def test_rank_collapse_in_both_directions(dtype: torch.dtype) -> None:
     assert not healthy.rank_collapse and healthy.matrix_rank == 500
 
 
+def test_float64_weights_get_the_rank_the_engine_resolves() -> None:
+    """A rank-50 float64 matrix has rank 50, analysed in float64 (the Python API) or as the
+    float32 a checkpoint reader makes of it: σ from the float64 Gram matrix is resolved to
+    ~2e-8·σmax, so no tolerance is finer than float32's eps (float64's gave rank ~60+)."""
+    g = torch.Generator().manual_seed(1)
+    low = torch.randn(1000, 50, generator=g, dtype=torch.float64) @ torch.randn(
+        50, 500, generator=g, dtype=torch.float64)
+    full = torch.randn(1000, 500, generator=g, dtype=torch.float64)
+    for weights in (low, low.float()):
+        collapsed = analyze_matrix(weights, stored_dtype=torch.float64, check_traps=False)
+        assert collapsed.matrix_rank == 50 and collapsed.rank_collapse
+    healthy = analyze_matrix(full, stored_dtype=torch.float64, check_traps=False)
+    assert healthy.matrix_rank == 500 and not healthy.rank_collapse
+
+
 def test_non_finite_degenerate_and_tiny_inputs() -> None:
     w = gaussian(50, 40)
     w[1, 1] = float("nan")
@@ -68,6 +83,35 @@ def test_non_finite_degenerate_and_tiny_inputs() -> None:
     failed = analyze_matrix(torch.randn(4, 5, 6))
     assert failed.fit_status is FitStatus.FAILED and "reshape" in (failed.error or "")
     assert not failed.trusted
+    # a complex matrix is refused, not analysed as its real part (numpy's and torch's)
+    for complex_ in (torch.randn(50, 40, dtype=torch.complex64),
+                     np.asarray(torch.randn(50, 40, dtype=torch.complex128))):
+        failed = analyze_matrix(complex_)
+        assert failed.fit_status is FitStatus.FAILED and "complex" in (failed.error or "")
+        assert failed.alpha is None and not failed.trusted
+
+
+@pytest.mark.parametrize(("scale", "side"), [(1e200, "overflow"), (1e-200, "underflow")])
+def test_float64_weights_whose_squares_leave_float64_say_so(scale: float, side: str) -> None:
+    """λ = σ² of weights of 1e200 or 1e-200 has no float64 value: a clear error, not "NaN or
+    Inf" weights or a division by zero; a float32-range scale of the same matrix is analysed."""
+    w = gaussian(60, 40).double().numpy()
+    result = analyze_matrix(w * scale)
+    assert result.fit_status is FitStatus.FAILED and not result.trusted
+    assert f"squares {side} float64" in (result.error or "")
+
+
+def test_float64_weights_beyond_float32_are_analysed_in_float64() -> None:
+    """Finite float64 weights of 1e100 (λ ~ 1e200): the same alpha and trap verdict as at
+    scale 1, the shuffle gathered from the float64 values rather than their float32 inf."""
+    w = gaussian(120, 80).double().numpy()
+    w[3, 5] = 40.0  # a planted trap
+    reference, scaled = analyze_matrix(w), analyze_matrix(w * 1e100)
+    assert scaled.error is None and scaled.fit_status is reference.fit_status
+    assert scaled.alpha == pytest.approx(reference.alpha, rel=1e-9)
+    assert reference.num_traps and scaled.num_traps == reference.num_traps
+    assert scaled.rand_distance == pytest.approx(reference.rand_distance, abs=1e-3)
+    assert scaled.lambda_max == pytest.approx(reference.lambda_max * 1e200, rel=1e-9)
 
 
 def test_invariances_transpose_permutation_scaling() -> None:

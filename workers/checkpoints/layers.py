@@ -22,7 +22,12 @@ from alphawatch.workers.checkpoints.errors import CheckpointError, CheckpointVan
 from alphawatch.workers.checkpoints.files import LayerMatrix, make_layer, model_config, weight_files
 from alphawatch.workers.checkpoints.fused import split_fused
 from alphawatch.workers.checkpoints.lora import SatLora, iter_peft_lora
-from alphawatch.workers.checkpoints.naming import classify, is_weight_matrix, layer_name
+from alphawatch.workers.checkpoints.naming import (
+    classify,
+    is_float_dtype,
+    is_weight_matrix,
+    layer_name,
+)
 from alphawatch.workers.checkpoints.parallel import (
     ROOT_KEYS,
     Tensors,
@@ -117,8 +122,11 @@ def iter_layers(ref: CheckpointRef | Path, *, base: Path | None = None,
     source, config = _source(path, config, confine)
     sat = SatLora(config)
     vocab_digests: set[str] = set()
-    seen = 0
+    seen = skipped = 0
     for key, stored, scale, file in source:
+        if not is_float_dtype(stored.dtype):
+            skipped += 1  # quantized (integer), boolean or complex: not a real weight matrix
+            continue
         if sat.takes(key):
             # SAT LoRA merges in torch: only these tensors are handed to it.
             if isinstance(stored, StoredArray):
@@ -136,7 +144,7 @@ def iter_layers(ref: CheckpointRef | Path, *, base: Path | None = None,
         seen += 1
         yield make_layer(lora_name, lora_weight, lora_dtype, lora_file)
     if seen == 0:
-        raise _nothing_found(path)
+        raise _nothing_found(path, skipped)
 
 
 def _matrices(key: str, stored: torch.Tensor | StoredArray,
@@ -162,8 +170,14 @@ def _matrices(key: str, stored: torch.Tensor | StoredArray,
         yield make_layer(piece_name, piece, stored.dtype, source)
 
 
-def _nothing_found(path: Path) -> CheckpointError:
+def _nothing_found(path: Path, skipped: int = 0) -> CheckpointError:
     """The error for a checkpoint without a weight matrix, saying why when it can."""
+    if skipped:
+        tensors = "1 weight tensor" if skipped == 1 else f"{skipped} weight tensors"
+        return CheckpointError(path, f"{path}: no floating-point weight matrices found; "
+                                     f"{tensors} of integer, boolean or complex dtype not "
+                                     "analysed (a quantized checkpoint stores its weights as "
+                                     "integers: analyse the model it was quantized from)")
     if path.is_dir() and any(path.glob("*zero_pp_rank_*")):
         # ZeRO-3 keeps only placeholders in the model states; the weights are flat fp32
         # partitions inside every rank's optimizer states.

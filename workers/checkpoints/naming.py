@@ -34,6 +34,21 @@ _SKIP = re.compile(r"(norm|ln_|layernorm|\.ln\d*$|bias$|rotary|inv_freq|position
                    r"masked_bias|attn\.bias$|_scale_inv$|\.scale$)", re.IGNORECASE)
 
 
+FLOAT_DTYPES = frozenset(
+    {"float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"})
+"""Stored dtypes that hold real floating-point weights (as torch spells them)."""
+
+
+def is_float_dtype(dtype: object) -> bool:
+    """Whether a stored dtype (torch's, numpy's, or its name) holds real floating-point weights.
+
+    Integer tensors (a quantized checkpoint's packed weights, whose spectrum says nothing of the
+    model's), booleans and complex tensors (whose real part alone is not the matrix) are not
+    analysed as weight matrices.
+    """
+    return str(dtype).removeprefix("torch.") in FLOAT_DTYPES
+
+
 def layer_name(key: str) -> str:
     """Canonical layer name: the tensor key without ``.weight`` (and PEFT/DeepSpeed prefixes)."""
     name = key.removesuffix(".weight")

@@ -84,7 +84,8 @@ def _header_of(handle: BinaryIO, path: Path) -> tuple[int, dict[str, dict[str, o
 _SAFETENSORS_DTYPES: dict[str, tuple[str, int]] = {
     "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
     "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1),
-    "U8": ("uint8", 1), "BOOL": ("bool", 1),
+    "U64": ("uint64", 8), "U32": ("uint32", 4), "U16": ("uint16", 2), "U8": ("uint8", 1),
+    "BOOL": ("bool", 1), "C64": ("complex64", 8),
     "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1),
 }
 
@@ -119,8 +120,9 @@ class StoredArray:
 # numpy has no arithmetic for (bfloat16, float8), how ``decode_array`` widens them to float32.
 _NUMPY_STORAGE = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-    "BOOL": np.bool_, "F8_E4M3": np.uint8, "F8_E5M2": np.uint8,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U64": np.uint64,
+    "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_, "C64": np.complex64,
+    "F8_E4M3": np.uint8, "F8_E5M2": np.uint8,
 }
 
 
@@ -156,10 +158,10 @@ def decode_array(data: bytes | bytearray | memoryview, dtype: str, shape: list[i
                  ) -> np.ndarray:
     """The tensor a safetensors dtype name and shape make of ``data``, as numpy, without torch.
 
-    F64/F32/F16 and the integer and bool dtypes are read in place (little-endian, as the format
-    stores them); BF16 becomes float32 by a 16-bit shift (exact: bfloat16 is float32's top
-    half), F8_E4M3/F8_E5M2 become float32 through a 256-entry table (exact). Equal to torch's
-    own decoding bit for bit (tests/checkpoints/test_formats.py).
+    F64/F32/F16 and the integer, bool and complex dtypes are read in place (little-endian, as
+    the format stores them); BF16 becomes float32 by a 16-bit shift (exact: bfloat16 is
+    float32's top half), F8_E4M3/F8_E5M2 become float32 through a 256-entry table (exact). Equal
+    to torch's own decoding bit for bit (tests/checkpoints/test_formats.py).
 
     Raises:
         KeyError: a dtype name the format does not define.

@@ -108,6 +108,12 @@ def host_array(matrix: Matrix) -> np.ndarray:
     return tensor.numpy()
 
 
+def _is_complex(matrix: Matrix) -> bool:
+    if isinstance(matrix, np.ndarray):
+        return bool(np.iscomplexobj(matrix))
+    return bool(matrix.is_complex())
+
+
 def _device_tensor(matrix: Matrix, device: Device) -> torch.Tensor:
     import torch
 
@@ -148,6 +154,11 @@ def singular_values(matrix: Matrix, device: Device) -> np.ndarray:
         try:
             w = _device_tensor(matrix, device).to(torch.float32)
             g = w.T @ w if w.shape[0] >= w.shape[1] else w @ w.T
+            if not _float32_gram_usable(g.diagonal().cpu().numpy()):
+                # squares beyond float32's range (weights of ~1e18 or ~1e-20): in float64
+                w = _device_tensor(matrix, device).to(torch.float64)
+                g = w.T @ w if w.shape[0] >= w.shape[1] else w @ w.T
+                _check_squares(g.diagonal().cpu().numpy(), w.cpu().numpy())
             evals = torch.linalg.eigvalsh(g.double()).clamp_min(0).flip(0)
             return np.asarray(np.sqrt(evals.cpu().numpy()), dtype=np.float64)
         finally:
@@ -164,6 +175,7 @@ def singular_values(matrix: Matrix, device: Device) -> np.ndarray:
                                 np.float64)
     if product is None:
         product = gram(host.astype(np.float64, copy=False))
+    _check_squares(np.diagonal(product), host)
     evals = lapack.eigvalsh(product, overwrite=True)
     svals: np.ndarray = np.sqrt(np.clip(evals[::-1], 0.0, None))
     return svals
@@ -182,16 +194,20 @@ def shuffled_eigenvalues(matrix: Matrix, perm: np.ndarray, device: Device) -> np
     if device.type == "cuda":
         import torch
 
-        t = _device_tensor(matrix, device).to(torch.float32)
+        t = _device_tensor(matrix, device)
         index = torch.from_numpy(perm).to(device=str(device), dtype=torch.int64)
-        mixed = t.reshape(-1).index_select(0, index).reshape(t.shape)
+
+        def shuffled_gram_cuda(dtype: torch.dtype) -> torch.Tensor:
+            mixed = t.to(dtype).reshape(-1).index_select(0, index).reshape(t.shape)
+            return mixed.T @ mixed if t.shape[0] >= t.shape[1] else mixed @ mixed.T
+
         previous = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = False
         try:
-            g = mixed.T @ mixed if t.shape[0] >= t.shape[1] else mixed @ mixed.T
+            g = shuffled_gram_cuda(torch.float32)
             if not _float32_gram_usable(g.diagonal().cpu().numpy()):
-                mixed = mixed.double()
-                g = mixed.T @ mixed if t.shape[0] >= t.shape[1] else mixed @ mixed.T
+                # from W's own values: float64 weights beyond float32's range are inf in float32
+                g = shuffled_gram_cuda(torch.float64)
                 if not bool(torch.isfinite(g.diagonal()).all()):
                     raise ValueError("the shuffled matrix is not finite")
             evals = torch.linalg.eigvalsh(g).clamp_min(0)
@@ -199,18 +215,22 @@ def shuffled_eigenvalues(matrix: Matrix, perm: np.ndarray, device: Device) -> np
             torch.backends.cuda.matmul.allow_tf32 = previous
         return np.asarray(evals.cpu().numpy(), dtype=np.float64)
     w = host_array(matrix)
-    flat = np.ascontiguousarray(w, dtype=np.float32).reshape(-1)
     # The shuffle is laid out tall (rows ≥ columns) whatever W's orientation, and its Gram
     # matrix summed over blocks of rows gathered one at a time (no shuffled copy of W).
     # perm is in range by construction: "clip" skips numpy's per-index bounds check.
     tall, small = max(w.shape), min(w.shape)
 
-    def rows(start: int, stop: int) -> np.ndarray:
-        return flat.take(perm[start * small:stop * small], mode="clip").reshape(-1, small)
-
     def shuffled_gram(dtype: type[np.floating]) -> np.ndarray:
+        # float64 weights beyond float32's range are inf in float32: that Gram matrix is not
+        # usable, and the float64 one is gathered from W's own values
+        with np.errstate(over="ignore"):
+            flat = np.ascontiguousarray(w, dtype=dtype).reshape(-1)
+
+        def rows(start: int, stop: int) -> np.ndarray:
+            return flat.take(perm[start * small:stop * small], mode="clip").reshape(-1, small)
+
         product = lapack.gram_upper(rows, tall, small, dtype)
-        return gram(rows(0, tall).astype(dtype, copy=False)) if product is None else product
+        return gram(rows(0, tall)) if product is None else product
 
     product = shuffled_gram(np.float32)
     if not _float32_gram_usable(np.diagonal(product)):
@@ -223,6 +243,19 @@ def shuffled_eigenvalues(matrix: Matrix, perm: np.ndarray, device: Device) -> np
     evals = lapack.eigvalsh(product, overwrite=True, single=True)
     np.clip(evals, 0.0, None, out=evals)
     return evals
+
+
+def _check_squares(diagonal: np.ndarray, weights: np.ndarray) -> None:
+    """Refuse finite float64 weights whose squares (the Gram diagonal) leave float64's range:
+    eigenvalues λ = σ² of weights of ~1e160 or ~1e-160 have no float64 value. (NaN or Inf
+    weights never get here: the moments catch them.)"""
+    if np.isfinite(diagonal).all() and (diagonal.max() >= np.finfo(np.float64).tiny
+                                        or not np.any(weights)):
+        return
+    largest = float(np.max(np.abs(weights)))
+    side = "overflow" if not np.isfinite(diagonal).all() else "underflow"
+    raise ValueError(f"weights of magnitude up to {largest:.1e}: their squares {side} float64, "
+                     "so the eigenvalues λ = σ² have no float64 value; rescale the matrix")
 
 
 FLOAT32_GRAM_FLOOR = 1e-30
@@ -246,6 +279,12 @@ _EPS = {
     "float16": float(np.finfo(np.float16).eps), "bfloat16": 2.0**-7,
     "float8_e4m3fn": 2.0**-3, "float8_e5m2": 2.0**-2,
 }
+
+
+RANK_EPS_FLOOR = _EPS["float32"]
+"""No rank tolerance finer than this fraction of σmax, whatever the stored dtype: the float64
+Gram matrix resolves σ to ~2e-8·σmax (the noise singular values of an exactly low-rank float64
+matrix), and checkpoints are read as float32. Without it a rank-8 float64 matrix had rank 67."""
 
 
 def _dtype_eps(dtype: object) -> float:
@@ -368,7 +407,7 @@ def rank_of(spec: Spectrum, stored_dtype: object, n: int,
             rank_loss_fraction: float) -> Rank:
     """Rank at tolerance σmax · eps(stored dtype); collapse when the loss passes the fraction."""
     num_evals = int(spec.evals.size)
-    tol_eps = _dtype_eps(stored_dtype)
+    tol_eps = max(_dtype_eps(stored_dtype), RANK_EPS_FLOOR)
     rank = int(sum(int(np.count_nonzero(s > s.max() * tol_eps)) for s in spec.svals))
     sv = np.sqrt(spec.evals)
     ent_rank = int(np.count_nonzero(sv > sv.max() * n * np.finfo(np.float64).eps))
@@ -693,6 +732,9 @@ def analyze_spectrum(
         dev = resolve_device(device)
         if weight.ndim < 2 or min(shape) < 1:
             return done(FitStatus.TOO_FEW_EVALS, f"tensor of shape {shape} has no spectrum")
+        if _is_complex(weight):
+            return done(FitStatus.FAILED, f"complex weights ({weight.dtype}): alphawatch "
+                        "analyses real matrices, and the real part alone is not this one")
         data = host_array(weight) if dev.type == "cpu" else _device_tensor(weight, dev)
         mats = as_matrices(data)
         m = min(mats[0].shape)
@@ -751,11 +793,17 @@ def _result(*, method: str, rows: int, cols: int, spec: Spectrum, rank: Rank, bu
         under_trained=under,
         warning="over-trained" if over else ("under-trained" if under else None),
         elapsed_ms=1000.0 * (time.perf_counter() - started),
-        evals=spec.evals.astype(np.float32),
-        rand_evals=None if traps is None else traps.rand_evals.astype(np.float32),
+        # stored as float32: an eigenvalue beyond 3.4e38 is kept as inf (the API answers null)
+        evals=_float32(spec.evals),
+        rand_evals=None if traps is None else _float32(traps.rand_evals),
         **fitted,  # type: ignore[arg-type]
         **(extra or {}),  # type: ignore[arg-type]
     )
+
+
+def _float32(values: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        return values.astype(np.float32)
 
 
 def analyze_many(
