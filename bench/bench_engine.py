@@ -20,6 +20,10 @@ budgeted analysis child, distance from init on) for checkpoints per minute.
 ``--baseline DIR``: also runs another checkout's ``alphawatch analyze`` (its own ``.venv``),
 traps on, in the same alternation: this code against that one in the same minutes.
 
+``--worker-baseline DIR``: only the worker, this checkout against another one's code on this
+interpreter (``git worktree add /tmp/base 0c22f52``: the code issue 14 measured its 4.9
+ckpt/min on), alternated on the same run: the throughput ratio on one machine.
+
 ``--quick``: widths 1024 and 2048, two repeats, three checkpoints (a few minutes on a quiet
 2-core machine). ``--ww-blas-threads 1`` runs weightwatcher with one BLAS thread: on a busy
 machine its threaded OpenBLAS SVD slows down 10-30x, which would flatter the ratio. Prints
@@ -41,8 +45,9 @@ import tempfile
 import time
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(ROOT))
 
 FFN = {1024: 2752, 2048: 5504, 4096: 11008}
 NAMES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
@@ -67,6 +72,24 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     frame = ww.WeightWatcher(model=nn.Sequential(*modules)).analyze()
 print(json.dumps(dict(zip(names, map(float, frame.alpha)))))
+"""
+
+
+# The worker on one run, in a fresh process whose PYTHONPATH picks the code: this checkout or
+# another one (``--worker-baseline``), on this interpreter.
+_WORKER_CHILD = """
+import json, sys, tempfile, time
+from pathlib import Path
+from alphawatch.service.db.migrations import upgrade
+from alphawatch.settings import Settings
+from alphawatch.workers.watcher import Watcher
+with tempfile.TemporaryDirectory() as tmp:
+    url = f"sqlite:///{tmp}/worker.db"
+    upgrade(url)
+    watcher = Watcher(Settings(database_url=url, device="cpu", settle_s=0.0), [Path(sys.argv[1])])
+    t0 = time.perf_counter()
+    count = watcher.run_once()
+    print(json.dumps({"count": count, "seconds": time.perf_counter() - t0}))
 """
 
 
@@ -138,16 +161,37 @@ def bench_width(width: int, repeats: int, work: Path, ww_threads: int | None,
     return rows
 
 
-def throughput(checkpoints: int, work: Path) -> tuple[int, float]:
-    from bench_e2e import _throughput
-
-    from alphawatch.service.db.migrations import upgrade
-    from alphawatch.settings import Settings
+def wide_run(checkpoints: int, work: Path) -> Path:
+    """The worker benchmark's run: a 1024-wide 8-layer model, a checkpoint per step."""
     from alphawatch.workers.demo_run import train
 
     wide = work / "wide"
     train(wide, steps=checkpoints, save_every=1, d_model=1024, n_layers=8, ffn=2752,
           seq_len=16, batch_size=2, n_heads=8)
+    return wide
+
+
+def worker_against(baseline: Path, checkpoints: int, repeats: int, work: Path
+                   ) -> dict[str, list[float]]:
+    """ckpt/min of this checkout's worker and of ``baseline``'s, alternated, same run."""
+    wide = wide_run(checkpoints, work)
+    rates: dict[str, list[float]] = {"baseline": [], "this checkout": []}
+    for _ in range(repeats):
+        for label, code in (("baseline", baseline), ("this checkout", ROOT)):
+            env = {**os.environ, "PYTHONPATH": str(code)}
+            _, _, out = timed([sys.executable, "-c", _WORKER_CHILD, str(wide)], env, code)
+            done = json.loads(out.strip().splitlines()[-1])
+            rates[label].append(60 * done["count"] / done["seconds"])
+    return rates
+
+
+def throughput(checkpoints: int, work: Path) -> tuple[int, float]:
+    from bench_e2e import _throughput
+
+    from alphawatch.service.db.migrations import upgrade
+    from alphawatch.settings import Settings
+
+    wide = wide_run(checkpoints, work)
     url = f"sqlite:///{work / 'wide.db'}"
     upgrade(url)
     settings = Settings(database_url=url, device="cpu", settle_s=0.0)
@@ -165,7 +209,13 @@ def main() -> int:
     parser.add_argument("--ww-blas-threads", type=int,
                         help="BLAS threads of weightwatcher's process (default: its own); 1 "
                         "spares it the collapse of threaded OpenBLAS on a busy machine")
+    parser.add_argument("--worker-baseline", type=Path,
+                        help="only the worker: another checkout's code (run on this "
+                        "interpreter, e.g. a `git worktree` of the commit an issue was filed "
+                        "at) against this one, alternated on the same run")
     args = parser.parse_args()
+    if args.worker_baseline is not None:
+        return worker_baseline(args.worker_baseline, args.checkpoints or 5, args.repeats or 4)
     widths = ([int(w) for w in args.widths.split(",")] if args.widths
               else [1024, 2048] if args.quick else [1024, 2048, 4096])
     repeats = args.repeats or (2 if args.quick else 3)
@@ -202,6 +252,24 @@ def main() -> int:
     if count:
         print(f"\n| 1024-wide 8-layer checkpoint through the worker | {60 * count / seconds:.2f} "
               f"ckpt/min ({seconds / count:.1f} s per checkpoint, {count} checkpoints) |")
+    return 0
+
+
+def worker_baseline(baseline: Path, checkpoints: int, repeats: int) -> int:
+    work = Path(tempfile.mkdtemp(prefix="alphawatch-bench-worker-"))
+    try:
+        rates = worker_against(baseline.resolve(), checkpoints, repeats, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; python "
+          f"{platform.python_version()}; 1024-wide 8-layer run, {checkpoints} checkpoints, "
+          f"fresh SQLite each time; load average {os.getloadavg()[0]:.1f} at the end")
+    print("| worker code | ckpt/min, alternated runs | median |\n|---|---|---|")
+    for label, values in rates.items():
+        print(f"| {label} | {', '.join(f'{v:.2f}' for v in values)} | "
+              f"{statistics.median(values):.2f} |")
+    ratio = statistics.median(rates["this checkout"]) / statistics.median(rates["baseline"])
+    print(f"\nratio of the medians: **{ratio:.2f}x**")
     return 0
 
 
