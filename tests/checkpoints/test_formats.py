@@ -279,6 +279,34 @@ def test_fp8_weights_are_scaled_back(tmp_path: Path) -> None:
     assert torch.allclose(got, weight, rtol=0.07, atol=0.02)
 
 
+@pytest.mark.parametrize("per", ["tensor", "row", "flat row"])
+def test_compressed_tensors_fp8_weight_scales_are_applied(tmp_path: Path, per: str) -> None:
+    """vLLM's FP8 checkpoints (compressed-tensors) store ``<weight>_scale``, one per tensor or
+    per output row, beside ``input_scale`` scalars: the weight is scaled back by it, and
+    neither scale is analysed as a layer of its own."""
+    if not hasattr(torch, "float8_e4m3fn"):
+        pytest.skip("this torch has no float8")
+    g = torch.Generator().manual_seed(5)
+    weight = torch.randn(64, 32, generator=g) * torch.logspace(-2, 1, 64).reshape(-1, 1)
+    scale = (weight.abs().amax(dim=1, keepdim=True) if per != "tensor"
+             else weight.abs().max().reshape(1)) / 448.0
+    stored = (weight / scale).to(torch.float8_e4m3fn)
+    state = {"model.layers.0.mlp.up_proj.weight": stored,
+             "model.layers.0.mlp.up_proj.weight_scale": scale.reshape(-1) if per == "flat row"
+             else scale,
+             "model.layers.0.mlp.up_proj.input_scale": torch.tensor(0.5)}
+    for path in (tmp_path / "model_step_3.safetensors", tmp_path / "model_step_4.pt"):
+        if path.suffix == ".pt":
+            torch.save(state, path)
+        else:
+            save_file(state, str(path))
+        (layer,) = list(iter_layers(path))
+        assert layer.name == "model.layers.0.mlp.up_proj"
+        got = torch.as_tensor(layer.weight)
+        assert torch.equal(got, stored.float() * scale.reshape(-1, 1))
+        assert torch.allclose(got, weight, rtol=0.07, atol=0.02 * float(weight.abs().max()))
+
+
 @pytest.mark.parametrize("scale_shape", [[7], [0, 4], [65, 4], [2, 2, 2]])
 def test_an_inverse_scale_that_fits_no_block_is_refused(tmp_path: Path,
                                                         scale_shape: list[int]) -> None:
@@ -290,7 +318,7 @@ def test_an_inverse_scale_that_fits_no_block_is_refused(tmp_path: Path,
     save_file({"model.layers.0.mlp.up_proj.weight": stored,
                "model.layers.0.mlp.up_proj.weight_scale_inv": torch.ones(scale_shape)},
               str(path))
-    with pytest.raises(CheckpointError, match="not one inverse scale per block"):
+    with pytest.raises(CheckpointError, match="not one scale per block"):
         list(iter_layers(path))
     # one per 32x16 block is a reading, and is scaled back block by block
     save_file({"model.layers.0.mlp.up_proj.weight": stored,

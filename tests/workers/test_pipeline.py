@@ -113,8 +113,10 @@ def test_missing_run_dir_is_a_clear_error(tmp_path: Path, pg_url: str) -> None:
 @pytest.mark.slow
 def test_killed_worker_job_is_finished_once_by_another(tmp_path: Path, pg_url: str) -> None:
     run = tmp_path / "runs" / "wide"
-    # Wide enough that analysing one checkpoint takes a while on 2 cores.
-    train(run, steps=2, save_every=2, d_model=512, n_layers=4, ffn=1376, seq_len=16, batch_size=2)
+    # Wide enough that analysing one checkpoint takes a while on 2 cores: ~2.5 s at 1024 wide
+    # (512 wide took ~0.6 s, and the worker at times finished before the kill below).
+    train(run, steps=2, save_every=2, d_model=1024, n_layers=4, ffn=2752, seq_len=16,
+          batch_size=2)
     env = {**os.environ, "ALPHAWATCH_LEASE_S": "3", "ALPHAWATCH_HEARTBEAT_S": "1",
            "ALPHAWATCH_SETTLE_S": "0", "ALPHAWATCH_DEVICE": "cpu"}
     proc = subprocess.Popen(

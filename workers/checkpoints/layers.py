@@ -37,8 +37,10 @@ from alphawatch.workers.checkpoints.parallel import (
 )
 from alphawatch.workers.checkpoints.readers import (
     StoredArray,
+    is_scale_key,
     iter_safetensors_arrays,
     iter_torch,
+    scale_key_of,
     upcast,
 )
 
@@ -52,9 +54,10 @@ def _iter_torch_file(path: Path, confine: Confinement
                      ) -> Iterator[tuple[str, torch.Tensor, torch.Tensor | None]]:
     tensors = dict(iter_torch(path, ROOT_KEYS, confine))
     for key, tensor in tensors.items():
-        if key.endswith("_scale_inv") or not is_weight_matrix(key, tensor.dim()):
+        if is_scale_key(key) or not is_weight_matrix(key, tensor.dim()):
             continue
-        yield key, tensor, tensors.get(key + "_scale_inv")
+        scale_key = scale_key_of(key, tensors)
+        yield key, tensor, None if scale_key is None else tensors[scale_key]
 
 
 def raw_tensors(path: Path, confine: Confinement = UNCONFINED) -> Tensors:

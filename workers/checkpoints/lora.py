@@ -35,6 +35,7 @@ from alphawatch.workers.checkpoints.readers import (
     iter_torch,
     read_safetensors_tensor,
     safetensors_header,
+    scale_key_of,
     upcast,
 )
 
@@ -76,7 +77,10 @@ class _BaseWeights:
             stored, scale = read_safetensors_tensor(self._safetensors[key], key, self._confine)
             return upcast(stored, scale)
         tensor = self._torch.get(key)
-        return None if tensor is None else upcast(tensor, self._torch.get(key + "_scale_inv"))
+        if tensor is None:
+            return None
+        scale_key = scale_key_of(key, self._torch)
+        return upcast(tensor, None if scale_key is None else self._torch[scale_key])
 
 
 def _adapter_config(folder: Path, confine: Confinement) -> dict[str, object]:

@@ -31,7 +31,7 @@ _KINDS: tuple[tuple[Kind, re.Pattern[str]], ...] = tuple(
     )
 )
 _SKIP = re.compile(r"(norm|ln_|layernorm|\.ln\d*$|bias$|rotary|inv_freq|position_ids|"
-                   r"masked_bias|attn\.bias$|_scale_inv$|\.scale$)", re.IGNORECASE)
+                   r"masked_bias|attn\.bias$|_scale_inv$|_scale$|\.scale$)", re.IGNORECASE)
 
 
 FLOAT_DTYPES = frozenset(

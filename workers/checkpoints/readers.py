@@ -9,7 +9,7 @@ import os
 import pickle
 import struct
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar, overload
@@ -28,6 +28,20 @@ if TYPE_CHECKING:
 
 _MAX_HEADER = 100 * 1024 * 1024
 _FLOAT8_NAMES = ("float8_e4m3fn", "float8_e5m2")
+SCALE_SUFFIXES = ("_scale_inv", "_scale")
+"""Keys of an fp8 weight's dequantisation factor beside it: ``<weight>_scale_inv`` (DeepSeek:
+one per 128×128 block) or ``<weight>_scale`` (compressed-tensors, as vLLM's FP8 checkpoints
+store it: one per tensor or per output row). Both multiply the stored values."""
+
+
+def is_scale_key(key: str) -> bool:
+    """Whether ``key`` names a dequantisation factor (never a weight matrix of its own)."""
+    return key.endswith(SCALE_SUFFIXES)
+
+
+def scale_key_of(key: str, keys: Container[str]) -> str | None:
+    """The key of the factor stored for the weight ``key`` among ``keys``, if any."""
+    return next((key + suffix for suffix in SCALE_SUFFIXES if key + suffix in keys), None)
 
 
 def safetensors_header(
@@ -223,8 +237,13 @@ def check_layout(path: Path, header: dict[str, dict[str, object]]) -> None:
     # safetensors_header already matched the file size to the largest end offset, so a tiling
     # from 0 covers every byte of the data area.
     for key, info in header.items():
-        weight = key[: -len("_scale_inv")]
-        if key.endswith("_scale_inv") and weight in header and weight != "__metadata__":
+        weight = next((key.removesuffix(suffix) for suffix in SCALE_SUFFIXES
+                       if key.endswith(suffix)), None)
+        if (weight is None or weight == "__metadata__" or weight not in header
+                or scale_key_of(weight, header) != key):
+            continue
+        # "_scale" is read only beside an fp8 weight (an int8 weight's is not ours to check)
+        if key.endswith("_scale_inv") or str(header[weight].get("dtype")).startswith("F8_"):
             _check_block_scale(path, key, header[weight]["shape"], info["shape"])
 
 
@@ -244,9 +263,11 @@ def _check_block_scale(path: Path, key: str, weight: object, scale: object) -> N
     if len(weight) == 2 and len(scale) == 2 and all(
             1 <= s <= w for s, w in zip(scale, weight, strict=True)):
         return
+    if len(weight) == 2 and scale == weight[:1]:
+        return  # one per output row, stored flat
     raise CheckpointError(
-        path, f"{path}: tensor {key!r} of shape {scale} is not one inverse scale per block of "
-              f"its weight of shape {weight}")
+        path, f"{path}: tensor {key!r} of shape {scale} is not one scale per block of its "
+              f"weight of shape {weight}")
 
 
 def _is_count(value: object) -> bool:
@@ -287,11 +308,12 @@ def iter_safetensors(
     path: Path, want: Callable[[str, int], bool] | None = None,
     confine: Confinement = UNCONFINED,
 ) -> Iterator[tuple[str, torch.Tensor, torch.Tensor | None]]:
-    """(key, stored tensor, fp8 inverse scale or None) of a safetensors file, one at a time.
+    """(key, stored tensor, fp8 scale or None) of a safetensors file, one at a time.
 
-    ``want(key, ndim)`` selects tensors before they are read; ``*_scale_inv`` tensors are
-    returned beside the weight they scale, not on their own. Tensors are read with plain file
-    reads rather than a memory map, so pages of tensors already analysed do not stay resident.
+    ``want(key, ndim)`` selects tensors before they are read; ``*_scale_inv`` and ``*_scale``
+    tensors are returned beside the weight they scale, not on their own. Tensors are read with
+    plain file reads rather than a memory map, so pages of tensors already analysed do not stay
+    resident.
     The header and the tensors are read through one descriptor, checked by ``confine``.
     """
     return _iter_safetensors(_read_tensor, path, want, confine)
@@ -317,16 +339,16 @@ def _iter_safetensors(
             length, header = _header_of(handle, path)
             check_layout(path, header)
             base = 8 + length
-            keys = [k for k in header if k != "__metadata__" and not k.endswith("_scale_inv")]
+            keys = [k for k in header if k != "__metadata__" and not is_scale_key(k)]
             for key in keys:
                 info = header[key]
                 shape = info.get("shape", []) if isinstance(info, dict) else []
                 ndim = len(shape) if isinstance(shape, list) else 0
                 if want is not None and not want(key, ndim):
                     continue
-                scale_key = key + "_scale_inv"
+                scale_key = scale_key_of(key, header)
                 scale = (read(handle, path, base, scale_key, header[scale_key])
-                         if scale_key in header else None)
+                         if scale_key is not None else None)
                 yield key, read(handle, path, base, key, info), scale
     except FileNotFoundError as exc:
         raise CheckpointVanished(path, f"{path} disappeared while being read") from exc
@@ -500,6 +522,8 @@ def upcast(tensor: torch.Tensor | StoredArray, scale: torch.Tensor | StoredArray
 def _apply_block_scale(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     if scale.numel() == 1:
         return weight * scale.reshape(())
+    if scale.dim() == 1:  # one per output row
+        scale = scale.reshape(-1, 1)
     # Block-wise scales (e.g. 128x128 blocks): expand each scale over its block.
     rows = -(-weight.shape[0] // scale.shape[0])
     cols = -(-weight.shape[1] // scale.shape[1])
@@ -513,6 +537,8 @@ def _apply_block_scale_array(weight: np.ndarray, scale: np.ndarray) -> np.ndarra
     if scale.size == 1:
         scaled = weight * scale.reshape(())
         return scaled
+    if scale.ndim == 1:  # one per output row
+        scale = scale.reshape(-1, 1)
     rows = -(-weight.shape[0] // scale.shape[0])
     cols = -(-weight.shape[1] // scale.shape[1])
     expanded = np.repeat(np.repeat(scale, rows, axis=0), cols, axis=1)
@@ -522,7 +548,7 @@ def _apply_block_scale_array(weight: np.ndarray, scale: np.ndarray) -> np.ndarra
 
 def read_safetensors_tensor(path: Path, key: str, confine: Confinement = UNCONFINED
                             ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One tensor (and its fp8 inverse scale, if any) of a safetensors file, by key."""
+    """One tensor (and its fp8 scale, if any) of a safetensors file, by key."""
     try:
         with confine.open(path) as handle:
             length, header = _header_of(handle, path)
@@ -530,9 +556,9 @@ def read_safetensors_tensor(path: Path, key: str, confine: Confinement = UNCONFI
             info = header.get(key)
             if not isinstance(info, dict):
                 raise CheckpointError(path, f"{path}: has no tensor {key!r}")
-            scale_info = header.get(key + "_scale_inv")
-            scale = (_read_tensor(handle, path, 8 + length, key + "_scale_inv", scale_info)
-                     if isinstance(scale_info, dict) else None)
+            scale_key = scale_key_of(key, header)
+            scale = (_read_tensor(handle, path, 8 + length, scale_key, header[scale_key])
+                     if scale_key is not None else None)
             return _read_tensor(handle, path, 8 + length, key, info), scale
     except FileNotFoundError as exc:
         raise CheckpointVanished(path, f"{path} disappeared while being read") from exc
