@@ -279,6 +279,24 @@ def test_fp8_weights_are_scaled_back(tmp_path: Path) -> None:
     assert torch.allclose(got, weight, rtol=0.07, atol=0.02)
 
 
+@pytest.mark.parametrize("dtype", ["float8_e4m3fnuz", "float8_e5m2fnuz"])
+def test_amd_fp8_weights_are_read_and_scaled_back(tmp_path: Path, dtype: str) -> None:
+    """ROCm's fnuz float8 formats (torch pickles) are float weights like the OCP ones: read,
+    scaled back by their inverse scale, with their own dtype kept for the rank tolerance."""
+    fp8 = getattr(torch, dtype, None)
+    if fp8 is None:
+        pytest.skip(f"this torch has no {dtype}")
+    weight = torch.randn(64, 32, generator=torch.Generator().manual_seed(2))
+    scale = weight.abs().max() / 57.0
+    stored = (weight / scale).to(fp8)
+    path = tmp_path / "model_step_5.pt"
+    torch.save({"model.layers.0.mlp.up_proj.weight": stored,
+                "model.layers.0.mlp.up_proj.weight_scale_inv": scale.reshape(1)}, path)
+    (layer,) = list(iter_layers(path))
+    assert str(layer.stored_dtype).removeprefix("torch.") == dtype
+    assert torch.equal(torch.as_tensor(layer.weight), stored.float() * scale)
+
+
 @pytest.mark.parametrize("per", ["tensor", "row", "flat row"])
 def test_compressed_tensors_fp8_weight_scales_are_applied(tmp_path: Path, per: str) -> None:
     """vLLM's FP8 checkpoints (compressed-tensors) store ``<weight>_scale``, one per tensor or

@@ -34,8 +34,8 @@ _SKIP = re.compile(r"(norm|ln_|layernorm|\.ln\d*$|bias$|rotary|inv_freq|position
                    r"masked_bias|attn\.bias$|_scale_inv$|_scale$|\.scale$)", re.IGNORECASE)
 
 
-FLOAT_DTYPES = frozenset(
-    {"float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"})
+FLOAT_DTYPES = frozenset({"float64", "float32", "float16", "bfloat16", "float8_e4m3fn",
+                          "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz"})
 """Stored dtypes that hold real floating-point weights (as torch spells them)."""
 
 

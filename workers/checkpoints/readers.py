@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     import torch
 
 _MAX_HEADER = 100 * 1024 * 1024
-_FLOAT8_NAMES = ("float8_e4m3fn", "float8_e5m2")
+_FLOAT8_NAMES = ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
 SCALE_SUFFIXES = ("_scale_inv", "_scale")
 """Keys of an fp8 weight's dequantisation factor beside it: ``<weight>_scale_inv`` (DeepSeek:
 one per 128×128 block) or ``<weight>_scale`` (compressed-tensors, as vLLM's FP8 checkpoints

@@ -273,11 +273,13 @@ def _float32_gram_usable(diagonal: np.ndarray) -> bool:
 
 # Machine epsilon of each stored dtype, by name: torch's dtypes print as ``torch.<name>``,
 # numpy's as ``<name>``; numpy has no bfloat16 or float8, so their values are written out
-# (torch.finfo gives the same). Integer and unknown dtypes get float32's.
+# (torch.finfo gives the same, but for float8_e5m2fnuz: 2⁻³, where its values next to 1 are
+# 1.25 and 0.875). Integer and unknown dtypes get float32's.
 _EPS = {
     "float64": float(np.finfo(np.float64).eps), "float32": float(np.finfo(np.float32).eps),
     "float16": float(np.finfo(np.float16).eps), "bfloat16": 2.0**-7,
     "float8_e4m3fn": 2.0**-3, "float8_e5m2": 2.0**-2,
+    "float8_e4m3fnuz": 2.0**-3, "float8_e5m2fnuz": 2.0**-2,  # AMD's, same mantissas
 }
 
 
