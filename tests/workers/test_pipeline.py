@@ -85,6 +85,38 @@ def test_corrupt_checkpoint_fails_alone(tiny_run: Path, tmp_path: Path, pg_url: 
     assert "model.safetensors" in error
 
 
+def test_hostile_tensor_names_are_stored_escaped_and_cut(tmp_path: Path, pg_url: str) -> None:
+    """Tensor keys are whatever a file's header says: a NUL byte (which PostgreSQL text cannot
+    hold: it stopped the worker), a newline, or thousands of characters (the name column holds
+    512) are stored escaped or cut with a hash, and the checkpoint is analysed and served."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    keys = ["model.layers.0.mlp.up\x00proj.weight", "model.layers.0.mlp.down\nproj.weight",
+            *(f"model.layers.0.{'x' * 5000}{end}.weight" for end in "ab")]
+    folder = tmp_path / "runs" / "hostile" / "checkpoint-1"
+    folder.mkdir(parents=True)
+    save_file({k: torch.randn(48, 32, generator=g) for k in keys},
+              str(folder / "model.safetensors"))
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": 1}))
+    settings = _settings(pg_url, max_attempts=1)
+    assert Watcher(settings, [folder.parent]).run_once() == 1
+    assert _rows(pg_url, "SELECT status FROM checkpoint") == [("done",)]
+    names = sorted(name for (name,) in _rows(pg_url, "SELECT name FROM layer_metric"))
+    assert len(names) == len(set(names)) == 4
+    assert "model.layers.0.mlp.up\\x00proj" in names
+    assert "model.layers.0.mlp.down\\nproj" in names
+    long = [n for n in names if n.startswith("model.layers.0.xxx")]
+    assert len(long) == 2 and all(len(n) <= 400 for n in long)
+    with TestClient(create_app(settings)) as client:
+        (run,) = client.get("/api/v1/runs").json()["runs"]
+        served = client.get(f"/api/v1/runs/{run['id']}/checkpoints/1/layers").json()["layers"]
+    assert sorted(layer["name"] for layer in served) == names
+
+
 def test_checkpoint_deleted_before_reading_is_vanished(
     tiny_run: Path, tmp_path: Path, pg_url: str
 ) -> None:

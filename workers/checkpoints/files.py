@@ -6,6 +6,7 @@ top of a base model) both build on it, so neither has to import the other to fin
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from alphawatch.workers.checkpoints.confine import UNCONFINED, Confinement
-from alphawatch.workers.checkpoints.errors import CheckpointError, CheckpointVanished
+from alphawatch.workers.checkpoints.errors import CheckpointError, CheckpointVanished, printable
 from alphawatch.workers.checkpoints.naming import classify
 
 if TYPE_CHECKING:
@@ -104,10 +105,26 @@ def weight_files(path: Path, confine: Confinement = UNCONFINED) -> list[Path]:
     return files
 
 
+MAX_NAME = 400
+"""Longest layer name kept whole: the database holds 512 characters, and rows append suffixes
+such as ``@exp_avg`` or ``@w<k>``."""
+
+
+def storable_name(name: str) -> str:
+    """``name`` as a layer is named: control characters escaped (a NUL byte is not text to the
+    database, a newline would forge log lines), and a name longer than :data:`MAX_NAME` (a
+    hostile or generated key) cut, with a hash of the whole so that two such names stay two."""
+    name = printable(name)
+    if len(name) <= MAX_NAME:
+        return name
+    digest = hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    return f"{name[:MAX_NAME - len(digest) - 1]}~{digest}"
+
+
 def make_layer(name: str, weight: torch.Tensor | np.ndarray, dtype: torch.dtype | str,
                source: str) -> LayerMatrix:
-    """A :class:`LayerMatrix` named and classified from its tensor key."""
+    """A :class:`LayerMatrix` named (:func:`storable_name`) and classified from its tensor key."""
     kind, block = classify(name)
     dense = (np.ascontiguousarray(weight) if isinstance(weight, np.ndarray)
              else weight.contiguous())
-    return LayerMatrix(name, kind, block, dense, dtype, source)
+    return LayerMatrix(storable_name(name), kind, block, dense, dtype, source)
