@@ -221,16 +221,18 @@ def shuffled_eigenvalues(matrix: Matrix, perm: np.ndarray, device: Device) -> np
     tall, small = max(w.shape), min(w.shape)
 
     def shuffled_gram(dtype: type[np.floating]) -> np.ndarray:
-        # float64 weights beyond float32's range are inf in float32: that Gram matrix is not
-        # usable, and the float64 one is gathered from W's own values
+        # Gathered from float32 values, each block widened by gram_upper (no float64 copy of
+        # W), except a float64 W's float64 Gram: its weights beyond float32's range are inf in
+        # float32, which made the float32 Gram matrix unusable in the first place
+        source = np.float64 if dtype is np.float64 and w.dtype == np.float64 else np.float32
         with np.errstate(over="ignore"):
-            flat = np.ascontiguousarray(w, dtype=dtype).reshape(-1)
+            flat = np.ascontiguousarray(w, dtype=source).reshape(-1)
 
         def rows(start: int, stop: int) -> np.ndarray:
             return flat.take(perm[start * small:stop * small], mode="clip").reshape(-1, small)
 
         product = lapack.gram_upper(rows, tall, small, dtype)
-        return gram(rows(0, tall)) if product is None else product
+        return gram(rows(0, tall).astype(dtype, copy=False)) if product is None else product
 
     product = shuffled_gram(np.float32)
     if not _float32_gram_usable(np.diagonal(product)):
