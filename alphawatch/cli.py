@@ -140,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "(default: the checkpoint before)")
     gate.add_argument("--variant", type=str,
                       help="weight (default), exp_avg (gradients) or a nested width w<k>")
+    gate.add_argument("--method", choices=[m.value for m in FitMethod],
+                      help="fit method (default: the server's fit_method)")
 
     export = sub.add_parser("export", help="log a run's robust statistics to an experiment "
                                            "tracker (again: only what it lacks)")
@@ -486,42 +488,29 @@ def _table(doc: dict[str, Any]) -> str:
 
 def _cmd_gate(args: argparse.Namespace) -> int:
     # Imported here: http.client and email cost ~20 ms that no other command needs.
-    import urllib.error
-    import urllib.parse
-    import urllib.request
+    from alphawatch.integrations.link import Client, LinkError
 
     params = {}
     for name in ("stat", "filter", "step", "ref_step", "max_alpha", "min_alpha",
-                 "max_untrusted_share", "max_delta", "variant"):
+                 "max_untrusted_share", "max_delta", "variant", "method"):
         value = getattr(args, name)
         if value is not None:
             params[name] = value
-    base = args.url.rstrip("/")
-    headers = {"Accept": "application/json"}
-    if args.token:
-        headers["Authorization"] = f"Bearer {args.token}"
-
-    def get(path: str) -> Any:
-        request = urllib.request.Request(f"{base}/api/v1{path}", headers=headers)
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return json.load(response)
-
+    # The training callbacks' client: one way to call the API, and a run found on any page.
+    client = Client(args.url, args.token, timeout_s=30.0)
     try:
-        run_id = str(args.run)
-        if not run_id.isdigit():
-            runs = get("/runs?limit=1000")["runs"]
-            matches = [r["id"] for r in runs if r["name"] == run_id]
-            if not matches:
-                print(f"alphawatch gate: no run named {run_id!r} at {base}", file=sys.stderr)
+        if str(args.run).isdigit():
+            run_id = int(args.run)
+        else:
+            found = client.find(str(args.run))
+            if found is None:
+                print(f"alphawatch gate: no run named {args.run!r} at {client.base}",
+                      file=sys.stderr)
                 return EXIT_ERROR
-            run_id = str(matches[0])
-        verdict = get(f"/runs/{run_id}/gate?{urllib.parse.urlencode(params)}")
-    except urllib.error.HTTPError as exc:
-        detail = exc.read().decode(errors="replace")
-        print(f"alphawatch gate: HTTP {exc.code}: {detail}", file=sys.stderr)
-        return EXIT_ERROR
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        print(f"alphawatch gate: cannot reach {base}: {exc}", file=sys.stderr)
+            run_id = found.id
+        verdict = client.gate(run_id, params)
+    except LinkError as exc:
+        print(f"alphawatch gate: {exc}", file=sys.stderr)
         return EXIT_ERROR
     print(json.dumps(verdict, indent=2))
     if verdict.get("passed"):

@@ -20,6 +20,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,9 +108,10 @@ class Client:
             return found
         return RegisteredRun(int(run["id"]), str(run["name"]), str(run["path"]))
 
-    def find(self, name: str) -> RegisteredRun | None:
-        """The run called ``name``, or None."""
-        offset, page = 0, 1000
+    def find(self, name: str, *, page: int = 1000) -> RegisteredRun | None:
+        """The run called ``name``, or None; pages of ``page`` runs (the API's largest) are read
+        until it is found or every run has been seen."""
+        offset = 0
         while True:
             answer = self.call("GET", f"/runs?limit={page}&offset={offset}")
             for run in answer["runs"]:
@@ -123,9 +125,10 @@ class Client:
         """Ask the workers to look at the run's folder now rather than at their next poll."""
         return self.call("POST", f"/runs/{run_id}/scan")
 
-    def gate(self, run_id: int) -> dict[str, Any]:
-        """The run's gate verdict with the server's rules for it (no query parameters)."""
-        verdict: dict[str, Any] = self.call("GET", f"/runs/{run_id}/gate")
+    def gate(self, run_id: int, query: Mapping[str, object] | None = None) -> dict[str, Any]:
+        """The run's gate verdict: the server's rules for it, but for those ``query`` names."""
+        suffix = f"?{urllib.parse.urlencode(query)}" if query else ""
+        verdict: dict[str, Any] = self.call("GET", f"/runs/{run_id}/gate{suffix}")
         return verdict
 
 
