@@ -151,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--run", type=str, required=True, help="run name (or id)")
         p.add_argument("--layers", action="store_true",
                        help="every layer's alpha too, not only the model-level statistics")
-        p.add_argument("--method", type=str, default="ww", help="fit method (default: ww)")
+        p.add_argument("--method", choices=[m.value for m in FitMethod],
+                       help="fit method (default: the fit_method setting)")
         db_option(p)
 
     mlflow = export_sub.add_parser("mlflow", help="MLflow: one run per alphawatch run")
@@ -555,7 +556,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
             tracker = target.open(run.name)
             try:
                 count = export_run(session=session, run_id=run.id, tracker=tracker,
-                                   thresholds=settings.trust, method=args.method,
+                                   thresholds=settings.trust,
+                                   method=args.method or settings.fit_method,
                                    layers=args.layers)
             finally:
                 tracker.close()

@@ -112,10 +112,12 @@ class FitMethod(StrEnum):
 
 
 DEFAULT_FIT_METHOD = FitMethod.WW
-"""What every query and the worker assume when they name no method."""
+"""The ``fit_method`` setting's default. A server's worker computes, and its requests that name
+no method read, the method of its settings, which is this one unless ALPHAWATCH_FIT_METHOD
+names another."""
 
 _FIT_METHOD_LABELS = {
-    FitMethod.WW: "weightwatcher (default)", FitMethod.WW_RELFLOOR: "relative floor",
+    FitMethod.WW: "weightwatcher 0.7.7", FitMethod.WW_RELFLOOR: "relative floor",
     FitMethod.KS2: "two-sided KS", FitMethod.XMIN_PEAK: "xmin at the ESD peak (fingers)",
     FitMethod.CLIP_XMAX: "clipped fingers", FitMethod.TPL: "truncated power law",
 }

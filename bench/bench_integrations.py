@@ -127,7 +127,8 @@ def bench_export(tmp: Path, checkpoints: int, layers: int) -> None:
                 tracker = target.open("bench")
                 with session_scope(make_engine(url)) as session:
                     count = export_run(session=session, run_id=run_id, tracker=tracker,
-                                       thresholds=Thresholds(), layers=with_layers)
+                                       thresholds=Thresholds(), method="ww",
+                                       layers=with_layers)
                 tracker.close()
                 elapsed = time.perf_counter() - started
                 print(f"export to {name:<11} {'layers' if with_layers else 'model ':<6} "

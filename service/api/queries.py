@@ -37,7 +37,8 @@ def get_run(*, session: Session, run_id: int) -> Run:
     return run
 
 
-def run_summary(*, session: Session, run: Run, thresholds: Thresholds) -> dict[str, Any]:
+def run_summary(*, session: Session, run: Run, thresholds: Thresholds,
+                method: str) -> dict[str, Any]:
     counts: dict[str, int] = dict(
         session.execute(
             select(Checkpoint.status, func.count()).where(Checkpoint.run_id == run.id)
@@ -51,7 +52,7 @@ def run_summary(*, session: Session, run: Run, thresholds: Thresholds) -> dict[s
     ).first()
     latest_alpha = untrusted_share = None
     if last is not None:
-        layers = layer_dicts(session=session, checkpoint_ids=[last[0]])
+        layers = layer_dicts(session=session, checkpoint_ids=[last[0]], method=method)
         summary = robust.summarize(layers, thresholds=thresholds)
         latest_alpha, untrusted_share = summary["alpha_median"], summary["untrusted_share"]
     return {
@@ -72,7 +73,7 @@ _SELECT_FIELDS = ("checkpoint_id", "alpha", "fit_status", "trusted", "correlatio
 
 
 def layer_dicts(
-    *, session: Session, checkpoint_ids: list[int], method: str = "ww",
+    *, session: Session, checkpoint_ids: list[int], method: str,
     kinds: list[str] | None = None, block_min: int | None = None, block_max: int | None = None,
     name: str | None = None, fields: tuple[str, ...] | None = None,
     variant: str | None = DEFAULT_VARIANT,

@@ -22,6 +22,7 @@ from alphawatch.service.api import metrics as metrics_
 from alphawatch.service.api import queries, runs
 from alphawatch.service.api.auth import read_access, require
 from alphawatch.service.api.cache import ResultCache
+from alphawatch.service.api.deps import MethodDep, SettingsDep
 from alphawatch.service.api.errors import documented
 from alphawatch.service.api.schemas import (
     AlertList,
@@ -56,7 +57,6 @@ from alphawatch.vocabulary import (
     DEFAULT_STATISTIC,
     DEFAULT_VARIANT,
     VARIANT_PATTERN,
-    FitMethod,
     LayerFilter,
     LayerOrder,
     OutlierRule,
@@ -64,18 +64,11 @@ from alphawatch.vocabulary import (
 )
 
 
-async def get_settings(request: Request) -> Settings:
-    # async: no I/O here, and a sync dependency would cost a thread-pool hop per request.
-    settings: Settings = request.app.state.settings
-    return settings
-
-
 def get_session(request: Request) -> Iterator[Session]:
     with session_scope(make_engine(request.app.state.settings.database_url)) as session:
         yield session
 
 
-SettingsDep = Annotated[Settings, Depends(get_settings)]
 # scope="function": the session ends when the route returns, before the answer is sent.
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
@@ -87,9 +80,6 @@ class CsvResponse(PlainTextResponse):
 router = APIRouter(prefix="/api/v1", dependencies=[Depends(read_access)])
 health_router = APIRouter()
 
-# The schema lists the fit methods (alphawatch.vocabulary.FitMethod): an unknown one is a 422.
-MethodName = Literal[tuple(m.value for m in FitMethod)]  # type: ignore[valid-type]
-Method = Annotated[MethodName, Query(description="fit method; methods are never mixed")]  # type: ignore[valid-type]
 # The schema lists the metrics, so a client (or a fuzzer) knows which names are valid.
 MetricName = Literal[tuple(queries.numeric_metrics())]  # type: ignore[valid-type]
 Metric = Annotated[MetricName, Query(description="a numeric layer metric")]  # type: ignore[valid-type]
@@ -193,7 +183,7 @@ def list_runs(session: SessionDep, settings: SettingsDep,
               offset: Annotated[int, Query(ge=0, le=INT64)] = 0) -> dict[str, Any]:
     """Runs with their status counts, last step and latest robust alpha."""
     return runs.list_runs(session=session, limit=limit, offset=offset,
-                          thresholds=settings.trust)
+                          thresholds=settings.trust, method=settings.fit_method)
 
 
 @router.post("/runs", status_code=201, response_model=RunRead,
@@ -204,7 +194,7 @@ def create_run(body: RunCreate, request: Request, settings: SettingsDep,
     path = runs.allowed_path(body.path, allowed_roots=settings.allowed_roots)
     with _unit_of_work(request) as session:
         created = runs.create(session=session, name=body.name, path=path,
-                              thresholds=settings.trust)
+                              thresholds=settings.trust, method=settings.fit_method)
     _written(request)
     return created
 
@@ -213,7 +203,7 @@ def create_run(body: RunCreate, request: Request, settings: SettingsDep,
 def get_run(run_id: RunId, session: SessionDep, settings: SettingsDep) -> dict[str, Any]:
     """One run, with the thresholds applied to its trust verdicts."""
     return runs.get(session=session, run_id=run_id, trust=settings.trust,
-                    crosscheck=settings.crosscheck)
+                    method=settings.fit_method, crosscheck=settings.crosscheck)
 
 
 @router.delete("/runs/{run_id}", status_code=204,
@@ -247,7 +237,7 @@ def list_checkpoints(run_id: RunId, session: SessionDep,
 @router.get("/runs/{run_id}/checkpoints/{step}/layers", response_model=CheckpointLayers,
             responses=READ_ERRORS)
 def checkpoint_layers(run_id: RunId, step: StepPath, session: SessionDep,
-                      method: Method = "ww") -> dict[str, Any]:
+                      method: MethodDep) -> dict[str, Any]:
     """Every layer metric of one checkpoint."""
     return runs.checkpoint_layers(session=session, run_id=run_id, step=step, method=method)
 
@@ -255,7 +245,7 @@ def checkpoint_layers(run_id: RunId, step: StepPath, session: SessionDep,
 @router.get("/runs/{run_id}/layers.csv", response_class=CsvResponse, responses={
     **READ_ERRORS, 200: {"description": "one row per layer and analysed step",
                          "content": {"text/csv": {"schema": {"type": "string"}}}}})
-def export_csv(run_id: RunId, session: SessionDep, method: Method = "ww") -> CsvResponse:
+def export_csv(run_id: RunId, session: SessionDep, method: MethodDep) -> CsvResponse:
     """Every layer metric of every analysed checkpoint, as CSV."""
     return CsvResponse(runs.layers_csv(session=session, run_id=run_id, method=method))
 
@@ -263,7 +253,7 @@ def export_csv(run_id: RunId, session: SessionDep, method: Method = "ww") -> Csv
 @router.get("/runs/{run_id}/layers/{layer_name}/history", response_model=HistoryRead,
             responses=READ_ERRORS)
 async def layer_history(request: Request, run_id: RunId, layer_name: LayerName,
-                        metric: Metric = "alpha", method: Method = "ww",
+                        method: MethodDep, metric: Metric = "alpha",
                         max_points: MaxPoints = None,
                         limit: Annotated[int | None, Query(ge=1, le=100_000)] = None,
                         offset: Annotated[int, Query(ge=0, le=INT64)] = 0) -> Response:
@@ -280,7 +270,7 @@ async def layer_history(request: Request, run_id: RunId, layer_name: LayerName,
 
 @router.get("/runs/{run_id}/trend", response_model=TrendRead, responses=READ_ERRORS)
 async def get_trend(
-    request: Request, run_id: RunId, settings: SettingsDep,
+    request: Request, run_id: RunId, settings: SettingsDep, method: MethodDep,
     metric: Metric = "alpha",
     stat: Annotated[Statistic, Query()] = DEFAULT_STATISTIC,
     filter: Annotated[LayerFilter, Query()] = DEFAULT_FILTER,
@@ -291,7 +281,6 @@ async def get_trend(
     outliers: Annotated[OutlierRule, Query()] = DEFAULT_OUTLIER_RULE,
     mad_k: Annotated[float | None, Query(gt=0, le=100,
                                          description="default: the server's trust.mad_k")] = None,
-    method: Method = "ww",
     max_points: MaxPoints = None,
     variant: Variant = DEFAULT_VARIANT,
 ) -> Response:
@@ -310,8 +299,8 @@ async def get_trend(
 
 
 @router.get("/runs/{run_id}/heatmap", response_model=HeatmapRead, responses=READ_ERRORS)
-async def get_heatmap(request: Request, run_id: RunId, metric: Metric = "alpha",
-                      method: Method = "ww", max_points: MaxPoints = 500,
+async def get_heatmap(request: Request, run_id: RunId, method: MethodDep,
+                      metric: Metric = "alpha", max_points: MaxPoints = 500,
                       variant: Variant = DEFAULT_VARIANT, kind: KindList = None,
                       block_min: BlockBound = None, block_max: BlockBound = None,
                       order: Annotated[LayerOrder, Query()] = LayerOrder.BLOCK) -> Response:
@@ -324,14 +313,15 @@ async def get_heatmap(request: Request, run_id: RunId, metric: Metric = "alpha",
 
 @router.get("/runs/{run_id}/blocks", response_model=BlockTrendRead, responses=READ_ERRORS)
 async def get_block_trends(
-    request: Request, run_id: RunId, settings: SettingsDep, metric: Metric = "alpha",
+    request: Request, run_id: RunId, settings: SettingsDep, method: MethodDep,
+    metric: Metric = "alpha",
     stat: Annotated[Statistic, Query()] = DEFAULT_STATISTIC,
     filter: Annotated[LayerFilter, Query()] = DEFAULT_FILTER,
     kind: KindList = None, variant: Variant = DEFAULT_VARIANT,
     outliers: Annotated[OutlierRule, Query()] = DEFAULT_OUTLIER_RULE,
     mad_k: Annotated[float | None, Query(gt=0, le=100)] = None,
     order: Annotated[LayerOrder, Query()] = LayerOrder.BLOCK_DESC,
-    method: Method = "ww", max_points: MaxPoints = 500,
+    max_points: MaxPoints = 500,
 ) -> Response:
     """The robust statistic of each block over the checkpoints, the last block first."""
 
@@ -348,14 +338,14 @@ async def get_block_trends(
 
 
 @router.get("/runs/{run_id}/variants", response_model=VariantsRead, responses=READ_ERRORS)
-def get_variants(run_id: RunId, session: SessionDep, method: Method = "ww") -> dict[str, Any]:
+def get_variants(run_id: RunId, session: SessionDep, method: MethodDep) -> dict[str, Any]:
     """What the latest checkpoint analysed: weights, gradients (exp_avg), nested widths."""
     return {"run_id": run_id,
             "variants": queries.variants(session=session, run_id=run_id, method=method)}
 
 
 @router.get("/runs/{run_id}/flags", response_model=FlagsRead, responses=READ_ERRORS)
-async def get_flags(request: Request, run_id: RunId, method: Method = "ww",
+async def get_flags(request: Request, run_id: RunId, method: MethodDep,
                     variant: Variant = DEFAULT_VARIANT) -> Response:
     """Per checkpoint: how many layers carry each flag and each fit status."""
     return await _cached(request, FlagsRead, lambda session: {
@@ -366,7 +356,7 @@ async def get_flags(request: Request, run_id: RunId, method: Method = "ww",
 @router.get("/runs/{run_id}/checkpoints/{step}/layers/{layer_name}/esd",
             response_model=EsdRead, responses=READ_ERRORS)
 def get_esd(run_id: RunId, step: StepPath, layer_name: LayerName, session: SessionDep,
-            method: Method = "ww") -> dict[str, Any]:
+            method: MethodDep) -> dict[str, Any]:
     """Eigenvalues of one layer at one step, its power-law fit and the MP bulk edge."""
     return queries.esd(session=session, run_id=run_id, step=step, layer_name=layer_name,
                        method=method)
@@ -377,6 +367,7 @@ def get_esd(run_id: RunId, step: StepPath, layer_name: LayerName, session: Sessi
                                             "description": "strict=true and the gate failed"}})
 def gate(
     run_id: RunId, session: SessionDep, settings: SettingsDep, response: Response,
+    method: MethodDep,
     stat: Annotated[LevelName | None,  # type: ignore[valid-type]
                     Query(description="a level of alpha (a spread cannot be gated); "
                                       "default: the run's gate rules")] = None,
@@ -395,7 +386,6 @@ def gate(
     max_delta: Annotated[float | None, Query(
         ge=0, allow_inf_nan=False,
         description="without ref_step: since the analysed checkpoint before")] = None,
-    method: Method = "ww",
     strict: Annotated[bool, Query(description="answer 409 when the gate fails")] = False,
     variant: Variant = DEFAULT_VARIANT,
 ) -> dict[str, Any]:
@@ -446,13 +436,13 @@ def list_alerts(run_id: RunId, session: SessionDep,
 
 @router.get("/compare", response_model=CompareRead, responses=READ_ERRORS)
 async def compare(
-    request: Request, settings: SettingsDep,
+    request: Request, settings: SettingsDep, method: MethodDep,
     runs: Annotated[str, Query(pattern=r"^\d{1,9}(,\d{1,9}){0,49}$",
                                description="up to 50 run ids, comma-separated")],
     metric: Metric = "alpha",
     stat: Annotated[Statistic, Query()] = DEFAULT_STATISTIC,
     filter: Annotated[LayerFilter, Query()] = DEFAULT_FILTER,
-    method: Method = "ww", max_points: MaxPoints = 500,
+    max_points: MaxPoints = 500,
 ) -> Response:
     """Robust trends of several runs, to overlay."""
     run_ids = list(dict.fromkeys(int(r) for r in runs.split(",")))

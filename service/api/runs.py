@@ -70,15 +70,16 @@ def _reason(exc: OSError) -> str:
 
 
 def list_runs(*, session: Session, limit: int, offset: int,
-              thresholds: Thresholds) -> dict[str, Any]:
-    """A page of runs with their summaries, and how many runs there are."""
+              thresholds: Thresholds, method: str) -> dict[str, Any]:
+    """A page of runs with their summaries (of ``method``'s rows), and how many runs there are."""
     total = session.scalar(select(func.count()).select_from(Run)) or 0
     rows = session.scalars(select(Run).order_by(Run.id).limit(limit).offset(offset)).all()
-    return {"runs": [queries.run_summary(session=session, run=r, thresholds=thresholds)
+    return {"runs": [queries.run_summary(session=session, run=r, thresholds=thresholds,
+                                         method=method)
                      for r in rows], "total": total}
 
 
-def get(*, session: Session, run_id: int, trust: Thresholds,
+def get(*, session: Session, run_id: int, trust: Thresholds, method: str,
         crosscheck: CrossCheck | None = None) -> dict[str, Any]:
     """One run's summary, the trust thresholds applied, the fit methods it holds and what the
     live cross-check with weightwatcher found."""
@@ -98,14 +99,14 @@ def get(*, session: Session, run_id: int, trust: Thresholds,
                                            else_=0)), 0))
         .join(Checkpoint, Checkpoint.id == LayerMetric.checkpoint_id)
         .where(Checkpoint.run_id == run_id, LayerMetric.crosscheck_diff.is_not(None))).one()
-    return {**queries.run_summary(session=session, run=run, thresholds=trust),
+    return {**queries.run_summary(session=session, run=run, thresholds=trust, method=method),
             "thresholds": trust, "methods": methods,
             "crosscheck": {"layers": int(n), "max_diff": largest, "over_tolerance": int(over),
                            "tolerance": check.tolerance, "share": check.share}}
 
 
 def create(*, session: Session, name: str, path: Path,
-           thresholds: Thresholds) -> dict[str, Any]:
+           thresholds: Thresholds, method: str) -> dict[str, Any]:
     """Register a run at an already checked ``path``; its summary.
 
     Raises:
@@ -116,7 +117,7 @@ def create(*, session: Session, name: str, path: Path,
     run_id = queue.ensure_run(session, name=name, path=str(path))
     session.flush()
     return queries.run_summary(session=session, run=queries.get_run(session=session,
-                               run_id=run_id), thresholds=thresholds)
+                               run_id=run_id), thresholds=thresholds, method=method)
 
 
 def request_scan(*, session: Session, run_id: int) -> dict[str, Any]:

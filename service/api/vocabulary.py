@@ -6,12 +6,14 @@ so a statistic or kind added in :mod:`alphawatch.vocabulary` shows up everywhere
 
 from __future__ import annotations
 
+import functools
 from typing import Annotated
 
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, Field
 
 from alphawatch import vocabulary as words
+from alphawatch.service.api.deps import SettingsDep
 
 
 class Term(BaseModel):
@@ -39,10 +41,13 @@ class VocabularyRead(BaseModel):
     variant_pattern: str = Field(description="the values the variant parameter takes")
     variant_separator: str = Field(description="joins a layer's name and its variant")
     orders: list[Term] = Field(description="layer orders of heatmaps and per-block trends")
-    fit_methods: list[Term] = Field(description="power-law fit methods; never mixed in a trend")
+    fit_methods: list[Term] = Field(description="power-law fit methods; never mixed in a trend; "
+                                                "the default is the server's, which its worker "
+                                                "computes")
 
 
-def _build() -> VocabularyRead:
+@functools.cache
+def _build(fit_method: words.FitMethod) -> VocabularyRead:
     return VocabularyRead(
         statistics=[StatisticTerm(name=s.value, label=s.label, level=s.is_level,
                                   default=s is words.DEFAULT_STATISTIC)
@@ -61,17 +66,15 @@ def _build() -> VocabularyRead:
         variant_separator=words.VARIANT_SEPARATOR,
         orders=[Term(name=o.value, label=o.label, default=o is words.DEFAULT_ORDER)
                 for o in words.LayerOrder],
-        fit_methods=[Term(name=m.value, label=m.label, default=m is words.DEFAULT_FIT_METHOD)
+        fit_methods=[Term(name=m.value, label=m.label, default=m is fit_method)
                      for m in words.FitMethod],
     )
 
 
-_VOCABULARY = _build()
-
-
-async def current_vocabulary() -> VocabularyRead:
-    """The vocabulary of this alphawatch version (a dependency, so a test may serve another)."""
-    return _VOCABULARY
+async def current_vocabulary(settings: SettingsDep) -> VocabularyRead:
+    """The vocabulary of this alphawatch version as this server applies it (a dependency, so a
+    test may serve another)."""
+    return _build(settings.fit_method)
 
 
 # Public like /docs, whose OpenAPI schema lists the same values: the page needs it before any

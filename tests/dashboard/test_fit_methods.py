@@ -31,7 +31,7 @@ pytestmark = pytest.mark.browser
 
 @pytest.fixture(scope="module")
 def two_methods(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[
-        str, int]]:
+        str, int, Settings]]:
     from alphawatch.service.db.migrations import upgrade
 
     base = tmp_path_factory.mktemp("methods")
@@ -46,11 +46,11 @@ def two_methods(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
     settings = Settings(**common)
     with serve(create_app(settings)) as base_url:
         (listed,) = httpx.get(f"{base_url}/api/v1/runs").json()["runs"]
-        yield base_url, int(listed["id"])
+        yield base_url, int(listed["id"]), settings
 
 
-def test_method_switch_and_drill_down(page: Any, two_methods: tuple[str, int]) -> None:
-    url, run_id = two_methods
+def test_method_switch_and_drill_down(page: Any, two_methods: tuple[str, int, Settings]) -> None:
+    url, run_id, _ = two_methods
     api = f"{url}/api/v1/runs/{run_id}"
     assert httpx.get(api).json()["methods"] == ["ww", "xmin_peak"]
     page.goto(f"{url}/#/runs/{run_id}?filter=all")
@@ -90,3 +90,21 @@ def test_method_switch_and_drill_down(page: Any, two_methods: tuple[str, int]) -
     served = httpx.get(f"{api}/layers/{layer}/history",
                        params={"metric": "alpha", "method": "xmin_peak"}).json()["points"]
     assert history["y"] == pytest.approx([p["value"] for p in served])
+
+
+def test_the_page_opens_on_the_servers_method(page: Any,
+                                              two_methods: tuple[str, int, Settings]) -> None:
+    # The same database served by a server whose worker computes xmin_peak.
+    _, run_id, settings = two_methods
+    with serve(create_app(settings.model_copy(
+            update={"fit_method": FitMethod.XMIN_PEAK}))) as url:
+        page.goto(f"{url}/#/runs/{run_id}?filter=all")
+        page.wait_for_function("() => document.getElementById('trend')?.data?.length >= 4")
+        assert page.input_value("select[data-param=method]") == FitMethod.XMIN_PEAK.value
+        want = [p["value"] for p in httpx.get(
+            f"{url}/api/v1/runs/{run_id}/trend",
+            params={"method": "xmin_peak", "filter": "all"}).json()["points"]]
+        assert want and all(v is not None for v in want)
+        page.wait_for_function(
+            "(w) => JSON.stringify(document.getElementById('trend')?.data?.find("
+            "(t) => t.name === 'median α')?.y) === JSON.stringify(w)", arg=want)

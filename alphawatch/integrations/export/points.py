@@ -46,7 +46,7 @@ UNTRUSTED_KEY = f"{PREFIX}/untrusted_share"
 USED_KEY = f"{PREFIX}/layers_used"
 
 
-def points_of(*, session: Session, run_id: int, thresholds: Thresholds, method: str = "ww",
+def points_of(*, session: Session, run_id: int, thresholds: Thresholds, method: str,
               layers: bool = False, steps: Iterable[int] | None = None) -> list[Point]:
     """One point per analysed checkpoint of the run (or of ``steps``), in step order.
 
@@ -100,7 +100,7 @@ def unlogged(points: Sequence[Point], logged: dict[str, set[int]]) -> list[Point
 
 
 def export_run(*, session: Session, run_id: int, tracker: TrackerRun, thresholds: Thresholds,
-               method: str = "ww", layers: bool = False, steps: Iterable[int] | None = None,
+               method: str, layers: bool = False, steps: Iterable[int] | None = None,
                known: dict[str, set[int]] | None = None) -> int:
     """Log what ``tracker`` lacks of the run's points; how many (key, step) values were logged.
 
