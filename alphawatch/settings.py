@@ -131,6 +131,14 @@ class Settings(BaseSettings):
     api_cache_mb: float = Field(
         256, ge=0, description="MiB of read answers kept per API process (PostgreSQL only; 0: off)"
     )
+    # Route handlers are sync (SQLAlchemy sessions) and run on anyio's thread pool. Its default
+    # of 40 threads lets 40 CPU-bound handlers fight for the GIL at once, which on a small
+    # machine stretches every request instead of finishing some; a few threads keep latency
+    # bounded and still overlap database waits.
+    api_threads: int = Field(
+        6, ge=1, le=1000, description="threads of an API process that run route handlers "
+                                      "(anyio's default is 40)"
+    )
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     trust: Thresholds = Field(default_factory=Thresholds)

@@ -31,13 +31,6 @@ log = logging.getLogger("alphawatch.api")
 PLOTLY_JS = Path(plotly.__file__).resolve().parent / "package_data" / "plotly.min.js"
 
 
-# Route handlers are sync (SQLAlchemy sessions) and run on anyio's thread pool. Its default of
-# 40 threads lets 40 CPU-bound handlers fight for the GIL at once, which on a small machine
-# stretches every request instead of finishing some; a few threads keep latency bounded and
-# still overlap database waits.
-API_THREADS = int(os.environ.get("ALPHAWATCH_API_THREADS", "6"))
-
-
 class _Static(StaticFiles):
     """Static files with ``.js`` always sent as JavaScript, whatever the host's MIME table says
     (Windows registries often say text/plain): browsers refuse such module scripts."""
@@ -52,7 +45,9 @@ class _Static(StaticFiles):
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    anyio.to_thread.current_default_thread_limiter().total_tokens = API_THREADS
+    # The limiter belongs to the event loop, so it is sized here, where the loop runs.
+    settings: Settings = app.state.settings
+    anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
     cache: ResultCache | None = app.state.cache
     if cache is not None:
         cache.start()
