@@ -50,6 +50,9 @@ class AlertSettings(BaseModel):
         2.0, gt=0, description="wait before the second attempt; doubled after each failure")
     backoff_max_s: float = Field(600.0, gt=0, description="longest wait between two attempts")
     poll_s: float = Field(2.0, gt=0, description="how often a worker looks for due deliveries")
+    min_interval_s: float = Field(
+        60.0, ge=0, le=86400, description="least time between two alerts of one run; a verdict "
+        "that changes again meanwhile replaces the waiting alert (the latest is always sent)")
 
     @field_validator("webhook_url")
     @classmethod

@@ -6,7 +6,8 @@ a lease, POSTs each with a timeout, and records the attempt: delivered on 2xx; d
 an exponential backoff on a network error, a timeout, 5xx, 408, 425 or 429; failed at once on an
 answer retrying cannot change (other 4xx, a redirect, which is never followed) or when its
 attempts are spent. A worker that dies mid-delivery leaves a lease that runs out, and the alert
-is sent again by whichever worker comes next: at least once.
+is sent again by whichever worker comes next: at least once. The claim keeps one run's alerts in
+order and coalesces a flapping verdict (``service.db.alerts.claim``).
 
 Only ``http.client`` is used, to the host of an http(s) URL checked by the settings: no
 redirect, proxy variable or other URL scheme can take the request anywhere else, and every
@@ -136,7 +137,8 @@ class AlertDispatcher:
         attempted = 0
         while attempted < limit and not self._stop.is_set():
             with session_scope(self.engine) as session:
-                claimed = alerts.claim(session, worker_id=self.worker_id, lease_s=self.lease_s)
+                claimed = alerts.claim(session, worker_id=self.worker_id, lease_s=self.lease_s,
+                                       min_interval_s=self.config.min_interval_s)
             if claimed is None:
                 break
             attempt = post_json(self.url, claimed.payload, timeout_s=self.config.timeout_s)

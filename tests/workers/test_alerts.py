@@ -7,6 +7,7 @@ real (PostgreSQL and SQLite); the last two tests run the real worker on real che
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import threading
 import time
@@ -22,6 +23,7 @@ from alphawatch.service.api import create_app
 from alphawatch.service.db import queue
 from alphawatch.service.db.alerts import GateCheck
 from alphawatch.service.db.session import make_engine, session_scope
+from alphawatch.service.db.tokens import TokenScope, create_token
 from alphawatch.settings import Settings
 from alphawatch.workers.alerts import AlertDispatcher, post_json
 from alphawatch.workers.watcher import Watcher
@@ -29,7 +31,8 @@ from tests.db import rows, wait_until
 from tests.pg import free_port
 from tests.webhook import receiver
 
-FAST = {"backoff_s": 0.2, "backoff_max_s": 5.0, "poll_s": 0.1, "timeout_s": 5.0}
+FAST = {"backoff_s": 0.2, "backoff_max_s": 5.0, "poll_s": 0.1, "timeout_s": 5.0,
+        "min_interval_s": 0.0}
 
 
 def _settings(url: str, hook: str, **alerts: Any) -> Settings:
@@ -177,6 +180,82 @@ def test_answers_that_retrying_cannot_change_fail_at_once() -> None:
     assert "redirects are not followed" in str(moved.error)
     assert (busy.status_code, busy.retry) == (429, True)
     assert (fine.status_code, fine.error) == (200, None)
+
+
+def _alert_rows(url: str) -> list[tuple[str, str, str | None]]:
+    return rows(url, "SELECT r.name, a.status, a.last_error FROM alert a JOIN run r "
+                     "ON r.id = a.run_id ORDER BY a.id")
+
+
+def _write_token(url: str) -> dict[str, str]:
+    with session_scope(make_engine(url)) as session:
+        token = create_token(session, name="ci", scope=TokenScope.WRITE)
+    return {"Authorization": f"Bearer {token}"}
+
+
+def test_a_flapping_verdict_is_coalesced_and_the_latest_goes_last(db_url: str) -> None:
+    min_interval_s = 1.0
+    with receiver() as hook:
+        settings = _settings(db_url, hook.url, min_interval_s=min_interval_s)
+        _analysed(db_url, run="flap", step=1, alpha=3.0, check=_check(settings))  # passes
+        dispatcher = AlertDispatcher(settings.alerts, make_engine(db_url), "w1")
+        dispatcher.start()
+        write = _write_token(db_url)
+        try:
+            with TestClient(create_app(settings)) as client:
+                started = time.monotonic()
+                for i in range(40):  # fails under max_alpha 2.5, passes under the defaults
+                    rules = {"max_alpha": 2.5} if i % 2 == 0 else {}
+                    put = client.put("/api/v1/runs/1/gate-rules", json=rules, headers=write)
+                    assert put.status_code == 200
+                    dispatcher.wake()
+                final = put.json()["last_verdict"]["passed"]
+                wait_until(lambda: rows(db_url, "SELECT count(*) FROM alert WHERE status IN "
+                                                "('pending', 'sending')") == [(0,)], 30,
+                           "every alert to be settled")
+                elapsed = time.monotonic() - started
+        finally:
+            dispatcher.stop()
+    posts = hook.bodies()
+    assert 1 <= len(posts) <= math.ceil(elapsed / min_interval_s) + 1
+    assert posts[-1]["verdict"] == ("pass" if final else "fail")
+    statuses = [r[0] for r in rows(db_url, "SELECT status FROM alert ORDER BY id")]
+    assert len(statuses) == 40 and set(statuses) <= {"delivered", "superseded"}
+    assert statuses.count("delivered") == len(posts)
+
+
+def test_a_verdict_back_to_the_one_delivered_is_not_sent_again(db_url: str) -> None:
+    with receiver() as hook:
+        settings = _settings(db_url, hook.url, min_interval_s=3600.0)
+        check = _check(settings)
+        dispatcher = AlertDispatcher(settings.alerts, make_engine(db_url), "w1")
+        _analysed(db_url, run="r", step=1, alpha=7.0, check=check)  # fails
+        assert dispatcher.deliver_due() == 1
+        _analysed(db_url, run="r", step=2, alpha=3.0, check=check)  # passes: within the hour
+        assert dispatcher.deliver_due() == 0
+        _analysed(db_url, run="r", step=3, alpha=7.0, check=check)  # fails, as was last told
+        assert dispatcher.deliver_due() == 0
+    assert [b["verdict"] for b in hook.bodies()] == ["fail"]
+    (_, one, _), (_, two, replaced), (_, three, back) = _alert_rows(db_url)
+    assert (one, two, three) == ("delivered", "superseded", "superseded")
+    assert "superseded by a newer verdict" in str(replaced)
+    assert "back to the one alert 1 delivered" in str(back)
+
+
+def test_a_failed_attempt_is_not_retried_once_the_verdict_changed(db_url: str) -> None:
+    with receiver([503]) as hook:
+        settings = _settings(db_url, hook.url)
+        check = _check(settings)
+        dispatcher = AlertDispatcher(settings.alerts, make_engine(db_url), "w1")
+        _analysed(db_url, run="r", step=1, alpha=7.0, check=check)  # fails: answered 503
+        assert dispatcher.deliver_due() == 1
+        _analysed(db_url, run="r", step=2, alpha=3.0, check=check)  # passes
+        time.sleep(0.3)  # the first alert's retry is due
+        assert dispatcher.deliver_due() == 1
+    assert [b["verdict"] for b in hook.bodies()] == ["fail", "pass"]
+    (_, first, error), (_, second, _) = _alert_rows(db_url)
+    assert (first, second) == ("superseded", "delivered")
+    assert str(error).startswith("127.0.0.1 answered HTTP 503")
 
 
 def test_a_dead_sender_is_taken_over_after_its_lease(db_url: str) -> None:
