@@ -215,6 +215,8 @@ def claim(session: Session, *, worker_id: str, lease_s: float,
     ``min_interval_s`` after the run's latest attempt.
     """
     now = utcnow()
+    # On SQLite this write also takes the database's write lock, so the senders' claims run
+    # one after the other there (PostgreSQL's row locks below do that for the claim itself).
     _supersede_older(session)
     earlier = aliased(Alert)
     open_ = (AlertStatus.PENDING.value, AlertStatus.SENDING.value)
