@@ -262,6 +262,8 @@ def finish(session: Session, *, alert_id: int, worker_id: str, status_code: int 
            error: str | None, retry_in_s: float | None) -> bool:
     """Record one attempt: delivered (no error), due again in ``retry_in_s``, or failed.
 
+    An attempt to retry is superseded instead when a newer alert of its run exists.
+
     Returns False when this worker no longer held the alert (its lease ran out meanwhile).
     """
     now = utcnow()
@@ -277,10 +279,11 @@ def finish(session: Session, *, alert_id: int, worker_id: str, status_code: int 
     result = session.execute(update(Alert).where(
         Alert.id == alert_id, Alert.worker_id == worker_id,
         Alert.status == AlertStatus.SENDING.value).values(**values))
-    run_id = session.scalar(select(Alert.run_id).where(Alert.id == alert_id))
-    if retry_in_s is not None and run_id is not None:
+    if error is not None and retry_in_s is not None:
         # A verdict that changed while this attempt was out makes its retry stale.
-        _supersede_older(session, run_id=run_id)
+        run_id = session.scalar(select(Alert.run_id).where(Alert.id == alert_id))
+        if run_id is not None:
+            _supersede_older(session, run_id=run_id)
     return bool(getattr(result, "rowcount", 0))
 
 
