@@ -44,12 +44,19 @@ class AlertSettings(BaseModel):
     webhook_url: str | None = Field(
         None, description="http(s) URL that gate verdict changes are POSTed to; none: no alerts")
     timeout_s: float = Field(
-        10.0, gt=0, le=300, description="connect, send and each read of one delivery attempt")
+        10.0, gt=0, le=300, description="the whole of one delivery attempt: connecting, sending "
+        "and reading the answer (a receiver that trickles its answer is cut off)")
     max_attempts: int = Field(8, ge=1, le=100, description="attempts before a delivery fails")
     backoff_s: float = Field(
         2.0, gt=0, description="wait before the second attempt; doubled after each failure")
     backoff_max_s: float = Field(600.0, gt=0, description="longest wait between two attempts")
     poll_s: float = Field(2.0, gt=0, description="how often a worker looks for due deliveries")
+    min_interval_s: float = Field(
+        60.0, ge=0, le=86400, description="least time between two alerts of one run; a verdict "
+        "that changes again meanwhile replaces the waiting alert (the latest is always sent)")
+    senders: int = Field(
+        4, ge=1, le=32, description="deliveries a worker makes at once (one slow receiver or "
+        "run holds one of them)")
 
     @field_validator("webhook_url")
     @classmethod

@@ -351,7 +351,8 @@ class AlertRead(BaseModel):
     step: int | None
     verdict: str = Field(description="pass or fail: the gate's new verdict")
     previous: str | None = Field(description="the verdict before; null for the run's first")
-    status: str = Field(description="pending, sending, delivered or failed")
+    status: str = Field(description="pending, sending, delivered, failed or superseded (never "
+                        "sent: a newer verdict replaced it, or the verdict came back)")
     attempts: int
     last_status_code: int | None = Field(description="the receiver's last HTTP status")
     last_error: str | None

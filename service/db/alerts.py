@@ -10,13 +10,20 @@ the body carries the alert ``id`` for receivers that want to drop a repeat).
 What raises an alert: the verdict at the latest analysed step flipping (pass -> fail, fail ->
 pass). A run's first verdict raises one only when it fails: a run that starts healthy is news to
 no one, one that starts failing is.
+
+A flapping verdict (a run near a threshold, rules PUT again and again) is coalesced, so the
+receiver hears at most one alert per run per ``min_interval_s`` and always the latest verdict
+last: a newer alert supersedes the run's older ones that have not gone out (they would be stale,
+and sent after it they would say the opposite of the truth); a run's alert waits
+``min_interval_s`` after the run's previous attempt; and an alert whose verdict is the one the
+receiver was last told (the verdict flipped back meanwhile) is superseded unsent.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import UTC, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, exists, func, select, update
@@ -124,6 +131,7 @@ def record_verdict(session: Session, *, run_id: int, check: GateCheck) -> Alert 
     session.add(alert)
     session.flush()  # the id goes into the body
     alert.payload = json.dumps(payload_of(alert.id, run, verdict, previous))
+    _supersede_older(session, run_id=run_id)
     return alert
 
 
@@ -152,6 +160,28 @@ def list_alerts(session: Session, *, run_id: int, limit: int, offset: int) -> li
                                 .order_by(Alert.id.desc()).limit(limit).offset(offset)))
 
 
+def _supersede_older(session: Session, *, run_id: int | None = None) -> None:
+    """Every pending alert of a run (of all runs: None) that a newer alert of its run follows.
+
+    An alert being sent is left alone; should its attempt fail, :func:`finish` supersedes it.
+    """
+    newer = aliased(Alert)
+    query = update(Alert).where(
+        Alert.status == AlertStatus.PENDING.value,
+        exists().where(and_(newer.run_id == Alert.run_id, newer.id > Alert.id)))
+    if run_id is not None:
+        query = query.where(Alert.run_id == run_id)
+    # The error of an attempt it had is kept in front of the note.
+    note = func.coalesce(Alert.last_error + "; ", "") + "superseded by a newer verdict of the run"
+    session.execute(query.values(status=AlertStatus.SUPERSEDED.value, finished_at=utcnow(),
+                                 last_error=note, worker_id=None, lease_expires_at=None)
+                    .execution_options(synchronize_session=False))
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)  # SQLite: naive
+
+
 def recover_stale(session: Session, *, max_attempts: int) -> int:
     """Alerts whose sender died or hung mid-delivery: due again, or failed when spent."""
     now = utcnow()
@@ -168,16 +198,26 @@ def recover_stale(session: Session, *, max_attempts: int) -> int:
             alert.status, alert.finished_at = AlertStatus.FAILED.value, now
         else:
             alert.status, alert.next_attempt_at = AlertStatus.PENDING.value, now
+    if stale:
+        session.flush()
+        _supersede_older(session)
     return len(stale)
 
 
-def claim(session: Session, *, worker_id: str, lease_s: float) -> ClaimedAlert | None:
+def claim(session: Session, *, worker_id: str, lease_s: float,
+          min_interval_s: float = 0.0) -> ClaimedAlert | None:
     """Take the oldest due alert whose run has no earlier alert undelivered; commits at once.
 
     One run's alerts go out in order: a "passes again" never overtakes the "fails" it follows
-    while that one waits for a retry.
+    while that one waits for a retry, and an older alert still pending when a newer one exists is
+    superseded, never sent after it. On the way, a due alert is skipped for good (superseded)
+    when its verdict is the one the run's latest attempted alert delivered, or put off until
+    ``min_interval_s`` after the run's latest attempt.
     """
     now = utcnow()
+    # On SQLite this write also takes the database's write lock, so the senders' claims run
+    # one after the other there (PostgreSQL's row locks below do that for the claim itself).
+    _supersede_older(session)
     earlier = aliased(Alert)
     open_ = (AlertStatus.PENDING.value, AlertStatus.SENDING.value)
     query = (select(Alert).where(
@@ -188,23 +228,41 @@ def claim(session: Session, *, worker_id: str, lease_s: float) -> ClaimedAlert |
     if session.get_bind().dialect.name == "postgresql":
         # Several workers deliver: each skips the rows another is taking instead of waiting.
         query = query.with_for_update(skip_locked=True, of=Alert)
-    alert = session.scalars(query).first()
-    if alert is None:
+    while (alert := session.scalars(query).first()) is not None:
+        told = session.scalars(select(Alert).where(
+            Alert.run_id == alert.run_id, Alert.id < alert.id, Alert.attempts > 0)
+            .order_by(Alert.id.desc()).limit(1)).first()
+        if (told is not None and told.status == AlertStatus.DELIVERED.value
+                and told.passed == alert.passed):
+            alert.status, alert.finished_at = AlertStatus.SUPERSEDED.value, now
+            alert.last_error = (f"not sent: the run's verdict is back to the one alert "
+                                f"{told.id} delivered")
+            session.flush()
+            continue
+        last = session.scalar(select(func.max(Alert.last_attempt_at)).where(
+            Alert.run_id == alert.run_id, Alert.id != alert.id))
+        if last is not None and _aware(last) + timedelta(seconds=min_interval_s) > now:
+            alert.next_attempt_at = _aware(last) + timedelta(seconds=min_interval_s)
+            session.flush()
+            continue
+        alert.status, alert.worker_id = AlertStatus.SENDING.value, worker_id
+        alert.attempts += 1
+        alert.last_attempt_at = now
+        alert.lease_expires_at = now + timedelta(seconds=lease_s)
+        claimed = ClaimedAlert(alert_id=alert.id, run_id=alert.run_id,
+                               payload=alert.payload.encode(), attempts=alert.attempts)
+        # Committed before the request goes out: the lease must be visible to other senders.
         session.commit()
-        return None
-    alert.status, alert.worker_id = AlertStatus.SENDING.value, worker_id
-    alert.attempts += 1
-    alert.lease_expires_at = now + timedelta(seconds=lease_s)
-    claimed = ClaimedAlert(alert_id=alert.id, run_id=alert.run_id,
-                           payload=alert.payload.encode(), attempts=alert.attempts)
-    # Committed before the request goes out: the lease must be visible to other senders.
+        return claimed
     session.commit()
-    return claimed
+    return None
 
 
 def finish(session: Session, *, alert_id: int, worker_id: str, status_code: int | None,
            error: str | None, retry_in_s: float | None) -> bool:
     """Record one attempt: delivered (no error), due again in ``retry_in_s``, or failed.
+
+    An attempt to retry is superseded instead when a newer alert of its run exists.
 
     Returns False when this worker no longer held the alert (its lease ran out meanwhile).
     """
@@ -221,6 +279,11 @@ def finish(session: Session, *, alert_id: int, worker_id: str, status_code: int 
     result = session.execute(update(Alert).where(
         Alert.id == alert_id, Alert.worker_id == worker_id,
         Alert.status == AlertStatus.SENDING.value).values(**values))
+    if error is not None and retry_in_s is not None:
+        # A verdict that changed while this attempt was out makes its retry stale.
+        run_id = session.scalar(select(Alert.run_id).where(Alert.id == alert_id))
+        if run_id is not None:
+            _supersede_older(session, run_id=run_id)
     return bool(getattr(result, "rowcount", 0))
 
 
@@ -230,6 +293,4 @@ def next_due_in(session: Session) -> float | None:
                          .where(Alert.status == AlertStatus.PENDING.value))
     if due is None:
         return None
-    if due.tzinfo is None:  # SQLite gives back naive UTC
-        due = due.replace(tzinfo=UTC)
-    return (due - utcnow()).total_seconds()
+    return (_aware(due) - utcnow()).total_seconds()

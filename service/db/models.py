@@ -277,6 +277,9 @@ class AlertStatus(StrEnum):
     SENDING = "sending"  # a worker's delivery thread holds it until lease_expires_at
     DELIVERED = "delivered"  # the receiver answered 2xx
     FAILED = "failed"  # given up: attempts spent, or an answer that retrying cannot change
+    # Never sent (again): a newer verdict of the run replaced it before it went out, or the
+    # run's verdict is back to the one the receiver was last told (last_error says which).
+    SUPERSEDED = "superseded"
 
 
 class RunGate(Base):
@@ -318,6 +321,9 @@ class Alert(Base):
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     last_error: Mapped[str | None] = mapped_column(Text)
     last_status_code: Mapped[int | None] = mapped_column(Integer)
+    # When its latest attempt began: a run's next alert waits ALPHAWATCH_ALERTS__MIN_INTERVAL_S
+    # after it, so a flapping verdict cannot flood the receiver.
+    last_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 

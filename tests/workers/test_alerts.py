@@ -6,7 +6,10 @@ real (PostgreSQL and SQLite); the last two tests run the real worker on real che
 
 from __future__ import annotations
 
+import itertools
 import json
+import logging
+import math
 import shutil
 import threading
 import time
@@ -22,14 +25,16 @@ from alphawatch.service.api import create_app
 from alphawatch.service.db import queue
 from alphawatch.service.db.alerts import GateCheck
 from alphawatch.service.db.session import make_engine, session_scope
+from alphawatch.service.db.tokens import TokenScope, create_token
 from alphawatch.settings import Settings
 from alphawatch.workers.alerts import AlertDispatcher, post_json
 from alphawatch.workers.watcher import Watcher
 from tests.db import rows, wait_until
 from tests.pg import free_port
-from tests.webhook import receiver
+from tests.webhook import TRICKLE_S, receiver
 
-FAST = {"backoff_s": 0.2, "backoff_max_s": 5.0, "poll_s": 0.1, "timeout_s": 5.0}
+FAST = {"backoff_s": 0.2, "backoff_max_s": 5.0, "poll_s": 0.1, "timeout_s": 5.0,
+        "min_interval_s": 0.0}
 
 
 def _settings(url: str, hook: str, **alerts: Any) -> Settings:
@@ -177,6 +182,174 @@ def test_answers_that_retrying_cannot_change_fail_at_once() -> None:
     assert "redirects are not followed" in str(moved.error)
     assert (busy.status_code, busy.retry) == (429, True)
     assert (fine.status_code, fine.error) == (200, None)
+
+
+def _alert_rows(url: str) -> list[tuple[str, str, str | None]]:
+    return rows(url, "SELECT r.name, a.status, a.last_error FROM alert a JOIN run r "
+                     "ON r.id = a.run_id ORDER BY a.id")
+
+
+def test_a_trickling_answer_is_cut_off_at_the_deadline() -> None:
+    with receiver(trickle=frozenset({"slow"})) as hook:
+        started = time.monotonic()
+        attempt = post_json(hook.url, b'{"run": {"name": "slow"}}', timeout_s=1.0)
+        took = time.monotonic() - started
+    assert (attempt.status_code, attempt.retry) == (None, True)
+    assert "no complete answer within 1s" in str(attempt.error)
+    # A byte every 0.2 s never trips a 1 s timeout per read: only a deadline ends it this soon.
+    assert took < 1.0 + 10 < TRICKLE_S
+
+
+def test_a_trickling_receiver_holds_one_alert_to_its_deadline_and_no_other(db_url: str) -> None:
+    timeout_s = 5.0
+    with receiver(trickle=frozenset({"slow"})) as hook:
+        settings = _settings(db_url, hook.url, timeout_s=timeout_s, max_attempts=1)
+        check = _check(settings)
+        dispatcher = AlertDispatcher(settings.alerts, make_engine(db_url), "w1")
+        dispatcher.start()
+        try:
+            _analysed(db_url, run="slow", step=1, alpha=7.0, check=check)
+            dispatcher.wake()
+            wait_until(lambda: hook.trickling > 0, 20, "the slow run's answer to trickle")
+            first = hook.received[0].at
+            _analysed(db_url, run="fast", step=1, alpha=7.0, check=check)
+            dispatcher.wake()
+            wait_until(lambda: rows(db_url, "SELECT status FROM alert WHERE id = 2")
+                       == [("delivered",)], 20, "the fast run's alert")
+            # The slow alert's first attempt ends at its deadline (with slack for a busy
+            # machine), far before the receiver would have stopped trickling.
+            wait_until(lambda: rows(db_url, "SELECT status FROM alert WHERE id = 1")
+                       == [("failed",)], first + timeout_s + 10 - time.monotonic(),
+                       "the slow alert's attempt to be cut off")
+        finally:
+            dispatcher.stop()
+        fast = next(r for r in hook.received if r.body["run"]["name"] == "fast")
+    assert fast.trickling == 1  # delivered while the slow alert's answer was trickling in
+    (error,) = rows(db_url, "SELECT last_error FROM alert WHERE id = 1")[0]
+    assert f"no complete answer within {timeout_s:g}s" in error
+
+
+def _write_token(url: str) -> dict[str, str]:
+    with session_scope(make_engine(url)) as session:
+        token = create_token(session, name="ci", scope=TokenScope.WRITE)
+    return {"Authorization": f"Bearer {token}"}
+
+
+def test_a_flapping_verdict_is_coalesced_and_the_latest_goes_last(db_url: str) -> None:
+    min_interval_s = 1.0
+    with receiver() as hook:
+        settings = _settings(db_url, hook.url, min_interval_s=min_interval_s)
+        _analysed(db_url, run="flap", step=1, alpha=3.0, check=_check(settings))  # passes
+        dispatcher = AlertDispatcher(settings.alerts, make_engine(db_url), "w1")
+        dispatcher.start()
+        write = _write_token(db_url)
+        try:
+            with TestClient(create_app(settings)) as client:
+                started = time.monotonic()
+                for i in range(40):  # fails under max_alpha 2.5, passes under the defaults
+                    rules = {"max_alpha": 2.5} if i % 2 == 0 else {}
+                    put = client.put("/api/v1/runs/1/gate-rules", json=rules, headers=write)
+                    assert put.status_code == 200
+                    dispatcher.wake()
+                final = put.json()["last_verdict"]["passed"]
+                wait_until(lambda: rows(db_url, "SELECT count(*) FROM alert WHERE status IN "
+                                                "('pending', 'sending')") == [(0,)], 30,
+                           "every alert to be settled")
+                elapsed = time.monotonic() - started
+        finally:
+            dispatcher.stop()
+    posts = hook.bodies()
+    assert 1 <= len(posts) <= math.ceil(elapsed / min_interval_s) + 1
+    assert posts[-1]["verdict"] == ("pass" if final else "fail")
+    statuses = [r[0] for r in rows(db_url, "SELECT status FROM alert ORDER BY id")]
+    assert len(statuses) == 40 and set(statuses) <= {"delivered", "superseded"}
+    assert statuses.count("delivered") == len(posts)
+
+
+def test_a_verdict_back_to_the_one_delivered_is_not_sent_again(db_url: str) -> None:
+    with receiver() as hook:
+        settings = _settings(db_url, hook.url, min_interval_s=3600.0)
+        check = _check(settings)
+        dispatcher = AlertDispatcher(settings.alerts, make_engine(db_url), "w1")
+        _analysed(db_url, run="r", step=1, alpha=7.0, check=check)  # fails
+        assert dispatcher.deliver_due() == 1
+        _analysed(db_url, run="r", step=2, alpha=3.0, check=check)  # passes: within the hour
+        assert dispatcher.deliver_due() == 0
+        _analysed(db_url, run="r", step=3, alpha=7.0, check=check)  # fails, as was last told
+        assert dispatcher.deliver_due() == 0
+    assert [b["verdict"] for b in hook.bodies()] == ["fail"]
+    (_, one, _), (_, two, replaced), (_, three, back) = _alert_rows(db_url)
+    assert (one, two, three) == ("delivered", "superseded", "superseded")
+    assert "superseded by a newer verdict" in str(replaced)
+    assert "back to the one alert 1 delivered" in str(back)
+
+
+def test_a_failed_attempt_is_not_retried_once_the_verdict_changed(db_url: str) -> None:
+    with receiver([503]) as hook:
+        settings = _settings(db_url, hook.url)
+        check = _check(settings)
+        dispatcher = AlertDispatcher(settings.alerts, make_engine(db_url), "w1")
+        _analysed(db_url, run="r", step=1, alpha=7.0, check=check)  # fails: answered 503
+        assert dispatcher.deliver_due() == 1
+        _analysed(db_url, run="r", step=2, alpha=3.0, check=check)  # passes
+        time.sleep(0.3)  # the first alert's retry is due
+        assert dispatcher.deliver_due() == 1
+    assert [b["verdict"] for b in hook.bodies()] == ["fail", "pass"]
+    (_, first, error), (_, second, _) = _alert_rows(db_url)
+    assert (first, second) == ("superseded", "delivered")
+    assert str(error).startswith("127.0.0.1 answered HTTP 503")
+
+
+def test_a_fault_while_sending_is_recorded_and_the_senders_go_on(db_url: str) -> None:
+    # A host name no resolver takes: the IDNA codec refuses a label over 63 characters with a
+    # UnicodeError, which is no network error.
+    settings = _settings(db_url, f"http://{'a' * 64}.example/hook", max_attempts=2,
+                         backoff_s=0.05)
+    dispatcher = AlertDispatcher(settings.alerts, make_engine(db_url), "w1")
+    dispatcher.start()
+    try:
+        _analysed(db_url, run="r", step=1, alpha=7.0, check=_check(settings))
+        dispatcher.wake()
+        wait_until(lambda: rows(db_url, "SELECT status FROM alert") == [("failed",)], 20,
+                   "the alert to fail after its attempts")
+        # The senders go on: another run's alert is attempted too.
+        _analysed(db_url, run="s", step=1, alpha=7.0, check=_check(settings))
+        dispatcher.wake()
+        wait_until(lambda: rows(db_url, "SELECT status FROM alert WHERE id = 2")
+                   == [("failed",)], 20, "the second alert to be attempted")
+    finally:
+        dispatcher.stop()
+    for attempts, error in rows(db_url, "SELECT attempts, last_error FROM alert"):
+        assert attempts == 2 and "UnicodeError" in error
+
+
+def test_a_failing_database_is_retried_with_a_growing_pause(
+        pg_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    with receiver() as hook:
+        settings = _settings(pg_url, hook.url, senders=1, backoff_s=0.1)
+        _analysed(pg_url, run="r", step=1, alpha=7.0, check=_check(settings))
+        engine = make_engine(pg_url)
+        with engine.begin() as connection:  # every claim now fails, as on a full disk
+            connection.exec_driver_sql(
+                "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS "
+                "$$ BEGIN RAISE EXCEPTION 'could not extend file'; END $$; "
+                "CREATE TRIGGER refuse BEFORE UPDATE ON alert EXECUTE FUNCTION refuse()")
+        dispatcher = AlertDispatcher(settings.alerts, engine, "w1")
+        with caplog.at_level(logging.ERROR, logger="alphawatch.alerts"):
+            dispatcher.start()
+            try:
+                wait_until(lambda: len(caplog.records) >= 4, 20, "four failed passes")
+                with engine.begin() as connection:
+                    connection.exec_driver_sql("DROP TRIGGER refuse ON alert")
+                wait_until(lambda: len(hook.received) == 1, 20, "the delivery once it heals")
+            finally:
+                dispatcher.stop()
+    failed = [r for r in caplog.records if "alert delivery failed" in r.getMessage()]
+    assert "could not extend file" in str(failed[0].exc_info)
+    gaps = [b.created - a.created for a, b in itertools.pairwise(failed)]
+    # The pause doubles: 0.1 s, 0.2 s, 0.4 s (a busy machine only lengthens them).
+    assert all(gap >= 0.1 * 2 ** i for i, gap in enumerate(gaps[:3]))
+    assert rows(pg_url, "SELECT status FROM alert") == [("delivered",)]
 
 
 def test_a_dead_sender_is_taken_over_after_its_lease(db_url: str) -> None:
