@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import io
 import json
 import logging
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from alphawatch.settings import Settings
+from alphawatch.spreadsheet import write_csv
 from alphawatch.vocabulary import FitMethod
 
 if TYPE_CHECKING:
@@ -452,9 +452,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         out.write("\n")
     elif args.format == "csv":
         keys = list(doc["layers"][0]) if doc["layers"] else list(_COLUMNS)
-        writer = csv.DictWriter(out, fieldnames=keys, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(doc["layers"])
+        write_csv(out, keys, doc["layers"])
     else:
         out.write(_table(doc))
     return EXIT_OK
