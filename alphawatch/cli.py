@@ -329,8 +329,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
     print(f"alphawatch: dashboard at http://{settings.host}:{settings.port}/  "
           f"(database {settings.database_url})", flush=True)
     try:
-        uvicorn.run(create_app(settings, liveness=worker.liveness), host=settings.host,
-                    port=settings.port, log_level="warning")
+        uvicorn.run(create_app(settings, liveness=worker.liveness, bound_host=settings.host),
+                    host=settings.host, port=settings.port, log_level="warning")
     finally:
         stop.set()
         worker.join(timeout=60)
@@ -369,7 +369,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     _prepare_database(settings, migrate=_is_embedded(settings))
     print(f"alphawatch: API and dashboard at http://{settings.host}:{settings.port}/", flush=True)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning")
+    uvicorn.run(create_app(settings, bound_host=settings.host), host=settings.host,
+                port=settings.port, log_level="warning")
     return EXIT_OK
 
 
