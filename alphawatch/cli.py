@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import io
 import json
 import logging
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from alphawatch.settings import Settings
+from alphawatch.spreadsheet import write_csv
 from alphawatch.vocabulary import FitMethod
 
 if TYPE_CHECKING:
@@ -332,8 +332,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
     print(f"alphawatch: dashboard at http://{settings.host}:{settings.port}/  "
           f"(database {settings.database_url})", flush=True)
     try:
-        uvicorn.run(create_app(settings, liveness=worker.liveness), host=settings.host,
-                    port=settings.port, log_level="warning")
+        uvicorn.run(create_app(settings, liveness=worker.liveness, bound_host=settings.host),
+                    host=settings.host, port=settings.port, log_level="warning")
     finally:
         stop.set()
         worker.join(timeout=60)
@@ -372,7 +372,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     _prepare_database(settings, migrate=_is_embedded(settings))
     print(f"alphawatch: API and dashboard at http://{settings.host}:{settings.port}/", flush=True)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning")
+    uvicorn.run(create_app(settings, bound_host=settings.host), host=settings.host,
+                port=settings.port, log_level="warning")
     return EXIT_OK
 
 
@@ -455,9 +456,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         out.write("\n")
     elif args.format == "csv":
         keys = list(doc["layers"][0]) if doc["layers"] else list(_COLUMNS)
-        writer = csv.DictWriter(out, fieldnames=keys, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(doc["layers"])
+        write_csv(out, keys, doc["layers"])
     else:
         out.write(_table(doc))
     return EXIT_OK

@@ -148,6 +148,12 @@ class Settings(BaseSettings):
     )
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    # NoDecode: the environment's "a.example,127.0.0.1" is split by the validator.
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Host headers the API answers, a guard against DNS rebinding (empty: the "
+                    "bound host, localhost, 127.0.0.1 and [::1]; '*': any host)",
+    )
     trust: Thresholds = Field(default_factory=Thresholds)
     export: ExportSettings = Field(default_factory=ExportSettings)
     # min_alpha / max_alpha left unset take the trust thresholds' over-/under-trained labels.
@@ -191,6 +197,13 @@ class Settings(BaseSettings):
         if any(w <= 0 for w in value):
             raise ValueError("nested widths must be positive integers")
         return sorted(set(value))
+
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [h.strip() for h in value.split(",") if h.strip()]
+        return value
 
     @field_validator("allowed_roots")
     @classmethod

@@ -33,6 +33,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from alphawatch.workers.checkpoints.skeleton import OFFLINE_ENVIRONMENT
+
 if TYPE_CHECKING:
     from alphawatch.settings import Settings
 
@@ -139,6 +141,9 @@ class AnalysisChild:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "alphawatch.workers.budget", str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, close_fds=True,
+                # Set before the child imports anything of the hub's: hostile input is read
+                # there, and nothing in it may reach the network.
+                env={**os.environ, **OFFLINE_ENVIRONMENT},
             )
         finally:
             theirs.close()

@@ -37,6 +37,7 @@ from typing import Any, TypeVar
 from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError, OperationalError
 
+from alphawatch.run_names import derived
 from alphawatch.service.db import queue, scans
 from alphawatch.service.db.alerts import GateCheck
 from alphawatch.service.db.models import Run
@@ -325,7 +326,7 @@ class Watcher:
         message = printable(f"discovery failed: {type(exc).__name__}: {exc}")[:_ERROR_MAX]
         try:
             with session_scope(self.engine) as session:
-                run_id = queue.ensure_run(session, name=run_dir.name, path=str(run_dir))
+                run_id = queue.ensure_run(session, name=derived(run_dir.name), path=str(run_dir))
                 queue.set_run_discovery_error(session, run_id=run_id, error=message)
         except (OperationalError, DBAPIError) as failed:
             if _is_connection_error(failed):
@@ -347,7 +348,7 @@ class Watcher:
         now_settled: dict[Path, tuple[int, CheckpointRef]] = {}
         quiet = True
         with session_scope(self.engine) as session:
-            run_id = queue.ensure_run(session, name=run_dir.name, path=str(run_dir))
+            run_id = queue.ensure_run(session, name=derived(run_dir.name), path=str(run_dir))
             known = queue.known_checkpoints(session, run_id=run_id)
             for ref in refs:
                 final = False

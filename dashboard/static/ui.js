@@ -1,6 +1,6 @@
 // Formatting, escaping, colours and the Plotly wrapper every view draws with.
 
-import { setParams } from "./state.js";
+import { setParams, state } from "./state.js";
 
 // Okabe–Ito: distinguishable under the common colour-vision deficiencies.
 export const C = { blue: "#0072b2", orange: "#e69f00", green: "#009e73", vermillion: "#d55e00",
@@ -42,6 +42,31 @@ export function note(el, message) {
   if (!el) return;
   if (el.data) Plotly.purge(el);
   el.innerHTML = `<p class="plot-note">${message}</p>`;
+}
+
+// A panel whose request failed says so in its own place (role=alert), the rest of the page
+// drawn as usual.
+export function failed(el, err) {
+  if (typeof el === "string") el = document.getElementById(el);
+  if (!el) return;
+  if (el.data) Plotly.purge(el);
+  delete el.dataset.rendered;
+  el.innerHTML = `<p class="plot-note error panel-error" role="alert">Could not load: ${
+    esc(err?.message ?? err)}</p>`;
+}
+
+// Runs one panel's requests and drawing; a failure is shown in that panel (element `id`) only.
+// Resolves to whether the panel was drawn. A missing or refused token is the page's business:
+// it is passed on, so the page asks for one.
+export async function inPanel(id, token, task) {
+  try {
+    await task();
+    return true;
+  } catch (err) {
+    if (err.status === 401 || err.status === 403) throw err;
+    if (token === state.renderToken) failed(id, err);
+    return false;
+  }
 }
 
 // The trust thresholds the server applies (GET /runs/{id} reports them): the well-trained band

@@ -22,6 +22,7 @@ from alphawatch.service.api import errors
 from alphawatch.service.api.auth import identify
 from alphawatch.service.api.cache import ResultCache
 from alphawatch.service.api.guard import RequestGuard
+from alphawatch.service.api.hosts import allowed_hosts
 from alphawatch.service.api.openapi import with_read_security
 from alphawatch.service.api.routes import health_router, router
 from alphawatch.service.api.vocabulary import vocabulary_router
@@ -59,11 +60,14 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 def create_app(settings: Settings | None = None, *,
-               liveness: Callable[[], str | None] | None = None) -> FastAPI:
+               liveness: Callable[[], str | None] | None = None,
+               bound_host: str | None = None) -> FastAPI:
     """Build the API + dashboard application; settings are read here, never at import time.
 
     ``liveness``, when given, is asked by ``/health``: None while what it watches (the worker
     thread of ``alphawatch up``) is fine, else the reason, and ``/health`` answers 503.
+    ``bound_host``, the host the server binds, makes the default of the allowed ``Host``
+    headers (``ALPHAWATCH_ALLOWED_HOSTS``; see ``hosts.py``).
     """
     settings = settings or Settings()
     app = FastAPI(title="alphawatch", version=__version__, lifespan=_lifespan,
@@ -80,7 +84,8 @@ def create_app(settings: Settings | None = None, *,
 
     errors.install(app)
     app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes,
-                       identify=functools.partial(identify, settings))
+                       identify=functools.partial(identify, settings),
+                       hosts=allowed_hosts(settings.allowed_hosts, bound_host))
     app.include_router(health_router)
     app.include_router(router)
     app.include_router(vocabulary_router)

@@ -3,6 +3,7 @@
 FastAPI reads and parses a body before it runs a route's dependencies, so a token check in a
 dependency comes after the body is in memory. The guard answers first:
 
+* a ``Host`` header the server is not known by: 400 (DNS rebinding; see ``hosts.py``);
 * NUL bytes in the path or the query: 422 (no database stores them; they reached PostgreSQL
   as errors that looked like an outage);
 * a write (any method but GET, HEAD, OPTIONS) without a known, unrevoked, unexpired token:
@@ -25,6 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from alphawatch.service.api.auth import CHALLENGE, TOKEN_REQUIRED, bearer
 from alphawatch.service.api.errors import UNAVAILABLE, UNREACHABLE
+from alphawatch.service.api.hosts import AllowedHosts
 from alphawatch.service.db.tokens import TokenInfo
 
 log = logging.getLogger("alphawatch.api")
@@ -60,13 +62,16 @@ class RequestGuard:
         max_body_bytes: the largest body accepted.
         identify: token -> its details, or None when it is unknown, revoked or expired
             (called on a worker thread: it reads the database).
+        hosts: the ``Host`` headers answered; None: any.
     """
 
     def __init__(self, app: ASGIApp, *, max_body_bytes: int,
-                 identify: Callable[[str], TokenInfo | None]) -> None:
+                 identify: Callable[[str], TokenInfo | None],
+                 hosts: AllowedHosts | None = None) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.identify = identify
+        self.hosts = hosts
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -75,6 +80,12 @@ class RequestGuard:
         headers = Headers(scope=scope)
         unread_body = ("transfer-encoding" in headers
                        or headers.get("content-length", "0") != "0")
+        if self.hosts is not None and not self.hosts.allows(headers.get("host")):
+            shown = repr(headers.get("host", ""))[:120]
+            await _answer(send, 400, f"invalid Host header {shown}: this server answers "
+                                     f"{self.hosts.describe()} only (ALPHAWATCH_ALLOWED_HOSTS; "
+                                     "a guard against DNS rebinding)", unread_body=unread_body)
+            return
         problem = _nul_in(scope)
         if problem is not None:
             await _answer(send, 422, f"invalid request: {problem}", unread_body=unread_body)

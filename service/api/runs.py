@@ -6,7 +6,6 @@ of :mod:`alphawatch.service.api.errors`, never HTTP exceptions.
 
 from __future__ import annotations
 
-import csv
 import errno
 import io
 import os
@@ -21,6 +20,7 @@ from alphawatch.service.api.errors import Conflict, Invalid, NotFound, Refused
 from alphawatch.service.db import queue, scans
 from alphawatch.service.db.models import AnalysisJob, Checkpoint, LayerMetric, Run
 from alphawatch.settings import CrossCheck
+from alphawatch.spreadsheet import write_csv
 from alphawatch.trust import Thresholds
 from alphawatch.vocabulary import split_variant
 
@@ -177,11 +177,8 @@ def layers_csv(*, session: Session, run_id: int, method: str) -> str:
     buffer = io.StringIO()
     columns = ["step", *[c for c in (layers[0] if layers else {}) if c != "checkpoint_id"]]
     columns.insert(columns.index("name") + 1 if "name" in columns else 1, "variant")
-    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
-    writer.writeheader()
-    for layer in layers:
-        writer.writerow({**layer, "step": steps[layer["checkpoint_id"]],
-                         "variant": split_variant(layer["name"])[1]})
+    write_csv(buffer, columns, ({**layer, "step": steps[layer["checkpoint_id"]],
+                                 "variant": split_variant(layer["name"])[1]} for layer in layers))
     return buffer.getvalue()
 
 

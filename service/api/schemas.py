@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic.json_schema import SkipJsonSchema
 
+from alphawatch import run_names
 from alphawatch.gate_rules import GateRules
 from alphawatch.trust import Thresholds
 from alphawatch.vocabulary import LayerFilter, Statistic
@@ -43,8 +44,18 @@ class HealthDegraded(ErrorRead):
     reason: str = Field(description="what is down, e.g. the worker loop being restarted")
 
 
+def _run_name(name: str) -> str:
+    problem = run_names.refusal(name)
+    if problem is not None:
+        raise ValueError(problem)
+    return name
+
+
 class RunCreate(BaseModel):
-    name: str = Field(min_length=1, max_length=255, pattern=r"^[\w.\-]+$")
+    name: Annotated[str, AfterValidator(_run_name)] = Field(
+        min_length=1, max_length=run_names.MAX_LENGTH, pattern=run_names.PATTERN,
+        description="letters, digits, '_', '.' and '-'; not only dots ('.', '..'): the name is "
+                    "also the run's folder in exports")
     path: str = Field(
         max_length=4096, pattern=r"^(/[^/\x00]{1,255})+/?$|^/$",
         description="absolute path of the run directory, under one of ALPHAWATCH_ALLOWED_ROOTS "

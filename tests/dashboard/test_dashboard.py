@@ -485,7 +485,9 @@ def test_plots_follow_the_servers_thresholds(page: Any, site: Site, trust: Thres
     settings = site.settings.model_copy(update={"trust": trust})
     with serve(create_app(settings)) as base_url:
         page.goto(f"{base_url}/#/runs/{site.run_id}")
-        page.wait_for_function("() => document.getElementById('heatmap')?.data?.[0]?.z?.length")
+        # Each panel draws when its own answer arrives: wait for both.
+        page.wait_for_function("() => document.getElementById('heatmap')?.data?.[0]?.z?.length"
+                               " && document.getElementById('trend')?.layout")
         shapes = page.evaluate("() => document.getElementById('trend').layout.shapes"
                                ".filter((s) => s.type === 'rect').map((s) => [s.y0, s.y1])")
         zmax = page.evaluate("() => document.getElementById('heatmap').data[0].zmax")

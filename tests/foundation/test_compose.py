@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shlex
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 import yaml
 
 from alphawatch.cli import build_parser
+from alphawatch.service.api.hosts import allowed_hosts
 from alphawatch.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -58,10 +60,19 @@ def test_environment_names_real_settings(
         assert key.startswith("ALPHAWATCH_"), key
         assert key.removeprefix("ALPHAWATCH_").split("__")[0] in fields, f"{key} is no setting"
         password = "${POSTGRES_PASSWORD:?set POSTGRES_PASSWORD}"
-        monkeypatch.setenv(key, str(value).replace(password, "pw"))
+        # ${NAME:-default}: what compose substitutes when the operator sets nothing.
+        value = re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", str(value).replace(password, "pw"))
+        monkeypatch.setenv(key, value)
     settings = Settings()
     assert settings.database_url.startswith("postgresql+psycopg://alphawatch:pw@postgres:5432/")
     assert settings.allowed_roots == [Path("/runs")]
+    if service == "api":
+        # The healthcheck, the published port and the other containers are answered.
+        hosts = allowed_hosts(settings.allowed_hosts, "0.0.0.0")
+        assert hosts is not None
+        for host in ("127.0.0.1:8000", "localhost:8000", "api:8000"):
+            assert hosts.allows(host), host
+        assert not hosts.allows("rebound.example:8000")
 
 
 def test_api_healthcheck_path_exists(compose: dict, sqlite_url: str) -> None:

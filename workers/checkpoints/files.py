@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from alphawatch.vocabulary import VARIANT_SEPARATOR
 from alphawatch.workers.checkpoints.confine import UNCONFINED, Confinement
 from alphawatch.workers.checkpoints.errors import CheckpointError, CheckpointVanished, printable
 from alphawatch.workers.checkpoints.naming import classify
@@ -110,11 +111,19 @@ MAX_NAME = 400
 such as ``@exp_avg`` or ``@w<k>``."""
 
 
+ESCAPED_SEPARATOR = "\\x40"
+"""How a tensor key's own ``@`` is stored: escaped as :func:`printable` escapes a control
+character, since ``@`` separates a layer's name from the variants alphawatch derives."""
+
+
 def storable_name(name: str) -> str:
     """``name`` as a layer is named: control characters escaped (a NUL byte is not text to the
-    database, a newline would forge log lines), and a name longer than :data:`MAX_NAME` (a
-    hostile or generated key) cut, with a hash of the whole so that two such names stay two."""
-    name = printable(name)
+    database, a newline would forge log lines), ``@`` escaped as ``\\x40`` (it separates the
+    variants alphawatch derives, ``<layer>@exp_avg``, ``<layer>@w<k>``: a key such as
+    ``q@exp_avg.weight`` must not pass for a gradient, nor ``x@bogus!`` for a variant the API
+    refuses), and a name longer than :data:`MAX_NAME` (a hostile or generated key) cut, with a
+    hash of the whole so that two such names stay two."""
+    name = printable(name).replace(VARIANT_SEPARATOR, ESCAPED_SEPARATOR)
     if len(name) <= MAX_NAME:
         return name
     digest = hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:16]

@@ -8,13 +8,14 @@ An optimizer's state dict names no parameter: ``state`` is keyed by integers and
 handed to the optimizer, group after group. Naming them is done exactly or not at all:
 
 - Hugging Face Trainer (``checkpoint-N/optimizer.pt``): the model is built from the checkpoint's
-  ``config.json`` on the meta device (no memory, no weights, no custom code: only architectures
-  that the installed ``transformers`` ships), which gives ``named_parameters()`` order; the
-  Trainer put the parameters that get weight decay in a first group and the others in a second
-  (``Trainer.create_optimizer`` / ``get_decay_parameter_names``). Each rule transformers has
-  used to split them is tried, and also one group holding every parameter in order; a layout is
-  accepted only when its group sizes and the shape of every moment agree with the state, and
-  when every layout that agrees names the parameters the same way.
+  ``config.json`` on the meta device (no memory, no weights, no custom code, no network: only
+  architectures that the installed ``transformers`` ships; ``skeleton.py``), which gives
+  ``named_parameters()`` order; the Trainer put the parameters that get weight decay in a first
+  group and the others in a second (``Trainer.create_optimizer`` /
+  ``get_decay_parameter_names``). Each rule transformers has used to split them is tried, and
+  also one group holding every parameter in order; a layout is accepted only when its group
+  sizes and the shape of every moment agree with the state, and when every layout that agrees
+  names the parameters the same way.
 - Lightning (``*.ckpt`` with ``optimizer_states``): the parameters of a module come in
   ``state_dict`` order (both walk the modules depth first, parameters before children; tied
   parameters count once). Accepted for one optimizer with one parameter group whose size equals
@@ -42,7 +43,7 @@ size (``log_norm`` = log10 of the smaller dimension).
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,7 @@ from alphawatch.workers.checkpoints.files import LayerMatrix, model_config
 from alphawatch.workers.checkpoints.layers import _matrices
 from alphawatch.workers.checkpoints.naming import is_weight_matrix
 from alphawatch.workers.checkpoints.readers import _check_extent, load_torch
+from alphawatch.workers.checkpoints.skeleton import SkeletonRefused, meta_model
 
 EXP_AVG = Source.EXP_AVG.value
 # Where a Trainer (optimizer.pt) or an Accelerate-saved loop (optimizer.bin) keeps the state.
@@ -269,34 +271,12 @@ def decay_parameter_names(model: torch.nn.Module, patterns: Sequence[str]) -> li
 
 
 def _meta_model(file: Path, config: Mapping[str, object]) -> torch.nn.Module:
-    """The checkpoint's model built on the meta device from its config (no weights, no code)."""
+    """The checkpoint's model built on the meta device from its config (no weights, no code,
+    no network: :mod:`~alphawatch.workers.checkpoints.skeleton`)."""
     try:
-        import transformers
-    except ImportError as exc:
-        raise _refuse(file, "naming a Trainer's optimizer entries needs the model's parameter "
-                            "order, built from config.json by transformers, which is not "
-                            "installed (pip install transformers)") from exc
-    architectures = config.get("architectures")
-    model_type = config.get("model_type")
-    if not (isinstance(architectures, list) and len(architectures) == 1
-            and isinstance(architectures[0], str) and isinstance(model_type, str)):
-        raise _refuse(file, "config.json beside it names no single architecture and model_type, "
-                            "so the model's parameter order is unknown")
-    model_class = getattr(transformers, architectures[0], None)
-    if not (isinstance(model_class, type) and issubclass(model_class, torch.nn.Module)):
-        raise _refuse(file, f"architecture {architectures[0]!r} is not part of transformers "
-                            f"{transformers.__version__} (custom model code is never run)")
-    build: Callable[..., Any] = transformers.AutoConfig.for_model
-    try:
-        settings = {k: v for k, v in config.items() if k != "model_type"}
-        model_config_ = build(model_type, **settings)
-        with torch.device("meta"):
-            model = model_class(model_config_)
-    except Exception as exc:  # transformers raises many kinds on a config it cannot build
-        raise _refuse(file, f"transformers cannot build {architectures[0]} from config.json "
-                            f"({type(exc).__name__}: {exc})") from exc
-    assert isinstance(model, torch.nn.Module)
-    return model
+        return meta_model(config)
+    except SkeletonRefused as exc:
+        raise _refuse(file, str(exc)) from exc
 
 
 # -- Lightning ---------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from alphawatch.integrations.export.points import PREFIX
+from alphawatch.run_names import folder_name
 from alphawatch.settings import ExportSettings
 
 RUN_TAG = "alphawatch.run"
@@ -143,7 +144,8 @@ class MlflowRun:
 # -- TensorBoard ------------------------------------------------------------------------------
 
 class TensorBoardTarget:
-    """Event files under ``logdir/<run name>/``, one scalar tag per key."""
+    """Event files under ``logdir/<run name>/`` (:func:`~alphawatch.run_names.folder_name`),
+    one scalar tag per key."""
 
     kind = "tensorboard"
 
@@ -151,7 +153,14 @@ class TensorBoardTarget:
         self.logdir = Path(logdir)
 
     def open(self, run_name: str) -> TensorBoardRun:
-        return TensorBoardRun(self.logdir / run_name)
+        # The name becomes a path: one safe component (a run named '..' from before names were
+        # checked gets a folder of its own), and the result checked to lie in the logdir.
+        root = self.logdir.resolve()
+        folder = (root / folder_name(run_name)).resolve()
+        if folder.parent != root:
+            raise ValueError(f"the TensorBoard folder of run {run_name!r} would be {folder}, "
+                             f"not a folder of the logdir {root}")
+        return TensorBoardRun(folder)
 
     def shutdown(self) -> None:
         pass

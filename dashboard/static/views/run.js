@@ -4,7 +4,7 @@
 import { api, apiOnce, kindQuery, vocabulary } from "../api.js";
 import { enc, setParams, state, view } from "../state.js";
 import {
-  bindParamSelects, esc, fmt, gateBadge, pct, select, setThresholds, termSelect,
+  bindParamSelects, esc, fmt, gateBadge, inPanel, pct, select, setThresholds, termSelect,
 } from "../ui.js";
 import { crosscheckBadge, renderCheckpointTable } from "./checkpoints.js";
 import { drawCompanions } from "./companions.js";
@@ -13,9 +13,7 @@ import { drawHeatmap, fillLayerPick } from "./heatmap.js";
 import { drawKinds } from "./kinds.js";
 import { drawLayer } from "./layer.js";
 import { drawTrend, switchOf, trendQuery } from "./trend.js";
-import {
-  blockOrderOf, drawBlockTrends, drawVariantTrends, orderOf, variantControls, variantOf,
-} from "./variants.js";
+import { drawVariantsPanel, orderOf, variantOf } from "./variants.js";
 
 function runSkeleton(runId, params, words) {
   const kind = params.get("kind") || "all";
@@ -182,44 +180,38 @@ async function drawRunPlots(runId, params, words, token, run, done) {
   const kinds = kindQuery(words, params.get("kind"));
   if (kinds) heatQuery.set("kind", kinds);
   const m = `method=${enc(method)}`;
-  const [trend, heat, flags, latest, found] = await Promise.all([
-    api(`/runs/${runId}/trend?${trendQuery(words, params)}`),
-    apiOnce(`/runs/${runId}/heatmap?${heatQuery}`),
-    apiOnce(`/runs/${runId}/flags?${m}`),
-    apiOnce(`/runs/${runId}/checkpoints/${lastStep}/layers?${m}`),
-    apiOnce(`/runs/${runId}/variants?${m}`),
+  const latest = apiOnce(`/runs/${runId}/checkpoints/${lastStep}/layers?${m}`);
+  // Each panel asks for its own data and shows its own failure: one refused request (a bad
+  // variant in the URL, a layer the server cannot answer for) never blanks the page.
+  const drawn = await Promise.all([
+    inPanel("trend", token, async () => {
+      const trend = await api(`/runs/${runId}/trend?${trendQuery(words, params)}`);
+      if (token === state.renderToken) drawTrend(trend, words);
+    }),
+    inPanel("heatmap", token, async () => {
+      const heat = await apiOnce(`/runs/${runId}/heatmap?${heatQuery}`);
+      // The kinds only label the cells: the heatmap is drawn without them.
+      const rows = await latest.catch(() => ({ layers: [] }));
+      if (token !== state.renderToken) return;
+      drawHeatmap(heat, Object.fromEntries(rows.layers.map((l) => [l.name, l.kind])));
+      fillLayerPick(heat.layers, layer);
+    }),
+    inPanel("flags", token, async () => {
+      const flags = await apiOnce(`/runs/${runId}/flags?${m}`);
+      if (token === state.renderToken) drawFlags(flags.points);
+    }),
+    drawVariantsPanel(runId, params, words, m, token),
+    inPanel("kinds", token, async () => {
+      // Kinds of the weights: gradient and nested rows share them, and the failed row
+      // recording a refused optimizer state is no layer of the model.
+      const rows = await latest;
+      if (token !== state.renderToken) return;
+      const weights = rows.layers.filter((l) => !l.name.includes(words.variant_separator));
+      await drawKinds(runId, params, weights, words, token);
+    }),
+    inPanel("companion", token, () => drawCompanions(runId, params, words, token)),
+    inPanel("layer-history", token, async () => { await layerTask; }),
   ]);
-  if (token !== state.renderToken) return;
-  drawTrend(trend, words);
-  const variantTasks = drawVariants(runId, params, words, found.variants, token);
-  const kindOf = Object.fromEntries(latest.layers.map((l) => [l.name, l.kind]));
-  drawHeatmap(heat, kindOf);
-  drawFlags(flags.points);
-  fillLayerPick(heat.layers, layer);
-  // Kinds of the weights: gradient and nested rows share them, and the failed row recording a
-  // refused optimizer state is no layer of the model.
-  const weights = latest.layers.filter((l) => !l.name.includes(words.variant_separator));
-  await Promise.all([drawKinds(runId, params, weights, words, token),
-    drawCompanions(runId, params, words, token), layerTask, variantTasks]);
-  if (token === state.renderToken) state.drawnKey = key;
-}
-
-// The variant pickers and panel, only for runs analysed with gradients or nested widths.
-function drawVariants(runId, params, words, variants, token) {
-  const present = variants.filter((v) => v.name === "weight" || v.n_layers > 0);
-  const controls = document.getElementById("variant-controls");
-  const panel = document.getElementById("variants-panel");
-  if (present.length < 2) {
-    controls.innerHTML = "";
-    panel.hidden = true;
-    return null;
-  }
-  controls.innerHTML = variantControls(words, params, present);
-  bindParamSelects(controls);
-  panel.hidden = false;
-  const order = blockOrderOf(words, params);
-  document.getElementById("block-order").textContent =
-    words.orders.find((o) => o.name === order)?.label ?? order;
-  return Promise.all([drawVariantTrends(runId, params, words, present, token),
-    drawBlockTrends(runId, params, words, token)]);
+  // A failed panel is asked again on the next refresh.
+  if (token === state.renderToken && drawn.every(Boolean)) state.drawnKey = key;
 }

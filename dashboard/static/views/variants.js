@@ -2,9 +2,11 @@
 // trend per variant, and one trend per block starting from the last. Shown only for runs that
 // were analysed with --optimizer-state or --nested-widths; variants are never averaged together.
 
-import { api } from "../api.js";
+import { api, apiOnce } from "../api.js";
 import { state } from "../state.js";
-import { C, esc, fmt, goodBand, isNum, note, plot } from "../ui.js";
+import {
+  bindParamSelects, C, esc, failed, fmt, goodBand, inPanel, isNum, note, plot,
+} from "../ui.js";
 import { statLabel, switchOf, trendQuery } from "./trend.js";
 
 const COLORS = [C.blue, C.vermillion, C.green, C.orange, "#cc79a7", "#56b4e9", "#f0e442", "#000"];
@@ -84,4 +86,39 @@ export async function drawBlockTrends(runId, params, words, token) {
   }));
   plot(el, traces, { xaxis: { title: { text: "step" } }, yaxis: { title: { text: "α" } },
     shapes: goodBand(), margin: { l: 60, r: 20, t: 20, b: 45 } });
+}
+
+// The variant pickers and panel, only for runs analysed with gradients or nested widths.
+// Resolves to whether everything in it was drawn.
+export async function drawVariantsPanel(runId, params, words, m, token) {
+  const controls = document.getElementById("variant-controls");
+  const panel = document.getElementById("variants-panel");
+  let variants;
+  try {
+    variants = (await apiOnce(`/runs/${runId}/variants?${m}`)).variants;
+  } catch (err) {
+    if (err.status === 401 || err.status === 403) throw err;
+    if (token !== state.renderToken) return false;
+    panel.hidden = false;
+    failed("variant-trend", err);
+    return false;
+  }
+  if (token !== state.renderToken) return false;
+  const present = variants.filter((v) => v.name === "weight" || v.n_layers > 0);
+  if (present.length < 2) {
+    controls.innerHTML = "";
+    panel.hidden = true;
+    return true;
+  }
+  controls.innerHTML = variantControls(words, params, present);
+  bindParamSelects(controls);
+  panel.hidden = false;
+  const order = blockOrderOf(words, params);
+  document.getElementById("block-order").textContent =
+    words.orders.find((o) => o.name === order)?.label ?? order;
+  const drawn = await Promise.all([
+    inPanel("variant-trend", token, () => drawVariantTrends(runId, params, words, present, token)),
+    inPanel("block-trend", token, () => drawBlockTrends(runId, params, words, token)),
+  ]);
+  return drawn.every(Boolean);
 }
