@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from alphawatch.settings import Settings
+from alphawatch.text import EscapingFormatter
 from alphawatch.vocabulary import FitMethod
 
 if TYPE_CHECKING:
@@ -246,11 +247,11 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _configure_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
+    # Every record is escaped where it is formatted: run and folder names are chosen by
+    # whoever writes into a watched directory, and must never print a line of their own.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(EscapingFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
