@@ -1,8 +1,9 @@
-"""Discovery's completeness check of safetensors shards: bounded, and parsed once per version.
+"""What discovery parses in the worker's own process: bounded, and once per version of a file.
 
-A valid 95 MB header used to be parsed whole in the worker's own process at every poll (1.25 GB
-peak, the API held up for seconds under ``up``), and a file growing by a byte every 2 s was
-parsed again at every poll. Measured with bench/bench_big_header.py.
+A valid 95 MB header used to be parsed whole beside the API at every poll (1.25 GB peak, the
+API held up for seconds under ``up``), and a file growing by a byte every 2 s was parsed again
+at every poll; shard indexes and ``trainer_state.json`` were parsed up to 64 MiB (JSON of small
+objects takes ~25 times its size). Measured with bench/bench_big_header.py.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import time
 from pathlib import Path
 
 from alphawatch.workers.checkpoints import Confinement, discover
-from alphawatch.workers.checkpoints.discovery import HEADER_MAX, HEADERS
+from alphawatch.workers.checkpoints.discovery import HEADERS, PARSE_MAX
 
 
 def _shard(path: Path, header_bytes: int, short: int = 0) -> None:
@@ -39,12 +40,12 @@ def _checkpoint(run: Path, step: int, header_bytes: int, short: int = 0) -> Path
 
 def test_a_header_larger_than_discovery_parses_is_refused(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    _checkpoint(run, 5, HEADER_MAX + 1024)  # a valid file: only its size is wrong for us
+    _checkpoint(run, 5, PARSE_MAX + 1024)  # a valid file: only its size is wrong for us
     _checkpoint(run, 6, 64 * 1024)
     refs = {r.step: r for r in discover(run, settle_s=0.0, confine=Confinement.to([run]))}
     assert refs[5].error is not None
     assert str(run / "checkpoint-5" / "model.safetensors") in refs[5].error
-    assert f"more than the {HEADER_MAX} that discovery parses" in refs[5].error
+    assert f"more than the {PARSE_MAX} that discovery parses" in refs[5].error
     assert refs[6].complete and refs[6].error is None
 
 
@@ -76,3 +77,27 @@ def test_a_shard_that_keeps_changing_is_parsed_once_per_settle_period(tmp_path: 
     # folder has been left alone for as long: judged as settled).
     (ref,) = discover(run, settle_s=30.0, now=now + 31)
     assert HEADERS.parsed == before + 2
+
+
+def test_a_shard_index_larger_than_discovery_parses_is_refused(tmp_path: Path) -> None:
+    folder = _checkpoint(tmp_path / "run", 7, 4096)
+    (folder / "model.safetensors").rename(folder / "model-00001-of-00001.safetensors")
+    index = json.dumps({"weight_map": {"t.0": "model-00001-of-00001.safetensors"}})
+    # Valid JSON (whitespace may pad it), one byte past what discovery parses.
+    (folder / "model.safetensors.index.json").write_text(index + " " * (PARSE_MAX + 1 - len(index)))
+    (ref,) = discover(tmp_path / "run", settle_s=0.0)
+    assert ref.error is not None and "model.safetensors.index.json" in ref.error
+    assert f"larger than {PARSE_MAX} bytes" in ref.error
+
+
+def test_a_trainer_state_larger_than_discovery_parses_waits_for_the_files_to_settle(
+    tmp_path: Path
+) -> None:
+    folder = _checkpoint(tmp_path / "run", 8, 4096)
+    state = json.dumps({"global_step": 8, "log_history": []})
+    (folder / "trainer_state.json").write_text(state + " " * (PARSE_MAX + 1 - len(state)))
+    (ref,) = discover(tmp_path / "run", settle_s=30.0)
+    assert not ref.complete and ref.error is None
+    assert f"larger than discovery parses ({PARSE_MAX} bytes)" in ref.reason
+    (ref,) = discover(tmp_path / "run", settle_s=30.0, now=time.time() + 31)
+    assert ref.complete and ref.step == 8 and "files settled" in ref.reason

@@ -49,7 +49,7 @@ from alphawatch.service.db import queue
 from alphawatch.service.db.migrations import upgrade
 from alphawatch.service.db.session import make_engine, session_scope
 from alphawatch.text import printable
-from alphawatch.workers.checkpoints.discovery import HEADER_MAX, _ignored
+from alphawatch.workers.checkpoints.discovery import PARSE_MAX, _ignored
 from alphawatch.workers.checkpoints.tree import MAX_DEPTH
 from tests.db import rows
 from tests.workers import hostile
@@ -202,13 +202,13 @@ def _build_entry(scene: Scene, kind: str, step: int, size: int) -> None:
     elif kind == "header over the cap":
         folder.mkdir()
         (folder / "model.safetensors").write_bytes(
-            struct.pack("<Q", HEADER_MAX + 1 + size) + b" " * 64)
+            struct.pack("<Q", PARSE_MAX + 1 + size) + b" " * 64)
         _marker(folder, step)
         scene.failed[step] = "that discovery parses"
     elif kind == "header up to the cap":
         folder.mkdir()
         # Every length from a few hundred bytes to the cap itself.
-        _header_file(folder / "model.safetensors", 256 + (size * (HEADER_MAX - 256) >> 20))
+        _header_file(folder / "model.safetensors", 256 + (size * (PARSE_MAX - 256) >> 20))
         _marker(folder, step)
         scene.done.add(step)
     elif kind == "pickle holding code":

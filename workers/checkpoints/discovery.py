@@ -303,12 +303,14 @@ def _settled(path: Path, scan: _Scan) -> bool:
     return scan.now - newest >= scan.settle_s
 
 
-HEADER_MAX = 16 * 1024 * 1024
-"""The largest safetensors header discovery parses (a shard's completeness needs its largest
-data offset). Discovery runs in the worker's own process, beside the API under ``up``: a 95 MB
-header took 1.25 GB and held the API up for seconds. Real headers are far smaller: a 70B
-model's 723 tensors take about 90 KB, 94,000 tensors (a DeepSeek-V3-sized MoE in one file)
-about 13 MB. A shard declaring more is refused."""
+PARSE_MAX = 16 * 1024 * 1024
+"""The most JSON discovery parses from one file: a safetensors header (a shard's completeness
+needs its largest data offset), a shard index, ``trainer_state.json``. Discovery runs in the
+worker's own process, beside the API under ``up``: a 95 MB header took 1.25 GB and held the API
+up for seconds, and JSON of small objects takes ~25 times its size in memory. Real files are
+far smaller: a 70B model's header (723 tensors) about 90 KB, 94,000 tensors (a DeepSeek-V3-
+sized MoE in one file) about 13 MB. A larger header or index is refused; a larger
+``trainer_state.json`` is not parsed (the checkpoint counts complete once its files settled)."""
 
 
 @dataclass
@@ -338,7 +340,7 @@ class HeaderChecks:
 
         Raises:
             OutsideRootError: it resolves outside the roots; HeaderTooLarge: its header
-                declares more than :data:`HEADER_MAX`; CheckpointVanished: it is gone.
+                declares more than :data:`PARSE_MAX`; CheckpointVanished: it is gone.
         """
         confine.check(shard, "weight file")
         try:
@@ -354,7 +356,7 @@ class HeaderChecks:
             return f"{shown(shard)} is still changing"
         self.parsed += 1
         try:
-            safetensors_header(shard, confine, HEADER_MAX)
+            safetensors_header(shard, confine, PARSE_MAX)
             problem = None
         except (OutsideRootError, HeaderTooLarge):
             raise
@@ -371,7 +373,7 @@ HEADERS = HeaderChecks()
 
 
 def _index_names(index: Path, confine: Confinement) -> list[str]:
-    mapping = json.loads(confine.read_text(index, "shard index"))["weight_map"]
+    mapping = json.loads(confine.read_text(index, "shard index", PARSE_MAX))["weight_map"]
     names = sorted(set(mapping.values()))
     if not all(isinstance(n, str) for n in names):
         raise TypeError("shard names must be strings")
@@ -388,7 +390,7 @@ def weights_complete(folder: Path, confine: Confinement = UNCONFINED, *,
     Raises:
         OutsideRootError: a weight file or a shard-index entry resolves outside the roots:
             that is not "incomplete", it is refused; HeaderTooLarge likewise, for a shard
-            whose header is larger than discovery parses (:data:`HEADER_MAX`).
+            whose header is larger than discovery parses (:data:`PARSE_MAX`).
     """
     now = time.time() if now is None else now
     index = next((p for p in sorted(folder.glob("*.safetensors.index.json"))), None)
@@ -449,9 +451,17 @@ def _hf_ref(folder: Path, step: int | None, scan: _Scan) -> CheckpointRef:
     state = folder / "trainer_state.json"
     complete, reason = False, "trainer_state.json not written yet"
     settled = _settled(folder, scan)
-    if state.exists() or state.is_symlink():
+    if (state.exists() or state.is_symlink()) and _larger(state, PARSE_MAX, scan.confine):
+        # A long log history, or a file made to exhaust the worker: not parsed beside the API.
+        # The marker is there; the checkpoint is complete once its files have settled.
+        reason = f"trainer_state.json is larger than discovery parses ({PARSE_MAX} bytes)"
+        if settled:
+            complete, why = weights_complete(folder, scan.confine, now=scan.now,
+                                             settle_s=scan.settle_s)
+            complete, reason = True, f"{reason}; files settled: {why}"
+    elif state.exists() or state.is_symlink():
         try:
-            parsed = json.loads(scan.confine.read_text(state, "trainer_state.json"))
+            parsed = json.loads(scan.confine.read_text(state, "trainer_state.json", PARSE_MAX))
         except (OSError, ValueError, RecursionError) as exc:
             if settled:
                 # Nothing has changed for the settle period: a broken file, not one being
@@ -474,6 +484,16 @@ def _hf_ref(folder: Path, step: int | None, scan: _Scan) -> CheckpointRef:
         reason = f"no trainer_state.json; files settled: {reason}"
     fmt = "peft" if (folder / "adapter_config.json").exists() else "hf"
     return CheckpointRef(folder, step, fmt, complete, reason, _print(folder, scan))
+
+
+def _larger(path: Path, limit: int, confine: Confinement) -> bool:
+    """Whether ``path`` (checked under the roots first: a link out is refused, its target's
+    size never looked at) holds more than ``limit`` bytes."""
+    confine.check(path, path.name)
+    try:
+        return os.stat(path).st_size > limit
+    except OSError:
+        return False  # gone, or a looping link: the read that follows says why
 
 
 def _tracker_step(path: Path, confine: Confinement) -> int | None:
