@@ -3,9 +3,9 @@
 Hypothesis builds run folders out of hostile entries (checkpoints whose files lie about their
 sizes, are cut short, declare huge headers, hold code, link out of the root to a FIFO or a
 secret model, are FIFOs or empty, nest folders past the walk's bound, change while they are
-read; safetensors headers of every size up to discovery's cap; names with control characters,
-unicode digits, ``@``, ``..``, spreadsheet formulas, up to the file system's 255 bytes) beside
-a good run. One real ``alphawatch watch`` process (its real analysis process, SQLite) watches
+read; safetensors headers of every size up to discovery's cap, and headers, shard indexes and
+markers past it; names with control characters, unicode digits, ``@``, ``..``, spreadsheet
+formulas, up to the file system's 255 bytes) beside a good run. One real ``alphawatch watch`` process (its real analysis process, SQLite) watches
 them, and for every example:
 
 - the worker is alive at the end and exits cleanly on SIGTERM;
@@ -211,6 +211,19 @@ def _build_entry(scene: Scene, kind: str, step: int, size: int) -> None:
         _header_file(folder / "model.safetensors", 256 + (size * (PARSE_MAX - 256) >> 20))
         _marker(folder, step)
         scene.done.add(step)
+    elif kind == "shard index over the cap":
+        _hf(folder, step)
+        (folder / "model.safetensors").rename(folder / "model-00001-of-00001.safetensors")
+        index = json.dumps({"weight_map": {_UP: "model-00001-of-00001.safetensors"}})
+        (folder / "model.safetensors.index.json").write_text(
+            index + " " * (PARSE_MAX + 1 + size % 4096 - len(index)))
+        scene.failed[step] = "larger than"
+    elif kind == "marker over the cap":
+        _hf(folder, step)
+        state = json.dumps({"global_step": step})
+        (folder / "trainer_state.json").write_text(
+            state + " " * (PARSE_MAX + 1 + size % 4096 - len(state)))
+        scene.done.add(step)  # not parsed: complete once its files settled
     elif kind == "pickle holding code":
         folder.mkdir()
 
@@ -274,7 +287,8 @@ def _build_entry(scene: Scene, kind: str, step: int, size: int) -> None:
 
 
 KINDS = ("lying sizes", "overlapping offsets", "truncated", "huge declared header",
-         "header over the cap", "header up to the cap", "pickle holding code",
+         "header over the cap", "header up to the cap", "shard index over the cap",
+         "marker over the cap", "pickle holding code",
          "lying torch storage", "weight linked to a FIFO outside",
          "weight linked to a secret outside", "folder linked outside",
          "config linked to a FIFO outside", "marker linked to a FIFO outside",
