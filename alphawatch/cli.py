@@ -330,8 +330,9 @@ def _cmd_up(args: argparse.Namespace) -> int:
     print(f"alphawatch: dashboard at http://{settings.host}:{settings.port}/  "
           f"(database {settings.database_url})", flush=True)
     try:
+        # log_config=None: uvicorn's records reach the escaping handler of _configure_logging.
         uvicorn.run(create_app(settings, liveness=worker.liveness), host=settings.host,
-                    port=settings.port, log_level="warning")
+                    port=settings.port, log_level="warning", log_config=None)
     finally:
         stop.set()
         worker.join(timeout=60)
@@ -370,7 +371,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     _prepare_database(settings, migrate=_is_embedded(settings))
     print(f"alphawatch: API and dashboard at http://{settings.host}:{settings.port}/", flush=True)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning",
+                log_config=None)
     return EXIT_OK
 
 
