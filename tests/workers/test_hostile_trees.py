@@ -1,12 +1,13 @@
 """Generated hostile run folders under a real worker: it lives, and reads nothing it must not.
 
 Hypothesis builds run folders out of hostile entries (checkpoints whose files lie about their
-sizes, are cut short, declare huge headers, hold code, link out of the root to a FIFO or a
-secret model, are FIFOs or empty, nest folders past the walk's bound, change while they are
-read; safetensors headers of every size up to discovery's cap, and headers, shard indexes and
-markers past it; names with control characters, unicode digits, ``@``, ``..``, spreadsheet
-formulas, up to the file system's 255 bytes) beside a good run. One real ``alphawatch watch`` process (its real analysis process, SQLite) watches
-them, and for every example:
+sizes, are cut short, declare huge headers or nest them past the recursion limit, hold code,
+link out of the root to a FIFO or a secret model or through a chain of links, are FIFOs or
+empty, nest folders past the walk's bound, change while they are read; safetensors headers of
+every size up to discovery's cap, and headers, shard indexes and markers past it; names with
+control characters, unicode digits, ``@``, ``..``, spreadsheet formulas, up to the file
+system's 255 bytes) beside a good run. One real ``alphawatch watch`` process (its real
+analysis process, SQLite) watches them, and for every example:
 
 - the worker is alive at the end and exits cleanly on SIGTERM;
 - the good run is fully analysed (as many ``done`` checkpoints as were written);
@@ -41,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import save_file
 
@@ -224,6 +225,22 @@ def _build_entry(scene: Scene, kind: str, step: int, size: int) -> None:
         (folder / "trainer_state.json").write_text(
             state + " " * (PARSE_MAX + 1 + size % 4096 - len(state)))
         scene.done.add(step)  # not parsed: complete once its files settled
+    elif kind == "header nested past the recursion limit":
+        folder.mkdir()
+        raw = b"[" * (2000 + size % 100_000)
+        (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw)
+        _marker(folder, step)
+        scene.failed[step] = "RecursionError"
+    elif kind == "weight behind a chain of links":
+        _hf(folder, step)
+        links = folder / "links"
+        links.mkdir()
+        (folder / "model.safetensors").rename(links / "0")
+        count = 50 + size % 1100  # past the kernel's 40 hops, and past Python's recursion
+        for i in range(1, count):
+            (links / str(i)).symlink_to(links / str(i - 1))
+        (folder / "model.safetensors").symlink_to(links / str(count - 1))
+        scene.failed[step] = ""  # whatever the reason given, it is given
     elif kind == "pickle holding code":
         folder.mkdir()
 
@@ -288,7 +305,8 @@ def _build_entry(scene: Scene, kind: str, step: int, size: int) -> None:
 
 KINDS = ("lying sizes", "overlapping offsets", "truncated", "huge declared header",
          "header over the cap", "header up to the cap", "shard index over the cap",
-         "marker over the cap", "pickle holding code",
+         "marker over the cap", "header nested past the recursion limit",
+         "weight behind a chain of links", "pickle holding code",
          "lying torch storage", "weight linked to a FIFO outside",
          "weight linked to a secret outside", "folder linked outside",
          "config linked to a FIFO outside", "marker linked to a FIFO outside",
@@ -442,7 +460,10 @@ def _watch(base: Path, scene: Scene, url: str) -> tuple[_State, float, str]:
     return _state(url), peak, text
 
 
+# No shrinking: a failing example is reported as generated (its plan is in the message), in
+# seconds; shrinking a worker run takes minutes.
 @settings(max_examples=8, deadline=None, derandomize=True, database=None,
+          phases=(Phase.explicit, Phase.generate),
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                  HealthCheck.data_too_large])
 @given(plan=PLANS)
