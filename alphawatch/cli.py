@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from alphawatch.settings import Settings
 from alphawatch.spreadsheet import write_csv
+from alphawatch.text import EscapingFormatter
 from alphawatch.vocabulary import FitMethod
 
 if TYPE_CHECKING:
@@ -249,11 +250,11 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _configure_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
+    # Every record is escaped where it is formatted: run and folder names are chosen by
+    # whoever writes into a watched directory, and must never print a line of their own.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(EscapingFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
@@ -332,8 +333,9 @@ def _cmd_up(args: argparse.Namespace) -> int:
     print(f"alphawatch: dashboard at http://{settings.host}:{settings.port}/  "
           f"(database {settings.database_url})", flush=True)
     try:
+        # log_config=None: uvicorn's records reach the escaping handler of _configure_logging.
         uvicorn.run(create_app(settings, liveness=worker.liveness, bound_host=settings.host),
-                    host=settings.host, port=settings.port, log_level="warning")
+                    host=settings.host, port=settings.port, log_level="warning", log_config=None)
     finally:
         stop.set()
         worker.join(timeout=60)
@@ -373,7 +375,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     _prepare_database(settings, migrate=_is_embedded(settings))
     print(f"alphawatch: API and dashboard at http://{settings.host}:{settings.port}/", flush=True)
     uvicorn.run(create_app(settings, bound_host=settings.host), host=settings.host,
-                port=settings.port, log_level="warning")
+                port=settings.port, log_level="warning", log_config=None)
     return EXIT_OK
 
 

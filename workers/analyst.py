@@ -24,7 +24,9 @@ from alphawatch.workers.checkpoints import (
     iter_layers,
 )
 from alphawatch.workers.checkpoints.discovery import fingerprint
+from alphawatch.workers.checkpoints.errors import printable
 from alphawatch.workers.checkpoints.nested import nested_matrices, nested_widths
+from alphawatch.workers.checkpoints.tree import walk
 from alphawatch.workers.spectral import (
     FitStatus,
     LayerResult,
@@ -91,8 +93,8 @@ def analyze_checkpoint(path: Path, first: Path | None, options: AnalysisOptions)
             "evals": _as_bytes(result.evals), "rand_evals": _as_bytes(result.rand_evals),
         })
         if options.progress:
-            sys.stderr.write(f"\r  {path.name}: {len(layers)} layers, {matrix.name[-48:]}"
-                             f" alpha={result.alpha or float('nan'):.2f}\x1b[K")
+            sys.stderr.write(f"\r  {printable(path.name)}: {len(layers)} layers, "
+                             f"{matrix.name[-48:]} alpha={result.alpha or float('nan'):.2f}\x1b[K")
             sys.stderr.flush()
     if options.progress:
         sys.stderr.write("\n")
@@ -167,8 +169,8 @@ def _first_key(first: Path | None, confine: Confinement) -> tuple[Path, str] | N
         return None
     try:
         return first, fingerprint(first, confine)
-    except (CheckpointError, OSError):
-        return None
+    except Exception:  # the first checkpoint is only a reference: whatever it holds, the
+        return None    # checkpoint in hand is analysed without a distance from init
 
 
 def _distance(first: tuple[Path, str] | None, name: str, weight: torch.Tensor | np.ndarray,
@@ -178,7 +180,7 @@ def _distance(first: tuple[Path, str] | None, name: str, weight: torch.Tensor | 
         return None
     try:
         w0 = _first_weight(first, name, confine)
-    except (CheckpointError, OSError):
+    except Exception:  # as in _first_key: a broken first checkpoint fails no later one
         return None
     if w0 is None or w0.shape != weight.shape:
         return None
@@ -208,7 +210,8 @@ def _first_weight(key: tuple[Path, str], name: str, confine: Confinement
 def _size(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
-    return sum(p.lstat().st_size for p in path.rglob("*") if p.is_file())
+    return sum(entry.stat(follow_symlinks=False).st_size
+               for _, entry in walk(str(path)).files)
 
 
 # Distance from init keeps the first checkpoint's matrices in memory; past this size it would

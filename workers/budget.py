@@ -33,6 +33,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from alphawatch.text import EscapingFormatter
 from alphawatch.workers.checkpoints.skeleton import OFFLINE_ENVIRONMENT
 
 if TYPE_CHECKING:
@@ -306,7 +307,10 @@ def main(argv: list[str]) -> int:
     _first_to_go_out_of_memory()
     # The worker handles SIGINT/SIGTERM and stops the child itself, after its job.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # As the worker's (alphawatch.cli): names from a run directory never print raw.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(EscapingFormatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
     serve(Connection(int(argv[0])))
     return 0
 

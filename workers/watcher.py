@@ -352,6 +352,7 @@ class Watcher:
             known = queue.known_checkpoints(session, run_id=run_id)
             for ref in refs:
                 final = False
+                problems += ref.notes  # passed over below a checkpoint that goes on without it
                 if ref.error is not None and ref.step is None:
                     problems.append(ref.error)
                     continue

@@ -21,12 +21,13 @@ import os
 import re
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from alphawatch.workers.checkpoints.confine import UNCONFINED, Confinement, OutsideRootError
 from alphawatch.workers.checkpoints.errors import CheckpointError, printable, shown
-from alphawatch.workers.checkpoints.readers import safetensors_header
+from alphawatch.workers.checkpoints.readers import HeaderTooLarge, safetensors_header
+from alphawatch.workers.checkpoints.tree import files_below, walk
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 # fullmatch, never match + "$": "$" also matches before a trailing newline, and a folder named
@@ -51,6 +52,8 @@ class CheckpointRef:
     ``error`` is set when discovery refused the entry (outside the allowed roots, a step that
     is no BIGINT, a name that is not printable UTF-8, unreadable producer files): such a ref
     is never analysed, and ``step`` is None when the entry could not even be given a step.
+    ``notes`` name what was passed over below an accepted checkpoint (a folder nested too deep,
+    one that cannot be listed): the checkpoint goes on without it, the run shows why.
     """
 
     path: Path
@@ -60,6 +63,7 @@ class CheckpointRef:
     reason: str
     fingerprint: str
     error: str | None = None
+    notes: tuple[str, ...] = ()
 
 
 class StepError(CheckpointError):
@@ -85,13 +89,17 @@ class _Scan:
     listed: dict[Path, Stamp] = field(default_factory=dict)
     inodes: dict[Path, int] = field(default_factory=dict)
     shapes: dict[Path, Shape] = field(default_factory=dict)
+    notes: dict[Path, tuple[str, ...]] = field(default_factory=dict)
 
 
 def _print(path: Path, scan: _Scan) -> str:
-    """``path``'s fingerprint; its shape is kept in ``scan.shapes`` when it has one."""
-    digest, shape = fingerprint_shape(path, scan.confine)
+    """``path``'s fingerprint; its shape is kept in ``scan.shapes`` when it has one, what its
+    walk passed over in ``scan.notes``."""
+    digest, shape, notes = _fingerprint(path, scan.confine)
     if shape is not None:
         scan.shapes[path] = shape
+    if notes:
+        scan.notes[path] = notes
     return digest
 
 
@@ -173,43 +181,15 @@ def _ignored(name: str) -> bool:
 
 
 def _files(path: Path) -> list[Path]:
-    # rglob lists symlinks to folders but never descends into them; symlinked files are kept
-    # and judged by the callers.
-    return [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    # The shared bounded walk (workers.checkpoints.tree): symlinked folders are not entered,
+    # symlinked files are kept and judged by the callers.
+    return [path] if path.is_file() else [Path(p) for p in files_below(str(path))]
 
 
 def _escapes(file: Path, confine: Confinement) -> bool:
-    # rglob never descends into a symlinked folder, so within a checked folder only a file that
+    # The walk never enters a symlinked folder, so within a checked folder only a file that
     # is itself a symlink can lead elsewhere.
     return file.is_symlink() and not confine.allows(file)
-
-
-def _walk(folder: str, rel: tuple[str, ...], out: list[tuple[tuple[str, ...], os.DirEntry[str]]],
-          dirs: list[tuple[tuple[str, ...], os.stat_result]] | None = None) -> bool:
-    """Every file under ``folder`` as :func:`_files` finds them (symlinked folders are not
-    entered, unreadable ones are passed over), with its path parts below the checkpoint.
-
-    ``dirs`` gets each folder's stat, taken before it is listed. Returns False when a folder
-    could not be listed."""
-    try:
-        if dirs is not None:
-            dirs.append((rel, os.stat(folder)))
-        with os.scandir(folder) as listing:
-            entries = list(listing)
-    except PermissionError:
-        return False
-    whole = True
-    for entry in entries:
-        parts = (*rel, entry.name)
-        try:
-            is_dir = entry.is_dir()
-        except OSError:
-            is_dir = False
-        if is_dir and not entry.is_symlink():
-            whole = _walk(entry.path, parts, out, dirs) and whole
-        elif not is_dir and entry.is_file():
-            out.append((parts, entry))
-    return whole
 
 
 def fingerprint(path: Path, confine: Confinement = UNCONFINED) -> str:
@@ -219,7 +199,7 @@ def fingerprint(path: Path, confine: Confinement = UNCONFINED) -> str:
     looked at. The files are those of :func:`_files`, in the same order (by path parts), read
     with ``os.scandir``.
     """
-    return fingerprint_shape(path, confine)[0]
+    return _fingerprint(path, confine)[0]
 
 
 # Members of a checkpoint, relative to it ("" is the checkpoint itself): one shared tuple per
@@ -260,22 +240,30 @@ def fingerprint_shape(path: Path, confine: Confinement = UNCONFINED) -> tuple[st
 
     The shape is None where a ``stat`` of the members cannot stand for the fingerprint: a
     checkpoint holding a symlinked file (its target is judged through the allowed roots), a
-    folder that could not be listed, a file gone while it was read.
+    folder that could not be listed or lies too deep to be walked, a file gone while it was
+    read.
     """
+    digest, shape, _ = _fingerprint(path, confine)
+    return digest, shape
+
+
+def _fingerprint(path: Path, confine: Confinement) -> tuple[str, Shape | None, tuple[str, ...]]:
+    """:func:`fingerprint_shape`, and what the walk passed over (see ``tree.Tree.problems``)."""
     digest = hashlib.sha1(usedforsecurity=False)
     dirs: list[tuple[tuple[str, ...], os.stat_result]] = []
     whole = True
+    problems: list[str] = []
     if path.is_file():
         files: list[tuple[tuple[str, ...], os.DirEntry[str] | None]] = [((path.name,), None)]
     else:
-        found: list[tuple[tuple[str, ...], os.DirEntry[str]]] = []
         try:
-            whole = _walk(str(path), (path.name,), found, dirs)
+            tree = walk(str(path), stat_folders=True)
         except OSError:
             # The folder's own stat failed (gone meanwhile): fingerprinted as before, no shape.
-            found, dirs, whole = [], [], False
-            _walk(str(path), (path.name,), found)
-        files = sorted(found, key=lambda f: f[0])
+            tree = walk(str(path))
+            tree.folders, tree.whole = [], False
+        dirs, whole, problems = tree.folders, tree.whole, tree.problems
+        files = sorted(tree.files, key=lambda f: f[0])
     stats = [s for _, s in dirs]
     members = ["/".join(rel[1:]) for rel, _ in dirs]
     for parts, entry in files:
@@ -288,7 +276,8 @@ def fingerprint_shape(path: Path, confine: Confinement = UNCONFINED) -> tuple[st
                 continue
         try:
             stat = file.stat() if entry is None else entry.stat()
-        except FileNotFoundError:
+        except OSError:
+            # Gone meanwhile, or a symlink looping or past the OS's path limit: nothing to stamp.
             whole = False
             continue
         digest.update(name + f":{stat.st_size}:{stat.st_mtime_ns}\n".encode())
@@ -300,7 +289,7 @@ def fingerprint_shape(path: Path, confine: Confinement = UNCONFINED) -> tuple[st
         if len(_LAYOUTS) < _LAYOUTS_MAX:
             layout = _LAYOUTS.setdefault(layout, layout)
         shape = Shape(layout, _stamp_of(stats))
-    return digest.hexdigest(), shape
+    return digest.hexdigest(), shape, tuple(problems)
 
 
 def _settled(path: Path, scan: _Scan) -> bool:
@@ -314,21 +303,96 @@ def _settled(path: Path, scan: _Scan) -> bool:
     return scan.now - newest >= scan.settle_s
 
 
+PARSE_MAX = 16 * 1024 * 1024
+"""The most JSON discovery parses from one file: a safetensors header (a shard's completeness
+needs its largest data offset), a shard index, ``trainer_state.json``. Discovery runs in the
+worker's own process, beside the API under ``up``: a 95 MB header took 1.25 GB and held the API
+up for seconds, and JSON of small objects takes ~25 times its size in memory. Real files are
+far smaller: a 70B model's header (723 tensors) about 90 KB, 94,000 tensors (a DeepSeek-V3-
+sized MoE in one file) about 13 MB. A larger header or index is refused; a larger
+``trainer_state.json`` is not parsed (the checkpoint counts complete once its files settled)."""
+
+
+@dataclass
+class _Checked:
+    stamp: tuple[int, int, int, int]  # device, inode, size, mtime in ns
+    problem: str | None  # None: complete
+    at: float  # when it was parsed (the pass's clock)
+
+
+class HeaderChecks:
+    """Completeness of safetensors shards, parsed once per version of the file.
+
+    A shard whose (device, inode, size, mtime) is the one last parsed is not parsed again; one
+    that changed since is parsed again only once ``settle_s`` has passed since the last parse,
+    so a file that keeps changing (a byte every few seconds) costs one parse per settle period,
+    not one per poll. ``parsed`` counts the parses.
+    """
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size = size
+        self.parsed = 0
+        self._seen: dict[str, _Checked] = {}
+
+    def problem(self, shard: Path, confine: Confinement, now: float, settle_s: float
+                ) -> str | None:
+        """Why ``shard`` is not whole yet, or None when it is.
+
+        Raises:
+            OutsideRootError: it resolves outside the roots; HeaderTooLarge: its header
+                declares more than :data:`PARSE_MAX`; CheckpointVanished: it is gone.
+        """
+        confine.check(shard, "weight file")
+        try:
+            st = os.stat(shard)
+        except FileNotFoundError:
+            return f"{shown(shard)} is missing"
+        key = str(shard)
+        stamp_ = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        last = self._seen.get(key)
+        if last is not None and last.stamp == stamp_:
+            return last.problem
+        if last is not None and 0 <= now - last.at < settle_s:
+            return f"{shown(shard)} is still changing"
+        self.parsed += 1
+        try:
+            safetensors_header(shard, confine, PARSE_MAX)
+            problem = None
+        except (OutsideRootError, HeaderTooLarge):
+            raise
+        except CheckpointError as exc:
+            problem = str(exc)
+        self._seen.pop(key, None)
+        if len(self._seen) >= self.size:
+            del self._seen[next(iter(self._seen))]  # the oldest entry
+        self._seen[key] = _Checked(stamp_, problem, now)
+        return problem
+
+
+HEADERS = HeaderChecks()
+
+
 def _index_names(index: Path, confine: Confinement) -> list[str]:
-    mapping = json.loads(confine.read_text(index, "shard index"))["weight_map"]
+    mapping = json.loads(confine.read_text(index, "shard index", PARSE_MAX))["weight_map"]
     names = sorted(set(mapping.values()))
     if not all(isinstance(n, str) for n in names):
         raise TypeError("shard names must be strings")
     return names
 
 
-def weights_complete(folder: Path, confine: Confinement = UNCONFINED) -> tuple[bool, str]:
+def weights_complete(folder: Path, confine: Confinement = UNCONFINED, *,
+                     now: float | None = None, settle_s: float = 0.0) -> tuple[bool, str]:
     """Whether the weight files of a Hugging Face-style folder are whole.
+
+    Each safetensors shard's header is parsed once per version of the file (see
+    :class:`HeaderChecks`; ``now`` and ``settle_s`` pace a shard that keeps changing).
 
     Raises:
         OutsideRootError: a weight file or a shard-index entry resolves outside the roots:
-            that is not "incomplete", it is refused.
+            that is not "incomplete", it is refused; HeaderTooLarge likewise, for a shard
+            whose header is larger than discovery parses (:data:`PARSE_MAX`).
     """
+    now = time.time() if now is None else now
     index = next((p for p in sorted(folder.glob("*.safetensors.index.json"))), None)
     shards = sorted(folder.glob("*-of-*.safetensors"))
     if index is None and shards:
@@ -342,21 +406,15 @@ def weights_complete(folder: Path, confine: Confinement = UNCONFINED) -> tuple[b
             shard = confine.member(folder, name, f"shard-index entry of {index.name}")
             if not shard.exists():
                 return False, f"{shard} is missing"
-            try:
-                safetensors_header(shard, confine)
-            except OutsideRootError:
-                raise
-            except CheckpointError as exc:
-                return False, str(exc)
+            problem = HEADERS.problem(shard, confine, now, settle_s)
+            if problem is not None:
+                return False, problem
         return True, "index and every shard complete"
     single = folder / "model.safetensors"
     if single.exists():
-        try:
-            safetensors_header(single, confine)
-        except OutsideRootError:
-            raise
-        except CheckpointError as exc:
-            return False, str(exc)
+        problem = HEADERS.problem(single, confine, now, settle_s)
+        if problem is not None:
+            return False, problem
         return True, "model.safetensors complete"
     bin_shards = sorted(folder.glob("*-of-*.bin"))
     bin_index = next(iter(sorted(folder.glob("*.bin.index.json"))), None)
@@ -393,9 +451,17 @@ def _hf_ref(folder: Path, step: int | None, scan: _Scan) -> CheckpointRef:
     state = folder / "trainer_state.json"
     complete, reason = False, "trainer_state.json not written yet"
     settled = _settled(folder, scan)
-    if state.exists() or state.is_symlink():
+    if (state.exists() or state.is_symlink()) and _larger(state, PARSE_MAX, scan.confine):
+        # A long log history, or a file made to exhaust the worker: not parsed beside the API.
+        # The marker is there; the checkpoint is complete once its files have settled.
+        reason = f"trainer_state.json is larger than discovery parses ({PARSE_MAX} bytes)"
+        if settled:
+            complete, why = weights_complete(folder, scan.confine, now=scan.now,
+                                             settle_s=scan.settle_s)
+            complete, reason = True, f"{reason}; files settled: {why}"
+    elif state.exists() or state.is_symlink():
         try:
-            parsed = json.loads(scan.confine.read_text(state, "trainer_state.json"))
+            parsed = json.loads(scan.confine.read_text(state, "trainer_state.json", PARSE_MAX))
         except (OSError, ValueError, RecursionError) as exc:
             if settled:
                 # Nothing has changed for the settle period: a broken file, not one being
@@ -406,16 +472,28 @@ def _hf_ref(folder: Path, step: int | None, scan: _Scan) -> CheckpointRef:
         else:
             named = _state_step(parsed, state)
             step = named if step is None else step
-            complete, reason = weights_complete(folder, scan.confine)
+            complete, reason = weights_complete(folder, scan.confine, now=scan.now,
+                                                    settle_s=scan.settle_s)
             if not complete and settled:
                 # The producer says it is done and nothing has changed since: a broken file,
                 # not one being written. Analyse it so it fails with its error, visibly.
                 complete, reason = True, f"marker present but {reason}"
     elif settled:
-        complete, reason = weights_complete(folder, scan.confine)
+        complete, reason = weights_complete(folder, scan.confine, now=scan.now,
+                                                    settle_s=scan.settle_s)
         reason = f"no trainer_state.json; files settled: {reason}"
     fmt = "peft" if (folder / "adapter_config.json").exists() else "hf"
     return CheckpointRef(folder, step, fmt, complete, reason, _print(folder, scan))
+
+
+def _larger(path: Path, limit: int, confine: Confinement) -> bool:
+    """Whether ``path`` (checked under the roots first: a link out is refused, its target's
+    size never looked at) holds more than ``limit`` bytes."""
+    confine.check(path, path.name)
+    try:
+        return os.stat(path).st_size > limit
+    except OSError:
+        return False  # gone, or a looping link: the read that follows says why
 
 
 def _tracker_step(path: Path, confine: Confinement) -> int | None:
@@ -627,6 +705,8 @@ def survey(run_dir: Path, *, settle_s: float = 30.0, now: float | None = None,
                 refs.append(_hf_ref(run_dir, None, scan))
         except Exception as exc:  # refused like any other entry, never raised
             refs.append(refused(run_dir, exc, _name_step(run_dir.name)))
+    refs = [replace(r, notes=scan.notes[r.path]) if r.path in scan.notes and r.error is None
+            else r for r in refs]
     refs.sort(key=lambda r: (r.step is None, r.step or 0, str(r.path)))
     return Survey(refs, scan.listed, scan.inodes, scan.shapes)
 

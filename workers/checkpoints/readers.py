@@ -26,6 +26,7 @@ from alphawatch.workers.checkpoints.errors import (
 if TYPE_CHECKING:
     import torch
 
+# safetensors' own limit on a header, for the analysis process (held to the job's budgets).
 _MAX_HEADER = 100 * 1024 * 1024
 _FLOAT8_NAMES = ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
 SCALE_SUFFIXES = ("_scale_inv", "_scale")
@@ -44,32 +45,46 @@ def scale_key_of(key: str, keys: Container[str]) -> str | None:
     return next((key + suffix for suffix in SCALE_SUFFIXES if key + suffix in keys), None)
 
 
+class HeaderTooLarge(CheckpointError):
+    """A safetensors header declaring more bytes than the caller parses: refused, not read."""
+
+
 def safetensors_header(
-    path: Path, confine: Confinement = UNCONFINED
+    path: Path, confine: Confinement = UNCONFINED, max_header: int = _MAX_HEADER
 ) -> tuple[int, dict[str, dict[str, object]]]:
     """Header length and parsed header of a safetensors file, checked against the file size.
 
     A file is complete when its size is 8 + header length + the largest data offset: anything
     shorter is a shard still being written or cut short.
 
+    Args:
+        max_header: the largest header parsed; discovery, which runs beside the API in the
+            worker's own process, passes a smaller one than the analysis process.
+
     Raises:
         OutsideRootError: the file resolves outside ``confine``'s roots (it is not read).
+        HeaderTooLarge: its header declares more than ``max_header`` bytes (only 8 are read).
         CheckpointError: not a whole safetensors file; CheckpointVanished when it is gone.
     """
     try:
         with confine.open(path) as handle:
-            return _header_of(handle, path)
+            return _header_of(handle, path, max_header)
     except FileNotFoundError as exc:
         raise CheckpointVanished(path, f"{path} disappeared while being read") from exc
 
 
-def _header_of(handle: BinaryIO, path: Path) -> tuple[int, dict[str, dict[str, object]]]:
+def _header_of(handle: BinaryIO, path: Path, max_header: int = _MAX_HEADER
+               ) -> tuple[int, dict[str, dict[str, object]]]:
     """The header of the safetensors file open as ``handle``, validated against its size."""
     size = os.fstat(handle.fileno()).st_size
     prefix = handle.read(8)
     if len(prefix) < 8:
         raise CheckpointError(path, f"{path}: empty or truncated safetensors file")
     (length,) = struct.unpack("<Q", prefix)
+    if max_header < length <= _MAX_HEADER:
+        raise HeaderTooLarge(path, f"refused: {path}: its safetensors header declares {length} "
+                                   f"bytes, more than the {max_header} that discovery parses "
+                                   "(a 70B model's header holds about 90 KB)")
     if length > _MAX_HEADER or length > size - 8:
         raise CheckpointError(path, f"{path}: not a safetensors file (bad header length)")
     raw = handle.read(length)
