@@ -7,8 +7,10 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
+import psycopg
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError, OperationalError, PendingRollbackError
 from sqlalchemy.orm import Session, sessionmaker
 
 _ENGINES: dict[str, Engine] = {}
@@ -62,6 +64,28 @@ def session_scope(engine: Engine) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it was raised from) is a lost or unusable connection.
+
+    Such a failure says nothing about the work: the unit of work that met it is to be retried
+    whole, in a fresh session, and never recorded as the work's own error. Besides the DBAPI's
+    ``OperationalError`` (a terminated backend, a refused connect, SQLite's lock), a connection
+    lost mid-transaction surfaces later as ``PendingRollbackError`` (the session, or the
+    connection it invalidated, refuses to go on until rolled back), and a driver error can
+    arrive unwrapped or as the cause of another exception.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, PendingRollbackError | OperationalError | psycopg.OperationalError):
+            return True
+        if isinstance(current, DBAPIError) and current.connection_invalidated:
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def utcnow() -> datetime:
