@@ -8,12 +8,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, OperationalError, PendingRollbackError
 from sqlalchemy.orm import Session, sessionmaker
 
 _ENGINES: dict[str, Engine] = {}
+CONNECT_TIMEOUT_S = 10
 _FACTORIES: dict[Engine, sessionmaker[Session]] = {}
 
 
@@ -35,8 +36,14 @@ def make_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
     else:
+        # A server that vanished without a word (a host gone, a dropped route) is waited for
+        # CONNECT_TIMEOUT_S, not for ever: a worker retries with backoff, and one told to stop
+        # is not held by a connect in progress. A connect_timeout in the URL wins.
+        timeout = ({} if "connect_timeout" in make_url(url).query
+                   else {"connect_timeout": CONNECT_TIMEOUT_S})
         # FastAPI runs sync routes on a 40-thread pool: one connection per thread at most.
-        engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=30)
+        engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=30,
+                               connect_args=timeout)
     _ENGINES[url] = engine
     return engine
 

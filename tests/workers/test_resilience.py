@@ -12,6 +12,7 @@ import hashlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -22,8 +23,10 @@ from pathlib import Path
 import psycopg
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy.exc import OperationalError
 
 from alphawatch.service.api import create_app
+from alphawatch.service.db import session as db_session
 from alphawatch.service.db.session import make_engine, session_scope
 from alphawatch.service.db.tokens import TokenScope, create_token
 from alphawatch.settings import Settings
@@ -212,3 +215,21 @@ def test_a_worker_told_to_stop_while_the_database_is_away_exits_within_seconds(
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
+
+
+def test_a_server_that_never_answers_is_given_up_on_after_the_connect_timeout(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A host that accepts the connection and then says nothing (gone behind a dead route):
+    connecting fails after the connect timeout, for the worker to retry or stop, instead of
+    waiting for ever."""
+    monkeypatch.setattr(db_session, "CONNECT_TIMEOUT_S", 1)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # the kernel completes the handshake; nothing ever answers
+        port = silent.getsockname()[1]
+        engine = make_engine(f"postgresql+psycopg://alphawatch@127.0.0.1:{port}/alphawatch")
+        try:
+            with pytest.raises(OperationalError), engine.connect():
+                pass
+        finally:
+            db_session.dispose_all()
