@@ -199,7 +199,7 @@ class Watcher:
         self._leasing = False  # only run_forever discovers behind the lease
         self._stop = threading.Event()  # run_forever's: retries end when it is set
         # A claim that met a lost connection may have been committed: the next claim is made
-        # without asking first, and takes that job back (queue.claim).
+        # without asking first, and takes that job back (queue.reclaim).
         self._claim_unsure = False
         # Failures of the loops, for the log and /health; none of them ends a loop.
         self.health = LoopHealth()
@@ -568,10 +568,12 @@ class Watcher:
                         return None
             with session_scope(self.engine) as session:
                 queue.requeue_stale(session, max_attempts=self.settings.max_attempts)
-            self._claim_unsure = True
+            unsure, self._claim_unsure = self._claim_unsure, True
+            lease_s = self.settings.lease_s
             with session_scope(self.engine) as session:
-                claimed = queue.claim(session, worker_id=self.worker_id,
-                                      lease_s=self.settings.lease_s)
+                claimed = ((queue.reclaim(session, worker_id=self.worker_id, lease_s=lease_s)
+                            if unsure else None)
+                           or queue.claim(session, worker_id=self.worker_id, lease_s=lease_s))
             self._claim_unsure = False
             return claimed
 

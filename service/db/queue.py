@@ -290,16 +290,7 @@ def claim(session: Session, *, worker_id: str, lease_s: float) -> ClaimedJob | N
     now = utcnow()
     lease = now + timedelta(seconds=lease_s)
     claiming = TRANSITIONS[Event.CLAIM]
-    # A worker holds one job at a time, so a job already running under its name is a claim
-    # whose commit went through while the answer was lost with the connection: taken back as it
-    # is (its attempt was counted once), not left to run out and cost a second attempt.
-    orphan = session.scalars(select(AnalysisJob).where(
-        AnalysisJob.worker_id == worker_id, AnalysisJob.status == claiming.job.value)
-        .order_by(AnalysisJob.id).limit(1)).first()
-    if orphan is not None:
-        orphan.lease_expires_at, orphan.heartbeat_at = lease, now
-        job_id, checkpoint_id, attempts = orphan.id, orphan.checkpoint_id, orphan.attempts
-    elif session.get_bind().dialect.name == "postgresql":
+    if session.get_bind().dialect.name == "postgresql":
         (queued,) = claiming.sources
         row = session.execute(
             _CLAIM_POSTGRES, {"worker": worker_id, "lease": lease, "now": now,
@@ -330,6 +321,28 @@ def claim(session: Session, *, worker_id: str, lease_s: float) -> ClaimedJob | N
     session.commit()
     return ClaimedJob(job_id=job_id, checkpoint_id=checkpoint_id, run_id=checkpoint.run_id,
                       step=checkpoint.step, path=checkpoint.path, attempts=attempts)
+
+
+def reclaim(session: Session, *, worker_id: str, lease_s: float) -> ClaimedJob | None:
+    """A job running under ``worker_id`` that the worker does not know it holds; commits.
+
+    A claim whose commit went through while its answer was lost with the connection leaves
+    such a job. A worker that holds no job (it analyses one at a time) takes it back as it is,
+    with a new lease and the attempt counted once, instead of leaving its lease to run out and
+    cost a second attempt. None when there is no such job.
+    """
+    now = utcnow()
+    job = session.scalars(select(AnalysisJob).where(
+        AnalysisJob.worker_id == worker_id, AnalysisJob.status == JobStatus.RUNNING.value)
+        .order_by(AnalysisJob.id).limit(1)).first()
+    if job is None:
+        return None
+    job.lease_expires_at, job.heartbeat_at = now + timedelta(seconds=lease_s), now
+    checkpoint = session.get(Checkpoint, job.checkpoint_id)
+    assert checkpoint is not None  # the foreign key guarantees it
+    session.commit()
+    return ClaimedJob(job_id=job.id, checkpoint_id=job.checkpoint_id, run_id=checkpoint.run_id,
+                      step=checkpoint.step, path=checkpoint.path, attempts=job.attempts)
 
 
 _WORK = select(

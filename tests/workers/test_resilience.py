@@ -26,6 +26,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy.exc import OperationalError
 
 from alphawatch.service.api import create_app
+from alphawatch.service.db import queue
 from alphawatch.service.db import session as db_session
 from alphawatch.service.db.session import make_engine, session_scope
 from alphawatch.service.db.tokens import TokenScope, create_token
@@ -131,6 +132,24 @@ def test_a_connection_lost_inside_the_gate_verdict_retries_the_write_whole(
     assert sorted(n for (n,) in rows(pg_url, "SELECT name FROM layer_metric")) \
         == sorted(MATRICES)
     assert rows(pg_url, "SELECT count(*) FROM run_gate WHERE passed IS NOT NULL") == [(1,)]
+
+
+def test_a_claim_whose_answer_was_lost_is_taken_back_on_the_same_attempt(
+        tmp_path: Path, pg_url: str) -> None:
+    """The claim committed, and its answer was lost with the connection: the worker holds a
+    job it does not know of. Its next claim takes that job back instead of leaving its lease
+    to run out and cost a second attempt."""
+    run = tmp_path / "runs" / "r"
+    write_checkpoint(run, 1, seed=9)
+    watcher = Watcher(_settings(pg_url), [run])
+    watcher.discover_once()
+    with session_scope(make_engine(pg_url)) as session:
+        assert queue.claim(session, worker_id=watcher.worker_id, lease_s=30) is not None
+    watcher._claim_unsure = True  # what the claim's lost connection left behind
+    assert watcher.process_one(ask_first=True)
+    assert rows(pg_url, "SELECT c.status, j.status, j.attempts, c.analysis_count FROM "
+                        "checkpoint c JOIN analysis_job j ON j.checkpoint_id = c.id") \
+        == [("done", "done", 1, 1)]
 
 
 def test_a_database_refusing_one_checkpoints_rows_fails_that_checkpoint_alone(
