@@ -328,7 +328,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
     watcher = Watcher(settings, dirs, on_analysed=exporter)
     stop = threading.Event()
     # A worker loop that dies is restarted; /health answers 503 until it runs again.
-    worker = Supervisor(watcher.run_forever, lambda: watcher.passes, stop)
+    worker = Supervisor(watcher.run_forever, lambda: watcher.passes, stop,
+                        trouble=watcher.health.trouble)
     worker.start()
     print(f"alphawatch: dashboard at http://{settings.host}:{settings.port}/  "
           f"(database {settings.database_url})", flush=True)

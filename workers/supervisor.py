@@ -1,10 +1,11 @@
 """Keeping the worker of ``alphawatch up`` alive: restart its thread when it dies, and say so.
 
-``alphawatch up`` runs the API and one worker in one process. The worker loop already turns
-every bad checkpoint into a recorded failure, but a fault outside any checkpoint (a database
-that answers with errors instead of not answering, a bug) can still end the loop. The
-supervisor restarts it with a growing pause, and until the restarted loop completes a whole
-pass, :meth:`Supervisor.liveness` gives the reason, which ``/health`` turns into a 503.
+``alphawatch up`` runs the API and one worker in one process. The worker's loops outlive
+their faults themselves (a bad checkpoint is a recorded failure; a database that answers with
+errors, or a bug, is logged and retried after a pause: ``workers.loops``), and while one keeps
+failing :meth:`Supervisor.liveness` gives its reason, which ``/health`` turns into a 503. Should
+the loop still end, the supervisor restarts it with a growing pause, and gives the reason until
+the restarted loop completes a whole pass.
 """
 
 from __future__ import annotations
@@ -24,14 +25,18 @@ class Supervisor:
         loop: the worker loop; it returns when ``stop`` is set.
         passes: how many whole passes the loop has completed (rises while it is healthy).
         stop: set to end the loop and the supervisor.
+        trouble: why the running loop is failing now (it goes on, retrying), or None; shown
+            as ``/health``'s reason like a dead loop's.
         first_pause_s: pause before the first restart; doubled after each failure that came
             quickly, up to ``max_pause_s``, and reset after a loop that lived a while.
     """
 
     def __init__(self, loop: Callable[[threading.Event], None], passes: Callable[[], int],
                  stop: threading.Event, *, first_pause_s: float = 1.0,
-                 max_pause_s: float = 30.0) -> None:
+                 max_pause_s: float = 30.0,
+                 trouble: Callable[[], str | None] | None = None) -> None:
         self._loop = loop
+        self._trouble = trouble
         self._passes = passes
         self._stop = stop
         self._first_pause_s = first_pause_s
@@ -56,6 +61,8 @@ class Supervisor:
                 self._down = None
             if self._down is None and not self._thread.is_alive() and not self._stop.is_set():
                 return "the worker thread is not running"
+            if self._down is None and self._trouble is not None:
+                return self._trouble()
             return self._down
 
     def _run(self) -> None:

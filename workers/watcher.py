@@ -35,13 +35,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import select
-from sqlalchemy.exc import DBAPIError, OperationalError
 
 from alphawatch.run_names import derived
 from alphawatch.service.db import queue, scans
 from alphawatch.service.db.alerts import GateCheck
 from alphawatch.service.db.models import Run
-from alphawatch.service.db.session import make_engine, session_scope
+from alphawatch.service.db.session import is_connection_error, make_engine, session_scope
 from alphawatch.settings import Settings
 from alphawatch.workers.alerts import AlertDispatcher
 from alphawatch.workers.analyst import AnalysisOptions, analyze_checkpoint
@@ -63,6 +62,7 @@ from alphawatch.workers.checkpoints import (
 )
 from alphawatch.workers.checkpoints.discovery import Shape, Stamp, restat
 from alphawatch.workers.checkpoints.errors import printable, shown
+from alphawatch.workers.loops import Backoff, LoopHealth
 from alphawatch.workers.spectral import resolve_device
 
 log = logging.getLogger("alphawatch.worker")
@@ -121,7 +121,14 @@ class _Heartbeat(threading.Thread):
         self.lost = False
 
     def run(self) -> None:
+        try:
+            self._beat()
+        finally:
+            self.watcher.health.forget("heartbeat")  # its streak ends with its job
+
+    def _beat(self) -> None:
         settings = self.watcher.settings
+        health = self.watcher.health
         while not self.stop_event.wait(settings.heartbeat_s):
             if time.monotonic() > self.deadline:
                 log.warning("job %s is past its time budget: its lease is no longer renewed",
@@ -133,10 +140,11 @@ class _Heartbeat(threading.Thread):
                         session, job_id=self.job_id, worker_id=self.watcher.worker_id,
                         lease_s=settings.lease_s,
                     )
-            except (OperationalError, DBAPIError) as exc:
+            except Exception as exc:
                 # A missed beat is not a lost lease: the lease outlives a few heartbeats.
-                log.warning("heartbeat failed for job %s: %s", self.job_id, exc)
+                health.failed("heartbeat", exc, settings.heartbeat_s)
                 continue
+            health.ok("heartbeat")
             if not alive:
                 self.lost = True
                 log.warning("lease of job %s was lost to another worker", self.job_id)
@@ -190,6 +198,12 @@ class Watcher:
         self._lease_renew_at = 0.0
         self._discovery_failed: BaseException | None = None
         self._leasing = False  # only run_forever discovers behind the lease
+        self._stop = threading.Event()  # run_forever's: retries end when it is set
+        # A claim that met a lost connection may have been committed: the next claim is made
+        # without asking first, and takes that job back (queue.reclaim).
+        self._claim_unsure = False
+        # Failures of the loops, for the log and /health; none of them ends a loop.
+        self.health = LoopHealth()
         # Discovery passes completed; a supervisor reads it to see that the loop is live.
         self.passes = 0
         # A live line per layer on a terminal; plain log records when stderr is a file or pipe.
@@ -206,21 +220,36 @@ class Watcher:
                        if notify else None)
 
     # -- database access with retry -------------------------------------------------------
-    def _retry(self, what: str, fn: Callable[[], T], stop: threading.Event | None = None) -> T:
-        delay = 0.5
+    def _retry(self, what: str, fn: Callable[[], T], stop: threading.Event | None = None,
+               *, grace_s: float = 0.0) -> T:
+        """Run the unit of work ``fn`` again, whole, for as long as the connection fails.
+
+        Every unit of work opens its own sessions, so each try starts on a fresh connection
+        from the pool, and a try cut off at any statement left nothing half written. Once
+        ``stop`` (by default :meth:`run_forever`'s) is set, the tries go on for ``grace_s``
+        more seconds at most, then the connection error is raised: a worker told to stop
+        while the database is away exits within seconds.
+        """
+        stop = stop or self._stop
+        backoff = Backoff()
+        give_up_at: float | None = None
         while True:
             try:
                 return fn()
-            except (OperationalError, DBAPIError) as exc:
-                if not _is_connection_error(exc):
+            except Exception as exc:
+                if not is_connection_error(exc):
                     raise
-                log.warning("database unreachable during %s (%s); retrying in %.1fs",
-                            what, type(exc.orig or exc).__name__, delay)
-                if stop is not None and stop.wait(delay):
+                delay = backoff.next()
+                log.warning("database unreachable during %s (%s: %s); retrying in %.1fs",
+                            what, type(exc).__name__, str(exc).splitlines()[0][:200]
+                            if str(exc) else "", delay)
+                if not stop.is_set() and not stop.wait(delay):
+                    continue
+                now = time.monotonic()
+                give_up_at = now + grace_s if give_up_at is None else give_up_at
+                if now >= give_up_at:
                     raise
-                if stop is None:
-                    time.sleep(delay)
-                delay = min(delay * 2, 30.0)
+                time.sleep(min(delay, give_up_at - now, 0.5))
 
     # -- discovery ---------------------------------------------------------------------------
     def _watched_dirs(self) -> dict[Path, int | None]:
@@ -287,13 +316,10 @@ class Watcher:
                 continue
             try:
                 new += self._discover_run(run_dir, memory)
-            except (OperationalError, DBAPIError) as exc:
-                self._memory.pop(run_dir, None)
-                if _is_connection_error(exc):
-                    raise
-                self._record_run_error(run_dir, exc)
             except Exception as exc:  # one run, whatever its folder holds, never ends the worker
                 self._memory.pop(run_dir, None)
+                if is_connection_error(exc):
+                    raise  # the pass is retried whole
                 self._record_run_error(run_dir, exc)
             self._renew_lease()
         return new
@@ -328,8 +354,8 @@ class Watcher:
             with session_scope(self.engine) as session:
                 run_id = queue.ensure_run(session, name=derived(run_dir.name), path=str(run_dir))
                 queue.set_run_discovery_error(session, run_id=run_id, error=message)
-        except (OperationalError, DBAPIError) as failed:
-            if _is_connection_error(failed):
+        except Exception as failed:
+            if is_connection_error(failed):
                 raise
             # Not even the error could be written: the log has it, the other runs go on.
             log.error("cannot record the discovery error of %s: %s", shown(run_dir), failed)
@@ -443,14 +469,22 @@ class Watcher:
         return held
 
     def _release_lease(self) -> None:
+        """Give the discovery lease back, waiting a few seconds at most: a stopping worker
+        never hangs on an unreachable database (the lease then runs out by itself)."""
         if not self._leased:
             return
         self._leased = False
-        try:
-            with session_scope(self.engine) as session:
-                scans.release_lease(session, holder=self.worker_id)
-        except (OperationalError, DBAPIError) as exc:
-            log.warning("could not give the discovery lease back (it runs out): %s", exc)
+
+        def release() -> None:
+            try:
+                with session_scope(self.engine) as session:
+                    scans.release_lease(session, holder=self.worker_id)
+            except Exception as exc:
+                log.warning("could not give the discovery lease back (it runs out): %s", exc)
+
+        releasing = threading.Thread(target=release, name="lease-release", daemon=True)
+        releasing.start()
+        releasing.join(_RELEASE_WAIT_S)
 
     def _tick(self, due: bool, stop: threading.Event) -> None:
         """One discovery tick: a whole pass when due, else only the runs asked to be scanned."""
@@ -480,21 +514,37 @@ class Watcher:
             self._work.set()
 
     def _discover_forever(self, stop: threading.Event, ended: threading.Event) -> None:
-        """The discovery thread: a pass every poll interval, scan requests every second."""
+        """The discovery thread: a pass every poll interval, scan requests every second.
+
+        Whatever a tick raises (the database refusing a statement, a bug, a fault no run
+        accounts for) is recorded and the tick tried again after a growing pause; only
+        ``stop`` ends the thread.
+        """
         next_pass = time.monotonic()
+        backoff = Backoff()
         try:
             while not (stop.is_set() or ended.is_set()):
                 due = time.monotonic() >= next_pass
                 if due:
                     next_pass = time.monotonic() + self.settings.poll_interval_s
-                if due or self._leased:
-                    self._tick(due, stop)
+                try:
+                    if due or self._leased:
+                        self._tick(due, stop)
+                except Exception as exc:
+                    if stop.is_set():
+                        break
+                    pause = backoff.next()
+                    self.health.failed("discovery", exc, pause)
+                    next_pass = time.monotonic()  # the pass is made again after the pause
+                    _pause(pause, stop, ended)
+                    continue
+                backoff.reset()
+                self.health.ok("discovery")
                 if due:
                     self.passes += 1
                 ended.wait(min(_TICK_S, max(0.0, next_pass - time.monotonic())))
-        except BaseException as exc:
-            if not (stop.is_set() and isinstance(exc, (OperationalError, DBAPIError))):
-                self._discovery_failed = exc
+        except BaseException as exc:  # not an Exception: nothing to go on with
+            self._discovery_failed = exc
             self._work.set()
 
     # -- one job ---------------------------------------------------------------------------
@@ -514,18 +564,37 @@ class Watcher:
             return False
 
         def claim() -> queue.ClaimedJob | None:
-            if ask_first:
+            if ask_first and not self._claim_unsure:
                 with self.engine.connect() as conn:
                     if not queue.has_work(conn):
                         return None
             with session_scope(self.engine) as session:
                 queue.requeue_stale(session, max_attempts=self.settings.max_attempts)
+            unsure, self._claim_unsure = self._claim_unsure, True
+            lease_s = self.settings.lease_s
             with session_scope(self.engine) as session:
-                return queue.claim(session, worker_id=self.worker_id, lease_s=self.settings.lease_s)
+                claimed = ((queue.reclaim(session, worker_id=self.worker_id, lease_s=lease_s)
+                            if unsure else None)
+                           or queue.claim(session, worker_id=self.worker_id, lease_s=lease_s))
+            self._claim_unsure = False
+            return claimed
 
         job = self._retry("claim", claim)
         if job is None:
             return False
+        try:
+            self._process(job)
+        except Exception as exc:
+            if is_connection_error(exc):
+                raise  # told to stop while the database is away: the lease runs out
+            # A fault of the worker, not of the checkpoint: the attempt fails, with the reason,
+            # rather than the job staying held by a worker that goes on without it.
+            log.exception("step %s of run %s could not be processed", job.step, job.run_id)
+            self._finish_failed(job, f"the worker failed: {type(exc).__name__}: {exc}")
+        return True
+
+    def _process(self, job: queue.ClaimedJob) -> None:
+        """Analyse a claimed job and write its results (or its failure)."""
         log.info("analysing step %s of run %s (%s)", job.step, job.run_id, job.path)
         first = self._retry("first checkpoint", lambda: self._first_checkpoint(job.run_id))
         # The heartbeat outlives the budget by one beat: the stopped job's failure is written
@@ -554,7 +623,7 @@ class Watcher:
                             thresholds=self.thresholds, gate=self.gate,
                         )
 
-                done = self._retry("complete", write)
+                done = self._retry("complete", write, grace_s=_STOP_GRACE_S)
                 if done and self.alerts is not None:
                     self.alerts.wake()
                 log.info("step %s of run %s: %d layers in %.2fs, peak %.0f MB%s", job.step,
@@ -565,7 +634,6 @@ class Watcher:
         finally:
             beat.stop_event.set()
             beat.join(timeout=5)
-        return True
 
     def _announce(self, job: queue.ClaimedJob) -> None:
         assert self.on_analysed is not None
@@ -584,7 +652,7 @@ class Watcher:
                            vanished=vanished,
                            max_attempts=job.attempts if final else self.settings.max_attempts)
 
-        self._retry("fail", write)
+        self._retry("fail", write, grace_s=_STOP_GRACE_S)
 
     def analyze_checkpoint(
         self, path: Path, run_id: int | None = None
@@ -635,12 +703,14 @@ class Watcher:
                  ", ".join(map(str, self.run_dirs)) or "registered runs", self.device)
         ended = threading.Event()
         self._discovery_failed = None
+        self._stop = stop
         self._leasing = True
         finder = threading.Thread(target=self._discover_forever, args=(stop, ended),
                                   name="discovery", daemon=True)
         finder.start()
         if self.alerts is not None:
             self.alerts.start()
+        backoff = Backoff()
         try:
             while not stop.is_set():
                 if self._discovery_failed is not None:
@@ -648,10 +718,17 @@ class Watcher:
                 try:
                     # An idle worker asks before it claims: one read per poll, not two writes.
                     busy = self.process_one(ask_first=True)
-                except (OperationalError, DBAPIError):
+                except Exception as exc:
                     if stop.is_set():
+                        log.warning("stopping with: %s: %s", type(exc).__name__, exc)
                         break
-                    raise
+                    # Whatever a claim or a write raised, the worker outlives it.
+                    pause = backoff.next()
+                    self.health.failed("analysis", exc, pause)
+                    _pause(pause, stop)
+                    continue
+                backoff.reset()
+                self.health.ok("analysis")
                 if not busy:
                     self._idle(stop)
         finally:
@@ -674,8 +751,14 @@ class Watcher:
         self._work.clear()
 
 
-def _is_connection_error(exc: DBAPIError) -> bool:
-    return bool(exc.connection_invalidated) or isinstance(exc, OperationalError)
+def _pause(seconds: float, *events: threading.Event) -> None:
+    """Wait ``seconds``, or less: until one of ``events`` is set."""
+    until = time.monotonic() + seconds
+    while not any(e.is_set() for e in events):
+        left = until - time.monotonic()
+        if left <= 0:
+            return
+        events[0].wait(min(left, _TICK_S))
 
 
 def _problems(messages: list[str]) -> str | None:
@@ -696,3 +779,8 @@ _RUNS = select(Run.id, Run.path).order_by(Run.id)
 # How often the discovering worker looks for "scan now" requests, and the longest wait of the
 # loops between looking at their stop event.
 _TICK_S = 1.0
+# Told to stop, how long a worker still tries to write the result (or failure) in hand through a
+# lost connection, and how long it waits to give the discovery lease back: a stop while the
+# database is away takes seconds, not the length of the outage.
+_STOP_GRACE_S = 3.0
+_RELEASE_WAIT_S = 3.0

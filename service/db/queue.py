@@ -8,7 +8,10 @@ as plain transactions (one worker per database file).
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import secrets
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from enum import Enum
@@ -30,7 +33,7 @@ from alphawatch.service.db.models import (
     Run,
     Spectrum,
 )
-from alphawatch.service.db.session import dialect_insert, utcnow
+from alphawatch.service.db.session import dialect_insert, is_connection_error, utcnow
 from alphawatch.trust import Thresholds
 
 log = logging.getLogger("alphawatch.queue")
@@ -100,17 +103,21 @@ def move(job: AnalysisJob, checkpoint: Checkpoint | None, event: Event) -> None:
 
 
 def ensure_run(session: Session, *, name: str, path: str) -> int:
-    """Id of the run at ``path``, created if new (a name already taken gets a suffix).
+    """Id of the run at ``path``, created if new, under a name nothing can keep it from.
+
+    The name is ``name`` if free, else the first free of ``name-2`` … ``name-99``, else ``name``
+    with a short hash of the path, else ``name`` with a random suffix: whoever holds a write
+    token can take names through the API, and no set of taken names may stop a run from being
+    created (discovery creates every run it finds, and would stop with it).
 
     Two workers that find the same new run at once both end with the one row: the insert
     does nothing on a name conflict (waiting for the other transaction on PostgreSQL), and
     the run is then looked up again by path.
     """
-    for n in range(1, 1000):
+    for unique in _run_names(name, path):
         found = session.scalars(select(Run.id).where(Run.path == path).order_by(Run.id)).first()
         if found is not None:
             return found
-        unique = name if n == 1 else f"{name}-{n}"
         if session.scalars(select(Run.id).where(Run.name == unique)).first() is not None:
             continue
         created = session.scalar(
@@ -118,7 +125,29 @@ def ensure_run(session: Session, *, name: str, path: str) -> int:
             .on_conflict_do_nothing(index_elements=["name"]).returning(Run.id))
         if created is not None:
             return int(created)
-    raise ValueError(f"no free run name for {name!r}")
+    raise AssertionError("unreachable: _run_names never ends")
+
+
+def _run_names(name: str, path: str) -> Iterator[str]:
+    """The names a new run may take, in order of preference; endless, the last ones random.
+
+    The numbered forms keep names readable where a few runs share a folder name; the hashed
+    one is the same for the same path on every worker; the random ones (2**48 of them) cannot
+    all be taken ahead of time, the others can.
+    """
+    def within(stem: str, suffix: str) -> str:
+        return stem[:_RUN_NAME_MAX - len(suffix)] + suffix
+
+    yield within(name, "")
+    for n in range(2, 100):
+        yield within(name, f"-{n}")
+    yield within(name, "-" + hashlib.sha256(path.encode("utf-8", "surrogatepass"))
+                 .hexdigest()[:8])
+    while True:
+        yield within(name, f"-{secrets.token_hex(6)}")
+
+
+_RUN_NAME_MAX = 255  # run.name is String(255)
 
 
 def register_checkpoint(
@@ -294,6 +323,28 @@ def claim(session: Session, *, worker_id: str, lease_s: float) -> ClaimedJob | N
                       step=checkpoint.step, path=checkpoint.path, attempts=attempts)
 
 
+def reclaim(session: Session, *, worker_id: str, lease_s: float) -> ClaimedJob | None:
+    """A job running under ``worker_id`` that the worker does not know it holds; commits.
+
+    A claim whose commit went through while its answer was lost with the connection leaves
+    such a job. A worker that holds no job (it analyses one at a time) takes it back as it is,
+    with a new lease and the attempt counted once, instead of leaving its lease to run out and
+    cost a second attempt. None when there is no such job.
+    """
+    now = utcnow()
+    job = session.scalars(select(AnalysisJob).where(
+        AnalysisJob.worker_id == worker_id, AnalysisJob.status == JobStatus.RUNNING.value)
+        .order_by(AnalysisJob.id).limit(1)).first()
+    if job is None:
+        return None
+    job.lease_expires_at, job.heartbeat_at = now + timedelta(seconds=lease_s), now
+    checkpoint = session.get(Checkpoint, job.checkpoint_id)
+    assert checkpoint is not None  # the foreign key guarantees it
+    session.commit()
+    return ClaimedJob(job_id=job.id, checkpoint_id=job.checkpoint_id, run_id=checkpoint.run_id,
+                      step=checkpoint.step, path=checkpoint.path, attempts=job.attempts)
+
+
 _WORK = select(
     select(AnalysisJob.id).where(AnalysisJob.status == JobStatus.QUEUED.value).exists()
     | select(AnalysisJob.id).where(AnalysisJob.status == JobStatus.RUNNING.value,
@@ -389,7 +440,12 @@ def complete(
             # A savepoint: a gate that cannot be evaluated never costs the results.
             with session.begin_nested():
                 record_verdict(session, run_id=checkpoint.run_id, check=gate)
-        except Exception:
+        except Exception as exc:
+            # A lost connection took the whole transaction with it, results included: swallowed
+            # here, the commit would fail as PendingRollbackError; raised, the caller writes the
+            # results again on a fresh connection.
+            if is_connection_error(exc):
+                raise
             log.exception("the gate of run %s could not be evaluated after step %s",
                           checkpoint.run_id, checkpoint.step)
     return True

@@ -7,11 +7,14 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+import psycopg
+from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError, OperationalError, PendingRollbackError
 from sqlalchemy.orm import Session, sessionmaker
 
 _ENGINES: dict[str, Engine] = {}
+CONNECT_TIMEOUT_S = 10
 _FACTORIES: dict[Engine, sessionmaker[Session]] = {}
 
 
@@ -33,8 +36,14 @@ def make_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
     else:
+        # A server that vanished without a word (a host gone, a dropped route) is waited for
+        # CONNECT_TIMEOUT_S, not for ever: a worker retries with backoff, and one told to stop
+        # is not held by a connect in progress. A connect_timeout in the URL wins.
+        timeout = ({} if "connect_timeout" in make_url(url).query
+                   else {"connect_timeout": CONNECT_TIMEOUT_S})
         # FastAPI runs sync routes on a 40-thread pool: one connection per thread at most.
-        engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=30)
+        engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=30,
+                               connect_args=timeout)
     _ENGINES[url] = engine
     return engine
 
@@ -62,6 +71,28 @@ def session_scope(engine: Engine) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it was raised from) is a lost or unusable connection.
+
+    Such a failure says nothing about the work: the unit of work that met it is to be retried
+    whole, in a fresh session, and never recorded as the work's own error. Besides the DBAPI's
+    ``OperationalError`` (a terminated backend, a refused connect, SQLite's lock), a connection
+    lost mid-transaction surfaces later as ``PendingRollbackError`` (the session, or the
+    connection it invalidated, refuses to go on until rolled back), and a driver error can
+    arrive unwrapped or as the cause of another exception.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, PendingRollbackError | OperationalError | psycopg.OperationalError):
+            return True
+        if isinstance(current, DBAPIError) and current.connection_invalidated:
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def utcnow() -> datetime:

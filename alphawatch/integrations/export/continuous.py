@@ -3,7 +3,9 @@
 The watcher calls the exporter (``on_analysed(run_id, step)``) after a checkpoint's results are
 committed; the export runs on a thread of its own, so a slow or failing tracker never delays,
 fails or stops the analysis. Each export logs whatever the tracker lacks of the run, so a
-checkpoint missed while a tracker was down is logged at the next one.
+checkpoint missed while a tracker was down is logged at the next one. Nothing a tracker raises
+ends that thread (``SystemExit`` from a library included), and should it end all the same, the
+next checkpoint handed over starts a new one.
 """
 
 from __future__ import annotations
@@ -57,6 +59,10 @@ class ContinuousExport:
     def __call__(self, run_id: int, step: int) -> None:
         with self._done:
             if not self._thread.is_alive():
+                if self._thread.ident is not None:  # it ended: a thread starts only once
+                    log.error("the export thread had ended; starting a new one")
+                    self._thread = threading.Thread(target=self._loop, name="alphawatch-export",
+                                                    daemon=True)
                 self._thread.start()
             self._handed += 1
         self._queue.put(run_id)
@@ -96,10 +102,15 @@ class ContinuousExport:
                     stop = True
                     break
                 pending.append(more)
-            self._export_all(set(pending))
-            with self._done:
-                self._handed -= len(pending)
-                self._done.notify_all()
+            try:
+                self._export_all(set(pending))
+            except Exception:  # a bug of ours: these checkpoints are logged with the next ones
+                self.failures += 1
+                log.exception("export of runs %s failed", sorted(set(pending)))
+            finally:
+                with self._done:
+                    self._handed -= len(pending)
+                    self._done.notify_all()
             if stop:
                 return
 
@@ -115,7 +126,9 @@ class ContinuousExport:
                     self._missing.add(index)
                     self.failures += 1
                     log.error("export to %s is off: %s", target.kind, exc)
-                except Exception as exc:  # whatever a tracker raises, the worker goes on
+                # Whatever a tracker raises, the worker goes on: a library's sys.exit() too,
+                # which would end this thread and every later export with it.
+                except (Exception, SystemExit) as exc:
                     self.failures += 1
                     log.warning("export of run %s to %s failed: %s: %s", run_id, target.kind,
                                 type(exc).__name__, exc)
