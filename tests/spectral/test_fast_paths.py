@@ -9,13 +9,10 @@ import pytest
 import torch
 
 from alphawatch.workers.spectral import analyze_matrix
-from alphawatch.workers.spectral.analysis import (
-    _permutations,
-    gram,
-    random_permutation,
-    singular_values,
-)
+from alphawatch.workers.spectral.device import HOST
+from alphawatch.workers.spectral.eigenvalues import gram, singular_values
 from alphawatch.workers.spectral.plfit import _all_ks, _best_ks, tail_alphas, tail_floor
+from alphawatch.workers.spectral.traps import _permutations, random_permutation
 
 
 def spectrum(kind: str, m: int, seed: int) -> np.ndarray:
@@ -72,7 +69,7 @@ def test_cpu_eigenvalues_match_torch_float64() -> None:
     w = torch.from_numpy(np.random.default_rng(4).standard_normal((900, 400)))
     exact = torch.linalg.eigvalsh(w.T @ w).flip(0).clamp_min(0).sqrt().numpy()
     for matrix in (w, w.numpy(), w.float(), w.T.contiguous().numpy()):
-        ours = singular_values(matrix, torch.device("cpu"))
+        ours = singular_values(matrix, HOST)
         assert np.all(np.diff(ours) <= 0)
         tol = 1e-12 if matrix.dtype in (torch.float64, np.float64) else 1e-6
         np.testing.assert_allclose(ours**2, exact**2, rtol=0, atol=tol * exact[0] ** 2)
@@ -124,15 +121,15 @@ def test_random_permutation_is_a_permutation(numel: int) -> None:
 def test_random_permutation_draws_the_plain_two_stage_shuffle(
         monkeypatch: pytest.MonkeyPatch, numel: int) -> None:
     """Placed a chunk at a time, the same permutation as one sort of all the keys."""
-    from alphawatch.workers.spectral import analysis
+    from alphawatch.workers.spectral import traps
 
-    monkeypatch.setattr(analysis, "PLACE_CHUNK", 4096)  # several chunks and a short last one
+    monkeypatch.setattr(traps, "PLACE_CHUNK", 4096)  # several chunks and a short last one
 
     def plain(rng: np.random.Generator) -> np.ndarray:
-        keys = rng.integers(0, analysis.SHUFFLE_BUCKETS, numel, dtype=np.uint8)
+        keys = rng.integers(0, traps.SHUFFLE_BUCKETS, numel, dtype=np.uint8)
         order = np.argsort(keys, kind="stable")
         start = 0
-        for end in np.cumsum(np.bincount(keys, minlength=analysis.SHUFFLE_BUCKETS)).tolist():
+        for end in np.cumsum(np.bincount(keys, minlength=traps.SHUFFLE_BUCKETS)).tolist():
             rng.shuffle(order[start:end])
             start = end
         return order
@@ -176,13 +173,9 @@ def test_numpy_arrays_and_torch_tensors_give_the_same_result() -> None:
 
 @pytest.mark.parametrize("case", ["gauss", "offset", "conv", "float64", "tiny-spread"])
 def test_variance_from_the_spectrum_is_the_two_pass_variance(case: str) -> None:
-    from alphawatch.workers.spectral.analysis import (
-        HOST,
-        as_matrices,
-        moments_of,
-        spectrum_of,
-        with_variance,
-    )
+    from alphawatch.workers.spectral.device import HOST, as_matrices
+    from alphawatch.workers.spectral.eigenvalues import spectrum_of
+    from alphawatch.workers.spectral.moments import moments_of, with_variance
 
     rng = np.random.default_rng(8)
     w = {"gauss": rng.standard_normal((300, 200)).astype(np.float32),
@@ -200,7 +193,8 @@ def test_variance_from_the_spectrum_is_the_two_pass_variance(case: str) -> None:
 
 @pytest.mark.parametrize("bad", [[np.nan], [np.inf], [-np.inf], [np.inf, -np.inf]])
 def test_one_non_finite_entry_is_found(bad: list[float]) -> None:
-    from alphawatch.workers.spectral.analysis import HOST, moments_of
+    from alphawatch.workers.spectral.device import HOST
+    from alphawatch.workers.spectral.moments import moments_of
 
     for dtype in (np.float32, np.float64):
         w = np.random.default_rng(9).standard_normal((64, 48)).astype(dtype)
@@ -213,7 +207,7 @@ def test_one_non_finite_entry_is_found(bad: list[float]) -> None:
 
 
 def test_rand_distance_pools_what_lies_below_the_floor() -> None:
-    from alphawatch.workers.spectral.analysis import _jensen_shannon
+    from alphawatch.workers.spectral.traps import _jensen_shannon
 
     x = np.random.default_rng(10).standard_normal((600, 600))
     evals = np.linalg.eigvalsh(x.T @ x)  # square: eigenvalues down to ~1e-7·λmax

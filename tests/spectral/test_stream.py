@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from alphawatch.workers.spectral import FitStatus, analysis_workers, analyze_matrix, analyze_stream
-from alphawatch.workers.spectral.analysis import shuffled_eigenvalues, singular_values
+from alphawatch.workers.spectral.device import HOST
+from alphawatch.workers.spectral.eigenvalues import shuffled_eigenvalues, singular_values
 
 
 def heavy(rows: int, cols: int, seed: int) -> torch.Tensor:
@@ -78,8 +79,8 @@ def test_worker_count() -> None:
 def test_shuffled_spectrum_in_float32_matches_float64_at_the_top() -> None:
     w = heavy(400, 160, 7)
     perm = np.random.default_rng(0).permutation(w.numel())
-    exact = singular_values(w.reshape(-1)[perm].reshape(w.shape), torch.device("cpu")) ** 2
-    fast = shuffled_eigenvalues(w, perm.astype(np.int32), torch.device("cpu"))
+    exact = singular_values(w.reshape(-1)[perm].reshape(w.shape), HOST) ** 2
+    fast = shuffled_eigenvalues(w, perm.astype(np.int32), HOST)
     exact = np.sort(exact)
     assert fast.shape == exact.shape and np.all(np.diff(fast) >= 0)
     # absolute error ~eps32·λmax: the top 20% are exact to 1e-5 relative

@@ -103,12 +103,12 @@ def analyze_stream(
 
     Yields ``(payload, result)`` in the order of ``items``, one per item even when it fails.
     At most ``workers + 1`` items are held at once (those being analysed and the one being
-    read), so ``items`` may be a lazy reader. On CUDA, or with one worker, items are analysed
-    one after the other. Results do not depend on the number of workers beyond rounding (BLAS
-    sums in another order: ~1e-14 relative).
+    read), so ``items`` may be a lazy reader. On the accelerator path (CUDA), or with one
+    worker, items are analysed one after the other. Results do not depend on the number of
+    workers beyond rounding (BLAS sums in another order: ~1e-14 relative).
     """
     dev = resolve_device(device)
-    count = 1 if dev.type == "cuda" else analysis_workers(workers)
+    count = 1 if dev.accelerated else analysis_workers(workers)
     limits = thresholds or Thresholds()
     if count == 1:
         for payload, weight, dtype in items:
