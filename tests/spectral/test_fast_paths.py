@@ -11,7 +11,7 @@ import torch
 from alphawatch.workers.spectral import analyze_matrix
 from alphawatch.workers.spectral.device import HOST
 from alphawatch.workers.spectral.eigenvalues import gram, singular_values
-from alphawatch.workers.spectral.plfit import _all_ks, _best_ks, tail_alphas, tail_floor
+from alphawatch.workers.spectral.ks import _all_ks, _best_ks, tail_alphas, tail_floor
 from alphawatch.workers.spectral.traps import _permutations, random_permutation
 
 

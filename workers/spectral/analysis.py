@@ -265,7 +265,7 @@ def analyze_spectrum(
         spec = spectrum_of(mats, dev)
         moments = with_variance(moments, spec, data)
         fit = fit_power_law(spec.evals, method, bootstrap_samples=limits.bootstrap_samples,
-                            seed=limits.trap_seed, device=str(dev))
+                            seed=limits.trap_seed, device=dev)
         return Analysed(
             mats=mats, device=dev, limits=limits, method=method, rows=rows, cols=cols, n=n,
             m=m, spec=spec, rank=rank_of(spec, stored_dtype, n, limits.rank_loss_fraction),

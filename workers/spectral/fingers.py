@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from alphawatch.workers.spectral.plfit import (
+from alphawatch.workers.spectral.ks import (
     _PRUNE_BELOW,
     EVALS_THRESH,
     bootstrap_delta,

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 
 from alphawatch.trust import Thresholds
 from alphawatch.vocabulary import FitStatus
+from alphawatch.workers.spectral.device import Device
 
-__all__ = ["FitStatus", "LayerResult", "PowerLawFit", "Thresholds"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["FitOptions", "FitStatus", "Fitter", "LayerResult", "PowerLawFit", "Thresholds"]
 
 
 @dataclass(frozen=True)
@@ -31,6 +36,23 @@ class PowerLawFit:
     alpha_delta: float
     num_fingers: int = 0  # clip_xmax: outlying top eigenvalues left out of the fit
     tpl_lambda: float | None = None  # tpl: the truncation rate Λ of x^-α·e^(-Λx)
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """What every fit method takes besides the spectrum: the bootstrap and where the KS pass runs.
+
+    ``device`` is read only by the KS-searching methods (``ww``, ``ww_relfloor``, ``ks2`` and
+    ``tpl``'s first step): numpy for ``"cpu"`` and the host, torch on an accelerator device.
+    """
+
+    bootstrap_samples: int = 0
+    seed: int = 0
+    device: str | Device | torch.device = "cpu"
+
+
+Fitter: TypeAlias = Callable[[np.ndarray, FitOptions], "PowerLawFit | None"]
+"""One fit method: eigenvalues (any order) and options in, a fit (or None: too few values) out."""
 
 
 @dataclass(frozen=True)
