@@ -11,7 +11,7 @@ A pass costs next to nothing when nothing changed: a run whose folders all kept 
 run that changed only new or unsettled entries are read. Files rewritten in place change no
 folder's stamp: ``rewrite_checks_per_poll`` settled checkpoints are re-checked each pass,
 round-robin, by a ``stat`` of the files and folders their fingerprint was computed from
-(:class:`~alphawatch.workers.checkpoints.discovery.Shape`), or by their fingerprint where a
+(:class:`~alphawatch.workers.checkpoints.fingerprints.Shape`), or by their fingerprint where a
 symlinked file makes that not enough. An idle worker asks the queue whether it has anything
 (one read) before it claims, and bids for the discovery lease with one statement. In
 :meth:`Watcher.run_forever` discovery runs in its own thread and only the
@@ -60,8 +60,8 @@ from alphawatch.workers.checkpoints import (
     survey,
     unchanged,
 )
-from alphawatch.workers.checkpoints.discovery import Shape, Stamp, restat
 from alphawatch.workers.checkpoints.errors import printable, shown
+from alphawatch.workers.checkpoints.fingerprints import Shape, Stamp, restat
 from alphawatch.workers.loops import Backoff, LoopHealth
 from alphawatch.workers.spectral import resolve_device
 
