@@ -274,7 +274,7 @@ def test_a_rewrite_is_seen_through_the_stat_round_and_the_fingerprint_round(
     while watcher.process_one():
         pass
     watcher.close()
-    shapes = {path.name: shape for _, path, _, shape in watcher._round}
+    shapes = {path.name: shape for _, path, _, shape in watcher._memory.round}
     assert shapes["checkpoint-20"] is None and shapes["checkpoint-10"] is not None
     then = time.time() - 100
     os.utime(run / "checkpoint-10" / "model.safetensors", (then, then))
