@@ -32,12 +32,9 @@ from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import select
-
 from alphawatch.run_names import derived
-from alphawatch.service.db import queue, scans
+from alphawatch.service.db import queue, registry, scans
 from alphawatch.service.db.alerts import GateCheck
-from alphawatch.service.db.models import Run
 from alphawatch.service.db.session import is_connection_error, make_engine, session_scope
 from alphawatch.settings import Settings
 from alphawatch.workers.alerts import AlertDispatcher
@@ -231,7 +228,7 @@ class Watcher:
         only of the runs that are not skipped as unchanged (whose stamp is one ``stat``).
         """
         with self.engine.connect() as conn:
-            rows = conn.execute(_RUNS).all()
+            rows = registry.registered_runs(conn)
         paths = self._paths
         if len(paths) > 2 * len(rows) + 100:
             paths.clear()  # runs deleted: their folders are forgotten
@@ -241,7 +238,7 @@ class Watcher:
             if path is None:
                 path = paths[text_] = Path(text_)
             if seen.get(path) is None:
-                seen[path] = int(run_id)
+                seen[path] = run_id
         return seen
 
     def _present(self, run_dir: Path) -> bool:
@@ -615,13 +612,8 @@ class Watcher:
         self.child.close()
 
     def _first_checkpoint(self, run_id: int) -> Path | None:
-        from alphawatch.service.db.models import Checkpoint
-
         with session_scope(self.engine) as session:
-            first = session.scalars(
-                select(Checkpoint.path).where(Checkpoint.run_id == run_id)
-                .order_by(Checkpoint.step).limit(1)
-            ).first()
+            first = registry.first_checkpoint(session, run_id=run_id)
         return Path(first) if first else None
 
     # -- loops -----------------------------------------------------------------------------
@@ -718,7 +710,6 @@ def _problems(messages: list[str]) -> str | None:
 # a few kilobytes, not megabytes, per run.
 _ERROR_MAX = 8000
 _PROBLEMS_SHOWN = 20
-_RUNS = select(Run.id, Run.path).order_by(Run.id)
 # How often the discovering worker looks for "scan now" requests, and the longest wait of the
 # loops between looking at their stop event.
 _TICK_S = 1.0
