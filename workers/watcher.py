@@ -35,6 +35,7 @@ from typing import Any, TypeVar
 from alphawatch.run_names import derived
 from alphawatch.service.db import queue, registry, scans
 from alphawatch.service.db.alerts import GateCheck
+from alphawatch.service.db.models import CheckpointStatus, JobStatus
 from alphawatch.service.db.session import is_connection_error, make_engine, session_scope
 from alphawatch.settings import Settings
 from alphawatch.workers.alerts import AlertDispatcher
@@ -376,13 +377,14 @@ class Watcher:
             1 when it was queued again (else 0), and whether the database now matches the
             files (False: a job holds it, the change is looked at again next pass).
         """
-        if found.discovery_error is not None and found.status != "failed":
+        if found.discovery_error is not None and found.status != CheckpointStatus.FAILED:
             # The problem discovery noted after the analysis is gone (the folder is back).
             queue.set_checkpoint_discovery_error(session, checkpoint_id=found.checkpoint_id,
                                                  error=None)
         if found.fingerprint == fingerprint:
             return 0, True
-        if found.status == "pending" and found.job_status == "queued":
+        if (found.status == CheckpointStatus.PENDING
+                and found.job_status == JobStatus.QUEUED):
             queue.set_fingerprint(session, checkpoint_id=found.checkpoint_id,
                                   fingerprint=fingerprint)
             return 0, True
