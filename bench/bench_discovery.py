@@ -69,7 +69,7 @@ from alphawatch.service.db.migrations import upgrade  # noqa: E402
 from alphawatch.service.db.models import AnalysisJob, Checkpoint, Run  # noqa: E402
 from alphawatch.service.db.session import dispose_all  # noqa: E402
 from alphawatch.settings import Settings  # noqa: E402
-from alphawatch.workers.checkpoints.discovery import fingerprint  # noqa: E402
+from alphawatch.workers.checkpoints.fingerprints import fingerprint  # noqa: E402
 from alphawatch.workers.watcher import Watcher  # noqa: E402
 
 

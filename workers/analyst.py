@@ -23,8 +23,8 @@ from alphawatch.workers.checkpoints import (
     LayerMatrix,
     iter_layers,
 )
-from alphawatch.workers.checkpoints.discovery import fingerprint
 from alphawatch.workers.checkpoints.errors import printable
+from alphawatch.workers.checkpoints.fingerprints import fingerprint
 from alphawatch.workers.checkpoints.nested import nested_matrices, nested_widths
 from alphawatch.workers.checkpoints.tree import walk
 from alphawatch.workers.spectral import (

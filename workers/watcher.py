@@ -11,12 +11,12 @@ A pass costs next to nothing when nothing changed: a run whose folders all kept 
 run that changed only new or unsettled entries are read. Files rewritten in place change no
 folder's stamp: ``rewrite_checks_per_poll`` settled checkpoints are re-checked each pass,
 round-robin, by a ``stat`` of the files and folders their fingerprint was computed from
-(:class:`~alphawatch.workers.checkpoints.discovery.Shape`), or by their fingerprint where a
-symlinked file makes that not enough. An idle worker asks the queue whether it has anything
-(one read) before it claims, and bids for the discovery lease with one statement. In
-:meth:`Watcher.run_forever` discovery runs in its own thread and only the
-worker holding the discovery lease discovers (every worker analyses); the holder also looks
-for "scan now" requests every second and scans those runs fully at once.
+(:class:`~alphawatch.workers.checkpoints.fingerprints.Shape`), or by their fingerprint where a
+symlinked file makes that not enough (:mod:`~alphawatch.workers.checkpoints.memory`). An
+idle worker asks the queue whether it has anything (one read) before it claims, and bids for
+the discovery lease with one statement. In :meth:`Watcher.run_forever` discovery runs in its
+own thread and only the worker holding the discovery lease discovers (every worker analyses);
+the holder also looks for "scan now" requests every second and scans those runs fully at once.
 """
 
 from __future__ import annotations
@@ -28,18 +28,14 @@ import sys
 import threading
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable, Collection, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import select
-
 from alphawatch.run_names import derived
-from alphawatch.service.db import queue, scans
+from alphawatch.service.db import queue, registry, scans
 from alphawatch.service.db.alerts import GateCheck
-from alphawatch.service.db.models import Run
+from alphawatch.service.db.models import CheckpointStatus, JobStatus
 from alphawatch.service.db.session import is_connection_error, make_engine, session_scope
 from alphawatch.settings import Settings
 from alphawatch.workers.alerts import AlertDispatcher
@@ -52,16 +48,9 @@ from alphawatch.workers.budget import (
     budget_of,
     options_of,
 )
-from alphawatch.workers.checkpoints import (
-    CheckpointError,
-    CheckpointRef,
-    Confinement,
-    fingerprint,
-    survey,
-    unchanged,
-)
-from alphawatch.workers.checkpoints.discovery import Shape, Stamp, restat
+from alphawatch.workers.checkpoints import CheckpointError, Confinement, survey
 from alphawatch.workers.checkpoints.errors import printable, shown
+from alphawatch.workers.checkpoints.memory import DiscoveryMemory, RunMemory, Settled
 from alphawatch.workers.loops import Backoff, LoopHealth
 from alphawatch.workers.spectral import resolve_device
 
@@ -87,21 +76,6 @@ def check_run_dir(path: Path) -> Path:
 
 def default_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-
-
-@dataclass
-class _RunMemory:
-    """What the last pass over one run left: enough to skip it, or to re-read only what changed.
-
-    ``settled``: entries found complete, registered and matching the database, by path (their
-    inode then, and their ref). ``quiet``: every entry was settled and nothing was refused; a
-    quiet run whose folders kept their stamps is skipped.
-    """
-
-    run_id: int
-    listed: dict[Path, Stamp]
-    settled: dict[Path, tuple[int, CheckpointRef]]
-    quiet: bool
 
 
 class _Heartbeat(threading.Thread):
@@ -186,11 +160,7 @@ class Watcher:
         self.device = resolve_device(settings.device)
         self.thresholds = settings.trust
         self._reanalyzed: set[int] = set()
-        self._memory: dict[Path, _RunMemory] = {}
-        # Settled entries in the order they are looked at again: (run, path, the memory entry,
-        # the shape its fingerprint was computed from); one whose memory entry was replaced or
-        # dropped leaves the round.
-        self._round: deque[tuple[Path, Path, tuple[int, CheckpointRef], Shape | None]] = deque()
+        self._memory = DiscoveryMemory(self.confine)
         # Registered run folders as Path objects, by the text the database holds.
         self._paths: dict[str, Path] = {}
         self._work = threading.Event()  # new jobs were queued: the analysis loop claims
@@ -259,7 +229,7 @@ class Watcher:
         only of the runs that are not skipped as unchanged (whose stamp is one ``stat``).
         """
         with self.engine.connect() as conn:
-            rows = conn.execute(_RUNS).all()
+            rows = registry.registered_runs(conn)
         paths = self._paths
         if len(paths) > 2 * len(rows) + 100:
             paths.clear()  # runs deleted: their folders are forgotten
@@ -269,7 +239,7 @@ class Watcher:
             if path is None:
                 path = paths[text_] = Path(text_)
             if seen.get(path) is None:
-                seen[path] = int(run_id)
+                seen[path] = run_id
         return seen
 
     def _present(self, run_dir: Path) -> bool:
@@ -297,55 +267,30 @@ class Watcher:
         the caller to retry.
         """
         watched = self._watched_dirs()
-        for gone in [p for p, m in self._memory.items() if m.run_id != watched.get(p, m.run_id)
-                     or p not in watched]:
-            del self._memory[gone]  # deleted, or deleted and registered again
+        self._memory.forget_gone(watched)
         changed: set[Path] = set()
         if runs is None:
-            changed = self._recheck_settled()
+            changed = self._memory.recheck(self.settings.rewrite_checks_per_poll)
         else:
             watched = {p: i for p, i in watched.items() if p in runs}
         new = 0
         for run_dir, run_id in watched.items():
             memory = None if run_dir in full else self._memory.get(run_dir)
-            if (memory is not None and memory.quiet and memory.run_id == run_id
-                    and run_dir not in changed and unchanged(memory.listed)):
+            if (memory is not None and run_dir not in changed
+                    and memory.unchanged_since(run_id)):
                 continue
             if not self._present(run_dir):
-                self._memory.pop(run_dir, None)
+                self._memory.forget(run_dir)
                 continue
             try:
                 new += self._discover_run(run_dir, memory)
             except Exception as exc:  # one run, whatever its folder holds, never ends the worker
-                self._memory.pop(run_dir, None)
+                self._memory.forget(run_dir)
                 if is_connection_error(exc):
                     raise  # the pass is retried whole
                 self._record_run_error(run_dir, exc)
             self._renew_lease()
         return new
-
-    def _recheck_settled(self) -> set[Path]:
-        """Fingerprint the next settled checkpoints again; the runs where one changed."""
-        changed: set[Path] = set()
-        for _ in range(min(self.settings.rewrite_checks_per_poll, len(self._round))):
-            turn = self._round.popleft()
-            run_dir, path, entry, shape = turn
-            memory = self._memory.get(run_dir)
-            if memory is None or memory.settled.get(path) is not entry:
-                continue  # read again since, or forgotten: its newer entry has its own turn
-            try:
-                # One stat per member where the fingerprint's members are known (the same
-                # answer: see Shape), else the fingerprint itself.
-                same = (restat(path, shape) == shape.stamp if shape is not None
-                        else fingerprint(path, self.confine) == entry[1].fingerprint)
-            except Exception:  # whatever went wrong, the run's next pass reads it and says
-                same = False
-            if same:
-                self._round.append(turn)
-            else:
-                del memory.settled[path]
-                changed.add(run_dir)
-        return changed
 
     def _record_run_error(self, run_dir: Path, exc: Exception) -> None:
         log.error("discovery of %s failed", shown(run_dir), exc_info=exc)
@@ -360,7 +305,7 @@ class Watcher:
             # Not even the error could be written: the log has it, the other runs go on.
             log.error("cannot record the discovery error of %s: %s", shown(run_dir), failed)
 
-    def _discover_run(self, run_dir: Path, memory: _RunMemory | None) -> int:
+    def _discover_run(self, run_dir: Path, memory: RunMemory | None) -> int:
         problems: list[str] = []
         settled = memory.settled if memory is not None else {}
         try:
@@ -371,7 +316,7 @@ class Watcher:
             log.error("cannot list %s: %s", shown(run_dir), exc)
             refs, problems, listed, inodes, shapes = [], [str(exc)], {}, {}, {}
         new = 0
-        now_settled: dict[Path, tuple[int, CheckpointRef]] = {}
+        now_settled: dict[Path, Settled] = {}
         quiet = True
         with session_scope(self.engine) as session:
             run_id = queue.ensure_run(session, name=derived(run_dir.name), path=str(run_dir))
@@ -412,20 +357,16 @@ class Watcher:
                 if not final:
                     quiet = False
                     continue
-                entry = settled.get(ref.path)
-                if entry is None or entry[1] is not ref:
-                    entry = (inodes.get(ref.path, -1), ref)
-                    if self.settings.rewrite_checks_per_poll:
-                        self._round.append((run_dir, ref.path, entry,
-                                            shapes.get(ref.path)))
-                now_settled[ref.path] = entry
+                now_settled[ref.path] = self._memory.settle(
+                    run_dir, ref, earlier=settled, inodes=inodes, shapes=shapes,
+                    rechecked=bool(self.settings.rewrite_checks_per_poll))
             if self.reanalyze and run_id not in self._reanalyzed:
                 queue.reanalyze(session, run_id=run_id)
                 self._reanalyzed.add(run_id)
             summary = _problems(problems)
             queue.set_run_discovery_error(session, run_id=run_id, error=summary)
-        self._memory[run_dir] = _RunMemory(run_id, listed, now_settled,
-                                           quiet and not problems)
+        self._memory.remember(run_dir, RunMemory(run_id, listed, now_settled,
+                                                 quiet and not problems))
         return new
 
     def _refresh(self, session: Any, run_dir: Path, step: int, found: queue.KnownCheckpoint,
@@ -436,13 +377,14 @@ class Watcher:
             1 when it was queued again (else 0), and whether the database now matches the
             files (False: a job holds it, the change is looked at again next pass).
         """
-        if found.discovery_error is not None and found.status != "failed":
+        if found.discovery_error is not None and found.status != CheckpointStatus.FAILED:
             # The problem discovery noted after the analysis is gone (the folder is back).
             queue.set_checkpoint_discovery_error(session, checkpoint_id=found.checkpoint_id,
                                                  error=None)
         if found.fingerprint == fingerprint:
             return 0, True
-        if found.status == "pending" and found.job_status == "queued":
+        if (found.status == CheckpointStatus.PENDING
+                and found.job_status == JobStatus.QUEUED):
             queue.set_fingerprint(session, checkpoint_id=found.checkpoint_id,
                                   fingerprint=fingerprint)
             return 0, True
@@ -672,13 +614,8 @@ class Watcher:
         self.child.close()
 
     def _first_checkpoint(self, run_id: int) -> Path | None:
-        from alphawatch.service.db.models import Checkpoint
-
         with session_scope(self.engine) as session:
-            first = session.scalars(
-                select(Checkpoint.path).where(Checkpoint.run_id == run_id)
-                .order_by(Checkpoint.step).limit(1)
-            ).first()
+            first = registry.first_checkpoint(session, run_id=run_id)
         return Path(first) if first else None
 
     # -- loops -----------------------------------------------------------------------------
@@ -775,7 +712,6 @@ def _problems(messages: list[str]) -> str | None:
 # a few kilobytes, not megabytes, per run.
 _ERROR_MAX = 8000
 _PROBLEMS_SHOWN = 20
-_RUNS = select(Run.id, Run.path).order_by(Run.id)
 # How often the discovering worker looks for "scan now" requests, and the longest wait of the
 # loops between looking at their stop event.
 _TICK_S = 1.0

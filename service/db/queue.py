@@ -203,8 +203,8 @@ class KnownCheckpoint:
     checkpoint_id: int
     path: str
     fingerprint: str
-    status: str
-    job_status: str | None
+    status: CheckpointStatus
+    job_status: JobStatus | None
     discovery_error: str | None
 
 
@@ -215,7 +215,9 @@ def known_checkpoints(session: Session, *, run_id: int) -> dict[int, KnownCheckp
                Checkpoint.status, AnalysisJob.status, Checkpoint.discovery_error)
         .outerjoin(AnalysisJob).where(Checkpoint.run_id == run_id)
     ).all()
-    return {int(r[0]): KnownCheckpoint(int(r[1]), r[2], r[3], r[4], r[5], r[6]) for r in rows}
+    return {int(r[0]): KnownCheckpoint(int(r[1]), r[2], r[3], CheckpointStatus(r[4]),
+                                       None if r[5] is None else JobStatus(r[5]), r[6])
+            for r in rows}
 
 
 def requeue_rewritten(session: Session, *, checkpoint_id: int, fingerprint: str) -> bool:

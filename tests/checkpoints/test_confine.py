@@ -18,8 +18,8 @@ from alphawatch.workers.checkpoints import (
     discover,
     iter_layers,
 )
+from alphawatch.workers.checkpoints.completeness import MAX_STEP, StepError, parse_step
 from alphawatch.workers.checkpoints.confine import opened_path
-from alphawatch.workers.checkpoints.discovery import MAX_STEP, StepError, parse_step
 from alphawatch.workers.checkpoints.errors import printable
 
 

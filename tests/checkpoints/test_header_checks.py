@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from alphawatch.workers.checkpoints import Confinement, discover
-from alphawatch.workers.checkpoints.discovery import HEADERS, PARSE_MAX
+from alphawatch.workers.checkpoints.completeness import HEADERS, PARSE_MAX
 
 
 def _shard(path: Path, header_bytes: int, short: int = 0) -> None:

@@ -51,6 +51,7 @@ def test_contracts_hold_on_the_tree(tree_copy: Path) -> None:
         ("integrations/lightning.py", "import alphawatch.settings", "Training-loop callbacks"),
         ("integrations/link.py", "import torch", "The callbacks' shared client"),
         ("workers/watcher.py", "import alphawatch.integrations.export", "Layers"),
+        ("workers/watcher.py", "from sqlalchemy import select", "The watcher writes no SQL"),
         ("integrations/export", "import alphawatch.cli", "Layers"),
     ],
 )

@@ -221,3 +221,13 @@ def test_has_work_says_whether_a_claim_could_find_a_job(db_url: str) -> None:
                               spectra=[], device="cpu", elapsed_s=0.0,
                               thresholds=Thresholds())
     assert not work()  # done
+
+
+def test_known_checkpoints_speak_in_the_status_enums(db_url: str) -> None:
+    with session_scope(make_engine(db_url)) as session:
+        run = queue.ensure_run(session, name="r", path="/runs/r")
+        queue.register_checkpoint(session, run_id=run, step=1, path="/runs/r/1",
+                                  fingerprint="f", fmt="hf")
+        known = queue.known_checkpoints(session, run_id=run)[1]
+    assert known.status is CheckpointStatus.PENDING
+    assert known.job_status is JobStatus.QUEUED

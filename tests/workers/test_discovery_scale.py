@@ -19,10 +19,10 @@ import pytest
 
 from alphawatch.settings import Settings
 from alphawatch.workers.checkpoints import Confinement, fingerprint, survey, unchanged
-from alphawatch.workers.checkpoints.discovery import (
+from alphawatch.workers.checkpoints.fingerprints import (
     Shape,
-    _escapes,
-    _files,
+    checkpoint_files,
+    escapes,
     fingerprint_shape,
     restat,
 )
@@ -44,9 +44,9 @@ def _age(path: Path, seconds: float = 10.0) -> None:
 def _pathlib_fingerprint(path: Path, confine: Confinement) -> str:
     """The fingerprint as it was computed before it used os.scandir (stored values use it)."""
     digest = hashlib.sha1(usedforsecurity=False)
-    for file in _files(path):
+    for file in checkpoint_files(path):
         name = os.fsencode(file.relative_to(path.parent))
-        if _escapes(file, confine):
+        if escapes(file, confine):
             digest.update(name + b":outside\n")
             continue
         try:
@@ -274,7 +274,7 @@ def test_a_rewrite_is_seen_through_the_stat_round_and_the_fingerprint_round(
     while watcher.process_one():
         pass
     watcher.close()
-    shapes = {path.name: shape for _, path, _, shape in watcher._round}
+    shapes = {path.name: shape for _, path, _, shape in watcher._memory.round}
     assert shapes["checkpoint-20"] is None and shapes["checkpoint-10"] is not None
     then = time.time() - 100
     os.utime(run / "checkpoint-10" / "model.safetensors", (then, then))

@@ -50,7 +50,8 @@ from alphawatch.service.db import queue
 from alphawatch.service.db.migrations import upgrade
 from alphawatch.service.db.session import make_engine, session_scope
 from alphawatch.text import printable
-from alphawatch.workers.checkpoints.discovery import PARSE_MAX, _ignored
+from alphawatch.workers.checkpoints.completeness import PARSE_MAX
+from alphawatch.workers.checkpoints.discovery import _ignored
 from alphawatch.workers.checkpoints.tree import MAX_DEPTH
 from tests.db import rows
 from tests.workers import hostile
