@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from alphawatch.settings import Settings
 from alphawatch.spreadsheet import write_csv
 from alphawatch.text import EscapingFormatter
-from alphawatch.vocabulary import FitMethod
+from alphawatch.vocabulary import MAX_STEP, FitMethod
 
 if TYPE_CHECKING:
     from alphawatch.workers.analyst import AnalysisOptions
@@ -225,7 +225,7 @@ def widths(text: str) -> list[int]:
 
 def step_number(text: str) -> int:
     value = int(text)
-    if not 0 <= value < 2**63:
+    if not 0 <= value <= MAX_STEP:
         raise argparse.ArgumentTypeError(f"{text} is not a step (0 .. 2^63-1)")
     return value
 

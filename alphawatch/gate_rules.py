@@ -20,7 +20,13 @@ from pydantic import (
     model_validator,
 )
 
-from alphawatch.vocabulary import DEFAULT_FILTER, DEFAULT_STATISTIC, LayerFilter, Statistic
+from alphawatch.vocabulary import (
+    DEFAULT_FILTER,
+    DEFAULT_STATISTIC,
+    MAX_STEP,
+    LayerFilter,
+    Statistic,
+)
 
 RULE_NAMES = ("stat", "filter", "min_alpha", "max_alpha", "max_untrusted_share", "max_delta",
               "ref_step")
@@ -56,7 +62,7 @@ class GateRules(BaseModel):
         None, ge=0, allow_inf_nan=False,
         description="the statistic moving more than this since ref_step fails")
     ref_step: int | None = Field(
-        None, ge=0, le=2**63 - 1,
+        None, ge=0, le=MAX_STEP,
         description="reference step of max_delta; none: the analysed checkpoint before")
 
     @field_validator("stat")

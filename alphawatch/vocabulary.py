@@ -228,3 +228,8 @@ class LayerOrder(StrEnum):
 
 DEFAULT_ORDER = LayerOrder.BLOCK
 """What every query assumes when it names no layer order."""
+
+
+MAX_STEP = 2**63 - 1
+"""The largest training step: ``step`` is a BIGINT column, so every reader (folder names, the
+CLI, the API's paths and queries, stored gate rules) accepts 0 .. MAX_STEP and refuses more."""

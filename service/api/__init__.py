@@ -24,7 +24,7 @@ from alphawatch.service.api.cache import ResultCache
 from alphawatch.service.api.guard import RequestGuard
 from alphawatch.service.api.hosts import allowed_hosts
 from alphawatch.service.api.openapi import with_read_security
-from alphawatch.service.api.routes import health_router, router
+from alphawatch.service.api.routes import ROUTERS, health_router
 from alphawatch.service.api.vocabulary import vocabulary_router
 from alphawatch.settings import Settings
 
@@ -87,7 +87,8 @@ def create_app(settings: Settings | None = None, *,
                        identify=functools.partial(identify, settings),
                        hosts=allowed_hosts(settings.allowed_hosts, bound_host))
     app.include_router(health_router)
-    app.include_router(router)
+    for api in ROUTERS:
+        app.include_router(api)
     app.include_router(vocabulary_router)
 
     @app.get("/static/vendor/plotly.min.js", include_in_schema=False)

@@ -11,9 +11,10 @@ from collections.abc import Awaitable, Callable
 from typing import Annotated
 
 import anyio.to_thread
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from alphawatch.service.api.errors import Refused, Unauthenticated
 from alphawatch.service.db.session import make_engine, session_scope
 from alphawatch.service.db.tokens import TokenInfo, TokenScope, authenticate
 from alphawatch.settings import Settings
@@ -21,7 +22,7 @@ from alphawatch.settings import Settings
 TOKEN_REQUIRED = ("a valid API token is required: Authorization: Bearer <token> (create one "
                   "with `alphawatch token create NAME --scope read|write|admin`); revoked and "
                   "expired tokens are refused")
-CHALLENGE = {"WWW-Authenticate": "Bearer"}
+CHALLENGE = dict(Unauthenticated.headers or {})
 
 # Declares the scheme in the OpenAPI schema; the check itself is ours (401 with our message).
 _scheme = HTTPBearer(auto_error=False, description="an alphawatch API token (aw_...)")
@@ -57,7 +58,7 @@ async def read_access(request: Request) -> None:
     # async so that open reads pay nothing; a token lookup, when needed, runs off the loop.
     settings: Settings = request.app.state.settings
     if settings.read_requires_token and await identity(request) is None:
-        raise HTTPException(401, TOKEN_REQUIRED, headers=CHALLENGE)
+        raise Unauthenticated(TOKEN_REQUIRED)
 
 
 def require(scope: TokenScope) -> Callable[..., Awaitable[TokenInfo]]:
@@ -68,10 +69,10 @@ def require(scope: TokenScope) -> Callable[..., Awaitable[TokenInfo]]:
                                             Depends(_scheme)]) -> TokenInfo:
         found = await identity(request)
         if found is None:
-            raise HTTPException(401, TOKEN_REQUIRED, headers=CHALLENGE)
+            raise Unauthenticated(TOKEN_REQUIRED)
         if not found.scope.allows(scope):
-            raise HTTPException(403, f"token {found.name!r} has scope '{found.scope}'; this "
-                                     f"needs '{scope}' or above")
+            raise Refused(f"token {found.name!r} has scope '{found.scope}'; this needs "
+                          f"'{scope}' or above")
         return found
 
     return check

@@ -8,7 +8,7 @@ not be reached, nothing else.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, ClassVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -30,20 +30,48 @@ from alphawatch.service.api.schemas import ErrorRead
 log = logging.getLogger("alphawatch.api")
 
 
-class NotFound(LookupError):
+class ApiError(Exception):
+    """A request the service cannot serve for a reason of its own: answered with ``status``.
+
+    Every domain error derives from this one class and states its code once, here; one
+    exception handler answers them all, so a service function never names an HTTP code.
+    """
+
+    status: ClassVar[int] = 400
+    headers: ClassVar[dict[str, str] | None] = None
+
+
+class NotFound(ApiError, LookupError):
     """The requested object does not exist (answered as 404)."""
 
+    status = 404
 
-class Conflict(ValueError):
+
+class Conflict(ApiError, ValueError):
     """The request contradicts what is stored, e.g. a run name in use (answered as 409)."""
 
-
-class Refused(PermissionError):
-    """The server's configuration forbids the request, e.g. a path outside the roots (403)."""
+    status = 409
 
 
-class Invalid(ValueError):
+class Refused(ApiError, PermissionError):
+    """The server's configuration or the token's scope forbids the request, e.g. a path outside
+    the roots (403)."""
+
+    status = 403
+
+
+class Invalid(ApiError, ValueError):
     """A value that passed the schema but cannot be used, e.g. an unreadable path (422)."""
+
+    status = 422
+
+
+class Unauthenticated(ApiError, PermissionError):
+    """No token, or an unknown, revoked or expired one, where one is needed (401)."""
+
+    status = 401
+    # RFC 9110: a 401 names the scheme that would be accepted.
+    headers: ClassVar[dict[str, str] | None] = {"WWW-Authenticate": "Bearer"}
 
 
 # Failures that mean the database could not be reached (answered 503), not a bad request.
@@ -82,17 +110,12 @@ def _allowed_methods(request: Request) -> list[str]:
     return sorted(methods)
 
 
-def _handler(status: int) -> Any:
-    async def handle(_request: Request, exc: Exception) -> JSONResponse:
-        return _answer(status, str(exc))
-
-    return handle
-
-
 def install(app: FastAPI) -> None:
     """Map domain errors, validation errors and database failures to documented answers."""
-    for error, status in ((NotFound, 404), (Conflict, 409), (Refused, 403), (Invalid, 422)):
-        app.add_exception_handler(error, _handler(status))
+
+    @app.exception_handler(ApiError)
+    async def refused(_request: Request, exc: ApiError) -> JSONResponse:
+        return _answer(exc.status, str(exc), exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
@@ -14,9 +13,17 @@ from sqlalchemy.orm import Session
 
 from alphawatch.service import robust
 from alphawatch.service.api.errors import NotFound
+from alphawatch.service.api.selections import BlockQuery, CompareQuery, HeatmapQuery, TrendQuery
 from alphawatch.service.db.aggregates import PRECOMPUTED_KINDS, PRECOMPUTED_METRICS, kinds_key
-from alphawatch.service.db.gate import of_variant
-from alphawatch.service.db.models import Checkpoint, CheckpointStat, LayerMetric, Run, Spectrum
+from alphawatch.service.db.layers import LayerSelection
+from alphawatch.service.db.models import (
+    Checkpoint,
+    CheckpointStat,
+    CheckpointStatus,
+    LayerMetric,
+    Run,
+    Spectrum,
+)
 from alphawatch.trust import Thresholds
 from alphawatch.vocabulary import (
     DEFAULT_VARIANT,
@@ -24,10 +31,14 @@ from alphawatch.vocabulary import (
     FitStatus,
     Kind,
     LayerOrder,
+    OutlierRule,
     Source,
     source_of,
     split_variant,
 )
+
+# Analysed checkpoints only: their layer rows are complete.
+ANALYSED = Checkpoint.status == CheckpointStatus.DONE.value
 
 
 def get_run(*, session: Session, run_id: int) -> Run:
@@ -46,20 +57,23 @@ def run_summary(*, session: Session, run: Run, thresholds: Thresholds,
         ).all()
     )
     last = session.execute(
-        select(Checkpoint.id, Checkpoint.step).where(Checkpoint.run_id == run.id,
-                                                     Checkpoint.status == "done")
+        select(Checkpoint.id, Checkpoint.step).where(Checkpoint.run_id == run.id, ANALYSED)
         .order_by(Checkpoint.step.desc()).limit(1)
     ).first()
     latest_alpha = untrusted_share = None
     if last is not None:
-        layers = layer_dicts(session=session, checkpoint_ids=[last[0]], method=method)
+        layers = layer_dicts(session=session, checkpoint_ids=[last[0]],
+                             layers=LayerSelection(method=method))
         summary = robust.summarize(layers, thresholds=thresholds)
         latest_alpha, untrusted_share = summary["alpha_median"], summary["untrusted_share"]
     return {
         "id": run.id, "name": run.name, "path": run.path, "created_at": run.created_at,
-        "n_checkpoints": sum(counts.values()), "n_done": counts.get("done", 0),
-        "n_failed": counts.get("failed", 0) + counts.get("vanished", 0),
-        "n_pending": counts.get("pending", 0) + counts.get("running", 0),
+        "n_checkpoints": sum(counts.values()),
+        "n_done": counts.get(CheckpointStatus.DONE.value, 0),
+        "n_failed": counts.get(CheckpointStatus.FAILED.value, 0)
+        + counts.get(CheckpointStatus.VANISHED.value, 0),
+        "n_pending": counts.get(CheckpointStatus.PENDING.value, 0)
+        + counts.get(CheckpointStatus.RUNNING.value, 0),
         "last_step": last[1] if last else None, "latest_alpha": latest_alpha,
         "untrusted_share": untrusted_share, "discovery_error": run.discovery_error,
     }
@@ -72,29 +86,13 @@ _SELECT_FIELDS = ("checkpoint_id", "alpha", "fit_status", "trusted", "correlatio
                   "rank_collapse")
 
 
-def layer_dicts(
-    *, session: Session, checkpoint_ids: list[int], method: str,
-    kinds: list[str] | None = None, block_min: int | None = None, block_max: int | None = None,
-    name: str | None = None, fields: tuple[str, ...] | None = None,
-    variant: str | None = DEFAULT_VARIANT,
-) -> list[dict[str, Any]]:
-    """Layer rows of checkpoints as dicts; of the weights unless another ``variant`` (or None:
-    every variant) is asked for."""
+def layer_dicts(*, session: Session, checkpoint_ids: list[int], layers: LayerSelection,
+                fields: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+    """The selected layer rows of checkpoints as dicts, of every column or only ``fields``."""
     columns = (_LAYER_FIELDS if fields is None
                else [getattr(LayerMetric, f).label(f) for f in dict.fromkeys(fields)])
-    query = select(*columns).where(LayerMetric.checkpoint_id.in_(checkpoint_ids),
-                                         LayerMetric.method == method)
-    if variant is not None:
-        query = query.where(of_variant(variant))
-    if kinds:
-        query = query.where(LayerMetric.kind.in_(kinds))
-    if block_min is not None:
-        query = query.where(LayerMetric.block >= block_min)
-    if block_max is not None:
-        query = query.where(LayerMetric.block <= block_max)
-    if name is not None:
-        query = query.where(LayerMetric.name == name)
-    result = session.execute(query)
+    result = session.execute(select(*columns).where(
+        LayerMetric.checkpoint_id.in_(checkpoint_ids), *layers.where()))
     keys = tuple(result.keys())
     return [dict(zip(keys, row, strict=True)) for row in result]
 
@@ -102,8 +100,7 @@ def layer_dicts(
 def done_checkpoints(*, session: Session, run_id: int) -> list[tuple[int, int]]:
     """(checkpoint id, step) of analysed checkpoints, by step."""
     return [(int(i), int(s)) for i, s in session.execute(
-        select(Checkpoint.id, Checkpoint.step).where(Checkpoint.run_id == run_id,
-                                                     Checkpoint.status == "done")
+        select(Checkpoint.id, Checkpoint.step).where(Checkpoint.run_id == run_id, ANALYSED)
         .order_by(Checkpoint.step)
     )]
 
@@ -122,43 +119,48 @@ def _point(step: int, chosen: robust.Selection, stat: str) -> dict[str, Any]:
             "n_excluded": chosen.n_excluded, "excluded": chosen.excluded, **described}
 
 
+def _chosen(layers: list[dict[str, Any]], query: TrendQuery | BlockQuery,
+            thresholds: Thresholds) -> robust.Selection:
+    # One reading of a query's filter and outlier rule for the trend and the per-block trends.
+    return robust.select(layers, metric=query.metric, filter=query.filter,
+                         alpha_max=thresholds.alpha_max, outliers=query.outliers,
+                         mad_k=thresholds.mad_k if query.mad_k is None else query.mad_k)
+
+
 _STAT_FIELDS = [getattr(CheckpointStat, c) for c in
                 ("n_used", "n_excluded", "excluded", *robust.STATS)]
 
 
-def trend(
-    *, session: Session, run_id: int, metric: str, stat: str, filter: str, method: str,
-    kinds: list[str] | None, block_min: int | None, block_max: int | None, outliers: str,
-    mad_k: float | None, thresholds: Thresholds, max_points: int | None,
-    variant: str = DEFAULT_VARIANT,
-) -> list[dict[str, Any]]:
+def trend(*, session: Session, run_id: int, query: TrendQuery, method: str,
+          thresholds: Thresholds) -> list[dict[str, Any]]:
     """The robust statistic per analysed checkpoint, with what was excluded and why.
 
     Selections kept in ``checkpoint_stat`` (whole model, or a dashboard kind group) are read
     in the same query as the checkpoints, one row per checkpoint; block ranges, other kind sets
     and checkpoints without a kept row are computed from the layer rows by the same functions.
     """
-    alpha_max = thresholds.alpha_max
-    mad_k = thresholds.mad_k if mad_k is None else mad_k
-    key = kinds_key(kinds)
+    layers = query.layers(method)
+    metric, stat = query.metric, query.stat
+    mad_k = thresholds.mad_k if query.mad_k is None else query.mad_k
+    key = kinds_key(layers.kinds)
     # Only the weights' statistics are kept; gradients and nested widths come from their rows.
-    kept = (variant == DEFAULT_VARIANT and block_min is None and block_max is None
-            and key in PRECOMPUTED_KINDS
+    kept = (layers.variant == DEFAULT_VARIANT and layers.block_min is None
+            and layers.block_max is None and key in PRECOMPUTED_KINDS
             and (metric in PRECOMPUTED_METRICS if not key else metric == "alpha"))
     if kept:
         on = [CheckpointStat.checkpoint_id == Checkpoint.id, CheckpointStat.method == method,
-              CheckpointStat.metric == metric, CheckpointStat.filter == filter,
-              CheckpointStat.outliers == outliers, CheckpointStat.kinds == key,
-              CheckpointStat.alpha_max == alpha_max]
-        if outliers == "mad":
+              CheckpointStat.metric == metric, CheckpointStat.filter == query.filter,
+              CheckpointStat.outliers == query.outliers, CheckpointStat.kinds == key,
+              CheckpointStat.alpha_max == thresholds.alpha_max]
+        if query.outliers == OutlierRule.MAD:
             on.append(CheckpointStat.mad_k == mad_k)
-        query = (select(Checkpoint.id, Checkpoint.step, *_STAT_FIELDS)
-                 .outerjoin(CheckpointStat, and_(*on)))
+        statement = (select(Checkpoint.id, Checkpoint.step, *_STAT_FIELDS)
+                     .outerjoin(CheckpointStat, and_(*on)))
     else:
-        query = select(Checkpoint.id, Checkpoint.step)
+        statement = select(Checkpoint.id, Checkpoint.step)
     rows = downsample(session.execute(
-        query.where(Checkpoint.run_id == run_id, Checkpoint.status == "done")
-        .order_by(Checkpoint.step)).all(), max_points)
+        statement.where(Checkpoint.run_id == run_id, ANALYSED)
+        .order_by(Checkpoint.step)).all(), query.max_points)
     if not rows:
         get_run(session=session, run_id=run_id)  # 404 for an unknown run, [] for an empty one
     points: dict[int, dict[str, Any]] = {}
@@ -174,31 +176,28 @@ def trend(
             missing.append(row[0])
     if missing:
         by_checkpoint: dict[int, list[dict[str, Any]]] = defaultdict(list)
-        for layer in layer_dicts(session=session, checkpoint_ids=missing, method=method,
-                                 kinds=kinds, block_min=block_min, block_max=block_max,
-                                 fields=(*_SELECT_FIELDS, metric), variant=variant):
+        for layer in layer_dicts(session=session, checkpoint_ids=missing, layers=layers,
+                                 fields=(*_SELECT_FIELDS, metric)):
             by_checkpoint[layer["checkpoint_id"]].append(layer)
         step = {row[0]: row[1] for row in rows}
         for checkpoint_id in missing:
-            chosen = robust.select(by_checkpoint[checkpoint_id], metric=metric, filter=filter,
-                                   alpha_max=alpha_max, outliers=outliers, mad_k=mad_k)
+            chosen = _chosen(by_checkpoint[checkpoint_id], query, thresholds)
             points[checkpoint_id] = _point(step[checkpoint_id], chosen, stat)
     return [points[row[0]] for row in rows]
 
 
-def compare(*, session: Session, run_ids: list[int], metric: str, stat: str, filter: str,
-            method: str, thresholds: Thresholds, max_points: int | None) -> dict[str, Any]:
+def compare(*, session: Session, query: CompareQuery, method: str,
+            thresholds: Thresholds) -> dict[str, Any]:
     """Whole-model robust trends of several runs, to overlay."""
     out = []
-    for run_id in run_ids:
+    for run_id in query.run_ids:
         run = get_run(session=session, run_id=run_id)
-        points = trend(session=session, run_id=run_id, metric=metric, stat=stat, filter=filter,
-                       method=method, kinds=None, block_min=None, block_max=None,
-                       outliers="none", mad_k=None, thresholds=thresholds, max_points=max_points)
+        points = trend(session=session, run_id=run_id, query=query.trend(), method=method,
+                       thresholds=thresholds)
         out.append({"run_id": run_id, "name": run.name,
                     "points": [{"step": p["step"], "value": p["value"], "n_used": p["n_used"]}
                                for p in points]})
-    return {"metric": metric, "stat": stat, "runs": out}
+    return {"metric": query.metric, "stat": query.stat, "runs": out}
 
 
 def layer_history(
@@ -211,8 +210,8 @@ def layer_history(
     query = (
         select(Checkpoint.step, *[getattr(LayerMetric, f) for f in fields])
         .join(Checkpoint, Checkpoint.id == LayerMetric.checkpoint_id)
-        .where(Checkpoint.run_id == run_id, Checkpoint.status == "done",
-               LayerMetric.name == layer_name, LayerMetric.method == method)
+        .where(Checkpoint.run_id == run_id, ANALYSED,
+               *LayerSelection(method=method, variant=None, name=layer_name).where())
         .order_by(Checkpoint.step).offset(offset)
     )
     if limit is not None:
@@ -245,10 +244,8 @@ def layer_order(layer: dict[str, Any]) -> tuple[int, int, str]:
     return (block if block is not None else (1 << 29), rank, layer["name"])
 
 
-def heatmap(*, session: Session, run_id: int, metric: str, method: str,
-            max_points: int | None, variant: str = DEFAULT_VARIANT,
-            kinds: list[str] | None = None, block_min: int | None = None,
-            block_max: int | None = None, order: str = LayerOrder.BLOCK) -> dict[str, Any]:
+def heatmap(*, session: Session, run_id: int, query: HeatmapQuery,
+            method: str) -> dict[str, Any]:
     """Layer x step matrix of a metric with each cell's trust verdict.
 
     Rows are one variant's (the weights by default), optionally only some kinds or blocks,
@@ -256,19 +253,14 @@ def heatmap(*, session: Session, run_id: int, metric: str, method: str,
     back to the embeddings.
     """
     get_run(session=session, run_id=run_id)
-    checkpoints = downsample(done_checkpoints(session=session, run_id=run_id), max_points)
+    metric = query.metric
+    checkpoints = downsample(done_checkpoints(session=session, run_id=run_id), query.max_points)
     fields = tuple(dict.fromkeys(("checkpoint_id", "name", "kind", "block", metric, "fit_status",
                                   "correlation_trap", "rank_collapse", "trusted")))
-    query = (select(*[getattr(LayerMetric, f) for f in fields])
-             .where(LayerMetric.checkpoint_id.in_([c for c, _ in checkpoints]),
-                    LayerMetric.method == method, of_variant(variant)))
-    if kinds:
-        query = query.where(LayerMetric.kind.in_(kinds))
-    if block_min is not None:
-        query = query.where(LayerMetric.block >= block_min)
-    if block_max is not None:
-        query = query.where(LayerMetric.block <= block_max)
-    rows = session.execute(query).all()
+    rows = session.execute(
+        select(*[getattr(LayerMetric, f) for f in fields])
+        .where(LayerMetric.checkpoint_id.in_([c for c, _ in checkpoints]),
+               *query.layers(method).where())).all()
     # Positions, not mappings: a long run has hundreds of thousands of cells.
     at = {f: i for i, f in enumerate(fields)}
     cid, nm, kd, bl, val = at["checkpoint_id"], at["name"], at["kind"], at["block"], at[metric]
@@ -280,7 +272,7 @@ def heatmap(*, session: Session, run_id: int, metric: str, method: str,
             keys[r[nm]] = layer_order({"name": r[nm], "kind": r[kd], "block": r[bl]})
             blocks[r[nm]] = r[bl]
     names = sorted(keys, key=keys.__getitem__)
-    if order == LayerOrder.BLOCK_DESC:
+    if query.order == LayerOrder.BLOCK_DESC:
         # Blocks from the last back; inside a block the kinds keep the order the model runs them.
         names = sorted(names, key=lambda n: (-keys[n][0], keys[n][1:]))
     column = {c: j for j, (c, _) in enumerate(checkpoints)}
@@ -292,34 +284,29 @@ def heatmap(*, session: Session, run_id: int, metric: str, method: str,
         i, j = row_of[r[nm]], column[r[cid]]
         z[i][j] = r[val]
         trusted[i][j] = trusted_of(r[st], r[tr], r[rc], r[ok]) is None
-    return {"metric": metric, "variant": variant, "steps": [s for _, s in checkpoints],
+    return {"metric": metric, "variant": query.variant, "steps": [s for _, s in checkpoints],
             "layers": names, "blocks": [blocks[n] for n in names], "z": z, "trusted": trusted}
 
 
-def block_trends(*, session: Session, run_id: int, metric: str, stat: str, filter: str,
-                 method: str, variant: str, kinds: list[str] | None, outliers: str,
-                 mad_k: float | None, thresholds: Thresholds, max_points: int | None,
-                 order: str = LayerOrder.BLOCK_DESC) -> list[dict[str, Any]]:
+def block_trends(*, session: Session, run_id: int, query: BlockQuery, method: str,
+                 thresholds: Thresholds) -> list[dict[str, Any]]:
     """The robust statistic per block and checkpoint: one trend per block, the last block first
     by default (layers outside a block, embeddings and head, are left out)."""
     get_run(session=session, run_id=run_id)
-    checkpoints = downsample(done_checkpoints(session=session, run_id=run_id), max_points)
+    checkpoints = downsample(done_checkpoints(session=session, run_id=run_id), query.max_points)
     step = dict(checkpoints)
     grouped: dict[int, dict[int, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
-    for layer in layer_dicts(session=session, checkpoint_ids=list(step), method=method,
-                             kinds=kinds, fields=(*_SELECT_FIELDS, "block", metric),
-                             variant=variant):
+    for layer in layer_dicts(session=session, checkpoint_ids=list(step),
+                             layers=query.layers(method),
+                             fields=(*_SELECT_FIELDS, "block", query.metric)):
         if layer["block"] is not None:
             grouped[layer["block"]][layer["checkpoint_id"]].append(layer)
-    mad_k = thresholds.mad_k if mad_k is None else mad_k
     out = []
-    for block in sorted(grouped, reverse=order == LayerOrder.BLOCK_DESC):
+    for block in sorted(grouped, reverse=query.order == LayerOrder.BLOCK_DESC):
         points = []
         for checkpoint_id, _ in checkpoints:
-            chosen = robust.select(grouped[block].get(checkpoint_id, []), metric=metric,
-                                   filter=filter, alpha_max=thresholds.alpha_max,
-                                   outliers=outliers, mad_k=mad_k)
-            points.append(_point(step[checkpoint_id], chosen, stat))
+            chosen = _chosen(grouped[block].get(checkpoint_id, []), query, thresholds)
+            points.append(_point(step[checkpoint_id], chosen, query.stat))
         out.append({"block": block, "points": points})
     return out
 
@@ -372,8 +359,9 @@ def flags(*, session: Session, run_id: int, method: str,
               *[count(LayerMetric.fit_status == status) for status in FIT_STATUSES]]
     query = (select(Checkpoint.step, *counts)
              .outerjoin(LayerMetric, and_(LayerMetric.checkpoint_id == Checkpoint.id,
-                                          LayerMetric.method == method, of_variant(variant)))
-             .where(Checkpoint.run_id == run_id, Checkpoint.status == "done")
+                                          *LayerSelection(method=method,
+                                                          variant=variant).where()))
+             .where(Checkpoint.run_id == run_id, ANALYSED)
              .group_by(Checkpoint.id, Checkpoint.step).order_by(Checkpoint.step))
     return [{"step": row[0], **{label: int(n) for label, n in zip(labels, row[1:], strict=True)}}
             for row in session.execute(query)]
@@ -395,8 +383,8 @@ def esd(*, session: Session, run_id: int, step: int, layer_name: str,
     found = session.execute(
         select(LayerMetric, Spectrum)
         .outerjoin(Spectrum, Spectrum.layer_metric_id == LayerMetric.id)
-        .where(LayerMetric.checkpoint_id == checkpoint_id, LayerMetric.name == layer_name,
-               LayerMetric.method == method)
+        .where(LayerMetric.checkpoint_id == checkpoint_id,
+               *LayerSelection(method=method, variant=None, name=layer_name).where())
     ).first()
     if found is None:
         raise NotFound(f"no layer {layer_name!r} at step {step} of run {run_id}")
@@ -419,13 +407,3 @@ def esd(*, session: Session, run_id: int, step: int, layer_name: str,
             "alpha": layer.alpha, "xmin": layer.xmin, "xmax": layer.xmax, "D": layer.D,
             "num_pl_spikes": layer.num_pl_spikes, "mp_bulk_max": layer.mp_bulk_max,
             "fit_status": layer.fit_status, "fit_line": fit_line}
-
-
-@functools.cache
-def numeric_metrics() -> list[str]:
-    """Layer metric columns a trend or history can be asked for."""
-    from sqlalchemy import Float, Integer
-
-    skip = {"id", "checkpoint_id", "block", "rows", "cols"}
-    return [a.key for a in LayerMetric.__mapper__.column_attrs
-            if isinstance(a.columns[0].type, Float | Integer) and a.key not in skip]

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from alphawatch.service.api import queries
 from alphawatch.service.api.errors import Conflict, Invalid, NotFound, Refused
 from alphawatch.service.db import queue, scans
+from alphawatch.service.db.layers import LayerSelection
 from alphawatch.service.db.models import AnalysisJob, Checkpoint, LayerMetric, Run
 from alphawatch.settings import CrossCheck
 from alphawatch.spreadsheet import write_csv
@@ -87,7 +88,7 @@ def get(*, session: Session, run_id: int, trust: Thresholds, method: str,
     # Methods of the latest analysed checkpoint: scanning every layer row of a long run for
     # DISTINCT would cost more than the rest of the page.
     latest = session.scalar(select(Checkpoint.id).where(
-        Checkpoint.run_id == run_id, Checkpoint.status == "done")
+        Checkpoint.run_id == run_id, queries.ANALYSED)
         .order_by(Checkpoint.step.desc()).limit(1))
     methods = sorted(set(session.scalars(
         select(LayerMetric.method).where(LayerMetric.checkpoint_id == latest).distinct()
@@ -160,8 +161,8 @@ def checkpoint_layers(*, session: Session, run_id: int, step: int,
     """Every layer metric of one checkpoint (every variant), by block then kind."""
     queries.get_run(session=session, run_id=run_id)
     checkpoint_id = queries.checkpoint_id_at(session=session, run_id=run_id, step=step)
-    layers = queries.layer_dicts(session=session, checkpoint_ids=[checkpoint_id], method=method,
-                                 variant=None)
+    layers = queries.layer_dicts(session=session, checkpoint_ids=[checkpoint_id],
+                                 layers=LayerSelection(method=method, variant=None))
     return {"run_id": run_id, "step": step, "method": method,
             "layers": sorted(layers, key=queries.layer_order)}
 
@@ -172,8 +173,8 @@ def layers_csv(*, session: Session, run_id: int, method: str) -> str:
     steps = dict(queries.done_checkpoints(session=session, run_id=run_id))
     # Every variant: weights, gradients (name@exp_avg) and nested widths (name@w<k>), each row
     # saying which in its own column.
-    layers = queries.layer_dicts(session=session, checkpoint_ids=list(steps), method=method,
-                                 variant=None)
+    layers = queries.layer_dicts(session=session, checkpoint_ids=list(steps),
+                                 layers=LayerSelection(method=method, variant=None))
     buffer = io.StringIO()
     columns = ["step", *[c for c in (layers[0] if layers else {}) if c != "checkpoint_id"]]
     columns.insert(columns.index("name") + 1 if "name" in columns else 1, "variant")

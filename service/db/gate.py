@@ -16,9 +16,10 @@ from sqlalchemy.orm import Session
 
 from alphawatch.gate_rules import GateRules
 from alphawatch.service import robust
+from alphawatch.service.db.layers import LayerSelection
 from alphawatch.service.db.models import Checkpoint, CheckpointStatus, LayerMetric, RunGate
 from alphawatch.trust import Thresholds
-from alphawatch.vocabulary import DEFAULT_VARIANT, VARIANT_SEPARATOR
+from alphawatch.vocabulary import DEFAULT_VARIANT
 
 # What robust.select and robust.untrusted_reason read from a layer row.
 _FIELDS = ("alpha", "fit_status", "trusted", "correlation_trap", "rank_collapse")
@@ -38,22 +39,12 @@ def stored_rules(session: Session, *, run_id: int, defaults: GateRules) -> GateR
     return defaults.merged(overrides_of(session, run_id=run_id), empty_band_allowed=True)
 
 
-def of_variant(variant: str) -> Any:
-    """The SQL condition that keeps the rows of one variant: weights have no ``@`` in their name.
-
-    Weights, gradients and nested widths are never mixed: every view and statistic is over one.
-    """
-    if variant == DEFAULT_VARIANT:
-        return ~LayerMetric.name.contains(VARIANT_SEPARATOR, autoescape=True)
-    return LayerMetric.name.endswith(f"{VARIANT_SEPARATOR}{variant}", autoescape=True)
-
-
 def _layers(session: Session, checkpoint_id: int, method: str,
             variant: str) -> list[dict[str, Any]]:
     result = session.execute(
         select(*[getattr(LayerMetric, f).label(f) for f in _FIELDS])
-        .where(LayerMetric.checkpoint_id == checkpoint_id, LayerMetric.method == method,
-               of_variant(variant)))
+        .where(LayerMetric.checkpoint_id == checkpoint_id,
+               *LayerSelection(method=method, variant=variant).where()))
     return [dict(zip(_FIELDS, row, strict=True)) for row in result]
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from alphawatch.service.api import create_app
-from alphawatch.service.api.routes import router
+from alphawatch.service.api.routes import ROUTERS
 from alphawatch.service.db.session import make_engine, session_scope
 from alphawatch.service.db.tokens import TokenScope, create_token
 from alphawatch.settings import Settings
@@ -23,7 +23,8 @@ from tests.live import serve
 # Whether this server can be asked to scan a run now (POST /runs/{id}/scan); without it the
 # callbacks' nudge is refused and checkpoints are found at the worker's next poll.
 HAS_SCAN_ROUTE = any(getattr(r, "path", None) == "/api/v1/runs/{run_id}/scan"
-                     and "POST" in getattr(r, "methods", ()) for r in router.routes)
+                     and "POST" in getattr(r, "methods", ())
+                     for api in ROUTERS for r in api.routes)
 
 
 @pytest.fixture(autouse=True)

@@ -12,8 +12,10 @@ from sqlalchemy.orm import Session
 
 from alphawatch.service import robust
 from alphawatch.service.api import queries
+from alphawatch.service.api.selections import TrendQuery
+from alphawatch.service.db.layers import LayerSelection
 from alphawatch.trust import Thresholds
-from alphawatch.vocabulary import DEFAULT_FILTER, DEFAULT_OUTLIER_RULE, Statistic
+from alphawatch.vocabulary import Statistic
 
 if TYPE_CHECKING:
     from alphawatch.integrations.export.trackers import TrackerRun
@@ -55,15 +57,15 @@ def points_of(*, session: Session, run_id: int, thresholds: Thresholds, method: 
     number of layers used. With ``layers``, every layer's alpha besides.
     """
     wanted = None if steps is None else set(steps)
-    trend = queries.trend(session=session, run_id=run_id, metric="alpha",
-                          stat=Statistic.MEDIAN.value, filter=DEFAULT_FILTER.value,
-                          method=method, kinds=None, block_min=None, block_max=None,
-                          outliers=DEFAULT_OUTLIER_RULE.value, mad_k=None,
-                          thresholds=thresholds, max_points=None)
+    # The whole model's trusted layers, as the API's trend answers by default.
+    trend = queries.trend(session=session, run_id=run_id,
+                          query=TrendQuery(stat=Statistic.MEDIAN), method=method,
+                          thresholds=thresholds)
     done = dict(queries.done_checkpoints(session=session, run_id=run_id))
     by_step = {step: checkpoint_id for checkpoint_id, step in done.items()}
     chosen = [p for p in trend if wanted is None or p["step"] in wanted]
-    rows = queries.layer_dicts(session=session, method=method, fields=_LAYER_FIELDS,
+    rows = queries.layer_dicts(session=session, layers=LayerSelection(method=method),
+                               fields=_LAYER_FIELDS,
                                checkpoint_ids=[by_step[p["step"]] for p in chosen
                                                if p["step"] in by_step])
     of_checkpoint: dict[int, list[dict[str, object]]] = defaultdict(list)
