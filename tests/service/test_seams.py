@@ -75,7 +75,7 @@ def test_no_route_or_dependency_raises_an_http_exception() -> None:
 
 def test_the_step_range_is_declared_once_in_the_vocabulary() -> None:
     pattern = re.compile(r"2\s*\*\*\s*63|9223372036854775807|9_223_372_036_854_775_807")
-    for path, text in _source("service", "alphawatch"):
+    for path, text in _source("service", "alphawatch", "workers"):
         if path.resolve() == (ROOT / "alphawatch" / "vocabulary.py").resolve():
             continue
         assert not pattern.search(text), f"{path}: use alphawatch.vocabulary.MAX_STEP"

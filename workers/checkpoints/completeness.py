@@ -21,13 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
+from alphawatch.vocabulary import (
+    MAX_STEP,  # BIGINT: beyond it (or below 0) is refused, never wrapped
+)
 from alphawatch.workers.checkpoints.confine import UNCONFINED, Confinement, OutsideRootError
 from alphawatch.workers.checkpoints.errors import CheckpointError, printable, shown
 from alphawatch.workers.checkpoints.fingerprints import checkpoint_files, escapes
 from alphawatch.workers.checkpoints.readers import HeaderTooLarge, safetensors_header
 
-# Steps are stored as BIGINT: a step beyond it (or below 0) is refused, never wrapped.
-MAX_STEP = 2**63 - 1
 _TRACKER_MAX = 4096
 
 
@@ -36,7 +37,7 @@ class StepError(CheckpointError):
 
 
 def parse_step(value: object, where: Path | str) -> int:
-    """A step number from a folder name's digits or a JSON value, in 0..2**63-1.
+    """A step number from a folder name's digits or a JSON value, in 0..MAX_STEP.
 
     Raises:
         StepError: anything else (the message names ``where`` and the value).
@@ -53,7 +54,7 @@ def parse_step(value: object, where: Path | str) -> int:
     if step is None or not 0 <= step <= MAX_STEP:
         text = printable(repr(value))
         raise StepError(where, f"{where}: step {text[:40]}{'...' if len(text) > 40 else ''} "
-                               f"is not a step number (an integer from 0 to 2**63-1)")
+                               f"is not a step number (an integer from 0 to {MAX_STEP})")
     return step
 
 
