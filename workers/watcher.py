@@ -40,6 +40,7 @@ from alphawatch.run_names import derived
 from alphawatch.service.db import queue, scans
 from alphawatch.service.db.alerts import GateCheck
 from alphawatch.service.db.models import Run
+from alphawatch.service.db.rows import LayerRow, SpectrumRow
 from alphawatch.service.db.session import is_connection_error, make_engine, session_scope
 from alphawatch.settings import Settings
 from alphawatch.workers.alerts import AlertDispatcher
@@ -614,11 +615,15 @@ class Watcher:
             if beat.lost:
                 log.warning("dropping results of job %s: its lease was lost", job.job_id)
             else:
+                # A field of the engine without a column raises here, never vanishes.
+                layers = [LayerRow.from_mapping(row) for row in outcome.layers]
+                spectra = [SpectrumRow(**spectrum) for spectrum in outcome.spectra]
+
                 def write() -> bool:
                     with session_scope(self.engine) as session:
                         return queue.complete(
                             session, job_id=job.job_id, worker_id=self.worker_id,
-                            layers=outcome.layers, spectra=outcome.spectra,
+                            layers=layers, spectra=spectra,
                             device=outcome.device, elapsed_s=outcome.elapsed_s,
                             thresholds=self.thresholds, gate=self.gate,
                         )
