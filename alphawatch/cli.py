@@ -18,7 +18,8 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,8 +29,7 @@ from alphawatch.text import EscapingFormatter
 from alphawatch.vocabulary import MAX_STEP, FitMethod
 
 if TYPE_CHECKING:
-    from alphawatch.workers.analyst import AnalysisOptions
-    from alphawatch.workers.checkpoints.files import LayerMatrix
+    from alphawatch.workers.analyst import AnalysedLayer, AnalysisOptions
 
 EXIT_OK, EXIT_FAIL, EXIT_ERROR = 0, 1, 2
 
@@ -393,54 +393,58 @@ def analyze_path(path: Path, settings: Settings, method: str | None = None,
     """
     from alphawatch.service.robust import summarize
     from alphawatch.vocabulary import DEFAULT_VARIANT, split_variant
-    from alphawatch.workers.analyst import AnalysisOptions, analysed_matrices
+    from alphawatch.workers.analyst import AnalysisOptions, analysed_layers
     from alphawatch.workers.checkpoints import UNCONFINED, discover
-    from alphawatch.workers.spectral import crosscheck, resolve_device
+    from alphawatch.workers.spectral import crosscheck
 
-    device = resolve_device(settings.device)
-    thresholds = settings.trust
-    fit_method = method or settings.fit_method
-    if engine == "weightwatcher" and (reason := crosscheck.unavailable(fit_method)):
+    # The worker's options, less the live cross-check: that samples the stored layers of a
+    # run; here ``--engine weightwatcher`` compares every layer, when asked.
+    options = replace(AnalysisOptions.from_settings(settings, confine=UNCONFINED, method=method),
+                      crosscheck_share=0.0)
+    if engine == "weightwatcher" and (reason := crosscheck.unavailable(options.method)):
         raise _UserError(f"--engine weightwatcher: {reason}")
     refs = discover(path, settle_s=0.0) if path.is_dir() else []
     step = next((r.step for r in refs if Path(r.path) == path), None)
-    layers: list[dict[str, Any]] = []
-    options = AnalysisOptions(method=fit_method, thresholds=thresholds,
-                              device=device, confine=UNCONFINED,
-                              optimizer_state=settings.optimizer_state,
-                              nested_widths=tuple(settings.nested_widths),
-                              workers=settings.analysis_workers,
-                              check_traps=settings.check_traps)
-    for matrix, row in _analysed_rows(analysed_matrices(path, options, layers), options, engine):
-        row.update(name=matrix.name, kind=matrix.kind, block=matrix.block,
-                   shape=list(matrix.weight.shape),
-                   dtype=str(matrix.stored_dtype).removeprefix("torch."))
-        layers.append(row)
+    if engine == "weightwatcher":
+        layers = _weightwatcher_rows(path, options)
+    else:
+        layers = [_document_row(layer) for layer in analysed_layers(path, None, options)]
     # The summary is the weights' own: gradients and nested slices are rows beside them.
     weights = [r for r in layers if split_variant(r["name"])[1] == DEFAULT_VARIANT]
-    return {"step": step, "path": str(path), "device": str(device), "engine": engine,
-            "layers": layers, "summary": summarize(weights, thresholds=thresholds)}
+    return {"step": step, "path": str(path), "device": str(options.device), "engine": engine,
+            "layers": layers, "summary": summarize(weights, thresholds=options.thresholds)}
 
 
-def _analysed_rows(matrices: Iterator[LayerMatrix], options: AnalysisOptions, engine: str
-                   ) -> Iterator[tuple[LayerMatrix, dict[str, Any]]]:
-    """Each matrix with its row: alphawatch's engine (matrices in parallel), or weightwatcher's."""
-    from alphawatch.workers.spectral import analyze_stream, crosscheck
+def _document_row(layer: AnalysedLayer) -> dict[str, Any]:
+    """A layer of the ``analyze`` document: every metric, then where the matrix sits."""
+    row = layer.result.metrics()
+    row.update(name=layer.name, kind=layer.kind, block=layer.block)
+    if layer.shape is None:
+        # A layer that names no matrix (refused optimizer state) has always been printed with
+        # the stored row's fields rather than a shape: the public document keeps its keys.
+        row.update(dtype=layer.dtype, distance_from_init=layer.distance_from_init)
+    else:
+        row.update(shape=list(layer.shape), dtype=layer.dtype)
+    return row
 
-    if engine == "weightwatcher":
-        for matrix in matrices:
-            row = crosscheck.weightwatcher_row(matrix.weight, options.method)
-            status = crosscheck.status_of(row, options.thresholds)
-            row.update(method=str(options.method), fit_status=status.value,
-                       trusted=status.value == "ok")
-            yield matrix, row
-        return
-    for matrix, result in analyze_stream(
-        ((m, m.weight, m.stored_dtype) for m in matrices), workers=options.workers,
-        method=options.method, thresholds=options.thresholds, device=options.device,
-        check_traps=options.check_traps,
-    ):
-        yield matrix, result.metrics()
+
+def _weightwatcher_rows(path: Path, options: AnalysisOptions) -> list[dict[str, Any]]:
+    """weightwatcher's own numbers for each matrix, with alphawatch's fit rules applied."""
+    from alphawatch.workers.analyst import analysed_matrices
+    from alphawatch.workers.spectral import crosscheck
+
+    refused: list[AnalysedLayer] = []
+    layers: list[dict[str, Any]] = []
+    for matrix in analysed_matrices(path, options, refused):
+        row = crosscheck.weightwatcher_row(matrix.weight, options.method)
+        status = crosscheck.status_of(row, options.thresholds)
+        row.update(method=str(options.method), fit_status=status.value,
+                   trusted=status.value == "ok", name=matrix.name, kind=matrix.kind,
+                   block=matrix.block, shape=list(matrix.weight.shape),
+                   dtype=str(matrix.stored_dtype).removeprefix("torch."))
+        layers.append(row)
+    # One pass, one matrix at a time: what was refused was refused after the last matrix.
+    return layers + [_document_row(layer) for layer in refused]
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:

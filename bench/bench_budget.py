@@ -45,16 +45,13 @@ def main() -> int:
         AnalysisFailed,
         Budget,
         budget_of,
-        options_of,
         resident_mb,
     )
     from alphawatch.workers.checkpoints import Confinement
     from alphawatch.workers.demo_run import train
-    from alphawatch.workers.spectral import resolve_device
 
     settings = Settings(device="cpu")
-    options = AnalysisOptions(method=settings.fit_method, thresholds=settings.trust,
-                              device=resolve_device("cpu"), confine=Confinement(None))
+    options = AnalysisOptions.from_settings(settings, confine=Confinement(None))
     budget = Budget(timeout_s=600, memory_mb=budget_of(settings).memory_mb)
     work = Path(tempfile.mkdtemp(prefix="aw-bench-budget-"))
     demo, wide = work / "demo", work / "wide"
@@ -62,7 +59,7 @@ def main() -> int:
     train(wide, steps=2, save_every=2, d_model=512, n_layers=4, ffn=1376, seq_len=16,
           batch_size=2)
 
-    child = AnalysisChild(options_of(settings, False, None), budget)
+    child = AnalysisChild(options, budget)
     starts = []
     for _ in range(args.repeats):
         child.close()

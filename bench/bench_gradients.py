@@ -83,7 +83,7 @@ def timed(checkpoint: Path, widths: tuple[int, ...], rounds: int) -> dict[str, f
                                       device=torch.device("cpu"), confine=Confinement(None),
                                       **chosen)  # type: ignore[arg-type]
             started, cpu = time.perf_counter(), time.process_time()
-            layers, _ = analyze_checkpoint(checkpoint, None, options)
+            layers = analyze_checkpoint(checkpoint, None, options).layers
             if round_:  # the first round warms up, and is not counted
                 walls[label].append(time.perf_counter() - started)
                 cpus[label].append(time.process_time() - cpu)

@@ -34,6 +34,7 @@ from alphawatch.integrations.link import RunLink  # noqa: E402
 from alphawatch.service.api import create_app  # noqa: E402
 from alphawatch.service.db import queue  # noqa: E402
 from alphawatch.service.db.migrations import upgrade  # noqa: E402
+from alphawatch.service.db.rows import LayerRow  # noqa: E402
 from alphawatch.service.db.session import make_engine, session_scope  # noqa: E402
 from alphawatch.service.db.tokens import TokenScope, create_token  # noqa: E402
 from alphawatch.settings import Settings  # noqa: E402
@@ -66,7 +67,8 @@ def fill(url: str, *, checkpoints: int, layers: int, seed: int = 0) -> int:
                          "alpha": float(rng.uniform(1.5, 9.0)), "D": 0.05,
                          "num_pl_spikes": 20})
         with session_scope(engine) as session:
-            queue.complete(session, job_id=job.job_id, worker_id="bench", layers=rows,
+            queue.complete(session, job_id=job.job_id, worker_id="bench",
+                           layers=[LayerRow.from_mapping(r) for r in rows],
                            spectra=[], device="cpu", elapsed_s=0.1, thresholds=Thresholds())
     return run_id
 

@@ -36,6 +36,7 @@ from alphawatch.service.api import create_app  # noqa: E402
 from alphawatch.service.db import queue  # noqa: E402
 from alphawatch.service.db.alerts import GateCheck  # noqa: E402
 from alphawatch.service.db.migrations import upgrade  # noqa: E402
+from alphawatch.service.db.rows import LayerRow  # noqa: E402
 from alphawatch.service.db.session import dispose_all, make_engine, session_scope  # noqa: E402
 from alphawatch.settings import Settings  # noqa: E402
 
@@ -63,7 +64,8 @@ def _fill(url: str, runs: int, start: int, check: GateCheck | None,
             with session_scope(engine) as session:
                 job = queue.claim(session, worker_id="b", lease_s=60)
             assert job is not None
-            layers = [{**layer, "trusted": layer["fit_status"] == "ok"} for layer in _layers(rng)]
+            layers = [LayerRow.from_mapping({**layer, "trusted": layer["fit_status"] == "ok"})
+                      for layer in _layers(rng)]
             began = time.perf_counter()
             with session_scope(engine) as session:
                 queue.complete(session, job_id=job.job_id, worker_id="b", layers=layers,

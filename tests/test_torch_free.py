@@ -107,31 +107,34 @@ def test_analyze_command_never_imports_torch_and_matches_the_torch_path(
 _CHILD = """
 import json, socket, sys, threading
 from multiprocessing.connection import Connection
+from pathlib import Path
+from alphawatch.settings import Settings
 from alphawatch.workers import budget
+from alphawatch.workers.analyst import Analysis, AnalysisOptions
+from alphawatch.workers.checkpoints import UNCONFINED
 
 ours, theirs = socket.socketpair()
 conn = Connection(ours.detach())
 child = threading.Thread(target=budget.serve, args=(Connection(theirs.detach()),))
 child.start()
-conn.send(json.loads(sys.argv[2]))
-assert conn.recv()[0] == "ready"
-conn.send(("analyze", sys.argv[1], None))
+conn.send(AnalysisOptions.from_settings(Settings(device="cpu"), confine=UNCONFINED))
+assert isinstance(conn.recv(), budget.ChildReady)
+conn.send(budget.AnalyseRequest(Path(sys.argv[1]), None))
 reply = conn.recv()
 conn.close()
 child.join()
-layers = reply[1] if reply[0] == "done" else reply
-spectra = [{k: (v.hex() if isinstance(v, bytes) else v) for k, v in s.items()}
-           for s in reply[2]] if reply[0] == "done" else []
+assert isinstance(reply, Analysis), reply
+layers = [{**x.result.metrics(), "name": x.name, "kind": x.kind, "block": x.block,
+           "dtype": x.dtype, "distance_from_init": x.distance_from_init} for x in reply.layers]
+spectra = [{"name": x.name, "evals": x.evals.hex(), "rand_evals": x.rand_evals.hex()}
+           for x in reply.layers]
 print(json.dumps({"torch": "torch" in sys.modules, "layers": layers, "spectra": spectra},
                  default=str))
 """
 
 
 def _child(path: Path) -> dict[str, Any]:
-    from alphawatch.workers.budget import options_of
-
-    options = options_of(Settings(device="cpu"), progress=False, roots=None)
-    done = subprocess.run([sys.executable, "-c", _CHILD, str(path), json.dumps(options)],
+    done = subprocess.run([sys.executable, "-c", _CHILD, str(path)],
                           capture_output=True, text=True, env=_env(), cwd=ROOT, check=True,
                           timeout=300)
     out: dict[str, Any] = json.loads(done.stdout.splitlines()[-1])

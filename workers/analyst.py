@@ -1,8 +1,9 @@
-"""One checkpoint's analysis, from files to layer and spectrum rows: no database, no settings.
+"""One checkpoint's analysis, from files to analysed layers: no database.
 
 The worker runs it in a child process held to a budget (``workers.budget``); it takes the path
 of the run's first checkpoint instead of asking the database for it, so the child never opens a
-database connection.
+database connection. ``alphawatch analyze`` runs the same loop in its own process. Settings are
+read once, by :meth:`AnalysisOptions.from_settings`; everything below receives the options.
 """
 
 from __future__ import annotations
@@ -10,9 +11,9 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -34,15 +35,15 @@ from alphawatch.workers.spectral import (
     analyze_stream,
     crosscheck,
 )
-from alphawatch.workers.spectral.analysis import Device, host_array
+from alphawatch.workers.spectral.analysis import Device, host_array, resolve_device
 
 if TYPE_CHECKING:
     import torch
 
-Rows = tuple[list[dict[str, Any]], list[dict[str, Any]]]
+    from alphawatch.settings import Settings
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class AnalysisOptions:
     """How to analyse: fit method, thresholds, device, the roots it may read, progress or not,
     how many matrices at once on a CPU (0: one per core, see ``analysis_workers``), traps or
@@ -59,55 +60,111 @@ class AnalysisOptions:
     workers: int = 0  # matrices analysed at once on a CPU (0: one per core, at most 4)
     check_traps: bool = True  # look for correlation traps in the shuffled spectrum
 
+    @classmethod
+    def from_settings(cls, settings: Settings, *, confine: Confinement, progress: bool = False,
+                      method: str | None = None) -> AnalysisOptions:
+        """The options ``settings`` ask for: the one place analysis reads the settings.
 
-def analyze_checkpoint(path: Path, first: Path | None, options: AnalysisOptions) -> Rows:
-    """Read and analyse one checkpoint, tensor by tensor; returns layer and spectrum rows.
+        Args:
+            confine: the folders the analysis may read (the worker's allowed roots and run
+                folders; anywhere for ``alphawatch analyze``).
+            progress: a live line per layer on stderr.
+            method: a fit method other than ``settings.fit_method`` (``analyze --method``).
+
+        Raises:
+            ValueError: the settings ask for a CUDA device this machine does not have.
+        """
+        return cls(method=method or settings.fit_method, thresholds=settings.trust,
+                   device=resolve_device(settings.device), confine=confine, progress=progress,
+                   optimizer_state=settings.optimizer_state,
+                   nested_widths=tuple(settings.nested_widths),
+                   crosscheck_share=settings.crosscheck.share,
+                   workers=settings.analysis_workers, check_traps=settings.check_traps)
+
+
+@dataclass(frozen=True, slots=True)
+class AnalysedLayer:
+    """One analysed matrix: where it sits in the model, and what the engine found in it.
+
+    A row that names no matrix (optimizer state that could not be read) has no ``shape`` and a
+    failed ``result`` saying why.
+    """
+
+    name: str
+    kind: str
+    block: int | None
+    dtype: str | None  # as stored in the checkpoint ("bfloat16"), before any upcast
+    shape: tuple[int, ...] | None
+    distance_from_init: float | None  # ‖W − W_0‖_F / ‖W_0‖_F; None without a first checkpoint
+    result: LayerResult  # without its eigenvalue arrays: they travel as ``evals`` below
+    evals: bytes | None = None  # float32, as the spectrum table keeps them
+    rand_evals: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Analysis:
+    """Every analysed layer of one checkpoint, in reading order."""
+
+    layers: tuple[AnalysedLayer, ...]
+
+
+def analyze_checkpoint(path: Path, first: Path | None, options: AnalysisOptions) -> Analysis:
+    """Read and analyse one checkpoint, tensor by tensor (the worker's analysis).
 
     ``first`` is the run's first checkpoint, against which distance from init is measured.
+
+    Raises:
+        ValueError: the checkpoint holds no weight matrix.
     """
+    layers = analysed_layers(path, first, options)
+    if not layers:
+        raise ValueError(f"{path}: no weight matrices found")
+    return Analysis(tuple(layers))
+
+
+def analysed_layers(path: Path, first: Path | None, options: AnalysisOptions
+                    ) -> list[AnalysedLayer]:
+    """Every layer of one checkpoint the options ask for, analysed, in reading order."""
     confine = options.confine
     first_key = _first_key(first, confine)
     share = options.crosscheck_share
     if share > 0 and (reason := crosscheck.unavailable(options.method)) is not None:
         logging.getLogger(__name__).warning("cross-check skipped: %s", reason)
         share = 0.0
-    layers: list[dict[str, Any]] = []
-    spectra: list[dict[str, Any]] = []
+    # Refused optimizer state joins this list while the engine still works on earlier matrices
+    # (see analysed_matrices): the order the worker stores and ``analyze`` prints.
+    layers: list[AnalysedLayer] = []
     matrices = ((m, m.weight, m.stored_dtype)
                 for m in analysed_matrices(path, options, layers))
     for matrix, result in analyze_stream(
         matrices, workers=options.workers, method=options.method,
         thresholds=options.thresholds, device=options.device, check_traps=options.check_traps,
     ):
-        row = result.metrics()
-        row.update(
+        if crosscheck.chosen(f"{path.name}/{matrix.name}", share):
+            result = replace(result, crosscheck_diff=_crosscheck(matrix.weight, result.alpha,
+                                                                 options.method))
+        layers.append(AnalysedLayer(
             name=matrix.name, kind=matrix.kind, block=matrix.block,
             dtype=str(matrix.stored_dtype).removeprefix("torch."),
+            shape=tuple(matrix.weight.shape),
             distance_from_init=_distance(first_key, matrix.name, matrix.weight, confine),
-        )
-        if crosscheck.chosen(f"{path.name}/{matrix.name}", share):
-            row["crosscheck_diff"] = _crosscheck(matrix.weight, result.alpha, options.method)
-        layers.append(row)
-        spectra.append({
-            "name": matrix.name, "method": result.method,
-            "evals": _as_bytes(result.evals), "rand_evals": _as_bytes(result.rand_evals),
-        })
+            result=replace(result, evals=None, rand_evals=None),
+            evals=_as_bytes(result.evals), rand_evals=_as_bytes(result.rand_evals),
+        ))
         if options.progress:
             sys.stderr.write(f"\r  {printable(path.name)}: {len(layers)} layers, "
                              f"{matrix.name[-48:]} alpha={result.alpha or float('nan'):.2f}\x1b[K")
             sys.stderr.flush()
     if options.progress:
         sys.stderr.write("\n")
-    if not layers:
-        raise ValueError(f"{path}: no weight matrices found")
-    return layers, spectra
+    return layers
 
 
-def analysed_matrices(path: Path, options: AnalysisOptions, rows: list[dict[str, Any]]
+def analysed_matrices(path: Path, options: AnalysisOptions, refused: list[AnalysedLayer]
                       ) -> Iterator[LayerMatrix]:
     """Every matrix the options ask for: weights, their nested slices, then their exp_avg.
 
-    Optimizer state that cannot be read or named exactly adds one failed row to ``rows``
+    Optimizer state that cannot be read or named exactly adds one failed layer to ``refused``
     (named ``optimizer_state@exp_avg``, its error saying why) instead of failing the checkpoint.
     """
     confine = options.confine
@@ -130,15 +187,14 @@ def analysed_matrices(path: Path, options: AnalysisOptions, rows: list[dict[str,
         except CheckpointVanished:
             raise
         except CheckpointError as exc:
-            rows.append(refused_row(f"optimizer_state@{EXP_AVG}", str(exc), options.method))
+            refused.append(refused_layer(f"optimizer_state@{EXP_AVG}", str(exc), options.method))
 
 
-def refused_row(name: str, error: str, method: str) -> dict[str, Any]:
-    """A failed row recording what could not be analysed, and why."""
-    row = LayerResult(method=method, fit_status=FitStatus.FAILED, trusted=False,
-                      error=error).metrics()
-    row.update(name=name, kind="other", block=None, dtype=None, distance_from_init=None)
-    return row
+def refused_layer(name: str, error: str, method: str) -> AnalysedLayer:
+    """A failed layer recording what could not be analysed, and why."""
+    result = LayerResult(method=method, fit_status=FitStatus.FAILED, trusted=False, error=error)
+    return AnalysedLayer(name=name, kind="other", block=None, dtype=None, shape=None,
+                         distance_from_init=None, result=result)
 
 
 def _crosscheck(weight: torch.Tensor | np.ndarray, alpha: float | None, method: str

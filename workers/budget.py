@@ -11,6 +11,10 @@ saying which budget it broke. A child that dies on its own (the kernel's OOM kil
 native code) is reported the same way. The next job gets a fresh child; a healthy child serves
 job after job, so the imports are paid once, not per checkpoint.
 
+What passes between them is typed: the worker sends the :class:`AnalysisOptions` once, then an
+:class:`AnalyseRequest` per checkpoint; the child answers :class:`ChildReady` (or
+:class:`ChildRefused`), then an :class:`Analysis` or an :class:`AnalysisFailure` per request.
+
 Memory is read from ``/proc/<pid>/status`` (``RssAnon`` + ``RssShmem``) every ``POLL_S``:
 ``RLIMIT_AS`` would count torch's address-space reservations and the memory-mapped checkpoint
 files, and break large legitimate checkpoints long before the budget.
@@ -34,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from alphawatch.text import EscapingFormatter
+from alphawatch.workers.analyst import Analysis, AnalysisOptions
 from alphawatch.workers.checkpoints.skeleton import OFFLINE_ENVIRONMENT
 
 if TYPE_CHECKING:
@@ -71,12 +76,45 @@ class Budget:
     memory_mb: float
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """Rows of one analysed checkpoint, the device that computed them, and what it cost."""
+@dataclass(frozen=True, slots=True)
+class AnalyseRequest:
+    """Worker to child: analyse the checkpoint at ``path``.
 
-    layers: list[dict[str, Any]]
-    spectra: list[dict[str, Any]]
+    ``first`` is the run's first checkpoint (distance from init), found by the worker so that
+    the child never asks the database.
+    """
+
+    path: Path
+    first: Path | None
+
+
+@dataclass(frozen=True, slots=True)
+class ChildReady:
+    """Child to worker: the engine is imported; it computes on ``device``."""
+
+    device: str
+
+
+@dataclass(frozen=True, slots=True)
+class ChildRefused:
+    """Child to worker: the options could not be used; ``error`` says why."""
+
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class AnalysisFailure:
+    """Child to worker: the analysis raised ``error``; ``vanished``: the checkpoint was deleted."""
+
+    error: str
+    vanished: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """One analysed checkpoint, the device that computed it, and what it cost."""
+
+    analysis: Analysis
     device: str
     elapsed_s: float
     peak_mb: float
@@ -114,12 +152,11 @@ class AnalysisChild:
     """The worker's handle on its analysis process, started on first use and after each death.
 
     Args:
-        options: ``method``, ``thresholds`` (a dict), ``device`` and ``progress`` of the
-            analysis, sent to each new child.
+        options: how to analyse, sent to each new child (see ``AnalysisOptions.from_settings``).
         budget: the time and memory budget of one checkpoint.
     """
 
-    def __init__(self, options: dict[str, Any], budget: Budget) -> None:
+    def __init__(self, options: AnalysisOptions, budget: Budget) -> None:
         self.options = options
         self.budget = budget
         self._proc: subprocess.Popen[bytes] | None = None
@@ -158,11 +195,11 @@ class AnalysisChild:
             if proc.poll() is not None or time.monotonic() > deadline:
                 self.close()
                 raise RuntimeError("the analysis process could not start; see its errors above")
-        kind, device = conn.recv()
-        if kind != "ready":
+        answer = conn.recv()
+        if not isinstance(answer, ChildReady):
             self.close()
-            raise RuntimeError(f"the analysis process could not start: {device}")
-        self.device = device
+            raise RuntimeError(f"the analysis process could not start: {_why(answer)}")
+        self.device = answer.device
 
     def analyze(self, path: Path, first: Path | None) -> Outcome:
         """Analyse one checkpoint within the budget.
@@ -179,7 +216,7 @@ class AnalysisChild:
         deadline = started + self.budget.timeout_s
         peak = resident_mb(proc.pid) or 0.0
         try:
-            conn.send(("analyze", str(path), None if first is None else str(first)))
+            conn.send(AnalyseRequest(path, first))
         except OSError:  # it died while idle, after start() looked
             raise self._died(path) from None
         while True:
@@ -205,14 +242,16 @@ class AnalysisChild:
                     f"{path}: analysis exceeded the memory budget of {self.budget.memory_mb:g} MB "
                     f"(ALPHAWATCH_JOB_MEMORY_MB): it held {rss:.0f} MB when it was stopped")
         elapsed = time.monotonic() - started
-        if reply[0] == "failed":
-            raise AnalysisFailed(reply[2], vanished=reply[1] == "vanished")
-        _, layers, spectra = reply
+        if isinstance(reply, AnalysisFailure):
+            raise AnalysisFailed(reply.error, vanished=reply.vanished)
+        if not isinstance(reply, Analysis):
+            self.close()
+            raise AnalysisFailed(f"{path}: the analysis process answered {_why(reply)}")
         after = resident_mb(proc.pid) or 0.0
         if after > self.budget.memory_mb / 2:
             # Freed memory the allocator kept would shrink the next checkpoint's headroom.
             self.close()
-        return Outcome(layers, spectra, self.device, elapsed, max(peak, after))
+        return Outcome(reply, self.device, elapsed, max(peak, after))
 
     def _died(self, path: Path) -> ChildDied:
         proc = self._proc
@@ -236,6 +275,13 @@ class AnalysisChild:
         self._proc = self._conn = self._finalizer = None
 
 
+def _why(answer: object) -> str:
+    if isinstance(answer, ChildRefused):
+        return answer.error
+    # Both ends are this module: anything else is a fault of the worker, not of a checkpoint.
+    return f"an unexpected {type(answer).__name__}"
+
+
 def _stop(proc: subprocess.Popen[bytes], conn: Connection) -> None:
     with contextlib.suppress(OSError):
         conn.close()
@@ -256,43 +302,37 @@ def _die_with_parent() -> None:
 
 def serve(conn: Connection) -> None:
     """Answer analysis requests until the worker closes the connection."""
-    from alphawatch.workers.analyst import AnalysisOptions, analyze_checkpoint
-    from alphawatch.workers.checkpoints import CheckpointVanished, Confinement
-    from alphawatch.workers.spectral import Thresholds, resolve_device
+    from alphawatch.workers.analyst import analyze_checkpoint
+    from alphawatch.workers.checkpoints import CheckpointVanished
 
-    settings = conn.recv()
     try:
-        options = AnalysisOptions(
-            method=settings["method"], thresholds=Thresholds(**settings["thresholds"]),
-            device=resolve_device(settings["device"]), progress=settings["progress"],
-            optimizer_state=settings.get("optimizer_state", False),
-            nested_widths=tuple(settings.get("nested_widths", ())),
-            crosscheck_share=float(settings.get("crosscheck_share", 0.0)),
-            workers=settings.get("workers", 0), check_traps=settings.get("check_traps", True),
-            # Roots resolved by the worker: the child reads under exactly the same folders.
-            confine=Confinement(None if settings["roots"] is None
-                                else tuple(Path(r) for r in settings["roots"])),
-        )
-    except Exception as exc:
-        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        # Built by the worker, confinement roots resolved there: the child reads under exactly
+        # the same folders, with the same thresholds, as the worker was told.
+        options = conn.recv()
+        if not isinstance(options, AnalysisOptions):
+            raise TypeError(f"expected AnalysisOptions, got {type(options).__name__}")
+    except (EOFError, OSError):
         return
-    conn.send(("ready", str(options.device)))
+    except Exception as exc:  # options the child cannot even unpickle: the worker hears why
+        conn.send(ChildRefused(f"{type(exc).__name__}: {exc}"))
+        return
+    conn.send(ChildReady(str(options.device)))
     while True:
         try:
-            _, path, first = conn.recv()
+            request = conn.recv()
         except (EOFError, OSError):
             return
+        assert isinstance(request, AnalyseRequest), type(request)
         try:
-            layers, spectra = analyze_checkpoint(
-                Path(path), None if first is None else Path(first), options)
+            analysis = analyze_checkpoint(request.path, request.first, options)
         except CheckpointVanished as exc:
-            conn.send(("failed", "vanished", str(exc)))
+            conn.send(AnalysisFailure(str(exc), vanished=True))
         except Exception as exc:  # one bad checkpoint must never stop the child
-            log.debug("analysis of %s failed", path, exc_info=True)
-            conn.send(("failed", "error", f"{type(exc).__name__}: {exc}"))
+            log.debug("analysis of %s failed", request.path, exc_info=True)
+            conn.send(AnalysisFailure(f"{type(exc).__name__}: {exc}"))
         else:
-            conn.send(("done", layers, spectra))
-            del layers, spectra
+            conn.send(analysis)
+            del analysis
 
 
 def _first_to_go_out_of_memory() -> None:
@@ -315,18 +355,6 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def options_of(settings: Settings, progress: bool, roots: tuple[Path, ...] | None
-               ) -> dict[str, Any]:
-    """The analysis options of a child, from the worker's settings and confinement roots."""
-    return {"method": settings.fit_method, "thresholds": settings.trust.model_dump(),
-            "device": settings.device, "progress": progress,
-            "optimizer_state": settings.optimizer_state,
-            "nested_widths": list(settings.nested_widths),
-            "crosscheck_share": settings.crosscheck.share,
-            "workers": settings.analysis_workers, "check_traps": settings.check_traps,
-            "roots": None if roots is None else [str(r) for r in roots]}
-
-
 def budget_of(settings: Settings) -> Budget:
     """The budget of one job, from the worker's settings (memory 0: three quarters of RAM)."""
     return Budget(timeout_s=settings.job_timeout_s,
@@ -334,4 +362,8 @@ def budget_of(settings: Settings) -> Budget:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    # Served by the module under its own name, not as __main__: the worker unpickles the
+    # messages this process sends as alphawatch.workers.budget's classes.
+    from alphawatch.workers import budget
+
+    sys.exit(budget.main(sys.argv[1:]))

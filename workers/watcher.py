@@ -36,23 +36,22 @@ from alphawatch.run_names import derived
 from alphawatch.service.db import queue, registry, scans
 from alphawatch.service.db.alerts import GateCheck
 from alphawatch.service.db.models import CheckpointStatus, JobStatus
+from alphawatch.service.db.rows import LayerRow, SpectrumRow
 from alphawatch.service.db.session import is_connection_error, make_engine, session_scope
 from alphawatch.settings import Settings
 from alphawatch.workers.alerts import AlertDispatcher
-from alphawatch.workers.analyst import AnalysisOptions, analyze_checkpoint
+from alphawatch.workers.analyst import AnalysedLayer, AnalysisOptions
 from alphawatch.workers.budget import (
     AnalysisChild,
     AnalysisFailed,
     BudgetExceeded,
     ChildDied,
     budget_of,
-    options_of,
 )
 from alphawatch.workers.checkpoints import CheckpointError, Confinement, survey
 from alphawatch.workers.checkpoints.errors import printable, shown
 from alphawatch.workers.checkpoints.memory import DiscoveryMemory, RunMemory, Settled
 from alphawatch.workers.loops import Backoff, LoopHealth
-from alphawatch.workers.spectral import resolve_device
 
 log = logging.getLogger("alphawatch.worker")
 T = TypeVar("T")
@@ -157,7 +156,6 @@ class Watcher:
         self.reanalyze = reanalyze
         self.on_analysed = on_analysed
         self.engine = make_engine(settings.database_url)
-        self.device = resolve_device(settings.device)
         self.thresholds = settings.trust
         self._reanalyzed: set[int] = set()
         self._memory = DiscoveryMemory(self.confine)
@@ -179,8 +177,10 @@ class Watcher:
         # A live line per layer on a terminal; plain log records when stderr is a file or pipe.
         self.progress = sys.stderr.isatty()
         self.budget = budget_of(settings)
-        self.child = AnalysisChild(options_of(settings, self.progress, self.confine.roots),
-                                   self.budget)
+        self.options = AnalysisOptions.from_settings(settings, confine=self.confine,
+                                                     progress=self.progress)
+        self.device = self.options.device
+        self.child = AnalysisChild(self.options, self.budget)
         # The gate is evaluated after each analysed checkpoint; its alerts are delivered by a
         # thread of this worker, never by the loop that analyses.
         notify = settings.alerts.webhook_url is not None
@@ -556,11 +556,13 @@ class Watcher:
             if beat.lost:
                 log.warning("dropping results of job %s: its lease was lost", job.job_id)
             else:
+                layers, spectra = stored_rows(outcome.analysis.layers)
+
                 def write() -> bool:
                     with session_scope(self.engine) as session:
                         return queue.complete(
                             session, job_id=job.job_id, worker_id=self.worker_id,
-                            layers=outcome.layers, spectra=outcome.spectra,
+                            layers=layers, spectra=spectra,
                             device=outcome.device, elapsed_s=outcome.elapsed_s,
                             thresholds=self.thresholds, gate=self.gate,
                         )
@@ -569,7 +571,7 @@ class Watcher:
                 if done and self.alerts is not None:
                     self.alerts.wake()
                 log.info("step %s of run %s: %d layers in %.2fs, peak %.0f MB%s", job.step,
-                         job.run_id, len(outcome.layers), outcome.elapsed_s, outcome.peak_mb,
+                         job.run_id, len(layers), outcome.elapsed_s, outcome.peak_mb,
                          "" if done else " (lease lost, not written)")
                 if done and self.on_analysed is not None:
                     self._announce(job)
@@ -595,19 +597,6 @@ class Watcher:
                            max_attempts=job.attempts if final else self.settings.max_attempts)
 
         self._retry("fail", write, grace_s=_STOP_GRACE_S)
-
-    def analyze_checkpoint(
-        self, path: Path, run_id: int | None = None
-    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """Read and analyse one checkpoint in this process, without a budget (for debugging)."""
-        first = self._first_checkpoint(run_id) if run_id is not None else None
-        options = AnalysisOptions(method=self.settings.fit_method, thresholds=self.thresholds,
-                                  device=self.device, progress=self.progress,
-                                  confine=self.confine,
-                                  optimizer_state=self.settings.optimizer_state,
-                                  nested_widths=tuple(self.settings.nested_widths),
-                                  crosscheck_share=self.settings.crosscheck.share)
-        return analyze_checkpoint(path, first, options)
 
     def close(self) -> None:
         """Stop the analysis process; the next job starts a new one."""
@@ -720,3 +709,20 @@ _TICK_S = 1.0
 # database is away takes seconds, not the length of the outage.
 _STOP_GRACE_S = 3.0
 _RELEASE_WAIT_S = 3.0
+
+
+def stored_rows(layers: Iterable[AnalysedLayer]) -> tuple[list[LayerRow], list[SpectrumRow]]:
+    """The ``layer_metric`` and ``spectrum`` rows of analysed layers, as ``queue.complete``
+    stores them; a field of the engine's result that has no column raises ``UnknownColumns``."""
+    rows: list[LayerRow] = []
+    spectra: list[SpectrumRow] = []
+    for layer in layers:
+        rows.append(LayerRow.from_mapping({
+            **layer.result.metrics(), "name": layer.name, "kind": layer.kind,
+            "block": layer.block, "dtype": layer.dtype,
+            "distance_from_init": layer.distance_from_init,
+        }))
+        if layer.evals is not None:
+            spectra.append(SpectrumRow(name=layer.name, method=layer.result.method,
+                                       evals=layer.evals, rand_evals=layer.rand_evals))
+    return rows, spectra

@@ -11,11 +11,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from enum import Enum
-from typing import Any
 
 from sqlalchemy import Connection, bindparam, delete, func, insert, select, text, update
 from sqlalchemy.orm import Session
@@ -23,7 +22,6 @@ from sqlalchemy.orm import Session
 from alphawatch.service.db.aggregates import stat_rows, weight_rows
 from alphawatch.service.db.alerts import GateCheck, record_verdict
 from alphawatch.service.db.models import (
-    LAYER_COLUMNS,
     AnalysisJob,
     Checkpoint,
     CheckpointStat,
@@ -33,6 +31,7 @@ from alphawatch.service.db.models import (
     Run,
     Spectrum,
 )
+from alphawatch.service.db.rows import LayerRow, SpectrumRow
 from alphawatch.service.db.session import dialect_insert, is_connection_error, utcnow
 from alphawatch.trust import Thresholds
 
@@ -390,8 +389,8 @@ def complete(
     *,
     job_id: int,
     worker_id: str,
-    layers: list[dict[str, Any]],
-    spectra: list[dict[str, Any]],
+    layers: Sequence[LayerRow],
+    spectra: Sequence[SpectrumRow],
     device: str,
     elapsed_s: float,
     thresholds: Thresholds,
@@ -409,22 +408,22 @@ def complete(
     if job is None:
         return False
     checkpoint_id = job.checkpoint_id
-    methods = {str(layer.get("method", "ww")) for layer in layers}
+    methods = {layer.method for layer in layers}
     session.execute(delete(LayerMetric).where(LayerMetric.checkpoint_id == checkpoint_id,
                                               LayerMetric.method.in_(methods)))
     session.execute(delete(CheckpointStat).where(CheckpointStat.checkpoint_id == checkpoint_id,
                                                  CheckpointStat.method.in_(methods)))
-    by_name = {(s["name"], s.get("method", "ww")): s for s in spectra}
-    for layer in layers:
-        values = {k: v for k, v in layer.items() if k in LAYER_COLUMNS}
-        row = LayerMetric(checkpoint_id=checkpoint_id, **values)
+    by_name = {(s.name, s.method): s for s in spectra}
+    values = [layer.values() for layer in layers]
+    for layer, columns in zip(layers, values, strict=True):
+        row = LayerMetric(checkpoint_id=checkpoint_id, **columns)
         session.add(row)
         session.flush()
-        spectrum = by_name.get((layer["name"], layer.get("method", "ww")))
-        if spectrum is not None and spectrum.get("evals") is not None:
-            session.add(Spectrum(layer_metric_id=row.id, evals=spectrum["evals"],
-                                 rand_evals=spectrum.get("rand_evals")))
-    summaries = stat_rows(layers, checkpoint_id=checkpoint_id, thresholds=thresholds)
+        spectrum = by_name.get((layer.name, layer.method))
+        if spectrum is not None and spectrum.evals is not None:
+            session.add(Spectrum(layer_metric_id=row.id, evals=spectrum.evals,
+                                 rand_evals=spectrum.rand_evals))
+    summaries = stat_rows(values, checkpoint_id=checkpoint_id, thresholds=thresholds)
     if summaries:
         session.execute(insert(CheckpointStat), summaries)
     checkpoint = session.get(Checkpoint, checkpoint_id)
@@ -432,7 +431,7 @@ def complete(
     move(job, checkpoint, Event.COMPLETE)
     checkpoint.error = None
     checkpoint.finished_at, checkpoint.analysis_s, checkpoint.device = utcnow(), elapsed_s, device
-    weights = weight_rows(layers)  # what the checkpoint's counts and statistics are about
+    weights = weight_rows(values)  # what the checkpoint's counts and statistics are about
     checkpoint.n_layers = len(weights)
     checkpoint.analysis_count += 1
     checkpoint.n_trusted = sum(1 for layer in weights if layer.get("trusted"))

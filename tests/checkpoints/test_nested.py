@@ -100,13 +100,13 @@ def _options(**extra: object) -> AnalysisOptions:
 @pytest.mark.slow
 def test_nested_rows_from_the_config_match_weightwatcher_on_the_slices(nested: Path) -> None:
     assert nested_widths(nested) == (32, 64)
-    layers, spectra = analyze_checkpoint(nested, None, _options())
-    rows = {r["name"]: r for r in layers}
+    layers = analyze_checkpoint(nested, None, _options()).layers
+    rows = {r.name: r for r in layers}
     weights = {m.name: m for m in iter_layers(nested)}
     mlp = [n for n, m in weights.items() if m.kind in ("gate", "up", "down")]
     assert len(mlp) == 6
     assert {n for n in rows if "@" in n} == {f"{n}@w{k}" for n in mlp for k in (32, 64)}
-    assert {s["name"] for s in spectra} == set(rows)
+    assert all(r.evals is not None for r in layers)
     for name in mlp:
         weight = torch.as_tensor(weights[name].weight)
         for width in (32, 64):
@@ -115,14 +115,14 @@ def test_nested_rows_from_the_config_match_weightwatcher_on_the_slices(nested: P
             linear.weight.data = piece.clone()
             expected = ww_row(nn.Sequential(linear))
             row = rows[f"{name}@w{width}"]
-            assert row["alpha"] == pytest.approx(expected["alpha"], rel=1e-6), (name, width)
-            assert row["num_pl_spikes"] == int(expected["num_pl_spikes"])
-            assert (row["kind"], row["block"]) == (weights[name].kind, weights[name].block)
+            assert row.result.alpha == pytest.approx(expected["alpha"], rel=1e-6), (name, width)
+            assert row.result.num_pl_spikes == int(expected["num_pl_spikes"])
+            assert (row.kind, row.block) == (weights[name].kind, weights[name].block)
 
 
 @pytest.mark.slow
 def test_explicit_widths_win_over_the_config(nested: Path) -> None:
-    layers, _ = analyze_checkpoint(nested, None, _options(nested_widths=(16, INTERMEDIATE)))
-    variants = {r["name"].partition("@")[2] for r in layers if "@" in r["name"]}
+    layers = analyze_checkpoint(nested, None, _options(nested_widths=(16, INTERMEDIATE))).layers
+    variants = {r.name.partition("@")[2] for r in layers if "@" in r.name}
     # The full width is the weight itself, analysed already.
     assert variants == {"w16"}

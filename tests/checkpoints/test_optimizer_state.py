@@ -71,8 +71,8 @@ def test_our_decay_rule_is_the_installed_trainers(trained: tuple[Path, Any]) -> 
 
 def test_exp_avg_alpha_is_weightwatchers(trained: tuple[Path, Any]) -> None:
     checkpoint, trainer = trained
-    layers, _ = analyze_checkpoint(checkpoint, None, _options(optimizer_state=True))
-    rows = {r["name"]: r for r in layers}
+    layers = analyze_checkpoint(checkpoint, None, _options(optimizer_state=True)).layers
+    rows = {r.name: r.result for r in layers}
     live = _live_moments(trainer.model, trainer.optimizer)
     compared = 0
     for name, moment in live.items():
@@ -83,9 +83,9 @@ def test_exp_avg_alpha_is_weightwatchers(trained: tuple[Path, Any]) -> None:
         scaled = moment.double() * min(moment.shape) ** 0.5 / torch.linalg.norm(moment.double())
         linear.weight.data = scaled.float()
         expected = ww_row(nn.Sequential(linear))
-        assert row["alpha"] == pytest.approx(expected["alpha"], rel=1e-6), name
-        assert row["num_pl_spikes"] == int(expected["num_pl_spikes"]), name
-        assert row["log_norm"] == pytest.approx(np.log10(min(moment.shape)), rel=1e-5)
+        assert row.alpha == pytest.approx(expected["alpha"], rel=1e-6), name
+        assert row.num_pl_spikes == int(expected["num_pl_spikes"]), name
+        assert row.log_norm == pytest.approx(np.log10(min(moment.shape)), rel=1e-5)
         compared += 1
     assert compared == 16
     # The weights are there as before, under their own names.
@@ -93,8 +93,8 @@ def test_exp_avg_alpha_is_weightwatchers(trained: tuple[Path, Any]) -> None:
 
 
 def test_off_by_default(trained: tuple[Path, Any]) -> None:
-    layers, _ = analyze_checkpoint(trained[0], None, _options())
-    assert not [r for r in layers if "@" in r["name"]]
+    layers = analyze_checkpoint(trained[0], None, _options()).layers
+    assert not [r for r in layers if "@" in r.name]
 
 
 def _copy(checkpoint: Path, tmp_path: Path) -> Path:
@@ -102,12 +102,12 @@ def _copy(checkpoint: Path, tmp_path: Path) -> Path:
 
 
 def _refusal(path: Path, confine: Confinement | None = None) -> str:
-    layers, _ = analyze_checkpoint(path, None, _options(confine, optimizer_state=True))
-    assert sum("@" not in r["name"] for r in layers) == 16, "the weights are analysed all the same"
-    refused = [r for r in layers if r["name"] == "optimizer_state@exp_avg"]
-    assert len(refused) == 1 and refused[0]["fit_status"] == "failed"
-    assert not [r for r in layers if r["name"].endswith("@exp_avg") and r is not refused[0]]
-    return str(refused[0]["error"])
+    layers = analyze_checkpoint(path, None, _options(confine, optimizer_state=True)).layers
+    assert sum("@" not in r.name for r in layers) == 16, "the weights are analysed all the same"
+    refused = [r for r in layers if r.name == "optimizer_state@exp_avg"]
+    assert len(refused) == 1 and refused[0].result.fit_status == "failed"
+    assert not [r for r in layers if r.name.endswith("@exp_avg") and r is not refused[0]]
+    return str(refused[0].result.error)
 
 
 def test_group_sizes_that_no_layout_gives_are_refused(trained: tuple[Path, Any],

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from alphawatch.service.api import create_app
 from alphawatch.service.db import queue
+from alphawatch.service.db.rows import LayerRow, SpectrumRow
 from alphawatch.service.db.session import make_engine, session_scope
 from alphawatch.service.db.tokens import TokenScope, create_token
 from alphawatch.settings import Settings
@@ -55,10 +56,11 @@ def fill(url: str, name: str = "run-a", seed: int = 0) -> dict[int, list[dict[st
         assert job is not None
         layers = _layers(job.step, rng)
         evals = np.sort(rng.pareto(2.0, 64) + 1).astype(np.float32).tobytes()
-        spectra = [{"name": layer["name"], "method": "ww", "evals": evals, "rand_evals": None}
+        spectra = [SpectrumRow(name=str(layer["name"]), method="ww", evals=evals)
                    for layer in layers]
         with session_scope(engine) as session:
-            assert queue.complete(session, job_id=job.job_id, worker_id="t", layers=layers,
+            assert queue.complete(session, job_id=job.job_id, worker_id="t",
+                                  layers=[LayerRow.from_mapping(x) for x in layers],
                                   spectra=spectra, device="cpu", elapsed_s=0.1,
                                   thresholds=Thresholds())
         written[job.step] = layers

@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 from alphawatch.service.api import create_app
 from alphawatch.service.api.cache import ResultCache, libpq_url
 from alphawatch.service.db import queue
+from alphawatch.service.db.rows import LayerRow
 from alphawatch.service.db.session import make_engine, session_scope
 from alphawatch.settings import Settings
 from alphawatch.trust import Thresholds
@@ -68,9 +69,9 @@ def test_a_completed_checkpoint_is_visible_at_once(client: TestClient, pg_url: s
     with session_scope(engine) as session:
         job = queue.claim(session, worker_id="w", lease_s=60)
     assert job is not None and job.step == 400
-    layers = [{"name": "model.layers.0.q_proj", "kind": "q", "block": 0, "method": "ww",
-               "fit_status": "ok", "correlation_trap": False, "rank_collapse": False,
-               "trusted": True, "alpha": 3.25, "D": 0.05, "num_pl_spikes": 20}]
+    layers = [LayerRow(name="model.layers.0.q_proj", kind="q", block=0, method="ww",
+                       fit_status="ok", correlation_trap=False, rank_collapse=False,
+                       trusted=True, alpha=3.25, D=0.05, num_pl_spikes=20)]
     with session_scope(engine) as session:
         assert queue.complete(session, job_id=job.job_id, worker_id="w", layers=layers,
                               spectra=[], device="cpu", elapsed_s=0.1, thresholds=Thresholds())

@@ -19,6 +19,7 @@ from alphawatch.cli import analyze_path
 from alphawatch.service import robust
 from alphawatch.service.api import create_app
 from alphawatch.service.db import queue
+from alphawatch.service.db.rows import LayerRow
 from alphawatch.service.db.session import make_engine, session_scope
 from alphawatch.settings import Settings
 from alphawatch.trust import Thresholds
@@ -45,7 +46,10 @@ def _store(url: str, layers: list[dict[str, Any]]) -> None:
         job = queue.claim(session, worker_id="t", lease_s=60)
     assert job is not None
     with session_scope(engine) as session:
-        assert queue.complete(session, job_id=job.job_id, worker_id="t", layers=layers,
+        # The printed shape is the analyze document's own: the table has no column for it.
+        rows = [LayerRow.from_mapping({k: v for k, v in x.items() if k != "shape"})
+                for x in layers]
+        assert queue.complete(session, job_id=job.job_id, worker_id="t", layers=rows,
                               spectra=[], device="cpu", elapsed_s=0.1, thresholds=Thresholds())
 
 

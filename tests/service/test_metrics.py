@@ -18,6 +18,7 @@ from sqlalchemy import event
 from alphawatch.service.api import create_app
 from alphawatch.service.db import queue
 from alphawatch.service.db.alerts import GateCheck
+from alphawatch.service.db.rows import LayerRow
 from alphawatch.service.db.session import make_engine, session_scope
 from alphawatch.settings import Settings
 from alphawatch.trust import Thresholds
@@ -43,7 +44,8 @@ def _run(url: str, name: str, seed: int, check: GateCheck) -> None:
         assert job is not None
         with session_scope(engine) as session:
             assert queue.complete(session, job_id=job.job_id, worker_id="t",
-                                  layers=_layers(job.step, rng), spectra=[], device="cpu",
+                                  layers=[LayerRow.from_mapping(x) for x in _layers(job.step, rng)],
+                                  spectra=[], device="cpu",
                                   elapsed_s=ELAPSED[job.step], thresholds=Thresholds(),
                                   gate=check)
 

@@ -17,6 +17,7 @@ from alphawatch.service.db.models import (
     JobStatus,
     LayerMetric,
 )
+from alphawatch.service.db.rows import LayerRow
 from alphawatch.service.db.session import make_engine, session_scope
 from alphawatch.trust import Thresholds
 
@@ -57,9 +58,9 @@ def test_concurrent_claimers_never_share_a_job(pg_url: str) -> None:
     assert sum(1 for part in claimed if part) >= 2  # the work really was shared
 
 
-def _layer(name: str) -> dict[str, object]:
-    return {"name": name, "kind": "q", "block": 0, "method": "ww", "fit_status": "ok",
-            "trusted": True, "alpha": 3.0}
+def _layer(name: str) -> LayerRow:
+    return LayerRow(name=name, kind="q", block=0, method="ww", fit_status="ok", trusted=True,
+                    alpha=3.0)
 
 
 def test_expired_lease_is_requeued_and_finished_once(db_url: str) -> None:

@@ -18,6 +18,7 @@ from fastapi.testclient import TestClient
 
 from alphawatch.service.api import create_app
 from alphawatch.service.db import queue
+from alphawatch.service.db.rows import LayerRow
 from alphawatch.service.db.session import make_engine, session_scope
 from alphawatch.settings import Settings
 from alphawatch.trust import Thresholds
@@ -61,7 +62,8 @@ def _fill(url: str) -> dict[int, list[dict[str, object]]]:
         assert job is not None
         layers = _layers(rng)
         with session_scope(engine) as session:
-            assert queue.complete(session, job_id=job.job_id, worker_id="t", layers=layers,
+            assert queue.complete(session, job_id=job.job_id, worker_id="t",
+                                  layers=[LayerRow.from_mapping(x) for x in layers],
                                   spectra=[], device="cpu", elapsed_s=0.1,
                                   thresholds=Thresholds())
         written[job.step] = layers

@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from alphawatch.service.api import create_app
 from alphawatch.service.db import queue
 from alphawatch.service.db.alerts import GateCheck
+from alphawatch.service.db.rows import LayerRow
 from alphawatch.service.db.session import make_engine, session_scope
 from alphawatch.service.db.tokens import TokenScope, create_token
 from alphawatch.settings import Settings
@@ -58,9 +59,9 @@ def _analysed(url: str, *, run: str, step: int, alpha: float, check: GateCheck) 
     with session_scope(engine) as session:
         job = queue.claim(session, worker_id="t", lease_s=60)
     assert job is not None and job.step == step
-    layers = [{"name": f"model.layers.{i}.mlp.up_proj", "kind": "up", "block": i,
-               "method": "ww", "fit_status": "ok", "trusted": True, "correlation_trap": False,
-               "rank_collapse": False, "alpha": alpha + 0.01 * (i - 5)} for i in range(10)]
+    layers = [LayerRow(name=f"model.layers.{i}.mlp.up_proj", kind="up", block=i,
+                       method="ww", fit_status="ok", trusted=True, correlation_trap=False,
+                       rank_collapse=False, alpha=alpha + 0.01 * (i - 5)) for i in range(10)]
     with session_scope(engine) as session:
         assert queue.complete(session, job_id=job.job_id, worker_id="t", layers=layers,
                               spectra=[], device="cpu", elapsed_s=0.1,

@@ -1,4 +1,4 @@
-"""The analysis child's options: workers and the trap check reach the engine; rows keep order."""
+"""The analysis options: read from the settings in one place; workers, traps and order kept."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from safetensors.torch import save_file
 
 from alphawatch.settings import Settings
 from alphawatch.workers.analyst import AnalysisOptions, analyze_checkpoint
-from alphawatch.workers.budget import options_of
 from alphawatch.workers.checkpoints import UNCONFINED, iter_layers
-from alphawatch.workers.spectral import Thresholds
+from alphawatch.workers.spectral import LayerResult, Thresholds
+from alphawatch.workers.spectral.analysis import HOST
+from alphawatch.workers.watcher import Watcher
 
 
 def checkpoint(path: Path) -> Path:
@@ -21,29 +22,40 @@ def checkpoint(path: Path) -> Path:
     return path
 
 
-def test_settings_reach_the_child_options() -> None:
-    options = options_of(Settings(analysis_workers=3, check_traps=False), False, None)
-    assert options["workers"] == 3 and options["check_traps"] is False
-    assert options_of(Settings(), False, None)["check_traps"] is True
+def test_settings_reach_the_child_options(tmp_path: Path) -> None:
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'db.sqlite'}", device="cpu",
+                        analysis_workers=3, check_traps=False, fit_method="ks2",
+                        optimizer_state=True, nested_widths=[16, 32],
+                        crosscheck={"share": 0.25}, trust={"min_tail": 12})
+    options = AnalysisOptions.from_settings(settings, confine=UNCONFINED)
+    assert options == AnalysisOptions(
+        method="ks2", thresholds=Thresholds(min_tail=12), device=HOST, confine=UNCONFINED,
+        optimizer_state=True, nested_widths=(16, 32), crosscheck_share=0.25, workers=3,
+        check_traps=False)
+    assert AnalysisOptions.from_settings(Settings(), confine=UNCONFINED).check_traps is True
+    # The worker's child is sent exactly these options, under the worker's own confinement.
+    watcher = Watcher(settings, [tmp_path])
+    assert watcher.child.options == AnalysisOptions.from_settings(
+        settings, confine=watcher.confine, progress=watcher.progress)
 
 
 def test_parallel_analysis_keeps_reading_order_and_the_trap_switch(tmp_path: Path) -> None:
     path = checkpoint(tmp_path / "model.safetensors")
     names = [m.name for m in iter_layers(path)]
 
-    def run(workers: int, traps: bool) -> list[dict[str, object]]:
+    def run(workers: int, traps: bool) -> list[LayerResult]:
         options = AnalysisOptions(method="ww", thresholds=Thresholds(),
                                   device=torch.device("cpu"), confine=UNCONFINED,
                                   workers=workers, check_traps=traps)
-        layers, spectra = analyze_checkpoint(path, path, options)
-        assert [s["name"] for s in spectra] == names
-        assert all((s["rand_evals"] is not None) == traps for s in spectra)
-        return layers
+        layers = analyze_checkpoint(path, path, options).layers
+        assert [x.name for x in layers] == names
+        assert all((x.rand_evals is not None) == traps for x in layers)
+        assert all(x.distance_from_init == 0.0 for x in layers)  # its own first checkpoint
+        return [x.result for x in layers]
 
     one, two, off = run(1, True), run(2, True), run(2, False)
-    assert [r["name"] for r in two] == names
     for a, b in zip(one, two, strict=True):
-        assert a["num_traps"] == b["num_traps"] and a["num_pl_spikes"] == b["num_pl_spikes"]
-        assert abs(float(a["alpha"]) - float(b["alpha"])) <= 1e-9 * abs(float(a["alpha"]))
-        assert b["distance_from_init"] == 0.0  # the checkpoint is its own first one
-    assert all(r["num_traps"] is None and r["rand_distance"] is None for r in off)
+        assert a.num_traps == b.num_traps and a.num_pl_spikes == b.num_pl_spikes
+        assert a.alpha is not None and b.alpha is not None
+        assert abs(a.alpha - b.alpha) <= 1e-9 * abs(a.alpha)
+    assert all(r.num_traps is None and r.rand_distance is None for r in off)

@@ -75,11 +75,10 @@ def test_the_walk_stops_at_its_bound_and_names_what_it_passed_over(tmp_path: Pat
 def test_a_deep_folder_in_the_first_checkpoint_fails_no_later_checkpoint(run: Path) -> None:
     options = AnalysisOptions(method="ww", thresholds=Thresholds(), device=torch.device("cpu"),
                               confine=Confinement.to([run]), workers=1, check_traps=False)
-    layers, _ = analyze_checkpoint(run / "checkpoint-20", run / "checkpoint-10", options)
+    layers = analyze_checkpoint(run / "checkpoint-20", run / "checkpoint-10", options).layers
     assert len(layers) == 16
     # The first checkpoint's matrices were still read: the deep folder beside them is ignored.
-    assert all(row["distance_from_init"] is not None for row in layers
-               if row["kind"] != "embed")
+    assert all(row.distance_from_init is not None for row in layers if row.kind != "embed")
     assert fingerprint(run / "checkpoint-10") != fingerprint(run / "checkpoint-20")
 
 
