@@ -1,0 +1,85 @@
+"""`up`, `watch` and `serve`: the long-running commands."""
+
+from __future__ import annotations
+
+import argparse
+import threading
+
+from alphawatch.cli.common import (
+    EXIT_OK,
+    check_dirs,
+    exporter_of,
+    is_embedded,
+    prepare_database,
+    settings_of,
+    stop_on_signals,
+)
+
+
+def run_up(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from alphawatch.service.api import create_app
+    from alphawatch.workers.supervisor import Supervisor
+    from alphawatch.workers.watcher import Watcher
+
+    dirs = check_dirs(args.run_dir)
+    settings = settings_of(args)
+    if not settings.allowed_roots:
+        # The folders named and nothing above them: `up /runs` must not allow `/`.
+        settings = settings.model_copy(update={"allowed_roots": dirs})
+    prepare_database(settings, migrate=True)
+    exporter = exporter_of(settings)
+    watcher = Watcher(settings, dirs, on_analysed=exporter)
+    stop = threading.Event()
+    # A worker loop that dies is restarted; /health answers 503 until it runs again.
+    worker = Supervisor(watcher.run_forever, lambda: watcher.passes, stop,
+                        trouble=watcher.health.trouble)
+    worker.start()
+    print(f"alphawatch: dashboard at http://{settings.host}:{settings.port}/  "
+          f"(database {settings.database_url})", flush=True)
+    try:
+        # log_config=None: uvicorn's records reach the escaping handler of _configure_logging.
+        uvicorn.run(create_app(settings, liveness=worker.liveness, bound_host=settings.host),
+                    host=settings.host, port=settings.port, log_level="warning", log_config=None)
+    finally:
+        stop.set()
+        worker.join(timeout=60)
+        if exporter is not None:
+            exporter.close()
+    return EXIT_OK
+
+
+def run_watch(args: argparse.Namespace) -> int:
+    from alphawatch.workers.watcher import Watcher
+
+    dirs = check_dirs(args.run_dir)
+    settings = settings_of(args)
+    prepare_database(settings, migrate=is_embedded(settings))
+    exporter = exporter_of(settings)
+    watcher = Watcher(settings, dirs, reanalyze=args.reanalyze, on_analysed=exporter)
+    try:
+        if args.once:
+            count = watcher.run_once()
+            print(f"alphawatch: analysed {count} checkpoints")
+            return EXIT_OK
+        stop = threading.Event()
+        stop_on_signals(stop)
+        watcher.run_forever(stop)
+    finally:
+        if exporter is not None:
+            exporter.close()
+    return EXIT_OK
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from alphawatch.service.api import create_app
+
+    settings = settings_of(args)
+    prepare_database(settings, migrate=is_embedded(settings))
+    print(f"alphawatch: API and dashboard at http://{settings.host}:{settings.port}/", flush=True)
+    uvicorn.run(create_app(settings, bound_host=settings.host), host=settings.host,
+                port=settings.port, log_level="warning", log_config=None)
+    return EXIT_OK
