@@ -2,7 +2,7 @@
 
 Fills a dedicated database (default 20 runs x 500 checkpoints x 300 layers = 3 M layer rows,
 bulk-loaded with COPY; the per-checkpoint robust statistics are made by the same
-``service.db.aggregates.stat_rows`` that ``queue.complete`` uses), serves it with uvicorn on
+``service.db.aggregates.stat_rows`` that ``results.complete`` uses), serves it with uvicorn on
 loopback, and drives it with concurrent clients, bounded in requests and time. Prints p50/p99
 latency and throughput per endpoint.
 

@@ -5,7 +5,7 @@
   Then the same with the server down: the first failing call, then the calls skipped while
   the link is quiet.
 - Export: a synthetic run (``--checkpoints`` x ``--layers`` layer rows written by
-  ``queue.complete``, so the stored statistics are made as the worker makes them) exported to
+  ``results.complete``, so the stored statistics are made as the worker makes them) exported to
   TensorBoard and to MLflow (SQLite store), model level and with every layer, then exported
   again (read back, nothing new to log).
 
@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 from alphawatch.integrations.export import MlflowTarget, TensorBoardTarget, export_run  # noqa: E402
 from alphawatch.integrations.link import RunLink  # noqa: E402
 from alphawatch.service.api import create_app  # noqa: E402
-from alphawatch.service.db import queue  # noqa: E402
+from alphawatch.service.db import queue, registry, results  # noqa: E402
 from alphawatch.service.db.migrations import upgrade  # noqa: E402
 from alphawatch.service.db.rows import LayerRow  # noqa: E402
 from alphawatch.service.db.session import make_engine, session_scope  # noqa: E402
@@ -49,9 +49,9 @@ def fill(url: str, *, checkpoints: int, layers: int, seed: int = 0) -> int:
     rng = np.random.default_rng(seed)
     engine = make_engine(url)
     with session_scope(engine) as session:
-        run_id = queue.ensure_run(session, name="bench", path="/runs/bench")
+        run_id = registry.ensure_run(session, name="bench", path="/runs/bench")
         for i in range(checkpoints):
-            queue.register_checkpoint(session, run_id=run_id, step=(i + 1) * 100,
+            registry.register_checkpoint(session, run_id=run_id, step=(i + 1) * 100,
                                       path=f"/r/{i}", fingerprint="x", fmt="hf")
     for _ in range(checkpoints):
         with session_scope(engine) as session:
@@ -67,7 +67,7 @@ def fill(url: str, *, checkpoints: int, layers: int, seed: int = 0) -> int:
                          "alpha": float(rng.uniform(1.5, 9.0)), "D": 0.05,
                          "num_pl_spikes": 20})
         with session_scope(engine) as session:
-            queue.complete(session, job_id=job.job_id, worker_id="bench",
+            results.complete(session, job_id=job.job_id, worker_id="bench",
                            layers=[LayerRow.from_mapping(r) for r in rows],
                            spectra=[], device="cpu", elapsed_s=0.1, thresholds=Thresholds())
     return run_id

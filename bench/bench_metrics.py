@@ -1,10 +1,10 @@
 """``/metrics`` scrape cost against the number of runs, and the alert path's cost per checkpoint.
 
 Fills a fresh database (PostgreSQL at ``--pg`` when given, else a SQLite file) with N runs of
-3 analysed checkpoints of 60 layers each, written by ``queue.complete`` with the gate check the
+3 analysed checkpoints of 60 layers each, written by ``results.complete`` with the gate check the
 worker passes (so every run has a recorded verdict), then times ``GET /metrics`` through the
 app (median of ``--repeat`` scrapes) and counts the SQL statements one scrape issues. Also
-times ``queue.complete`` with and without the gate check (the work the alerts add to each
+times ``results.complete`` with and without the gate check (the work the alerts add to each
 analysed checkpoint).
 
     python bench/bench_metrics.py --runs 10 100 1000
@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from alphawatch.service.api import create_app  # noqa: E402
-from alphawatch.service.db import queue  # noqa: E402
+from alphawatch.service.db import queue, registry, results  # noqa: E402
 from alphawatch.service.db.alerts import GateCheck  # noqa: E402
 from alphawatch.service.db.migrations import upgrade  # noqa: E402
 from alphawatch.service.db.rows import LayerRow  # noqa: E402
@@ -56,10 +56,10 @@ def _fill(url: str, runs: int, start: int, check: GateCheck | None,
     seconds = []
     for r in range(start, start + runs):
         with session_scope(engine) as session:
-            run_id = queue.ensure_run(session, name=f"run-{r}", path=f"/runs/{r}")
+            run_id = registry.ensure_run(session, name=f"run-{r}", path=f"/runs/{r}")
             for step in (100, 200, 300):
-                queue.register_checkpoint(session, run_id=run_id, step=step, path=f"/r/{r}/{step}",
-                                          fingerprint="x", fmt="hf")
+                registry.register_checkpoint(session, run_id=run_id, step=step,
+                                             path=f"/r/{r}/{step}", fingerprint="x", fmt="hf")
         for _ in range(3):
             with session_scope(engine) as session:
                 job = queue.claim(session, worker_id="b", lease_s=60)
@@ -68,7 +68,7 @@ def _fill(url: str, runs: int, start: int, check: GateCheck | None,
                       for layer in _layers(rng)]
             began = time.perf_counter()
             with session_scope(engine) as session:
-                queue.complete(session, job_id=job.job_id, worker_id="b", layers=layers,
+                results.complete(session, job_id=job.job_id, worker_id="b", layers=layers,
                                spectra=[], device="cpu", elapsed_s=1.0,
                                thresholds=Settings().trust, gate=check)
             seconds.append(time.perf_counter() - began)
@@ -112,7 +112,7 @@ def main() -> None:
         for r in range(30):  # alternated, so both see the same machine load
             without += _fill(plain, 1, r, None, rng)
             with_gate += _fill(gated, 1, r, check, rng)
-        print(f"queue.complete ({LAYERS} layers), median of 90: without gate "
+        print(f"results.complete ({LAYERS} layers), median of 90: without gate "
               f"{statistics.median(without) * 1e3:.1f} ms, with gate and alert outbox "
               f"{statistics.median(with_gate) * 1e3:.1f} ms")
         dispose_all()

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from alphawatch.run_names import derived
-from alphawatch.service.db import queue, registry, scans
+from alphawatch.service.db import queue, registry, results, scans
 from alphawatch.service.db.alerts import GateCheck
 from alphawatch.service.db.models import CheckpointStatus, JobStatus
 from alphawatch.service.db.rows import LayerRow, SpectrumRow
@@ -297,8 +297,8 @@ class Watcher:
         message = printable(f"discovery failed: {type(exc).__name__}: {exc}")[:_ERROR_MAX]
         try:
             with session_scope(self.engine) as session:
-                run_id = queue.ensure_run(session, name=derived(run_dir.name), path=str(run_dir))
-                queue.set_run_discovery_error(session, run_id=run_id, error=message)
+                run_id = registry.ensure_run(session, name=derived(run_dir.name), path=str(run_dir))
+                registry.set_run_discovery_error(session, run_id=run_id, error=message)
         except Exception as failed:
             if is_connection_error(failed):
                 raise
@@ -319,8 +319,8 @@ class Watcher:
         now_settled: dict[Path, Settled] = {}
         quiet = True
         with session_scope(self.engine) as session:
-            run_id = queue.ensure_run(session, name=derived(run_dir.name), path=str(run_dir))
-            known = queue.known_checkpoints(session, run_id=run_id)
+            run_id = registry.ensure_run(session, name=derived(run_dir.name), path=str(run_dir))
+            known = registry.known_checkpoints(session, run_id=run_id)
             for ref in refs:
                 final = False
                 problems += ref.notes  # passed over below a checkpoint that goes on without it
@@ -330,7 +330,7 @@ class Watcher:
                 step = ref.step if ref.step is not None else 0
                 if ref.error is not None:
                     quiet = False  # read again each pass, as long as it is refused
-                    if queue.register_refused(session, run_id=run_id, step=step,
+                    if registry.register_refused(session, run_id=run_id, step=step,
                                               path=shown(ref.path), fmt=ref.format,
                                               error=ref.error[:_ERROR_MAX]) is not None:
                         log.error("refused %s step %s: %s", run_dir.name, step, ref.error)
@@ -340,7 +340,7 @@ class Watcher:
                     continue
                 found_ = known.get(step)
                 if found_ is None:
-                    created = queue.register_checkpoint(
+                    created = registry.register_checkpoint(
                         session, run_id=run_id, step=step, path=str(ref.path),
                         fingerprint=ref.fingerprint, fmt=ref.format,
                     )
@@ -364,12 +364,12 @@ class Watcher:
                 queue.reanalyze(session, run_id=run_id)
                 self._reanalyzed.add(run_id)
             summary = _problems(problems)
-            queue.set_run_discovery_error(session, run_id=run_id, error=summary)
+            registry.set_run_discovery_error(session, run_id=run_id, error=summary)
         self._memory.remember(run_dir, RunMemory(run_id, listed, now_settled,
                                                  quiet and not problems))
         return new
 
-    def _refresh(self, session: Any, run_dir: Path, step: int, found: queue.KnownCheckpoint,
+    def _refresh(self, session: Any, run_dir: Path, step: int, found: registry.KnownCheckpoint,
                  fingerprint: str) -> tuple[int, bool]:
         """Compare a registered checkpoint with its files.
 
@@ -379,16 +379,16 @@ class Watcher:
         """
         if found.discovery_error is not None and found.status != CheckpointStatus.FAILED:
             # The problem discovery noted after the analysis is gone (the folder is back).
-            queue.set_checkpoint_discovery_error(session, checkpoint_id=found.checkpoint_id,
+            registry.set_checkpoint_discovery_error(session, checkpoint_id=found.checkpoint_id,
                                                  error=None)
         if found.fingerprint == fingerprint:
             return 0, True
         if (found.status == CheckpointStatus.PENDING
                 and found.job_status == JobStatus.QUEUED):
-            queue.set_fingerprint(session, checkpoint_id=found.checkpoint_id,
+            registry.set_fingerprint(session, checkpoint_id=found.checkpoint_id,
                                   fingerprint=fingerprint)
             return 0, True
-        if queue.requeue_rewritten(session, checkpoint_id=found.checkpoint_id,
+        if registry.requeue_rewritten(session, checkpoint_id=found.checkpoint_id,
                                    fingerprint=fingerprint):
             log.info("%s step %s changed on disk: queued again", run_dir.name, step)
             return 1, True
@@ -560,7 +560,7 @@ class Watcher:
 
                 def write() -> bool:
                     with session_scope(self.engine) as session:
-                        return queue.complete(
+                        return results.complete(
                             session, job_id=job.job_id, worker_id=self.worker_id,
                             layers=layers, spectra=spectra,
                             device=outcome.device, elapsed_s=outcome.elapsed_s,
@@ -712,7 +712,7 @@ _RELEASE_WAIT_S = 3.0
 
 
 def stored_rows(layers: Iterable[AnalysedLayer]) -> tuple[list[LayerRow], list[SpectrumRow]]:
-    """The ``layer_metric`` and ``spectrum`` rows of analysed layers, as ``queue.complete``
+    """The ``layer_metric`` and ``spectrum`` rows of analysed layers, as ``results.complete``
     stores them; a field of the engine's result that has no column raises ``UnknownColumns``."""
     rows: list[LayerRow] = []
     spectra: list[SpectrumRow] = []

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from alphawatch.service.api import queries
 from alphawatch.service.api.errors import Conflict, Invalid, NotFound, Refused
-from alphawatch.service.db import queue, scans
+from alphawatch.service.db import registry, scans
 from alphawatch.service.db.layers import LayerSelection
 from alphawatch.service.db.models import AnalysisJob, Checkpoint, LayerMetric, Run
 from alphawatch.settings import CrossCheck
@@ -115,7 +115,7 @@ def create(*, session: Session, name: str, path: Path,
     """
     if session.scalars(select(Run.id).where(Run.name == name)).first() is not None:
         raise Conflict(f"a run named {name!r} exists already")
-    run_id = queue.ensure_run(session, name=name, path=str(path))
+    run_id = registry.ensure_run(session, name=name, path=str(path))
     session.flush()
     return queries.run_summary(session=session, run=queries.get_run(session=session,
                                run_id=run_id), thresholds=thresholds, method=method)

@@ -1,7 +1,7 @@
 """Gate alerts: record each run's verdict, and queue a webhook delivery when it changes.
 
 The outbox pattern. :func:`record_verdict` runs in the transaction that stores an analysed
-checkpoint (``queue.complete``): the verdict and, on a change, the alert row commit together with
+checkpoint (``results.complete``): the verdict and, on a change, the alert row commit together with
 the results or not at all, so no restart loses an alert. Delivery happens later, outside any
 analysis, in a thread of each worker (``alphawatch.workers.alerts``) that claims due rows with a
 lease, like jobs: a crashed sender's row is taken again when its lease runs out (at least once;

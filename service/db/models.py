@@ -203,7 +203,7 @@ class LayerMetric(Base):
 class CheckpointStat(Base):
     """A robust statistic of one metric over the layers of one checkpoint, kept at write time.
 
-    Written by ``queue.complete`` in the same transaction as the layer rows, so a trend over a
+    Written by ``results.complete`` in the same transaction as the layer rows, so a trend over a
     long run reads one row per checkpoint instead of every layer. Filters that are not kept here
     (other kind sets, block ranges, other MAD factors) are computed from the layer rows on request.
     """

@@ -1,7 +1,7 @@
 """What an analysis hands to storage: one typed row per ``layer_metric`` and ``spectrum`` row.
 
 The worker builds them from the engine's ``LayerResult`` (this package may not import the
-engine); ``queue.complete`` stores them. A name that is not a column is an error here, never
+engine); ``results.complete`` stores them. A name that is not a column is an error here, never
 dropped on the way: a field the engine adds without a column would otherwise vanish silently.
 ``tests/service/test_layer_rows.py`` holds the fields equal to the table's columns.
 """

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from alphawatch.service.api import create_app
-from alphawatch.service.db import queue
+from alphawatch.service.db import queue, registry, results
 from alphawatch.service.db.rows import LayerRow, SpectrumRow
 from alphawatch.service.db.session import make_engine, session_scope
 from alphawatch.service.db.tokens import TokenScope, create_token
@@ -46,9 +46,9 @@ def fill(url: str, name: str = "run-a", seed: int = 0) -> dict[int, list[dict[st
     engine = make_engine(url)
     written: dict[int, list[dict[str, object]]] = {}
     with session_scope(engine) as session:
-        run_id = queue.ensure_run(session, name=name, path=f"/runs/{name}")
+        run_id = registry.ensure_run(session, name=name, path=f"/runs/{name}")
         for step in STEPS:
-            queue.register_checkpoint(session, run_id=run_id, step=step, path=f"/r/{step}",
+            registry.register_checkpoint(session, run_id=run_id, step=step, path=f"/r/{step}",
                                       fingerprint="x", fmt="hf")
     for _ in STEPS:
         with session_scope(engine) as session:
@@ -59,7 +59,7 @@ def fill(url: str, name: str = "run-a", seed: int = 0) -> dict[int, list[dict[st
         spectra = [SpectrumRow(name=str(layer["name"]), method="ww", evals=evals)
                    for layer in layers]
         with session_scope(engine) as session:
-            assert queue.complete(session, job_id=job.job_id, worker_id="t",
+            assert results.complete(session, job_id=job.job_id, worker_id="t",
                                   layers=[LayerRow.from_mapping(x) for x in layers],
                                   spectra=spectra, device="cpu", elapsed_s=0.1,
                                   thresholds=Thresholds())

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 
 from alphawatch.service.api import create_app
 from alphawatch.service.api.cache import ResultCache, libpq_url
-from alphawatch.service.db import queue
+from alphawatch.service.db import queue, registry, results
 from alphawatch.service.db.rows import LayerRow
 from alphawatch.service.db.session import make_engine, session_scope
 from alphawatch.settings import Settings
@@ -64,7 +64,7 @@ def test_a_completed_checkpoint_is_visible_at_once(client: TestClient, pg_url: s
     version = _cache(client).version()
     engine = make_engine(pg_url)
     with session_scope(engine) as session:
-        queue.register_checkpoint(session, run_id=1, step=400, path="/r/400", fingerprint="y",
+        registry.register_checkpoint(session, run_id=1, step=400, path="/r/400", fingerprint="y",
                                   fmt="hf")
     with session_scope(engine) as session:
         job = queue.claim(session, worker_id="w", lease_s=60)
@@ -73,7 +73,7 @@ def test_a_completed_checkpoint_is_visible_at_once(client: TestClient, pg_url: s
                        fit_status="ok", correlation_trap=False, rank_collapse=False,
                        trusted=True, alpha=3.25, D=0.05, num_pl_spikes=20)]
     with session_scope(engine) as session:
-        assert queue.complete(session, job_id=job.job_id, worker_id="w", layers=layers,
+        assert results.complete(session, job_id=job.job_id, worker_id="w", layers=layers,
                               spectra=[], device="cpu", elapsed_s=0.1, thresholds=Thresholds())
     _until(lambda: _cache(client).version() != version)
     after = client.get(TREND)

@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 from alphawatch.cli import analyze_path
 from alphawatch.service import robust
 from alphawatch.service.api import create_app
-from alphawatch.service.db import queue
+from alphawatch.service.db import queue, registry, results
 from alphawatch.service.db.rows import LayerRow
 from alphawatch.service.db.session import make_engine, session_scope
 from alphawatch.settings import Settings
@@ -39,8 +39,8 @@ def analysed(tiny_run: Path) -> dict[str, list[dict[str, Any]]]:
 def _store(url: str, layers: list[dict[str, Any]]) -> None:
     engine = make_engine(url)
     with session_scope(engine) as session:
-        run_id = queue.ensure_run(session, name="run", path="/runs/run")
-        queue.register_checkpoint(session, run_id=run_id, step=30, path="/r/30",
+        run_id = registry.ensure_run(session, name="run", path="/runs/run")
+        registry.register_checkpoint(session, run_id=run_id, step=30, path="/r/30",
                                   fingerprint="x", fmt="hf")
     with session_scope(engine) as session:
         job = queue.claim(session, worker_id="t", lease_s=60)
@@ -49,7 +49,7 @@ def _store(url: str, layers: list[dict[str, Any]]) -> None:
         # The printed shape is the analyze document's own: the table has no column for it.
         rows = [LayerRow.from_mapping({k: v for k, v in x.items() if k != "shape"})
                 for x in layers]
-        assert queue.complete(session, job_id=job.job_id, worker_id="t", layers=rows,
+        assert results.complete(session, job_id=job.job_id, worker_id="t", layers=rows,
                               spectra=[], device="cpu", elapsed_s=0.1, thresholds=Thresholds())
 
 

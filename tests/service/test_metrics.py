@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import event
 
 from alphawatch.service.api import create_app
-from alphawatch.service.db import queue
+from alphawatch.service.db import queue, registry, results
 from alphawatch.service.db.alerts import GateCheck
 from alphawatch.service.db.rows import LayerRow
 from alphawatch.service.db.session import make_engine, session_scope
@@ -34,16 +34,16 @@ def _run(url: str, name: str, seed: int, check: GateCheck) -> None:
     rng = np.random.default_rng(seed)
     engine = make_engine(url)
     with session_scope(engine) as session:
-        run_id = queue.ensure_run(session, name=name, path=f"/runs/{name}")
+        run_id = registry.ensure_run(session, name=name, path=f"/runs/{name}")
         for step in STEPS:
-            queue.register_checkpoint(session, run_id=run_id, step=step, path=f"/r/{step}",
+            registry.register_checkpoint(session, run_id=run_id, step=step, path=f"/r/{step}",
                                       fingerprint="x", fmt="hf")
     for _ in STEPS:
         with session_scope(engine) as session:
             job = queue.claim(session, worker_id="t", lease_s=60)
         assert job is not None
         with session_scope(engine) as session:
-            assert queue.complete(session, job_id=job.job_id, worker_id="t",
+            assert results.complete(session, job_id=job.job_id, worker_id="t",
                                   layers=[LayerRow.from_mapping(x) for x in _layers(job.step, rng)],
                                   spectra=[], device="cpu",
                                   elapsed_s=ELAPSED[job.step], thresholds=Thresholds(),
@@ -52,7 +52,7 @@ def _run(url: str, name: str, seed: int, check: GateCheck) -> None:
 
 def _failed_checkpoint(url: str) -> None:
     with session_scope(make_engine(url)) as session:
-        queue.register_checkpoint(session, run_id=1, step=999, path="/r/999", fingerprint="x",
+        registry.register_checkpoint(session, run_id=1, step=999, path="/r/999", fingerprint="x",
                                   fmt="hf")
     with session_scope(make_engine(url)) as session:
         job = queue.claim(session, worker_id="t", lease_s=60)

@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import func, select, text
 from sqlalchemy.exc import IntegrityError
 
-from alphawatch.service.db import queue
+from alphawatch.service.db import queue, registry, results
 from alphawatch.service.db.models import (
     AnalysisJob,
     Checkpoint,
@@ -24,12 +24,13 @@ from alphawatch.trust import Thresholds
 
 def _fill(url: str, n: int) -> None:
     with session_scope(make_engine(url)) as session:
-        run = queue.ensure_run(session, name="r", path="/runs/r")
+        run = registry.ensure_run(session, name="r", path="/runs/r")
         for step in range(n):
-            assert queue.register_checkpoint(session, run_id=run, step=step, path=f"/runs/r/{step}",
-                                             fingerprint="f", fmt="hf") is not None
+            assert registry.register_checkpoint(session, run_id=run, step=step,
+                                                path=f"/runs/r/{step}", fingerprint="f",
+                                                fmt="hf") is not None
         # Registering again is idempotent.
-        assert queue.register_checkpoint(session, run_id=run, step=0, path="/x",
+        assert registry.register_checkpoint(session, run_id=run, step=0, path="/x",
                                          fingerprint="f", fmt="hf") is None
 
 
@@ -77,11 +78,11 @@ def test_expired_lease_is_requeued_and_finished_once(db_url: str) -> None:
     assert alive is not None and alive.job_id == dead.job_id and alive.attempts == 2
     with session_scope(engine) as session:
         # The dead worker comes back: its lease is gone, it may not write.
-        assert not queue.complete(session, job_id=dead.job_id, worker_id="dead",
+        assert not results.complete(session, job_id=dead.job_id, worker_id="dead",
                                   layers=[_layer("a")], spectra=[], device="cpu", elapsed_s=1,
                                   thresholds=Thresholds())
     with session_scope(engine) as session:
-        assert queue.complete(session, job_id=alive.job_id, worker_id="alive",
+        assert results.complete(session, job_id=alive.job_id, worker_id="alive",
                               layers=[_layer("a"), _layer("b")], spectra=[], device="cpu",
                               elapsed_s=1, thresholds=Thresholds())
     with session_scope(engine) as session:
@@ -181,7 +182,7 @@ def test_one_state_machine_moves_job_and_checkpoint_together(db_url: str) -> Non
         job = queue.claim(session, worker_id="w", lease_s=60)
     assert job is not None
     with session_scope(engine) as session:
-        assert queue.complete(session, job_id=job.job_id, worker_id="w", layers=[_layer("a")],
+        assert results.complete(session, job_id=job.job_id, worker_id="w", layers=[_layer("a")],
                               spectra=[], device="cpu", elapsed_s=1, thresholds=Thresholds())
     with session_scope(engine) as session:
         row = session.scalars(select(AnalysisJob)).one()
@@ -218,7 +219,7 @@ def test_has_work_says_whether_a_claim_could_find_a_job(db_url: str) -> None:
         again = queue.claim(session, worker_id="w", lease_s=30)
     assert again is not None
     with session_scope(engine) as session:
-        assert queue.complete(session, job_id=again.job_id, worker_id="w", layers=[],
+        assert results.complete(session, job_id=again.job_id, worker_id="w", layers=[],
                               spectra=[], device="cpu", elapsed_s=0.0,
                               thresholds=Thresholds())
     assert not work()  # done
@@ -226,9 +227,9 @@ def test_has_work_says_whether_a_claim_could_find_a_job(db_url: str) -> None:
 
 def test_known_checkpoints_speak_in_the_status_enums(db_url: str) -> None:
     with session_scope(make_engine(db_url)) as session:
-        run = queue.ensure_run(session, name="r", path="/runs/r")
-        queue.register_checkpoint(session, run_id=run, step=1, path="/runs/r/1",
+        run = registry.ensure_run(session, name="r", path="/runs/r")
+        registry.register_checkpoint(session, run_id=run, step=1, path="/runs/r/1",
                                   fingerprint="f", fmt="hf")
-        known = queue.known_checkpoints(session, run_id=run)[1]
+        known = registry.known_checkpoints(session, run_id=run)[1]
     assert known.status is CheckpointStatus.PENDING
     assert known.job_status is JobStatus.QUEUED

@@ -17,7 +17,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from alphawatch.service.api import create_app
-from alphawatch.service.db import queue
+from alphawatch.service.db import queue, registry, results
 from alphawatch.service.db.rows import LayerRow
 from alphawatch.service.db.session import make_engine, session_scope
 from alphawatch.settings import Settings
@@ -52,9 +52,9 @@ def _fill(url: str) -> dict[int, list[dict[str, object]]]:
     engine = make_engine(url)
     written: dict[int, list[dict[str, object]]] = {}
     with session_scope(engine) as session:
-        run_id = queue.ensure_run(session, name="nested", path="/runs/nested")
+        run_id = registry.ensure_run(session, name="nested", path="/runs/nested")
         for step in STEPS:
-            queue.register_checkpoint(session, run_id=run_id, step=step, path=f"/r/{step}",
+            registry.register_checkpoint(session, run_id=run_id, step=step, path=f"/r/{step}",
                                       fingerprint="x", fmt="hf")
     for _ in STEPS:
         with session_scope(engine) as session:
@@ -62,7 +62,7 @@ def _fill(url: str) -> dict[int, list[dict[str, object]]]:
         assert job is not None
         layers = _layers(rng)
         with session_scope(engine) as session:
-            assert queue.complete(session, job_id=job.job_id, worker_id="t",
+            assert results.complete(session, job_id=job.job_id, worker_id="t",
                                   layers=[LayerRow.from_mapping(x) for x in layers],
                                   spectra=[], device="cpu", elapsed_s=0.1,
                                   thresholds=Thresholds())

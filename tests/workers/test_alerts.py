@@ -22,7 +22,7 @@ from fastapi.testclient import TestClient
 from safetensors.torch import save_file
 
 from alphawatch.service.api import create_app
-from alphawatch.service.db import queue
+from alphawatch.service.db import queue, registry, results
 from alphawatch.service.db.alerts import GateCheck
 from alphawatch.service.db.rows import LayerRow
 from alphawatch.service.db.session import make_engine, session_scope
@@ -53,8 +53,8 @@ def _analysed(url: str, *, run: str, step: int, alpha: float, check: GateCheck) 
     """A checkpoint of ``run`` at ``step`` whose 10 trusted layers have alpha near ``alpha``."""
     engine = make_engine(url)
     with session_scope(engine) as session:
-        run_id = queue.ensure_run(session, name=run, path=f"/runs/{run}")
-        queue.register_checkpoint(session, run_id=run_id, step=step, path=f"/r/{run}/{step}",
+        run_id = registry.ensure_run(session, name=run, path=f"/runs/{run}")
+        registry.register_checkpoint(session, run_id=run_id, step=step, path=f"/r/{run}/{step}",
                                   fingerprint="x", fmt="hf")
     with session_scope(engine) as session:
         job = queue.claim(session, worker_id="t", lease_s=60)
@@ -63,7 +63,7 @@ def _analysed(url: str, *, run: str, step: int, alpha: float, check: GateCheck) 
                        method="ww", fit_status="ok", trusted=True, correlation_trap=False,
                        rank_collapse=False, alpha=alpha + 0.01 * (i - 5)) for i in range(10)]
     with session_scope(engine) as session:
-        assert queue.complete(session, job_id=job.job_id, worker_id="t", layers=layers,
+        assert results.complete(session, job_id=job.job_id, worker_id="t", layers=layers,
                               spectra=[], device="cpu", elapsed_s=0.1,
                               thresholds=check.thresholds, gate=check)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from alphawatch.service.db import queue
+from alphawatch.service.db import queue, registry
 from alphawatch.service.db.session import make_engine, session_scope
 from alphawatch.settings import Settings
 from alphawatch.workers.budget import resident_mb
@@ -206,8 +206,8 @@ def test_analysis_process_killed_by_the_kernel_is_counted_then_given_up(
 def test_heartbeat_stops_renewing_after_the_budget(pg_url: str) -> None:
     settings = Settings(database_url=pg_url, device="cpu", lease_s=1.0, heartbeat_s=0.2)
     with session_scope(make_engine(pg_url)) as session:
-        run = queue.ensure_run(session, name="r", path="/runs/r")
-        queue.register_checkpoint(session, run_id=run, step=1, path="/runs/r/1",
+        run = registry.ensure_run(session, name="r", path="/runs/r")
+        registry.register_checkpoint(session, run_id=run, step=1, path="/runs/r/1",
                                   fingerprint="f", fmt="hf")
     watcher = Watcher(settings)
     with session_scope(watcher.engine) as session:

@@ -22,7 +22,7 @@ import httpx
 from fastapi.testclient import TestClient
 
 from alphawatch.service.api import create_app
-from alphawatch.service.db import scans
+from alphawatch.service.db import registry, scans
 from alphawatch.service.db.session import make_engine, session_scope
 from alphawatch.service.db.tokens import TokenScope, create_token
 from alphawatch.settings import Settings
@@ -129,9 +129,8 @@ def test_one_worker_discovers_all_analyse_and_a_dead_holder_is_replaced(
     run = root / "run"
     shutil.copytree(tiny_run, run)
     with session_scope(make_engine(db_url)) as session:
-        from alphawatch.service.db import queue
 
-        queue.ensure_run(session, name="run", path=str(run))
+        registry.ensure_run(session, name="run", path=str(run))
     logs = [tmp_path / f"worker-{n}.log" for n in range(2)]
     # A short discovery lease (ALPHAWATCH_LEASE_S) so that a killed holder is replaced soon.
     procs = [_worker(db_url, root, log, 0.3, ALPHAWATCH_LEASE_S="4") for log in logs]

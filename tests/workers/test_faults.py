@@ -33,7 +33,7 @@ from fastapi.testclient import TestClient
 from safetensors.torch import save_file
 
 from alphawatch.service.api import create_app
-from alphawatch.service.db import queue
+from alphawatch.service.db import registry
 from alphawatch.service.db.session import make_engine, session_scope
 from alphawatch.settings import Settings
 from alphawatch.workers.watcher import Watcher
@@ -340,7 +340,7 @@ def test_hostile_inputs_fail_alone_and_the_worker_goes_on(
         change()
     with session_scope(make_engine(db_url)) as session:
         for run in sorted(scene.root.iterdir()):
-            queue.ensure_run(session, name=run.name, path=str(run))
+            registry.ensure_run(session, name=run.name, path=str(run))
 
     env = {**os.environ, "ALPHAWATCH_ALLOWED_ROOTS": json.dumps([str(scene.root)]),
            "ALPHAWATCH_SETTLE_S": "0", "ALPHAWATCH_DEVICE": "cpu", "ALPHAWATCH_MAX_ATTEMPTS": "1",

@@ -46,7 +46,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import save_file
 
-from alphawatch.service.db import queue
+from alphawatch.service.db import registry
 from alphawatch.service.db.migrations import upgrade
 from alphawatch.service.db.session import make_engine, session_scope
 from alphawatch.text import printable
@@ -429,7 +429,7 @@ def _watch(base: Path, scene: Scene, url: str) -> tuple[_State, float, str]:
     root = scene.run.parent
     with session_scope(make_engine(url)) as session:
         for run in (root / "good", scene.run):
-            queue.ensure_run(session, name=run.name, path=str(run))
+            registry.ensure_run(session, name=run.name, path=str(run))
     make_engine(url).dispose()
     env = {**os.environ, "ALPHAWATCH_ALLOWED_ROOTS": json.dumps([str(root)]),
            "ALPHAWATCH_SETTLE_S": "0", "ALPHAWATCH_DEVICE": "cpu",

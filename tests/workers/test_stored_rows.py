@@ -1,6 +1,6 @@
 """What the analysis hands to storage: every field of the engine is a column, and stays one.
 
-``queue.complete`` used to drop any key that was not a column, so a metric added to the engine
+``results.complete`` used to drop any key that was not a column, so a metric added to the engine
 without a column (or a misspelt one) vanished without a word. The row is typed now and a field
 without a column is refused, naming it.
 """
@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 from sqlalchemy import select
 
-from alphawatch.service.db import queue
+from alphawatch.service.db import queue, registry, results
 from alphawatch.service.db.models import LAYER_COLUMNS, LayerMetric, Spectrum
 from alphawatch.service.db.rows import LAYER_ROW_FIELDS, LayerRow, UnknownColumns
 from alphawatch.service.db.session import make_engine, session_scope
@@ -70,14 +70,14 @@ def test_stored_rows_hold_every_value_the_engine_computed(tmp_path: Path, db_url
 
     engine = make_engine(db_url)
     with session_scope(engine) as session:
-        run_id = queue.ensure_run(session, name="r", path=str(tmp_path))
-        queue.register_checkpoint(session, run_id=run_id, step=1, path=str(path),
+        run_id = registry.ensure_run(session, name="r", path=str(tmp_path))
+        registry.register_checkpoint(session, run_id=run_id, step=1, path=str(path),
                                   fingerprint="f", fmt="safetensors")
     with session_scope(engine) as session:
         job = queue.claim(session, worker_id="w", lease_s=60)
     assert job is not None
     with session_scope(engine) as session:
-        assert queue.complete(session, job_id=job.job_id, worker_id="w", layers=rows,
+        assert results.complete(session, job_id=job.job_id, worker_id="w", layers=rows,
                               spectra=spectra, device="cpu", elapsed_s=0.1,
                               thresholds=options.thresholds)
     with session_scope(engine) as session:
