@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import os
 from collections.abc import Callable, Iterator
@@ -49,6 +50,14 @@ def _trains(item: pytest.Item) -> bool:
         return True
     fixtures = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
     return any(_calls_a_trainer(d.func) for defs in fixtures.values() for d in defs)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A filter that names a warning class imports its module, and pytest refuses to start when
+    # that fails: Lightning's is added only where the optional extra is installed.
+    if importlib.util.find_spec("lightning") is not None:
+        config.addinivalue_line(
+            "filterwarnings", "ignore::lightning.fabric.utilities.warnings.PossibleUserWarning")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
