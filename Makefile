@@ -8,7 +8,7 @@ DEMO_DIR ?= demo-run
 DEMO_STEPS ?= 300
 DEMO_PORT ?= 8000
 
-.PHONY: install lint types contracts pytest test wheel-smoke demo bench clean
+.PHONY: install lint types contracts pytest test quick pytest-quick wheel-smoke demo bench clean
 
 install: $(VENV)/.installed
 
@@ -32,6 +32,15 @@ pytest: install
 	$(BIN)/pytest
 
 test: lint types contracts pytest
+
+# The loop a developer runs between edits: everything but the browser, the slow tests and the
+# tests that train a model (tests/conftest.py marks those); `make test` stays the full suite.
+QUICK_MARKERS := not browser and not slow and not trains
+
+pytest-quick: install
+	$(BIN)/pytest -q -m "$(QUICK_MARKERS)"
+
+quick: lint types contracts pytest-quick
 
 # The wheel as users get it: built, installed in a fresh venv, used from another folder.
 wheel-smoke:

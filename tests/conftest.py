@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import os
 from collections.abc import Callable, Iterator
@@ -14,7 +15,56 @@ from tests import pg
 _counter = itertools.count()
 
 
+# Fixtures that train a real model: a test that takes one, directly or through another
+# fixture, trains.
+TRAINING_FIXTURES = frozenset({"tiny_run", "small_run"})
+# Functions that train a real model when called; a test or fixture that calls one trains.
+TRAINERS = frozenset({
+    ("alphawatch.workers.demo_run", "train"),
+    ("tests.checkpoints.training", "trainer_run"),
+    ("tests.checkpoints.training", "nested_run"),
+    ("tests.checkpoints.training", "lightning_run"),
+})
+# Every test of the training-loop callbacks drives a real Trainer or Lightning loop.
+TRAINING_FOLDERS = (Path(__file__).parent / "integrations",)
+
+
+def _calls_a_trainer(function: object) -> bool:
+    code = getattr(function, "__code__", None)
+    scope = getattr(function, "__globals__", {})
+    if code is None:
+        return False
+    for name in code.co_names:
+        target = scope.get(name)
+        if (getattr(target, "__module__", None), getattr(target, "__name__", None)) in TRAINERS:
+            return True
+    return False
+
+
+def _trains(item: pytest.Item) -> bool:
+    if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
+        return True
+    if any(folder in item.path.parents for folder in TRAINING_FOLDERS):
+        return True
+    if _calls_a_trainer(getattr(item, "function", None)):
+        return True
+    fixtures = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+    return any(_calls_a_trainer(d.func) for defs in fixtures.values() for d in defs)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A filter that names a warning class imports its module, and pytest refuses to start when
+    # that fails: Lightning's is added only where the optional extra is installed.
+    if importlib.util.find_spec("lightning") is not None:
+        config.addinivalue_line(
+            "filterwarnings", "ignore::lightning.fabric.utilities.warnings.PossibleUserWarning")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # `make quick` leaves out -m trains: found here, so no test has to remember the marker.
+    for item in items:
+        if item.get_closest_marker("trains") is None and _trains(item):
+            item.add_marker(pytest.mark.trains)
     try:
         import torch
 

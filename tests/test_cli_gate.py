@@ -19,6 +19,7 @@ from tests.live import serve
 RUNS = 1050
 
 
+@pytest.mark.slow
 def test_gate_finds_a_run_past_the_first_page(pg_url: str,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     with session_scope(make_engine(pg_url)) as session:

@@ -141,6 +141,7 @@ def _child(path: Path) -> dict[str, Any]:
     return out
 
 
+@pytest.mark.slow
 def test_analysis_child_reads_safetensors_without_torch(checkpoints: tuple[Path, Path]) -> None:
     fast, slow = checkpoints
     got, want = _child(fast), _child(slow)

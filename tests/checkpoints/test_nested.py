@@ -47,6 +47,7 @@ def _evals(weight: torch.Tensor) -> np.ndarray:
     return np.sort(torch.linalg.svdvals(weight.double()).numpy() ** 2)
 
 
+@pytest.mark.slow
 @settings(max_examples=20, deadline=None)
 @given(seed=st.integers(0, 2**16), hidden=st.integers(20, 40), neurons=st.integers(24, 72),
        data=st.data())

@@ -93,7 +93,7 @@ def long_run(pg_url: str) -> Iterator[tuple[str, int]]:
 def test_run_page_stays_responsive_on_a_long_run(long_run: tuple[str, int]) -> None:
     if not CHROMIUM.exists():
         pytest.skip("Debian chromium is not installed (apt-get install chromium)")
-    from playwright.sync_api import sync_playwright
+    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
 
     base_url, run_id = long_run
     with sync_playwright() as p:

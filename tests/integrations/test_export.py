@@ -23,7 +23,7 @@ from alphawatch.integrations.export.trackers import (
 )
 from alphawatch.service.api import create_app
 from alphawatch.settings import Settings
-from tests.service.test_api import STEPS, fill
+from tests.factories import STEPS, random_run
 
 STATS = ("median", "mean", "trimmed_mean", "p10", "p25", "p75", "p90", "iqr")
 LAYER = "model.layers.2.down_proj"
@@ -32,7 +32,7 @@ LAYER = "model.layers.2.down_proj"
 @pytest.fixture
 def served(pg_url: str) -> Iterator[dict[str, Any]]:
     """A filled run, and what the API serves for it: trend points and untrusted share by step."""
-    written = fill(pg_url)
+    written = random_run(pg_url)
     with TestClient(create_app(Settings(database_url=pg_url))) as client:
         run_id = client.get("/api/v1/runs").json()["runs"][0]["id"]
         trend = client.get(f"/api/v1/runs/{run_id}/trend").json()["points"]

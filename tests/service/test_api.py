@@ -14,57 +14,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from alphawatch.service.api import create_app
-from alphawatch.service.db import queue, registry, results
-from alphawatch.service.db.rows import LayerRow, SpectrumRow
 from alphawatch.service.db.session import make_engine, session_scope
 from alphawatch.service.db.tokens import TokenScope, create_token
 from alphawatch.settings import Settings
-from alphawatch.trust import Thresholds
-
-STEPS = (100, 200, 300)
-
-
-def _layers(step: int, rng: np.random.Generator) -> list[dict[str, object]]:
-    layers = []
-    for block in range(4):
-        for kind in ("q", "k", "v", "o", "gate", "up", "down"):
-            alpha = float(rng.uniform(1.5, 9.5))
-            status = "ok" if rng.random() > 0.25 else str(rng.choice(["poor_fit", "unstable"]))
-            trap = bool(rng.random() < 0.1)
-            layers.append({
-                "name": f"model.layers.{block}.{kind}_proj", "kind": kind, "block": block,
-                "method": "ww", "fit_status": status, "correlation_trap": trap,
-                "rank_collapse": False, "trusted": status == "ok" and not trap, "alpha": alpha,
-                "D": float(rng.uniform(0, 0.2)), "stable_rank": float(rng.uniform(1, 50)),
-                "xmin": 1.0, "xmax": 10.0, "num_pl_spikes": 20,
-            })
-    return layers
-
-
-def fill(url: str, name: str = "run-a", seed: int = 0) -> dict[int, list[dict[str, object]]]:
-    rng = np.random.default_rng(seed)
-    engine = make_engine(url)
-    written: dict[int, list[dict[str, object]]] = {}
-    with session_scope(engine) as session:
-        run_id = registry.ensure_run(session, name=name, path=f"/runs/{name}")
-        for step in STEPS:
-            registry.register_checkpoint(session, run_id=run_id, step=step, path=f"/r/{step}",
-                                      fingerprint="x", fmt="hf")
-    for _ in STEPS:
-        with session_scope(engine) as session:
-            job = queue.claim(session, worker_id="t", lease_s=60)
-        assert job is not None
-        layers = _layers(job.step, rng)
-        evals = np.sort(rng.pareto(2.0, 64) + 1).astype(np.float32).tobytes()
-        spectra = [SpectrumRow(name=str(layer["name"]), method="ww", evals=evals)
-                   for layer in layers]
-        with session_scope(engine) as session:
-            assert results.complete(session, job_id=job.job_id, worker_id="t",
-                                  layers=[LayerRow.from_mapping(x) for x in layers],
-                                  spectra=spectra, device="cpu", elapsed_s=0.1,
-                                  thresholds=Thresholds())
-        written[job.step] = layers
-    return written
+from tests.factories import STEPS, random_run
 
 
 @pytest.fixture
@@ -96,7 +49,7 @@ def _expected(layers: list[dict[str, object]], stat: str, flt: str) -> float | N
 @pytest.mark.parametrize("stat", ["median", "mean", "trimmed_mean", "p10", "p25", "p75", "p90"])
 @pytest.mark.parametrize("flt", ["trusted", "all"])
 def test_trend_equals_direct_computation(pg_url: str, tmp_path: Path, stat: str, flt: str) -> None:
-    written = fill(pg_url)
+    written = random_run(pg_url)
     with TestClient(create_app(Settings(database_url=pg_url))) as c:
         body = c.get("/api/v1/runs/1/trend", params={"stat": stat, "filter": flt}).json()
     assert [p["step"] for p in body["points"]] == list(STEPS)
@@ -109,7 +62,7 @@ def test_trend_equals_direct_computation(pg_url: str, tmp_path: Path, stat: str,
 
 
 def test_trend_by_kind_and_blocks(pg_url: str) -> None:
-    written = fill(pg_url)
+    written = random_run(pg_url)
     with TestClient(create_app(Settings(database_url=pg_url))) as c:
         body = c.get("/api/v1/runs/1/trend", params={"filter": "all", "kind": "q,k",
                                                      "block_min": 1, "block_max": 2}).json()
@@ -120,7 +73,7 @@ def test_trend_by_kind_and_blocks(pg_url: str) -> None:
 
 
 def test_gate_passes_and_fails_exactly_at_thresholds(client: TestClient, db_url: str) -> None:
-    fill(db_url)
+    random_run(db_url)
     base = client.get("/api/v1/runs/1/gate", params={"min_alpha": 0, "max_alpha": 100}).json()
     assert base["passed"] and base["step"] == 300
     value, share = base["value"], base["untrusted_share"]
@@ -143,7 +96,7 @@ def test_gate_passes_and_fails_exactly_at_thresholds(client: TestClient, db_url:
 
 
 def test_layers_history_esd_heatmap_flags_csv(client: TestClient, db_url: str) -> None:
-    written = fill(db_url)
+    written = random_run(db_url)
     layers = client.get("/api/v1/runs/1/checkpoints/200/layers").json()["layers"]
     assert len(layers) == len(written[200])
     name = "model.layers.2.v_proj"
@@ -188,7 +141,7 @@ def test_layers_history_esd_heatmap_flags_csv(client: TestClient, db_url: str) -
 ])
 def test_bad_requests_get_4xx_with_a_message(client: TestClient, db_url: str, path: str,
                                              code: int) -> None:
-    fill(db_url)
+    random_run(db_url)
     response = client.get(path)
     assert response.status_code == code
     detail = response.json()["detail"]
@@ -258,7 +211,7 @@ def test_kept_statistics_equal_the_layer_rows(db_url: str, outliers: str) -> Non
     """Trend points read from checkpoint_stat equal those computed from layer rows and numpy."""
     from alphawatch.service.db.models import CheckpointStat
 
-    written = fill(db_url)
+    written = random_run(db_url)
     app = create_app(Settings(database_url=db_url))
     stats = ["median", "mean", "trimmed_mean", "p10", "p25", "p75", "p90", "iqr"]
     with TestClient(app) as c:
@@ -296,7 +249,7 @@ def test_kept_statistics_equal_the_layer_rows(db_url: str, outliers: str) -> Non
 
 
 def test_layer_history_pages_and_downsamples(client: TestClient, db_url: str) -> None:
-    written = fill(db_url)
+    written = random_run(db_url)
     name = "model.layers.1.q_proj"
     url = f"/api/v1/runs/1/layers/{name}/history"
     full = client.get(url).json()["points"]

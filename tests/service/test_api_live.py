@@ -26,9 +26,9 @@ from alphawatch.service.api.cache import ResultCache
 from alphawatch.service.db.session import make_engine, session_scope
 from alphawatch.service.db.tokens import TokenScope, create_token, revoke_token
 from alphawatch.settings import Settings
+from tests.factories import random_run
 from tests.live import serve
 from tests.pg import free_port
-from tests.service.test_api import fill
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -69,7 +69,7 @@ class Client:
 @pytest.fixture
 def site(db_url: str, tmp_path: Path) -> Iterator[tuple[str, str, Path]]:
     """(base URL, database URL, allowed root) of a live server over a filled database."""
-    fill(db_url)
+    random_run(db_url)
     root = tmp_path / "root"
     (root / "run-dir").mkdir(parents=True)
     app = create_app(Settings(database_url=db_url, allowed_roots=[root]))
@@ -245,6 +245,7 @@ def _send_huge(port: int, head: bytes, total: int, *, chunked: bool = False) -> 
         return answer
 
 
+@pytest.mark.slow
 def test_big_bodies_are_refused_without_growing_the_server(pg_url: str, tmp_path: Path) -> None:
     admin = _token(pg_url, "ops", TokenScope.ADMIN)
     port = free_port()

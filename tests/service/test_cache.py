@@ -17,7 +17,7 @@ from alphawatch.service.db.rows import LayerRow
 from alphawatch.service.db.session import make_engine, session_scope
 from alphawatch.settings import Settings
 from alphawatch.trust import Thresholds
-from tests.service.test_api import fill
+from tests.factories import random_run
 
 TREND = "/api/v1/runs/1/trend"
 HISTORY = "/api/v1/runs/1/layers/model.layers.0.q_proj/history"
@@ -25,7 +25,7 @@ HISTORY = "/api/v1/runs/1/layers/model.layers.0.q_proj/history"
 
 @pytest.fixture
 def client(pg_url: str) -> Iterator[TestClient]:
-    fill(pg_url)
+    random_run(pg_url)
     app = create_app(Settings(database_url=pg_url))
     with TestClient(app) as c:
         cache: ResultCache = app.state.cache
@@ -140,7 +140,7 @@ def test_a_body_computed_across_a_change_is_never_stored(pg_url: str) -> None:
 
 
 def test_sqlite_keeps_nothing(sqlite_url: str) -> None:
-    fill(sqlite_url)
+    random_run(sqlite_url)
     app = create_app(Settings(database_url=sqlite_url))
     assert app.state.cache is None
     with TestClient(app) as c:

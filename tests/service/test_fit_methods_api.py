@@ -18,12 +18,9 @@ from fastapi.testclient import TestClient
 from alphawatch.cli import analyze_path
 from alphawatch.service import robust
 from alphawatch.service.api import create_app
-from alphawatch.service.db import queue, registry, results
-from alphawatch.service.db.rows import LayerRow
-from alphawatch.service.db.session import make_engine, session_scope
 from alphawatch.settings import Settings
-from alphawatch.trust import Thresholds
 from alphawatch.vocabulary import FitMethod
+from tests.factories import analysed_run
 
 TESTS = ("tpl_alpha", "tpl_lambda", "pl_vs_tpl_R", "pl_vs_tpl_p", "pl_vs_lognormal_R",
          "pl_vs_lognormal_p")
@@ -37,20 +34,7 @@ def analysed(tiny_run: Path) -> dict[str, list[dict[str, Any]]]:
 
 
 def _store(url: str, layers: list[dict[str, Any]]) -> None:
-    engine = make_engine(url)
-    with session_scope(engine) as session:
-        run_id = registry.ensure_run(session, name="run", path="/runs/run")
-        registry.register_checkpoint(session, run_id=run_id, step=30, path="/r/30",
-                                  fingerprint="x", fmt="hf")
-    with session_scope(engine) as session:
-        job = queue.claim(session, worker_id="t", lease_s=60)
-    assert job is not None
-    with session_scope(engine) as session:
-        # The printed shape is the analyze document's own: the table has no column for it.
-        rows = [LayerRow.from_mapping({k: v for k, v in x.items() if k != "shape"})
-                for x in layers]
-        assert results.complete(session, job_id=job.job_id, worker_id="t", layers=rows,
-                              spectra=[], device="cpu", elapsed_s=0.1, thresholds=Thresholds())
+    analysed_run(url, name="run", steps=[30], layers=lambda _: layers)
 
 
 def test_methods_are_stored_and_served_apart(

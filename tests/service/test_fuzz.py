@@ -17,8 +17,8 @@ from alphawatch.service.api import create_app
 from alphawatch.service.db.session import make_engine, session_scope
 from alphawatch.service.db.tokens import TokenScope, create_token
 from alphawatch.settings import Settings
+from tests.factories import random_run
 from tests.live import serve
-from tests.service.test_api import fill
 
 SCHEMATHESIS = Path(sys.executable).with_name("schemathesis")
 
@@ -40,7 +40,7 @@ def _run(base: str, token: str, workdir: Path, *options: str) -> str:
 @pytest.mark.parametrize("reads_need_token", [False, True])
 def test_schemathesis_all_checks_pass(pg_url: str, tmp_path: Path,
                                       reads_need_token: bool) -> None:
-    fill(pg_url)
+    random_run(pg_url)
     with session_scope(make_engine(pg_url)) as session:
         token = create_token(session, name="fuzz", scope=TokenScope.ADMIN)
     # Generated paths fall outside this root (403); a path under it that does not exist would be

@@ -13,7 +13,7 @@ from alphawatch.service.db.session import make_engine, session_scope
 from alphawatch.service.db.tokens import TokenScope, create_token
 from alphawatch.settings import Settings
 from tests.db import rows
-from tests.service.test_api import fill
+from tests.factories import random_run
 
 RULES = "/api/v1/runs/1/gate-rules"
 
@@ -25,7 +25,7 @@ def _token(url: str, name: str, scope: TokenScope) -> dict[str, str]:
 
 @pytest.fixture
 def client(db_url: str) -> Iterator[TestClient]:
-    fill(db_url)
+    random_run(db_url)
     settings = Settings(database_url=db_url, gate={"max_untrusted_share": 0.9},
                         alerts={"webhook_url": "http://127.0.0.1:9/never-called"})
     with TestClient(create_app(settings)) as c:

@@ -16,13 +16,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import event
 
 from alphawatch.service.api import create_app
-from alphawatch.service.db import queue, registry, results
+from alphawatch.service.db import queue, registry
 from alphawatch.service.db.alerts import GateCheck
-from alphawatch.service.db.rows import LayerRow
 from alphawatch.service.db.session import make_engine, session_scope
 from alphawatch.settings import Settings
 from alphawatch.trust import Thresholds
-from tests.service.test_api import STEPS, _layers
+from tests.factories import STEPS, analysed_run, random_layers
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "alphawatch.json"
 LEVELS = ("median", "mean", "trimmed_mean", "p10", "p25", "p75", "p90")
@@ -32,22 +31,8 @@ ELAPSED = {100: 0.4, 200: 7.0, 300: 4000.0}
 def _run(url: str, name: str, seed: int, check: GateCheck) -> None:
     """A run of three analysed checkpoints, the worker's way (verdict recorded)."""
     rng = np.random.default_rng(seed)
-    engine = make_engine(url)
-    with session_scope(engine) as session:
-        run_id = registry.ensure_run(session, name=name, path=f"/runs/{name}")
-        for step in STEPS:
-            registry.register_checkpoint(session, run_id=run_id, step=step, path=f"/r/{step}",
-                                      fingerprint="x", fmt="hf")
-    for _ in STEPS:
-        with session_scope(engine) as session:
-            job = queue.claim(session, worker_id="t", lease_s=60)
-        assert job is not None
-        with session_scope(engine) as session:
-            assert results.complete(session, job_id=job.job_id, worker_id="t",
-                                  layers=[LayerRow.from_mapping(x) for x in _layers(job.step, rng)],
-                                  spectra=[], device="cpu",
-                                  elapsed_s=ELAPSED[job.step], thresholds=Thresholds(),
-                                  gate=check)
+    analysed_run(url, name=name, steps=STEPS, layers=lambda _: random_layers(rng),
+                 elapsed_s=lambda step: ELAPSED[step], thresholds=Thresholds(), gate=check)
 
 
 def _failed_checkpoint(url: str) -> None:
@@ -150,6 +135,7 @@ def _statements(url: str) -> Iterator[list[str]]:
         event.remove(engine, "before_cursor_execute", count)
 
 
+@pytest.mark.slow
 def test_a_scrape_costs_the_same_queries_for_any_number_of_runs(client: TestClient,
                                                                 db_url: str) -> None:
     with _statements(db_url) as few:

@@ -18,7 +18,7 @@ from alphawatch.service.db.session import make_engine, session_scope
 from alphawatch.service.db.tokens import create_token
 from alphawatch.settings import Settings
 from alphawatch.workers.watcher import Watcher
-from tests.service.test_api import fill
+from tests.factories import random_run
 
 
 @pytest.mark.parametrize("name", [".", "..", "...."])
@@ -63,7 +63,7 @@ def test_discovery_never_names_a_run_after_dots(tmp_path: Path, pg_url: str) -> 
 def test_a_stored_run_named_by_dots_exports_inside_the_logdir(
         name: str, pg_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("tensorboard")
-    fill(pg_url, name=name)  # stored as it was before names were checked
+    random_run(pg_url, name=name)  # stored as it was before names were checked
     logdir = tmp_path / "export" / "tb"
     args = ["export", "tensorboard", "--run", name, "--logdir", str(logdir), "--db", pg_url]
     assert main(args) == 0

@@ -17,57 +17,31 @@ import pytest
 from fastapi.testclient import TestClient
 
 from alphawatch.service.api import create_app
-from alphawatch.service.db import queue, registry, results
-from alphawatch.service.db.rows import LayerRow
-from alphawatch.service.db.session import make_engine, session_scope
 from alphawatch.settings import Settings
-from alphawatch.trust import Thresholds
 from tests.db import rows
+from tests.factories import KINDS, Row, analysed_run, layer_row
 
 STEPS = (10, 20, 30)
-KINDS = ("q", "k", "v", "o", "gate", "up", "down")
 # Alpha ranges that do not overlap: weights, gradients, nested width 32.
 RANGES = {"": (2.0, 4.0), "@exp_avg": (4.5, 6.0), "@w32": (6.5, 7.5)}
 
 
-def _layers(rng: np.random.Generator) -> list[dict[str, object]]:
-    layers = []
+def _layers(rng: np.random.Generator) -> list[Row]:
+    out = []
     for suffix, (low, high) in RANGES.items():
         for block in range(4):
             for kind in KINDS:
                 if suffix == "@w32" and kind not in ("gate", "up", "down"):
                     continue
-                layers.append({
-                    "name": f"model.layers.{block}.{kind}_proj{suffix}", "kind": kind,
-                    "block": block, "method": "ww", "fit_status": "ok", "trusted": True,
-                    "correlation_trap": False, "rank_collapse": False,
-                    "alpha": float(rng.uniform(low, high)), "D": 0.05, "xmin": 1.0,
-                    "xmax": 10.0, "num_pl_spikes": 20,
-                })
-    return layers
+                out.append(layer_row(f"model.layers.{block}.{kind}_proj{suffix}", kind=kind,
+                                     block=block, alpha=float(rng.uniform(low, high)), D=0.05,
+                                     xmin=1.0, xmax=10.0, num_pl_spikes=20))
+    return out
 
 
-def _fill(url: str) -> dict[int, list[dict[str, object]]]:
+def _fill(url: str) -> dict[int, list[Row]]:
     rng = np.random.default_rng(7)
-    engine = make_engine(url)
-    written: dict[int, list[dict[str, object]]] = {}
-    with session_scope(engine) as session:
-        run_id = registry.ensure_run(session, name="nested", path="/runs/nested")
-        for step in STEPS:
-            registry.register_checkpoint(session, run_id=run_id, step=step, path=f"/r/{step}",
-                                      fingerprint="x", fmt="hf")
-    for _ in STEPS:
-        with session_scope(engine) as session:
-            job = queue.claim(session, worker_id="t", lease_s=60)
-        assert job is not None
-        layers = _layers(rng)
-        with session_scope(engine) as session:
-            assert results.complete(session, job_id=job.job_id, worker_id="t",
-                                  layers=[LayerRow.from_mapping(x) for x in layers],
-                                  spectra=[], device="cpu", elapsed_s=0.1,
-                                  thresholds=Thresholds())
-        written[job.step] = layers
-    return written
+    return analysed_run(url, name="nested", steps=STEPS, layers=lambda _: _layers(rng))
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from alphawatch.service.db.session import make_engine, session_scope
 from alphawatch.service.db.tokens import create_token
 from alphawatch.settings import Settings
 from alphawatch.workers.checkpoints.naming import classify
-from tests.service.test_api import fill
+from tests.factories import random_run
 
 
 @pytest.fixture
@@ -89,7 +89,7 @@ def test_routes_accept_exactly_the_served_names_with_the_served_defaults(
 
 
 def test_every_served_statistic_answers_and_the_gate_refuses_a_spread(sqlite_url: str) -> None:
-    fill(sqlite_url)
+    random_run(sqlite_url)
     with TestClient(create_app(Settings(database_url=sqlite_url))) as c:
         body = c.get("/api/v1/vocabulary").json()
         for term in body["statistics"]:

@@ -38,7 +38,7 @@ def _spectrum(name: str) -> np.ndarray:
 
 
 def _powerlaw(data: np.ndarray, xmin: float) -> dict[str, Any]:
-    import powerlaw
+    powerlaw = pytest.importorskip("powerlaw")
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

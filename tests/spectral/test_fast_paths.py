@@ -30,6 +30,7 @@ def spectrum(kind: str, m: int, seed: int) -> np.ndarray:
     return torch.linalg.eigvalsh(w.T @ w).numpy()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("two_sided", [False, True])
 @pytest.mark.parametrize("kind", ["gauss", "heavy", "spikes", "lowrank"])
 def test_pruned_ks_search_picks_the_full_search_xmin(kind: str, two_sided: bool) -> None:
@@ -64,6 +65,7 @@ def test_gram_is_the_gram_matrix_of_the_smaller_side(shape: tuple[int, int],
     np.testing.assert_allclose(g, full, rtol=tol, atol=tol * np.abs(full).max())
 
 
+@pytest.mark.slow
 def test_cpu_eigenvalues_match_torch_float64() -> None:
     """numpy's Gram + syevd against torch's float64 eigvalsh: ~eps64·λmax absolute."""
     w = torch.from_numpy(np.random.default_rng(4).standard_normal((900, 400)))
@@ -87,6 +89,7 @@ def test_kept_permutations_are_the_seeded_draws() -> None:
     assert not np.array_equal(kept[0], kept[1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["gauss", "heavy", "spikes", "lowrank"])
 def test_finger_fits_pruned_search_picks_the_full_search_xmin(kind: str) -> None:
     from alphawatch.workers.spectral.fingers import _best, _tail_ks, _unique_starts
@@ -139,6 +142,7 @@ def test_random_permutation_draws_the_plain_two_stage_shuffle(
     np.testing.assert_array_equal(ours, plain(np.random.Generator(np.random.PCG64(numel))))
 
 
+@pytest.mark.slow
 def test_random_permutation_is_uniform() -> None:
     """Each of the 24 orders of 4 entries about equally often (binomial sd ≈ 4.5 %)."""
     draws = 12_000
@@ -220,6 +224,7 @@ def test_rand_distance_pools_what_lies_below_the_floor() -> None:
     assert _jensen_shannon(evals, evals * 3.0) > 0.3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [(900, 700), (700, 700), (400, 1100)])
 def test_the_float32_shuffle_moves_no_flag_and_rand_distance_by_little(
         monkeypatch: pytest.MonkeyPatch, shape: tuple[int, int]) -> None:

@@ -48,7 +48,7 @@ def make_matrix(kind: str, rows: int, cols: int, seed: int) -> torch.Tensor:
 
 
 def ww_row(module: nn.Module) -> dict[str, float]:
-    import weightwatcher as ww
+    ww = pytest.importorskip("weightwatcher")
 
     logging.getLogger("weightwatcher").setLevel(logging.ERROR)
     with warnings.catch_warnings():

@@ -22,15 +22,14 @@ from fastapi.testclient import TestClient
 from safetensors.torch import save_file
 
 from alphawatch.service.api import create_app
-from alphawatch.service.db import queue, registry, results
 from alphawatch.service.db.alerts import GateCheck
-from alphawatch.service.db.rows import LayerRow
 from alphawatch.service.db.session import make_engine, session_scope
 from alphawatch.service.db.tokens import TokenScope, create_token
 from alphawatch.settings import Settings
 from alphawatch.workers.alerts import AlertDispatcher, post_json
 from alphawatch.workers.watcher import Watcher
 from tests.db import rows, wait_until
+from tests.factories import complete_next, layer_row, register_run
 from tests.pg import free_port
 from tests.webhook import TRICKLE_S, receiver
 
@@ -51,21 +50,11 @@ def _check(settings: Settings) -> GateCheck:
 
 def _analysed(url: str, *, run: str, step: int, alpha: float, check: GateCheck) -> None:
     """A checkpoint of ``run`` at ``step`` whose 10 trusted layers have alpha near ``alpha``."""
-    engine = make_engine(url)
-    with session_scope(engine) as session:
-        run_id = registry.ensure_run(session, name=run, path=f"/runs/{run}")
-        registry.register_checkpoint(session, run_id=run_id, step=step, path=f"/r/{run}/{step}",
-                                  fingerprint="x", fmt="hf")
-    with session_scope(engine) as session:
-        job = queue.claim(session, worker_id="t", lease_s=60)
-    assert job is not None and job.step == step
-    layers = [LayerRow(name=f"model.layers.{i}.mlp.up_proj", kind="up", block=i,
-                       method="ww", fit_status="ok", trusted=True, correlation_trap=False,
-                       rank_collapse=False, alpha=alpha + 0.01 * (i - 5)) for i in range(10)]
-    with session_scope(engine) as session:
-        assert results.complete(session, job_id=job.job_id, worker_id="t", layers=layers,
-                              spectra=[], device="cpu", elapsed_s=0.1,
-                              thresholds=check.thresholds, gate=check)
+    register_run(url, name=run, steps=[step], checkpoint_path="/r/{name}/{step}")
+    done, _ = complete_next(url, gate=check, layers=lambda _: [
+        layer_row(f"model.layers.{i}.mlp.up_proj", block=i, alpha=alpha + 0.01 * (i - 5))
+        for i in range(10)])
+    assert done == step
 
 
 def test_a_flip_is_delivered_once_with_its_reasons(db_url: str) -> None:

@@ -463,6 +463,7 @@ def _watch(base: Path, scene: Scene, url: str) -> tuple[_State, float, str]:
 
 # No shrinking: a failing example is reported as generated (its plan is in the message), in
 # seconds; shrinking a worker run takes minutes.
+@pytest.mark.slow
 @settings(max_examples=8, deadline=None, derandomize=True, database=None,
           phases=(Phase.explicit, Phase.generate),
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,

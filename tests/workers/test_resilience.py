@@ -70,6 +70,7 @@ def _statuses(url: str) -> list[tuple[str, int, str]]:
                             "JOIN run r ON r.id = c.run_id"))
 
 
+@pytest.mark.slow
 def test_names_taken_through_the_api_never_stop_discovery(tmp_path: Path, pg_url: str) -> None:
     """A write token holder takes the folder's name, every numbered form the worker tried
     (``-2`` … ``-999``) and the form with a hash of the path: the run is still created (under
