@@ -14,6 +14,7 @@ import numpy as np
 
 from alphawatch.service.db import queue, registry, results
 from alphawatch.service.db.alerts import GateCheck
+from alphawatch.service.db.rows import LayerRow, SpectrumRow
 from alphawatch.service.db.session import make_engine, session_scope
 from alphawatch.trust import Thresholds
 
@@ -45,8 +46,8 @@ def register_run(url: str, *, name: str, steps: Iterable[int], path: str | None 
         run_id = registry.ensure_run(session, name=name, path=path or f"/runs/{name}")
         for step in steps:
             registry.register_checkpoint(session, run_id=run_id, step=step,
-                                      path=checkpoint_path.format(step=step, name=name),
-                                      fingerprint="x", fmt="hf")
+                                         path=checkpoint_path.format(step=step, name=name),
+                                         fingerprint="x", fmt="hf")
     return run_id
 
 
@@ -64,11 +65,12 @@ def complete_next(url: str, *, layers: Callable[[int], list[Row]],
     rows = layers(job.step)
     elapsed = elapsed_s(job.step) if callable(elapsed_s) else elapsed_s
     with session_scope(engine) as session:
-        assert results.complete(session, job_id=job.job_id, worker_id="t", layers=rows,
-                              spectra=spectra(rows) if spectra else [], device="cpu",
-                              elapsed_s=elapsed,
-                              thresholds=thresholds or (gate.thresholds if gate else Thresholds()),
-                              gate=gate)
+        assert results.complete(
+            session, job_id=job.job_id, worker_id="t",
+            layers=[LayerRow.from_mapping(row) for row in rows],
+            spectra=[SpectrumRow(**s) for s in spectra(rows)] if spectra else [], device="cpu",
+            elapsed_s=elapsed, thresholds=thresholds or (gate.thresholds if gate else Thresholds()),
+            gate=gate)
     return job.step, rows
 
 

@@ -34,7 +34,9 @@ def analysed(tiny_run: Path) -> dict[str, list[dict[str, Any]]]:
 
 
 def _store(url: str, layers: list[dict[str, Any]]) -> None:
-    analysed_run(url, name="run", steps=[30], layers=lambda _: layers)
+    # The printed shape is the analyze document's own: the table has no column for it.
+    rows = [{k: v for k, v in x.items() if k != "shape"} for x in layers]
+    analysed_run(url, name="run", steps=[30], layers=lambda _: rows)
 
 
 def test_methods_are_stored_and_served_apart(

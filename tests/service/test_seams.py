@@ -19,7 +19,7 @@ from alphawatch.service.api import create_app, errors, queries
 from alphawatch.service.db.models import LayerMetric
 from alphawatch.service.db.session import make_engine, session_scope
 from alphawatch.settings import Settings
-from tests.service.test_api import fill
+from tests.factories import random_run
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -83,7 +83,7 @@ def test_the_step_range_is_declared_once_in_the_vocabulary() -> None:
 
 
 def test_step_paths_and_queries_stop_at_max_step(sqlite_url: str) -> None:
-    fill(sqlite_url)
+    random_run(sqlite_url)
     with TestClient(create_app(Settings(database_url=sqlite_url, api_cache_mb=0))) as client:
         top, over = vocabulary.MAX_STEP, vocabulary.MAX_STEP + 1
         assert client.get(f"/api/v1/runs/1/checkpoints/{top}/layers").status_code == 404
@@ -119,7 +119,7 @@ def test_selections_reach_their_query_whole(function: object) -> None:
 def test_layer_selection_keeps_exactly_the_rows_it_names(db_url: str) -> None:
     from alphawatch.service.db.layers import LayerSelection
 
-    fill(db_url)
+    random_run(db_url)
 
     def names(selection: LayerSelection) -> set[tuple[str, int | None]]:
         with session_scope(make_engine(db_url)) as session:
