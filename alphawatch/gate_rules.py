@@ -28,15 +28,24 @@ from alphawatch.vocabulary import (
     Statistic,
 )
 
-RULE_NAMES = ("stat", "filter", "min_alpha", "max_alpha", "max_untrusted_share", "max_delta",
-              "ref_step")
+RULE_NAMES = (
+    "stat",
+    "filter",
+    "min_alpha",
+    "max_alpha",
+    "max_untrusted_share",
+    "max_delta",
+    "ref_step",
+)
 
 
 def _level(stat: str) -> str:
     if not Statistic(stat).is_level:
         levels = ", ".join(s for s in Statistic if s.is_level)
-        raise ValueError(f"stat {stat} is a spread, not a level of alpha that a band can gate; "
-                         f"choose one of {levels}")
+        raise ValueError(
+            f"stat {stat} is a spread, not a level of alpha that a band can gate; "
+            f"choose one of {levels}"
+        )
     return str(stat)
 
 
@@ -53,17 +62,26 @@ class GateRules(BaseModel):
     stat: str = Field(DEFAULT_STATISTIC.value, description="a level of alpha (not iqr)")
     filter: LayerFilter = Field(DEFAULT_FILTER, description="which layers the statistic uses")
     min_alpha: float | None = Field(
-        None, allow_inf_nan=False, description="the statistic below this fails")
+        None, allow_inf_nan=False, description="the statistic below this fails"
+    )
     max_alpha: float | None = Field(
-        None, allow_inf_nan=False, description="the statistic above this fails")
+        None, allow_inf_nan=False, description="the statistic above this fails"
+    )
     max_untrusted_share: float | None = Field(
-        None, ge=0, le=1, description="more than this share of untrusted layers fails")
+        None, ge=0, le=1, description="more than this share of untrusted layers fails"
+    )
     max_delta: float | None = Field(
-        None, ge=0, allow_inf_nan=False,
-        description="the statistic moving more than this since ref_step fails")
+        None,
+        ge=0,
+        allow_inf_nan=False,
+        description="the statistic moving more than this since ref_step fails",
+    )
     ref_step: int | None = Field(
-        None, ge=0, le=MAX_STEP,
-        description="reference step of max_delta; none: the analysed checkpoint before")
+        None,
+        ge=0,
+        le=MAX_STEP,
+        description="reference step of max_delta; none: the analysed checkpoint before",
+    )
 
     @field_validator("stat")
     @classmethod
@@ -82,10 +100,15 @@ class GateRules(BaseModel):
 
     def empty_band(self) -> str | None:
         """Why no alpha could pass (min_alpha above max_alpha), or None."""
-        if (self.min_alpha is not None and self.max_alpha is not None
-                and self.min_alpha > self.max_alpha):
-            return (f"min_alpha {self.min_alpha:g} is above max_alpha {self.max_alpha:g}: "
-                    "no alpha could pass")
+        if (
+            self.min_alpha is not None
+            and self.max_alpha is not None
+            and self.min_alpha > self.max_alpha
+        ):
+            return (
+                f"min_alpha {self.min_alpha:g} is above max_alpha {self.max_alpha:g}: "
+                "no alpha could pass"
+            )
         return None
 
     def merged(self, overrides: dict[str, Any], *, empty_band_allowed: bool = False) -> GateRules:
@@ -98,5 +121,6 @@ class GateRules(BaseModel):
         unknown = set(overrides) - set(RULE_NAMES)
         if unknown:
             raise ValueError(f"unknown gate rules: {', '.join(sorted(unknown))}")
-        return GateRules.model_validate({**self.model_dump(), **overrides},
-                                        context={"empty_band_allowed": empty_band_allowed})
+        return GateRules.model_validate(
+            {**self.model_dump(), **overrides}, context={"empty_band_allowed": empty_band_allowed}
+        )

@@ -33,8 +33,10 @@ def only_dots(name: str) -> bool:
 def refusal(name: str) -> str | None:
     """Why ``name`` cannot be a run's name, or None when it can (the pattern aside)."""
     if only_dots(name):
-        return (f"a run name cannot be only dots ({name!r}): it names the run's folder in "
-                "exports, where '.' and '..' are this folder and its parent")
+        return (
+            f"a run name cannot be only dots ({name!r}): it names the run's folder in "
+            "exports, where '.' and '..' are this folder and its parent"
+        )
     return None
 
 
@@ -47,7 +49,10 @@ def folder_name(name: str) -> str:
     """``name`` as one path component under an export's logdir: itself when it is one (not only
     dots, no ``/``, ``\\`` or NUL, at most 255 bytes), else ``run-`` and a hash of it (stable,
     so that a second export finds the folder of the first)."""
-    if (not only_dots(name) and _ONE_COMPONENT.match(name)
-            and len(name.encode("utf-8", "surrogateescape")) <= MAX_LENGTH):
+    if (
+        not only_dots(name)
+        and _ONE_COMPONENT.match(name)
+        and len(name.encode("utf-8", "surrogateescape")) <= MAX_LENGTH
+    ):
         return name
     return f"{FALLBACK}-{hashlib.sha256(name.encode('utf-8', 'surrogateescape')).hexdigest()[:16]}"

@@ -28,35 +28,53 @@ class ExportSettings(BaseModel):
     """
 
     mlflow_tracking_uri: str | None = Field(
-        None, description="MLflow tracking URI (sqlite:///mlflow.db, http://mlflow:5000)")
+        None, description="MLflow tracking URI (sqlite:///mlflow.db, http://mlflow:5000)"
+    )
     mlflow_experiment: str = Field("alphawatch", min_length=1, description="MLflow experiment")
     tensorboard_logdir: Path | None = Field(
-        None, description="TensorBoard folder; each run writes <logdir>/<run name>/")
+        None, description="TensorBoard folder; each run writes <logdir>/<run name>/"
+    )
     wandb_project: str | None = Field(None, description="Weights & Biases project")
     wandb_entity: str | None = Field(None, description="W&B entity (default: the user's)")
     wandb_dir: Path | None = Field(None, description="where W&B keeps its files (offline too)")
     layers: bool = Field(False, description="export every layer's alpha, not only the model's")
+
+
 class AlertSettings(BaseModel):
     """Where and how gate alerts are delivered (``ALPHAWATCH_ALERTS__<NAME>``)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     webhook_url: str | None = Field(
-        None, description="http(s) URL that gate verdict changes are POSTed to; none: no alerts")
+        None, description="http(s) URL that gate verdict changes are POSTed to; none: no alerts"
+    )
     timeout_s: float = Field(
-        10.0, gt=0, le=300, description="the whole of one delivery attempt: connecting, sending "
-        "and reading the answer (a receiver that trickles its answer is cut off)")
+        10.0,
+        gt=0,
+        le=300,
+        description="the whole of one delivery attempt: connecting, sending "
+        "and reading the answer (a receiver that trickles its answer is cut off)",
+    )
     max_attempts: int = Field(8, ge=1, le=100, description="attempts before a delivery fails")
     backoff_s: float = Field(
-        2.0, gt=0, description="wait before the second attempt; doubled after each failure")
+        2.0, gt=0, description="wait before the second attempt; doubled after each failure"
+    )
     backoff_max_s: float = Field(600.0, gt=0, description="longest wait between two attempts")
     poll_s: float = Field(2.0, gt=0, description="how often a worker looks for due deliveries")
     min_interval_s: float = Field(
-        60.0, ge=0, le=86400, description="least time between two alerts of one run; a verdict "
-        "that changes again meanwhile replaces the waiting alert (the latest is always sent)")
+        60.0,
+        ge=0,
+        le=86400,
+        description="least time between two alerts of one run; a verdict "
+        "that changes again meanwhile replaces the waiting alert (the latest is always sent)",
+    )
     senders: int = Field(
-        4, ge=1, le=32, description="deliveries a worker makes at once (one slow receiver or "
-        "run holds one of them)")
+        4,
+        ge=1,
+        le=32,
+        description="deliveries a worker makes at once (one slow receiver or "
+        "run holds one of them)",
+    )
 
     @field_validator("webhook_url")
     @classmethod
@@ -78,12 +96,15 @@ class CrossCheck(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     share: float = Field(
-        0.0, ge=0, le=1,
+        0.0,
+        ge=0,
+        le=1,
         description="share of layers the worker re-analyses with weightwatcher (needs the "
         "crosscheck extra); chosen by a hash of checkpoint and layer name; 0: off",
     )
     tolerance: float = Field(
-        1e-3, gt=0, description="relative alpha difference above which a layer is flagged")
+        1e-3, gt=0, description="relative alpha difference above which a layer is flagged"
+    )
 
 
 class Settings(BaseSettings):
@@ -101,14 +122,18 @@ class Settings(BaseSettings):
         True, description="look for correlation traps (a second spectrum, of the shuffled W)"
     )
     analysis_workers: int = Field(
-        0, ge=0, description="matrices analysed at once on a CPU, one BLAS thread share each "
-        "(0: one per core, at most 4)"
+        0,
+        ge=0,
+        description="matrices analysed at once on a CPU, one BLAS thread share each "
+        "(0: one per core, at most 4)",
     )
     poll_interval_s: float = Field(5.0, gt=0)
     settle_s: float = Field(30.0, ge=0, description="size/mtime stable this long: complete")
     rewrite_checks_per_poll: int = Field(
-        200, ge=0, description="settled checkpoints re-fingerprinted per poll, round-robin, to "
-        "see files rewritten in place (0: never)"
+        200,
+        ge=0,
+        description="settled checkpoints re-fingerprinted per poll, round-robin, to "
+        "see files rewritten in place (0: never)",
     )
     lease_s: float = Field(60.0, gt=0)
     heartbeat_s: float = Field(10.0, gt=0)
@@ -120,14 +145,15 @@ class Settings(BaseSettings):
         0, ge=0, description="resident memory budget of one analysis (MiB; 0: 3/4 of the RAM)"
     )
     optimizer_state: bool = Field(
-        False, description="also analyse Adam's exp_avg of each weight matrix (<layer>@exp_avg "
-                           "rows) from the optimizer state saved beside the weights"
+        False,
+        description="also analyse Adam's exp_avg of each weight matrix (<layer>@exp_avg "
+        "rows) from the optimizer state saved beside the weights",
     )
     # NoDecode: the environment's "1024,2048" is split by the validator, not parsed as JSON.
     nested_widths: Annotated[list[int], NoDecode] = Field(
         default_factory=list,
         description="MLP widths k analysed as nested sub-models (<layer>@w<k> rows); empty: "
-                    "the widths the model's config.json names under nested_widths, if any",
+        "the widths the model's config.json names under nested_widths, if any",
     )
     read_requires_token: bool = Field(
         False, description="reads (and /metrics) need a token of any scope, as writes always do"
@@ -143,8 +169,10 @@ class Settings(BaseSettings):
     # machine stretches every request instead of finishing some; a few threads keep latency
     # bounded and still overlap database waits.
     api_threads: int = Field(
-        6, ge=1, le=1000, description="threads of an API process that run route handlers "
-                                      "(anyio's default is 40)"
+        6,
+        ge=1,
+        le=1000,
+        description="threads of an API process that run route handlers (anyio's default is 40)",
     )
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -152,7 +180,7 @@ class Settings(BaseSettings):
     allowed_hosts: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Host headers the API answers, a guard against DNS rebinding (empty: the "
-                    "bound host, localhost, 127.0.0.1 and [::1]; '*': any host)",
+        "bound host, localhost, 127.0.0.1 and [::1]; '*': any host)",
     )
     trust: Thresholds = Field(default_factory=Thresholds)
     export: ExportSettings = Field(default_factory=ExportSettings)

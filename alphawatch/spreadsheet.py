@@ -32,8 +32,9 @@ def write_csv(out: TextIO, columns: Sequence[str], rows: Iterable[Mapping[str, A
     """Write a header of ``columns`` and one line per row (keys not in ``columns`` ignored),
     each text cell passed through :func:`cell` and quoted."""
     # QUOTE_NONNUMERIC quotes every text cell (as OWASP asks) and leaves numbers bare.
-    writer = csv.DictWriter(out, fieldnames=list(columns), extrasaction="ignore",
-                            quoting=csv.QUOTE_NONNUMERIC)
+    writer = csv.DictWriter(
+        out, fieldnames=list(columns), extrasaction="ignore", quoting=csv.QUOTE_NONNUMERIC
+    )
     writer.writeheader()
     for row in rows:
         writer.writerow({key: cell(value) for key, value in row.items()})

@@ -35,8 +35,12 @@ def shown(path: Path | str) -> str:
 
 # The parts of a formatted traceback that Python writes itself (frames of Python source files,
 # the chaining sentences); everything else is an exception's text, which may quote any name.
-_FRAMES = ("Traceback (most recent call last):", "  File ", "\nThe above exception",
-           "\nDuring handling of the above")
+_FRAMES = (
+    "Traceback (most recent call last):",
+    "  File ",
+    "\nThe above exception",
+    "\nDuring handling of the above",
+)
 
 _ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None] | tuple[None, None, None]
 
@@ -59,5 +63,6 @@ class EscapingFormatter(logging.Formatter):
 
     def formatException(self, ei: _ExcInfo) -> str:
         chunks = traceback.format_exception(*ei)
-        return "".join(c if c.startswith(_FRAMES) else printable(c.rstrip("\n")) + "\n"
-                       for c in chunks).rstrip("\n")
+        return "".join(
+            c if c.startswith(_FRAMES) else printable(c.rstrip("\n")) + "\n" for c in chunks
+        ).rstrip("\n")

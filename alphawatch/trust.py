@@ -35,11 +35,15 @@ class Thresholds(BaseModel):
     trap_seed: int = Field(0, description="seed of the shuffle used to find correlation traps")
     bootstrap_samples: int = Field(32, ge=0, description="tail bootstrap resamples for stability")
     not_power_law_p: float = Field(
-        0.0, ge=0, le=1,
+        0.0,
+        ge=0,
+        le=1,
         description="a tail that a truncated power law or a lognormal explains better (R < 0) "
         "with p below this: not_power_law; 0 turns the rule off",
     )
     mad_k: float = Field(
-        3.0, gt=0, le=100,
+        3.0,
+        gt=0,
+        le=100,
         description="MAD outlier rule: |alpha - median| > mad_k scaled MADs is an outlier",
     )

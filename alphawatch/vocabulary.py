@@ -40,10 +40,14 @@ DEFAULT_STATISTIC = Statistic.MEDIAN
 """What every query assumes when it names no statistic."""
 
 _STATISTIC_LABELS = {
-    Statistic.MEDIAN: "median", Statistic.MEAN: "mean",
-    Statistic.TRIMMED_MEAN: "10 % trimmed mean", Statistic.P10: "10th percentile",
-    Statistic.P25: "25th percentile", Statistic.P75: "75th percentile",
-    Statistic.P90: "90th percentile", Statistic.IQR: "interquartile range",
+    Statistic.MEDIAN: "median",
+    Statistic.MEAN: "mean",
+    Statistic.TRIMMED_MEAN: "10 % trimmed mean",
+    Statistic.P10: "10th percentile",
+    Statistic.P25: "25th percentile",
+    Statistic.P75: "75th percentile",
+    Statistic.P90: "90th percentile",
+    Statistic.IQR: "interquartile range",
 }
 
 
@@ -117,9 +121,12 @@ no method read, the method of its settings, which is this one unless ALPHAWATCH_
 names another."""
 
 _FIT_METHOD_LABELS = {
-    FitMethod.WW: "weightwatcher 0.7.7", FitMethod.WW_RELFLOOR: "relative floor",
-    FitMethod.KS2: "two-sided KS", FitMethod.XMIN_PEAK: "xmin at the ESD peak (fingers)",
-    FitMethod.CLIP_XMAX: "clipped fingers", FitMethod.TPL: "truncated power law",
+    FitMethod.WW: "weightwatcher 0.7.7",
+    FitMethod.WW_RELFLOOR: "relative floor",
+    FitMethod.KS2: "two-sided KS",
+    FitMethod.XMIN_PEAK: "xmin at the ESD peak (fingers)",
+    FitMethod.CLIP_XMAX: "clipped fingers",
+    FitMethod.TPL: "truncated power law",
 }
 
 
@@ -159,8 +166,7 @@ class KindGroup:
 
 KIND_GROUPS: tuple[KindGroup, ...] = (
     KindGroup("attention", "attention q/k/v/o", (Kind.Q, Kind.K, Kind.V, Kind.O, Kind.QKV)),
-    KindGroup("mlp", "mlp gate/up/down",
-              (Kind.GATE, Kind.UP, Kind.DOWN, Kind.FC_IN, Kind.FC_OUT)),
+    KindGroup("mlp", "mlp gate/up/down", (Kind.GATE, Kind.UP, Kind.DOWN, Kind.FC_IN, Kind.FC_OUT)),
     KindGroup("embeddings", "embeddings", (Kind.EMBED, Kind.LM_HEAD)),
 )
 

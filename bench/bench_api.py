@@ -43,20 +43,67 @@ from alphawatch.service.db.session import dispose_all  # noqa: E402
 from alphawatch.trust import Thresholds  # noqa: E402
 
 KINDS = ("q", "k", "v", "o", "gate", "up", "down")
-PROJ = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
-        "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj",
-        "down": "mlp.down_proj"}
-LAYER_COLUMNS = ("checkpoint_id", "name", "kind", "block", "dtype", "method", "fit_status",
-                 "trusted", "rows", "cols", "num_evals", "lambda_max", "alpha",
-                 "alpha_weighted", "log_norm", "log_spectral_norm", "stable_rank", "D",
-                 "pl_xmin", "pl_xmax", "num_pl_spikes", "correlation_trap", "rank_collapse",
-                 "near_random", "over_trained", "under_trained", "mean_spike")
+PROJ = {
+    "q": "self_attn.q_proj",
+    "k": "self_attn.k_proj",
+    "v": "self_attn.v_proj",
+    "o": "self_attn.o_proj",
+    "gate": "mlp.gate_proj",
+    "up": "mlp.up_proj",
+    "down": "mlp.down_proj",
+}
+LAYER_COLUMNS = (
+    "checkpoint_id",
+    "name",
+    "kind",
+    "block",
+    "dtype",
+    "method",
+    "fit_status",
+    "trusted",
+    "rows",
+    "cols",
+    "num_evals",
+    "lambda_max",
+    "alpha",
+    "alpha_weighted",
+    "log_norm",
+    "log_spectral_norm",
+    "stable_rank",
+    "D",
+    "pl_xmin",
+    "pl_xmax",
+    "num_pl_spikes",
+    "correlation_trap",
+    "rank_collapse",
+    "near_random",
+    "over_trained",
+    "under_trained",
+    "mean_spike",
+)
 # "D" is the one mixed-case column: quoted, as every name may be.
 QUOTED_LAYER_COLUMNS = ", ".join(f'"{c}"' for c in LAYER_COLUMNS)
-STAT_COLUMNS = ("checkpoint_id", "method", "metric", "filter", "outliers", "kinds", "alpha_max",
-                "mad_k",
-                "n_used", "n_excluded", "excluded", "median", "mean", "trimmed_mean", "p10",
-                "p25", "p75", "p90", "iqr")
+STAT_COLUMNS = (
+    "checkpoint_id",
+    "method",
+    "metric",
+    "filter",
+    "outliers",
+    "kinds",
+    "alpha_max",
+    "mad_k",
+    "n_used",
+    "n_excluded",
+    "excluded",
+    "median",
+    "mean",
+    "trimmed_mean",
+    "p10",
+    "p25",
+    "p75",
+    "p90",
+    "iqr",
+)
 
 
 def layer_names(n: int) -> list[tuple[str, str, int]]:
@@ -69,8 +116,9 @@ def layer_names(n: int) -> list[tuple[str, str, int]]:
     return names[:n]
 
 
-def checkpoint_layers(checkpoint_id: int, seed: int, step_index: int,
-                      names: list[tuple[str, str, int]]) -> list[dict[str, Any]]:
+def checkpoint_layers(
+    checkpoint_id: int, seed: int, step_index: int, names: list[tuple[str, str, int]]
+) -> list[dict[str, Any]]:
     """Layer rows of one checkpoint: alpha drifts down with the step, some fits untrusted."""
     rng = np.random.default_rng(seed)
     n = len(names)
@@ -82,19 +130,37 @@ def checkpoint_layers(checkpoint_id: int, seed: int, step_index: int,
     layers = []
     for i, (name, kind, block) in enumerate(names):
         a = float(alpha[i])
-        layers.append({
-            "checkpoint_id": checkpoint_id, "name": name, "kind": kind, "block": block,
-            "dtype": "bfloat16", "method": "ww", "fit_status": str(status[i]),
-            "trusted": bool(status[i] == "ok" and not trap[i]), "rows": 4096, "cols": 4096,
-            "num_evals": 4096, "lambda_max": float(lam[i]), "alpha": a,
-            "alpha_weighted": a * float(np.log10(lam[i])), "log_norm": float(rng.normal(3, .2)),
-            "log_spectral_norm": float(np.log10(lam[i])),
-            "stable_rank": float(rng.uniform(5, 80)), "D": float(rng.uniform(0.01, 0.2)),
-            "pl_xmin": float(lam[i] / 20), "pl_xmax": float(lam[i]),
-            "num_pl_spikes": int(rng.integers(10, 400)), "correlation_trap": bool(trap[i]),
-            "rank_collapse": False, "near_random": False, "over_trained": a < 2,
-            "under_trained": a > 6, "mean_spike": False,
-        })
+        layers.append(
+            {
+                "checkpoint_id": checkpoint_id,
+                "name": name,
+                "kind": kind,
+                "block": block,
+                "dtype": "bfloat16",
+                "method": "ww",
+                "fit_status": str(status[i]),
+                "trusted": bool(status[i] == "ok" and not trap[i]),
+                "rows": 4096,
+                "cols": 4096,
+                "num_evals": 4096,
+                "lambda_max": float(lam[i]),
+                "alpha": a,
+                "alpha_weighted": a * float(np.log10(lam[i])),
+                "log_norm": float(rng.normal(3, 0.2)),
+                "log_spectral_norm": float(np.log10(lam[i])),
+                "stable_rank": float(rng.uniform(5, 80)),
+                "D": float(rng.uniform(0.01, 0.2)),
+                "pl_xmin": float(lam[i] / 20),
+                "pl_xmax": float(lam[i]),
+                "num_pl_spikes": int(rng.integers(10, 400)),
+                "correlation_trap": bool(trap[i]),
+                "rank_collapse": False,
+                "near_random": False,
+                "over_trained": a < 2,
+                "under_trained": a > 6,
+                "mean_spike": False,
+            }
+        )
     return layers
 
 
@@ -130,19 +196,36 @@ def fill(url: str, runs: int, checkpoints: int, layers: int, jobs: int) -> float
     work: list[tuple[int, int, int]] = []
     with psycopg.connect(dsn) as conn, conn.cursor() as cur:
         for r in range(runs):
-            run_id = cur.execute("INSERT INTO run (name, path, created_at) VALUES (%s, %s, %s) "
-                                 "RETURNING id", (f"run-{r}", f"/runs/run-{r}", now)).fetchone()
+            run_id = cur.execute(
+                "INSERT INTO run (name, path, created_at) VALUES (%s, %s, %s) RETURNING id",
+                (f"run-{r}", f"/runs/run-{r}", now),
+            ).fetchone()
             assert run_id is not None
-            with cur.copy("COPY checkpoint (run_id, step, path, fingerprint, format, status, "
-                          "discovered_at, finished_at, analysis_s, device, n_layers) "
-                          "FROM STDIN") as copy:
+            with cur.copy(
+                "COPY checkpoint (run_id, step, path, fingerprint, format, status, "
+                "discovered_at, finished_at, analysis_s, device, n_layers) "
+                "FROM STDIN"
+            ) as copy:
                 for i in range(checkpoints):
                     step = (i + 1) * 100
-                    copy.write_row((run_id[0], step, f"/runs/run-{r}/checkpoint-{step}", "f",
-                                    "hf", "done", now, now, 1.0, "cpu", layers))
+                    copy.write_row(
+                        (
+                            run_id[0],
+                            step,
+                            f"/runs/run-{r}/checkpoint-{step}",
+                            "f",
+                            "hf",
+                            "done",
+                            now,
+                            now,
+                            1.0,
+                            "cpu",
+                            layers,
+                        )
+                    )
         rows = cur.execute("SELECT id, step FROM checkpoint ORDER BY id").fetchall()
         work = [(cid, cid, step // 100 - 1) for cid, step in rows]
-    chunks = [work[i:i + 250] for i in range(0, len(work), 250)]
+    chunks = [work[i : i + 250] for i in range(0, len(work), 250)]
     done = 0
     with ProcessPoolExecutor(jobs) as pool:
         for n in pool.map(fill_chunk, [(dsn, c, layers) for c in chunks]):
@@ -177,8 +260,11 @@ class Connection:
         head = await self.reader.readuntil(b"\r\n\r\n")
         lines = head.decode("latin-1").split("\r\n")
         status = int(lines[0].split()[1])
-        length = next(int(line.split(":", 1)[1]) for line in lines[1:]
-                      if line.lower().startswith("content-length:"))
+        length = next(
+            int(line.split(":", 1)[1])
+            for line in lines[1:]
+            if line.lower().startswith("content-length:")
+        )
         hit = any(line.lower() == "x-cache: hit" for line in lines[1:])
         return status, await self.reader.readexactly(length), hit
 
@@ -187,8 +273,14 @@ class Connection:
             self.writer.close()
 
 
-async def drive(base: str, paths: list[str], clients: int, max_requests: int,
-                max_seconds: float, ordered: bool = False) -> dict[str, Any]:
+async def drive(
+    base: str,
+    paths: list[str],
+    clients: int,
+    max_requests: int,
+    max_seconds: float,
+    ordered: bool = False,
+) -> dict[str, Any]:
     """``clients`` concurrent loops over ``paths`` until either bound; latencies of 200s.
 
     Paths are drawn at random, or each once in order with ``ordered``.
@@ -226,21 +318,45 @@ async def drive(base: str, paths: list[str], clients: int, max_requests: int,
     def pct(q: float) -> float:
         return 1000 * done[min(len(done) - 1, int(q * len(done)))] if done else 0.0
 
-    return {"requests": len(done), "errors": errors, "wall_s": round(wall, 2),
-            "throughput_rps": round(len(done) / wall, 1),
-            "cache_hits": round(hits / len(done), 3) if done else None,
-            "p50_ms": round(pct(0.50), 1),
-            "p99_ms": round(pct(0.99), 1),
-            "mean_ms": round(1000 * statistics.fmean(done), 1) if done else None}
+    return {
+        "requests": len(done),
+        "errors": errors,
+        "wall_s": round(wall, 2),
+        "throughput_rps": round(len(done) / wall, 1),
+        "cache_hits": round(hits / len(done), 3) if done else None,
+        "p50_ms": round(pct(0.50), 1),
+        "p99_ms": round(pct(0.99), 1),
+        "mean_ms": round(1000 * statistics.fmean(done), 1) if done else None,
+    }
 
 
 def serve(url: str, port: int, workers: int, cache: bool) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "ALPHAWATCH_DATABASE_URL": url, "PYTHONPATH": str(ROOT),
-           "ALPHAWATCH_API_CACHE_MB": "256" if cache else "0"}
+    env = {
+        **os.environ,
+        "ALPHAWATCH_DATABASE_URL": url,
+        "PYTHONPATH": str(ROOT),
+        "ALPHAWATCH_API_CACHE_MB": "256" if cache else "0",
+    }
     process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "--factory", "alphawatch.service.api:create_app",
-         "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers),
-         "--log-level", "warning", "--no-access-log"], env=env, cwd=ROOT)
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--factory",
+            "alphawatch.service.api:create_app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            str(workers),
+            "--log-level",
+            "warning",
+            "--no-access-log",
+        ],
+        env=env,
+        cwd=ROOT,
+    )
     for _ in range(200):
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
@@ -254,8 +370,9 @@ def serve(url: str, port: int, workers: int, cache: bool) -> subprocess.Popen[by
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--admin-url",
-                        default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+    parser.add_argument(
+        "--admin-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+    )
     parser.add_argument("--database", default="aw_bench")
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--checkpoints", type=int, default=500)
@@ -272,8 +389,12 @@ def main() -> None:
     admin = make_url(args.admin_url)
     url = admin.set(database=args.database).render_as_string(hide_password=False)
     with psycopg.connect(libpq(args.admin_url), autocommit=True) as conn:
-        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s",
-                              (args.database,)).fetchone() is not None
+        exists = (
+            conn.execute(
+                "SELECT 1 FROM pg_database WHERE datname = %s", (args.database,)
+            ).fetchone()
+            is not None
+        )
         if exists and not args.reuse:
             conn.execute(f'DROP DATABASE "{args.database}" WITH (FORCE)')
         if not exists or not args.reuse:
@@ -285,26 +406,36 @@ def main() -> None:
     with psycopg.connect(libpq(url)) as conn:
         n_runs, n_ckpt, n_layers = conn.execute(
             "SELECT (SELECT count(*) FROM run), (SELECT count(*) FROM checkpoint), "
-            "(SELECT count(*) FROM layer_metric)").fetchone() or (0, 0, 0)
-        size = conn.execute("SELECT pg_size_pretty(pg_database_size(current_database()))"
-                            ).fetchone()
+            "(SELECT count(*) FROM layer_metric)"
+        ).fetchone() or (0, 0, 0)
+        size = conn.execute(
+            "SELECT pg_size_pretty(pg_database_size(current_database()))"
+        ).fetchone()
     names = [n for n, _, _ in layer_names(args.layers)]
     rng = random.Random(0)
-    trend_paths = [f"/api/v1/runs/{r}/trend?metric=alpha&stat=median&filter=trusted"
-                   for r in range(1, n_runs + 1)]
-    trend_kind_paths = [f"/api/v1/runs/{r}/trend?metric=alpha&stat=median&filter=trusted"
-                        f"&kind=q,k,v,o,qkv" for r in range(1, n_runs + 1)]
-    trend_block_paths = [f"/api/v1/runs/{r}/trend?metric=alpha&stat=median&filter=trusted"
-                         f"&block_min=0&block_max=9" for r in range(1, n_runs + 1)]
-    history_paths = [f"/api/v1/runs/{rng.randint(1, n_runs)}/layers/{rng.choice(names)}/history"
-                     for _ in range(2000)]
+    trend_paths = [
+        f"/api/v1/runs/{r}/trend?metric=alpha&stat=median&filter=trusted"
+        for r in range(1, n_runs + 1)
+    ]
+    trend_kind_paths = [
+        f"/api/v1/runs/{r}/trend?metric=alpha&stat=median&filter=trusted&kind=q,k,v,o,qkv"
+        for r in range(1, n_runs + 1)
+    ]
+    trend_block_paths = [
+        f"/api/v1/runs/{r}/trend?metric=alpha&stat=median&filter=trusted&block_min=0&block_max=9"
+        for r in range(1, n_runs + 1)
+    ]
+    history_paths = [
+        f"/api/v1/runs/{rng.randint(1, n_runs)}/layers/{rng.choice(names)}/history"
+        for _ in range(2000)
+    ]
     results: dict[str, Any] = {}
-    endpoints = (("trend (whole model, kept statistics)", trend_paths, args.requests),
-                 ("layer history", history_paths, args.requests),
-                 ("trend of the attention group (kept statistics)", trend_kind_paths,
-                  args.requests),
-                 ("trend of blocks 0-9 (from layer rows)", trend_block_paths,
-                  max(args.requests // 20, 32)))
+    endpoints = (
+        ("trend (whole model, kept statistics)", trend_paths, args.requests),
+        ("layer history", history_paths, args.requests),
+        ("trend of the attention group (kept statistics)", trend_kind_paths, args.requests),
+        ("trend of blocks 0-9 (from layer rows)", trend_block_paths, max(args.requests // 20, 32)),
+    )
     base = f"http://127.0.0.1:{args.port}"
     for cache in (True, False):
         mode = "result cache on" if cache else "result cache off"
@@ -319,21 +450,30 @@ def main() -> None:
                     # most of them. The "cache off" rows give the cost of every miss.
                     distinct = sorted(set(paths))
                     for _ in range(2):
-                        asyncio.run(drive(base, distinct, args.clients, len(distinct), 600,
-                                          ordered=True))
+                        asyncio.run(
+                            drive(base, distinct, args.clients, len(distinct), 600, ordered=True)
+                        )
                 results[f"{label}, {mode}"] = asyncio.run(
-                    drive(base, paths, args.clients, n, args.seconds))
+                    drive(base, paths, args.clients, n, args.seconds)
+                )
                 print(f"{label}, {mode}", json.dumps(results[f"{label}, {mode}"]), flush=True)
         finally:
             server.send_signal(signal.SIGINT)
             server.wait(timeout=30)
     report = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
-                   f"{platform.python_implementation()} {platform.python_version()}",
+        f"{platform.python_implementation()} {platform.python_version()}",
         "postgres": psycopg.connect(libpq(url)).info.server_version,
-        "data": {"runs": n_runs, "checkpoints": n_ckpt, "layer_rows": n_layers,
-                 "database_size": size[0] if size else None, "fill_s": fill_s},
-        "clients": args.clients, "uvicorn_workers": args.workers, "results": results,
+        "data": {
+            "runs": n_runs,
+            "checkpoints": n_ckpt,
+            "layer_rows": n_layers,
+            "database_size": size[0] if size else None,
+            "fill_s": fill_s,
+        },
+        "clients": args.clients,
+        "uvicorn_workers": args.workers,
+        "results": results,
     }
     print(json.dumps(report, indent=2))
     if args.drop:

@@ -39,8 +39,10 @@ def write_shard(path: Path, header_mb: float, short: int = 0) -> int:
     entries, offset, size = [], 0, 0
     i = 0
     while size < header_mb * 1e6:
-        entry = (f'"model.layers.{i}.scale":{{"dtype":"F32","shape":[1],'
-                 f'"data_offsets":[{offset},{offset + 4}]}}')
+        entry = (
+            f'"model.layers.{i}.scale":{{"dtype":"F32","shape":[1],'
+            f'"data_offsets":[{offset},{offset + 4}]}}'
+        )
         entries.append(entry)
         size += len(entry) + 1
         offset += 4
@@ -80,15 +82,32 @@ def main() -> None:
         length = write_shard(shard, args.header_mb, short=1 if args.grow else 0)
         (folder / "trainer_state.json").write_text(json.dumps({"global_step": 1}))
         port = _port()
-        env = {**os.environ, "PYTHONPATH": str(args.code or ROOT),
-               "ALPHAWATCH_SETTLE_S": "30", "ALPHAWATCH_POLL_INTERVAL_S": "1",
-               "ALPHAWATCH_DEVICE": "cpu"}
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(args.code or ROOT),
+            "ALPHAWATCH_SETTLE_S": "30",
+            "ALPHAWATCH_POLL_INTERVAL_S": "1",
+            "ALPHAWATCH_DEVICE": "cpu",
+        }
         log = Path(tmp) / "up.log"
         with log.open("wb") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "alphawatch", "up", str(run), "--db",
-                 f"sqlite:///{tmp}/aw.db", "--port", str(port)],
-                cwd=tmp, env=env, stdout=out, stderr=out)
+                [
+                    sys.executable,
+                    "-m",
+                    "alphawatch",
+                    "up",
+                    str(run),
+                    "--db",
+                    f"sqlite:///{tmp}/aw.db",
+                    "--port",
+                    str(port),
+                ],
+                cwd=tmp,
+                env=env,
+                stdout=out,
+                stderr=out,
+            )
         url = f"http://127.0.0.1:{port}/health"
         worst, answers, grown = 0.0, 0, 0
         try:
@@ -120,10 +139,20 @@ def main() -> None:
         finally:
             proc.terminate()
             proc.wait(timeout=60)
-    print(json.dumps({"code": str(args.code or ROOT), "header_bytes": length,
-                      "grow": args.grow, "bytes_appended": grown, "seconds": args.seconds,
-                      "api_answers": answers, "api_worst_s": round(worst, 3),
-                      "up_peak_rss_mib": round(peak, 1)}))
+    print(
+        json.dumps(
+            {
+                "code": str(args.code or ROOT),
+                "header_bytes": length,
+                "grow": args.grow,
+                "bytes_appended": grown,
+                "seconds": args.seconds,
+                "api_answers": answers,
+                "api_worst_s": round(worst, 3),
+                "up_peak_rss_mib": round(peak, 1),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -56,8 +56,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="aw-bench-budget-"))
     demo, wide = work / "demo", work / "wide"
     train(demo, steps=2, save_every=2, seed=0)
-    train(wide, steps=2, save_every=2, d_model=512, n_layers=4, ffn=1376, seq_len=16,
-          batch_size=2)
+    train(wide, steps=2, save_every=2, d_model=512, n_layers=4, ffn=1376, seq_len=16, batch_size=2)
 
     child = AnalysisChild(options, budget)
     starts = []
@@ -70,8 +69,10 @@ def main() -> int:
     assert child.pid is not None
     idle_mb = resident_mb(child.pid) or 0.0
 
-    print(f"child start (spawn + import torch), median of {args.repeats}: {start_s:.2f} s; "
-          f"idle child anonymous memory {idle_mb:.0f} MB")
+    print(
+        f"child start (spawn + import torch), median of {args.repeats}: {start_s:.2f} s; "
+        f"idle child anonymous memory {idle_mb:.0f} MB"
+    )
     trips = []
     for _ in range(20):
         started = time.perf_counter()
@@ -79,10 +80,14 @@ def main() -> int:
         with contextlib.suppress(AnalysisFailed):
             child.analyze(work / "missing", None)
         trips.append(time.perf_counter() - started)
-    print(f"round trip of a job that does no work, median of 20: "
-          f"{statistics.median(trips) * 1000:.1f} ms")
-    print("| checkpoint | in-process s (CPU s) | warm child s (CPU s) | overhead, median of pairs "
-          "| cold child s | worker CPU while watching |")
+    print(
+        f"round trip of a job that does no work, median of 20: "
+        f"{statistics.median(trips) * 1000:.1f} ms"
+    )
+    print(
+        "| checkpoint | in-process s (CPU s) | warm child s (CPU s) | overhead, median of pairs "
+        "| cold child s | worker CPU while watching |"
+    )
     print("|---|---|---|---|---|---|")
     for name, run in (("demo, 2 x 128-wide", demo), ("4 x 512-wide", wide)):
         path = run / "checkpoint-2"
@@ -102,8 +107,7 @@ def main() -> int:
             warm.append(time.perf_counter() - started)
             child_cpu.append(_cpu_s(child.pid) - before)
             after = resource.getrusage(resource.RUSAGE_SELF)
-            watch.append((after.ru_utime - cpu.ru_utime + after.ru_stime - cpu.ru_stime)
-                         / warm[-1])
+            watch.append((after.ru_utime - cpu.ru_utime + after.ru_stime - cpu.ru_stime) / warm[-1])
             if i % 2 == 0:
                 child.close()
                 started = time.perf_counter()
@@ -112,10 +116,12 @@ def main() -> int:
                 cold.append(time.perf_counter() - started)
         in_process, in_child = statistics.median(local), statistics.median(warm)
         overhead = statistics.median(w - loc for w, loc in zip(warm, local, strict=True))
-        print(f"| {name} | {in_process:.3f} ({statistics.median(local_cpu):.3f}) | "
-              f"{in_child:.3f} ({statistics.median(child_cpu):.3f}) | {overhead:+.3f} s "
-              f"({overhead / in_process:+.0%}) | {statistics.median(cold):.2f} | "
-              f"{statistics.median(watch):.1%} of a core |")
+        print(
+            f"| {name} | {in_process:.3f} ({statistics.median(local_cpu):.3f}) | "
+            f"{in_child:.3f} ({statistics.median(child_cpu):.3f}) | {overhead:+.3f} s "
+            f"({overhead / in_process:+.0%}) | {statistics.median(cold):.2f} | "
+            f"{statistics.median(watch):.1%} of a core |"
+        )
     child.close()
     return 0
 

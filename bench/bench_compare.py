@@ -85,8 +85,9 @@ def _powerlaw(data: np.ndarray, xmin: float) -> None:
 
 def _module_at(rev: str, path: str, name: str, folder: Path) -> ModuleType:
     """``path`` as it was at git revision ``rev``, loaded as a module of its own."""
-    source = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=ROOT, check=True,
-                            capture_output=True, text=True).stdout
+    source = subprocess.run(
+        ["git", "show", f"{rev}:{path}"], cwd=ROOT, check=True, capture_output=True, text=True
+    ).stdout
     file = folder / f"{name}.py"
     file.write_text(source)
     spec = importlib.util.spec_from_file_location(name, file)
@@ -97,16 +98,19 @@ def _module_at(rev: str, path: str, name: str, folder: Path) -> ModuleType:
     return module
 
 
-def _layer(fit_module: ModuleType, compare_module: ModuleType,
-           spectra: dict[str, np.ndarray]) -> tuple[Callable[[], object], Callable[[], object]]:
+def _layer(
+    fit_module: ModuleType, compare_module: ModuleType, spectra: dict[str, np.ndarray]
+) -> tuple[Callable[[], object], Callable[[], object]]:
     fits = {k: fit_module.fit_power_law(v, "ww", bootstrap_samples=32) for k, v in spectra.items()}
 
     def fit() -> object:
         return [fit_module.fit_power_law(v, "ww", bootstrap_samples=32) for v in spectra.values()]
 
     def tests() -> object:
-        return [compare_module.result_fields(fits[k], compare_module.compare_fit(fits[k], v))
-                for k, v in spectra.items()]
+        return [
+            compare_module.result_fields(fits[k], compare_module.compare_fit(fits[k], v))
+            for k, v in spectra.items()
+        ]
 
     tests()  # first use: lazy imports
     return fit, tests
@@ -118,19 +122,23 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline", help="git revision to compare the 1024-wide layer with")
     args = parser.parse_args()
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; python "
-          f"{platform.python_version()}, numpy {np.__version__}, scipy {scipy.__version__}, "
-          f"powerlaw {powerlaw.__version__}; load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores; python "
+        f"{platform.python_version()}, numpy {np.__version__}, scipy {scipy.__version__}, "
+        f"powerlaw {powerlaw.__version__}; load average {os.getloadavg()[0]:.1f}"
+    )
 
     spectra = _layer_spectra()
     fit, tests = _layer(sys.modules[fit_power_law.__module__], compare, spectra)
     rows = [("this code", fit, tests)]
     with tempfile.TemporaryDirectory() as folder:
         if args.baseline:
-            old_fit = _module_at(args.baseline, "workers/spectral/plfit.py", "baseline_plfit",
-                                 Path(folder))
-            old_compare = _module_at(args.baseline, "workers/spectral/compare.py",
-                                     "baseline_compare", Path(folder))
+            old_fit = _module_at(
+                args.baseline, "workers/spectral/plfit.py", "baseline_plfit", Path(folder)
+            )
+            old_compare = _module_at(
+                args.baseline, "workers/spectral/compare.py", "baseline_compare", Path(folder)
+            )
             rows.insert(0, (args.baseline, *_layer(old_fit, old_compare, spectra)))
         cells: dict[str, list[list[float]]] = {row[0]: [[], []] for row in rows}
         for _ in range(REPEATS):  # alternating, so that both see the same load
@@ -159,8 +167,9 @@ def main() -> int:
         evals = _spectrum(n, n)
         plain = fit_power_law(evals, "ww")
         assert plain is not None
-        row = [_cpu(lambda m=m, e=evals: fit_power_law(e, m))
-               for m in ("ww", "xmin_peak", "clip_xmax")]
+        row = [
+            _cpu(lambda m=m, e=evals: fit_power_law(e, m)) for m in ("ww", "xmin_peak", "clip_xmax")
+        ]
         tail = evals[evals >= plain.xmin]
         row.append(_cpu(lambda t=tail, x=plain.xmin: compare_tail(t, x)))
         print(f"| {n} (tail {tail.size}) | " + " | ".join(f"{1e3 * c:.1f}" for c in row) + " |")

@@ -43,17 +43,23 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=50)
     p.add_argument("--checkpoints", type=int, default=200, help="per run")
     p.add_argument("--db", choices=("sqlite", "postgres"), default="sqlite")
-    p.add_argument("--pg", default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres",
-                   help="admin URL of the PostgreSQL server (a database aw_bench_disc is made)")
+    p.add_argument(
+        "--pg",
+        default="postgresql+psycopg://postgres@127.0.0.1:5432/postgres",
+        help="admin URL of the PostgreSQL server (a database aw_bench_disc is made)",
+    )
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--poll", type=float, default=5.0, help="the workers' poll interval")
     p.add_argument("--polls", type=int, default=5, help="steady-state polls timed in-process")
     p.add_argument("--window", type=float, default=30.0, help="seconds of fleet CPU measured")
     p.add_argument("--tree", type=Path, default=Path(tempfile.gettempdir()) / "aw-bench-disc")
     p.add_argument("--code", type=Path, help="import alphawatch from this folder instead")
-    p.add_argument("--warmup", type=float,
-                   help="seconds the workers get for start-up and their first pass before "
-                        "the window (default: from the in-process first pass)")
+    p.add_argument(
+        "--warmup",
+        type=float,
+        help="seconds the workers get for start-up and their first pass before "
+        "the window (default: from the in-process first pass)",
+    )
     p.add_argument("--label", default="after")
     p.add_argument("--no-fleet", action="store_true", help="the in-process figures only")
     return p.parse_args()
@@ -75,8 +81,15 @@ from alphawatch.workers.watcher import Watcher  # noqa: E402
 
 def _safetensors(seed: int) -> bytes:
     """A whole safetensors file of one 8 x 4 float32 matrix, built by hand (no torch)."""
-    header = json.dumps({"model.layers.0.mlp.up_proj.weight": {
-        "dtype": "F32", "shape": [8, 4], "data_offsets": [0, 128]}}).encode()
+    header = json.dumps(
+        {
+            "model.layers.0.mlp.up_proj.weight": {
+                "dtype": "F32",
+                "shape": [8, 4],
+                "data_offsets": [0, 128],
+            }
+        }
+    ).encode()
     header += b" " * (-len(header) % 8)
     data = bytes((seed * 7 + i) % 251 for i in range(128))
     return len(header).to_bytes(8, "little") + header + data
@@ -130,22 +143,42 @@ def fill(url: str, root: Path) -> None:
     now = datetime.now(UTC)
     with engine.begin() as conn:
         for run_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-            run_id = conn.execute(insert(Run).values(
-                name=run_dir.name, path=str(run_dir), created_at=now).returning(Run.id)).scalar()
-            rows = [{"run_id": run_id, "step": int(c.name.split("-")[1]), "path": str(c),
-                     "fingerprint": fingerprint(c), "format": "hf", "status": "done",
-                     "discovered_at": now, "finished_at": now, "analysis_count": 1}
-                    for c in sorted(run_dir.iterdir())]
+            run_id = conn.execute(
+                insert(Run)
+                .values(name=run_dir.name, path=str(run_dir), created_at=now)
+                .returning(Run.id)
+            ).scalar()
+            rows = [
+                {
+                    "run_id": run_id,
+                    "step": int(c.name.split("-")[1]),
+                    "path": str(c),
+                    "fingerprint": fingerprint(c),
+                    "format": "hf",
+                    "status": "done",
+                    "discovered_at": now,
+                    "finished_at": now,
+                    "analysis_count": 1,
+                }
+                for c in sorted(run_dir.iterdir())
+            ]
             ids = conn.execute(insert(Checkpoint).returning(Checkpoint.id), rows).scalars().all()
-            conn.execute(insert(AnalysisJob), [{"checkpoint_id": i, "status": "done",
-                                                "attempts": 1} for i in ids])
+            conn.execute(
+                insert(AnalysisJob),
+                [{"checkpoint_id": i, "status": "done", "attempts": 1} for i in ids],
+            )
     engine.dispose()
     print(f"database: filled in {time.monotonic() - started:.0f}s")
 
 
 def settings_for(url: str, root: Path) -> Settings:
-    return Settings(database_url=url, allowed_roots=[root], device="cpu", settle_s=0.0,
-                    poll_interval_s=ARGS.poll)
+    return Settings(
+        database_url=url,
+        allowed_roots=[root],
+        device="cpu",
+        settle_s=0.0,
+        poll_interval_s=ARGS.poll,
+    )
 
 
 def in_process(url: str, root: Path) -> dict[str, float]:
@@ -161,9 +194,12 @@ def in_process(url: str, root: Path) -> dict[str, float]:
         cpus.append(time.process_time() - c0)
     watcher.engine.dispose()
     dispose_all()
-    return {"first_pass_cpu_s": first_cpu, "first_pass_wall_s": first_wall,
-            "poll_cpu_ms_median": 1000 * statistics.median(cpus),
-            "poll_cpu_ms_max": 1000 * max(cpus)}
+    return {
+        "first_pass_cpu_s": first_cpu,
+        "first_pass_wall_s": first_wall,
+        "poll_cpu_ms_median": 1000 * statistics.median(cpus),
+        "poll_cpu_ms_max": 1000 * max(cpus),
+    }
 
 
 def _cpu_s(pid: int) -> float:
@@ -175,8 +211,12 @@ def _registered(url: str, path: Path) -> bool:
     engine = create_engine(url)
     try:
         with engine.connect() as conn:
-            return conn.execute(text("SELECT count(*) FROM checkpoint WHERE path = :p"),
-                                {"p": str(path)}).scalar() == 1
+            return (
+                conn.execute(
+                    text("SELECT count(*) FROM checkpoint WHERE path = :p"), {"p": str(path)}
+                ).scalar()
+                == 1
+            )
     finally:
         engine.dispose()
 
@@ -188,8 +228,10 @@ def _notice(url: str, root: Path, step: int, run: int, request_scan: bool) -> fl
     if request_scan:
         engine = create_engine(url)
         with engine.begin() as conn:
-            conn.execute(text("UPDATE run SET scan_requested_at = :now WHERE path = :p"),
-                         {"now": datetime.now(UTC), "p": str(folder.parent)})
+            conn.execute(
+                text("UPDATE run SET scan_requested_at = :now WHERE path = :p"),
+                {"now": datetime.now(UTC), "p": str(folder.parent)},
+            )
         engine.dispose()
     deadline = written + 10 * ARGS.poll + 60
     while not _registered(url, folder):
@@ -199,25 +241,48 @@ def _notice(url: str, root: Path, step: int, run: int, request_scan: bool) -> fl
     return time.monotonic() - written
 
 
-def fleet(url: str, root: Path, first_pass_wall_s: float
-          ) -> tuple[dict[str, float], list[float]]:
-    env = {**os.environ, "PYTHONPATH": str(CODE), "ALPHAWATCH_ALLOWED_ROOTS": json.dumps(
-        [str(root)]), "ALPHAWATCH_SETTLE_S": "0", "ALPHAWATCH_DEVICE": "cpu"}
+def fleet(url: str, root: Path, first_pass_wall_s: float) -> tuple[dict[str, float], list[float]]:
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(CODE),
+        "ALPHAWATCH_ALLOWED_ROOTS": json.dumps([str(root)]),
+        "ALPHAWATCH_SETTLE_S": "0",
+        "ALPHAWATCH_DEVICE": "cpu",
+    }
     logs = root.parent / "workers.log"
     probe = root / f"run-{ARGS.runs - 1:04d}" / "checkpoint-1000000099"
     write_checkpoint(probe, 10**9 + 99)
     with logs.open("wb") as out:
-        procs = [subprocess.Popen([sys.executable, "-m", "alphawatch", "watch", "--db", url,
-                                   "--poll", str(ARGS.poll)], env=env, stdout=out, stderr=out,
-                                  cwd=root.parent) for _ in range(ARGS.workers)]
+        procs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "alphawatch",
+                    "watch",
+                    "--db",
+                    url,
+                    "--poll",
+                    str(ARGS.poll),
+                ],
+                env=env,
+                stdout=out,
+                stderr=out,
+                cwd=root.parent,
+            )
+            for _ in range(ARGS.workers)
+        ]
     result: dict[str, float] = {}
     per_process: list[float] = []
     try:
         # Start-up (imports, the analysis process) and the first pass: over once a checkpoint
         # written in the last run before the workers started is registered (the first pass
         # reaches it last), and two polls later.
-        longest = (ARGS.warmup if ARGS.warmup is not None else
-                   max(60.0, 4 * first_pass_wall_s * ARGS.workers + 2 * ARGS.poll))
+        longest = (
+            ARGS.warmup
+            if ARGS.warmup is not None
+            else max(60.0, 4 * first_pass_wall_s * ARGS.workers + 2 * ARGS.poll)
+        )
         started = time.monotonic()
         while not _registered(url, probe) and time.monotonic() - started < longest:
             time.sleep(1.0)
@@ -239,8 +304,9 @@ def fleet(url: str, root: Path, first_pass_wall_s: float
         result["notice_s_max"] = max(latencies)
         columns = {c["name"] for c in inspect(create_engine(url)).get_columns("run")}
         if "scan_requested_at" in columns:
-            pushed = [_notice(url, root, base + 10 + i, (i * 53) % ARGS.runs, True)
-                      for i in range(3)]
+            pushed = [
+                _notice(url, root, base + 10 + i, (i * 53) % ARGS.runs, True) for i in range(3)
+            ]
             result["scan_now_s_mean"] = statistics.mean(pushed)
             result["scan_now_s_max"] = max(pushed)
     finally:
@@ -268,10 +334,16 @@ def main() -> None:
     url = make_database(ARGS.db, ARGS.tree)
     fill(url, root)
     figures: dict[str, object] = {
-        "label": ARGS.label, "runs": ARGS.runs, "checkpoints": ARGS.runs * ARGS.checkpoints,
-        "db": ARGS.db, "workers": ARGS.workers, "poll_s": ARGS.poll,
-        "python": platform.python_version(), "cpus": os.cpu_count(),
-        "load_avg_at_start": round(os.getloadavg()[0], 2)}
+        "label": ARGS.label,
+        "runs": ARGS.runs,
+        "checkpoints": ARGS.runs * ARGS.checkpoints,
+        "db": ARGS.db,
+        "workers": ARGS.workers,
+        "poll_s": ARGS.poll,
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "load_avg_at_start": round(os.getloadavg()[0], 2),
+    }
     figures.update({k: round(v, 3) for k, v in in_process(url, root).items()})
     print(json.dumps(figures), flush=True)
     if not ARGS.no_fleet:

@@ -78,6 +78,7 @@ def main() -> int:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="alphawatch-bench-"))
     try:
+
         def fresh_db(name: str) -> str:
             url = args.db or f"sqlite:///{work / name}.db"
             upgrade(url)
@@ -85,30 +86,51 @@ def main() -> int:
 
         demo = work / "demo"
         train(demo, steps=60, save_every=10)
-        settings = Settings(database_url=fresh_db("latency"), device=args.device, settle_s=0.0,
-                            poll_interval_s=args.poll)
+        settings = Settings(
+            database_url=fresh_db("latency"),
+            device=args.device,
+            settle_s=0.0,
+            poll_interval_s=args.poll,
+        )
         latencies = _latency(settings, demo, work)
-        demo_n, demo_s = _throughput(settings.model_copy(
-            update={"database_url": fresh_db("demo")}), demo)
+        demo_n, demo_s = _throughput(
+            settings.model_copy(update={"database_url": fresh_db("demo")}), demo
+        )
 
         wide = work / "wide"
-        train(wide, steps=args.wide_checkpoints, save_every=1, d_model=1024, n_layers=8,
-              ffn=2752, seq_len=16, batch_size=2, n_heads=8)
-        wide_n, wide_s = _throughput(settings.model_copy(
-            update={"database_url": fresh_db("wide")}), wide)
+        train(
+            wide,
+            steps=args.wide_checkpoints,
+            save_every=1,
+            d_model=1024,
+            n_layers=8,
+            ffn=2752,
+            seq_len=16,
+            batch_size=2,
+            n_heads=8,
+        )
+        wide_n, wide_s = _throughput(
+            settings.model_copy(update={"database_url": fresh_db("wide")}), wide
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-          f"python {platform.python_version()}, torch {torch.__version__}, device {args.device}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+        f"python {platform.python_version()}, torch {torch.__version__}, device {args.device}"
+    )
     print("| measure | value |\n|---|---|")
     print(f"| poll interval | {args.poll:.1f} s |")
-    print(f"| complete -> served, demo checkpoint (median of {len(latencies)}) | "
-          f"{sorted(latencies)[len(latencies) // 2]:.2f} s |")
+    print(
+        f"| complete -> served, demo checkpoint (median of {len(latencies)}) | "
+        f"{sorted(latencies)[len(latencies) // 2]:.2f} s |"
+    )
     print(f"| complete -> served, worst | {max(latencies):.2f} s |")
     print(f"| demo model (2 x 128-wide blocks): throughput | {60 * demo_n / demo_s:.1f} ckpt/min |")
-    print(f"| 1024-wide 8-layer Llama shape: throughput | {60 * wide_n / wide_s:.2f} ckpt/min "
-          f"({wide_s / max(wide_n, 1):.1f} s per checkpoint) |")
+    print(
+        f"| 1024-wide 8-layer Llama shape: throughput | {60 * wide_n / wide_s:.2f} ckpt/min "
+        f"({wide_s / max(wide_n, 1):.1f} s per checkpoint) |"
+    )
     return 0
 
 

@@ -50,9 +50,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT))
 
 FFN = {1024: 2752, 2048: 5504, 4096: 11008}
-NAMES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
-         "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj",
-         "down": "mlp.down_proj"}
+NAMES = {
+    "q": "self_attn.q_proj",
+    "k": "self_attn.k_proj",
+    "v": "self_attn.v_proj",
+    "o": "self_attn.o_proj",
+    "gate": "mlp.gate_proj",
+    "up": "mlp.up_proj",
+    "down": "mlp.down_proj",
+}
 
 _WW_CHILD = """
 import json, logging, sys, warnings
@@ -100,12 +106,12 @@ def write_layer(width: int, path: Path) -> None:
 
     torch.manual_seed(0)
     weights = layer_weights(width, FFN[width])
-    save_file({f"model.layers.0.{NAMES[k]}.weight": v.contiguous() for k, v in weights.items()},
-              str(path))
+    save_file(
+        {f"model.layers.0.{NAMES[k]}.weight": v.contiguous() for k, v in weights.items()}, str(path)
+    )
 
 
-def timed(cmd: list[str], env: dict[str, str], cwd: Path | None = None
-          ) -> tuple[float, float, str]:
+def timed(cmd: list[str], env: dict[str, str], cwd: Path | None = None) -> tuple[float, float, str]:
     """Wall seconds, CPU seconds (user + system) of the child, and its stdout."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
@@ -118,25 +124,43 @@ def timed(cmd: list[str], env: dict[str, str], cwd: Path | None = None
     return wall, cpu, done.stdout
 
 
-def bench_width(width: int, repeats: int, work: Path, ww_threads: int | None,
-                baseline: Path | None = None) -> list[dict[str, object]]:
+def bench_width(
+    width: int, repeats: int, work: Path, ww_threads: int | None, baseline: Path | None = None
+) -> list[dict[str, object]]:
     path = work / f"layer{width}.safetensors"
     write_layer(width, path)
     env = dict(os.environ)
     ww_env = dict(env)
     if ww_threads:
-        ww_env.update({k: str(ww_threads) for k in
-                       ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")})
-    alphawatch = [sys.executable, "-m", "alphawatch", "analyze", str(path), "--device", "cpu",
-                  "--format", "json"]
+        ww_env.update(
+            {
+                k: str(ww_threads)
+                for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+            }
+        )
+    alphawatch = [
+        sys.executable,
+        "-m",
+        "alphawatch",
+        "analyze",
+        str(path),
+        "--device",
+        "cpu",
+        "--format",
+        "json",
+    ]
     variants: dict[str, tuple[list[str], dict[str, str], Path | None]] = {
         traps: (alphawatch, {**env, "ALPHAWATCH_CHECK_TRAPS": str(traps == "on")}, None)
-        for traps in ("on", "off")}
+        for traps in ("on", "off")
+    }
     if baseline is not None:
         # the other checkout's own interpreter and package, traps on
         other = {k: v for k, v in env.items() if k != "PYTHONPATH"}
-        variants["baseline on"] = ([str(baseline / ".venv/bin/python"), *alphawatch[1:]],
-                                   {**other, "ALPHAWATCH_CHECK_TRAPS": "True"}, baseline)
+        variants["baseline on"] = (
+            [str(baseline / ".venv/bin/python"), *alphawatch[1:]],
+            {**other, "ALPHAWATCH_CHECK_TRAPS": "True"},
+            baseline,
+        )
     runs: dict[str, list[tuple[float, float]]] = {"ww": [], **{k: [] for k in variants}}
     alphas: dict[str, dict[str, float]] = {}
     for _ in range(repeats):
@@ -146,8 +170,9 @@ def bench_width(width: int, repeats: int, work: Path, ww_threads: int | None,
         for traps, (cmd, traps_env, cwd) in variants.items():
             wall, cpu, out = timed(cmd, traps_env, cwd)
             runs[traps].append((wall, cpu))
-            alphas[traps] = {layer["name"] + ".weight": layer["alpha"]
-                             for layer in json.loads(out)["layers"]}
+            alphas[traps] = {
+                layer["name"] + ".weight": layer["alpha"] for layer in json.loads(out)["layers"]
+            }
     ww_wall = statistics.median(w for w, _ in runs["ww"])
     ww_cpu = statistics.median(c for _, c in runs["ww"])
     rows = []
@@ -155,9 +180,20 @@ def bench_width(width: int, repeats: int, work: Path, ww_threads: int | None,
         wall = statistics.median(w for w, _ in runs[traps])
         cpu = statistics.median(c for _, c in runs[traps])
         diff = max(abs(alphas[traps][k] - a) / abs(a) for k, a in alphas["ww"].items())
-        rows.append({"width": width, "traps": traps, "ww_s": ww_wall, "ours_s": wall,
-                     "ratio": ww_wall / wall, "ww_cpu": ww_cpu, "ours_cpu": cpu,
-                     "cpu_ratio": ww_cpu / cpu, "diff": diff, "n": repeats})
+        rows.append(
+            {
+                "width": width,
+                "traps": traps,
+                "ww_s": ww_wall,
+                "ours_s": wall,
+                "ratio": ww_wall / wall,
+                "ww_cpu": ww_cpu,
+                "ours_cpu": cpu,
+                "cpu_ratio": ww_cpu / cpu,
+                "diff": diff,
+                "n": repeats,
+            }
+        )
     return rows
 
 
@@ -166,13 +202,23 @@ def wide_run(checkpoints: int, work: Path) -> Path:
     from alphawatch.workers.demo_run import train
 
     wide = work / "wide"
-    train(wide, steps=checkpoints, save_every=1, d_model=1024, n_layers=8, ffn=2752,
-          seq_len=16, batch_size=2, n_heads=8)
+    train(
+        wide,
+        steps=checkpoints,
+        save_every=1,
+        d_model=1024,
+        n_layers=8,
+        ffn=2752,
+        seq_len=16,
+        batch_size=2,
+        n_heads=8,
+    )
     return wide
 
 
-def worker_against(baseline: Path, checkpoints: int, repeats: int, work: Path
-                   ) -> dict[str, list[float]]:
+def worker_against(
+    baseline: Path, checkpoints: int, repeats: int, work: Path
+) -> dict[str, list[float]]:
     """ckpt/min of this checkout's worker and of ``baseline``'s, alternated, same run."""
     wide = wide_run(checkpoints, work)
     rates: dict[str, list[float]] = {"baseline": [], "this checkout": []}
@@ -204,20 +250,32 @@ def main() -> int:
     parser.add_argument("--widths", type=str, help="comma-separated, of 1024,2048,4096")
     parser.add_argument("--repeats", type=int, help="runs of each process per width")
     parser.add_argument("--checkpoints", type=int, help="checkpoints through the worker")
-    parser.add_argument("--baseline", type=Path,
-                        help="another checkout (with its .venv) to time in the same runs")
-    parser.add_argument("--ww-blas-threads", type=int,
-                        help="BLAS threads of weightwatcher's process (default: its own); 1 "
-                        "spares it the collapse of threaded OpenBLAS on a busy machine")
-    parser.add_argument("--worker-baseline", type=Path,
-                        help="only the worker: another checkout's code (run on this "
-                        "interpreter, e.g. a `git worktree` of the commit an issue was filed "
-                        "at) against this one, alternated on the same run")
+    parser.add_argument(
+        "--baseline", type=Path, help="another checkout (with its .venv) to time in the same runs"
+    )
+    parser.add_argument(
+        "--ww-blas-threads",
+        type=int,
+        help="BLAS threads of weightwatcher's process (default: its own); 1 "
+        "spares it the collapse of threaded OpenBLAS on a busy machine",
+    )
+    parser.add_argument(
+        "--worker-baseline",
+        type=Path,
+        help="only the worker: another checkout's code (run on this "
+        "interpreter, e.g. a `git worktree` of the commit an issue was filed "
+        "at) against this one, alternated on the same run",
+    )
     args = parser.parse_args()
     if args.worker_baseline is not None:
         return worker_baseline(args.worker_baseline, args.checkpoints or 5, args.repeats or 4)
-    widths = ([int(w) for w in args.widths.split(",")] if args.widths
-              else [1024, 2048] if args.quick else [1024, 2048, 4096])
+    widths = (
+        [int(w) for w in args.widths.split(",")]
+        if args.widths
+        else [1024, 2048]
+        if args.quick
+        else [1024, 2048, 4096]
+    )
     repeats = args.repeats or (2 if args.quick else 3)
     checkpoints = args.checkpoints if args.checkpoints is not None else (3 if args.quick else 5)
     work = Path(tempfile.mkdtemp(prefix="alphawatch-bench-engine-"))
@@ -236,22 +294,30 @@ def main() -> int:
     import torch
     import weightwatcher
 
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; python "
-          f"{platform.python_version()}, torch {torch.__version__}, weightwatcher "
-          f"{weightwatcher.__version__}; load average during the run "
-          f"{min(load):.1f}..{max(load):.1f}; weightwatcher's BLAS threads: "
-          f"{args.ww_blas_threads or 'its default'}")
-    print("| layer | traps | weightwatcher s | alphawatch s | ratio | CPU s (ww / ours) "
-          "| CPU ratio | max rel. Δα | runs |")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores; python "
+        f"{platform.python_version()}, torch {torch.__version__}, weightwatcher "
+        f"{weightwatcher.__version__}; load average during the run "
+        f"{min(load):.1f}..{max(load):.1f}; weightwatcher's BLAS threads: "
+        f"{args.ww_blas_threads or 'its default'}"
+    )
+    print(
+        "| layer | traps | weightwatcher s | alphawatch s | ratio | CPU s (ww / ours) "
+        "| CPU ratio | max rel. Δα | runs |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['width']}-wide (ffn {FFN[int(str(r['width']))]}) | {r['traps']} | "
-              f"{r['ww_s']:.1f} | {r['ours_s']:.1f} | **{r['ratio']:.2f}x** | "
-              f"{r['ww_cpu']:.1f} / {r['ours_cpu']:.1f} | {r['cpu_ratio']:.2f}x | "
-              f"{r['diff']:.1e} | {r['n']} |")
+        print(
+            f"| {r['width']}-wide (ffn {FFN[int(str(r['width']))]}) | {r['traps']} | "
+            f"{r['ww_s']:.1f} | {r['ours_s']:.1f} | **{r['ratio']:.2f}x** | "
+            f"{r['ww_cpu']:.1f} / {r['ours_cpu']:.1f} | {r['cpu_ratio']:.2f}x | "
+            f"{r['diff']:.1e} | {r['n']} |"
+        )
     if count:
-        print(f"\n| 1024-wide 8-layer checkpoint through the worker | {60 * count / seconds:.2f} "
-              f"ckpt/min ({seconds / count:.1f} s per checkpoint, {count} checkpoints) |")
+        print(
+            f"\n| 1024-wide 8-layer checkpoint through the worker | {60 * count / seconds:.2f} "
+            f"ckpt/min ({seconds / count:.1f} s per checkpoint, {count} checkpoints) |"
+        )
     return 0
 
 
@@ -261,13 +327,17 @@ def worker_baseline(baseline: Path, checkpoints: int, repeats: int) -> int:
         rates = worker_against(baseline.resolve(), checkpoints, repeats, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; python "
-          f"{platform.python_version()}; 1024-wide 8-layer run, {checkpoints} checkpoints, "
-          f"fresh SQLite each time; load average {os.getloadavg()[0]:.1f} at the end")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores; python "
+        f"{platform.python_version()}; 1024-wide 8-layer run, {checkpoints} checkpoints, "
+        f"fresh SQLite each time; load average {os.getloadavg()[0]:.1f} at the end"
+    )
     print("| worker code | ckpt/min, alternated runs | median |\n|---|---|---|")
     for label, values in rates.items():
-        print(f"| {label} | {', '.join(f'{v:.2f}' for v in values)} | "
-              f"{statistics.median(values):.2f} |")
+        print(
+            f"| {label} | {', '.join(f'{v:.2f}' for v in values)} | "
+            f"{statistics.median(values):.2f} |"
+        )
     ratio = statistics.median(rates["this checkout"]) / statistics.median(rates["baseline"])
     print(f"\nratio of the medians: **{ratio:.2f}x**")
     return 0

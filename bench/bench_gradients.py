@@ -42,15 +42,25 @@ def write_checkpoint(folder: Path, hidden: int, layers: int, steps: int) -> Path
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=8192, hidden_size=hidden, intermediate_size=hidden * 8 // 3,
-                         num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
-                         max_position_embeddings=256, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=8192,
+        hidden_size=hidden,
+        intermediate_size=hidden * 8 // 3,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64),
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(config)
     decay = set(decay_parameter_names(model, next(iter(_DECAY_RULES.values()))))
     named = list(model.named_parameters())
-    optimizer = torch.optim.AdamW([
-        {"params": [p for n, p in named if n in decay], "weight_decay": 0.01},
-        {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}], lr=1e-3)
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": [p for n, p in named if n in decay], "weight_decay": 0.01},
+            {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
+        ],
+        lr=1e-3,
+    )
     for _ in range(steps):
         ids = torch.randint(0, config.vocab_size, (4, 64))
         model(input_ids=ids, labels=ids).loss.backward()
@@ -79,9 +89,13 @@ def timed(checkpoint: Path, widths: tuple[int, ...], rounds: int) -> dict[str, f
     for round_ in range(rounds + 1):
         for label, extra in CONFIGS.items():
             chosen = {k: (widths if v is None else v) for k, v in extra.items()}
-            options = AnalysisOptions(method="ww", thresholds=Thresholds(),
-                                      device=torch.device("cpu"), confine=Confinement(None),
-                                      **chosen)  # type: ignore[arg-type]
+            options = AnalysisOptions(
+                method="ww",
+                thresholds=Thresholds(),
+                device=torch.device("cpu"),
+                confine=Confinement(None),
+                **chosen,
+            )  # type: ignore[arg-type]
             started, cpu = time.perf_counter(), time.process_time()
             layers = analyze_checkpoint(checkpoint, None, options).layers
             if round_:  # the first round warms up, and is not counted
@@ -90,8 +104,10 @@ def timed(checkpoint: Path, widths: tuple[int, ...], rounds: int) -> dict[str, f
             rows[label] = len(layers)
     for label in CONFIGS:
         # CPU time too: on a shared machine wall-clock time measures the neighbours as much.
-        print(f"  {label:<28} {rows[label]:>4} rows  {min(walls[label]):7.2f} s wall  "
-              f"{min(cpus[label]):7.2f} s CPU  (least of {rounds})")
+        print(
+            f"  {label:<28} {rows[label]:>4} rows  {min(walls[label]):7.2f} s wall  "
+            f"{min(cpus[label]):7.2f} s CPU  (least of {rounds})"
+        )
     return {label: min(cpus[label]) for label in CONFIGS}
 
 
@@ -122,26 +138,36 @@ def main() -> None:
     args = parser.parse_args()
     import transformers
 
-    print(f"machine: {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} torch threads; python {platform.python_version()}, "
-          f"torch {torch.__version__}, transformers {transformers.__version__}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} torch threads; python {platform.python_version()}, "
+        f"torch {torch.__version__}, transformers {transformers.__version__}"
+    )
     widths = (args.hidden, 2 * args.hidden)
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = write_checkpoint(Path(tmp), args.hidden, args.layers, args.steps)
-        print(f"Llama hidden {args.hidden}, intermediate {args.hidden * 8 // 3}, "
-              f"{args.layers} blocks, vocab 8192; nested widths {widths}")
+        print(
+            f"Llama hidden {args.hidden}, intermediate {args.hidden * 8 // 3}, "
+            f"{args.layers} blocks, vocab 8192; nested widths {widths}"
+        )
         started = time.perf_counter()
         named = sum(1 for _ in iter_exp_avg(checkpoint))
-        print(f"  naming {named} optimizer entries (no analysis): "
-              f"{time.perf_counter() - started:.2f} s")
+        print(
+            f"  naming {named} optimizer entries (no analysis): "
+            f"{time.perf_counter() - started:.2f} s"
+        )
         cpu = timed(checkpoint, widths, args.repeat)
         base, grads, nested, both = cpu.values()
-        print(f"  CPU-time ratios to weights only: exp_avg x{grads / base:.2f}, "
-              f"widths x{nested / base:.2f}, both x{both / base:.2f}")
+        print(
+            f"  CPU-time ratios to weights only: exp_avg x{grads / base:.2f}, "
+            f"widths x{nested / base:.2f}, both x{both / base:.2f}"
+        )
         reference = weightwatcher_on_moments(checkpoint)
-        print(f"  weightwatcher 0.7.7 on the same exp_avg matrices (traps on): {reference:.2f} s "
-              f"CPU; ours, the exp_avg part: {grads - base:.2f} s CPU "
-              f"(x{reference / (grads - base):.1f})")
+        print(
+            f"  weightwatcher 0.7.7 on the same exp_avg matrices (traps on): {reference:.2f} s "
+            f"CPU; ours, the exp_avg part: {grads - base:.2f} s CPU "
+            f"(x{reference / (grads - base):.1f})"
+        )
 
 
 if __name__ == "__main__":

@@ -51,8 +51,14 @@ def fill(url: str, *, checkpoints: int, layers: int, seed: int = 0) -> int:
     with session_scope(engine) as session:
         run_id = registry.ensure_run(session, name="bench", path="/runs/bench")
         for i in range(checkpoints):
-            registry.register_checkpoint(session, run_id=run_id, step=(i + 1) * 100,
-                                      path=f"/r/{i}", fingerprint="x", fmt="hf")
+            registry.register_checkpoint(
+                session,
+                run_id=run_id,
+                step=(i + 1) * 100,
+                path=f"/r/{i}",
+                fingerprint="x",
+                fmt="hf",
+            )
     for _ in range(checkpoints):
         with session_scope(engine) as session:
             job = queue.claim(session, worker_id="bench", lease_s=60)
@@ -60,16 +66,32 @@ def fill(url: str, *, checkpoints: int, layers: int, seed: int = 0) -> int:
         rows = []
         for j in range(layers):
             kind = KINDS[j % len(KINDS)]
-            rows.append({"name": f"model.layers.{j // len(KINDS)}.{kind}_proj", "kind": kind,
-                         "block": j // len(KINDS), "method": "ww", "fit_status": "ok",
-                         "correlation_trap": False, "rank_collapse": False,
-                         "trusted": bool(rng.random() > 0.2),
-                         "alpha": float(rng.uniform(1.5, 9.0)), "D": 0.05,
-                         "num_pl_spikes": 20})
+            rows.append(
+                {
+                    "name": f"model.layers.{j // len(KINDS)}.{kind}_proj",
+                    "kind": kind,
+                    "block": j // len(KINDS),
+                    "method": "ww",
+                    "fit_status": "ok",
+                    "correlation_trap": False,
+                    "rank_collapse": False,
+                    "trusted": bool(rng.random() > 0.2),
+                    "alpha": float(rng.uniform(1.5, 9.0)),
+                    "D": 0.05,
+                    "num_pl_spikes": 20,
+                }
+            )
         with session_scope(engine) as session:
-            results.complete(session, job_id=job.job_id, worker_id="bench",
-                           layers=[LayerRow.from_mapping(r) for r in rows],
-                           spectra=[], device="cpu", elapsed_s=0.1, thresholds=Thresholds())
+            results.complete(
+                session,
+                job_id=job.job_id,
+                worker_id="bench",
+                layers=[LayerRow.from_mapping(r) for r in rows],
+                spectra=[],
+                device="cpu",
+                elapsed_s=0.1,
+                thresholds=Thresholds(),
+            )
     return run_id
 
 
@@ -97,8 +119,10 @@ def bench_callback(tmp: Path, saves: int) -> None:
             link.saved()
             link.gate_failed()
             times.append(time.perf_counter() - started)
-    print(f"callback, server up: register {register * 1e3:.1f} ms; per save (scan + gate) "
-          f"{ms(times)} over {saves} saves")
+    print(
+        f"callback, server up: register {register * 1e3:.1f} ms; per save (scan + gate) "
+        f"{ms(times)} over {saves} saves"
+    )
     down = RunLink(f"http://127.0.0.1:{free_port()}", "x")
     started = time.perf_counter()
     down.start(tmp / "down")
@@ -109,8 +133,10 @@ def bench_callback(tmp: Path, saves: int) -> None:
         down.saved()
         down.gate_failed()
         skipped.append(time.perf_counter() - started)
-    print(f"callback, server down: first call {first * 1e3:.2f} ms (one warning), then per "
-          f"save {ms(skipped)} (calls skipped for {down.retry_after_s:.0f} s)")
+    print(
+        f"callback, server down: first call {first * 1e3:.2f} ms (one warning), then per "
+        f"save {ms(skipped)} (calls skipped for {down.retry_after_s:.0f} s)"
+    )
 
 
 def bench_export(tmp: Path, checkpoints: int, layers: int) -> None:
@@ -118,23 +144,34 @@ def bench_export(tmp: Path, checkpoints: int, layers: int) -> None:
     upgrade(url)
     started = time.perf_counter()
     run_id = fill(url, checkpoints=checkpoints, layers=layers)
-    print(f"export: filled {checkpoints} checkpoints x {layers} layers in "
-          f"{time.perf_counter() - started:.1f} s")
-    targets = {"tensorboard": TensorBoardTarget(tmp / "tb"),
-               "mlflow": MlflowTarget(f"sqlite:///{tmp / 'mlflow.db'}")}
+    print(
+        f"export: filled {checkpoints} checkpoints x {layers} layers in "
+        f"{time.perf_counter() - started:.1f} s"
+    )
+    targets = {
+        "tensorboard": TensorBoardTarget(tmp / "tb"),
+        "mlflow": MlflowTarget(f"sqlite:///{tmp / 'mlflow.db'}"),
+    }
     for name, target in targets.items():
         for with_layers in (False, True):
             for attempt in ("first", "again"):
                 started = time.perf_counter()
                 tracker = target.open("bench")
                 with session_scope(make_engine(url)) as session:
-                    count = export_run(session=session, run_id=run_id, tracker=tracker,
-                                       thresholds=Thresholds(), method="ww",
-                                       layers=with_layers)
+                    count = export_run(
+                        session=session,
+                        run_id=run_id,
+                        tracker=tracker,
+                        thresholds=Thresholds(),
+                        method="ww",
+                        layers=with_layers,
+                    )
                 tracker.close()
                 elapsed = time.perf_counter() - started
-                print(f"export to {name:<11} {'layers' if with_layers else 'model ':<6} "
-                      f"{attempt:<5}: {count:>6} values in {elapsed:6.2f} s")
+                print(
+                    f"export to {name:<11} {'layers' if with_layers else 'model ':<6} "
+                    f"{attempt:<5}: {count:>6} values in {elapsed:6.2f} s"
+                )
 
 
 def main() -> int:
@@ -147,8 +184,10 @@ def main() -> int:
     import mlflow
     import torch
 
-    print(f"machine: {platform.machine()}, {platform.processor() or '?'}; python "
-          f"{platform.python_version()}; torch {torch.__version__}; mlflow {mlflow.__version__}")
+    print(
+        f"machine: {platform.machine()}, {platform.processor() or '?'}; python "
+        f"{platform.python_version()}; torch {torch.__version__}; mlflow {mlflow.__version__}"
+    )
     with tempfile.TemporaryDirectory() as folder:
         bench_callback(Path(folder), args.saves)
         bench_export(Path(folder), args.checkpoints, args.layers)

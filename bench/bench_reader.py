@@ -63,8 +63,18 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="alphawatch-reader-"))
     folder = work / "checkpoint-1"
     try:
-        subprocess.run([sys.executable, "-c", _WRITER, str(folder), str(args.tensors),
-                        str(args.dim), str(args.shards)], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                _WRITER,
+                str(folder),
+                str(args.tensors),
+                str(args.dim),
+                str(args.shards),
+            ],
+            check=True,
+        )
         size = sum(p.stat().st_size for p in folder.iterdir())
         # Imported after the write so that the baseline holds torch and alphawatch, nothing else.
         from alphawatch.workers.checkpoints import discover, iter_layers
@@ -83,15 +93,26 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
     largest = args.dim * args.dim * 4 / 1024  # KiB, float32
     over = (peak - baseline) / largest
-    print(json.dumps({"checkpoint_gib": round(size / 2**30, 2), "tensors": count,
-                      "read_s": round(elapsed, 2), "gib_per_s": round(size / 2**30 / elapsed, 2),
-                      "baseline_mib": baseline // 1024, "peak_mib": peak // 1024,
-                      "largest_fp32_mib": int(largest // 1024),
-                      "peak_over_baseline_in_largest_tensors": round(over, 2)}))
-    print(f"| {size / 2**30:.2f} GiB bf16, {count} x {args.dim}² in {args.shards} shards | "
-          f"{size / 2**30 / elapsed:.2f} GiB/s | {(peak - baseline) / 1024:.0f} MiB over a "
-          f"{baseline / 1024:.0f} MiB baseline = {over:.2f}x the largest fp32 tensor "
-          f"({largest / 1024:.0f} MiB) | {'within' if over <= 3 else 'OVER'} 3x |")
+    print(
+        json.dumps(
+            {
+                "checkpoint_gib": round(size / 2**30, 2),
+                "tensors": count,
+                "read_s": round(elapsed, 2),
+                "gib_per_s": round(size / 2**30 / elapsed, 2),
+                "baseline_mib": baseline // 1024,
+                "peak_mib": peak // 1024,
+                "largest_fp32_mib": int(largest // 1024),
+                "peak_over_baseline_in_largest_tensors": round(over, 2),
+            }
+        )
+    )
+    print(
+        f"| {size / 2**30:.2f} GiB bf16, {count} x {args.dim}² in {args.shards} shards | "
+        f"{size / 2**30 / elapsed:.2f} GiB/s | {(peak - baseline) / 1024:.0f} MiB over a "
+        f"{baseline / 1024:.0f} MiB baseline = {over:.2f}x the largest fp32 tensor "
+        f"({largest / 1024:.0f} MiB) | {'within' if over <= 3 else 'OVER'} 3x |"
+    )
     return 0 if over <= 3 else 1
 
 

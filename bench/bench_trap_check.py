@@ -87,15 +87,17 @@ def measure_matrix(weight: np.ndarray) -> dict[str, float] | None:
     tall = weight if weight.shape[0] >= weight.shape[1] else weight.T
     rows, small = tall.shape
     t: dict[str, float] = {}
-    t["w_gram"], product = cpu(lambda: lapack.gram_upper(
-        lambda i, j: tall[i:j], rows, small, np.float64))
+    t["w_gram"], product = cpu(
+        lambda: lapack.gram_upper(lambda i, j: tall[i:j], rows, small, np.float64)
+    )
     t["w_eig"], _ = cpu(lambda: lapack.eigvalsh(product, overwrite=True))
 
     perm = _permutations(analysed.limits.trap_seed, weight.size, 1)[0]
     flat = np.ascontiguousarray(weight, dtype=np.float32).reshape(-1)
     shuffled = flat.take(perm, mode="clip").reshape(rows, small)
-    t["s_gram"], upper = cpu(lambda: lapack.gram_upper(
-        lambda i, j: shuffled[i:j], rows, small, np.float32))
+    t["s_gram"], upper = cpu(
+        lambda: lapack.gram_upper(lambda i, j: shuffled[i:j], rows, small, np.float32)
+    )
     gram = np.triu(upper)
     gram += np.triu(gram, 1).T  # both triangles, for scipy's routines
     t["s_eig"], evals = cpu(lambda: lapack.eigvalsh(gram.copy(), overwrite=True, single=True))
@@ -109,8 +111,9 @@ def measure_matrix(weight: np.ndarray) -> dict[str, float] | None:
         seconds, (ldl, ipiv, _) = cpu(lambda: scipy_lapack.ssytrf(-shifted, lower=1))
         t["cheap"] += seconds
         count = positive_count(ldl, ipiv)
-    seconds, _ = cpu(lambda: eigsh(gram, k=min(max(count, 1), small - 2), which="LA",
-                                   return_eigenvectors=False))
+    seconds, _ = cpu(
+        lambda: eigsh(gram, k=min(max(count, 1), small - 2), which="LA", return_eigenvectors=False)
+    )
     t["cheap"] += seconds
     t.update(matrices=1, with_traps=float(traps > 0), counts_agree=float(count == traps))
     return t
@@ -130,8 +133,13 @@ def measure(path: Path) -> dict[str, float]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--width", type=int, default=2048, choices=(1024, 2048, 4096),
-                        help="the bench layer's width (default 2048)")
+    parser.add_argument(
+        "--width",
+        type=int,
+        default=2048,
+        choices=(1024, 2048, 4096),
+        help="the bench layer's width (default 2048)",
+    )
     args = parser.parse_args()
     from bench_engine import write_layer
 
@@ -139,29 +147,46 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="alphawatch-bench-traps-"))
     try:
-        train(work / "run", steps=1, save_every=1, d_model=1024, n_layers=8, ffn=2752,
-              seq_len=16, batch_size=2, n_heads=8)
+        train(
+            work / "run",
+            steps=1,
+            save_every=1,
+            d_model=1024,
+            n_layers=8,
+            ffn=2752,
+            seq_len=16,
+            batch_size=2,
+            n_heads=8,
+        )
         checkpoint = next((work / "run").glob("checkpoint-*/model.safetensors"))
         layer = work / f"layer{args.width}.safetensors"
         write_layer(args.width, layer)
-        rows = [("1024-wide 8-layer checkpoint (demo run)", measure(checkpoint)),
-                (f"{args.width}-wide bench layer", measure(layer))]
+        rows = [
+            ("1024-wide 8-layer checkpoint (demo run)", measure(checkpoint)),
+            (f"{args.width}-wide bench layer", measure(layer)),
+        ]
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; python "
-          f"{platform.python_version()}, numpy {np.__version__}, scipy {scipy.__version__}; "
-          "one BLAS thread, CPU s")
-    print("| input | matrices (with traps) | W: float64 Gram + eigenvalues | shuffle: float32 "
-          "Gram | shuffle: all eigenvalues | Cholesky / inertia + ARPACK | counts agree | "
-          "saving (CPU s, wall s on 2 cores) |")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores; python "
+        f"{platform.python_version()}, numpy {np.__version__}, scipy {scipy.__version__}; "
+        "one BLAS thread, CPU s"
+    )
+    print(
+        "| input | matrices (with traps) | W: float64 Gram + eigenvalues | shuffle: float32 "
+        "Gram | shuffle: all eigenvalues | Cholesky / inertia + ARPACK | counts agree | "
+        "saving (CPU s, wall s on 2 cores) |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for name, t in rows:
         saving = t["s_eig"] - t["cheap"]
-        print(f"| {name} | {t['matrices']:.0f} ({t['with_traps']:.0f}) | "
-              f"{t['w_gram']:.2f} + {t['w_eig']:.2f} | {t['s_gram']:.2f} | {t['s_eig']:.2f} | "
-              f"{t['cheap']:.2f} | {t['counts_agree']:.0f} of {t['matrices']:.0f} | "
-              f"{saving:.2f}, {saving / 2:.2f} |")
+        print(
+            f"| {name} | {t['matrices']:.0f} ({t['with_traps']:.0f}) | "
+            f"{t['w_gram']:.2f} + {t['w_eig']:.2f} | {t['s_gram']:.2f} | {t['s_eig']:.2f} | "
+            f"{t['cheap']:.2f} | {t['counts_agree']:.0f} of {t['matrices']:.0f} | "
+            f"{saving:.2f}, {saving / 2:.2f} |"
+        )
     return 0
 
 

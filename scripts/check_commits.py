@@ -20,8 +20,13 @@ LIMIT = 72
 def long_subjects(revisions: str, *, cwd: str | None = None) -> list[tuple[str, str]]:
     """``(short hash, subject)`` of each commit in ``revisions`` (merges left out: git writes
     their subjects) whose subject is longer than :data:`LIMIT` characters."""
-    out = subprocess.run(["git", "log", "--no-merges", "--format=%h%x00%s", revisions],
-                         cwd=cwd, check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["git", "log", "--no-merges", "--format=%h%x00%s", revisions],
+        cwd=cwd,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     commits = (line.split("\0", 1) for line in out.splitlines() if line)
     return [(sha, subject) for sha, subject in commits if len(subject) > LIMIT]
 

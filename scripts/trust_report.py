@@ -48,14 +48,23 @@ def reason(layer: dict[str, Any]) -> str:
 def summary(layers: list[dict[str, Any]]) -> dict[str, Any]:
     alphas = [x["alpha"] for x in layers if x["alpha"] is not None]
     trusted = [x["alpha"] for x in layers if x["trusted"] and x["alpha"] is not None]
-    return {"n": len(layers), "trusted": len(trusted),
-            "median_trusted": statistics.median(trusted) if trusted else None,
-            "mean_all": statistics.fmean(alphas) if alphas else None,
-            "reasons": Counter(reason(x) for x in layers),
-            "tpl_better": sum(1 for x in layers if (x.get("pl_vs_tpl_R") or 0) < 0
-                              and (x.get("pl_vs_tpl_p") or 1) < RULE_P),
-            "lognormal_better": sum(1 for x in layers if (x.get("pl_vs_lognormal_R") or 0) < 0
-                                    and (x.get("pl_vs_lognormal_p") or 1) < RULE_P)}
+    return {
+        "n": len(layers),
+        "trusted": len(trusted),
+        "median_trusted": statistics.median(trusted) if trusted else None,
+        "mean_all": statistics.fmean(alphas) if alphas else None,
+        "reasons": Counter(reason(x) for x in layers),
+        "tpl_better": sum(
+            1
+            for x in layers
+            if (x.get("pl_vs_tpl_R") or 0) < 0 and (x.get("pl_vs_tpl_p") or 1) < RULE_P
+        ),
+        "lognormal_better": sum(
+            1
+            for x in layers
+            if (x.get("pl_vs_lognormal_R") or 0) < 0 and (x.get("pl_vs_lognormal_p") or 1) < RULE_P
+        ),
+    }
 
 
 def _fmt(value: float | None) -> str:
@@ -81,20 +90,36 @@ def main() -> None:
         for method in METHODS:
             doc = analyze_path(Path(ref.path), settings, method)
             table[method].append((ref.step, summary(doc["layers"])))
-            print(ref.step, method, f"{table[method][-1][1]['trusted']} trusted of "
-                  f"{table[method][-1][1]['n']}", flush=True)
-    llama = {m: summary(analyze_path(ROOT / "tests/data/fingers/llama_layer.safetensors",
-                                     settings, m)["layers"]) for m in METHODS}
+            print(
+                ref.step,
+                method,
+                f"{table[method][-1][1]['trusted']} trusted of {table[method][-1][1]['n']}",
+                flush=True,
+            )
+    llama = {
+        m: summary(
+            analyze_path(ROOT / "tests/data/fingers/llama_layer.safetensors", settings, m)["layers"]
+        )
+        for m in METHODS
+    }
     img = ROOT / "docs" / "img"
     img.mkdir(parents=True, exist_ok=True)
 
     fig, axes = plt.subplots(1, len(METHODS), figsize=(12, 3.6), sharey=True)
     for ax, method in zip(axes, METHODS, strict=True):
         steps = [s for s, _ in table[method]]
-        ax.plot(steps, [x["median_trusted"] for _, x in table[method]], "o-",
-                label="median of trusted layers")
-        ax.plot(steps, [x["mean_all"] for _, x in table[method]], "s--",
-                label="plain mean of all layers")
+        ax.plot(
+            steps,
+            [x["median_trusted"] for _, x in table[method]],
+            "o-",
+            label="median of trusted layers",
+        )
+        ax.plot(
+            steps,
+            [x["mean_all"] for _, x in table[method]],
+            "s--",
+            label="plain mean of all layers",
+        )
         ax.set_title(f"method {method}")
         ax.set_xlabel("training step")
     axes[0].set_ylabel("alpha")
@@ -140,26 +165,43 @@ def main() -> None:
     ]
     for method in METHODS:
         for step, x in table[method]:
-            lines.append(f"| {step} | {method} | {x['trusted']}/{x['n']} | "
-                         f"{_fmt(x['median_trusted'])} | {_fmt(x['mean_all'])} | "
-                         f"{x['tpl_better']} | {x['lognormal_better']} |")
-    lines += ["", "## Why layers were excluded (last checkpoint)", "",
-              "![exclusion reasons](img/trust_reasons.png)", "",
-              "| method | " + " | ".join(["trusted", *reasons]) + " |",
-              "|---|" + "---:|" * (len(reasons) + 1)]
+            lines.append(
+                f"| {step} | {method} | {x['trusted']}/{x['n']} | "
+                f"{_fmt(x['median_trusted'])} | {_fmt(x['mean_all'])} | "
+                f"{x['tpl_better']} | {x['lognormal_better']} |"
+            )
+    lines += [
+        "",
+        "## Why layers were excluded (last checkpoint)",
+        "",
+        "![exclusion reasons](img/trust_reasons.png)",
+        "",
+        "| method | " + " | ".join(["trusted", *reasons]) + " |",
+        "|---|" + "---:|" * (len(reasons) + 1),
+    ]
     for m in METHODS:
-        lines.append(f"| {m} | " + " | ".join(str(last[m]["reasons"].get(r, 0))
-                                             for r in ["trusted", *reasons]) + " |")
-    lines += ["", "## A trained Llama decoder layer (bfloat16)", "",
-              "`tests/data/fingers/llama_layer.safetensors`, trained by "
-              "`scripts/ww_finger_reference.py` (the file the finger-fit parity tests use).", "",
-              "| method | trusted | median α (trusted) | mean α (all) | excluded by |",
-              "|---|---:|---:|---:|---|"]
+        lines.append(
+            f"| {m} | "
+            + " | ".join(str(last[m]["reasons"].get(r, 0)) for r in ["trusted", *reasons])
+            + " |"
+        )
+    lines += [
+        "",
+        "## A trained Llama decoder layer (bfloat16)",
+        "",
+        "`tests/data/fingers/llama_layer.safetensors`, trained by "
+        "`scripts/ww_finger_reference.py` (the file the finger-fit parity tests use).",
+        "",
+        "| method | trusted | median α (trusted) | mean α (all) | excluded by |",
+        "|---|---:|---:|---:|---|",
+    ]
     for m in METHODS:
         x = llama[m]
         why = ", ".join(f"{r} {c}" for r, c in sorted(x["reasons"].items()) if r != "trusted")
-        lines.append(f"| {m} | {x['trusted']}/{x['n']} | {_fmt(x['median_trusted'])} | "
-                     f"{_fmt(x['mean_all'])} | {why or '–'} |")
+        lines.append(
+            f"| {m} | {x['trusted']}/{x['n']} | {_fmt(x['median_trusted'])} | "
+            f"{_fmt(x['mean_all'])} | {why or '–'} |"
+        )
     lines += [
         "",
         "## Reading",
@@ -169,8 +211,9 @@ def main() -> None:
     (ROOT / "docs" / "TRUST.md").write_text("\n".join(lines) + "\n")
 
 
-def reading(table: dict[str, list[tuple[int, dict[str, Any]]]],
-            llama: dict[str, dict[str, Any]]) -> str:
+def reading(
+    table: dict[str, list[tuple[int, dict[str, Any]]]], llama: dict[str, dict[str, Any]]
+) -> str:
     """What the numbers above say, written from them (so a re-run cannot contradict it)."""
     out = []
     for m in METHODS:
@@ -182,9 +225,14 @@ def reading(table: dict[str, list[tuple[int, dict[str, Any]]]],
             f"({first['trusted']}/{first['n']} at step {s0}); most exclusions: {top}. Median "
             f"of trusted layers {_fmt(first['median_trusted'])} → "
             f"{_fmt(last['median_trusted'])}, plain mean of all layers "
-            f"{_fmt(first['mean_all'])} → {_fmt(last['mean_all'])}.")
-    gaps = [abs((x["mean_all"] or 0) - (x["median_trusted"] or 0))
-            for m in METHODS for _, x in table[m] if x["median_trusted"] is not None]
+            f"{_fmt(first['mean_all'])} → {_fmt(last['mean_all'])}."
+        )
+    gaps = [
+        abs((x["mean_all"] or 0) - (x["median_trusted"] or 0))
+        for m in METHODS
+        for _, x in table[m]
+        if x["median_trusted"] is not None
+    ]
     out += [
         "",
         f"The plain mean and the trusted median differ by up to {max(gaps):.2f} in alpha here; "

@@ -65,8 +65,19 @@ def main() -> int:
         pip = [venv / "bin" / "python", "-m", "pip", "install", "-q"]
         run(*pip, "--upgrade", "pip", cwd=work, env=env)
         run(*pip, TORCH_PIN, cwd=work, env=env)
-        run(venv / "bin" / "python", "-m", "pip", "wheel", "-q", "--no-deps", "-w", work / "dist",
-            ROOT, cwd=work, env=env)
+        run(
+            venv / "bin" / "python",
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "-w",
+            work / "dist",
+            ROOT,
+            cwd=work,
+            env=env,
+        )
         (wheel,) = (work / "dist").glob("alphawatch-*.whl")
         run(*pip, wheel, cwd=work, env=env)
         check_record(venv)
@@ -76,18 +87,46 @@ def main() -> int:
         here.mkdir()
         aw = venv / "bin" / "alphawatch"
         run(aw, "db", "upgrade", "--db", f"sqlite:///{here / 'migrated.db'}", cwd=here, env=env)
-        run(venv / "bin" / "python", "-m", "alphawatch.workers.demo_run", here / "runs" / "demo",
-            "--steps", "20", "--save-every", "10", cwd=here, env=env)
-        out = run(aw, "analyze", here / "runs" / "demo" / "checkpoint-20", "--format", "json",
-                  cwd=here, env=env, capture_output=True).stdout
+        run(
+            venv / "bin" / "python",
+            "-m",
+            "alphawatch.workers.demo_run",
+            here / "runs" / "demo",
+            "--steps",
+            "20",
+            "--save-every",
+            "10",
+            cwd=here,
+            env=env,
+        )
+        out = run(
+            aw,
+            "analyze",
+            here / "runs" / "demo" / "checkpoint-20",
+            "--format",
+            "json",
+            cwd=here,
+            env=env,
+            capture_output=True,
+        ).stdout
         doc = json.loads(out)
         assert doc["step"] == 20 and len(doc["layers"]) > 0, doc
         assert all(layer["alpha"] is not None for layer in doc["layers"]), "a layer has no alpha"
 
         port = free_port()
         server = subprocess.Popen(
-            [str(aw), "up", str(here / "runs" / "demo"), "--port", str(port),
-             "--db", f"sqlite:///{here / 'up.db'}"], cwd=here, env=env)
+            [
+                str(aw),
+                "up",
+                str(here / "runs" / "demo"),
+                "--port",
+                str(port),
+                "--db",
+                f"sqlite:///{here / 'up.db'}",
+            ],
+            cwd=here,
+            env=env,
+        )
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 180
         while True:

@@ -51,7 +51,8 @@ def seeded_matrices() -> dict[str, torch.Tensor]:
         v = torch.randn(3, cols, generator=g)
         strength = torch.tensor([30.0, 20.0, 12.0])
         out[f"fingers_{i}"] = (0.3 * heavy + gauss) / math.sqrt(2.0) + (
-            u * strength) @ v / math.sqrt(rows * cols)
+            u * strength
+        ) @ v / math.sqrt(rows * cols)
     return {k: v.contiguous() for k, v in out.items()}
 
 
@@ -70,8 +71,10 @@ class Layer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
-        heads = [p(x).view(b, t, HEADS, -1).transpose(1, 2)
-                 for p in (self.q_proj, self.k_proj, self.v_proj)]
+        heads = [
+            p(x).view(b, t, HEADS, -1).transpose(1, 2)
+            for p in (self.q_proj, self.k_proj, self.v_proj)
+        ]
         att = nn.functional.scaled_dot_product_attention(*heads, is_causal=True)
         x = x + self.o_proj(att.transpose(1, 2).reshape(b, t, HIDDEN))
         return x + self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -90,10 +93,22 @@ def trained_llama_layer() -> dict[str, torch.Tensor]:
         loss.backward()
         opt.step()
     prefix = "model.layers.0."
-    names = {"q_proj": "self_attn.", "k_proj": "self_attn.", "v_proj": "self_attn.",
-             "o_proj": "self_attn.", "gate_proj": "mlp.", "up_proj": "mlp.", "down_proj": "mlp."}
-    return {f"{prefix}{group}{name}.weight": getattr(layer, name).weight.detach().to(
-        torch.bfloat16).contiguous() for name, group in names.items()}
+    names = {
+        "q_proj": "self_attn.",
+        "k_proj": "self_attn.",
+        "v_proj": "self_attn.",
+        "o_proj": "self_attn.",
+        "gate_proj": "mlp.",
+        "up_proj": "mlp.",
+        "down_proj": "mlp.",
+    }
+    return {
+        f"{prefix}{group}{name}.weight": getattr(layer, name)
+        .weight.detach()
+        .to(torch.bfloat16)
+        .contiguous()
+        for name, group in names.items()
+    }
 
 
 def ww_fit(weight: torch.Tensor, **options: object) -> dict[str, float]:
@@ -117,23 +132,38 @@ def main() -> None:
     logging.getLogger("weightwatcher").setLevel(logging.ERROR)
     OUT.mkdir(parents=True, exist_ok=True)
     save_file(seeded_matrices(), str(OUT / "seeded.safetensors"))
-    save_file(trained_llama_layer(), str(OUT / "llama_layer.safetensors"),
-              metadata={"format": "pt"})
-    options = {"ww": {},
-               "xmin_peak": {"fix_fingers": "xmin_peak", "pl_package": "powerlaw"},
-               "clip_xmax": {"fix_fingers": "clip_xmax", "pl_package": "powerlaw"}}
+    save_file(
+        trained_llama_layer(), str(OUT / "llama_layer.safetensors"), metadata={"format": "pt"}
+    )
+    options = {
+        "ww": {},
+        "xmin_peak": {"fix_fingers": "xmin_peak", "pl_package": "powerlaw"},
+        "clip_xmax": {"fix_fingers": "clip_xmax", "pl_package": "powerlaw"},
+    }
     files: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
     for file in ("seeded.safetensors", "llama_layer.safetensors"):
         tensors = load_file(str(OUT / file))  # read back: the values tests will read
-        files[file] = {name: {m: ww_fit(t, **o) for m, o in options.items()}
-                       for name, t in sorted(tensors.items())}
+        files[file] = {
+            name: {m: ww_fit(t, **o) for m, o in options.items()}
+            for name, t in sorted(tensors.items())
+        }
         for name, fits in files[file].items():
-            print(file, name, {m: round(f["alpha"], 4) for m, f in fits.items()},
-                  "fingers", fits["clip_xmax"].get("num_fingers"))
-    doc = {"versions": {"weightwatcher": weightwatcher.__version__,
-                        "powerlaw": getattr(powerlaw, "__version__", "1.5"),
-                        "torch": torch.__version__, "numpy": np.__version__},
-           "files": files}
+            print(
+                file,
+                name,
+                {m: round(f["alpha"], 4) for m, f in fits.items()},
+                "fingers",
+                fits["clip_xmax"].get("num_fingers"),
+            )
+    doc = {
+        "versions": {
+            "weightwatcher": weightwatcher.__version__,
+            "powerlaw": getattr(powerlaw, "__version__", "1.5"),
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+        },
+        "files": files,
+    }
     (OUT / "reference.json").write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
 
 

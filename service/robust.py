@@ -46,12 +46,20 @@ class Selection:
 
 def untrusted_reason(layer: Mapping[str, Any]) -> str | None:
     """Why a layer is not trusted (its fit status, a trap, rank collapse), or None."""
-    return untrusted_reason_of(layer.get("fit_status"), layer.get("correlation_trap"),
-                               layer.get("rank_collapse"), layer.get("trusted"))
+    return untrusted_reason_of(
+        layer.get("fit_status"),
+        layer.get("correlation_trap"),
+        layer.get("rank_collapse"),
+        layer.get("trusted"),
+    )
 
 
-def untrusted_reason_of(fit_status: str | None, correlation_trap: bool | None,
-                        rank_collapse: bool | None, trusted: bool | None) -> str | None:
+def untrusted_reason_of(
+    fit_status: str | None,
+    correlation_trap: bool | None,
+    rank_collapse: bool | None,
+    trusted: bool | None,
+) -> str | None:
     """:func:`untrusted_reason` from the four fields, for callers that hold rows as tuples."""
     if fit_status not in (None, "ok"):
         return str(fit_status)
@@ -141,15 +149,27 @@ def describe(values: np.ndarray) -> dict[str, float | None]:
     # One percentile call for the four quantiles: element for element the same arithmetic as
     # four calls, at a quarter of numpy's per-call overhead (trends make one per checkpoint).
     p10, p25, p75, p90 = (float(v) for v in np.percentile(values, (10, 25, 75, 90)))
-    return {"median": float(np.median(values)), "mean": float(values.mean()),
-            "trimmed_mean": trimmed_mean(values), "p10": p10, "p25": p25, "p75": p75,
-            "p90": p90, "iqr": p75 - p25}
+    return {
+        "median": float(np.median(values)),
+        "mean": float(values.mean()),
+        "trimmed_mean": trimmed_mean(values),
+        "p10": p10,
+        "p25": p25,
+        "p75": p75,
+        "p90": p90,
+        "iqr": p75 - p25,
+    }
 
 
 def summarize(layers: Sequence[Mapping[str, Any]], *, thresholds: Thresholds) -> dict[str, Any]:
     """Model-level alpha of one checkpoint: trusted layers, alpha > alpha_max excluded."""
-    chosen = select(layers, metric="alpha", filter="trusted", alpha_max=thresholds.alpha_max,
-                    mad_k=thresholds.mad_k)
+    chosen = select(
+        layers,
+        metric="alpha",
+        filter="trusted",
+        alpha_max=thresholds.alpha_max,
+        mad_k=thresholds.mad_k,
+    )
     n = len(layers)
     untrusted = sum(1 for layer in layers if untrusted_reason(layer) is not None)
     return {

@@ -19,12 +19,14 @@ _counter = itertools.count()
 # fixture, trains.
 TRAINING_FIXTURES = frozenset({"tiny_run", "small_run"})
 # Functions that train a real model when called; a test or fixture that calls one trains.
-TRAINERS = frozenset({
-    ("alphawatch.workers.demo_run", "train"),
-    ("tests.checkpoints.training", "trainer_run"),
-    ("tests.checkpoints.training", "nested_run"),
-    ("tests.checkpoints.training", "lightning_run"),
-})
+TRAINERS = frozenset(
+    {
+        ("alphawatch.workers.demo_run", "train"),
+        ("tests.checkpoints.training", "trainer_run"),
+        ("tests.checkpoints.training", "nested_run"),
+        ("tests.checkpoints.training", "lightning_run"),
+    }
+)
 # Every test of the training-loop callbacks drives a real Trainer or Lightning loop.
 TRAINING_FOLDERS = (Path(__file__).parent / "integrations",)
 
@@ -57,7 +59,8 @@ def pytest_configure(config: pytest.Config) -> None:
     # that fails: Lightning's is added only where the optional extra is installed.
     if importlib.util.find_spec("lightning") is not None:
         config.addinivalue_line(
-            "filterwarnings", "ignore::lightning.fabric.utilities.warnings.PossibleUserWarning")
+            "filterwarnings", "ignore::lightning.fabric.utilities.warnings.PossibleUserWarning"
+        )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -17,8 +17,7 @@ from tests.pg import free_port
 def serve(app: FastAPI) -> Iterator[str]:
     """Run ``app`` in a thread; yields its base URL and stops it after the block."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
-                                           log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

@@ -91,9 +91,20 @@ class Cluster:
             uid = pwd.getpwnam("postgres").pw_uid
             os.chown(self.root, uid, -1)
         subprocess.run(
-            [*_as_postgres_user(), str(bindir / "initdb"), "-D", str(self.datadir),
-             "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"],
-            check=True, capture_output=True,
+            [
+                *_as_postgres_user(),
+                str(bindir / "initdb"),
+                "-D",
+                str(self.datadir),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ],
+            check=True,
+            capture_output=True,
         )
         return self
 
@@ -104,17 +115,39 @@ class Cluster:
             "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         )
         subprocess.run(
-            [*_as_postgres_user(), str(bindir / "pg_ctl"), "-D", str(self.datadir), "-o", opts,
-             "-l", str(self.root / "log"), "-w", "-t", "60", "start"],
-            check=True, capture_output=True,
+            [
+                *_as_postgres_user(),
+                str(bindir / "pg_ctl"),
+                "-D",
+                str(self.datadir),
+                "-o",
+                opts,
+                "-l",
+                str(self.root / "log"),
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ],
+            check=True,
+            capture_output=True,
         )
 
     def stop(self, mode: str = "fast") -> None:
         bindir = _bin_dir()
         subprocess.run(
-            [*_as_postgres_user(), str(bindir / "pg_ctl"), "-D", str(self.datadir), "-m", mode,
-             "-w", "stop"],
-            check=False, capture_output=True,
+            [
+                *_as_postgres_user(),
+                str(bindir / "pg_ctl"),
+                "-D",
+                str(self.datadir),
+                "-m",
+                mode,
+                "-w",
+                "stop",
+            ],
+            check=False,
+            capture_output=True,
         )
 
     def destroy(self) -> None:

@@ -38,12 +38,31 @@ def _same(got: Any, want: Any) -> bool:
 def test_the_json_document_keeps_its_keys_and_the_engines_numbers(tiny_run: Path) -> None:
     path = tiny_run / "checkpoint-20"
     done = subprocess.run(
-        [sys.executable, "-m", "alphawatch", "analyze", str(path), "--format", "json",
-         "--device", "cpu"], capture_output=True, text=True, cwd=ROOT, timeout=180, check=True)
+        [
+            sys.executable,
+            "-m",
+            "alphawatch",
+            "analyze",
+            str(path),
+            "--format",
+            "json",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=180,
+        check=True,
+    )
     doc = json.loads(done.stdout)
     assert list(doc) == ["step", "path", "device", "engine", "layers", "summary"]
     assert (doc["step"], doc["path"], doc["device"], doc["engine"]) == (
-        20, str(path), "cpu", "alphawatch")
+        20,
+        str(path),
+        "cpu",
+        "alphawatch",
+    )
     # Pretty-printed with two spaces, one trailing newline: what scripts diff against.
     assert done.stdout == json.dumps(doc, indent=2) + "\n"
 
@@ -53,17 +72,22 @@ def test_the_json_document_keeps_its_keys_and_the_engines_numbers(tiny_run: Path
     for layer, matrix in zip(doc["layers"], matrices, strict=True):
         assert list(layer) == [*METRICS, "name", "kind", "block", "shape", "dtype"]
         assert (layer["kind"], layer["block"], layer["shape"], layer["dtype"]) == (
-            matrix.kind, matrix.block, list(matrix.weight.shape),
-            str(matrix.stored_dtype).removeprefix("torch."))
-        want = analyze_matrix(matrix.weight, stored_dtype=matrix.stored_dtype,
-                              thresholds=thresholds).metrics()
+            matrix.kind,
+            matrix.block,
+            list(matrix.weight.shape),
+            str(matrix.stored_dtype).removeprefix("torch."),
+        )
+        want = analyze_matrix(
+            matrix.weight, stored_dtype=matrix.stored_dtype, thresholds=thresholds
+        ).metrics()
         for key in METRICS:
             if key not in VARIES:
                 assert _same(layer[key], want[key]), (matrix.name, key)
 
 
-def test_refused_optimizer_state_keeps_its_row_of_the_document(tiny_run: Path,
-                                                               tmp_path: Path) -> None:
+def test_refused_optimizer_state_keeps_its_row_of_the_document(
+    tiny_run: Path, tmp_path: Path
+) -> None:
     path = Path(shutil.copytree(tiny_run / "checkpoint-20", tmp_path / "checkpoint-20"))
     (path / "optimizer.pt").write_bytes(b"not a pickle")
     doc = analyze_path(path, Settings(device="cpu", optimizer_state=True))
@@ -73,4 +97,5 @@ def test_refused_optimizer_state_keeps_its_row_of_the_document(tiny_run: Path,
     # A row that names no matrix has no shape; it has always carried these keys instead.
     assert list(refused) == [*METRICS, "name", "kind", "block", "dtype", "distance_from_init"]
     assert [r["name"] for r in doc["layers"] if r is not refused] == [
-        m.name for m in iter_layers(path)]
+        m.name for m in iter_layers(path)
+    ]

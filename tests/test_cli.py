@@ -23,8 +23,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "alphawatch", *args], capture_output=True,
-                          text=True, cwd=ROOT, timeout=180)
+    return subprocess.run(
+        [sys.executable, "-m", "alphawatch", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=180,
+    )
 
 
 def test_help_explains_how_to_start() -> None:
@@ -42,8 +47,16 @@ def test_analyze_json_csv_table_agree(tiny_run: Path) -> None:
     names = [layer["name"] for layer in doc["layers"]]
     assert "model.layers.0.self_attn.q_proj" in names
     for layer in doc["layers"]:
-        assert {"name", "shape", "alpha", "D", "xmin", "num_pl_spikes", "fit_status",
-                "trusted"} <= set(layer)
+        assert {
+            "name",
+            "shape",
+            "alpha",
+            "D",
+            "xmin",
+            "num_pl_spikes",
+            "fit_status",
+            "trusted",
+        } <= set(layer)
     assert "summary" in doc
 
     as_csv = _cli("analyze", str(ckpt), "--format", "csv", "--device", "cpu")
@@ -74,8 +87,22 @@ def live_api(tiny_run: Path, pg_url: str) -> Iterator[str]:
 
 def test_gate_exit_codes(live_api: str, tiny_run: Path) -> None:
     run = tiny_run.name
-    assert main(["gate", "--url", live_api, "--run", run, "--max-alpha", "100",
-                 "--max-untrusted-share", "1"]) == 0
+    assert (
+        main(
+            [
+                "gate",
+                "--url",
+                live_api,
+                "--run",
+                run,
+                "--max-alpha",
+                "100",
+                "--max-untrusted-share",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert main(["gate", "--url", live_api, "--run", run, "--max-alpha", "0.5"]) == 1
     assert main(["gate", "--url", live_api, "--run", "no-such-run"]) == 2
     assert main(["gate", "--url", "http://127.0.0.1:9", "--run", run]) == 2
@@ -91,11 +118,19 @@ def test_db_upgrade_and_token_on_sqlite(tmp_path: Path) -> None:
 
 def test_parser_knows_every_documented_command() -> None:
     parser = build_parser()
-    for argv in (["up", "runs/x"], ["watch", "runs/x", "--reanalyze"], ["serve"],
-                 ["analyze", "x", "--format", "json"], ["gate", "--url", "u", "--run", "r"],
-                 ["db", "upgrade"], ["token", "create", "n"], ["token", "list"],
-                 ["token", "create", "n", "--scope", "read", "--expires-in", "7"],
-                 ["token", "revoke", "n"], ["runs", "list"]):
+    for argv in (
+        ["up", "runs/x"],
+        ["watch", "runs/x", "--reanalyze"],
+        ["serve"],
+        ["analyze", "x", "--format", "json"],
+        ["gate", "--url", "u", "--run", "r"],
+        ["db", "upgrade"],
+        ["token", "create", "n"],
+        ["token", "list"],
+        ["token", "create", "n", "--scope", "read", "--expires-in", "7"],
+        ["token", "revoke", "n"],
+        ["runs", "list"],
+    ):
         parser.parse_args(argv)
 
 
@@ -122,13 +157,16 @@ def test_every_option_has_a_type_and_a_help_text() -> None:
     assert missing == []
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["gate", "--url", "u", "--run", "r", "--max-untrusted-share", "1.5"], "between 0 and 1"),
-    (["gate", "--url", "u", "--run", "r", "--step", "-3"], "is not a step"),
-    (["gate", "--url", "u", "--run", "r", "--step", str(2**64)], "is not a step"),
-    (["up", "runs", "--port", "70000"], "is not a port"),
-    (["watch", "--poll", "0"], "not a positive number"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["gate", "--url", "u", "--run", "r", "--max-untrusted-share", "1.5"], "between 0 and 1"),
+        (["gate", "--url", "u", "--run", "r", "--step", "-3"], "is not a step"),
+        (["gate", "--url", "u", "--run", "r", "--step", str(2**64)], "is not a step"),
+        (["up", "runs", "--port", "70000"], "is not a port"),
+        (["watch", "--poll", "0"], "not a positive number"),
+    ],
+)
 def test_bad_option_values_are_refused_with_a_reason(
     args: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

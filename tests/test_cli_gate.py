@@ -20,11 +20,14 @@ RUNS = 1050
 
 
 @pytest.mark.slow
-def test_gate_finds_a_run_past_the_first_page(pg_url: str,
-                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_gate_finds_a_run_past_the_first_page(
+    pg_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     with session_scope(make_engine(pg_url)) as session:
-        session.execute(insert(Run), [{"name": f"run-{i:04d}", "path": f"/runs/run-{i:04d}"}
-                                      for i in range(RUNS)])
+        session.execute(
+            insert(Run),
+            [{"name": f"run-{i:04d}", "path": f"/runs/run-{i:04d}"} for i in range(RUNS)],
+        )
     with session_scope(make_engine(pg_url)) as session:
         last = session.scalar(select(Run.id).where(Run.name == f"run-{RUNS - 1:04d}"))
     with serve(create_app(Settings(database_url=pg_url, api_cache_mb=0))) as url:

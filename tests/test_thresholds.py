@@ -82,11 +82,19 @@ def _layers(checkpoint: Path, settings: Settings) -> list[dict[str, Any]]:
 
 def _expected(checkpoint: Path, settings: Settings, query: dict[str, str]) -> dict[str, Any]:
     layers = _layers(checkpoint, settings)
-    chosen = robust.select(layers, metric="alpha", filter=query.get("filter", "trusted"),
-                           outliers=query.get("outliers", "none"),
-                           alpha_max=settings.trust.alpha_max, mad_k=settings.trust.mad_k)
-    return {"value": robust.statistic(chosen.values, "median"), "n_used": chosen.n_used,
-            "excluded": chosen.excluded}
+    chosen = robust.select(
+        layers,
+        metric="alpha",
+        filter=query.get("filter", "trusted"),
+        outliers=query.get("outliers", "none"),
+        alpha_max=settings.trust.alpha_max,
+        mad_k=settings.trust.mad_k,
+    )
+    return {
+        "value": robust.statistic(chosen.values, "median"),
+        "n_used": chosen.n_used,
+        "excluded": chosen.excluded,
+    }
 
 
 def _analyse_then_drop_layer_rows(checkpoint: Path, settings: Settings) -> None:

@@ -34,7 +34,8 @@ def _state() -> dict[str, torch.Tensor]:
         "model.layers.0.self_attn.qkv_proj.weight": torch.randn(288, 96, generator=g),
         "model.layers.0.mlp.down_proj.weight": torch.randn(96, 160, generator=g).bfloat16(),
         "model.layers.0.mlp.up_proj.weight": (torch.randn(160, 96, generator=g) * 4).to(
-            torch.float8_e4m3fn),
+            torch.float8_e4m3fn
+        ),
         "model.layers.0.mlp.up_proj.weight_scale_inv": torch.tensor([[0.5, 0.25], [2.0, 1.0]]),
         "model.layers.0.input_layernorm.weight": torch.ones(96),
     }
@@ -46,8 +47,14 @@ def _state() -> dict[str, torch.Tensor]:
 def checkpoints(tmp_path: Path) -> tuple[Path, Path]:
     """The same state as ``model.safetensors`` and as ``pytorch_model.bin``, in two folders."""
     state = _state()
-    config = json.dumps({"model_type": "llama", "num_attention_heads": 4,
-                         "num_key_value_heads": 4, "hidden_size": 96})
+    config = json.dumps(
+        {
+            "model_type": "llama",
+            "num_attention_heads": 4,
+            "num_key_value_heads": 4,
+            "hidden_size": 96,
+        }
+    )
     fast, slow = tmp_path / "safetensors", tmp_path / "pickle"
     for folder in (fast, slow):
         folder.mkdir()
@@ -63,14 +70,18 @@ def _env() -> dict[str, str]:
 
 def _imported(importtime: str) -> set[str]:
     """Module names from ``-X importtime``'s stderr lines (``import time: a | b | name``)."""
-    return {line.rsplit("|", 1)[1].strip() for line in importtime.splitlines()
-            if line.startswith("import time:") and line.count("|") == 2}
+    return {
+        line.rsplit("|", 1)[1].strip()
+        for line in importtime.splitlines()
+        if line.startswith("import time:") and line.count("|") == 2
+    }
 
 
 def _same(got: Any, want: Any) -> bool:
     """Equal as JSON writes them: NaN equals NaN, floats to the last bit."""
-    return json.dumps(got, sort_keys=True, default=str) == json.dumps(want, sort_keys=True,
-                                                                        default=str)
+    return json.dumps(got, sort_keys=True, default=str) == json.dumps(
+        want, sort_keys=True, default=str
+    )
 
 
 def _rows(layers: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -78,12 +89,30 @@ def _rows(layers: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def test_analyze_command_never_imports_torch_and_matches_the_torch_path(
-        checkpoints: tuple[Path, Path]) -> None:
+    checkpoints: tuple[Path, Path],
+) -> None:
     fast, slow = checkpoints
     done = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "alphawatch.cli", "analyze",
-         str(fast / "model.safetensors"), "--device", "cpu", "--format", "json"],
-        capture_output=True, text=True, env=_env(), cwd=ROOT, check=True, timeout=300)
+        [
+            sys.executable,
+            "-X",
+            "importtime",
+            "-m",
+            "alphawatch.cli",
+            "analyze",
+            str(fast / "model.safetensors"),
+            "--device",
+            "cpu",
+            "--format",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=ROOT,
+        check=True,
+        timeout=300,
+    )
     imported = _imported(done.stderr)
     assert "numpy" in imported and "alphawatch.workers.spectral.analysis" in imported
     assert not {m for m in imported if m == "torch" or m.startswith("torch.")}
@@ -91,11 +120,19 @@ def test_analyze_command_never_imports_torch_and_matches_the_torch_path(
     # The same matrices through torch tensors (the pickle), in this process.
     want = analyze_path(slow / "pytorch_model.bin", Settings(device="cpu"))
     got_rows, want_rows = _rows(doc["layers"]), _rows(want["layers"])
-    assert set(got_rows) == set(want_rows) == {
-        "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.qkv_proj.q",
-        "model.layers.0.self_attn.qkv_proj.k", "model.layers.0.self_attn.qkv_proj.v",
-        "model.layers.0.mlp.down_proj", "model.layers.0.mlp.up_proj",
-        "model.layers.0.mlp.gate_proj"}
+    assert (
+        set(got_rows)
+        == set(want_rows)
+        == {
+            "model.layers.0.self_attn.q_proj",
+            "model.layers.0.self_attn.qkv_proj.q",
+            "model.layers.0.self_attn.qkv_proj.k",
+            "model.layers.0.self_attn.qkv_proj.v",
+            "model.layers.0.mlp.down_proj",
+            "model.layers.0.mlp.up_proj",
+            "model.layers.0.mlp.gate_proj",
+        }
+    )
     for name, row in got_rows.items():
         assert _same(row, want_rows[name]), name
     assert got_rows["model.layers.0.mlp.up_proj"]["dtype"] == "float8_e4m3fn"
@@ -134,9 +171,15 @@ print(json.dumps({"torch": "torch" in sys.modules, "layers": layers, "spectra": 
 
 
 def _child(path: Path) -> dict[str, Any]:
-    done = subprocess.run([sys.executable, "-c", _CHILD, str(path)],
-                          capture_output=True, text=True, env=_env(), cwd=ROOT, check=True,
-                          timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(path)],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=ROOT,
+        check=True,
+        timeout=300,
+    )
     out: dict[str, Any] = json.loads(done.stdout.splitlines()[-1])
     return out
 
@@ -156,10 +199,19 @@ def test_analysis_child_reads_safetensors_without_torch(checkpoints: tuple[Path,
 
 
 def test_auto_device_asks_torch_only_where_a_gpu_may_be() -> None:
-    probe = ("import sys; from alphawatch.workers.spectral import resolve_device; "
-             "print(resolve_device('auto'), 'torch' in sys.modules)")
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                          env=_env(), cwd=ROOT, check=True, timeout=120)
+    probe = (
+        "import sys; from alphawatch.workers.spectral import resolve_device; "
+        "print(resolve_device('auto'), 'torch' in sys.modules)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=ROOT,
+        check=True,
+        timeout=120,
+    )
     device, imported = done.stdout.split()
     assert device == ("cuda" if torch.cuda.is_available() else "cpu")
     nodes = Path("/dev/kfd").exists() or any(Path("/dev").glob("nvidia[0-9]*"))

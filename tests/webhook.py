@@ -54,8 +54,12 @@ class Receiver:
 
 
 @contextmanager
-def receiver(statuses: list[int] | None = None, *, port: int | None = None,
-             trickle: frozenset[str] = frozenset()) -> Iterator[Receiver]:
+def receiver(
+    statuses: list[int] | None = None,
+    *,
+    port: int | None = None,
+    trickle: frozenset[str] = frozenset(),
+) -> Iterator[Receiver]:
     """Serve a :class:`Receiver` until the block ends."""
     state = Receiver(statuses=list(statuses or []), trickle=trickle)
 
@@ -65,8 +69,9 @@ def receiver(statuses: list[int] | None = None, *, port: int | None = None,
             body = json.loads(self.rfile.read(length))
             slow = (body.get("run") or {}).get("name") in state.trickle
             with state.lock:
-                state.received.append(Received(time.monotonic(), self.path, dict(self.headers),
-                                               body, state.trickling))
+                state.received.append(
+                    Received(time.monotonic(), self.path, dict(self.headers), body, state.trickling)
+                )
                 status = state.statuses.pop(0) if state.statuses else 200
                 state.trickling += slow
             if slow:
@@ -91,7 +96,7 @@ def receiver(statuses: list[int] | None = None, *, port: int | None = None,
             sent = 0
             while time.monotonic() < until and not state.release.is_set():
                 try:
-                    self.wfile.write(answer[sent:sent + 1] or b"a")
+                    self.wfile.write(answer[sent : sent + 1] or b"a")
                     self.wfile.flush()
                 except OSError:
                     return  # the sender hung up

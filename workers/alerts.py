@@ -98,8 +98,9 @@ class _Deadline:
         self._timer.start()
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self._timer.cancel()
         with self._lock:
             self._sock = None  # closed by its owner next; never shut down after that
@@ -171,8 +172,11 @@ def post_json(url: str, body: bytes, *, timeout_s: float) -> Attempt:
                 snippet = ""  # the answer's status is what counts
     except (OSError, http.client.HTTPException) as exc:  # timeouts are OSErrors
         if deadline.expired:
-            return Attempt(None, f"{host}: no complete answer within {timeout_s:g}s, the "
-                           "deadline of an attempt", retry=True)
+            return Attempt(
+                None,
+                f"{host}: no complete answer within {timeout_s:g}s, the deadline of an attempt",
+                retry=True,
+            )
         return Attempt(None, f"{host}: {type(exc).__name__}: {exc}"[:1000], retry=True)
     finally:
         connection.close()
@@ -236,8 +240,10 @@ class AlertDispatcher:
     def start(self) -> None:
         """Start the senders, each in a new thread (after :meth:`stop`, fresh ones)."""
         self._stop.clear()
-        self._threads = [threading.Thread(target=self._run, name=f"alerts-{i}", daemon=True)
-                         for i in range(self.config.senders)]
+        self._threads = [
+            threading.Thread(target=self._run, name=f"alerts-{i}", daemon=True)
+            for i in range(self.config.senders)
+        ]
         for thread in self._threads:
             thread.start()
 
@@ -270,8 +276,10 @@ class AlertDispatcher:
             except BaseException as exc:  # handed to the caller below
                 faults.append(exc)
 
-        helpers = [threading.Thread(target=drain, name=f"alerts-pass-{i}", daemon=True)
-                   for i in range(self.config.senders - 1)]
+        helpers = [
+            threading.Thread(target=drain, name=f"alerts-pass-{i}", daemon=True)
+            for i in range(self.config.senders - 1)
+        ]
         for helper in helpers:
             helper.start()
         drain()
@@ -285,8 +293,12 @@ class AlertDispatcher:
         """Claim and send one alert after another until none is due or the budget is spent."""
         while not self._stop.is_set() and budget.take():
             with session_scope(self.engine) as session:
-                claimed = alerts.claim(session, worker_id=self.worker_id, lease_s=self.lease_s,
-                                       min_interval_s=self.config.min_interval_s)
+                claimed = alerts.claim(
+                    session,
+                    worker_id=self.worker_id,
+                    lease_s=self.lease_s,
+                    min_interval_s=self.config.min_interval_s,
+                )
             if claimed is None:
                 budget.give_back()
                 return
@@ -299,21 +311,39 @@ class AlertDispatcher:
         except Exception as exc:  # a fault of ours, not the receiver's: the alert says which
             log.exception("alert %s: sending it failed", claimed.alert_id)
             attempt = Attempt(None, f"{type(exc).__name__}: {exc}"[:1000], retry=True)
-        retry_in = (backoff_s(claimed.attempts, self.config)
-                    if attempt.error is not None and attempt.retry
-                    and claimed.attempts < self.config.max_attempts else None)
+        retry_in = (
+            backoff_s(claimed.attempts, self.config)
+            if attempt.error is not None
+            and attempt.retry
+            and claimed.attempts < self.config.max_attempts
+            else None
+        )
         with session_scope(self.engine) as session:
-            alerts.finish(session, alert_id=claimed.alert_id, worker_id=self.worker_id,
-                          status_code=attempt.status_code, error=attempt.error,
-                          retry_in_s=retry_in)
+            alerts.finish(
+                session,
+                alert_id=claimed.alert_id,
+                worker_id=self.worker_id,
+                status_code=attempt.status_code,
+                error=attempt.error,
+                retry_in_s=retry_in,
+            )
         if attempt.error is None:
             log.info("alert %s of run %s delivered", claimed.alert_id, claimed.run_id)
         elif retry_in is not None:
-            log.warning("alert %s: attempt %d failed (%s); next in %.0fs", claimed.alert_id,
-                        claimed.attempts, attempt.error, retry_in)
+            log.warning(
+                "alert %s: attempt %d failed (%s); next in %.0fs",
+                claimed.alert_id,
+                claimed.attempts,
+                attempt.error,
+                retry_in,
+            )
         else:
-            log.error("alert %s given up after %d attempts: %s", claimed.alert_id,
-                      claimed.attempts, attempt.error)
+            log.error(
+                "alert %s given up after %d attempts: %s",
+                claimed.alert_id,
+                claimed.attempts,
+                attempt.error,
+            )
 
     def _run(self) -> None:
         failures = 0
@@ -327,13 +357,13 @@ class AlertDispatcher:
             except Exception:  # the database, or a bug: logged, paused, never the end
                 failures += 1
                 pause = min(backoff_s(failures, self.config), _LOOP_PAUSE_MAX_S)
-                log.exception("alert delivery failed (%d in a row); trying again in %.1fs",
-                              failures, pause)
+                log.exception(
+                    "alert delivery failed (%d in a row); trying again in %.1fs", failures, pause
+                )
                 # Not woken early: a fault that lasts must not be hit after every checkpoint.
                 self._stop.wait(pause)
                 continue
             failures = 0
-            wait = self.config.poll_s if due is None else min(self.config.poll_s,
-                                                              max(due, 0.01))
+            wait = self.config.poll_s if due is None else min(self.config.poll_s, max(due, 0.01))
             self._wake.wait(wait)
             self._wake.clear()

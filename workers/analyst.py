@@ -61,8 +61,14 @@ class AnalysisOptions:
     check_traps: bool = True  # look for correlation traps in the shuffled spectrum
 
     @classmethod
-    def from_settings(cls, settings: Settings, *, confine: Confinement, progress: bool = False,
-                      method: str | None = None) -> AnalysisOptions:
+    def from_settings(
+        cls,
+        settings: Settings,
+        *,
+        confine: Confinement,
+        progress: bool = False,
+        method: str | None = None,
+    ) -> AnalysisOptions:
         """The options ``settings`` ask for: the one place analysis reads the settings.
 
         Args:
@@ -74,12 +80,18 @@ class AnalysisOptions:
         Raises:
             ValueError: the settings ask for a CUDA device this machine does not have.
         """
-        return cls(method=method or settings.fit_method, thresholds=settings.trust,
-                   device=resolve_device(settings.device), confine=confine, progress=progress,
-                   optimizer_state=settings.optimizer_state,
-                   nested_widths=tuple(settings.nested_widths),
-                   crosscheck_share=settings.crosscheck.share,
-                   workers=settings.analysis_workers, check_traps=settings.check_traps)
+        return cls(
+            method=method or settings.fit_method,
+            thresholds=settings.trust,
+            device=resolve_device(settings.device),
+            confine=confine,
+            progress=progress,
+            optimizer_state=settings.optimizer_state,
+            nested_widths=tuple(settings.nested_widths),
+            crosscheck_share=settings.crosscheck.share,
+            workers=settings.analysis_workers,
+            check_traps=settings.check_traps,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,8 +134,9 @@ def analyze_checkpoint(path: Path, first: Path | None, options: AnalysisOptions)
     return Analysis(tuple(layers))
 
 
-def analysed_layers(path: Path, first: Path | None, options: AnalysisOptions
-                    ) -> list[AnalysedLayer]:
+def analysed_layers(
+    path: Path, first: Path | None, options: AnalysisOptions
+) -> list[AnalysedLayer]:
     """Every layer of one checkpoint the options ask for, analysed, in reading order."""
     confine = options.confine
     first_key = _first_key(first, confine)
@@ -134,34 +147,46 @@ def analysed_layers(path: Path, first: Path | None, options: AnalysisOptions
     # Refused optimizer state joins this list while the engine still works on earlier matrices
     # (see analysed_matrices): the order the worker stores and ``analyze`` prints.
     layers: list[AnalysedLayer] = []
-    matrices = ((m, m.weight, m.stored_dtype)
-                for m in analysed_matrices(path, options, layers))
+    matrices = ((m, m.weight, m.stored_dtype) for m in analysed_matrices(path, options, layers))
     for matrix, result in analyze_stream(
-        matrices, workers=options.workers, method=options.method,
-        thresholds=options.thresholds, device=options.device, check_traps=options.check_traps,
+        matrices,
+        workers=options.workers,
+        method=options.method,
+        thresholds=options.thresholds,
+        device=options.device,
+        check_traps=options.check_traps,
     ):
         if crosscheck.chosen(f"{path.name}/{matrix.name}", share):
-            result = replace(result, crosscheck_diff=_crosscheck(matrix.weight, result.alpha,
-                                                                 options.method))
-        layers.append(AnalysedLayer(
-            name=matrix.name, kind=matrix.kind, block=matrix.block,
-            dtype=str(matrix.stored_dtype).removeprefix("torch."),
-            shape=tuple(matrix.weight.shape),
-            distance_from_init=_distance(first_key, matrix.name, matrix.weight, confine),
-            result=replace(result, evals=None, rand_evals=None),
-            evals=_as_bytes(result.evals), rand_evals=_as_bytes(result.rand_evals),
-        ))
+            result = replace(
+                result, crosscheck_diff=_crosscheck(matrix.weight, result.alpha, options.method)
+            )
+        layers.append(
+            AnalysedLayer(
+                name=matrix.name,
+                kind=matrix.kind,
+                block=matrix.block,
+                dtype=str(matrix.stored_dtype).removeprefix("torch."),
+                shape=tuple(matrix.weight.shape),
+                distance_from_init=_distance(first_key, matrix.name, matrix.weight, confine),
+                result=replace(result, evals=None, rand_evals=None),
+                evals=_as_bytes(result.evals),
+                rand_evals=_as_bytes(result.rand_evals),
+            )
+        )
         if options.progress:
-            sys.stderr.write(f"\r  {printable(path.name)}: {len(layers)} layers, "
-                             f"{matrix.name[-48:]} alpha={result.alpha or float('nan'):.2f}\x1b[K")
+            sys.stderr.write(
+                f"\r  {printable(path.name)}: {len(layers)} layers, "
+                f"{matrix.name[-48:]} alpha={result.alpha or float('nan'):.2f}\x1b[K"
+            )
             sys.stderr.flush()
     if options.progress:
         sys.stderr.write("\n")
     return layers
 
 
-def analysed_matrices(path: Path, options: AnalysisOptions, refused: list[AnalysedLayer]
-                      ) -> Iterator[LayerMatrix]:
+def analysed_matrices(
+    path: Path, options: AnalysisOptions, refused: list[AnalysedLayer]
+) -> Iterator[LayerMatrix]:
     """Every matrix the options ask for: weights, their nested slices, then their exp_avg.
 
     Optimizer state that cannot be read or named exactly adds one failed layer to ``refused``
@@ -193,19 +218,26 @@ def analysed_matrices(path: Path, options: AnalysisOptions, refused: list[Analys
 def refused_layer(name: str, error: str, method: str) -> AnalysedLayer:
     """A failed layer recording what could not be analysed, and why."""
     result = LayerResult(method=method, fit_status=FitStatus.FAILED, trusted=False, error=error)
-    return AnalysedLayer(name=name, kind="other", block=None, dtype=None, shape=None,
-                         distance_from_init=None, result=result)
+    return AnalysedLayer(
+        name=name,
+        kind="other",
+        block=None,
+        dtype=None,
+        shape=None,
+        distance_from_init=None,
+        result=result,
+    )
 
 
-def _crosscheck(weight: torch.Tensor | np.ndarray, alpha: float | None, method: str
-                ) -> float | None:
+def _crosscheck(
+    weight: torch.Tensor | np.ndarray, alpha: float | None, method: str
+) -> float | None:
     """Relative alpha difference from weightwatcher's; a failure of weightwatcher is logged,
     never the layer's or the checkpoint's failure."""
     try:
         return crosscheck.difference(alpha, crosscheck.weightwatcher_row(weight, method))
     except Exception as exc:
-        logging.getLogger(__name__).warning("cross-check failed: %s: %s",
-                                            type(exc).__name__, exc)
+        logging.getLogger(__name__).warning("cross-check failed: %s: %s", type(exc).__name__, exc)
         return None
 
 
@@ -226,11 +258,15 @@ def _first_key(first: Path | None, confine: Confinement) -> tuple[Path, str] | N
     try:
         return first, fingerprint(first, confine)
     except Exception:  # the first checkpoint is only a reference: whatever it holds, the
-        return None    # checkpoint in hand is analysed without a distance from init
+        return None  # checkpoint in hand is analysed without a distance from init
 
 
-def _distance(first: tuple[Path, str] | None, name: str, weight: torch.Tensor | np.ndarray,
-              confine: Confinement) -> float | None:
+def _distance(
+    first: tuple[Path, str] | None,
+    name: str,
+    weight: torch.Tensor | np.ndarray,
+    confine: Confinement,
+) -> float | None:
     """‖W_t − W_0‖_F / ‖W_0‖_F against the run's first checkpoint, read one tensor at a time."""
     if first is None:
         return None
@@ -248,8 +284,9 @@ def _distance(first: tuple[Path, str] | None, name: str, weight: torch.Tensor | 
     return float(np.linalg.norm(now - then)) / norm0
 
 
-def _first_weight(key: tuple[Path, str], name: str, confine: Confinement
-                  ) -> torch.Tensor | np.ndarray | None:
+def _first_weight(
+    key: tuple[Path, str], name: str, confine: Confinement
+) -> torch.Tensor | np.ndarray | None:
     first = key[0]
     cache = _FIRST_CACHE.get(key)
     if cache is None:
@@ -266,8 +303,7 @@ def _first_weight(key: tuple[Path, str], name: str, confine: Confinement
 def _size(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
-    return sum(entry.stat(follow_symlinks=False).st_size
-               for _, entry in walk(str(path)).files)
+    return sum(entry.stat(follow_symlinks=False).st_size for _, entry in walk(str(path)).files)
 
 
 # Distance from init keeps the first checkpoint's matrices in memory; past this size it would

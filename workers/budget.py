@@ -178,7 +178,9 @@ class AnalysisChild:
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "alphawatch.workers.budget", str(theirs.fileno())],
-                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, close_fds=True,
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+                close_fds=True,
                 # Set before the child imports anything of the hub's: hostile input is read
                 # there, and nothing in it may reach the network.
                 env={**os.environ, **OFFLINE_ENVIRONMENT},
@@ -225,7 +227,8 @@ class AnalysisChild:
                 self.close()
                 raise BudgetExceeded(
                     f"{path}: analysis exceeded the time budget of {self.budget.timeout_s:g} s "
-                    f"(ALPHAWATCH_JOB_TIMEOUT_S) and was stopped")
+                    f"(ALPHAWATCH_JOB_TIMEOUT_S) and was stopped"
+                )
             if conn.poll(min(POLL_S, left)):
                 try:
                     reply = conn.recv()
@@ -240,7 +243,8 @@ class AnalysisChild:
                 self.close()
                 raise BudgetExceeded(
                     f"{path}: analysis exceeded the memory budget of {self.budget.memory_mb:g} MB "
-                    f"(ALPHAWATCH_JOB_MEMORY_MB): it held {rss:.0f} MB when it was stopped")
+                    f"(ALPHAWATCH_JOB_MEMORY_MB): it held {rss:.0f} MB when it was stopped"
+                )
         elapsed = time.monotonic() - started
         if isinstance(reply, AnalysisFailure):
             raise AnalysisFailed(reply.error, vanished=reply.vanished)
@@ -357,8 +361,9 @@ def main(argv: list[str]) -> int:
 
 def budget_of(settings: Settings) -> Budget:
     """The budget of one job, from the worker's settings (memory 0: three quarters of RAM)."""
-    return Budget(timeout_s=settings.job_timeout_s,
-                  memory_mb=settings.job_memory_mb or default_memory_mb())
+    return Budget(
+        timeout_s=settings.job_timeout_s, memory_mb=settings.job_memory_mb or default_memory_mb()
+    )
 
 
 if __name__ == "__main__":

@@ -131,8 +131,13 @@ class TinyLlama(nn.Module):
         return logits
 
 
-def _save(model: TinyLlama, out_dir: Path, step: int, config: dict[str, object],
-          history: list[dict[str, float]]) -> Path:
+def _save(
+    model: TinyLlama,
+    out_dir: Path,
+    step: int,
+    config: dict[str, object],
+    history: list[dict[str, float]],
+) -> Path:
     final = out_dir / f"checkpoint-{step}"
     tmp = out_dir / f"tmp-checkpoint-{step}"
     tmp.mkdir(parents=True, exist_ok=True)
@@ -185,10 +190,17 @@ def train(
     model = TinyLlama(vocab, d_model, n_layers, n_heads, ffn)
     optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     config: dict[str, object] = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab,
-        "hidden_size": d_model, "intermediate_size": ffn, "num_hidden_layers": n_layers,
-        "num_attention_heads": n_heads, "num_key_value_heads": n_heads,
-        "tie_word_embeddings": False, "torch_dtype": "float32", "max_steps": steps,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": vocab,
+        "hidden_size": d_model,
+        "intermediate_size": ffn,
+        "num_hidden_layers": n_layers,
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": n_heads,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+        "max_steps": steps,
         "seed": seed,
     }
     history: list[dict[str, float]] = []
@@ -226,8 +238,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sleep", type=float, default=0.0, help="pause after each save (s)")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
-    paths = train(args.out_dir, steps=args.steps, save_every=args.save_every, seed=args.seed,
-                  d_model=args.d_model, n_layers=args.layers, sleep=args.sleep)
+    paths = train(
+        args.out_dir,
+        steps=args.steps,
+        save_every=args.save_every,
+        seed=args.seed,
+        d_model=args.d_model,
+        n_layers=args.layers,
+        sleep=args.sleep,
+    )
     print(f"wrote {len(paths)} checkpoints to {args.out_dir}")
     return 0
 

@@ -65,8 +65,13 @@ class LoopHealth:
         if first:
             log.error("%s failed; going on in %.1fs", loop, retry_in, exc_info=exc)
         else:
-            log.error("%s failed again (%d times in a row): %s; going on in %.1fs", loop,
-                      streak.count, what, retry_in)
+            log.error(
+                "%s failed again (%d times in a row): %s; going on in %.1fs",
+                loop,
+                streak.count,
+                what,
+                retry_in,
+            )
 
     def ok(self, loop: str) -> None:
         """``loop`` completed an iteration: its streak of failures, if any, is over."""
@@ -84,6 +89,8 @@ class LoopHealth:
         """Why a loop is failing now (the first such loop), or None when none is."""
         with self._lock:
             for loop, streak in self._streaks.items():
-                return (f"{loop} failing since {streak.since} ({streak.count} times in a row; "
-                        f"last: {streak.last})")[:2000]
+                return (
+                    f"{loop} failing since {streak.since} ({streak.count} times in a row; "
+                    f"last: {streak.last})"
+                )[:2000]
         return None

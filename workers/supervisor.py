@@ -31,10 +31,16 @@ class Supervisor:
             quickly, up to ``max_pause_s``, and reset after a loop that lived a while.
     """
 
-    def __init__(self, loop: Callable[[threading.Event], None], passes: Callable[[], int],
-                 stop: threading.Event, *, first_pause_s: float = 1.0,
-                 max_pause_s: float = 30.0,
-                 trouble: Callable[[], str | None] | None = None) -> None:
+    def __init__(
+        self,
+        loop: Callable[[threading.Event], None],
+        passes: Callable[[], int],
+        stop: threading.Event,
+        *,
+        first_pause_s: float = 1.0,
+        max_pause_s: float = 30.0,
+        trouble: Callable[[], str | None] | None = None,
+    ) -> None:
         self._loop = loop
         self._trouble = trouble
         self._passes = passes
@@ -74,8 +80,10 @@ class Supervisor:
             except Exception as exc:  # whatever ended the loop, the API process goes on
                 log.exception("the worker stopped; restarting it in %.0fs", pause)
                 with self._lock:
-                    self._down = (f"worker down since {time.strftime('%H:%M:%S')} "
-                                  f"({type(exc).__name__}: {exc}); restarting")[:2000]
+                    self._down = (
+                        f"worker down since {time.strftime('%H:%M:%S')} "
+                        f"({type(exc).__name__}: {exc}); restarting"
+                    )[:2000]
                     self._passes_when_down = self._passes()
             else:
                 return  # stop was set

@@ -104,13 +104,16 @@ class _Heartbeat(threading.Thread):
         health = self.watcher.health
         while not self.stop_event.wait(settings.heartbeat_s):
             if time.monotonic() > self.deadline:
-                log.warning("job %s is past its time budget: its lease is no longer renewed",
-                            self.job_id)
+                log.warning(
+                    "job %s is past its time budget: its lease is no longer renewed", self.job_id
+                )
                 return
             try:
                 with session_scope(self.watcher.engine) as session:
                     alive = queue.heartbeat(
-                        session, job_id=self.job_id, worker_id=self.watcher.worker_id,
+                        session,
+                        job_id=self.job_id,
+                        worker_id=self.watcher.worker_id,
                         lease_s=settings.lease_s,
                     )
             except Exception as exc:
@@ -177,21 +180,33 @@ class Watcher:
         # A live line per layer on a terminal; plain log records when stderr is a file or pipe.
         self.progress = sys.stderr.isatty()
         self.budget = budget_of(settings)
-        self.options = AnalysisOptions.from_settings(settings, confine=self.confine,
-                                                     progress=self.progress)
+        self.options = AnalysisOptions.from_settings(
+            settings, confine=self.confine, progress=self.progress
+        )
         self.device = self.options.device
         self.child = AnalysisChild(self.options, self.budget)
         # The gate is evaluated after each analysed checkpoint; its alerts are delivered by a
         # thread of this worker, never by the loop that analyses.
         notify = settings.alerts.webhook_url is not None
-        self.gate = GateCheck(defaults=settings.gate, method=settings.fit_method,
-                              thresholds=settings.trust, notify=notify)
-        self.alerts = (AlertDispatcher(settings.alerts, self.engine, self.worker_id)
-                       if notify else None)
+        self.gate = GateCheck(
+            defaults=settings.gate,
+            method=settings.fit_method,
+            thresholds=settings.trust,
+            notify=notify,
+        )
+        self.alerts = (
+            AlertDispatcher(settings.alerts, self.engine, self.worker_id) if notify else None
+        )
 
     # -- database access with retry -------------------------------------------------------
-    def _retry(self, what: str, fn: Callable[[], T], stop: threading.Event | None = None,
-               *, grace_s: float = 0.0) -> T:
+    def _retry(
+        self,
+        what: str,
+        fn: Callable[[], T],
+        stop: threading.Event | None = None,
+        *,
+        grace_s: float = 0.0,
+    ) -> T:
         """Run the unit of work ``fn`` again, whole, for as long as the connection fails.
 
         Every unit of work opens its own sessions, so each try starts on a fresh connection
@@ -210,9 +225,13 @@ class Watcher:
                 if not is_connection_error(exc):
                     raise
                 delay = backoff.next()
-                log.warning("database unreachable during %s (%s: %s); retrying in %.1fs",
-                            what, type(exc).__name__, str(exc).splitlines()[0][:200]
-                            if str(exc) else "", delay)
+                log.warning(
+                    "database unreachable during %s (%s: %s); retrying in %.1fs",
+                    what,
+                    type(exc).__name__,
+                    str(exc).splitlines()[0][:200] if str(exc) else "",
+                    delay,
+                )
                 if not stop.is_set() and not stop.wait(delay):
                     continue
                 now = time.monotonic()
@@ -252,8 +271,9 @@ class Watcher:
         except (OSError, ValueError):
             return True
 
-    def discover_once(self, *, runs: Collection[Path] | None = None,
-                      full: Collection[Path] = ()) -> int:
+    def discover_once(
+        self, *, runs: Collection[Path] | None = None, full: Collection[Path] = ()
+    ) -> int:
         """Register every complete checkpoint found; returns how many were new.
 
         Args:
@@ -276,8 +296,7 @@ class Watcher:
         new = 0
         for run_dir, run_id in watched.items():
             memory = None if run_dir in full else self._memory.get(run_dir)
-            if (memory is not None and run_dir not in changed
-                    and memory.unchanged_since(run_id)):
+            if memory is not None and run_dir not in changed and memory.unchanged_since(run_id):
                 continue
             if not self._present(run_dir):
                 self._memory.forget(run_dir)
@@ -309,8 +328,9 @@ class Watcher:
         problems: list[str] = []
         settled = memory.settled if memory is not None else {}
         try:
-            found = survey(run_dir, settle_s=self.settings.settle_s, confine=self.confine,
-                           settled=settled)
+            found = survey(
+                run_dir, settle_s=self.settings.settle_s, confine=self.confine, settled=settled
+            )
             refs, listed, inodes, shapes = found.refs, found.listed, found.inodes, found.shapes
         except CheckpointError as exc:
             log.error("cannot list %s: %s", shown(run_dir), exc)
@@ -330,9 +350,17 @@ class Watcher:
                 step = ref.step if ref.step is not None else 0
                 if ref.error is not None:
                     quiet = False  # read again each pass, as long as it is refused
-                    if registry.register_refused(session, run_id=run_id, step=step,
-                                              path=shown(ref.path), fmt=ref.format,
-                                              error=ref.error[:_ERROR_MAX]) is not None:
+                    if (
+                        registry.register_refused(
+                            session,
+                            run_id=run_id,
+                            step=step,
+                            path=shown(ref.path),
+                            fmt=ref.format,
+                            error=ref.error[:_ERROR_MAX],
+                        )
+                        is not None
+                    ):
                         log.error("refused %s step %s: %s", run_dir.name, step, ref.error)
                     continue
                 if not ref.complete:
@@ -341,16 +369,19 @@ class Watcher:
                 found_ = known.get(step)
                 if found_ is None:
                     created = registry.register_checkpoint(
-                        session, run_id=run_id, step=step, path=str(ref.path),
-                        fingerprint=ref.fingerprint, fmt=ref.format,
+                        session,
+                        run_id=run_id,
+                        step=step,
+                        path=str(ref.path),
+                        fingerprint=ref.fingerprint,
+                        fmt=ref.format,
                     )
                     if created is not None:
                         new += 1
                         final = True
                         log.info("queued %s step %s", run_dir.name, ref.step)
                 elif found_.path == str(ref.path):
-                    queued, final = self._refresh(session, run_dir, step, found_,
-                                                  ref.fingerprint)
+                    queued, final = self._refresh(session, run_dir, step, found_, ref.fingerprint)
                     new += queued
                 else:
                     final = True  # the step is registered under another path: left alone
@@ -358,19 +389,31 @@ class Watcher:
                     quiet = False
                     continue
                 now_settled[ref.path] = self._memory.settle(
-                    run_dir, ref, earlier=settled, inodes=inodes, shapes=shapes,
-                    rechecked=bool(self.settings.rewrite_checks_per_poll))
+                    run_dir,
+                    ref,
+                    earlier=settled,
+                    inodes=inodes,
+                    shapes=shapes,
+                    rechecked=bool(self.settings.rewrite_checks_per_poll),
+                )
             if self.reanalyze and run_id not in self._reanalyzed:
                 queue.reanalyze(session, run_id=run_id)
                 self._reanalyzed.add(run_id)
             summary = _problems(problems)
             registry.set_run_discovery_error(session, run_id=run_id, error=summary)
-        self._memory.remember(run_dir, RunMemory(run_id, listed, now_settled,
-                                                 quiet and not problems))
+        self._memory.remember(
+            run_dir, RunMemory(run_id, listed, now_settled, quiet and not problems)
+        )
         return new
 
-    def _refresh(self, session: Any, run_dir: Path, step: int, found: registry.KnownCheckpoint,
-                 fingerprint: str) -> tuple[int, bool]:
+    def _refresh(
+        self,
+        session: Any,
+        run_dir: Path,
+        step: int,
+        found: registry.KnownCheckpoint,
+        fingerprint: str,
+    ) -> tuple[int, bool]:
         """Compare a registered checkpoint with its files.
 
         Returns:
@@ -379,17 +422,19 @@ class Watcher:
         """
         if found.discovery_error is not None and found.status != CheckpointStatus.FAILED:
             # The problem discovery noted after the analysis is gone (the folder is back).
-            registry.set_checkpoint_discovery_error(session, checkpoint_id=found.checkpoint_id,
-                                                 error=None)
+            registry.set_checkpoint_discovery_error(
+                session, checkpoint_id=found.checkpoint_id, error=None
+            )
         if found.fingerprint == fingerprint:
             return 0, True
-        if (found.status == CheckpointStatus.PENDING
-                and found.job_status == JobStatus.QUEUED):
-            registry.set_fingerprint(session, checkpoint_id=found.checkpoint_id,
-                                  fingerprint=fingerprint)
+        if found.status == CheckpointStatus.PENDING and found.job_status == JobStatus.QUEUED:
+            registry.set_fingerprint(
+                session, checkpoint_id=found.checkpoint_id, fingerprint=fingerprint
+            )
             return 0, True
-        if registry.requeue_rewritten(session, checkpoint_id=found.checkpoint_id,
-                                   fingerprint=fingerprint):
+        if registry.requeue_rewritten(
+            session, checkpoint_id=found.checkpoint_id, fingerprint=fingerprint
+        ):
             log.info("%s step %s changed on disk: queued again", run_dir.name, step)
             return 1, True
         return 0, False
@@ -432,6 +477,7 @@ class Watcher:
         """One discovery tick: a whole pass when due, else only the runs asked to be scanned."""
         if not self._retry("discovery lease", self._renew_lease, stop):
             return
+
         def pending() -> list[scans.ScanRequest]:
             with self.engine.connect() as conn:
                 return scans.scan_requests(conn)
@@ -442,8 +488,9 @@ class Watcher:
         asked = {Path(r.path) for r in requests}
         if asked:
             log.info("scan asked for: %s", ", ".join(sorted(map(str, asked))))
-        new = self._retry("discover", lambda: self.discover_once(
-            runs=None if due else asked, full=asked), stop)
+        new = self._retry(
+            "discover", lambda: self.discover_once(runs=None if due else asked, full=asked), stop
+        )
 
         def clear() -> None:
             with session_scope(self.engine) as session:
@@ -515,9 +562,11 @@ class Watcher:
             unsure, self._claim_unsure = self._claim_unsure, True
             lease_s = self.settings.lease_s
             with session_scope(self.engine) as session:
-                claimed = ((queue.reclaim(session, worker_id=self.worker_id, lease_s=lease_s)
-                            if unsure else None)
-                           or queue.claim(session, worker_id=self.worker_id, lease_s=lease_s))
+                claimed = (
+                    queue.reclaim(session, worker_id=self.worker_id, lease_s=lease_s)
+                    if unsure
+                    else None
+                ) or queue.claim(session, worker_id=self.worker_id, lease_s=lease_s)
             self._claim_unsure = False
             return claimed
 
@@ -561,18 +610,29 @@ class Watcher:
                 def write() -> bool:
                     with session_scope(self.engine) as session:
                         return results.complete(
-                            session, job_id=job.job_id, worker_id=self.worker_id,
-                            layers=layers, spectra=spectra,
-                            device=outcome.device, elapsed_s=outcome.elapsed_s,
-                            thresholds=self.thresholds, gate=self.gate,
+                            session,
+                            job_id=job.job_id,
+                            worker_id=self.worker_id,
+                            layers=layers,
+                            spectra=spectra,
+                            device=outcome.device,
+                            elapsed_s=outcome.elapsed_s,
+                            thresholds=self.thresholds,
+                            gate=self.gate,
                         )
 
                 done = self._retry("complete", write, grace_s=_STOP_GRACE_S)
                 if done and self.alerts is not None:
                     self.alerts.wake()
-                log.info("step %s of run %s: %d layers in %.2fs, peak %.0f MB%s", job.step,
-                         job.run_id, len(layers), outcome.elapsed_s, outcome.peak_mb,
-                         "" if done else " (lease lost, not written)")
+                log.info(
+                    "step %s of run %s: %d layers in %.2fs, peak %.0f MB%s",
+                    job.step,
+                    job.run_id,
+                    len(layers),
+                    outcome.elapsed_s,
+                    outcome.peak_mb,
+                    "" if done else " (lease lost, not written)",
+                )
                 if done and self.on_analysed is not None:
                     self._announce(job)
         finally:
@@ -584,17 +644,25 @@ class Watcher:
         try:
             self.on_analysed(job.run_id, job.step)
         except Exception as exc:  # an exporter's failure never fails the job or the worker
-            log.warning("after step %s of run %s: %s: %s", job.step, job.run_id,
-                        type(exc).__name__, exc)
+            log.warning(
+                "after step %s of run %s: %s: %s", job.step, job.run_id, type(exc).__name__, exc
+            )
 
-    def _finish_failed(self, job: queue.ClaimedJob, error: str, *, vanished: bool = False,
-                       final: bool = False) -> None:
+    def _finish_failed(
+        self, job: queue.ClaimedJob, error: str, *, vanished: bool = False, final: bool = False
+    ) -> None:
         error = printable(error)  # exception texts may quote file names that are not UTF-8
+
         def write() -> None:
             with session_scope(self.engine) as session:
-                queue.fail(session, job_id=job.job_id, worker_id=self.worker_id, error=error,
-                           vanished=vanished,
-                           max_attempts=job.attempts if final else self.settings.max_attempts)
+                queue.fail(
+                    session,
+                    job_id=job.job_id,
+                    worker_id=self.worker_id,
+                    error=error,
+                    vanished=vanished,
+                    max_attempts=job.attempts if final else self.settings.max_attempts,
+                )
 
         self._retry("fail", write, grace_s=_STOP_GRACE_S)
 
@@ -625,14 +693,19 @@ class Watcher:
         Discovery runs in a thread of its own, behind the discovery lease; this loop claims and
         analyses jobs, at once when that thread queued some, else every poll interval.
         """
-        log.info("worker %s watching %s on %s", self.worker_id,
-                 ", ".join(map(str, self.run_dirs)) or "registered runs", self.device)
+        log.info(
+            "worker %s watching %s on %s",
+            self.worker_id,
+            ", ".join(map(str, self.run_dirs)) or "registered runs",
+            self.device,
+        )
         ended = threading.Event()
         self._discovery_failed = None
         self._stop = stop
         self._leasing = True
-        finder = threading.Thread(target=self._discover_forever, args=(stop, ended),
-                                  name="discovery", daemon=True)
+        finder = threading.Thread(
+            target=self._discover_forever, args=(stop, ended), name="discovery", daemon=True
+        )
         finder.start()
         if self.alerts is not None:
             self.alerts.start()
@@ -717,12 +790,25 @@ def stored_rows(layers: Iterable[AnalysedLayer]) -> tuple[list[LayerRow], list[S
     rows: list[LayerRow] = []
     spectra: list[SpectrumRow] = []
     for layer in layers:
-        rows.append(LayerRow.from_mapping({
-            **layer.result.metrics(), "name": layer.name, "kind": layer.kind,
-            "block": layer.block, "dtype": layer.dtype,
-            "distance_from_init": layer.distance_from_init,
-        }))
+        rows.append(
+            LayerRow.from_mapping(
+                {
+                    **layer.result.metrics(),
+                    "name": layer.name,
+                    "kind": layer.kind,
+                    "block": layer.block,
+                    "dtype": layer.dtype,
+                    "distance_from_init": layer.distance_from_init,
+                }
+            )
+        )
         if layer.evals is not None:
-            spectra.append(SpectrumRow(name=layer.name, method=layer.result.method,
-                                       evals=layer.evals, rand_evals=layer.rand_evals))
+            spectra.append(
+                SpectrumRow(
+                    name=layer.name,
+                    method=layer.result.method,
+                    evals=layer.evals,
+                    rand_evals=layer.rand_evals,
+                )
+            )
     return rows, spectra

@@ -43,12 +43,19 @@ def upgrade() -> None:
         sa.Column("p90", sa.Float(), nullable=True),
         sa.Column("iqr", sa.Float(), nullable=True),
         sa.ForeignKeyConstraint(
-            ["checkpoint_id"], ["checkpoint.id"],
-            name=op.f("fk_checkpoint_stat_checkpoint_id_checkpoint"), ondelete="CASCADE",
+            ["checkpoint_id"],
+            ["checkpoint.id"],
+            name=op.f("fk_checkpoint_stat_checkpoint_id_checkpoint"),
+            ondelete="CASCADE",
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_checkpoint_stat")),
         sa.UniqueConstraint(
-            "checkpoint_id", "method", "metric", "filter", "outliers", "kinds",
+            "checkpoint_id",
+            "method",
+            "metric",
+            "filter",
+            "outliers",
+            "kinds",
             name="uq_checkpoint_stat_key",
         ),
     )

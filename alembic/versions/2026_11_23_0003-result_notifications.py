@@ -33,9 +33,11 @@ def upgrade() -> None:
         END
         $$""")
     for table in TABLES:
-        op.execute(f"CREATE TRIGGER trg_{table}_notify_results "
-                   f"AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON {table} "
-                   f"FOR EACH STATEMENT EXECUTE FUNCTION alphawatch_notify_results()")
+        op.execute(
+            f"CREATE TRIGGER trg_{table}_notify_results "
+            f"AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON {table} "
+            f"FOR EACH STATEMENT EXECUTE FUNCTION alphawatch_notify_results()"
+        )
 
 
 def downgrade() -> None:

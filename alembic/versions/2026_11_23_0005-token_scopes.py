@@ -22,8 +22,9 @@ depends_on: str | Sequence[str] | None = None
 
 def upgrade() -> None:
     with op.batch_alter_table("api_token") as batch:
-        batch.add_column(sa.Column("scope", sa.String(length=16), nullable=False,
-                                   server_default="admin"))
+        batch.add_column(
+            sa.Column("scope", sa.String(length=16), nullable=False, server_default="admin")
+        )
         batch.add_column(sa.Column("expires_at", sa.DateTime(timezone=True), nullable=True))
         batch.add_column(sa.Column("revoked_at", sa.DateTime(timezone=True), nullable=True))
         batch.add_column(sa.Column("last_used_at", sa.DateTime(timezone=True), nullable=True))
@@ -32,8 +33,10 @@ def upgrade() -> None:
 def downgrade() -> None:
     # Before this revision every token could do everything: a revoked, expiring or narrower
     # token must not come back as an eternal admin one, so only plain admin tokens are kept.
-    op.execute("DELETE FROM api_token WHERE scope <> 'admin' OR revoked_at IS NOT NULL "
-               "OR expires_at IS NOT NULL")
+    op.execute(
+        "DELETE FROM api_token WHERE scope <> 'admin' OR revoked_at IS NOT NULL "
+        "OR expires_at IS NOT NULL"
+    )
     with op.batch_alter_table("api_token") as batch:
         batch.drop_column("last_used_at")
         batch.drop_column("revoked_at")

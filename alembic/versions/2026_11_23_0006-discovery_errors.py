@@ -30,10 +30,12 @@ depends_on: str | Sequence[str] | None = None
 def upgrade() -> None:
     op.add_column("run", sa.Column("discovery_error", sa.Text(), nullable=True))
     op.add_column("checkpoint", sa.Column("discovery_error", sa.Text(), nullable=True))
-    op.add_column("checkpoint", sa.Column("analysis_count", sa.Integer(), nullable=False,
-                                          server_default="0"))
-    op.add_column("checkpoint", sa.Column("rewritten_at", sa.DateTime(timezone=True),
-                                          nullable=True))
+    op.add_column(
+        "checkpoint", sa.Column("analysis_count", sa.Integer(), nullable=False, server_default="0")
+    )
+    op.add_column(
+        "checkpoint", sa.Column("rewritten_at", sa.DateTime(timezone=True), nullable=True)
+    )
     # Checkpoints analysed before this revision were analysed once.
     op.execute("UPDATE checkpoint SET analysis_count = 1 WHERE status = 'done'")
 

@@ -35,8 +35,9 @@ def upgrade() -> None:
         sa.Column("step", sa.BigInteger(), nullable=True),
         sa.Column("violations", sa.Text(), nullable=True),
         sa.Column("evaluated_at", sa.DateTime(timezone=True), nullable=True),
-        sa.ForeignKeyConstraint(["run_id"], ["run.id"], name=op.f("fk_run_gate_run_id_run"),
-                                ondelete="CASCADE"),
+        sa.ForeignKeyConstraint(
+            ["run_id"], ["run.id"], name=op.f("fk_run_gate_run_id_run"), ondelete="CASCADE"
+        ),
         sa.PrimaryKeyConstraint("run_id", name=op.f("pk_run_gate")),
     )
     statuses = "status IN (" + ", ".join(f"'{s}'" for s in ALERT_STATUSES) + ")"
@@ -58,8 +59,9 @@ def upgrade() -> None:
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
         sa.CheckConstraint(statuses, name=op.f("ck_alert_status")),
-        sa.ForeignKeyConstraint(["run_id"], ["run.id"], name=op.f("fk_alert_run_id_run"),
-                                ondelete="CASCADE"),
+        sa.ForeignKeyConstraint(
+            ["run_id"], ["run.id"], name=op.f("fk_alert_run_id_run"), ondelete="CASCADE"
+        ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_alert")),
     )
     op.create_index(op.f("ix_alert_run_id"), "alert", ["run_id"])

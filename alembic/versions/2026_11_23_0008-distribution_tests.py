@@ -22,8 +22,15 @@ down_revision: str | None = "0007"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-FLOATS = ("tpl_alpha", "tpl_lambda", "pl_vs_tpl_R", "pl_vs_tpl_p", "pl_vs_lognormal_R",
-          "pl_vs_lognormal_p", "crosscheck_diff")
+FLOATS = (
+    "tpl_alpha",
+    "tpl_lambda",
+    "pl_vs_tpl_R",
+    "pl_vs_tpl_p",
+    "pl_vs_lognormal_R",
+    "pl_vs_lognormal_p",
+    "crosscheck_diff",
+)
 
 
 # Plain ALTER TABLE, never batch mode (see 0006).
@@ -34,9 +41,13 @@ def upgrade() -> None:
     for name in FLOATS:
         op.add_column("layer_metric", sa.Column(name, sa.Float(), nullable=True))
     where = sa.text("crosscheck_diff IS NOT NULL")
-    op.create_index("ix_layer_metric_crosscheck_diff", "layer_metric",
-                    ["checkpoint_id", "crosscheck_diff"], postgresql_where=where,
-                    sqlite_where=where)
+    op.create_index(
+        "ix_layer_metric_crosscheck_diff",
+        "layer_metric",
+        ["checkpoint_id", "crosscheck_diff"],
+        postgresql_where=where,
+        sqlite_where=where,
+    )
 
 
 def downgrade() -> None:

@@ -25,8 +25,7 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    op.add_column("run", sa.Column("scan_requested_at", sa.DateTime(timezone=True),
-                                   nullable=True))
+    op.add_column("run", sa.Column("scan_requested_at", sa.DateTime(timezone=True), nullable=True))
     op.create_index("ix_run_scan_requested_at", "run", ["scan_requested_at"])
     op.create_table(
         "discovery_lease",

@@ -36,7 +36,8 @@ def _condition(values: Sequence[str]) -> str:
 def _alert(statuses: Sequence[str], *extra: sa.Column[datetime]) -> sa.Table:
     """The ``alert`` table as it stands before a rebuild on SQLite: what the rebuild copies."""
     return sa.Table(
-        "alert", sa.MetaData(),
+        "alert",
+        sa.MetaData(),
         sa.Column("id", sa.Integer(), nullable=False),
         sa.Column("run_id", sa.Integer(), nullable=False),
         sa.Column("step", sa.BigInteger(), nullable=True),
@@ -54,8 +55,9 @@ def _alert(statuses: Sequence[str], *extra: sa.Column[datetime]) -> sa.Table:
         sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
         *extra,
         sa.CheckConstraint(_condition(statuses), name="ck_alert_status"),
-        sa.ForeignKeyConstraint(["run_id"], ["run.id"], name="fk_alert_run_id_run",
-                                ondelete="CASCADE"),
+        sa.ForeignKeyConstraint(
+            ["run_id"], ["run.id"], name="fk_alert_run_id_run", ondelete="CASCADE"
+        ),
         sa.PrimaryKeyConstraint("id", name="pk_alert"),
         sa.Index("ix_alert_run_id", "run_id"),
         sa.Index("ix_alert_status_next_attempt_at", "status", "next_attempt_at"),
@@ -72,8 +74,7 @@ def upgrade() -> None:
         op.create_check_constraint(op.f("ck_alert_status"), "alert", _condition(AFTER))
         op.add_column("alert", _last_attempt_at())
         return
-    with op.batch_alter_table("alert", copy_from=_alert(BEFORE),
-                              recreate="always") as batch:
+    with op.batch_alter_table("alert", copy_from=_alert(BEFORE), recreate="always") as batch:
         batch.drop_constraint(op.f("ck_alert_status"), type_="check")
         batch.create_check_constraint(op.f("ck_alert_status"), _condition(AFTER))
         batch.add_column(_last_attempt_at())
@@ -87,8 +88,9 @@ def downgrade() -> None:
         op.drop_constraint(op.f("ck_alert_status"), "alert", type_="check")
         op.create_check_constraint(op.f("ck_alert_status"), "alert", _condition(BEFORE))
         return
-    with op.batch_alter_table("alert", copy_from=_alert(AFTER, _last_attempt_at()),
-                              recreate="always") as batch:
+    with op.batch_alter_table(
+        "alert", copy_from=_alert(AFTER, _last_attempt_at()), recreate="always"
+    ) as batch:
         batch.drop_column("last_attempt_at")
         batch.drop_constraint(op.f("ck_alert_status"), type_="check")
         batch.create_check_constraint(op.f("ck_alert_status"), _condition(BEFORE))

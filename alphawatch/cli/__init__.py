@@ -1,12 +1,12 @@
 """The ``alphawatch`` command line.
 
-    alphawatch up RUN_DIR            API + dashboard + one worker, SQLite by default
-    alphawatch analyze PATH          one checkpoint, no database
-    alphawatch watch RUN_DIR...      worker only
-    alphawatch serve                 API + dashboard only
-    alphawatch gate --url U --run R  exit code for CI
-    alphawatch export mlflow|tensorboard|wandb --run R   robust statistics into a tracker
-    alphawatch db upgrade | token create|list|revoke | runs list
+alphawatch up RUN_DIR            API + dashboard + one worker, SQLite by default
+alphawatch analyze PATH          one checkpoint, no database
+alphawatch watch RUN_DIR...      worker only
+alphawatch serve                 API + dashboard only
+alphawatch gate --url U --run R  exit code for CI
+alphawatch export mlflow|tensorboard|wandb --run R   robust statistics into a tracker
+alphawatch db upgrade | token create|list|revoke | runs list
 """
 
 from __future__ import annotations
@@ -49,7 +49,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "up": serve.run_up, "watch": serve.run_watch, "serve": serve.run_serve,
-    "analyze": run_analyze, "gate": gate.run_gate, "export": export.run_export,
-    "db": admin.run_db, "token": admin.run_token, "runs": admin.run_runs,
+    "up": serve.run_up,
+    "watch": serve.run_watch,
+    "serve": serve.run_serve,
+    "analyze": run_analyze,
+    "gate": gate.run_gate,
+    "export": export.run_export,
+    "db": admin.run_db,
+    "token": admin.run_token,
+    "runs": admin.run_runs,
 }

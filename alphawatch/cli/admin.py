@@ -33,9 +33,14 @@ def run_token(args: argparse.Namespace) -> int:
     try:
         with session_scope(make_engine(settings.database_url)) as session:
             if args.token_command == "create":
-                print(tokens.create_token(session, name=args.name,
-                                          scope=tokens.TokenScope(args.scope),
-                                          expires_in_days=args.expires_in))
+                print(
+                    tokens.create_token(
+                        session,
+                        name=args.name,
+                        scope=tokens.TokenScope(args.scope),
+                        expires_in_days=args.expires_in,
+                    )
+                )
             elif args.token_command == "revoke":
                 count = tokens.revoke_token(session, name=args.name)
                 print(f"alphawatch: revoked {count} token(s) named {args.name!r}")
@@ -56,10 +61,23 @@ def _print_tokens(found: Sequence[Any]) -> None:
 
     rows = [("NAME", "SCOPE", "CREATED", "LAST USED", "EXPIRES", "STATE")]
     for t in found:
-        state = ("revoked" if t.revoked_at is not None else
-                 "expired" if t.expires_at is not None and t.expires_at <= now else "active")
-        rows.append((t.name, str(t.scope), when(t.created_at), when(t.last_used_at),
-                     when(t.expires_at), state))
+        state = (
+            "revoked"
+            if t.revoked_at is not None
+            else "expired"
+            if t.expires_at is not None and t.expires_at <= now
+            else "active"
+        )
+        rows.append(
+            (
+                t.name,
+                str(t.scope),
+                when(t.created_at),
+                when(t.last_used_at),
+                when(t.expires_at),
+                state,
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())

@@ -21,8 +21,9 @@ if TYPE_CHECKING:
 _COLUMNS = ("name", "shape", "alpha", "D", "xmin", "num_pl_spikes", "fit_status", "trusted")
 
 
-def analyze_path(path: Path, settings: Settings, method: str | None = None,
-                 engine: str = "alphawatch") -> dict[str, Any]:
+def analyze_path(
+    path: Path, settings: Settings, method: str | None = None, engine: str = "alphawatch"
+) -> dict[str, Any]:
     """Analyse one checkpoint (no database) into the public ``analyze`` JSON document.
 
     ``engine="weightwatcher"``: the fit numbers are weightwatcher 0.7.7's own (its ``analyze()``
@@ -37,8 +38,10 @@ def analyze_path(path: Path, settings: Settings, method: str | None = None,
 
     # The worker's options, less the live cross-check: that samples the stored layers of a
     # run; here ``--engine weightwatcher`` compares every layer, when asked.
-    options = replace(AnalysisOptions.from_settings(settings, confine=UNCONFINED, method=method),
-                      crosscheck_share=0.0)
+    options = replace(
+        AnalysisOptions.from_settings(settings, confine=UNCONFINED, method=method),
+        crosscheck_share=0.0,
+    )
     if engine == "weightwatcher" and (reason := crosscheck.unavailable(options.method)):
         raise UserError(f"--engine weightwatcher: {reason}")
     refs = discover(path, settle_s=0.0) if path.is_dir() else []
@@ -49,8 +52,14 @@ def analyze_path(path: Path, settings: Settings, method: str | None = None,
         layers = [_document_row(layer) for layer in analysed_layers(path, None, options)]
     # The summary is the weights' own: gradients and nested slices are rows beside them.
     weights = [r for r in layers if split_variant(r["name"])[1] == DEFAULT_VARIANT]
-    return {"step": step, "path": str(path), "device": str(options.device), "engine": engine,
-            "layers": layers, "summary": summarize(weights, thresholds=options.thresholds)}
+    return {
+        "step": step,
+        "path": str(path),
+        "device": str(options.device),
+        "engine": engine,
+        "layers": layers,
+        "summary": summarize(weights, thresholds=options.thresholds),
+    }
 
 
 def _document_row(layer: AnalysedLayer) -> dict[str, Any]:
@@ -76,10 +85,16 @@ def _weightwatcher_rows(path: Path, options: AnalysisOptions) -> list[dict[str, 
     for matrix in analysed_matrices(path, options, refused):
         row = crosscheck.weightwatcher_row(matrix.weight, options.method)
         status = crosscheck.status_of(row, options.thresholds)
-        row.update(method=str(options.method), fit_status=status.value,
-                   trusted=status.value == "ok", name=matrix.name, kind=matrix.kind,
-                   block=matrix.block, shape=list(matrix.weight.shape),
-                   dtype=str(matrix.stored_dtype).removeprefix("torch."))
+        row.update(
+            method=str(options.method),
+            fit_status=status.value,
+            trusted=status.value == "ok",
+            name=matrix.name,
+            kind=matrix.kind,
+            block=matrix.block,
+            shape=list(matrix.weight.shape),
+            dtype=str(matrix.stored_dtype).removeprefix("torch."),
+        )
         layers.append(row)
     # One pass, one matrix at a time: what was refused was refused after the last matrix.
     return layers + [_document_row(layer) for layer in refused]

@@ -21,10 +21,15 @@ class UserError(Exception):
 
 def settings_of(args: argparse.Namespace) -> Settings:
     overrides: dict[str, Any] = {}
-    for option, field in (("db", "database_url"), ("device", "device"), ("host", "host"),
-                          ("port", "port"), ("poll", "poll_interval_s"),
-                          ("optimizer_state", "optimizer_state"),
-                          ("nested_widths", "nested_widths")):
+    for option, field in (
+        ("db", "database_url"),
+        ("device", "device"),
+        ("host", "host"),
+        ("port", "port"),
+        ("poll", "poll_interval_s"),
+        ("optimizer_state", "optimizer_state"),
+        ("nested_widths", "nested_widths"),
+    ):
         value = getattr(args, option, None)
         if value is not None:
             overrides[field] = value

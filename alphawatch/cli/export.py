@@ -29,8 +29,9 @@ def run_export(args: argparse.Namespace) -> int:
     elif args.tracker == "tensorboard":
         target = TensorBoardTarget(args.logdir.expanduser().resolve())
     else:
-        target = WandbTarget(args.project, args.entity,
-                             args.dir.expanduser().resolve() if args.dir else None)
+        target = WandbTarget(
+            args.project, args.entity, args.dir.expanduser().resolve() if args.dir else None
+        )
     with session_scope(make_engine(settings.database_url)) as session:
         query = select(Run).where(Run.name == args.run)
         run = session.scalars(query).first()
@@ -41,17 +42,22 @@ def run_export(args: argparse.Namespace) -> int:
         try:
             tracker = target.open(run.name)
             try:
-                count = export_run(session=session, run_id=run.id, tracker=tracker,
-                                   thresholds=settings.trust,
-                                   method=args.method or settings.fit_method,
-                                   layers=args.layers)
+                count = export_run(
+                    session=session,
+                    run_id=run.id,
+                    tracker=tracker,
+                    thresholds=settings.trust,
+                    method=args.method or settings.fit_method,
+                    layers=args.layers,
+                )
             finally:
                 tracker.close()
                 target.shutdown()
         except TrackerMissing as exc:
             raise UserError(str(exc)) from exc
         except Exception as exc:  # each tracker raises its own types (MlflowException, ...)
-            raise UserError(f"export to {args.tracker} failed: {type(exc).__name__}: "
-                             f"{exc}") from exc
+            raise UserError(
+                f"export to {args.tracker} failed: {type(exc).__name__}: {exc}"
+            ) from exc
         print(f"alphawatch: logged {count} new values of run {run.name!r} to {args.tracker}")
     return EXIT_OK

@@ -14,8 +14,18 @@ def run_gate(args: argparse.Namespace) -> int:
     from alphawatch.integrations.link import Client, LinkError
 
     params = {}
-    for name in ("stat", "filter", "step", "ref_step", "max_alpha", "min_alpha",
-                 "max_untrusted_share", "max_delta", "variant", "method"):
+    for name in (
+        "stat",
+        "filter",
+        "step",
+        "ref_step",
+        "max_alpha",
+        "min_alpha",
+        "max_untrusted_share",
+        "max_delta",
+        "variant",
+        "method",
+    ):
         value = getattr(args, name)
         if value is not None:
             params[name] = value
@@ -27,8 +37,9 @@ def run_gate(args: argparse.Namespace) -> int:
         else:
             found = client.find(str(args.run))
             if found is None:
-                print(f"alphawatch gate: no run named {args.run!r} at {client.base}",
-                      file=sys.stderr)
+                print(
+                    f"alphawatch gate: no run named {args.run!r} at {client.base}", file=sys.stderr
+                )
                 return EXIT_ERROR
             run_id = found.id
         verdict = client.gate(run_id, params)

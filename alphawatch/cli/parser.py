@@ -29,33 +29,57 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def db_option(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--db", type=str, metavar="URL",
-                       help="database URL (default: ALPHAWATCH_DATABASE_URL or ./alphawatch.db)")
+        p.add_argument(
+            "--db",
+            type=str,
+            metavar="URL",
+            help="database URL (default: ALPHAWATCH_DATABASE_URL or ./alphawatch.db)",
+        )
 
     def device_option(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--device", choices=["auto", "cpu", "cuda"],
-                       help="where eigenvalues are computed (default: auto = GPU when present)")
+        p.add_argument(
+            "--device",
+            choices=["auto", "cpu", "cuda"],
+            help="where eigenvalues are computed (default: auto = GPU when present)",
+        )
 
     def listen_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--host", type=str, help="address to listen on (default 127.0.0.1)")
         p.add_argument("--port", type=port_number, help="port to listen on (default 8000)")
 
     def variant_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--optimizer-state", action="store_true", default=None,
-                       help="also analyse Adam's exp_avg (gradient average) of each weight "
-                            "matrix, as <layer>@exp_avg rows (ALPHAWATCH_OPTIMIZER_STATE)")
-        p.add_argument("--nested-widths", type=widths, metavar="K1,K2",
-                       help="also analyse MLP matrices cut to their first K neurons, as "
-                            "<layer>@w<K> rows (default: ALPHAWATCH_NESTED_WIDTHS, else the "
-                            "model config's nested_widths)")
+        p.add_argument(
+            "--optimizer-state",
+            action="store_true",
+            default=None,
+            help="also analyse Adam's exp_avg (gradient average) of each weight "
+            "matrix, as <layer>@exp_avg rows (ALPHAWATCH_OPTIMIZER_STATE)",
+        )
+        p.add_argument(
+            "--nested-widths",
+            type=widths,
+            metavar="K1,K2",
+            help="also analyse MLP matrices cut to their first K neurons, as "
+            "<layer>@w<K> rows (default: ALPHAWATCH_NESTED_WIDTHS, else the "
+            "model config's nested_widths)",
+        )
 
     def poll_option(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--poll", type=positive, metavar="SECONDS",
-                       help="seconds between scans of the run directories (default 5)")
+        p.add_argument(
+            "--poll",
+            type=positive,
+            metavar="SECONDS",
+            help="seconds between scans of the run directories (default 5)",
+        )
 
     up = sub.add_parser("up", help="API + dashboard + one worker in one process (the main job)")
-    up.add_argument("run_dir", type=Path, nargs="+", metavar="RUN_DIR",
-                    help="run directories to watch; the worker reads nothing outside them")
+    up.add_argument(
+        "run_dir",
+        type=Path,
+        nargs="+",
+        metavar="RUN_DIR",
+        help="run directories to watch; the worker reads nothing outside them",
+    )
     db_option(up)
     device_option(up)
     listen_options(up)
@@ -63,14 +87,20 @@ def build_parser() -> argparse.ArgumentParser:
     variant_options(up)
 
     watch = sub.add_parser("watch", help="worker only: analyse checkpoints into the database")
-    watch.add_argument("run_dir", type=Path, nargs="*", metavar="RUN_DIR",
-                       help="run directories; runs registered through the API are watched too")
+    watch.add_argument(
+        "run_dir",
+        type=Path,
+        nargs="*",
+        metavar="RUN_DIR",
+        help="run directories; runs registered through the API are watched too",
+    )
     db_option(watch)
     device_option(watch)
     poll_option(watch)
     variant_options(watch)
-    watch.add_argument("--reanalyze", action="store_true",
-                       help="analyse checkpoints again even when results exist")
+    watch.add_argument(
+        "--reanalyze", action="store_true", help="analyse checkpoints again even when results exist"
+    )
     watch.add_argument("--once", action="store_true", help="process what is there, then exit")
 
     serve = sub.add_parser("serve", help="API + dashboard only")
@@ -78,72 +108,126 @@ def build_parser() -> argparse.ArgumentParser:
     listen_options(serve)
 
     analyze = sub.add_parser("analyze", help="analyse one checkpoint, no database")
-    analyze.add_argument("path", type=Path, metavar="PATH",
-                         help="a checkpoint folder or file (any format alphawatch discovers)")
+    analyze.add_argument(
+        "path",
+        type=Path,
+        metavar="PATH",
+        help="a checkpoint folder or file (any format alphawatch discovers)",
+    )
     device_option(analyze)
-    analyze.add_argument("--format", choices=["table", "json", "csv"], default="table",
-                         help="output format (default: table)")
-    analyze.add_argument("--method", choices=[m.value for m in FitMethod],
-                         help="fit method (default: the fit_method setting, ww: weightwatcher's)")
-    analyze.add_argument("--engine", choices=["alphawatch", "weightwatcher"],
-                         default="alphawatch",
-                         help="alphawatch's engine (default), or weightwatcher 0.7.7 itself for "
-                              "its exact numbers (crosscheck extra; ww, xmin_peak, clip_xmax)")
+    analyze.add_argument(
+        "--format",
+        choices=["table", "json", "csv"],
+        default="table",
+        help="output format (default: table)",
+    )
+    analyze.add_argument(
+        "--method",
+        choices=[m.value for m in FitMethod],
+        help="fit method (default: the fit_method setting, ww: weightwatcher's)",
+    )
+    analyze.add_argument(
+        "--engine",
+        choices=["alphawatch", "weightwatcher"],
+        default="alphawatch",
+        help="alphawatch's engine (default), or weightwatcher 0.7.7 itself for "
+        "its exact numbers (crosscheck extra; ww, xmin_peak, clip_xmax)",
+    )
     variant_options(analyze)
 
     gate = sub.add_parser("gate", help="ask the API's CI gate; exit 0 pass, 1 fail, 2 error")
     gate.add_argument("--url", type=str, required=True, help="base URL of the alphawatch API")
     gate.add_argument("--run", type=str, required=True, help="run id or name")
     gate.add_argument("--token", type=str, help="API token when reads need one")
-    gate.add_argument("--stat", choices=["median", "mean", "trimmed_mean", "p10", "p25", "p75",
-                                         "p90"],
-                      help="robust statistic of alpha (default: the run's gate rules)")
-    gate.add_argument("--filter", choices=["trusted", "all"],
-                      help="layers that count (default: the run's gate rules)")
-    gate.add_argument("--step", type=step_number,
-                      help="step to judge (default: the latest analysed)")
-    gate.add_argument("--ref-step", type=step_number,
-                      help="reference step for --max-delta")
-    gate.add_argument("--max-alpha", type=float,
-                      help="fail above this alpha (default: the run's gate rules)")
-    gate.add_argument("--min-alpha", type=float,
-                      help="fail below this alpha (default: the run's gate rules)")
-    gate.add_argument("--max-untrusted-share", type=share,
-                      help="fail when a larger share of layers (0..1) is untrusted")
-    gate.add_argument("--max-delta", type=positive,
-                      help="fail when alpha moved more than this since --ref-step "
-                           "(default: the checkpoint before)")
-    gate.add_argument("--variant", type=str,
-                      help="weight (default), exp_avg (gradients) or a nested width w<k>")
-    gate.add_argument("--method", choices=[m.value for m in FitMethod],
-                      help="fit method (default: the server's fit_method)")
+    gate.add_argument(
+        "--stat",
+        choices=["median", "mean", "trimmed_mean", "p10", "p25", "p75", "p90"],
+        help="robust statistic of alpha (default: the run's gate rules)",
+    )
+    gate.add_argument(
+        "--filter",
+        choices=["trusted", "all"],
+        help="layers that count (default: the run's gate rules)",
+    )
+    gate.add_argument(
+        "--step", type=step_number, help="step to judge (default: the latest analysed)"
+    )
+    gate.add_argument("--ref-step", type=step_number, help="reference step for --max-delta")
+    gate.add_argument(
+        "--max-alpha", type=float, help="fail above this alpha (default: the run's gate rules)"
+    )
+    gate.add_argument(
+        "--min-alpha", type=float, help="fail below this alpha (default: the run's gate rules)"
+    )
+    gate.add_argument(
+        "--max-untrusted-share",
+        type=share,
+        help="fail when a larger share of layers (0..1) is untrusted",
+    )
+    gate.add_argument(
+        "--max-delta",
+        type=positive,
+        help="fail when alpha moved more than this since --ref-step "
+        "(default: the checkpoint before)",
+    )
+    gate.add_argument(
+        "--variant", type=str, help="weight (default), exp_avg (gradients) or a nested width w<k>"
+    )
+    gate.add_argument(
+        "--method",
+        choices=[m.value for m in FitMethod],
+        help="fit method (default: the server's fit_method)",
+    )
 
-    export = sub.add_parser("export", help="log a run's robust statistics to an experiment "
-                                           "tracker (again: only what it lacks)")
+    export = sub.add_parser(
+        "export",
+        help="log a run's robust statistics to an experiment tracker (again: only what it lacks)",
+    )
     export_sub = export.add_subparsers(dest="tracker", required=True, metavar="TRACKER")
 
     def export_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--run", type=str, required=True, help="run name (or id)")
-        p.add_argument("--layers", action="store_true",
-                       help="every layer's alpha too, not only the model-level statistics")
-        p.add_argument("--method", choices=[m.value for m in FitMethod],
-                       help="fit method (default: the fit_method setting)")
+        p.add_argument(
+            "--layers",
+            action="store_true",
+            help="every layer's alpha too, not only the model-level statistics",
+        )
+        p.add_argument(
+            "--method",
+            choices=[m.value for m in FitMethod],
+            help="fit method (default: the fit_method setting)",
+        )
         db_option(p)
 
     mlflow = export_sub.add_parser("mlflow", help="MLflow: one run per alphawatch run")
     export_options(mlflow)
-    mlflow.add_argument("--tracking-uri", type=str, required=True, metavar="URI",
-                        help="MLflow tracking URI (sqlite:///mlflow.db, http://mlflow:5000)")
-    mlflow.add_argument("--experiment", type=str, default="alphawatch",
-                        help="MLflow experiment (default: alphawatch)")
+    mlflow.add_argument(
+        "--tracking-uri",
+        type=str,
+        required=True,
+        metavar="URI",
+        help="MLflow tracking URI (sqlite:///mlflow.db, http://mlflow:5000)",
+    )
+    mlflow.add_argument(
+        "--experiment",
+        type=str,
+        default="alphawatch",
+        help="MLflow experiment (default: alphawatch)",
+    )
     tensorboard = export_sub.add_parser("tensorboard", help="TensorBoard event files")
     export_options(tensorboard)
-    tensorboard.add_argument("--logdir", type=Path, required=True, metavar="DIR",
-                             help="TensorBoard folder; the run is written to DIR/<run name>/")
+    tensorboard.add_argument(
+        "--logdir",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="TensorBoard folder; the run is written to DIR/<run name>/",
+    )
     wandb = export_sub.add_parser("wandb", help="Weights & Biases (WANDB_MODE=offline works)")
     export_options(wandb)
-    wandb.add_argument("--project", type=str, default="alphawatch",
-                       help="W&B project (default: alphawatch)")
+    wandb.add_argument(
+        "--project", type=str, default="alphawatch", help="W&B project (default: alphawatch)"
+    )
     wandb.add_argument("--entity", type=str, help="W&B entity (default: the user's)")
     wandb.add_argument("--dir", type=Path, help="where W&B keeps its files (default: here)")
 
@@ -155,14 +239,22 @@ def build_parser() -> argparse.ArgumentParser:
     token_sub = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
     create = token_sub.add_parser("create", help="create a token and print it once")
     create.add_argument("name", type=str, help="a name to recognise the token by")
-    create.add_argument("--scope", choices=["read", "write", "admin"], default="write",
-                        help="read: GETs only; write: also register runs; admin: also delete "
-                             "runs (default: write)")
-    create.add_argument("--expires-in", type=float, metavar="DAYS",
-                        help="refuse the token after this many days (default: never)")
+    create.add_argument(
+        "--scope",
+        choices=["read", "write", "admin"],
+        default="write",
+        help="read: GETs only; write: also register runs; admin: also delete runs (default: write)",
+    )
+    create.add_argument(
+        "--expires-in",
+        type=float,
+        metavar="DAYS",
+        help="refuse the token after this many days (default: never)",
+    )
     db_option(create)
-    db_option(token_sub.add_parser("list", help="tokens with scope, dates and state "
-                                                "(never the secret)"))
+    db_option(
+        token_sub.add_parser("list", help="tokens with scope, dates and state (never the secret)")
+    )
     revoke = token_sub.add_parser("revoke", help="refuse a token from its next request on")
     revoke.add_argument("name", type=str, help="the name given at creation")
     db_option(revoke)

@@ -33,15 +33,24 @@ def run_up(args: argparse.Namespace) -> int:
     watcher = Watcher(settings, dirs, on_analysed=exporter)
     stop = threading.Event()
     # A worker loop that dies is restarted; /health answers 503 until it runs again.
-    worker = Supervisor(watcher.run_forever, lambda: watcher.passes, stop,
-                        trouble=watcher.health.trouble)
+    worker = Supervisor(
+        watcher.run_forever, lambda: watcher.passes, stop, trouble=watcher.health.trouble
+    )
     worker.start()
-    print(f"alphawatch: dashboard at http://{settings.host}:{settings.port}/  "
-          f"(database {settings.database_url})", flush=True)
+    print(
+        f"alphawatch: dashboard at http://{settings.host}:{settings.port}/  "
+        f"(database {settings.database_url})",
+        flush=True,
+    )
     try:
         # log_config=None: uvicorn's records reach the escaping handler of _configure_logging.
-        uvicorn.run(create_app(settings, liveness=worker.liveness, bound_host=settings.host),
-                    host=settings.host, port=settings.port, log_level="warning", log_config=None)
+        uvicorn.run(
+            create_app(settings, liveness=worker.liveness, bound_host=settings.host),
+            host=settings.host,
+            port=settings.port,
+            log_level="warning",
+            log_config=None,
+        )
     finally:
         stop.set()
         worker.join(timeout=60)
@@ -80,6 +89,11 @@ def run_serve(args: argparse.Namespace) -> int:
     settings = settings_of(args)
     prepare_database(settings, migrate=is_embedded(settings))
     print(f"alphawatch: API and dashboard at http://{settings.host}:{settings.port}/", flush=True)
-    uvicorn.run(create_app(settings, bound_host=settings.host), host=settings.host,
-                port=settings.port, log_level="warning", log_config=None)
+    uvicorn.run(
+        create_app(settings, bound_host=settings.host),
+        host=settings.host,
+        port=settings.port,
+        log_level="warning",
+        log_config=None,
+    )
     return EXIT_OK

@@ -36,20 +36,27 @@ class AlphaWatchCallback(TrainerCallback):
         timeout_s: the longest one call to the server may hold the training loop.
     """
 
-    def __init__(self, url: str | None = None, token: str | None = None,
-                 run_name: str | None = None, stop_on_gate: bool = False,
-                 timeout_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        url: str | None = None,
+        token: str | None = None,
+        run_name: str | None = None,
+        stop_on_gate: bool = False,
+        timeout_s: float = 5.0,
+    ) -> None:
         self.link = RunLink(url, token, run_name, timeout_s=timeout_s)
         self.stop_on_gate = stop_on_gate
         self.stopped_by_gate = False
 
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState,
-                       control: TrainerControl, **kwargs: Any) -> None:
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         if state.is_world_process_zero and args.output_dir:
             self.link.start(Path(args.output_dir))
 
-    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                **kwargs: Any) -> None:
+    def on_save(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         failed = False
         if state.is_world_process_zero:
             self.link.saved()
@@ -58,8 +65,11 @@ class AlphaWatchCallback(TrainerCallback):
             self.stopped_by_gate = True
             control.should_training_stop = True
             if state.is_world_process_zero:
-                log.warning("alphawatch: the gate failed at step %s (%s): stopping training",
-                            (self.link.last_verdict or {}).get("step"), _violations(self.link))
+                log.warning(
+                    "alphawatch: the gate failed at step %s (%s): stopping training",
+                    (self.link.last_verdict or {}).get("step"),
+                    _violations(self.link),
+                )
 
 
 def _agreed(failed: bool, args: TrainingArguments) -> bool:

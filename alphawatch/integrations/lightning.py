@@ -37,9 +37,15 @@ class AlphaWatchCallback(pl.Callback):
         timeout_s: the longest one call to the server may hold the training loop.
     """
 
-    def __init__(self, url: str | None = None, token: str | None = None,
-                 run_name: str | None = None, stop_on_gate: bool = False,
-                 dirpath: str | Path | None = None, timeout_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        url: str | None = None,
+        token: str | None = None,
+        run_name: str | None = None,
+        stop_on_gate: bool = False,
+        dirpath: str | Path | None = None,
+        timeout_s: float = 5.0,
+    ) -> None:
         self.link = RunLink(url, token, run_name, timeout_s=timeout_s)
         self.stop_on_gate = stop_on_gate
         self.dirpath = Path(dirpath) if dirpath is not None else None
@@ -52,23 +58,32 @@ class AlphaWatchCallback(pl.Callback):
             return
         folder = self.dirpath or _checkpoint_dir(trainer)
         if folder is None:
-            log.warning("alphawatch: this trainer saves no checkpoints (no ModelCheckpoint "
-                        "with a folder); nothing to watch")
+            log.warning(
+                "alphawatch: this trainer saves no checkpoints (no ModelCheckpoint "
+                "with a folder); nothing to watch"
+            )
             return
         self.link.start(folder)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._seen = _saves(trainer)
 
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         # Called while a full checkpoint is being made, before its file is written: the scan
         # is asked for at the next hook, once the file is there. (Weights-only saves skip this
         # hook; they show in the checkpoint callbacks' state instead.)
         self._unseen_save = True
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
         self._after_save(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -100,16 +115,23 @@ class AlphaWatchCallback(pl.Callback):
             trainer.should_stop = True
             if trainer.is_global_zero:
                 verdict = self.link.last_verdict or {}
-                log.warning("alphawatch: the gate failed at step %s (%s): stopping training",
-                            verdict.get("step"), "; ".join(
-                                str(v.get("message")) for v in verdict.get("violations", [])))
+                log.warning(
+                    "alphawatch: the gate failed at step %s (%s): stopping training",
+                    verdict.get("step"),
+                    "; ".join(str(v.get("message")) for v in verdict.get("violations", [])),
+                )
 
 
 def _saves(trainer: pl.Trainer) -> tuple[Any, ...]:
     """What the checkpoint callbacks have saved so far; it changes with every save."""
-    return tuple((getattr(c, "_last_global_step_saved", None), getattr(c, "last_model_path", None),
-                  tuple(sorted(getattr(c, "best_k_models", {}) or {})))
-                 for c in trainer.checkpoint_callbacks)
+    return tuple(
+        (
+            getattr(c, "_last_global_step_saved", None),
+            getattr(c, "last_model_path", None),
+            tuple(sorted(getattr(c, "best_k_models", {}) or {})),
+        )
+        for c in trainer.checkpoint_callbacks
+    )
 
 
 def _checkpoint_dir(trainer: pl.Trainer) -> Path | None:

@@ -78,15 +78,17 @@ class Client:
             headers["Content-Type"] = "application/json"
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
-        request = urllib.request.Request(f"{self.base}/api/v1{path}", data=data,
-                                         headers=headers, method=method)
+        request = urllib.request.Request(
+            f"{self.base}/api/v1{path}", data=data, headers=headers, method=method
+        )
         try:
             with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
                 raw = response.read()
         except urllib.error.HTTPError as exc:
             detail = _detail(exc)
-            raise LinkError(f"{method} {path}: HTTP {exc.code}: {detail}", kind="http",
-                            status=exc.code) from exc
+            raise LinkError(
+                f"{method} {path}: HTTP {exc.code}: {detail}", kind="http", status=exc.code
+            ) from exc
         except (urllib.error.URLError, OSError, ValueError) as exc:
             reason = getattr(exc, "reason", exc)
             raise LinkError(f"cannot reach {self.base}: {reason}", kind="unreachable") from exc
@@ -167,12 +169,20 @@ class RunLink:
             down costs the training loop nothing).
     """
 
-    def __init__(self, url: str | None = None, token: str | None = None,
-                 run_name: str | None = None, *, timeout_s: float = 5.0,
-                 retry_after_s: float = 30.0) -> None:
-        self.client = Client(url or os.environ.get("ALPHAWATCH_URL") or DEFAULT_URL,
-                             token if token is not None else os.environ.get("ALPHAWATCH_TOKEN"),
-                             timeout_s)
+    def __init__(
+        self,
+        url: str | None = None,
+        token: str | None = None,
+        run_name: str | None = None,
+        *,
+        timeout_s: float = 5.0,
+        retry_after_s: float = 30.0,
+    ) -> None:
+        self.client = Client(
+            url or os.environ.get("ALPHAWATCH_URL") or DEFAULT_URL,
+            token if token is not None else os.environ.get("ALPHAWATCH_TOKEN"),
+            timeout_s,
+        )
         self.run_name = run_name
         self.retry_after_s = retry_after_s
         self.run: RegisteredRun | None = None
@@ -217,10 +227,18 @@ class RunLink:
             if isinstance(run, RegisteredRun):
                 self.run = run
                 if Path(run.path) != path:
-                    self._warn("path", f"run {run.name!r} exists at {run.path}, not at {path}: "
-                                       "its folder is the one scanned")
-                log.info("alphawatch: watching %s as run %r (id %d) at %s", path, run.name,
-                         run.id, self.client.base)
+                    self._warn(
+                        "path",
+                        f"run {run.name!r} exists at {run.path}, not at {path}: "
+                        "its folder is the one scanned",
+                    )
+                log.info(
+                    "alphawatch: watching %s as run %r (id %d) at %s",
+                    path,
+                    run.name,
+                    run.id,
+                    self.client.base,
+                )
         return self.run
 
     def _attempt(self, what: str, call: Any) -> Any:
@@ -232,8 +250,11 @@ class RunLink:
             kind = "unreachable" if exc.kind == "unreachable" else what
             if exc.kind == "unreachable":
                 self._quiet_until = time.monotonic() + self.retry_after_s
-            self._warn(kind, f"{what} failed: {exc}; training goes on"
-                             + (_HINTS.get(what, "") if exc.status in (404, 405) else ""))
+            self._warn(
+                kind,
+                f"{what} failed: {exc}; training goes on"
+                + (_HINTS.get(what, "") if exc.status in (404, 405) else ""),
+            )
             return None
         except Exception as exc:  # a callback must never break the training it watches
             self._warn(what, f"{what} failed unexpectedly: {type(exc).__name__}: {exc}")
@@ -247,5 +268,7 @@ class RunLink:
         log.warning("alphawatch: %s (further such failures are logged at debug level)", message)
 
 
-_HINTS = {"scan": " (this server cannot be asked to scan: new checkpoints are found at the "
-                  "worker's next poll)"}
+_HINTS = {
+    "scan": " (this server cannot be asked to scan: new checkpoints are found at the "
+    "worker's next poll)"
+}

@@ -36,8 +36,13 @@ class _Static(StaticFiles):
     """Static files with ``.js`` always sent as JavaScript, whatever the host's MIME table says
     (Windows registries often say text/plain): browsers refuse such module scripts."""
 
-    def file_response(self, full_path: str | os.PathLike[str], stat_result: os.stat_result,
-                      scope: Scope, status_code: int = 200) -> Response:
+    def file_response(
+        self,
+        full_path: str | os.PathLike[str],
+        stat_result: os.stat_result,
+        scope: Scope,
+        status_code: int = 200,
+    ) -> Response:
         response = super().file_response(full_path, stat_result, scope, status_code)
         if isinstance(response, FileResponse) and str(full_path).endswith(".js"):
             response.headers["content-type"] = "text/javascript; charset=utf-8"
@@ -59,9 +64,12 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             await anyio.to_thread.run_sync(cache.stop)
 
 
-def create_app(settings: Settings | None = None, *,
-               liveness: Callable[[], str | None] | None = None,
-               bound_host: str | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None,
+    *,
+    liveness: Callable[[], str | None] | None = None,
+    bound_host: str | None = None,
+) -> FastAPI:
     """Build the API + dashboard application; settings are read here, never at import time.
 
     ``liveness``, when given, is asked by ``/health``: None while what it watches (the worker
@@ -70,22 +78,30 @@ def create_app(settings: Settings | None = None, *,
     headers (``ALPHAWATCH_ALLOWED_HOSTS``; see ``hosts.py``).
     """
     settings = settings or Settings()
-    app = FastAPI(title="alphawatch", version=__version__, lifespan=_lifespan,
-                  description="Heavy-tailed spectral health of models in training: per-layer "
-                              "power-law alpha, fit quality, traps and robust trends.")
+    app = FastAPI(
+        title="alphawatch",
+        version=__version__,
+        lifespan=_lifespan,
+        description="Heavy-tailed spectral health of models in training: per-layer "
+        "power-law alpha, fit quality, traps and robust trends.",
+    )
     app.state.settings = settings
     app.state.liveness = liveness
     # Read responses kept until the database announces new results (PostgreSQL's NOTIFY);
     # SQLite cannot announce, so its processes always read the database.
-    app.state.cache = (ResultCache(settings.database_url,
-                                   max_bytes=int(settings.api_cache_mb * 2**20))
-                       if settings.api_cache_mb > 0 and
-                       settings.database_url.startswith("postgresql") else None)
+    app.state.cache = (
+        ResultCache(settings.database_url, max_bytes=int(settings.api_cache_mb * 2**20))
+        if settings.api_cache_mb > 0 and settings.database_url.startswith("postgresql")
+        else None
+    )
 
     errors.install(app)
-    app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes,
-                       identify=functools.partial(identify, settings),
-                       hosts=allowed_hosts(settings.allowed_hosts, bound_host))
+    app.add_middleware(
+        RequestGuard,
+        max_body_bytes=settings.max_body_bytes,
+        identify=functools.partial(identify, settings),
+        hosts=allowed_hosts(settings.allowed_hosts, bound_host),
+    )
     app.include_router(health_router)
     for api in ROUTERS:
         app.include_router(api)

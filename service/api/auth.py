@@ -19,9 +19,11 @@ from alphawatch.service.db.session import make_engine, session_scope
 from alphawatch.service.db.tokens import TokenInfo, TokenScope, authenticate
 from alphawatch.settings import Settings
 
-TOKEN_REQUIRED = ("a valid API token is required: Authorization: Bearer <token> (create one "
-                  "with `alphawatch token create NAME --scope read|write|admin`); revoked and "
-                  "expired tokens are refused")
+TOKEN_REQUIRED = (
+    "a valid API token is required: Authorization: Bearer <token> (create one "
+    "with `alphawatch token create NAME --scope read|write|admin`); revoked and "
+    "expired tokens are refused"
+)
 CHALLENGE = dict(Unauthenticated.headers or {})
 
 # Declares the scheme in the OpenAPI schema; the check itself is ours (401 with our message).
@@ -64,15 +66,17 @@ async def read_access(request: Request) -> None:
 def require(scope: TokenScope) -> Callable[..., Awaitable[TokenInfo]]:
     """A dependency that lets through tokens of ``scope`` or above: 401 without, 403 below."""
 
-    async def check(request: Request,
-                    _credentials: Annotated[HTTPAuthorizationCredentials | None,
-                                            Depends(_scheme)]) -> TokenInfo:
+    async def check(
+        request: Request,
+        _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_scheme)],
+    ) -> TokenInfo:
         found = await identity(request)
         if found is None:
             raise Unauthenticated(TOKEN_REQUIRED)
         if not found.scope.allows(scope):
-            raise Refused(f"token {found.name!r} has scope '{found.scope}'; this needs "
-                          f"'{scope}' or above")
+            raise Refused(
+                f"token {found.name!r} has scope '{found.scope}'; this needs '{scope}' or above"
+            )
         return found
 
     return check

@@ -32,8 +32,7 @@ CHANNEL = "alphawatch_results"
 
 def libpq_url(database_url: str) -> str:
     """The SQLAlchemy URL of a PostgreSQL database as a libpq connection URL."""
-    return make_url(database_url).set(drivername="postgresql").render_as_string(
-        hide_password=False)
+    return make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 class ResultCache:
@@ -82,8 +81,12 @@ class ResultCache:
 
     def put(self, key: str, version: int | None, body: bytes) -> None:
         with self._lock:
-            if (version is None or version != self._version or not self._live.is_set()
-                    or 8 * len(body) > self._max):
+            if (
+                version is None
+                or version != self._version
+                or not self._live.is_set()
+                or 8 * len(body) > self._max
+            ):
                 return
             old = self._entries.pop(key, None)
             if old is not None:
@@ -102,8 +105,7 @@ class ResultCache:
 
     def start(self) -> None:
         self._stop.clear()
-        self._thread = threading.Thread(target=self._listen, name="alphawatch-cache",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._listen, name="alphawatch-cache", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
@@ -121,8 +123,9 @@ class ResultCache:
         backoff = 0.5
         while not self._stop.is_set():
             try:
-                with psycopg.connect(self._conninfo, autocommit=True,
-                                     application_name="alphawatch-cache") as conn:
+                with psycopg.connect(
+                    self._conninfo, autocommit=True, application_name="alphawatch-cache"
+                ) as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
                     # Anything may have changed while nobody listened.
                     self.invalidate()

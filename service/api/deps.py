@@ -31,10 +31,14 @@ MethodName = Literal[tuple(m.value for m in FitMethod)]  # type: ignore[valid-ty
 async def fit_method(
     settings: SettingsDep,
     # Absent, not null: the schema lists the methods only.
-    method: Annotated[MethodName | SkipJsonSchema[None],  # type: ignore[valid-type]
-                      Query(description="fit method; methods are never mixed (default: the "
-                                        "server's, ALPHAWATCH_FIT_METHOD, which its worker "
-                                        "computes)")] = None,
+    method: Annotated[
+        MethodName | SkipJsonSchema[None],  # type: ignore[valid-type]
+        Query(
+            description="fit method; methods are never mixed (default: the "
+            "server's, ALPHAWATCH_FIT_METHOD, which its worker "
+            "computes)"
+        ),
+    ] = None,
 ) -> FitMethod:
     """The method a request names, else the one the server's worker computes and gates with."""
     return FitMethod(method) if method is not None else settings.fit_method

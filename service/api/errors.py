@@ -94,8 +94,10 @@ def documented(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses`` for these error codes, each with the error body's schema."""
     # JSON named explicitly: on a route answering CSV, FastAPI would document errors as CSV.
     content = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorRead"}}}
-    return {code: {"model": ErrorRead, "description": _DESCRIPTIONS[code], "content": content}
-            for code in codes}
+    return {
+        code: {"model": ErrorRead, "description": _DESCRIPTIONS[code], "content": content}
+        for code in codes
+    }
 
 
 def _answer(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:

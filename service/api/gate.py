@@ -19,14 +19,24 @@ from alphawatch.vocabulary import DEFAULT_VARIANT
 
 def _reason(exc: ValueError) -> str:
     if isinstance(exc, ValidationError):
-        return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'rules'}: "
-                         f"{e['msg'].removeprefix('Value error, ')}" for e in exc.errors())
+        return "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'rules'}: {e['msg'].removeprefix('Value error, ')}"
+            for e in exc.errors()
+        )
     return str(exc)
 
 
-def evaluate(*, session: Session, run_id: int, step: int | None, query: dict[str, Any],
-             defaults: GateRules, method: str, thresholds: Thresholds,
-             variant: str = DEFAULT_VARIANT) -> dict[str, Any]:
+def evaluate(
+    *,
+    session: Session,
+    run_id: int,
+    step: int | None,
+    query: dict[str, Any],
+    defaults: GateRules,
+    method: str,
+    thresholds: Thresholds,
+    variant: str = DEFAULT_VARIANT,
+) -> dict[str, Any]:
     """The gate at ``step`` (default: latest analysed) under the run's rules and ``query``'s.
 
     The rules are the server's defaults, then the run's stored rules, then every rule the query
@@ -35,11 +45,19 @@ def evaluate(*, session: Session, run_id: int, step: int | None, query: dict[str
     queries.get_run(session=session, run_id=run_id)
     try:
         rules = gates.stored_rules(session, run_id=run_id, defaults=defaults).merged(
-            query, empty_band_allowed=True)
+            query, empty_band_allowed=True
+        )
     except ValueError as exc:
         raise Invalid(_reason(exc)) from exc
-    return gates.evaluate(session, run_id=run_id, rules=rules, step=step, method=method,
-                          thresholds=thresholds, variant=variant)
+    return gates.evaluate(
+        session,
+        run_id=run_id,
+        rules=rules,
+        step=step,
+        method=method,
+        thresholds=thresholds,
+        variant=variant,
+    )
 
 
 def rules_read(*, session: Session, run_id: int, defaults: GateRules) -> dict[str, Any]:
@@ -49,18 +67,30 @@ def rules_read(*, session: Session, run_id: int, defaults: GateRules) -> dict[st
     overrides: dict[str, Any] = json.loads(row.rules) if row is not None else {}
     verdict = None
     if row is not None and row.passed is not None:
-        verdict = {"passed": row.passed, "step": row.step,
-                   "violations": json.loads(row.violations or "[]"),
-                   "evaluated_at": row.evaluated_at}
-    return {"run_id": run_id,
-            "rules": gates.stored_rules(session, run_id=run_id, defaults=defaults),
-            "overrides": overrides, "defaults": defaults,
-            "updated_at": row.rules_updated_at if row is not None else None,
-            "last_verdict": verdict}
+        verdict = {
+            "passed": row.passed,
+            "step": row.step,
+            "violations": json.loads(row.violations or "[]"),
+            "evaluated_at": row.evaluated_at,
+        }
+    return {
+        "run_id": run_id,
+        "rules": gates.stored_rules(session, run_id=run_id, defaults=defaults),
+        "overrides": overrides,
+        "defaults": defaults,
+        "updated_at": row.rules_updated_at if row is not None else None,
+        "last_verdict": verdict,
+    }
 
 
-def rules_write(*, session: Session, run_id: int, overrides: dict[str, Any],
-                defaults: GateRules, check: alerts.GateCheck) -> dict[str, Any]:
+def rules_write(
+    *,
+    session: Session,
+    run_id: int,
+    overrides: dict[str, Any],
+    defaults: GateRules,
+    check: alerts.GateCheck,
+) -> dict[str, Any]:
     """Replace a run's stored rules, then record its verdict under them (alerting on a change).
 
     Raises:
@@ -76,8 +106,10 @@ def rules_write(*, session: Session, run_id: int, overrides: dict[str, Any],
     except ValueError as exc:
         raise Invalid(_reason(exc)) from exc
     if empty is not None:
-        raise Conflict(f"{empty}; the server's defaults are min_alpha {defaults.min_alpha}, "
-                       f"max_alpha {defaults.max_alpha}")
+        raise Conflict(
+            f"{empty}; the server's defaults are min_alpha {defaults.min_alpha}, "
+            f"max_alpha {defaults.max_alpha}"
+        )
     alerts.set_rules(session, run_id=run_id, overrides=overrides, defaults=defaults)
     if queries.done_checkpoints(session=session, run_id=run_id):
         # New rules can flip the verdict as much as a new checkpoint can.
@@ -89,10 +121,23 @@ def alerts_read(*, session: Session, run_id: int, limit: int, offset: int) -> di
     """A page of a run's alerts with their delivery state, newest first."""
     queries.get_run(session=session, run_id=run_id)
     rows = alerts.list_alerts(session, run_id=run_id, limit=limit, offset=offset)
-    return {"run_id": run_id, "alerts": [
-        {"id": a.id, "step": a.step, "verdict": "pass" if a.passed else "fail",
-         "previous": None if a.previous is None else ("pass" if a.previous else "fail"),
-         "status": a.status, "attempts": a.attempts, "last_status_code": a.last_status_code,
-         "last_error": a.last_error, "created_at": a.created_at,
-         "next_attempt_at": a.next_attempt_at, "finished_at": a.finished_at,
-         "body": json.loads(a.payload)} for a in rows]}
+    return {
+        "run_id": run_id,
+        "alerts": [
+            {
+                "id": a.id,
+                "step": a.step,
+                "verdict": "pass" if a.passed else "fail",
+                "previous": None if a.previous is None else ("pass" if a.previous else "fail"),
+                "status": a.status,
+                "attempts": a.attempts,
+                "last_status_code": a.last_status_code,
+                "last_error": a.last_error,
+                "created_at": a.created_at,
+                "next_attempt_at": a.next_attempt_at,
+                "finished_at": a.finished_at,
+                "body": json.loads(a.payload),
+            }
+            for a in rows
+        ],
+    }

@@ -42,8 +42,14 @@ def _nul_in(scope: Scope) -> str | None:
     return None
 
 
-async def _answer(send: Send, status: int, detail: str,
-                  headers: dict[str, str] | None = None, *, unread_body: bool = True) -> None:
+async def _answer(
+    send: Send,
+    status: int,
+    detail: str,
+    headers: dict[str, str] | None = None,
+    *,
+    unread_body: bool = True,
+) -> None:
     body = to_json({"detail": detail})
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if unread_body:
@@ -65,9 +71,14 @@ class RequestGuard:
         hosts: the ``Host`` headers answered; None: any.
     """
 
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int,
-                 identify: Callable[[str], TokenInfo | None],
-                 hosts: AllowedHosts | None = None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_body_bytes: int,
+        identify: Callable[[str], TokenInfo | None],
+        hosts: AllowedHosts | None = None,
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.identify = identify
@@ -78,13 +89,17 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
-        unread_body = ("transfer-encoding" in headers
-                       or headers.get("content-length", "0") != "0")
+        unread_body = "transfer-encoding" in headers or headers.get("content-length", "0") != "0"
         if self.hosts is not None and not self.hosts.allows(headers.get("host")):
             shown = repr(headers.get("host", ""))[:120]
-            await _answer(send, 400, f"invalid Host header {shown}: this server answers "
-                                     f"{self.hosts.describe()} only (ALPHAWATCH_ALLOWED_HOSTS; "
-                                     "a guard against DNS rebinding)", unread_body=unread_body)
+            await _answer(
+                send,
+                400,
+                f"invalid Host header {shown}: this server answers "
+                f"{self.hosts.describe()} only (ALPHAWATCH_ALLOWED_HOSTS; "
+                "a guard against DNS rebinding)",
+                unread_body=unread_body,
+            )
             return
         problem = _nul_in(scope)
         if problem is not None:
@@ -93,12 +108,14 @@ class RequestGuard:
         if scope["method"] not in SAFE_METHODS:
             token = bearer(headers.get("authorization"))
             try:
-                found = (await anyio.to_thread.run_sync(self.identify, token)
-                         if token is not None else None)
+                found = (
+                    await anyio.to_thread.run_sync(self.identify, token)
+                    if token is not None
+                    else None
+                )
             except UNREACHABLE as exc:
                 log.error("database unreachable: %s", exc)
-                await _answer(send, 503, UNAVAILABLE, {"Retry-After": "5"},
-                              unread_body=unread_body)
+                await _answer(send, 503, UNAVAILABLE, {"Retry-After": "5"}, unread_body=unread_body)
                 return
             if found is None:
                 await _answer(send, 401, TOKEN_REQUIRED, CHALLENGE, unread_body=unread_body)
@@ -109,8 +126,11 @@ class RequestGuard:
             await _answer(send, 400, "invalid Content-Length header")
             return
         if declared is not None and int(declared) > self.max_body_bytes:
-            await _answer(send, 413, f"the request body is over {self.max_body_bytes} bytes "
-                                     "(ALPHAWATCH_MAX_BODY_BYTES)")
+            await _answer(
+                send,
+                413,
+                f"the request body is over {self.max_body_bytes} bytes (ALPHAWATCH_MAX_BODY_BYTES)",
+            )
             return
         await self.app(scope, self._limited(receive), send)
 
@@ -124,8 +144,11 @@ class RequestGuard:
                 seen += len(message.get("body", b""))
                 if seen > self.max_body_bytes:
                     # Raised inside the app's body read: FastAPI passes an HTTPException on.
-                    raise HTTPException(413, f"the request body is over {self.max_body_bytes} "
-                                             "bytes (ALPHAWATCH_MAX_BODY_BYTES)")
+                    raise HTTPException(
+                        413,
+                        f"the request body is over {self.max_body_bytes} "
+                        "bytes (ALPHAWATCH_MAX_BODY_BYTES)",
+                    )
             return message
 
         return limited

@@ -44,8 +44,20 @@ from alphawatch.vocabulary import DEFAULT_FILTER, DEFAULT_OUTLIER_RULE, Statisti
 # The text format Prometheus 2 and 3 both read; prometheus-client writes exactly this.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # From a small checkpoint on a GPU (seconds) to a large one on a CPU (hours).
-ANALYSIS_BUCKETS_S = (1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
-                      4 * 3600.0)
+ANALYSIS_BUCKETS_S = (
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+    1800.0,
+    3600.0,
+    4 * 3600.0,
+)
 LEVELS = tuple(s.value for s in Statistic if s.is_level)
 
 
@@ -64,17 +76,23 @@ class DatabaseCollector(Collector):
         yield self._durations()
 
     def _checkpoints(self) -> Iterator[Metric]:
-        by_status = GaugeMetricFamily("alphawatch_checkpoints", "Checkpoints by analysis status.",
-                                      labels=["status"])
+        by_status = GaugeMetricFamily(
+            "alphawatch_checkpoints", "Checkpoints by analysis status.", labels=["status"]
+        )
         analyzed = CounterMetricFamily(
             "alphawatch_checkpoints_analyzed",
             "Checkpoint analyses finished: done counts every completed analysis (re-analyses "
-            "too), failed and vanished count checkpoints.", labels=["status"])
+            "too), failed and vanished count checkpoints.",
+            labels=["status"],
+        )
         completed = 0
         ended = dict.fromkeys((CheckpointStatus.FAILED.value, CheckpointStatus.VANISHED.value), 0)
         for status, count, analyses in self.session.execute(
-            select(Checkpoint.status, func.count(), func.coalesce(
-                func.sum(Checkpoint.analysis_count), 0)).group_by(Checkpoint.status)
+            select(
+                Checkpoint.status,
+                func.count(),
+                func.coalesce(func.sum(Checkpoint.analysis_count), 0),
+            ).group_by(Checkpoint.status)
         ):
             by_status.add_metric([status], count)
             completed += int(analyses)
@@ -85,38 +103,66 @@ class DatabaseCollector(Collector):
             analyzed.add_metric([status], count)
         yield by_status
         yield analyzed
-        yield GaugeMetricFamily("alphawatch_queue_depth", "Jobs waiting for a worker.",
-                                value=queue.queue_depth(self.session))
         yield GaugeMetricFamily(
-            "alphawatch_runs", "Runs known.",
-            value=self.session.scalar(select(func.count()).select_from(Run)) or 0)
+            "alphawatch_queue_depth",
+            "Jobs waiting for a worker.",
+            value=queue.queue_depth(self.session),
+        )
+        yield GaugeMetricFamily(
+            "alphawatch_runs",
+            "Runs known.",
+            value=self.session.scalar(select(func.count()).select_from(Run)) or 0,
+        )
 
     def _runs(self) -> Iterator[Metric]:
         alpha = GaugeMetricFamily(
-            "alphawatch_run_alpha", "Robust statistic of alpha over the trusted layers of the "
-            "run's latest analysed checkpoint.", labels=["run", "stat"])
+            "alphawatch_run_alpha",
+            "Robust statistic of alpha over the trusted layers of the "
+            "run's latest analysed checkpoint.",
+            labels=["run", "stat"],
+        )
         untrusted = GaugeMetricFamily(
             "alphawatch_run_untrusted_ratio",
-            "Share of untrusted layers at the run's latest analysed checkpoint.", labels=["run"])
-        last_step = GaugeMetricFamily("alphawatch_run_last_step",
-                                      "Step of the run's latest analysed checkpoint.",
-                                      labels=["run"])
+            "Share of untrusted layers at the run's latest analysed checkpoint.",
+            labels=["run"],
+        )
+        last_step = GaugeMetricFamily(
+            "alphawatch_run_last_step",
+            "Step of the run's latest analysed checkpoint.",
+            labels=["run"],
+        )
         done = Checkpoint.status == CheckpointStatus.DONE.value
-        latest = (select(Checkpoint.run_id, func.max(Checkpoint.step).label("step"))
-                  .where(done).group_by(Checkpoint.run_id).subquery())
-        kept = and_(CheckpointStat.checkpoint_id == Checkpoint.id,
-                    CheckpointStat.method == self.method, CheckpointStat.metric == "alpha",
-                    CheckpointStat.filter == DEFAULT_FILTER.value,
-                    CheckpointStat.outliers == DEFAULT_OUTLIER_RULE.value,
-                    CheckpointStat.kinds == "",
-                    CheckpointStat.alpha_max == self.thresholds.alpha_max)
+        latest = (
+            select(Checkpoint.run_id, func.max(Checkpoint.step).label("step"))
+            .where(done)
+            .group_by(Checkpoint.run_id)
+            .subquery()
+        )
+        kept = and_(
+            CheckpointStat.checkpoint_id == Checkpoint.id,
+            CheckpointStat.method == self.method,
+            CheckpointStat.metric == "alpha",
+            CheckpointStat.filter == DEFAULT_FILTER.value,
+            CheckpointStat.outliers == DEFAULT_OUTLIER_RULE.value,
+            CheckpointStat.kinds == "",
+            CheckpointStat.alpha_max == self.thresholds.alpha_max,
+        )
         rows = self.session.execute(
-            select(Run.name, Checkpoint.step, Checkpoint.n_layers, Checkpoint.n_trusted,
-                   CheckpointStat.n_used, *[getattr(CheckpointStat, s) for s in LEVELS])
+            select(
+                Run.name,
+                Checkpoint.step,
+                Checkpoint.n_layers,
+                Checkpoint.n_trusted,
+                CheckpointStat.n_used,
+                *[getattr(CheckpointStat, s) for s in LEVELS],
+            )
             .join(latest, latest.c.run_id == Run.id)
-            .join(Checkpoint, and_(Checkpoint.run_id == Run.id,
-                                   Checkpoint.step == latest.c.step, done))
-            .outerjoin(CheckpointStat, kept))
+            .join(
+                Checkpoint,
+                and_(Checkpoint.run_id == Run.id, Checkpoint.step == latest.c.step, done),
+            )
+            .outerjoin(CheckpointStat, kept)
+        )
         for name, step, n_layers, n_trusted, n_used, *values in rows:
             last_step.add_metric([name], step)
             if n_layers:
@@ -131,10 +177,14 @@ class DatabaseCollector(Collector):
 
     def _gate(self) -> Metric:
         passed = GaugeMetricFamily(
-            "alphawatch_run_gate_passed", "1 when the run's gate passed at its latest analysed "
-            "checkpoint, 0 when it failed (as recorded by the worker).", labels=["run"])
+            "alphawatch_run_gate_passed",
+            "1 when the run's gate passed at its latest analysed "
+            "checkpoint, 0 when it failed (as recorded by the worker).",
+            labels=["run"],
+        )
         for name, verdict in self.session.execute(
-            select(Run.name, RunGate.passed).join(RunGate, RunGate.run_id == Run.id)
+            select(Run.name, RunGate.passed)
+            .join(RunGate, RunGate.run_id == Run.id)
             .where(RunGate.passed.is_not(None))
         ):
             passed.add_metric([name], 1.0 if verdict else 0.0)
@@ -142,18 +192,28 @@ class DatabaseCollector(Collector):
 
     def _durations(self) -> Metric:
         seconds = Checkpoint.analysis_s
-        counts = self.session.execute(select(
-            func.count(seconds), func.coalesce(func.sum(seconds), 0.0),
-            *[func.coalesce(func.sum(case((seconds <= bound, 1), else_=0)), 0)
-              for bound in ANALYSIS_BUCKETS_S]).where(seconds.is_not(None))).one()
+        counts = self.session.execute(
+            select(
+                func.count(seconds),
+                func.coalesce(func.sum(seconds), 0.0),
+                *[
+                    func.coalesce(func.sum(case((seconds <= bound, 1), else_=0)), 0)
+                    for bound in ANALYSIS_BUCKETS_S
+                ],
+            ).where(seconds.is_not(None))
+        ).one()
         total, sum_s, *cumulative = counts
-        buckets = [(str(float(bound)), float(n)) for bound, n in
-                   zip(ANALYSIS_BUCKETS_S, cumulative, strict=True)]
+        buckets = [
+            (str(float(bound)), float(n))
+            for bound, n in zip(ANALYSIS_BUCKETS_S, cumulative, strict=True)
+        ]
         buckets.append(("+Inf", float(total)))
         return HistogramMetricFamily(
             "alphawatch_checkpoint_analysis_seconds",
             "Wall-clock seconds of each checkpoint's latest analysis.",
-            buckets=buckets, sum_value=float(sum_s))
+            buckets=buckets,
+            sum_value=float(sum_s),
+        )
 
 
 def metrics_text(*, session: Session, method: str, thresholds: Thresholds) -> bytes:

@@ -16,23 +16,32 @@ def with_read_security(app: FastAPI) -> None:
     def schema() -> dict[str, Any]:
         if app.openapi_schema is not None:
             return app.openapi_schema
-        doc = get_openapi(title=app.title, version=app.version, description=app.description,
-                          routes=app.routes)
+        doc = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
         doc.setdefault("components", {}).setdefault("securitySchemes", {})["HTTPBearer"] = {
-            "type": "http", "scheme": "bearer"}
+            "type": "http",
+            "scheme": "bearer",
+        }
         unauthorized = documented(401)[401]
         for path, operations in doc.get("paths", {}).items():
-            if not (path.startswith("/api/v1/") or path == "/metrics") or path.endswith(
-                    "/health"):
+            if not (path.startswith("/api/v1/") or path == "/metrics") or path.endswith("/health"):
                 continue
             for operation in operations.values():
                 if operation.get("security") == []:
                     continue  # declared public by its route (the vocabulary)
                 operation.setdefault("security", [{"HTTPBearer": []}])
-                operation["responses"].setdefault("401", {
-                    "description": unauthorized["description"],
-                    "content": {"application/json": {
-                        "schema": {"$ref": "#/components/schemas/ErrorRead"}}}})
+                operation["responses"].setdefault(
+                    "401",
+                    {
+                        "description": unauthorized["description"],
+                        "content": {
+                            "application/json": {
+                                "schema": {"$ref": "#/components/schemas/ErrorRead"}
+                            }
+                        },
+                    },
+                )
         app.openapi_schema = doc
         return doc
 

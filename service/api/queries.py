@@ -48,61 +48,93 @@ def get_run(*, session: Session, run_id: int) -> Run:
     return run
 
 
-def run_summary(*, session: Session, run: Run, thresholds: Thresholds,
-                method: str) -> dict[str, Any]:
+def run_summary(
+    *, session: Session, run: Run, thresholds: Thresholds, method: str
+) -> dict[str, Any]:
     counts: dict[str, int] = dict(
         session.execute(
-            select(Checkpoint.status, func.count()).where(Checkpoint.run_id == run.id)
+            select(Checkpoint.status, func.count())
+            .where(Checkpoint.run_id == run.id)
             .group_by(Checkpoint.status)
         ).all()
     )
     last = session.execute(
-        select(Checkpoint.id, Checkpoint.step).where(Checkpoint.run_id == run.id, ANALYSED)
-        .order_by(Checkpoint.step.desc()).limit(1)
+        select(Checkpoint.id, Checkpoint.step)
+        .where(Checkpoint.run_id == run.id, ANALYSED)
+        .order_by(Checkpoint.step.desc())
+        .limit(1)
     ).first()
     latest_alpha = untrusted_share = None
     if last is not None:
-        layers = layer_dicts(session=session, checkpoint_ids=[last[0]],
-                             layers=LayerSelection(method=method))
+        layers = layer_dicts(
+            session=session, checkpoint_ids=[last[0]], layers=LayerSelection(method=method)
+        )
         summary = robust.summarize(layers, thresholds=thresholds)
         latest_alpha, untrusted_share = summary["alpha_median"], summary["untrusted_share"]
     return {
-        "id": run.id, "name": run.name, "path": run.path, "created_at": run.created_at,
+        "id": run.id,
+        "name": run.name,
+        "path": run.path,
+        "created_at": run.created_at,
         "n_checkpoints": sum(counts.values()),
         "n_done": counts.get(CheckpointStatus.DONE.value, 0),
         "n_failed": counts.get(CheckpointStatus.FAILED.value, 0)
         + counts.get(CheckpointStatus.VANISHED.value, 0),
         "n_pending": counts.get(CheckpointStatus.PENDING.value, 0)
         + counts.get(CheckpointStatus.RUNNING.value, 0),
-        "last_step": last[1] if last else None, "latest_alpha": latest_alpha,
-        "untrusted_share": untrusted_share, "discovery_error": run.discovery_error,
+        "last_step": last[1] if last else None,
+        "latest_alpha": latest_alpha,
+        "untrusted_share": untrusted_share,
+        "discovery_error": run.discovery_error,
     }
 
 
-_LAYER_FIELDS = [getattr(LayerMetric, a.key).label(a.key)
-                 for a in LayerMetric.__mapper__.column_attrs if a.key != "id"]
+_LAYER_FIELDS = [
+    getattr(LayerMetric, a.key).label(a.key)
+    for a in LayerMetric.__mapper__.column_attrs
+    if a.key != "id"
+]
 # What robust.select reads besides the metric itself: fewer columns, less to fetch and build.
-_SELECT_FIELDS = ("checkpoint_id", "alpha", "fit_status", "trusted", "correlation_trap",
-                  "rank_collapse")
+_SELECT_FIELDS = (
+    "checkpoint_id",
+    "alpha",
+    "fit_status",
+    "trusted",
+    "correlation_trap",
+    "rank_collapse",
+)
 
 
-def layer_dicts(*, session: Session, checkpoint_ids: list[int], layers: LayerSelection,
-                fields: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+def layer_dicts(
+    *,
+    session: Session,
+    checkpoint_ids: list[int],
+    layers: LayerSelection,
+    fields: tuple[str, ...] | None = None,
+) -> list[dict[str, Any]]:
     """The selected layer rows of checkpoints as dicts, of every column or only ``fields``."""
-    columns = (_LAYER_FIELDS if fields is None
-               else [getattr(LayerMetric, f).label(f) for f in dict.fromkeys(fields)])
-    result = session.execute(select(*columns).where(
-        LayerMetric.checkpoint_id.in_(checkpoint_ids), *layers.where()))
+    columns = (
+        _LAYER_FIELDS
+        if fields is None
+        else [getattr(LayerMetric, f).label(f) for f in dict.fromkeys(fields)]
+    )
+    result = session.execute(
+        select(*columns).where(LayerMetric.checkpoint_id.in_(checkpoint_ids), *layers.where())
+    )
     keys = tuple(result.keys())
     return [dict(zip(keys, row, strict=True)) for row in result]
 
 
 def done_checkpoints(*, session: Session, run_id: int) -> list[tuple[int, int]]:
     """(checkpoint id, step) of analysed checkpoints, by step."""
-    return [(int(i), int(s)) for i, s in session.execute(
-        select(Checkpoint.id, Checkpoint.step).where(Checkpoint.run_id == run_id, ANALYSED)
-        .order_by(Checkpoint.step)
-    )]
+    return [
+        (int(i), int(s))
+        for i, s in session.execute(
+            select(Checkpoint.id, Checkpoint.step)
+            .where(Checkpoint.run_id == run_id, ANALYSED)
+            .order_by(Checkpoint.step)
+        )
+    ]
 
 
 def downsample(items: Sequence[Any], max_points: int | None) -> list[Any]:
@@ -115,24 +147,38 @@ def downsample(items: Sequence[Any], max_points: int | None) -> list[Any]:
 
 def _point(step: int, chosen: robust.Selection, stat: str) -> dict[str, Any]:
     described = robust.describe(chosen.values)
-    return {"step": step, "value": described[stat], "n_used": chosen.n_used,
-            "n_excluded": chosen.n_excluded, "excluded": chosen.excluded, **described}
+    return {
+        "step": step,
+        "value": described[stat],
+        "n_used": chosen.n_used,
+        "n_excluded": chosen.n_excluded,
+        "excluded": chosen.excluded,
+        **described,
+    }
 
 
-def _chosen(layers: list[dict[str, Any]], query: TrendQuery | BlockQuery,
-            thresholds: Thresholds) -> robust.Selection:
+def _chosen(
+    layers: list[dict[str, Any]], query: TrendQuery | BlockQuery, thresholds: Thresholds
+) -> robust.Selection:
     # One reading of a query's filter and outlier rule for the trend and the per-block trends.
-    return robust.select(layers, metric=query.metric, filter=query.filter,
-                         alpha_max=thresholds.alpha_max, outliers=query.outliers,
-                         mad_k=thresholds.mad_k if query.mad_k is None else query.mad_k)
+    return robust.select(
+        layers,
+        metric=query.metric,
+        filter=query.filter,
+        alpha_max=thresholds.alpha_max,
+        outliers=query.outliers,
+        mad_k=thresholds.mad_k if query.mad_k is None else query.mad_k,
+    )
 
 
-_STAT_FIELDS = [getattr(CheckpointStat, c) for c in
-                ("n_used", "n_excluded", "excluded", *robust.STATS)]
+_STAT_FIELDS = [
+    getattr(CheckpointStat, c) for c in ("n_used", "n_excluded", "excluded", *robust.STATS)
+]
 
 
-def trend(*, session: Session, run_id: int, query: TrendQuery, method: str,
-          thresholds: Thresholds) -> list[dict[str, Any]]:
+def trend(
+    *, session: Session, run_id: int, query: TrendQuery, method: str, thresholds: Thresholds
+) -> list[dict[str, Any]]:
     """The robust statistic per analysed checkpoint, with what was excluded and why.
 
     Selections kept in ``checkpoint_stat`` (whole model, or a dashboard kind group) are read
@@ -144,23 +190,36 @@ def trend(*, session: Session, run_id: int, query: TrendQuery, method: str,
     mad_k = thresholds.mad_k if query.mad_k is None else query.mad_k
     key = kinds_key(layers.kinds)
     # Only the weights' statistics are kept; gradients and nested widths come from their rows.
-    kept = (layers.variant == DEFAULT_VARIANT and layers.block_min is None
-            and layers.block_max is None and key in PRECOMPUTED_KINDS
-            and (metric in PRECOMPUTED_METRICS if not key else metric == "alpha"))
+    kept = (
+        layers.variant == DEFAULT_VARIANT
+        and layers.block_min is None
+        and layers.block_max is None
+        and key in PRECOMPUTED_KINDS
+        and (metric in PRECOMPUTED_METRICS if not key else metric == "alpha")
+    )
     if kept:
-        on = [CheckpointStat.checkpoint_id == Checkpoint.id, CheckpointStat.method == method,
-              CheckpointStat.metric == metric, CheckpointStat.filter == query.filter,
-              CheckpointStat.outliers == query.outliers, CheckpointStat.kinds == key,
-              CheckpointStat.alpha_max == thresholds.alpha_max]
+        on = [
+            CheckpointStat.checkpoint_id == Checkpoint.id,
+            CheckpointStat.method == method,
+            CheckpointStat.metric == metric,
+            CheckpointStat.filter == query.filter,
+            CheckpointStat.outliers == query.outliers,
+            CheckpointStat.kinds == key,
+            CheckpointStat.alpha_max == thresholds.alpha_max,
+        ]
         if query.outliers == OutlierRule.MAD:
             on.append(CheckpointStat.mad_k == mad_k)
-        statement = (select(Checkpoint.id, Checkpoint.step, *_STAT_FIELDS)
-                     .outerjoin(CheckpointStat, and_(*on)))
+        statement = select(Checkpoint.id, Checkpoint.step, *_STAT_FIELDS).outerjoin(
+            CheckpointStat, and_(*on)
+        )
     else:
         statement = select(Checkpoint.id, Checkpoint.step)
-    rows = downsample(session.execute(
-        statement.where(Checkpoint.run_id == run_id, ANALYSED)
-        .order_by(Checkpoint.step)).all(), query.max_points)
+    rows = downsample(
+        session.execute(
+            statement.where(Checkpoint.run_id == run_id, ANALYSED).order_by(Checkpoint.step)
+        ).all(),
+        query.max_points,
+    )
     if not rows:
         get_run(session=session, run_id=run_id)  # 404 for an unknown run, [] for an empty one
     points: dict[int, dict[str, Any]] = {}
@@ -169,15 +228,21 @@ def trend(*, session: Session, run_id: int, query: TrendQuery, method: str,
     for row in rows:
         if kept and row[2] is not None:
             # Tuples by position: this loop runs once per checkpoint on every trend request.
-            points[row[0]] = {"step": row[1], "value": row[at], "n_used": row[2],
-                              "n_excluded": row[3], "excluded": from_json(row[4]),
-                              **dict(zip(robust.STATS, row[5:], strict=True))}
+            points[row[0]] = {
+                "step": row[1],
+                "value": row[at],
+                "n_used": row[2],
+                "n_excluded": row[3],
+                "excluded": from_json(row[4]),
+                **dict(zip(robust.STATS, row[5:], strict=True)),
+            }
         else:
             missing.append(row[0])
     if missing:
         by_checkpoint: dict[int, list[dict[str, Any]]] = defaultdict(list)
-        for layer in layer_dicts(session=session, checkpoint_ids=missing, layers=layers,
-                                 fields=(*_SELECT_FIELDS, metric)):
+        for layer in layer_dicts(
+            session=session, checkpoint_ids=missing, layers=layers, fields=(*_SELECT_FIELDS, metric)
+        ):
             by_checkpoint[layer["checkpoint_id"]].append(layer)
         step = {row[0]: row[1] for row in rows}
         for checkpoint_id in missing:
@@ -186,33 +251,68 @@ def trend(*, session: Session, run_id: int, query: TrendQuery, method: str,
     return [points[row[0]] for row in rows]
 
 
-def compare(*, session: Session, query: CompareQuery, method: str,
-            thresholds: Thresholds) -> dict[str, Any]:
+def compare(
+    *, session: Session, query: CompareQuery, method: str, thresholds: Thresholds
+) -> dict[str, Any]:
     """Whole-model robust trends of several runs, to overlay."""
     out = []
     for run_id in query.run_ids:
         run = get_run(session=session, run_id=run_id)
-        points = trend(session=session, run_id=run_id, query=query.trend(), method=method,
-                       thresholds=thresholds)
-        out.append({"run_id": run_id, "name": run.name,
-                    "points": [{"step": p["step"], "value": p["value"], "n_used": p["n_used"]}
-                               for p in points]})
+        points = trend(
+            session=session,
+            run_id=run_id,
+            query=query.trend(),
+            method=method,
+            thresholds=thresholds,
+        )
+        out.append(
+            {
+                "run_id": run_id,
+                "name": run.name,
+                "points": [
+                    {"step": p["step"], "value": p["value"], "n_used": p["n_used"]} for p in points
+                ],
+            }
+        )
     return {"metric": query.metric, "stat": query.stat, "runs": out}
 
 
 def layer_history(
-    *, session: Session, run_id: int, layer_name: str, metric: str, method: str,
-    max_points: int | None, limit: int | None, offset: int,
+    *,
+    session: Session,
+    run_id: int,
+    layer_name: str,
+    metric: str,
+    method: str,
+    max_points: int | None,
+    limit: int | None,
+    offset: int,
 ) -> list[dict[str, Any]]:
     """One layer's rows over the analysed steps of a run, in step order."""
-    fields = tuple(dict.fromkeys((metric, "alpha", "D", "num_pl_spikes", "fit_status", "trusted",
-                                  "correlation_trap", "rank_collapse")))
+    fields = tuple(
+        dict.fromkeys(
+            (
+                metric,
+                "alpha",
+                "D",
+                "num_pl_spikes",
+                "fit_status",
+                "trusted",
+                "correlation_trap",
+                "rank_collapse",
+            )
+        )
+    )
     query = (
         select(Checkpoint.step, *[getattr(LayerMetric, f) for f in fields])
         .join(Checkpoint, Checkpoint.id == LayerMetric.checkpoint_id)
-        .where(Checkpoint.run_id == run_id, ANALYSED,
-               *LayerSelection(method=method, variant=None, name=layer_name).where())
-        .order_by(Checkpoint.step).offset(offset)
+        .where(
+            Checkpoint.run_id == run_id,
+            ANALYSED,
+            *LayerSelection(method=method, variant=None, name=layer_name).where(),
+        )
+        .order_by(Checkpoint.step)
+        .offset(offset)
     )
     if limit is not None:
         query = query.limit(limit)
@@ -223,13 +323,25 @@ def layer_history(
     # Positions, not mappings: this runs once per point of every history request.
     at = {f: i + 1 for i, f in enumerate(fields)}
     value, alpha, d, spikes = at[metric], at["alpha"], at["D"], at["num_pl_spikes"]
-    status, trusted, trap, collapse = (at["fit_status"], at["trusted"], at["correlation_trap"],
-                                       at["rank_collapse"])
+    status, trusted, trap, collapse = (
+        at["fit_status"],
+        at["trusted"],
+        at["correlation_trap"],
+        at["rank_collapse"],
+    )
     trusted_of = robust.untrusted_reason_of
-    return [{"step": r[0], "value": r[value], "alpha": r[alpha], "D": r[d],
-             "num_pl_spikes": r[spikes], "fit_status": r[status],
-             "trusted": trusted_of(r[status], r[trap], r[collapse], r[trusted]) is None}
-            for r in rows]
+    return [
+        {
+            "step": r[0],
+            "value": r[value],
+            "alpha": r[alpha],
+            "D": r[d],
+            "num_pl_spikes": r[spikes],
+            "fit_status": r[status],
+            "trusted": trusted_of(r[status], r[trap], r[collapse], r[trusted]) is None,
+        }
+        for r in rows
+    ]
 
 
 def layer_order(layer: dict[str, Any]) -> tuple[int, int, str]:
@@ -244,8 +356,7 @@ def layer_order(layer: dict[str, Any]) -> tuple[int, int, str]:
     return (block if block is not None else (1 << 29), rank, layer["name"])
 
 
-def heatmap(*, session: Session, run_id: int, query: HeatmapQuery,
-            method: str) -> dict[str, Any]:
+def heatmap(*, session: Session, run_id: int, query: HeatmapQuery, method: str) -> dict[str, Any]:
     """Layer x step matrix of a metric with each cell's trust verdict.
 
     Rows are one variant's (the weights by default), optionally only some kinds or blocks,
@@ -255,12 +366,27 @@ def heatmap(*, session: Session, run_id: int, query: HeatmapQuery,
     get_run(session=session, run_id=run_id)
     metric = query.metric
     checkpoints = downsample(done_checkpoints(session=session, run_id=run_id), query.max_points)
-    fields = tuple(dict.fromkeys(("checkpoint_id", "name", "kind", "block", metric, "fit_status",
-                                  "correlation_trap", "rank_collapse", "trusted")))
+    fields = tuple(
+        dict.fromkeys(
+            (
+                "checkpoint_id",
+                "name",
+                "kind",
+                "block",
+                metric,
+                "fit_status",
+                "correlation_trap",
+                "rank_collapse",
+                "trusted",
+            )
+        )
+    )
     rows = session.execute(
-        select(*[getattr(LayerMetric, f) for f in fields])
-        .where(LayerMetric.checkpoint_id.in_([c for c, _ in checkpoints]),
-               *query.layers(method).where())).all()
+        select(*[getattr(LayerMetric, f) for f in fields]).where(
+            LayerMetric.checkpoint_id.in_([c for c, _ in checkpoints]),
+            *query.layers(method).where(),
+        )
+    ).all()
     # Positions, not mappings: a long run has hundreds of thousands of cells.
     at = {f: i for i, f in enumerate(fields)}
     cid, nm, kd, bl, val = at["checkpoint_id"], at["name"], at["kind"], at["block"], at[metric]
@@ -284,21 +410,32 @@ def heatmap(*, session: Session, run_id: int, query: HeatmapQuery,
         i, j = row_of[r[nm]], column[r[cid]]
         z[i][j] = r[val]
         trusted[i][j] = trusted_of(r[st], r[tr], r[rc], r[ok]) is None
-    return {"metric": metric, "variant": query.variant, "steps": [s for _, s in checkpoints],
-            "layers": names, "blocks": [blocks[n] for n in names], "z": z, "trusted": trusted}
+    return {
+        "metric": metric,
+        "variant": query.variant,
+        "steps": [s for _, s in checkpoints],
+        "layers": names,
+        "blocks": [blocks[n] for n in names],
+        "z": z,
+        "trusted": trusted,
+    }
 
 
-def block_trends(*, session: Session, run_id: int, query: BlockQuery, method: str,
-                 thresholds: Thresholds) -> list[dict[str, Any]]:
+def block_trends(
+    *, session: Session, run_id: int, query: BlockQuery, method: str, thresholds: Thresholds
+) -> list[dict[str, Any]]:
     """The robust statistic per block and checkpoint: one trend per block, the last block first
     by default (layers outside a block, embeddings and head, are left out)."""
     get_run(session=session, run_id=run_id)
     checkpoints = downsample(done_checkpoints(session=session, run_id=run_id), query.max_points)
     step = dict(checkpoints)
     grouped: dict[int, dict[int, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
-    for layer in layer_dicts(session=session, checkpoint_ids=list(step),
-                             layers=query.layers(method),
-                             fields=(*_SELECT_FIELDS, "block", query.metric)):
+    for layer in layer_dicts(
+        session=session,
+        checkpoint_ids=list(step),
+        layers=query.layers(method),
+        fields=(*_SELECT_FIELDS, "block", query.metric),
+    ):
         if layer["block"] is not None:
             grouped[layer["block"]][layer["checkpoint_id"]].append(layer)
     out = []
@@ -318,8 +455,11 @@ def variants(*, session: Session, run_id: int, method: str) -> list[dict[str, An
     done = done_checkpoints(session=session, run_id=run_id)
     counts: dict[str, int] = {DEFAULT_VARIANT: 0}
     if done:
-        names = session.scalars(select(LayerMetric.name).where(
-            LayerMetric.checkpoint_id == done[-1][0], LayerMetric.method == method))
+        names = session.scalars(
+            select(LayerMetric.name).where(
+                LayerMetric.checkpoint_id == done[-1][0], LayerMetric.method == method
+            )
+        )
         for name in names:
             variant = split_variant(name)[1]
             counts[variant] = counts.get(variant, 0) + 1
@@ -329,8 +469,10 @@ def variants(*, session: Session, run_id: int, method: str) -> list[dict[str, An
         width = int(variant[1:]) if variant[1:].isdigit() else 0
         return list(Source).index(source_of(variant)), width
 
-    return [{"name": v, "source": source_of(v).value, "label": _variant_label(v),
-             "n_layers": counts[v]} for v in sorted(counts, key=key)]
+    return [
+        {"name": v, "source": source_of(v).value, "label": _variant_label(v), "n_layers": counts[v]}
+        for v in sorted(counts, key=key)
+    ]
 
 
 def _variant_label(variant: str) -> str:
@@ -342,8 +484,9 @@ FLAG_KEYS = ("correlation_trap", "rank_collapse", "near_random", "over_trained",
 FIT_STATUSES = tuple(s.value for s in FitStatus)
 
 
-def flags(*, session: Session, run_id: int, method: str,
-          variant: str = DEFAULT_VARIANT) -> list[dict[str, Any]]:
+def flags(
+    *, session: Session, run_id: int, method: str, variant: str = DEFAULT_VARIANT
+) -> list[dict[str, Any]]:
     """Per analysed checkpoint: layers, and how many carry each flag and each fit status.
 
     Counted by the database: a long run has hundreds of thousands of layer rows.
@@ -354,44 +497,62 @@ def flags(*, session: Session, run_id: int, method: str,
         return func.coalesce(func.sum(case((condition, 1), else_=0)), 0)
 
     labels = ("n_layers", *FLAG_KEYS, *FIT_STATUSES)
-    counts = [func.count(LayerMetric.id),
-              *[count(getattr(LayerMetric, key).is_(True)) for key in FLAG_KEYS],
-              *[count(LayerMetric.fit_status == status) for status in FIT_STATUSES]]
-    query = (select(Checkpoint.step, *counts)
-             .outerjoin(LayerMetric, and_(LayerMetric.checkpoint_id == Checkpoint.id,
-                                          *LayerSelection(method=method,
-                                                          variant=variant).where()))
-             .where(Checkpoint.run_id == run_id, ANALYSED)
-             .group_by(Checkpoint.id, Checkpoint.step).order_by(Checkpoint.step))
-    return [{"step": row[0], **{label: int(n) for label, n in zip(labels, row[1:], strict=True)}}
-            for row in session.execute(query)]
+    counts = [
+        func.count(LayerMetric.id),
+        *[count(getattr(LayerMetric, key).is_(True)) for key in FLAG_KEYS],
+        *[count(LayerMetric.fit_status == status) for status in FIT_STATUSES],
+    ]
+    query = (
+        select(Checkpoint.step, *counts)
+        .outerjoin(
+            LayerMetric,
+            and_(
+                LayerMetric.checkpoint_id == Checkpoint.id,
+                *LayerSelection(method=method, variant=variant).where(),
+            ),
+        )
+        .where(Checkpoint.run_id == run_id, ANALYSED)
+        .group_by(Checkpoint.id, Checkpoint.step)
+        .order_by(Checkpoint.step)
+    )
+    return [
+        {"step": row[0], **{label: int(n) for label, n in zip(labels, row[1:], strict=True)}}
+        for row in session.execute(query)
+    ]
 
 
 def checkpoint_id_at(*, session: Session, run_id: int, step: int) -> int:
-    found = session.scalars(select(Checkpoint.id).where(Checkpoint.run_id == run_id,
-                                                        Checkpoint.step == step)).first()
+    found = session.scalars(
+        select(Checkpoint.id).where(Checkpoint.run_id == run_id, Checkpoint.step == step)
+    ).first()
     if found is None:
         raise NotFound(f"run {run_id} has no checkpoint at step {step}")
     return int(found)
 
 
-def esd(*, session: Session, run_id: int, step: int, layer_name: str,
-        method: str) -> dict[str, Any]:
+def esd(
+    *, session: Session, run_id: int, step: int, layer_name: str, method: str
+) -> dict[str, Any]:
     """Eigenvalues of one layer at one step, its power-law fit line and the MP bulk edge."""
     get_run(session=session, run_id=run_id)
     checkpoint_id = checkpoint_id_at(session=session, run_id=run_id, step=step)
     found = session.execute(
         select(LayerMetric, Spectrum)
         .outerjoin(Spectrum, Spectrum.layer_metric_id == LayerMetric.id)
-        .where(LayerMetric.checkpoint_id == checkpoint_id,
-               *LayerSelection(method=method, variant=None, name=layer_name).where())
+        .where(
+            LayerMetric.checkpoint_id == checkpoint_id,
+            *LayerSelection(method=method, variant=None, name=layer_name).where(),
+        )
     ).first()
     if found is None:
         raise NotFound(f"no layer {layer_name!r} at step {step} of run {run_id}")
     layer, spectrum = found
     evals = np.frombuffer(spectrum.evals, dtype=np.float32) if spectrum and spectrum.evals else None
-    rand = (np.frombuffer(spectrum.rand_evals, dtype=np.float32)
-            if spectrum and spectrum.rand_evals else None)
+    rand = (
+        np.frombuffer(spectrum.rand_evals, dtype=np.float32)
+        if spectrum and spectrum.rand_evals
+        else None
+    )
     fit_line: dict[str, list[float]] = {"x": [], "y": []}
     if evals is not None and layer.alpha and layer.xmin and layer.xmax and layer.alpha > 1:
         # Density of the fitted power law p(x) = (α−1)/xmin · (x/xmin)^−α, scaled by the share
@@ -401,9 +562,18 @@ def esd(*, session: Session, run_id: int, step: int, layer_name: str,
         ys = share * (layer.alpha - 1) / layer.xmin * (xs / layer.xmin) ** (-layer.alpha)
         # The dashboard draws histograms of log10 λ: density in log10 space is p(x)·x·ln 10.
         fit_line = {"x": xs.tolist(), "y": (ys * xs * np.log(10)).tolist()}
-    return {"layer": layer_name, "step": step, "method": method,
-            "evals": evals.tolist() if evals is not None else [],
-            "rand_evals": rand.tolist() if rand is not None else None,
-            "alpha": layer.alpha, "xmin": layer.xmin, "xmax": layer.xmax, "D": layer.D,
-            "num_pl_spikes": layer.num_pl_spikes, "mp_bulk_max": layer.mp_bulk_max,
-            "fit_status": layer.fit_status, "fit_line": fit_line}
+    return {
+        "layer": layer_name,
+        "step": step,
+        "method": method,
+        "evals": evals.tolist() if evals is not None else [],
+        "rand_evals": rand.tolist() if rand is not None else None,
+        "alpha": layer.alpha,
+        "xmin": layer.xmin,
+        "xmax": layer.xmax,
+        "D": layer.D,
+        "num_pl_spikes": layer.num_pl_spikes,
+        "mp_bulk_max": layer.mp_bulk_max,
+        "fit_status": layer.fit_status,
+        "fit_line": fit_line,
+    }

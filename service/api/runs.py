@@ -43,8 +43,7 @@ def allowed_path(raw: str, *, allowed_roots: list[Path]) -> Path:
     if not given.is_absolute():
         raise Invalid("path must be absolute")
     if len(raw) > PATH_MAX or any(len(part) > NAME_MAX for part in given.parts):
-        raise Invalid(f"path is too long (at most {PATH_MAX} characters, {NAME_MAX} per "
-                      "component)")
+        raise Invalid(f"path is too long (at most {PATH_MAX} characters, {NAME_MAX} per component)")
     if not allowed_roots:
         raise Refused("no checkpoint root is allowed on this server (set ALPHAWATCH_ALLOWED_ROOTS)")
     try:
@@ -55,8 +54,7 @@ def allowed_path(raw: str, *, allowed_roots: list[Path]) -> Path:
     except OSError as exc:
         raise Invalid(f"path cannot be resolved: {_reason(exc)}") from exc
     if not any(resolved == root or root in resolved.parents for root in allowed_roots):
-        raise Refused(f"{raw} is not under an allowed root "
-                      f"({', '.join(map(str, allowed_roots))})")
+        raise Refused(f"{raw} is not under an allowed root ({', '.join(map(str, allowed_roots))})")
     try:
         is_dir = resolved.is_dir()
     except OSError as exc:
@@ -70,44 +68,80 @@ def _reason(exc: OSError) -> str:
     return "a symlink loop" if exc.errno == errno.ELOOP else os.strerror(exc.errno or 0)
 
 
-def list_runs(*, session: Session, limit: int, offset: int,
-              thresholds: Thresholds, method: str) -> dict[str, Any]:
+def list_runs(
+    *, session: Session, limit: int, offset: int, thresholds: Thresholds, method: str
+) -> dict[str, Any]:
     """A page of runs with their summaries (of ``method``'s rows), and how many runs there are."""
     total = session.scalar(select(func.count()).select_from(Run)) or 0
     rows = session.scalars(select(Run).order_by(Run.id).limit(limit).offset(offset)).all()
-    return {"runs": [queries.run_summary(session=session, run=r, thresholds=thresholds,
-                                         method=method)
-                     for r in rows], "total": total}
+    return {
+        "runs": [
+            queries.run_summary(session=session, run=r, thresholds=thresholds, method=method)
+            for r in rows
+        ],
+        "total": total,
+    }
 
 
-def get(*, session: Session, run_id: int, trust: Thresholds, method: str,
-        crosscheck: CrossCheck | None = None) -> dict[str, Any]:
+def get(
+    *,
+    session: Session,
+    run_id: int,
+    trust: Thresholds,
+    method: str,
+    crosscheck: CrossCheck | None = None,
+) -> dict[str, Any]:
     """One run's summary, the trust thresholds applied, the fit methods it holds and what the
     live cross-check with weightwatcher found."""
     run = queries.get_run(session=session, run_id=run_id)
     # Methods of the latest analysed checkpoint: scanning every layer row of a long run for
     # DISTINCT would cost more than the rest of the page.
-    latest = session.scalar(select(Checkpoint.id).where(
-        Checkpoint.run_id == run_id, queries.ANALYSED)
-        .order_by(Checkpoint.step.desc()).limit(1))
-    methods = sorted(set(session.scalars(
-        select(LayerMetric.method).where(LayerMetric.checkpoint_id == latest).distinct()
-    ))) if latest is not None else []
+    latest = session.scalar(
+        select(Checkpoint.id)
+        .where(Checkpoint.run_id == run_id, queries.ANALYSED)
+        .order_by(Checkpoint.step.desc())
+        .limit(1)
+    )
+    methods = (
+        sorted(
+            set(
+                session.scalars(
+                    select(LayerMetric.method).where(LayerMetric.checkpoint_id == latest).distinct()
+                )
+            )
+        )
+        if latest is not None
+        else []
+    )
     check = crosscheck or CrossCheck()
     n, largest, over = session.execute(
-        select(func.count(LayerMetric.crosscheck_diff), func.max(LayerMetric.crosscheck_diff),
-               func.coalesce(func.sum(case((LayerMetric.crosscheck_diff > check.tolerance, 1),
-                                           else_=0)), 0))
+        select(
+            func.count(LayerMetric.crosscheck_diff),
+            func.max(LayerMetric.crosscheck_diff),
+            func.coalesce(
+                func.sum(case((LayerMetric.crosscheck_diff > check.tolerance, 1), else_=0)), 0
+            ),
+        )
         .join(Checkpoint, Checkpoint.id == LayerMetric.checkpoint_id)
-        .where(Checkpoint.run_id == run_id, LayerMetric.crosscheck_diff.is_not(None))).one()
-    return {**queries.run_summary(session=session, run=run, thresholds=trust, method=method),
-            "thresholds": trust, "methods": methods,
-            "crosscheck": {"layers": int(n), "max_diff": largest, "over_tolerance": int(over),
-                           "tolerance": check.tolerance, "share": check.share}}
+        .where(Checkpoint.run_id == run_id, LayerMetric.crosscheck_diff.is_not(None))
+    ).one()
+    return {
+        **queries.run_summary(session=session, run=run, thresholds=trust, method=method),
+        "thresholds": trust,
+        "methods": methods,
+        "crosscheck": {
+            "layers": int(n),
+            "max_diff": largest,
+            "over_tolerance": int(over),
+            "tolerance": check.tolerance,
+            "share": check.share,
+        },
+    }
 
 
-def create(*, session: Session, name: str, path: Path,
-           thresholds: Thresholds, method: str) -> dict[str, Any]:
+def create(
+    *, session: Session, name: str, path: Path, thresholds: Thresholds, method: str
+) -> dict[str, Any]:
     """Register a run at an already checked ``path``; its summary.
 
     Raises:
@@ -117,8 +151,12 @@ def create(*, session: Session, name: str, path: Path,
         raise Conflict(f"a run named {name!r} exists already")
     run_id = registry.ensure_run(session, name=name, path=str(path))
     session.flush()
-    return queries.run_summary(session=session, run=queries.get_run(session=session,
-                               run_id=run_id), thresholds=thresholds, method=method)
+    return queries.run_summary(
+        session=session,
+        run=queries.get_run(session=session, run_id=run_id),
+        thresholds=thresholds,
+        method=method,
+    )
 
 
 def request_scan(*, session: Session, run_id: int) -> dict[str, Any]:
@@ -143,28 +181,55 @@ def checkpoints(*, session: Session, run_id: int, limit: int, offset: int) -> di
     """A page of a run's checkpoints, by step, with analysis status, timings and attempts."""
     queries.get_run(session=session, run_id=run_id)
     rows = session.execute(
-        select(Checkpoint, AnalysisJob.attempts).outerjoin(AnalysisJob)
-        .where(Checkpoint.run_id == run_id).order_by(Checkpoint.step).limit(limit).offset(offset)
+        select(Checkpoint, AnalysisJob.attempts)
+        .outerjoin(AnalysisJob)
+        .where(Checkpoint.run_id == run_id)
+        .order_by(Checkpoint.step)
+        .limit(limit)
+        .offset(offset)
     ).all()
-    return {"run_id": run_id, "checkpoints": [
-        {"id": c.id, "step": c.step, "path": c.path, "format": c.format, "status": c.status,
-         "error": c.error, "discovered_at": c.discovered_at, "started_at": c.started_at,
-         "finished_at": c.finished_at, "analysis_s": c.analysis_s, "device": c.device,
-         "n_layers": c.n_layers, "n_trusted": c.n_trusted, "attempts": attempts,
-         "discovery_error": c.discovery_error, "analysis_count": c.analysis_count,
-         "rewritten_at": c.rewritten_at}
-        for c, attempts in rows]}
+    return {
+        "run_id": run_id,
+        "checkpoints": [
+            {
+                "id": c.id,
+                "step": c.step,
+                "path": c.path,
+                "format": c.format,
+                "status": c.status,
+                "error": c.error,
+                "discovered_at": c.discovered_at,
+                "started_at": c.started_at,
+                "finished_at": c.finished_at,
+                "analysis_s": c.analysis_s,
+                "device": c.device,
+                "n_layers": c.n_layers,
+                "n_trusted": c.n_trusted,
+                "attempts": attempts,
+                "discovery_error": c.discovery_error,
+                "analysis_count": c.analysis_count,
+                "rewritten_at": c.rewritten_at,
+            }
+            for c, attempts in rows
+        ],
+    }
 
 
-def checkpoint_layers(*, session: Session, run_id: int, step: int,
-                      method: str) -> dict[str, Any]:
+def checkpoint_layers(*, session: Session, run_id: int, step: int, method: str) -> dict[str, Any]:
     """Every layer metric of one checkpoint (every variant), by block then kind."""
     queries.get_run(session=session, run_id=run_id)
     checkpoint_id = queries.checkpoint_id_at(session=session, run_id=run_id, step=step)
-    layers = queries.layer_dicts(session=session, checkpoint_ids=[checkpoint_id],
-                                 layers=LayerSelection(method=method, variant=None))
-    return {"run_id": run_id, "step": step, "method": method,
-            "layers": sorted(layers, key=queries.layer_order)}
+    layers = queries.layer_dicts(
+        session=session,
+        checkpoint_ids=[checkpoint_id],
+        layers=LayerSelection(method=method, variant=None),
+    )
+    return {
+        "run_id": run_id,
+        "step": step,
+        "method": method,
+        "layers": sorted(layers, key=queries.layer_order),
+    }
 
 
 def layers_csv(*, session: Session, run_id: int, method: str) -> str:
@@ -173,13 +238,26 @@ def layers_csv(*, session: Session, run_id: int, method: str) -> str:
     steps = dict(queries.done_checkpoints(session=session, run_id=run_id))
     # Every variant: weights, gradients (name@exp_avg) and nested widths (name@w<k>), each row
     # saying which in its own column.
-    layers = queries.layer_dicts(session=session, checkpoint_ids=list(steps),
-                                 layers=LayerSelection(method=method, variant=None))
+    layers = queries.layer_dicts(
+        session=session,
+        checkpoint_ids=list(steps),
+        layers=LayerSelection(method=method, variant=None),
+    )
     buffer = io.StringIO()
     columns = ["step", *[c for c in (layers[0] if layers else {}) if c != "checkpoint_id"]]
     columns.insert(columns.index("name") + 1 if "name" in columns else 1, "variant")
-    write_csv(buffer, columns, ({**layer, "step": steps[layer["checkpoint_id"]],
-                                 "variant": split_variant(layer["name"])[1]} for layer in layers))
+    write_csv(
+        buffer,
+        columns,
+        (
+            {
+                **layer,
+                "step": steps[layer["checkpoint_id"]],
+                "variant": split_variant(layer["name"])[1],
+            }
+            for layer in layers
+        ),
+    )
     return buffer.getvalue()
 
 

@@ -53,14 +53,19 @@ def _run_name(name: str) -> str:
 
 class RunCreate(BaseModel):
     name: Annotated[str, AfterValidator(_run_name)] = Field(
-        min_length=1, max_length=run_names.MAX_LENGTH, pattern=run_names.PATTERN,
+        min_length=1,
+        max_length=run_names.MAX_LENGTH,
+        pattern=run_names.PATTERN,
         description="letters, digits, '_', '.' and '-'; not only dots ('.', '..'): the name is "
-                    "also the run's folder in exports")
+        "also the run's folder in exports",
+    )
     path: str = Field(
-        max_length=4096, pattern=r"^(/[^/\x00]{1,255})+/?$|^/$",
+        max_length=4096,
+        pattern=r"^(/[^/\x00]{1,255})+/?$|^/$",
         description="absolute path of the run directory, under one of ALPHAWATCH_ALLOWED_ROOTS "
-                    "once symlinks are followed; at most 255 characters per component",
-        examples=["/data/runs/llama-7b-sft"])
+        "once symlinks are followed; at most 255 characters per component",
+        examples=["/data/runs/llama-7b-sft"],
+    )
 
 
 class ScanRequested(BaseModel):
@@ -83,8 +88,10 @@ class RunRead(BaseModel):
     latest_alpha: float | None = Field(description="median alpha of trusted layers, latest step")
     untrusted_share: float | None
     discovery_error: str | None = Field(
-        None, description="why the latest discovery pass could not list the run, or the "
-                          "entries it refused that have no step (null when all is well)")
+        None,
+        description="why the latest discovery pass could not list the run, or the "
+        "entries it refused that have no step (null when all is well)",
+    )
 
 
 class CrossCheckRead(BaseModel):
@@ -124,12 +131,18 @@ class CheckpointRead(BaseModel):
     n_trusted: int | None
     attempts: int | None
     discovery_error: str | None = Field(
-        None, description="why discovery refused it (it is then failed, never read), or what "
-                          "it found wrong with it after the analysis")
-    analysis_count: int = Field(0, description="completed analyses; more than 1 when its "
-                                               "files were rewritten in place and re-analysed")
+        None,
+        description="why discovery refused it (it is then failed, never read), or what "
+        "it found wrong with it after the analysis",
+    )
+    analysis_count: int = Field(
+        0,
+        description="completed analyses; more than 1 when its "
+        "files were rewritten in place and re-analysed",
+    )
     rewritten_at: datetime | None = Field(
-        None, description="when its files last changed after an analysis (queued again)")
+        None, description="when its files last changed after an analysis (queued again)"
+    )
 
 
 class CheckpointList(BaseModel):
@@ -189,13 +202,16 @@ class LayerMetricRead(BaseModel):
     tpl_alpha: float | None = Field(None, description="truncated power law's exponent")
     tpl_lambda: float | None = Field(None, description="truncated power law's rate Λ")
     pl_vs_tpl_R: float | None = Field(
-        None, description="normalised log-likelihood ratio, power law vs truncated (R > 0: PL)")
+        None, description="normalised log-likelihood ratio, power law vs truncated (R > 0: PL)"
+    )
     pl_vs_tpl_p: float | None = Field(None, description="its p-value (nested: χ²₁)")
     pl_vs_lognormal_R: float | None = Field(
-        None, description="normalised log-likelihood ratio, power law vs lognormal (R > 0: PL)")
+        None, description="normalised log-likelihood ratio, power law vs lognormal (R > 0: PL)"
+    )
     pl_vs_lognormal_p: float | None = Field(None, description="its p-value (Vuong)")
     crosscheck_diff: float | None = Field(
-        None, description="relative alpha difference from weightwatcher (cross-checked layers)")
+        None, description="relative alpha difference from weightwatcher (cross-checked layers)"
+    )
 
 
 class CheckpointLayers(BaseModel):
@@ -354,7 +370,8 @@ class GateRulesRead(BaseModel):
     defaults: GateRules = Field(description="the server's rules (ALPHAWATCH_GATE__*)")
     updated_at: UtcDatetime | None
     last_verdict: VerdictRead | None = Field(
-        description="the verdict recorded after the latest analysis or rule change")
+        description="the verdict recorded after the latest analysis or rule change"
+    )
 
 
 class AlertRead(BaseModel):
@@ -362,8 +379,10 @@ class AlertRead(BaseModel):
     step: int | None
     verdict: str = Field(description="pass or fail: the gate's new verdict")
     previous: str | None = Field(description="the verdict before; null for the run's first")
-    status: str = Field(description="pending, sending, delivered, failed or superseded (never "
-                        "sent: a newer verdict replaced it, or the verdict came back)")
+    status: str = Field(
+        description="pending, sending, delivered, failed or superseded (never "
+        "sent: a newer verdict replaced it, or the verdict came back)"
+    )
     attempts: int
     last_status_code: int | None = Field(description="the receiver's last HTTP status")
     last_error: str | None
@@ -431,4 +450,3 @@ class CompareRead(BaseModel):
     metric: str
     stat: str
     runs: list[CompareRun]
-

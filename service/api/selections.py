@@ -35,8 +35,11 @@ from alphawatch.vocabulary import (
 def numeric_metrics() -> list[str]:
     """Layer metric columns a trend or history can be asked for."""
     skip = {"id", "checkpoint_id", "block", "rows", "cols"}
-    return [a.key for a in LayerMetric.__mapper__.column_attrs
-            if isinstance(a.columns[0].type, Float | Integer) and a.key not in skip]
+    return [
+        a.key
+        for a in LayerMetric.__mapper__.column_attrs
+        if isinstance(a.columns[0].type, Float | Integer) and a.key not in skip
+    ]
 
 
 # The largest 32-bit id or block: a larger one is a bad request, not a database error.
@@ -45,13 +48,20 @@ INT32 = 2**31 - 1
 # The schema lists the metrics, so a client (or a fuzzer) knows which names are valid.
 MetricName = Literal[tuple(numeric_metrics())]  # type: ignore[valid-type]
 Metric = Annotated[MetricName, Field(description="a numeric layer metric")]  # type: ignore[valid-type]
-Variant = Annotated[str, Field(max_length=16, pattern=VARIANT_PATTERN,
-                               description="weight (default), exp_avg (gradients) or a nested "
-                                           "width w<k>; variants are never mixed")]
+Variant = Annotated[
+    str,
+    Field(
+        max_length=16,
+        pattern=VARIANT_PATTERN,
+        description="weight (default), exp_avg (gradients) or a nested "
+        "width w<k>; variants are never mixed",
+    ),
+]
 # The gate bands a level of alpha: its schema offers the statistics that are levels, only.
 LevelName = Literal[tuple(s.value for s in Statistic if s.is_level)]  # type: ignore[valid-type]
-KindList = Annotated[str | None,
-                     Field(max_length=200, description="comma-separated kinds: q,k,v,o,...")]
+KindList = Annotated[
+    str | None, Field(max_length=200, description="comma-separated kinds: q,k,v,o,...")
+]
 BlockBound = Annotated[int | None, Field(ge=0, le=INT32)]
 MaxPoints = Annotated[int | None, Field(ge=2, le=100_000, description="downsample to N steps")]
 
@@ -71,15 +81,21 @@ class TrendQuery(BaseModel):
     block_min: BlockBound = None
     block_max: BlockBound = None
     outliers: OutlierRule = DEFAULT_OUTLIER_RULE
-    mad_k: Annotated[float | None, Field(gt=0, le=100,
-                                         description="default: the server's trust.mad_k")] = None
+    mad_k: Annotated[
+        float | None, Field(gt=0, le=100, description="default: the server's trust.mad_k")
+    ] = None
     max_points: MaxPoints = None
     variant: Variant = DEFAULT_VARIANT
 
     def layers(self, method: str) -> LayerSelection:
         """The layer rows this trend is over."""
-        return LayerSelection(method=method, variant=self.variant, kinds=kinds_of(self.kind),
-                              block_min=self.block_min, block_max=self.block_max)
+        return LayerSelection(
+            method=method,
+            variant=self.variant,
+            kinds=kinds_of(self.kind),
+            block_min=self.block_min,
+            block_max=self.block_max,
+        )
 
 
 class BlockQuery(BaseModel):
@@ -113,15 +129,24 @@ class HeatmapQuery(BaseModel):
 
     def layers(self, method: str) -> LayerSelection:
         """The layer rows that make the matrix's rows."""
-        return LayerSelection(method=method, variant=self.variant, kinds=kinds_of(self.kind),
-                              block_min=self.block_min, block_max=self.block_max)
+        return LayerSelection(
+            method=method,
+            variant=self.variant,
+            kinds=kinds_of(self.kind),
+            block_min=self.block_min,
+            block_max=self.block_max,
+        )
 
 
 class CompareQuery(BaseModel):
     """Whole-model robust trends of several runs, to overlay."""
 
-    runs: Annotated[str, Field(pattern=r"^\d{1,9}(,\d{1,9}){0,49}$",
-                               description="up to 50 run ids, comma-separated")]
+    runs: Annotated[
+        str,
+        Field(
+            pattern=r"^\d{1,9}(,\d{1,9}){0,49}$", description="up to 50 run ids, comma-separated"
+        ),
+    ]
     metric: Metric = "alpha"
     stat: Statistic = DEFAULT_STATISTIC
     filter: LayerFilter = DEFAULT_FILTER
@@ -134,8 +159,9 @@ class CompareQuery(BaseModel):
 
     def trend(self) -> TrendQuery:
         """The whole-model trend drawn for each run."""
-        return TrendQuery(metric=self.metric, stat=self.stat, filter=self.filter,
-                          max_points=self.max_points)
+        return TrendQuery(
+            metric=self.metric, stat=self.stat, filter=self.filter, max_points=self.max_points
+        )
 
 
 class GateQuery(BaseModel):
@@ -144,24 +170,40 @@ class GateQuery(BaseModel):
     A rule left out (None) is the run's stored rule, else the server's default.
     """
 
-    stat: Annotated[LevelName | None,  # type: ignore[valid-type]
-                    Field(description="a level of alpha (a spread cannot be gated); "
-                                      "default: the run's gate rules")] = None
-    filter: Annotated[LayerFilter | None,
-                      Field(description="default: the run's gate rules")] = None
-    step: Annotated[int | None, Field(ge=0, le=MAX_STEP,
-                                      description="default: the latest analysed")] = None
-    min_alpha: Annotated[float | None, Field(
-        allow_inf_nan=False,
-        description="default: the run's gate rules (server: 2, over-trained)")] = None
-    max_alpha: Annotated[float | None, Field(
-        allow_inf_nan=False,
-        description="default: the run's gate rules (server: 6, under-trained)")] = None
+    stat: Annotated[
+        LevelName | None,  # type: ignore[valid-type]
+        Field(
+            description="a level of alpha (a spread cannot be gated); default: the run's gate rules"
+        ),
+    ] = None
+    filter: Annotated[LayerFilter | None, Field(description="default: the run's gate rules")] = None
+    step: Annotated[
+        int | None, Field(ge=0, le=MAX_STEP, description="default: the latest analysed")
+    ] = None
+    min_alpha: Annotated[
+        float | None,
+        Field(
+            allow_inf_nan=False,
+            description="default: the run's gate rules (server: 2, over-trained)",
+        ),
+    ] = None
+    max_alpha: Annotated[
+        float | None,
+        Field(
+            allow_inf_nan=False,
+            description="default: the run's gate rules (server: 6, under-trained)",
+        ),
+    ] = None
     max_untrusted_share: Annotated[float | None, Field(ge=0, le=1)] = None
     ref_step: Annotated[int | None, Field(ge=0, le=MAX_STEP)] = None
-    max_delta: Annotated[float | None, Field(
-        ge=0, allow_inf_nan=False,
-        description="without ref_step: since the analysed checkpoint before")] = None
+    max_delta: Annotated[
+        float | None,
+        Field(
+            ge=0,
+            allow_inf_nan=False,
+            description="without ref_step: since the analysed checkpoint before",
+        ),
+    ] = None
     strict: Annotated[bool, Field(description="answer 409 when the gate fails")] = False
     variant: Variant = DEFAULT_VARIANT
 

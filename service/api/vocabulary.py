@@ -36,38 +36,59 @@ class VocabularyRead(BaseModel):
     outlier_rules: list[Term]
     kinds: list[str] = Field(description="every layer kind, in the order a model runs them")
     kind_groups: list[KindGroupTerm]
-    sources: list[Term] = Field(description="what a row's spectrum is of: weights, gradients, "
-                                            "nested widths; never mixed in one statistic")
+    sources: list[Term] = Field(
+        description="what a row's spectrum is of: weights, gradients, "
+        "nested widths; never mixed in one statistic"
+    )
     variant_pattern: str = Field(description="the values the variant parameter takes")
     variant_separator: str = Field(description="joins a layer's name and its variant")
     orders: list[Term] = Field(description="layer orders of heatmaps and per-block trends")
-    fit_methods: list[Term] = Field(description="power-law fit methods; never mixed in a trend; "
-                                                "the default is the server's, which its worker "
-                                                "computes")
+    fit_methods: list[Term] = Field(
+        description="power-law fit methods; never mixed in a trend; "
+        "the default is the server's, which its worker "
+        "computes"
+    )
 
 
 @functools.cache
 def _build(fit_method: words.FitMethod) -> VocabularyRead:
     return VocabularyRead(
-        statistics=[StatisticTerm(name=s.value, label=s.label, level=s.is_level,
-                                  default=s is words.DEFAULT_STATISTIC)
-                    for s in words.Statistic],
-        filters=[Term(name=f.value, label=f.label, default=f is words.DEFAULT_FILTER)
-                 for f in words.LayerFilter],
-        outlier_rules=[Term(name=r.value, label=r.label, default=r is words.DEFAULT_OUTLIER_RULE)
-                       for r in words.OutlierRule],
+        statistics=[
+            StatisticTerm(
+                name=s.value, label=s.label, level=s.is_level, default=s is words.DEFAULT_STATISTIC
+            )
+            for s in words.Statistic
+        ],
+        filters=[
+            Term(name=f.value, label=f.label, default=f is words.DEFAULT_FILTER)
+            for f in words.LayerFilter
+        ],
+        outlier_rules=[
+            Term(name=r.value, label=r.label, default=r is words.DEFAULT_OUTLIER_RULE)
+            for r in words.OutlierRule
+        ],
         kinds=[k.value for k in words.KIND_ORDER],
-        kind_groups=[KindGroupTerm(name=g.name, label=g.label,
-                                   kinds=[k.value for k in words.KIND_ORDER if k in g.kinds])
-                     for g in words.KIND_GROUPS],
-        sources=[Term(name=s.value, label=s.label, default=s.value == words.DEFAULT_VARIANT)
-                 for s in words.Source],
+        kind_groups=[
+            KindGroupTerm(
+                name=g.name,
+                label=g.label,
+                kinds=[k.value for k in words.KIND_ORDER if k in g.kinds],
+            )
+            for g in words.KIND_GROUPS
+        ],
+        sources=[
+            Term(name=s.value, label=s.label, default=s.value == words.DEFAULT_VARIANT)
+            for s in words.Source
+        ],
         variant_pattern=words.VARIANT_PATTERN,
         variant_separator=words.VARIANT_SEPARATOR,
-        orders=[Term(name=o.value, label=o.label, default=o is words.DEFAULT_ORDER)
-                for o in words.LayerOrder],
-        fit_methods=[Term(name=m.value, label=m.label, default=m is fit_method)
-                     for m in words.FitMethod],
+        orders=[
+            Term(name=o.value, label=o.label, default=o is words.DEFAULT_ORDER)
+            for o in words.LayerOrder
+        ],
+        fit_methods=[
+            Term(name=m.value, label=m.label, default=m is fit_method) for m in words.FitMethod
+        ],
     )
 
 
@@ -82,8 +103,7 @@ async def current_vocabulary(settings: SettingsDep) -> VocabularyRead:
 vocabulary_router = APIRouter(prefix="/api/v1")
 
 
-@vocabulary_router.get("/vocabulary", response_model=VocabularyRead,
-                       openapi_extra={"security": []})
+@vocabulary_router.get("/vocabulary", response_model=VocabularyRead, openapi_extra={"security": []})
 async def get_vocabulary(
     terms: Annotated[VocabularyRead, Depends(current_vocabulary)],
 ) -> VocabularyRead:

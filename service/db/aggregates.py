@@ -23,14 +23,23 @@ from alphawatch.vocabulary import (
 )
 
 PRECOMPUTED_METRICS: tuple[str, ...] = (
-    "alpha", "alpha_weighted", "log_alpha_norm", "log_norm", "log_spectral_norm", "stable_rank",
-    "D", "entropy", "mp_softrank", "distance_from_init",
+    "alpha",
+    "alpha_weighted",
+    "log_alpha_norm",
+    "log_norm",
+    "log_spectral_norm",
+    "stable_rank",
+    "D",
+    "entropy",
+    "mp_softrank",
+    "distance_from_init",
 )
 PRECOMPUTED_FILTERS: tuple[str, ...] = tuple(f.value for f in LayerFilter)
 PRECOMPUTED_OUTLIERS: tuple[str, ...] = tuple(r.value for r in OutlierRule)
 # The kind groups users pick (attention, MLP, embeddings), for alpha only.
 PRECOMPUTED_GROUPS: tuple[tuple[str, ...], ...] = tuple(
-    tuple(k.value for k in group.kinds) for group in KIND_GROUPS)
+    tuple(k.value for k in group.kinds) for group in KIND_GROUPS
+)
 
 
 def kinds_key(kinds: Iterable[str] | None) -> str:
@@ -66,20 +75,37 @@ def stat_rows(
     rows: list[dict[str, Any]] = []
     for method, of_method in by_method.items():
         selections: list[tuple[str, str, Sequence[Mapping[str, Any]]]] = [
-            (metric, "", of_method) for metric in PRECOMPUTED_METRICS]
+            (metric, "", of_method) for metric in PRECOMPUTED_METRICS
+        ]
         for group in PRECOMPUTED_GROUPS:
-            selections.append(("alpha", kinds_key(group),
-                               [x for x in of_method if x.get("kind") in group]))
+            selections.append(
+                ("alpha", kinds_key(group), [x for x in of_method if x.get("kind") in group])
+            )
         for metric, kinds, chosen_layers in selections:
             for flt in PRECOMPUTED_FILTERS:
                 for outliers in PRECOMPUTED_OUTLIERS:
-                    chosen = robust.select(chosen_layers, metric=metric, filter=flt,
-                                           alpha_max=alpha_max, outliers=outliers, mad_k=mad_k)
-                    rows.append({
-                        "checkpoint_id": checkpoint_id, "method": method, "metric": metric,
-                        "filter": flt, "outliers": outliers, "kinds": kinds,
-                        "alpha_max": alpha_max, "mad_k": mad_k, "n_used": chosen.n_used,
-                        "n_excluded": chosen.n_excluded, "excluded": json.dumps(chosen.excluded),
-                        **robust.describe(chosen.values),
-                    })
+                    chosen = robust.select(
+                        chosen_layers,
+                        metric=metric,
+                        filter=flt,
+                        alpha_max=alpha_max,
+                        outliers=outliers,
+                        mad_k=mad_k,
+                    )
+                    rows.append(
+                        {
+                            "checkpoint_id": checkpoint_id,
+                            "method": method,
+                            "metric": metric,
+                            "filter": flt,
+                            "outliers": outliers,
+                            "kinds": kinds,
+                            "alpha_max": alpha_max,
+                            "mad_k": mad_k,
+                            "n_used": chosen.n_used,
+                            "n_excluded": chosen.n_excluded,
+                            "excluded": json.dumps(chosen.excluded),
+                            **robust.describe(chosen.values),
+                        }
+                    )
     return rows

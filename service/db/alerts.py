@@ -56,12 +56,13 @@ class ClaimedAlert:
     attempts: int
 
 
-
-
 def _gate_row(session: Session, run_id: int) -> RunGate:
     """The run's gate row, created when missing, locked until the transaction ends."""
-    session.execute(dialect_insert(session, RunGate).values(run_id=run_id, rules="{}")
-                    .on_conflict_do_nothing(index_elements=["run_id"]))
+    session.execute(
+        dialect_insert(session, RunGate)
+        .values(run_id=run_id, rules="{}")
+        .on_conflict_do_nothing(index_elements=["run_id"])
+    )
     query = select(RunGate).where(RunGate.run_id == run_id)
     if session.get_bind().dialect.name == "postgresql":
         # Two workers finishing checkpoints of one run at once: the second waits here, then
@@ -93,8 +94,9 @@ def message_of(run_name: str, verdict: dict[str, Any], previous: bool | None) ->
     return _slack_escape(text)
 
 
-def payload_of(alert_id: int, run: Run, verdict: dict[str, Any],
-               previous: bool | None) -> dict[str, Any]:
+def payload_of(
+    alert_id: int, run: Run, verdict: dict[str, Any], previous: bool | None
+) -> dict[str, Any]:
     """The JSON body POSTed for an alert: what changed, why, and ``text`` for Slack."""
     return {
         "id": alert_id,
@@ -114,8 +116,14 @@ def record_verdict(session: Session, *, run_id: int, check: GateCheck) -> Alert 
     """Evaluate the run's gate with its stored rules, record it; the alert queued, if any."""
     row = _gate_row(session, run_id)
     rules = gate.stored_rules(session, run_id=run_id, defaults=check.defaults)
-    verdict = gate.evaluate(session, run_id=run_id, rules=rules, step=None,
-                            method=check.method, thresholds=check.thresholds)
+    verdict = gate.evaluate(
+        session,
+        run_id=run_id,
+        rules=rules,
+        step=None,
+        method=check.method,
+        thresholds=check.thresholds,
+    )
     previous, passed = row.passed, bool(verdict["passed"])
     row.passed, row.step = passed, verdict["step"]
     row.violations = json.dumps(verdict["violations"])
@@ -125,9 +133,17 @@ def record_verdict(session: Session, *, run_id: int, check: GateCheck) -> Alert 
         return None
     run = session.get(Run, run_id)
     assert run is not None  # the gate row's foreign key
-    alert = Alert(run_id=run_id, step=verdict["step"], passed=passed, previous=previous,
-                  payload="{}", status=AlertStatus.PENDING.value, attempts=0,
-                  next_attempt_at=utcnow(), created_at=utcnow())
+    alert = Alert(
+        run_id=run_id,
+        step=verdict["step"],
+        passed=passed,
+        previous=previous,
+        payload="{}",
+        status=AlertStatus.PENDING.value,
+        attempts=0,
+        next_attempt_at=utcnow(),
+        created_at=utcnow(),
+    )
     session.add(alert)
     session.flush()  # the id goes into the body
     alert.payload = json.dumps(payload_of(alert.id, run, verdict, previous))
@@ -135,8 +151,9 @@ def record_verdict(session: Session, *, run_id: int, check: GateCheck) -> Alert 
     return alert
 
 
-def set_rules(session: Session, *, run_id: int, overrides: dict[str, Any],
-              defaults: GateRules) -> GateRules:
+def set_rules(
+    session: Session, *, run_id: int, overrides: dict[str, Any], defaults: GateRules
+) -> GateRules:
     """Store a run's rule overrides (replacing earlier ones); the rules that now apply.
 
     Raises:
@@ -156,8 +173,15 @@ def gate_row(session: Session, *, run_id: int) -> RunGate | None:
 
 def list_alerts(session: Session, *, run_id: int, limit: int, offset: int) -> list[Alert]:
     """A run's alerts, newest first."""
-    return list(session.scalars(select(Alert).where(Alert.run_id == run_id)
-                                .order_by(Alert.id.desc()).limit(limit).offset(offset)))
+    return list(
+        session.scalars(
+            select(Alert)
+            .where(Alert.run_id == run_id)
+            .order_by(Alert.id.desc())
+            .limit(limit)
+            .offset(offset)
+        )
+    )
 
 
 def _supersede_older(session: Session, *, run_id: int | None = None) -> None:
@@ -168,14 +192,21 @@ def _supersede_older(session: Session, *, run_id: int | None = None) -> None:
     newer = aliased(Alert)
     query = update(Alert).where(
         Alert.status == AlertStatus.PENDING.value,
-        exists().where(and_(newer.run_id == Alert.run_id, newer.id > Alert.id)))
+        exists().where(and_(newer.run_id == Alert.run_id, newer.id > Alert.id)),
+    )
     if run_id is not None:
         query = query.where(Alert.run_id == run_id)
     # The error of an attempt it had is kept in front of the note.
     note = func.coalesce(Alert.last_error + "; ", "") + "superseded by a newer verdict of the run"
-    session.execute(query.values(status=AlertStatus.SUPERSEDED.value, finished_at=utcnow(),
-                                 last_error=note, worker_id=None, lease_expires_at=None)
-                    .execution_options(synchronize_session=False))
+    session.execute(
+        query.values(
+            status=AlertStatus.SUPERSEDED.value,
+            finished_at=utcnow(),
+            last_error=note,
+            worker_id=None,
+            lease_expires_at=None,
+        ).execution_options(synchronize_session=False)
+    )
 
 
 def _aware(moment: datetime) -> datetime:
@@ -185,8 +216,9 @@ def _aware(moment: datetime) -> datetime:
 def recover_stale(session: Session, *, max_attempts: int) -> int:
     """Alerts whose sender died or hung mid-delivery: due again, or failed when spent."""
     now = utcnow()
-    query = select(Alert).where(Alert.status == AlertStatus.SENDING.value,
-                                Alert.lease_expires_at < now)
+    query = select(Alert).where(
+        Alert.status == AlertStatus.SENDING.value, Alert.lease_expires_at < now
+    )
     if session.get_bind().dialect.name == "postgresql":
         query = query.with_for_update(skip_locked=True)
     stale = session.scalars(query).all()
@@ -204,8 +236,9 @@ def recover_stale(session: Session, *, max_attempts: int) -> int:
     return len(stale)
 
 
-def claim(session: Session, *, worker_id: str, lease_s: float,
-          min_interval_s: float = 0.0) -> ClaimedAlert | None:
+def claim(
+    session: Session, *, worker_id: str, lease_s: float, min_interval_s: float = 0.0
+) -> ClaimedAlert | None:
     """Take the oldest due alert whose run has no earlier alert undelivered; commits at once.
 
     One run's alerts go out in order: a "passes again" never overtakes the "fails" it follows
@@ -220,27 +253,46 @@ def claim(session: Session, *, worker_id: str, lease_s: float,
     _supersede_older(session)
     earlier = aliased(Alert)
     open_ = (AlertStatus.PENDING.value, AlertStatus.SENDING.value)
-    query = (select(Alert).where(
-        Alert.status == AlertStatus.PENDING.value, Alert.next_attempt_at <= now,
-        ~exists().where(and_(earlier.run_id == Alert.run_id, earlier.id < Alert.id,
-                             earlier.status.in_(open_))))
-        .order_by(Alert.id).limit(1))
+    query = (
+        select(Alert)
+        .where(
+            Alert.status == AlertStatus.PENDING.value,
+            Alert.next_attempt_at <= now,
+            ~exists().where(
+                and_(
+                    earlier.run_id == Alert.run_id, earlier.id < Alert.id, earlier.status.in_(open_)
+                )
+            ),
+        )
+        .order_by(Alert.id)
+        .limit(1)
+    )
     if session.get_bind().dialect.name == "postgresql":
         # Several workers deliver: each skips the rows another is taking instead of waiting.
         query = query.with_for_update(skip_locked=True, of=Alert)
     while (alert := session.scalars(query).first()) is not None:
-        told = session.scalars(select(Alert).where(
-            Alert.run_id == alert.run_id, Alert.id < alert.id, Alert.attempts > 0)
-            .order_by(Alert.id.desc()).limit(1)).first()
-        if (told is not None and told.status == AlertStatus.DELIVERED.value
-                and told.passed == alert.passed):
+        told = session.scalars(
+            select(Alert)
+            .where(Alert.run_id == alert.run_id, Alert.id < alert.id, Alert.attempts > 0)
+            .order_by(Alert.id.desc())
+            .limit(1)
+        ).first()
+        if (
+            told is not None
+            and told.status == AlertStatus.DELIVERED.value
+            and told.passed == alert.passed
+        ):
             alert.status, alert.finished_at = AlertStatus.SUPERSEDED.value, now
-            alert.last_error = (f"not sent: the run's verdict is back to the one alert "
-                                f"{told.id} delivered")
+            alert.last_error = (
+                f"not sent: the run's verdict is back to the one alert {told.id} delivered"
+            )
             session.flush()
             continue
-        last = session.scalar(select(func.max(Alert.last_attempt_at)).where(
-            Alert.run_id == alert.run_id, Alert.id != alert.id))
+        last = session.scalar(
+            select(func.max(Alert.last_attempt_at)).where(
+                Alert.run_id == alert.run_id, Alert.id != alert.id
+            )
+        )
         if last is not None and _aware(last) + timedelta(seconds=min_interval_s) > now:
             alert.next_attempt_at = _aware(last) + timedelta(seconds=min_interval_s)
             session.flush()
@@ -249,8 +301,12 @@ def claim(session: Session, *, worker_id: str, lease_s: float,
         alert.attempts += 1
         alert.last_attempt_at = now
         alert.lease_expires_at = now + timedelta(seconds=lease_s)
-        claimed = ClaimedAlert(alert_id=alert.id, run_id=alert.run_id,
-                               payload=alert.payload.encode(), attempts=alert.attempts)
+        claimed = ClaimedAlert(
+            alert_id=alert.id,
+            run_id=alert.run_id,
+            payload=alert.payload.encode(),
+            attempts=alert.attempts,
+        )
         # Committed before the request goes out: the lease must be visible to other senders.
         session.commit()
         return claimed
@@ -258,8 +314,15 @@ def claim(session: Session, *, worker_id: str, lease_s: float,
     return None
 
 
-def finish(session: Session, *, alert_id: int, worker_id: str, status_code: int | None,
-           error: str | None, retry_in_s: float | None) -> bool:
+def finish(
+    session: Session,
+    *,
+    alert_id: int,
+    worker_id: str,
+    status_code: int | None,
+    error: str | None,
+    retry_in_s: float | None,
+) -> bool:
     """Record one attempt: delivered (no error), due again in ``retry_in_s``, or failed.
 
     An attempt to retry is superseded instead when a newer alert of its run exists.
@@ -267,18 +330,29 @@ def finish(session: Session, *, alert_id: int, worker_id: str, status_code: int 
     Returns False when this worker no longer held the alert (its lease ran out meanwhile).
     """
     now = utcnow()
-    values: dict[str, Any] = {"last_status_code": status_code, "last_error": error,
-                              "worker_id": None, "lease_expires_at": None}
+    values: dict[str, Any] = {
+        "last_status_code": status_code,
+        "last_error": error,
+        "worker_id": None,
+        "lease_expires_at": None,
+    }
     if error is None:
         values.update(status=AlertStatus.DELIVERED.value, finished_at=now)
     elif retry_in_s is not None:
-        values.update(status=AlertStatus.PENDING.value,
-                      next_attempt_at=now + timedelta(seconds=retry_in_s))
+        values.update(
+            status=AlertStatus.PENDING.value, next_attempt_at=now + timedelta(seconds=retry_in_s)
+        )
     else:
         values.update(status=AlertStatus.FAILED.value, finished_at=now)
-    result = session.execute(update(Alert).where(
-        Alert.id == alert_id, Alert.worker_id == worker_id,
-        Alert.status == AlertStatus.SENDING.value).values(**values))
+    result = session.execute(
+        update(Alert)
+        .where(
+            Alert.id == alert_id,
+            Alert.worker_id == worker_id,
+            Alert.status == AlertStatus.SENDING.value,
+        )
+        .values(**values)
+    )
     if error is not None and retry_in_s is not None:
         # A verdict that changed while this attempt was out makes its retry stale.
         run_id = session.scalar(select(Alert.run_id).where(Alert.id == alert_id))
@@ -289,8 +363,9 @@ def finish(session: Session, *, alert_id: int, worker_id: str, status_code: int 
 
 def next_due_in(session: Session) -> float | None:
     """Seconds until the earliest pending alert is due (<= 0: now); None when none is pending."""
-    due = session.scalar(select(func.min(Alert.next_attempt_at))
-                         .where(Alert.status == AlertStatus.PENDING.value))
+    due = session.scalar(
+        select(func.min(Alert.next_attempt_at)).where(Alert.status == AlertStatus.PENDING.value)
+    )
     if due is None:
         return None
     return (_aware(due) - utcnow()).total_seconds()

@@ -39,28 +39,49 @@ def stored_rules(session: Session, *, run_id: int, defaults: GateRules) -> GateR
     return defaults.merged(overrides_of(session, run_id=run_id), empty_band_allowed=True)
 
 
-def _layers(session: Session, checkpoint_id: int, method: str,
-            variant: str) -> list[dict[str, Any]]:
+def _layers(
+    session: Session, checkpoint_id: int, method: str, variant: str
+) -> list[dict[str, Any]]:
     result = session.execute(
-        select(*[getattr(LayerMetric, f).label(f) for f in _FIELDS])
-        .where(LayerMetric.checkpoint_id == checkpoint_id,
-               *LayerSelection(method=method, variant=variant).where()))
+        select(*[getattr(LayerMetric, f).label(f) for f in _FIELDS]).where(
+            LayerMetric.checkpoint_id == checkpoint_id,
+            *LayerSelection(method=method, variant=variant).where(),
+        )
+    )
     return [dict(zip(_FIELDS, row, strict=True)) for row in result]
 
 
-def _stat_at(session: Session, checkpoint_id: int, rules: GateRules, method: str,
-             thresholds: Thresholds, variant: str) -> tuple[float | None, float | None, int]:
+def _stat_at(
+    session: Session,
+    checkpoint_id: int,
+    rules: GateRules,
+    method: str,
+    thresholds: Thresholds,
+    variant: str,
+) -> tuple[float | None, float | None, int]:
     layers = _layers(session, checkpoint_id, method, variant)
-    chosen = robust.select(layers, metric="alpha", filter=rules.filter,
-                           alpha_max=thresholds.alpha_max, mad_k=thresholds.mad_k)
+    chosen = robust.select(
+        layers,
+        metric="alpha",
+        filter=rules.filter,
+        alpha_max=thresholds.alpha_max,
+        mad_k=thresholds.mad_k,
+    )
     untrusted = sum(1 for layer in layers if robust.untrusted_reason(layer) is not None)
     share = untrusted / len(layers) if layers else None
     return robust.statistic(chosen.values, rules.stat), share, chosen.n_used
 
 
-def evaluate(session: Session, *, run_id: int, rules: GateRules, step: int | None,
-             method: str, thresholds: Thresholds,
-             variant: str = DEFAULT_VARIANT) -> dict[str, Any]:
+def evaluate(
+    session: Session,
+    *,
+    run_id: int,
+    rules: GateRules,
+    step: int | None,
+    method: str,
+    thresholds: Thresholds,
+    variant: str = DEFAULT_VARIANT,
+) -> dict[str, Any]:
     """Check the robust alpha of ``step`` (default: the latest analysed) against ``rules``.
 
     Returns the verdict: ``passed``, the ``violations`` (rule, value, threshold, message), the
@@ -68,45 +89,78 @@ def evaluate(session: Session, *, run_id: int, rules: GateRules, step: int | Non
     reference step. Rows are one ``variant``'s (the weights by default). No analysed
     checkpoint, or no layer passing the filter, fails the gate.
     """
-    done = {int(s): int(c) for c, s in session.execute(
-        select(Checkpoint.id, Checkpoint.step).where(
-            Checkpoint.run_id == run_id, Checkpoint.status == CheckpointStatus.DONE.value))}
+    done = {
+        int(s): int(c)
+        for c, s in session.execute(
+            select(Checkpoint.id, Checkpoint.step).where(
+                Checkpoint.run_id == run_id, Checkpoint.status == CheckpointStatus.DONE.value
+            )
+        )
+    }
     stat = rules.stat
     violations: list[dict[str, Any]] = []
-    verdict: dict[str, Any] = {"run_id": run_id, "stat": stat, "filter": rules.filter.value,
-                               "step": None, "value": None, "untrusted_share": None,
-                               "ref_step": rules.ref_step, "delta": None,
-                               "violations": violations}
+    verdict: dict[str, Any] = {
+        "run_id": run_id,
+        "stat": stat,
+        "filter": rules.filter.value,
+        "step": None,
+        "value": None,
+        "untrusted_share": None,
+        "ref_step": rules.ref_step,
+        "delta": None,
+        "violations": violations,
+    }
     if step is None:
         step = max(done) if done else None
     if step is None or step not in done:
         what = "no analysed checkpoint yet" if step is None else f"step {step} is not analysed"
-        violations.append({"rule": "no_data", "value": None, "threshold": None,
-                           "message": f"run {run_id}: {what}"})
+        violations.append(
+            {
+                "rule": "no_data",
+                "value": None,
+                "threshold": None,
+                "message": f"run {run_id}: {what}",
+            }
+        )
         verdict.update(step=step, passed=False)
         return verdict
     value, share, n_used = _stat_at(session, done[step], rules, method, thresholds, variant)
     verdict.update(step=step, value=value, untrusted_share=share)
 
     def violate(rule: str, got: float | None, threshold: float | None, message: str) -> None:
-        violations.append({"rule": rule, "value": got, "threshold": threshold,
-                           "message": message})
+        violations.append({"rule": rule, "value": got, "threshold": threshold, "message": message})
 
     if value is None:
-        violate("no_trusted_layers", None, None,
-                f"step {step}: no layer passed the '{rules.filter.value}' filter, so alpha has "
-                "no value")
+        violate(
+            "no_trusted_layers",
+            None,
+            None,
+            f"step {step}: no layer passed the '{rules.filter.value}' filter, so alpha has "
+            "no value",
+        )
     else:
         if rules.max_alpha is not None and value > rules.max_alpha:
-            violate("max_alpha", value, rules.max_alpha,
-                    f"{stat} alpha {value:.3f} at step {step} is above {rules.max_alpha:g}")
+            violate(
+                "max_alpha",
+                value,
+                rules.max_alpha,
+                f"{stat} alpha {value:.3f} at step {step} is above {rules.max_alpha:g}",
+            )
         if rules.min_alpha is not None and value < rules.min_alpha:
-            violate("min_alpha", value, rules.min_alpha,
-                    f"{stat} alpha {value:.3f} at step {step} is below {rules.min_alpha:g}")
+            violate(
+                "min_alpha",
+                value,
+                rules.min_alpha,
+                f"{stat} alpha {value:.3f} at step {step} is below {rules.min_alpha:g}",
+            )
     limit = rules.max_untrusted_share
     if limit is not None and share is not None and share > limit:
-        violate("max_untrusted_share", share, limit,
-                f"{share:.0%} of layers are untrusted at step {step} (limit {limit:.0%})")
+        violate(
+            "max_untrusted_share",
+            share,
+            limit,
+            f"{share:.0%} of layers are untrusted at step {step} (limit {limit:.0%})",
+        )
     ref_step = rules.ref_step
     if ref_step is None and rules.max_delta is not None:
         # No reference named: the change since the analysed checkpoint before this one.
@@ -116,15 +170,18 @@ def evaluate(session: Session, *, run_id: int, rules: GateRules, step: int | Non
         if ref_step not in done:
             violate("no_reference", None, None, f"reference step {ref_step} is not analysed")
         else:
-            ref, _, _ = _stat_at(session, done[ref_step], rules, method, thresholds,
-                                 variant)
+            ref, _, _ = _stat_at(session, done[ref_step], rules, method, thresholds, variant)
             if ref is not None and value is not None:
                 delta = value - ref
                 verdict["delta"] = delta
                 if rules.max_delta is not None and abs(delta) > rules.max_delta:
-                    violate("max_delta", abs(delta), rules.max_delta,
-                            f"{stat} alpha moved by {delta:+.3f} since step {ref_step} "
-                            f"(limit {rules.max_delta:g})")
+                    violate(
+                        "max_delta",
+                        abs(delta),
+                        rules.max_delta,
+                        f"{stat} alpha moved by {delta:+.3f} since step {ref_step} "
+                        f"(limit {rules.max_delta:g})",
+                    )
     verdict["passed"] = not violations
     verdict["n_used"] = n_used
     return verdict

@@ -76,8 +76,7 @@ class Run(Base):
     discovery_error: Mapped[str | None] = mapped_column(Text)
     # When a "scan now" was asked for (POST /runs/{id}/scan) and not yet honoured; indexed so
     # that the discovering worker can look for requests every second at no cost.
-    scan_requested_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True),
-                                                               index=True)
+    scan_requested_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
 
 
 class DiscoveryLease(Base):
@@ -130,13 +129,18 @@ class LayerMetric(Base):
 
     __tablename__ = "layer_metric"
     __table_args__ = (
-        UniqueConstraint("checkpoint_id", "name", "method",
-                         name="uq_layer_metric_checkpoint_id_name_method"),
+        UniqueConstraint(
+            "checkpoint_id", "name", "method", name="uq_layer_metric_checkpoint_id_name_method"
+        ),
         Index("ix_layer_metric_name_checkpoint_id", "name", "checkpoint_id"),
         # The few cross-checked rows, found without scanning a run's layers.
-        Index("ix_layer_metric_crosscheck_diff", "checkpoint_id", "crosscheck_diff",
-              postgresql_where=text("crosscheck_diff IS NOT NULL"),
-              sqlite_where=text("crosscheck_diff IS NOT NULL")),
+        Index(
+            "ix_layer_metric_crosscheck_diff",
+            "checkpoint_id",
+            "crosscheck_diff",
+            postgresql_where=text("crosscheck_diff IS NOT NULL"),
+            sqlite_where=text("crosscheck_diff IS NOT NULL"),
+        ),
     )
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     checkpoint_id: Mapped[int] = mapped_column(
@@ -210,8 +214,15 @@ class CheckpointStat(Base):
 
     __tablename__ = "checkpoint_stat"
     __table_args__ = (
-        UniqueConstraint("checkpoint_id", "method", "metric", "filter", "outliers", "kinds",
-                         name="uq_checkpoint_stat_key"),
+        UniqueConstraint(
+            "checkpoint_id",
+            "method",
+            "metric",
+            "filter",
+            "outliers",
+            "kinds",
+            name="uq_checkpoint_stat_key",
+        ),
     )
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     checkpoint_id: Mapped[int] = mapped_column(ForeignKey("checkpoint.id", ondelete="CASCADE"))
@@ -286,8 +297,7 @@ class RunGate(Base):
     """A run's stored gate rules and the last verdict the worker recorded with them."""
 
     __tablename__ = "run_gate"
-    run_id: Mapped[int] = mapped_column(ForeignKey("run.id", ondelete="CASCADE"),
-                                        primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("run.id", ondelete="CASCADE"), primary_key=True)
     # JSON {rule: value} set by PUT gate-rules; a rule not named takes the server's default,
     # a rule named with null is switched off for this run.
     rules: Mapped[str] = mapped_column(Text, default="{}", server_default="{}")
@@ -344,4 +354,6 @@ class ApiToken(Base):
 
 
 LAYER_COLUMNS = frozenset(a.key for a in LayerMetric.__mapper__.column_attrs) - {
-    "id", "checkpoint_id"}
+    "id",
+    "checkpoint_id",
+}

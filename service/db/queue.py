@@ -66,14 +66,16 @@ _RUNNING = frozenset({JobStatus.RUNNING})
 
 # The one state machine of jobs and checkpoints: nothing else assigns either status.
 TRANSITIONS: dict[Event, Transition] = {
-    Event.CLAIM: Transition(frozenset({JobStatus.QUEUED}), JobStatus.RUNNING,
-                            CheckpointStatus.RUNNING),
+    Event.CLAIM: Transition(
+        frozenset({JobStatus.QUEUED}), JobStatus.RUNNING, CheckpointStatus.RUNNING
+    ),
     Event.COMPLETE: Transition(_RUNNING, JobStatus.DONE, CheckpointStatus.DONE),
     Event.RETRY: Transition(_RUNNING, JobStatus.QUEUED, CheckpointStatus.PENDING),
     Event.GIVE_UP: Transition(_RUNNING, JobStatus.FAILED, CheckpointStatus.FAILED),
     Event.VANISH: Transition(_RUNNING, JobStatus.FAILED, CheckpointStatus.VANISHED),
-    Event.REQUEUE: Transition(frozenset({JobStatus.DONE, JobStatus.FAILED}), JobStatus.QUEUED,
-                              CheckpointStatus.PENDING),
+    Event.REQUEUE: Transition(
+        frozenset({JobStatus.DONE, JobStatus.FAILED}), JobStatus.QUEUED, CheckpointStatus.PENDING
+    ),
 }
 
 
@@ -89,8 +91,6 @@ def move(job: AnalysisJob, checkpoint: Checkpoint | None, event: Event) -> None:
     job.status = transition.job.value
     if checkpoint is not None:
         checkpoint.status = transition.checkpoint.value
-
-
 
 
 _CLAIM_POSTGRES = text(
@@ -119,8 +119,14 @@ def claim(session: Session, *, worker_id: str, lease_s: float) -> ClaimedJob | N
     if session.get_bind().dialect.name == "postgresql":
         (queued,) = claiming.sources
         row = session.execute(
-            _CLAIM_POSTGRES, {"worker": worker_id, "lease": lease, "now": now,
-                              "running": claiming.job.value, "queued": queued.value},
+            _CLAIM_POSTGRES,
+            {
+                "worker": worker_id,
+                "lease": lease,
+                "now": now,
+                "running": claiming.job.value,
+                "queued": queued.value,
+            },
         ).first()
         if row is None:
             session.commit()
@@ -128,8 +134,10 @@ def claim(session: Session, *, worker_id: str, lease_s: float) -> ClaimedJob | N
         job_id, checkpoint_id, attempts = int(row[0]), int(row[1]), int(row[2])
     else:
         job = session.scalars(
-            select(AnalysisJob).where(AnalysisJob.status.in_([s.value for s in claiming.sources]))
-            .order_by(AnalysisJob.id).limit(1)
+            select(AnalysisJob)
+            .where(AnalysisJob.status.in_([s.value for s in claiming.sources]))
+            .order_by(AnalysisJob.id)
+            .limit(1)
         ).first()
         if job is None:
             session.commit()
@@ -145,8 +153,14 @@ def claim(session: Session, *, worker_id: str, lease_s: float) -> ClaimedJob | N
     checkpoint.status, checkpoint.started_at = claiming.checkpoint.value, now
     # Commit now: the lease must be visible to other workers before the long analysis starts.
     session.commit()
-    return ClaimedJob(job_id=job_id, checkpoint_id=checkpoint_id, run_id=checkpoint.run_id,
-                      step=checkpoint.step, path=checkpoint.path, attempts=attempts)
+    return ClaimedJob(
+        job_id=job_id,
+        checkpoint_id=checkpoint_id,
+        run_id=checkpoint.run_id,
+        step=checkpoint.step,
+        path=checkpoint.path,
+        attempts=attempts,
+    )
 
 
 def reclaim(session: Session, *, worker_id: str, lease_s: float) -> ClaimedJob | None:
@@ -158,23 +172,37 @@ def reclaim(session: Session, *, worker_id: str, lease_s: float) -> ClaimedJob |
     cost a second attempt. None when there is no such job.
     """
     now = utcnow()
-    job = session.scalars(select(AnalysisJob).where(
-        AnalysisJob.worker_id == worker_id, AnalysisJob.status == JobStatus.RUNNING.value)
-        .order_by(AnalysisJob.id).limit(1)).first()
+    job = session.scalars(
+        select(AnalysisJob)
+        .where(AnalysisJob.worker_id == worker_id, AnalysisJob.status == JobStatus.RUNNING.value)
+        .order_by(AnalysisJob.id)
+        .limit(1)
+    ).first()
     if job is None:
         return None
     job.lease_expires_at, job.heartbeat_at = now + timedelta(seconds=lease_s), now
     checkpoint = session.get(Checkpoint, job.checkpoint_id)
     assert checkpoint is not None  # the foreign key guarantees it
     session.commit()
-    return ClaimedJob(job_id=job.id, checkpoint_id=job.checkpoint_id, run_id=checkpoint.run_id,
-                      step=checkpoint.step, path=checkpoint.path, attempts=job.attempts)
+    return ClaimedJob(
+        job_id=job.id,
+        checkpoint_id=job.checkpoint_id,
+        run_id=checkpoint.run_id,
+        step=checkpoint.step,
+        path=checkpoint.path,
+        attempts=job.attempts,
+    )
 
 
 _WORK = select(
     select(AnalysisJob.id).where(AnalysisJob.status == JobStatus.QUEUED.value).exists()
-    | select(AnalysisJob.id).where(AnalysisJob.status == JobStatus.RUNNING.value,
-                                   AnalysisJob.lease_expires_at < bindparam("now")).exists())
+    | select(AnalysisJob.id)
+    .where(
+        AnalysisJob.status == JobStatus.RUNNING.value,
+        AnalysisJob.lease_expires_at < bindparam("now"),
+    )
+    .exists()
+)
 
 
 def has_work(session: Session | Connection) -> bool:
@@ -192,8 +220,11 @@ def heartbeat(session: Session, *, job_id: int, worker_id: str, lease_s: float) 
     now = utcnow()
     result = session.execute(
         update(AnalysisJob)
-        .where(AnalysisJob.id == job_id, AnalysisJob.worker_id == worker_id,
-               AnalysisJob.status == JobStatus.RUNNING.value)
+        .where(
+            AnalysisJob.id == job_id,
+            AnalysisJob.worker_id == worker_id,
+            AnalysisJob.status == JobStatus.RUNNING.value,
+        )
         .values(lease_expires_at=now + timedelta(seconds=lease_s), heartbeat_at=now)
     )
     return bool(getattr(result, "rowcount", 0))
@@ -201,7 +232,8 @@ def heartbeat(session: Session, *, job_id: int, worker_id: str, lease_s: float) 
 
 def held(session: Session, job_id: int, worker_id: str) -> AnalysisJob | None:
     query = select(AnalysisJob).where(
-        AnalysisJob.id == job_id, AnalysisJob.worker_id == worker_id,
+        AnalysisJob.id == job_id,
+        AnalysisJob.worker_id == worker_id,
         AnalysisJob.status == JobStatus.RUNNING.value,
     )
     if session.get_bind().dialect.name == "postgresql":
@@ -241,8 +273,9 @@ def requeue_stale(session: Session, *, max_attempts: int = 3) -> int:
     to the queue for ever.
     """
     now = utcnow()
-    query = select(AnalysisJob).where(AnalysisJob.status == JobStatus.RUNNING.value,
-                                      AnalysisJob.lease_expires_at < now)
+    query = select(AnalysisJob).where(
+        AnalysisJob.status == JobStatus.RUNNING.value, AnalysisJob.lease_expires_at < now
+    )
     if session.get_bind().dialect.name == "postgresql":
         # Two workers recovering at once: the second re-checks the row after the first commits
         # (or skips it while locked) instead of overwriting a claim made in between.
@@ -250,8 +283,10 @@ def requeue_stale(session: Session, *, max_attempts: int = 3) -> int:
     stale = session.scalars(query).all()
     for job in stale:
         checkpoint = session.get(Checkpoint, job.checkpoint_id)
-        died = (f"the worker analysing it died or hung (lease expired without a heartbeat) "
-                f"on attempt {job.attempts}")
+        died = (
+            f"the worker analysing it died or hung (lease expired without a heartbeat) "
+            f"on attempt {job.attempts}"
+        )
         if job.attempts >= max_attempts:
             error = f"given up after {job.attempts} attempts: {died}"
             if job.last_error and "lease expired" not in job.last_error:
@@ -268,9 +303,13 @@ def requeue_stale(session: Session, *, max_attempts: int = 3) -> int:
 
 def reanalyze(session: Session, *, run_id: int, step: int | None = None) -> int:
     """Queue finished checkpoints of a run again; returns how many."""
-    query = select(AnalysisJob).join(Checkpoint).where(
-        Checkpoint.run_id == run_id,
-        AnalysisJob.status.in_([s.value for s in TRANSITIONS[Event.REQUEUE].sources]),
+    query = (
+        select(AnalysisJob)
+        .join(Checkpoint)
+        .where(
+            Checkpoint.run_id == run_id,
+            AnalysisJob.status.in_([s.value for s in TRANSITIONS[Event.REQUEUE].sources]),
+        )
     )
     if step is not None:
         query = query.where(Checkpoint.step == step)
@@ -282,7 +321,11 @@ def reanalyze(session: Session, *, run_id: int, step: int | None = None) -> int:
 
 
 def queue_depth(session: Session) -> int:
-    return int(session.scalar(
-        select(func.count()).select_from(AnalysisJob)
-        .where(AnalysisJob.status == JobStatus.QUEUED.value)
-    ) or 0)
+    return int(
+        session.scalar(
+            select(func.count())
+            .select_from(AnalysisJob)
+            .where(AnalysisJob.status == JobStatus.QUEUED.value)
+        )
+        or 0
+    )

@@ -33,8 +33,10 @@ def first_checkpoint(session: Session, *, run_id: int) -> str | None:
     The analysis measures each checkpoint's distance from init against this one.
     """
     return session.scalars(
-        select(Checkpoint.path).where(Checkpoint.run_id == run_id)
-        .order_by(Checkpoint.step).limit(1)
+        select(Checkpoint.path)
+        .where(Checkpoint.run_id == run_id)
+        .order_by(Checkpoint.step)
+        .limit(1)
     ).first()
 
 
@@ -57,8 +59,11 @@ def ensure_run(session: Session, *, name: str, path: str) -> int:
         if session.scalars(select(Run.id).where(Run.name == unique)).first() is not None:
             continue
         created = session.scalar(
-            dialect_insert(session, Run).values(name=unique, path=path, created_at=utcnow())
-            .on_conflict_do_nothing(index_elements=["name"]).returning(Run.id))
+            dialect_insert(session, Run)
+            .values(name=unique, path=path, created_at=utcnow())
+            .on_conflict_do_nothing(index_elements=["name"])
+            .returning(Run.id)
+        )
         if created is not None:
             return int(created)
     raise AssertionError("unreachable: _run_names never ends")
@@ -71,14 +76,14 @@ def _run_names(name: str, path: str) -> Iterator[str]:
     one is the same for the same path on every worker; the random ones (2**48 of them) cannot
     all be taken ahead of time, the others can.
     """
+
     def within(stem: str, suffix: str) -> str:
-        return stem[:_RUN_NAME_MAX - len(suffix)] + suffix
+        return stem[: _RUN_NAME_MAX - len(suffix)] + suffix
 
     yield within(name, "")
     for n in range(2, 100):
         yield within(name, f"-{n}")
-    yield within(name, "-" + hashlib.sha256(path.encode("utf-8", "surrogatepass"))
-                 .hexdigest()[:8])
+    yield within(name, "-" + hashlib.sha256(path.encode("utf-8", "surrogatepass")).hexdigest()[:8])
     while True:
         yield within(name, f"-{secrets.token_hex(6)}")
 
@@ -95,10 +100,20 @@ def register_checkpoint(
     instead of failing the transaction.
     """
     checkpoint_id = session.scalar(
-        dialect_insert(session, Checkpoint).values(
-            run_id=run_id, step=step, path=path, fingerprint=fingerprint, format=fmt,
-            status=CheckpointStatus.PENDING.value, discovered_at=utcnow(), analysis_count=0)
-        .on_conflict_do_nothing(index_elements=["run_id", "step"]).returning(Checkpoint.id))
+        dialect_insert(session, Checkpoint)
+        .values(
+            run_id=run_id,
+            step=step,
+            path=path,
+            fingerprint=fingerprint,
+            format=fmt,
+            status=CheckpointStatus.PENDING.value,
+            discovered_at=utcnow(),
+            analysis_count=0,
+        )
+        .on_conflict_do_nothing(index_elements=["run_id", "step"])
+        .returning(Checkpoint.id)
+    )
     if checkpoint_id is None:
         return None
     session.add(AnalysisJob(checkpoint_id=checkpoint_id, status=JobStatus.QUEUED.value))
@@ -115,19 +130,37 @@ def register_refused(
     error as its ``discovery_error`` (results stored before stay).
     """
     checkpoint_id = session.scalar(
-        dialect_insert(session, Checkpoint).values(
-            run_id=run_id, step=step, path=path, fingerprint="", format=fmt,
+        dialect_insert(session, Checkpoint)
+        .values(
+            run_id=run_id,
+            step=step,
+            path=path,
+            fingerprint="",
+            format=fmt,
             status=CheckpointStatus.FAILED.value,
-            error=error, discovery_error=error, discovered_at=utcnow(), finished_at=utcnow(),
-            analysis_count=0)
-        .on_conflict_do_nothing(index_elements=["run_id", "step"]).returning(Checkpoint.id))
+            error=error,
+            discovery_error=error,
+            discovered_at=utcnow(),
+            finished_at=utcnow(),
+            analysis_count=0,
+        )
+        .on_conflict_do_nothing(index_elements=["run_id", "step"])
+        .returning(Checkpoint.id)
+    )
     if checkpoint_id is None:
-        session.execute(update(Checkpoint).where(
-            Checkpoint.run_id == run_id, Checkpoint.step == step,
-            Checkpoint.discovery_error.is_distinct_from(error)).values(discovery_error=error))
+        session.execute(
+            update(Checkpoint)
+            .where(
+                Checkpoint.run_id == run_id,
+                Checkpoint.step == step,
+                Checkpoint.discovery_error.is_distinct_from(error),
+            )
+            .values(discovery_error=error)
+        )
         return None
-    session.add(AnalysisJob(checkpoint_id=checkpoint_id, status=JobStatus.FAILED.value,
-                            last_error=error))
+    session.add(
+        AnalysisJob(checkpoint_id=checkpoint_id, status=JobStatus.FAILED.value, last_error=error)
+    )
     session.flush()
     return int(checkpoint_id)
 
@@ -147,13 +180,29 @@ class KnownCheckpoint:
 def known_checkpoints(session: Session, *, run_id: int) -> dict[int, KnownCheckpoint]:
     """Every registered checkpoint of a run by step, in one query."""
     rows = session.execute(
-        select(Checkpoint.step, Checkpoint.id, Checkpoint.path, Checkpoint.fingerprint,
-               Checkpoint.status, AnalysisJob.status, Checkpoint.discovery_error)
-        .outerjoin(AnalysisJob).where(Checkpoint.run_id == run_id)
+        select(
+            Checkpoint.step,
+            Checkpoint.id,
+            Checkpoint.path,
+            Checkpoint.fingerprint,
+            Checkpoint.status,
+            AnalysisJob.status,
+            Checkpoint.discovery_error,
+        )
+        .outerjoin(AnalysisJob)
+        .where(Checkpoint.run_id == run_id)
     ).all()
-    return {int(r[0]): KnownCheckpoint(int(r[1]), r[2], r[3], CheckpointStatus(r[4]),
-                                       None if r[5] is None else JobStatus(r[5]), r[6])
-            for r in rows}
+    return {
+        int(r[0]): KnownCheckpoint(
+            int(r[1]),
+            r[2],
+            r[3],
+            CheckpointStatus(r[4]),
+            None if r[5] is None else JobStatus(r[5]),
+            r[6],
+        )
+        for r in rows
+    }
 
 
 def requeue_rewritten(session: Session, *, checkpoint_id: int, fingerprint: str) -> bool:
@@ -165,9 +214,12 @@ def requeue_rewritten(session: Session, *, checkpoint_id: int, fingerprint: str)
     the stored fingerprint with it): the next pass sees the change again once it ends.
     """
     finished = TRANSITIONS[Event.REQUEUE].sources
-    job = session.scalars(select(AnalysisJob).where(
-        AnalysisJob.checkpoint_id == checkpoint_id,
-        AnalysisJob.status.in_([s.value for s in finished]))).first()
+    job = session.scalars(
+        select(AnalysisJob).where(
+            AnalysisJob.checkpoint_id == checkpoint_id,
+            AnalysisJob.status.in_([s.value for s in finished]),
+        )
+    ).first()
     checkpoint = session.get(Checkpoint, checkpoint_id)
     if checkpoint is None:
         return False
@@ -186,20 +238,26 @@ def requeue_rewritten(session: Session, *, checkpoint_id: int, fingerprint: str)
 
 def set_fingerprint(session: Session, *, checkpoint_id: int, fingerprint: str) -> None:
     """A queued checkpoint's files changed before it was analysed: it will read the new ones."""
-    session.execute(update(Checkpoint).where(Checkpoint.id == checkpoint_id)
-                    .values(fingerprint=fingerprint))
+    session.execute(
+        update(Checkpoint).where(Checkpoint.id == checkpoint_id).values(fingerprint=fingerprint)
+    )
 
 
 def set_run_discovery_error(session: Session, *, run_id: int, error: str | None) -> None:
     """Record (or, with None, clear) why discovery could not list a run or refused entries."""
-    session.execute(update(Run).where(Run.id == run_id,
-                                      Run.discovery_error.is_distinct_from(error))
-                    .values(discovery_error=error))
+    session.execute(
+        update(Run)
+        .where(Run.id == run_id, Run.discovery_error.is_distinct_from(error))
+        .values(discovery_error=error)
+    )
 
 
-def set_checkpoint_discovery_error(session: Session, *, checkpoint_id: int,
-                                   error: str | None) -> None:
+def set_checkpoint_discovery_error(
+    session: Session, *, checkpoint_id: int, error: str | None
+) -> None:
     """Record (or, with None, clear) what discovery found wrong with a registered checkpoint."""
-    session.execute(update(Checkpoint).where(
-        Checkpoint.id == checkpoint_id, Checkpoint.discovery_error.is_distinct_from(error))
-        .values(discovery_error=error))
+    session.execute(
+        update(Checkpoint)
+        .where(Checkpoint.id == checkpoint_id, Checkpoint.discovery_error.is_distinct_from(error))
+        .values(discovery_error=error)
+    )

@@ -47,10 +47,16 @@ def complete(
         return False
     checkpoint_id = job.checkpoint_id
     methods = {layer.method for layer in layers}
-    session.execute(delete(LayerMetric).where(LayerMetric.checkpoint_id == checkpoint_id,
-                                              LayerMetric.method.in_(methods)))
-    session.execute(delete(CheckpointStat).where(CheckpointStat.checkpoint_id == checkpoint_id,
-                                                 CheckpointStat.method.in_(methods)))
+    session.execute(
+        delete(LayerMetric).where(
+            LayerMetric.checkpoint_id == checkpoint_id, LayerMetric.method.in_(methods)
+        )
+    )
+    session.execute(
+        delete(CheckpointStat).where(
+            CheckpointStat.checkpoint_id == checkpoint_id, CheckpointStat.method.in_(methods)
+        )
+    )
     by_name = {(s.name, s.method): s for s in spectra}
     values = [layer.values() for layer in layers]
     for layer, columns in zip(layers, values, strict=True):
@@ -59,8 +65,11 @@ def complete(
         session.flush()
         spectrum = by_name.get((layer.name, layer.method))
         if spectrum is not None and spectrum.evals is not None:
-            session.add(Spectrum(layer_metric_id=row.id, evals=spectrum.evals,
-                                 rand_evals=spectrum.rand_evals))
+            session.add(
+                Spectrum(
+                    layer_metric_id=row.id, evals=spectrum.evals, rand_evals=spectrum.rand_evals
+                )
+            )
     summaries = stat_rows(values, checkpoint_id=checkpoint_id, thresholds=thresholds)
     if summaries:
         session.execute(insert(CheckpointStat), summaries)
@@ -85,6 +94,9 @@ def complete(
             # results again on a fresh connection.
             if is_connection_error(exc):
                 raise
-            log.exception("the gate of run %s could not be evaluated after step %s",
-                          checkpoint.run_id, checkpoint.step)
+            log.exception(
+                "the gate of run %s could not be evaluated after step %s",
+                checkpoint.run_id,
+                checkpoint.step,
+            )
     return True

@@ -86,11 +86,15 @@ class LayerRow:
         """
         unknown = sorted(set(values) - LAYER_ROW_FIELDS)
         if unknown:
-            verb = "is not a layer_metric column" if len(unknown) == 1 else (
-                "are not layer_metric columns")
+            verb = (
+                "is not a layer_metric column"
+                if len(unknown) == 1
+                else ("are not layer_metric columns")
+            )
             raise UnknownColumns(
                 f"layer {values.get('name')!r}: {', '.join(unknown)} {verb} (add the column "
-                "and a migration, or leave the field out of the row)")
+                "and a migration, or leave the field out of the row)"
+            )
         return cls(**values)
 
     def values(self) -> dict[str, Any]:

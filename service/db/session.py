@@ -39,11 +39,15 @@ def make_engine(url: str) -> Engine:
         # A server that vanished without a word (a host gone, a dropped route) is waited for
         # CONNECT_TIMEOUT_S, not for ever: a worker retries with backoff, and one told to stop
         # is not held by a connect in progress. A connect_timeout in the URL wins.
-        timeout = ({} if "connect_timeout" in make_url(url).query
-                   else {"connect_timeout": CONNECT_TIMEOUT_S})
+        timeout = (
+            {}
+            if "connect_timeout" in make_url(url).query
+            else {"connect_timeout": CONNECT_TIMEOUT_S}
+        )
         # FastAPI runs sync routes on a 40-thread pool: one connection per thread at most.
-        engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=30,
-                               connect_args=timeout)
+        engine = create_engine(
+            url, pool_pre_ping=True, pool_size=10, max_overflow=30, connect_args=timeout
+        )
     _ENGINES[url] = engine
     return engine
 

@@ -65,14 +65,20 @@ def _aware(moment: datetime | None) -> datetime | None:
 def _info(row: ApiToken) -> TokenInfo:
     created = _aware(row.created_at)
     assert created is not None
-    return TokenInfo(name=row.name, scope=TokenScope(row.scope), created_at=created,
-                     expires_at=_aware(row.expires_at), last_used_at=_aware(row.last_used_at),
-                     revoked_at=_aware(row.revoked_at))
+    return TokenInfo(
+        name=row.name,
+        scope=TokenScope(row.scope),
+        created_at=created,
+        expires_at=_aware(row.expires_at),
+        last_used_at=_aware(row.last_used_at),
+        revoked_at=_aware(row.revoked_at),
+    )
 
 
 def _active(session: Session, name: str, now: datetime) -> list[ApiToken]:
-    rows = session.scalars(select(ApiToken).where(ApiToken.name == name,
-                                                  ApiToken.revoked_at.is_(None))).all()
+    rows = session.scalars(
+        select(ApiToken).where(ApiToken.name == name, ApiToken.revoked_at.is_(None))
+    ).all()
     return [r for r in rows if not _expired(r, now)]
 
 
@@ -81,8 +87,13 @@ def _expired(row: ApiToken, now: datetime) -> bool:
     return expires is not None and expires <= now
 
 
-def create_token(session: Session, *, name: str, scope: TokenScope = TokenScope.WRITE,
-                 expires_in_days: float | None = None) -> str:
+def create_token(
+    session: Session,
+    *,
+    name: str,
+    scope: TokenScope = TokenScope.WRITE,
+    expires_in_days: float | None = None,
+) -> str:
     """Create a token called ``name``; the returned secret is not stored anywhere.
 
     Raises:
@@ -95,12 +106,20 @@ def create_token(session: Session, *, name: str, scope: TokenScope = TokenScope.
     if expires_in_days is not None and not 0 < expires_in_days < 36_500:
         raise TokenError("--expires-in must be a number of days between 0 and 36500")
     if _active(session, name, now):
-        raise TokenError(f"a token named {name!r} is active; revoke it first "
-                         f"(alphawatch token revoke {name})")
+        raise TokenError(
+            f"a token named {name!r} is active; revoke it first (alphawatch token revoke {name})"
+        )
     token = "aw_" + secrets.token_urlsafe(32)
     expires = now + timedelta(days=expires_in_days) if expires_in_days is not None else None
-    session.add(ApiToken(name=name, token_hash=_hash(token), scope=TokenScope(scope).value,
-                         created_at=now, expires_at=expires))
+    session.add(
+        ApiToken(
+            name=name,
+            token_hash=_hash(token),
+            scope=TokenScope(scope).value,
+            created_at=now,
+            expires_at=expires,
+        )
+    )
     session.flush()
     return token
 
@@ -137,6 +156,5 @@ def authenticate(session: Session, token: str) -> TokenInfo | None:
         return None
     used = _aware(row.last_used_at)
     if used is None or now - used >= LAST_USED_PRECISION:
-        session.execute(update(ApiToken).where(ApiToken.id == row.id)
-                        .values(last_used_at=now))
+        session.execute(update(ApiToken).where(ApiToken.id == row.id).values(last_used_at=now))
     return _info(row)

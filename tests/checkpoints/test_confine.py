@@ -26,8 +26,10 @@ from alphawatch.workers.checkpoints.errors import printable
 def _weights(folder: Path, prefix: str = "model") -> None:
     folder.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(0)
-    save_file({f"{prefix}.layers.0.mlp.up_proj.weight": torch.randn(32, 16, generator=g)},
-              str(folder / "model.safetensors"))
+    save_file(
+        {f"{prefix}.layers.0.mlp.up_proj.weight": torch.randn(32, 16, generator=g)},
+        str(folder / "model.safetensors"),
+    )
 
 
 @pytest.fixture
@@ -39,7 +41,7 @@ def roots(tmp_path: Path) -> tuple[Path, Path, Confinement]:
 
 
 def test_paths_under_the_root_pass_and_links_out_are_refused(
-    roots: tuple[Path, Path, Confinement]
+    roots: tuple[Path, Path, Confinement],
 ) -> None:
     root, outside, confine = roots
     (outside / "secret").write_bytes(b"secret")
@@ -57,7 +59,7 @@ def test_paths_under_the_root_pass_and_links_out_are_refused(
 
 
 def test_the_opened_descriptor_is_checked_not_the_name(
-    roots: tuple[Path, Path, Confinement]
+    roots: tuple[Path, Path, Confinement],
 ) -> None:
     root, outside, confine = roots
     (outside / "secret").write_bytes(b"secret")
@@ -82,11 +84,12 @@ def test_a_root_swapped_for_a_symlink_does_not_move(tmp_path: Path) -> None:
 
 
 def test_names_inside_a_checkpoint_are_plain_relative_names(
-    roots: tuple[Path, Path, Confinement]
+    roots: tuple[Path, Path, Confinement],
 ) -> None:
     root, _outside, confine = roots
     assert confine.member(root, "model-00001-of-00002.safetensors", "shard") == (
-        root / "model-00001-of-00002.safetensors")
+        root / "model-00001-of-00002.safetensors"
+    )
     for name in ("../x.safetensors", "/etc/passwd", "a/../../x", "x\x00y"):
         with pytest.raises(OutsideRootError, match="not a plain relative name"):
             confine.member(root, name, "shard")
@@ -105,24 +108,34 @@ def test_iter_layers_refuses_each_way_out(roots: tuple[Path, Path, Confinement])
     _weights(outside / "secret", prefix="secret")
     _weights(root / "good")
     assert [m.name for m in iter_layers(root / "good", confine=confine)] == [
-        "model.layers.0.mlp.up_proj"]
+        "model.layers.0.mlp.up_proj"
+    ]
 
     linked = root / "linked"
     linked.mkdir()
     (linked / "model.safetensors").symlink_to(outside / "secret" / "model.safetensors")
     indexed = root / "indexed"
     indexed.mkdir()
-    (indexed / "model.safetensors.index.json").write_text(json.dumps(
-        {"weight_map": {"a.weight": str(outside / "secret" / "model.safetensors")}}))
+    (indexed / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a.weight": str(outside / "secret" / "model.safetensors")}})
+    )
     adapter = root / "adapter"
     adapter.mkdir()
-    (adapter / "adapter_config.json").write_text(json.dumps(
-        {"r": 2, "base_model_name_or_path": str(outside / "secret")}))
-    save_file({"base_model.model.m.lora_A.weight": torch.randn(2, 16),
-               "base_model.model.m.lora_B.weight": torch.randn(32, 2)},
-              str(adapter / "adapter_model.safetensors"))
-    for folder, says in ((linked, "model.safetensors"), (indexed, "shard-index entry"),
-                         (adapter, "base_model_name_or_path")):
+    (adapter / "adapter_config.json").write_text(
+        json.dumps({"r": 2, "base_model_name_or_path": str(outside / "secret")})
+    )
+    save_file(
+        {
+            "base_model.model.m.lora_A.weight": torch.randn(2, 16),
+            "base_model.model.m.lora_B.weight": torch.randn(32, 2),
+        },
+        str(adapter / "adapter_model.safetensors"),
+    )
+    for folder, says in (
+        (linked, "model.safetensors"),
+        (indexed, "shard-index entry"),
+        (adapter, "base_model_name_or_path"),
+    ):
         with pytest.raises(OutsideRootError, match=says):
             list(iter_layers(folder, confine=confine))
     # Without confinement the same adapter is merged with its base: the refusal above is the
@@ -156,8 +169,18 @@ def test_step_numbers_are_bigint_or_refused() -> None:
     assert parse_step("0007", "x") == 7
     assert parse_step(str(MAX_STEP), "x") == MAX_STEP
     assert parse_step(12.0, "x") == 12
-    for bad in (str(MAX_STEP + 1), "9" * 5000, -1, 1.5, float("inf"), float("nan"), True, "٣",
-                None, [1]):
+    for bad in (
+        str(MAX_STEP + 1),
+        "9" * 5000,
+        -1,
+        1.5,
+        float("inf"),
+        float("nan"),
+        True,
+        "٣",
+        None,
+        [1],
+    ):
         with pytest.raises(StepError, match="not a step number"):
             parse_step(bad, "x")
 
@@ -183,7 +206,7 @@ def test_fifos_are_refused_without_blocking(roots: tuple[Path, Path, Confinement
 
 
 def test_dangling_and_looping_links_are_no_checkpoint(
-    roots: tuple[Path, Path, Confinement]
+    roots: tuple[Path, Path, Confinement],
 ) -> None:
     root, _outside, confine = roots
     run = root / "run"

@@ -15,9 +15,11 @@ from alphawatch.workers.checkpoints import discover, iter_layers
 
 def state(seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {"model.layers.0.mlp.up_proj.weight": torch.randn(16, 8, generator=g),
-            "model.layers.0.mlp.down_proj.weight": torch.randn(8, 16, generator=g),
-            "model.layers.0.input_layernorm.weight": torch.ones(8)}
+    return {
+        "model.layers.0.mlp.up_proj.weight": torch.randn(16, 8, generator=g),
+        "model.layers.0.mlp.down_proj.weight": torch.randn(8, 16, generator=g),
+        "model.layers.0.input_layernorm.weight": torch.ones(8),
+    }
 
 
 def read(path: Path) -> dict[str, torch.Tensor]:
@@ -36,8 +38,9 @@ def test_trainer_files_beside_pytorch_model_bin_are_not_read(tmp_path: Path) -> 
     (folder / "trainer_state.json").write_text(json.dumps({"global_step": 4}))
     got = read(folder)
     assert set(got) == {"model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj"}
-    assert torch.equal(got["model.layers.0.mlp.up_proj"],
-                       weights["model.layers.0.mlp.up_proj.weight"])
+    assert torch.equal(
+        got["model.layers.0.mlp.up_proj"], weights["model.layers.0.mlp.up_proj.weight"]
+    )
 
 
 def test_sharded_pytorch_bin_with_index(tmp_path: Path) -> None:
@@ -65,14 +68,23 @@ def test_lightning_checkpoints_nested_in_the_run(tmp_path: Path) -> None:
     folder = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
     folder.mkdir(parents=True)
     for step in (50, 100):
-        torch.save({"state_dict": {f"model.{k}": v for k, v in state(step).items()},
-                    "global_step": step, "epoch": 0}, folder / f"epoch=0-step={step}.ckpt")
+        torch.save(
+            {
+                "state_dict": {f"model.{k}": v for k, v in state(step).items()},
+                "global_step": step,
+                "epoch": 0,
+            },
+            folder / f"epoch=0-step={step}.ckpt",
+        )
     refs = discover(tmp_path, settle_s=0)
-    assert [(r.step, r.format, r.complete) for r in refs] == [(50, "lightning", True),
-                                                            (100, "lightning", True)]
+    assert [(r.step, r.format, r.complete) for r in refs] == [
+        (50, "lightning", True),
+        (100, "lightning", True),
+    ]
     got = read(refs[1].path)
-    assert torch.equal(got["model.model.layers.0.mlp.up_proj"],
-                       state(100)["model.layers.0.mlp.up_proj.weight"])
+    assert torch.equal(
+        got["model.model.layers.0.mlp.up_proj"], state(100)["model.layers.0.mlp.up_proj.weight"]
+    )
 
 
 def test_a_single_checkpoint_folder_and_a_final_model_folder(tmp_path: Path) -> None:

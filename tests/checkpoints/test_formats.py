@@ -30,10 +30,15 @@ def tiny_state(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, t
     state = {"model.embed_tokens.weight": torch.randn(100, 32, generator=g)}
     for i in range(2):
         p = f"model.layers.{i}."
-        for name, shape in (("self_attn.q_proj", (32, 32)), ("self_attn.k_proj", (32, 32)),
-                            ("self_attn.v_proj", (32, 32)), ("self_attn.o_proj", (32, 32)),
-                            ("mlp.gate_proj", (64, 32)), ("mlp.up_proj", (64, 32)),
-                            ("mlp.down_proj", (32, 64))):
+        for name, shape in (
+            ("self_attn.q_proj", (32, 32)),
+            ("self_attn.k_proj", (32, 32)),
+            ("self_attn.v_proj", (32, 32)),
+            ("self_attn.o_proj", (32, 32)),
+            ("mlp.gate_proj", (64, 32)),
+            ("mlp.up_proj", (64, 32)),
+            ("mlp.down_proj", (32, 64)),
+        ):
             state[p + name + ".weight"] = torch.randn(*shape, generator=g)
         state[p + "input_layernorm.weight"] = torch.ones(32)
     state["model.norm.weight"] = torch.ones(32)
@@ -81,8 +86,10 @@ def test_sharded_safetensors_with_index(tmp_path: Path) -> None:
     folder = tmp_path / "checkpoint-5"
     folder.mkdir()
     keys = sorted(state)
-    shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
-              "model-00002-of-00002.safetensors": keys[len(keys) // 2 :]}
+    shards = {
+        "model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+        "model-00002-of-00002.safetensors": keys[len(keys) // 2 :],
+    }
     weight_map = {}
     for name, part in shards.items():
         save_file({k: state[k] for k in part}, str(folder / name))
@@ -113,8 +120,7 @@ def test_pytorch_bin_lightning_and_plain_files(tmp_path: Path) -> None:
 
 def test_transformers_gpt2_conv1d_and_fused_qkv(tmp_path: Path) -> None:
     transformers = pytest.importorskip("transformers")
-    config = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=32, vocab_size=100,
-                                     n_positions=64)
+    config = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=32, vocab_size=100, n_positions=64)
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(config)
     model.save_pretrained(tmp_path / "gpt2")
@@ -133,9 +139,14 @@ def test_transformers_gpt2_conv1d_and_fused_qkv(tmp_path: Path) -> None:
 
 def test_transformers_llama_save_pretrained(tmp_path: Path) -> None:
     transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=4,
-                                      vocab_size=100)
+    config = transformers.LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=100,
+    )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config)
     model.save_pretrained(tmp_path / "llama")
@@ -270,8 +281,13 @@ def test_fp8_weights_are_scaled_back(tmp_path: Path) -> None:
     scale = weight.abs().max() / 448.0
     stored = (weight / scale).to(torch.float8_e4m3fn)
     path = tmp_path / "model_step_3.safetensors"
-    save_file({"model.layers.0.mlp.up_proj.weight": stored,
-               "model.layers.0.mlp.up_proj.weight_scale_inv": scale.reshape(1)}, str(path))
+    save_file(
+        {
+            "model.layers.0.mlp.up_proj.weight": stored,
+            "model.layers.0.mlp.up_proj.weight_scale_inv": scale.reshape(1),
+        },
+        str(path),
+    )
     (layer,) = list(iter_layers(path))
     assert layer.stored_dtype == "float8_e4m3fn"
     got = torch.as_tensor(layer.weight)
@@ -290,8 +306,13 @@ def test_amd_fp8_weights_are_read_and_scaled_back(tmp_path: Path, dtype: str) ->
     scale = weight.abs().max() / 57.0
     stored = (weight / scale).to(fp8)
     path = tmp_path / "model_step_5.pt"
-    torch.save({"model.layers.0.mlp.up_proj.weight": stored,
-                "model.layers.0.mlp.up_proj.weight_scale_inv": scale.reshape(1)}, path)
+    torch.save(
+        {
+            "model.layers.0.mlp.up_proj.weight": stored,
+            "model.layers.0.mlp.up_proj.weight_scale_inv": scale.reshape(1),
+        },
+        path,
+    )
     (layer,) = list(iter_layers(path))
     assert str(layer.stored_dtype).removeprefix("torch.") == dtype
     assert torch.equal(torch.as_tensor(layer.weight), stored.float() * scale)
@@ -306,13 +327,17 @@ def test_compressed_tensors_fp8_weight_scales_are_applied(tmp_path: Path, per: s
         pytest.skip("this torch has no float8")
     g = torch.Generator().manual_seed(5)
     weight = torch.randn(64, 32, generator=g) * torch.logspace(-2, 1, 64).reshape(-1, 1)
-    scale = (weight.abs().amax(dim=1, keepdim=True) if per != "tensor"
-             else weight.abs().max().reshape(1)) / 448.0
+    scale = (
+        weight.abs().amax(dim=1, keepdim=True) if per != "tensor" else weight.abs().max().reshape(1)
+    ) / 448.0
     stored = (weight / scale).to(torch.float8_e4m3fn)
-    state = {"model.layers.0.mlp.up_proj.weight": stored,
-             "model.layers.0.mlp.up_proj.weight_scale": scale.reshape(-1) if per == "flat row"
-             else scale,
-             "model.layers.0.mlp.up_proj.input_scale": torch.tensor(0.5)}
+    state = {
+        "model.layers.0.mlp.up_proj.weight": stored,
+        "model.layers.0.mlp.up_proj.weight_scale": scale.reshape(-1)
+        if per == "flat row"
+        else scale,
+        "model.layers.0.mlp.up_proj.input_scale": torch.tensor(0.5),
+    }
     for path in (tmp_path / "model_step_3.safetensors", tmp_path / "model_step_4.pt"):
         if path.suffix == ".pt":
             torch.save(state, path)
@@ -326,23 +351,30 @@ def test_compressed_tensors_fp8_weight_scales_are_applied(tmp_path: Path, per: s
 
 
 @pytest.mark.parametrize("scale_shape", [[7], [0, 4], [65, 4], [2, 2, 2]])
-def test_an_inverse_scale_that_fits_no_block_is_refused(tmp_path: Path,
-                                                        scale_shape: list[int]) -> None:
+def test_an_inverse_scale_that_fits_no_block_is_refused(
+    tmp_path: Path, scale_shape: list[int]
+) -> None:
     if not hasattr(torch, "float8_e4m3fn"):
         pytest.skip("this torch has no float8")
-    stored = torch.randn(64, 32, generator=torch.Generator().manual_seed(1)).to(
-        torch.float8_e4m3fn)
+    stored = torch.randn(64, 32, generator=torch.Generator().manual_seed(1)).to(torch.float8_e4m3fn)
     path = tmp_path / "model_step_4.safetensors"
-    save_file({"model.layers.0.mlp.up_proj.weight": stored,
-               "model.layers.0.mlp.up_proj.weight_scale_inv": torch.ones(scale_shape)},
-              str(path))
+    save_file(
+        {
+            "model.layers.0.mlp.up_proj.weight": stored,
+            "model.layers.0.mlp.up_proj.weight_scale_inv": torch.ones(scale_shape),
+        },
+        str(path),
+    )
     with pytest.raises(CheckpointError, match="not one scale per block"):
         list(iter_layers(path))
     # one per 32x16 block is a reading, and is scaled back block by block
-    save_file({"model.layers.0.mlp.up_proj.weight": stored,
-               "model.layers.0.mlp.up_proj.weight_scale_inv": torch.tensor([[1.0, 2.0],
-                                                                            [3.0, 4.0]])},
-              str(path))
+    save_file(
+        {
+            "model.layers.0.mlp.up_proj.weight": stored,
+            "model.layers.0.mlp.up_proj.weight_scale_inv": torch.tensor([[1.0, 2.0], [3.0, 4.0]]),
+        },
+        str(path),
+    )
     (layer,) = list(iter_layers(path))
     got = torch.as_tensor(layer.weight)
     assert torch.equal(got[:32, 16:], stored.float()[:32, 16:] * 2.0)
@@ -369,12 +401,13 @@ def test_integer_and_complex_weights_are_skipped_not_misread(tmp_path: Path) -> 
     g = torch.Generator().manual_seed(3)
     state = tiny_state()
     others = {
-        "model.layers.0.mlp.q8.weight": torch.randint(-128, 127, (64, 32), generator=g,
-                                                      dtype=torch.int8),
-        "model.layers.0.mlp.packed.weight": torch.randint(0, 2**16, (64, 32), generator=g,
-                                                          dtype=torch.int32).to(torch.uint16),
-        "model.layers.0.spectral.weight": torch.randn(32, 32, generator=g,
-                                                      dtype=torch.complex64),
+        "model.layers.0.mlp.q8.weight": torch.randint(
+            -128, 127, (64, 32), generator=g, dtype=torch.int8
+        ),
+        "model.layers.0.mlp.packed.weight": torch.randint(
+            0, 2**16, (64, 32), generator=g, dtype=torch.int32
+        ).to(torch.uint16),
+        "model.layers.0.spectral.weight": torch.randn(32, 32, generator=g, dtype=torch.complex64),
         "model.layers.0.mask.weight": torch.rand(32, 32, generator=g) > 0.5,
     }
     folder = hf_checkpoint(tmp_path / "st", 1, {**state, **others})
@@ -399,11 +432,14 @@ def test_deepspeed_zero3_placeholders_say_how_to_consolidate(tmp_path: Path) -> 
     step = tmp_path / "global_step5"
     step.mkdir()
     # ZeRO-3 model states hold empty placeholders; the weights are flat partitions per rank.
-    torch.save({"module": {k: torch.empty(0) for k in tiny_state(0)}},
-               step / "mp_rank_00_model_states.pt")
+    torch.save(
+        {"module": {k: torch.empty(0) for k in tiny_state(0)}}, step / "mp_rank_00_model_states.pt"
+    )
     for r in range(2):
-        torch.save({"optimizer_state_dict": {"fp32_flat_groups": [torch.randn(64)]}},
-                   step / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt")
+        torch.save(
+            {"optimizer_state_dict": {"fp32_flat_groups": [torch.randn(64)]}},
+            step / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt",
+        )
     with pytest.raises(CheckpointError, match=r"ZeRO-3.*zero_to_fp32") as err:
         read(step)
     assert str(step) in str(err.value)

@@ -21,8 +21,10 @@ def _shard(path: Path, header_bytes: int, short: int = 0) -> None:
     """A valid safetensors file of 1-element float32 tensors, its header about this long."""
     entries, offset, size = [], 0, 2
     while size < header_bytes:
-        entry = f'"t.{offset // 4}":{{"dtype":"F32","shape":[1],"data_offsets":[{offset},' \
-                f'{offset + 4}]}}'
+        entry = (
+            f'"t.{offset // 4}":{{"dtype":"F32","shape":[1],"data_offsets":[{offset},'
+            f"{offset + 4}]}}"
+        )
         entries.append(entry)
         size += len(entry) + 1
         offset += 4
@@ -91,7 +93,7 @@ def test_a_shard_index_larger_than_discovery_parses_is_refused(tmp_path: Path) -
 
 
 def test_a_trainer_state_larger_than_discovery_parses_waits_for_the_files_to_settle(
-    tmp_path: Path
+    tmp_path: Path,
 ) -> None:
     folder = _checkpoint(tmp_path / "run", 8, 4096)
     state = json.dumps({"global_step": 8, "log_history": []})

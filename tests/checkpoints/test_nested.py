@@ -32,14 +32,18 @@ def _mlp(seed: int, hidden: int, neurons: int) -> dict[str, torch.Tensor]:
     # Heavy-tailed entries, so the fits have a tail to find.
     t = torch.distributions.StudentT(torch.tensor(3.0))
     torch.manual_seed(seed)
-    return {"gate": t.sample((neurons, hidden)) / hidden ** 0.5,
-            "up": torch.randn(neurons, hidden, generator=g) / hidden ** 0.5,
-            "down": t.sample((hidden, neurons)) / neurons ** 0.5}
+    return {
+        "gate": t.sample((neurons, hidden)) / hidden**0.5,
+        "up": torch.randn(neurons, hidden, generator=g) / hidden**0.5,
+        "down": t.sample((hidden, neurons)) / neurons**0.5,
+    }
 
 
 def _layers(weights: dict[str, torch.Tensor]) -> dict[str, object]:
-    return {kind: make_layer(f"model.layers.3.mlp.{kind}_proj", w, torch.float32, "test")
-            for kind, w in weights.items()}
+    return {
+        kind: make_layer(f"model.layers.3.mlp.{kind}_proj", w, torch.float32, "test")
+        for kind, w in weights.items()
+    }
 
 
 def _evals(weight: torch.Tensor) -> np.ndarray:
@@ -49,23 +53,34 @@ def _evals(weight: torch.Tensor) -> np.ndarray:
 
 @pytest.mark.slow
 @settings(max_examples=20, deadline=None)
-@given(seed=st.integers(0, 2**16), hidden=st.integers(20, 40), neurons=st.integers(24, 72),
-       data=st.data())
+@given(
+    seed=st.integers(0, 2**16),
+    hidden=st.integers(20, 40),
+    neurons=st.integers(24, 72),
+    data=st.data(),
+)
 def test_permuting_neurons_keeps_full_spectra_and_moves_nested_ones_as_slicing_predicts(
-        seed: int, hidden: int, neurons: int, data: st.DataObject) -> None:
+    seed: int, hidden: int, neurons: int, data: st.DataObject
+) -> None:
     weights = _mlp(seed, hidden, neurons)
     order = torch.tensor(data.draw(st.permutations(range(neurons))))
     widths = data.draw(st.lists(st.integers(1, neurons + 8), min_size=1, max_size=3))
-    permuted = {"gate": weights["gate"][order], "up": weights["up"][order],
-                "down": weights["down"][:, order]}
+    permuted = {
+        "gate": weights["gate"][order],
+        "up": weights["up"][order],
+        "down": weights["down"][:, order],
+    }
     before, after = _layers(weights), _layers(permuted)
     for kind in ("gate", "up", "down"):
         # The full matrix: the same spectrum whatever the order of its neurons.
-        np.testing.assert_allclose(_evals(permuted[kind]), _evals(weights[kind]), rtol=1e-9,
-                                   atol=1e-12)
+        np.testing.assert_allclose(
+            _evals(permuted[kind]), _evals(weights[kind]), rtol=1e-9, atol=1e-12
+        )
         full, moved = (analyze_matrix(w[kind], check_traps=False) for w in (weights, permuted))
-        assert (full.alpha, full.fit_status) == (pytest.approx(moved.alpha, rel=1e-9),
-                                                 moved.fit_status)
+        assert (full.alpha, full.fit_status) == (
+            pytest.approx(moved.alpha, rel=1e-9),
+            moved.fit_status,
+        )
         sliced = {m.name: m for m in nested_matrices(after[kind], widths)}  # type: ignore[arg-type]
         expected_widths = sorted({w for w in widths if w < neurons})
         assert list(sliced) == [f"model.layers.3.mlp.{kind}_proj@w{w}" for w in expected_widths]
@@ -79,12 +94,13 @@ def test_permuting_neurons_keeps_full_spectra_and_moves_nested_ones_as_slicing_p
             np.testing.assert_allclose(_evals(piece.weight), _evals(predicted), rtol=1e-12)
     # Unpermuted, the slices are the leading neurons themselves.
     first = next(iter(nested_matrices(before["down"], [min(neurons - 1, 5)])))  # type: ignore[arg-type]
-    assert torch.equal(first.weight, weights["down"][:, :min(neurons - 1, 5)])
+    assert torch.equal(first.weight, weights["down"][:, : min(neurons - 1, 5)])
 
 
 def test_only_mlp_matrices_are_sliced() -> None:
-    attention = make_layer("model.layers.0.self_attn.q_proj", torch.randn(64, 64),
-                           torch.float32, "test")
+    attention = make_layer(
+        "model.layers.0.self_attn.q_proj", torch.randn(64, 64), torch.float32, "test"
+    )
     assert list(nested_matrices(attention, [16, 32])) == []
 
 
@@ -94,8 +110,13 @@ def nested(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _options(**extra: object) -> AnalysisOptions:
-    return AnalysisOptions(method="ww", thresholds=Thresholds(), device=torch.device("cpu"),
-                           confine=Confinement(None), **extra)  # type: ignore[arg-type]
+    return AnalysisOptions(
+        method="ww",
+        thresholds=Thresholds(),
+        device=torch.device("cpu"),
+        confine=Confinement(None),
+        **extra,
+    )  # type: ignore[arg-type]
 
 
 @pytest.mark.slow

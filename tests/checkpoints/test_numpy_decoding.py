@@ -36,7 +36,7 @@ def through_file(tmp_path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, 
     path = tmp_path / "t.safetensors"
     save_file(tensors, str(path))
     length, header = safetensors_header(path)
-    raw = path.read_bytes()[8 + length:]
+    raw = path.read_bytes()[8 + length :]
     out = {}
     for key, info in header.items():
         if key == "__metadata__":
@@ -46,11 +46,27 @@ def through_file(tmp_path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, 
     return out
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16,
-                                   torch.float8_e4m3fn, torch.float8_e5m2, torch.int64,
-                                   torch.int32, torch.int16, torch.int8, torch.uint64,
-                                   torch.uint32, torch.uint16, torch.uint8, torch.bool,
-                                   torch.complex64])
+@pytest.mark.parametrize(
+    "dtype",
+    [
+        torch.float64,
+        torch.float32,
+        torch.float16,
+        torch.bfloat16,
+        torch.float8_e4m3fn,
+        torch.float8_e5m2,
+        torch.int64,
+        torch.int32,
+        torch.int16,
+        torch.int8,
+        torch.uint64,
+        torch.uint32,
+        torch.uint16,
+        torch.uint8,
+        torch.bool,
+        torch.complex64,
+    ],
+)
 def test_every_dtype_decodes_as_torch_does(tmp_path: Path, dtype: torch.dtype) -> None:
     tensor = stored(dtype, 3)
     got = through_file(tmp_path, {"w": tensor, "row": tensor[0].clone()})
@@ -78,8 +94,10 @@ def test_every_bit_pattern_decodes_as_torch_does(tmp_path: Path, name: str) -> N
 
 
 def test_a_scalar_and_an_empty_tensor(tmp_path: Path) -> None:
-    got = through_file(tmp_path, {"s": torch.tensor(2.5, dtype=torch.bfloat16),
-                                  "e": torch.zeros(0, 4, dtype=torch.float16)})
+    got = through_file(
+        tmp_path,
+        {"s": torch.tensor(2.5, dtype=torch.bfloat16), "e": torch.zeros(0, 4, dtype=torch.float16)},
+    )
     assert got["s"].shape == () and float(got["s"]) == 2.5
     assert got["e"].shape == (0, 4) and got["e"].dtype == np.float16
 

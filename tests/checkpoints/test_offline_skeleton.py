@@ -88,17 +88,37 @@ def _with_config(trained: Path, folder: Path, **changes: Any) -> Path:
 
 
 def _hub_env(hub: Hub) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    return {**env, "HF_ENDPOINT": hub.url, "HF_HUB_ETAG_TIMEOUT": "5",
-            "HF_HUB_DOWNLOAD_TIMEOUT": "5"}
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    }
+    return {
+        **env,
+        "HF_ENDPOINT": hub.url,
+        "HF_HUB_ETAG_TIMEOUT": "5",
+        "HF_HUB_DOWNLOAD_TIMEOUT": "5",
+    }
 
 
 def _analyze(checkpoint: Path, hub: Hub) -> list[dict[str, Any]]:
     result = subprocess.run(
-        [sys.executable, "-m", "alphawatch", "analyze", str(checkpoint), "--optimizer-state",
-         "--format", "json", "--device", "cpu"],
-        capture_output=True, text=True, cwd=ROOT, timeout=180, env=_hub_env(hub))
+        [
+            sys.executable,
+            "-m",
+            "alphawatch",
+            "analyze",
+            str(checkpoint),
+            "--optimizer-state",
+            "--format",
+            "json",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=180,
+        env=_hub_env(hub),
+    )
     assert result.returncode == 0, result.stderr
     layers: list[dict[str, Any]] = json.loads(result.stdout)["layers"]
     assert sum("@" not in row["name"] for row in layers) == 16, "the weights are analysed"
@@ -111,12 +131,18 @@ def _refusal(layers: list[dict[str, Any]]) -> str:
     return str(refused["error"])
 
 
-DPT = {"architectures": ["DPTForDepthEstimation"], "model_type": "dpt", "is_hybrid": False,
-       "backbone": "some/repo", "use_pretrained_backbone": False}
+DPT = {
+    "architectures": ["DPTForDepthEstimation"],
+    "model_type": "dpt",
+    "is_hybrid": False,
+    "backbone": "some/repo",
+    "use_pretrained_backbone": False,
+}
 
 
 def test_a_backbone_named_by_a_hub_repository_is_never_fetched(
-        trained: Path, tmp_path: Path, hub: Hub) -> None:
+    trained: Path, tmp_path: Path, hub: Hub
+) -> None:
     checkpoint = _with_config(trained, tmp_path, **DPT)
     message = _refusal(_analyze(checkpoint, hub))
     assert "'some/repo'" in message and "never fetches from the model hub" in message
@@ -128,12 +154,21 @@ def test_a_described_backbone_is_built_offline(trained: Path, tmp_path: Path, hu
     # description, the name never looked up. The skeleton is no Llama, so the gradients are
     # refused for a layout that does not match, not for the network.
     checkpoint = _with_config(
-        trained, tmp_path, architectures=["UperNetForSemanticSegmentation"],
-        model_type="upernet", backbone="some/repo", use_pretrained_backbone=True,
-        hidden_size=16, auxiliary_in_channels=32,
-        backbone_config={"model_type": "convnext", "depths": [1, 1, 1, 1],
-                         "hidden_sizes": [8, 16, 32, 64],
-                         "out_features": ["stage1", "stage2", "stage3", "stage4"]})
+        trained,
+        tmp_path,
+        architectures=["UperNetForSemanticSegmentation"],
+        model_type="upernet",
+        backbone="some/repo",
+        use_pretrained_backbone=True,
+        hidden_size=16,
+        auxiliary_in_channels=32,
+        backbone_config={
+            "model_type": "convnext",
+            "depths": [1, 1, 1, 1],
+            "hidden_sizes": [8, 16, 32, 64],
+            "out_features": ["stage1", "stage2", "stage3", "stage4"],
+        },
+    )
     message = _refusal(_analyze(checkpoint, hub))
     assert "no parameter layout matches it exactly" in message
     assert hub.requests == []
@@ -141,16 +176,23 @@ def test_a_described_backbone_is_built_offline(trained: Path, tmp_path: Path, hu
 
 def test_auto_map_and_hub_names_are_ignored(trained: Path, tmp_path: Path, hub: Hub) -> None:
     checkpoint = _with_config(
-        trained, tmp_path, _name_or_path="some/repo", trust_remote_code=True,
-        auto_map={"AutoConfig": "some/repo--configuration.Evil",
-                  "AutoModelForCausalLM": "some/repo--modeling.Evil"})
+        trained,
+        tmp_path,
+        _name_or_path="some/repo",
+        trust_remote_code=True,
+        auto_map={
+            "AutoConfig": "some/repo--configuration.Evil",
+            "AutoModelForCausalLM": "some/repo--modeling.Evil",
+        },
+    )
     layers = _analyze(checkpoint, hub)
     assert sum(row["name"].endswith("@exp_avg") for row in layers) == 16
     assert hub.requests == []
 
 
 def test_the_worker_records_why_and_asks_no_hub(
-        trained: Path, tmp_path: Path, hub: Hub, monkeypatch: pytest.MonkeyPatch) -> None:
+    trained: Path, tmp_path: Path, hub: Hub, monkeypatch: pytest.MonkeyPatch
+) -> None:
     for key, value in _hub_env(hub).items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
@@ -160,8 +202,9 @@ def test_the_worker_records_why_and_asks_no_hub(
     from alphawatch.service.db.migrations import upgrade
 
     upgrade(url)
-    settings = Settings(database_url=url, device="cpu", settle_s=0.0, max_attempts=1,
-                        optimizer_state=True)
+    settings = Settings(
+        database_url=url, device="cpu", settle_s=0.0, max_attempts=1, optimizer_state=True
+    )
     watcher = Watcher(settings, [checkpoint.parent])
     try:
         assert watcher.run_once() == 1
@@ -173,26 +216,37 @@ def test_the_worker_records_why_and_asks_no_hub(
     assert hub.requests == []
 
 
-@pytest.mark.parametrize("config", [
-    {"backbone": "timm/resnet50"},
-    {"backbone_config": "some/repo"},
-    {"vision_config": {"backbone": "hf-hub:some/repo"}},
-])
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"backbone": "timm/resnet50"},
+        {"backbone_config": "some/repo"},
+        {"vision_config": {"backbone": "hf-hub:some/repo"}},
+    ],
+)
 def test_backbones_that_only_a_hub_could_describe_are_refused(config: dict[str, Any]) -> None:
     with pytest.raises(SkeletonRefused, match="model hub"):
         skeleton_config(config)
 
 
 def test_names_of_things_to_fetch_or_run_are_dropped_at_every_depth() -> None:
-    cleaned = skeleton_config({
-        "auto_map": {"AutoModel": "x--y.Z"}, "_name_or_path": "some/repo", "hidden_size": 8,
-        "text_config": {"_name_or_path": "other/repo", "trust_remote_code": True, "layers": 2},
-        "backbone": "some/repo", "use_pretrained_backbone": True,
-        "backbone_config": {"model_type": "resnet", "backbone_kwargs": {"pretrained": True}},
-    })
-    assert cleaned == {"hidden_size": 8, "text_config": {"layers": 2},
-                       "use_pretrained_backbone": False,
-                       "backbone_config": {"model_type": "resnet"}}
+    cleaned = skeleton_config(
+        {
+            "auto_map": {"AutoModel": "x--y.Z"},
+            "_name_or_path": "some/repo",
+            "hidden_size": 8,
+            "text_config": {"_name_or_path": "other/repo", "trust_remote_code": True, "layers": 2},
+            "backbone": "some/repo",
+            "use_pretrained_backbone": True,
+            "backbone_config": {"model_type": "resnet", "backbone_kwargs": {"pretrained": True}},
+        }
+    )
+    assert cleaned == {
+        "hidden_size": 8,
+        "text_config": {"layers": 2},
+        "use_pretrained_backbone": False,
+        "backbone_config": {"model_type": "resnet"},
+    }
 
 
 def test_while_a_skeleton_is_built_its_thread_reaches_no_network(hub: Hub) -> None:

@@ -33,14 +33,22 @@ pytestmark = pytest.mark.slow
 
 
 def _options(confine: Confinement | None = None, **extra: Any) -> AnalysisOptions:
-    return AnalysisOptions(method="ww", thresholds=Thresholds(), device=torch.device("cpu"),
-                           confine=confine or Confinement(None), **extra)
+    return AnalysisOptions(
+        method="ww",
+        thresholds=Thresholds(),
+        device=torch.device("cpu"),
+        confine=confine or Confinement(None),
+        **extra,
+    )
 
 
 def _live_moments(model: nn.Module, optimizer: Any) -> dict[str, torch.Tensor]:
     inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate wraps the torch optimizer
-    return {name.removesuffix(".weight"): inner.state[p]["exp_avg"]
-            for name, p in model.named_parameters() if p.dim() == 2}
+    return {
+        name.removesuffix(".weight"): inner.state[p]["exp_avg"]
+        for name, p in model.named_parameters()
+        if p.dim() == 2
+    }
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +73,9 @@ def test_trainer_exp_avg_is_the_live_optimizers_tensor(trained: tuple[Path, Any]
 def test_our_decay_rule_is_the_installed_trainers(trained: tuple[Path, Any]) -> None:
     _, trainer = trained
     current = next(iter(DECAY_RULES.values()))
-    assert decay_parameter_names(trainer.model, current) == \
-        trainer.get_decay_parameter_names(trainer.model)
+    assert decay_parameter_names(trainer.model, current) == trainer.get_decay_parameter_names(
+        trainer.model
+    )
 
 
 def test_exp_avg_alpha_is_weightwatchers(trained: tuple[Path, Any]) -> None:
@@ -110,8 +119,9 @@ def _refusal(path: Path, confine: Confinement | None = None) -> str:
     return str(refused[0].result.error)
 
 
-def test_group_sizes_that_no_layout_gives_are_refused(trained: tuple[Path, Any],
-                                                      tmp_path: Path) -> None:
+def test_group_sizes_that_no_layout_gives_are_refused(
+    trained: tuple[Path, Any], tmp_path: Path
+) -> None:
     checkpoint = _copy(trained[0], tmp_path)
     state = torch.load(checkpoint / "optimizer.pt", weights_only=True)
     first, second = state["param_groups"]
@@ -129,20 +139,24 @@ def test_a_moment_of_another_shape_is_refused(trained: tuple[Path, Any], tmp_pat
     # Indices 1 and 2 are layer 0's q (48x48) and k (24x48): swapped, the shapes disagree.
     state["state"][1], state["state"][2] = state["state"][2], state["state"][1]
     torch.save(state, checkpoint / "optimizer.pt")
-    assert "has shape (24, 48), but model.layers.0.self_attn.q_proj.weight has (48, 48)" in \
-        _refusal(checkpoint)
+    assert (
+        "has shape (24, 48), but model.layers.0.self_attn.q_proj.weight has (48, 48)"
+        in _refusal(checkpoint)
+    )
 
 
-def test_a_config_without_architecture_is_refused(trained: tuple[Path, Any],
-                                                  tmp_path: Path) -> None:
+def test_a_config_without_architecture_is_refused(
+    trained: tuple[Path, Any], tmp_path: Path
+) -> None:
     checkpoint = _copy(trained[0], tmp_path)
     config = (checkpoint / "config.json").read_text()
     (checkpoint / "config.json").write_text(config.replace('"LlamaForCausalLM"', '"MyLlama"'))
     assert "'MyLlama' is not part of transformers" in _refusal(checkpoint)
 
 
-def test_state_of_an_optimizer_without_exp_avg_is_refused(trained: tuple[Path, Any],
-                                                          tmp_path: Path) -> None:
+def test_state_of_an_optimizer_without_exp_avg_is_refused(
+    trained: tuple[Path, Any], tmp_path: Path
+) -> None:
     checkpoint = _copy(trained[0], tmp_path)
     state = torch.load(checkpoint / "optimizer.pt", weights_only=True)
     state["state"] = {i: {"momentum_buffer": s["exp_avg"]} for i, s in state["state"].items()}
@@ -150,15 +164,17 @@ def test_state_of_an_optimizer_without_exp_avg_is_refused(trained: tuple[Path, A
     assert "not an Adam-like optimizer" in _refusal(checkpoint)
 
 
-def test_an_optimizer_pickle_with_code_is_refused(trained: tuple[Path, Any],
-                                                  tmp_path: Path) -> None:
+def test_an_optimizer_pickle_with_code_is_refused(
+    trained: tuple[Path, Any], tmp_path: Path
+) -> None:
     checkpoint = _copy(trained[0], tmp_path)
     torch.save({"state": {}, "param_groups": [], "why": Path("x")}, checkpoint / "optimizer.pt")
     assert "the pickle needs code" in _refusal(checkpoint)
 
 
-def test_an_optimizer_file_outside_the_roots_is_never_read(trained: tuple[Path, Any],
-                                                           tmp_path: Path) -> None:
+def test_an_optimizer_file_outside_the_roots_is_never_read(
+    trained: tuple[Path, Any], tmp_path: Path
+) -> None:
     root = tmp_path / "root"
     checkpoint = _copy(trained[0], root)
     outside = tmp_path / "elsewhere.pt"
@@ -168,8 +184,9 @@ def test_an_optimizer_file_outside_the_roots_is_never_read(trained: tuple[Path, 
     assert "outside the allowed roots" in message
 
 
-def test_missing_optimizer_state_is_said(trained: tuple[Path, Any], tmp_path: Path,
-                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_missing_optimizer_state_is_said(
+    trained: tuple[Path, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from alphawatch.cli import main
 
     checkpoint = _copy(trained[0], tmp_path)
@@ -201,17 +218,36 @@ def test_lightning_with_several_groups_is_refused(tmp_path: Path) -> None:
 
 
 def test_analyze_command_adds_gradients_and_widths_beside_the_weights(
-        trained: tuple[Path, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    trained: tuple[Path, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
     import json
 
     from alphawatch.cli import main
 
-    assert main(["analyze", str(trained[0]), "--optimizer-state", "--nested-widths", "64,32",
-                 "--device", "cpu", "--format", "json"]) == 0
+    assert (
+        main(
+            [
+                "analyze",
+                str(trained[0]),
+                "--optimizer-state",
+                "--nested-widths",
+                "64,32",
+                "--device",
+                "cpu",
+                "--format",
+                "json",
+            ]
+        )
+        == 0
+    )
     doc = json.loads(capsys.readouterr().out)
     variants = [r["name"].partition("@")[2] or "weight" for r in doc["layers"]]
     assert {v: variants.count(v) for v in set(variants)} == {
-        "weight": 16, "exp_avg": 16, "w32": 6, "w64": 6}
+        "weight": 16,
+        "exp_avg": 16,
+        "w32": 6,
+        "w64": 6,
+    }
     # The summary is the weights' own.
     assert doc["summary"]["n_layers"] == 16
     with pytest.raises(SystemExit):  # argparse refuses a width that is not positive
@@ -219,7 +255,8 @@ def test_analyze_command_adds_gradients_and_widths_beside_the_weights(
 
 
 def test_settings_read_widths_and_optimizer_state_from_the_environment(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from pydantic import ValidationError
 
     from alphawatch.settings import Settings
@@ -267,8 +304,10 @@ def test_dcp_exp_avg_is_the_live_optimizers_tensor(tmp_path: Path) -> None:
     for name, moment in live.items():
         matrix = read[f"model.{name}@exp_avg"]
         assert torch.equal(matrix.weight, moment.float()), name
-        assert (matrix.kind, matrix.block) == (weights[f"model.{name}"].kind,
-                                               weights[f"model.{name}"].block)
+        assert (matrix.kind, matrix.block) == (
+            weights[f"model.{name}"].kind,
+            weights[f"model.{name}"].block,
+        )
 
 
 def test_dcp_moments_that_name_no_weight_exactly_are_refused(tmp_path: Path) -> None:

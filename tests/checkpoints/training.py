@@ -18,9 +18,17 @@ VOCAB, HIDDEN, INTERMEDIATE, LAYERS = 96, 48, 128, 2
 def llama_config(**extra: Any) -> Any:
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
-                       num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
-                       max_position_embeddings=64, tie_word_embeddings=False, **extra)
+    return LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=INTERMEDIATE,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        **extra,
+    )
 
 
 def _samples(n: int, seed: int) -> list[dict[str, list[int]]]:
@@ -32,8 +40,15 @@ def _samples(n: int, seed: int) -> list[dict[str, list[int]]]:
     return out
 
 
-def trainer_run(out: Path, *, steps: int = 4, weight_decay: float = 0.01, seed: int = 0,
-                save_every: int | None = None, **config: Any) -> tuple[Path, Any]:
+def trainer_run(
+    out: Path,
+    *,
+    steps: int = 4,
+    weight_decay: float = 0.01,
+    seed: int = 0,
+    save_every: int | None = None,
+    **config: Any,
+) -> tuple[Path, Any]:
     """A real ``transformers.Trainer`` run of a tiny Llama: its last checkpoint and the trainer
     (whose optimizer still holds the state that checkpoint saved)."""
     from transformers import LlamaForCausalLM, Trainer, TrainingArguments
@@ -44,11 +59,19 @@ def trainer_run(out: Path, *, steps: int = 4, weight_decay: float = 0.01, seed: 
     torch.manual_seed(seed)
     model = LlamaForCausalLM(llama_config(**config))
     args = TrainingArguments(
-        output_dir=str(out), max_steps=steps, save_steps=save_every or steps,
+        output_dir=str(out),
+        max_steps=steps,
+        save_steps=save_every or steps,
         save_strategy="steps",
-        per_device_train_batch_size=4, learning_rate=1e-2, weight_decay=weight_decay,
-        report_to=[], use_cpu=True, logging_strategy="no", seed=seed,
-        dataloader_num_workers=0, disable_tqdm=True,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        weight_decay=weight_decay,
+        report_to=[],
+        use_cpu=True,
+        logging_strategy="no",
+        seed=seed,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -104,7 +127,7 @@ def nested_run(out: Path, widths: list[int], *, steps: int = 6, seed: int = 0) -
     last = out
     for step in range(1, steps + 1):
         width_of[0] = rng.choice(choices)
-        batch = data[(step - 1) * 4: step * 4]
+        batch = data[(step - 1) * 4 : step * 4]
         ids = torch.tensor([b["input_ids"] for b in batch])
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
@@ -116,8 +139,7 @@ def nested_run(out: Path, widths: list[int], *, steps: int = 6, seed: int = 0) -
     return last
 
 
-def lightning_run(out: Path, *, steps: int = 3, seed: int = 0, groups: int = 1
-                  ) -> tuple[Path, Any]:
+def lightning_run(out: Path, *, steps: int = 3, seed: int = 0, groups: int = 1) -> tuple[Path, Any]:
     """A real Lightning run of a tiny Llama: the ``.ckpt`` it saved and the trainer."""
     import lightning as L
     from torch.utils.data import DataLoader
@@ -140,14 +162,22 @@ def lightning_run(out: Path, *, steps: int = 3, seed: int = 0, groups: int = 1
                 return torch.optim.AdamW(self.parameters(), lr=1e-2)
             matrices = [p for p in self.parameters() if p.dim() == 2]
             vectors = [p for p in self.parameters() if p.dim() != 2]
-            return torch.optim.AdamW([{"params": matrices}, {"params": vectors,
-                                                             "weight_decay": 0.0}], lr=1e-2)
+            return torch.optim.AdamW(
+                [{"params": matrices}, {"params": vectors, "weight_decay": 0.0}], lr=1e-2
+            )
 
     torch.manual_seed(seed)
     data = torch.tensor([s["input_ids"] for s in _samples(steps * 4, seed)])
-    trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=str(out))
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(out),
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(Module(), DataLoader(data, batch_size=4))  # type: ignore[arg-type]

@@ -24,8 +24,16 @@ ROOT = Path(__file__).resolve().parents[2]
 SHOTS = ROOT / "test-artifacts" / "screenshots"
 CHROMIUM = Path("/usr/bin/chromium")
 MISSING_RUN = 999_999
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-quic", "--no-first-run", "--disable-component-update", "--disable-sync"]
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 @dataclass
@@ -70,14 +78,24 @@ def site(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[S
     (hostile / "checkpoint-5").symlink_to(base / "outside" / "checkpoint-5")
     url = f"sqlite:///{base / 'dash.db'}"
     upgrade(url)
-    settings = Settings(database_url=url, device="cpu", settle_s=0.0, max_attempts=1,
-                        allowed_roots=[runs])
+    settings = Settings(
+        database_url=url, device="cpu", settle_s=0.0, max_attempts=1, allowed_roots=[runs]
+    )
     Watcher(settings, [run, other, live, empty, hostile]).run_once()
     with serve(create_app(settings)) as base_url:
         listed = httpx.get(f"{base_url}/api/v1/runs").json()["runs"]
         ids = {r["name"]: r["id"] for r in listed}
-        yield Site(base_url, ids["tiny-llama"], ids["empty-run"], ids["tiny-llama-short"],
-                   ids["live-run"], live, tiny_run, settings, ids["hostile-run"])
+        yield Site(
+            base_url,
+            ids["tiny-llama"],
+            ids["empty-run"],
+            ids["tiny-llama-short"],
+            ids["live-run"],
+            live,
+            tiny_run,
+            settings,
+            ids["hostile-run"],
+        )
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +146,8 @@ def _data(page: Any, div: str) -> list[dict[str, Any]]:
         " type: t.type || 'scatter', name: t.name, x: Array.from(t.x || []),"
         " y: t.y ? Array.from(t.y) : null, text: t.text || null,"
         " customdata: t.customdata || null, xaxis: t.xaxis || 'x',"
-        " rows: t.z ? t.z.length : 0 }))")
+        " rows: t.z ? t.z.length : 0 }))"
+    )
     return result
 
 
@@ -148,7 +167,8 @@ def test_runs_overview_lists_runs_with_sparklines_and_gate(page: Any, site: Site
     text = page.inner_text("#runs-table")
     assert "tiny-llama" in text and "empty-run" in text
     page.wait_for_function(
-        f"() => document.getElementById('spark-{site.run_id}')?.data?.[0]?.y?.length === 3")
+        f"() => document.getElementById('spark-{site.run_id}')?.data?.[0]?.y?.length === 3"
+    )
     spark = _data(page, f"spark-{site.run_id}")[0]
     trend = _api(site, f"/runs/{site.run_id}/trend?metric=alpha&stat=median&filter=trusted")
     assert spark["x"] == [10, 20, 30]
@@ -227,7 +247,8 @@ def test_filter_switch_changes_the_trend(page: Any, site: Site) -> None:
     page.wait_for_function(
         "(before) => { const t = document.getElementById('trend')?.data?.[2]?.text;"
         " return t !== undefined && JSON.stringify(t) !== JSON.stringify(before); }",
-        arg=trusted["text"])
+        arg=trusted["text"],
+    )
     everything = next(t for t in _data(page, "trend") if t["name"] == "median α")
     used, used_trusted = _used(everything["text"]), _used(trusted["text"])
     assert all(a >= b for a, b in zip(used, used_trusted, strict=True))
@@ -239,7 +260,9 @@ def test_filter_switch_changes_the_trend(page: Any, site: Site) -> None:
     page.wait_for_function("() => location.hash.includes('kind=attention')")
     page.wait_for_function(
         "(n) => { const t = document.getElementById('trend')?.data?.[2]?.customdata;"
-        " return t && t[0] < n; }", arg=used[0])
+        " return t && t[0] < n; }",
+        arg=used[0],
+    )
     att = _api(site, f"/runs/{site.run_id}/trend?metric=alpha&filter=all&kind=q,k,v,o,qkv")
     shown = next(t for t in _data(page, "trend") if t["name"] == "median α")
     assert shown["customdata"] == [p["n_used"] for p in att["points"]]
@@ -274,15 +297,16 @@ def test_clicking_a_heatmap_cell_opens_the_layer_esd(page: Any, site: Site) -> N
     d_band = next(t for t in history if t["name"] == "KS distance D")
     assert d_band["y"] == pytest.approx([p["D"] for p in api_history["points"]])
 
-    esd = _api(site, f"/runs/{site.run_id}/checkpoints/{box['step']}/layers/"
-                     f"{box['layer']}/esd")
+    esd = _api(site, f"/runs/{site.run_id}/checkpoints/{box['step']}/layers/{box['layer']}/esd")
     traces = _data(page, "esd")
     assert len(traces[0]["x"]) == sum(1 for e in esd["evals"] if e > 0)
     fit = next(t for t in traces if (t["name"] or "").startswith("power law"))
     assert fit["y"] == pytest.approx(esd["fit_line"]["y"])
-    axes = page.evaluate("() => { const l = document.getElementById('esd').layout;"
-                         " return {y: l.yaxis.type, lines: l.shapes.length,"
-                         " labels: l.annotations.map((a) => a.text.trim())}; }")
+    axes = page.evaluate(
+        "() => { const l = document.getElementById('esd').layout;"
+        " return {y: l.yaxis.type, lines: l.shapes.length,"
+        " labels: l.annotations.map((a) => a.text.trim())}; }"
+    )
     assert axes["y"] == "log"
     assert "xmin" in axes["labels"]
     if esd["mp_bulk_max"]:
@@ -298,7 +322,8 @@ def test_clicking_a_heatmap_cell_opens_the_layer_esd(page: Any, site: Site) -> N
     page.wait_for_function(
         "(fit) => JSON.stringify(document.getElementById('esd')?.data?.find("
         "(t) => (t.name || '').startsWith('power law'))?.y) === JSON.stringify(fit)",
-        arg=later["fit_line"]["y"])
+        arg=later["fit_line"]["y"],
+    )
 
 
 def test_layer_name_picker_opens_the_layer(page: Any, site: Site) -> None:
@@ -363,16 +388,17 @@ def test_live_page_shows_new_checkpoints_without_reload(page: Any, site: Site) -
     t0 = time.monotonic()
     page.wait_for_function(
         "() => JSON.stringify(document.getElementById('trend')?.data?.[2]?.x) === '[10,20]'",
-        timeout=20_000)
+        timeout=20_000,
+    )
     assert page.evaluate("() => window.__sameDocument === true")  # no reload happened
     assert time.monotonic() - t0 < 15
-    page.wait_for_function(
-        "() => document.getElementById('heatmap')?.data?.[0]?.x?.length === 2")
+    page.wait_for_function("() => document.getElementById('heatmap')?.data?.[0]?.x?.length === 2")
     assert page.locator("#checkpoints tr.ck-done").count() == 2
 
 
 def test_token_protected_server_asks_for_a_token(
-        page: Any, tmp_path: Path, expected_console: list[str]) -> None:
+    page: Any, tmp_path: Path, expected_console: list[str]
+) -> None:
     from alphawatch.service.db.migrations import upgrade
     from alphawatch.service.db.session import make_engine, session_scope
     from alphawatch.service.db.tokens import create_token
@@ -397,7 +423,8 @@ def test_token_protected_server_asks_for_a_token(
 
 def _options(page: Any, param: str) -> list[list[str]]:
     options: list[list[str]] = page.eval_on_selector_all(
-        f"select[data-param={param}] option", "(os) => os.map((o) => [o.value, o.textContent])")
+        f"select[data-param={param}] option", "(os) => os.map((o) => [o.value, o.textContent])"
+    )
     return options
 
 
@@ -412,14 +439,17 @@ def test_pickers_and_kind_order_are_the_apis(page: Any, site: Site) -> None:
     assert _options(page, "stat") == [[s["name"], s["label"]] for s in words["statistics"]]
     assert _options(page, "filter") == [[f["name"], f["label"]] for f in words["filters"]]
     assert _options(page, "outliers") == [[r["name"], r["label"]] for r in words["outlier_rules"]]
-    assert [v for v, _ in _options(page, "kind")] == \
-        ["all", *(g["name"] for g in words["kind_groups"])]
+    assert [v for v, _ in _options(page, "kind")] == [
+        "all",
+        *(g["name"] for g in words["kind_groups"]),
+    ]
     shown = _kind_panels(page)
     assert shown == [k for k in words["kinds"] if k in shown]
     # Another statistic from the picker: the line is the API's numbers for it.
     page.select_option("select[data-param=stat]", "p90")
-    page.wait_for_function("() => document.getElementById('trend')?.data?.[2]?.name"
-                           " === '90th percentile α'")
+    page.wait_for_function(
+        "() => document.getElementById('trend')?.data?.[2]?.name === '90th percentile α'"
+    )
     p90 = _api(site, f"/runs/{site.run_id}/trend?metric=alpha&stat=p90&filter=trusted")
     line = next(t for t in _data(page, "trend") if t["name"] == "90th percentile α")
     assert line["y"] == pytest.approx([p["value"] for p in p90["points"]])
@@ -434,11 +464,18 @@ def test_a_changed_vocabulary_changes_the_page(page: Any, site: Site) -> None:
     from alphawatch.service.api.vocabulary import VocabularyRead, current_vocabulary
 
     words = _api(site, "/vocabulary")
-    stats = [{**s, "label": f"stat {s['name']}", "default": s["name"] == "mean"}
-             for s in reversed(words["statistics"])]
-    changed = VocabularyRead.model_validate({
-        **words, "statistics": stats, "kinds": list(reversed(words["kinds"])),
-        "kind_groups": [{"name": "qk", "label": "queries and keys", "kinds": ["q", "k"]}]})
+    stats = [
+        {**s, "label": f"stat {s['name']}", "default": s["name"] == "mean"}
+        for s in reversed(words["statistics"])
+    ]
+    changed = VocabularyRead.model_validate(
+        {
+            **words,
+            "statistics": stats,
+            "kinds": list(reversed(words["kinds"])),
+            "kind_groups": [{"name": "qk", "label": "queries and keys", "kinds": ["q", "k"]}],
+        }
+    )
     app = create_app(site.settings)
     app.dependency_overrides[current_vocabulary] = lambda: changed
     with serve(app) as url:
@@ -456,43 +493,52 @@ def test_a_changed_vocabulary_changes_the_page(page: Any, site: Site) -> None:
         qk = _api(site, f"/runs/{site.run_id}/trend?metric=alpha&stat=mean&filter=all&kind=q,k")
         page.wait_for_function(
             "(n) => JSON.stringify(document.getElementById('trend')?.data?.[2]?.customdata)"
-            " === JSON.stringify(n)", arg=[p["n_used"] for p in qk["points"]])
+            " === JSON.stringify(n)",
+            arg=[p["n_used"] for p in qk["points"]],
+        )
         _shot(page, "vocabulary-changed")
 
 
 def test_every_module_loads_from_the_server_without_errors(page: Any, site: Site) -> None:
     from alphawatch.dashboard import STATIC_DIR
 
-    modules = {f"/static/{p.relative_to(STATIC_DIR).as_posix()}"
-               for p in STATIC_DIR.rglob("*.js")}
-    for view, drawn in (("/", f"spark-{site.run_id}"), ("/#/compare", "compare"),
-                        (f"/#/runs/{site.run_id}?layer=model.layers.0.mlp.up_proj", "esd")):
+    modules = {f"/static/{p.relative_to(STATIC_DIR).as_posix()}" for p in STATIC_DIR.rglob("*.js")}
+    for view, drawn in (
+        ("/", f"spark-{site.run_id}"),
+        ("/#/compare", "compare"),
+        (f"/#/runs/{site.run_id}?layer=model.layers.0.mlp.up_proj", "esd"),
+    ):
         page.goto(site.url + view)
         page.wait_for_function(f"() => document.getElementById('{drawn}')?.data?.length > 0")
-        loaded = page.evaluate("() => performance.getEntriesByType('resource')"
-                               ".map((e) => e.name)")
+        loaded = page.evaluate("() => performance.getEntriesByType('resource').map((e) => e.name)")
         # Every module arrived, and nothing came from anywhere but this server.
         assert modules <= {u.removeprefix(site.url) for u in loaded}
         assert all(u.startswith(site.url) for u in loaded)
     # The page fixture fails the test on any console error or uncaught exception.
 
 
-@pytest.mark.parametrize("trust", [Thresholds(),
-                                   Thresholds(alpha_max=5.0, over_trained_below=2.5,
-                                              under_trained_above=4.5)])
+@pytest.mark.parametrize(
+    "trust",
+    [Thresholds(), Thresholds(alpha_max=5.0, over_trained_below=2.5, under_trained_above=4.5)],
+)
 def test_plots_follow_the_servers_thresholds(page: Any, site: Site, trust: Thresholds) -> None:
     # The band of well-trained α and the heatmap's α scale are the server's trust settings.
     settings = site.settings.model_copy(update={"trust": trust})
     with serve(create_app(settings)) as base_url:
         page.goto(f"{base_url}/#/runs/{site.run_id}")
         # Each panel draws when its own answer arrives: wait for both.
-        page.wait_for_function("() => document.getElementById('heatmap')?.data?.[0]?.z?.length"
-                               " && document.getElementById('trend')?.layout")
-        shapes = page.evaluate("() => document.getElementById('trend').layout.shapes"
-                               ".filter((s) => s.type === 'rect').map((s) => [s.y0, s.y1])")
+        page.wait_for_function(
+            "() => document.getElementById('heatmap')?.data?.[0]?.z?.length"
+            " && document.getElementById('trend')?.layout"
+        )
+        shapes = page.evaluate(
+            "() => document.getElementById('trend').layout.shapes"
+            ".filter((s) => s.type === 'rect').map((s) => [s.y0, s.y1])"
+        )
         zmax = page.evaluate("() => document.getElementById('heatmap').data[0].zmax")
-        label = page.evaluate("() => document.getElementById('trend').layout.annotations"
-                              ".map((a) => a.text).join(' ')")
+        label = page.evaluate(
+            "() => document.getElementById('trend').layout.annotations.map((a) => a.text).join(' ')"
+        )
         # Let the rest of the page finish loading before this server goes away.
         page.wait_for_load_state("networkidle")
         page.goto("about:blank")

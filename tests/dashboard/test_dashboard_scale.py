@@ -24,26 +24,46 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 SHOTS = ROOT / "test-artifacts" / "screenshots"
 CHROMIUM = Path("/usr/bin/chromium")
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-quic", "--no-first-run", "--disable-component-update", "--disable-sync"]
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-component-update",
+    "--disable-sync",
+]
 CHECKPOINTS, LAYERS = 500, 300
 KINDS = ("q", "k", "v", "o", "gate", "up", "down")
-NAMES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
-         "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj",
-         "down": "mlp.down_proj"}
+NAMES = {
+    "q": "self_attn.q_proj",
+    "k": "self_attn.k_proj",
+    "v": "self_attn.v_proj",
+    "o": "self_attn.o_proj",
+    "gate": "mlp.gate_proj",
+    "up": "mlp.up_proj",
+    "down": "mlp.down_proj",
+}
 
 
 def _fill(url: str) -> int:
     rng = np.random.default_rng(0)
     with psycopg.connect(libpq_dsn(url)) as conn:
-        run_id = conn.execute("INSERT INTO run (name, path, created_at) VALUES"
-                              " ('long-run', '/runs/long-run', now()) RETURNING id").fetchone()
+        run_id = conn.execute(
+            "INSERT INTO run (name, path, created_at) VALUES"
+            " ('long-run', '/runs/long-run', now()) RETURNING id"
+        ).fetchone()
         assert run_id is not None
-        ids = [row[0] for row in conn.execute(
-            "INSERT INTO checkpoint (run_id, step, path, fingerprint, format, status,"
-            " discovered_at, n_layers, n_trusted) SELECT %s, s * 100, '/x', '', 'hf', 'done',"
-            " now(), %s, %s FROM generate_series(1, %s) s ORDER BY s RETURNING id",
-            (run_id[0], LAYERS, LAYERS, CHECKPOINTS)).fetchall()]
+        ids = [
+            row[0]
+            for row in conn.execute(
+                "INSERT INTO checkpoint (run_id, step, path, fingerprint, format, status,"
+                " discovered_at, n_layers, n_trusted) SELECT %s, s * 100, '/x', '', 'hf', 'done',"
+                " now(), %s, %s FROM generate_series(1, %s) s ORDER BY s RETURNING id",
+                (run_id[0], LAYERS, LAYERS, CHECKPOINTS),
+            ).fetchall()
+        ]
         with conn.cursor().copy(
             "COPY layer_metric (checkpoint_id, name, kind, block, method, fit_status, trusted,"
             ' alpha, "D", stable_rank, log_spectral_norm, mean_spike, correlation_trap,'
@@ -55,29 +75,55 @@ def _fill(url: str) -> int:
                 poor = rng.random(LAYERS) < 0.1
                 for i in range(LAYERS):
                     kind = KINDS[i % len(KINDS)]
-                    copy.write_row((checkpoint_id, f"model.layers.{i // 7}.{NAMES[kind]}", kind,
-                                    i // 7, "ww", "poor_fit" if poor[i] else "ok",
-                                    not poor[i], float(alphas[i]), 0.05, 12.0, 0.8, False,
-                                    False, False, False, False, False))
+                    copy.write_row(
+                        (
+                            checkpoint_id,
+                            f"model.layers.{i // 7}.{NAMES[kind]}",
+                            kind,
+                            i // 7,
+                            "ww",
+                            "poor_fit" if poor[i] else "ok",
+                            not poor[i],
+                            float(alphas[i]),
+                            0.05,
+                            12.0,
+                            0.8,
+                            False,
+                            False,
+                            False,
+                            False,
+                            False,
+                            False,
+                        )
+                    )
         # A second, small run whose model is over-trained: its CI gate must fail.
-        over = conn.execute("INSERT INTO run (name, path, created_at) VALUES"
-                            " ('over-trained', '/runs/over-trained', now()) RETURNING id"
-                            ).fetchone()
+        over = conn.execute(
+            "INSERT INTO run (name, path, created_at) VALUES"
+            " ('over-trained', '/runs/over-trained', now()) RETURNING id"
+        ).fetchone()
         assert over is not None
         for step in (100, 200):
             checkpoint = conn.execute(
                 "INSERT INTO checkpoint (run_id, step, path, fingerprint, format, status,"
                 " discovered_at, n_layers, n_trusted) VALUES (%s, %s, '/x', '', 'hf', 'done',"
-                " now(), 7, 7) RETURNING id", (over[0], step)).fetchone()
+                " now(), 7, 7) RETURNING id",
+                (over[0], step),
+            ).fetchone()
             assert checkpoint is not None
             for kind in KINDS:
                 conn.execute(
                     "INSERT INTO layer_metric (checkpoint_id, name, kind, block, method,"
-                    " fit_status, trusted, alpha, \"D\", mean_spike, correlation_trap,"
+                    ' fit_status, trusted, alpha, "D", mean_spike, correlation_trap,'
                     " rank_collapse, near_random, over_trained, under_trained) VALUES"
                     " (%s, %s, %s, 0, 'ww', 'ok', true, %s, 0.05, false, false, false, false,"
-                    " true, false)", (checkpoint[0], f"model.layers.0.{NAMES[kind]}", kind,
-                                      1.5 if step == 200 else 3.0))
+                    " true, false)",
+                    (
+                        checkpoint[0],
+                        f"model.layers.0.{NAMES[kind]}",
+                        kind,
+                        1.5 if step == 200 else 3.0,
+                    ),
+                )
         conn.commit()
         conn.execute("ANALYZE")
     return int(run_id[0])
@@ -106,13 +152,17 @@ def test_run_page_stays_responsive_on_a_long_run(long_run: tuple[str, int]) -> N
         page.wait_for_function(
             "() => document.getElementById('heatmap')?.data?.[0]?.z?.length === 300"
             " && document.getElementById('trend')?.data?.[2]?.x?.length === 500",
-            timeout=60_000)
+            timeout=60_000,
+        )
         first_paint = time.monotonic() - t0
-        page.wait_for_function("() => document.getElementById('kinds')?.data?.length === 7",
-                               timeout=60_000)
+        page.wait_for_function(
+            "() => document.getElementById('kinds')?.data?.length === 7", timeout=60_000
+        )
         all_plots = time.monotonic() - t0
-        shape = page.evaluate("() => { const t = document.getElementById('heatmap').data;"
-                              " return {traces: t.length, cols: t[0].z[0].length}; }")
+        shape = page.evaluate(
+            "() => { const t = document.getElementById('heatmap').data;"
+            " return {traces: t.length, cols: t[0].z[0].length}; }"
+        )
         # One heatmap trace for the values, at most one overlay for the untrusted cells.
         assert shape["traces"] <= 2 and shape["cols"] == 500
 
@@ -121,10 +171,16 @@ def test_run_page_stays_responsive_on_a_long_run(long_run: tuple[str, int]) -> N
         page.select_option("select[data-param=filter]", "all")
         page.wait_for_function(
             "() => (document.getElementById('trend')?.data?.[2]?.customdata || [])[0] === 300",
-            timeout=60_000)
+            timeout=60_000,
+        )
         switch = time.monotonic() - t1
-        assert page.evaluate("() => new Promise((ok) => { const t = performance.now();"
-                             " setTimeout(() => ok(performance.now() - t), 0); })") < 500
+        assert (
+            page.evaluate(
+                "() => new Promise((ok) => { const t = performance.now();"
+                " setTimeout(() => ok(performance.now() - t), 0); })"
+            )
+            < 500
+        )
 
         # Idle, the page polls one small summary and redraws nothing.
         requests: list[str] = []
@@ -140,10 +196,13 @@ def test_run_page_stays_responsive_on_a_long_run(long_run: tuple[str, int]) -> N
         page.wait_for_selector(f"#gate-{run_id} .badge.pass")
         page.wait_for_selector("tr:has-text('over-trained') .badge.fail")
         assert "alpha 1.500 at step 200 is below 2" in page.inner_text(
-            "tr:has-text('over-trained')")
+            "tr:has-text('over-trained')"
+        )
         page.screenshot(path=str(SHOTS / "runs-gate.png"), full_page=True)
         browser.close()
-    print(f"\nlong run {CHECKPOINTS}x{LAYERS}: plots with data {first_paint:.1f}s, all plots "
-          f"{all_plots:.1f}s, filter switch {switch:.1f}s")
+    print(
+        f"\nlong run {CHECKPOINTS}x{LAYERS}: plots with data {first_paint:.1f}s, all plots "
+        f"{all_plots:.1f}s, filter switch {switch:.1f}s"
+    )
     assert not errors, errors
     assert first_paint < 30 and switch < 30

@@ -30,8 +30,9 @@ pytestmark = pytest.mark.browser
 
 
 @pytest.fixture(scope="module")
-def two_methods(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[
-        str, int, Settings]]:
+def two_methods(
+    tiny_run: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, int, Settings]]:
     from alphawatch.service.db.migrations import upgrade
 
     base = tmp_path_factory.mktemp("methods")
@@ -39,8 +40,12 @@ def two_methods(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
     shutil.copytree(tiny_run / "checkpoint-30", run / "checkpoint-30")
     url = f"sqlite:///{base / 'dash.db'}"
     upgrade(url)
-    common = {"database_url": url, "device": "cpu", "settle_s": 0.0,
-              "allowed_roots": [base / "runs"]}
+    common = {
+        "database_url": url,
+        "device": "cpu",
+        "settle_s": 0.0,
+        "allowed_roots": [base / "runs"],
+    }
     Watcher(Settings(**common, crosscheck=CrossCheck(share=1.0)), [run]).run_once()
     Watcher(Settings(**common, fit_method=FitMethod.XMIN_PEAK), [run], reanalyze=True).run_once()
     settings = Settings(**common)
@@ -73,38 +78,50 @@ def test_method_switch_and_drill_down(page: Any, two_methods: tuple[str, int, Se
     assert want != pytest.approx(ww)
     page.wait_for_function(
         "(w) => JSON.stringify(document.getElementById('trend')?.data?.find("
-        "(t) => t.name === 'median α')?.y) === JSON.stringify(w)", arg=want)
+        "(t) => t.name === 'median α')?.y) === JSON.stringify(w)",
+        arg=want,
+    )
 
     layer = "model.layers.0.mlp.down_proj"
     page.select_option("#layer-pick", layer)
     page.wait_for_function("() => document.querySelector('#layer-fit table') !== null")
-    row = next(x for x in httpx.get(f"{api}/checkpoints/30/layers",
-                                    params={"method": "xmin_peak"}).json()["layers"]
-               if x["name"] == layer)
+    row = next(
+        x
+        for x in httpx.get(f"{api}/checkpoints/30/layers", params={"method": "xmin_peak"}).json()[
+            "layers"
+        ]
+        if x["name"] == layer
+    )
     text = page.inner_text("#layer-fit")
     assert "Power law (xmin_peak)" in text and f"α = {row['alpha']:.3f}" in text
     assert f"α = {row['tpl_alpha']:.3f}" in text
     assert f"R = {row['pl_vs_tpl_R']:.2f}" in text
     assert f"R = {row['pl_vs_lognormal_R']:.2f}" in text
     history = next(t for t in _data(page, "layer-history") if t["name"] == "α")
-    served = httpx.get(f"{api}/layers/{layer}/history",
-                       params={"metric": "alpha", "method": "xmin_peak"}).json()["points"]
+    served = httpx.get(
+        f"{api}/layers/{layer}/history", params={"metric": "alpha", "method": "xmin_peak"}
+    ).json()["points"]
     assert history["y"] == pytest.approx([p["value"] for p in served])
 
 
-def test_the_page_opens_on_the_servers_method(page: Any,
-                                              two_methods: tuple[str, int, Settings]) -> None:
+def test_the_page_opens_on_the_servers_method(
+    page: Any, two_methods: tuple[str, int, Settings]
+) -> None:
     # The same database served by a server whose worker computes xmin_peak.
     _, run_id, settings = two_methods
-    with serve(create_app(settings.model_copy(
-            update={"fit_method": FitMethod.XMIN_PEAK}))) as url:
+    with serve(create_app(settings.model_copy(update={"fit_method": FitMethod.XMIN_PEAK}))) as url:
         page.goto(f"{url}/#/runs/{run_id}?filter=all")
         page.wait_for_function("() => document.getElementById('trend')?.data?.length >= 4")
         assert page.input_value("select[data-param=method]") == FitMethod.XMIN_PEAK.value
-        want = [p["value"] for p in httpx.get(
-            f"{url}/api/v1/runs/{run_id}/trend",
-            params={"method": "xmin_peak", "filter": "all"}).json()["points"]]
+        want = [
+            p["value"]
+            for p in httpx.get(
+                f"{url}/api/v1/runs/{run_id}/trend", params={"method": "xmin_peak", "filter": "all"}
+            ).json()["points"]
+        ]
         assert want and all(v is not None for v in want)
         page.wait_for_function(
             "(w) => JSON.stringify(document.getElementById('trend')?.data?.find("
-            "(t) => t.name === 'median α')?.y) === JSON.stringify(w)", arg=want)
+            "(t) => t.name === 'median α')?.y) === JSON.stringify(w)",
+            arg=want,
+        )

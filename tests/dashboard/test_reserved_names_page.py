@@ -54,13 +54,19 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     for step in (1, 2):
         folder = run / f"checkpoint-{step}"
         folder.mkdir(parents=True)
-        save_file({k: torch.randn(64, 48, generator=g) for k in KEYS},
-                  str(folder / "model.safetensors"))
+        save_file(
+            {k: torch.randn(64, 48, generator=g) for k in KEYS}, str(folder / "model.safetensors")
+        )
         (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
     database = base / "r.db"
     upgrade(f"sqlite:///{database}")
-    settings = Settings(database_url=f"sqlite:///{database}", device="cpu", settle_s=0.0,
-                        max_attempts=1, allowed_roots=[base / "runs"])
+    settings = Settings(
+        database_url=f"sqlite:///{database}",
+        device="cpu",
+        settle_s=0.0,
+        max_attempts=1,
+        allowed_roots=[base / "runs"],
+    )
     watcher = Watcher(settings, [run])
     try:
         assert watcher.run_once() == 2
@@ -105,7 +111,8 @@ def test_run_page_renders_those_layers(page: Any, served: Served) -> None:
 
 @pytest.mark.browser
 def test_a_failing_panel_shows_its_error_and_the_rest_renders(
-        page: Any, served: Served, expected_console: list[str]) -> None:
+    page: Any, served: Served, expected_console: list[str]
+) -> None:
     # A row stored before names were escaped: its "variant" is one the API refuses.
     expected_console.append("422")
     _rename(served, "model.layers.0.mlp.up_proj", "legacy@bogus!")
@@ -113,9 +120,11 @@ def test_a_failing_panel_shows_its_error_and_the_rest_renders(
         page.goto(f"{served.url}/#/runs/{served.run_id}?filter=all")
         page.wait_for_selector("#variant-trend .panel-error")
         assert "422" in page.inner_text("#variant-trend")
-        page.wait_for_function("() => document.getElementById('heatmap')?.data?.length > 0"
-                               " && document.getElementById('trend')?.data?.length > 0"
-                               " && document.getElementById('flags')?.data?.length > 0")
+        page.wait_for_function(
+            "() => document.getElementById('heatmap')?.data?.length > 0"
+            " && document.getElementById('trend')?.data?.length > 0"
+            " && document.getElementById('flags')?.data?.length > 0"
+        )
         assert page.query_selector("#error") is None
         assert page.is_visible("#run-body")
         # A bad variant in the URL: the heatmap asks for it and says why it cannot; the trend

@@ -58,14 +58,18 @@ def test_the_wheel_ships_every_static_file() -> None:
         if path.is_file() and "__pycache__" not in path.parts:
             relative = path.relative_to(STATIC_DIR.parent).as_posix()
             # setuptools globs do not cross folders: static/* does not ship static/views/x.js.
-            assert any(fnmatch(relative, g) and relative.count("/") == g.count("/")
-                       for g in globs), f"{relative} would be missing from the wheel"
+            assert any(
+                fnmatch(relative, g) and relative.count("/") == g.count("/") for g in globs
+            ), f"{relative} would be missing from the wheel"
 
 
 def test_no_module_copies_a_statistic_kind_or_method_name(client: TestClient) -> None:
     words = client.get("/api/v1/vocabulary").json()
-    names = ([s["name"] for s in words["statistics"]] + words["kinds"]
-             + [m["name"] for m in words["fit_methods"]])
+    names = (
+        [s["name"] for s in words["statistics"]]
+        + words["kinds"]
+        + [m["name"] for m in words["fit_methods"]]
+    )
     alternatives = "|".join(map(re.escape, names))
     literal = re.compile(rf"""["'`]({alternatives})["'`]""")
     for module in MODULES:

@@ -39,8 +39,14 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     trainer_run(run, steps=4, save_every=2, nested_widths=[32, 64])
     url = f"sqlite:///{base / 'v.db'}"
     upgrade(url)
-    settings = Settings(database_url=url, device="cpu", settle_s=0.0, max_attempts=1,
-                        allowed_roots=[base / "runs"], optimizer_state=True)
+    settings = Settings(
+        database_url=url,
+        device="cpu",
+        settle_s=0.0,
+        max_attempts=1,
+        allowed_roots=[base / "runs"],
+        optimizer_state=True,
+    )
     watcher = Watcher(settings, [run])
     try:
         assert watcher.run_once() == 2
@@ -58,8 +64,10 @@ def _api(served: Served, path: str) -> Any:
 
 
 def test_the_worker_stores_gradient_and_nested_rows_beside_the_weights(served: Served) -> None:
-    variants = {v["name"]: v["n_layers"] for v in _api(served, f"/runs/{served.run_id}/variants")
-                ["variants"]}
+    variants = {
+        v["name"]: v["n_layers"]
+        for v in _api(served, f"/runs/{served.run_id}/variants")["variants"]
+    }
     # 16 weight matrices (embeddings, 2 blocks of 7, head), their 16 moments, and gate/up/down
     # of 2 blocks at 2 widths.
     assert variants == {"weight": 16, "exp_avg": 16, "w32": 6, "w64": 6}
@@ -67,16 +75,24 @@ def test_the_worker_stores_gradient_and_nested_rows_beside_the_weights(served: S
     assert checkpoint["n_layers"] == 16 and checkpoint["status"] == "done"
 
 
-def test_run_page_shows_variants_side_by_side_and_blocks_last_first(page: Any,
-                                                                    served: Served) -> None:
+def test_run_page_shows_variants_side_by_side_and_blocks_last_first(
+    page: Any, served: Served
+) -> None:
     # Every layer: a tiny model's fits are too short to be trusted.
     page.goto(f"{served.url}/#/runs/{served.run_id}?filter=all")
     page.wait_for_function("() => document.getElementById('variant-trend')?.data?.length === 4")
     lines = {t["name"]: t for t in _data(page, "variant-trend")}
-    assert set(lines) == {"weights", "gradients (Adam exp_avg)", "nested width 32",
-                          "nested width 64"}
-    for name, variant in (("weights", "weight"), ("gradients (Adam exp_avg)", "exp_avg"),
-                          ("nested width 64", "w64")):
+    assert set(lines) == {
+        "weights",
+        "gradients (Adam exp_avg)",
+        "nested width 32",
+        "nested width 64",
+    }
+    for name, variant in (
+        ("weights", "weight"),
+        ("gradients (Adam exp_avg)", "exp_avg"),
+        ("nested width 64", "w64"),
+    ):
         trend = _api(served, f"/runs/{served.run_id}/trend?variant={variant}&filter=all")
         assert lines[name]["x"] == [2, 4]
         assert lines[name]["y"] == pytest.approx([p["value"] for p in trend["points"]])
@@ -85,11 +101,14 @@ def test_run_page_shows_variants_side_by_side_and_blocks_last_first(page: Any,
     assert page.eval_on_selector("#block-trend", "el => el.dataset.blocks") == "1,0"
     # The heatmap's rows: gradients, last block first.
     page.select_option("#variant-pick", "exp_avg")
-    page.wait_for_function("() => (document.getElementById('heatmap')?.data?.[0]?.y || [])"
-                           ".every((n) => n.endsWith('@exp_avg'))")
+    page.wait_for_function(
+        "() => (document.getElementById('heatmap')?.data?.[0]?.y || [])"
+        ".every((n) => n.endsWith('@exp_avg'))"
+    )
     page.select_option("#order-pick", "block_desc")
-    page.wait_for_function("() => document.getElementById('heatmap')?.data?.[0]?.y?.[0]"
-                           " === 'lm_head@exp_avg'")
+    page.wait_for_function(
+        "() => document.getElementById('heatmap')?.data?.[0]?.y?.[0] === 'lm_head@exp_avg'"
+    )
     rows = _data(page, "heatmap")[0]["y"]
     heat = _api(served, f"/runs/{served.run_id}/heatmap?variant=exp_avg&order=block_desc")
     assert rows == heat["layers"]

@@ -93,10 +93,17 @@ def test_image_installs_the_wheel_with_every_package_folder() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert "pip wheel" in dockerfile and "alphawatch-*.whl" in dockerfile
     assert "install -e" not in dockerfile and "pip install -e" not in dockerfile
-    copied = {line.split()[1] for line in dockerfile.splitlines() if line.startswith("COPY ")
-              and "--from" not in line}
+    copied = {
+        line.split()[1]
+        for line in dockerfile.splitlines()
+        if line.startswith("COPY ") and "--from" not in line
+    }
     for folder in ("alphawatch", "service", "workers", "dashboard", "alembic", "pyproject.toml"):
         assert folder in copied, f"the wheel stage does not copy {folder}"
     links = {p.name: p.readlink() for p in (ROOT / "alphawatch").iterdir() if p.is_symlink()}
-    assert links == {"service": Path("../service"), "workers": Path("../workers"),
-                     "dashboard": Path("../dashboard"), "migrations": Path("../alembic")}
+    assert links == {
+        "service": Path("../service"),
+        "workers": Path("../workers"),
+        "dashboard": Path("../dashboard"),
+        "migrations": Path("../alembic"),
+    }

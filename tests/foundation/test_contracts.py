@@ -14,8 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
 if not LINT_IMPORTS.exists():
     # import-linter comes with the dev extra; `make contracts` runs it on its own too.
-    pytest.skip("import-linter is not installed (pip install -e '.[dev]')",
-                allow_module_level=True)
+    pytest.skip("import-linter is not installed (pip install -e '.[dev]')", allow_module_level=True)
 PACKAGES = ("alphawatch",)
 
 
@@ -23,7 +22,11 @@ def _lint(cwd: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(cwd)}
     return subprocess.run(
         [str(LINT_IMPORTS), "--config", str(cwd / "pyproject.toml"), "--no-cache"],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=240,
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
 
 

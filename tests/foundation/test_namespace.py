@@ -14,9 +14,14 @@ ROOT = Path(__file__).resolve().parents[2]
 BARE = {"service", "workers", "dashboard"}
 # alphawatch/ itself only at its top: its service/, workers/, ... are symlinks to the folders below.
 SOURCES = sorted(
-    [*(ROOT / "alphawatch").glob("*.py"),
-     *(p for folder in ("service", "workers", "dashboard", "alembic", "tests", "bench")
-       for p in (ROOT / folder).rglob("*.py"))]
+    [
+        *(ROOT / "alphawatch").glob("*.py"),
+        *(
+            p
+            for folder in ("service", "workers", "dashboard", "alembic", "tests", "bench")
+            for p in (ROOT / folder).rglob("*.py")
+        ),
+    ]
 )
 
 
@@ -28,8 +33,9 @@ def _bare_imports(path: Path) -> list[str]:
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names = [node.module]
-        found += [f"{path.relative_to(ROOT)}:{node.lineno}: {n}" for n in names
-                  if n.split(".")[0] in BARE]
+        found += [
+            f"{path.relative_to(ROOT)}:{node.lineno}: {n}" for n in names if n.split(".")[0] in BARE
+        ]
     return found
 
 

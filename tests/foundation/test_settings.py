@@ -56,10 +56,17 @@ def test_importing_the_packages_builds_no_settings(tmp_path: Path) -> None:
         "import alphawatch.settings, alphawatch.service.api, alphawatch.service.db, "
         "alphawatch.workers.watcher, alphawatch.cli"
     )
-    env = {"ALPHAWATCH_DEVICE": "not-a-device", "ALPHAWATCH_API_THREADS": "not-a-number",
-           "PATH": "/usr/bin:/bin"}
+    env = {
+        "ALPHAWATCH_DEVICE": "not-a-device",
+        "ALPHAWATCH_API_THREADS": "not-a-number",
+        "PATH": "/usr/bin:/bin",
+    }
     result = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True,
-        cwd=Path(__file__).resolve().parents[2], timeout=120,
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr

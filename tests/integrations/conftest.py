@@ -22,9 +22,11 @@ from tests.live import serve
 
 # Whether this server can be asked to scan a run now (POST /runs/{id}/scan); without it the
 # callbacks' nudge is refused and checkpoints are found at the worker's next poll.
-HAS_SCAN_ROUTE = any(getattr(r, "path", None) == "/api/v1/runs/{run_id}/scan"
-                     and "POST" in getattr(r, "methods", ())
-                     for api in ROUTERS for r in api.routes)
+HAS_SCAN_ROUTE = any(
+    getattr(r, "path", None) == "/api/v1/runs/{run_id}/scan" and "POST" in getattr(r, "methods", ())
+    for api in ROUTERS
+    for r in api.routes
+)
 
 
 @pytest.fixture(autouse=True)
@@ -79,12 +81,20 @@ class Live:
             return json.load(response)
 
 
-def start_live(db_url: str, root: Path, *, poll_interval_s: float = 0.3,
-               trust: Thresholds | None = None) -> Iterator[Live]:
+def start_live(
+    db_url: str, root: Path, *, poll_interval_s: float = 0.3, trust: Thresholds | None = None
+) -> Iterator[Live]:
     root.mkdir(parents=True, exist_ok=True)
-    settings = Settings(database_url=db_url, allowed_roots=[root], device="cpu", settle_s=0.0,
-                        poll_interval_s=poll_interval_s, lease_s=60.0, heartbeat_s=1.0,
-                        trust=trust or Thresholds())
+    settings = Settings(
+        database_url=db_url,
+        allowed_roots=[root],
+        device="cpu",
+        settle_s=0.0,
+        poll_interval_s=poll_interval_s,
+        lease_s=60.0,
+        heartbeat_s=1.0,
+        trust=trust or Thresholds(),
+    )
     with session_scope(make_engine(db_url)) as session:
         token = create_token(session, name="trainer", scope=TokenScope.WRITE)
     watcher = Watcher(settings, worker_id="test-worker")
@@ -108,8 +118,11 @@ def live(pg_url: str, tmp_path: Path) -> Iterator[Live]:
 @pytest.fixture
 def failing_gate(pg_url: str, tmp_path: Path) -> Iterator[Live]:
     """A server whose gate fails every analysed checkpoint: alpha must lie in [50, 60]."""
-    yield from start_live(pg_url, tmp_path / "runs",
-                          trust=Thresholds(over_trained_below=50.0, under_trained_above=60.0))
+    yield from start_live(
+        pg_url,
+        tmp_path / "runs",
+        trust=Thresholds(over_trained_below=50.0, under_trained_above=60.0),
+    )
 
 
 def tiny_llama(seed: int = 0) -> Any:
@@ -118,9 +131,16 @@ def tiny_llama(seed: int = 0) -> Any:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=160,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                         max_position_embeddings=64, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -142,8 +162,11 @@ class Tokens:
 
 def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
     """What the integrations warned about (the callbacks' only way to speak)."""
-    return [r.getMessage() for r in caplog.records
-            if r.name == "alphawatch.integrations" and r.levelno >= logging.WARNING]
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "alphawatch.integrations" and r.levelno >= logging.WARNING
+    ]
 
 
 def analysed_steps(live: Live, run_id: int) -> list[int]:

@@ -36,12 +36,22 @@ def served(pg_url: str) -> Iterator[dict[str, Any]]:
     with TestClient(create_app(Settings(database_url=pg_url))) as client:
         run_id = client.get("/api/v1/runs").json()["runs"][0]["id"]
         trend = client.get(f"/api/v1/runs/{run_id}/trend").json()["points"]
-        shares = {s: client.get(f"/api/v1/runs/{run_id}/gate", params={"step": s})
-                  .json()["untrusted_share"] for s in STEPS}
-    layer_alpha = {step: next(x["alpha"] for x in layers if x["name"] == LAYER)
-                   for step, layers in written.items()}
-    yield {"url": pg_url, "trend": {p["step"]: p for p in trend}, "shares": shares,
-           "layer": layer_alpha}
+        shares = {
+            s: client.get(f"/api/v1/runs/{run_id}/gate", params={"step": s}).json()[
+                "untrusted_share"
+            ]
+            for s in STEPS
+        }
+    layer_alpha = {
+        step: next(x["alpha"] for x in layers if x["name"] == LAYER)
+        for step, layers in written.items()
+    }
+    yield {
+        "url": pg_url,
+        "trend": {p["step"]: p for p in trend},
+        "shares": shares,
+        "layer": layer_alpha,
+    }
 
 
 def _expected(served: dict[str, Any], key: str) -> dict[int, float]:
@@ -59,13 +69,23 @@ def _export(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
 
 
 def test_mlflow_export_is_read_back_and_never_doubled(
-        served: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    served: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    args = ["mlflow", "--run", "run-a", "--tracking-uri", uri, "--db", served["url"],
-            "--experiment", "spectra"]
+    args = [
+        "mlflow",
+        "--run",
+        "run-a",
+        "--tracking-uri",
+        uri,
+        "--db",
+        served["url"],
+        "--experiment",
+        "spectra",
+    ]
     first = _export(capsys, *args)
     assert "logged" in first and " 0 new" not in first
     client = MlflowClient(tracking_uri=uri)
@@ -93,7 +113,8 @@ def test_mlflow_export_is_read_back_and_never_doubled(
     assert "logged 0 new values" in third
     assert len(client.search_runs([experiment.experiment_id])) == 1
     assert history("alphawatch/alpha/median") == pytest.approx(
-        _expected(served, "alphawatch/alpha/median"))
+        _expected(served, "alphawatch/alpha/median")
+    )
 
 
 def _tensorboard(folder: Path) -> dict[str, dict[int, float]]:
@@ -111,13 +132,25 @@ def _tensorboard(folder: Path) -> dict[str, dict[int, float]]:
 
 
 def test_tensorboard_export_is_read_back_and_never_doubled(
-        served: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    args = ["tensorboard", "--run", "run-a", "--logdir", str(tmp_path / "tb"),
-            "--db", served["url"], "--layers"]
+    served: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = [
+        "tensorboard",
+        "--run",
+        "run-a",
+        "--logdir",
+        str(tmp_path / "tb"),
+        "--db",
+        served["url"],
+        "--layers",
+    ]
     _export(capsys, *args)
     scalars = _tensorboard(tmp_path / "tb" / "run-a")
-    for key in [*(f"alphawatch/alpha/{s}" for s in STATS), "alphawatch/untrusted_share",
-                f"alphawatch/layers/{LAYER}/alpha"]:
+    for key in [
+        *(f"alphawatch/alpha/{s}" for s in STATS),
+        "alphawatch/untrusted_share",
+        f"alphawatch/layers/{LAYER}/alpha",
+    ]:
         assert sorted(scalars[key]) == list(STEPS), key
         # Event files keep float32.
         assert scalars[key] == pytest.approx(_expected(served, key), rel=1e-6), key
@@ -128,8 +161,11 @@ def test_tensorboard_export_is_read_back_and_never_doubled(
 @pytest.fixture
 def wandb_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     pytest.importorskip("wandb")
-    for name, sub in (("WANDB_CONFIG_DIR", "config"), ("WANDB_CACHE_DIR", "cache"),
-                      ("WANDB_DATA_DIR", "data")):
+    for name, sub in (
+        ("WANDB_CONFIG_DIR", "config"),
+        ("WANDB_CACHE_DIR", "cache"),
+        ("WANDB_DATA_DIR", "data"),
+    ):
         monkeypatch.setenv(name, str(tmp_path / "wandb-home" / sub))
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -137,23 +173,33 @@ def wandb_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_wandb_offline_export_is_read_back_and_never_doubled(
-        served: dict[str, Any], wandb_offline: Path,
-        capsys: pytest.CaptureFixture[str]) -> None:
-    args = ["wandb", "--run", "run-a", "--project", "spectra", "--dir", str(wandb_offline),
-            "--db", served["url"]]
+    served: dict[str, Any], wandb_offline: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = [
+        "wandb",
+        "--run",
+        "run-a",
+        "--project",
+        "spectra",
+        "--dir",
+        str(wandb_offline),
+        "--db",
+        served["url"],
+    ]
     _export(capsys, *args)
     runs = offline_runs(wandb_offline, wandb_run_id("run-a"))
     assert len(runs) == 1
     logged = read_offline(wandb_offline, wandb_run_id("run-a"))
     assert {k for k in logged if k.startswith("alphawatch/alpha/")} == {
-        f"alphawatch/alpha/{s}" for s in STATS}
+        f"alphawatch/alpha/{s}" for s in STATS
+    }
     assert all(steps == set(STEPS) for steps in logged.values())
     values = _wandb_values(runs[0])
     for step in STEPS:
         assert values[step]["alphawatch/alpha/median"] == pytest.approx(
-            served["trend"][step]["median"])
-        assert values[step]["alphawatch/untrusted_share"] == pytest.approx(
-            served["shares"][step])
+            served["trend"][step]["median"]
+        )
+        assert values[step]["alphawatch/untrusted_share"] == pytest.approx(served["shares"][step])
     assert "logged 0 new values" in _export(capsys, *args)
     again = read_offline(wandb_offline, wandb_run_id("run-a"))
     assert again == logged
@@ -162,7 +208,8 @@ def test_wandb_offline_export_is_read_back_and_never_doubled(
     out = _export(capsys, *args, "--layers")
     assert f"logged {28 * len(STEPS)} new values" in out
     assert read_offline(wandb_offline, wandb_run_id("run-a"))[
-        f"alphawatch/layers/{LAYER}/alpha"] == set(STEPS)
+        f"alphawatch/layers/{LAYER}/alpha"
+    ] == set(STEPS)
 
 
 def _wandb_values(run_dir: Path) -> dict[int, dict[str, float]]:
@@ -177,15 +224,22 @@ def _wandb_values(run_dir: Path) -> dict[int, dict[str, float]]:
         record = wandb_internal_pb2.Record()  # type: ignore[attr-defined]
         record.ParseFromString(data)
         if record.WhichOneof("record_type") == "history":
-            row = {"/".join(i.nested_key) or i.key: json.loads(i.value_json)
-                   for i in record.history.item}
+            row = {
+                "/".join(i.nested_key) or i.key: json.loads(i.value_json)
+                for i in record.history.item
+            }
             rows[int(row["alphawatch/step"])] = row
     return rows
 
 
 def test_the_worker_exports_each_analysed_checkpoint_whatever_a_tracker_does(
-        small_run: Path, tmp_path: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
+    small_run: Path,
+    tmp_path: Path,
+    pg_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     run = tmp_path / "runs" / "small"
     shutil.copytree(small_run, run)
     logdir = tmp_path / "tb"
@@ -193,8 +247,9 @@ def test_the_worker_exports_each_analysed_checkpoint_whatever_a_tracker_does(
     monkeypatch.setenv("ALPHAWATCH_EXPORT__LAYERS", "true")
     # An MLflow store "inside" a plain file cannot be made: that tracker fails every time.
     (tmp_path / "a-file").write_text("not a folder")
-    monkeypatch.setenv("ALPHAWATCH_EXPORT__MLFLOW_TRACKING_URI",
-                       f"sqlite:///{tmp_path / 'a-file' / 'mlflow.db'}")
+    monkeypatch.setenv(
+        "ALPHAWATCH_EXPORT__MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'a-file' / 'mlflow.db'}"
+    )
     monkeypatch.setenv("ALPHAWATCH_SETTLE_S", "0")
     caplog.set_level(logging.WARNING, logger="alphawatch.export")
     assert main(["watch", str(run), "--db", pg_url, "--device", "cpu", "--once"]) == 0
@@ -210,7 +265,8 @@ def test_the_worker_exports_each_analysed_checkpoint_whatever_a_tracker_does(
         checkpoints = client.get("/api/v1/runs/1/checkpoints").json()["checkpoints"]
     assert [c["status"] for c in checkpoints] == ["done", "done"]
     assert scalars["alphawatch/alpha/median"] == pytest.approx(
-        {p["step"]: p["value"] for p in trend}, rel=1e-6)
+        {p["step"]: p["value"] for p in trend}, rel=1e-6
+    )
 
 
 def test_wandb_records_larger_than_a_block_are_read_back(wandb_offline: Path) -> None:
@@ -225,7 +281,8 @@ def test_wandb_records_larger_than_a_block_are_read_back(wandb_offline: Path) ->
     tracker.close()
     target.shutdown()
     run_file = offline_runs(wandb_offline, wandb_run_id("big-run"))[0] / (
-        f"run-{wandb_run_id('big-run')}.wandb")
+        f"run-{wandb_run_id('big-run')}.wandb"
+    )
     assert run_file.stat().st_size > 64 * 1024
     logged = read_offline(wandb_offline, wandb_run_id("big-run"))
     assert logged == {**{key: {7} for key in values}, "alphawatch/alpha/median": {9}}
@@ -234,12 +291,39 @@ def test_wandb_records_larger_than_a_block_are_read_back(wandb_offline: Path) ->
 
 
 def test_export_of_an_unknown_run_or_to_a_broken_store_is_a_clear_error(
-        served: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["export", "tensorboard", "--run", "no-such-run", "--logdir",
-                 str(tmp_path / "tb"), "--db", served["url"]]) == 2
+    served: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert (
+        main(
+            [
+                "export",
+                "tensorboard",
+                "--run",
+                "no-such-run",
+                "--logdir",
+                str(tmp_path / "tb"),
+                "--db",
+                served["url"],
+            ]
+        )
+        == 2
+    )
     assert "no run named 'no-such-run'" in capsys.readouterr().err
     (tmp_path / "a-file").write_text("not a folder")
-    assert main(["export", "mlflow", "--run", "run-a", "--db", served["url"],
-                 "--tracking-uri", f"sqlite:///{tmp_path / 'a-file' / 'mlflow.db'}"]) == 2
+    assert (
+        main(
+            [
+                "export",
+                "mlflow",
+                "--run",
+                "run-a",
+                "--db",
+                served["url"],
+                "--tracking-uri",
+                f"sqlite:///{tmp_path / 'a-file' / 'mlflow.db'}",
+            ]
+        )
+        == 2
+    )
     assert "export to mlflow failed" in capsys.readouterr().err
     assert not (tmp_path / "tb").exists()

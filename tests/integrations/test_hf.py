@@ -31,20 +31,34 @@ from tests.pg import free_port
 
 def _args(out: Path, *, steps: int, save_every: int) -> TrainingArguments:
     return TrainingArguments(
-        output_dir=str(out), max_steps=steps, save_steps=save_every, save_strategy="steps",
-        per_device_train_batch_size=8, learning_rate=3e-3, report_to="none",
-        save_only_model=True, logging_strategy="no", use_cpu=True, disable_tqdm=True,
-        dataloader_num_workers=0, seed=0)
+        output_dir=str(out),
+        max_steps=steps,
+        save_steps=save_every,
+        save_strategy="steps",
+        per_device_train_batch_size=8,
+        learning_rate=3e-3,
+        report_to="none",
+        save_only_model=True,
+        logging_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=0,
+    )
 
 
-def _trainer(out: Path, callbacks: list[Any], *, steps: int = 30,
-             save_every: int = 10) -> Trainer:
-    return Trainer(model=tiny_llama(), args=_args(out, steps=steps, save_every=save_every),
-                   train_dataset=Tokens(), callbacks=callbacks)
+def _trainer(out: Path, callbacks: list[Any], *, steps: int = 30, save_every: int = 10) -> Trainer:
+    return Trainer(
+        model=tiny_llama(),
+        args=_args(out, steps=steps, save_every=save_every),
+        train_dataset=Tokens(),
+        callbacks=callbacks,
+    )
 
 
 def test_trainer_run_is_registered_and_every_saveanalysed_steps(
-        live: Live, caplog: pytest.LogCaptureFixture) -> None:
+    live: Live, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.WARNING, logger="alphawatch.integrations")
     out = live.root / "tiny-llama"
     callback = AlphaWatchCallback(url=live.url, token=live.token)
@@ -56,8 +70,9 @@ def test_trainer_run_is_registered_and_every_saveanalysed_steps(
     assert run is not None, "the run was not registered"
     assert run.name == "tiny-llama" and Path(run.path) == out.resolve()
     # The folder is watched by the worker from registration on: every save is analysed.
-    wait_until(lambda: analysed_steps(live, run.id) == [10, 20, 30], 90,
-               "steps 10, 20, 30 analysed")
+    wait_until(
+        lambda: analysed_steps(live, run.id) == [10, 20, 30], 90, "steps 10, 20, 30 analysed"
+    )
     trend = live.get(f"/runs/{run.id}/trend?filter=all")
     assert [p["step"] for p in trend["points"]] == [10, 20, 30]
     assert all(p["n_used"] > 0 and p["value"] is not None for p in trend["points"])
@@ -75,18 +90,24 @@ def test_trainer_run_is_registered_and_every_saveanalysed_steps(
     assert [r["name"] for r in live.get("/runs")["runs"]] == ["tiny-llama"]
 
 
-def test_a_server_that_is_down_costs_one_warning(tmp_path: Path,
-                                                 caplog: pytest.LogCaptureFixture) -> None:
+def test_a_server_that_is_down_costs_one_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.WARNING, logger="alphawatch.integrations")
     out = tmp_path / "offline-run"
-    callback = AlphaWatchCallback(url=f"http://127.0.0.1:{free_port()}", token="x",
-                                  stop_on_gate=True)
+    callback = AlphaWatchCallback(
+        url=f"http://127.0.0.1:{free_port()}", token="x", stop_on_gate=True
+    )
     trainer = _trainer(out, [callback], steps=20, save_every=5)
     started = time.monotonic()
     trainer.train()
     assert trainer.state.global_step == 20
     assert sorted(p.name for p in out.glob("checkpoint-*")) == [
-        "checkpoint-10", "checkpoint-15", "checkpoint-20", "checkpoint-5"]
+        "checkpoint-10",
+        "checkpoint-15",
+        "checkpoint-20",
+        "checkpoint-5",
+    ]
     warnings = warnings_of(caplog)
     assert len(warnings) == 1, warnings
     assert "cannot reach" in warnings[0] and "training goes on" in warnings[0]
@@ -94,8 +115,9 @@ def test_a_server_that_is_down_costs_one_warning(tmp_path: Path,
     assert time.monotonic() - started < 120
 
 
-def test_a_refused_registration_costs_one_warning(live: Live,
-                                                  caplog: pytest.LogCaptureFixture) -> None:
+def test_a_refused_registration_costs_one_warning(
+    live: Live, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.WARNING, logger="alphawatch.integrations")
     callback = AlphaWatchCallback(url=live.url, token="not-a-token")
     trainer = _trainer(live.root / "refused", [callback], steps=20, save_every=5)
@@ -150,8 +172,11 @@ def test_a_gate_without_an_analysed_checkpoint_does_not_stop_training(live: Live
 
 
 def test_only_a_failure_on_an_analysed_checkpoint_counts() -> None:
-    no_data = {"passed": False, "step": None,
-               "violations": [{"rule": "no_data", "message": "no analysed checkpoint yet"}]}
+    no_data = {
+        "passed": False,
+        "step": None,
+        "violations": [{"rule": "no_data", "message": "no analysed checkpoint yet"}],
+    }
     failed = {"passed": False, "step": 20, "violations": [{"rule": "max_alpha"}]}
     assert not gate_failed(no_data)
     assert not gate_failed({"passed": True, "step": 20, "violations": []})
@@ -166,7 +191,8 @@ def slow_worker(pg_url: str, tmp_path: Path) -> Iterator[Live]:
 
 @pytest.mark.skipif(not HAS_SCAN_ROUTE, reason="the server has no POST /runs/{id}/scan yet")
 def test_a_save_is_analysed_at_once_when_the_server_can_be_asked_to_scan(
-        slow_worker: Live, caplog: pytest.LogCaptureFixture) -> None:
+    slow_worker: Live, caplog: pytest.LogCaptureFixture
+) -> None:
     live = slow_worker
     caplog.set_level(logging.WARNING, logger="alphawatch.integrations")
     # The worker's first pass is over before the run exists; its next poll is minutes away.

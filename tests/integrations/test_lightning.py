@@ -41,31 +41,49 @@ class TinyLlamaModule(pl.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=3e-3)
 
 
-def _fit(folder: Path, callback: pl.Callback, *, steps: int = 30,
-         save_every: int = 10) -> pl.Trainer:
-    checkpoints = ModelCheckpoint(dirpath=folder, filename="{step}", save_top_k=-1,
-                                  every_n_train_steps=save_every, save_weights_only=True)
-    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False,
-                         enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[callback, checkpoints], default_root_dir=folder.parent)
+def _fit(
+    folder: Path, callback: pl.Callback, *, steps: int = 30, save_every: int = 10
+) -> pl.Trainer:
+    checkpoints = ModelCheckpoint(
+        dirpath=folder,
+        filename="{step}",
+        save_top_k=-1,
+        every_n_train_steps=save_every,
+        save_weights_only=True,
+    )
+    trainer = pl.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[callback, checkpoints],
+        default_root_dir=folder.parent,
+    )
     trainer.fit(TinyLlamaModule(), DataLoader(Tokens(), batch_size=8))  # type: ignore[arg-type]
     return trainer
 
 
 def test_lightning_run_is_registered_and_every_saveanalysed_steps(
-        live: Live, caplog: pytest.LogCaptureFixture) -> None:
+    live: Live, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.WARNING, logger="alphawatch.integrations")
     folder = live.root / "lit-llama"
     callback = AlphaWatchCallback(url=live.url, token=live.token)
     trainer = _fit(folder, callback)
     assert trainer.global_step == 30
     assert sorted(p.name for p in folder.glob("*.ckpt")) == [
-        "step=10.ckpt", "step=20.ckpt", "step=30.ckpt"]
+        "step=10.ckpt",
+        "step=20.ckpt",
+        "step=30.ckpt",
+    ]
 
     run = callback.link.run
     assert run is not None and run.name == "lit-llama" and Path(run.path) == folder.resolve()
-    wait_until(lambda: analysed_steps(live, run.id) == [10, 20, 30], 90,
-               "steps 10, 20, 30 analysed")
+    wait_until(
+        lambda: analysed_steps(live, run.id) == [10, 20, 30], 90, "steps 10, 20, 30 analysed"
+    )
     layers = live.get(f"/runs/{run.id}/checkpoints/30/layers")["layers"]
     assert any(layer["name"].endswith("layers.1.self_attn.q_proj") for layer in layers)
     if HAS_SCAN_ROUTE:
@@ -74,8 +92,9 @@ def test_lightning_run_is_registered_and_every_saveanalysed_steps(
         assert len(warnings_of(caplog)) == 1 and "scan" in warnings_of(caplog)[0]
 
 
-def test_lightning_with_the_server_down_trains_on(tmp_path: Path,
-                                                  caplog: pytest.LogCaptureFixture) -> None:
+def test_lightning_with_the_server_down_trains_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.WARNING, logger="alphawatch.integrations")
     callback = AlphaWatchCallback(url=f"http://127.0.0.1:{free_port()}", stop_on_gate=True)
     trainer = _fit(tmp_path / "ckpt", callback, steps=20, save_every=5)
@@ -105,11 +124,23 @@ def test_lightning_stops_when_the_gate_fails(failing_gate: Live, tmp_path: Path)
     live = failing_gate
     callback = AlphaWatchCallback(url=live.url, token=live.token, stop_on_gate=True)
     slow = _Slow(limit=5000)
-    checkpoints = ModelCheckpoint(dirpath=live.root / "gated", filename="{step}", save_top_k=-1,
-                                  every_n_train_steps=10, save_weights_only=True)
-    trainer = pl.Trainer(max_steps=100_000, accelerator="cpu", devices=1, logger=False,
-                         enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=[callback, slow, checkpoints], default_root_dir=tmp_path)
+    checkpoints = ModelCheckpoint(
+        dirpath=live.root / "gated",
+        filename="{step}",
+        save_top_k=-1,
+        every_n_train_steps=10,
+        save_weights_only=True,
+    )
+    trainer = pl.Trainer(
+        max_steps=100_000,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[callback, slow, checkpoints],
+        default_root_dir=tmp_path,
+    )
     trainer.fit(TinyLlamaModule(), DataLoader(Tokens(n=100_000), batch_size=8))  # type: ignore[arg-type]
     assert not slow.fired, "the failing gate did not stop training"
     assert callback.stopped_by_gate and trainer.global_step < 5000

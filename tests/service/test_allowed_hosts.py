@@ -41,15 +41,33 @@ def test_a_server_bound_to_loopback_answers_loopback_names_only(sqlite_url: str)
     app = create_app(Settings(database_url=sqlite_url), bound_host="127.0.0.1")
     with serve(app) as base:
         port = base.rsplit(":", 1)[1]
-        for host in (f"127.0.0.1:{port}", f"localhost:{port}", "localhost", f"[::1]:{port}",
-                     f"LOCALHOST.:{port}"):
+        for host in (
+            f"127.0.0.1:{port}",
+            f"localhost:{port}",
+            "localhost",
+            f"[::1]:{port}",
+            f"LOCALHOST.:{port}",
+        ):
             assert _get(base, host).status_code == 200, host
-        for host in (f"evil.example:{port}", "evil.example", f"127.0.0.1.evil.example:{port}",
-                     "[::1", "localhost:http", "a b", ""):
+        for host in (
+            f"evil.example:{port}",
+            "evil.example",
+            f"127.0.0.1.evil.example:{port}",
+            "[::1",
+            "localhost:http",
+            "a b",
+            "",
+        ):
             _refused(_get(base, host))
         # Writes are refused before their token is even looked at, and the static dashboard too.
-        _refused(httpx.post(f"{base}/api/v1/runs", headers={"Host": "evil.example"},
-                            json={"name": "x", "path": "/x"}, timeout=30))
+        _refused(
+            httpx.post(
+                f"{base}/api/v1/runs",
+                headers={"Host": "evil.example"},
+                json={"name": "x", "path": "/x"},
+                timeout=30,
+            )
+        )
         _refused(_get(base, "evil.example", "/"))
 
 
@@ -85,9 +103,23 @@ def test_alphawatch_serve_passes_its_bound_host(tmp_path: Path) -> None:
     log = tmp_path / "serve.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "alphawatch", "serve", "--db",
-             f"sqlite:///{tmp_path / 's.db'}", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=ROOT, env=env, stdout=out, stderr=out)
+            [
+                sys.executable,
+                "-m",
+                "alphawatch",
+                "serve",
+                "--db",
+                f"sqlite:///{tmp_path / 's.db'}",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=out,
+        )
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -105,15 +137,19 @@ def test_alphawatch_serve_passes_its_bound_host(tmp_path: Path) -> None:
         proc.wait(timeout=30)
 
 
-@pytest.mark.parametrize(("bound", "allowed", "refused"), [
-    ("127.0.0.1", ["127.0.0.1", "localhost:1", "[::1]"], ["10.0.0.5", "evil.example"]),
-    ("dash.internal", ["dash.internal:8000", "localhost"], ["evil.example", "10.0.0.5"]),
-    # Every interface: any address (an address cannot be rebound), names only the loopback's.
-    ("0.0.0.0", ["10.0.0.5:8000", "[fe80::1]:80", "localhost"], ["evil.example", "api"]),
-    ("::", ["192.168.1.2", "localhost"], ["evil.example"]),
-])
-def test_the_default_follows_the_bound_host(bound: str, allowed: list[str],
-                                            refused: list[str]) -> None:
+@pytest.mark.parametrize(
+    ("bound", "allowed", "refused"),
+    [
+        ("127.0.0.1", ["127.0.0.1", "localhost:1", "[::1]"], ["10.0.0.5", "evil.example"]),
+        ("dash.internal", ["dash.internal:8000", "localhost"], ["evil.example", "10.0.0.5"]),
+        # Every interface: any address (an address cannot be rebound), names only the loopback's.
+        ("0.0.0.0", ["10.0.0.5:8000", "[fe80::1]:80", "localhost"], ["evil.example", "api"]),
+        ("::", ["192.168.1.2", "localhost"], ["evil.example"]),
+    ],
+)
+def test_the_default_follows_the_bound_host(
+    bound: str, allowed: list[str], refused: list[str]
+) -> None:
     hosts = allowed_hosts([], bound)
     assert isinstance(hosts, AllowedHosts)
     assert all(hosts.allows(h) for h in allowed)

@@ -29,9 +29,12 @@ def client(db_url: str, tmp_path: Path) -> Iterator[TestClient]:
 
 
 def _expected(layers: list[dict[str, object]], stat: str, flt: str) -> float | None:
-    values = [float(x["alpha"]) for x in layers  # type: ignore[arg-type]
-              if float(x["alpha"]) <= 8.0  # type: ignore[arg-type]
-              and (flt == "all" or (x["fit_status"] == "ok" and not x["correlation_trap"]))]
+    values = [
+        float(x["alpha"])
+        for x in layers  # type: ignore[arg-type]
+        if float(x["alpha"]) <= 8.0  # type: ignore[arg-type]
+        and (flt == "all" or (x["fit_status"] == "ok" and not x["correlation_trap"]))
+    ]
     if not values:
         return None
     v = np.asarray(values)
@@ -64,11 +67,16 @@ def test_trend_equals_direct_computation(pg_url: str, tmp_path: Path, stat: str,
 def test_trend_by_kind_and_blocks(pg_url: str) -> None:
     written = random_run(pg_url)
     with TestClient(create_app(Settings(database_url=pg_url))) as c:
-        body = c.get("/api/v1/runs/1/trend", params={"filter": "all", "kind": "q,k",
-                                                     "block_min": 1, "block_max": 2}).json()
+        body = c.get(
+            "/api/v1/runs/1/trend",
+            params={"filter": "all", "kind": "q,k", "block_min": 1, "block_max": 2},
+        ).json()
     for point in body["points"]:
-        chosen = [x for x in written[point["step"]] if x["kind"] in ("q", "k")
-                  and 1 <= int(x["block"]) <= 2]  # type: ignore[call-overload]
+        chosen = [
+            x
+            for x in written[point["step"]]
+            if x["kind"] in ("q", "k") and 1 <= int(x["block"]) <= 2
+        ]  # type: ignore[call-overload]
         assert point["value"] == pytest.approx(_expected(chosen, "median", "all"))
 
 
@@ -82,17 +90,22 @@ def test_gate_passes_and_fails_exactly_at_thresholds(client: TestClient, db_url:
     below = client.get("/api/v1/runs/1/gate", params={"max_alpha": value - 1e-9}).json()
     assert not below["passed"]
     assert [v["rule"] for v in below["violations"]] == ["max_alpha"]
-    assert not client.get("/api/v1/runs/1/gate",
-                          params={"min_alpha": 0, "max_alpha": 100,
-                                  "max_untrusted_share": share - 1e-9}).json()["passed"]
-    ref = client.get("/api/v1/runs/1/gate", params={"min_alpha": 0, "max_alpha": 100,
-                                                     "ref_step": 100, "max_delta": 0}).json()
+    assert not client.get(
+        "/api/v1/runs/1/gate",
+        params={"min_alpha": 0, "max_alpha": 100, "max_untrusted_share": share - 1e-9},
+    ).json()["passed"]
+    ref = client.get(
+        "/api/v1/runs/1/gate",
+        params={"min_alpha": 0, "max_alpha": 100, "ref_step": 100, "max_delta": 0},
+    ).json()
     assert ref["delta"] is not None
     assert ref["passed"] == (ref["delta"] == 0)
     strict = client.get("/api/v1/runs/1/gate", params={"max_alpha": 0.1, "strict": True})
     assert strict.status_code == 409
-    assert client.get("/api/v1/runs/1/gate", params={"step": 150}).json()["violations"][0][
-        "rule"] == "no_data"
+    assert (
+        client.get("/api/v1/runs/1/gate", params={"step": 150}).json()["violations"][0]["rule"]
+        == "no_data"
+    )
 
 
 def test_layers_history_esd_heatmap_flags_csv(client: TestClient, db_url: str) -> None:
@@ -111,8 +124,9 @@ def test_layers_history_esd_heatmap_flags_csv(client: TestClient, db_url: str) -
         cell = (heat["layers"].index(name), heat["steps"].index(step))
         row = next(x for x in written[step] if x["name"] == name)
         assert heat["z"][cell[0]][cell[1]] == pytest.approx(row["alpha"])
-        assert heat["trusted"][cell[0]][cell[1]] == (row["fit_status"] == "ok"
-                                                    and not row["correlation_trap"])
+        assert heat["trusted"][cell[0]][cell[1]] == (
+            row["fit_status"] == "ok" and not row["correlation_trap"]
+        )
     flags = client.get("/api/v1/runs/1/flags").json()["points"]
     assert [f["step"] for f in flags] == list(STEPS)
     for point in flags:
@@ -131,16 +145,24 @@ def test_layers_history_esd_heatmap_flags_csv(client: TestClient, db_url: str) -
     assert "alphawatch_checkpoints" in client.get("/metrics").text
 
 
-@pytest.mark.parametrize(("path", "code"), [
-    ("/api/v1/runs/abc", 422), ("/api/v1/runs/999", 404), ("/api/v1/runs/1/trend?stat=max", 422),
-    ("/api/v1/runs/1/trend?metric=drop_table", 422), ("/api/v1/runs/1/trend?filter=x", 422),
-    ("/api/v1/runs/1/checkpoints/12345/layers", 404), ("/api/v1/runs/1/gate?max_untrusted_share=2",
-                                                       422),
-    ("/api/v1/runs/1/layers/nope/history", 404), ("/api/v1/compare?runs=1;2", 422),
-    ("/api/v1/runs/1/checkpoints/100/layers/nope/esd", 404),
-])
-def test_bad_requests_get_4xx_with_a_message(client: TestClient, db_url: str, path: str,
-                                             code: int) -> None:
+@pytest.mark.parametrize(
+    ("path", "code"),
+    [
+        ("/api/v1/runs/abc", 422),
+        ("/api/v1/runs/999", 404),
+        ("/api/v1/runs/1/trend?stat=max", 422),
+        ("/api/v1/runs/1/trend?metric=drop_table", 422),
+        ("/api/v1/runs/1/trend?filter=x", 422),
+        ("/api/v1/runs/1/checkpoints/12345/layers", 404),
+        ("/api/v1/runs/1/gate?max_untrusted_share=2", 422),
+        ("/api/v1/runs/1/layers/nope/history", 404),
+        ("/api/v1/compare?runs=1;2", 422),
+        ("/api/v1/runs/1/checkpoints/100/layers/nope/esd", 404),
+    ],
+)
+def test_bad_requests_get_4xx_with_a_message(
+    client: TestClient, db_url: str, path: str, code: int
+) -> None:
     random_run(db_url)
     response = client.get(path)
     assert response.status_code == code
@@ -148,12 +170,15 @@ def test_bad_requests_get_4xx_with_a_message(client: TestClient, db_url: str, pa
     assert isinstance(detail, str) and detail
 
 
-def test_writes_need_a_token_and_paths_stay_in_the_root(client: TestClient, db_url: str,
-                                                        tmp_path: Path) -> None:
+def test_writes_need_a_token_and_paths_stay_in_the_root(
+    client: TestClient, db_url: str, tmp_path: Path
+) -> None:
     body = {"name": "new-run", "path": str(tmp_path / "root" / "ok-run")}
     assert client.post("/api/v1/runs", json=body).status_code == 401
-    assert client.post("/api/v1/runs", json=body,
-                       headers={"Authorization": "Bearer nope"}).status_code == 401
+    assert (
+        client.post("/api/v1/runs", json=body, headers={"Authorization": "Bearer nope"}).status_code
+        == 401
+    )
     with session_scope(make_engine(db_url)) as session:
         token = create_token(session, name="ci")
         admin = create_token(session, name="ops", scope=TokenScope.ADMIN)
@@ -162,9 +187,13 @@ def test_writes_need_a_token_and_paths_stay_in_the_root(client: TestClient, db_u
     assert created.status_code == 201 and created.json()["name"] == "new-run"
     (tmp_path / "outside").mkdir()
     (tmp_path / "root" / "escape").symlink_to(tmp_path / "outside")
-    for bad, code in ((str(tmp_path / "root" / ".." / "outside"), 403),
-                      (str(tmp_path / "root" / "escape"), 403), ("relative/path", 422),
-                      ("/etc", 403), (str(tmp_path / "root" / "missing"), 422)):
+    for bad, code in (
+        (str(tmp_path / "root" / ".." / "outside"), 403),
+        (str(tmp_path / "root" / "escape"), 403),
+        ("relative/path", 422),
+        ("/etc", 403),
+        (str(tmp_path / "root" / "missing"), 422),
+    ):
         response = client.post("/api/v1/runs", json={"name": "bad", "path": bad}, headers=auth)
         assert response.status_code == code, (bad, response.text)
         assert response.json()["detail"]
@@ -183,16 +212,22 @@ def test_reads_can_require_a_token(db_url: str) -> None:
 _text = st.text(alphabet=string.printable, max_size=12)
 
 
-@settings(max_examples=60, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(run=_text, metric=_text, stat=_text, flt=_text, kind=_text, step=_text, mp=_text)
-def test_fuzzed_queries_never_give_5xx(client: TestClient, run: str, metric: str, stat: str,
-                                       flt: str, kind: str, step: str, mp: str) -> None:
+def test_fuzzed_queries_never_give_5xx(
+    client: TestClient, run: str, metric: str, stat: str, flt: str, kind: str, step: str, mp: str
+) -> None:
     run, step = quote(run, safe=""), quote(step, safe="")
     params = {"metric": metric, "stat": stat, "filter": flt, "kind": kind, "max_points": mp}
-    for path in (f"/api/v1/runs/{run}/trend", f"/api/v1/runs/{run}/gate",
-                 f"/api/v1/runs/1/checkpoints/{step}/layers",
-                 f"/api/v1/runs/1/layers/{run}/history", "/api/v1/compare"):
+    for path in (
+        f"/api/v1/runs/{run}/trend",
+        f"/api/v1/runs/{run}/gate",
+        f"/api/v1/runs/1/checkpoints/{step}/layers",
+        f"/api/v1/runs/1/layers/{run}/history",
+        "/api/v1/compare",
+    ):
         response = client.get(path, params=params)
         assert response.status_code < 500, (path, params, response.text)
 
@@ -215,16 +250,27 @@ def test_kept_statistics_equal_the_layer_rows(db_url: str, outliers: str) -> Non
     app = create_app(Settings(database_url=db_url))
     stats = ["median", "mean", "trimmed_mean", "p10", "p25", "p75", "p90", "iqr"]
     with TestClient(app) as c:
+
         def all_points() -> dict[tuple[str, str], list[dict[str, object]]]:
-            return {(stat, flt): c.get("/api/v1/runs/1/trend", params={
-                "stat": stat, "filter": flt, "outliers": outliers}).json()["points"]
-                for stat in stats for flt in ("trusted", "all")}
+            return {
+                (stat, flt): c.get(
+                    "/api/v1/runs/1/trend",
+                    params={"stat": stat, "filter": flt, "outliers": outliers},
+                ).json()["points"]
+                for stat in stats
+                for flt in ("trusted", "all")
+            }
 
         def group_points() -> list[object]:
-            return [c.get("/api/v1/runs/1/trend", params={
-                "kind": kinds, "filter": flt, "outliers": outliers, "stat": stat}).json()
+            return [
+                c.get(
+                    "/api/v1/runs/1/trend",
+                    params={"kind": kinds, "filter": flt, "outliers": outliers, "stat": stat},
+                ).json()
                 for kinds in ("v,o,q,k,qkv", "gate,up,down,fc_in,fc_out")
-                for flt in ("trusted", "all") for stat in ("median", "p90")]
+                for flt in ("trusted", "all")
+                for stat in ("median", "p90")
+            ]
 
         kept, kept_groups = all_points(), group_points()
         with session_scope(make_engine(db_url)) as session:
@@ -234,16 +280,24 @@ def test_kept_statistics_equal_the_layer_rows(db_url: str, outliers: str) -> Non
     assert kept_groups == recomputed_groups
     for (stat, flt), points in kept.items():
         for point in points:
-            values = [float(x["alpha"]) for x in written[int(point["step"])]  # type: ignore[call-overload,arg-type]
-                      if float(x["alpha"]) <= 8.0  # type: ignore[arg-type]
-                      and (flt == "all" or (x["fit_status"] == "ok"
-                                            and not x["correlation_trap"]))]
+            values = [
+                float(x["alpha"])
+                for x in written[int(point["step"])]  # type: ignore[call-overload,arg-type]
+                if float(x["alpha"]) <= 8.0  # type: ignore[arg-type]
+                and (flt == "all" or (x["fit_status"] == "ok" and not x["correlation_trap"]))
+            ]
             if outliers == "mad":
                 values = _mad_kept(values)
             v = np.asarray(values)
-            want = (float(np.percentile(v, 75) - np.percentile(v, 25)) if stat == "iqr"
-                    else _expected([{"alpha": x, "fit_status": "ok", "correlation_trap": False}
-                                    for x in values], stat, "all"))
+            want = (
+                float(np.percentile(v, 75) - np.percentile(v, 25))
+                if stat == "iqr"
+                else _expected(
+                    [{"alpha": x, "fit_status": "ok", "correlation_trap": False} for x in values],
+                    stat,
+                    "all",
+                )
+            )
             assert point["value"] == pytest.approx(want, rel=1e-12), (stat, flt)
             assert point["n_used"] == len(values)
 
@@ -253,15 +307,21 @@ def test_layer_history_pages_and_downsamples(client: TestClient, db_url: str) ->
     name = "model.layers.1.q_proj"
     url = f"/api/v1/runs/1/layers/{name}/history"
     full = client.get(url).json()["points"]
-    want = [next(float(x["alpha"]) for x in written[s] if x["name"] == name)  # type: ignore[arg-type]
-            for s in STEPS]
+    want = [
+        next(float(x["alpha"]) for x in written[s] if x["name"] == name)  # type: ignore[arg-type]
+        for s in STEPS
+    ]
     assert [p["value"] for p in full] == pytest.approx(want)
-    assert [p["step"] for p in client.get(url, params={"limit": 1, "offset": 1}).json()[
-        "points"]] == [200]
+    assert [
+        p["step"] for p in client.get(url, params={"limit": 1, "offset": 1}).json()["points"]
+    ] == [200]
     assert [p["step"] for p in client.get(url, params={"max_points": 2}).json()["points"]] == [
-        100, 300]
-    assert client.get(url, params={"metric": "D"}).json()["points"][0]["value"] == \
-        pytest.approx(next(x["D"] for x in written[100] if x["name"] == name))
+        100,
+        300,
+    ]
+    assert client.get(url, params={"metric": "D"}).json()["points"][0]["value"] == pytest.approx(
+        next(x["D"] for x in written[100] if x["name"] == name)
+    )
 
 
 def test_layer_schema_is_written_out_and_covers_every_column() -> None:
@@ -270,4 +330,5 @@ def test_layer_schema_is_written_out_and_covers_every_column() -> None:
     from alphawatch.service.db.models import LAYER_COLUMNS
 
     assert set(LayerMetricRead.model_fields) == set(LAYER_COLUMNS), (
-        "add the new layer_metric column to schemas.LayerMetricRead (or drop the old one)")
+        "add the new layer_metric column to schemas.LayerMetricRead (or drop the old one)"
+    )

@@ -47,8 +47,9 @@ class Client:
         self.token = token
         self.local_ports: set[int] = set()
 
-    def request(self, method: str, path: str, body: Any = None,
-                token: str | None = None) -> tuple[int, Any, dict[str, str]]:
+    def request(
+        self, method: str, path: str, body: Any = None, token: str | None = None
+    ) -> tuple[int, Any, dict[str, str]]:
         headers = {"Content-Type": "application/json"}
         if token or self.token:
             headers["Authorization"] = f"Bearer {token or self.token}"
@@ -80,7 +81,8 @@ def site(db_url: str, tmp_path: Path) -> Iterator[tuple[str, str, Path]]:
 
 
 def test_writes_are_visible_to_the_next_request_on_the_same_connection(
-        site: tuple[str, str, Path]) -> None:
+    site: tuple[str, str, Path],
+) -> None:
     base, url, root = site
     client = Client(base, _token(url, "ops", TokenScope.ADMIN))
     body = {"name": "fresh", "path": str(root / "run-dir")}
@@ -100,35 +102,53 @@ def test_writes_are_visible_to_the_next_request_on_the_same_connection(
         status, gone, _ = client.request("GET", run)
         assert status == 404 and "not found" in gone["detail"], (i, gone)
         assert client.request("GET", f"{run}/trend")[0] == 404, i
-        assert created["id"] not in [r["id"] for r in
-                                     client.request("GET", "/api/v1/runs")[1]["runs"]]
+        assert created["id"] not in [
+            r["id"] for r in client.request("GET", "/api/v1/runs")[1]["runs"]
+        ]
     assert len(client.local_ports) == 1, "the connection was not kept alive"
     client.close()
 
 
 def test_hostile_paths_and_queries_get_a_4xx_with_a_message(
-        site: tuple[str, str, Path], tmp_path: Path) -> None:
+    site: tuple[str, str, Path], tmp_path: Path
+) -> None:
     base, url, root = site
     (root / "loop").symlink_to(root / "loop")
     (root / "a").symlink_to(root / "b")
     (root / "b").symlink_to(root / "a")
     (root / "file").write_text("not a directory")
     client = Client(base, _token(url, "ops", TokenScope.WRITE))
-    gets = ["/api/v1/runs/1/layers/a%00b/history", "/api/v1/runs/1/trend?kind=q%00",
-            "/api/v1/runs?limit=%00", "/api/v1/runs/1/checkpoints/100/layers/x%00/esd",
-            "/api/v1/runs/1/trend?method=ww%00", "/api/v1/compare?runs=1%00",
-            "/metrics?x=%00", f"/api/v1/runs/1/layers/{'x' * 600}/history",
-            f"/api/v1/runs/1/layers/{'x' * 300}/history", "/api/v1/runs/1/gate?min_alpha=nan",
-            "/api/v1/runs/1/trend?metric=drop%20table", "/api/v1/runs/99999999999"]
+    gets = [
+        "/api/v1/runs/1/layers/a%00b/history",
+        "/api/v1/runs/1/trend?kind=q%00",
+        "/api/v1/runs?limit=%00",
+        "/api/v1/runs/1/checkpoints/100/layers/x%00/esd",
+        "/api/v1/runs/1/trend?method=ww%00",
+        "/api/v1/compare?runs=1%00",
+        "/metrics?x=%00",
+        f"/api/v1/runs/1/layers/{'x' * 600}/history",
+        f"/api/v1/runs/1/layers/{'x' * 300}/history",
+        "/api/v1/runs/1/gate?min_alpha=nan",
+        "/api/v1/runs/1/trend?metric=drop%20table",
+        "/api/v1/runs/99999999999",
+    ]
     for path in gets:
         status, body, _ = client.request("GET", path)
         assert 400 <= status < 500, (path, status, body)
         assert isinstance(body["detail"], str) and body["detail"], path
-    posts = {str(root / ("x" * 300)): 422, str(root / ("y" * 255) / ("z" * 256)): 422,
-             str(root / "loop"): 422, str(root / "a" / "deeper"): 422,
-             str(root / "file"): 422, str(root / "missing"): 422,
-             str(root) + "/run-dir\x00/etc": 422, "/" + "d/" * 2100: 422,
-             "run-dir": 422, str(tmp_path): 403, str(root / ".." / ".."): 403}
+    posts = {
+        str(root / ("x" * 300)): 422,
+        str(root / ("y" * 255) / ("z" * 256)): 422,
+        str(root / "loop"): 422,
+        str(root / "a" / "deeper"): 422,
+        str(root / "file"): 422,
+        str(root / "missing"): 422,
+        str(root) + "/run-dir\x00/etc": 422,
+        "/" + "d/" * 2100: 422,
+        "run-dir": 422,
+        str(tmp_path): 403,
+        str(root / ".." / ".."): 403,
+    }
     for path, code in posts.items():
         status, body, _ = client.request("POST", "/api/v1/runs", {"name": "bad", "path": path})
         assert status == code, (path[:80], status, body)
@@ -249,12 +269,30 @@ def _send_huge(port: int, head: bytes, total: int, *, chunked: bool = False) -> 
 def test_big_bodies_are_refused_without_growing_the_server(pg_url: str, tmp_path: Path) -> None:
     admin = _token(pg_url, "ops", TokenScope.ADMIN)
     port = free_port()
-    env = {**os.environ, "ALPHAWATCH_DATABASE_URL": pg_url, "PYTHONPATH": str(ROOT),
-           "ALPHAWATCH_ALLOWED_ROOTS": json.dumps([str(tmp_path)]),
-           "ALPHAWATCH_MAX_BODY_BYTES": str(64 * 1024)}
+    env = {
+        **os.environ,
+        "ALPHAWATCH_DATABASE_URL": pg_url,
+        "PYTHONPATH": str(ROOT),
+        "ALPHAWATCH_ALLOWED_ROOTS": json.dumps([str(tmp_path)]),
+        "ALPHAWATCH_MAX_BODY_BYTES": str(64 * 1024),
+    }
     server = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "--factory", "alphawatch.service.api:create_app",
-         "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"], env=env, cwd=ROOT)
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--factory",
+            "alphawatch.service.api:create_app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        env=env,
+        cwd=ROOT,
+    )
     try:
         for _ in range(300):
             probe = Client(f"http://127.0.0.1:{port}")
@@ -268,27 +306,48 @@ def test_big_bodies_are_refused_without_growing_the_server(pg_url: str, tmp_path
         before = _peak_kib(server.pid)
         sixty_mb = 60 * 2**20
         # No token, 60 MB declared and sent: 401 before the body is read.
-        answer = _send_huge(port, (f"POST /api/v1/runs HTTP/1.1\r\nHost: x\r\n"
-                                   f"Content-Type: application/json\r\n"
-                                   f"Content-Length: {sixty_mb}\r\n\r\n").encode(), sixty_mb)
+        answer = _send_huge(
+            port,
+            (
+                f"POST /api/v1/runs HTTP/1.1\r\nHost: x\r\n"
+                f"Content-Type: application/json\r\n"
+                f"Content-Length: {sixty_mb}\r\n\r\n"
+            ).encode(),
+            sixty_mb,
+        )
         assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
         # No token, chunked: the same.
-        answer = _send_huge(port, b"POST /api/v1/runs HTTP/1.1\r\nHost: x\r\n"
-                                  b"Transfer-Encoding: chunked\r\n\r\n", sixty_mb, chunked=True)
+        answer = _send_huge(
+            port,
+            b"POST /api/v1/runs HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+            sixty_mb,
+            chunked=True,
+        )
         assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
         # With a token, over the limit: 413 from the declared length, without reading it.
         auth = f"Authorization: Bearer {admin}\r\n"
-        answer = _send_huge(port, (f"POST /api/v1/runs HTTP/1.1\r\nHost: x\r\n{auth}"
-                                   f"Content-Type: application/json\r\n"
-                                   f"Content-Length: {sixty_mb}\r\n\r\n").encode(), sixty_mb)
+        answer = _send_huge(
+            port,
+            (
+                f"POST /api/v1/runs HTTP/1.1\r\nHost: x\r\n{auth}"
+                f"Content-Type: application/json\r\n"
+                f"Content-Length: {sixty_mb}\r\n\r\n"
+            ).encode(),
+            sixty_mb,
+        )
         assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
         # With a token, chunked and over the limit: 413 once the limit is crossed.
         chunk = b"x" * 4096
         framed = (b"%x\r\n" % len(chunk)) + chunk + b"\r\n"
         with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-            sock.sendall((f"POST /api/v1/runs HTTP/1.1\r\nHost: x\r\n{auth}"
-                          "Content-Type: application/json\r\n"
-                          "Transfer-Encoding: chunked\r\n\r\n").encode() + framed * 40)
+            sock.sendall(
+                (
+                    f"POST /api/v1/runs HTTP/1.1\r\nHost: x\r\n{auth}"
+                    "Content-Type: application/json\r\n"
+                    "Transfer-Encoding: chunked\r\n\r\n"
+                ).encode()
+                + framed * 40
+            )
             answer = sock.recv(65536)
         # Only the status line is sure to arrive: the server closes a socket that still holds
         # unread body, and the kernel may then drop the rest of the answer.
@@ -298,8 +357,10 @@ def test_big_bodies_are_refused_without_growing_the_server(pg_url: str, tmp_path
         # A body under the limit still works.
         (tmp_path / "ok").mkdir()
         fresh = Client(f"http://127.0.0.1:{port}", admin)
-        assert fresh.request("POST", "/api/v1/runs",
-                             {"name": "ok", "path": str(tmp_path / "ok")})[0] == 201
+        assert (
+            fresh.request("POST", "/api/v1/runs", {"name": "ok", "path": str(tmp_path / "ok")})[0]
+            == 201
+        )
         fresh.close()
     finally:
         server.send_signal(signal.SIGINT)

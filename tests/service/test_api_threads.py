@@ -18,7 +18,8 @@ def _route_threads(client: TestClient) -> int:
 
 
 def test_the_environment_sizes_the_route_threads_of_an_app_built_later(
-        sqlite_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Set after every module is imported: only settings built by the app factory can see it.
     monkeypatch.setenv("ALPHAWATCH_API_THREADS", "3")
     monkeypatch.setenv("ALPHAWATCH_DATABASE_URL", sqlite_url)

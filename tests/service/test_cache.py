@@ -46,8 +46,13 @@ def _cache(client: TestClient) -> ResultCache:
 
 
 def test_repeated_reads_are_served_from_memory_with_the_same_body(client: TestClient) -> None:
-    for path in (TREND, HISTORY, "/api/v1/runs/1/heatmap", "/api/v1/runs/1/flags",
-                 "/api/v1/compare?runs=1"):
+    for path in (
+        TREND,
+        HISTORY,
+        "/api/v1/runs/1/heatmap",
+        "/api/v1/runs/1/flags",
+        "/api/v1/compare?runs=1",
+    ):
         first, second = client.get(path), client.get(path)
         assert first.status_code == second.status_code == 200, first.text
         assert (first.headers["x-cache"], second.headers["x-cache"]) == ("miss", "hit")
@@ -64,22 +69,45 @@ def test_a_completed_checkpoint_is_visible_at_once(client: TestClient, pg_url: s
     version = _cache(client).version()
     engine = make_engine(pg_url)
     with session_scope(engine) as session:
-        registry.register_checkpoint(session, run_id=1, step=400, path="/r/400", fingerprint="y",
-                                  fmt="hf")
+        registry.register_checkpoint(
+            session, run_id=1, step=400, path="/r/400", fingerprint="y", fmt="hf"
+        )
     with session_scope(engine) as session:
         job = queue.claim(session, worker_id="w", lease_s=60)
     assert job is not None and job.step == 400
-    layers = [LayerRow(name="model.layers.0.q_proj", kind="q", block=0, method="ww",
-                       fit_status="ok", correlation_trap=False, rank_collapse=False,
-                       trusted=True, alpha=3.25, D=0.05, num_pl_spikes=20)]
+    layers = [
+        LayerRow(
+            name="model.layers.0.q_proj",
+            kind="q",
+            block=0,
+            method="ww",
+            fit_status="ok",
+            correlation_trap=False,
+            rank_collapse=False,
+            trusted=True,
+            alpha=3.25,
+            D=0.05,
+            num_pl_spikes=20,
+        )
+    ]
     with session_scope(engine) as session:
-        assert results.complete(session, job_id=job.job_id, worker_id="w", layers=layers,
-                              spectra=[], device="cpu", elapsed_s=0.1, thresholds=Thresholds())
+        assert results.complete(
+            session,
+            job_id=job.job_id,
+            worker_id="w",
+            layers=layers,
+            spectra=[],
+            device="cpu",
+            elapsed_s=0.1,
+            thresholds=Thresholds(),
+        )
     _until(lambda: _cache(client).version() != version)
     after = client.get(TREND)
     assert after.headers["x-cache"] == "miss"
     assert [p["step"] for p in after.json()["points"]] == [
-        *(p["step"] for p in before["points"]), 400]
+        *(p["step"] for p in before["points"]),
+        400,
+    ]
     assert after.json()["points"][-1]["value"] == 3.25
     history = client.get(HISTORY).json()["points"]
     assert history[-1] == {**history[-1], "step": 400, "value": 3.25}

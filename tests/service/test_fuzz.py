@@ -25,11 +25,31 @@ SCHEMATHESIS = Path(sys.executable).with_name("schemathesis")
 
 def _run(base: str, token: str, workdir: Path, *options: str) -> str:
     result = subprocess.run(
-        [str(SCHEMATHESIS), "run", f"{base}/openapi.json", "--checks", "all", "--workers", "1",
-         "--max-examples", "15", "--suppress-health-check", "all", "--seed", "1",
-         "-H", f"Authorization: Bearer {token}", *options],
+        [
+            str(SCHEMATHESIS),
+            "run",
+            f"{base}/openapi.json",
+            "--checks",
+            "all",
+            "--workers",
+            "1",
+            "--max-examples",
+            "15",
+            "--suppress-health-check",
+            "all",
+            "--seed",
+            "1",
+            "-H",
+            f"Authorization: Bearer {token}",
+            *options,
+        ],
         # Its crash cache goes to the working directory: not into the repository.
-        capture_output=True, text=True, timeout=280, check=False, cwd=workdir)
+        capture_output=True,
+        text=True,
+        timeout=280,
+        check=False,
+        cwd=workdir,
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-6000:]
     assert "passed" in output and "failures" not in output.split("SUMMARY")[-1], output[-3000:]
@@ -38,18 +58,27 @@ def _run(base: str, token: str, workdir: Path, *options: str) -> str:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("reads_need_token", [False, True])
-def test_schemathesis_all_checks_pass(pg_url: str, tmp_path: Path,
-                                      reads_need_token: bool) -> None:
+def test_schemathesis_all_checks_pass(pg_url: str, tmp_path: Path, reads_need_token: bool) -> None:
     random_run(pg_url)
     with session_scope(make_engine(pg_url)) as session:
         token = create_token(session, name="fuzz", scope=TokenScope.ADMIN)
     # Generated paths fall outside this root (403); a path under it that does not exist would be
     # a 422 the schema cannot foresee. Registering runs is tested in test_api_live.py.
-    app = create_app(Settings(database_url=pg_url, allowed_roots=[tmp_path],
-                              read_requires_token=reads_need_token))
+    app = create_app(
+        Settings(
+            database_url=pg_url, allowed_roots=[tmp_path], read_requires_token=reads_need_token
+        )
+    )
     with serve(app) as base:
         # Reads over the filled run first; then everything, deletes and stateful links included.
-        _run(base, token, tmp_path, "--exclude-method", "DELETE",
-             "--phases", "examples,coverage,fuzzing")
+        _run(
+            base,
+            token,
+            tmp_path,
+            "--exclude-method",
+            "DELETE",
+            "--phases",
+            "examples,coverage,fuzzing",
+        )
         _run(base, token, tmp_path)
     assert sum(len(ops) for ops in app.openapi()["paths"].values()) >= 17

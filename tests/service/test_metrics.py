@@ -31,20 +31,27 @@ ELAPSED = {100: 0.4, 200: 7.0, 300: 4000.0}
 def _run(url: str, name: str, seed: int, check: GateCheck) -> None:
     """A run of three analysed checkpoints, the worker's way (verdict recorded)."""
     rng = np.random.default_rng(seed)
-    analysed_run(url, name=name, steps=STEPS, layers=lambda _: random_layers(rng),
-                 elapsed_s=lambda step: ELAPSED[step], thresholds=Thresholds(), gate=check)
+    analysed_run(
+        url,
+        name=name,
+        steps=STEPS,
+        layers=lambda _: random_layers(rng),
+        elapsed_s=lambda step: ELAPSED[step],
+        thresholds=Thresholds(),
+        gate=check,
+    )
 
 
 def _failed_checkpoint(url: str) -> None:
     with session_scope(make_engine(url)) as session:
-        registry.register_checkpoint(session, run_id=1, step=999, path="/r/999", fingerprint="x",
-                                  fmt="hf")
+        registry.register_checkpoint(
+            session, run_id=1, step=999, path="/r/999", fingerprint="x", fmt="hf"
+        )
     with session_scope(make_engine(url)) as session:
         job = queue.claim(session, worker_id="t", lease_s=60)
     assert job is not None
     with session_scope(make_engine(url)) as session:
-        queue.fail(session, job_id=job.job_id, worker_id="t", error="unreadable",
-                   max_attempts=1)
+        queue.fail(session, job_id=job.job_id, worker_id="t", error="unreadable", max_attempts=1)
 
 
 def _scrape(client: TestClient) -> dict[str, Any]:
@@ -67,13 +74,16 @@ def _value(samples: dict[str, Any], name: str, **labels: str) -> Any:
 @pytest.fixture
 def client(db_url: str) -> Iterator[TestClient]:
     settings = Settings(database_url=db_url)
-    check = GateCheck(defaults=settings.gate, method="ww", thresholds=settings.trust,
-                      notify=False)
+    check = GateCheck(defaults=settings.gate, method="ww", thresholds=settings.trust, notify=False)
     _run(db_url, "passes", 0, check)
     # A narrower band for the second run, stored before its checkpoints are analysed.
     strict = check.defaults.merged({"max_alpha": 2.5})
-    _run(db_url, "fails", 1, GateCheck(defaults=strict, method="ww",
-                                       thresholds=settings.trust, notify=False))
+    _run(
+        db_url,
+        "fails",
+        1,
+        GateCheck(defaults=strict, method="ww", thresholds=settings.trust, notify=False),
+    )
     _failed_checkpoint(db_url)
     with TestClient(create_app(settings)) as c:
         yield c
@@ -85,19 +95,21 @@ def test_metrics_equal_the_trend_and_the_gate(client: TestClient) -> None:
         for stat in LEVELS:
             trend = client.get(f"/api/v1/runs/{run_id}/trend", params={"stat": stat}).json()
             last = trend["points"][-1]
-            assert _value(samples, "alphawatch_run_alpha", run=name, stat=stat) == \
-                pytest.approx(last["value"], rel=1e-12), (name, stat)
+            assert _value(samples, "alphawatch_run_alpha", run=name, stat=stat) == pytest.approx(
+                last["value"], rel=1e-12
+            ), (name, stat)
         assert _value(samples, "alphawatch_run_last_step", run=name) == last["step"]
-        gate = client.get(f"/api/v1/runs/{run_id}/gate",
-                          params={"max_alpha": 6 if run_id == 1 else 2.5}).json()
-        assert _value(samples, "alphawatch_run_untrusted_ratio", run=name) == \
-            pytest.approx(gate["untrusted_share"], rel=1e-12)
+        gate = client.get(
+            f"/api/v1/runs/{run_id}/gate", params={"max_alpha": 6 if run_id == 1 else 2.5}
+        ).json()
+        assert _value(samples, "alphawatch_run_untrusted_ratio", run=name) == pytest.approx(
+            gate["untrusted_share"], rel=1e-12
+        )
         assert _value(samples, "alphawatch_run_gate_passed", run=name) == float(gate["passed"])
     assert _value(samples, "alphawatch_run_gate_passed", run="passes") == 1.0
     assert _value(samples, "alphawatch_run_gate_passed", run="fails") == 0.0
     # No per-layer series: runs and statistics are the only labels.
-    assert {dict(k[1]).keys() - {"run", "stat", "status", "le"} == set()
-            for k in samples} == {True}
+    assert {dict(k[1]).keys() - {"run", "stat", "status", "le"} == set() for k in samples} == {True}
 
 
 def test_analysis_counts_and_durations(client: TestClient) -> None:
@@ -136,13 +148,13 @@ def _statements(url: str) -> Iterator[list[str]]:
 
 
 @pytest.mark.slow
-def test_a_scrape_costs_the_same_queries_for_any_number_of_runs(client: TestClient,
-                                                                db_url: str) -> None:
+def test_a_scrape_costs_the_same_queries_for_any_number_of_runs(
+    client: TestClient, db_url: str
+) -> None:
     with _statements(db_url) as few:
         _scrape(client)
     settings = Settings(database_url=db_url)
-    check = GateCheck(defaults=settings.gate, method="ww", thresholds=settings.trust,
-                      notify=False)
+    check = GateCheck(defaults=settings.gate, method="ww", thresholds=settings.trust, notify=False)
     for seed in range(5):
         _run(db_url, f"more-{seed}", seed + 10, check)
     with _statements(db_url) as many:
@@ -171,8 +183,12 @@ def test_the_grafana_dashboard_queries_only_exported_metrics(client: TestClient)
     assert queried, "the dashboard queries nothing"
     assert queried <= exported, f"not exported: {sorted(queried - exported)}"
     # Every metric family the issue names is on the dashboard.
-    assert {"alphawatch_run_alpha", "alphawatch_run_untrusted_ratio",
-            "alphawatch_run_gate_passed", "alphawatch_run_last_step",
-            "alphawatch_checkpoints_analyzed_total",
-            "alphawatch_checkpoint_analysis_seconds_bucket"} <= queried
+    assert {
+        "alphawatch_run_alpha",
+        "alphawatch_run_untrusted_ratio",
+        "alphawatch_run_gate_passed",
+        "alphawatch_run_last_step",
+        "alphawatch_checkpoints_analyzed_total",
+        "alphawatch_checkpoint_analysis_seconds_bucket",
+    } <= queried
     assert all(p["datasource"]["uid"] == "${datasource}" for p in dashboard["panels"])

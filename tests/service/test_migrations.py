@@ -40,16 +40,20 @@ def _migrate(url: str, verb: str, revision: str) -> None:
 
 def _notify_triggers(url: str) -> set[str]:
     with make_engine(url).connect() as connection:
-        return set(connection.exec_driver_sql(
-            "SELECT tgname FROM pg_trigger WHERE tgname LIKE 'trg_%%_notify_results'").scalars())
+        return set(
+            connection.exec_driver_sql(
+                "SELECT tgname FROM pg_trigger WHERE tgname LIKE 'trg_%%_notify_results'"
+            ).scalars()
+        )
 
 
 def test_every_migration_is_reversible(db_url: str) -> None:
     postgres = db_url.startswith("postgresql")
     if postgres:
-        assert _notify_triggers(db_url) == {f"trg_{t}_notify_results" for t in
-                                            ("run", "checkpoint", "layer_metric",
-                                             "checkpoint_stat")}
+        assert _notify_triggers(db_url) == {
+            f"trg_{t}_notify_results"
+            for t in ("run", "checkpoint", "layer_metric", "checkpoint_stat")
+        }
     _migrate(db_url, "downgrade", "0002")
     if postgres:
         assert _notify_triggers(db_url) == set()

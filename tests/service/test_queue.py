@@ -26,12 +26,24 @@ def _fill(url: str, n: int) -> None:
     with session_scope(make_engine(url)) as session:
         run = registry.ensure_run(session, name="r", path="/runs/r")
         for step in range(n):
-            assert registry.register_checkpoint(session, run_id=run, step=step,
-                                                path=f"/runs/r/{step}", fingerprint="f",
-                                                fmt="hf") is not None
+            assert (
+                registry.register_checkpoint(
+                    session,
+                    run_id=run,
+                    step=step,
+                    path=f"/runs/r/{step}",
+                    fingerprint="f",
+                    fmt="hf",
+                )
+                is not None
+            )
         # Registering again is idempotent.
-        assert registry.register_checkpoint(session, run_id=run, step=0, path="/x",
-                                         fingerprint="f", fmt="hf") is None
+        assert (
+            registry.register_checkpoint(
+                session, run_id=run, step=0, path="/x", fingerprint="f", fmt="hf"
+            )
+            is None
+        )
 
 
 def test_concurrent_claimers_never_share_a_job(pg_url: str) -> None:
@@ -60,8 +72,9 @@ def test_concurrent_claimers_never_share_a_job(pg_url: str) -> None:
 
 
 def _layer(name: str) -> LayerRow:
-    return LayerRow(name=name, kind="q", block=0, method="ww", fit_status="ok", trusted=True,
-                    alpha=3.0)
+    return LayerRow(
+        name=name, kind="q", block=0, method="ww", fit_status="ok", trusted=True, alpha=3.0
+    )
 
 
 def test_expired_lease_is_requeued_and_finished_once(db_url: str) -> None:
@@ -78,13 +91,27 @@ def test_expired_lease_is_requeued_and_finished_once(db_url: str) -> None:
     assert alive is not None and alive.job_id == dead.job_id and alive.attempts == 2
     with session_scope(engine) as session:
         # The dead worker comes back: its lease is gone, it may not write.
-        assert not results.complete(session, job_id=dead.job_id, worker_id="dead",
-                                  layers=[_layer("a")], spectra=[], device="cpu", elapsed_s=1,
-                                  thresholds=Thresholds())
+        assert not results.complete(
+            session,
+            job_id=dead.job_id,
+            worker_id="dead",
+            layers=[_layer("a")],
+            spectra=[],
+            device="cpu",
+            elapsed_s=1,
+            thresholds=Thresholds(),
+        )
     with session_scope(engine) as session:
-        assert results.complete(session, job_id=alive.job_id, worker_id="alive",
-                              layers=[_layer("a"), _layer("b")], spectra=[], device="cpu",
-                              elapsed_s=1, thresholds=Thresholds())
+        assert results.complete(
+            session,
+            job_id=alive.job_id,
+            worker_id="alive",
+            layers=[_layer("a"), _layer("b")],
+            spectra=[],
+            device="cpu",
+            elapsed_s=1,
+            thresholds=Thresholds(),
+        )
     with session_scope(engine) as session:
         assert session.scalar(select(func.count()).select_from(LayerMetric)) == 2
         assert session.scalar(select(Checkpoint.status)) == "done"
@@ -99,8 +126,9 @@ def test_failing_job_ends_failed_with_its_error(db_url: str) -> None:
             job = queue.claim(session, worker_id="w", lease_s=60)
         assert job is not None and job.attempts == attempt + 1
         with session_scope(engine) as session:
-            queue.fail(session, job_id=job.job_id, worker_id="w", error=f"boom {attempt}",
-                       max_attempts=3)
+            queue.fail(
+                session, job_id=job.job_id, worker_id="w", error=f"boom {attempt}", max_attempts=3
+            )
     with session_scope(engine) as session:
         assert queue.claim(session, worker_id="w", lease_s=60) is None
         job_row = session.scalars(select(AnalysisJob)).one()
@@ -148,8 +176,9 @@ def test_dead_worker_after_a_failed_attempt_keeps_that_error(db_url: str) -> Non
         job = queue.claim(session, worker_id="w", lease_s=60)
     assert job is not None
     with session_scope(engine) as session:
-        queue.fail(session, job_id=job.job_id, worker_id="w", error="MemoryError: boom",
-                   max_attempts=2)
+        queue.fail(
+            session, job_id=job.job_id, worker_id="w", error="MemoryError: boom", max_attempts=2
+        )
     with session_scope(engine) as session:
         assert queue.claim(session, worker_id="doomed", lease_s=0.1) is not None
     time.sleep(0.2)
@@ -170,9 +199,13 @@ def test_statuses_outside_the_state_machine_are_refused_by_the_database(db_url: 
         with pytest.raises(IntegrityError, match="status"), engine.begin() as conn:
             conn.execute(text(f"UPDATE {table} SET status = 'bogus'"))
     with pytest.raises(IntegrityError, match="status"), engine.begin() as conn:
-        conn.execute(text("INSERT INTO checkpoint (run_id, step, path, fingerprint, format, "
-                          "status, discovered_at) SELECT run_id, 99, path, fingerprint, format, "
-                          "'Done', discovered_at FROM checkpoint"))
+        conn.execute(
+            text(
+                "INSERT INTO checkpoint (run_id, step, path, fingerprint, format, "
+                "status, discovered_at) SELECT run_id, 99, path, fingerprint, format, "
+                "'Done', discovered_at FROM checkpoint"
+            )
+        )
 
 
 def test_one_state_machine_moves_job_and_checkpoint_together(db_url: str) -> None:
@@ -182,8 +215,16 @@ def test_one_state_machine_moves_job_and_checkpoint_together(db_url: str) -> Non
         job = queue.claim(session, worker_id="w", lease_s=60)
     assert job is not None
     with session_scope(engine) as session:
-        assert results.complete(session, job_id=job.job_id, worker_id="w", layers=[_layer("a")],
-                              spectra=[], device="cpu", elapsed_s=1, thresholds=Thresholds())
+        assert results.complete(
+            session,
+            job_id=job.job_id,
+            worker_id="w",
+            layers=[_layer("a")],
+            spectra=[],
+            device="cpu",
+            elapsed_s=1,
+            thresholds=Thresholds(),
+        )
     with session_scope(engine) as session:
         row = session.scalars(select(AnalysisJob)).one()
         checkpoint = session.scalars(select(Checkpoint)).one()
@@ -219,17 +260,25 @@ def test_has_work_says_whether_a_claim_could_find_a_job(db_url: str) -> None:
         again = queue.claim(session, worker_id="w", lease_s=30)
     assert again is not None
     with session_scope(engine) as session:
-        assert results.complete(session, job_id=again.job_id, worker_id="w", layers=[],
-                              spectra=[], device="cpu", elapsed_s=0.0,
-                              thresholds=Thresholds())
+        assert results.complete(
+            session,
+            job_id=again.job_id,
+            worker_id="w",
+            layers=[],
+            spectra=[],
+            device="cpu",
+            elapsed_s=0.0,
+            thresholds=Thresholds(),
+        )
     assert not work()  # done
 
 
 def test_known_checkpoints_speak_in_the_status_enums(db_url: str) -> None:
     with session_scope(make_engine(db_url)) as session:
         run = registry.ensure_run(session, name="r", path="/runs/r")
-        registry.register_checkpoint(session, run_id=run, step=1, path="/runs/r/1",
-                                  fingerprint="f", fmt="hf")
+        registry.register_checkpoint(
+            session, run_id=run, step=1, path="/runs/r/1", fingerprint="f", fmt="hf"
+        )
         known = registry.known_checkpoints(session, run_id=run)[1]
     assert known.status is CheckpointStatus.PENDING
     assert known.job_status is JobStatus.QUEUED

@@ -23,8 +23,10 @@ def test_the_first_checkpoint_is_the_lowest_step_registered(db_url: str) -> None
         other = registry.ensure_run(session, name="o", path="/runs/o")
         assert registry.first_checkpoint(session, run_id=run) is None
         for step in (200, 50, 100):
-            registry.register_checkpoint(session, run_id=run, step=step, path=f"/runs/r/{step}",
-                                      fingerprint="f", fmt="hf")
-        registry.register_checkpoint(session, run_id=other, step=1, path="/runs/o/1",
-                                  fingerprint="f", fmt="hf")
+            registry.register_checkpoint(
+                session, run_id=run, step=step, path=f"/runs/r/{step}", fingerprint="f", fmt="hf"
+            )
+        registry.register_checkpoint(
+            session, run_id=other, step=1, path="/runs/o/1", fingerprint="f", fmt="hf"
+        )
         assert registry.first_checkpoint(session, run_id=run) == "/runs/r/50"

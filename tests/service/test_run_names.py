@@ -45,8 +45,10 @@ def test_discovery_never_names_a_run_after_dots(tmp_path: Path, pg_url: str) -> 
 
     checkpoint = tmp_path / "runs" / "..." / "checkpoint-1"
     checkpoint.mkdir(parents=True)
-    save_file({"model.layers.0.mlp.up_proj.weight": torch.randn(48, 32)},
-              str(checkpoint / "model.safetensors"))
+    save_file(
+        {"model.layers.0.mlp.up_proj.weight": torch.randn(48, 32)},
+        str(checkpoint / "model.safetensors"),
+    )
     (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 1}))
     settings = Settings(database_url=pg_url, device="cpu", settle_s=0.0, max_attempts=1)
     watcher = Watcher(settings, [checkpoint.parent])
@@ -61,7 +63,8 @@ def test_discovery_never_names_a_run_after_dots(tmp_path: Path, pg_url: str) -> 
 
 @pytest.mark.parametrize("name", ["..", "."])
 def test_a_stored_run_named_by_dots_exports_inside_the_logdir(
-        name: str, pg_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    name: str, pg_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     pytest.importorskip("tensorboard")
     random_run(pg_url, name=name)  # stored as it was before names were checked
     logdir = tmp_path / "export" / "tb"
@@ -79,10 +82,19 @@ def test_a_stored_run_named_by_dots_exports_inside_the_logdir(
     assert {p.name for p in (tmp_path / "export").iterdir()} == {"tb"}
 
 
-@pytest.mark.parametrize(("name", "kept"), [
-    ("run-a", True), ("v1.0..rc", True), ("..", False), (".", False), ("", False),
-    ("a/../../b", False), ("a\\b", False), ("x" * 300, False),
-])
+@pytest.mark.parametrize(
+    ("name", "kept"),
+    [
+        ("run-a", True),
+        ("v1.0..rc", True),
+        ("..", False),
+        (".", False),
+        ("", False),
+        ("a/../../b", False),
+        ("a\\b", False),
+        ("x" * 300, False),
+    ],
+)
 def test_folder_names_are_one_component_under_the_logdir(name: str, kept: bool) -> None:
     folder = folder_name(name)
     assert (folder == name) is kept

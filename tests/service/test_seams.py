@@ -40,11 +40,11 @@ def _domain_errors() -> list[type[errors.ApiError]]:
     return found
 
 
-def test_every_domain_error_is_answered_with_its_own_code_by_one_handler(
-        sqlite_url: str) -> None:
+def test_every_domain_error_is_answered_with_its_own_code_by_one_handler(sqlite_url: str) -> None:
     app = create_app(Settings(database_url=sqlite_url, api_cache_mb=0))
-    mapped = [e for e in app.exception_handlers
-              if isinstance(e, type) and issubclass(e, errors.ApiError)]
+    mapped = [
+        e for e in app.exception_handlers if isinstance(e, type) and issubclass(e, errors.ApiError)
+    ]
     assert mapped == [errors.ApiError]
     raising = APIRouter()
     kinds = {error.__name__: error for error in _domain_errors()}
@@ -61,7 +61,8 @@ def test_every_domain_error_is_answered_with_its_own_code_by_one_handler(
             assert answer.status_code == error.status
             assert answer.json() == {"detail": f"{name} raised"}
             assert answer.headers.get("www-authenticate") == (error.headers or {}).get(
-                "WWW-Authenticate")
+                "WWW-Authenticate"
+            )
             # Every code a domain error answers is one the schema can document.
             assert errors.documented(error.status)
 
@@ -93,8 +94,10 @@ def test_step_paths_and_queries_stop_at_max_step(sqlite_url: str) -> None:
 
 
 def test_queries_and_runs_name_statuses_by_their_enums() -> None:
-    bare = re.compile(r"""["'](done|failed|pending|queued|running|vanished|sending|delivered|"""
-                      r"""superseded)["']""")
+    bare = re.compile(
+        r"""["'](done|failed|pending|queued|running|vanished|sending|delivered|"""
+        r"""superseded)["']"""
+    )
     for name in ("queries.py", "runs.py"):
         text = (ROOT / "service" / "api" / name).read_text()
         assert not bare.findall(text), f"service/api/{name}: use the enums of db/models.py"
@@ -108,8 +111,9 @@ def test_the_layer_filter_is_built_in_one_place() -> None:
         assert not built.search(text), f"{path}: select layer rows with LayerSelection"
 
 
-@pytest.mark.parametrize("function", [queries.trend, queries.block_trends, queries.heatmap,
-                                      queries.compare])
+@pytest.mark.parametrize(
+    "function", [queries.trend, queries.block_trends, queries.heatmap, queries.compare]
+)
 def test_selections_reach_their_query_whole(function: object) -> None:
     parameters = inspect.signature(function).parameters  # type: ignore[arg-type]
     assert "query" in parameters
@@ -123,8 +127,12 @@ def test_layer_selection_keeps_exactly_the_rows_it_names(db_url: str) -> None:
 
     def names(selection: LayerSelection) -> set[tuple[str, int | None]]:
         with session_scope(make_engine(db_url)) as session:
-            return {(n, b) for n, b in session.execute(
-                select(LayerMetric.name, LayerMetric.block).where(*selection.where()))}
+            return {
+                (n, b)
+                for n, b in session.execute(
+                    select(LayerMetric.name, LayerMetric.block).where(*selection.where())
+                )
+            }
 
     every = names(LayerSelection(method="ww", variant=None))
     assert len(every) == 28
@@ -132,15 +140,20 @@ def test_layer_selection_keeps_exactly_the_rows_it_names(db_url: str) -> None:
     picked = names(LayerSelection(method="ww", kinds=("q", "down"), block_min=1, block_max=2))
     assert picked == {(f"model.layers.{b}.{k}_proj", b) for b in (1, 2) for k in ("q", "down")}
     assert names(LayerSelection(method="ww", name="model.layers.3.o_proj")) == {
-        ("model.layers.3.o_proj", 3)}
+        ("model.layers.3.o_proj", 3)
+    }
     assert names(LayerSelection(method="ww", variant="exp_avg")) == set()
 
 
 def test_every_api_route_lives_in_a_domain_router() -> None:
     from alphawatch.service.api.routes import ROUTERS
 
-    modules = {r.endpoint.__module__.rsplit(".", 1)[-1] for api in ROUTERS for r in api.routes
-               if isinstance(r, APIRoute) and r.path.startswith("/api/v1/")}
+    modules = {
+        r.endpoint.__module__.rsplit(".", 1)[-1]
+        for api in ROUTERS
+        for r in api.routes
+        if isinstance(r, APIRoute) and r.path.startswith("/api/v1/")
+    }
     assert modules == {"runs", "layers", "trends", "gate", "alerts"}
     for path, text in _source("service/api/routes"):
         assert len(text.splitlines()) < 200, f"{path}: a router is thin"

@@ -56,8 +56,9 @@ def run(client: TestClient) -> dict[str, Any]:
     rid = summary["id"]
     checkpoints = client.get(f"/api/v1/runs/{rid}/checkpoints").json()["checkpoints"]
     step = max(c["step"] for c in checkpoints if c["status"] == "done")
-    layers = client.get(f"/api/v1/runs/{rid}/checkpoints/{step}/layers",
-                        params={"method": METHOD.value}).json()["layers"]
+    layers = client.get(
+        f"/api/v1/runs/{rid}/checkpoints/{step}/layers", params={"method": METHOD.value}
+    ).json()["layers"]
     layer = next(x["name"] for x in layers if x["alpha"] is not None)
     return {"id": rid, "step": step, "layer": layer, "summary": summary}
 
@@ -73,19 +74,18 @@ ROUTES: dict[str, Any] = {
     "/api/v1/runs/{run_id}/layers/{layer_name}/history": lambda a: len(a["points"]) > 0,
     "/api/v1/runs/{run_id}/trend": lambda a: _trusted_used(a["points"]),
     "/api/v1/runs/{run_id}/heatmap": lambda a: len(a["layers"]) > 0,
-    "/api/v1/runs/{run_id}/blocks": lambda a: any(_trusted_used(b["points"])
-                                                  for b in a["blocks"]),
+    "/api/v1/runs/{run_id}/blocks": lambda a: any(_trusted_used(b["points"]) for b in a["blocks"]),
     "/api/v1/runs/{run_id}/variants": lambda a: any(v["n_layers"] > 0 for v in a["variants"]),
     "/api/v1/runs/{run_id}/flags": lambda a: any(p["ok"] > 0 for p in a["points"]),
-    "/api/v1/runs/{run_id}/checkpoints/{step}/layers/{layer_name}/esd":
-        lambda a: len(a["evals"]) > 0,
+    "/api/v1/runs/{run_id}/checkpoints/{step}/layers/{layer_name}/esd": lambda a: (
+        len(a["evals"]) > 0
+    ),
     "/api/v1/runs/{run_id}/gate": lambda a: a["n_used"] > 0 and a["value"] is not None,
     "/api/v1/compare": lambda a: _trusted_used(a["runs"][0]["points"]),
 }
 
 
-def _answer(client: TestClient, route: str, run: dict[str, Any],
-            method: str | None) -> Any:
+def _answer(client: TestClient, route: str, run: dict[str, Any], method: str | None) -> Any:
     path = route.format(run_id=run["id"], step=run["step"], layer_name=run["layer"])
     params: dict[str, Any] = {"runs": run["id"]} if route.endswith("/compare") else {}
     if method is not None:
@@ -101,7 +101,8 @@ def _answer(client: TestClient, route: str, run: dict[str, Any],
 
 @pytest.mark.parametrize("route", list(ROUTES))
 def test_a_request_naming_no_method_reads_the_servers(
-        client: TestClient, run: dict[str, Any], route: str) -> None:
+    client: TestClient, run: dict[str, Any], route: str
+) -> None:
     named = _answer(client, route, run, METHOD.value)
     assert ROUTES[route](named), f"{route}: the ks2 rows were not read"
     assert _answer(client, route, run, None) == named
@@ -125,8 +126,9 @@ def test_every_route_with_a_method_is_covered_and_defaults_to_none(client: TestC
 
 def test_gate_judges_the_servers_rows(client: TestClient, run: dict[str, Any]) -> None:
     gate = f"/api/v1/runs/{run['id']}/gate"
-    passed = client.get(gate, params={"max_alpha": 100, "min_alpha": 0,
-                                      "max_untrusted_share": 1}).json()
+    passed = client.get(
+        gate, params={"max_alpha": 100, "min_alpha": 0, "max_untrusted_share": 1}
+    ).json()
     assert passed["passed"] is True and passed["n_used"] > 0, passed
     failed = client.get(gate, params={"min_alpha": 50, "max_untrusted_share": 1}).json()
     assert failed["passed"] is False
@@ -135,7 +137,8 @@ def test_gate_judges_the_servers_rows(client: TestClient, run: dict[str, Any]) -
 
 
 def test_vocabulary_and_run_summaries_use_the_servers_method(
-        client: TestClient, run: dict[str, Any]) -> None:
+    client: TestClient, run: dict[str, Any]
+) -> None:
     methods = client.get("/api/v1/vocabulary").json()["fit_methods"]
     assert [m["name"] for m in methods if m["default"]] == [METHOD.value]
     assert run["summary"]["latest_alpha"] is not None
@@ -144,35 +147,86 @@ def test_vocabulary_and_run_summaries_use_the_servers_method(
     assert detail["methods"] == [METHOD.value]
 
 
-def test_cli_gate_uses_the_servers_method(server_settings: Settings, tiny_run: Path,
-                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_gate_uses_the_servers_method(
+    server_settings: Settings, tiny_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     run_name = tiny_run.name
     with serve(create_app(server_settings)) as url:
         capsys.readouterr()
-        assert main(["gate", "--url", url, "--run", run_name, "--max-alpha", "100",
-                     "--min-alpha", "0", "--max-untrusted-share", "1"]) == 0
+        assert (
+            main(
+                [
+                    "gate",
+                    "--url",
+                    url,
+                    "--run",
+                    run_name,
+                    "--max-alpha",
+                    "100",
+                    "--min-alpha",
+                    "0",
+                    "--max-untrusted-share",
+                    "1",
+                ]
+            )
+            == 0
+        )
         verdict = json.loads(capsys.readouterr().out)
         assert verdict["n_used"] > 0
-        assert main(["gate", "--url", url, "--run", run_name, "--min-alpha", "50",
-                     "--max-untrusted-share", "1"]) == 1
+        assert (
+            main(
+                [
+                    "gate",
+                    "--url",
+                    url,
+                    "--run",
+                    run_name,
+                    "--min-alpha",
+                    "50",
+                    "--max-untrusted-share",
+                    "1",
+                ]
+            )
+            == 1
+        )
         assert [v["rule"] for v in json.loads(capsys.readouterr().out)["violations"]] == [
-            "min_alpha"]
+            "min_alpha"
+        ]
         # A method named on the command line is the one asked for: ww was never computed.
         assert main(["gate", "--url", url, "--run", run_name, "--method", "ww"]) == 1
         assert [v["rule"] for v in json.loads(capsys.readouterr().out)["violations"]] == [
-            "no_trusted_layers"]
+            "no_trusted_layers"
+        ]
 
 
 def test_cli_export_uses_the_method_setting(
-        server_settings: Settings, client: TestClient, run: dict[str, Any], tmp_path: Path,
-        tiny_run: Path,
-        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    server_settings: Settings,
+    client: TestClient,
+    run: dict[str, Any],
+    tmp_path: Path,
+    tiny_run: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     monkeypatch.setenv("ALPHAWATCH_FIT_METHOD", METHOD.value)
-    assert main(["export", "tensorboard", "--run", tiny_run.name, "--logdir", str(tmp_path),
-                 "--db", server_settings.database_url]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "tensorboard",
+                "--run",
+                tiny_run.name,
+                "--logdir",
+                str(tmp_path),
+                "--db",
+                server_settings.database_url,
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     events = EventAccumulator(str(tmp_path / tiny_run.name), size_guidance={"scalars": 0})
     events.Reload()

@@ -23,8 +23,10 @@ from alphawatch.service.db.tokens import (
 
 
 def test_cli_creates_lists_and_revokes(db_url: str, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["token", "create", "ci", "--scope", "read", "--expires-in", "30",
-                 "--db", db_url]) == 0
+    assert (
+        main(["token", "create", "ci", "--scope", "read", "--expires-in", "30", "--db", db_url])
+        == 0
+    )
     secret = capsys.readouterr().out.strip()
     assert secret.startswith("aw_") and len(secret) > 40
     assert main(["token", "create", "ops", "--scope", "admin", "--db", db_url]) == 0
@@ -56,8 +58,9 @@ def test_cli_creates_lists_and_revokes(db_url: str, capsys: pytest.CaptureFixtur
     assert main(["token", "revoke", "ci", "--db", db_url]) == 2
     assert "no active token" in capsys.readouterr().err
     assert main(["token", "list", "--db", db_url]) == 0
-    assert next(line for line in capsys.readouterr().out.splitlines()
-                if line.startswith("ci ")).endswith("revoked")
+    assert next(
+        line for line in capsys.readouterr().out.splitlines() if line.startswith("ci ")
+    ).endswith("revoked")
     # The name is free again once its token is revoked.
     assert main(["token", "create", "ci", "--db", db_url]) == 0
 
@@ -72,8 +75,9 @@ def test_expired_tokens_are_refused(db_url: str) -> None:
     with session_scope(make_engine(db_url)) as session:
         secret = create_token(session, name="temp", scope=TokenScope.ADMIN, expires_in_days=1)
         assert authenticate(session, secret) is not None
-        session.execute(update(ApiToken).values(
-            expires_at=datetime.now(UTC) - timedelta(seconds=1)))
+        session.execute(
+            update(ApiToken).values(expires_at=datetime.now(UTC) - timedelta(seconds=1))
+        )
         assert authenticate(session, secret) is None
         assert authenticate(session, secret + "x") is None
         with pytest.raises(TokenError, match="no active token"):

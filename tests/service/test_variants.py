@@ -33,9 +33,18 @@ def _layers(rng: np.random.Generator) -> list[Row]:
             for kind in KINDS:
                 if suffix == "@w32" and kind not in ("gate", "up", "down"):
                     continue
-                out.append(layer_row(f"model.layers.{block}.{kind}_proj{suffix}", kind=kind,
-                                     block=block, alpha=float(rng.uniform(low, high)), D=0.05,
-                                     xmin=1.0, xmax=10.0, num_pl_spikes=20))
+                out.append(
+                    layer_row(
+                        f"model.layers.{block}.{kind}_proj{suffix}",
+                        kind=kind,
+                        block=block,
+                        alpha=float(rng.uniform(low, high)),
+                        D=0.05,
+                        xmin=1.0,
+                        xmax=10.0,
+                        num_pl_spikes=20,
+                    )
+                )
     return out
 
 
@@ -52,9 +61,13 @@ def filled(db_url: str) -> Iterator[tuple[TestClient, dict[int, list[dict[str, o
 
 
 def _median(layers: list[dict[str, object]], suffix: str, **match: object) -> float:
-    values = [float(x["alpha"]) for x in layers  # type: ignore[arg-type]
-              if str(x["name"]).endswith(suffix) and ("@" in str(x["name"])) == bool(suffix)
-              and all(x[k] == v for k, v in match.items())]
+    values = [
+        float(x["alpha"])
+        for x in layers  # type: ignore[arg-type]
+        if str(x["name"]).endswith(suffix)
+        and ("@" in str(x["name"])) == bool(suffix)
+        and all(x[k] == v for k, v in match.items())
+    ]
     return float(np.median(values))
 
 
@@ -63,18 +76,25 @@ Filled = tuple[TestClient, dict[int, list[dict[str, object]]]]
 
 def test_trends_and_gate_are_of_the_weights_unless_a_variant_is_named(filled: Filled) -> None:
     client, written = filled
-    for params, suffix in (({}, ""), ({"variant": "exp_avg"}, "@exp_avg"),
-                           ({"variant": "w32"}, "@w32")):
+    for params, suffix in (
+        ({}, ""),
+        ({"variant": "exp_avg"}, "@exp_avg"),
+        ({"variant": "w32"}, "@w32"),
+    ):
         body = client.get("/api/v1/runs/1/trend", params=params).json()
         assert body["variant"] == params.get("variant", "weight")
         for point in body["points"]:
             assert point["value"] == pytest.approx(_median(written[point["step"]], suffix))
         # The same through the path computed from layer rows (a kind and block selection).
-        picked = client.get("/api/v1/runs/1/trend", params={**params, "kind": "up,down",
-                                                            "block_min": 2}).json()
+        picked = client.get(
+            "/api/v1/runs/1/trend", params={**params, "kind": "up,down", "block_min": 2}
+        ).json()
         for point in picked["points"]:
-            layers = [x for x in written[point["step"]] if x["kind"] in ("up", "down")
-                      and int(x["block"]) >= 2]  # type: ignore[call-overload]
+            layers = [
+                x
+                for x in written[point["step"]]
+                if x["kind"] in ("up", "down") and int(x["block"]) >= 2
+            ]  # type: ignore[call-overload]
             assert point["value"] == pytest.approx(_median(layers, suffix))
         gate = client.get("/api/v1/runs/1/gate", params=params).json()
         assert gate["value"] == pytest.approx(_median(written[30], suffix))
@@ -88,28 +108,37 @@ def test_heatmap_by_variant_kind_and_block_last_first(filled: Filled) -> None:
     assert len(weights["layers"]) == 4 * len(KINDS)
     assert not [n for n in weights["layers"] if "@" in n]
     assert weights["blocks"][0] == 0
-    gradients = client.get("/api/v1/runs/1/heatmap", params={
-        "variant": "exp_avg", "order": "block_desc", "kind": "q,down"}).json()
+    gradients = client.get(
+        "/api/v1/runs/1/heatmap",
+        params={"variant": "exp_avg", "order": "block_desc", "kind": "q,down"},
+    ).json()
     assert gradients["variant"] == "exp_avg"
-    assert gradients["layers"] == [f"model.layers.{b}.{k}_proj@exp_avg"
-                                   for b in (3, 2, 1, 0) for k in ("q", "down")]
+    assert gradients["layers"] == [
+        f"model.layers.{b}.{k}_proj@exp_avg" for b in (3, 2, 1, 0) for k in ("q", "down")
+    ]
     assert gradients["blocks"] == [3, 3, 2, 2, 1, 1, 0, 0]
     assert all(4.5 <= z <= 6.0 for row in gradients["z"] for z in row)
-    nested = client.get("/api/v1/runs/1/heatmap", params={
-        "variant": "w32", "block_min": 1, "block_max": 2}).json()
-    assert nested["layers"] == [f"model.layers.{b}.{k}_proj@w32"
-                                for b in (1, 2) for k in ("gate", "up", "down")]
+    nested = client.get(
+        "/api/v1/runs/1/heatmap", params={"variant": "w32", "block_min": 1, "block_max": 2}
+    ).json()
+    assert nested["layers"] == [
+        f"model.layers.{b}.{k}_proj@w32" for b in (1, 2) for k in ("gate", "up", "down")
+    ]
 
 
 def test_block_trends_start_from_the_last_block(filled: Filled) -> None:
     client, written = filled
-    body = client.get("/api/v1/runs/1/blocks", params={"variant": "exp_avg",
-                                                      "kind": "gate,up,down"}).json()
+    body = client.get(
+        "/api/v1/runs/1/blocks", params={"variant": "exp_avg", "kind": "gate,up,down"}
+    ).json()
     assert [b["block"] for b in body["blocks"]] == [3, 2, 1, 0]
     for block in body["blocks"]:
         for point in block["points"]:
-            layers = [x for x in written[point["step"]] if x["block"] == block["block"]
-                      and x["kind"] in ("gate", "up", "down")]
+            layers = [
+                x
+                for x in written[point["step"]]
+                if x["block"] == block["block"] and x["kind"] in ("gate", "up", "down")
+            ]
             assert point["value"] == pytest.approx(_median(layers, "@exp_avg"))
     ascending = client.get("/api/v1/runs/1/blocks", params={"order": "block"}).json()
     assert [b["block"] for b in ascending["blocks"]] == [0, 1, 2, 3]
@@ -119,7 +148,10 @@ def test_variants_history_csv_and_bad_variants(filled: Filled, db_url: str) -> N
     client, written = filled
     variants = client.get("/api/v1/runs/1/variants").json()["variants"]
     assert [(v["name"], v["source"], v["n_layers"]) for v in variants] == [
-        ("weight", "weight", 28), ("exp_avg", "exp_avg", 28), ("w32", "nested", 12)]
+        ("weight", "weight", 28),
+        ("exp_avg", "exp_avg", 28),
+        ("w32", "nested", 12),
+    ]
     name = "model.layers.3.down_proj@w32"
     history = client.get(f"/api/v1/runs/1/layers/{quote(name, safe='')}/history").json()
     expected = [next(x["alpha"] for x in written[s] if x["name"] == name) for s in STEPS]
@@ -131,9 +163,12 @@ def test_variants_history_csv_and_bad_variants(filled: Filled, db_url: str) -> N
         answer = client.get("/api/v1/runs/1/trend", params={"variant": bad})
         assert answer.status_code == 422 and "detail" in answer.json()
     # Kept statistics are the weights' only.
-    kept = rows(db_url, "SELECT count(*) FROM checkpoint_stat WHERE metric = 'alpha' "
-                        "AND kinds = '' AND filter = 'all' AND outliers = 'none' "
-                        "AND n_used = 28")
+    kept = rows(
+        db_url,
+        "SELECT count(*) FROM checkpoint_stat WHERE metric = 'alpha' "
+        "AND kinds = '' AND filter = 'all' AND outliers = 'none' "
+        "AND n_used = 28",
+    )
     assert kept[0][0] == 3
 
 
@@ -145,8 +180,9 @@ def test_vocabulary_serves_sources_and_orders(tmp_path: Path) -> None:
     assert words["variant_separator"] == "@"
 
 
-def test_gate_command_judges_the_variant_it_names(sqlite_url: str,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_gate_command_judges_the_variant_it_names(
+    sqlite_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     import json
 
     from alphawatch.cli import main

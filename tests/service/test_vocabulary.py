@@ -50,14 +50,16 @@ def test_served_vocabulary_is_the_single_definition(client: TestClient) -> None:
     assert {g["name"]: g["kinds"] for g in body["kind_groups"]} == {
         "attention": ["q", "k", "v", "qkv", "o"],
         "mlp": ["gate", "up", "down", "fc_in", "fc_out"],
-        "embeddings": ["embed", "lm_head"]}
+        "embeddings": ["embed", "lm_head"],
+    }
     for terms in (body["statistics"], body["filters"], body["outlier_rules"]):
         assert sum(t["default"] for t in terms) == 1
         assert all(t["label"] for t in terms)
 
 
 def test_routes_accept_exactly_the_served_names_with_the_served_defaults(
-        client: TestClient) -> None:
+    client: TestClient,
+) -> None:
     body = client.get("/api/v1/vocabulary").json()
     openapi = client.get("/openapi.json").json()
 
@@ -78,14 +80,16 @@ def test_routes_accept_exactly_the_served_names_with_the_served_defaults(
     # The gate bands a level of alpha: it offers the levels only, under the same default.
     levels = [t["name"] for t in body["statistics"] if t["level"]]
     assert _query_enum(openapi, "/api/v1/runs/{run_id}/gate", "stat") == (levels, None)
-    assert _query_enum(openapi, "/api/v1/runs/{run_id}/trend", "outliers") == \
-        served("outlier_rules")
+    assert _query_enum(openapi, "/api/v1/runs/{run_id}/trend", "outliers") == served(
+        "outlier_rules"
+    )
     # The robust module computes each served statistic, under the same names.
     assert tuple(served("statistics")[0]) == robust.STATS
     assert tuple(served("filters")[0]) == aggregates.PRECOMPUTED_FILTERS
     assert tuple(served("outlier_rules")[0]) == aggregates.PRECOMPUTED_OUTLIERS
-    assert {aggregates.kinds_key(g["kinds"]) for g in body["kind_groups"]} | {""} == \
-        aggregates.PRECOMPUTED_KINDS
+    assert {aggregates.kinds_key(g["kinds"]) for g in body["kind_groups"]} | {
+        ""
+    } == aggregates.PRECOMPUTED_KINDS
 
 
 def test_every_served_statistic_answers_and_the_gate_refuses_a_spread(sqlite_url: str) -> None:
@@ -104,8 +108,9 @@ def test_every_served_statistic_answers_and_the_gate_refuses_a_spread(sqlite_url
                 assert gate.status_code == 422
                 assert "stat" in gate.json()["detail"] and "median" in gate.json()["detail"]
         for group in body["kind_groups"]:
-            grouped = c.get("/api/v1/runs/1/trend",
-                            params={"kind": ",".join(group["kinds"]), "filter": "all"}).json()
+            grouped = c.get(
+                "/api/v1/runs/1/trend", params={"kind": ",".join(group["kinds"]), "filter": "all"}
+            ).json()
             used = [p["n_used"] + p["n_excluded"] for p in grouped["points"]]
             # The filled run has 4 blocks of q, k, v, o, gate, up, down.
             assert used == [{"attention": 16, "mlp": 12, "embeddings": 0}[group["name"]]] * 3
@@ -113,11 +118,22 @@ def test_every_served_statistic_answers_and_the_gate_refuses_a_spread(sqlite_url
 
 def test_checkpoint_reader_names_only_served_kinds(client: TestClient) -> None:
     served = client.get("/api/v1/vocabulary").json()["kinds"]
-    names = ["model.embed_tokens", "model.layers.0.self_attn.q_proj", "h.0.attn.c_attn",
-             "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj",
-             "model.layers.0.self_attn.o_proj", "model.layers.0.mlp.gate_proj",
-             "model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj", "h.0.mlp.c_fc",
-             "h.0.mlp.c_proj", "model.layers.0.q_proj.lora_update", "lm_head", "conv.stem"]
+    names = [
+        "model.embed_tokens",
+        "model.layers.0.self_attn.q_proj",
+        "h.0.attn.c_attn",
+        "model.layers.0.self_attn.k_proj",
+        "model.layers.0.self_attn.v_proj",
+        "model.layers.0.self_attn.o_proj",
+        "model.layers.0.mlp.gate_proj",
+        "model.layers.0.mlp.up_proj",
+        "model.layers.0.mlp.down_proj",
+        "h.0.mlp.c_fc",
+        "h.0.mlp.c_proj",
+        "model.layers.0.q_proj.lora_update",
+        "lm_head",
+        "conv.stem",
+    ]
     kinds = [classify(name)[0] for name in names]
     assert all(type(k) is str for k in kinds)  # plain strings reach the database
     assert set(kinds) == set(served)

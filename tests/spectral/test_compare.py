@@ -45,13 +45,24 @@ def _powerlaw(data: np.ndarray, xmin: float) -> dict[str, Any]:
         fit = powerlaw.Fit(data, xmin=xmin, parameter_ranges=RANGES, verbose=0)
         tpl = fit.distribution_compare("power_law", "truncated_power_law", normalized_ratio=True)
         ln = fit.distribution_compare("power_law", "lognormal", normalized_ratio=True)
-        return {"pl_vs_tpl_R": tpl[0], "pl_vs_tpl_p": tpl[1], "pl_vs_lognormal_R": ln[0],
-                "pl_vs_lognormal_p": ln[1], "tpl_alpha": fit.truncated_power_law.alpha,
-                "tpl_lambda": fit.truncated_power_law.Lambda}
+        return {
+            "pl_vs_tpl_R": tpl[0],
+            "pl_vs_tpl_p": tpl[1],
+            "pl_vs_lognormal_R": ln[0],
+            "pl_vs_lognormal_p": ln[1],
+            "tpl_alpha": fit.truncated_power_law.alpha,
+            "tpl_lambda": fit.truncated_power_law.Lambda,
+        }
 
 
-CASES = ["pareto_2.5", "pareto_4.5", "lognormal", "truncated",
-         "model.layers.0.mlp.down_proj.weight", "model.layers.0.self_attn.q_proj.weight"]
+CASES = [
+    "pareto_2.5",
+    "pareto_4.5",
+    "lognormal",
+    "truncated",
+    "model.layers.0.mlp.down_proj.weight",
+    "model.layers.0.self_attn.q_proj.weight",
+]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -101,13 +112,20 @@ def test_layer_results_carry_the_tests_and_the_rule_demotes() -> None:
     weight = torch.from_numpy(rng.standard_t(3.0, size=(300, 150)) / np.sqrt(150))
     loose = {"max_alpha_delta": 100.0, "max_ks_distance": 1.0}  # so the fit itself is ok
     plain = analyze_matrix(weight, check_traps=False, thresholds=Thresholds(**loose)).metrics()
-    for key in ("tpl_alpha", "tpl_lambda", "pl_vs_tpl_R", "pl_vs_tpl_p", "pl_vs_lognormal_R",
-                "pl_vs_lognormal_p"):
+    for key in (
+        "tpl_alpha",
+        "tpl_lambda",
+        "pl_vs_tpl_R",
+        "pl_vs_tpl_p",
+        "pl_vs_lognormal_R",
+        "pl_vs_lognormal_p",
+    ):
         assert isinstance(plain[key], float), key
     assert plain["num_fingers"] == 0
     assert plain["fit_status"] == "ok" and plain["trusted"]
-    strict = analyze_matrix(weight, check_traps=False,
-                            thresholds=Thresholds(not_power_law_p=1.0, **loose)).metrics()
+    strict = analyze_matrix(
+        weight, check_traps=False, thresholds=Thresholds(not_power_law_p=1.0, **loose)
+    ).metrics()
     assert plain["pl_vs_tpl_R"] < 0  # the nested truncated law never fits worse
     assert strict["fit_status"] == "not_power_law" and not strict["trusted"]
     assert strict["alpha"] == plain["alpha"]
@@ -122,8 +140,9 @@ def test_tpl_method_matches_powerlaw_truncated_fit() -> None:
     expected = _powerlaw(data, plain.xmin)
     assert tpl.alpha == pytest.approx(expected["tpl_alpha"], rel=TOL)
     assert tpl.tpl_lambda == pytest.approx(expected["tpl_lambda"], rel=TOL)
-    result = analyze_matrix(torch.from_numpy(_samples("pareto_2.5").reshape(30, 20)),
-                            method="tpl", check_traps=False).metrics()
+    result = analyze_matrix(
+        torch.from_numpy(_samples("pareto_2.5").reshape(30, 20)), method="tpl", check_traps=False
+    ).metrics()
     assert result["method"] == "tpl" and result["alpha"] == pytest.approx(result["tpl_alpha"])
 
 
@@ -176,15 +195,18 @@ def test_nelder_mead_is_scipys_step_for_step() -> None:
     def rosen(p: list[float]) -> float:  # runs out of its 400 calls
         return float(100 * (p[1] - p[0] ** 2) ** 2 + (1 - p[0]) ** 2)
 
-    cases = [*_law_costs(),
-             ("flat", flat, [1.0, 0.0], ((None, None), (-1.0, 3.0))),
-             ("rosen", rosen, [-40.0, 49.99], ((-50.0, 50.0), (0.0, 50.0))),
-             ("at the bound", lambda p: (p[0] - 60.0) ** 2, [49.9], ((0.0, 50.0),))]
+    cases = [
+        *_law_costs(),
+        ("flat", flat, [1.0, 0.0], ((None, None), (-1.0, 3.0))),
+        ("rosen", rosen, [-40.0, 49.99], ((-50.0, 50.0), (0.0, 50.0))),
+        ("at the bound", lambda p: (p[0] - 60.0) ** 2, [49.9], ((0.0, 50.0),)),
+    ]
     for name, cost, x0, bounds in cases:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            expected = scipy.optimize.minimize(cost, x0=x0, bounds=list(bounds),
-                                               method="Nelder-Mead", tol=1e-4).x
+            expected = scipy.optimize.minimize(
+                cost, x0=x0, bounds=list(bounds), method="Nelder-Mead", tol=1e-4
+            ).x
         assert nelder_mead(cost, x0, bounds) == [float(v) for v in expected], name
 
 
@@ -219,11 +241,14 @@ def test_importing_the_tests_loads_no_optimiser() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, alphawatch.workers.spectral.compare; "
-            "print(sorted(m for m in ('scipy.optimize', 'scipy.special', 'mpmath') "
-            "if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True).stdout
+    code = (
+        "import sys, alphawatch.workers.spectral.compare; "
+        "print(sorted(m for m in ('scipy.optimize', 'scipy.special', 'mpmath') "
+        "if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
     assert out.strip() == "[]"
 
 
@@ -235,5 +260,7 @@ def test_upper_gamma_near_integer_orders_equals_mpmath() -> None:
     # a + k just above 0: the series' 1/b terms, where libm's lgamma loses its digits
     for a in (1e-12, 1e-6, 0.19999, 0.2, 0.9999999, -1 + 1e-10, -2 + 1e-7, -7 + 1e-4):
         for x in (1e-8, 0.01, 0.3, 0.5615, 0.999):
-            assert upper_gamma(a, x) == pytest.approx(float(mpmath.gammainc(a, x)),
-                                                      rel=1e-11), (a, x)
+            assert upper_gamma(a, x) == pytest.approx(float(mpmath.gammainc(a, x)), rel=1e-11), (
+                a,
+                x,
+            )

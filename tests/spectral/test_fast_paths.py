@@ -54,8 +54,9 @@ def test_ties_go_to_the_first_candidate_as_in_argmin() -> None:
 
 @pytest.mark.parametrize("shape", [(700, 600), (600, 700), (1030, 513), (300, 200)])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_gram_is_the_gram_matrix_of_the_smaller_side(shape: tuple[int, int],
-                                                       dtype: type[np.floating]) -> None:
+def test_gram_is_the_gram_matrix_of_the_smaller_side(
+    shape: tuple[int, int], dtype: type[np.floating]
+) -> None:
     w = np.random.default_rng(3).standard_normal(shape).astype(dtype)
     a = w if shape[0] >= shape[1] else w.T
     full = np.einsum("ki,kj->ij", a.astype(np.float64), a.astype(np.float64))
@@ -96,8 +97,10 @@ def test_finger_fits_pruned_search_picks_the_full_search_xmin(kind: str) -> None
 
     for seed, m in enumerate((256, 300, 512, 700)):
         data = tail_floor(spectrum(kind, m, seed), "ww")
-        for starts in (_unique_starts(data, float(data[0]), float(data[-1])),
-                       _unique_starts(data, float(data[m // 4]), float(data[3 * m // 4]))):
+        for starts in (
+            _unique_starts(data, float(data[0]), float(data[-1])),
+            _unique_starts(data, float(data[m // 4]), float(data[3 * m // 4])),
+        ):
             found = _best(data, starts)
             alphas = tail_alphas(np.log(data))[0][starts]
             valid = np.isfinite(alphas) & (alphas > 1.0)
@@ -122,7 +125,8 @@ def test_random_permutation_is_a_permutation(numel: int) -> None:
 
 @pytest.mark.parametrize("numel", [0, 1, 2, 1000, 4096 * 3 + 17])
 def test_random_permutation_draws_the_plain_two_stage_shuffle(
-        monkeypatch: pytest.MonkeyPatch, numel: int) -> None:
+    monkeypatch: pytest.MonkeyPatch, numel: int
+) -> None:
     """Placed a chunk at a time, the same permutation as one sort of all the keys."""
     from alphawatch.workers.spectral import traps
 
@@ -182,12 +186,14 @@ def test_variance_from_the_spectrum_is_the_two_pass_variance(case: str) -> None:
     from alphawatch.workers.spectral.moments import moments_of, with_variance
 
     rng = np.random.default_rng(8)
-    w = {"gauss": rng.standard_normal((300, 200)).astype(np.float32),
-         # the mean is most of Σw²: computed in two passes instead
-         "offset": (3.0 + 1e-4 * rng.standard_normal((300, 200))).astype(np.float32),
-         "conv": rng.standard_t(3, (32, 16, 3, 3)).astype(np.float32),
-         "float64": rng.standard_normal((250, 250)),
-         "tiny-spread": (1e-20 * rng.standard_normal((120, 90))).astype(np.float32)}[case]
+    w = {
+        "gauss": rng.standard_normal((300, 200)).astype(np.float32),
+        # the mean is most of Σw²: computed in two passes instead
+        "offset": (3.0 + 1e-4 * rng.standard_normal((300, 200))).astype(np.float32),
+        "conv": rng.standard_t(3, (32, 16, 3, 3)).astype(np.float32),
+        "float64": rng.standard_normal((250, 250)),
+        "tiny-spread": (1e-20 * rng.standard_normal((120, 90))).astype(np.float32),
+    }[case]
     moments = moments_of(w, HOST)
     assert moments.finite and not moments.constant
     assert moments.mean == pytest.approx(float(w.mean(dtype=np.float64)), rel=1e-12, abs=1e-30)
@@ -227,7 +233,8 @@ def test_rand_distance_pools_what_lies_below_the_floor() -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("shape", [(900, 700), (700, 700), (400, 1100)])
 def test_the_float32_shuffle_moves_no_flag_and_rand_distance_by_little(
-        monkeypatch: pytest.MonkeyPatch, shape: tuple[int, int]) -> None:
+    monkeypatch: pytest.MonkeyPatch, shape: tuple[int, int]
+) -> None:
     from threadpoolctl import threadpool_limits
 
     from alphawatch.workers.spectral import lapack
@@ -242,8 +249,9 @@ def test_the_float32_shuffle_moves_no_flag_and_rand_distance_by_little(
         with threadpool_limits(threads):
             runs[threads] = analyze_matrix(w)
     exact = lapack.eigvalsh
-    monkeypatch.setattr(lapack, "eigvalsh", lambda a, overwrite=False, single=False:
-                        exact(a, overwrite=overwrite))
+    monkeypatch.setattr(
+        lapack, "eigvalsh", lambda a, overwrite=False, single=False: exact(a, overwrite=overwrite)
+    )
     reference = analyze_matrix(w)  # the shuffle's eigenvalues in float64
     assert reference.num_traps is not None and reference.rand_distance is not None
     for ours in runs.values():

@@ -55,8 +55,9 @@ def test_real_checkpoint_layers_match_weightwatcher(method: str) -> None:
     seen = 0
     for matrix in iter_layers(DATA / "llama_layer.safetensors"):
         assert matrix.stored_dtype == "bfloat16"  # read without torch
-        result = analyze_matrix(matrix.weight, stored_dtype=matrix.stored_dtype, method=method,
-                                check_traps=False).metrics()
+        result = analyze_matrix(
+            matrix.weight, stored_dtype=matrix.stored_dtype, method=method, check_traps=False
+        ).metrics()
         _check(result, expected[matrix.name + ".weight"][method], method)
         seen += 1
     assert seen == len(expected) == 7
@@ -92,8 +93,9 @@ def test_clip_xmax_removes_the_top_of_a_short_spurious_tail() -> None:
     assert clipped.xmax < data.max()  # the clipped values are not in the fitted tail
     assert clipped.n == int(np.count_nonzero(data >= clipped.xmin))
     assert clipped.sigma == pytest.approx(
-        (clipped.alpha - 1) / np.sqrt(np.count_nonzero((data >= clipped.xmin)
-                                                       & (data <= clipped.xmax))))
+        (clipped.alpha - 1)
+        / np.sqrt(np.count_nonzero((data >= clipped.xmin) & (data <= clipped.xmax)))
+    )
 
 
 def test_clip_xmax_leaves_a_clean_tail_alone() -> None:

@@ -34,8 +34,13 @@ def test_golden_vector_agrees_with_powerlaw_package() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # powerlaw caps alpha at 3 by default; widen the range as its docs describe.
-        ref = powerlaw.Fit(data, xmin=ours.xmin, verbose=False,
-                           fit_method="likelihood", parameter_ranges={"alpha": [1.0, 20.0]})
+        ref = powerlaw.Fit(
+            data,
+            xmin=ours.xmin,
+            verbose=False,
+            fit_method="likelihood",
+            parameter_ranges={"alpha": [1.0, 20.0]},
+        )
         alpha = ref.power_law.alpha
     assert alpha == pytest.approx(ours.alpha, rel=1e-3)
 

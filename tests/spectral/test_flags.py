@@ -60,7 +60,8 @@ def test_float64_weights_get_the_rank_the_engine_resolves() -> None:
     ~2e-8·σmax, so no tolerance is finer than float32's eps (float64's gave rank ~60+)."""
     g = torch.Generator().manual_seed(1)
     low = torch.randn(1000, 50, generator=g, dtype=torch.float64) @ torch.randn(
-        50, 500, generator=g, dtype=torch.float64)
+        50, 500, generator=g, dtype=torch.float64
+    )
     full = torch.randn(1000, 500, generator=g, dtype=torch.float64)
     for weights in (low, low.float()):
         collapsed = analyze_matrix(weights, stored_dtype=torch.float64, check_traps=False)
@@ -84,8 +85,10 @@ def test_non_finite_degenerate_and_tiny_inputs() -> None:
     assert failed.fit_status is FitStatus.FAILED and "reshape" in (failed.error or "")
     assert not failed.trusted
     # a complex matrix is refused, not analysed as its real part (numpy's and torch's)
-    for complex_ in (torch.randn(50, 40, dtype=torch.complex64),
-                     np.asarray(torch.randn(50, 40, dtype=torch.complex128))):
+    for complex_ in (
+        torch.randn(50, 40, dtype=torch.complex64),
+        np.asarray(torch.randn(50, 40, dtype=torch.complex128)),
+    ):
         failed = analyze_matrix(complex_)
         assert failed.fit_status is FitStatus.FAILED and "complex" in (failed.error or "")
         assert failed.alpha is None and not failed.trusted
@@ -118,8 +121,12 @@ def test_invariances_transpose_permutation_scaling() -> None:
     w = gaussian(300, 120, seed=3) + 0.3 * torch.distributions.StudentT(3.0).sample((300, 120)) / 11
     base = analyze_matrix(w, check_traps=False)
     g = torch.Generator().manual_seed(9)
-    variants = [w.T, w[torch.randperm(300, generator=g)], w[:, torch.randperm(120, generator=g)],
-                7.5 * w]
+    variants = [
+        w.T,
+        w[torch.randperm(300, generator=g)],
+        w[:, torch.randperm(120, generator=g)],
+        7.5 * w,
+    ]
     for variant in variants:
         other = analyze_matrix(variant.contiguous(), check_traps=False)
         assert other.alpha == pytest.approx(base.alpha, rel=1e-6)
@@ -138,12 +145,16 @@ def test_metrics_are_plain_values() -> None:
     assert metrics["fit_status"] in {s.value for s in FitStatus}
     assert "evals" not in metrics
     assert metrics["alpha_weighted"] == pytest.approx(
-        metrics["alpha"] * np.log10(metrics["lambda_max"]))
+        metrics["alpha"] * np.log10(metrics["lambda_max"])
+    )
 
 
 def test_analyze_many_gives_a_result_per_item_even_on_failure() -> None:
-    items = [("a", gaussian(100, 80), torch.float32), ("bad", torch.randn(2, 3, 4), None),
-             ("b", gaussian(200, 90), torch.bfloat16)]
+    items = [
+        ("a", gaussian(100, 80), torch.float32),
+        ("bad", torch.randn(2, 3, 4), None),
+        ("b", gaussian(200, 90), torch.bfloat16),
+    ]
     results = dict(analyze_many(items, check_traps=False))
     assert set(results) == {"a", "bad", "b"}
     assert results["bad"].fit_status is FitStatus.FAILED

@@ -9,8 +9,7 @@ from threadpoolctl import threadpool_info, threadpool_limits
 from alphawatch.workers.spectral import lapack
 
 
-def gram_of(rows: int, cols: int, seed: int, dtype: type[np.floating] = np.float64
-            ) -> np.ndarray:
+def gram_of(rows: int, cols: int, seed: int, dtype: type[np.floating] = np.float64) -> np.ndarray:
     x = np.random.default_rng(seed).standard_t(3, (rows, cols)).astype(np.float32)
     return (x.T @ x).astype(dtype)
 
@@ -23,8 +22,9 @@ def test_the_binding_is_found_where_numpy_bundles_openblas() -> None:
 
 @pytest.mark.parametrize("two_stage_from", [10_000, 0])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_eigenvalues_are_numpys(monkeypatch: pytest.MonkeyPatch, dtype: type[np.floating],
-                                two_stage_from: int) -> None:
+def test_eigenvalues_are_numpys(
+    monkeypatch: pytest.MonkeyPatch, dtype: type[np.floating], two_stage_from: int
+) -> None:
     monkeypatch.setattr(lapack, "TWO_STAGE_FROM", two_stage_from)
     for rows, cols, seed in ((500, 300, 0), (300, 300, 1), (90, 7, 2), (3, 2, 3)):
         g = gram_of(rows, cols, seed, dtype)
@@ -57,7 +57,8 @@ def test_the_thread_count_moves_only_the_last_digits(monkeypatch: pytest.MonkeyP
 
 @pytest.mark.parametrize("two_stage_from", [10_000, 0])
 def test_single_precision_is_float32s_error_and_only_when_asked(
-        monkeypatch: pytest.MonkeyPatch, two_stage_from: int) -> None:
+    monkeypatch: pytest.MonkeyPatch, two_stage_from: int
+) -> None:
     monkeypatch.setattr(lapack, "TWO_STAGE_FROM", two_stage_from)
     g = gram_of(600, 400, 8, np.float32)
     reference = np.linalg.eigvalsh(g.astype(np.float64))
@@ -101,7 +102,8 @@ def test_without_the_binding_it_is_numpys(monkeypatch: pytest.MonkeyPatch) -> No
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("rows", [1, 700, 1500])
 def test_the_gram_matrix_summed_over_blocks_is_the_gram_matrix(
-        monkeypatch: pytest.MonkeyPatch, rows: int, dtype: type[np.floating]) -> None:
+    monkeypatch: pytest.MonkeyPatch, rows: int, dtype: type[np.floating]
+) -> None:
     if not lapack.available():
         pytest.skip("numpy's own eigvalsh is used here")
     monkeypatch.setattr(lapack, "BLOCK_ROWS", 256)  # several blocks and a short last one
@@ -110,7 +112,12 @@ def test_the_gram_matrix_summed_over_blocks_is_the_gram_matrix(
     assert product is not None and product.dtype == dtype
     exact = w.astype(np.float64).T @ w.astype(np.float64)
     tol = 1e-12 if dtype == np.float64 else 1e-5
-    np.testing.assert_allclose(np.triu(product), np.triu(exact), rtol=tol,
-                               atol=tol * np.abs(exact).max())
-    np.testing.assert_allclose(lapack.eigvalsh(product), np.linalg.eigvalsh(exact),
-                               rtol=0, atol=tol * np.linalg.eigvalsh(exact)[-1])
+    np.testing.assert_allclose(
+        np.triu(product), np.triu(exact), rtol=tol, atol=tol * np.abs(exact).max()
+    )
+    np.testing.assert_allclose(
+        lapack.eigvalsh(product),
+        np.linalg.eigvalsh(exact),
+        rtol=0,
+        atol=tol * np.linalg.eigvalsh(exact)[-1],
+    )

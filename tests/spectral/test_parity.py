@@ -18,8 +18,19 @@ from torch import nn
 
 from alphawatch.workers.spectral import analyze_matrix
 
-SHAPES = [(20, 20), (64, 20), (20, 64), (128, 128), (200, 96), (96, 200), (300, 128),
-          (128, 300), (512, 256), (256, 512), (512, 512)]
+SHAPES = [
+    (20, 20),
+    (64, 20),
+    (20, 64),
+    (128, 128),
+    (200, 96),
+    (96, 200),
+    (300, 128),
+    (128, 300),
+    (512, 256),
+    (256, 512),
+    (512, 512),
+]
 KINDS = ["gaussian", "student_t", "low_rank", "spikes", "mixed"]
 RTOL = 1e-6
 
@@ -60,12 +71,16 @@ def ww_row(module: nn.Module) -> dict[str, float]:
 
 # A 20x20 rank-2 matrix puts eigenvalues at weightwatcher's 1e-5 floor, where its float32 SVD
 # and our float64 one keep different counts and it switches to its small-N fit: ill-conditioned.
-CASES = [(kind, shape, seed) for seed, (kind, shape) in enumerate(
-    (k, s) for k in KINDS for s in SHAPES) if (kind, shape) != ("low_rank", (20, 20))]
+CASES = [
+    (kind, shape, seed)
+    for seed, (kind, shape) in enumerate((k, s) for k in KINDS for s in SHAPES)
+    if (kind, shape) != ("low_rank", (20, 20))
+]
 
 
-@pytest.mark.parametrize(("kind", "shape", "seed"), CASES,
-                         ids=[f"{k}-{s[0]}x{s[1]}" for k, s, _ in CASES])
+@pytest.mark.parametrize(
+    ("kind", "shape", "seed"), CASES, ids=[f"{k}-{s[0]}x{s[1]}" for k, s, _ in CASES]
+)
 def test_dense_matches_weightwatcher(kind: str, shape: tuple[int, int], seed: int) -> None:
     weight = make_matrix(kind, *shape, seed)
     layer = nn.Linear(shape[1], shape[0], bias=False)

@@ -24,7 +24,8 @@ def heavy(rows: int, cols: int, seed: int) -> torch.Tensor:
 def items() -> list[tuple[str, torch.Tensor, torch.dtype | None]]:
     shapes = [(300, 120), (64, 256), (200, 200), (150, 90), (256, 128)]
     out: list[tuple[str, torch.Tensor, torch.dtype | None]] = [
-        (f"m{i}", heavy(r, c, i), torch.float32) for i, (r, c) in enumerate(shapes)]
+        (f"m{i}", heavy(r, c, i), torch.float32) for i, (r, c) in enumerate(shapes)
+    ]
     out.insert(2, ("bad", torch.randn(2, 3, 4), None))
     return out
 
@@ -90,7 +91,8 @@ def test_shuffled_spectrum_in_float32_matches_float64_at_the_top() -> None:
 
 
 def test_an_error_of_the_shuffle_task_fails_that_matrix_only(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from alphawatch.workers.spectral import stream
 
     own = stream._shuffled_spectrum
@@ -114,8 +116,12 @@ def test_a_matrix_stopped_early_does_not_wait_for_its_shuffle() -> None:
     nan = heavy(100, 80, 1)
     nan[5, 7] = float("inf")
     constant = torch.full((100, 80), 0.5)
-    got = dict(analyze_stream([("inf", nan, None), ("constant", constant, None),
-                               ("ok", heavy(100, 80, 2), None)], workers=2))
+    got = dict(
+        analyze_stream(
+            [("inf", nan, None), ("constant", constant, None), ("ok", heavy(100, 80, 2), None)],
+            workers=2,
+        )
+    )
     assert got["inf"].fit_status is FitStatus.NON_FINITE
     assert got["constant"].fit_status is FitStatus.DEGENERATE
     assert got["ok"].rand_distance is not None and got["ok"].error is None

@@ -36,19 +36,42 @@ torch = pytest.importorskip("torch")
 TORCH_CPU = Device(kind="torch", torch_device="cpu")
 RTOL = 1e-9
 SHUFFLE_FIELDS = {"rand_distance": 1e-3, "max_rand_eval": 1e-5}
-SEARCHED_FIELDS = ("tpl_alpha", "tpl_lambda", "pl_vs_tpl_R", "pl_vs_tpl_p", "pl_vs_lognormal_R",
-                   "pl_vs_lognormal_p")
+SEARCHED_FIELDS = (
+    "tpl_alpha",
+    "tpl_lambda",
+    "pl_vs_tpl_R",
+    "pl_vs_tpl_p",
+    "pl_vs_lognormal_R",
+    "pl_vs_lognormal_p",
+)
 SEARCH_RTOL = 1e-5
 # counts, statuses and flags: equal, not close
-EXACT_FIELDS = ("fit_status", "trusted", "error", "num_evals", "num_pl_spikes", "matrix_rank",
-                "rank_loss", "num_spikes", "num_traps", "num_fingers", "correlation_trap",
-                "rank_collapse", "near_random", "mean_spike", "over_trained", "under_trained",
-                "warning", "rows", "cols", "method")
+EXACT_FIELDS = (
+    "fit_status",
+    "trusted",
+    "error",
+    "num_evals",
+    "num_pl_spikes",
+    "matrix_rank",
+    "rank_loss",
+    "num_spikes",
+    "num_traps",
+    "num_fingers",
+    "correlation_trap",
+    "rank_collapse",
+    "near_random",
+    "mean_spike",
+    "over_trained",
+    "under_trained",
+    "warning",
+    "rows",
+    "cols",
+    "method",
+)
 
 
 def _low_rank(rng: np.random.Generator, rank: int = 8) -> np.ndarray:
-    return (rng.standard_normal((300, rank)) @ rng.standard_normal((rank, 150))
-            ).astype(np.float32)
+    return (rng.standard_normal((300, rank)) @ rng.standard_normal((rank, 150))).astype(np.float32)
 
 
 def _planted_trap(rng: np.random.Generator) -> np.ndarray:
@@ -77,8 +100,10 @@ MATRICES: dict[str, tuple[Callable[[np.random.Generator], object], object]] = {
     "student_t": (lambda rng: rng.standard_t(3, (300, 150)).astype(np.float32), None),
     "power_law_spectrum": (_power_law_spectrum, None),
     "low_rank_float32": (_low_rank, "float32"),
-    "low_rank_bfloat16": (lambda rng: torch.from_numpy(_low_rank(rng)).to(torch.bfloat16),
-                          "bfloat16"),
+    "low_rank_bfloat16": (
+        lambda rng: torch.from_numpy(_low_rank(rng)).to(torch.bfloat16),
+        "bfloat16",
+    ),
     "planted_trap": (_planted_trap, None),
     "conv2d": (lambda rng: rng.standard_normal((64, 32, 3, 3)).astype(np.float32), None),
     "non_finite": (_non_finite, None),
@@ -100,8 +125,9 @@ def assert_same_result(host: LayerResult, accel: LayerResult) -> None:
             assert isinstance(other, float) and math.isnan(other), field
         elif field in SHUFFLE_FIELDS:
             tol = SHUFFLE_FIELDS[field]
-            assert other == pytest.approx(value, rel=tol, abs=tol if field == "rand_distance"
-                                          else 0.0), field
+            assert other == pytest.approx(
+                value, rel=tol, abs=tol if field == "rand_distance" else 0.0
+            ), field
         elif field in SEARCHED_FIELDS:
             assert other == pytest.approx(value, rel=SEARCH_RTOL, abs=1e-300), field
         else:
@@ -117,13 +143,17 @@ def test_the_accelerator_path_on_cpu_tensors_equals_the_host_path(name: str) -> 
     build, stored_dtype = MATRICES[name]
     weight = build(np.random.default_rng(sorted(MATRICES).index(name)))
     host = analyze_matrix(weight, stored_dtype=stored_dtype)  # type: ignore[arg-type]
-    accel = analyze_matrix(weight, stored_dtype=stored_dtype,  # type: ignore[arg-type]
-                           device=TORCH_CPU)
+    accel = analyze_matrix(
+        weight,
+        stored_dtype=stored_dtype,  # type: ignore[arg-type]
+        device=TORCH_CPU,
+    )
     assert_same_result(host, accel)
 
 
 def test_the_cases_cover_what_they_are_named_for() -> None:
     """Each matrix takes the branch it stands for, so equality above is not vacuous."""
+
     def on_host(name: str) -> LayerResult:
         build, stored_dtype = MATRICES[name]
         weight = build(np.random.default_rng(sorted(MATRICES).index(name)))
@@ -142,11 +172,14 @@ def test_the_cases_cover_what_they_are_named_for() -> None:
 
 def test_many_and_stream_take_the_accelerator_path_on_cpu_tensors() -> None:
     rng = np.random.default_rng(20)
-    items = [(f"m{i}", rng.standard_t(4, (120 + 10 * i, 90)).astype(np.float32), None)
-             for i in range(3)]
+    items = [
+        (f"m{i}", rng.standard_t(4, (120 + 10 * i, 90)).astype(np.float32), None) for i in range(3)
+    ]
     host = dict(analyze_many(items))
-    for got in (dict(analyze_many(items, device=TORCH_CPU)),
-                dict(analyze_stream(items, workers=2, device=TORCH_CPU))):
+    for got in (
+        dict(analyze_many(items, device=TORCH_CPU)),
+        dict(analyze_stream(items, workers=2, device=TORCH_CPU)),
+    ):
         assert got.keys() == host.keys()
         for name, result in host.items():
             assert_same_result(result, got[name])

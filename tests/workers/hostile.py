@@ -37,10 +37,17 @@ def _safetensors(path: Path, header: dict[str, object], data: bytes) -> None:
 def lying_safetensors(run: Path, step: int) -> Path:
     """Declares a 4096x4096 float32 matrix (64 MiB) over 64 bytes of data."""
     folder = _folder(run, step)
-    _safetensors(folder / "model.safetensors", {
-        "model.layers.0.mlp.up_proj.weight": {"dtype": "F32", "shape": [4096, 4096],
-                                              "data_offsets": [0, 64]},
-    }, b"\0" * 64)
+    _safetensors(
+        folder / "model.safetensors",
+        {
+            "model.layers.0.mlp.up_proj.weight": {
+                "dtype": "F32",
+                "shape": [4096, 4096],
+                "data_offsets": [0, 64],
+            },
+        },
+        b"\0" * 64,
+    )
     return folder
 
 
@@ -48,9 +55,14 @@ def overlapping_safetensors(run: Path, step: int) -> Path:
     """Two tensors over the same bytes: every read of the file reads it again."""
     folder = _folder(run, step)
     info = {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 64]}
-    _safetensors(folder / "model.safetensors", {
-        "model.layers.0.mlp.up_proj.weight": info, "model.layers.0.mlp.down_proj.weight": info,
-    }, b"\0" * 64)
+    _safetensors(
+        folder / "model.safetensors",
+        {
+            "model.layers.0.mlp.up_proj.weight": info,
+            "model.layers.0.mlp.down_proj.weight": info,
+        },
+        b"\0" * 64,
+    )
     return folder
 
 
@@ -60,13 +72,14 @@ class _Storage:
 
 
 class _Tensor:
-    def __init__(self, storage: _Storage, shape: tuple[int, int],
-                 stride: tuple[int, int]) -> None:
+    def __init__(self, storage: _Storage, shape: tuple[int, int], stride: tuple[int, int]) -> None:
         self.storage, self.shape, self.stride = storage, shape, stride
 
     def __reduce__(self) -> tuple[object, ...]:
-        return (torch._utils._rebuild_tensor_v2,
-                (self.storage, 0, self.shape, self.stride, False, collections.OrderedDict()))
+        return (
+            torch._utils._rebuild_tensor_v2,
+            (self.storage, 0, self.shape, self.stride, False, collections.OrderedDict()),
+        )
 
 
 class _Pickler(pickle.Pickler):
@@ -178,7 +191,8 @@ def dcp_metadata_code(run: Path, step: int) -> Path:
     _dcp(folder)
     command = f"touch {folder / PWNED}".encode()
     (folder / ".metadata").write_bytes(
-        b"\x80\x02cos\nsystem\nX" + struct.pack("<I", len(command)) + command + b"\x85R.")
+        b"\x80\x02cos\nsystem\nX" + struct.pack("<I", len(command)) + command + b"\x85R."
+    )
     return folder
 
 

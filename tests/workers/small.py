@@ -8,8 +8,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-MATRICES = ("model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj",
-            "model.layers.0.self_attn.q_proj")
+MATRICES = (
+    "model.layers.0.mlp.up_proj",
+    "model.layers.0.mlp.down_proj",
+    "model.layers.0.self_attn.q_proj",
+)
 
 
 def write_checkpoint(run: Path, step: int, *, seed: int) -> Path:
@@ -18,7 +21,9 @@ def write_checkpoint(run: Path, step: int, *, seed: int) -> Path:
     folder = run / f"checkpoint-{step}"
     folder.mkdir(parents=True)
     generator = torch.Generator().manual_seed(seed)
-    save_file({f"{name}.weight": torch.randn(64, 48, generator=generator) for name in MATRICES},
-              str(folder / "model.safetensors"))
+    save_file(
+        {f"{name}.weight": torch.randn(64, 48, generator=generator) for name in MATRICES},
+        str(folder / "model.safetensors"),
+    )
     (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
     return folder

@@ -33,27 +33,47 @@ from tests.factories import complete_next, layer_row, register_run
 from tests.pg import free_port
 from tests.webhook import TRICKLE_S, receiver
 
-FAST = {"backoff_s": 0.2, "backoff_max_s": 5.0, "poll_s": 0.1, "timeout_s": 5.0,
-        "min_interval_s": 0.0}
+FAST = {
+    "backoff_s": 0.2,
+    "backoff_max_s": 5.0,
+    "poll_s": 0.1,
+    "timeout_s": 5.0,
+    "min_interval_s": 0.0,
+}
 
 
 def _settings(url: str, hook: str, **alerts: Any) -> Settings:
-    return Settings(database_url=url, device="cpu", settle_s=0.0, poll_interval_s=0.2,
-                    lease_s=30.0, heartbeat_s=0.5,
-                    alerts={"webhook_url": hook, **FAST, **alerts})
+    return Settings(
+        database_url=url,
+        device="cpu",
+        settle_s=0.0,
+        poll_interval_s=0.2,
+        lease_s=30.0,
+        heartbeat_s=0.5,
+        alerts={"webhook_url": hook, **FAST, **alerts},
+    )
 
 
 def _check(settings: Settings) -> GateCheck:
-    return GateCheck(defaults=settings.gate, method="ww", thresholds=settings.trust,
-                     notify=settings.alerts.webhook_url is not None)
+    return GateCheck(
+        defaults=settings.gate,
+        method="ww",
+        thresholds=settings.trust,
+        notify=settings.alerts.webhook_url is not None,
+    )
 
 
 def _analysed(url: str, *, run: str, step: int, alpha: float, check: GateCheck) -> None:
     """A checkpoint of ``run`` at ``step`` whose 10 trusted layers have alpha near ``alpha``."""
     register_run(url, name=run, steps=[step], checkpoint_path="/r/{name}/{step}")
-    done, _ = complete_next(url, gate=check, layers=lambda _: [
-        layer_row(f"model.layers.{i}.mlp.up_proj", block=i, alpha=alpha + 0.01 * (i - 5))
-        for i in range(10)])
+    done, _ = complete_next(
+        url,
+        gate=check,
+        layers=lambda _: [
+            layer_row(f"model.layers.{i}.mlp.up_proj", block=i, alpha=alpha + 0.01 * (i - 5))
+            for i in range(10)
+        ],
+    )
     assert done == step
 
 
@@ -84,8 +104,9 @@ def test_a_flip_is_delivered_once_with_its_reasons(db_url: str) -> None:
     assert [v["rule"] for v in failed["violations"]] == ["max_alpha"]
     assert failed["violations"][0]["threshold"] == 6.0
     assert failed["value"] == pytest.approx(7.0 - 0.005)  # median of the ten layers
-    assert failed["text"].startswith("alphawatch: run llama&lt;&amp;&gt; FAILS its gate at "
-                                     "step 200")
+    assert failed["text"].startswith(
+        "alphawatch: run llama&lt;&amp;&gt; FAILS its gate at step 200"
+    )
     assert "is above 6" in failed["text"]
     assert (passed["step"], passed["verdict"], passed["previous"]) == (400, "pass", "fail")
     assert passed["violations"] == [] and "passes its gate again" in passed["text"]
@@ -96,9 +117,9 @@ def test_a_flip_is_delivered_once_with_its_reasons(db_url: str) -> None:
     with TestClient(create_app(Settings(database_url=db_url))) as client:
         listed = client.get("/api/v1/runs/1/alerts").json()["alerts"]
         gate = client.get("/api/v1/runs/1/gate").json()
-    assert [(a["step"], a["verdict"], a["status"], a["attempts"], a["last_status_code"])
-            for a in listed] == [(400, "pass", "delivered", 1, 200),
-                                 (200, "fail", "delivered", 1, 200)]
+    assert [
+        (a["step"], a["verdict"], a["status"], a["attempts"], a["last_status_code"]) for a in listed
+    ] == [(400, "pass", "delivered", 1, 200), (200, "fail", "delivered", 1, 200)]
     assert listed[1]["body"] == failed
     assert gate["passed"] and gate["step"] == 400
 
@@ -126,8 +147,11 @@ def test_a_failing_receiver_is_retried_with_backoff(db_url: str) -> None:
         try:
             _analysed(db_url, run="r", step=1, alpha=7.0, check=_check(settings))
             dispatcher.wake()
-            wait_until(lambda: rows(db_url, "SELECT status FROM alert") == [("delivered",)],
-                       30, "the delivery after two failures")
+            wait_until(
+                lambda: rows(db_url, "SELECT status FROM alert") == [("delivered",)],
+                30,
+                "the delivery after two failures",
+            )
         finally:
             dispatcher.stop()
     times = [r.at for r in hook.received]
@@ -135,7 +159,8 @@ def test_a_failing_receiver_is_retried_with_backoff(db_url: str) -> None:
     # Exponential: 0.2 s after the first failure, 0.4 s after the second.
     assert times[1] - times[0] >= 0.2 and times[2] - times[1] >= 0.4
     assert rows(db_url, "SELECT attempts, last_status_code, last_error FROM alert") == [
-        (3, 200, None)]
+        (3, 200, None)
+    ]
 
 
 def test_a_stopped_receiver_ends_failed_after_its_attempts(db_url: str) -> None:
@@ -146,13 +171,19 @@ def test_a_stopped_receiver_ends_failed_after_its_attempts(db_url: str) -> None:
     try:
         _analysed(db_url, run="r", step=1, alpha=7.0, check=_check(settings))
         dispatcher.wake()
-        wait_until(lambda: rows(db_url, "SELECT status FROM alert") == [("failed",)], 30,
-                   "the delivery to give up")
+        wait_until(
+            lambda: rows(db_url, "SELECT status FROM alert") == [("failed",)],
+            30,
+            "the delivery to give up",
+        )
         # The thread goes on: a later alert is attempted too.
         _analysed(db_url, run="r", step=2, alpha=3.0, check=_check(settings))
         dispatcher.wake()
-        wait_until(lambda: len(rows(db_url, "SELECT id FROM alert WHERE status = 'failed'"))
-                   == 2, 30, "the second alert to be attempted")
+        wait_until(
+            lambda: len(rows(db_url, "SELECT id FROM alert WHERE status = 'failed'")) == 2,
+            30,
+            "the second alert to be attempted",
+        )
     finally:
         dispatcher.stop()
     attempts, error = rows(db_url, "SELECT attempts, last_error FROM alert ORDER BY id")[0]
@@ -175,8 +206,11 @@ def test_answers_that_retrying_cannot_change_fail_at_once() -> None:
 
 
 def _alert_rows(url: str) -> list[tuple[str, str, str | None]]:
-    return rows(url, "SELECT r.name, a.status, a.last_error FROM alert a JOIN run r "
-                     "ON r.id = a.run_id ORDER BY a.id")
+    return rows(
+        url,
+        "SELECT r.name, a.status, a.last_error FROM alert a JOIN run r "
+        "ON r.id = a.run_id ORDER BY a.id",
+    )
 
 
 def test_a_trickling_answer_is_cut_off_at_the_deadline() -> None:
@@ -204,13 +238,18 @@ def test_a_trickling_receiver_holds_one_alert_to_its_deadline_and_no_other(db_ur
             first = hook.received[0].at
             _analysed(db_url, run="fast", step=1, alpha=7.0, check=check)
             dispatcher.wake()
-            wait_until(lambda: rows(db_url, "SELECT status FROM alert WHERE id = 2")
-                       == [("delivered",)], 20, "the fast run's alert")
+            wait_until(
+                lambda: rows(db_url, "SELECT status FROM alert WHERE id = 2") == [("delivered",)],
+                20,
+                "the fast run's alert",
+            )
             # The slow alert's first attempt ends at its deadline (with slack for a busy
             # machine), far before the receiver would have stopped trickling.
-            wait_until(lambda: rows(db_url, "SELECT status FROM alert WHERE id = 1")
-                       == [("failed",)], first + timeout_s + 10 - time.monotonic(),
-                       "the slow alert's attempt to be cut off")
+            wait_until(
+                lambda: rows(db_url, "SELECT status FROM alert WHERE id = 1") == [("failed",)],
+                first + timeout_s + 10 - time.monotonic(),
+                "the slow alert's attempt to be cut off",
+            )
         finally:
             dispatcher.stop()
         fast = next(r for r in hook.received if r.body["run"]["name"] == "fast")
@@ -242,9 +281,17 @@ def test_a_flapping_verdict_is_coalesced_and_the_latest_goes_last(db_url: str) -
                     assert put.status_code == 200
                     dispatcher.wake()
                 final = put.json()["last_verdict"]["passed"]
-                wait_until(lambda: rows(db_url, "SELECT count(*) FROM alert WHERE status IN "
-                                                "('pending', 'sending')") == [(0,)], 30,
-                           "every alert to be settled")
+                wait_until(
+                    lambda: (
+                        rows(
+                            db_url,
+                            "SELECT count(*) FROM alert WHERE status IN ('pending', 'sending')",
+                        )
+                        == [(0,)]
+                    ),
+                    30,
+                    "every alert to be settled",
+                )
                 elapsed = time.monotonic() - started
         finally:
             dispatcher.stop()
@@ -293,20 +340,25 @@ def test_a_failed_attempt_is_not_retried_once_the_verdict_changed(db_url: str) -
 def test_a_fault_while_sending_is_recorded_and_the_senders_go_on(db_url: str) -> None:
     # A host name no resolver takes: the IDNA codec refuses a label over 63 characters with a
     # UnicodeError, which is no network error.
-    settings = _settings(db_url, f"http://{'a' * 64}.example/hook", max_attempts=2,
-                         backoff_s=0.05)
+    settings = _settings(db_url, f"http://{'a' * 64}.example/hook", max_attempts=2, backoff_s=0.05)
     dispatcher = AlertDispatcher(settings.alerts, make_engine(db_url), "w1")
     dispatcher.start()
     try:
         _analysed(db_url, run="r", step=1, alpha=7.0, check=_check(settings))
         dispatcher.wake()
-        wait_until(lambda: rows(db_url, "SELECT status FROM alert") == [("failed",)], 20,
-                   "the alert to fail after its attempts")
+        wait_until(
+            lambda: rows(db_url, "SELECT status FROM alert") == [("failed",)],
+            20,
+            "the alert to fail after its attempts",
+        )
         # The senders go on: another run's alert is attempted too.
         _analysed(db_url, run="s", step=1, alpha=7.0, check=_check(settings))
         dispatcher.wake()
-        wait_until(lambda: rows(db_url, "SELECT status FROM alert WHERE id = 2")
-                   == [("failed",)], 20, "the second alert to be attempted")
+        wait_until(
+            lambda: rows(db_url, "SELECT status FROM alert WHERE id = 2") == [("failed",)],
+            20,
+            "the second alert to be attempted",
+        )
     finally:
         dispatcher.stop()
     for attempts, error in rows(db_url, "SELECT attempts, last_error FROM alert"):
@@ -314,7 +366,8 @@ def test_a_fault_while_sending_is_recorded_and_the_senders_go_on(db_url: str) ->
 
 
 def test_a_failing_database_is_retried_with_a_growing_pause(
-        pg_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
     with receiver() as hook:
         settings = _settings(pg_url, hook.url, senders=1, backoff_s=0.1)
         _analysed(pg_url, run="r", step=1, alpha=7.0, check=_check(settings))
@@ -323,7 +376,8 @@ def test_a_failing_database_is_retried_with_a_growing_pause(
             connection.exec_driver_sql(
                 "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS "
                 "$$ BEGIN RAISE EXCEPTION 'could not extend file'; END $$; "
-                "CREATE TRIGGER refuse BEFORE UPDATE ON alert EXECUTE FUNCTION refuse()")
+                "CREATE TRIGGER refuse BEFORE UPDATE ON alert EXECUTE FUNCTION refuse()"
+            )
         dispatcher = AlertDispatcher(settings.alerts, engine, "w1")
         with caplog.at_level(logging.ERROR, logger="alphawatch.alerts"):
             dispatcher.start()
@@ -338,7 +392,7 @@ def test_a_failing_database_is_retried_with_a_growing_pause(
     assert "could not extend file" in str(failed[0].exc_info)
     gaps = [b.created - a.created for a, b in itertools.pairwise(failed)]
     # The pause doubles: 0.1 s, 0.2 s, 0.4 s (a busy machine only lengthens them).
-    assert all(gap >= 0.1 * 2 ** i for i, gap in enumerate(gaps[:3]))
+    assert all(gap >= 0.1 * 2**i for i, gap in enumerate(gaps[:3]))
     assert rows(pg_url, "SELECT status FROM alert") == [("delivered",)]
 
 
@@ -362,15 +416,21 @@ def _checkpoint(run: Path, step: int) -> None:
     folder = run / f"checkpoint-{step}"
     folder.mkdir(parents=True)
     g = torch.Generator().manual_seed(step)
-    save_file({f"model.layers.{i}.mlp.up_proj.weight": torch.randn(96, 64, generator=g)
-               for i in range(3)}, str(folder / "model.safetensors"))
+    save_file(
+        {
+            f"model.layers.{i}.mlp.up_proj.weight": torch.randn(96, 64, generator=g)
+            for i in range(3)
+        },
+        str(folder / "model.safetensors"),
+    )
     (folder / "config.json").write_text('{"model_type": "llama"}')
     (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
 
 
 def _done(url: str) -> list[int]:
-    return [r[0] for r in rows(url, "SELECT step FROM checkpoint WHERE status = 'done' "
-                                    "ORDER BY step")]
+    return [
+        r[0] for r in rows(url, "SELECT step FROM checkpoint WHERE status = 'done' ORDER BY step")
+    ]
 
 
 def test_a_hanging_receiver_never_delays_the_analysis(pg_url: str, tmp_path: Path) -> None:
@@ -380,8 +440,9 @@ def test_a_hanging_receiver_never_delays_the_analysis(pg_url: str, tmp_path: Pat
         hook.hang.set()
         # No alpha passes: the first verdict fails and alerts; the later ones do not change.
         settings = _settings(pg_url, hook.url, timeout_s=60.0)
-        settings = settings.model_copy(update={"gate": settings.gate.merged(
-            {"min_alpha": None, "max_alpha": 0.5})})
+        settings = settings.model_copy(
+            update={"gate": settings.gate.merged({"min_alpha": None, "max_alpha": 0.5})}
+        )
         watcher = Watcher(settings, [run])
         stop = threading.Event()
         thread = threading.Thread(target=watcher.run_forever, args=(stop,), daemon=True)
@@ -401,8 +462,11 @@ def test_a_hanging_receiver_never_delays_the_analysis(pg_url: str, tmp_path: Pat
             stop.set()
             thread.join(timeout=60)
     assert analysed_in < 60  # within the receiver's hold, which had not ended
-    wait_until(lambda: rows(pg_url, "SELECT status FROM alert") == [("delivered",)], 10,
-               "the held delivery to be recorded")
+    wait_until(
+        lambda: rows(pg_url, "SELECT status FROM alert") == [("delivered",)],
+        10,
+        "the held delivery to be recorded",
+    )
 
 
 def test_the_worker_goes_on_when_the_receiver_is_gone(sqlite_url: str, tmp_path: Path) -> None:
@@ -411,8 +475,9 @@ def test_the_worker_goes_on_when_the_receiver_is_gone(sqlite_url: str, tmp_path:
     _checkpoint(run, 2)
     dead = f"http://127.0.0.1:{free_port()}/hook"
     settings = _settings(sqlite_url, dead, max_attempts=2, backoff_s=0.05)
-    settings = settings.model_copy(update={"gate": settings.gate.merged(
-        {"min_alpha": None, "max_alpha": 0.5})})
+    settings = settings.model_copy(
+        update={"gate": settings.gate.merged({"min_alpha": None, "max_alpha": 0.5})}
+    )
     watcher = Watcher(settings, [run])
     assert watcher.run_once() == 2
     shutil.copytree(run / "checkpoint-2", run / "checkpoint-3")
@@ -421,8 +486,11 @@ def test_the_worker_goes_on_when_the_receiver_is_gone(sqlite_url: str, tmp_path:
     thread = threading.Thread(target=watcher.run_forever, args=(stop,), daemon=True)
     thread.start()
     try:
-        wait_until(lambda: rows(sqlite_url, "SELECT status FROM alert") == [("failed",)], 60,
-                   "the alert to fail")
+        wait_until(
+            lambda: rows(sqlite_url, "SELECT status FROM alert") == [("failed",)],
+            60,
+            "the alert to fail",
+        )
         wait_until(lambda: _done(sqlite_url) == [1, 2, 3], 60, "the next checkpoint")
     finally:
         stop.set()

@@ -70,12 +70,18 @@ class _MemoryProbe(threading.Thread):
 
 @contextmanager
 def _worker(run: Path, url: str, **env: str) -> Iterator[subprocess.Popen[bytes]]:
-    values = {"ALPHAWATCH_SETTLE_S": "0", "ALPHAWATCH_DEVICE": "cpu",
-              "ALPHAWATCH_JOB_MEMORY_MB": str(MEMORY_MB),
-              "ALPHAWATCH_JOB_TIMEOUT_S": str(TIMEOUT_S), **env}
+    values = {
+        "ALPHAWATCH_SETTLE_S": "0",
+        "ALPHAWATCH_DEVICE": "cpu",
+        "ALPHAWATCH_JOB_MEMORY_MB": str(MEMORY_MB),
+        "ALPHAWATCH_JOB_TIMEOUT_S": str(TIMEOUT_S),
+        **env,
+    }
     proc = subprocess.Popen(
         [sys.executable, "-m", "alphawatch", "watch", str(run), "--db", url, "--poll", "0.2"],
-        cwd=ROOT, env={**os.environ, **values}, stdout=subprocess.DEVNULL,
+        cwd=ROOT,
+        env={**os.environ, **values},
+        stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     try:
@@ -86,10 +92,10 @@ def _worker(run: Path, url: str, **env: str) -> Iterator[subprocess.Popen[bytes]
         proc.wait(timeout=30)
 
 
-@pytest.mark.parametrize("name", [n for n, (_, words) in hostile.HOSTILE.items()
-                                  if "budget" not in words])
-def test_lying_and_exploding_files_are_refused_before_allocating(name: str,
-                                                                 tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "name", [n for n, (_, words) in hostile.HOSTILE.items() if "budget" not in words]
+)
+def test_lying_and_exploding_files_are_refused_before_allocating(name: str, tmp_path: Path) -> None:
     build, words = hostile.HOSTILE[name]
     folder = build(tmp_path, 1)
     started = time.monotonic()
@@ -106,8 +112,9 @@ def test_hostile_checkpoints_fail_alone_under_a_real_worker(
 ) -> None:
     run = tmp_path / "runs" / "mixed"
     shutil.copytree(tiny_run, run)
-    expected_layers = {int(p.name.split("-")[1]): sum(1 for _ in iter_layers(p))
-                       for p in run.glob("checkpoint-*")}
+    expected_layers = {
+        int(p.name.split("-")[1]): sum(1 for _ in iter_layers(p)) for p in run.glob("checkpoint-*")
+    }
     steps: dict[int, tuple[str, str, str]] = {}
     for offset, (name, (build, words)) in enumerate(hostile.HOSTILE.items()):
         folder = build(run, 101 + offset)
@@ -118,18 +125,36 @@ def test_hostile_checkpoints_fail_alone_under_a_real_worker(
         probe = _MemoryProbe(proc.pid)
         probe.start()
         try:
-            _wait(lambda: len(_rows(db_url, "SELECT id FROM checkpoint WHERE status IN "
-                                    "('done', 'failed', 'vanished')")) == every,
-                  240, "every checkpoint to be finished")
+            _wait(
+                lambda: (
+                    len(
+                        _rows(
+                            db_url,
+                            "SELECT id FROM checkpoint WHERE status IN "
+                            "('done', 'failed', 'vanished')",
+                        )
+                    )
+                    == every
+                ),
+                240,
+                "every checkpoint to be finished",
+            )
         finally:
             probe.stop.set()
             probe.join(timeout=5)
         assert proc.poll() is None, "the worker died"
 
-    status = {step: (state, error) for step, state, error in
-              _rows(db_url, "SELECT step, status, error FROM checkpoint")}
-    layers = dict(_rows(db_url, "SELECT c.step, count(*) FROM layer_metric l "
-                                "JOIN checkpoint c ON c.id = l.checkpoint_id GROUP BY c.step"))
+    status = {
+        step: (state, error)
+        for step, state, error in _rows(db_url, "SELECT step, status, error FROM checkpoint")
+    }
+    layers = dict(
+        _rows(
+            db_url,
+            "SELECT c.step, count(*) FROM layer_metric l "
+            "JOIN checkpoint c ON c.id = l.checkpoint_id GROUP BY c.step",
+        )
+    )
     for step, n in expected_layers.items():
         assert status[step] == ("done", None)
         assert layers[step] == n > 0
@@ -146,8 +171,11 @@ def test_hostile_checkpoints_fail_alone_under_a_real_worker(
 
 
 def _running_attempt(url: str) -> int | None:
-    rows = _rows(url, "SELECT j.attempts FROM analysis_job j JOIN checkpoint c "
-                      "ON c.id = j.checkpoint_id WHERE c.status = 'running'")
+    rows = _rows(
+        url,
+        "SELECT j.attempts FROM analysis_job j JOIN checkpoint c "
+        "ON c.id = j.checkpoint_id WHERE c.status = 'running'",
+    )
     return int(rows[0][0]) if rows else None
 
 
@@ -157,23 +185,35 @@ def test_worker_killed_every_time_is_given_up_after_max_attempts(
 ) -> None:
     run = tmp_path / "runs" / "killer"
     hostile.time_bomb(run, 1)
-    env = {"ALPHAWATCH_LEASE_S": "2", "ALPHAWATCH_HEARTBEAT_S": "0.5",
-           "ALPHAWATCH_MAX_ATTEMPTS": "2", "ALPHAWATCH_JOB_TIMEOUT_S": "600"}
+    env = {
+        "ALPHAWATCH_LEASE_S": "2",
+        "ALPHAWATCH_HEARTBEAT_S": "0.5",
+        "ALPHAWATCH_MAX_ATTEMPTS": "2",
+        "ALPHAWATCH_JOB_TIMEOUT_S": "600",
+    }
     for attempt in (1, 2):
         with _worker(run, db_url, **env) as proc:
-            _wait(lambda a=attempt: _running_attempt(db_url) == a, 120,
-                  f"attempt {attempt} to start")
+            _wait(
+                lambda a=attempt: _running_attempt(db_url) == a, 120, f"attempt {attempt} to start"
+            )
             children = _children(proc.pid)
             assert children
             proc.send_signal(signal.SIGKILL)  # as the OOM killer would
             proc.wait(timeout=30)
             # The analysis child does not outlive its worker.
-            _wait(lambda c=children: not any(Path(f"/proc/{p}").exists()
-                                             and resident_mb(p) for p in c), 30,
-                  "the orphaned analysis process to stop")
+            _wait(
+                lambda c=children: (
+                    not any(Path(f"/proc/{p}").exists() and resident_mb(p) for p in c)
+                ),
+                30,
+                "the orphaned analysis process to stop",
+            )
     with _worker(run, db_url, **env) as proc:
-        _wait(lambda: _rows(db_url, "SELECT status FROM checkpoint") == [("failed",)], 120,
-              "the checkpoint to be given up")
+        _wait(
+            lambda: _rows(db_url, "SELECT status FROM checkpoint") == [("failed",)],
+            120,
+            "the checkpoint to be given up",
+        )
         assert proc.poll() is None
     ((attempts, job_status),) = _rows(db_url, "SELECT attempts, status FROM analysis_job")
     ((error,),) = _rows(db_url, "SELECT error FROM checkpoint")
@@ -190,14 +230,18 @@ def test_analysis_process_killed_by_the_kernel_is_counted_then_given_up(
     env = {"ALPHAWATCH_MAX_ATTEMPTS": "2", "ALPHAWATCH_JOB_TIMEOUT_S": "600"}
     with _worker(run, db_url, **env) as proc:
         for attempt in (1, 2):
-            _wait(lambda a=attempt: _running_attempt(db_url) == a, 120,
-                  f"attempt {attempt} to start")
+            _wait(
+                lambda a=attempt: _running_attempt(db_url) == a, 120, f"attempt {attempt} to start"
+            )
             # The worker starts its analysis process before it claims a job: this is the one
             # analysing. The kernel's OOM killer picks it, the largest process.
             (child,) = _children(proc.pid)
             os.kill(child, signal.SIGKILL)
-        _wait(lambda: _rows(db_url, "SELECT status FROM checkpoint") == [("failed",)], 60,
-              "the checkpoint to be given up")
+        _wait(
+            lambda: _rows(db_url, "SELECT status FROM checkpoint") == [("failed",)],
+            60,
+            "the checkpoint to be given up",
+        )
         assert proc.poll() is None, "the worker died with its analysis process"
     ((error,),) = _rows(db_url, "SELECT error FROM checkpoint")
     assert "died of SIGKILL" in error and "out of memory" in error
@@ -207,8 +251,9 @@ def test_heartbeat_stops_renewing_after_the_budget(pg_url: str) -> None:
     settings = Settings(database_url=pg_url, device="cpu", lease_s=1.0, heartbeat_s=0.2)
     with session_scope(make_engine(pg_url)) as session:
         run = registry.ensure_run(session, name="r", path="/runs/r")
-        registry.register_checkpoint(session, run_id=run, step=1, path="/runs/r/1",
-                                  fingerprint="f", fmt="hf")
+        registry.register_checkpoint(
+            session, run_id=run, step=1, path="/runs/r/1", fingerprint="f", fmt="hf"
+        )
     watcher = Watcher(settings)
     with session_scope(watcher.engine) as session:
         job = queue.claim(session, worker_id=watcher.worker_id, lease_s=1.0)

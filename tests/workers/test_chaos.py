@@ -65,16 +65,23 @@ class Chaos(threading.Thread):
 
 @pytest.mark.slow
 def test_every_checkpoint_is_analysed_exactly_once_while_connections_are_killed(
-        tmp_path: Path, pg_url: str) -> None:
+    tmp_path: Path, pg_url: str
+) -> None:
     root = tmp_path / "runs"
     runs = [root / f"run-{r}" for r in range(RUNS)]
     for r, run in enumerate(runs):
         for step in range(1, STEPS + 1):
             write_checkpoint(run, step, seed=100 * r + step)
     total = RUNS * STEPS
-    env = {**os.environ, "ALPHAWATCH_SETTLE_S": "0", "ALPHAWATCH_DEVICE": "cpu",
-           "ALPHAWATCH_LEASE_S": "30", "ALPHAWATCH_HEARTBEAT_S": "0.3",
-           "ALPHAWATCH_MAX_ATTEMPTS": "3", "PGAPPNAME": APP}
+    env = {
+        **os.environ,
+        "ALPHAWATCH_SETTLE_S": "0",
+        "ALPHAWATCH_DEVICE": "cpu",
+        "ALPHAWATCH_LEASE_S": "30",
+        "ALPHAWATCH_HEARTBEAT_S": "0.3",
+        "ALPHAWATCH_MAX_ATTEMPTS": "3",
+        "PGAPPNAME": APP,
+    }
     log = tmp_path / "worker.log"
     chaos = Chaos(pg_url, SEED)
 
@@ -83,15 +90,31 @@ def test_every_checkpoint_is_analysed_exactly_once_while_connections_are_killed(
 
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "alphawatch", "watch", *map(str, runs), "--db", pg_url,
-             "--poll", "0.2"], cwd=ROOT, env=env, stdout=out, stderr=out)
+            [
+                sys.executable,
+                "-m",
+                "alphawatch",
+                "watch",
+                *map(str, runs),
+                "--db",
+                pg_url,
+                "--poll",
+                "0.2",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=out,
+        )
     try:
         # The chaos starts once the worker is at work, and lasts while it works.
-        wait_until(lambda: rows(pg_url, "SELECT count(*) FROM checkpoint")[0][0] > 0, 90,
-                   "the worker to register checkpoints")
+        wait_until(
+            lambda: rows(pg_url, "SELECT count(*) FROM checkpoint")[0][0] > 0,
+            90,
+            "the worker to register checkpoints",
+        )
         chaos.start()
-        wait_until(lambda: done() == total or not chaos.is_alive(), 120,
-                   "the analysis under chaos")
+        wait_until(lambda: done() == total or not chaos.is_alive(), 120, "the analysis under chaos")
         chaos.stop_event.set()
         chaos.join(timeout=30)
         wait_until(lambda: done() == total, 120, f"all {total} checkpoints done after the chaos")
@@ -100,15 +123,24 @@ def test_every_checkpoint_is_analysed_exactly_once_while_connections_are_killed(
 
         assert rows(pg_url, "SELECT count(*) FROM checkpoint") == [(total,)]
         # Exactly once: one completed analysis, on the first attempt, one set of rows each.
-        assert rows(pg_url, """
+        assert rows(
+            pg_url,
+            """
             SELECT c.status, j.status, c.analysis_count, j.attempts, count(DISTINCT c.id)
               FROM checkpoint c JOIN analysis_job j ON j.checkpoint_id = c.id
-             GROUP BY 1, 2, 3, 4""") == [("done", "done", 1, 1, total)]
-        assert rows(pg_url, """
+             GROUP BY 1, 2, 3, 4""",
+        ) == [("done", "done", 1, 1, total)]
+        assert rows(
+            pg_url,
+            """
             SELECT count(*), count(DISTINCT (checkpoint_id, name, method))
-              FROM layer_metric""") == [(total * len(MATRICES), total * len(MATRICES))]
-        assert rows(pg_url, """
-            SELECT count(DISTINCT checkpoint_id) FROM layer_metric""") == [(total,)]
+              FROM layer_metric""",
+        ) == [(total * len(MATRICES), total * len(MATRICES))]
+        assert rows(
+            pg_url,
+            """
+            SELECT count(DISTINCT checkpoint_id) FROM layer_metric""",
+        ) == [(total,)]
         assert rows(pg_url, "SELECT count(*) FROM run") == [(RUNS,)]
     finally:
         chaos.stop_event.set()
@@ -120,5 +152,7 @@ def test_every_checkpoint_is_analysed_exactly_once_while_connections_are_killed(
             proc.wait(timeout=30)
             pytest.fail(f"the worker did not stop when told:\n{log.read_text()}")
     assert proc.returncode == 0, log.read_text()
-    print(f"chaos: {chaos.rounds} rounds, {chaos.killed} backends killed; the worker logged "
-          f"{log.read_text().count('database unreachable')} retries")
+    print(
+        f"chaos: {chaos.rounds} rounds, {chaos.killed} backends killed; the worker logged "
+        f"{log.read_text().count('database unreachable')} retries"
+    )

@@ -50,8 +50,9 @@ def test_worker_cross_checks_a_share_and_the_api_reports_it(
 ) -> None:
     run = tmp_path / "run"
     shutil.copytree(tiny_run / "checkpoint-30", run / "checkpoint-30")
-    settings = Settings(database_url=db_url, device="cpu", settle_s=0.0,
-                        crosscheck=CrossCheck(share=0.5))
+    settings = Settings(
+        database_url=db_url, device="cpu", settle_s=0.0, crosscheck=CrossCheck(share=0.5)
+    )
     assert Watcher(settings, [run]).run_once() == 1
     found = rows(db_url, "SELECT name, alpha, crosscheck_diff FROM layer_metric ORDER BY name")
     checked = [r for r in found if r[2] is not None]
@@ -68,8 +69,13 @@ def test_worker_cross_checks_a_share_and_the_api_reports_it(
 
 
 def _analyze(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "alphawatch", "analyze", *args],
-                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "alphawatch", "analyze", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
 
 
 def test_engine_weightwatcher_gives_the_same_document(tiny_run: Path) -> None:
@@ -84,15 +90,25 @@ def test_engine_weightwatcher_gives_the_same_document(tiny_run: Path) -> None:
     assert [x["name"] for x in b["layers"]] == [x["name"] for x in a["layers"]]
     for layer in b["layers"]:
         mine = by_name[layer["name"]]
-        assert {"name", "shape", "alpha", "D", "xmin", "num_pl_spikes", "fit_status",
-                "trusted", "method"} <= set(layer)
+        assert {
+            "name",
+            "shape",
+            "alpha",
+            "D",
+            "xmin",
+            "num_pl_spikes",
+            "fit_status",
+            "trusted",
+            "method",
+        } <= set(layer)
         if mine["alpha"] is not None and layer.get("alpha") is not None:
             assert layer["alpha"] == pytest.approx(mine["alpha"], rel=1e-3)
             assert layer["num_pl_spikes"] == mine["num_pl_spikes"]
 
 
 def test_engine_weightwatcher_refuses_methods_it_lacks(tiny_run: Path) -> None:
-    result = _analyze(str(tiny_run / "checkpoint-20"), "--engine", "weightwatcher",
-                      "--method", "ks2")
+    result = _analyze(
+        str(tiny_run / "checkpoint-20"), "--engine", "weightwatcher", "--method", "ks2"
+    )
     assert result.returncode == 2
     assert "no option equal to fit method 'ks2'" in result.stderr

@@ -73,8 +73,14 @@ def test_the_walk_stops_at_its_bound_and_names_what_it_passed_over(tmp_path: Pat
 
 
 def test_a_deep_folder_in_the_first_checkpoint_fails_no_later_checkpoint(run: Path) -> None:
-    options = AnalysisOptions(method="ww", thresholds=Thresholds(), device=torch.device("cpu"),
-                              confine=Confinement.to([run]), workers=1, check_traps=False)
+    options = AnalysisOptions(
+        method="ww",
+        thresholds=Thresholds(),
+        device=torch.device("cpu"),
+        confine=Confinement.to([run]),
+        workers=1,
+        check_traps=False,
+    )
     layers = analyze_checkpoint(run / "checkpoint-20", run / "checkpoint-10", options).layers
     assert len(layers) == 16
     # The first checkpoint's matrices were still read: the deep folder beside them is ignored.
@@ -89,10 +95,18 @@ def test_discovery_keeps_the_checkpoint_and_names_the_deep_folder(run: Path) -> 
     assert f"more than {MAX_DEPTH} levels below {run / 'checkpoint-10'}" in note
 
 
-def test_the_worker_analyses_the_run_and_shows_the_deep_folder(run: Path,
-                                                                sqlite_url: str) -> None:
-    watcher = Watcher(Settings(database_url=sqlite_url, device="cpu", settle_s=0.0,
-                               max_attempts=1, check_traps=False, analysis_workers=1), [run])
+def test_the_worker_analyses_the_run_and_shows_the_deep_folder(run: Path, sqlite_url: str) -> None:
+    watcher = Watcher(
+        Settings(
+            database_url=sqlite_url,
+            device="cpu",
+            settle_s=0.0,
+            max_attempts=1,
+            check_traps=False,
+            analysis_workers=1,
+        ),
+        [run],
+    )
     try:
         assert watcher.run_once() == 3
         # A second pass takes the settled checkpoints from memory: the run still says why.
@@ -101,6 +115,9 @@ def test_the_worker_analyses_the_run_and_shows_the_deep_folder(run: Path,
         watcher.close()
         make_engine(sqlite_url).dispose()
     assert rows(sqlite_url, "SELECT step, status FROM checkpoint ORDER BY step") == [
-        (10, "done"), (20, "done"), (30, "done")]
+        (10, "done"),
+        (20, "done"),
+        (30, "done"),
+    ]
     ((error,),) = rows(sqlite_url, "SELECT discovery_error FROM run")
     assert f"more than {MAX_DEPTH} levels below" in error

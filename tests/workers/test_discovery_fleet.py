@@ -44,12 +44,16 @@ def test_scan_endpoint_records_a_request_and_says_when(tmp_path: Path, db_url: s
     settings = Settings(database_url=db_url, allowed_roots=[root])
     write, read = _token(db_url, TokenScope.WRITE), _token(db_url, TokenScope.READ)
     with TestClient(create_app(settings)) as client:
-        created = client.post("/api/v1/runs", json={"name": "run", "path": str(root / "run")},
-                              headers={"Authorization": f"Bearer {write}"})
+        created = client.post(
+            "/api/v1/runs",
+            json={"name": "run", "path": str(root / "run")},
+            headers={"Authorization": f"Bearer {write}"},
+        )
         run_id = created.json()["id"]
         before = datetime.now(UTC)
-        answer = client.post(f"/api/v1/runs/{run_id}/scan",
-                             headers={"Authorization": f"Bearer {write}"})
+        answer = client.post(
+            f"/api/v1/runs/{run_id}/scan", headers={"Authorization": f"Bearer {write}"}
+        )
         assert answer.status_code == 202, answer.text
         body = answer.json()
         assert set(body) == {"run_id", "requested_at"}
@@ -57,20 +61,29 @@ def test_scan_endpoint_records_a_request_and_says_when(tmp_path: Path, db_url: s
         requested = datetime.fromisoformat(body["requested_at"])
         assert before - timedelta(seconds=1) <= requested <= datetime.now(UTC)
 
-        unknown = client.post("/api/v1/runs/999999/scan",
-                              headers={"Authorization": f"Bearer {write}"})
+        unknown = client.post(
+            "/api/v1/runs/999999/scan", headers={"Authorization": f"Bearer {write}"}
+        )
         assert unknown.status_code == 404 and "detail" in unknown.json()
         assert client.post(f"/api/v1/runs/{run_id}/scan").status_code == 401
-        assert client.post(f"/api/v1/runs/{run_id}/scan",
-                           headers={"Authorization": f"Bearer {read}"}).status_code == 403
+        assert (
+            client.post(
+                f"/api/v1/runs/{run_id}/scan", headers={"Authorization": f"Bearer {read}"}
+            ).status_code
+            == 403
+        )
 
     with session_scope(make_engine(db_url)) as session:
         (request,) = scans.scan_requests(session)
     assert request.run_id == run_id and request.path == str(root / "run")
     # A request made while the scan ran stays for the next one; the one seen is cleared.
     with session_scope(make_engine(db_url)) as session:
-        scans.clear_scan_request(session, request=scans.ScanRequest(
-            run_id, request.path, request.requested_at - timedelta(seconds=1)))
+        scans.clear_scan_request(
+            session,
+            request=scans.ScanRequest(
+                run_id, request.path, request.requested_at - timedelta(seconds=1)
+            ),
+        )
     with session_scope(make_engine(db_url)) as session:
         assert len(scans.scan_requests(session)) == 1
         scans.clear_scan_request(session, request=request)
@@ -97,13 +110,22 @@ def test_the_discovery_lease_has_one_holder_until_it_runs_out(db_url: str) -> No
 
 
 def _worker(url: str, root: Path, log: Path, poll: float, **env: str) -> subprocess.Popen[bytes]:
-    environ = {**os.environ, "ALPHAWATCH_ALLOWED_ROOTS": json.dumps([str(root)]),
-               "ALPHAWATCH_SETTLE_S": "0", "ALPHAWATCH_DEVICE": "cpu",
-               "ALPHAWATCH_HEARTBEAT_S": "1", **env}
+    environ = {
+        **os.environ,
+        "ALPHAWATCH_ALLOWED_ROOTS": json.dumps([str(root)]),
+        "ALPHAWATCH_SETTLE_S": "0",
+        "ALPHAWATCH_DEVICE": "cpu",
+        "ALPHAWATCH_HEARTBEAT_S": "1",
+        **env,
+    }
     with log.open("ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "alphawatch", "watch", "--db", url,
-                                 "--poll", str(poll)], cwd=ROOT, env=environ, stdout=out,
-                                stderr=out)
+        return subprocess.Popen(
+            [sys.executable, "-m", "alphawatch", "watch", "--db", url, "--poll", str(poll)],
+            cwd=ROOT,
+            env=environ,
+            stdout=out,
+            stderr=out,
+        )
 
 
 def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
@@ -129,7 +151,6 @@ def test_one_worker_discovers_all_analyse_and_a_dead_holder_is_replaced(
     run = root / "run"
     shutil.copytree(tiny_run, run)
     with session_scope(make_engine(db_url)) as session:
-
         registry.ensure_run(session, name="run", path=str(run))
     logs = [tmp_path / f"worker-{n}.log" for n in range(2)]
     # A short discovery lease (ALPHAWATCH_LEASE_S) so that a killed holder is replaced soon.
@@ -165,8 +186,9 @@ def test_scan_now_from_the_training_side_beats_a_long_poll(
     auth = {"Authorization": f"Bearer {token}"}
     log = tmp_path / "worker.log"
     with serve(create_app(settings)) as base:
-        created = httpx.post(f"{base}/api/v1/runs", json={"name": "run", "path": str(run)},
-                             headers=auth)
+        created = httpx.post(
+            f"{base}/api/v1/runs", json={"name": "run", "path": str(run)}, headers=auth
+        )
         assert created.status_code == 201, created.text
         run_id = created.json()["id"]
         proc = _worker(db_url, root, log, 120.0)

@@ -31,8 +31,15 @@ from tests.db import rows as _rows
 
 
 def _settings(url: str, root: Path, **extra: object) -> Settings:
-    return Settings(database_url=url, allowed_roots=[root], device="cpu", settle_s=0.0,
-                    lease_s=30.0, heartbeat_s=0.5, **extra)  # type: ignore[arg-type]
+    return Settings(
+        database_url=url,
+        allowed_roots=[root],
+        device="cpu",
+        settle_s=0.0,
+        lease_s=30.0,
+        heartbeat_s=0.5,
+        **extra,
+    )  # type: ignore[arg-type]
 
 
 def _age(path: Path, seconds: float = 10.0) -> None:
@@ -106,8 +113,10 @@ def test_a_pass_skips_what_settled_and_sees_what_changed(
         handle.write(b"\xff\xfe not json")
     assert unchanged(listed)
     assert watcher.discover_once() == 0
-    assert _rows(sqlite_url, "SELECT count(*) FROM checkpoint WHERE discovery_error IS NOT NULL "
-                             "OR status = 'failed'") == [(0,)]
+    assert _rows(
+        sqlite_url,
+        "SELECT count(*) FROM checkpoint WHERE discovery_error IS NOT NULL OR status = 'failed'",
+    ) == [(0,)]
 
     # A new checkpoint changes the run folder: it is found at the next pass.
     _checkpoint(tiny_run, run, 40)
@@ -168,8 +177,10 @@ def test_nested_folders_rotation_and_a_folder_made_again(
     assert watcher.discover_once() == 0
     shutil.copytree(tiny_run / "checkpoint-30", hf / "checkpoint-10")
     assert watcher.discover_once() == 0  # step 10 is queued still: its fingerprint follows
-    (fp,) = _rows(sqlite_url, "SELECT fingerprint FROM checkpoint c JOIN run r ON r.id = "
-                              "c.run_id WHERE r.name = 'hf'")[0]
+    (fp,) = _rows(
+        sqlite_url,
+        "SELECT fingerprint FROM checkpoint c JOIN run r ON r.id = c.run_id WHERE r.name = 'hf'",
+    )[0]
     assert fp == fingerprint(hf / "checkpoint-10", Confinement.to([root]))
 
 
@@ -209,9 +220,7 @@ def _shaped(folder: Path) -> Shape:
     return shape
 
 
-def test_a_stat_of_the_known_members_sees_every_change_a_fingerprint_sees(
-    tmp_path: Path
-) -> None:
+def test_a_stat_of_the_known_members_sees_every_change_a_fingerprint_sees(tmp_path: Path) -> None:
     folder = tmp_path / "checkpoint-5"
     (folder / "sub").mkdir(parents=True)
     for name in ("model.safetensors", "config.json", "sub/optim.pt"):
@@ -280,5 +289,6 @@ def test_a_rewrite_is_seen_through_the_stat_round_and_the_fingerprint_round(
     os.utime(run / "checkpoint-10" / "model.safetensors", (then, then))
     shared.write_text('{"a": 1}')  # the link's target: neither the link nor a folder changes
     watcher.discover_once()
-    assert _rows(sqlite_url, "SELECT step FROM checkpoint WHERE status = 'pending' "
-                             "ORDER BY step") == [(10,), (20,)]
+    assert _rows(
+        sqlite_url, "SELECT step FROM checkpoint WHERE status = 'pending' ORDER BY step"
+    ) == [(10,), (20,)]

@@ -18,8 +18,14 @@ from tests.db import rows as _rows
 
 
 def _settings(url: str, root: Path) -> Settings:
-    return Settings(database_url=url, allowed_roots=[root], device="cpu", settle_s=0.0,
-                    lease_s=30.0, heartbeat_s=0.5)
+    return Settings(
+        database_url=url,
+        allowed_roots=[root],
+        device="cpu",
+        settle_s=0.0,
+        lease_s=30.0,
+        heartbeat_s=0.5,
+    )
 
 
 def test_two_workers_discovering_the_same_new_runs_at_once(
@@ -52,15 +58,22 @@ def test_two_workers_discovering_the_same_new_runs_at_once(
     per_path = _rows(db_url, "SELECT path, count(*) FROM run GROUP BY path")
     assert sorted(count for _, count in per_path) == [1] * rounds
     assert _rows(db_url, "SELECT count(*), count(DISTINCT run_id) FROM checkpoint") == [
-        (3 * rounds, rounds)]
+        (3 * rounds, rounds)
+    ]
     assert _rows(db_url, "SELECT count(*) FROM analysis_job WHERE status = 'queued'") == [
-        (3 * rounds,)]
+        (3 * rounds,)
+    ]
     assert _rows(db_url, "SELECT count(*) FROM run WHERE discovery_error IS NOT NULL") == [(0,)]
 
 
 def _alphas(url: str, step: int) -> dict[str, float]:
-    return dict(_rows(url, "SELECT lm.name, lm.alpha FROM layer_metric lm JOIN checkpoint c "
-                           f"ON c.id = lm.checkpoint_id WHERE c.step = {step}"))
+    return dict(
+        _rows(
+            url,
+            "SELECT lm.name, lm.alpha FROM layer_metric lm JOIN checkpoint c "
+            f"ON c.id = lm.checkpoint_id WHERE c.step = {step}",
+        )
+    )
 
 
 def test_checkpoint_rewritten_in_place_is_analysed_again(
@@ -79,8 +92,10 @@ def test_checkpoint_rewritten_in_place_is_analysed_again(
     shutil.copy(tiny_run / "checkpoint-30" / "model.safetensors", folder / "model.safetensors")
     assert watcher.run_once() == 1
     after = _alphas(db_url, 10)
-    expected = {layer["name"]: layer["alpha"] for layer in
-                analyze_path(tiny_run / "checkpoint-30", settings)["layers"]}
+    expected = {
+        layer["name"]: layer["alpha"]
+        for layer in analyze_path(tiny_run / "checkpoint-30", settings)["layers"]
+    }
     assert set(after) == set(before) == set(expected)  # replaced, not added beside
     assert after != before
     for name, alpha in expected.items():
@@ -88,8 +103,9 @@ def test_checkpoint_rewritten_in_place_is_analysed_again(
     assert watcher.run_once() == 0  # unchanged since: not analysed a third time
     # Step 10 is the run's first checkpoint: its distance from itself is 0, so its matrices
     # were read again, not taken from memory of the files before the rewrite.
-    distances = _rows(db_url, "SELECT distance_from_init FROM layer_metric "
-                              "WHERE distance_from_init IS NOT NULL")
+    distances = _rows(
+        db_url, "SELECT distance_from_init FROM layer_metric WHERE distance_from_init IS NOT NULL"
+    )
     assert distances and all(d == 0.0 for (d,) in distances)
 
     with TestClient(create_app(settings)) as client:

@@ -112,8 +112,7 @@ def symlinked_weight_file(scene: Scene) -> None:
 
 @hostile
 def symlinked_weight_file_checkpoint(scene: Scene) -> None:
-    (scene.run("hostile") / "step-117.safetensors").symlink_to(
-        scene.secret / "model.safetensors")
+    (scene.run("hostile") / "step-117.safetensors").symlink_to(scene.secret / "model.safetensors")
     scene.expect("hostile", 117, "step-117.safetensors", "outside the allowed roots")
 
 
@@ -149,7 +148,8 @@ def _index_to(scene: Scene, name: str, entry: str) -> None:
     folder.mkdir()
     shutil.copy(scene.good / "config.json", folder)
     (folder / "model.safetensors.index.json").write_text(
-        json.dumps({"weight_map": {"secret.layers.0.self_attn.q_proj.weight": entry}}))
+        json.dumps({"weight_map": {"secret.layers.0.self_attn.q_proj.weight": entry}})
+    )
     _trainer_state(folder, '{"global_step": 0}')
 
 
@@ -169,16 +169,28 @@ def shard_index_with_absolute_path(scene: Scene) -> None:
 def peft_base_model_outside(scene: Scene) -> None:
     folder = scene.run("hostile") / "checkpoint-105"
     folder.mkdir()
-    (folder / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "r": 2, "lora_alpha": 4,
-        "base_model_name_or_path": str(scene.secret)}))
+    (folder / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "r": 2,
+                "lora_alpha": 4,
+                "base_model_name_or_path": str(scene.secret),
+            }
+        )
+    )
     module = "base_model.model.secret.layers.0.self_attn.q_proj"
-    save_file({f"{module}.lora_A.weight": torch.randn(2, 16),
-               f"{module}.lora_B.weight": torch.randn(32, 2)},
-              str(folder / "adapter_model.safetensors"))
+    save_file(
+        {
+            f"{module}.lora_A.weight": torch.randn(2, 16),
+            f"{module}.lora_B.weight": torch.randn(32, 2),
+        },
+        str(folder / "adapter_model.safetensors"),
+    )
     _trainer_state(folder, '{"global_step": 105}')
-    scene.expect("hostile", 105, "base_model_name_or_path", str(scene.secret),
-                 "outside the allowed roots")
+    scene.expect(
+        "hostile", 105, "base_model_name_or_path", str(scene.secret), "outside the allowed roots"
+    )
 
 
 @hostile
@@ -284,8 +296,13 @@ def _secret_checkpoint(folder: Path) -> None:
     """A real, readable checkpoint whose every layer is named ``secret.*``."""
     folder.mkdir(parents=True)
     g = torch.Generator().manual_seed(7)
-    save_file({f"secret.layers.{i}.self_attn.q_proj.weight": torch.randn(32, 16, generator=g)
-               for i in range(2)}, str(folder / "model.safetensors"))
+    save_file(
+        {
+            f"secret.layers.{i}.self_attn.q_proj.weight": torch.randn(32, 16, generator=g)
+            for i in range(2)
+        },
+        str(folder / "model.safetensors"),
+    )
     (folder / "config.json").write_text('{"model_type": "llama"}')
     _trainer_state(folder, '{"global_step": 1}')
 
@@ -294,8 +311,12 @@ def _build(tmp_path: Path, tiny_run: Path) -> Scene:
     root, outside = tmp_path / "root", tmp_path / "outside"
     root.mkdir()
     _secret_checkpoint(outside / "secret" / "checkpoint-1")
-    scene = Scene(root=root, outside=outside, good=tiny_run / "checkpoint-10",
-                  secret=outside / "secret" / "checkpoint-1")
+    scene = Scene(
+        root=root,
+        outside=outside,
+        good=tiny_run / "checkpoint-10",
+        secret=outside / "secret" / "checkpoint-1",
+    )
     shutil.copytree(tiny_run, root / "good")
     for build in CASES:
         build(scene)
@@ -303,17 +324,20 @@ def _build(tmp_path: Path, tiny_run: Path) -> Scene:
 
 
 def _settled(url: str, scene: Scene) -> bool:
-    states = _rows(url, "SELECT r.name, c.step, c.status FROM checkpoint c "
-                        "JOIN run r ON r.id = c.run_id")
+    states = _rows(
+        url, "SELECT r.name, c.step, c.status FROM checkpoint c JOIN run r ON r.id = c.run_id"
+    )
     if any(status in ("pending", "running") for _, _, status in states):
         return False
     recorded = {(name, step) for name, step, _ in states}
-    run_errors = {name for name, error in _rows(url, "SELECT name, discovery_error FROM run")
-                  if error}
+    run_errors = {
+        name for name, error in _rows(url, "SELECT name, discovery_error FROM run") if error
+    }
     done = sum(1 for name, _, status in states if name == "good" and status == "done")
     return done == 3 and all(
         (e.run, e.step) in recorded if e.step is not None else e.run in run_errors
-        for e in scene.expects)
+        for e in scene.expects
+    )
 
 
 def _peak_rss_mib(pid: int) -> float:
@@ -331,8 +355,9 @@ def test_hostile_inputs_fail_alone_and_the_worker_goes_on(
     tiny_run: Path, tmp_path: Path, db_url: str
 ) -> None:
     scene = _build(tmp_path, tiny_run)
-    settings = Settings(database_url=db_url, allowed_roots=[scene.root], device="cpu",
-                        settle_s=0.0, max_attempts=1)
+    settings = Settings(
+        database_url=db_url, allowed_roots=[scene.root], device="cpu", settle_s=0.0, max_attempts=1
+    )
     for run in scene.pre_registered:
         # Registered and discovered while still whole, as the API and an earlier pass would.
         Watcher(settings, [run]).discover_once()
@@ -342,19 +367,31 @@ def test_hostile_inputs_fail_alone_and_the_worker_goes_on(
         for run in sorted(scene.root.iterdir()):
             registry.ensure_run(session, name=run.name, path=str(run))
 
-    env = {**os.environ, "ALPHAWATCH_ALLOWED_ROOTS": json.dumps([str(scene.root)]),
-           "ALPHAWATCH_SETTLE_S": "0", "ALPHAWATCH_DEVICE": "cpu", "ALPHAWATCH_MAX_ATTEMPTS": "1",
-           "ALPHAWATCH_LEASE_S": "30", "ALPHAWATCH_HEARTBEAT_S": "1"}
+    env = {
+        **os.environ,
+        "ALPHAWATCH_ALLOWED_ROOTS": json.dumps([str(scene.root)]),
+        "ALPHAWATCH_SETTLE_S": "0",
+        "ALPHAWATCH_DEVICE": "cpu",
+        "ALPHAWATCH_MAX_ATTEMPTS": "1",
+        "ALPHAWATCH_LEASE_S": "30",
+        "ALPHAWATCH_HEARTBEAT_S": "1",
+    }
     log = tmp_path / "worker.log"
     with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "alphawatch", "watch", "--db", db_url,
-                                 "--poll", "0.2"], cwd=ROOT, env=env, stdout=out, stderr=out)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "alphawatch", "watch", "--db", db_url, "--poll", "0.2"],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=out,
+        )
     try:
         deadline = time.monotonic() + 240
         while not _settled(db_url, scene):
             assert proc.poll() is None, f"the worker died:\n{log.read_text(errors='replace')}"
             assert time.monotonic() < deadline, (
-                f"not every input was recorded in time:\n{log.read_text(errors='replace')}")
+                f"not every input was recorded in time:\n{log.read_text(errors='replace')}"
+            )
             time.sleep(0.3)
         time.sleep(1.0)  # a few more passes over every hostile input
         assert proc.poll() is None, f"the worker died:\n{log.read_text(errors='replace')}"
@@ -365,15 +402,26 @@ def test_hostile_inputs_fail_alone_and_the_worker_goes_on(
         proc.wait(timeout=60)
     assert proc.returncode == 0, log.read_text(errors="replace")
 
-    states = {(name, step): (status, error, discovery_error) for name, step, status, error,
-              discovery_error in _rows(db_url, "SELECT r.name, c.step, c.status, c.error, "
-                                               "c.discovery_error FROM checkpoint c "
-                                               "JOIN run r ON r.id = c.run_id")}
+    states = {
+        (name, step): (status, error, discovery_error)
+        for name, step, status, error, discovery_error in _rows(
+            db_url,
+            "SELECT r.name, c.step, c.status, c.error, "
+            "c.discovery_error FROM checkpoint c "
+            "JOIN run r ON r.id = c.run_id",
+        )
+    }
     assert {k: v[0] for k, v in states.items() if k[0] == "good"} == {
-        ("good", 10): "done", ("good", 20): "done", ("good", 30): "done"}
-    good_layers = _rows(db_url, "SELECT count(*) FROM layer_metric lm JOIN checkpoint c ON "
-                                "c.id = lm.checkpoint_id JOIN run r ON r.id = c.run_id "
-                                "WHERE r.name = 'good'")[0][0]
+        ("good", 10): "done",
+        ("good", 20): "done",
+        ("good", 30): "done",
+    }
+    good_layers = _rows(
+        db_url,
+        "SELECT count(*) FROM layer_metric lm JOIN checkpoint c ON "
+        "c.id = lm.checkpoint_id JOIN run r ON r.id = c.run_id "
+        "WHERE r.name = 'good'",
+    )[0][0]
     assert good_layers == 3 * 16  # 2 blocks x 7 matrices + embeddings + head, every step
 
     run_errors = dict(_rows(db_url, "SELECT name, discovery_error FROM run"))
@@ -390,9 +438,12 @@ def test_hostile_inputs_fail_alone_and_the_worker_goes_on(
     # Nothing outside the root was read: no layer of the secret model, no layer of any hostile
     # checkpoint, and the pickle's command never ran.
     assert _rows(db_url, "SELECT count(*) FROM layer_metric WHERE name LIKE 'secret%'") == [(0,)]
-    assert _rows(db_url, "SELECT count(*) FROM layer_metric lm JOIN checkpoint c ON "
-                         "c.id = lm.checkpoint_id JOIN run r ON r.id = c.run_id "
-                         "WHERE r.name <> 'good'") == [(0,)]
+    assert _rows(
+        db_url,
+        "SELECT count(*) FROM layer_metric lm JOIN checkpoint c ON "
+        "c.id = lm.checkpoint_id JOIN run r ON r.id = c.run_id "
+        "WHERE r.name <> 'good'",
+    ) == [(0,)]
     for path in scene.must_not_exist:
         assert not path.exists(), f"{path} was created: code from a pickle ran"
     assert peak_mib < PEAK_RSS_BOUND_MB, f"peak RSS {peak_mib:.0f} MiB"
@@ -410,13 +461,18 @@ def test_hostile_inputs_fail_alone_and_the_worker_goes_on(
 
 
 @pytest.mark.parametrize("build", CASES, ids=[c.__name__ for c in CASES])
-def test_every_case_expects_something(build: Callable[[Scene], None], tmp_path: Path,
-                                      tiny_run: Path) -> None:
+def test_every_case_expects_something(
+    build: Callable[[Scene], None], tmp_path: Path, tiny_run: Path
+) -> None:
     # A case that expects nothing would pass whatever the worker does.
     root, outside = tmp_path / "root", tmp_path / "outside"
     root.mkdir()
     _secret_checkpoint(outside / "secret" / "checkpoint-1")
-    scene = Scene(root=root, outside=outside, good=tiny_run / "checkpoint-10",
-                  secret=outside / "secret" / "checkpoint-1")
+    scene = Scene(
+        root=root,
+        outside=outside,
+        good=tiny_run / "checkpoint-10",
+        secret=outside / "secret" / "checkpoint-1",
+    )
     build(scene)
     assert scene.expects or build is folder_name_not_utf8

@@ -64,8 +64,10 @@ _UP = "model.layers.0.mlp.up_proj.weight"
 
 def _matrices(seed: int, prefix: str = "model") -> dict[str, np.ndarray]:
     g = np.random.default_rng(seed)
-    return {f"{prefix}.layers.{i}.mlp.up_proj.weight": g.standard_normal((48, 24), np.float32)
-            for i in range(2)}
+    return {
+        f"{prefix}.layers.{i}.mlp.up_proj.weight": g.standard_normal((48, 24), np.float32)
+        for i in range(2)
+    }
 
 
 def _hf(folder: Path, step: int, seed: int = 0) -> Path:
@@ -88,8 +90,7 @@ def _header_file(path: Path, length: int) -> None:
     entries = [f'"{_UP}":{{"dtype":"F32","shape":[8,4],"data_offsets":[0,128]}}']
     offset, size = 128, len(entries[0]) + 2
     while True:
-        entry = f'"t.{offset}":{{"dtype":"F32","shape":[1],"data_offsets":[{offset},' \
-                f'{offset + 4}]}}'
+        entry = f'"t.{offset}":{{"dtype":"F32","shape":[1],"data_offsets":[{offset},{offset + 4}]}}'
         if size + len(entry) + 1 > length:
             break
         entries.append(entry)
@@ -131,7 +132,7 @@ class _Inotify:
             at = 0
             while at < len(data):
                 wd, _mask, _cookie, length = struct.unpack_from("iIII", data, at)
-                name = data[at + 16:at + 16 + length].rstrip(b"\0")
+                name = data[at + 16 : at + 16 + length].rstrip(b"\0")
                 found.append(self.names[wd] / os.fsdecode(name))
                 at += 16 + length
 
@@ -194,7 +195,7 @@ def _build_entry(scene: Scene, kind: str, step: int, size: int) -> None:
     elif kind == "truncated":
         _hf(folder, step)
         whole = (folder / "model.safetensors").read_bytes()
-        (folder / "model.safetensors").write_bytes(whole[:size % max(len(whole) - 1, 1)])
+        (folder / "model.safetensors").write_bytes(whole[: size % max(len(whole) - 1, 1)])
         scene.failed[step] = "model.safetensors"
     elif kind == "huge declared header":
         folder.mkdir()
@@ -204,7 +205,8 @@ def _build_entry(scene: Scene, kind: str, step: int, size: int) -> None:
     elif kind == "header over the cap":
         folder.mkdir()
         (folder / "model.safetensors").write_bytes(
-            struct.pack("<Q", PARSE_MAX + 1 + size) + b" " * 64)
+            struct.pack("<Q", PARSE_MAX + 1 + size) + b" " * 64
+        )
         _marker(folder, step)
         scene.failed[step] = "that discovery parses"
     elif kind == "header up to the cap":
@@ -218,13 +220,15 @@ def _build_entry(scene: Scene, kind: str, step: int, size: int) -> None:
         (folder / "model.safetensors").rename(folder / "model-00001-of-00001.safetensors")
         index = json.dumps({"weight_map": {_UP: "model-00001-of-00001.safetensors"}})
         (folder / "model.safetensors.index.json").write_text(
-            index + " " * (PARSE_MAX + 1 + size % 4096 - len(index)))
+            index + " " * (PARSE_MAX + 1 + size % 4096 - len(index))
+        )
         scene.failed[step] = "larger than"
     elif kind == "marker over the cap":
         _hf(folder, step)
         state = json.dumps({"global_step": step})
         (folder / "trainer_state.json").write_text(
-            state + " " * (PARSE_MAX + 1 + size % 4096 - len(state)))
+            state + " " * (PARSE_MAX + 1 + size % 4096 - len(state))
+        )
         scene.done.add(step)  # not parsed: complete once its files settled
     elif kind == "header nested past the recursion limit":
         folder.mkdir()
@@ -304,23 +308,45 @@ def _build_entry(scene: Scene, kind: str, step: int, size: int) -> None:
         raise AssertionError(kind)
 
 
-KINDS = ("lying sizes", "overlapping offsets", "truncated", "huge declared header",
-         "header over the cap", "header up to the cap", "shard index over the cap",
-         "marker over the cap", "header nested past the recursion limit",
-         "weight behind a chain of links", "pickle holding code",
-         "lying torch storage", "weight linked to a FIFO outside",
-         "weight linked to a secret outside", "folder linked outside",
-         "config linked to a FIFO outside", "marker linked to a FIFO outside",
-         "FIFO as the weight file", "empty weight file", "nested too deep",
-         "changing while read")
+KINDS = (
+    "lying sizes",
+    "overlapping offsets",
+    "truncated",
+    "huge declared header",
+    "header over the cap",
+    "header up to the cap",
+    "shard index over the cap",
+    "marker over the cap",
+    "header nested past the recursion limit",
+    "weight behind a chain of links",
+    "pickle holding code",
+    "lying torch storage",
+    "weight linked to a FIFO outside",
+    "weight linked to a secret outside",
+    "folder linked outside",
+    "config linked to a FIFO outside",
+    "marker linked to a FIFO outside",
+    "FIFO as the weight file",
+    "empty weight file",
+    "nested too deep",
+    "changing while read",
+)
 
-_JUNK = st.text(st.characters(blacklist_characters="/\0", blacklist_categories=("Cs",)),
-                max_size=24)
+_JUNK = st.text(
+    st.characters(blacklist_characters="/\0", blacklist_categories=("Cs",)), max_size=24
+)
 _NAMES = st.one_of(
     _JUNK.map(lambda j: f"checkpoint-{{}}{j}"),  # a checkpoint name and whatever follows
     _JUNK.map(lambda j: f"{j}\ncheckpoint-{{}}"),  # a newline posing as a log line
-    st.sampled_from(["checkpoint-\u0663{}", "=HYPERLINK(\"http://x\",\"step_{}\")",
-                     "a..b-checkpoint-{}", "ckpt@{}", "checkpoint-{}\x1b[31m"]),
+    st.sampled_from(
+        [
+            "checkpoint-\u0663{}",
+            '=HYPERLINK("http://x","step_{}")',
+            "a..b-checkpoint-{}",
+            "ckpt@{}",
+            "checkpoint-{}\x1b[31m",
+        ]
+    ),
     st.integers(1, 230).map(lambda n: "x" * n + "-checkpoint-{}"),
 )
 
@@ -333,8 +359,9 @@ class Plan:
 
 PLANS = st.builds(
     Plan,
-    entries=st.lists(st.tuples(st.sampled_from(KINDS), st.integers(0, 2**20)),
-                     min_size=8, max_size=16).map(tuple),
+    entries=st.lists(
+        st.tuples(st.sampled_from(KINDS), st.integers(0, 2**20)), min_size=8, max_size=16
+    ).map(tuple),
     names=st.lists(_NAMES, max_size=5).map(tuple),
 )
 
@@ -383,12 +410,18 @@ class _State:
 
 
 def _state(url: str) -> _State:
-    found = rows(url, "SELECT r.name, c.step, c.status, c.error, c.discovery_error "
-                      "FROM checkpoint c JOIN run r ON r.id = c.run_id")
-    return _State({(name, step): (status, f"{error or ''}\n{discovery or ''}")
-                   for name, step, status, error, discovery in found},
-                  {name: error or "" for name, error in
-                   rows(url, "SELECT name, discovery_error FROM run")})
+    found = rows(
+        url,
+        "SELECT r.name, c.step, c.status, c.error, c.discovery_error "
+        "FROM checkpoint c JOIN run r ON r.id = c.run_id",
+    )
+    return _State(
+        {
+            (name, step): (status, f"{error or ''}\n{discovery or ''}")
+            for name, step, status, error, discovery in found
+        },
+        {name: error or "" for name, error in rows(url, "SELECT name, discovery_error FROM run")},
+    )
 
 
 def _settled(state: _State, scene: Scene) -> bool:
@@ -397,10 +430,11 @@ def _settled(state: _State, scene: Scene) -> bool:
         return False
     good = sum(1 for (run, _), (s, _) in statuses.items() if run == "good" and s == "done")
     hostile_run = state.run_errors.get("hostile", "")
-    return (good == len(GOOD_STEPS)
-            and all(("hostile", s) in statuses for s in [*scene.failed, *scene.done,
-                                                         *scene.finished])
-            and all(words in hostile_run for words in scene.run_error))
+    return (
+        good == len(GOOD_STEPS)
+        and all(("hostile", s) in statuses for s in [*scene.failed, *scene.done, *scene.finished])
+        and all(words in hostile_run for words in scene.run_error)
+    )
 
 
 @contextlib.contextmanager
@@ -431,15 +465,27 @@ def _watch(base: Path, scene: Scene, url: str) -> tuple[_State, float, str]:
         for run in (root / "good", scene.run):
             registry.ensure_run(session, name=run.name, path=str(run))
     make_engine(url).dispose()
-    env = {**os.environ, "ALPHAWATCH_ALLOWED_ROOTS": json.dumps([str(root)]),
-           "ALPHAWATCH_SETTLE_S": "0", "ALPHAWATCH_DEVICE": "cpu",
-           "ALPHAWATCH_MAX_ATTEMPTS": "1", "ALPHAWATCH_CHECK_TRAPS": "false",
-           "ALPHAWATCH_ANALYSIS_WORKERS": "1", "ALPHAWATCH_JOB_TIMEOUT_S": "60",
-           "ALPHAWATCH_LEASE_S": "30", "ALPHAWATCH_HEARTBEAT_S": "1"}
+    env = {
+        **os.environ,
+        "ALPHAWATCH_ALLOWED_ROOTS": json.dumps([str(root)]),
+        "ALPHAWATCH_SETTLE_S": "0",
+        "ALPHAWATCH_DEVICE": "cpu",
+        "ALPHAWATCH_MAX_ATTEMPTS": "1",
+        "ALPHAWATCH_CHECK_TRAPS": "false",
+        "ALPHAWATCH_ANALYSIS_WORKERS": "1",
+        "ALPHAWATCH_JOB_TIMEOUT_S": "60",
+        "ALPHAWATCH_LEASE_S": "30",
+        "ALPHAWATCH_HEARTBEAT_S": "1",
+    }
     log = base / "worker.log"
     with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "alphawatch", "watch", "--db", url,
-                                 "--poll", "0.2"], cwd=ROOT, env=env, stdout=out, stderr=out)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "alphawatch", "watch", "--db", url, "--poll", "0.2"],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=out,
+        )
     try:
         with _appending(scene.changing, 1.5):
             time.sleep(1.5)
@@ -464,10 +510,18 @@ def _watch(base: Path, scene: Scene, url: str) -> tuple[_State, float, str]:
 # No shrinking: a failing example is reported as generated (its plan is in the message), in
 # seconds; shrinking a worker run takes minutes.
 @pytest.mark.slow
-@settings(max_examples=8, deadline=None, derandomize=True, database=None,
-          phases=(Phase.explicit, Phase.generate),
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
-                                 HealthCheck.data_too_large])
+@settings(
+    max_examples=8,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    phases=(Phase.explicit, Phase.generate),
+    suppress_health_check=[
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+    ],
+)
 @given(plan=PLANS)
 def test_generated_hostile_trees_leave_the_worker_alive_and_confined(
     plan: Plan, tmp_path_factory: pytest.TempPathFactory, template_db: Path
@@ -489,8 +543,9 @@ def test_generated_hostile_trees_leave_the_worker_alive_and_confined(
     assert read_outside == [], f"read outside the root: {read_outside}"
     assert not scene.outside.pwned.exists(), "code from a pickle ran"
     assert rows(url, "SELECT count(*) FROM layer_metric WHERE name LIKE 'secret%'") == [(0,)]
-    assert {s for (run, s), (status, _) in state.statuses.items()
-            if run == "good" and status == "done"} == set(GOOD_STEPS)
+    assert {
+        s for (run, s), (status, _) in state.statuses.items() if run == "good" and status == "done"
+    } == set(GOOD_STEPS)
     for step, words in scene.failed.items():
         status, error = state.statuses[("hostile", step)]
         assert status == "failed" and words in error, (step, status, error, plan)

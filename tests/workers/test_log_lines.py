@@ -24,8 +24,7 @@ def _forged_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith("INFO forged")]
 
 
-def test_a_newline_in_a_run_or_folder_name_forges_no_line(tiny_run: Path,
-                                                          tmp_path: Path) -> None:
+def test_a_newline_in_a_run_or_folder_name_forges_no_line(tiny_run: Path, tmp_path: Path) -> None:
     named = tmp_path / FORGED  # a run folder named on the command line
     named.mkdir()
     shutil.copytree(tiny_run / "checkpoint-10", named / "checkpoint-10")
@@ -33,12 +32,32 @@ def test_a_newline_in_a_run_or_folder_name_forges_no_line(tiny_run: Path,
     run.mkdir()
     shutil.copytree(tiny_run / "checkpoint-20", run / "checkpoint-20")
     shutil.copytree(tiny_run / "checkpoint-30", run / FORGED)
-    env = {**os.environ, "ALPHAWATCH_SETTLE_S": "0", "ALPHAWATCH_DEVICE": "cpu",
-           "ALPHAWATCH_CHECK_TRAPS": "false", "ALPHAWATCH_ANALYSIS_WORKERS": "1"}
+    env = {
+        **os.environ,
+        "ALPHAWATCH_SETTLE_S": "0",
+        "ALPHAWATCH_DEVICE": "cpu",
+        "ALPHAWATCH_CHECK_TRAPS": "false",
+        "ALPHAWATCH_ANALYSIS_WORKERS": "1",
+    }
     done = subprocess.run(
-        [sys.executable, "-m", "alphawatch", "watch", "--once", "--db",
-         f"sqlite:///{tmp_path / 'aw.db'}", str(named), str(run)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
+        [
+            sys.executable,
+            "-m",
+            "alphawatch",
+            "watch",
+            "--once",
+            "--db",
+            f"sqlite:///{tmp_path / 'aw.db'}",
+            str(named),
+            str(run),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     log = done.stderr
     assert done.returncode == 0, log
     assert "analysed 2 checkpoints" in done.stdout, log

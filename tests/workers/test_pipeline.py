@@ -28,8 +28,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _settings(url: str, **extra: object) -> Settings:
-    values: dict[str, object] = {"database_url": url, "device": "cpu", "settle_s": 0.0,
-                                 "poll_interval_s": 0.2, "lease_s": 30.0, "heartbeat_s": 0.5}
+    values: dict[str, object] = {
+        "database_url": url,
+        "device": "cpu",
+        "settle_s": 0.0,
+        "poll_interval_s": 0.2,
+        "lease_s": 30.0,
+        "heartbeat_s": 0.5,
+    }
     values.update(extra)
     return Settings(**values)
 
@@ -66,8 +72,14 @@ def test_real_run_is_analysed_and_served(tiny_run: Path, tmp_path: Path, pg_url:
             assert math.isclose(got["alpha"], layer["alpha"], rel_tol=1e-9)
             assert got["num_pl_spikes"] == layer["num_pl_spikes"]
     # Distance from the run's first checkpoint grows from zero.
-    first = {r[0]: r[1] for r in _rows(pg_url, "SELECT lm.name, lm.distance_from_init FROM "
-             "layer_metric lm JOIN checkpoint c ON c.id = lm.checkpoint_id WHERE c.step = 10")}
+    first = {
+        r[0]: r[1]
+        for r in _rows(
+            pg_url,
+            "SELECT lm.name, lm.distance_from_init FROM "
+            "layer_metric lm JOIN checkpoint c ON c.id = lm.checkpoint_id WHERE c.step = 10",
+        )
+    }
     assert all(v == pytest.approx(0.0, abs=1e-12) for v in first.values() if v is not None)
 
 
@@ -95,12 +107,16 @@ def test_hostile_tensor_names_are_stored_escaped_and_cut(tmp_path: Path, pg_url:
     from safetensors.torch import save_file
 
     g = torch.Generator().manual_seed(0)
-    keys = ["model.layers.0.mlp.up\x00proj.weight", "model.layers.0.mlp.down\nproj.weight",
-            *(f"model.layers.0.{'x' * 5000}{end}.weight" for end in "ab")]
+    keys = [
+        "model.layers.0.mlp.up\x00proj.weight",
+        "model.layers.0.mlp.down\nproj.weight",
+        *(f"model.layers.0.{'x' * 5000}{end}.weight" for end in "ab"),
+    ]
     folder = tmp_path / "runs" / "hostile" / "checkpoint-1"
     folder.mkdir(parents=True)
-    save_file({k: torch.randn(48, 32, generator=g) for k in keys},
-              str(folder / "model.safetensors"))
+    save_file(
+        {k: torch.randn(48, 32, generator=g) for k in keys}, str(folder / "model.safetensors")
+    )
     (folder / "trainer_state.json").write_text(json.dumps({"global_step": 1}))
     settings = _settings(pg_url, max_attempts=1)
     assert Watcher(settings, [folder.parent]).run_once() == 1
@@ -136,7 +152,10 @@ def test_missing_run_dir_is_a_clear_error(tmp_path: Path, pg_url: str) -> None:
         Watcher(_settings(pg_url), [tmp_path / "nope"])
     result = subprocess.run(
         [sys.executable, "-m", "alphawatch", "watch", str(tmp_path / "nope"), "--db", pg_url],
-        capture_output=True, text=True, cwd=ROOT, timeout=120,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
     )
     assert result.returncode == 2
     assert "does not exist" in result.stderr
@@ -147,17 +166,27 @@ def test_killed_worker_job_is_finished_once_by_another(tmp_path: Path, pg_url: s
     run = tmp_path / "runs" / "wide"
     # Wide enough that analysing one checkpoint takes a while on 2 cores: ~2.5 s at 1024 wide
     # (512 wide took ~0.6 s, and the worker at times finished before the kill below).
-    train(run, steps=2, save_every=2, d_model=1024, n_layers=4, ffn=2752, seq_len=16,
-          batch_size=2)
-    env = {**os.environ, "ALPHAWATCH_LEASE_S": "3", "ALPHAWATCH_HEARTBEAT_S": "1",
-           "ALPHAWATCH_SETTLE_S": "0", "ALPHAWATCH_DEVICE": "cpu"}
+    train(run, steps=2, save_every=2, d_model=1024, n_layers=4, ffn=2752, seq_len=16, batch_size=2)
+    env = {
+        **os.environ,
+        "ALPHAWATCH_LEASE_S": "3",
+        "ALPHAWATCH_HEARTBEAT_S": "1",
+        "ALPHAWATCH_SETTLE_S": "0",
+        "ALPHAWATCH_DEVICE": "cpu",
+    }
     proc = subprocess.Popen(
         [sys.executable, "-m", "alphawatch", "watch", str(run), "--db", pg_url, "--poll", "0.2"],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
-        _wait(lambda: _rows(pg_url, "SELECT status FROM checkpoint") == [("running",)], 90,
-              "the first worker to start analysing")
+        _wait(
+            lambda: _rows(pg_url, "SELECT status FROM checkpoint") == [("running",)],
+            90,
+            "the first worker to start analysing",
+        )
         time.sleep(0.5)
     finally:
         proc.send_signal(signal.SIGKILL)
@@ -189,15 +218,24 @@ def test_worker_survives_a_database_restart(
     thread = threading.Thread(target=watcher.run_forever, args=(stop,), daemon=True)
     thread.start()
     try:
-        _wait(lambda: _rows(cluster.url, "SELECT status FROM checkpoint") == [("done",)], 60,
-              "the first checkpoint")
+        _wait(
+            lambda: _rows(cluster.url, "SELECT status FROM checkpoint") == [("done",)],
+            60,
+            "the first checkpoint",
+        )
         cluster.stop()
         shutil.copytree(tiny_run / "checkpoint-20", run / "checkpoint-20")
         time.sleep(2.0)  # the worker polls against a dead database meanwhile
         assert thread.is_alive()
         cluster.start()
-        _wait(lambda: sorted(_rows(cluster.url, "SELECT step, status FROM checkpoint"))
-              == [(10, "done"), (20, "done")], 90, "the checkpoint saved during the outage")
+        _wait(
+            lambda: (
+                sorted(_rows(cluster.url, "SELECT step, status FROM checkpoint"))
+                == [(10, "done"), (20, "done")]
+            ),
+            90,
+            "the checkpoint saved during the outage",
+        )
     finally:
         stop.set()
         thread.join(timeout=30)

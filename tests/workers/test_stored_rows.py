@@ -39,7 +39,8 @@ def test_every_engine_field_is_a_layer_metric_column() -> None:
     missing = engine - NOT_COLUMNS - LAYER_COLUMNS
     assert not missing, (
         f"LayerResult fields without a layer_metric column: {sorted(missing)}; add the column "
-        "(service/db/models.py, a migration, LayerRow) or list the field in NOT_COLUMNS")
+        "(service/db/models.py, a migration, LayerRow) or list the field in NOT_COLUMNS"
+    )
     # The row type is the table: nothing more, nothing less; and nothing but the engine's
     # fields and the matrix's place in the model.
     assert LAYER_ROW_FIELDS == LAYER_COLUMNS
@@ -48,10 +49,14 @@ def test_every_engine_field_is_a_layer_metric_column() -> None:
 
 def test_a_field_without_a_column_is_refused_by_name() -> None:
     row = {"name": "model.layers.0.mlp.up_proj", "fit_status": "ok", "alpha": 3.0}
-    assert LayerRow.from_mapping(row) == LayerRow(name="model.layers.0.mlp.up_proj",
-                                                  fit_status="ok", alpha=3.0)
-    with pytest.raises(UnknownColumns, match=r"'model.layers.0.mlp.up_proj': alpah, shape "
-                                             r"are not layer_metric columns"):
+    assert LayerRow.from_mapping(row) == LayerRow(
+        name="model.layers.0.mlp.up_proj", fit_status="ok", alpha=3.0
+    )
+    with pytest.raises(
+        UnknownColumns,
+        match=r"'model.layers.0.mlp.up_proj': alpah, shape "
+        r"are not layer_metric columns",
+    ):
         LayerRow.from_mapping({**row, "alpah": 3.1, "shape": [4, 4]})
     with pytest.raises(UnknownColumns, match="rand_evals is not a layer_metric column"):
         LayerRow.from_mapping({**row, "rand_evals": b""})
@@ -60,37 +65,57 @@ def test_a_field_without_a_column_is_refused_by_name() -> None:
 def test_stored_rows_hold_every_value_the_engine_computed(tmp_path: Path, db_url: str) -> None:
     g = torch.Generator().manual_seed(1)
     path = tmp_path / "model.safetensors"
-    save_file({f"model.layers.{i}.mlp.up_proj.weight": torch.randn(200, 80, generator=g)
-               for i in range(2)}, str(path))
+    save_file(
+        {
+            f"model.layers.{i}.mlp.up_proj.weight": torch.randn(200, 80, generator=g)
+            for i in range(2)
+        },
+        str(path),
+    )
     options = AnalysisOptions.from_settings(Settings(device="cpu"), confine=UNCONFINED)
-    layers = [*analyze_checkpoint(path, path, options).layers,
-              refused_layer("optimizer_state@exp_avg", "unreadable", "ww")]
+    layers = [
+        *analyze_checkpoint(path, path, options).layers,
+        refused_layer("optimizer_state@exp_avg", "unreadable", "ww"),
+    ]
     rows, spectra = stored_rows(layers)
     assert [s.name for s in spectra] == [x.name for x in layers[:2]]  # none for the refusal
 
     engine = make_engine(db_url)
     with session_scope(engine) as session:
         run_id = registry.ensure_run(session, name="r", path=str(tmp_path))
-        registry.register_checkpoint(session, run_id=run_id, step=1, path=str(path),
-                                  fingerprint="f", fmt="safetensors")
+        registry.register_checkpoint(
+            session, run_id=run_id, step=1, path=str(path), fingerprint="f", fmt="safetensors"
+        )
     with session_scope(engine) as session:
         job = queue.claim(session, worker_id="w", lease_s=60)
     assert job is not None
     with session_scope(engine) as session:
-        assert results.complete(session, job_id=job.job_id, worker_id="w", layers=rows,
-                              spectra=spectra, device="cpu", elapsed_s=0.1,
-                              thresholds=options.thresholds)
+        assert results.complete(
+            session,
+            job_id=job.job_id,
+            worker_id="w",
+            layers=rows,
+            spectra=spectra,
+            device="cpu",
+            elapsed_s=0.1,
+            thresholds=options.thresholds,
+        )
     with session_scope(engine) as session:
         stored = {m.name: m for m in session.scalars(select(LayerMetric))}
-        kept = {m.name: s for m, s in session.execute(
-            select(LayerMetric, Spectrum).join(Spectrum))}
+        kept = {m.name: s for m, s in session.execute(select(LayerMetric, Spectrum).join(Spectrum))}
         assert set(stored) == {x.name for x in layers} and set(kept) == set(stored) - {
-            "optimizer_state@exp_avg"}
+            "optimizer_state@exp_avg"
+        }
         for layer in layers:
             row = stored[layer.name]
-            want = {**layer.result.metrics(), "name": layer.name, "kind": layer.kind,
-                    "block": layer.block, "dtype": layer.dtype,
-                    "distance_from_init": layer.distance_from_init}
+            want = {
+                **layer.result.metrics(),
+                "name": layer.name,
+                "kind": layer.kind,
+                "block": layer.block,
+                "dtype": layer.dtype,
+                "distance_from_init": layer.distance_from_init,
+            }
             for column in LAYER_COLUMNS:
                 got = getattr(row, column)
                 if isinstance(got, float) and math.isnan(got):

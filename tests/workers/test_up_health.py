@@ -78,8 +78,24 @@ def test_up_reports_a_failing_worker_on_health_until_it_recovers(
     log = tmp_path / "up.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "alphawatch", "up", str(run), "--db", pg_url,
-             "--port", str(port), "--poll", "0.2"], cwd=ROOT, env=env, stdout=out, stderr=out)
+            [
+                sys.executable,
+                "-m",
+                "alphawatch",
+                "up",
+                str(run),
+                "--db",
+                pg_url,
+                "--port",
+                str(port),
+                "--poll",
+                "0.2",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=out,
+        )
     try:
         _wait(lambda: _health(base) == (200, {"status": "ok"}), 120, "the server", log)
         _wait(lambda: _statuses(base) == {10: "done", 20: "failed"}, 120, "the analysis", log)
@@ -93,8 +109,12 @@ def test_up_reports_a_failing_worker_on_health_until_it_recovers(
         assert proc.poll() is None
 
         _sql(pg_url, "ALTER TABLE run_hidden RENAME TO run")
-        _wait(lambda: _health(base) == (200, {"status": "ok"}), 90,
-              "/health to recover once discovery completes a pass", log)
+        _wait(
+            lambda: _health(base) == (200, {"status": "ok"}),
+            90,
+            "/health to recover once discovery completes a pass",
+            log,
+        )
         runs = _get(f"{base}/api/v1/runs")["runs"]
         assert [r["path"] for r in runs] == [str(run.resolve())]
         listed = _get(f"{base}/api/v1/runs/{runs[0]['id']}/checkpoints")["checkpoints"]

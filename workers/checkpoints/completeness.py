@@ -53,8 +53,11 @@ def parse_step(value: object, where: Path | str) -> int:
         step = int(value)
     if step is None or not 0 <= step <= MAX_STEP:
         text = printable(repr(value))
-        raise StepError(where, f"{where}: step {text[:40]}{'...' if len(text) > 40 else ''} "
-                               f"is not a step number (an integer from 0 to {MAX_STEP})")
+        raise StepError(
+            where,
+            f"{where}: step {text[:40]}{'...' if len(text) > 40 else ''} "
+            f"is not a step number (an integer from 0 to {MAX_STEP})",
+        )
     return step
 
 
@@ -63,8 +66,9 @@ def files_settled(path: Path, confine: Confinement, now: float, settle_s: float)
     files = checkpoint_files(path)
     try:
         # A symlink out of the roots is judged by its own time, its target is not looked at.
-        newest = max(((f.lstat() if escapes(f, confine) else f.stat()).st_mtime
-                      for f in files), default=now)
+        newest = max(
+            ((f.lstat() if escapes(f, confine) else f.stat()).st_mtime for f in files), default=now
+        )
     except FileNotFoundError:
         return False
     return now - newest >= settle_s
@@ -101,8 +105,7 @@ class HeaderChecks:
         self.parsed = 0
         self._seen: dict[str, _Checked] = {}
 
-    def problem(self, shard: Path, confine: Confinement, now: float, settle_s: float
-                ) -> str | None:
+    def problem(self, shard: Path, confine: Confinement, now: float, settle_s: float) -> str | None:
         """Why ``shard`` is not whole yet, or None when it is.
 
         Raises:
@@ -147,8 +150,13 @@ def _index_names(index: Path, confine: Confinement) -> list[str]:
     return names
 
 
-def weights_complete(folder: Path, confine: Confinement = UNCONFINED, *,
-                     now: float | None = None, settle_s: float = 0.0) -> tuple[bool, str]:
+def weights_complete(
+    folder: Path,
+    confine: Confinement = UNCONFINED,
+    *,
+    now: float | None = None,
+    settle_s: float = 0.0,
+) -> tuple[bool, str]:
     """Whether the weight files of a Hugging Face-style folder are whole.
 
     Each safetensors shard's header is parsed once per version of the file (see
@@ -192,8 +200,9 @@ def weights_complete(folder: Path, confine: Confinement = UNCONFINED, *,
             bin_names = _index_names(bin_index, confine)
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return False, f"{bin_index}: index is not readable yet"
-        entries = [confine.member(folder, n, f"shard-index entry of {bin_index.name}")
-                   for n in bin_names]
+        entries = [
+            confine.member(folder, n, f"shard-index entry of {bin_index.name}") for n in bin_names
+        ]
         missing = [e for e in entries if not e.exists()]
         if missing:
             return False, f"{missing[0]} is missing"
@@ -214,8 +223,9 @@ def _state_step(parsed: object, state: Path) -> int | None:
     return parse_step(value, state)
 
 
-def hf_completion(folder: Path, step: int | None, confine: Confinement, now: float,
-                  settle_s: float) -> tuple[int | None, bool, str]:
+def hf_completion(
+    folder: Path, step: int | None, confine: Confinement, now: float, settle_s: float
+) -> tuple[int | None, bool, str]:
     """A Hugging Face folder's step, whether it is complete, and why.
 
     ``trainer_state.json`` is the marker the trainer writes last; its ``global_step`` names the
@@ -244,8 +254,10 @@ def hf_completion(folder: Path, step: int | None, confine: Confinement, now: flo
             if quiet:
                 # Nothing has changed for the settle period: a broken file, not one being
                 # written. Refused, visibly, rather than waited for forever.
-                raise CheckpointError(state, f"{state}: trainer_state.json does not parse: "
-                                             f"{type(exc).__name__}: {exc}") from exc
+                raise CheckpointError(
+                    state,
+                    f"{state}: trainer_state.json does not parse: {type(exc).__name__}: {exc}",
+                ) from exc
             reason = "trainer_state.json does not parse yet"
         else:
             named = _state_step(parsed, state)
@@ -282,8 +294,6 @@ def _tracker_step(path: Path, confine: Confinement) -> int | None:
     return parse_step(digits[-1], path) if digits else None
 
 
-
-
 Trackers = Mapping[str, int | None]
 """The step each producer's tracker file names in a folder, by producer (None: no tracker)."""
 
@@ -297,5 +307,7 @@ def tracker_steps(folder: Path, confine: Confinement) -> Trackers:
         StepError: a tracker names a step that is no step; OutsideRootError: a tracker
             resolves outside the roots.
     """
-    return {"deepspeed": _tracker_step(folder / "latest", confine),
-            "megatron": _tracker_step(folder / "latest_checkpointed_iteration.txt", confine)}
+    return {
+        "deepspeed": _tracker_step(folder / "latest", confine),
+        "megatron": _tracker_step(folder / "latest_checkpointed_iteration.txt", confine),
+    }

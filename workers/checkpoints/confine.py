@@ -59,8 +59,7 @@ class Confinement:
     @classmethod
     def to(cls, roots: Iterable[Path]) -> Confinement:
         """Confine to ``roots``, each resolved now (later symlink swaps cannot move a root)."""
-        resolved = list(dict.fromkeys(Path(os.path.realpath(Path(r).expanduser()))
-                                      for r in roots))
+        resolved = list(dict.fromkeys(Path(os.path.realpath(Path(r).expanduser())) for r in roots))
         # A root inside another adds nothing, and would only lengthen every refusal message.
         return cls(tuple(r for r in resolved if not any(o in r.parents for o in resolved)))
 
@@ -95,9 +94,11 @@ class Confinement:
 
     def _refusal(self, path: Path, real: Path, what: str) -> str:
         via = "" if real == path else f" resolves to {shown(real)}, which"
-        return (f"refused: {what} {shown(path)}{via} is outside the allowed roots "
-                f"({self.describe()}); every file alphawatch reads must lie under an allowed "
-                "root after symlinks are resolved (ALPHAWATCH_ALLOWED_ROOTS)")
+        return (
+            f"refused: {what} {shown(path)}{via} is outside the allowed roots "
+            f"({self.describe()}); every file alphawatch reads must lie under an allowed "
+            "root after symlinks are resolved (ALPHAWATCH_ALLOWED_ROOTS)"
+        )
 
     @contextlib.contextmanager
     def open(self, path: Path | str, what: str = "file") -> Iterator[BinaryIO]:
@@ -117,8 +118,11 @@ class Confinement:
         try:
             mode = os.fstat(fd).st_mode
             if not stat.S_ISREG(mode):
-                raise CheckpointError(path, f"refused: {what} {shown(path)} is not a regular "
-                                            "file (a FIFO, device or socket is never read)")
+                raise CheckpointError(
+                    path,
+                    f"refused: {what} {shown(path)} is not a regular "
+                    "file (a FIFO, device or socket is never read)",
+                )
             os.set_blocking(fd, True)
             handle = os.fdopen(fd, "rb")
         except BaseException:
@@ -131,8 +135,7 @@ class Confinement:
                     raise OutsideRootError(path, self._refusal(path, real, what))
             yield handle
 
-    def read_bytes(self, path: Path | str, what: str = "file", limit: int = SIDE_FILE_MAX
-                   ) -> bytes:
+    def read_bytes(self, path: Path | str, what: str = "file", limit: int = SIDE_FILE_MAX) -> bytes:
         """The whole of a small file (a JSON config, an index, a tracker), at most ``limit``.
 
         Raises:
@@ -141,12 +144,14 @@ class Confinement:
         with self.open(path, what) as handle:
             data = handle.read(limit + 1)
         if len(data) > limit:
-            raise CheckpointError(path, f"{shown(path)}: {what} is larger than {limit} bytes; "
-                                        "refused rather than read into memory")
+            raise CheckpointError(
+                path,
+                f"{shown(path)}: {what} is larger than {limit} bytes; "
+                "refused rather than read into memory",
+            )
         return data
 
-    def read_text(self, path: Path | str, what: str = "file", limit: int = SIDE_FILE_MAX
-                  ) -> str:
+    def read_text(self, path: Path | str, what: str = "file", limit: int = SIDE_FILE_MAX) -> str:
         """:meth:`read_bytes` decoded as UTF-8 (UnicodeDecodeError is a ValueError)."""
         return self.read_bytes(path, what, limit).decode("utf-8")
 
@@ -163,7 +168,8 @@ class Confinement:
                 folder / name if not pure.is_absolute() else Path(name),
                 f"refused: {what} {name!r} in {shown(folder)} is not a plain relative name "
                 "(absolute paths and '..' are not allowed: a checkpoint names only its own "
-                "files)")
+                "files)",
+            )
         return self.check(folder / name, what)
 
 

@@ -36,17 +36,27 @@ from alphawatch.workers.checkpoints.naming import is_weight_matrix
 def _metadata_globals() -> dict[tuple[str, str], Any]:
     """Every global a DCP ``.metadata`` pickle names; each builds data and runs no code."""
     allowed: dict[tuple[str, str], Any] = {
-        (dcp_metadata.__name__, name): value for name, value in vars(dcp_metadata).items()
+        (dcp_metadata.__name__, name): value
+        for name, value in vars(dcp_metadata).items()
         if isinstance(value, type) and value.__module__ == dcp_metadata.__name__
     }
     allowed[("torch.distributed.checkpoint.filesystem", "_StorageInfo")] = _StorageInfo
     allowed[("torch", "Size")] = torch.Size
-    allowed.update({("torch", name): value for name, value in vars(torch).items()
-                    if isinstance(value, torch.dtype)})
+    allowed.update(
+        {
+            ("torch", name): value
+            for name, value in vars(torch).items()
+            if isinstance(value, torch.dtype)
+        }
+    )
     # Looks a layout up by name in a fixed table: torch.strided, torch.sparse_coo, ...
     allowed[("torch.serialization", "_get_layout")] = torch.serialization._get_layout
-    allowed.update({("pathlib", name): getattr(__import__("pathlib"), name)
-                    for name in ("Path", "PosixPath", "PurePath", "PurePosixPath")})
+    allowed.update(
+        {
+            ("pathlib", name): getattr(__import__("pathlib"), name)
+            for name in ("Path", "PosixPath", "PurePath", "PurePosixPath")
+        }
+    )
     allowed[("collections", "OrderedDict")] = __import__("collections").OrderedDict
     return allowed
 
@@ -91,11 +101,14 @@ class _SafeReader(FileSystemReader):
                 metadata = _MetadataUnpickler(handle).load()
             except pickle.UnpicklingError as exc:
                 raise UnsafeCheckpointError(
-                    path, f"{path}: refused: the metadata pickle needs code, not only DCP "
-                          f"records (alphawatch never unpickles code). {exc}") from exc
+                    path,
+                    f"{path}: refused: the metadata pickle needs code, not only DCP "
+                    f"records (alphawatch never unpickles code). {exc}",
+                ) from exc
         if not isinstance(metadata, Metadata):
-            raise CheckpointError(path, f"{path}: holds a {type(metadata).__name__}, "
-                                        "not DCP metadata")
+            raise CheckpointError(
+                path, f"{path}: holds a {type(metadata).__name__}, not DCP metadata"
+            )
         for info in (metadata.storage_data or {}).values():
             relative = getattr(info, "relative_path", None)
             if not isinstance(relative, str):
@@ -113,8 +126,11 @@ def _weights(key: str, ndim: int) -> bool:
 
 def dcp_shapes(path: Path, confine: Confinement = UNCONFINED) -> dict[str, tuple[int, ...]]:
     """Key and shape of every tensor a DCP folder's metadata declares (nothing else is read)."""
-    return {key: tuple(info.size) for key, info in _metadata(path, confine)
-            .state_dict_metadata.items() if isinstance(info, TensorStorageMetadata)}
+    return {
+        key: tuple(info.size)
+        for key, info in _metadata(path, confine).state_dict_metadata.items()
+        if isinstance(info, TensorStorageMetadata)
+    }
 
 
 def _metadata(path: Path, confine: Confinement) -> Metadata:
@@ -129,9 +145,9 @@ def _metadata(path: Path, confine: Confinement) -> Metadata:
         raise CheckpointError(path, f"{path}: unreadable DCP metadata: {exc}") from exc
 
 
-def iter_dcp(path: Path, confine: Confinement = UNCONFINED,
-             want: Callable[[str, int], bool] = _weights
-             ) -> Iterator[tuple[str, torch.Tensor, None, Path]]:
+def iter_dcp(
+    path: Path, confine: Confinement = UNCONFINED, want: Callable[[str, int], bool] = _weights
+) -> Iterator[tuple[str, torch.Tensor, None, Path]]:
     """(key, tensor, no scale, source) of every weight matrix in a DCP folder, in one process.
 
     ``want(key, ndim)`` selects other tensors (optimizer moments) instead of the weights.
@@ -155,9 +171,11 @@ def iter_dcp(path: Path, confine: Confinement = UNCONFINED,
         if declared > stored:
             # The target tensor is allocated from the declaration before any byte is read.
             raise CheckpointError(
-                path, f"{path}: tensor {key!r} declares {tuple(info.size)} "
-                      f"{info.properties.dtype} ({declared} bytes) but the .distcp files hold "
-                      f"{stored} bytes: the metadata lies about the data")
+                path,
+                f"{path}: tensor {key!r} declares {tuple(info.size)} "
+                f"{info.properties.dtype} ({declared} bytes) but the .distcp files hold "
+                f"{stored} bytes: the metadata lies about the data",
+            )
         target = {key: torch.empty(tuple(info.size), dtype=info.properties.dtype)}
         try:
             with warnings.catch_warnings():

@@ -41,8 +41,9 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 _HF = re.compile(r"checkpoint-(\d+)")
 _DEEPSPEED = re.compile(r"global_step(\d+)")
 _MEGATRON = re.compile(r"iter_(\d+)")
-_STEP_IN_NAME = re.compile(r"(?:step[=_-]?|iter[=_-]?|checkpoint[=_-]?|ckpt[=_-]?)(\d+)",
-                           re.IGNORECASE)
+_STEP_IN_NAME = re.compile(
+    r"(?:step[=_-]?|iter[=_-]?|checkpoint[=_-]?|ckpt[=_-]?)(\d+)", re.IGNORECASE
+)
 
 
 @dataclass(frozen=True)
@@ -116,8 +117,11 @@ class Survey:
 
 
 def _ignored(name: str) -> bool:
-    return ".tmp" in name or name.startswith(("tmp-checkpoint-", "tmp_", ".")) or name.endswith(
-        (".tmp", ".partial", ".incomplete"))
+    return (
+        ".tmp" in name
+        or name.startswith(("tmp-checkpoint-", "tmp_", "."))
+        or name.endswith((".tmp", ".partial", ".incomplete"))
+    )
 
 
 def _settled(path: Path, scan: _Scan) -> bool:
@@ -131,8 +135,10 @@ def _hf_ref(folder: Path, step: int | None, scan: _Scan) -> CheckpointRef:
 
 
 def _has_weights(folder: Path) -> bool:
-    return any(p.suffix in WEIGHT_SUFFIXES for p in folder.iterdir() if p.is_file()) or (
-        folder / "adapter_config.json").exists()
+    return (
+        any(p.suffix in WEIGHT_SUFFIXES for p in folder.iterdir() if p.is_file())
+        or (folder / "adapter_config.json").exists()
+    )
 
 
 def _dir_ref(child: Path, trackers: Trackers, scan: _Scan) -> CheckpointRef | None:
@@ -143,26 +149,46 @@ def _dir_ref(child: Path, trackers: Trackers, scan: _Scan) -> CheckpointRef | No
     if m := _DEEPSPEED.fullmatch(name):
         step, latest = parse_step(m.group(1), child), trackers["deepspeed"]
         done = latest is not None and latest >= step
-        return CheckpointRef(child, step, "deepspeed", done,
-                             "in `latest`" if done else "not yet in `latest`",
-                             _print(child, scan))
+        return CheckpointRef(
+            child,
+            step,
+            "deepspeed",
+            done,
+            "in `latest`" if done else "not yet in `latest`",
+            _print(child, scan),
+        )
     if m := _MEGATRON.fullmatch(name):
         step, latest = parse_step(m.group(1), child), trackers["megatron"]
         done = latest is not None and latest >= step
-        return CheckpointRef(child, step, "megatron", done,
-                             "tracker file reached it" if done else "tracker file not there yet",
-                             _print(child, scan))
+        return CheckpointRef(
+            child,
+            step,
+            "megatron",
+            done,
+            "tracker file reached it" if done else "tracker file not there yet",
+            _print(child, scan),
+        )
     if (child / ".metadata").exists():
         match = _STEP_IN_NAME.search(name)
-        return CheckpointRef(child, parse_step(match.group(1), child) if match else None, "dcp",
-                             True, ".metadata written", _print(child, scan))
+        return CheckpointRef(
+            child,
+            parse_step(match.group(1), child) if match else None,
+            "dcp",
+            True,
+            ".metadata written",
+            _print(child, scan),
+        )
     return None
 
 
 def _name_step(name: str) -> int | None:
     """The step a name claims, when it claims a valid one (for a refused entry's record)."""
-    match = (_HF.fullmatch(name) or _DEEPSPEED.fullmatch(name) or _MEGATRON.fullmatch(name)
-             or _STEP_IN_NAME.search(name))
+    match = (
+        _HF.fullmatch(name)
+        or _DEEPSPEED.fullmatch(name)
+        or _MEGATRON.fullmatch(name)
+        or _STEP_IN_NAME.search(name)
+    )
     try:
         return parse_step(match.group(1), name) if match else None
     except StepError:
@@ -171,13 +197,15 @@ def _name_step(name: str) -> int | None:
 
 def refused(path: Path, exc: BaseException, step: int | None = None) -> CheckpointRef:
     """A ref for an entry discovery could not accept; the error names the path."""
-    message = str(exc) if isinstance(exc, CheckpointError) else (
-        f"{shown(path)}: {type(exc).__name__}: {printable(str(exc))}")
+    message = (
+        str(exc)
+        if isinstance(exc, CheckpointError)
+        else (f"{shown(path)}: {type(exc).__name__}: {printable(str(exc))}")
+    )
     return CheckpointRef(path, step, "", False, "refused", "", error=message)
 
 
-def _entry(child: Path, trackers: Trackers, scan: _Scan, depth: int
-           ) -> list[CheckpointRef]:
+def _entry(child: Path, trackers: Trackers, scan: _Scan, depth: int) -> list[CheckpointRef]:
     """The checkpoints one entry of a folder holds (nested folders are searched)."""
     name = child.name
     is_dir = child.is_dir()
@@ -186,11 +214,13 @@ def _entry(child: Path, trackers: Trackers, scan: _Scan, depth: int
     if not name.isprintable():
         # A newline or bytes that are not UTF-8 in a name: it would break logs and the
         # database's text encoding, and could pose as another checkpoint. It gets no step.
-        raise CheckpointError(child, f"refused: {shown(child)}: the name is not printable "
-                                     "UTF-8 (control characters or undecodable bytes)")
+        raise CheckpointError(
+            child,
+            f"refused: {shown(child)}: the name is not printable "
+            "UTF-8 (control characters or undecodable bytes)",
+        )
     if is_dir:
-        scan.confine.check(child, "checkpoint folder" if _name_step(name) is not None
-                           else "folder")
+        scan.confine.check(child, "checkpoint folder" if _name_step(name) is not None else "folder")
         ref = _dir_ref(child, trackers, scan)
         if ref is not None:
             return [ref]
@@ -206,8 +236,11 @@ def _entry(child: Path, trackers: Trackers, scan: _Scan, depth: int
         return []  # a dangling or looping link: nothing to analyse (yet)
     fmt = "lightning" if child.suffix == ".ckpt" else "file"
     done = _settled(child, scan)
-    return [CheckpointRef(child, step, fmt, done, "settled" if done else "still changing",
-                          _print(child, scan))]
+    return [
+        CheckpointRef(
+            child, step, fmt, done, "settled" if done else "still changing", _print(child, scan)
+        )
+    ]
 
 
 def _list(folder: Path, scan: _Scan) -> list[Path]:
@@ -254,8 +287,13 @@ def _scan(folder: Path, scan: _Scan, depth: int) -> list[CheckpointRef]:
     return refs
 
 
-def discover(run_dir: Path, *, settle_s: float = 30.0, now: float | None = None,
-             confine: Confinement = UNCONFINED) -> list[CheckpointRef]:
+def discover(
+    run_dir: Path,
+    *,
+    settle_s: float = 30.0,
+    now: float | None = None,
+    confine: Confinement = UNCONFINED,
+) -> list[CheckpointRef]:
     """Every checkpoint under ``run_dir`` (or ``run_dir`` itself), sorted by step.
 
     Args:
@@ -277,9 +315,14 @@ def discover(run_dir: Path, *, settle_s: float = 30.0, now: float | None = None,
     return survey(run_dir, settle_s=settle_s, now=now, confine=confine).refs
 
 
-def survey(run_dir: Path, *, settle_s: float = 30.0, now: float | None = None,
-           confine: Confinement = UNCONFINED,
-           settled: Mapping[Path, tuple[int, CheckpointRef]] | None = None) -> Survey:
+def survey(
+    run_dir: Path,
+    *,
+    settle_s: float = 30.0,
+    now: float | None = None,
+    confine: Confinement = UNCONFINED,
+    settled: Mapping[Path, tuple[int, CheckpointRef]] | None = None,
+) -> Survey:
     """:func:`discover`, taking the entries in ``settled`` as they were when their inode is.
 
     Args:
@@ -306,25 +349,42 @@ def survey(run_dir: Path, *, settle_s: float = 30.0, now: float | None = None,
             step = parse_step(match.group(1), run_dir) if match else None
         except StepError as exc:
             return Survey([refused(run_dir, exc)], scan.listed, scan.inodes, scan.shapes)
-        return Survey([CheckpointRef(run_dir, step, fmt, done,
-                                     "settled" if done else "still changing",
-                                     _print(run_dir, scan))], scan.listed, scan.inodes,
-                      scan.shapes)
+        return Survey(
+            [
+                CheckpointRef(
+                    run_dir,
+                    step,
+                    fmt,
+                    done,
+                    "settled" if done else "still changing",
+                    _print(run_dir, scan),
+                )
+            ],
+            scan.listed,
+            scan.inodes,
+            scan.shapes,
+        )
     refs = _scan(run_dir, scan, depth=3)
     if not refs:
         # run_dir is itself one checkpoint: a step folder, or a model saved at the end.
         try:
-            own = _dir_ref(run_dir, tracker_steps(run_dir.parent, confine)
-                           if confine.allows(run_dir.parent) else
-                           NO_TRACKERS, scan)
+            own = _dir_ref(
+                run_dir,
+                tracker_steps(run_dir.parent, confine)
+                if confine.allows(run_dir.parent)
+                else NO_TRACKERS,
+                scan,
+            )
             if own is not None:
                 refs.append(own)
             elif _has_weights(run_dir) or rank_dirs(run_dir):
                 refs.append(_hf_ref(run_dir, None, scan))
         except Exception as exc:  # refused like any other entry, never raised
             refs.append(refused(run_dir, exc, _name_step(run_dir.name)))
-    refs = [replace(r, notes=scan.notes[r.path]) if r.path in scan.notes and r.error is None
-            else r for r in refs]
+    refs = [
+        replace(r, notes=scan.notes[r.path]) if r.path in scan.notes and r.error is None else r
+        for r in refs
+    ]
     refs.sort(key=lambda r: (r.step is None, r.step or 0, str(r.path)))
     return Survey(refs, scan.listed, scan.inodes, scan.shapes)
 

@@ -7,8 +7,7 @@ from pathlib import Path
 # Re-exported: the one definition of how a name is shown lives at the bottom of the layers.
 from alphawatch.text import printable, shown
 
-__all__ = ["CheckpointError", "CheckpointVanished", "UnsafeCheckpointError", "printable",
-           "shown"]
+__all__ = ["CheckpointError", "CheckpointVanished", "UnsafeCheckpointError", "printable", "shown"]
 
 
 class CheckpointError(Exception):

@@ -25,8 +25,10 @@ if TYPE_CHECKING:
 
 # Files a Trainer writes beside the weights; training_args.bin is a pickle of a class and would
 # (rightly) be refused, the others hold no model weights.
-_NOT_WEIGHTS = re.compile(r"^(training_args\.bin|optimizer.*|scheduler.*|scaler.*|rng_state.*|"
-                          r"adapter_model\..*|.*optim.*)$")
+_NOT_WEIGHTS = re.compile(
+    r"^(training_args\.bin|optimizer.*|scheduler.*|scaler.*|rng_state.*|"
+    r"adapter_model\..*|.*optim.*)$"
+)
 _TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
@@ -99,8 +101,9 @@ def weight_files(path: Path, confine: Confinement = UNCONFINED) -> list[Path]:
         raise CheckpointVanished(path, f"{path} disappeared while being read") from exc
     files = [p for p in entries if p.suffix == ".safetensors" and not _NOT_WEIGHTS.match(p.name)]
     if not files:
-        files = [p for p in entries
-                 if p.suffix in _TORCH_SUFFIXES and not _NOT_WEIGHTS.match(p.name)]
+        files = [
+            p for p in entries if p.suffix in _TORCH_SUFFIXES and not _NOT_WEIGHTS.match(p.name)
+        ]
     if not files:
         raise CheckpointError(path, f"{path}: no weight files (safetensors, .bin, .pt, .ckpt)")
     return files
@@ -127,13 +130,13 @@ def storable_name(name: str) -> str:
     if len(name) <= MAX_NAME:
         return name
     digest = hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:16]
-    return f"{name[:MAX_NAME - len(digest) - 1]}~{digest}"
+    return f"{name[: MAX_NAME - len(digest) - 1]}~{digest}"
 
 
-def make_layer(name: str, weight: torch.Tensor | np.ndarray, dtype: torch.dtype | str,
-               source: str) -> LayerMatrix:
+def make_layer(
+    name: str, weight: torch.Tensor | np.ndarray, dtype: torch.dtype | str, source: str
+) -> LayerMatrix:
     """A :class:`LayerMatrix` named (:func:`storable_name`) and classified from its tensor key."""
     kind, block = classify(name)
-    dense = (np.ascontiguousarray(weight) if isinstance(weight, np.ndarray)
-             else weight.contiguous())
+    dense = np.ascontiguousarray(weight) if isinstance(weight, np.ndarray) else weight.contiguous()
     return LayerMatrix(storable_name(name), kind, block, dense, dtype, source)

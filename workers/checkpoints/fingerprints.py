@@ -128,8 +128,7 @@ def fingerprint_shape(path: Path, confine: Confinement = UNCONFINED) -> tuple[st
     return digest, shape
 
 
-def fingerprint_walk(path: Path, confine: Confinement
-                     ) -> tuple[str, Shape | None, tuple[str, ...]]:
+def fingerprint_walk(path: Path, confine: Confinement) -> tuple[str, Shape | None, tuple[str, ...]]:
     """:func:`fingerprint_shape`, and what the walk passed over (see ``tree.Tree.problems``)."""
     digest = hashlib.sha1(usedforsecurity=False)
     dirs: list[tuple[tuple[str, ...], os.stat_result]] = []
@@ -151,7 +150,7 @@ def fingerprint_walk(path: Path, confine: Confinement
     for parts, entry in files:
         name = os.fsencode("/".join(parts))
         file = path if entry is None else Path(entry.path)
-        if (file.is_symlink() if entry is None else entry.is_symlink()):
+        if file.is_symlink() if entry is None else entry.is_symlink():
             whole = False
             if not confine.allows(file):
                 digest.update(name + b":outside\n")

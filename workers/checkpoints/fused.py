@@ -49,8 +49,17 @@ def _heads(config: dict[str, object], rows: int) -> _Heads | None:
     heads = _int(config, "num_attention_heads", "n_head", "n_heads", "num_heads")
     if heads is None:
         return None
-    groups = _int(config, "num_key_value_heads", "num_query_groups", "multi_query_group_num",
-                   "num_kv_heads", "n_head_kv") or heads
+    groups = (
+        _int(
+            config,
+            "num_key_value_heads",
+            "num_query_groups",
+            "multi_query_group_num",
+            "num_kv_heads",
+            "n_head_kv",
+        )
+        or heads
+    )
     if config.get("multi_query") and not config.get("new_decoder_architecture"):
         groups = 1
     head_dim = _int(config, "head_dim", "kv_channels")
@@ -68,10 +77,10 @@ def _blocks(weight: _M, heads: _Heads | None) -> tuple[_M, ...] | None:
         if weight.shape[0] % 3:
             return None
         third = weight.shape[0] // 3
-        return weight[:third], weight[third:2 * third], weight[2 * third:]
+        return weight[:third], weight[third : 2 * third], weight[2 * third :]
     q = heads.heads * heads.head_dim
     kv = heads.groups * heads.head_dim
-    return weight[:q], weight[q:q + kv], weight[q + kv:q + 2 * kv]
+    return weight[:q], weight[q : q + kv], weight[q + kv : q + 2 * kv]
 
 
 def _grouped(weight: _M, heads: _Heads) -> tuple[_M, ...]:
@@ -104,14 +113,17 @@ def layout(name: str, config: dict[str, object]) -> str:
 
 
 @overload
-def split_fused(name: str, weight: np.ndarray, config: dict[str, object]
-                ) -> list[tuple[str, np.ndarray]]: ...
+def split_fused(
+    name: str, weight: np.ndarray, config: dict[str, object]
+) -> list[tuple[str, np.ndarray]]: ...
 @overload
-def split_fused(name: str, weight: torch.Tensor, config: dict[str, object]
-                ) -> list[tuple[str, torch.Tensor]]: ...
+def split_fused(
+    name: str, weight: torch.Tensor, config: dict[str, object]
+) -> list[tuple[str, torch.Tensor]]: ...
 @overload
-def split_fused(name: str, weight: torch.Tensor | np.ndarray, config: dict[str, object]
-                ) -> list[tuple[str, torch.Tensor | np.ndarray]]: ...
+def split_fused(
+    name: str, weight: torch.Tensor | np.ndarray, config: dict[str, object]
+) -> list[tuple[str, torch.Tensor | np.ndarray]]: ...
 def split_fused(name: str, weight: Any, config: dict[str, object]) -> list[tuple[str, Any]]:
     """``[(name.q, Q), (name.k, K), (name.v, V)]``, or ``[(name, weight)]`` when unknown.
 

@@ -50,8 +50,9 @@ if TYPE_CHECKING:
 _CONV1D = re.compile(r"(c_attn|c_proj|c_fc)$")
 
 
-def _iter_torch_file(path: Path, confine: Confinement
-                     ) -> Iterator[tuple[str, torch.Tensor, torch.Tensor | None]]:
+def _iter_torch_file(
+    path: Path, confine: Confinement
+) -> Iterator[tuple[str, torch.Tensor, torch.Tensor | None]]:
     tensors = dict(iter_torch(path, ROOT_KEYS, confine))
     for key, tensor in tensors.items():
         if is_scale_key(key) or not is_weight_matrix(key, tensor.dim()):
@@ -66,23 +67,29 @@ def raw_tensors(path: Path, confine: Confinement = UNCONFINED) -> Tensors:
         raise CheckpointVanished(path, f"{path} disappeared before it was read")
     for file in weight_files(path, confine):
         # safetensors are read with numpy alone: torch is imported only for a pickle.
-        stream: Iterator[tuple[str, StoredArray | torch.Tensor,
-                               StoredArray | torch.Tensor | None]]
-        stream = (iter_safetensors_arrays(file, is_weight_matrix, confine)
-                  if file.suffix == ".safetensors" else _iter_torch_file(file, confine))
+        stream: Iterator[tuple[str, StoredArray | torch.Tensor, StoredArray | torch.Tensor | None]]
+        stream = (
+            iter_safetensors_arrays(file, is_weight_matrix, confine)
+            if file.suffix == ".safetensors"
+            else _iter_torch_file(file, confine)
+        )
         for key, tensor, scale in stream:
             yield key, tensor, scale, file
 
 
 def _digest(weight: torch.Tensor | np.ndarray) -> str:
     """Content hash: tied embeddings are recognised without keeping the first one in memory."""
-    data = (np.ascontiguousarray(weight) if isinstance(weight, np.ndarray)
-            else weight.detach().contiguous().numpy())
+    data = (
+        np.ascontiguousarray(weight)
+        if isinstance(weight, np.ndarray)
+        else weight.detach().contiguous().numpy()
+    )
     return hashlib.blake2b(data.data.cast("B"), digest_size=16).hexdigest()
 
 
-def _source(path: Path, config: dict[str, object], confine: Confinement
-            ) -> tuple[Tensors, dict[str, object]]:
+def _source(
+    path: Path, config: dict[str, object], confine: Confinement
+) -> tuple[Tensors, dict[str, object]]:
     if path.is_dir() and (path / ".metadata").exists():
         # Imported here, not at the top: torch.distributed costs seconds to import, and only a
         # DCP folder needs it (no cycle is dodged).
@@ -96,8 +103,9 @@ def _source(path: Path, config: dict[str, object], confine: Confinement
     return raw_tensors(path, confine), config
 
 
-def iter_layers(ref: CheckpointRef | Path, *, base: Path | None = None,
-                confine: Confinement = UNCONFINED) -> Iterator[LayerMatrix]:
+def iter_layers(
+    ref: CheckpointRef | Path, *, base: Path | None = None, confine: Confinement = UNCONFINED
+) -> Iterator[LayerMatrix]:
     """Analysable weight matrices of one checkpoint, one tensor at a time.
 
     Args:
@@ -150,9 +158,14 @@ def iter_layers(ref: CheckpointRef | Path, *, base: Path | None = None,
         raise _nothing_found(path, skipped)
 
 
-def _matrices(key: str, stored: torch.Tensor | StoredArray,
-              scale: torch.Tensor | StoredArray | None, source: str,
-              config: dict[str, object], vocab_digests: set[str]) -> Iterator[LayerMatrix]:
+def _matrices(
+    key: str,
+    stored: torch.Tensor | StoredArray,
+    scale: torch.Tensor | StoredArray | None,
+    source: str,
+    config: dict[str, object],
+    vocab_digests: set[str],
+) -> Iterator[LayerMatrix]:
     """The matrices one stored tensor holds: upcast, un-transposed, split when fused.
 
     ``vocab_digests`` remembers the embeddings seen so far: tied input and output embeddings
@@ -177,16 +190,22 @@ def _nothing_found(path: Path, skipped: int = 0) -> CheckpointError:
     """The error for a checkpoint without a weight matrix, saying why when it can."""
     if skipped:
         tensors = "1 weight tensor" if skipped == 1 else f"{skipped} weight tensors"
-        return CheckpointError(path, f"{path}: no floating-point weight matrices found; "
-                                     f"{tensors} of integer, boolean or complex dtype not "
-                                     "analysed (a quantized checkpoint stores its weights as "
-                                     "integers: analyse the model it was quantized from)")
+        return CheckpointError(
+            path,
+            f"{path}: no floating-point weight matrices found; "
+            f"{tensors} of integer, boolean or complex dtype not "
+            "analysed (a quantized checkpoint stores its weights as "
+            "integers: analyse the model it was quantized from)",
+        )
     if path.is_dir() and any(path.glob("*zero_pp_rank_*")):
         # ZeRO-3 keeps only placeholders in the model states; the weights are flat fp32
         # partitions inside every rank's optimizer states.
-        return CheckpointError(path, f"{path}: DeepSpeed ZeRO-3 checkpoint, its weights are "
-                                     "partitioned across the optimizer states of every rank; "
-                                     "consolidate it with the zero_to_fp32.py script "
-                                     "DeepSpeed writes beside it, or save with "
-                                     "stage3_gather_16bit_weights_on_model_save")
+        return CheckpointError(
+            path,
+            f"{path}: DeepSpeed ZeRO-3 checkpoint, its weights are "
+            "partitioned across the optimizer states of every rank; "
+            "consolidate it with the zero_to_fp32.py script "
+            "DeepSpeed writes beside it, or save with "
+            "stage3_gather_16bit_weights_on_model_save",
+        )
     return CheckpointError(path, f"{path}: no weight matrices found")

@@ -92,16 +92,18 @@ def _adapter_config(folder: Path, confine: Confinement) -> dict[str, object]:
     if not isinstance(config, dict):
         raise CheckpointError(path, f"{path}: adapter config is not a JSON object")
     if config.get("use_dora"):
-        raise CheckpointError(path, f"{path}: DoRA adapters are not supported yet (the learnt "
-                                    "magnitude vector changes the merged weight)")
+        raise CheckpointError(
+            path,
+            f"{path}: DoRA adapters are not supported yet (the learnt "
+            "magnitude vector changes the merged weight)",
+        )
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         raise CheckpointError(path, f"{path}: {peft_type} adapters are not supported (LoRA only)")
     return config
 
 
-def _adapter_tensors(folder: Path, confine: Confinement
-                     ) -> tuple[Path, dict[str, torch.Tensor]]:
+def _adapter_tensors(folder: Path, confine: Confinement) -> tuple[Path, dict[str, torch.Tensor]]:
     weights = folder / "adapter_model.safetensors"
     if weights.exists():
         return weights, {k: t for k, t, _ in iter_safetensors(weights, confine=confine)}
@@ -111,8 +113,9 @@ def _adapter_tensors(folder: Path, confine: Confinement
     raise CheckpointError(folder, f"{folder}: adapter_config.json without adapter weights")
 
 
-def _base_folder(config: dict[str, object], folder: Path, base: Path | None,
-                 confine: Confinement) -> Path | None:
+def _base_folder(
+    config: dict[str, object], folder: Path, base: Path | None, confine: Confinement
+) -> Path | None:
     if base is not None:
         confine.check(base, "base model folder")
         if not Path(base).is_dir():
@@ -128,8 +131,9 @@ def _base_folder(config: dict[str, object], folder: Path, base: Path | None,
     return candidate if candidate.is_dir() else None
 
 
-def iter_peft_lora(folder: Path, base: Path | None = None, confine: Confinement = UNCONFINED
-                   ) -> Iterator[LayerMatrix]:
+def iter_peft_lora(
+    folder: Path, base: Path | None = None, confine: Confinement = UNCONFINED
+) -> Iterator[LayerMatrix]:
     """Updates (kind ``lora_update``) and, when the base weights are found, merged weights.
 
     Raises:
@@ -166,13 +170,19 @@ def iter_peft_lora(folder: Path, base: Path | None = None, confine: Confinement 
         if config.get("fan_in_fan_out"):
             weight = weight.T
         if weight.shape != update.shape:
-            raise CheckpointError(weights_file, f"{weights_file}: {module} update is "
-                                  f"{tuple(update.shape)}, base weight {tuple(weight.shape)}")
+            raise CheckpointError(
+                weights_file,
+                f"{weights_file}: {module} update is "
+                f"{tuple(update.shape)}, base weight {tuple(weight.shape)}",
+            )
         merged = weight + update
         kind, _ = classify(module)
         assert base_weights is not None
-        pieces = split_fused(module, merged, base_weights.config) if kind == "qkv" else [
-            (module, merged)]
+        pieces = (
+            split_fused(module, merged, base_weights.config)
+            if kind == "qkv"
+            else [(module, merged)]
+        )
         for name, piece in pieces:
             yield make_layer(name, piece, dtype, str(weights_file))
 
@@ -206,8 +216,9 @@ class SatLora:
     def takes(self, key: str) -> bool:
         return _SAT.match(key) is not None
 
-    def add(self, key: str, tensor: torch.Tensor, file: str
-            ) -> list[tuple[str, torch.Tensor, torch.dtype, str]]:
+    def add(
+        self, key: str, tensor: torch.Tensor, file: str
+    ) -> list[tuple[str, torch.Tensor, torch.dtype, str]]:
         match = _SAT.match(key)
         assert match is not None
         name = match.group(1).removeprefix("module.")
@@ -232,14 +243,16 @@ class SatLora:
         self._current = None
         return out
 
-    def _emit(self, name: str, module: _SatModule
-              ) -> list[tuple[str, torch.Tensor, torch.dtype, str]]:
+    def _emit(
+        self, name: str, module: _SatModule
+    ) -> list[tuple[str, torch.Tensor, torch.dtype, str]]:
         import torch  # the merges are done in torch, as the pieces arrive (pickles, DCP)
 
         a, b, original, file = module.parts["A"], module.parts["B"], module.original, module.file
         if sorted(a) != sorted(b):
-            raise CheckpointError(Path(file), f"{file}: {name} has matrix_A {sorted(a)} but "
-                                              f"matrix_B {sorted(b)}")
+            raise CheckpointError(
+                Path(file), f"{file}: {name} has matrix_A {sorted(a)} but matrix_B {sorted(b)}"
+            )
         out: list[tuple[str, torch.Tensor, torch.dtype, str]] = []
         merged = None if original is None else upcast(original)
         if a:
@@ -247,17 +260,18 @@ class SatLora:
             updates = [(self._alpha / rank) * (upcast(b[j]) @ upcast(a[j])) for j in sorted(a)]
             # A fused projection has one independent (A, B) pair per part (q, k, v, or k, v of
             # a key_value layer): each part's update is its own rank-r matrix, analysed alone.
-            labels = "qkv"[-len(updates):] if len(updates) in (2, 3) else ""
+            labels = "qkv"[-len(updates) :] if len(updates) in (2, 3) else ""
             if labels:
-                out += [(f"{name}.{label}.lora_update", update, a[0].dtype, file)
-                        for label, update in zip(labels, updates, strict=True)]
+                out += [
+                    (f"{name}.{label}.lora_update", update, a[0].dtype, file)
+                    for label, update in zip(labels, updates, strict=True)
+                ]
             else:
                 out += [(f"{name}.lora_update", torch.cat(updates, dim=0), a[0].dtype, file)]
             if merged is not None:
                 merged = merged + torch.cat(updates, dim=0)
         if merged is not None and original is not None:
             kind, _ = classify(name)
-            pieces = split_fused(name, merged, self._config) if kind == "qkv" else [
-                (name, merged)]
+            pieces = split_fused(name, merged, self._config) if kind == "qkv" else [(name, merged)]
             out += [(piece_name, piece, original.dtype, file) for piece_name, piece in pieces]
         return out

@@ -83,13 +83,23 @@ class DiscoveryMemory:
 
     def forget_gone(self, watched: Mapping[Path, int | None]) -> None:
         """Forget every run that is no longer watched, or is now registered under another id."""
-        for gone in [p for p, m in self.runs.items() if m.run_id != watched.get(p, m.run_id)
-                     or p not in watched]:
+        for gone in [
+            p
+            for p, m in self.runs.items()
+            if m.run_id != watched.get(p, m.run_id) or p not in watched
+        ]:
             del self.runs[gone]  # deleted, or deleted and registered again
 
-    def settle(self, run_dir: Path, ref: CheckpointRef, *, earlier: Mapping[Path, Settled],
-               inodes: Mapping[Path, int], shapes: Mapping[Path, Shape],
-               rechecked: bool) -> Settled:
+    def settle(
+        self,
+        run_dir: Path,
+        ref: CheckpointRef,
+        *,
+        earlier: Mapping[Path, Settled],
+        inodes: Mapping[Path, int],
+        shapes: Mapping[Path, Shape],
+        rechecked: bool,
+    ) -> Settled:
         """The entry to remember for ``ref``, found complete and registered in this pass.
 
         Args:
@@ -121,8 +131,11 @@ class DiscoveryMemory:
             try:
                 # One stat per member where the fingerprint's members are known (the same
                 # answer: see Shape), else the fingerprint itself.
-                same = (restat(path, shape) == shape.stamp if shape is not None
-                        else fingerprint(path, self.confine) == entry[1].fingerprint)
+                same = (
+                    restat(path, shape) == shape.stamp
+                    if shape is not None
+                    else fingerprint(path, self.confine) == entry[1].fingerprint
+                )
             except Exception:  # whatever went wrong, the run's next pass reads it and says
                 same = False
             if same:

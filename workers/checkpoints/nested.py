@@ -40,8 +40,9 @@ def widths_from_config(config: Mapping[str, object]) -> tuple[int, ...]:
     return tuple(sorted(set(value)))
 
 
-def nested_widths(path: Path, explicit: Iterable[int] = (),
-                  confine: Confinement = UNCONFINED) -> tuple[int, ...]:
+def nested_widths(
+    path: Path, explicit: Iterable[int] = (), confine: Confinement = UNCONFINED
+) -> tuple[int, ...]:
     """The widths to analyse a checkpoint at: ``explicit`` ones, else its config's."""
     chosen = tuple(sorted(set(explicit)))
     if chosen:
@@ -68,6 +69,10 @@ def nested_matrices(matrix: LayerMatrix, widths: Iterable[int]) -> Iterator[Laye
         if not 0 < width < neurons:
             continue
         piece = matrix.weight[:width] if rows else matrix.weight[:, :width]
-        yield replace(matrix, name=f"{matrix.name}{VARIANT_SEPARATOR}{nested_variant(width)}",
-                      weight=np.ascontiguousarray(piece) if isinstance(piece, np.ndarray)
-                      else piece.contiguous())
+        yield replace(
+            matrix,
+            name=f"{matrix.name}{VARIANT_SEPARATOR}{nested_variant(width)}",
+            weight=np.ascontiguousarray(piece)
+            if isinstance(piece, np.ndarray)
+            else piece.contiguous(),
+        )

@@ -102,9 +102,11 @@ def iter_exp_avg(path: Path, confine: Confinement = UNCONFINED) -> Iterator[Laye
     file = optimizer_file(path)
     if file is None:
         raise OptimizerStateRefused(
-            path, f"{shown(path)}: no optimizer state beside the weights "
-                  f"({' or '.join(OPTIMIZER_FILES)} in a checkpoint folder, a torch DCP "
-                  "folder, or a Lightning .ckpt)")
+            path,
+            f"{shown(path)}: no optimizer state beside the weights "
+            f"({' or '.join(OPTIMIZER_FILES)} in a checkpoint folder, a torch DCP "
+            "folder, or a Lightning .ckpt)",
+        )
     if file.name == ".metadata":
         yield from _dcp_moments(path, confine)
         return
@@ -116,8 +118,9 @@ def iter_exp_avg(path: Path, confine: Confinement = UNCONFINED) -> Iterator[Laye
     else:
         config = {}
         groups, moments, parameters = _lightning(file, loaded)
-        names = _exact(file, {"one parameter group in state_dict order": [parameters]},
-                       groups, moments)
+        names = _exact(
+            file, {"one parameter group in state_dict order": [parameters]}, groups, moments
+        )
     digests: set[str] = set()
     for index in (i for group in groups for i in group):
         name = names[index]
@@ -144,12 +147,14 @@ def unit_mean_eigenvalue(matrix: LayerMatrix) -> LayerMatrix:
 
 def _refuse(file: Path, why: str) -> OptimizerStateRefused:
     return OptimizerStateRefused(
-        file, f"{shown(file)}: optimizer state not analysed: {why}; weights are analysed "
-              "all the same")
+        file,
+        f"{shown(file)}: optimizer state not analysed: {why}; weights are analysed all the same",
+    )
 
 
-def _moments(file: Path, loaded: Mapping[str, Any]
-             ) -> tuple[list[list[int]], dict[int, torch.Tensor]]:
+def _moments(
+    file: Path, loaded: Mapping[str, Any]
+) -> tuple[list[list[int]], dict[int, torch.Tensor]]:
     """Parameter indices per group and each index's ``exp_avg``, the structure checked."""
     state, groups = loaded.get("state"), loaded.get("param_groups")
     if not isinstance(state, dict) or not isinstance(groups, list):
@@ -171,8 +176,11 @@ def _moments(file: Path, loaded: Mapping[str, Any]
         moment = entry.get("exp_avg") if isinstance(entry, dict) else None
         if not isinstance(moment, torch.Tensor):
             keys = sorted(map(str, entry)) if isinstance(entry, dict) else []
-            raise _refuse(file, f"parameter {index} has no exp_avg tensor (state keys {keys}): "
-                                "not an Adam-like optimizer")
+            raise _refuse(
+                file,
+                f"parameter {index} has no exp_avg tensor (state keys {keys}): "
+                "not an Adam-like optimizer",
+            )
         _check_extent(file, f"state.{index}.exp_avg", moment)
         moments[index] = moment
     return indices, moments
@@ -182,9 +190,12 @@ def _is_index(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _exact(file: Path, layouts: Mapping[str, Sequence[Sequence[Parameter]]],
-           groups: Sequence[Sequence[int]], moments: Mapping[int, torch.Tensor]
-           ) -> dict[int, str]:
+def _exact(
+    file: Path,
+    layouts: Mapping[str, Sequence[Sequence[Parameter]]],
+    groups: Sequence[Sequence[int]],
+    moments: Mapping[int, torch.Tensor],
+) -> dict[int, str]:
     """Parameter names by index under the one naming every agreeing layout gives.
 
     A layout (parameters per group, in order) agrees when it has as many groups, each as long,
@@ -195,21 +206,30 @@ def _exact(file: Path, layouts: Mapping[str, Sequence[Sequence[Parameter]]],
     for label, layout in layouts.items():
         problem = _disagreement(layout, groups, moments)
         if problem is None:
-            agreeing[label] = {index: name for group, params in zip(groups, layout, strict=True)
-                               for index, (name, _) in zip(group, params, strict=True)}
+            agreeing[label] = {
+                index: name
+                for group, params in zip(groups, layout, strict=True)
+                for index, (name, _) in zip(group, params, strict=True)
+            }
         else:
             why.append(f"{label}: {problem}")
     if not agreeing:
         raise _refuse(file, "no parameter layout matches it exactly (" + "; ".join(why) + ")")
     namings = list(agreeing.values())
     if any(n != namings[0] for n in namings[1:]):
-        raise _refuse(file, "layouts " + ", ".join(agreeing) + " all match it but name the "
-                            "parameters differently: ambiguous, so not guessed")
+        raise _refuse(
+            file,
+            "layouts " + ", ".join(agreeing) + " all match it but name the "
+            "parameters differently: ambiguous, so not guessed",
+        )
     return namings[0]
 
 
-def _disagreement(layout: Sequence[Sequence[Parameter]], groups: Sequence[Sequence[int]],
-                  moments: Mapping[int, torch.Tensor]) -> str | None:
+def _disagreement(
+    layout: Sequence[Sequence[Parameter]],
+    groups: Sequence[Sequence[int]],
+    moments: Mapping[int, torch.Tensor],
+) -> str | None:
     sizes, expected = [len(g) for g in groups], [len(g) for g in layout]
     if sizes != expected:
         return f"group sizes {sizes}, the layout has {expected}"
@@ -217,8 +237,7 @@ def _disagreement(layout: Sequence[Sequence[Parameter]], groups: Sequence[Sequen
         for index, (name, shape) in zip(group, params, strict=True):
             moment = moments.get(index)
             if moment is not None and tuple(moment.shape) != shape:
-                return (f"parameter {index} has shape {tuple(moment.shape)}, but {name} "
-                        f"has {shape}")
+                return f"parameter {index} has shape {tuple(moment.shape)}, but {name} has {shape}"
     return None
 
 
@@ -227,25 +246,35 @@ def _disagreement(layout: Sequence[Sequence[Parameter]], groups: Sequence[Sequen
 # nn.LayerNorm, or whose dotted name (lower case) matches a pattern, get no weight decay.
 _DECAY_RULES: dict[str, tuple[str, ...]] = {
     # transformers >= 4.50 (read in 5.x): norms matched by name, whatever their class.
-    "Trainer decay/no-decay groups (transformers >= 4.50)":
-        (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"),
+    "Trainer decay/no-decay groups (transformers >= 4.50)": (
+        r"bias",
+        r"layernorm",
+        r"rmsnorm",
+        r"(?:^|\.)norm(?:$|\.)",
+        r"_norm(?:$|\.)",
+    ),
     # transformers 4.38 - 4.49: the final `model.norm` of Llama-like models still decayed.
-    "Trainer decay/no-decay groups (transformers 4.38 - 4.49)":
-        (r"bias", r"layernorm", r"rmsnorm"),
+    "Trainer decay/no-decay groups (transformers 4.38 - 4.49)": (r"bias", r"layernorm", r"rmsnorm"),
     # transformers < 4.38: LayerNorm modules and biases only.
     "Trainer decay/no-decay groups (transformers < 4.38)": (r"bias",),
 }
 
 
-def _trainer_names(file: Path, config: Mapping[str, object], groups: Sequence[Sequence[int]],
-                   moments: Mapping[int, torch.Tensor]) -> dict[int, str]:
+def _trainer_names(
+    file: Path,
+    config: Mapping[str, object],
+    groups: Sequence[Sequence[int]],
+    moments: Mapping[int, torch.Tensor],
+) -> dict[int, str]:
     model = _meta_model(file, config)
     parameters = [(name, tuple(p.shape)) for name, p in model.named_parameters()]
     layouts: dict[str, list[list[Parameter]]] = {}
     for label, patterns in _DECAY_RULES.items():
         decay = set(decay_parameter_names(model, patterns))
-        layouts[label] = [[p for p in parameters if p[0] in decay],
-                          [p for p in parameters if p[0] not in decay]]
+        layouts[label] = [
+            [p for p in parameters if p[0] in decay],
+            [p for p in parameters if p[0] not in decay],
+        ]
     layouts["one parameter group in named_parameters() order"] = [parameters]
     return _exact(file, layouts, groups, moments)
 
@@ -261,9 +290,12 @@ def decay_parameter_names(model: torch.nn.Module, patterns: Sequence[str]) -> li
     def walk(module: torch.nn.Module) -> list[str]:
         result = []
         for name, child in module.named_children():
-            result += [f"{name}.{n}" for n in walk(child)
-                       if not isinstance(child, torch.nn.LayerNorm)
-                       and not any(c.search(f"{name}.{n}".lower()) for c in compiled)]
+            result += [
+                f"{name}.{n}"
+                for n in walk(child)
+                if not isinstance(child, torch.nn.LayerNorm)
+                and not any(c.search(f"{name}.{n}".lower()) for c in compiled)
+            ]
         result += [k for k in module._parameters if not any(c.search(k.lower()) for c in compiled)]
         return result
 
@@ -280,35 +312,49 @@ def _meta_model(file: Path, config: Mapping[str, object]) -> torch.nn.Module:
 
 
 # -- Lightning ---------------------------------------------------------------------------------
-def _lightning(file: Path, loaded: Mapping[str, Any]
-               ) -> tuple[list[list[int]], dict[int, torch.Tensor], list[Parameter]]:
+def _lightning(
+    file: Path, loaded: Mapping[str, Any]
+) -> tuple[list[list[int]], dict[int, torch.Tensor], list[Parameter]]:
     states, weights = loaded.get("optimizer_states"), loaded.get("state_dict")
     if not isinstance(states, list) or not states:
         raise _refuse(file, "the Lightning checkpoint holds no optimizer_states")
     if len(states) != 1 or not isinstance(states[0], dict):
-        raise _refuse(file, f"{len(states)} optimizers: which parameters each one holds is not "
-                            "saved, so their entries cannot be named")
+        raise _refuse(
+            file,
+            f"{len(states)} optimizers: which parameters each one holds is not "
+            "saved, so their entries cannot be named",
+        )
     if not isinstance(weights, dict):
         raise _refuse(file, "the Lightning checkpoint holds no state_dict")
     groups, moments = _moments(file, states[0])
     if len(groups) != 1:
-        raise _refuse(file, f"{len(groups)} parameter groups: which parameter went to which "
-                            "group is not saved in a Lightning checkpoint")
+        raise _refuse(
+            file,
+            f"{len(groups)} parameter groups: which parameter went to which "
+            "group is not saved in a Lightning checkpoint",
+        )
     parameters: list[Parameter] = []
     seen: set[tuple[int, int, Shape, Shape]] = set()
     for name, tensor in weights.items():
         if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
             continue
-        identity = (tensor.untyped_storage().data_ptr(), int(tensor.storage_offset()),
-                    tuple(tensor.shape), tuple(tensor.stride()))
+        identity = (
+            tensor.untyped_storage().data_ptr(),
+            int(tensor.storage_offset()),
+            tuple(tensor.shape),
+            tuple(tensor.stride()),
+        )
         if tensor.numel() and identity in seen:
             continue  # a tied parameter: the optimizer holds it once
         seen.add(identity)
         parameters.append((str(name), tuple(tensor.shape)))
     if len(parameters) != len(groups[0]):
-        raise _refuse(file, f"the optimizer holds {len(groups[0])} parameters but the state dict "
-                            f"{len(parameters)} distinct floating tensors (buffers or frozen "
-                            "parameters): its entries cannot be named exactly")
+        raise _refuse(
+            file,
+            f"the optimizer holds {len(groups[0])} parameters but the state dict "
+            f"{len(parameters)} distinct floating tensors (buffers or frozen "
+            "parameters): its entries cannot be named exactly",
+        )
     return groups, moments, parameters
 
 
@@ -320,26 +366,32 @@ def _dcp_moments(path: Path, confine: Confinement) -> Iterator[LayerMatrix]:
     file = path / ".metadata"
     shapes = dcp_shapes(path, confine)
     suffix = f".{EXP_AVG}"
-    moments = {key: shape for key, shape in shapes.items()
-               if key.endswith(suffix) and ".state." in key}
+    moments = {
+        key: shape for key, shape in shapes.items() if key.endswith(suffix) and ".state." in key
+    }
     if not moments:
         raise _refuse(file, "the DCP checkpoint holds no optimizer state with exp_avg")
     prefixes = {key.split(".state.", 1)[0] for key in moments}
     if len(prefixes) != 1:
         raise _refuse(file, f"optimizer state under several keys {sorted(prefixes)}")
     prefix = f"{prefixes.pop()}.state."
-    weights = {key: shape for key, shape in shapes.items() if not key.startswith(prefix)
-               and ".state." not in key}
+    weights = {
+        key: shape
+        for key, shape in shapes.items()
+        if not key.startswith(prefix) and ".state." not in key
+    }
     names: dict[str, str] = {}
     for key, shape in moments.items():
-        fqn = key[len(prefix):-len(suffix)]
+        fqn = key[len(prefix) : -len(suffix)]
         found = [w for w in weights if w == fqn or w.endswith(f".{fqn}")]
         if len(found) != 1:
-            raise _refuse(file, f"{key} names parameter {fqn!r}, which matches "
-                                f"{len(found)} weight tensors ({found[:3]}), not exactly one")
+            raise _refuse(
+                file,
+                f"{key} names parameter {fqn!r}, which matches "
+                f"{len(found)} weight tensors ({found[:3]}), not exactly one",
+            )
         if weights[found[0]] != shape:
-            raise _refuse(file, f"{key} has shape {shape}, but {found[0]} has "
-                                f"{weights[found[0]]}")
+            raise _refuse(file, f"{key} has shape {shape}, but {found[0]} has {weights[found[0]]}")
         names[key] = found[0]
     config = model_config(path, confine)
     digests: set[str] = set()

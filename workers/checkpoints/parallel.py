@@ -30,8 +30,9 @@ _RANK = re.compile(r"mp_rank_(\d+)(?:_(\d+))?")
 _SAT_LORA = re.compile(r"^(.+)\.(?:matrix_([AB])\.\d+|original\.weight)$")
 
 # (key, stored tensor, fp8 inverse scale, file): torch tensors, or numpy arrays from safetensors.
-Tensors = Iterator[tuple[str, "torch.Tensor | StoredArray", "torch.Tensor | StoredArray | None",
-                         Path]]
+Tensors = Iterator[
+    tuple[str, "torch.Tensor | StoredArray", "torch.Tensor | StoredArray | None", Path]
+]
 
 
 def rank_files(path: Path) -> list[Path]:
@@ -51,8 +52,11 @@ def rank_files(path: Path) -> list[Path]:
         if match is None:
             continue
         if match.group(2) is not None and file.name == "model_optim_rng.pt":
-            raise CheckpointError(file, f"{file}: pipeline-parallel checkpoints (mp_rank_XX_YYY) "
-                                        "are not supported; convert to tensor-parallel only")
+            raise CheckpointError(
+                file,
+                f"{file}: pipeline-parallel checkpoints (mp_rank_XX_YYY) "
+                "are not supported; convert to tensor-parallel only",
+            )
         ranks.append((int(match.group(1)), file))
     return [file for _, file in sorted(ranks)]
 
@@ -84,8 +88,9 @@ def _gated(key: str, state: dict[str, torch.Tensor], config: dict[str, object]) 
     return fc2 is not None and fc1.shape[0] == 2 * fc2.shape[1]
 
 
-def iter_tensor_parallel(files: list[Path], config: dict[str, object],
-                         confine: Confinement = UNCONFINED) -> Tensors:
+def iter_tensor_parallel(
+    files: list[Path], config: dict[str, object], confine: Confinement = UNCONFINED
+) -> Tensors:
     """(key, whole tensor, no scale, first rank file) of every weight matrix, reassembled."""
     import torch
 
@@ -105,16 +110,28 @@ def iter_tensor_parallel(files: list[Path], config: dict[str, object],
         if sat and sat.group(2) is not None:
             # SAT LoRA: A is split like the layer's input, B like its output; else replicated.
             split_dim = {("A", False): 1, ("B", True): 0}.get((sat.group(2), column))
-            yield key, (first if split_dim is None else torch.cat(shards, split_dim)), None, \
-                files[0]
+            yield (
+                key,
+                (first if split_dim is None else torch.cat(shards, split_dim)),
+                None,
+                files[0],
+            )
         elif kind == "qkv" and len(shards) > 1 and layout(layer_name(key), config) == "blocks":
             yield key, _strided_qkv(layer_name(key), shards, config), None, files[0]
         elif key.endswith("linear_fc1.weight") and _gated(key, states[0], config):
             base = key.removesuffix("linear_fc1.weight")
-            yield base + "gate_proj.weight", torch.cat([p.chunk(2)[0] for p in shards]), None, \
-                files[0]
-            yield base + "up_proj.weight", torch.cat([p.chunk(2)[1] for p in shards]), None, \
-                files[0]
+            yield (
+                base + "gate_proj.weight",
+                torch.cat([p.chunk(2)[0] for p in shards]),
+                None,
+                files[0],
+            )
+            yield (
+                base + "up_proj.weight",
+                torch.cat([p.chunk(2)[1] for p in shards]),
+                None,
+                files[0],
+            )
         elif len(shards) == 1:
             yield key, first, None, files[0]
         elif kind == "other" and all(torch.equal(first, p) for p in shards[1:]):
@@ -123,15 +140,18 @@ def iter_tensor_parallel(files: list[Path], config: dict[str, object],
             yield key, torch.cat(shards, dim=0 if column else 1), None, files[0]
 
 
-def _strided_qkv(name: str, shards: list[torch.Tensor], config: dict[str, object]
-                 ) -> torch.Tensor:
+def _strided_qkv(name: str, shards: list[torch.Tensor], config: dict[str, object]) -> torch.Tensor:
     """A [Q; K; V] block projection whose ranks each hold [Q_r; K_r; V_r] (SAT's stride 3)."""
     import torch
 
     ranks = len(shards)
     per_rank = dict(config)
-    for key in ("num_attention_heads", "num_key_value_heads", "num_query_groups",
-                "multi_query_group_num"):
+    for key in (
+        "num_attention_heads",
+        "num_key_value_heads",
+        "num_query_groups",
+        "multi_query_group_num",
+    ):
         value = config.get(key)
         if isinstance(value, int) and value % ranks == 0:
             per_rank[key] = value // ranks

@@ -73,8 +73,9 @@ def safetensors_header(
         raise CheckpointVanished(path, f"{path} disappeared while being read") from exc
 
 
-def _header_of(handle: BinaryIO, path: Path, max_header: int = _MAX_HEADER
-               ) -> tuple[int, dict[str, dict[str, object]]]:
+def _header_of(
+    handle: BinaryIO, path: Path, max_header: int = _MAX_HEADER
+) -> tuple[int, dict[str, dict[str, object]]]:
     """The header of the safetensors file open as ``handle``, validated against its size."""
     size = os.fstat(handle.fileno()).st_size
     prefix = handle.read(8)
@@ -82,9 +83,12 @@ def _header_of(handle: BinaryIO, path: Path, max_header: int = _MAX_HEADER
         raise CheckpointError(path, f"{path}: empty or truncated safetensors file")
     (length,) = struct.unpack("<Q", prefix)
     if max_header < length <= _MAX_HEADER:
-        raise HeaderTooLarge(path, f"refused: {path}: its safetensors header declares {length} "
-                                   f"bytes, more than the {max_header} that discovery parses "
-                                   "(a 70B model's header holds about 90 KB)")
+        raise HeaderTooLarge(
+            path,
+            f"refused: {path}: its safetensors header declares {length} "
+            f"bytes, more than the {max_header} that discovery parses "
+            "(a 70B model's header holds about 90 KB)",
+        )
     if length > _MAX_HEADER or length > size - 8:
         raise CheckpointError(path, f"{path}: not a safetensors file (bad header length)")
     raw = handle.read(length)
@@ -111,11 +115,22 @@ def _header_of(handle: BinaryIO, path: Path, max_header: int = _MAX_HEADER
 
 # Each safetensors dtype: its name in torch (and numpy, where numpy has it) and its size.
 _SAFETENSORS_DTYPES: dict[str, tuple[str, int]] = {
-    "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
-    "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1),
-    "U64": ("uint64", 8), "U32": ("uint32", 4), "U16": ("uint16", 2), "U8": ("uint8", 1),
-    "BOOL": ("bool", 1), "C64": ("complex64", 8),
-    "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1),
+    "F64": ("float64", 8),
+    "F32": ("float32", 4),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "I64": ("int64", 8),
+    "I32": ("int32", 4),
+    "I16": ("int16", 2),
+    "I8": ("int8", 1),
+    "U64": ("uint64", 8),
+    "U32": ("uint32", 4),
+    "U16": ("uint16", 2),
+    "U8": ("uint8", 1),
+    "BOOL": ("bool", 1),
+    "C64": ("complex64", 8),
+    "F8_E4M3": ("float8_e4m3fn", 1),
+    "F8_E5M2": ("float8_e5m2", 1),
 }
 
 
@@ -148,10 +163,22 @@ class StoredArray:
 # numpy's reading of each safetensors dtype: the dtype of the stored bytes, and for the dtypes
 # numpy has no arithmetic for (bfloat16, float8), how ``decode_array`` widens them to float32.
 _NUMPY_STORAGE = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U64": np.uint64,
-    "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_, "C64": np.complex64,
-    "F8_E4M3": np.uint8, "F8_E5M2": np.uint8,
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": np.uint16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U64": np.uint64,
+    "U32": np.uint32,
+    "U16": np.uint16,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+    "C64": np.complex64,
+    "F8_E4M3": np.uint8,
+    "F8_E5M2": np.uint8,
 }
 
 
@@ -179,12 +206,10 @@ def _float8_table(exponent_bits: int, mantissa_bits: int, fn: bool) -> np.ndarra
     return table
 
 
-_FLOAT8_TABLES = {"F8_E4M3": _float8_table(4, 3, fn=True),
-                  "F8_E5M2": _float8_table(5, 2, fn=False)}
+_FLOAT8_TABLES = {"F8_E4M3": _float8_table(4, 3, fn=True), "F8_E5M2": _float8_table(5, 2, fn=False)}
 
 
-def decode_array(data: bytes | bytearray | memoryview, dtype: str, shape: list[int]
-                 ) -> np.ndarray:
+def decode_array(data: bytes | bytearray | memoryview, dtype: str, shape: list[int]) -> np.ndarray:
     """The tensor a safetensors dtype name and shape make of ``data``, as numpy, without torch.
 
     F64/F32/F16 and the integer, bool and complex dtypes are read in place (little-endian, as
@@ -223,14 +248,20 @@ def check_layout(path: Path, header: dict[str, dict[str, object]]) -> None:
         known = _SAFETENSORS_DTYPES.get(str(info.get("dtype")))
         if known is None:
             raise CheckpointError(
-                path, f"{path}: tensor {key!r} has unsupported dtype {info.get('dtype')}")
+                path, f"{path}: tensor {key!r} has unsupported dtype {info.get('dtype')}"
+            )
         shape, offsets = info.get("shape"), info.get("data_offsets")
         if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):
             raise CheckpointError(path, f"{path}: tensor {key!r} has an invalid shape {shape!r}")
-        if not (isinstance(offsets, list) and len(offsets) == 2
-                and all(_is_count(o) for o in offsets) and offsets[0] <= offsets[1]):
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(_is_count(o) for o in offsets)
+            and offsets[0] <= offsets[1]
+        ):
             raise CheckpointError(
-                path, f"{path}: tensor {key!r} has invalid data offsets {offsets!r}")
+                path, f"{path}: tensor {key!r} has invalid data offsets {offsets!r}"
+            )
         numel = 1
         for dim in shape:
             numel *= dim
@@ -239,23 +270,31 @@ def check_layout(path: Path, header: dict[str, dict[str, object]]) -> None:
         begin, end = offsets
         if declared != end - begin:
             raise CheckpointError(
-                path, f"{path}: tensor {key!r} declares {dtype} {shape} ({declared} bytes) but "
-                      f"its data holds {end - begin} bytes: the header lies about the file")
+                path,
+                f"{path}: tensor {key!r} declares {dtype} {shape} ({declared} bytes) but "
+                f"its data holds {end - begin} bytes: the header lies about the file",
+            )
         spans.append((begin, end, key))
     position = 0
     for begin, end, key in sorted(spans):
         if begin != position:
             what = "overlaps the tensor before it" if begin < position else "leaves a gap"
             raise CheckpointError(
-                path, f"{path}: tensor {key!r} at bytes {begin}-{end} {what}: invalid layout")
+                path, f"{path}: tensor {key!r} at bytes {begin}-{end} {what}: invalid layout"
+            )
         position = end
     # safetensors_header already matched the file size to the largest end offset, so a tiling
     # from 0 covers every byte of the data area.
     for key, info in header.items():
-        weight = next((key.removesuffix(suffix) for suffix in SCALE_SUFFIXES
-                       if key.endswith(suffix)), None)
-        if (weight is None or weight == "__metadata__" or weight not in header
-                or scale_key_of(weight, header) != key):
+        weight = next(
+            (key.removesuffix(suffix) for suffix in SCALE_SUFFIXES if key.endswith(suffix)), None
+        )
+        if (
+            weight is None
+            or weight == "__metadata__"
+            or weight not in header
+            or scale_key_of(weight, header) != key
+        ):
             continue
         # "_scale" is read only beside an fp8 weight (an int8 weight's is not ours to check)
         if key.endswith("_scale_inv") or str(header[weight].get("dtype")).startswith("F8_"):
@@ -275,22 +314,28 @@ def _check_block_scale(path: Path, key: str, weight: object, scale: object) -> N
         numel *= dim
     if numel == 1:
         return
-    if len(weight) == 2 and len(scale) == 2 and all(
-            1 <= s <= w for s, w in zip(scale, weight, strict=True)):
+    if (
+        len(weight) == 2
+        and len(scale) == 2
+        and all(1 <= s <= w for s, w in zip(scale, weight, strict=True))
+    ):
         return
     if len(weight) == 2 and scale == weight[:1]:
         return  # one per output row, stored flat
     raise CheckpointError(
-        path, f"{path}: tensor {key!r} of shape {scale} is not one scale per block of its "
-              f"weight of shape {weight}")
+        path,
+        f"{path}: tensor {key!r} of shape {scale} is not one scale per block of its "
+        f"weight of shape {weight}",
+    )
 
 
 def _is_count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _read_bytes(handle: BinaryIO, path: Path, base: int, info: dict[str, object]
-                ) -> tuple[bytearray, str, list[int]]:
+def _read_bytes(
+    handle: BinaryIO, path: Path, base: int, info: dict[str, object]
+) -> tuple[bytearray, str, list[int]]:
     # Only called after check_layout: dtype, shape and offsets agree with the file.
     begin, end = (int(x) for x in info["data_offsets"])  # type: ignore[attr-defined]
     shape = [int(d) for d in info.get("shape", [])]  # type: ignore[attr-defined]
@@ -302,8 +347,9 @@ def _read_bytes(handle: BinaryIO, path: Path, base: int, info: dict[str, object]
     return buffer, str(info.get("dtype")), shape
 
 
-def _read_tensor(handle: BinaryIO, path: Path, base: int, key: str,
-                 info: dict[str, object]) -> torch.Tensor:
+def _read_tensor(
+    handle: BinaryIO, path: Path, base: int, key: str, info: dict[str, object]
+) -> torch.Tensor:
     import torch
 
     buffer, name, shape = _read_bytes(handle, path, base, info)
@@ -313,14 +359,16 @@ def _read_tensor(handle: BinaryIO, path: Path, base: int, key: str,
     return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
 
 
-def _read_array(handle: BinaryIO, path: Path, base: int, key: str,
-                info: dict[str, object]) -> StoredArray:
+def _read_array(
+    handle: BinaryIO, path: Path, base: int, key: str, info: dict[str, object]
+) -> StoredArray:
     buffer, name, shape = _read_bytes(handle, path, base, info)
     return StoredArray(decode_array(buffer, name, shape), _SAFETENSORS_DTYPES[name][0])
 
 
 def iter_safetensors(
-    path: Path, want: Callable[[str, int], bool] | None = None,
+    path: Path,
+    want: Callable[[str, int], bool] | None = None,
     confine: Confinement = UNCONFINED,
 ) -> Iterator[tuple[str, torch.Tensor, torch.Tensor | None]]:
     """(key, stored tensor, fp8 scale or None) of a safetensors file, one at a time.
@@ -335,7 +383,8 @@ def iter_safetensors(
 
 
 def iter_safetensors_arrays(
-    path: Path, want: Callable[[str, int], bool] | None = None,
+    path: Path,
+    want: Callable[[str, int], bool] | None = None,
     confine: Confinement = UNCONFINED,
 ) -> Iterator[tuple[str, StoredArray, StoredArray | None]]:
     """:func:`iter_safetensors` with numpy arrays (:class:`StoredArray`): no torch imported."""
@@ -346,8 +395,10 @@ _T = TypeVar("_T")
 
 
 def _iter_safetensors(
-    read: Callable[[BinaryIO, Path, int, str, dict[str, object]], _T], path: Path,
-    want: Callable[[str, int], bool] | None, confine: Confinement,
+    read: Callable[[BinaryIO, Path, int, str, dict[str, object]], _T],
+    path: Path,
+    want: Callable[[str, int], bool] | None,
+    confine: Confinement,
 ) -> Iterator[tuple[str, _T, _T | None]]:
     try:
         with confine.open(path) as handle:
@@ -362,8 +413,11 @@ def _iter_safetensors(
                 if want is not None and not want(key, ndim):
                     continue
                 scale_key = scale_key_of(key, header)
-                scale = (read(handle, path, base, scale_key, header[scale_key])
-                         if scale_key is not None else None)
+                scale = (
+                    read(handle, path, base, scale_key, header[scale_key])
+                    if scale_key is not None
+                    else None
+                )
                 yield key, read(handle, path, base, key, info), scale
     except FileNotFoundError as exc:
         raise CheckpointVanished(path, f"{path} disappeared while being read") from exc
@@ -392,14 +446,19 @@ def _flatten(path: Path, obj: object) -> Iterator[tuple[str, torch.Tensor]]:
         elif isinstance(node, dict):
             if id(node) in seen:
                 raise CheckpointError(
-                    path, f"{path}: refused: the same container is reachable under several keys "
-                          f"(at {prefix!r}); a pickle built to explode when walked")
+                    path,
+                    f"{path}: refused: the same container is reachable under several keys "
+                    f"(at {prefix!r}); a pickle built to explode when walked",
+                )
             seen.add(id(node))
             if depth >= _MAX_DEPTH:
                 raise CheckpointError(
-                    path, f"{path}: refused: containers nested deeper than {_MAX_DEPTH} levels")
-            children = [(f"{prefix}.{key}" if prefix else str(key), value, depth + 1)
-                        for key, value in node.items()]
+                    path, f"{path}: refused: containers nested deeper than {_MAX_DEPTH} levels"
+                )
+            children = [
+                (f"{prefix}.{key}" if prefix else str(key), value, depth + 1)
+                for key, value in node.items()
+            ]
             stack.extend(reversed(children))  # keep the file's order
 
 
@@ -415,9 +474,11 @@ def _check_extent(path: Path, key: str, tensor: torch.Tensor) -> None:
     needed = tensor.numel() * tensor.element_size()
     if needed > storage:
         raise CheckpointError(
-            path, f"{path}: tensor {key!r} declares {tuple(tensor.shape)} {tensor.dtype} "
-                  f"({needed} bytes) over a storage of {storage} bytes: refused before "
-                  f"materialising it")
+            path,
+            f"{path}: tensor {key!r} declares {tuple(tensor.shape)} {tensor.dtype} "
+            f"({needed} bytes) over a storage of {storage} bytes: refused before "
+            f"materialising it",
+        )
 
 
 def _data_only_globals() -> list[Any]:
@@ -431,18 +492,27 @@ def _data_only_globals() -> list[Any]:
     multiarray = (getattr(np, "_core", None) or np.core).multiarray  # numpy 2, numpy 1
     allowed: list[Any] = [argparse.Namespace, io.BytesIO, np.ndarray, np.dtype]
     for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        allowed += [(multiarray._reconstruct, f"{module}._reconstruct"),
-                    (multiarray.scalar, f"{module}.scalar")]
-    allowed += [getattr(np.dtypes, name) for name in dir(np.dtypes)
-                if name.endswith("DType") and name not in ("ObjectDType", "VoidDType")]
+        allowed += [
+            (multiarray._reconstruct, f"{module}._reconstruct"),
+            (multiarray.scalar, f"{module}.scalar"),
+        ]
+    allowed += [
+        getattr(np.dtypes, name)
+        for name in dir(np.dtypes)
+        if name.endswith("DType") and name not in ("ObjectDType", "VoidDType")
+    ]
     return allowed
 
 
 _DATA_ONLY = _data_only_globals()
 
 
-_SIZE_LIES = ("resize storage that is not resizable", "does not match expected size",
-              "wrong byte size", "out of bounds for storage")
+_SIZE_LIES = (
+    "resize storage that is not resizable",
+    "does not match expected size",
+    "wrong byte size",
+    "out of bounds for storage",
+)
 
 
 def load_torch(path: Path, confine: Confinement = UNCONFINED) -> dict[str, object]:
@@ -462,16 +532,18 @@ def load_torch(path: Path, confine: Confinement = UNCONFINED) -> dict[str, objec
             mmap = zipfile.is_zipfile(handle)
             handle.seek(0)
             with torch.serialization.safe_globals(_DATA_ONLY):
-                obj = torch.load(descriptor_path(handle, path), map_location="cpu",
-                                 weights_only=True, mmap=mmap)
+                obj = torch.load(
+                    descriptor_path(handle, path), map_location="cpu", weights_only=True, mmap=mmap
+                )
     except FileNotFoundError as exc:
         raise CheckpointVanished(path, f"{path} disappeared while being read") from exc
     except pickle.UnpicklingError as exc:
         message = str(exc)
         if "weights_only" in message or "global" in message.lower():
             raise UnsafeCheckpointError(
-                path, f"{path}: refused: the pickle needs code, not only tensors "
-                      f"(alphawatch never unpickles code). {message.splitlines()[0]}"
+                path,
+                f"{path}: refused: the pickle needs code, not only tensors "
+                f"(alphawatch never unpickles code). {message.splitlines()[0]}",
             ) from exc
         raise CheckpointError(path, f"{path}: not a torch checkpoint: {message}") from exc
     except CheckpointError:
@@ -482,8 +554,9 @@ def load_torch(path: Path, confine: Confinement = UNCONFINED) -> dict[str, objec
         if any(sign in str(exc) for sign in _SIZE_LIES):
             # torch compares each storage's declared size with its record before using it.
             raise CheckpointError(
-                path, f"{path}: a tensor declares more bytes than the file stores for it "
-                      f"(the file lies about its size): {str(exc).splitlines()[0]}"
+                path,
+                f"{path}: a tensor declares more bytes than the file stores for it "
+                f"(the file lies about its size): {str(exc).splitlines()[0]}",
             ) from exc
         raise CheckpointError(
             path, f"{path}: not a readable torch checkpoint ({type(exc).__name__}: {exc})"
@@ -493,8 +566,9 @@ def load_torch(path: Path, confine: Confinement = UNCONFINED) -> dict[str, objec
     return obj
 
 
-def iter_torch(path: Path, root_keys: tuple[str, ...] = (), confine: Confinement = UNCONFINED
-               ) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_torch(
+    path: Path, root_keys: tuple[str, ...] = (), confine: Confinement = UNCONFINED
+) -> Iterator[tuple[str, torch.Tensor]]:
     """(key, tensor) of a torch checkpoint; ``root_keys`` names where the weights live."""
     obj: object = load_torch(path, confine)
     for key in root_keys:
@@ -507,10 +581,12 @@ def iter_torch(path: Path, root_keys: tuple[str, ...] = (), confine: Confinement
 @overload
 def upcast(tensor: StoredArray, scale: torch.Tensor | StoredArray | None = None) -> np.ndarray: ...
 @overload
-def upcast(tensor: torch.Tensor, scale: torch.Tensor | StoredArray | None = None
-           ) -> torch.Tensor: ...
-def upcast(tensor: torch.Tensor | StoredArray, scale: torch.Tensor | StoredArray | None = None
-           ) -> torch.Tensor | np.ndarray:
+def upcast(
+    tensor: torch.Tensor, scale: torch.Tensor | StoredArray | None = None
+) -> torch.Tensor: ...
+def upcast(
+    tensor: torch.Tensor | StoredArray, scale: torch.Tensor | StoredArray | None = None
+) -> torch.Tensor | np.ndarray:
     """float32 copy of a stored tensor; fp8 weights are multiplied by their inverse scale.
 
     A :class:`StoredArray` gives a numpy array (computed without torch), a tensor a tensor.
@@ -519,8 +595,9 @@ def upcast(tensor: torch.Tensor | StoredArray, scale: torch.Tensor | StoredArray
         # No copy when already float32 (as torch's ``.to``): the array owns its file bytes.
         array = tensor.array.astype(np.float32, copy=False)
         if tensor.dtype in _FLOAT8_NAMES and scale is not None:
-            factors = (scale.array if isinstance(scale, StoredArray)
-                       else scale.numpy()).astype(np.float32)
+            factors = (scale.array if isinstance(scale, StoredArray) else scale.numpy()).astype(
+                np.float32
+            )
             array = _apply_block_scale_array(array, factors)
         return array
     import torch
@@ -561,8 +638,9 @@ def _apply_block_scale_array(weight: np.ndarray, scale: np.ndarray) -> np.ndarra
     return scaled
 
 
-def read_safetensors_tensor(path: Path, key: str, confine: Confinement = UNCONFINED
-                            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def read_safetensors_tensor(
+    path: Path, key: str, confine: Confinement = UNCONFINED
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One tensor (and its fp8 scale, if any) of a safetensors file, by key."""
     try:
         with confine.open(path) as handle:
@@ -572,8 +650,11 @@ def read_safetensors_tensor(path: Path, key: str, confine: Confinement = UNCONFI
             if not isinstance(info, dict):
                 raise CheckpointError(path, f"{path}: has no tensor {key!r}")
             scale_key = scale_key_of(key, header)
-            scale = (_read_tensor(handle, path, 8 + length, scale_key, header[scale_key])
-                     if scale_key is not None else None)
+            scale = (
+                _read_tensor(handle, path, 8 + length, scale_key, header[scale_key])
+                if scale_key is not None
+                else None
+            )
             return _read_tensor(handle, path, 8 + length, key, info), scale
     except FileNotFoundError as exc:
         raise CheckpointVanished(path, f"{path} disappeared while being read") from exc

@@ -33,19 +33,29 @@ if TYPE_CHECKING:
 OFFLINE_ENVIRONMENT = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 """Set in the analysis process before it imports anything of the hub's."""
 
-_DROPPED = frozenset({
-    "auto_map",  # names remote code for the Auto* classes
-    "trust_remote_code",
-    "_name_or_path", "name_or_path",  # where the config came from: a hub repository, maybe
-    "backbone_kwargs",  # passed to the backbone's from_pretrained / timm.create_model
-    "custom_pipelines",
-    "_commit_hash",
-})
+_DROPPED = frozenset(
+    {
+        "auto_map",  # names remote code for the Auto* classes
+        "trust_remote_code",
+        "_name_or_path",
+        "name_or_path",  # where the config came from: a hub repository, maybe
+        "backbone_kwargs",  # passed to the backbone's from_pretrained / timm.create_model
+        "custom_pipelines",
+        "_commit_hash",
+    }
+)
 _NO_PRETRAINED = {"use_pretrained_backbone": False}
-_NETWORK_EVENTS = frozenset({
-    "socket.getaddrinfo", "socket.gethostbyname", "socket.gethostbyname_ex",
-    "socket.gethostbyaddr", "socket.connect", "socket.sendto", "socket.sendmsg",
-})
+_NETWORK_EVENTS = frozenset(
+    {
+        "socket.getaddrinfo",
+        "socket.gethostbyname",
+        "socket.gethostbyname_ex",
+        "socket.gethostbyaddr",
+        "socket.connect",
+        "socket.sendto",
+        "socket.sendmsg",
+    }
+)
 
 
 class SkeletonRefused(ValueError):
@@ -72,12 +82,14 @@ def _clean(config: Mapping[str, Any], where: str) -> dict[str, Any]:
     if config.get("backbone_config") is not None and not described:
         raise SkeletonRefused(
             f"{where}: backbone_config is {config['backbone_config']!r}, not a configuration; "
-            "alphawatch never fetches a configuration from the model hub")
+            "alphawatch never fetches a configuration from the model hub"
+        )
     if backbone is not None and not described:
         raise SkeletonRefused(
             f"{where}: the backbone is named {backbone!r} (a model hub or timm name) and not "
             "described by a backbone_config, so its layers are unknown; alphawatch never "
-            "fetches from the model hub")
+            "fetches from the model hub"
+        )
     out: dict[str, Any] = {}
     for key, value in config.items():
         # A described backbone is built from its backbone_config; its name alone would be
@@ -110,20 +122,33 @@ def meta_model(config: Mapping[str, Any]) -> torch.nn.Module:
     try:
         import transformers
     except ImportError as exc:
-        raise SkeletonRefused("naming a Trainer's optimizer entries needs the model's parameter "
-                              "order, built from config.json by transformers, which is not "
-                              "installed (pip install transformers)") from exc
+        raise SkeletonRefused(
+            "naming a Trainer's optimizer entries needs the model's parameter "
+            "order, built from config.json by transformers, which is not "
+            "installed (pip install transformers)"
+        ) from exc
     architectures = config.get("architectures")
     model_type = config.get("model_type")
-    if not (isinstance(architectures, list) and len(architectures) == 1
-            and isinstance(architectures[0], str) and isinstance(model_type, str)):
-        raise SkeletonRefused("config.json beside it names no single architecture and "
-                              "model_type, so the model's parameter order is unknown")
+    if not (
+        isinstance(architectures, list)
+        and len(architectures) == 1
+        and isinstance(architectures[0], str)
+        and isinstance(model_type, str)
+    ):
+        raise SkeletonRefused(
+            "config.json beside it names no single architecture and "
+            "model_type, so the model's parameter order is unknown"
+        )
     model_class = getattr(transformers, architectures[0], None)
-    if not (isinstance(model_class, type) and issubclass(model_class, torch.nn.Module)
-            and not architectures[0].startswith("Auto")):
-        raise SkeletonRefused(f"architecture {architectures[0]!r} is not part of transformers "
-                              f"{transformers.__version__} (custom model code is never run)")
+    if not (
+        isinstance(model_class, type)
+        and issubclass(model_class, torch.nn.Module)
+        and not architectures[0].startswith("Auto")
+    ):
+        raise SkeletonRefused(
+            f"architecture {architectures[0]!r} is not part of transformers "
+            f"{transformers.__version__} (custom model code is never run)"
+        )
     settings = {k: v for k, v in skeleton_config(config).items() if k != "model_type"}
     build: Callable[..., Any] = transformers.AutoConfig.for_model
     try:
@@ -132,12 +157,16 @@ def meta_model(config: Mapping[str, Any]) -> torch.nn.Module:
             with torch.device("meta"):
                 model = model_class(model_config)
     except NetworkRefused as exc:
-        raise SkeletonRefused(f"transformers tried to reach the network to build "
-                              f"{architectures[0]} from config.json ({exc})") from exc
+        raise SkeletonRefused(
+            f"transformers tried to reach the network to build "
+            f"{architectures[0]} from config.json ({exc})"
+        ) from exc
     except Exception as exc:  # transformers raises many kinds on a config it cannot build
         cause = exc.__context__ if isinstance(exc.__context__, NetworkRefused) else exc
-        raise SkeletonRefused(f"transformers cannot build {architectures[0]} from config.json "
-                              f"offline ({type(cause).__name__}: {cause})") from exc
+        raise SkeletonRefused(
+            f"transformers cannot build {architectures[0]} from config.json "
+            f"offline ({type(cause).__name__}: {cause})"
+        ) from exc
     assert isinstance(model, torch.nn.Module)
     return model
 

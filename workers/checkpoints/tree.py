@@ -79,8 +79,9 @@ def walk(folder: str, *, stat_folders: bool = False, max_depth: int = MAX_DEPTH)
             tree.whole = False
             if isinstance(exc, FileNotFoundError):
                 continue  # removed while walked (rotation): nothing there to refuse
-            tree.problems.append(f"refused: {shown(path)} cannot be listed ({exc.strerror}); "
-                                 "its files are not read")
+            tree.problems.append(
+                f"refused: {shown(path)} cannot be listed ({exc.strerror}); its files are not read"
+            )
             continue
         for entry in entries:
             try:
@@ -96,7 +97,8 @@ def walk(folder: str, *, stat_folders: bool = False, max_depth: int = MAX_DEPTH)
                     tree.problems.append(
                         f"refused: {shown(entry.path)}: a folder more than {max_depth} levels "
                         f"below {shown(folder)}; alphawatch reads no deeper (a checkpoint's "
-                        "files lie a few levels down)")
+                        "files lie a few levels down)"
+                    )
             elif is_file:
                 tree.files.append(((*parts, entry.name), entry))
     return tree

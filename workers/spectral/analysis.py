@@ -100,8 +100,9 @@ class Verdict:
     under_trained: bool
 
 
-def verdict_of(fit: PowerLawFit | None, rank: Rank, traps: Traps | None,
-               limits: Thresholds) -> Verdict:
+def verdict_of(
+    fit: PowerLawFit | None, rank: Rank, traps: Traps | None, limits: Thresholds
+) -> Verdict:
     """The fit status (first failed rule wins), trust, and the over/under-trained labels."""
     status = FitStatus.TAIL_TOO_SHORT
     if fit is not None:
@@ -162,8 +163,9 @@ def analyze_matrix(
         ``too_few_evals``, ``failed``). The fitted alpha is reported whatever the status; the
         status and ``trusted`` say whether to believe it.
     """
-    outcome = analyze_spectrum(weight, stored_dtype=stored_dtype, method=method,
-                               thresholds=thresholds, device=device)
+    outcome = analyze_spectrum(
+        weight, stored_dtype=stored_dtype, method=method, thresholds=thresholds, device=device
+    )
     if isinstance(outcome, LayerResult):
         return outcome
     if not check_traps:
@@ -200,24 +202,41 @@ class Analysed:
 
     def failed(self, exc: BaseException) -> LayerResult:
         """The "failed" result of this matrix, for an error of its trap check."""
-        return LayerResult(method=self.method, fit_status=FitStatus.FAILED, trusted=False,
-                           error=f"{type(exc).__name__}: {exc}", rows=self.rows,
-                           cols=self.cols,
-                           elapsed_ms=1000.0 * (time.perf_counter() - self.started))
+        return LayerResult(
+            method=self.method,
+            fit_status=FitStatus.FAILED,
+            trusted=False,
+            error=f"{type(exc).__name__}: {exc}",
+            rows=self.rows,
+            cols=self.cols,
+            elapsed_ms=1000.0 * (time.perf_counter() - self.started),
+        )
 
     def finish(self, rand_evals: np.ndarray | None) -> LayerResult:
         """The result, with the traps of the shuffle's eigenvalues (None: trap check off)."""
         try:
-            traps = (None if rand_evals is None
-                     else traps_of(rand_evals, self.spec, self.bulk, self.n, self.m))
+            traps = (
+                None
+                if rand_evals is None
+                else traps_of(rand_evals, self.spec, self.bulk, self.n, self.m)
+            )
             verdict = verdict_of(self.fit, self.rank, traps, self.limits)
             status = compare.apply_rule(verdict.status, self.comparison, self.limits)
             if status is not verdict.status:
                 verdict = replace(verdict, status=status, trusted=False)
-            return _result(method=self.method, rows=self.rows, cols=self.cols, spec=self.spec,
-                           rank=self.rank, bulk=self.bulk, fit=self.fit, traps=traps,
-                           verdict=verdict, started=self.started,
-                           extra=compare.result_fields(self.fit, self.comparison))
+            return _result(
+                method=self.method,
+                rows=self.rows,
+                cols=self.cols,
+                spec=self.spec,
+                rank=self.rank,
+                bulk=self.bulk,
+                fit=self.fit,
+                traps=traps,
+                verdict=verdict,
+                started=self.started,
+                extra=compare.result_fields(self.fit, self.comparison),
+            )
         except Exception as exc:  # a result per tensor, whatever happens
             return self.failed(exc)
 
@@ -240,23 +259,37 @@ def analyze_spectrum(
 
     def done(status: FitStatus, error: str | None = None, **values: object) -> LayerResult:
         elapsed = 1000.0 * (time.perf_counter() - started)
-        return LayerResult(method=method, fit_status=status, trusted=False, error=error,
-                           rows=rows, cols=cols, elapsed_ms=elapsed, **values)  # type: ignore[arg-type]
+        return LayerResult(
+            method=method,
+            fit_status=status,
+            trusted=False,
+            error=error,
+            rows=rows,
+            cols=cols,
+            elapsed_ms=elapsed,
+            **values,  # type: ignore[arg-type]
+        )
 
     try:
         dev = resolve_device(device)
         if weight.ndim < 2 or min(shape) < 1:
             return done(FitStatus.TOO_FEW_EVALS, f"tensor of shape {shape} has no spectrum")
         if is_complex(weight):
-            return done(FitStatus.FAILED, f"complex weights ({weight.dtype}): alphawatch "
-                        "analyses real matrices, and the real part alone is not this one")
+            return done(
+                FitStatus.FAILED,
+                f"complex weights ({weight.dtype}): alphawatch "
+                "analyses real matrices, and the real part alone is not this one",
+            )
         data = device_tensor(weight, dev) if dev.accelerated else host_array(weight)
         mats = as_matrices(data)
         m = min(mats[0].shape)
         n = max(mats[0].shape)
         if m * len(mats) < limits.min_evals:
-            return done(FitStatus.TOO_FEW_EVALS, num_evals=m * len(mats),
-                        error=f"{m * len(mats)} eigenvalues, fewer than {limits.min_evals}")
+            return done(
+                FitStatus.TOO_FEW_EVALS,
+                num_evals=m * len(mats),
+                error=f"{m * len(mats)} eigenvalues, fewer than {limits.min_evals}",
+            )
         moments = moments_of(data, dev)
         if not moments.finite:
             return done(FitStatus.NON_FINITE, "weights contain NaN or Inf")
@@ -264,47 +297,103 @@ def analyze_spectrum(
             return done(FitStatus.DEGENERATE, "zero or constant matrix")
         spec = spectrum_of(mats, dev)
         moments = with_variance(moments, spec, data)
-        fit = fit_power_law(spec.evals, method, bootstrap_samples=limits.bootstrap_samples,
-                            seed=limits.trap_seed, device=dev)
+        fit = fit_power_law(
+            spec.evals,
+            method,
+            bootstrap_samples=limits.bootstrap_samples,
+            seed=limits.trap_seed,
+            device=dev,
+        )
         return Analysed(
-            mats=mats, device=dev, limits=limits, method=method, rows=rows, cols=cols, n=n,
-            m=m, spec=spec, rank=rank_of(spec, stored_dtype, n, limits.rank_loss_fraction),
-            bulk=bulk_of(moments, spec, n, m), fit=fit,
+            mats=mats,
+            device=dev,
+            limits=limits,
+            method=method,
+            rows=rows,
+            cols=cols,
+            n=n,
+            m=m,
+            spec=spec,
+            rank=rank_of(spec, stored_dtype, n, limits.rank_loss_fraction),
+            bulk=bulk_of(moments, spec, n, m),
+            fit=fit,
             # Is the tail a power law at all? (workers/spectral/compare.py; the rule is optional)
-            comparison=compare.compare_fit(fit, spec.evals), started=started)
+            comparison=compare.compare_fit(fit, spec.evals),
+            started=started,
+        )
     except Exception as exc:  # a result per tensor, whatever happens
         return done(FitStatus.FAILED, f"{type(exc).__name__}: {exc}")
 
 
-def _result(*, method: str, rows: int, cols: int, spec: Spectrum, rank: Rank, bulk: Bulk,
-            fit: PowerLawFit | None, traps: Traps | None, verdict: Verdict,
-            started: float, extra: dict[str, object] | None = None) -> LayerResult:
+def _result(
+    *,
+    method: str,
+    rows: int,
+    cols: int,
+    spec: Spectrum,
+    rank: Rank,
+    bulk: Bulk,
+    fit: PowerLawFit | None,
+    traps: Traps | None,
+    verdict: Verdict,
+    started: float,
+    extra: dict[str, object] | None = None,
+) -> LayerResult:
     lambda_max, norm = spec.lambda_max, spec.norm
     fitted: dict[str, float | int | None] = dict.fromkeys(
-        ("alpha", "D", "xmin", "xmax", "sigma", "alpha_delta", "num_pl_spikes",
-         "alpha_weighted", "log_alpha_norm"))
+        (
+            "alpha",
+            "D",
+            "xmin",
+            "xmax",
+            "sigma",
+            "alpha_delta",
+            "num_pl_spikes",
+            "alpha_weighted",
+            "log_alpha_norm",
+        )
+    )
     if fit is not None:
         with np.errstate(over="ignore"):
             log_alpha_norm = float(np.log10(np.sum(spec.evals**fit.alpha)))
-        fitted = {"alpha": fit.alpha, "D": fit.D, "xmin": fit.xmin, "xmax": fit.xmax,
-                  "sigma": fit.sigma, "alpha_delta": fit.alpha_delta, "num_pl_spikes": fit.n,
-                  "alpha_weighted": fit.alpha * float(np.log10(lambda_max)),
-                  "log_alpha_norm": log_alpha_norm}
+        fitted = {
+            "alpha": fit.alpha,
+            "D": fit.D,
+            "xmin": fit.xmin,
+            "xmax": fit.xmax,
+            "sigma": fit.sigma,
+            "alpha_delta": fit.alpha_delta,
+            "num_pl_spikes": fit.n,
+            "alpha_weighted": fit.alpha * float(np.log10(lambda_max)),
+            "log_alpha_norm": log_alpha_norm,
+        }
     over, under = verdict.over_trained, verdict.under_trained
     return LayerResult(
-        method=method, fit_status=verdict.status, trusted=verdict.trusted, rows=rows, cols=cols,
-        num_evals=int(spec.evals.size), lambda_max=lambda_max, log_norm=float(np.log10(norm)),
-        log_spectral_norm=float(np.log10(lambda_max)), stable_rank=norm / lambda_max,
-        entropy=rank.entropy, matrix_rank=rank.matrix_rank, rank_loss=rank.rank_loss,
-        mp_bulk_max=bulk.edge, mp_sigma=float(np.sqrt(bulk.variance)),
-        num_spikes=bulk.num_spikes, mp_softrank=bulk.edge / lambda_max,
+        method=method,
+        fit_status=verdict.status,
+        trusted=verdict.trusted,
+        rows=rows,
+        cols=cols,
+        num_evals=int(spec.evals.size),
+        lambda_max=lambda_max,
+        log_norm=float(np.log10(norm)),
+        log_spectral_norm=float(np.log10(lambda_max)),
+        stable_rank=norm / lambda_max,
+        entropy=rank.entropy,
+        matrix_rank=rank.matrix_rank,
+        rank_loss=rank.rank_loss,
+        mp_bulk_max=bulk.edge,
+        mp_sigma=float(np.sqrt(bulk.variance)),
+        num_spikes=bulk.num_spikes,
+        mp_softrank=bulk.edge / lambda_max,
         num_traps=None if traps is None else traps.num_traps,
         rand_distance=None if traps is None else traps.rand_distance,
         max_rand_eval=None if traps is None else traps.max_rand_eval,
         mean_spike=traps is not None and traps.mean_spike,
         correlation_trap=traps is not None and traps.num_traps > 0,
         rank_collapse=rank.rank_collapse,
-        near_random=traps is not None and traps.near_random, over_trained=over,
+        near_random=traps is not None and traps.near_random,
+        over_trained=over,
         under_trained=under,
         warning="over-trained" if over else ("under-trained" if under else None),
         elapsed_ms=1000.0 * (time.perf_counter() - started),
@@ -339,8 +428,17 @@ def analyze_many(
     for name, tensor, dtype in work:
         if dev.accelerated:
             tensor = _staged(tensor, dev)
-        yield name, analyze_matrix(tensor, stored_dtype=dtype, method=method,
-                                   thresholds=thresholds, device=dev, check_traps=check_traps)
+        yield (
+            name,
+            analyze_matrix(
+                tensor,
+                stored_dtype=dtype,
+                method=method,
+                thresholds=thresholds,
+                device=dev,
+                check_traps=check_traps,
+            ),
+        )
 
 
 def _staged(tensor: Matrix, dev: Device) -> Matrix:
@@ -351,4 +449,3 @@ def _staged(tensor: Matrix, dev: Device) -> Matrix:
     if dev.type == "cuda":
         host = host.pin_memory()
     return host.to(dev.torch_device, non_blocking=True)
-

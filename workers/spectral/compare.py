@@ -37,8 +37,8 @@ from alphawatch.workers.spectral.types import PowerLawFit
 ALPHA_RANGE = (0.0, 50.0)
 RANGES: dict[str, list[float]] = {"alpha": list(ALPHA_RANGE)}
 """The ``parameter_ranges`` these tests equal powerlaw's under."""
-_FLOOR = 10.0 ** sys.float_info.min_10_exp  # powerlaw's likelihood of an impossible value
-_LOG_FLOOR = float(np.log(10.0 ** sys.float_info.min_10_exp))
+_FLOOR = 10.0**sys.float_info.min_10_exp  # powerlaw's likelihood of an impossible value
+_LOG_FLOOR = float(np.log(10.0**sys.float_info.min_10_exp))
 _TOL = 1e-4
 _ALPHA_LO, _ALPHA_HI = ALPHA_RANGE
 _NORMAL = 1e-300  # above this, libm's erfc keeps its full precision
@@ -61,9 +61,13 @@ class Comparison:
 
     def not_power_law(self, p_threshold: float) -> bool:
         """Whether an alternative explains the tail significantly better (R < 0, p < threshold)."""
-        return any(r < 0 and p < p_threshold for r, p in (
-            (self.pl_vs_tpl_R, self.pl_vs_tpl_p),
-            (self.pl_vs_lognormal_R, self.pl_vs_lognormal_p)))
+        return any(
+            r < 0 and p < p_threshold
+            for r, p in (
+                (self.pl_vs_tpl_R, self.pl_vs_tpl_p),
+                (self.pl_vs_lognormal_R, self.pl_vs_lognormal_p),
+            )
+        )
 
 
 def _continued_fraction(a: float, x: float) -> float:
@@ -95,12 +99,32 @@ def _mp_gamma(a: float, x: float) -> float:
 
 
 _EULER = 0.5772156649015329
-_ZETA = (1.6449340668482264, 1.2020569031595942, 1.0823232337111381, 1.03692775514337,
-         1.0173430619844492, 1.008349277381923, 1.0040773561979444, 1.0020083928260821,
-         1.000994575127818, 1.0004941886041194, 1.000246086553308, 1.0001227133475785,
-         1.0000612481350588, 1.000030588236307, 1.0000152822594086, 1.0000076371976379,
-         1.000003817293265, 1.0000019082127165, 1.0000009539620338, 1.0000004769329869,
-         1.0000002384505027, 1.000000119219926, 1.000000059608189, 1.0000000298035034)
+_ZETA = (
+    1.6449340668482264,
+    1.2020569031595942,
+    1.0823232337111381,
+    1.03692775514337,
+    1.0173430619844492,
+    1.008349277381923,
+    1.0040773561979444,
+    1.0020083928260821,
+    1.000994575127818,
+    1.0004941886041194,
+    1.000246086553308,
+    1.0001227133475785,
+    1.0000612481350588,
+    1.000030588236307,
+    1.0000152822594086,
+    1.0000076371976379,
+    1.000003817293265,
+    1.0000019082127165,
+    1.0000009539620338,
+    1.0000004769329869,
+    1.0000002384505027,
+    1.000000119219926,
+    1.000000059608189,
+    1.0000000298035034,
+)
 """ζ(2), ..., ζ(25)."""
 
 
@@ -156,8 +180,12 @@ def upper_gamma(a: float, x: float) -> float:
             b -= 1.0
             term = x**b * math.exp(-x)
             diff = g - term
-            if (b == 0 or not math.isfinite(diff) or diff == 0
-                    or abs(diff) < 1e-3 * max(abs(g), abs(term))):
+            if (
+                b == 0
+                or not math.isfinite(diff)
+                or diff == 0
+                or abs(diff) < 1e-3 * max(abs(g), abs(term))
+            ):
                 return _mp_gamma(a, x)
             g = diff / b
     except OverflowError:
@@ -187,12 +215,16 @@ def _argsort(values: list[float]) -> list[int]:
 
 def _clip(x: list[float], lo: list[float], hi: list[float]) -> list[float]:
     # np.clip: NaN passes through
-    return [lo_ if v < lo_ else (hi_ if v > hi_ else v) for v, lo_, hi_ in zip(x, lo, hi,
-                                                                               strict=True)]
+    return [
+        lo_ if v < lo_ else (hi_ if v > hi_ else v) for v, lo_, hi_ in zip(x, lo, hi, strict=True)
+    ]
 
 
-def nelder_mead(cost: Callable[[list[float]], float], x0: list[float],
-                bounds: tuple[tuple[float | None, float | None], ...]) -> list[float]:
+def nelder_mead(
+    cost: Callable[[list[float]], float],
+    x0: list[float],
+    bounds: tuple[tuple[float | None, float | None], ...],
+) -> list[float]:
     """``scipy.optimize.minimize(cost, x0, bounds=bounds, method="Nelder-Mead", tol=1e-4).x``.
 
     scipy 1.x's bounded Nelder–Mead step for step (the same simplex, the same arithmetic on the
@@ -210,8 +242,10 @@ def nelder_mead(cost: Callable[[list[float]], float], x0: list[float],
         y[k] = (1 + 0.05) * y[k] if y[k] != 0 else 0.00025
         sim.append(y)
     # a simplex beyond an upper bound is reflected into the interior, then clipped
-    sim = [_clip([2 * h - v if v > h else v for v, h in zip(row, hi, strict=True)], lo, hi)
-           for row in sim]
+    sim = [
+        _clip([2 * h - v if v > h else v for v, h in zip(row, hi, strict=True)], lo, hi)
+        for row in sim
+    ]
     limit = 200 * n
     calls = 0
 
@@ -235,11 +269,14 @@ def nelder_mead(cost: Callable[[list[float]], float], x0: list[float],
     while calls < limit and iterations < limit:
         try:
             best, worst = sim[0], sim[-1]
-            if (all(abs(v - b) <= _TOL for row in sim[1:] for v, b in zip(row, best, strict=True))
-                    and all(abs(fsim[0] - v) <= _TOL for v in fsim[1:])):
+            if all(
+                abs(v - b) <= _TOL for row in sim[1:] for v, b in zip(row, best, strict=True)
+            ) and all(abs(fsim[0] - v) <= _TOL for v in fsim[1:]):
                 break
-            xbar = [sum_ / n for sum_ in ([sum(col) for col in zip(*sim[:-1], strict=True)]
-                                          if n > 1 else sim[0])]
+            xbar = [
+                sum_ / n
+                for sum_ in ([sum(col) for col in zip(*sim[:-1], strict=True)] if n > 1 else sim[0])
+            ]
             xr = _clip([2 * m - w for m, w in zip(xbar, worst, strict=True)], lo, hi)
             fxr = f(xr)
             if fxr < fsim[0]:
@@ -251,16 +288,18 @@ def nelder_mead(cost: Callable[[list[float]], float], x0: list[float],
             else:
                 shrink = False
                 if fxr < fsim[-1]:  # outside contraction
-                    xc = _clip([1.5 * m - 0.5 * w for m, w in zip(xbar, worst, strict=True)],
-                               lo, hi)
+                    xc = _clip(
+                        [1.5 * m - 0.5 * w for m, w in zip(xbar, worst, strict=True)], lo, hi
+                    )
                     fxc = f(xc)
                     if fxc <= fxr:
                         sim[-1], fsim[-1] = xc, fxc
                     else:
                         shrink = True
                 else:  # inside contraction
-                    xcc = _clip([0.5 * m + 0.5 * w for m, w in zip(xbar, worst, strict=True)],
-                                lo, hi)
+                    xcc = _clip(
+                        [0.5 * m + 0.5 * w for m, w in zip(xbar, worst, strict=True)], lo, hi
+                    )
                     fxcc = f(xcc)
                     if fxcc < fsim[-1]:
                         sim[-1], fsim[-1] = xcc, fxcc
@@ -268,8 +307,9 @@ def nelder_mead(cost: Callable[[list[float]], float], x0: list[float],
                         shrink = True
                 if shrink:
                     for j in range(1, n + 1):
-                        sim[j] = _clip([b + 0.5 * (v - b) for v, b in zip(sim[j], sim[0],
-                                                                           strict=True)], lo, hi)
+                        sim[j] = _clip(
+                            [b + 0.5 * (v - b) for v, b in zip(sim[j], sim[0], strict=True)], lo, hi
+                        )
                         fsim[j] = f(sim[j])
             iterations += 1
         except _TooManyCalls:
@@ -318,8 +358,10 @@ class _Law:
             return self.floor if densities is None else _floored_log(densities)
 
     def in_range(self, params: list[float]) -> bool:
-        return all((lo is None or v > lo) and (hi is None or v < hi)
-                   for v, (lo, hi) in zip(params, self.bounds, strict=True))
+        return all(
+            (lo is None or v > lo) and (hi is None or v < hi)
+            for v, (lo, hi) in zip(params, self.bounds, strict=True)
+        )
 
     def minimise(self) -> None:
         def cost(params: list[float]) -> float:
@@ -394,7 +436,7 @@ class _Lognormal(_Law):
 
     def likelihoods(self, params: list[float]) -> np.ndarray | None:
         mu, sigma = params
-        f = self.inverse * np.exp(-(self.logs - mu) ** 2 / (2 * sigma**2))
+        f = self.inverse * np.exp(-((self.logs - mu) ** 2) / (2 * sigma**2))
         c = _lognormal_norm(sigma, -(mu - self.log_xmin) / (sigma * np.sqrt(2)))
         if not c > 0:  # powerlaw: every value at the floor
             return None
@@ -506,10 +548,18 @@ def compare_tail(tail: np.ndarray, xmin: float) -> Comparison | None:
     ll_pl = pl.loglikelihoods(pl.params)
     r_tpl, p_tpl = loglikelihood_ratio(ll_pl, tpl.loglikelihoods(tpl.params), nested=True)
     r_ln, p_ln = loglikelihood_ratio(ll_pl, ln.loglikelihoods(ln.params), nested=False)
-    return Comparison(n=int(data.size), pl_alpha=pl.params[0], tpl_alpha=tpl.params[0],
-                      tpl_lambda=tpl.params[1], lognormal_mu=ln.params[0],
-                      lognormal_sigma=ln.params[1], pl_vs_tpl_R=r_tpl, pl_vs_tpl_p=p_tpl,
-                      pl_vs_lognormal_R=r_ln, pl_vs_lognormal_p=p_ln)
+    return Comparison(
+        n=int(data.size),
+        pl_alpha=pl.params[0],
+        tpl_alpha=tpl.params[0],
+        tpl_lambda=tpl.params[1],
+        lognormal_mu=ln.params[0],
+        lognormal_sigma=ln.params[1],
+        pl_vs_tpl_R=r_tpl,
+        pl_vs_tpl_p=p_tpl,
+        pl_vs_lognormal_R=r_ln,
+        pl_vs_lognormal_p=p_ln,
+    )
 
 
 def fitted_tail(fit: PowerLawFit, evals: np.ndarray) -> np.ndarray:
@@ -538,17 +588,25 @@ def tpl_fit(plain: PowerLawFit, evals: np.ndarray) -> PowerLawFit:
     data = fitted_tail(plain, evals)
     model = _fitted(_TruncatedPowerLaw, data, plain.xmin)
     alpha, lam = model.params
-    return replace(plain, method="tpl", alpha=alpha, tpl_lambda=lam,
-                   sigma=float((alpha - 1.0) / np.sqrt(data.size)))
+    return replace(
+        plain,
+        method="tpl",
+        alpha=alpha,
+        tpl_lambda=lam,
+        sigma=float((alpha - 1.0) / np.sqrt(data.size)),
+    )
 
 
-def apply_rule(status: FitStatus, comparison: Comparison | None,
-               limits: Thresholds) -> FitStatus:
+def apply_rule(status: FitStatus, comparison: Comparison | None, limits: Thresholds) -> FitStatus:
     """The optional ``not_power_law`` rule: an OK fit whose tail an alternative explains
     significantly better (R < 0, p < ``limits.not_power_law_p``) is not trusted; 0 turns it off.
     """
-    if (status is FitStatus.OK and comparison is not None and limits.not_power_law_p > 0
-            and comparison.not_power_law(limits.not_power_law_p)):
+    if (
+        status is FitStatus.OK
+        and comparison is not None
+        and limits.not_power_law_p > 0
+        and comparison.not_power_law(limits.not_power_law_p)
+    ):
         return FitStatus.NOT_POWER_LAW
     return status
 
@@ -557,11 +615,14 @@ def result_fields(fit: PowerLawFit | None, comparison: Comparison | None) -> dic
     """The layer-result fields of the finger count, the truncated fit and the two tests."""
     out: dict[str, object] = {"num_fingers": None if fit is None else fit.num_fingers}
     if comparison is not None:
-        out.update(tpl_alpha=comparison.tpl_alpha, tpl_lambda=comparison.tpl_lambda,
-                   pl_vs_tpl_R=_finite(comparison.pl_vs_tpl_R),
-                   pl_vs_tpl_p=_finite(comparison.pl_vs_tpl_p),
-                   pl_vs_lognormal_R=_finite(comparison.pl_vs_lognormal_R),
-                   pl_vs_lognormal_p=_finite(comparison.pl_vs_lognormal_p))
+        out.update(
+            tpl_alpha=comparison.tpl_alpha,
+            tpl_lambda=comparison.tpl_lambda,
+            pl_vs_tpl_R=_finite(comparison.pl_vs_tpl_R),
+            pl_vs_tpl_p=_finite(comparison.pl_vs_tpl_p),
+            pl_vs_lognormal_R=_finite(comparison.pl_vs_lognormal_R),
+            pl_vs_lognormal_p=_finite(comparison.pl_vs_lognormal_p),
+        )
     return out
 
 

@@ -31,12 +31,24 @@ WW_OPTIONS: dict[str, dict[str, Any]] = {
 }
 """weightwatcher ``analyze()`` options that give each cross-checkable method's numbers."""
 _COLUMNS = {  # weightwatcher's details column -> alphawatch's layer field
-    "alpha": "alpha", "alpha_weighted": "alpha_weighted", "log_norm": "log_norm",
-    "log_spectral_norm": "log_spectral_norm", "stable_rank": "stable_rank",
-    "log_alpha_norm": "log_alpha_norm", "D": "D", "xmin": "xmin", "xmax": "xmax",
-    "num_pl_spikes": "num_pl_spikes", "sigma": "sigma", "entropy": "entropy",
-    "num_evals": "num_evals", "rank_loss": "rank_loss", "mp_softrank": "mp_softrank",
-    "num_spikes": "num_spikes", "max_rand_eval": "max_rand_eval", "num_fingers": "num_fingers",
+    "alpha": "alpha",
+    "alpha_weighted": "alpha_weighted",
+    "log_norm": "log_norm",
+    "log_spectral_norm": "log_spectral_norm",
+    "stable_rank": "stable_rank",
+    "log_alpha_norm": "log_alpha_norm",
+    "D": "D",
+    "xmin": "xmin",
+    "xmax": "xmax",
+    "num_pl_spikes": "num_pl_spikes",
+    "sigma": "sigma",
+    "entropy": "entropy",
+    "num_evals": "num_evals",
+    "rank_loss": "rank_loss",
+    "mp_softrank": "mp_softrank",
+    "num_spikes": "num_spikes",
+    "max_rand_eval": "max_rand_eval",
+    "num_fingers": "num_fingers",
 }
 _INTEGERS = {"num_pl_spikes", "num_evals", "rank_loss", "num_spikes", "num_fingers"}
 
@@ -53,12 +65,16 @@ def unavailable(method: str) -> str | None:
     if method not in WW_OPTIONS:
         return f"weightwatcher has no option equal to fit method {method!r}"
     if _version("weightwatcher") is None:
-        return ("weightwatcher is not installed; install alphawatch[crosscheck] "
-                "(weightwatcher==0.7.7) to cross-check")
+        return (
+            "weightwatcher is not installed; install alphawatch[crosscheck] "
+            "(weightwatcher==0.7.7) to cross-check"
+        )
     powerlaw = _version("powerlaw") or ""
     if WW_OPTIONS[method] and not powerlaw.startswith("1."):
-        return (f"weightwatcher 0.7.7's fix_fingers needs powerlaw 1.x (installed: "
-                f"{powerlaw or 'none'}); method {method!r} is not cross-checked")
+        return (
+            f"weightwatcher 0.7.7's fix_fingers needs powerlaw 1.x (installed: "
+            f"{powerlaw or 'none'}); method {method!r} is not cross-checked"
+        )
     return None
 
 
@@ -74,8 +90,11 @@ def chosen(key: str, share: float) -> bool:
 def _module(weight: torch.Tensor | np.ndarray) -> torch.nn.Module:
     import torch  # weightwatcher takes a torch module (and imports torch itself)
 
-    w = (torch.from_numpy(np.array(weight, dtype=np.float32)) if isinstance(weight, np.ndarray)
-         else weight.detach().to(torch.float32).cpu())
+    w = (
+        torch.from_numpy(np.array(weight, dtype=np.float32))
+        if isinstance(weight, np.ndarray)
+        else weight.detach().to(torch.float32).cpu()
+    )
     if w.dim() == 4:
         conv = torch.nn.Conv2d(w.shape[1], w.shape[0], (w.shape[2], w.shape[3]), bias=False)
         conv.weight.data = w.clone()

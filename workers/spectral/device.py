@@ -130,8 +130,10 @@ def as_matrices(weight: Matrix) -> list[Matrix]:
     if weight.ndim == 4:
         kh, kw = weight.shape[2], weight.shape[3]
         return [weight[:, :, i, j] for i in range(kh) for j in range(kw)]
-    raise ValueError(f"cannot read a {weight.ndim}-D tensor of shape {tuple(weight.shape)} as a "
-                     "matrix; reshape it explicitly (Conv1d: (out, in*k))")
+    raise ValueError(
+        f"cannot read a {weight.ndim}-D tensor of shape {tuple(weight.shape)} as a "
+        "matrix; reshape it explicitly (Conv1d: (out, in*k))"
+    )
 
 
 def host_array(matrix: Matrix) -> np.ndarray:
@@ -162,8 +164,11 @@ def device_tensor(matrix: Matrix, device: Device) -> torch.Tensor:
     import torch
 
     # torch shares a numpy array's memory and warns on read-only ones (decoded file bytes)
-    tensor = (torch.from_numpy(np.require(matrix, requirements="W"))
-              if isinstance(matrix, np.ndarray) else matrix.detach())
+    tensor = (
+        torch.from_numpy(np.require(matrix, requirements="W"))
+        if isinstance(matrix, np.ndarray)
+        else matrix.detach()
+    )
     return tensor.to(device=device.torch_device, non_blocking=True)
 
 

@@ -48,8 +48,9 @@ def gram(matrix: np.ndarray) -> np.ndarray:
     triangle, mirrored): half the multiplications of a general product, and it releases the
     GIL, so the worker threads of ``analyze_stream`` run their products at once.
     """
-    product: np.ndarray = (matrix.T @ matrix if matrix.shape[0] >= matrix.shape[1]
-                           else matrix @ matrix.T)
+    product: np.ndarray = (
+        matrix.T @ matrix if matrix.shape[0] >= matrix.shape[1] else matrix @ matrix.T
+    )
     return product
 
 
@@ -74,8 +75,7 @@ def singular_values(matrix: Matrix, device: Device) -> np.ndarray:
     # wrappers hold it and would serialise the worker threads.
     host = host_array(matrix)
     tall = host if host.shape[0] >= host.shape[1] else host.T
-    product = lapack.gram_upper(lambda i, j: tall[i:j], tall.shape[0], tall.shape[1],
-                                np.float64)
+    product = lapack.gram_upper(lambda i, j: tall[i:j], tall.shape[0], tall.shape[1], np.float64)
     if product is None:
         product = gram(host.astype(np.float64, copy=False))
     check_squares(np.diagonal(product), host)
@@ -126,7 +126,7 @@ def shuffled_eigenvalues(matrix: Matrix, perm: np.ndarray, device: Device) -> np
             flat = np.ascontiguousarray(w, dtype=source).reshape(-1)
 
         def rows(start: int, stop: int) -> np.ndarray:
-            return flat.take(perm[start * small:stop * small], mode="clip").reshape(-1, small)
+            return flat.take(perm[start * small : stop * small], mode="clip").reshape(-1, small)
 
         product = lapack.gram_upper(rows, tall, small, dtype)
         return gram(rows(0, tall).astype(dtype, copy=False)) if product is None else product
@@ -144,8 +144,7 @@ def shuffled_eigenvalues(matrix: Matrix, perm: np.ndarray, device: Device) -> np
     return evals
 
 
-def _shuffled_eigenvalues_torch(matrix: Matrix, perm: np.ndarray, device: Device
-                                ) -> np.ndarray:
+def _shuffled_eigenvalues_torch(matrix: Matrix, perm: np.ndarray, device: Device) -> np.ndarray:
     import torch
 
     t = device_tensor(matrix, device)
@@ -169,13 +168,16 @@ def check_squares(diagonal: np.ndarray, weights: np.ndarray) -> None:
     """Refuse finite float64 weights whose squares (the Gram diagonal) leave float64's range:
     eigenvalues λ = σ² of weights of ~1e160 or ~1e-160 have no float64 value. (NaN or Inf
     weights never get here: the moments catch them.)"""
-    if np.isfinite(diagonal).all() and (diagonal.max() >= np.finfo(np.float64).tiny
-                                        or not np.any(weights)):
+    if np.isfinite(diagonal).all() and (
+        diagonal.max() >= np.finfo(np.float64).tiny or not np.any(weights)
+    ):
         return
     largest = float(np.max(np.abs(weights)))
     side = "overflow" if not np.isfinite(diagonal).all() else "underflow"
-    raise ValueError(f"weights of magnitude up to {largest:.1e}: their squares {side} float64, "
-                     "so the eigenvalues λ = σ² have no float64 value; rescale the matrix")
+    raise ValueError(
+        f"weights of magnitude up to {largest:.1e}: their squares {side} float64, "
+        "so the eigenvalues λ = σ² have no float64 value; rescale the matrix"
+    )
 
 
 FLOAT32_GRAM_FLOOR = 1e-30

@@ -53,14 +53,14 @@ def _tail_ks(logs: np.ndarray, starts: np.ndarray, alphas: np.ndarray) -> np.nda
     j = np.arange(total)
     chunk = max(1, _CHUNK_ELEMENTS // max(total, 1))
     for lo in range(0, starts.size, chunk):
-        idx = starts[lo:lo + chunk]
-        a = alphas[lo:lo + chunk]
+        idx = starts[lo : lo + chunk]
+        a = alphas[lo : lo + chunk]
         k = (j[None, :] - idx[:, None]).astype(np.float64)
         n = (total - idx).astype(np.float64)
         with np.errstate(over="ignore", invalid="ignore"):
             cdf = 1.0 - np.exp((1.0 - a[:, None]) * (logs[None, :] - logs[idx][:, None]))
         gap = np.where(k >= 0, np.abs(cdf - k / n[:, None]), 0.0)
-        out[lo:lo + chunk] = gap.max(axis=1)
+        out[lo : lo + chunk] = gap.max(axis=1)
     return out
 
 
@@ -97,19 +97,35 @@ def _unique_starts(data: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return np.asarray(inside[first][:-1], dtype=np.int64)
 
 
-def _fit_of(method: str, data: np.ndarray, all_evals: np.ndarray, start: int, alpha: float,
-            D: float, neighbours: list[float], num_fingers: int, samples: int,
-            seed: int) -> PowerLawFit:
+def _fit_of(
+    method: str,
+    data: np.ndarray,
+    all_evals: np.ndarray,
+    start: int,
+    alpha: float,
+    D: float,
+    neighbours: list[float],
+    num_fingers: int,
+    samples: int,
+    seed: int,
+) -> PowerLawFit:
     xmin = float(data[start])
     fitted = data.size - start
     delta = max((abs(a - alpha) for a in neighbours if np.isfinite(a)), default=0.0)
     if samples > 0 and fitted >= 2:
         logs = np.log(data[start:])
         delta = max(delta, bootstrap_delta(logs - logs[0], samples, seed))
-    return PowerLawFit(method=method, alpha=alpha, xmin=xmin, xmax=float(data[-1]), D=D,
-                       n=int(np.count_nonzero(all_evals >= xmin)),
-                       sigma=float((alpha - 1.0) / np.sqrt(fitted)), alpha_delta=float(delta),
-                       num_fingers=num_fingers)
+    return PowerLawFit(
+        method=method,
+        alpha=alpha,
+        xmin=xmin,
+        xmax=float(data[-1]),
+        D=D,
+        n=int(np.count_nonzero(all_evals >= xmin)),
+        sigma=float((alpha - 1.0) / np.sqrt(fitted)),
+        alpha_delta=float(delta),
+        num_fingers=num_fingers,
+    )
 
 
 def peak_of(data: np.ndarray) -> float:
@@ -118,8 +134,9 @@ def peak_of(data: np.ndarray) -> float:
     return float(10 ** edges[int(np.argmax(counts))])
 
 
-def fit_xmin_peak(evals: np.ndarray, *, bootstrap_samples: int = 0,
-                  seed: int = 0) -> PowerLawFit | None:
+def fit_xmin_peak(
+    evals: np.ndarray, *, bootstrap_samples: int = 0, seed: int = 0
+) -> PowerLawFit | None:
     """weightwatcher's ``fix_fingers='xmin_peak'`` fit (see the module docstring)."""
     values = np.sort(np.asarray(evals, dtype=np.float64))
     data = values[values > EVALS_THRESH]
@@ -134,16 +151,18 @@ def fit_xmin_peak(evals: np.ndarray, *, bootstrap_samples: int = 0,
     start, alpha, D, alphas = best
     i = int(np.flatnonzero(starts == start)[0])
     neighbours = [float(alphas[j]) for j in (i - 1, i + 1) if 0 <= j < alphas.size]
-    return _fit_of("xmin_peak", data, values, start, alpha, D, neighbours, 0,
-                   bootstrap_samples, seed)
+    return _fit_of(
+        "xmin_peak", data, values, start, alpha, D, neighbours, 0, bootstrap_samples, seed
+    )
 
 
 def _plain(data: np.ndarray) -> tuple[int, float, float, np.ndarray] | None:
     return _best(data, _unique_starts(data, float(data[0]), float(data[-1])))
 
 
-def fit_clip_xmax(evals: np.ndarray, *, bootstrap_samples: int = 0,
-                  seed: int = 0) -> PowerLawFit | None:
+def fit_clip_xmax(
+    evals: np.ndarray, *, bootstrap_samples: int = 0, seed: int = 0
+) -> PowerLawFit | None:
     """weightwatcher's ``fix_fingers='clip_xmax'`` fit (see the module docstring)."""
     values = np.sort(np.asarray(evals, dtype=np.float64))
     data = values[values > EVALS_THRESH]
@@ -166,5 +185,6 @@ def fit_clip_xmax(evals: np.ndarray, *, bootstrap_samples: int = 0,
             break
     start, alpha, D, alphas = chosen
     neighbours = [float(alphas[j]) for j in (start - 1, start + 1) if 0 <= j < alphas.size]
-    return _fit_of("clip_xmax", clipped, values, start, alpha, D, neighbours, fingers,
-                   bootstrap_samples, seed)
+    return _fit_of(
+        "clip_xmax", clipped, values, start, alpha, D, neighbours, fingers, bootstrap_samples, seed
+    )

@@ -56,8 +56,15 @@ def _torch_device(device: FitDevice) -> str | None:
     return None if str(device).split(":", 1)[0] == "cpu" else str(device)
 
 
-def _gaps(logs: np.ndarray, alphas: np.ndarray, n: np.ndarray, cand: np.ndarray, *,
-          two_sided: bool, device: FitDevice) -> np.ndarray:
+def _gaps(
+    logs: np.ndarray,
+    alphas: np.ndarray,
+    n: np.ndarray,
+    cand: np.ndarray,
+    *,
+    two_sided: bool,
+    device: FitDevice,
+) -> np.ndarray:
     """Exact KS distance of the tails starting at the indices ``cand`` (one matrix).
 
     D_i = max_j |1 − (λ_j/λ_i)^(1−α_i) − (j − i)/n_i| over j ≥ i (two-sided: the larger of
@@ -78,8 +85,16 @@ def _gaps(logs: np.ndarray, alphas: np.ndarray, n: np.ndarray, cand: np.ndarray,
     return np.asarray(gap.max(axis=1), dtype=np.float64)
 
 
-def _gaps_torch(logs: np.ndarray, alphas: np.ndarray, n: np.ndarray, cand: np.ndarray,
-                first: int, *, two_sided: bool, device: str) -> np.ndarray:
+def _gaps_torch(
+    logs: np.ndarray,
+    alphas: np.ndarray,
+    n: np.ndarray,
+    cand: np.ndarray,
+    first: int,
+    *,
+    two_sided: bool,
+    device: str,
+) -> np.ndarray:
     import torch
 
     log_t = torch.as_tensor(logs[first:], dtype=torch.float64, device=device)
@@ -95,8 +110,14 @@ def _gaps_torch(logs: np.ndarray, alphas: np.ndarray, n: np.ndarray, cand: np.nd
     return np.asarray(gap.max(dim=1).values.cpu().numpy(), dtype=np.float64)
 
 
-def _all_ks(logs: np.ndarray, alphas: np.ndarray, n: np.ndarray, *, two_sided: bool,
-            device: FitDevice = "cpu") -> np.ndarray:
+def _all_ks(
+    logs: np.ndarray,
+    alphas: np.ndarray,
+    n: np.ndarray,
+    *,
+    two_sided: bool,
+    device: FitDevice = "cpu",
+) -> np.ndarray:
     """KS distance of every candidate xmin (1 where α ≤ 1 or undefined), in chunks."""
     out = np.ones(alphas.size, dtype=np.float64)
     chunk = max(1, _CHUNK_ELEMENTS // max(logs.size, 1))
@@ -114,8 +135,14 @@ _MARGIN = 1e-12
 _FIRST_EXACT = 8
 
 
-def _best_ks(logs: np.ndarray, alphas: np.ndarray, n: np.ndarray, *, two_sided: bool,
-             device: FitDevice = "cpu") -> tuple[int, float]:
+def _best_ks(
+    logs: np.ndarray,
+    alphas: np.ndarray,
+    n: np.ndarray,
+    *,
+    two_sided: bool,
+    device: FitDevice = "cpu",
+) -> tuple[int, float]:
     """``i = argmin(_all_ks(...))`` and its distance, without every candidate's full distance.
 
     The gap of candidate i evaluated at ``_BOUND_POINTS`` positions spread over its tail is a
@@ -141,9 +168,15 @@ def _best_ks(logs: np.ndarray, alphas: np.ndarray, n: np.ndarray, *, two_sided: 
     return found
 
 
-def pruned_best(logs: np.ndarray, alphas: np.ndarray, n: np.ndarray, valid: np.ndarray, *,
-                two_sided: bool = False,
-                device: FitDevice = "cpu") -> tuple[int, float] | None:
+def pruned_best(
+    logs: np.ndarray,
+    alphas: np.ndarray,
+    n: np.ndarray,
+    valid: np.ndarray,
+    *,
+    two_sided: bool = False,
+    device: FitDevice = "cpu",
+) -> tuple[int, float] | None:
     """Among the candidate indices ``valid`` (α finite and > 1), the first one of smallest KS
     distance and that distance, by the bound-ordered search of :func:`_best_ks`; None where
     a bound or a distance is not finite (the caller then searches in full)."""
@@ -155,8 +188,11 @@ def pruned_best(logs: np.ndarray, alphas: np.ndarray, n: np.ndarray, valid: np.n
     with np.errstate(over="ignore", invalid="ignore"):
         cdf = 1.0 - np.exp((1.0 - a) * (logs[pos] - logs[valid, None]))
         emp = k / n[valid, None]
-        gap = np.abs(cdf - emp) if not two_sided else np.maximum(
-            cdf - emp, (k + 1.0) / n[valid, None] - cdf)
+        gap = (
+            np.abs(cdf - emp)
+            if not two_sided
+            else np.maximum(cdf - emp, (k + 1.0) / n[valid, None] - cdf)
+        )
     bound = gap.max(axis=1)
     if not np.all(np.isfinite(bound)):
         return None
@@ -187,4 +223,3 @@ def bootstrap_delta(tail: np.ndarray, samples: int, seed: int) -> float:
         boot = 1.0 + tail.size / sums
     boot = boot[np.isfinite(boot)]
     return float(np.std(boot)) if boot.size else 0.0
-

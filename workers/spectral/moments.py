@@ -24,10 +24,14 @@ from alphawatch.workers.spectral.eigenvalues import Spectrum
 # (torch.finfo gives the same, but for float8_e5m2fnuz: 2⁻³, where its values next to 1 are
 # 1.25 and 0.875). Integer and unknown dtypes get float32's.
 _EPS = {
-    "float64": float(np.finfo(np.float64).eps), "float32": float(np.finfo(np.float32).eps),
-    "float16": float(np.finfo(np.float16).eps), "bfloat16": 2.0**-7,
-    "float8_e4m3fn": 2.0**-3, "float8_e5m2": 2.0**-2,
-    "float8_e4m3fnuz": 2.0**-3, "float8_e5m2fnuz": 2.0**-2,  # AMD's, same mantissas
+    "float64": float(np.finfo(np.float64).eps),
+    "float32": float(np.finfo(np.float32).eps),
+    "float16": float(np.finfo(np.float16).eps),
+    "bfloat16": 2.0**-7,
+    "float8_e4m3fn": 2.0**-3,
+    "float8_e5m2": 2.0**-2,
+    "float8_e4m3fnuz": 2.0**-3,
+    "float8_e5m2fnuz": 2.0**-2,  # AMD's, same mantissas
 }
 
 
@@ -68,15 +72,20 @@ def moments_of(weight: Matrix, dev: Device) -> Moments:
 
         flat = device_tensor(weight, dev).to(torch.float64)
         finite = bool(torch.isfinite(flat).all())
-        return Moments(finite=finite, constant=finite and bool(flat.min() == flat.max()),
-                       mean=float(flat.mean()), variance=float(flat.var()))
+        return Moments(
+            finite=finite,
+            constant=finite and bool(flat.min() == flat.max()),
+            mean=float(flat.mean()),
+            variance=float(flat.var()),
+        )
     w = host_array(weight)
     with np.errstate(over="ignore", invalid="ignore"):  # Inf − Inf, or a float64 overflow
         total = float(w.sum(dtype=np.float64))
     if not np.isfinite(total) and not (w.dtype == np.float64 and np.isfinite(w).all()):
         return Moments(finite=False, constant=False, mean=float("nan"), variance=float("nan"))
-    return Moments(finite=True, constant=bool(w.min() == w.max()), mean=total / w.size,
-                   variance=float("nan"))
+    return Moments(
+        finite=True, constant=bool(w.min() == w.max()), mean=total / w.size, variance=float("nan")
+    )
 
 
 def with_variance(moments: Moments, spec: Spectrum, weight: Matrix) -> Moments:
@@ -97,8 +106,13 @@ def bulk_of(moments: Moments, spec: Spectrum, n: int, m: int) -> Bulk:
     """The MP bulk an iid n×m matrix with W's entry variance would have; spikes beyond it."""
     variance, mean = moments.variance, moments.mean
     edge, tw = mp_edge(variance, n, m)
-    return Bulk(variance=variance, mean=mean, edge=edge, tw_scale=tw,
-                num_spikes=int(np.count_nonzero(spec.evals > edge)))
+    return Bulk(
+        variance=variance,
+        mean=mean,
+        edge=edge,
+        tw_scale=tw,
+        num_spikes=int(np.count_nonzero(spec.evals > edge)),
+    )
 
 
 def mp_edge(variance: float, n: int, m: int) -> tuple[float, float]:
@@ -130,8 +144,7 @@ class Rank:
     entropy: float | None
 
 
-def rank_of(spec: Spectrum, stored_dtype: object, n: int,
-            rank_loss_fraction: float) -> Rank:
+def rank_of(spec: Spectrum, stored_dtype: object, n: int, rank_loss_fraction: float) -> Rank:
     """Rank at tolerance σmax · eps(stored dtype); collapse when the loss passes the fraction."""
     num_evals = int(spec.evals.size)
     tol_eps = max(dtype_eps(stored_dtype), RANK_EPS_FLOOR)
@@ -140,6 +153,9 @@ def rank_of(spec: Spectrum, stored_dtype: object, n: int,
     ent_rank = int(np.count_nonzero(sv > sv.max() * n * np.finfo(np.float64).eps))
     p = spec.evals / spec.norm + 1e-10
     entropy = float(-np.sum(p * np.log(p)) / np.log(ent_rank + 1e-10)) if ent_rank > 1 else None
-    return Rank(matrix_rank=rank, rank_loss=num_evals - rank,
-                rank_collapse=num_evals - rank > rank_loss_fraction * num_evals,
-                entropy=entropy)
+    return Rank(
+        matrix_rank=rank,
+        rank_loss=num_evals - rank,
+        rank_collapse=num_evals - rank > rank_loss_fraction * num_evals,
+        entropy=entropy,
+    )

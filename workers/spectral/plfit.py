@@ -46,10 +46,19 @@ def _fit_ks(method: str, evals: np.ndarray, options: FitOptions) -> PowerLawFit 
     neighbours = [alphas[j] for j in (i - 1, i + 1) if 0 <= j < alphas.size]
     delta = max((abs(float(a) - alpha) for a in neighbours if np.isfinite(a)), default=0.0)
     if options.bootstrap_samples > 0 and tail_n >= 2:
-        delta = max(delta, bootstrap_delta(logs[i:] - logs[i], options.bootstrap_samples,
-                                           options.seed))
-    return PowerLawFit(method=method, alpha=alpha, xmin=xmin, xmax=float(data[-1]), D=distance,
-                       n=tail_n, sigma=float(sigma), alpha_delta=float(delta))
+        delta = max(
+            delta, bootstrap_delta(logs[i:] - logs[i], options.bootstrap_samples, options.seed)
+        )
+    return PowerLawFit(
+        method=method,
+        alpha=alpha,
+        xmin=xmin,
+        xmax=float(data[-1]),
+        D=distance,
+        n=tail_n,
+        sigma=float(sigma),
+        alpha_delta=float(delta),
+    )
 
 
 def _fit_tpl(evals: np.ndarray, options: FitOptions) -> PowerLawFit | None:
@@ -58,16 +67,20 @@ def _fit_tpl(evals: np.ndarray, options: FitOptions) -> PowerLawFit | None:
     return None if plain is None else compare.tpl_fit(plain, tail_floor(evals, "ww"))
 
 
-FITTERS: MappingProxyType[FitMethod, Fitter] = MappingProxyType({
-    FitMethod.WW: lambda evals, options: _fit_ks("ww", evals, options),
-    FitMethod.WW_RELFLOOR: lambda evals, options: _fit_ks("ww_relfloor", evals, options),
-    FitMethod.KS2: lambda evals, options: _fit_ks("ks2", evals, options),
-    FitMethod.XMIN_PEAK: lambda evals, options: fingers.fit_xmin_peak(
-        evals, bootstrap_samples=options.bootstrap_samples, seed=options.seed),
-    FitMethod.CLIP_XMAX: lambda evals, options: fingers.fit_clip_xmax(
-        evals, bootstrap_samples=options.bootstrap_samples, seed=options.seed),
-    FitMethod.TPL: _fit_tpl,
-})
+FITTERS: MappingProxyType[FitMethod, Fitter] = MappingProxyType(
+    {
+        FitMethod.WW: lambda evals, options: _fit_ks("ww", evals, options),
+        FitMethod.WW_RELFLOOR: lambda evals, options: _fit_ks("ww_relfloor", evals, options),
+        FitMethod.KS2: lambda evals, options: _fit_ks("ks2", evals, options),
+        FitMethod.XMIN_PEAK: lambda evals, options: fingers.fit_xmin_peak(
+            evals, bootstrap_samples=options.bootstrap_samples, seed=options.seed
+        ),
+        FitMethod.CLIP_XMAX: lambda evals, options: fingers.fit_clip_xmax(
+            evals, bootstrap_samples=options.bootstrap_samples, seed=options.seed
+        ),
+        FitMethod.TPL: _fit_tpl,
+    }
+)
 """Each fit method's fitter: the one place a method name meets its code."""
 
 

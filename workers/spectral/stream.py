@@ -112,23 +112,43 @@ def analyze_stream(
     limits = thresholds or Thresholds()
     if count == 1:
         for payload, weight, dtype in items:
-            yield payload, analyze_matrix(weight, stored_dtype=dtype, method=method,
-                                          thresholds=limits, device=dev,
-                                          check_traps=check_traps)
+            yield (
+                payload,
+                analyze_matrix(
+                    weight,
+                    stored_dtype=dtype,
+                    method=method,
+                    thresholds=limits,
+                    device=dev,
+                    check_traps=check_traps,
+                ),
+            )
         return
     threads = max(1, cpu_cores() // count)
     pending: deque[tuple[T, Future[LayerResult | Analysed], Future[np.ndarray] | None]] = deque()
     # torch's thread count is also a per-thread OpenMP setting: each worker thread sets its own.
-    with _intra_op_threads(threads), ThreadPoolExecutor(
-            count, "alphawatch-spectral", initializer=_set_torch_threads,
-            initargs=(threads,)) as pool:
+    with (
+        _intra_op_threads(threads),
+        ThreadPoolExecutor(
+            count, "alphawatch-spectral", initializer=_set_torch_threads, initargs=(threads,)
+        ) as pool,
+    ):
         for payload, weight, dtype in items:
-            own = pool.submit(analyze_spectrum, weight, stored_dtype=dtype, method=method,
-                              thresholds=limits, device=dev)
+            own = pool.submit(
+                analyze_spectrum,
+                weight,
+                stored_dtype=dtype,
+                method=method,
+                thresholds=limits,
+                device=dev,
+            )
             # The shuffle's spectrum is a task of its own: a matrix keeps two cores busy when
             # it is the last one, and no worker waits on another's task.
-            shuffle = (pool.submit(_shuffled_spectrum, weight, limits.trap_seed, dev)
-                       if check_traps else None)
+            shuffle = (
+                pool.submit(_shuffled_spectrum, weight, limits.trap_seed, dev)
+                if check_traps
+                else None
+            )
             pending.append((payload, own, shuffle))
             while len(pending) > count:
                 yield _finished(*pending.popleft())
@@ -136,8 +156,9 @@ def analyze_stream(
             yield _finished(*pending.popleft())
 
 
-def _finished(payload: T, own: Future[LayerResult | Analysed],
-              shuffle: Future[np.ndarray] | None) -> tuple[T, LayerResult]:
+def _finished(
+    payload: T, own: Future[LayerResult | Analysed], shuffle: Future[np.ndarray] | None
+) -> tuple[T, LayerResult]:
     """The matrix's result once both its tasks are done (a matrix stopped early, NaN or
     constant, drops its shuffle: cancelled if not started, else its result or error unread)."""
     outcome = own.result()

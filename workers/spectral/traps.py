@@ -98,14 +98,14 @@ def random_permutation(rng: np.random.Generator, numel: int) -> np.ndarray:
     # more than the sort on a fresh process (0.3 of 0.5 s at 5504×2048).
     cursor = ends - sizes
     for first in range(0, numel, PLACE_CHUNK):
-        chunk = keys[first:first + PLACE_CHUNK]
+        chunk = keys[first : first + PLACE_CHUNK]
         order = np.argsort(chunk, kind="stable")
         counts = np.bincount(chunk, minlength=SHUFFLE_BUCKETS)
         at = 0
         for bucket in np.flatnonzero(counts).tolist():
             count = int(counts[bucket])
             place = int(cursor[bucket])
-            out[place:place + count] = order[at:at + count] + first
+            out[place : place + count] = order[at : at + count] + first
             cursor[bucket] = place + count
             at += count
     # Second stage, each bucket shuffled as int64: numpy shuffles 8-byte items faster than
@@ -157,8 +157,11 @@ def shuffled_spectrum(mats: list[Matrix], seed: int, dev: Device) -> np.ndarray:
     shuffle has a non-finite Gram diagonal (a NaN or Inf weight; W's own analysis says so).
     """
     perms = _permutations(seed, entry_count(mats[0]), len(mats))
-    return np.sort(np.concatenate([
-        shuffled_eigenvalues(w, perm, dev) for w, perm in zip(mats, perms, strict=True)]))
+    return np.sort(
+        np.concatenate(
+            [shuffled_eigenvalues(w, perm, dev) for w, perm in zip(mats, perms, strict=True)]
+        )
+    )
 
 
 def traps_of(rand_evals: np.ndarray, spec: Spectrum, bulk: Bulk, n: int, m: int) -> Traps:
@@ -177,7 +180,11 @@ def traps_of(rand_evals: np.ndarray, spec: Spectrum, bulk: Bulk, n: int, m: int)
     if beyond.size and mean_eval > limit:
         mean_spike = True
         beyond = np.delete(beyond, int(np.argmin(np.abs(beyond - mean_eval))))
-    return Traps(rand_evals=rand_evals, num_traps=int(beyond.size),
-                 rand_distance=_jensen_shannon(spec.evals, rand_evals),
-                 max_rand_eval=float(rand_evals[-1]), mean_spike=mean_spike,
-                 near_random=_same_distribution(spec.evals, rand_evals))
+    return Traps(
+        rand_evals=rand_evals,
+        num_traps=int(beyond.size),
+        rand_distance=_jensen_shannon(spec.evals, rand_evals),
+        max_rand_eval=float(rand_evals[-1]),
+        mean_spike=mean_spike,
+        near_random=_same_distribution(spec.evals, rand_evals),
+    )

@@ -48,8 +48,7 @@ class ContinuousExport:
         self.targets = targets_of(settings.export) if targets is None else targets
         self._queue: queue.Queue[int | None] = queue.Queue()
         self._open: dict[tuple[int, int], _Open] = {}
-        self._thread = threading.Thread(target=self._loop, name="alphawatch-export",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._loop, name="alphawatch-export", daemon=True)
         self.exported = 0  # values logged so far, over every target
         self.failures = 0
         self._handed = 0  # checkpoints handed over and not yet exported
@@ -61,8 +60,9 @@ class ContinuousExport:
             if not self._thread.is_alive():
                 if self._thread.ident is not None:  # it ended: a thread starts only once
                     log.error("the export thread had ended; starting a new one")
-                    self._thread = threading.Thread(target=self._loop, name="alphawatch-export",
-                                                    daemon=True)
+                    self._thread = threading.Thread(
+                        target=self._loop, name="alphawatch-export", daemon=True
+                    )
                 self._thread.start()
             self._handed += 1
         self._queue.put(run_id)
@@ -130,8 +130,13 @@ class ContinuousExport:
                 # which would end this thread and every later export with it.
                 except (Exception, SystemExit) as exc:
                     self.failures += 1
-                    log.warning("export of run %s to %s failed: %s: %s", run_id, target.kind,
-                                type(exc).__name__, exc)
+                    log.warning(
+                        "export of run %s to %s failed: %s: %s",
+                        run_id,
+                        target.kind,
+                        type(exc).__name__,
+                        exc,
+                    )
                     stale = self._open.pop((index, run_id), None)
                     if stale is not None:
                         try:
@@ -148,8 +153,14 @@ class ContinuousExport:
             opened = self._open.get((index, run_id))
             if opened is None:
                 opened = self._open[(index, run_id)] = _Open(target.open(run.name))
-            count = export_run(session=session, run_id=run_id, tracker=opened.tracker,
-                               thresholds=self.settings.trust, method=self.settings.fit_method,
-                               layers=self.settings.export.layers, known=opened.known)
+            count = export_run(
+                session=session,
+                run_id=run_id,
+                tracker=opened.tracker,
+                thresholds=self.settings.trust,
+                method=self.settings.fit_method,
+                layers=self.settings.export.layers,
+                known=opened.known,
+            )
         self.exported += count
         log.info("exported %d values of run %s to %s", count, run.name, target.kind)

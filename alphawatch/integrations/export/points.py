@@ -24,8 +24,15 @@ log = logging.getLogger("alphawatch.export")
 
 PREFIX = "alphawatch"
 # What robust.untrusted_reason reads, and the layer's alpha.
-_LAYER_FIELDS = ("checkpoint_id", "name", "alpha", "fit_status", "trusted", "correlation_trap",
-                 "rank_collapse")
+_LAYER_FIELDS = (
+    "checkpoint_id",
+    "name",
+    "alpha",
+    "fit_status",
+    "trusted",
+    "correlation_trap",
+    "rank_collapse",
+)
 
 
 @dataclass(frozen=True)
@@ -48,8 +55,15 @@ UNTRUSTED_KEY = f"{PREFIX}/untrusted_share"
 USED_KEY = f"{PREFIX}/layers_used"
 
 
-def points_of(*, session: Session, run_id: int, thresholds: Thresholds, method: str,
-              layers: bool = False, steps: Iterable[int] | None = None) -> list[Point]:
+def points_of(
+    *,
+    session: Session,
+    run_id: int,
+    thresholds: Thresholds,
+    method: str,
+    layers: bool = False,
+    steps: Iterable[int] | None = None,
+) -> list[Point]:
     """One point per analysed checkpoint of the run (or of ``steps``), in step order.
 
     Model level: every statistic of the trusted-layer alpha (the trend the API serves, from the
@@ -58,16 +72,22 @@ def points_of(*, session: Session, run_id: int, thresholds: Thresholds, method: 
     """
     wanted = None if steps is None else set(steps)
     # The whole model's trusted layers, as the API's trend answers by default.
-    trend = queries.trend(session=session, run_id=run_id,
-                          query=TrendQuery(stat=Statistic.MEDIAN), method=method,
-                          thresholds=thresholds)
+    trend = queries.trend(
+        session=session,
+        run_id=run_id,
+        query=TrendQuery(stat=Statistic.MEDIAN),
+        method=method,
+        thresholds=thresholds,
+    )
     done = dict(queries.done_checkpoints(session=session, run_id=run_id))
     by_step = {step: checkpoint_id for checkpoint_id, step in done.items()}
     chosen = [p for p in trend if wanted is None or p["step"] in wanted]
-    rows = queries.layer_dicts(session=session, layers=LayerSelection(method=method),
-                               fields=_LAYER_FIELDS,
-                               checkpoint_ids=[by_step[p["step"]] for p in chosen
-                                               if p["step"] in by_step])
+    rows = queries.layer_dicts(
+        session=session,
+        layers=LayerSelection(method=method),
+        fields=_LAYER_FIELDS,
+        checkpoint_ids=[by_step[p["step"]] for p in chosen if p["step"] in by_step],
+    )
     of_checkpoint: dict[int, list[dict[str, object]]] = defaultdict(list)
     for row in rows:
         of_checkpoint[int(row["checkpoint_id"])].append(row)
@@ -94,23 +114,36 @@ def unlogged(points: Sequence[Point], logged: dict[str, set[int]]) -> list[Point
     """The part of ``points`` the tracker does not hold yet: (key, step) pairs never twice."""
     out = []
     for point in points:
-        values = {k: v for k, v in point.values.items()
-                  if point.step not in logged.get(k, ())}
+        values = {k: v for k, v in point.values.items() if point.step not in logged.get(k, ())}
         if values:
             out.append(Point(point.step, values))
     return out
 
 
-def export_run(*, session: Session, run_id: int, tracker: TrackerRun, thresholds: Thresholds,
-               method: str, layers: bool = False, steps: Iterable[int] | None = None,
-               known: dict[str, set[int]] | None = None) -> int:
+def export_run(
+    *,
+    session: Session,
+    run_id: int,
+    tracker: TrackerRun,
+    thresholds: Thresholds,
+    method: str,
+    layers: bool = False,
+    steps: Iterable[int] | None = None,
+    known: dict[str, set[int]] | None = None,
+) -> int:
     """Log what ``tracker`` lacks of the run's points; how many (key, step) values were logged.
 
     ``known`` is what the tracker holds, when the caller keeps it (the worker does, between
     checkpoints); it is read back from the tracker otherwise, and updated with what is logged.
     """
-    points = points_of(session=session, run_id=run_id, thresholds=thresholds, method=method,
-                       layers=layers, steps=steps)
+    points = points_of(
+        session=session,
+        run_id=run_id,
+        thresholds=thresholds,
+        method=method,
+        layers=layers,
+        steps=steps,
+    )
     if known is None:
         known = {}
     keys = sorted({k for p in points for k in p.values} - set(known))

@@ -65,8 +65,9 @@ def _require(module: str, extra: str = "integrations") -> Any:
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        raise TrackerMissing(f"{module} is not installed: pip install "
-                             f"'alphawatch[{extra}]'") from exc
+        raise TrackerMissing(
+            f"{module} is not installed: pip install 'alphawatch[{extra}]'"
+        ) from exc
 
 
 # -- MLflow -----------------------------------------------------------------------------------
@@ -91,14 +92,21 @@ class MlflowTarget:
         tracking = _require("mlflow.tracking")
         client = tracking.MlflowClient(tracking_uri=self.tracking_uri)
         experiment = client.get_experiment_by_name(self.experiment)
-        experiment_id = (experiment.experiment_id if experiment is not None
-                         else client.create_experiment(self.experiment))
-        found = client.search_runs([experiment_id],
-                                   filter_string=f"tags.`{RUN_TAG}` = '{run_name}'",
-                                   max_results=1)
-        run_id = (found[0].info.run_id if found else
-                  client.create_run(experiment_id, run_name=run_name,
-                                    tags={RUN_TAG: run_name}).info.run_id)
+        experiment_id = (
+            experiment.experiment_id
+            if experiment is not None
+            else client.create_experiment(self.experiment)
+        )
+        found = client.search_runs(
+            [experiment_id], filter_string=f"tags.`{RUN_TAG}` = '{run_name}'", max_results=1
+        )
+        run_id = (
+            found[0].info.run_id
+            if found
+            else client.create_run(
+                experiment_id, run_name=run_name, tags={RUN_TAG: run_name}
+            ).info.run_id
+        )
         return MlflowRun(client, run_id)
 
     def shutdown(self) -> None:
@@ -126,8 +134,9 @@ class MlflowRun:
     def log(self, step: int, values: dict[str, float]) -> None:
         metric = _require("mlflow.entities").Metric
         now = int(time.time() * 1000)
-        self._pending += [metric(_MLFLOW_UNSAFE.sub("_", k), v, now, step)
-                          for k, v in values.items()]
+        self._pending += [
+            metric(_MLFLOW_UNSAFE.sub("_", k), v, now, step) for k, v in values.items()
+        ]
         if len(self._pending) >= self.BATCH:
             self.flush()
 
@@ -142,6 +151,7 @@ class MlflowRun:
 
 
 # -- TensorBoard ------------------------------------------------------------------------------
+
 
 class TensorBoardTarget:
     """Event files under ``logdir/<run name>/`` (:func:`~alphawatch.run_names.folder_name`),
@@ -158,8 +168,10 @@ class TensorBoardTarget:
         root = self.logdir.resolve()
         folder = (root / folder_name(run_name)).resolve()
         if folder.parent != root:
-            raise ValueError(f"the TensorBoard folder of run {run_name!r} would be {folder}, "
-                             f"not a folder of the logdir {root}")
+            raise ValueError(
+                f"the TensorBoard folder of run {run_name!r} would be {folder}, "
+                f"not a folder of the logdir {root}"
+            )
         return TensorBoardRun(folder)
 
     def shutdown(self) -> None:
@@ -199,13 +211,15 @@ def read_scalars(folder: Path) -> dict[str, set[int]]:
     accumulator = _require("tensorboard.backend.event_processing.event_accumulator")
     # No purging: a step logged after a larger one (a checkpoint analysed late) is a point of
     # its own, not a sign that the writer restarted.
-    events = accumulator.EventAccumulator(str(folder), size_guidance={"scalars": 0},
-                                          purge_orphaned_data=False)
+    events = accumulator.EventAccumulator(
+        str(folder), size_guidance={"scalars": 0}, purge_orphaned_data=False
+    )
     events.Reload()
     return {tag: {int(e.step) for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
 
 
 # -- Weights & Biases -------------------------------------------------------------------------
+
 
 class WandbTarget:
     """A W&B project; the run's id is derived from the alphawatch run's name, so a second
@@ -218,8 +232,9 @@ class WandbTarget:
 
     kind = "wandb"
 
-    def __init__(self, project: str = "alphawatch", entity: str | None = None,
-                 directory: Path | None = None) -> None:
+    def __init__(
+        self, project: str = "alphawatch", entity: str | None = None, directory: Path | None = None
+    ) -> None:
         self.project = project
         self.entity = entity
         self.directory = Path(directory) if directory is not None else Path.cwd()
@@ -228,17 +243,24 @@ class WandbTarget:
         wandb = _require("wandb")
         run_id = wandb_run_id(run_name)
         offline = os.environ.get("WANDB_MODE", "").lower() in ("offline", "dryrun")
-        logged = (read_offline(self.directory, run_id) if offline
-                  else self._read_online(wandb, run_id))
+        logged = (
+            read_offline(self.directory, run_id) if offline else self._read_online(wandb, run_id)
+        )
 
         def start() -> Any:
             # Only once there is something to log: an export that adds nothing leaves no
             # trace, not even an empty offline run.
             self.directory.mkdir(parents=True, exist_ok=True)
-            run = wandb.init(project=self.project, entity=self.entity, id=run_id,
-                             name=run_name, resume="allow", dir=str(self.directory),
-                             reinit="create_new",
-                             settings=wandb.Settings(console="off", silent=True))
+            run = wandb.init(
+                project=self.project,
+                entity=self.entity,
+                id=run_id,
+                name=run_name,
+                resume="allow",
+                dir=str(self.directory),
+                reinit="create_new",
+                settings=wandb.Settings(console="off", silent=True),
+            )
             run.define_metric(STEP_KEY)
             run.define_metric(f"{PREFIX}/*", step_metric=STEP_KEY)
             return run
@@ -315,8 +337,10 @@ def read_offline(directory: Path, run_id: str) -> dict[str, set[int]]:
             record.ParseFromString(data)
             if record.WhichOneof("record_type") != "history":
                 continue
-            row = {(item.key or "/".join(item.nested_key)): json.loads(item.value_json)
-                   for item in record.history.item}
+            row = {
+                (item.key or "/".join(item.nested_key)): json.loads(item.value_json)
+                for item in record.history.item
+            }
             _collect(row, logged)
     return dict(logged)
 
@@ -326,8 +350,11 @@ def offline_runs(directory: Path, run_id: str) -> list[Path]:
     the suffix added when two start in the same second)."""
     own = re.compile(rf"offline-run-\d{{8}}_\d{{6}}-{re.escape(run_id)}(-\d+)?")
     folder = directory / "wandb"
-    found = [p for p in folder.glob("offline-run-*") if own.fullmatch(p.name)] \
-        if folder.is_dir() else []
+    found = (
+        [p for p in folder.glob("offline-run-*") if own.fullmatch(p.name)]
+        if folder.is_dir()
+        else []
+    )
     return sorted(p for p in found if (p / f"run-{run_id}.wandb").is_file())
 
 
@@ -379,6 +406,7 @@ def targets_of(settings: ExportSettings) -> list[Target]:
     if settings.tensorboard_logdir is not None:
         targets.append(TensorBoardTarget(settings.tensorboard_logdir))
     if settings.wandb_project:
-        targets.append(WandbTarget(settings.wandb_project, settings.wandb_entity,
-                                   settings.wandb_dir))
+        targets.append(
+            WandbTarget(settings.wandb_project, settings.wandb_entity, settings.wandb_dir)
+        )
     return targets

@@ -13,5 +13,10 @@ from alphawatch.service.api.routes.health import health_router
 
 __all__ = ["ROUTERS", "health_router"]
 
-ROUTERS: tuple[APIRouter, ...] = (runs.router, layers.router, trends.router, gate.router,
-                                  alerts.router)
+ROUTERS: tuple[APIRouter, ...] = (
+    runs.router,
+    layers.router,
+    trends.router,
+    gate.router,
+    alerts.router,
+)

@@ -65,8 +65,9 @@ def written(request: Request) -> None:
         cache.invalidate()
 
 
-def _compute(settings: Settings, build: Callable[[Session], dict[str, Any]],
-             adapter: TypeAdapter[Any]) -> bytes:
+def _compute(
+    settings: Settings, build: Callable[[Session], dict[str, Any]], adapter: TypeAdapter[Any]
+) -> bytes:
     with session_scope(make_engine(settings.database_url)) as session:
         answer = build(session)
     # Validated like any response model: a kept answer is as checked as a fresh one.
@@ -76,8 +77,9 @@ def _compute(settings: Settings, build: Callable[[Session], dict[str, Any]],
 _ADAPTERS: dict[type[BaseModel], TypeAdapter[Any]] = {}
 
 
-async def cached(request: Request, model: type[BaseModel],
-                 build: Callable[[Session], dict[str, Any]]) -> Response:
+async def cached(
+    request: Request, model: type[BaseModel], build: Callable[[Session], dict[str, Any]]
+) -> Response:
     """The JSON body ``build`` makes, from the result cache when the results have not changed.
 
     On a hit no thread, session or query is involved; on a miss ``build`` runs on the thread
@@ -87,8 +89,10 @@ async def cached(request: Request, model: type[BaseModel],
     cache: ResultCache | None = request.app.state.cache
     adapter = _ADAPTERS.get(model) or _ADAPTERS.setdefault(model, TypeAdapter(model))
     if cache is None:
-        return Response(await run_in_threadpool(_compute, settings, build, adapter),
-                        media_type="application/json")
+        return Response(
+            await run_in_threadpool(_compute, settings, build, adapter),
+            media_type="application/json",
+        )
     key = f"{request.url.path}?{sorted(request.query_params.multi_items())}"
     body = cache.get(key)
     if body is not None:

@@ -26,15 +26,33 @@ from alphawatch.service.db.tokens import TokenScope
 router = api_router()
 
 
-@router.get("/runs/{run_id}/gate", response_model=GateRead,
-            responses={**READ_ERRORS, 409: {"model": GateRead,
-                                            "description": "strict=true and the gate failed"}})
-def gate(run_id: RunId, session: SessionDep, settings: SettingsDep, response: Response,
-         method: MethodDep, query: Annotated[GateQuery, Query()]) -> dict[str, Any]:
+@router.get(
+    "/runs/{run_id}/gate",
+    response_model=GateRead,
+    responses={
+        **READ_ERRORS,
+        409: {"model": GateRead, "description": "strict=true and the gate failed"},
+    },
+)
+def gate(
+    run_id: RunId,
+    session: SessionDep,
+    settings: SettingsDep,
+    response: Response,
+    method: MethodDep,
+    query: Annotated[GateQuery, Query()],
+) -> dict[str, Any]:
     """CI gate: the run's gate rules, or those the query names, on its robust alpha."""
-    verdict = gates.evaluate(session=session, run_id=run_id, step=query.step,
-                             query=query.rules(), defaults=settings.gate, method=method,
-                             thresholds=settings.trust, variant=query.variant)
+    verdict = gates.evaluate(
+        session=session,
+        run_id=run_id,
+        step=query.step,
+        query=query.rules(),
+        defaults=settings.gate,
+        method=method,
+        thresholds=settings.trust,
+        variant=query.variant,
+    )
     if query.strict and not verdict["passed"]:
         response.status_code = 409
     return verdict
@@ -46,19 +64,32 @@ def get_gate_rules(run_id: RunId, session: SessionDep, settings: SettingsDep) ->
     return gates.rules_read(session=session, run_id=run_id, defaults=settings.gate)
 
 
-@router.put("/runs/{run_id}/gate-rules", response_model=GateRulesRead,
-            responses=documented(400, 401, 403, 404, 409, 413, 422, 503))
-def put_gate_rules(run_id: RunId, body: GateRulesWrite, request: Request,
-                   settings: SettingsDep,
-                   _token: Annotated[object, Depends(require(TokenScope.WRITE))]
-                   ) -> dict[str, Any]:
+@router.put(
+    "/runs/{run_id}/gate-rules",
+    response_model=GateRulesRead,
+    responses=documented(400, 401, 403, 404, 409, 413, 422, 503),
+)
+def put_gate_rules(
+    run_id: RunId,
+    body: GateRulesWrite,
+    request: Request,
+    settings: SettingsDep,
+    _token: Annotated[object, Depends(require(TokenScope.WRITE))],
+) -> dict[str, Any]:
     """Store a run's gate rules (left out: server default; null: off); needs a write token."""
-    check = GateCheck(defaults=settings.gate, method=settings.fit_method,
-                      thresholds=settings.trust,
-                      notify=settings.alerts.webhook_url is not None)
+    check = GateCheck(
+        defaults=settings.gate,
+        method=settings.fit_method,
+        thresholds=settings.trust,
+        notify=settings.alerts.webhook_url is not None,
+    )
     with unit_of_work(request) as session:
         answer = gates.rules_write(
-            session=session, run_id=run_id, defaults=settings.gate, check=check,
-            overrides=body.model_dump(mode="json", include=body.model_fields_set))
+            session=session,
+            run_id=run_id,
+            defaults=settings.gate,
+            check=check,
+            overrides=body.model_dump(mode="json", include=body.model_fields_set),
+        )
     written(request)
     return answer

@@ -34,56 +34,99 @@ router = api_router()
 
 
 @router.get("/runs/{run_id}/trend", response_model=TrendRead, responses=READ_ERRORS)
-async def get_trend(request: Request, run_id: RunId, settings: SettingsDep, method: MethodDep,
-                    query: Annotated[TrendQuery, Query()]) -> Response:
+async def get_trend(
+    request: Request,
+    run_id: RunId,
+    settings: SettingsDep,
+    method: MethodDep,
+    query: Annotated[TrendQuery, Query()],
+) -> Response:
     """Model-level robust statistic of a metric per checkpoint, with exclusions explained."""
 
     def build(session: Session) -> dict[str, Any]:
-        points = queries.trend(session=session, run_id=run_id, query=query, method=method,
-                               thresholds=settings.trust)
-        return {"run_id": run_id, "metric": query.metric, "stat": query.stat,
-                "filter": query.filter, "method": method, "outliers": query.outliers,
-                "variant": query.variant, "points": points}
+        points = queries.trend(
+            session=session, run_id=run_id, query=query, method=method, thresholds=settings.trust
+        )
+        return {
+            "run_id": run_id,
+            "metric": query.metric,
+            "stat": query.stat,
+            "filter": query.filter,
+            "method": method,
+            "outliers": query.outliers,
+            "variant": query.variant,
+            "points": points,
+        }
 
     return await cached(request, TrendRead, build)
 
 
 @router.get("/runs/{run_id}/heatmap", response_model=HeatmapRead, responses=READ_ERRORS)
-async def get_heatmap(request: Request, run_id: RunId, method: MethodDep,
-                      query: Annotated[HeatmapQuery, Query()]) -> Response:
+async def get_heatmap(
+    request: Request, run_id: RunId, method: MethodDep, query: Annotated[HeatmapQuery, Query()]
+) -> Response:
     """Layer x step matrix of a metric; layers ordered by block (or last block first), then kind."""
-    return await cached(request, HeatmapRead, lambda session: queries.heatmap(
-        session=session, run_id=run_id, query=query, method=method))
+    return await cached(
+        request,
+        HeatmapRead,
+        lambda session: queries.heatmap(session=session, run_id=run_id, query=query, method=method),
+    )
 
 
 @router.get("/runs/{run_id}/blocks", response_model=BlockTrendRead, responses=READ_ERRORS)
-async def get_block_trends(request: Request, run_id: RunId, settings: SettingsDep,
-                           method: MethodDep,
-                           query: Annotated[BlockQuery, Query()]) -> Response:
+async def get_block_trends(
+    request: Request,
+    run_id: RunId,
+    settings: SettingsDep,
+    method: MethodDep,
+    query: Annotated[BlockQuery, Query()],
+) -> Response:
     """The robust statistic of each block over the checkpoints, the last block first."""
 
     def build(session: Session) -> dict[str, Any]:
-        blocks = queries.block_trends(session=session, run_id=run_id, query=query,
-                                      method=method, thresholds=settings.trust)
-        return {"run_id": run_id, "metric": query.metric, "stat": query.stat,
-                "filter": query.filter, "variant": query.variant, "order": query.order,
-                "blocks": blocks}
+        blocks = queries.block_trends(
+            session=session, run_id=run_id, query=query, method=method, thresholds=settings.trust
+        )
+        return {
+            "run_id": run_id,
+            "metric": query.metric,
+            "stat": query.stat,
+            "filter": query.filter,
+            "variant": query.variant,
+            "order": query.order,
+            "blocks": blocks,
+        }
 
     return await cached(request, BlockTrendRead, build)
 
 
 @router.get("/runs/{run_id}/flags", response_model=FlagsRead, responses=READ_ERRORS)
-async def get_flags(request: Request, run_id: RunId, method: MethodDep,
-                    variant: Variant = DEFAULT_VARIANT) -> Response:
+async def get_flags(
+    request: Request, run_id: RunId, method: MethodDep, variant: Variant = DEFAULT_VARIANT
+) -> Response:
     """Per checkpoint: how many layers carry each flag and each fit status."""
-    return await cached(request, FlagsRead, lambda session: {
-        "run_id": run_id, "points": queries.flags(session=session, run_id=run_id,
-                                                  method=method, variant=variant)})
+    return await cached(
+        request,
+        FlagsRead,
+        lambda session: {
+            "run_id": run_id,
+            "points": queries.flags(session=session, run_id=run_id, method=method, variant=variant),
+        },
+    )
 
 
 @router.get("/compare", response_model=CompareRead, responses=READ_ERRORS)
-async def compare(request: Request, settings: SettingsDep, method: MethodDep,
-                  query: Annotated[CompareQuery, Query()]) -> Response:
+async def compare(
+    request: Request,
+    settings: SettingsDep,
+    method: MethodDep,
+    query: Annotated[CompareQuery, Query()],
+) -> Response:
     """Robust trends of several runs, to overlay."""
-    return await cached(request, CompareRead, lambda session: queries.compare(
-        session=session, query=query, method=method, thresholds=settings.trust))
+    return await cached(
+        request,
+        CompareRead,
+        lambda session: queries.compare(
+            session=session, query=query, method=method, thresholds=settings.trust
+        ),
+    )
