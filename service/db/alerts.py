@@ -31,6 +31,7 @@ from sqlalchemy.orm import Session, aliased
 
 from alphawatch.gate_rules import GateRules
 from alphawatch.service.db import gate
+from alphawatch.service.db.leases import lapsed
 from alphawatch.service.db.models import Alert, AlertStatus, Run, RunGate
 from alphawatch.service.db.session import dialect_insert, utcnow
 from alphawatch.trust import Thresholds
@@ -216,12 +217,7 @@ def _aware(moment: datetime) -> datetime:
 def recover_stale(session: Session, *, max_attempts: int) -> int:
     """Alerts whose sender died or hung mid-delivery: due again, or failed when spent."""
     now = utcnow()
-    query = select(Alert).where(
-        Alert.status == AlertStatus.SENDING.value, Alert.lease_expires_at < now
-    )
-    if session.get_bind().dialect.name == "postgresql":
-        query = query.with_for_update(skip_locked=True)
-    stale = session.scalars(query).all()
+    stale = lapsed(session, Alert, status=AlertStatus.SENDING.value, now=now)
     for alert in stale:
         note = "the worker sending it stopped before the receiver's answer was recorded"
         alert.last_error = note

@@ -19,6 +19,7 @@ from enum import Enum
 from sqlalchemy import Connection, bindparam, func, select, text, update
 from sqlalchemy.orm import Session
 
+from alphawatch.service.db.leases import lapsed
 from alphawatch.service.db.models import (
     AnalysisJob,
     Checkpoint,
@@ -273,14 +274,7 @@ def requeue_stale(session: Session, *, max_attempts: int = 3) -> int:
     to the queue for ever.
     """
     now = utcnow()
-    query = select(AnalysisJob).where(
-        AnalysisJob.status == JobStatus.RUNNING.value, AnalysisJob.lease_expires_at < now
-    )
-    if session.get_bind().dialect.name == "postgresql":
-        # Two workers recovering at once: the second re-checks the row after the first commits
-        # (or skips it while locked) instead of overwriting a claim made in between.
-        query = query.with_for_update(skip_locked=True)
-    stale = session.scalars(query).all()
+    stale = lapsed(session, AnalysisJob, status=JobStatus.RUNNING.value, now=now)
     for job in stale:
         checkpoint = session.get(Checkpoint, job.checkpoint_id)
         died = (
