@@ -16,6 +16,7 @@ from alphawatch.service.db import queue, registry, results
 from alphawatch.service.db.alerts import GateCheck
 from alphawatch.service.db.rows import LayerRow, SpectrumRow
 from alphawatch.service.db.session import make_engine, session_scope
+from alphawatch.settings import Settings
 from alphawatch.trust import Thresholds
 
 Row = dict[str, Any]
@@ -24,6 +25,20 @@ Row = dict[str, Any]
 STEPS = (100, 200, 300)
 # Llama-style projections: what a block holds, and the names random rows get.
 KINDS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def worker_settings(url: str, **extra: object) -> Settings:
+    """A worker's settings for tests: CPU, no settle time, fast polls and heartbeats."""
+    values: dict[str, object] = {
+        "database_url": url,
+        "device": "cpu",
+        "settle_s": 0.0,
+        "poll_interval_s": 0.2,
+        "lease_s": 30.0,
+        "heartbeat_s": 0.5,
+    }
+    values.update(extra)
+    return Settings(**values)
 
 
 def layer_row(

@@ -18,26 +18,13 @@ from fastapi.testclient import TestClient
 
 from alphawatch.cli import analyze_path
 from alphawatch.service.api import create_app
-from alphawatch.settings import Settings
 from alphawatch.workers.demo_run import train
 from alphawatch.workers.watcher import RunDirError, Watcher
 from tests.db import rows as _rows
 from tests.db import wait_until as _wait
+from tests.factories import worker_settings
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _settings(url: str, **extra: object) -> Settings:
-    values: dict[str, object] = {
-        "database_url": url,
-        "device": "cpu",
-        "settle_s": 0.0,
-        "poll_interval_s": 0.2,
-        "lease_s": 30.0,
-        "heartbeat_s": 0.5,
-    }
-    values.update(extra)
-    return Settings(**values)
 
 
 def _copy_run(tiny_run: Path, tmp_path: Path) -> Path:
@@ -48,7 +35,7 @@ def _copy_run(tiny_run: Path, tmp_path: Path) -> Path:
 
 def test_real_run_is_analysed_and_served(tiny_run: Path, tmp_path: Path, pg_url: str) -> None:
     run = _copy_run(tiny_run, tmp_path)
-    settings = _settings(pg_url)
+    settings = worker_settings(pg_url)
     assert Watcher(settings, [run]).run_once() == 3
     # A second pass finds nothing new: results are never computed twice unless asked.
     assert Watcher(settings, [run]).run_once() == 0
@@ -89,7 +76,7 @@ def test_corrupt_checkpoint_fails_alone(tiny_run: Path, tmp_path: Path, pg_url: 
     shutil.copytree(run / "checkpoint-10", bad)
     header = b"\x10\x00\x00\x00\x00\x00\x00\x00{not json"
     (bad / "model.safetensors").write_bytes(header + b"0" * 64)
-    settings = _settings(pg_url, max_attempts=1)
+    settings = worker_settings(pg_url, max_attempts=1)
     Watcher(settings, [run]).run_once()
     status = dict(_rows(pg_url, "SELECT step, status FROM checkpoint"))
     assert status == {10: "done", 15: "failed", 20: "done", 30: "done"}
@@ -118,7 +105,7 @@ def test_hostile_tensor_names_are_stored_escaped_and_cut(tmp_path: Path, pg_url:
         {k: torch.randn(48, 32, generator=g) for k in keys}, str(folder / "model.safetensors")
     )
     (folder / "trainer_state.json").write_text(json.dumps({"global_step": 1}))
-    settings = _settings(pg_url, max_attempts=1)
+    settings = worker_settings(pg_url, max_attempts=1)
     assert Watcher(settings, [folder.parent]).run_once() == 1
     assert _rows(pg_url, "SELECT status FROM checkpoint") == [("done",)]
     names = sorted(name for (name,) in _rows(pg_url, "SELECT name FROM layer_metric"))
@@ -137,7 +124,7 @@ def test_checkpoint_deleted_before_reading_is_vanished(
     tiny_run: Path, tmp_path: Path, pg_url: str
 ) -> None:
     run = _copy_run(tiny_run, tmp_path)
-    watcher = Watcher(_settings(pg_url), [run])
+    watcher = Watcher(worker_settings(pg_url), [run])
     watcher.discover_once()
     shutil.rmtree(run / "checkpoint-10")  # rotation by save_total_limit
     while watcher.process_one():
@@ -149,7 +136,7 @@ def test_checkpoint_deleted_before_reading_is_vanished(
 
 def test_missing_run_dir_is_a_clear_error(tmp_path: Path, pg_url: str) -> None:
     with pytest.raises(RunDirError, match="does not exist"):
-        Watcher(_settings(pg_url), [tmp_path / "nope"])
+        Watcher(worker_settings(pg_url), [tmp_path / "nope"])
     result = subprocess.run(
         [sys.executable, "-m", "alphawatch", "watch", str(tmp_path / "nope"), "--db", pg_url],
         capture_output=True,
@@ -193,7 +180,7 @@ def test_killed_worker_job_is_finished_once_by_another(tmp_path: Path, pg_url: s
         proc.wait(timeout=30)
     assert _rows(pg_url, "SELECT count(*) FROM layer_metric") == [(0,)]
     time.sleep(3.5)  # the lease runs out
-    settings = _settings(pg_url, lease_s=30.0)
+    settings = worker_settings(pg_url, lease_s=30.0)
     assert Watcher(settings, [run]).run_once() == 1
     assert _rows(pg_url, "SELECT status FROM checkpoint") == [("done",)]
     (n_layers,) = _rows(pg_url, "SELECT count(*) FROM layer_metric")[0]
@@ -212,7 +199,7 @@ def test_worker_survives_a_database_restart(
     run = tmp_path / "runs" / "tiny"
     run.mkdir(parents=True)
     shutil.copytree(tiny_run / "checkpoint-10", run / "checkpoint-10")
-    settings = _settings(cluster.url)
+    settings = worker_settings(cluster.url)
     watcher = Watcher(settings, [run])
     stop = threading.Event()
     thread = threading.Thread(target=watcher.run_forever, args=(stop,), daemon=True)

@@ -30,26 +30,13 @@ from alphawatch.service.db import queue
 from alphawatch.service.db import session as db_session
 from alphawatch.service.db.session import make_engine, session_scope
 from alphawatch.service.db.tokens import TokenScope, create_token
-from alphawatch.settings import Settings
 from alphawatch.workers.watcher import Watcher
 from tests import pg
 from tests.db import rows, wait_until
+from tests.factories import worker_settings
 from tests.workers.small import MATRICES, write_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _settings(url: str, **extra: object) -> Settings:
-    values: dict[str, object] = {
-        "database_url": url,
-        "device": "cpu",
-        "settle_s": 0.0,
-        "poll_interval_s": 0.2,
-        "lease_s": 30.0,
-        "heartbeat_s": 0.5,
-    }
-    values.update(extra)
-    return Settings(**values)
 
 
 def _sql(url: str, statement: str) -> None:
@@ -86,7 +73,7 @@ def test_names_taken_through_the_api_never_stop_discovery(tmp_path: Path, pg_url
     victim, good = root / "victim", root / "good"
     write_checkpoint(victim, 1, seed=1)
     write_checkpoint(good, 1, seed=2)
-    settings = _settings(pg_url, allowed_roots=[root])
+    settings = worker_settings(pg_url, allowed_roots=[root])
     with session_scope(make_engine(pg_url)) as session:
         token = create_token(session, name="squatter", scope=TokenScope.WRITE)
     hashed = "victim-" + hashlib.sha256(str(victim).encode()).hexdigest()[:8]
@@ -141,7 +128,7 @@ def test_a_connection_lost_inside_the_gate_verdict_retries_the_write_whole(
             FOR EACH ROW EXECUTE FUNCTION kill_once();
     """,
     )
-    assert Watcher(_settings(pg_url), [run]).run_once() == 1
+    assert Watcher(worker_settings(pg_url), [run]).run_once() == 1
     assert rows(pg_url, "SELECT last_value > 1 FROM kill_once") == [(True,)]
     assert rows(
         pg_url,
@@ -160,7 +147,7 @@ def test_a_claim_whose_answer_was_lost_is_taken_back_on_the_same_attempt(
     to run out and cost a second attempt."""
     run = tmp_path / "runs" / "r"
     write_checkpoint(run, 1, seed=9)
-    watcher = Watcher(_settings(pg_url), [run])
+    watcher = Watcher(worker_settings(pg_url), [run])
     watcher.discover_once()
     with session_scope(make_engine(pg_url)) as session:
         assert queue.claim(session, worker_id=watcher.worker_id, lease_s=30) is not None
@@ -196,7 +183,7 @@ def test_a_database_refusing_one_checkpoints_rows_fails_that_checkpoint_alone(
             FOR EACH ROW EXECUTE FUNCTION refuse();
     """,
     )
-    watcher = Watcher(_settings(pg_url, max_attempts=2), [root / "poison", root / "good"])
+    watcher = Watcher(worker_settings(pg_url, max_attempts=2), [root / "poison", root / "good"])
     with _running(watcher) as thread:
         wait_until(
             lambda: [s for _, _, s in _statuses(pg_url)] == ["done", "done", "failed"],
@@ -221,7 +208,7 @@ def test_discovery_refused_by_the_database_is_reported_and_outlived(
     backs off and goes on; once the table is back, the run is analysed by the same worker."""
     run = tmp_path / "runs" / "r"
     write_checkpoint(run, 1, seed=7)
-    watcher = Watcher(_settings(pg_url), [run])
+    watcher = Watcher(worker_settings(pg_url), [run])
     _sql(pg_url, "ALTER TABLE run RENAME TO run_hidden")
     with _running(watcher) as thread:
         wait_until(
