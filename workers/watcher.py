@@ -396,9 +396,14 @@ class Watcher:
                     shapes=shapes,
                     rechecked=bool(self.settings.rewrite_checks_per_poll),
                 )
+            requeued = 0
             if self.reanalyze and run_id not in self._reanalyzed:
-                queue.reanalyze(session, run_id=run_id)
+                requeued = queue.reanalyze(session, run_id=run_id)
                 self._reanalyzed.add(run_id)
+            if new or requeued:
+                # Each step added moves the places of the run's backlog (newest, then coarse
+                # to fine); once per pass, not per checkpoint.
+                queue.reorder(session, run_id=run_id)
             summary = _problems(problems)
             registry.set_run_discovery_error(session, run_id=run_id, error=summary)
         self._memory.remember(

@@ -77,6 +77,9 @@ class Run(Base):
     # When a "scan now" was asked for (POST /runs/{id}/scan) and not yet honoured; indexed so
     # that the discovering worker can look for requests every second at no cost.
     scan_requested_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
+    # When a worker last claimed one of its jobs: claims serve the run waiting longest first,
+    # so one run's backlog never holds back another run's new checkpoint.
+    last_claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class DiscoveryLease(Base):
@@ -279,6 +282,9 @@ class AnalysisJob(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # Its place in its run's backlog, lowest first (queue.reorder): the newest step, then
+    # coarse to fine, so the trend is whole at low resolution early and sharpens.
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class AlertStatus(StrEnum):

@@ -12,6 +12,7 @@ as plain transactions (one worker per database file).
 from __future__ import annotations
 
 import logging
+from collections import deque
 from dataclasses import dataclass
 from datetime import timedelta
 from enum import Enum
@@ -25,6 +26,7 @@ from alphawatch.service.db.models import (
     Checkpoint,
     CheckpointStatus,
     JobStatus,
+    Run,
 )
 from alphawatch.service.db.session import utcnow
 
@@ -100,20 +102,30 @@ _CLAIM_POSTGRES = text(
        SET status = :running, worker_id = :worker, attempts = attempts + 1,
            lease_expires_at = :lease, heartbeat_at = :now
      WHERE id = (
-           -- the oldest queued job; SKIP LOCKED passes over rows another claimer is taking
-           -- right now instead of waiting for its transaction, so claimers never block
-           SELECT id FROM analysis_job
-            WHERE status = :queued
-            ORDER BY id
+           -- the run served longest ago first, then its backlog in order (see claim); SKIP
+           -- LOCKED passes over rows another claimer is taking right now instead of waiting
+           -- for its transaction, so claimers never block
+           SELECT j.id FROM analysis_job j
+             JOIN checkpoint c ON c.id = j.checkpoint_id
+             JOIN run r ON r.id = c.run_id
+            WHERE j.status = :queued
+            ORDER BY r.last_claimed_at NULLS FIRST, j.priority, j.id
             LIMIT 1
-              FOR UPDATE SKIP LOCKED)
+              FOR UPDATE OF j SKIP LOCKED)
     RETURNING id, checkpoint_id, attempts
     """
 )
 
 
 def claim(session: Session, *, worker_id: str, lease_s: float) -> ClaimedJob | None:
-    """Take the oldest queued job with a lease of ``lease_s`` seconds; commits at once."""
+    """Take the next queued job with a lease of ``lease_s`` seconds; commits at once.
+
+    The next job is one of the run whose last claim is oldest (a run never claimed first), so
+    runs are served in turn and one run's backlog never holds back another run's new
+    checkpoint; within the run, the lowest :func:`reorder` priority (its newest step, then
+    coarse to fine), then the oldest job. The queued rows are found through the status index;
+    the sort covers only them.
+    """
     now = utcnow()
     lease = now + timedelta(seconds=lease_s)
     claiming = TRANSITIONS[Event.CLAIM]
@@ -136,8 +148,10 @@ def claim(session: Session, *, worker_id: str, lease_s: float) -> ClaimedJob | N
     else:
         job = session.scalars(
             select(AnalysisJob)
+            .join(Checkpoint, Checkpoint.id == AnalysisJob.checkpoint_id)
+            .join(Run, Run.id == Checkpoint.run_id)
             .where(AnalysisJob.status.in_([s.value for s in claiming.sources]))
-            .order_by(AnalysisJob.id)
+            .order_by(Run.last_claimed_at.nulls_first(), AnalysisJob.priority, AnalysisJob.id)
             .limit(1)
         ).first()
         if job is None:
@@ -152,6 +166,7 @@ def claim(session: Session, *, worker_id: str, lease_s: float) -> ClaimedJob | N
     assert checkpoint is not None  # the foreign key guarantees it
     # The job row moved in SQL above (PostgreSQL) or through move(); its checkpoint follows.
     checkpoint.status, checkpoint.started_at = claiming.checkpoint.value, now
+    session.execute(update(Run).where(Run.id == checkpoint.run_id).values(last_claimed_at=now))
     # Commit now: the lease must be visible to other workers before the long analysis starts.
     session.commit()
     return ClaimedJob(
@@ -162,6 +177,51 @@ def claim(session: Session, *, worker_id: str, lease_s: float) -> ClaimedJob | N
         path=checkpoint.path,
         attempts=attempts,
     )
+
+
+def coarse_to_fine(n: int) -> list[int]:
+    """The indices ``0 .. n-1`` of a run's steps in the order its backlog is analysed.
+
+    The last (newest) first, then the first, then the middle, then the quarters, the eighths …
+    (each round halves every gap left, left to right), so that a trend drawn from what is done
+    so far spans the whole run early and sharpens. For 9: 8, 0, 4, 2, 6, 1, 3, 5, 7.
+    """
+    if n <= 0:
+        return []
+    order = [n - 1] + ([0] if n > 1 else [])
+    gaps = deque([(0, n - 1)])
+    while gaps:
+        lo, hi = gaps.popleft()
+        if hi - lo >= 2:
+            mid = (lo + hi) // 2
+            order.append(mid)
+            gaps.extend(((lo, mid), (mid, hi)))
+    return order
+
+
+def reorder(session: Session, *, run_id: int) -> int:
+    """Give each queued job of a run its place in :func:`coarse_to_fine`; returns how many moved.
+
+    Places are among all the run's registered steps, so they shift when a step is added: the
+    discovering worker calls this once per pass that registered or queued something in the run
+    (one query over the run's checkpoints, and one write of the jobs whose place changed).
+    """
+    rows = session.execute(
+        select(AnalysisJob.id, AnalysisJob.status, AnalysisJob.priority)
+        .select_from(Checkpoint)
+        .outerjoin(AnalysisJob, AnalysisJob.checkpoint_id == Checkpoint.id)
+        .where(Checkpoint.run_id == run_id)
+        .order_by(Checkpoint.step)
+    ).all()
+    place = {index: rank for rank, index in enumerate(coarse_to_fine(len(rows)))}
+    moved = [
+        {"id": job_id, "priority": place[index]}
+        for index, (job_id, status, priority) in enumerate(rows)
+        if job_id is not None and status == JobStatus.QUEUED.value and priority != place[index]
+    ]
+    if moved:
+        session.execute(update(AnalysisJob), moved)
+    return len(moved)
 
 
 def reclaim(session: Session, *, worker_id: str, lease_s: float) -> ClaimedJob | None:
