@@ -13,6 +13,9 @@ Totals: ``alphawatch_checkpoints_analyzed_total{status}`` (done counts every com
 re-analyses included; failed and vanished count checkpoints), the
 ``alphawatch_checkpoint_analysis_seconds`` histogram (the latest analysis of each checkpoint),
 ``alphawatch_checkpoints{status}``, ``alphawatch_queue_depth`` and ``alphawatch_runs``.
+Lag (how far analysis is behind training): ``alphawatch_queue_oldest_seconds`` (the
+longest-queued job), and per run ``alphawatch_run_lag_checkpoints`` (waiting: queued or being
+analysed) and ``alphawatch_run_lag_seconds`` (age of its longest-waiting checkpoint).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import and_, case, func, select
 from sqlalchemy.orm import Session
 
-from alphawatch.service.db import queue
+from alphawatch.service.db import lag
 from alphawatch.service.db.models import (
     Checkpoint,
     CheckpointStat,
@@ -38,6 +41,7 @@ from alphawatch.service.db.models import (
     Run,
     RunGate,
 )
+from alphawatch.service.db.session import utcnow
 from alphawatch.trust import Thresholds
 from alphawatch.vocabulary import DEFAULT_FILTER, DEFAULT_OUTLIER_RULE, Statistic
 
@@ -68,10 +72,13 @@ class DatabaseCollector(Collector):
         self.session = session
         self.method = method
         self.thresholds = thresholds
+        # One instant for every age of a scrape, so the ages compare with each other.
+        self.now = utcnow()
 
     def collect(self) -> Iterator[Metric]:
         yield from self._checkpoints()
         yield from self._runs()
+        yield from self._lag()
         yield self._gate()
         yield self._durations()
 
@@ -103,10 +110,15 @@ class DatabaseCollector(Collector):
             analyzed.add_metric([status], count)
         yield by_status
         yield analyzed
+        queued = lag.backlog(self.session)
         yield GaugeMetricFamily(
-            "alphawatch_queue_depth",
-            "Jobs waiting for a worker.",
-            value=queue.queue_depth(self.session),
+            "alphawatch_queue_depth", "Jobs waiting for a worker.", value=queued.queued
+        )
+        yield GaugeMetricFamily(
+            "alphawatch_queue_oldest_seconds",
+            "Seconds the longest-queued job has waited since its checkpoint was queued "
+            "(0 when the queue is empty).",
+            value=lag.seconds_since(queued.oldest_since, self.now) or 0.0,
         )
         yield GaugeMetricFamily(
             "alphawatch_runs",
@@ -174,6 +186,28 @@ class DatabaseCollector(Collector):
         yield alpha
         yield untrusted
         yield last_step
+
+    def _lag(self) -> Iterator[Metric]:
+        checkpoints = GaugeMetricFamily(
+            "alphawatch_run_lag_checkpoints",
+            "Checkpoints of the run waiting for analysis (queued or being analysed).",
+            labels=["run"],
+        )
+        seconds = GaugeMetricFamily(
+            "alphawatch_run_lag_seconds",
+            "Seconds the run's longest-waiting checkpoint has waited since it was queued "
+            "(0 when none waits).",
+            labels=["run"],
+        )
+        # Every run gets both series, 0 when it keeps up: an alert on "> 0 for 10m" needs the
+        # series to exist before the run falls behind.
+        for waiting in lag.waiting(self.session).values():
+            checkpoints.add_metric([waiting.run], waiting.checkpoints)
+            seconds.add_metric(
+                [waiting.run], lag.seconds_since(waiting.oldest_since, self.now) or 0.0
+            )
+        yield checkpoints
+        yield seconds
 
     def _gate(self) -> Metric:
         passed = GaugeMetricFamily(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import numpy as np
@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 from alphawatch.service import robust
 from alphawatch.service.api.errors import NotFound
 from alphawatch.service.api.selections import BlockQuery, CompareQuery, HeatmapQuery, TrendQuery
+from alphawatch.service.db import lag
 from alphawatch.service.db.aggregates import PRECOMPUTED_KINDS, PRECOMPUTED_METRICS, kinds_key
 from alphawatch.service.db.layers import LayerSelection
 from alphawatch.service.db.models import (
@@ -24,6 +25,7 @@ from alphawatch.service.db.models import (
     Run,
     Spectrum,
 )
+from alphawatch.service.db.session import utcnow
 from alphawatch.trust import Thresholds
 from alphawatch.vocabulary import (
     DEFAULT_VARIANT,
@@ -48,9 +50,33 @@ def get_run(*, session: Session, run_id: int) -> Run:
     return run
 
 
+def run_lags(*, session: Session, run_ids: Collection[int]) -> dict[int, dict[str, Any]]:
+    """The lag fields of runs' summaries, for any number of runs in two queries."""
+    now = utcnow()
+    waiting = lag.waiting(session, run_ids=run_ids)
+    last = lag.last_analysis_lags(session, run_ids=run_ids)
+    return {
+        run_id: {
+            "lag_checkpoints": waiting[run_id].checkpoints if run_id in waiting else 0,
+            "lag_oldest_seconds": lag.seconds_since(waiting[run_id].oldest_since, now)
+            if run_id in waiting
+            else None,
+            "last_analysis_lag_seconds": last.get(run_id),
+        }
+        for run_id in run_ids
+    }
+
+
 def run_summary(
-    *, session: Session, run: Run, thresholds: Thresholds, method: str
+    *,
+    session: Session,
+    run: Run,
+    thresholds: Thresholds,
+    method: str,
+    lags: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """A run's counts, latest robust alpha and lag; ``lags`` from :func:`run_lags` when the
+    caller summarises many runs (else they are read for this one)."""
     counts: dict[str, int] = dict(
         session.execute(
             select(Checkpoint.status, func.count())
@@ -86,6 +112,7 @@ def run_summary(
         "latest_alpha": latest_alpha,
         "untrusted_share": untrusted_share,
         "discovery_error": run.discovery_error,
+        **(lags if lags is not None else run_lags(session=session, run_ids=[run.id])[run.id]),
     }
 
 

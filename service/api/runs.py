@@ -74,9 +74,12 @@ def list_runs(
     """A page of runs with their summaries (of ``method``'s rows), and how many runs there are."""
     total = session.scalar(select(func.count()).select_from(Run)) or 0
     rows = session.scalars(select(Run).order_by(Run.id).limit(limit).offset(offset)).all()
+    lags = queries.run_lags(session=session, run_ids=[r.id for r in rows])
     return {
         "runs": [
-            queries.run_summary(session=session, run=r, thresholds=thresholds, method=method)
+            queries.run_summary(
+                session=session, run=r, thresholds=thresholds, method=method, lags=lags[r.id]
+            )
             for r in rows
         ],
         "total": total,

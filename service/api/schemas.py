@@ -92,6 +92,19 @@ class RunRead(BaseModel):
         description="why the latest discovery pass could not list the run, or the "
         "entries it refused that have no step (null when all is well)",
     )
+    lag_checkpoints: int = Field(
+        0, description="checkpoints waiting for analysis (queued or being analysed)"
+    )
+    lag_oldest_seconds: float | None = Field(
+        None,
+        description="seconds the longest-waiting checkpoint has waited since it was queued "
+        "(discovered, or rewritten and queued again); null when none waits",
+    )
+    last_analysis_lag_seconds: float | None = Field(
+        None,
+        description="seconds from queued to analysed of the most recently finished analysis; "
+        "null when nothing is analysed",
+    )
 
 
 class CrossCheckRead(BaseModel):

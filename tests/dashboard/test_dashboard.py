@@ -6,13 +6,18 @@ import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import update
 
 from alphawatch.service.api import create_app
+from alphawatch.service.db import registry
+from alphawatch.service.db.models import Checkpoint
+from alphawatch.service.db.session import make_engine, session_scope, utcnow
 from alphawatch.settings import Settings
 from alphawatch.trust import Thresholds
 from alphawatch.workers.watcher import Watcher
@@ -196,6 +201,39 @@ def test_runs_overview_without_runs_says_how_to_start(page: Any, tmp_path: Path)
         page.wait_for_selector("#runs-empty")
         assert "alphawatch up RUN_DIR" in page.inner_text("#runs-empty")
         _shot(page, "runs-empty")
+
+
+def test_runs_overview_shows_how_far_a_run_is_behind(page: Any, tmp_path: Path) -> None:
+    from alphawatch.service.db.migrations import upgrade
+
+    url = f"sqlite:///{tmp_path / 'lag.db'}"
+    upgrade(url)
+    # Queued 15.5 min ago and later: the badge reads whole minutes, whatever the test's pace.
+    queued = utcnow() - timedelta(seconds=930)
+    with session_scope(make_engine(url)) as session:
+        behind = registry.ensure_run(session, name="behind", path="/r/behind")
+        keeping_up = registry.ensure_run(session, name="keeping-up", path="/r/keeping-up")
+        for step in (10, 20, 30):
+            checkpoint_id = registry.register_checkpoint(
+                session,
+                run_id=behind,
+                step=step,
+                path=f"/r/behind/{step}",
+                fingerprint="x",
+                fmt="hf",
+            )
+            session.execute(
+                update(Checkpoint)
+                .where(Checkpoint.id == checkpoint_id)
+                .values(discovered_at=queued + timedelta(seconds=step))
+            )
+    with serve(create_app(Settings(database_url=url))) as base_url:
+        page.goto(base_url + "/")
+        page.wait_for_selector(f"#lag-{behind}")
+        assert page.inner_text(f"#lag-{behind}") == "behind by 3 checkpoints / 15 min"
+        assert page.query_selector(f"#lag-{keeping_up}") is None
+        assert "keeping-up" in page.inner_text("#runs-table")
+        _shot(page, "runs-lag")
 
 
 def test_run_page_plots_have_data_and_failed_checkpoint_shows(page: Any, site: Site) -> None:

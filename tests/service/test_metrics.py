@@ -6,6 +6,7 @@ import json
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +14,13 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import event
+from sqlalchemy import event, update
 
 from alphawatch.service.api import create_app
 from alphawatch.service.db import queue, registry
 from alphawatch.service.db.alerts import GateCheck
-from alphawatch.service.db.session import make_engine, session_scope
+from alphawatch.service.db.models import Checkpoint
+from alphawatch.service.db.session import make_engine, session_scope, utcnow
 from alphawatch.settings import Settings
 from alphawatch.trust import Thresholds
 from tests.factories import STEPS, analysed_run, random_layers
@@ -192,3 +194,99 @@ def test_the_grafana_dashboard_queries_only_exported_metrics(client: TestClient)
         "alphawatch_checkpoint_analysis_seconds_bucket",
     } <= queried
     assert all(p["datasource"]["uid"] == "${datasource}" for p in dashboard["panels"])
+
+
+# A run name is user data: quotes, a backslash and a newline must reach Prometheus escaped.
+LAGGING = 'lag "behind"\\ run\nname'
+WAITED_S = {1: 600.0, 2: 300.0, 3: 60.0}
+
+
+def _lagging_run(url: str) -> tuple[datetime, int]:
+    """Three checkpoints of a new run queued 600, 300 and 60 s ago, one being analysed; the
+    done checkpoints of run 1 queued at one instant and finished ``step`` seconds later.
+
+    Returns the instant the waits are counted from and the step a worker claimed.
+    """
+    now = utcnow()
+    with session_scope(make_engine(url)) as session:
+        run_id = registry.ensure_run(session, name=LAGGING, path="/r/lagging")
+        for step, waited in WAITED_S.items():
+            checkpoint_id = registry.register_checkpoint(
+                session,
+                run_id=run_id,
+                step=step,
+                path=f"/r/lagging/{step}",
+                fingerprint="x",
+                fmt="hf",
+            )
+            session.execute(
+                update(Checkpoint)
+                .where(Checkpoint.id == checkpoint_id)
+                .values(discovered_at=now - timedelta(seconds=waited))
+            )
+        start = now - timedelta(days=1)
+        for step in STEPS:
+            session.execute(
+                update(Checkpoint)
+                .where(Checkpoint.run_id == 1, Checkpoint.step == step)
+                .values(discovered_at=start, finished_at=start + timedelta(seconds=step))
+            )
+    with session_scope(make_engine(url)) as session:
+        job = queue.claim(session, worker_id="t", lease_s=600)
+    assert job is not None and job.run_id == run_id
+    return now, job.step
+
+
+def test_lag_is_on_the_metrics_and_the_api(client: TestClient, db_url: str) -> None:
+    now, claimed = _lagging_run(db_url)
+    samples = _scrape(client)
+    listed = {r["name"]: r for r in client.get("/api/v1/runs").json()["runs"]}
+    detail = client.get(f"/api/v1/runs/{listed[LAGGING]['id']}").json()
+    elapsed = (utcnow() - now).total_seconds()
+
+    def waited(value: float, expected: float) -> bool:
+        return expected <= value <= expected + elapsed
+
+    assert _value(samples, "alphawatch_run_lag_checkpoints", run=LAGGING) == 3
+    assert waited(_value(samples, "alphawatch_run_lag_seconds", run=LAGGING), 600)
+    # The analysed runs keep up: their series are there, at 0, for alerts to watch.
+    for name in ("passes", "fails"):
+        assert _value(samples, "alphawatch_run_lag_checkpoints", run=name) == 0
+        assert _value(samples, "alphawatch_run_lag_seconds", run=name) == 0
+    # The queue counts only unclaimed jobs; the claimed one is the run's, not the queue's.
+    assert _value(samples, "alphawatch_queue_depth") == 2
+    oldest_queued = max(w for step, w in WAITED_S.items() if step != claimed)
+    assert waited(_value(samples, "alphawatch_queue_oldest_seconds"), oldest_queued)
+    for run in (listed[LAGGING], detail):
+        assert run["lag_checkpoints"] == 3
+        assert waited(run["lag_oldest_seconds"], 600)
+        assert run["last_analysis_lag_seconds"] is None
+        assert run["n_pending"] == 3
+    # Run 1's latest analysis finished 300 s after its checkpoint was queued.
+    assert listed["passes"]["last_analysis_lag_seconds"] == pytest.approx(max(STEPS))
+    assert listed["passes"]["lag_checkpoints"] == 0
+    assert listed["passes"]["lag_oldest_seconds"] is None
+    assert client.get("/api/v1/runs/1").json()["last_analysis_lag_seconds"] == pytest.approx(
+        max(STEPS)
+    )
+
+
+def test_an_empty_queue_has_no_age(client: TestClient) -> None:
+    samples = _scrape(client)
+    assert _value(samples, "alphawatch_queue_oldest_seconds") == 0
+    assert _value(samples, "alphawatch_run_lag_seconds", run="passes") == 0
+
+
+@pytest.mark.slow
+def test_the_run_list_reads_the_lag_of_every_run_in_two_queries(
+    client: TestClient, db_url: str
+) -> None:
+    settings = Settings(database_url=db_url)
+    check = GateCheck(defaults=settings.gate, method="ww", thresholds=settings.trust, notify=False)
+    for seed in range(3):
+        _run(db_url, f"more-{seed}", seed + 10, check)
+    _lagging_run(db_url)
+    with _statements(db_url) as seen:
+        listed = client.get("/api/v1/runs").json()["runs"]
+    assert len(listed) == 6
+    assert sum("coalesce(checkpoint.rewritten_at" in s.lower() for s in seen) == 2

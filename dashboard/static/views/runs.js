@@ -2,7 +2,26 @@
 
 import { api, defaultOf, vocabulary } from "../api.js";
 import { state, view } from "../state.js";
-import { C, esc, fmt, gateBadge, pct, plot } from "../ui.js";
+import { C, esc, fmt, gateBadge, isNum, pct, plot } from "../ui.js";
+
+// A wait in the unit a person reads at a glance: seconds are noise, days are rare.
+function waited(seconds) {
+  if (!isNum(seconds) || seconds < 60) return "< 1 min";
+  const minutes = Math.floor(seconds / 60);
+  return minutes < 120 ? `${minutes} min` : `${Math.floor(minutes / 60)} h ${minutes % 60} min`;
+}
+
+// Analysis behind training: how many checkpoints wait, and for how long the oldest has.
+function lagBadge(run) {
+  if (!run.lag_checkpoints) return "";
+  const n = run.lag_checkpoints;
+  const last = isNum(run.last_analysis_lag_seconds)
+    ? `; the latest analysis came ${waited(run.last_analysis_lag_seconds)} after its checkpoint`
+    : "";
+  return ` <span class="badge lag" id="lag-${run.id}" title="${esc(`${n} checkpoint${
+    n === 1 ? "" : "s"} queued or being analysed${last}`)}">behind by ${n} checkpoint${
+    n === 1 ? "" : "s"} / ${waited(run.lag_oldest_seconds)}</span>`;
+}
 
 export async function renderRuns(token) {
   const [data, words] = await Promise.all([api("/runs?limit=1000"), vocabulary()]);
@@ -24,7 +43,8 @@ export async function renderRuns(token) {
       <td><a href="#/runs/${run.id}">${esc(run.name)}</a><div class="muted small">${
         esc(run.path)}</div></td>
       <td class="num">${run.n_done ?? 0} done${run.n_failed ? ` · <span class="status-failed">${
-        run.n_failed} failed</span>` : ""}${run.n_pending ? ` · ${run.n_pending} pending` : ""}</td>
+        run.n_failed} failed</span>` : ""}${run.n_pending ? ` · ${run.n_pending} pending` : ""}${
+        lagBadge(run)}</td>
       <td class="num">${fmt(run.last_step, 0)}</td>
       <td class="num">${fmt(run.latest_alpha)}</td>
       <td class="num">${pct(run.untrusted_share)}</td>
