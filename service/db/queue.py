@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from enum import Enum
 
-from sqlalchemy import Connection, bindparam, func, select, text, update
+from sqlalchemy import Connection, bindparam, select, text, update
 from sqlalchemy.orm import Session
 
 from alphawatch.service.db.leases import lapsed
@@ -372,14 +372,3 @@ def reanalyze(session: Session, *, run_id: int, step: int | None = None) -> int:
         move(job, session.get(Checkpoint, job.checkpoint_id), Event.REQUEUE)
         job.attempts, job.worker_id = 0, None
     return len(jobs)
-
-
-def queue_depth(session: Session) -> int:
-    return int(
-        session.scalar(
-            select(func.count())
-            .select_from(AnalysisJob)
-            .where(AnalysisJob.status == JobStatus.QUEUED.value)
-        )
-        or 0
-    )
