@@ -332,6 +332,11 @@ class GateRead(BaseModel):
     delta: float | None = None
     n_used: int | None = None
     violations: list[Violation]
+    pending: bool = Field(
+        False,
+        description="the step is not analysed yet but may still be (queued, running, or not "
+        "registered and not passed by the run): the gate fails for now; ask again",
+    )
 
 
 LevelStatistic = Literal[tuple(s.value for s in Statistic if s.is_level)]  # type: ignore[valid-type]
