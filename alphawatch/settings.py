@@ -164,6 +164,12 @@ class Settings(BaseSettings):
     api_cache_mb: float = Field(
         256, ge=0, description="MiB of read answers kept per API process (PostgreSQL only; 0: off)"
     )
+    gate_wait_max_s: float = Field(
+        60,
+        ge=0,
+        le=60,
+        description="longest a gate request's wait_s is honoured (below the query's bound of 60)",
+    )
     # Route handlers are sync (SQLAlchemy sessions) and run on anyio's thread pool. Its default
     # of 40 threads lets 40 CPU-bound handlers fight for the GIL at once, which on a small
     # machine stretches every request instead of finishing some; a few threads keep latency

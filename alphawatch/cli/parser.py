@@ -179,6 +179,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="fit method (default: the server's fit_method)",
     )
 
+    gate.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait until the step (--step, else any) is analysed or the run moved past it",
+    )
+    gate.add_argument(
+        "--timeout",
+        type=positive,
+        default=3600.0,
+        help="with --wait: give up after this many seconds, exit 2 (default 3600)",
+    )
+
     export = sub.add_parser(
         "export",
         help="log a run's robust statistics to an experiment tracker (again: only what it lacks)",

@@ -69,7 +69,14 @@ class Client:
         self.token = token
         self.timeout_s = timeout_s
 
-    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    def call(
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        *,
+        timeout_s: float | None = None,
+    ) -> Any:
         """The decoded JSON answer of one call; raises :class:`LinkError` on any failure."""
         headers = {"Accept": "application/json"}
         data = None
@@ -82,7 +89,9 @@ class Client:
             f"{self.base}/api/v1{path}", data=data, headers=headers, method=method
         )
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+            with urllib.request.urlopen(
+                request, timeout=self.timeout_s if timeout_s is None else timeout_s
+            ) as response:
                 raw = response.read()
         except urllib.error.HTTPError as exc:
             detail = _detail(exc)
@@ -127,10 +136,24 @@ class Client:
         """Ask the workers to look at the run's folder now rather than at their next poll."""
         return self.call("POST", f"/runs/{run_id}/scan")
 
-    def gate(self, run_id: int, query: Mapping[str, object] | None = None) -> dict[str, Any]:
-        """The run's gate verdict: the server's rules for it, but for those ``query`` names."""
-        suffix = f"?{urllib.parse.urlencode(query)}" if query else ""
-        verdict: dict[str, Any] = self.call("GET", f"/runs/{run_id}/gate{suffix}")
+    def gate(
+        self, run_id: int, query: Mapping[str, object] | None = None, *, wait_s: float = 0
+    ) -> dict[str, Any]:
+        """The run's gate verdict: the server's rules for it, but for those ``query`` names.
+
+        With ``wait_s`` the server holds the answer up to that long (60 s at most) until the step
+        is analysed; ``pending: true`` in the verdict says it was not yet.
+        """
+        params = dict(query or {})
+        timeout_s = self.timeout_s
+        if wait_s > 0:
+            params["wait_s"] = f"{wait_s:g}"
+            # The call's own timeout must outlast the wait it asks for.
+            timeout_s += wait_s
+        suffix = f"?{urllib.parse.urlencode(params)}" if params else ""
+        verdict: dict[str, Any] = self.call(
+            "GET", f"/runs/{run_id}/gate{suffix}", timeout_s=timeout_s
+        )
         return verdict
 
 

@@ -11,8 +11,11 @@ from sqlalchemy.orm import Session
 from alphawatch.gate_rules import GateRules
 from alphawatch.service.api import queries
 from alphawatch.service.api.errors import Conflict, Invalid
+from alphawatch.service.api.selections import GateQuery
 from alphawatch.service.db import alerts
 from alphawatch.service.db import gate as gates
+from alphawatch.service.db.session import make_engine, session_scope
+from alphawatch.settings import Settings
 from alphawatch.trust import Thresholds
 from alphawatch.vocabulary import DEFAULT_VARIANT
 
@@ -24,6 +27,17 @@ def _reason(exc: ValueError) -> str:
             for e in exc.errors()
         )
     return str(exc)
+
+
+def _rules(
+    session: Session, *, run_id: int, query: dict[str, Any], defaults: GateRules
+) -> GateRules:
+    try:
+        return gates.stored_rules(session, run_id=run_id, defaults=defaults).merged(
+            query, empty_band_allowed=True
+        )
+    except ValueError as exc:
+        raise Invalid(_reason(exc)) from exc
 
 
 def evaluate(
@@ -43,12 +57,7 @@ def evaluate(
     names (a query may name an empty band: the gate then fails rather than refusing).
     """
     queries.get_run(session=session, run_id=run_id)
-    try:
-        rules = gates.stored_rules(session, run_id=run_id, defaults=defaults).merged(
-            query, empty_band_allowed=True
-        )
-    except ValueError as exc:
-        raise Invalid(_reason(exc)) from exc
+    rules = _rules(session, run_id=run_id, query=query, defaults=defaults)
     return gates.evaluate(
         session,
         run_id=run_id,
@@ -58,6 +67,39 @@ def evaluate(
         thresholds=thresholds,
         variant=variant,
     )
+
+
+def verdict_at(
+    *,
+    settings: Settings,
+    run_id: int,
+    query: GateQuery,
+    method: str,
+    final: bool,
+) -> dict[str, Any] | None:
+    """The gate's verdict with ``pending`` set; None while pending unless ``final``.
+
+    One short session: a waiting request holds no connection between two looks.
+    """
+    with session_scope(make_engine(settings.database_url)) as session:
+        queries.get_run(session=session, run_id=run_id)
+        # A bad query is refused at once, not after the wait.
+        _rules(session, run_id=run_id, query=query.rules(), defaults=settings.gate)
+        waiting = gates.pending(session, run_id=run_id, step=query.step)
+        if waiting and not final:
+            return None
+        verdict = evaluate(
+            session=session,
+            run_id=run_id,
+            step=query.step,
+            query=query.rules(),
+            defaults=settings.gate,
+            method=method,
+            thresholds=settings.trust,
+            variant=query.variant,
+        )
+    verdict["pending"] = waiting
+    return verdict
 
 
 def rules_read(*, session: Session, run_id: int, defaults: GateRules) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic.json_schema import SkipJsonSchema
 
 from alphawatch import run_names
@@ -345,9 +345,23 @@ class GateRead(BaseModel):
     delta: float | None = None
     n_used: int | None = None
     violations: list[Violation]
+    pending: bool = Field(
+        False,
+        description="the step is not analysed yet but may still be (queued, running, or not "
+        "registered and not passed by the run): the gate fails for now; ask again",
+    )
 
 
 LevelStatistic = Literal[tuple(s.value for s in Statistic if s.is_level)]  # type: ignore[valid-type]
+
+
+def _json_integer(value: object) -> object:
+    """An integer as JSON Schema has it: 119.0 is one; true and "119" are not."""
+    if isinstance(value, bool | str | bytes):
+        raise ValueError("Input should be a valid integer")
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
 
 class GateRulesWrite(BaseModel):
@@ -366,7 +380,9 @@ class GateRulesWrite(BaseModel):
     max_untrusted_share: float | None = Field(None, ge=0, le=1, strict=True)
     max_delta: float | None = Field(None, ge=0, allow_inf_nan=False, strict=True)
     # 2**53 - 1: the largest integer every JSON reader (and JSON Schema's maximum) holds exactly.
-    ref_step: int | None = Field(None, ge=0, le=2**53 - 1, strict=True)
+    ref_step: Annotated[int, Field(ge=0, le=2**53 - 1), BeforeValidator(_json_integer)] | None = (
+        None
+    )
 
 
 class VerdictRead(BaseModel):

@@ -164,6 +164,10 @@ class CompareQuery(BaseModel):
         )
 
 
+# The longest one gate request may wait: a proxy's idle timeout is often 60 s; clients loop.
+MAX_GATE_WAIT_S = 60
+
+
 class GateQuery(BaseModel):
     """The CI gate's question: at which step, on which variant, under which rules.
 
@@ -206,7 +210,17 @@ class GateQuery(BaseModel):
     ] = None
     strict: Annotated[bool, Field(description="answer 409 when the gate fails")] = False
     variant: Variant = DEFAULT_VARIANT
+    wait_s: Annotated[
+        float,
+        Field(
+            ge=0,
+            le=MAX_GATE_WAIT_S,
+            allow_inf_nan=False,
+            description="wait up to this long for the step to be analysed (long poll); when it "
+            "runs out the verdict says pending: true",
+        ),
+    ] = 0
 
     def rules(self) -> dict[str, Any]:
         """The rules the query names, over the run's: those it leaves out are not here."""
-        return self.model_dump(exclude={"step", "strict", "variant"}, exclude_none=True)
+        return self.model_dump(exclude={"step", "strict", "variant", "wait_s"}, exclude_none=True)

@@ -9,6 +9,7 @@ stored overrides (:func:`stored_rules`), then, for the API only, the query's own
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import select
@@ -17,12 +18,48 @@ from sqlalchemy.orm import Session
 from alphawatch.gate_rules import GateRules
 from alphawatch.service import robust
 from alphawatch.service.db.layers import LayerSelection
-from alphawatch.service.db.models import Checkpoint, CheckpointStatus, LayerMetric, RunGate
+from alphawatch.service.db.models import (
+    Checkpoint,
+    CheckpointStatus,
+    LayerMetric,
+    RunGate,
+    utcnow,
+)
 from alphawatch.trust import Thresholds
 from alphawatch.vocabulary import DEFAULT_VARIANT
 
 # What robust.select and robust.untrusted_reason read from a layer row.
 _FIELDS = ("alpha", "fit_status", "trusted", "correlation_trap", "rank_collapse")
+
+
+# How long a later step must have been analysed before a step that was never registered counts as
+# skipped: discovery registers every checkpoint a scan finds, but a folder still being written
+# when the later one was found may only be registered at the next poll.
+SETTLE_S = 30.0
+
+
+def pending(session: Session, *, run_id: int, step: int | None, settle_s: float = SETTLE_S) -> bool:
+    """True while the gate's verdict at ``step`` may still change by analysis alone.
+
+    Without a step: no checkpoint of the run is analysed yet. With one: its checkpoint is
+    pending or running, or it is not registered and no later step was analysed at least
+    ``settle_s`` seconds ago. An analysed, failed or vanished checkpoint is settled, and so is
+    a step the run moved past without it.
+    """
+    of_run = Checkpoint.run_id == run_id
+    done = Checkpoint.status == CheckpointStatus.DONE.value
+    if step is None:
+        return session.scalar(select(Checkpoint.id).where(of_run, done).limit(1)) is None
+    status = session.scalar(select(Checkpoint.status).where(of_run, Checkpoint.step == step))
+    if status is not None:
+        return status in (CheckpointStatus.PENDING.value, CheckpointStatus.RUNNING.value)
+    cutoff = utcnow() - timedelta(seconds=settle_s)
+    past = session.scalar(
+        select(Checkpoint.id)
+        .where(of_run, done, Checkpoint.step > step, Checkpoint.finished_at <= cutoff)
+        .limit(1)
+    )
+    return past is None
 
 
 def overrides_of(session: Session, *, run_id: int) -> dict[str, Any]:

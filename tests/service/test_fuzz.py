@@ -66,7 +66,11 @@ def test_schemathesis_all_checks_pass(pg_url: str, tmp_path: Path, reads_need_to
     # a 422 the schema cannot foresee. Registering runs is tested in test_api_live.py.
     app = create_app(
         Settings(
-            database_url=pg_url, allowed_roots=[tmp_path], read_requires_token=reads_need_token
+            database_url=pg_url,
+            allowed_roots=[tmp_path],
+            read_requires_token=reads_need_token,
+            # The gate's wait_s goes up to 60 s: a generated step still to come would wait it.
+            gate_wait_max_s=0.2,
         )
     )
     with serve(app) as base:

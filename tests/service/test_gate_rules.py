@@ -75,6 +75,9 @@ def test_put_needs_a_write_token(client: TestClient, db_url: str) -> None:
         ({"max_untrusted_share": 1.5}, 422, "max_untrusted_share"),
         ({"max_delta": -1}, 422, "max_delta"),
         ({"ref_step": -5}, 422, "ref_step"),
+        ({"ref_step": 119.5}, 422, "ref_step"),
+        ({"ref_step": "119"}, 422, "ref_step"),
+        ({"ref_step": True}, 422, "ref_step"),
         ({"max_alpha": "high"}, 422, "max_alpha"),
         ({"min_alfa": 2}, 422, "min_alfa"),
     ],
@@ -134,3 +137,11 @@ def test_a_rule_change_that_flips_the_verdict_queues_an_alert(
         ("fail", "pass", "pending")
     ]
     assert "is above 0.5" in alerts[0]["body"]["text"]
+
+
+def test_an_integral_json_number_is_an_integer_step(client: TestClient, db_url: str) -> None:
+    # JSON Schema counts 119.0 as an integer, so the schema admits it (and a fuzzer sends it).
+    write = _token(db_url, "w", TokenScope.WRITE)
+    answer = client.put(RULES, json={"ref_step": 119.0}, headers=write)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["overrides"] == {"ref_step": 119}

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Annotated, Any
 
 from fastapi import Depends, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
 
 from alphawatch.service.api import gate as gates
 from alphawatch.service.api.auth import require
@@ -25,6 +28,9 @@ from alphawatch.service.db.tokens import TokenScope
 
 router = api_router()
 
+# How often a waiting gate request looks at the database: one indexed query per look.
+POLL_S = 0.5
+
 
 @router.get(
     "/runs/{run_id}/gate",
@@ -34,25 +40,34 @@ router = api_router()
         409: {"model": GateRead, "description": "strict=true and the gate failed"},
     },
 )
-def gate(
+async def gate(
     run_id: RunId,
-    session: SessionDep,
     settings: SettingsDep,
     response: Response,
     method: MethodDep,
     query: Annotated[GateQuery, Query()],
 ) -> dict[str, Any]:
-    """CI gate: the run's gate rules, or those the query names, on its robust alpha."""
-    verdict = gates.evaluate(
-        session=session,
-        run_id=run_id,
-        step=query.step,
-        query=query.rules(),
-        defaults=settings.gate,
-        method=method,
-        thresholds=settings.trust,
-        variant=query.variant,
-    )
+    """CI gate: the run's gate rules, or those the query names, on its robust alpha.
+
+    With ``wait_s``, a long poll: the verdict as soon as the step is analysed (or the run moved
+    past it), else ``pending: true`` when the wait runs out.
+    """
+    # Async, each look on the thread pool with its own short session: a waiting request holds
+    # neither a pool thread nor a database connection between two looks.
+    deadline = time.monotonic() + min(query.wait_s, settings.gate_wait_max_s)
+    while True:
+        final = time.monotonic() >= deadline
+        verdict = await run_in_threadpool(
+            gates.verdict_at,
+            settings=settings,
+            run_id=run_id,
+            query=query,
+            method=method,
+            final=final,
+        )
+        if verdict is not None:
+            break
+        await asyncio.sleep(max(0.0, min(POLL_S, deadline - time.monotonic())))
     if query.strict and not verdict["passed"]:
         response.status_code = 409
     return verdict
