@@ -89,13 +89,20 @@ class TrendQuery(BaseModel):
 
     def layers(self, method: str) -> LayerSelection:
         """The layer rows this trend is over."""
-        return LayerSelection(
-            method=method,
-            variant=self.variant,
-            kinds=kinds_of(self.kind),
-            block_min=self.block_min,
-            block_max=self.block_max,
-        )
+        return _within_blocks(method, self.variant, self.kind, self.block_min, self.block_max)
+
+
+def _within_blocks(
+    method: str, variant: str, kind: str | None, block_min: int | None, block_max: int | None
+) -> LayerSelection:
+    """The layers of ``kind`` (a comma list, or all) between two blocks, of one method."""
+    return LayerSelection(
+        method=method,
+        variant=variant,
+        kinds=kinds_of(kind),
+        block_min=block_min,
+        block_max=block_max,
+    )
 
 
 class BlockQuery(BaseModel):
@@ -129,13 +136,7 @@ class HeatmapQuery(BaseModel):
 
     def layers(self, method: str) -> LayerSelection:
         """The layer rows that make the matrix's rows."""
-        return LayerSelection(
-            method=method,
-            variant=self.variant,
-            kinds=kinds_of(self.kind),
-            block_min=self.block_min,
-            block_max=self.block_max,
-        )
+        return _within_blocks(method, self.variant, self.kind, self.block_min, self.block_max)
 
 
 class CompareQuery(BaseModel):
