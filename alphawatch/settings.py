@@ -144,6 +144,18 @@ class Settings(BaseSettings):
     job_memory_mb: float = Field(
         0, ge=0, description="resident memory budget of one analysis (MiB; 0: 3/4 of the RAM)"
     )
+    # One number, not a switch: the backlog is what an operator already watches and alerts on
+    # (alphawatch_queue_depth, each run's lag_checkpoints), and a count needs no forecast of
+    # analysis time, which a time bound would.
+    keep_up: int = Field(
+        0,
+        ge=0,
+        le=10000,
+        description="the keep-up policy for fleets that cannot analyse every checkpoint "
+        "(CPU-only): at most this many queued checkpoints per run, the newest and the "
+        "coarse-to-fine backbone first; the rest are marked skipped (0: off, every "
+        "checkpoint is analysed, and skipped ones are queued again; else at least 3)",
+    )
     optimizer_state: bool = Field(
         False,
         description="also analyse Adam's exp_avg of each weight matrix (<layer>@exp_avg "
@@ -215,6 +227,17 @@ class Settings(BaseSettings):
             value = "postgresql://" + value[len("postgres://") :]
         if value.startswith("postgresql://"):
             value = "postgresql+psycopg://" + value[len("postgresql://") :]
+        return value
+
+    @field_validator("keep_up")
+    @classmethod
+    def _keep_up_keeps_the_ends(cls, value: int) -> int:
+        # Fewer than 3 could pass over the first step or the middle of a run's backlog.
+        if 0 < value < 3:
+            raise ValueError(
+                "keep_up is 0 (off) or at least 3: the newest, the first and the middle "
+                "checkpoint of a backlog are always analysed"
+            )
         return value
 
     @field_validator("nested_widths", mode="before")

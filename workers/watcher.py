@@ -400,10 +400,23 @@ class Watcher:
             if self.reanalyze and run_id not in self._reanalyzed:
                 requeued = queue.reanalyze(session, run_id=run_id)
                 self._reanalyzed.add(run_id)
-            if new or requeued:
+            keep_up = self.settings.keep_up
+            if not keep_up and memory is None:
+                # The policy is off (or was turned off): what it skipped is analysed after all.
+                requeued += queue.resume_skipped(session, run_id=run_id)
+            if new or requeued or (keep_up and memory is None):
                 # Each step added moves the places of the run's backlog (newest, then coarse
                 # to fine); once per pass, not per checkpoint.
                 queue.reorder(session, run_id=run_id)
+                if keep_up:
+                    skipped = queue.keep_up(session, run_id=run_id, bound=keep_up)
+                    if skipped:
+                        log.info(
+                            "keep-up: %s had more than %s checkpoints queued; skipped %s",
+                            run_dir.name,
+                            keep_up,
+                            skipped,
+                        )
             summary = _problems(problems)
             registry.set_run_discovery_error(session, run_id=run_id, error=summary)
         self._memory.remember(
@@ -432,7 +445,7 @@ class Watcher:
             )
         if found.fingerprint == fingerprint:
             return 0, True
-        if found.status == CheckpointStatus.PENDING and found.job_status == JobStatus.QUEUED:
+        if (found.status, found.job_status) in _NOT_YET_READ:
             registry.set_fingerprint(
                 session, checkpoint_id=found.checkpoint_id, fingerprint=fingerprint
             )
@@ -753,6 +766,16 @@ class Watcher:
             if left <= 0 or self._work.wait(min(left, _TICK_S)):
                 break
         self._work.clear()
+
+
+# A checkpoint whose files changed before they were read (queued, or skipped by the keep-up
+# policy) reads the new ones whenever it is analysed: only its fingerprint is updated.
+_NOT_YET_READ = frozenset(
+    {
+        (CheckpointStatus.PENDING, JobStatus.QUEUED),
+        (CheckpointStatus.SKIPPED, JobStatus.SKIPPED),
+    }
+)
 
 
 def _pause(seconds: float, *events: threading.Event) -> None:

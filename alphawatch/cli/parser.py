@@ -64,6 +64,16 @@ def build_parser() -> argparse.ArgumentParser:
             "model config's nested_widths)",
         )
 
+    def keep_up_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--keep-up",
+            type=backlog_bound,
+            metavar="N",
+            help="keep at most N checkpoints of each run queued (newest, first, middle, "
+            "quarters … first) and mark the rest skipped, for workers that cannot analyse "
+            "every checkpoint; 0: off, skipped ones are queued again (ALPHAWATCH_KEEP_UP)",
+        )
+
     def poll_option(p: argparse.ArgumentParser) -> None:
         p.add_argument(
             "--poll",
@@ -85,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     listen_options(up)
     poll_option(up)
     variant_options(up)
+    keep_up_option(up)
 
     watch = sub.add_parser("watch", help="worker only: analyse checkpoints into the database")
     watch.add_argument(
@@ -98,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     device_option(watch)
     poll_option(watch)
     variant_options(watch)
+    keep_up_option(watch)
     watch.add_argument(
         "--reanalyze", action="store_true", help="analyse checkpoints again even when results exist"
     )
@@ -299,6 +311,16 @@ def widths(text: str) -> list[int]:
     if not values or any(v <= 0 for v in values):
         raise argparse.ArgumentTypeError(f"{text} is not a list of positive widths (1024,2048)")
     return values
+
+
+def backlog_bound(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value != 0 and not 3 <= value <= 10000:
+        raise argparse.ArgumentTypeError("0 (off) or a number of checkpoints from 3 to 10000")
+    return value
 
 
 def step_number(text: str) -> int:

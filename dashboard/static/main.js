@@ -59,12 +59,13 @@ async function poll() {
     if (parts[0] === "runs" && parts[1]) {
       const run = await api(`/runs/${parts[1]}`);
       now = JSON.stringify([run.n_checkpoints, run.n_done, run.n_failed, run.n_pending,
-        run.last_step, run.discovery_error]);
+        run.n_skipped, run.last_step, run.discovery_error]);
     } else {
       const runs = (await api("/runs?limit=1000")).runs;
       now = JSON.stringify(parts[0] === "compare"
         ? runs.map((r) => [r.id, r.n_done, r.last_step])
-        : runs.map((r) => [r.id, r.n_checkpoints, r.n_done, r.n_failed, r.n_pending, r.last_step]));
+        : runs.map((r) => [r.id, r.n_checkpoints, r.n_done, r.n_failed, r.n_pending, r.n_skipped,
+          r.last_step]));
     }
     setLive(true);
     if (now !== before && before === state.lastSignature) await render({ quiet: true });

@@ -108,6 +108,7 @@ def run_summary(
         + counts.get(CheckpointStatus.VANISHED.value, 0),
         "n_pending": counts.get(CheckpointStatus.PENDING.value, 0)
         + counts.get(CheckpointStatus.RUNNING.value, 0),
+        "n_skipped": counts.get(CheckpointStatus.SKIPPED.value, 0),
         "last_step": last[1] if last else None,
         "latest_alpha": latest_alpha,
         "untrusted_share": untrusted_share,

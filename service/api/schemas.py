@@ -84,6 +84,11 @@ class RunRead(BaseModel):
     n_done: int
     n_failed: int
     n_pending: int
+    n_skipped: int = Field(
+        0,
+        description="checkpoints the keep-up policy passed over (ALPHAWATCH_KEEP_UP): not "
+        "analysed, not waiting, and not counted in n_pending or the lag",
+    )
     last_step: int | None
     latest_alpha: float | None = Field(description="median alpha of trusted layers, latest step")
     untrusted_share: float | None
@@ -93,7 +98,9 @@ class RunRead(BaseModel):
         "entries it refused that have no step (null when all is well)",
     )
     lag_checkpoints: int = Field(
-        0, description="checkpoints waiting for analysis (queued or being analysed)"
+        0,
+        description="checkpoints waiting for analysis (queued or being analysed; skipped "
+        "ones are not waiting)",
     )
     lag_oldest_seconds: float | None = Field(
         None,
@@ -133,7 +140,10 @@ class CheckpointRead(BaseModel):
     step: int
     path: str
     format: str
-    status: str = Field(description="pending | running | done | failed | vanished")
+    status: str = Field(
+        description="pending | running | done | failed | vanished | skipped (passed over by "
+        "the keep-up policy; error says why)"
+    )
     error: str | None
     discovered_at: UtcDatetime
     started_at: UtcDatetime | None

@@ -43,14 +43,15 @@ def pending(session: Session, *, run_id: int, step: int | None, settle_s: float 
 
     Without a step: no checkpoint of the run is analysed yet. With one: its checkpoint is
     pending or running, or it is not registered and no later step was analysed at least
-    ``settle_s`` seconds ago. An analysed, failed or vanished checkpoint is settled, and so is
-    a step the run moved past without it.
+    ``settle_s`` seconds ago. An analysed, failed, vanished or skipped checkpoint is settled
+    (the keep-up policy moved past a skipped one without it), and so is a step the run moved
+    past without it.
     """
     of_run = Checkpoint.run_id == run_id
     done = Checkpoint.status == CheckpointStatus.DONE.value
     if step is None:
         return session.scalar(select(Checkpoint.id).where(of_run, done).limit(1)) is None
-    status = session.scalar(select(Checkpoint.status).where(of_run, Checkpoint.step == step))
+    status = _status_at(session, run_id, step)
     if status is not None:
         return status in (CheckpointStatus.PENDING.value, CheckpointStatus.RUNNING.value)
     cutoff = utcnow() - timedelta(seconds=settle_s)
@@ -60,6 +61,12 @@ def pending(session: Session, *, run_id: int, step: int | None, settle_s: float 
         .limit(1)
     )
     return past is None
+
+
+def _status_at(session: Session, run_id: int, step: int) -> str | None:
+    return session.scalar(
+        select(Checkpoint.status).where(Checkpoint.run_id == run_id, Checkpoint.step == step)
+    )
 
 
 def overrides_of(session: Session, *, run_id: int) -> dict[str, Any]:
@@ -151,6 +158,8 @@ def evaluate(
         step = max(done) if done else None
     if step is None or step not in done:
         what = "no analysed checkpoint yet" if step is None else f"step {step} is not analysed"
+        if step is not None and _status_at(session, run_id, step) == CheckpointStatus.SKIPPED:
+            what += " (skipped by the keep-up policy, ALPHAWATCH_KEEP_UP)"
         violations.append(
             {
                 "rule": "no_data",

@@ -48,6 +48,10 @@ class CheckpointStatus(StrEnum):
     DONE = "done"  # analysed: its layer rows are complete
     FAILED = "failed"  # given up: unreadable, refused, over a budget, or its workers kept dying
     VANISHED = "vanished"  # deleted (rotation) before or while it was read
+    # Passed over by the keep-up policy (ALPHAWATCH_KEEP_UP): its run's backlog was over the
+    # bound and it was neither the newest nor on the coarse-to-fine backbone; re-queued by a
+    # re-analysis or by a worker with the policy off.
+    SKIPPED = "skipped"
 
 
 class JobStatus(StrEnum):
@@ -57,6 +61,7 @@ class JobStatus(StrEnum):
     RUNNING = "running"  # claimed: a worker holds a lease on it
     DONE = "done"  # its results are written
     FAILED = "failed"  # no further attempt will be made (the checkpoint says why)
+    SKIPPED = "skipped"  # left unclaimed by the keep-up policy until it is re-queued
 
 
 def _one_of(enum: type[StrEnum]) -> str:

@@ -53,7 +53,8 @@ class Event(Enum):
     RETRY = "retry"  # an attempt failed or its worker died, and attempts are left
     GIVE_UP = "give_up"  # an attempt failed or its worker died, and none are left
     VANISH = "vanish"  # the checkpoint was deleted before or while it was read
-    REQUEUE = "requeue"  # a finished checkpoint is to be analysed again
+    REQUEUE = "requeue"  # a finished or skipped checkpoint is to be analysed (again)
+    SKIP = "skip"  # the keep-up policy passes a queued checkpoint over (see keep_up)
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,12 @@ TRANSITIONS: dict[Event, Transition] = {
     Event.GIVE_UP: Transition(_RUNNING, JobStatus.FAILED, CheckpointStatus.FAILED),
     Event.VANISH: Transition(_RUNNING, JobStatus.FAILED, CheckpointStatus.VANISHED),
     Event.REQUEUE: Transition(
-        frozenset({JobStatus.DONE, JobStatus.FAILED}), JobStatus.QUEUED, CheckpointStatus.PENDING
+        frozenset({JobStatus.DONE, JobStatus.FAILED, JobStatus.SKIPPED}),
+        JobStatus.QUEUED,
+        CheckpointStatus.PENDING,
+    ),
+    Event.SKIP: Transition(
+        frozenset({JobStatus.QUEUED}), JobStatus.SKIPPED, CheckpointStatus.SKIPPED
     ),
 }
 
@@ -224,6 +230,71 @@ def reorder(session: Session, *, run_id: int) -> int:
     return len(moved)
 
 
+def keep_up(session: Session, *, run_id: int, bound: int) -> int:
+    """Skip the run's queued jobs that come after the first ``bound`` in its claim order.
+
+    The keep-up policy (``ALPHAWATCH_KEEP_UP``): a worker that cannot analyse every checkpoint
+    of a run keeps at most ``bound`` of them queued, the ones it would claim first (lowest
+    :func:`reorder` priority: the newest step, then the first, the middle, the quarters …),
+    and moves the rest to ``skipped`` through :func:`move`, each with a note saying why. Call
+    it after :func:`reorder`, so that the places are current. Returns how many were skipped.
+
+    Only the jobs to skip are locked, and those a claimer holds at that moment are passed over
+    (PostgreSQL ``SKIP LOCKED``): a job claimed meanwhile is running, never skipped.
+    """
+    if bound <= 0:
+        return 0
+    of_run_queued = (
+        Checkpoint.run_id == run_id,
+        AnalysisJob.status == JobStatus.QUEUED.value,
+    )
+    queued = (
+        session.execute(
+            select(AnalysisJob.id)
+            .join(Checkpoint, Checkpoint.id == AnalysisJob.checkpoint_id)
+            .where(*of_run_queued)
+            .order_by(AnalysisJob.priority, AnalysisJob.id)
+        )
+        .scalars()
+        .all()
+    )
+    if len(queued) <= bound:
+        return 0
+    query = (
+        select(AnalysisJob, Checkpoint)
+        .join(Checkpoint, Checkpoint.id == AnalysisJob.checkpoint_id)
+        .where(*of_run_queued, AnalysisJob.id.not_in(queued[:bound]))
+        .order_by(AnalysisJob.id)
+    )
+    if session.get_bind().dialect.name == "postgresql":
+        query = query.with_for_update(of=AnalysisJob, skip_locked=True)
+    note = (
+        f"skipped to keep up: {len(queued)} checkpoints of the run were queued, over "
+        f"ALPHAWATCH_KEEP_UP={bound}; analysed when re-queued (a worker with the policy off)"
+    )
+    skipped = session.execute(query).all()
+    for job, checkpoint in skipped:
+        move(job, checkpoint, Event.SKIP)
+        checkpoint.error = note
+    return len(skipped)
+
+
+def resume_skipped(session: Session, *, run_id: int) -> int:
+    """Queue the run's skipped checkpoints again (the keep-up policy is off); returns how many.
+
+    Call :func:`reorder` after it: the jobs take their places in the claim order.
+    """
+    skipped = session.execute(
+        select(AnalysisJob, Checkpoint)
+        .join(Checkpoint, Checkpoint.id == AnalysisJob.checkpoint_id)
+        .where(Checkpoint.run_id == run_id, AnalysisJob.status == JobStatus.SKIPPED.value)
+    ).all()
+    for job, checkpoint in skipped:
+        move(job, checkpoint, Event.REQUEUE)
+        checkpoint.error = None
+    return len(skipped)
+
+
 def reclaim(session: Session, *, worker_id: str, lease_s: float) -> ClaimedJob | None:
     """A job running under ``worker_id`` that the worker does not know it holds; commits.
 
@@ -356,7 +427,7 @@ def requeue_stale(session: Session, *, max_attempts: int = 3) -> int:
 
 
 def reanalyze(session: Session, *, run_id: int, step: int | None = None) -> int:
-    """Queue finished checkpoints of a run again; returns how many."""
+    """Queue finished (and skipped) checkpoints of a run again; returns how many."""
     query = (
         select(AnalysisJob)
         .join(Checkpoint)
@@ -369,6 +440,9 @@ def reanalyze(session: Session, *, run_id: int, step: int | None = None) -> int:
         query = query.where(Checkpoint.step == step)
     jobs = session.scalars(query).all()
     for job in jobs:
-        move(job, session.get(Checkpoint, job.checkpoint_id), Event.REQUEUE)
+        checkpoint = session.get(Checkpoint, job.checkpoint_id)
+        if checkpoint is not None and job.status == JobStatus.SKIPPED.value:
+            checkpoint.error = None  # the keep-up note: it is no longer skipped
+        move(job, checkpoint, Event.REQUEUE)
         job.attempts, job.worker_id = 0, None
     return len(jobs)

@@ -213,7 +213,8 @@ def requeue_rewritten(session: Session, *, checkpoint_id: int, fingerprint: str)
     show numbers of files that no longer exist. A job queued or running is left alone (and
     the stored fingerprint with it): the next pass sees the change again once it ends.
     """
-    finished = TRANSITIONS[Event.REQUEUE].sources
+    # A skipped checkpoint is not finished: it reads the new files whenever it is re-queued.
+    finished = TRANSITIONS[Event.REQUEUE].sources - {JobStatus.SKIPPED}
     job = session.scalars(
         select(AnalysisJob).where(
             AnalysisJob.checkpoint_id == checkpoint_id,
@@ -224,7 +225,11 @@ def requeue_rewritten(session: Session, *, checkpoint_id: int, fingerprint: str)
     if checkpoint is None:
         return False
     if job is None:
-        if checkpoint.status in (CheckpointStatus.PENDING, CheckpointStatus.RUNNING):
+        if checkpoint.status in (
+            CheckpointStatus.PENDING,
+            CheckpointStatus.RUNNING,
+            CheckpointStatus.SKIPPED,
+        ):
             return False
         # A finished checkpoint without a job (made before jobs were kept): give it a finished one.
         job = AnalysisJob(checkpoint_id=checkpoint_id, status=JobStatus.FAILED.value)

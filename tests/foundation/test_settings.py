@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from alphawatch.cli import build_parser
+from alphawatch.cli.common import settings_of
 from alphawatch.settings import DEFAULT_DATABASE_URL, Settings
 
 
@@ -70,3 +72,26 @@ def test_importing_the_packages_builds_no_settings(tmp_path: Path) -> None:
         timeout=120,
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_keep_up_is_off_by_default_and_a_bound_of_at_least_three(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("ALPHAWATCH_KEEP_UP", raising=False)
+    assert Settings().keep_up == 0
+    monkeypatch.setenv("ALPHAWATCH_KEEP_UP", "8")
+    assert Settings().keep_up == 8
+    for bad in ("2", "-1", "eight"):
+        monkeypatch.setenv("ALPHAWATCH_KEEP_UP", bad)
+        with pytest.raises(ValueError, match="keep_up"):
+            Settings()
+
+
+def test_keep_up_on_the_command_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ALPHAWATCH_KEEP_UP", "8")
+    parser = build_parser()
+    assert settings_of(parser.parse_args(["watch", "--keep-up", "16"])).keep_up == 16
+    assert settings_of(parser.parse_args(["watch", "--keep-up", "0"])).keep_up == 0
+    assert settings_of(parser.parse_args(["watch"])).keep_up == 8
+    with pytest.raises(SystemExit):
+        parser.parse_args(["up", "/runs", "--keep-up", "2"])

@@ -6,11 +6,13 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect
+from sqlalchemy.exc import IntegrityError
 
 from alembic import command
+from alphawatch.service.db import queue, registry
 from alphawatch.service.db.migrations import SchemaOutOfDate, alembic_config, upgrade, verify_schema
 from alphawatch.service.db.models import Base
-from alphawatch.service.db.session import make_engine
+from alphawatch.service.db.session import make_engine, session_scope
 
 
 def test_models_match_migrations(db_url: str) -> None:
@@ -64,3 +66,41 @@ def test_every_migration_is_reversible(db_url: str) -> None:
     upgrade(db_url)
     verify_schema(make_engine(db_url))
     test_models_match_migrations(db_url)
+
+
+def _statuses(url: str) -> tuple[set[str], set[str]]:
+    with make_engine(url).connect() as connection:
+        return (
+            set(connection.exec_driver_sql("SELECT status FROM checkpoint").scalars()),
+            set(connection.exec_driver_sql("SELECT status FROM analysis_job").scalars()),
+        )
+
+
+def test_skipped_status_migration_up_and_down(db_url: str) -> None:
+    engine = make_engine(db_url)
+    with session_scope(engine) as session:
+        run_id = registry.ensure_run(session, name="r", path="/r")
+        for step in range(6):
+            registry.register_checkpoint(
+                session, run_id=run_id, step=step, path=f"/r/{step}", fingerprint="f", fmt="hf"
+            )
+        queue.reorder(session, run_id=run_id)
+        assert queue.keep_up(session, run_id=run_id, bound=3) == 3
+    assert _statuses(db_url) == ({"pending", "skipped"}, {"queued", "skipped"})
+    _migrate(db_url, "downgrade", "0011")
+    # 0011 knows no skipping: the skipped checkpoints are queued again, their note gone.
+    assert _statuses(db_url) == ({"pending"}, {"queued"})
+    with make_engine(db_url).connect() as connection:
+        errors = set(connection.exec_driver_sql("SELECT error FROM checkpoint").scalars())
+    assert errors == {None}
+    for table in ("checkpoint", "analysis_job"):
+        with pytest.raises(IntegrityError, match="status"), make_engine(db_url).begin() as c:
+            c.exec_driver_sql(f"UPDATE {table} SET status = 'skipped'")
+    _migrate(db_url, "upgrade", "0012")
+    with session_scope(make_engine(db_url)) as session:
+        assert queue.keep_up(session, run_id=run_id, bound=3) == 3
+    assert _statuses(db_url) == ({"pending", "skipped"}, {"queued", "skipped"})
+    for table in ("checkpoint", "analysis_job"):
+        with pytest.raises(IntegrityError, match="status"), make_engine(db_url).begin() as c:
+            c.exec_driver_sql(f"UPDATE {table} SET status = 'bogus'")
+    verify_schema(make_engine(db_url))

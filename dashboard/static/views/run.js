@@ -117,7 +117,7 @@ export async function refreshRun(runId, params, token) {
   if (token !== state.renderToken) return;
   setThresholds(run.thresholds);
   state.lastSignature = JSON.stringify([run.n_checkpoints, run.n_done, run.n_failed,
-    run.n_pending, run.last_step, run.discovery_error]);
+    run.n_pending, run.n_skipped, run.last_step, run.discovery_error]);
   document.title = `${run.name} · alphawatch`;
   document.getElementById("run-title").innerHTML =
     `${esc(run.name)} <span class="muted small">${esc(run.path)}</span>`;
@@ -125,6 +125,9 @@ export async function refreshRun(runId, params, token) {
     <span><b>${run.n_done ?? 0}</b> analysed</span>
     <span class="${run.n_failed ? "status-failed" : ""}"><b>${run.n_failed ?? 0}</b> failed</span>
     <span><b>${run.n_pending ?? 0}</b> pending</span>
+    ${run.n_skipped ? `<span class="status-skipped" id="run-skipped" title="passed over by the ` +
+      `keep-up policy (ALPHAWATCH_KEEP_UP): not analysed, not waiting"><b>${run.n_skipped}` +
+      `</b> skipped</span>` : ""}
     <span>last step <b>${fmt(run.last_step, 0)}</b></span>
     <span>median α <b>${fmt(run.latest_alpha)}</b></span>
     <span>untrusted <b>${pct(run.untrusted_share)}</b></span>

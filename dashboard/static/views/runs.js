@@ -27,7 +27,7 @@ export async function renderRuns(token) {
   const [data, words] = await Promise.all([api("/runs?limit=1000"), vocabulary()]);
   if (token !== state.renderToken) return;
   state.lastSignature = JSON.stringify(data.runs.map((r) =>
-    [r.id, r.n_checkpoints, r.n_done, r.n_failed, r.n_pending, r.last_step]));
+    [r.id, r.n_checkpoints, r.n_done, r.n_failed, r.n_pending, r.n_skipped, r.last_step]));
   if (!data.runs.length) {
     view.innerHTML = `<h1>Runs</h1><div class="panel" id="runs-empty"><div class="empty">
       <p><strong>No runs yet.</strong></p>
@@ -44,6 +44,8 @@ export async function renderRuns(token) {
         esc(run.path)}</div></td>
       <td class="num">${run.n_done ?? 0} done${run.n_failed ? ` · <span class="status-failed">${
         run.n_failed} failed</span>` : ""}${run.n_pending ? ` · ${run.n_pending} pending` : ""}${
+        run.n_skipped ? ` · <span class="status-skipped" title="passed over by the keep-up ` +
+        `policy">${run.n_skipped} skipped</span>` : ""}${
         lagBadge(run)}</td>
       <td class="num">${fmt(run.last_step, 0)}</td>
       <td class="num">${fmt(run.latest_alpha)}</td>
