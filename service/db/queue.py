@@ -270,7 +270,7 @@ def keep_up(session: Session, *, run_id: int, bound: int) -> int:
         query = query.with_for_update(of=AnalysisJob, skip_locked=True)
     note = (
         f"skipped to keep up: {len(queued)} checkpoints of the run were queued, over "
-        f"ALPHAWATCH_KEEP_UP={bound}; analysed when re-queued (a worker with the policy off)"
+        f"ALPHAWATCH_KEEP_UP={bound} (a worker with the policy off analyses it)"
     )
     skipped = session.execute(query).all()
     for job, checkpoint in skipped:

@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import update
 
 from alphawatch.service.api import create_app
-from alphawatch.service.db import registry
+from alphawatch.service.db import queue, registry
 from alphawatch.service.db.models import Checkpoint
 from alphawatch.service.db.session import make_engine, session_scope, utcnow
 from alphawatch.settings import Settings
@@ -234,6 +234,47 @@ def test_runs_overview_shows_how_far_a_run_is_behind(page: Any, tmp_path: Path) 
         assert page.query_selector(f"#lag-{keeping_up}") is None
         assert "keeping-up" in page.inner_text("#runs-table")
         _shot(page, "runs-lag")
+
+
+def test_skipped_checkpoints_are_drawn_apart_from_pending(page: Any, tmp_path: Path) -> None:
+    from alphawatch.service.db.migrations import upgrade
+
+    url = f"sqlite:///{tmp_path / 'skip.db'}"
+    upgrade(url)
+    with session_scope(make_engine(url)) as session:
+        run_id = registry.ensure_run(session, name="cpu-fleet", path="/r/cpu-fleet")
+        for step in range(100, 1100, 100):
+            registry.register_checkpoint(
+                session, run_id=run_id, step=step, path=f"/r/{step}", fingerprint="x", fmt="hf"
+            )
+        queue.reorder(session, run_id=run_id)
+        assert queue.keep_up(session, run_id=run_id, bound=3) == 7
+    with serve(create_app(Settings(database_url=url))) as base_url:
+        page.goto(base_url + "/")
+        page.wait_for_selector("#runs-table")
+        assert "3 pending · 7 skipped" in page.inner_text(f"tr[data-run='{run_id}']")
+        page.goto(f"{base_url}/#/runs/{run_id}")
+        page.wait_for_selector("#checkpoints tr.ck-skipped")
+        assert page.inner_text("#run-skipped") == "7 skipped"
+        assert page.locator("#checkpoints tr.ck-skipped").count() == 7
+        assert page.locator("#checkpoints tr.ck-pending").count() == 3
+        skipped = page.locator("#checkpoints tr.ck-skipped td.status-skipped").first
+        pending = page.locator("#checkpoints tr.ck-pending td.status-pending").first
+        assert skipped.inner_text() == "skipped" and pending.inner_text() == "pending"
+
+        def style(cell: Any) -> tuple[str, str, str]:
+            return tuple(  # type: ignore[return-value]
+                cell.evaluate(
+                    "(el) => { const s = getComputedStyle(el); "
+                    "return [s.color, s.fontStyle, s.backgroundImage]; }"
+                )
+            )
+
+        assert style(skipped) != style(pending)
+        assert style(skipped)[1] == "italic" and "gradient" in style(skipped)[2]
+        row = page.inner_text("#checkpoints tr.ck-skipped")
+        assert "skipped to keep up" in row
+        _shot(page, "run-skipped")
 
 
 def test_run_page_plots_have_data_and_failed_checkpoint_shows(page: Any, site: Site) -> None:
