@@ -7,6 +7,7 @@ later, as a worker does: the waiting request must answer with that step's verdic
 from __future__ import annotations
 
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from alphawatch.cli import main
 from alphawatch.integrations.link import Client, LinkError
 from alphawatch.service.api import create_app
 from alphawatch.service.db import gate as gates
+from alphawatch.service.db import queue
 from alphawatch.service.db.models import Checkpoint, CheckpointStatus, utcnow
 from alphawatch.service.db.session import make_engine, session_scope
 from alphawatch.settings import Settings
@@ -143,3 +145,23 @@ def test_cli_gate_wait_times_out_with_exit_2(
         assert main([*argv, "--timeout", "2"]) == 2
         err = capsys.readouterr().err
         assert f"waiting for step 100 of run {run_id}" in err
+
+
+def test_cli_gate_wait_on_a_skipped_step_answers_at_once(
+    pg_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_id = register_run(pg_url, name="kept-up", steps=range(100, 700, 100))
+    with session_scope(make_engine(pg_url)) as session:
+        queue.reorder(session, run_id=run_id)
+        # Kept: 600 (the newest), 100 (the first), 300 (the middle); the rest skipped.
+        assert queue.keep_up(session, run_id=run_id, bound=3) == 3
+    complete_next(pg_url, layers=lambda _step: [layer_row(alpha=3.0)])
+    with serve(create_app(Settings(database_url=pg_url))) as url:
+        argv = ["gate", "--url", url, "--run", "kept-up", "--wait", "--timeout", "25"]
+        started = time.monotonic()
+        # The run moved past step 400 without it: the gate fails now, naming why.
+        assert main([*argv, "--step", "400"]) == 1
+        assert time.monotonic() - started < 10
+        out = capsys.readouterr().out
+        assert '"pending": false' in out and "skipped by the keep-up policy" in out
+        assert main([*argv, "--step", "600"]) == 0

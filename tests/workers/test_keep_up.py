@@ -8,7 +8,9 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
+from safetensors.torch import save_file
 from sqlalchemy import select, text
 
 from alphawatch.service.api import create_app
@@ -268,3 +270,34 @@ def test_reanalysis_requeues_a_skipped_checkpoint(db_url: str) -> None:
     assert _statuses(db_url)[step] == ("pending", "queued")
     with session_scope(engine) as session:
         assert session.scalar(select(Checkpoint.error).where(Checkpoint.step == step)) is None
+
+
+def test_a_skipped_checkpoint_rewritten_on_disk_stays_skipped(tmp_path: Path, db_url: str) -> None:
+    run = tmp_path / "runs" / "r"
+    for step in range(100, 600, 100):
+        write_checkpoint(run, step, seed=step)
+    watcher = Watcher(_settings(db_url, 3), [run])
+    try:
+        assert watcher.discover_once() == 5
+    finally:
+        watcher.close()
+    skipped = sorted(s for s, (c, _) in _statuses(db_url).items() if c == "skipped")
+    assert len(skipped) == 2
+    with session_scope(make_engine(db_url)) as session:
+        before = session.scalar(select(Checkpoint.fingerprint).where(Checkpoint.step == skipped[0]))
+    folder = run / f"checkpoint-{skipped[0]}"
+    save_file({"w.weight": torch.ones(80, 40)}, str(folder / "model.safetensors"))
+    watcher = Watcher(_settings(db_url, 3), [run])
+    try:
+        assert watcher.discover_once() == 0
+    finally:
+        watcher.close()
+    with session_scope(make_engine(db_url)) as session:
+        fingerprint, rewritten = session.execute(
+            select(Checkpoint.fingerprint, Checkpoint.rewritten_at).where(
+                Checkpoint.step == skipped[0]
+            )
+        ).one()
+    # Not queued as a rewrite: it reads the new files whenever it is analysed.
+    assert fingerprint != before and rewritten is None
+    assert _statuses(db_url)[skipped[0]] == ("skipped", "skipped")
