@@ -236,8 +236,10 @@ def keep_up(session: Session, *, run_id: int, bound: int) -> int:
     The keep-up policy (``ALPHAWATCH_KEEP_UP``): a worker that cannot analyse every checkpoint
     of a run keeps at most ``bound`` of them queued, the ones it would claim first (lowest
     :func:`reorder` priority: the newest step, then the first, the middle, the quarters …),
-    and moves the rest to ``skipped`` through :func:`move`, each with a note saying why. Call
-    it after :func:`reorder`, so that the places are current. Returns how many were skipped.
+    and moves the rest to ``skipped`` through :func:`move`, each with a note saying why; a
+    checkpoint analysed before is queued again only on request (a re-analysis, files rewritten)
+    and is never skipped. Call it after :func:`reorder`, so that the places are current.
+    Returns how many were skipped.
 
     Only the jobs to skip are locked, and those a claimer holds at that moment are passed over
     (PostgreSQL ``SKIP LOCKED``): a job claimed meanwhile is running, never skipped.
@@ -263,7 +265,13 @@ def keep_up(session: Session, *, run_id: int, bound: int) -> int:
     query = (
         select(AnalysisJob, Checkpoint)
         .join(Checkpoint, Checkpoint.id == AnalysisJob.checkpoint_id)
-        .where(*of_run_queued, AnalysisJob.id.not_in(queued[:bound]))
+        .where(
+            *of_run_queued,
+            AnalysisJob.id.not_in(queued[:bound]),
+            # Analysed before (queued again for a re-analysis, or because its files changed):
+            # never skipped, which would hide the results it has from trends and the gate.
+            Checkpoint.analysis_count == 0,
+        )
         .order_by(AnalysisJob.id)
     )
     if session.get_bind().dialect.name == "postgresql":

@@ -19,6 +19,7 @@ from alphawatch.service.db.models import AnalysisJob, Checkpoint, CheckpointStat
 from alphawatch.service.db.session import make_engine, session_scope
 from alphawatch.settings import Settings
 from alphawatch.workers.watcher import Watcher
+from tests.factories import complete_next, layer_row, register_run
 from tests.workers.small import write_checkpoint
 
 BOUND = 8
@@ -301,3 +302,20 @@ def test_a_skipped_checkpoint_rewritten_on_disk_stays_skipped(tmp_path: Path, db
     # Not queued as a rewrite: it reads the new files whenever it is analysed.
     assert fingerprint != before and rewritten is None
     assert _statuses(db_url)[skipped[0]] == ("skipped", "skipped")
+
+
+def test_an_analysed_checkpoint_queued_again_is_never_skipped(db_url: str) -> None:
+    engine = make_engine(db_url)
+    run_id = register_run(db_url, name="r", steps=range(6))
+    for _ in range(6):
+        complete_next(db_url, layers=lambda _step: [layer_row()])
+    with session_scope(engine) as session:
+        assert queue.reanalyze(session, run_id=run_id) == 6
+        queue.reorder(session, run_id=run_id)
+        # Re-analyses are asked for: skipping one would hide the results it has.
+        assert queue.keep_up(session, run_id=run_id, bound=3) == 0
+    _register(db_url, run_id, range(6, 12))
+    statuses = _statuses(db_url)
+    # New steps beyond the bound are skipped, the newest kept; the re-analyses stay queued.
+    assert {s for s, (c, _) in statuses.items() if c == "skipped"} == set(range(6, 11))
+    assert {s for s, (c, _) in statuses.items() if c == "pending"} == {*range(6), 11}
