@@ -275,7 +275,10 @@ def keep_up(session: Session, *, run_id: int, bound: int) -> int:
         .order_by(AnalysisJob.id)
     )
     if session.get_bind().dialect.name == "postgresql":
-        query = query.with_for_update(of=AnalysisJob, skip_locked=True)
+        # populate_existing: a job this session loaded before is read again as it is locked.
+        query = query.with_for_update(of=AnalysisJob, skip_locked=True).execution_options(
+            populate_existing=True
+        )
     note = (
         f"skipped to keep up: {len(queued)} checkpoints of the run were queued, over "
         f"ALPHAWATCH_KEEP_UP={bound} (a worker with the policy off analyses it)"
