@@ -38,6 +38,36 @@ RULE_NAMES = (
     "ref_step",
 )
 
+# Named sets of rules a run can select with ``PUT /runs/{id}/gate-rules {"preset": NAME}``: the
+# name expands to these concrete rules (rules named beside it in the same body win). Each is
+# defined here only, with the evidence behind it named.
+PRESETS: dict[str, dict[str, Any]] = {
+    # docs/EARLY_WARNING.md (scripts/early_warning.py): on runs made to go wrong on purpose,
+    # the rules whose alarms came before or with the loss-based ones on held-out seeds while
+    # staying quiet on the healthy runs.
+    "early-warning": {
+        "stat": "median",
+        "filter": "trusted",
+        "min_alpha": 2.0,
+        "max_alpha": None,
+        "max_untrusted_share": None,
+        "max_delta": None,
+        "ref_step": None,
+    },
+}
+
+
+def preset_rules(name: str) -> dict[str, Any]:
+    """The concrete rules a preset stands for (a copy).
+
+    Raises:
+        ValueError: no preset has this name; the message lists those that do.
+    """
+    if name not in PRESETS:
+        known = ", ".join(sorted(PRESETS))
+        raise ValueError(f"unknown gate rule preset {name!r}; known presets: {known}")
+    return dict(PRESETS[name])
+
 
 def _level(stat: str) -> str:
     if not Statistic(stat).is_level:

@@ -13,7 +13,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from pydantic.json_schema import SkipJsonSchema
 
 from alphawatch import run_names
-from alphawatch.gate_rules import GateRules
+from alphawatch.gate_rules import PRESETS, GateRules, preset_rules
 from alphawatch.trust import Thresholds
 from alphawatch.vocabulary import LayerFilter, Statistic
 
@@ -364,6 +364,11 @@ def _json_integer(value: object) -> object:
     return value
 
 
+def _known_preset(name: str) -> str:
+    preset_rules(name)  # raises, naming the presets there are
+    return name
+
+
 class GateRulesWrite(BaseModel):
     """A run's gate rules: a rule left out takes the server's default, null switches it off.
 
@@ -383,6 +388,19 @@ class GateRulesWrite(BaseModel):
     ref_step: Annotated[int, Field(ge=0, le=2**53 - 1), BeforeValidator(_json_integer)] | None = (
         None
     )
+    preset: Annotated[str, AfterValidator(_known_preset)] | SkipJsonSchema[None] = Field(
+        None,
+        description="a named set of rules (" + ", ".join(sorted(PRESETS)) + "); expands to "
+        "concrete rules, which rules named beside it override",
+        json_schema_extra={"enum": sorted(PRESETS)},
+    )
+
+    def overrides(self) -> dict[str, Any]:
+        """The rules to store: the preset's, expanded, then those the body names."""
+        named = self.model_dump(mode="json", include=self.model_fields_set - {"preset"})
+        if self.preset is None:
+            return named
+        return {**preset_rules(self.preset), **named}
 
 
 class VerdictRead(BaseModel):
