@@ -92,8 +92,18 @@ SPIKE_FACTOR = 1.5  # training loss above 1.5x its running minimum (or not finit
 SPIKE_WINDOW = 5  # ... the loss averaged over the last 5 steps, as a smoothed loss curve shows
 RISING_K = 3  # validation loss higher than the checkpoint before, k checkpoints in a row
 # Signals read from alphawatch after each analysed checkpoint.
-SIGNALS = ("alpha_band", "max_delta", "untrusted_share", "correlation_trap", "rank_collapse")
-GATE_SIGNALS = ("alpha_band", "max_delta", "untrusted_share")  # what a gate rule can express
+SIGNALS = (
+    "alpha_low",
+    "alpha_high",
+    "max_delta",
+    "untrusted_share",
+    "correlation_trap",
+    "rank_collapse",
+)
+# What a gate rule can express: min_alpha, max_alpha, max_delta, max_untrusted_share.
+GATE_SIGNALS = ("alpha_low", "alpha_high", "max_delta", "untrusted_share")
+# Post hoc, on every seed: how a lower band's edge trades detections for false alarms.
+SWEEP_MIN_ALPHA = (1.6, 1.7, 1.8, 1.9, 2.0, 2.1)
 # A-priori thresholds: the server's default band (the trust thresholds' over/under-trained
 # labels), a round 0.5 for alpha's jump between two saves, half the layers untrusted, any trap.
 PRIOR: dict[str, Any] = {
@@ -348,9 +358,12 @@ def signal_values(series: dict[str, Any], i: int) -> dict[str, float | None]:
 
 def fires(signal: str, v: dict[str, float | None], t: dict[str, Any]) -> bool:
     """Whether one signal fires at one checkpoint under thresholds ``t``."""
-    if signal == "alpha_band":
+    if signal == "alpha_low":  # no trusted layer fails the gate too
         m = v["median"]
-        return m is None or m < t["min_alpha"] or m > t["max_alpha"]
+        return m is None or m < t["min_alpha"]
+    if signal == "alpha_high":
+        m = v["median"]
+        return m is not None and m > t["max_alpha"]
     if signal == "max_delta":
         d = v["delta"]
         return d is not None and abs(d) > t["max_delta"]
@@ -399,9 +412,11 @@ def gate_rules_of(thresholds: dict[str, Any], signals: Iterable[str]) -> dict[st
         "max_alpha": None,
         "max_delta": None,
         "max_untrusted_share": None,
+        "ref_step": None,
     }
-    if "alpha_band" in chosen:
+    if "alpha_low" in chosen:
         rules["min_alpha"] = thresholds["min_alpha"]
+    if "alpha_high" in chosen:
         rules["max_alpha"] = thresholds["max_alpha"]
     if "max_delta" in chosen:
         rules["max_delta"] = thresholds["max_delta"]
@@ -435,10 +450,10 @@ def preset_mismatches(series: dict[str, Any], preset: dict[str, Any]) -> int:
     reading of the same rules (0: the study and the gate agree)."""
     t = {**PRIOR, **{k: v for k, v in preset.items() if v is not None}}
     on = []
-    if preset.get("min_alpha") is not None or preset.get("max_alpha") is not None:
-        t["min_alpha"] = -math.inf if preset.get("min_alpha") is None else preset["min_alpha"]
-        t["max_alpha"] = math.inf if preset.get("max_alpha") is None else preset["max_alpha"]
-        on.append("alpha_band")
+    if preset.get("min_alpha") is not None:
+        on.append("alpha_low")
+    if preset.get("max_alpha") is not None:
+        on.append("alpha_high")
     if preset.get("max_delta") is not None:
         on.append("max_delta")
     if preset.get("max_untrusted_share") is not None:
@@ -602,6 +617,7 @@ def assess(
     selected = gate_rules_of(thresholds["calibrated"], chosen)
     summary = summarise(table, false_alarms, held)
     return {
+        "sweep": sweep(records, table, arm),
         "pathologies": table,
         "false_alarms": false_alarms,
         "thresholds": thresholds,
@@ -610,6 +626,46 @@ def assess(
         "spans": spans,
         "summary": summary,
     }
+
+
+def sweep(
+    records: dict[str, Any], table: Sequence[dict[str, Any]], arm: int
+) -> list[dict[str, Any]]:
+    """Post hoc, on every seed (calibration ones included): for each lower edge of the band,
+    per pathology how many runs it caught and its median lead over the loss alarm, and how
+    many healthy runs it fired on, and first where."""
+    out = []
+    for edge in SWEEP_MIN_ALPHA:
+        t = {**PRIOR, "min_alpha": edge}
+        row: dict[str, Any] = {"min_alpha": edge, "pathologies": {}}
+        for kind in PATHOLOGIES:
+            rows = [r for r in table if r["name"] == kind]
+            steps = [first_fire(records[r["run"]]["series"], "alpha_low", t, arm) for r in rows]
+            leads = [
+                r["loss_alarm_step"] - st
+                for r, st in zip(rows, steps, strict=True)
+                if st is not None and r["loss_alarm_step"] is not None
+            ]
+            fired = [st for st in steps if st is not None]
+            row["pathologies"][kind] = {
+                "fired": len(fired),
+                "of": len(rows),
+                "median_step": _median(fired),
+                "median_lead": _median(leads),
+            }
+        healthy = [
+            first_fire(rec["series"], "alpha_low", t, arm)
+            for rec in records.values()
+            if rec["kind"] == "healthy"
+        ]
+        false = [st for st in healthy if st is not None]
+        row["healthy"] = {
+            "fired": len(false),
+            "of": len(healthy),
+            "first": min(false, default=None),
+        }
+        out.append(row)
+    return out
 
 
 def _median(values: Sequence[float]) -> float | None:
@@ -742,8 +798,9 @@ def render(results: dict[str, Any], images: dict[str, str] | None = None) -> str
     )
     add(
         "- **alphawatch** (checked at each analysed checkpoint, read from `GET /runs/{id}/gate` "
-        "and `GET /runs/{id}/flags`): `alpha_band`, the median alpha of trusted layers outside "
-        "a band (or no trusted layer); `max_delta`, that median moving more than a limit since "
+        "and `GET /runs/{id}/flags`): `alpha_low`, the median alpha of trusted layers below "
+        "`min_alpha` (or no trusted layer: the gate fails then too); `alpha_high`, that median "
+        "above `max_alpha`; `max_delta`, that median moving more than a limit since "
         "the checkpoint before; `untrusted_share`, more than a share of layers untrusted; "
         "`correlation_trap` and `rank_collapse`, more than a share of layers flagged. Update "
         "spectra are not measured here (another change adds them)."
@@ -828,6 +885,28 @@ def render(results: dict[str, Any], images: dict[str, str] | None = None) -> str
             f"{_f(r['signal'])} | {_f(r['lead_steps'])} |"
         )
     add("")
+    add("## The lower edge of the band, swept (post hoc, every seed)")
+    add("")
+    add(
+        "Not a held-out result: every seed, calibration ones included, for each `min_alpha` "
+        "(the signal that led, see above): runs caught, median first step, median lead over "
+        "the loss alarm (where both fired), and the healthy runs it fired on."
+    )
+    add("")
+    kinds = list(cfg["pathologies"])
+    add("| min_alpha | " + " | ".join(f"`{k}`" for k in kinds) + " | healthy (first step) |")
+    add("|---|" + "---|" * len(kinds) + "---|")
+    for row in results["sweep"]:
+        cells = [_f(row["min_alpha"])]
+        for k in kinds:
+            c = row["pathologies"][k]
+            cells.append(
+                f"{c['fired']}/{c['of']}, step {_f(c['median_step'])}, lead {_f(c['median_lead'])}"
+            )
+        h = row["healthy"]
+        cells.append(f"{h['fired']}/{h['of']} ({_f(h['first'])})")
+        add("| " + " | ".join(cells) + " |")
+    add("")
     add("## The preset")
     add("")
     sel = results["selected_rules"]
@@ -851,9 +930,15 @@ def render(results: dict[str, Any], images: dict[str, str] | None = None) -> str
     add(json.dumps(cfg["preset"], sort_keys=True))
     add("```")
     add("")
-    for text in results.get("findings", []):
-        add(text)
-        add("")
+    add("## What the numbers say")
+    add("")
+    lines.extend(findings(results))
+    add("")
+    add("## Caveats")
+    add("")
+    for text in CAVEATS:
+        add(f"- {text}")
+    add("")
     add("## Reproduce")
     add("")
     add("```")
@@ -935,33 +1020,68 @@ def plots(results: dict[str, Any], img_dir: Path) -> dict[str, str]:
     return written
 
 
+CAVEATS = (
+    "One tiny byte-level model on CPU, short runs: what leads here is evidence for this "
+    "set-up, not a law for large models.",
+    "A fixed band is blind to the step: a healthy run's median alpha falls as it trains, so a "
+    "lower edge that catches a sick run early fires on the healthy one later (see the sweep). "
+    "Comparing with a healthy reference run at the same step (`GET /compare`) is not a gate "
+    "rule today.",
+    "Alarms are armed from the same step for every alphawatch signal; the loss rules are not "
+    "armed late, so early trouble counts for them and not for the spectra.",
+    "Update spectra (the spectra of weight changes) are not measured here.",
+)
+
+
+def _verdict(lead: float | None) -> str:
+    if lead is None:
+        return "where the loss alarm did not fire"
+    if lead > 0:
+        return f"a median {lead:g} steps before the loss alarm"
+    if lead == 0:
+        return "with the loss alarm"
+    return f"a median {-lead:g} steps after the loss alarm"
+
+
 def findings(results: dict[str, Any]) -> list[str]:
     """Plain-language lines drawn from the numbers (no judgement added by hand)."""
-    out = ["## What the numbers say", ""]
+    out = []
     summary = results["summary"]
-    for kind in results["config"]["pathologies"]:
+    cfg = results["config"]
+    for kind in cfg["pathologies"]:
         cell = summary[kind]
         loss = cell["loss"]
-        leads = []
-        for s in SIGNALS:
-            c = cell[f"calibrated:{s}"]
-            if c["fired"] == 0:
-                continue
-            lead = c["median_lead"]
-            if lead is None:
-                verdict = "fires where the loss alarm never does"
-            elif lead > 0:
-                verdict = f"leads the loss alarm by a median {lead:g} steps"
-            elif lead == 0:
-                verdict = "fires with the loss alarm"
-            else:
-                verdict = f"lags the loss alarm by a median {-lead:g} steps"
-            leads.append(f"`{s}` fires on {c['fired']}/{c['of']} and {verdict}")
-        said = "; ".join(leads) if leads else "no calibrated alphawatch signal fires"
+        said = []
+        for which in ("calibrated", "prior"):
+            for s in SIGNALS:
+                c = cell[f"{which}:{s}"]
+                if c["fired"]:
+                    said.append(
+                        f"{which} `{s}` on {c['fired']}/{c['of']}, {_verdict(c['median_lead'])}"
+                    )
+        preset = cell["preset"]
         out.append(
-            f"- `{kind}`: the loss alarm fires on {loss['fired']}/{loss['of']} held-out seeds "
-            f"(median step {_f(loss['median_step'])}); {said}."
+            f"- `{kind}`: the loss alarm fired on {loss['fired']}/{loss['of']} held-out runs "
+            f"(median step {_f(loss['median_step'])}); the preset on "
+            f"{preset['fired']}/{preset['of']}"
+            + (f", {_verdict(preset['median_lead'])}; " if preset["fired"] else "; ")
+            + ("; ".join(said) if said else "no alphawatch signal fired")
+            + "."
         )
+    fa = results["false_alarms"]
+    held = {run_name("healthy", s) for s in cfg["held_out_seeds"]}
+    n = len(held)
+
+    def count(get: Callable[[dict[str, Any]], Any]) -> str:
+        steps = sorted(get(e) for k, e in fa.items() if k in held and get(e) is not None)
+        return f"{len(steps)}/{n}" + (f" (first at step {steps[0]})" if steps else "")
+
+    out.append(
+        f"- Healthy held-out runs: the loss alarm fired on {count(lambda e: e['loss']['any'])}, "
+        f"the preset on {count(lambda e: e['preset'])}, the a-priori `alpha_low` (min_alpha "
+        f"{_f(cfg['prior']['min_alpha'])}) on {count(lambda e: e['prior']['alpha_low'])}, the "
+        f"a-priori `untrusted_share` on {count(lambda e: e['prior']['untrusted_share'])}."
+    )
     return out
 
 
@@ -1003,7 +1123,6 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.workdir or ROOT / (".early_warning_quick" if args.quick else ".early_warning")
     workdir.mkdir(parents=True, exist_ok=True)
     results = study(mode, workdir, args.jobs)
-    results["findings"] = findings(results)
     out = args.out or (workdir / "results.json" if args.quick else RESULTS)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")

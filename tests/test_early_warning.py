@@ -71,8 +71,8 @@ def test_signals_fire_from_the_arming_step_and_calibration_brackets_the_healthy(
     assert t["max_delta"] == pytest.approx(round(1.7 * ew.DELTA_FACTOR, 2))
     assert t["max_traps"] == 0.25
     # Armed at 20, the missing median at step 10 is not an alarm; armed at 10 it is.
-    assert ew.first_fire(series, "alpha_band", ew.PRIOR, arm=20) == 40
-    assert ew.first_fire(series, "alpha_band", ew.PRIOR, arm=10) == 10
+    assert ew.first_fire(series, "alpha_low", ew.PRIOR, arm=20) == 40
+    assert ew.first_fire(series, "alpha_low", ew.PRIOR, arm=10) == 10
     assert ew.first_fire(series, "max_delta", ew.PRIOR, arm=20) == 40
     assert ew.first_fire(series, "correlation_trap", ew.PRIOR, arm=20) == 40
     assert ew.first_fire(series, "rank_collapse", ew.PRIOR, arm=10) is None
