@@ -921,6 +921,13 @@ def render(results: dict[str, Any], images: dict[str, str] | None = None) -> str
     add("```")
     add("")
     add(
+        "The shipped preset is exactly these rules."
+        if sel == cfg["preset"]
+        else "The shipped preset differs from these rules (the study ran with another "
+        "definition): run the script again."
+    )
+    add("")
+    add(
         f"Shipped as `{cfg['preset_name']}` (`alphawatch/gate_rules.py`, `PRESETS`), selected "
         f'with `PUT /api/v1/runs/{{id}}/gate-rules {{"preset": "{cfg["preset_name"]}"}}`; '
         "the `preset` rows above are its verdicts through the API:"
@@ -1029,6 +1036,13 @@ CAVEATS = (
     "rule today.",
     "Alarms are armed from the same step for every alphawatch signal; the loss rules are not "
     "armed late, so early trouble counts for them and not for the spectra.",
+    "The preset's thresholds are calibrated on this tiny model: a different model's healthy "
+    "alpha sits elsewhere; calibrate on a healthy run of your own (this script shows how).",
+    "A gate has no arming step: on a run from scratch, the first checkpoints (no trusted layer "
+    "yet) fail any preset, and a first failing verdict raises an alert.",
+    "The alphawatch thresholds are chosen on two seeds; the loss rules' thresholds (1.5x, 3 "
+    "rises) are the usual rules of thumb, not calibrated: the validation rule is noisy here "
+    "(64 held-out windows per evaluation).",
     "Update spectra (the spectra of weight changes) are not measured here.",
 )
 
@@ -1060,8 +1074,14 @@ def findings(results: dict[str, Any]) -> list[str]:
                         f"{which} `{s}` on {c['fired']}/{c['of']}, {_verdict(c['median_lead'])}"
                     )
         preset = cell["preset"]
+        rows = [r for r in results["pathologies"] if r["name"] == kind and r["held_out"]]
+        sick = _median([r["eval_loss_end"] for r in rows if r["eval_loss_end"] is not None])
+        well = _median(
+            [r["healthy_eval_loss_end"] for r in rows if r["healthy_eval_loss_end"] is not None]
+        )
         out.append(
-            f"- `{kind}`: the loss alarm fired on {loss['fired']}/{loss['of']} held-out runs "
+            f"- `{kind}` (final validation loss {_f(sick, 3)} against {_f(well, 3)} healthy, "
+            f"median): the loss alarm fired on {loss['fired']}/{loss['of']} held-out runs "
             f"(median step {_f(loss['median_step'])}); the preset on "
             f"{preset['fired']}/{preset['of']}"
             + (f", {_verdict(preset['median_lead'])}; " if preset["fired"] else "; ")

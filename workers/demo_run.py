@@ -169,7 +169,8 @@ def _eval_loss(model: TinyLlama, windows: torch.Tensor, batch_size: int) -> floa
     was_training = model.training
     model.eval()
     total = 0.0
-    for chunk in windows.split(batch_size):
+    for start in range(0, windows.shape[0], batch_size):
+        chunk = windows[start : start + batch_size]
         logits = model(chunk[:, :-1])
         total += (
             float(

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, JsonValue
 from pydantic.json_schema import SkipJsonSchema
 
 from alphawatch import run_names
@@ -364,6 +364,10 @@ def _json_integer(value: object) -> object:
     return value
 
 
+_PRESET_NAMES: list[JsonValue] = []
+_PRESET_NAMES.extend(sorted(PRESETS))
+
+
 def _known_preset(name: str) -> str:
     preset_rules(name)  # raises, naming the presets there are
     return name
@@ -392,7 +396,7 @@ class GateRulesWrite(BaseModel):
         None,
         description="a named set of rules (" + ", ".join(sorted(PRESETS)) + "); expands to "
         "concrete rules, which rules named beside it override",
-        json_schema_extra={"enum": sorted(PRESETS)},
+        json_schema_extra={"enum": _PRESET_NAMES},
     )
 
     def overrides(self) -> dict[str, Any]:
