@@ -953,7 +953,12 @@ def render(results: dict[str, Any], images: dict[str, str] | None = None) -> str
     add("nice -n 10 .venv/bin/python scripts/early_warning.py --quick  # CI-sized results.json")
     add("```")
     add("")
-    add(f"The full run took {cfg['wall_s']} s of wall time on {cfg['cpu_count']} shared cores.")
+    add(
+        f"The call that wrote these results took {cfg['wall_s']} s of wall time on "
+        f"{cfg['cpu_count']} shared cores; runs trained and checkpoints analysed by an earlier "
+        "call (under `--workdir`) are not done again. From scratch, on 2 cores shared with "
+        "other work, the full study takes about 35 minutes."
+    )
     return "\n".join(lines) + "\n"
 
 
