@@ -38,6 +38,38 @@ RULE_NAMES = (
     "ref_step",
 )
 
+# Named sets of rules a run can select with ``PUT /runs/{id}/gate-rules {"preset": NAME}``: the
+# name expands to these concrete rules (rules named beside it in the same body win). Each is
+# defined here only, with the evidence behind it named.
+PRESETS: dict[str, dict[str, Any]] = {
+    # docs/EARLY_WARNING.md (scripts/early_warning.py): chosen on two seeds' runs of the demo
+    # model made to go wrong on purpose, by a rule fixed beforehand (a signal quiet on every
+    # healthy run that fired on some sick run no later than the loss alarm, its threshold just
+    # outside the healthy runs' extremes), then checked on three held-out seeds. Calibrated on
+    # that tiny model: a different model's healthy alpha sits elsewhere.
+    "early-warning": {
+        "stat": "median",
+        "filter": "trusted",
+        "min_alpha": 1.68,
+        "max_alpha": None,
+        "max_untrusted_share": 0.35,
+        "max_delta": 0.36,
+        "ref_step": None,
+    },
+}
+
+
+def preset_rules(name: str) -> dict[str, Any]:
+    """The concrete rules a preset stands for (a copy).
+
+    Raises:
+        ValueError: no preset has this name; the message lists those that do.
+    """
+    if name not in PRESETS:
+        known = ", ".join(sorted(PRESETS))
+        raise ValueError(f"unknown gate rule preset {name!r}; known presets: {known}")
+    return dict(PRESETS[name])
+
 
 def _level(stat: str) -> str:
     if not Statistic(stat).is_level:

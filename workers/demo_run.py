@@ -17,6 +17,7 @@ import math
 import os
 import sysconfig
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -151,6 +152,38 @@ def _save(
     return final
 
 
+def _val_windows(
+    val: torch.Tensor | None, seq_len: int, count: int, seed: int
+) -> torch.Tensor | None:
+    """Fixed held-out windows (seeded apart from the training draws), or None."""
+    if val is None:
+        return None
+    generator = torch.Generator().manual_seed(10_000 + seed)
+    starts = torch.randint(0, val.numel() - seq_len - 1, (count,), generator=generator)
+    return torch.stack([val[s : s + seq_len + 1] for s in starts.tolist()])
+
+
+@torch.no_grad()
+def _eval_loss(model: TinyLlama, windows: torch.Tensor, batch_size: int) -> float:
+    """Mean next-byte cross-entropy over the held-out windows."""
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for start in range(0, windows.shape[0], batch_size):
+        chunk = windows[start : start + batch_size]
+        logits = model(chunk[:, :-1])
+        total += (
+            float(
+                F.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), chunk[:, 1:].reshape(-1)
+                ).item()
+            )
+            * chunk.shape[0]
+        )
+    model.train(was_training)
+    return total / windows.shape[0]
+
+
 def train(
     out_dir: Path,
     *,
@@ -165,6 +198,14 @@ def train(
     batch_size: int = 16,
     lr: float = 3e-3,
     sleep: float = 0.0,
+    warmup_steps: int = 0,
+    grad_clip: float | None = None,
+    weight_decay: float = 0.01,
+    train_slice: int | None = None,
+    val_bytes: int = 0,
+    val_batches: int = 4,
+    stop_on_nonfinite: bool = False,
+    on_log: Callable[[dict[str, float]], None] | None = None,
 ) -> list[Path]:
     """Train the tiny model and save a checkpoint every ``save_every`` steps.
 
@@ -174,6 +215,19 @@ def train(
         save_every: checkpoint interval in steps (the last step is always saved).
         seed: makes the run deterministic (data order, initialisation).
         sleep: seconds to pause after each save, so a demo looks like a live run.
+        warmup_steps: the learning rate rises linearly from ``lr / warmup_steps`` to ``lr``
+            over this many steps (0: constant from the first step).
+        grad_clip: clip the gradients' global norm to this (None: no clipping).
+        weight_decay: AdamW's decoupled weight decay.
+        train_slice: draw every training window from the first ``train_slice`` bytes only
+            (heavy repetition of a small slice); None: from the whole training part.
+        val_bytes: hold out the corpus' last ``val_bytes`` bytes (never trained on) and log
+            their loss as ``eval_loss`` at each save, as the Trainer logs its evaluation.
+        val_batches: batches of held-out windows (fixed, seeded) behind each ``eval_loss``.
+        stop_on_nonfinite: a non-finite training loss ends the run (the checkpoints before it
+            stay) instead of raising.
+        on_log: called with each ``log_history`` entry as it is made (the last one too, when a
+            non-finite loss ends the run after the last save).
 
     Returns:
         The checkpoint folders written, in step order.
@@ -186,9 +240,22 @@ def train(
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     data = load_corpus()
+    val = data[data.numel() - val_bytes :] if val_bytes > 0 else None
+    if val is not None:
+        if val.numel() < seq_len + 2 or val_bytes >= data.numel() - seq_len - 2:
+            raise ValueError(f"val_bytes {val_bytes} leaves no room for training or evaluation")
+        data = data[: data.numel() - val_bytes]
+    if train_slice is not None:
+        if train_slice < seq_len + 2:
+            raise ValueError(f"train_slice {train_slice} is shorter than one window")
+        data = data[:train_slice]
     vocab = 256
     model = TinyLlama(vocab, d_model, n_layers, n_heads, ffn)
-    optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimiser, lambda i: min(1.0, (i + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+    )
+    val_windows = _val_windows(val, seq_len, batch_size * val_batches, seed)
     config: dict[str, object] = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -212,12 +279,28 @@ def train(
         loss = F.cross_entropy(logits.reshape(-1, vocab), batch[:, 1:].reshape(-1))
         optimiser.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
+        if grad_clip is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimiser.step()
+        schedule.step()
         value = float(loss.item())
         if not math.isfinite(value):
+            if stop_on_nonfinite:
+                history.append({"step": step, "loss": value})
+                if on_log is not None:
+                    on_log(history[-1])
+                break
             raise RuntimeError(f"loss diverged at step {step}")
         history.append({"step": step, "loss": value})
+        if on_log is not None:
+            on_log(history[-1])
         if step % save_every == 0 or step == steps:
+            if val_windows is not None:
+                history.append(
+                    {"step": step, "eval_loss": _eval_loss(model, val_windows, batch_size)}
+                )
+                if on_log is not None:
+                    on_log(history[-1])
             saved.append(_save(model, out_dir, step, config, history))
             if sleep > 0:
                 time.sleep(sleep)

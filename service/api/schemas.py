@@ -9,11 +9,11 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, JsonValue
 from pydantic.json_schema import SkipJsonSchema
 
 from alphawatch import run_names
-from alphawatch.gate_rules import GateRules
+from alphawatch.gate_rules import PRESETS, GateRules, preset_rules
 from alphawatch.trust import Thresholds
 from alphawatch.vocabulary import LayerFilter, Statistic
 
@@ -374,6 +374,15 @@ def _json_integer(value: object) -> object:
     return value
 
 
+_PRESET_NAMES: list[JsonValue] = []
+_PRESET_NAMES.extend(sorted(PRESETS))
+
+
+def _known_preset(name: str) -> str:
+    preset_rules(name)  # raises, naming the presets there are
+    return name
+
+
 class GateRulesWrite(BaseModel):
     """A run's gate rules: a rule left out takes the server's default, null switches it off.
 
@@ -393,6 +402,19 @@ class GateRulesWrite(BaseModel):
     ref_step: Annotated[int, Field(ge=0, le=2**53 - 1), BeforeValidator(_json_integer)] | None = (
         None
     )
+    preset: Annotated[str, AfterValidator(_known_preset)] | SkipJsonSchema[None] = Field(
+        None,
+        description="a named set of rules (" + ", ".join(sorted(PRESETS)) + "); expands to "
+        "concrete rules, which rules named beside it override",
+        json_schema_extra={"enum": _PRESET_NAMES},
+    )
+
+    def overrides(self) -> dict[str, Any]:
+        """The rules to store: the preset's, expanded, then those the body names."""
+        named = self.model_dump(mode="json", include=self.model_fields_set - {"preset"})
+        if self.preset is None:
+            return named
+        return {**preset_rules(self.preset), **named}
 
 
 class VerdictRead(BaseModel):

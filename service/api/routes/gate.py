@@ -91,7 +91,10 @@ def put_gate_rules(
     settings: SettingsDep,
     _token: Annotated[object, Depends(require(TokenScope.WRITE))],
 ) -> dict[str, Any]:
-    """Store a run's gate rules (left out: server default; null: off); needs a write token."""
+    """Store a run's gate rules (left out: server default; null: off); needs a write token.
+
+    ``preset`` names a set of rules (``early-warning``) that expands to concrete ones.
+    """
     check = GateCheck(
         defaults=settings.gate,
         method=settings.fit_method,
@@ -104,7 +107,7 @@ def put_gate_rules(
             run_id=run_id,
             defaults=settings.gate,
             check=check,
-            overrides=body.model_dump(mode="json", include=body.model_fields_set),
+            overrides=body.overrides(),
         )
     written(request)
     return answer
