@@ -9,7 +9,15 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, JsonValue
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    JsonValue,
+    field_validator,
+)
 from pydantic.json_schema import SkipJsonSchema
 
 from alphawatch import run_names
@@ -408,6 +416,14 @@ class GateRulesWrite(BaseModel):
         "concrete rules, which rules named beside it override",
         json_schema_extra={"enum": _PRESET_NAMES},
     )
+
+    @field_validator("preset", mode="before")
+    @classmethod
+    def _preset_named(cls, value: object) -> object:
+        # Left out is no preset; an explicit null is not in the schema, so it is refused.
+        if value is None:
+            raise ValueError("preset must name a preset: " + ", ".join(sorted(PRESETS)))
+        return value
 
     def overrides(self) -> dict[str, Any]:
         """The rules to store: the preset's, expanded, then those the body names."""

@@ -79,6 +79,7 @@ def test_rules_named_beside_a_preset_win(client: TestClient, write: dict[str, st
         ("early_warning", "unknown gate rule preset 'early_warning'; known presets: early-warning"),
         ("", "unknown gate rule preset ''"),
         (3, "preset"),
+        (None, "preset must name a preset: early-warning"),
     ],
 )
 def test_an_unknown_preset_is_refused_and_nothing_is_stored(
