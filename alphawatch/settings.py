@@ -252,13 +252,15 @@ class Settings(BaseSettings):
     @model_validator(mode="before")
     @classmethod
     def _split_url_roots(cls, data: object) -> object:
-        roots = data.get("allowed_roots") if isinstance(data, dict) else None
+        if not isinstance(data, dict):
+            return data
+        roots = data.get("allowed_roots")
         if isinstance(roots, list | tuple):
             local, urls = split_roots(roots)
             if urls:
-                given = list(data.get("allowed_url_roots") or [])  # type: ignore[union-attr]
+                given = list(data.get("allowed_url_roots") or [])
                 data = {
-                    **data,  # type: ignore[dict-item]
+                    **data,
                     "allowed_roots": local,
                     "allowed_url_roots": list(dict.fromkeys([*given, *urls])),
                 }

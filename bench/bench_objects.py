@@ -34,7 +34,14 @@ def main() -> int:
     args = parser.parse_args()
 
     from tests.factories import worker_settings
-    from tests.objectstore import CountingServer, client_fs, environment, upload, variables
+    from tests.objectstore import (
+        CountingServer,
+        client_fs,
+        environment,
+        make_bucket,
+        upload,
+        variables,
+    )
     from tests.workers.small import write_checkpoint
 
     server = CountingServer()
@@ -44,7 +51,7 @@ def main() -> int:
 
         work = Path(tmp)
         fs = client_fs(server)
-        fs.mkdir("bench")
+        make_bucket(server, "bench")
         started = time.perf_counter()
         for r in range(args.runs):
             run = work / f"run-{r}"

@@ -34,10 +34,12 @@ class CountingServer:
     """moto's S3 server on 127.0.0.1 (a free port), its requests counted in :attr:`counts`."""
 
     def __init__(self) -> None:
+        from moto.moto_server.threaded_moto_server import MotoRequestHandler
         from moto.server import DomainDispatcherApplication, create_backend_app
         from werkzeug.serving import make_server
 
-        app = DomainDispatcherApplication(create_backend_app, service="s3")
+        # What moto's ThreadedMotoServer serves, wrapped to count.
+        app = DomainDispatcherApplication(create_backend_app)
         self.counts: Counter[str] = Counter()
         # (kind, path, Range header or None) of every request, for the tests that look closer.
         self.log: list[tuple[str, str, str | None]] = []
@@ -50,7 +52,9 @@ class CountingServer:
                 self.log.append((kind, environ.get("PATH_INFO", ""), environ.get("HTTP_RANGE")))
             return app(environ, start)
 
-        self.server = make_server("127.0.0.1", 0, counting, threaded=True)
+        self.server = make_server(
+            "127.0.0.1", 0, counting, threaded=True, request_handler=MotoRequestHandler
+        )
         self.port = self.server.server_port
         self.url = f"http://127.0.0.1:{self.port}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -105,6 +109,18 @@ def client_fs(server: CountingServer) -> Any:
         skip_instance_cache=True,
         use_listings_cache=False,
     )
+
+
+def make_bucket(server: CountingServer, name: str) -> None:
+    import boto3
+
+    boto3.client(
+        "s3",
+        endpoint_url=server.url,
+        aws_access_key_id=KEY_ID,
+        aws_secret_access_key=SECRET,
+        region_name="us-east-1",
+    ).create_bucket(Bucket=name)
 
 
 def upload(

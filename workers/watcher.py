@@ -159,7 +159,7 @@ class Watcher:
     def __init__(
         self,
         settings: Settings,
-        run_dirs: Iterable[Path] = (),
+        run_dirs: Iterable[Path | ObjectURL] = (),
         *,
         worker_id: str | None = None,
         reanalyze: bool = False,

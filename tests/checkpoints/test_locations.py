@@ -54,11 +54,11 @@ def test_allowed_roots_take_url_prefixes_beside_folders(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(
-        "ALPHAWATCH_ALLOWED_ROOTS", json.dumps([str(tmp_path), "s3://bucket/team/", "gs://b2/x"])
+        "ALPHAWATCH_ALLOWED_ROOTS", json.dumps([str(tmp_path), "s3://bucket/team/", "gs://b22/x"])
     )
     settings = Settings()
     # The local roots are resolved as before; the URL prefixes are kept apart, normalised.
     assert settings.allowed_roots == [tmp_path.resolve()]
-    assert settings.allowed_url_roots == ["s3://bucket/team", "gs://b2/x"]
+    assert settings.allowed_url_roots == ["s3://bucket/team", "gs://b22/x"]
     with pytest.raises(ValueError, match=r"'\.\.' segment"):
         Settings(allowed_roots=["s3://bucket/../etc"])  # type: ignore[list-item]

@@ -30,6 +30,7 @@ from tests.objectstore import (
     CountingServer,
     client_fs,
     environment,
+    make_bucket,
     upload,
     variables,
 )
@@ -47,7 +48,7 @@ def s3() -> Iterator[CountingServer]:
 @pytest.fixture
 def bucket(s3: CountingServer) -> str:
     name = f"runs-{uuid.uuid4().hex[:12]}"
-    client_fs(s3).mkdir(name)
+    make_bucket(s3, name)
     return name
 
 

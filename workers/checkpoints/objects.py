@@ -98,7 +98,7 @@ class Store(Protocol):
 
     def list(self, url: ObjectURL) -> dict[str, _Object]: ...
 
-    def open(self, url: ObjectURL, size: int) -> Any: ...
+    def open(self, url: ObjectURL, listed: _Object) -> Any: ...
 
 
 class ObjectStore:
@@ -153,26 +153,42 @@ class ObjectStore:
             listed[relative] = _Object(int(info.get("size") or 0), _version(info), _mtime_ns(info))
         return listed
 
-    def open(self, url: ObjectURL, size: int) -> Any:
-        """A read-only file of ``url`` whose every read is one ranged GET (no read-ahead)."""
+    def open(self, url: ObjectURL, listed: _Object) -> Any:
+        """A read-only file of ``url`` whose every read is one ranged GET (no read-ahead), at
+        its listed size and version: no HEAD is made, and a read of an object replaced since
+        it was listed fails (its ETag no longer matches) instead of mixing two versions."""
         path = url.partition("://")[2]
-        handle = self.fs.open(path, "rb", cache_type="none", size=size, block_size=_CHUNK)
-        return _Counted(handle, self.requests)
+        handle = self.fs.open(path, "rb", cache_type="none", size=listed.size, block_size=_CHUNK)
+        # What fsspec would otherwise ask a HEAD for; s3fs compares each GET's ETag with it.
+        handle.details = {"name": path, "size": listed.size, "type": "file"}
+        if listed.version and self.scheme == "s3":
+            handle.details["ETag"] = listed.version
+        return _Counted(handle, self.requests, url)
 
 
 class _Counted:
     """An fsspec file that counts its ranged reads (one GET each)."""
 
-    def __init__(self, handle: Any, requests: Requests) -> None:
+    def __init__(self, handle: Any, requests: Requests, url: ObjectURL) -> None:
         self._handle = handle
         self._requests = requests
+        self._url = url
         self.size: int = int(handle.size)
 
     def read(self, length: int = -1) -> bytes:
         start = self._handle.tell()
-        data: bytes = self._handle.read(length)
-        if data or start < self.size:
+        if start < self.size and length != 0:
             self._requests.add(gets=1)
+        try:
+            data: bytes = self._handle.read(length)
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            if type(exc).__name__ == "FileExpired":
+                # Replaced since it was listed: gone as far as this reading is concerned; the
+                # next listing sees the new version and it is read again.
+                raise FileNotFoundError(f"{self._url} was replaced while being read") from exc
+            raise
         return data
 
     def readinto(self, buffer: Any) -> int:
@@ -381,7 +397,7 @@ class Mirror:
             raise FileNotFoundError(relative)
         url = self.url.joined(relative) if relative else self.url
         try:
-            return self.store.open(url, obj.size)
+            return self.store.open(url, obj)
         except FileNotFoundError:
             raise
         except Exception as exc:
@@ -539,8 +555,8 @@ class _Lazy:
     def list(self, url: ObjectURL) -> dict[str, _Object]:
         return self._mirrors.store(self._scheme).list(url)
 
-    def open(self, url: ObjectURL, size: int) -> Any:
-        return self._mirrors.store(self._scheme).open(url, size)
+    def open(self, url: ObjectURL, listed: _Object) -> Any:
+        return self._mirrors.store(self._scheme).open(url, listed)
 
 
 @dataclass(frozen=True)
