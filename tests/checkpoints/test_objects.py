@@ -286,3 +286,44 @@ def test_keys_that_are_not_plain_names_get_no_placeholder(
     if len(mirror.problems) == 0:
         pytest.skip("the store normalised the keys itself: nothing left to refuse")
     assert all("plain segments" in p for p in mirror.problems)
+
+
+def test_an_object_replaced_after_its_listing_is_never_read_mixed(
+    s3: CountingServer, bucket: str, tmp_path: Path
+) -> None:
+    """Each ranged read carries the listed version: a replaced object is 'vanished'."""
+    run = tmp_path / "run"
+    write_checkpoint(run, 10, seed=1)
+    upload(client_fs(s3), run, f"s3://{bucket}/run")
+    mirrors = Mirrors()
+    root = mirrors.sync(object_url(f"s3://{bucket}/run"))
+    confine = ObjectConfinement.around(Confinement.to([]), mirrors, None)
+    shard = root / "checkpoint-10" / "model.safetensors"
+    with confine.open(shard) as handle:
+        assert handle.read(8)  # the listed version
+        write_checkpoint(tmp_path / "other", 10, seed=2)  # same size, other bytes
+        client_fs(s3).pipe_file(
+            f"{bucket}/run/checkpoint-10/model.safetensors",
+            (tmp_path / "other" / "checkpoint-10" / "model.safetensors").read_bytes(),
+        )
+        with pytest.raises(FileNotFoundError, match="replaced while being read"):
+            handle.read(8)
+
+
+def test_analyze_reads_a_url_as_it_reads_a_folder(
+    s3: CountingServer, bucket: str, tmp_path: Path
+) -> None:
+    from alphawatch.cli import analyze_path
+
+    run = tmp_path / "run"
+    write_checkpoint(run, 10, seed=1)
+    upload(client_fs(s3), run, f"s3://{bucket}/run")
+    settings = Settings(device="cpu", analysis_workers=1)
+    local = analyze_path(run / "checkpoint-10", settings)
+    remote = analyze_path(object_url(f"s3://{bucket}/run/checkpoint-10"), settings)
+    assert remote["path"] == f"s3://{bucket}/run/checkpoint-10"
+    assert remote["step"] == local["step"] == 10
+    for doc in (local, remote):
+        for layer in doc["layers"]:
+            layer.pop("elapsed_ms", None)
+    assert remote["layers"] == local["layers"] and remote["summary"] == local["summary"]
