@@ -159,10 +159,13 @@ class ObjectStore:
         it was listed fails (its ETag no longer matches) instead of mixing two versions."""
         path = url.partition("://")[2]
         handle = self.fs.open(path, "rb", cache_type="none", size=listed.size, block_size=_CHUNK)
-        # What fsspec would otherwise ask a HEAD for; s3fs compares each GET's ETag with it.
+        # What fsspec would otherwise ask a HEAD for.
         handle.details = {"name": path, "size": listed.size, "type": "file"}
-        if listed.version and self.scheme == "s3":
+        read_kw = getattr(handle, "read_kw", None)
+        if listed.version and self.scheme == "s3" and isinstance(read_kw, dict):
+            # Every ranged GET names the listed version: S3 answers 412 once it was replaced.
             handle.details["ETag"] = listed.version
+            handle.read_kw = {**read_kw, "IfMatch": listed.version}
         return _Counted(handle, self.requests, url)
 
 
