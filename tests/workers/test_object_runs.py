@@ -153,3 +153,29 @@ def test_a_prefix_that_cannot_be_listed_is_recorded_on_the_run(
     [(path, error)] = _rows(pg_url, "SELECT path, discovery_error FROM run")
     assert path == url
     assert error and url in error and SECRET not in error
+
+
+def test_two_workers_share_the_checkpoints_of_a_run_in_a_bucket(
+    s3: CountingServer, bucket: str, tmp_path: Path, pg_url: str
+) -> None:
+    run = tmp_path / "run"
+    for step, seed in ((10, 1), (20, 2), (30, 3), (40, 4)):
+        write_checkpoint(run, step, seed=seed)
+    url = f"s3://{bucket}/run"
+    upload(client_fs(s3), run, url)
+    settings = worker_settings(pg_url)
+    first, second = Watcher(settings, [url]), Watcher(settings, [url])
+    try:
+        assert first.discover_once() == 4
+        assert second.discover_once() == 0  # registered once, whoever looks
+        busy = True
+        while busy:
+            took = [first.process_one(), second.process_one()]
+            busy = any(took)
+    finally:
+        first.close()
+        second.close()
+    jobs = _rows(pg_url, "SELECT status, worker_id FROM analysis_job")
+    assert [status for status, _ in jobs] == ["done"] * 4
+    assert {worker for _, worker in jobs} == {first.worker_id, second.worker_id}
+    assert _rows(pg_url, "SELECT count(*) FROM layer_metric") == [(4 * 3,)]

@@ -41,6 +41,7 @@ import shutil
 import tempfile
 import threading
 import weakref
+import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -150,7 +151,8 @@ class ObjectStore:
                 continue  # a sibling that shares the prefix's text ("run" and "run2")
             if info.get("type") == "directory":
                 continue
-            listed[relative] = _Object(int(info.get("size") or 0), _version(info), _mtime_ns(info))
+            version = _version(info)
+            listed[relative] = _Object(int(info.get("size") or 0), version, _stamp(info, version))
         return listed
 
     def open(self, url: ObjectURL, listed: _Object) -> Any:
@@ -256,6 +258,15 @@ def _mtime_ns(info: Mapping[str, Any]) -> int:
             with contextlib.suppress(ValueError):
                 return int(datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp() * 1e9)
     return 0
+
+
+def _stamp(info: Mapping[str, Any], version: str) -> int:
+    """The placeholder's mtime: the object's last-modified second, and below the second a
+    number drawn from its version. Fingerprints hash sizes and mtimes, so an object replaced
+    by another of the same size within the same second still changes its checkpoint's
+    fingerprint (and is analysed again); settle times move by less than a second."""
+    seconds = _mtime_ns(info) // 1_000_000_000
+    return seconds * 1_000_000_000 + zlib.crc32(version.encode()) % 1_000_000_000
 
 
 def _plain(relative: str) -> str | None:
