@@ -223,6 +223,26 @@ class _Counted:
         self.close()
 
 
+_SHARED: dict[tuple[str, ...], ObjectStore] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_store(scheme: str) -> ObjectStore:
+    """One :class:`ObjectStore` per scheme, endpoint and access key id in this process: the
+    analysis process reads many checkpoints, and a client (with its credential chain: an
+    instance-metadata call on a cloud VM) is made once, not per checkpoint."""
+    key = (
+        scheme,
+        os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "",
+        os.environ.get("AWS_ACCESS_KEY_ID", ""),
+        os.environ.get("AWS_PROFILE", ""),
+    )
+    with _SHARED_LOCK:
+        if key not in _SHARED:
+            _SHARED[key] = ObjectStore(scheme)
+        return _SHARED[key]
+
+
 def _endpoint(scheme: str) -> dict[str, Any]:
     """The endpoint of an S3-compatible store, from the standard variables (botocore reads
     them too; named here so that every s3fs/botocore version honours them)."""
@@ -344,7 +364,7 @@ class Mirror:
                         f"refused: object {shown(self.url.joined_text(relative))} cannot be "
                         f"mirrored ({exc.strerror or exc}); a file and a folder of one name?"
                     )
-            self.objects = {r: o for r, o in listed.items() if self.path(r).is_file()}
+            self.objects = listed  # less what could not be placed
             self.problems = tuple(problems)
         return changed
 
@@ -474,19 +494,30 @@ class Mirror:
 class Mirrors:
     """Every mirror of one process, under one temporary folder, by URL."""
 
-    def __init__(self, base: Path | None = None, spool_max_bytes: int = SPOOL_MAX_BYTES) -> None:
-        self.base = Path(os.path.realpath(base or tempfile.mkdtemp(prefix="alphawatch-objects-")))
+    def __init__(self, spool_max_bytes: int = SPOOL_MAX_BYTES) -> None:
         self.spool_max_bytes = spool_max_bytes
-        # The placeholders go with the process, whichever way it ends short of a kill.
-        self._cleanup = weakref.finalize(self, shutil.rmtree, self.base, True)
+        self._base: Path | None = None  # made with the first mirror: a local worker makes none
+        self._cleanup: weakref.finalize[Any, Any] | None = None
         self._stores: dict[str, ObjectStore] = {}
         self._mirrors: dict[str, Mirror] = {}
         self._lock = threading.Lock()
+        self._base_lock = threading.Lock()
+
+    @property
+    def base(self) -> Path:
+        """The temporary folder of every mirror (made on first use)."""
+        with self._base_lock:
+            if self._base is None:
+                self._base = Path(os.path.realpath(tempfile.mkdtemp(prefix="alphawatch-objects-")))
+                # The placeholders go with the process, whichever way it ends short of a kill.
+                self._cleanup = weakref.finalize(self, shutil.rmtree, self._base, True)
+            return self._base
 
     def store(self, scheme: str) -> ObjectStore:
+        """The process's store for ``scheme`` (one client, its credentials resolved once)."""
         with self._lock:
             if scheme not in self._stores:
-                self._stores[scheme] = ObjectStore(scheme)
+                self._stores[scheme] = shared_store(scheme)
             return self._stores[scheme]
 
     def requests(self) -> Requests:
@@ -522,8 +553,10 @@ class Mirrors:
 
     def owner(self, path: Path | str) -> tuple[Mirror, str] | None:
         """The mirror a path lies in and its key there, or None for any other path."""
+        if self._base is None:
+            return None
         text = os.path.abspath(path)
-        if not text.startswith(str(self.base) + "/"):
+        if not text.startswith(str(self._base) + "/"):
             return None
         for mirror in list(self._mirrors.values()):
             relative = mirror.relative(text)
@@ -541,7 +574,7 @@ class Mirrors:
 
     def shown(self, message: str) -> str:
         """``message`` with every mirror's local root replaced by its URL."""
-        if str(self.base) not in message:
+        if self._base is None or str(self._base) not in message:
             return message
         for mirror in list(self._mirrors.values()):
             message = mirror.shown(message)
@@ -555,7 +588,8 @@ class Mirrors:
                 shutil.rmtree(mirror.folder, ignore_errors=True)
 
     def close(self) -> None:
-        self._cleanup()
+        if self._cleanup is not None:
+            self._cleanup()
 
 
 class _Lazy:
