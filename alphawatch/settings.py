@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from alphawatch.gate_rules import GateRules
+from alphawatch.locations import object_url, split_roots
 from alphawatch.trust import Thresholds
 from alphawatch.vocabulary import DEFAULT_FIT_METHOD, FitMethod
 
@@ -116,6 +117,15 @@ class Settings(BaseSettings):
 
     database_url: str = DEFAULT_DATABASE_URL
     allowed_roots: list[Path] = Field(default_factory=list)
+    # The URL prefixes among ALPHAWATCH_ALLOWED_ROOTS (s3://bucket/team, gs://…), normalised;
+    # split off before the local roots are resolved (alphawatch.locations).
+    allowed_url_roots: list[str] = Field(default_factory=list)
+    spool_max_mb: float = Field(
+        64 * 1024,
+        gt=0,
+        description="the most MB one analysis of an object-store checkpoint downloads into its "
+        "spool (torch pickles, DCP); safetensors are read by ranges and never spooled",
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     fit_method: FitMethod = Field(DEFAULT_FIT_METHOD, description="power-law fit method")
     check_traps: bool = Field(
@@ -261,6 +271,28 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [h.strip() for h in value.split(",") if h.strip()]
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split_url_roots(cls, data: object) -> object:
+        if not isinstance(data, dict):
+            return data
+        roots = data.get("allowed_roots")
+        if isinstance(roots, list | tuple):
+            local, urls = split_roots(roots)
+            if urls:
+                given = list(data.get("allowed_url_roots") or [])
+                data = {
+                    **data,
+                    "allowed_roots": local,
+                    "allowed_url_roots": list(dict.fromkeys([*given, *urls])),
+                }
+        return data
+
+    @field_validator("allowed_url_roots")
+    @classmethod
+    def _normalise_url_roots(cls, value: list[str]) -> list[str]:
+        return [str(object_url(v)) for v in value]
 
     @field_validator("allowed_roots")
     @classmethod

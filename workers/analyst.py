@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from alphawatch.locations import ObjectURL
 from alphawatch.workers.checkpoints import (
     CheckpointError,
     CheckpointVanished,
@@ -59,6 +60,9 @@ class AnalysisOptions:
     crosscheck_share: float = 0.0  # share of layers re-analysed with weightwatcher itself
     workers: int = 0  # matrices analysed at once on a CPU (0: one per core, at most 4)
     check_traps: bool = True  # look for correlation traps in the shuffled spectrum
+    # Object-store URL prefixes a run may be read from (None: anywhere, as confine's roots).
+    url_roots: tuple[str, ...] | None = None
+    spool_max_bytes: int = 64 * 1024**3  # pickles/DCP downloaded per object-store analysis
 
     @classmethod
     def from_settings(
@@ -68,6 +72,7 @@ class AnalysisOptions:
         confine: Confinement,
         progress: bool = False,
         method: str | None = None,
+        url_roots: tuple[str, ...] | None = None,
     ) -> AnalysisOptions:
         """The options ``settings`` ask for: the one place analysis reads the settings.
 
@@ -76,6 +81,7 @@ class AnalysisOptions:
                 folders; anywhere for ``alphawatch analyze``).
             progress: a live line per layer on stderr.
             method: a fit method other than ``settings.fit_method`` (``analyze --method``).
+            url_roots: the object-store prefixes runs may be read from (None: anywhere).
 
         Raises:
             ValueError: the settings ask for a CUDA device this machine does not have.
@@ -91,6 +97,8 @@ class AnalysisOptions:
             crosscheck_share=settings.crosscheck.share,
             workers=settings.analysis_workers,
             check_traps=settings.check_traps,
+            url_roots=url_roots,
+            spool_max_bytes=int(settings.spool_max_mb * 1024 * 1024),
         )
 
 
@@ -120,18 +128,60 @@ class Analysis:
     layers: tuple[AnalysedLayer, ...]
 
 
-def analyze_checkpoint(path: Path, first: Path | None, options: AnalysisOptions) -> Analysis:
+def analyze_checkpoint(
+    path: Path | ObjectURL, first: Path | ObjectURL | None, options: AnalysisOptions
+) -> Analysis:
     """Read and analyse one checkpoint, tensor by tensor (the worker's analysis).
 
     ``first`` is the run's first checkpoint, against which distance from init is measured.
+    Either may be an object-store URL: it is read through a mirror of its objects
+    (:func:`~alphawatch.workers.checkpoints.objects.staged`) by the same readers.
 
     Raises:
         ValueError: the checkpoint holds no weight matrix.
     """
+    if isinstance(path, ObjectURL) or isinstance(first, ObjectURL):
+        return _analyze_objects(path, first, options)
     layers = analysed_layers(path, first, options)
     if not layers:
         raise ValueError(f"{path}: no weight matrices found")
     return Analysis(tuple(layers))
+
+
+def _analyze_objects(
+    path: Path | ObjectURL, first: Path | ObjectURL | None, options: AnalysisOptions
+) -> Analysis:
+    """:func:`analyze_checkpoint` of a checkpoint (or first checkpoint) in object storage;
+    errors name the URLs, never the mirror's temporary folder."""
+    from alphawatch.workers.checkpoints.objects import staged
+
+    with staged(
+        [
+            path if isinstance(path, ObjectURL) else None,
+            first if isinstance(first, ObjectURL) else None,
+        ],
+        options.confine,
+        options.url_roots,
+        options.spool_max_bytes,
+    ) as (roots, confine, mirrors):
+        local = roots[0] if isinstance(path, ObjectURL) else path
+        local_first = roots[1] if isinstance(first, ObjectURL) else first
+        assert local is not None
+        try:
+            analysis = analyze_checkpoint(local, local_first, replace(options, confine=confine))
+        except CheckpointError as exc:
+            raise type(exc)(
+                path if isinstance(path, Path) else Path(path.name), mirrors.shown(str(exc))
+            ) from exc
+        except ValueError as exc:
+            raise ValueError(mirrors.shown(str(exc))) from exc
+        layers = tuple(
+            replace(layer, result=replace(layer.result, error=mirrors.shown(layer.result.error)))
+            if layer.result.error
+            else layer
+            for layer in analysis.layers
+        )
+        return Analysis(layers)
 
 
 def analysed_layers(

@@ -37,6 +37,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from alphawatch.locations import ObjectURL
 from alphawatch.text import EscapingFormatter
 from alphawatch.workers.analyst import Analysis, AnalysisOptions
 from alphawatch.workers.checkpoints.skeleton import OFFLINE_ENVIRONMENT
@@ -84,8 +85,8 @@ class AnalyseRequest:
     the child never asks the database.
     """
 
-    path: Path
-    first: Path | None
+    path: Path | ObjectURL
+    first: Path | ObjectURL | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,7 +204,7 @@ class AnalysisChild:
             raise RuntimeError(f"the analysis process could not start: {_why(answer)}")
         self.device = answer.device
 
-    def analyze(self, path: Path, first: Path | None) -> Outcome:
+    def analyze(self, path: Path | ObjectURL, first: Path | ObjectURL | None) -> Outcome:
         """Analyse one checkpoint within the budget.
 
         Raises:
@@ -257,7 +258,7 @@ class AnalysisChild:
             self.close()
         return Outcome(reply, self.device, elapsed, max(peak, after))
 
-    def _died(self, path: Path) -> ChildDied:
+    def _died(self, path: Path | ObjectURL) -> ChildDied:
         proc = self._proc
         code = None
         if proc is not None:

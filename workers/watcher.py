@@ -32,6 +32,7 @@ from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from alphawatch.locations import ObjectURL, location
 from alphawatch.run_names import derived
 from alphawatch.service.db import queue, registry, results, scans
 from alphawatch.service.db.alerts import GateCheck
@@ -51,6 +52,7 @@ from alphawatch.workers.budget import (
 from alphawatch.workers.checkpoints import CheckpointError, Confinement, survey
 from alphawatch.workers.checkpoints.errors import printable, shown
 from alphawatch.workers.checkpoints.memory import DiscoveryMemory, RunMemory, Settled
+from alphawatch.workers.checkpoints.objects import Mirrors, ObjectConfinement, run_url_check
 from alphawatch.workers.loops import Backoff, LoopHealth
 
 log = logging.getLogger("alphawatch.worker")
@@ -61,8 +63,14 @@ class RunDirError(ValueError):
     """A run directory that does not exist or cannot be read."""
 
 
-def check_run_dir(path: Path) -> Path:
-    """Resolve ``path`` and fail with a clear message when it cannot be watched."""
+def check_run_dir(path: Path | ObjectURL) -> Path | ObjectURL:
+    """Resolve ``path`` and fail with a clear message when it cannot be watched.
+
+    An object-store URL is returned as it is (normalised): whether its prefix can be listed is
+    found, and recorded on the run, by the first discovery pass.
+    """
+    if isinstance(path, ObjectURL):
+        return path
     resolved = Path(path).expanduser().resolve()
     if not resolved.exists():
         raise RunDirError(f"run directory {resolved} does not exist")
@@ -71,6 +79,14 @@ def check_run_dir(path: Path) -> Path:
     if not os.access(resolved, os.R_OK | (os.X_OK if resolved.is_dir() else 0)):
         raise RunDirError(f"run directory {resolved} cannot be read by this user")
     return resolved
+
+
+def _place(text: str) -> Path | ObjectURL:
+    """A checkpoint's place as the database holds it (a path, or a URL read by the child)."""
+    try:
+        return location(text)
+    except ValueError:
+        return Path(text)
 
 
 def default_worker_id() -> str:
@@ -143,18 +159,34 @@ class Watcher:
     def __init__(
         self,
         settings: Settings,
-        run_dirs: Iterable[Path] = (),
+        run_dirs: Iterable[Path | ObjectURL] = (),
         *,
         worker_id: str | None = None,
         reanalyze: bool = False,
         on_analysed: Callable[[int, int], None] | None = None,
     ) -> None:
         self.settings = settings
-        self.run_dirs = [check_run_dir(Path(p)) for p in run_dirs]
-        self._named = frozenset(self.run_dirs)
+        named = [check_run_dir(location(p)) for p in run_dirs]
+        urls = [p for p in named if isinstance(p, ObjectURL)]
         # The folders named on the command line are allowed, besides ALPHAWATCH_ALLOWED_ROOTS:
         # naming a folder to watch is allowing it. Nothing else is, whatever a symlink says.
-        self.confine = Confinement.to([*settings.allowed_roots, *self.run_dirs])
+        # So are the URLs named, besides the URL prefixes among the allowed roots.
+        local = Confinement.to(
+            [*settings.allowed_roots, *(p for p in named if isinstance(p, Path))]
+        )
+        self.url_roots = (*settings.allowed_url_roots, *urls)
+        # Runs in object storage are read through sparse local mirrors of their prefixes
+        # (workers.checkpoints.objects); a worker without any keeps the plain confinement.
+        self._objects = Mirrors(spool_max_bytes=int(settings.spool_max_mb * 1024 * 1024))
+        self.confine: Confinement = (
+            ObjectConfinement.around(local, self._objects, self.url_roots)
+            if self.url_roots
+            else local
+        )
+        # Every run is known by its local path; a URL's is its mirror's root.
+        self.run_dirs = [self._objects.root(p) if isinstance(p, ObjectURL) else p for p in named]
+        self._urls: dict[Path, ObjectURL] = {self._objects.root(u): u for u in urls}
+        self._named = frozenset(self.run_dirs)
         self.worker_id = worker_id or default_worker_id()
         self.reanalyze = reanalyze
         self.on_analysed = on_analysed
@@ -181,7 +213,7 @@ class Watcher:
         self.progress = sys.stderr.isatty()
         self.budget = budget_of(settings)
         self.options = AnalysisOptions.from_settings(
-            settings, confine=self.confine, progress=self.progress
+            settings, confine=local, progress=self.progress, url_roots=self.url_roots
         )
         self.device = self.options.device
         self.child = AnalysisChild(self.options, self.budget)
@@ -256,10 +288,41 @@ class Watcher:
         for run_id, text_ in rows:
             path = paths.get(text_)
             if path is None:
-                path = paths[text_] = Path(text_)
+                path = paths[text_] = self._local(text_)
             if seen.get(path) is None:
                 seen[path] = run_id
         return seen
+
+    def _local(self, text: str) -> Path:
+        """The local path of a run or checkpoint as the database holds it: a URL's mirror
+        root (registered runs are confined by the URL roots when their objects are read)."""
+        try:
+            place = location(text)
+        except ValueError:
+            return Path(text)  # refused when discovery looks at it, with the reason
+        if isinstance(place, ObjectURL):
+            root = self._objects.root(place)
+            self._urls[root] = place
+            return root
+        return place
+
+    def _text(self, path: Path) -> str:
+        """A path's text as stored and shown: a mirror path's URL, else ``str(path)``."""
+        return self._objects.text(path)
+
+    def _sync(self, run_dir: Path) -> None:
+        """List a URL run's objects into its mirror (one LIST per 1,000 objects); nothing for
+        a local run.
+
+        Raises:
+            OutsideRootError: the URL lies outside the allowed URL prefixes (nothing is listed).
+            ObjectStoreError: the store could not be listed.
+        """
+        url = self._urls.get(run_dir)
+        if url is None:
+            return
+        run_url_check(url, self.url_roots)
+        self._objects.mirror(url).sync()
 
     def _present(self, run_dir: Path) -> bool:
         """A registered run whose folder is gone is skipped; one that now leads outside the
@@ -288,6 +351,7 @@ class Watcher:
         """
         watched = self._watched_dirs()
         self._memory.forget_gone(watched)
+        self._objects.forget({u for p, u in self._urls.items() if p in watched})
         changed: set[Path] = set()
         if runs is None:
             changed = self._memory.recheck(self.settings.rewrite_checks_per_poll)
@@ -295,6 +359,14 @@ class Watcher:
             watched = {p: i for p, i in watched.items() if p in runs}
         new = 0
         for run_dir, run_id in watched.items():
+            try:
+                self._sync(run_dir)
+            except Exception as exc:  # a store that cannot be listed is that run's problem
+                self._memory.forget(run_dir)
+                if is_connection_error(exc):
+                    raise
+                self._record_run_error(run_dir, exc)
+                continue
             memory = None if run_dir in full else self._memory.get(run_dir)
             if memory is not None and run_dir not in changed and memory.unchanged_since(run_id):
                 continue
@@ -312,17 +384,20 @@ class Watcher:
         return new
 
     def _record_run_error(self, run_dir: Path, exc: Exception) -> None:
-        log.error("discovery of %s failed", shown(run_dir), exc_info=exc)
-        message = printable(f"discovery failed: {type(exc).__name__}: {exc}")[:_ERROR_MAX]
+        text = self._text(run_dir)
+        log.error("discovery of %s failed: %s", shown(text), self._objects.shown(str(exc)))
+        message = printable(self._objects.shown(f"discovery failed: {type(exc).__name__}: {exc}"))[
+            :_ERROR_MAX
+        ]
         try:
             with session_scope(self.engine) as session:
-                run_id = registry.ensure_run(session, name=derived(run_dir.name), path=str(run_dir))
+                run_id = registry.ensure_run(session, name=derived(run_dir.name), path=text)
                 registry.set_run_discovery_error(session, run_id=run_id, error=message)
         except Exception as failed:
             if is_connection_error(failed):
                 raise
             # Not even the error could be written: the log has it, the other runs go on.
-            log.error("cannot record the discovery error of %s: %s", shown(run_dir), failed)
+            log.error("cannot record the discovery error of %s: %s", shown(text), failed)
 
     def _discover_run(self, run_dir: Path, memory: RunMemory | None) -> int:
         problems: list[str] = []
@@ -333,13 +408,20 @@ class Watcher:
             )
             refs, listed, inodes, shapes = found.refs, found.listed, found.inodes, found.shapes
         except CheckpointError as exc:
-            log.error("cannot list %s: %s", shown(run_dir), exc)
+            log.error(
+                "cannot list %s: %s", shown(self._text(run_dir)), self._objects.shown(str(exc))
+            )
             refs, problems, listed, inodes, shapes = [], [str(exc)], {}, {}, {}
+        url = self._urls.get(run_dir)
+        if url is not None:
+            problems += self._objects.mirror(url).problems
         new = 0
         now_settled: dict[Path, Settled] = {}
         quiet = True
         with session_scope(self.engine) as session:
-            run_id = registry.ensure_run(session, name=derived(run_dir.name), path=str(run_dir))
+            run_id = registry.ensure_run(
+                session, name=derived(run_dir.name), path=self._text(run_dir)
+            )
             known = registry.known_checkpoints(session, run_id=run_id)
             for ref in refs:
                 final = False
@@ -355,13 +437,18 @@ class Watcher:
                             session,
                             run_id=run_id,
                             step=step,
-                            path=shown(ref.path),
+                            path=shown(self._text(ref.path)),
                             fmt=ref.format,
-                            error=ref.error[:_ERROR_MAX],
+                            error=self._objects.shown(ref.error)[:_ERROR_MAX],
                         )
                         is not None
                     ):
-                        log.error("refused %s step %s: %s", run_dir.name, step, ref.error)
+                        log.error(
+                            "refused %s step %s: %s",
+                            run_dir.name,
+                            step,
+                            self._objects.shown(ref.error),
+                        )
                     continue
                 if not ref.complete:
                     quiet = False
@@ -372,7 +459,7 @@ class Watcher:
                         session,
                         run_id=run_id,
                         step=step,
-                        path=str(ref.path),
+                        path=self._text(ref.path),
                         fingerprint=ref.fingerprint,
                         fmt=ref.format,
                     )
@@ -380,7 +467,7 @@ class Watcher:
                         new += 1
                         final = True
                         log.info("queued %s step %s", run_dir.name, ref.step)
-                elif found_.path == str(ref.path):
+                elif found_.path == self._text(ref.path):
                     queued, final = self._refresh(session, run_dir, step, found_, ref.fingerprint)
                     new += queued
                 else:
@@ -417,7 +504,7 @@ class Watcher:
                             keep_up,
                             skipped,
                         )
-            summary = _problems(problems)
+            summary = _problems([self._objects.shown(p) for p in problems])
             registry.set_run_discovery_error(session, run_id=run_id, error=summary)
         self._memory.remember(
             run_dir, RunMemory(run_id, listed, now_settled, quiet and not problems)
@@ -503,9 +590,9 @@ class Watcher:
         requests = self._retry("scan requests", pending, stop)
         if not due and not requests:
             return
-        asked = {Path(r.path) for r in requests}
+        asked = {self._local(r.path) for r in requests}
         if asked:
-            log.info("scan asked for: %s", ", ".join(sorted(map(str, asked))))
+            log.info("scan asked for: %s", ", ".join(sorted(map(self._text, asked))))
         new = self._retry(
             "discover", lambda: self.discover_once(runs=None if due else asked, full=asked), stop
         )
@@ -611,7 +698,7 @@ class Watcher:
         beat = _Heartbeat(self, job.job_id, self.budget.timeout_s + self.settings.heartbeat_s)
         beat.start()
         try:
-            outcome = self.child.analyze(Path(job.path), first)
+            outcome = self.child.analyze(_place(job.path), first)
         except (BudgetExceeded, ChildDied) as exc:
             log.error("step %s of run %s failed: %s", job.step, job.run_id, exc)
             # The same input breaks the same budget again: no further attempt is made.
@@ -688,10 +775,10 @@ class Watcher:
         """Stop the analysis process; the next job starts a new one."""
         self.child.close()
 
-    def _first_checkpoint(self, run_id: int) -> Path | None:
+    def _first_checkpoint(self, run_id: int) -> Path | ObjectURL | None:
         with session_scope(self.engine) as session:
             first = registry.first_checkpoint(session, run_id=run_id)
-        return Path(first) if first else None
+        return _place(first) if first else None
 
     # -- loops -----------------------------------------------------------------------------
     def run_once(self) -> int:

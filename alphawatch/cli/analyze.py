@@ -11,40 +11,73 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from alphawatch.cli.common import EXIT_OK, UserError, settings_of
+from alphawatch.locations import ObjectURL
 from alphawatch.settings import Settings
 from alphawatch.spreadsheet import write_csv
 
 if TYPE_CHECKING:
     from alphawatch.workers.analyst import AnalysedLayer, AnalysisOptions
+    from alphawatch.workers.checkpoints import Confinement
 
 
 _COLUMNS = ("name", "shape", "alpha", "D", "xmin", "num_pl_spikes", "fit_status", "trusted")
 
 
 def analyze_path(
-    path: Path, settings: Settings, method: str | None = None, engine: str = "alphawatch"
+    path: Path | ObjectURL,
+    settings: Settings,
+    method: str | None = None,
+    engine: str = "alphawatch",
 ) -> dict[str, Any]:
     """Analyse one checkpoint (no database) into the public ``analyze`` JSON document.
 
     ``engine="weightwatcher"``: the fit numbers are weightwatcher 0.7.7's own (its ``analyze()``
     on each matrix), with alphawatch's fit rules applied to them; no bootstrap stability, no
     trap search and no distribution tests, which weightwatcher does not compute.
+
+    An object-store URL is read through a mirror of its objects (ranged reads, a bounded
+    spool: ``workers.checkpoints.objects``); the document names the URL.
     """
+    if isinstance(path, ObjectURL):
+        from alphawatch.workers.checkpoints import UNCONFINED
+        from alphawatch.workers.checkpoints.objects import staged
+
+        spool = int(settings.spool_max_mb * 1024 * 1024)
+        with staged([path], UNCONFINED, None, spool) as (roots, confine, mirrors):
+            local = roots[0]
+            assert local is not None
+            if not local.exists():
+                raise UserError(f"{path}: no object at or below this URL")
+            try:
+                doc = _analyze_local(local, settings, method, engine, confine)
+            except Exception as exc:
+                exc.args = tuple(mirrors.shown(str(a)) for a in exc.args)
+                raise
+        doc["path"] = str(path)
+        return doc
+    from alphawatch.workers.checkpoints import UNCONFINED
+
+    return _analyze_local(path, settings, method, engine, UNCONFINED)
+
+
+def _analyze_local(
+    path: Path, settings: Settings, method: str | None, engine: str, confine: Confinement
+) -> dict[str, Any]:
     from alphawatch.service.robust import summarize
     from alphawatch.vocabulary import DEFAULT_VARIANT, split_variant
     from alphawatch.workers.analyst import AnalysisOptions, analysed_layers
-    from alphawatch.workers.checkpoints import UNCONFINED, discover
+    from alphawatch.workers.checkpoints import discover
     from alphawatch.workers.spectral import crosscheck
 
     # The worker's options, less the live cross-check: that samples the stored layers of a
     # run; here ``--engine weightwatcher`` compares every layer, when asked.
     options = replace(
-        AnalysisOptions.from_settings(settings, confine=UNCONFINED, method=method),
+        AnalysisOptions.from_settings(settings, confine=confine, method=method),
         crosscheck_share=0.0,
     )
     if engine == "weightwatcher" and (reason := crosscheck.unavailable(options.method)):
         raise UserError(f"--engine weightwatcher: {reason}")
-    refs = discover(path, settle_s=0.0) if path.is_dir() else []
+    refs = discover(path, settle_s=0.0, confine=confine) if path.is_dir() else []
     step = next((r.step for r in refs if Path(r.path) == path), None)
     if engine == "weightwatcher":
         layers = _weightwatcher_rows(path, options)
@@ -103,9 +136,11 @@ def _weightwatcher_rows(path: Path, options: AnalysisOptions) -> list[dict[str, 
 def run_analyze(args: argparse.Namespace) -> int:
     from alphawatch.workers.checkpoints import CheckpointError
 
-    path = args.path.expanduser().resolve()
-    if not path.exists():
-        raise UserError(f"{path} does not exist")
+    path = args.path
+    if isinstance(path, Path):
+        path = path.expanduser().resolve()
+        if not path.exists():
+            raise UserError(f"{path} does not exist")
     try:
         doc = analyze_path(path, settings_of(args), args.method, args.engine)
     except CheckpointError as exc:

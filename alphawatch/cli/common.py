@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from alphawatch.locations import ObjectURL
 from alphawatch.settings import Settings
 
 EXIT_OK, EXIT_FAIL, EXIT_ERROR = 0, 1, 2
@@ -37,7 +38,7 @@ def settings_of(args: argparse.Namespace) -> Settings:
     return Settings(**overrides)
 
 
-def check_dirs(paths: Sequence[Path]) -> list[Path]:
+def check_dirs(paths: Sequence[Path | ObjectURL]) -> list[Path | ObjectURL]:
     from alphawatch.workers.watcher import RunDirError, check_run_dir
 
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from alphawatch.locations import ObjectURL, location
 from alphawatch.vocabulary import MAX_STEP, FitMethod
 
 _HELP = """\
@@ -85,10 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="API + dashboard + one worker in one process (the main job)")
     up.add_argument(
         "run_dir",
-        type=Path,
+        type=run_location,
         nargs="+",
         metavar="RUN_DIR",
-        help="run directories to watch; the worker reads nothing outside them",
+        help="run directories (or s3://, gs:// URLs) to watch; the worker reads nothing "
+        "outside them",
     )
     db_option(up)
     device_option(up)
@@ -100,10 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     watch = sub.add_parser("watch", help="worker only: analyse checkpoints into the database")
     watch.add_argument(
         "run_dir",
-        type=Path,
+        type=run_location,
         nargs="*",
         metavar="RUN_DIR",
-        help="run directories; runs registered through the API are watched too",
+        help="run directories or s3://, gs:// URLs; runs registered through the API are "
+        "watched too",
     )
     db_option(watch)
     device_option(watch)
@@ -122,9 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     analyze = sub.add_parser("analyze", help="analyse one checkpoint, no database")
     analyze.add_argument(
         "path",
-        type=Path,
+        type=run_location,
         metavar="PATH",
-        help="a checkpoint folder or file (any format alphawatch discovers)",
+        help="a checkpoint folder or file (any format alphawatch discovers), or its s3:// or "
+        "gs:// URL",
     )
     device_option(analyze)
     analyze.add_argument(
@@ -287,6 +291,14 @@ def build_parser() -> argparse.ArgumentParser:
     runs_sub = runs.add_subparsers(dest="runs_command", required=True, metavar="ACTION")
     db_option(runs_sub.add_parser("list", help="list runs"))
     return parser
+
+
+def run_location(text: str) -> Path | ObjectURL:
+    """A run folder's path, or an object-store URL in normal form."""
+    try:
+        return location(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def positive(text: str) -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import threading
+from pathlib import Path
 
 from alphawatch.cli.common import (
     EXIT_OK,
@@ -14,6 +15,7 @@ from alphawatch.cli.common import (
     settings_of,
     stop_on_signals,
 )
+from alphawatch.locations import ObjectURL
 
 
 def run_up(args: argparse.Namespace) -> int:
@@ -25,9 +27,14 @@ def run_up(args: argparse.Namespace) -> int:
 
     dirs = check_dirs(args.run_dir)
     settings = settings_of(args)
+    folders = [d for d in dirs if isinstance(d, Path)]
+    urls = [str(d) for d in dirs if isinstance(d, ObjectURL)]
     if not settings.allowed_roots:
         # The folders named and nothing above them: `up /runs` must not allow `/`.
-        settings = settings.model_copy(update={"allowed_roots": dirs})
+        settings = settings.model_copy(update={"allowed_roots": folders})
+    if not settings.allowed_url_roots and urls:
+        # Likewise the URLs named: `up s3://b/team/run` allows that prefix, not the bucket.
+        settings = settings.model_copy(update={"allowed_url_roots": urls})
     prepare_database(settings, migrate=True)
     exporter = exporter_of(settings)
     watcher = Watcher(settings, dirs, on_analysed=exporter)

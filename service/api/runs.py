@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import case, delete, func, select
 from sqlalchemy.orm import Session
 
+from alphawatch.locations import ObjectURL, is_url, object_url, url_allowed
 from alphawatch.service.api import queries
 from alphawatch.service.api.errors import Conflict, Invalid, NotFound, Refused
 from alphawatch.service.db import registry, scans
@@ -62,6 +63,35 @@ def allowed_path(raw: str, *, allowed_roots: list[Path]) -> Path:
     if not is_dir:
         raise Invalid(f"{resolved} is not an existing directory")
     return resolved
+
+
+def allowed_location(
+    raw: str, *, allowed_roots: list[Path], url_roots: list[str]
+) -> Path | ObjectURL:
+    """A local run folder as :func:`allowed_path` checks it, or an object-store URL that lies
+    under one of ``url_roots`` (``s3://bucket/team``; segment by segment).
+
+    A URL is checked by its text alone: the service never reads a checkpoint, so whether the
+    prefix holds anything is the worker's to find (it records why a run cannot be listed).
+
+    Raises:
+        Invalid: a URL that is not in normal form (``..``, empty segments, credentials).
+        Refused: no URL root is configured, or the URL lies outside every one.
+    """
+    if not is_url(raw):
+        return allowed_path(raw, allowed_roots=allowed_roots)
+    try:
+        url = object_url(raw)
+    except ValueError as exc:
+        raise Invalid(str(exc)) from exc
+    if not url_roots:
+        raise Refused(
+            "no object-store root is allowed on this server (add a URL prefix such as "
+            "s3://bucket/runs to ALPHAWATCH_ALLOWED_ROOTS)"
+        )
+    if not url_allowed(url, url_roots):
+        raise Refused(f"{url} is not under an allowed root ({', '.join(url_roots)})")
+    return url
 
 
 def _reason(exc: OSError) -> str:
@@ -143,7 +173,7 @@ def get(
 
 
 def create(
-    *, session: Session, name: str, path: Path, thresholds: Thresholds, method: str
+    *, session: Session, name: str, path: Path | ObjectURL, thresholds: Thresholds, method: str
 ) -> dict[str, Any]:
     """Register a run at an already checked ``path``; its summary.
 

@@ -69,10 +69,11 @@ class RunCreate(BaseModel):
     )
     path: str = Field(
         max_length=4096,
-        pattern=r"^(/[^/\x00]{1,255})+/?$|^/$",
+        pattern=r"^(/[^/\x00]{1,255})+/?$|^/$|^(s3|gs|gcs)://[^\x00]{3,1024}$",
         description="absolute path of the run directory, under one of ALPHAWATCH_ALLOWED_ROOTS "
-        "once symlinks are followed; at most 255 characters per component",
-        examples=["/data/runs/llama-7b-sft"],
+        "once symlinks are followed; at most 255 characters per component. Or an object-store "
+        "URL (s3://bucket/prefix/run, gs://…) under a URL prefix among the allowed roots",
+        examples=["/data/runs/llama-7b-sft", "s3://training/runs/llama-7b-sft"],
     )
 
 

@@ -25,6 +25,12 @@ EXTRAS = frozenset(
         "peft",
         "yaml",
         "schemathesis",
+        # the cloud extra (s3fs, gcsfs) and the S3 API the object-store tests run against
+        "s3fs",
+        "gcsfs",
+        "moto",
+        "boto3",
+        "aiobotocore",
     }
 )
 

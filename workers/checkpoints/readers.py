@@ -77,7 +77,7 @@ def _header_of(
     handle: BinaryIO, path: Path, max_header: int = _MAX_HEADER
 ) -> tuple[int, dict[str, dict[str, object]]]:
     """The header of the safetensors file open as ``handle``, validated against its size."""
-    size = os.fstat(handle.fileno()).st_size
+    size = _size_of(handle)
     prefix = handle.read(8)
     if len(prefix) < 8:
         raise CheckpointError(path, f"{path}: empty or truncated safetensors file")
@@ -111,6 +111,15 @@ def _header_of(
             path, f"{path}: incomplete safetensors file ({size} bytes, expected {8 + length + end})"
         )
     return length, header
+
+
+def _size_of(handle: BinaryIO) -> int:
+    """The size of an open file: its descriptor's, or the listed size of an object-store file
+    (read by ranges, it has no descriptor; see ``workers.checkpoints.objects``)."""
+    size = getattr(handle, "size", None)
+    if isinstance(size, int) and not isinstance(size, bool):
+        return size
+    return os.fstat(handle.fileno()).st_size
 
 
 # Each safetensors dtype: its name in torch (and numpy, where numpy has it) and its size.

@@ -61,8 +61,11 @@ def create_run(
     settings: SettingsDep,
     _token: Annotated[object, Depends(require(TokenScope.WRITE))],
 ) -> dict[str, Any]:
-    """Register a run directory (must lie under an allowed root); needs a write token."""
-    path = runs.allowed_path(body.path, allowed_roots=settings.allowed_roots)
+    """Register a run directory or object-store URL (under an allowed root); needs a write
+    token."""
+    path = runs.allowed_location(
+        body.path, allowed_roots=settings.allowed_roots, url_roots=settings.allowed_url_roots
+    )
     with unit_of_work(request) as session:
         created = runs.create(
             session=session,
