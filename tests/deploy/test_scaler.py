@@ -1,0 +1,209 @@
+"""KEDA without a cluster: a scaler loop starts and stops real GPU-worker processes from the
+manifest's query, over a real backlog, and nothing is lost or analysed twice.
+
+One ``alphawatch watch --discover-only`` process fills the queue from checkpoint files the test
+writes, as deploy/k8s/discovery.yaml does. Every half second the loop below runs the ScaledJob's
+query on PostgreSQL, as KEDA's postgresql trigger does, and starts workers with the ScaledJob's
+own command line (``--max-jobs``, ``--exit-when-idle``) by KEDA's ``accurate`` strategy, up to
+``maxReplicaCount`` (3 here). Two busy workers are stopped mid-job the way Kubernetes stops a
+pod: one is sent SIGTERM and finishes its checkpoint within its grace period, the other is sent
+SIGTERM twice (as a grace period that ran out) and gives its job back. The fleet goes 0 → 3 → 0
+by itself: workers exit when nothing has been claimable for a while.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from alphawatch.cli import build_parser
+from tests.db import rows, wait_until
+from tests.deploy.keda import keda_answer, new_jobs, scaled_job
+
+ROOT = Path(__file__).resolve().parents[2]
+MAX_WORKERS = 3
+RUNS, STEPS = 2, 5
+MATRICES = 6  # per checkpoint: enough work that a signal lands mid-analysis
+TIMEOUT_S = 120
+
+
+def write_checkpoint(run: Path, step: int, *, seed: int) -> None:
+    """``run/checkpoint-<step>/``: :data:`MATRICES` Gaussian 384 x 256 matrices, HF layout."""
+    folder = run / f"checkpoint-{step}"
+    folder.mkdir(parents=True)
+    generator = torch.Generator().manual_seed(seed)
+    save_file(
+        {
+            f"model.layers.{i}.mlp.up_proj.weight": torch.randn(384, 256, generator=generator)
+            for i in range(MATRICES)
+        },
+        str(folder / "model.safetensors"),
+    )
+    (folder / "trainer_state.json").write_text(f'{{"global_step": {step}}}')
+
+
+@dataclass
+class Worker:
+    proc: subprocess.Popen[bytes]
+    log: Path
+    stopped: str | None = None  # how it was stopped mid-job, if it was
+
+
+@dataclass
+class Fleet:
+    url: str
+    tmp: Path
+    env: dict[str, str]
+    argv: list[str]
+    workers: list[Worker] = field(default_factory=list)
+
+    def start(self) -> None:
+        log = self.tmp / f"worker-{len(self.workers)}.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "alphawatch", *self.argv, "--db", self.url],
+                cwd=ROOT,
+                env=self.env,
+                stdout=out,
+                stderr=out,
+            )
+        self.workers.append(Worker(proc, log))
+
+    def alive(self) -> list[Worker]:
+        return [w for w in self.workers if w.proc.poll() is None]
+
+    def holding(self) -> dict[int, Worker]:
+        """Live workers holding a job, by the job's id."""
+        held = dict(
+            rows(self.url, "SELECT worker_id, id FROM analysis_job WHERE status = 'running'")
+        )
+        return {
+            int(job): w
+            for w in self.alive()
+            for holder, job in held.items()
+            if holder and f":{w.proc.pid}:" in holder
+        }
+
+
+def _worker_argv() -> list[str]:
+    """The ScaledJob's command, for this machine: CPU, the test's folder, quick idle exit."""
+    (container,) = scaled_job()["spec"]["jobTargetRef"]["template"]["spec"]["containers"]
+    argv = list(container["command"][1:])
+    args = build_parser().parse_args(argv)
+    assert args.command == "watch" and args.max_jobs and args.exit_when_idle
+    values = {"--device": "cpu", "--exit-when-idle": "3", "--health-port": "0"}
+    out: list[str] = []
+    for arg in argv:
+        out.append(values.get(out[-1], arg) if out and out[-1] in values else arg)
+    assert out[-1] == "/runs"  # the volume; here the runs come from discovery's registrations
+    return [*out[:-1], "--poll", "0.2"]
+
+
+def test_keda_scales_real_workers_zero_to_n_to_zero_without_losing_a_job(
+    tmp_path: Path, pg_url: str
+) -> None:
+    root = tmp_path / "runs"
+    for r in range(RUNS):
+        for step in range(1, STEPS + 1):
+            write_checkpoint(root / f"run-{r}", step, seed=10 * r + step)
+    total = RUNS * STEPS
+    env = {
+        **os.environ,
+        "ALPHAWATCH_SETTLE_S": "0",
+        "ALPHAWATCH_ALLOWED_ROOTS": f'["{root}"]',
+        "ALPHAWATCH_HEARTBEAT_S": "0.5",
+        "ALPHAWATCH_LEASE_S": "30",
+        "ALPHAWATCH_STOP_GRACE_S": "60",
+    }
+    argv = _worker_argv()
+    fleet = Fleet(pg_url, tmp_path, env, argv)
+    discovery = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "alphawatch",
+            "watch",
+            "--discover-only",
+            *(str(root / f"run-{r}") for r in range(RUNS)),
+            "--db",
+            pg_url,
+            "--poll",
+            "0.2",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    history: list[tuple[int, int]] = []  # (claimable, live workers) at each poll
+    to_stop = ["finish", "give back"]
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        while time.monotonic() < deadline:
+            depth = keda_answer(pg_url)
+            alive = fleet.alive()
+            holding = fleet.holding()
+            history.append((depth, len(alive)))
+            done = rows(pg_url, "SELECT count(*) FROM checkpoint WHERE status = 'done'")[0][0]
+            if done == total and not alive:
+                break
+            for _ in range(
+                new_jobs(
+                    queue_length=depth,
+                    running=len(alive),
+                    pending=len(alive) - len(holding),
+                    max_replicas=MAX_WORKERS,
+                )
+            ):
+                fleet.start()
+            # Once the fleet is at work, two busy workers are stopped as Kubernetes stops pods.
+            if to_stop and done >= 1 and holding:
+                worker = next(w for w in holding.values() if w.stopped is None)
+                worker.stopped = to_stop.pop(0)
+                worker.proc.send_signal(signal.SIGTERM)
+                if worker.stopped == "give back":
+                    time.sleep(0.1)
+                    worker.proc.send_signal(signal.SIGTERM)  # a second signal: at once
+            time.sleep(0.5)
+        else:
+            raise AssertionError(f"the backlog was not worked off in {TIMEOUT_S} s: {history}")
+    finally:
+        for w in fleet.alive():
+            w.proc.kill()
+        discovery.send_signal(signal.SIGTERM)
+        discovery.wait(timeout=30)
+
+    # 0 → N → 0: no worker before there was work, the maximum while there was, none after.
+    assert history[0] == (0, 0)
+    assert max(n for _, n in history) == MAX_WORKERS
+    assert history[-1] == (0, 0)
+    # Every worker ended by itself (idle) or by its SIGTERM, with status 0.
+    assert [w.proc.returncode for w in fleet.workers] == [0] * len(fleet.workers)
+    stopped = {w.stopped: w.log.read_text() for w in fleet.workers if w.stopped}
+    assert set(stopped) == {"finish", "give back"}
+    assert "given back to the queue" in stopped["give back"]
+    assert "given back" not in stopped["finish"] and " layers in " in stopped["finish"]
+
+    # Nothing lost, nothing twice: each checkpoint analysed once, on the attempt that counted
+    # (the job given back cost no attempt), with one set of layer rows.
+    checkpoints = rows(
+        pg_url,
+        "SELECT c.status, c.analysis_count, j.attempts, j.status FROM checkpoint c "
+        "JOIN analysis_job j ON j.checkpoint_id = c.id",
+    )
+    assert sorted(checkpoints) == [("done", 1, 1, "done")] * total
+    per_checkpoint = rows(
+        pg_url,
+        "SELECT count(*) FROM layer_metric GROUP BY checkpoint_id",
+    )
+    assert [n for (n,) in per_checkpoint] == [MATRICES] * total
+    assert discovery.returncode == 0
+    wait_until(lambda: keda_answer(pg_url) == 0, 5, "the query to read 0")
