@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import re
 import shlex
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -163,6 +164,25 @@ def test_kustomization_lists_every_manifest() -> None:
     assert {c["image"] for _, c in _containers()} == {image["name"]}
 
 
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (its kustomize) not installed")
+def test_kustomize_builds_the_whole_deployment() -> None:
+    built = subprocess.run(
+        ["kubectl", "kustomize", str(K8S)], capture_output=True, text=True, check=True
+    ).stdout
+    objects = [d for d in yaml.safe_load_all(built) if d]
+    assert len(objects) == sum(1 for p, _ in DOCS if p.name not in OPTIONAL)
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    (image,) = kustomization["images"]
+    images = set(re.findall(r"^\s*image: (\S+)$", built, flags=re.MULTILINE))
+    # The image of every pod, the ScaledJob's included, is the one kustomize was told.
+    assert images == {f"{image['newName']}:{image['newTag']}"}
+    assert built.count("image:") == len(list(_containers())) - 1  # but the optional pool's
+    for obj in objects:
+        if obj["kind"] != "Namespace":
+            assert obj["metadata"]["namespace"] == "alphawatch", obj["metadata"]["name"]
+        assert obj["metadata"]["labels"]["app.kubernetes.io/part-of"] == "alphawatch"
+
+
 def test_the_keda_query_is_the_queue_depth_of_the_code() -> None:
     triggers = [t for _, d in DOCS if d["kind"] == "ScaledJob" for t in d["spec"]["triggers"]]
     assert [t["type"] for t in triggers] == ["postgresql"]
@@ -178,6 +198,8 @@ def test_the_keda_query_is_the_queue_depth_of_the_code() -> None:
         [*_alphawatch(), "db", "queue-depth", "--sql"], capture_output=True, text=True, check=True
     )
     assert printed.stdout.strip() == triggers[0]["metadata"]["query"]
+    # The deployment guide shows the same text.
+    assert queue.QUEUE_DEPTH_SQL in (ROOT / "docs" / "DEPLOY.md").read_text()
 
 
 def _alphawatch() -> list[str]:

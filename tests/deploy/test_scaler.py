@@ -32,7 +32,7 @@ from tests.workers.small import write_busy_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 MAX_WORKERS = 3
-RUNS, STEPS = 2, 3
+RUNS, STEPS = 2, 4
 MATRICES = 12  # per checkpoint: a second or more of work, so a signal lands mid-analysis
 TIMEOUT_S = 150
 
@@ -175,10 +175,12 @@ def test_keda_scales_real_workers_zero_to_n_to_zero_without_losing_a_job(
                         w.stopped = "missed"
                 # Once the fleet has reached its maximum, busy workers are stopped as Kubernetes
                 # stops pods: SIGTERM (finish within the grace), or twice (give back at once).
-                just_claimed = [w for w, age in holding.values() if age < 0.3 and not w.stopped]
-                if to_stop and just_claimed and max(n for _, _, n in history) == MAX_WORKERS:
+                busy = sorted((age, i) for i, (w, age) in enumerate(holding.values()))
+                workers = list(holding.values())
+                fresh = [workers[i][0] for _, i in busy if not workers[i][0].stopped]
+                if to_stop and fresh and max(n for _, _, n in history) == MAX_WORKERS:
                     tries += 1
-                    worker = just_claimed[0]
+                    worker = fresh[0]  # the latest claim: the most analysis still ahead
                     worker.stopped = to_stop.pop(0)
                     worker.proc.send_signal(signal.SIGTERM)
                     if worker.stopped == "give back":
