@@ -147,6 +147,12 @@ class Settings(BaseSettings):
     )
     lease_s: float = Field(60.0, gt=0)
     heartbeat_s: float = Field(10.0, gt=0)
+    stop_grace_s: float = Field(
+        20.0,
+        ge=0,
+        description="told to stop (SIGTERM), how long a worker goes on with the job in hand "
+        "before it stops the analysis and gives the job back to the queue (0: at once)",
+    )
     max_attempts: int = Field(3, ge=1)
     job_timeout_s: float = Field(
         4 * 3600.0, gt=0, description="wall-clock budget of one checkpoint's analysis"

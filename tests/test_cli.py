@@ -121,10 +121,13 @@ def test_parser_knows_every_documented_command() -> None:
     for argv in (
         ["up", "runs/x"],
         ["watch", "runs/x", "--reanalyze"],
+        ["watch", "--max-jobs", "3", "--exit-when-idle", "60", "--health-port", "8081"],
+        ["watch", "runs/x", "--discover-only"],
         ["serve"],
         ["analyze", "x", "--format", "json"],
         ["gate", "--url", "u", "--run", "r"],
         ["db", "upgrade"],
+        ["db", "queue-depth", "--sql"],
         ["token", "create", "n"],
         ["token", "list"],
         ["token", "create", "n", "--scope", "read", "--expires-in", "7"],
@@ -158,6 +161,21 @@ def test_every_option_has_a_type_and_a_help_text() -> None:
 
 
 @pytest.mark.parametrize(
+    "args",
+    [
+        ["watch", "--once", "--max-jobs", "2"],
+        ["watch", "--once", "--exit-when-idle", "5"],
+        ["watch", "--discover-only", "--max-jobs", "2"],
+    ],
+)
+def test_worker_modes_that_contradict_each_other_are_refused(
+    args: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(args) == 2
+    assert "--max-jobs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
     ("args", "message"),
     [
         (["gate", "--url", "u", "--run", "r", "--max-untrusted-share", "1.5"], "between 0 and 1"),
@@ -165,6 +183,11 @@ def test_every_option_has_a_type_and_a_help_text() -> None:
         (["gate", "--url", "u", "--run", "r", "--step", str(2**64)], "is not a step"),
         (["up", "runs", "--port", "70000"], "is not a port"),
         (["watch", "--poll", "0"], "not a positive number"),
+        (["watch", "--max-jobs", "0"], "not a positive whole number"),
+        (["watch", "--max-jobs", "2.5"], "not a positive whole number"),
+        (["watch", "--exit-when-idle", "-1"], "not a finite number of seconds"),
+        (["watch", "--exit-when-idle", "nan"], "not a finite number of seconds"),
+        (["watch", "--once", "--discover-only"], "not allowed with argument"),
     ],
 )
 def test_bad_option_values_are_refused_with_a_reason(

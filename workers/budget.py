@@ -32,6 +32,7 @@ import subprocess
 import sys
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -59,6 +60,10 @@ class BudgetExceeded(Exception):
 
 class ChildDied(Exception):
     """The analysis process died on its own: killed by the kernel (out of memory) or a crash."""
+
+
+class Cancelled(Exception):
+    """The analysis was stopped because the worker was told to stop (not the checkpoint's fault)."""
 
 
 class AnalysisFailed(Exception):
@@ -204,10 +209,23 @@ class AnalysisChild:
             raise RuntimeError(f"the analysis process could not start: {_why(answer)}")
         self.device = answer.device
 
-    def analyze(self, path: Path | ObjectURL, first: Path | ObjectURL | None) -> Outcome:
+    def analyze(
+        self,
+        path: Path | ObjectURL,
+        first: Path | ObjectURL | None,
+        *,
+        cancel: Callable[[], bool] | None = None,
+    ) -> Outcome:
         """Analyse one checkpoint within the budget.
 
+        Args:
+            path: the checkpoint.
+            first: the run's first checkpoint (for distances from it), or None.
+            cancel: asked every ``POLL_S``; once it answers True the child is killed and
+                :class:`Cancelled` raised.
+
         Raises:
+            Cancelled: ``cancel`` answered True (the child was killed).
             BudgetExceeded: past the time or memory budget (the child was killed).
             ChildDied: the child died on its own.
             AnalysisFailed: the analysis raised an error (the checkpoint's fault).
@@ -223,6 +241,9 @@ class AnalysisChild:
         except OSError:  # it died while idle, after start() looked
             raise self._died(path) from None
         while True:
+            if cancel is not None and cancel():
+                self.close()
+                raise Cancelled(f"{path}: the analysis was stopped: the worker is stopping")
             left = deadline - time.monotonic()
             if left <= 0:
                 self.close()

@@ -46,6 +46,7 @@ from alphawatch.workers.budget import (
     AnalysisChild,
     AnalysisFailed,
     BudgetExceeded,
+    Cancelled,
     ChildDied,
     budget_of,
 )
@@ -202,6 +203,11 @@ class Watcher:
         self._discovery_failed: BaseException | None = None
         self._leasing = False  # only run_forever discovers behind the lease
         self._stop = threading.Event()  # run_forever's: retries end when it is set
+        # Set stop_grace_s after the stop (or at once, by abandon()): the analysis in hand is
+        # stopped and its job given back to the queue.
+        self._abandon = threading.Event()
+        # Jobs processed (done or failed) by run_forever, for --max-jobs.
+        self.processed = 0
         # A claim that met a lost connection may have been committed: the next claim is made
         # without asking first, and takes that job back (queue.reclaim).
         self._claim_unsure = False
@@ -698,7 +704,9 @@ class Watcher:
         beat = _Heartbeat(self, job.job_id, self.budget.timeout_s + self.settings.heartbeat_s)
         beat.start()
         try:
-            outcome = self.child.analyze(_place(job.path), first)
+            outcome = self.child.analyze(_place(job.path), first, cancel=self._abandon.is_set)
+        except Cancelled:
+            self._release(job)
         except (BudgetExceeded, ChildDied) as exc:
             log.error("step %s of run %s failed: %s", job.step, job.run_id, exc)
             # The same input breaks the same budget again: no further attempt is made.
@@ -771,6 +779,25 @@ class Watcher:
 
         self._retry("fail", write, grace_s=_STOP_GRACE_S)
 
+    def _release(self, job: queue.ClaimedJob) -> None:
+        """Give the job back to the queue, its attempt not counted (the worker is stopping)."""
+
+        def write() -> bool:
+            with session_scope(self.engine) as session:
+                return queue.release(session, job_id=job.job_id, worker_id=self.worker_id)
+
+        released = self._retry("release", write, grace_s=_STOP_GRACE_S)
+        log.warning(
+            "stopping: step %s of run %s %s",
+            job.step,
+            job.run_id,
+            "given back to the queue" if released else "was no longer held by this worker",
+        )
+
+    def abandon(self) -> None:
+        """Stop the analysis in hand now and give its job back (a second stop signal)."""
+        self._abandon.set()
+
     def close(self) -> None:
         """Stop the analysis process; the next job starts a new one."""
         self.child.close()
@@ -792,33 +819,64 @@ class Watcher:
             self.alerts.deliver_due()
         return processed
 
-    def run_forever(self, stop: threading.Event) -> None:
-        """Poll until ``stop`` is set; the job in hand is finished before returning.
+    def run_forever(
+        self,
+        stop: threading.Event,
+        *,
+        max_jobs: int | None = None,
+        exit_when_idle_s: float | None = None,
+        analyse: bool = True,
+    ) -> None:
+        """Poll until ``stop`` is set, or until a limit below is reached.
 
         Discovery runs in a thread of its own, behind the discovery lease; this loop claims and
-        analyses jobs, at once when that thread queued some, else every poll interval.
+        analyses jobs, at once when that thread queued some, else every poll interval. Once
+        ``stop`` is set the job in hand is finished if it can be within ``stop_grace_s``;
+        past that (or at once after :meth:`abandon`) its analysis is stopped and the job given
+        back to the queue (:func:`queue.release`), never left for its lease to run out.
+
+        Args:
+            stop: ends the loop (a signal handler sets it).
+            max_jobs: return after processing this many jobs (done or failed).
+            exit_when_idle_s: return once the queue has had nothing claimable (the count of
+                :data:`queue.QUEUE_DEPTH_SQL` is 0) for this many seconds.
+            analyse: False: discovery only, for the one small process that keeps the queue
+                filled while a scaler has stopped every GPU worker.
         """
         log.info(
-            "worker %s watching %s on %s",
+            "worker %s %s %s on %s",
             self.worker_id,
+            "watching" if analyse else "discovering (no analysis) in",
             ", ".join(map(str, self.run_dirs)) or "registered runs",
-            self.device,
+            self.device if analyse else "no device",
         )
         ended = threading.Event()
         self._discovery_failed = None
         self._stop = stop
+        self._abandon.clear()
         self._leasing = True
         finder = threading.Thread(
             target=self._discover_forever, args=(stop, ended), name="discovery", daemon=True
         )
         finder.start()
+        grace = threading.Thread(
+            target=self._grace, args=(stop, ended), name="stop-grace", daemon=True
+        )
+        grace.start()
         if self.alerts is not None:
             self.alerts.start()
         backoff = Backoff()
+        idle_since: float | None = None
         try:
             while not stop.is_set():
                 if self._discovery_failed is not None:
                     raise self._discovery_failed
+                if not analyse:
+                    stop.wait(_TICK_S)
+                    continue
+                if max_jobs is not None and self.processed >= max_jobs:
+                    log.info("worker %s processed %d jobs: exiting", self.worker_id, max_jobs)
+                    break
                 try:
                     # An idle worker asks before it claims: one read per poll, not two writes.
                     busy = self.process_one(ask_first=True)
@@ -833,8 +891,20 @@ class Watcher:
                     continue
                 backoff.reset()
                 self.health.ok("analysis")
-                if not busy:
-                    self._idle(stop)
+                if busy:
+                    self.processed += 1
+                    idle_since = None
+                    continue
+                now = time.monotonic()
+                idle_since = now if idle_since is None else idle_since
+                if exit_when_idle_s is not None and now - idle_since >= exit_when_idle_s:
+                    log.info(
+                        "worker %s: nothing to claim for %.0fs: exiting",
+                        self.worker_id,
+                        now - idle_since,
+                    )
+                    break
+                self._idle(stop)
         finally:
             ended.set()
             finder.join(timeout=60)
@@ -844,6 +914,15 @@ class Watcher:
                 self.alerts.stop()
             self.close()
         log.info("worker %s stopped", self.worker_id)
+
+    def _grace(self, stop: threading.Event, ended: threading.Event) -> None:
+        """``stop_grace_s`` after ``stop`` is set, abandon the analysis still in hand."""
+        while not (stop.is_set() or ended.is_set()):
+            ended.wait(_TICK_S)
+        if ended.is_set():
+            return
+        if not ended.wait(self.settings.stop_grace_s):
+            self._abandon.set()
 
     def _idle(self, stop: threading.Event) -> None:
         """Wait a poll interval, or less: until discovery queues work or ``stop`` is set."""

@@ -16,8 +16,19 @@ from alphawatch.cli.common import (
 
 
 def run_db(args: argparse.Namespace) -> int:
+    from alphawatch.service.db import queue
     from alphawatch.service.db.migrations import upgrade
+    from alphawatch.service.db.session import make_engine
 
+    if args.db_command == "queue-depth":
+        if args.sql:
+            print(queue.QUEUE_DEPTH_SQL)
+            return EXIT_OK
+        settings = settings_of(args)
+        prepare_database(settings, migrate=False)
+        with make_engine(settings.database_url).connect() as conn:
+            print(queue.depth(conn))
+        return EXIT_OK
     settings = settings_of(args)
     upgrade(settings.database_url)
     print(f"alphawatch: {settings.database_url} is at the latest schema")

@@ -6,7 +6,7 @@ import argparse
 import logging
 import signal
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,9 +64,16 @@ def is_embedded(settings: Settings) -> bool:
     return settings.database_url.startswith("sqlite")
 
 
-def stop_on_signals(stop: threading.Event) -> None:
+def stop_on_signals(stop: threading.Event, *, again: Callable[[], None] | None = None) -> None:
+    """SIGTERM and SIGINT set ``stop``; a second one calls ``again`` (give the job back now)."""
+
     def handle(signum: int, _frame: object) -> None:
-        logging.getLogger("alphawatch").info("signal %s: finishing the job in hand", signum)
+        log = logging.getLogger("alphawatch")
+        if stop.is_set() and again is not None:
+            log.info("signal %s again: giving the job in hand back to the queue", signum)
+            again()
+            return
+        log.info("signal %s: finishing the job in hand (or giving it back)", signum)
         stop.set()
 
     signal.signal(signal.SIGTERM, handle)

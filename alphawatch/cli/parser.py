@@ -116,7 +116,33 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument(
         "--reanalyze", action="store_true", help="analyse checkpoints again even when results exist"
     )
-    watch.add_argument("--once", action="store_true", help="process what is there, then exit")
+    modes = watch.add_mutually_exclusive_group()
+    modes.add_argument("--once", action="store_true", help="process what is there, then exit")
+    modes.add_argument(
+        "--discover-only",
+        action="store_true",
+        help="register checkpoints and queue their jobs, analyse nothing (no GPU, no torch): "
+        "keeps the queue filled while a scaler has stopped every GPU worker",
+    )
+    watch.add_argument(
+        "--max-jobs",
+        type=positive_int,
+        metavar="N",
+        help="exit (status 0) after analysing N checkpoints (done or failed)",
+    )
+    watch.add_argument(
+        "--exit-when-idle",
+        type=non_negative,
+        metavar="SECONDS",
+        help="exit (status 0) once nothing has been claimable for SECONDS",
+    )
+    watch.add_argument(
+        "--health-port",
+        type=port_number,
+        metavar="PORT",
+        help="answer GET /health on this port (200, or 503 with the reason while a loop of "
+        "the worker keeps failing): a liveness probe for schedulers",
+    )
 
     serve = sub.add_parser("serve", help="API + dashboard only")
     db_option(serve)
@@ -262,6 +288,17 @@ def build_parser() -> argparse.ArgumentParser:
     db = sub.add_parser("db", help="database maintenance")
     db_sub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
     db_option(db_sub.add_parser("upgrade", help="migrate the database to the latest schema"))
+    depth = db_sub.add_parser(
+        "queue-depth",
+        help="print how many jobs a worker could claim (alphawatch_queue_depth): what a "
+        "scaler starts GPU workers for",
+    )
+    depth.add_argument(
+        "--sql",
+        action="store_true",
+        help="print the query instead (PostgreSQL; the query of KEDA's postgresql trigger)",
+    )
+    db_option(depth)
 
     token = sub.add_parser("token", help="API tokens (writes always need one)")
     token_sub = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
@@ -305,6 +342,23 @@ def positive(text: str) -> float:
     value = float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
+def non_negative(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number of seconds >= 0")
+    return value
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive whole number")
     return value
 
 

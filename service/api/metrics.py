@@ -33,7 +33,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import and_, case, func, select
 from sqlalchemy.orm import Session
 
-from alphawatch.service.db import lag
+from alphawatch.service.db import lag, queue
 from alphawatch.service.db.models import (
     Checkpoint,
     CheckpointStat,
@@ -112,7 +112,10 @@ class DatabaseCollector(Collector):
         yield analyzed
         queued = lag.backlog(self.session)
         yield GaugeMetricFamily(
-            "alphawatch_queue_depth", "Jobs waiting for a worker.", value=queued.queued
+            "alphawatch_queue_depth",
+            "Jobs a worker could claim: queued, or running under a lease that ran out "
+            "(the count deploy/k8s/ scales GPU workers on).",
+            value=queue.depth(self.session),
         )
         yield GaugeMetricFamily(
             "alphawatch_queue_oldest_seconds",

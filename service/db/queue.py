@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from enum import Enum
 
-from sqlalchemy import Connection, bindparam, select, text, update
+from sqlalchemy import Connection, TextClause, select, text, update
 from sqlalchemy.orm import Session
 
 from alphawatch.service.db.leases import lapsed
@@ -55,6 +55,7 @@ class Event(Enum):
     VANISH = "vanish"  # the checkpoint was deleted before or while it was read
     REQUEUE = "requeue"  # a finished or skipped checkpoint is to be analysed (again)
     SKIP = "skip"  # the keep-up policy passes a queued checkpoint over (see keep_up)
+    RELEASE = "release"  # its worker was told to stop: the job goes back, attempt not counted
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,7 @@ TRANSITIONS: dict[Event, Transition] = {
     Event.SKIP: Transition(
         frozenset({JobStatus.QUEUED}), JobStatus.SKIPPED, CheckpointStatus.SKIPPED
     ),
+    Event.RELEASE: Transition(_RUNNING, JobStatus.QUEUED, CheckpointStatus.PENDING),
 }
 
 
@@ -337,15 +339,30 @@ def reclaim(session: Session, *, worker_id: str, lease_s: float) -> ClaimedJob |
     )
 
 
-_WORK = select(
-    select(AnalysisJob.id).where(AnalysisJob.status == JobStatus.QUEUED.value).exists()
-    | select(AnalysisJob.id)
-    .where(
-        AnalysisJob.status == JobStatus.RUNNING.value,
-        AnalysisJob.lease_expires_at < bindparam("now"),
-    )
-    .exists()
+# The one definition of a claimable job: queued, or running under a lease that ran out (its
+# worker died; requeue_stale gives it back at the next claim). The worker asks it before it
+# claims (has_work), /metrics reports its count (alphawatch_queue_depth), and a scaler outside
+# the process (KEDA's postgresql trigger in deploy/k8s/, which runs QUEUE_DEPTH_SQL verbatim: a
+# test holds the manifest to this text) sizes the GPU workers on it. Plain SQL without
+# parameters, as a scaler takes it; the database's clock judges the lease (the hosts' clocks
+# drift by far less than a lease).
+CLAIMABLE_SQL = (
+    f"status = '{JobStatus.QUEUED.value}' OR (status = '{JobStatus.RUNNING.value}' "
+    "AND lease_expires_at < CURRENT_TIMESTAMP)"
 )
+QUEUE_DEPTH_SQL = f"SELECT count(*) FROM analysis_job WHERE {CLAIMABLE_SQL}"
+_HAS_WORK_SQL = f"SELECT EXISTS (SELECT 1 FROM analysis_job WHERE {CLAIMABLE_SQL})"
+# SQLite's CURRENT_TIMESTAMP has whole seconds, and the text it compares with (how SQLAlchemy
+# stores a datetime there) has microseconds: the same instant, to the millisecond.
+_SQLITE_NOW = "strftime('%Y-%m-%d %H:%M:%f', 'now')"
+
+
+def _on(session: Session | Connection, sql: str) -> TextClause:
+    """``sql`` in the dialect of ``session``'s database (only the clock differs)."""
+    bind = session.get_bind() if isinstance(session, Session) else session
+    if bind.dialect.name == "sqlite":
+        sql = sql.replace("CURRENT_TIMESTAMP", _SQLITE_NOW)
+    return text(sql)
 
 
 def has_work(session: Session | Connection) -> bool:
@@ -353,9 +370,15 @@ def has_work(session: Session | Connection) -> bool:
 
     One indexed query (``ix_analysis_job_status_lease``) that writes nothing: what an idle
     worker asks each poll before it recovers stale jobs and claims (:func:`requeue_stale`,
-    :func:`claim`), which lock and write.
+    :func:`claim`), which lock and write. True exactly when :func:`depth` is above 0.
     """
-    return bool(session.execute(_WORK, {"now": utcnow()}).scalar())
+    return bool(session.execute(_on(session, _HAS_WORK_SQL)).scalar())
+
+
+def depth(session: Session | Connection) -> int:
+    """How many jobs are claimable (:data:`QUEUE_DEPTH_SQL`): ``alphawatch_queue_depth``, and
+    the number a scaler starts GPU workers for."""
+    return int(session.execute(_on(session, QUEUE_DEPTH_SQL)).scalar_one())
 
 
 def heartbeat(session: Session, *, job_id: int, worker_id: str, lease_s: float) -> bool:
@@ -406,6 +429,26 @@ def fail(
         move(job, checkpoint, Event.GIVE_UP if job.attempts >= max_attempts else Event.RETRY)
     job.worker_id, job.lease_expires_at = None, None
     checkpoint.finished_at = utcnow()
+
+
+def release(session: Session, *, job_id: int, worker_id: str) -> bool:
+    """Give a held job back to the queue at once, its attempt not counted; False when this
+    worker no longer holds it.
+
+    A worker told to stop (SIGTERM from a scheduler scaling down) that cannot finish the job in
+    hand within its grace period stops the analysis and calls this, so another worker claims
+    the job now instead of after the lease runs out, and a stop never uses up an attempt.
+    """
+    job = held(session, job_id, worker_id)
+    if job is None:
+        return False
+    checkpoint = session.get(Checkpoint, job.checkpoint_id)
+    move(job, checkpoint, Event.RELEASE)
+    job.attempts = max(0, job.attempts - 1)
+    job.worker_id, job.lease_expires_at = None, None
+    if checkpoint is not None:
+        checkpoint.started_at = None
+    return True
 
 
 def requeue_stale(session: Session, *, max_attempts: int = 3) -> int:

@@ -27,3 +27,20 @@ def write_checkpoint(run: Path, step: int, *, seed: int) -> Path:
     )
     (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
     return folder
+
+
+def write_busy_checkpoint(run: Path, step: int, *, seed: int, matrices: int = 10) -> Path:
+    """``run/checkpoint-<step>/`` with ``matrices`` Gaussian 512 x 384 MLP matrices: about a
+    second of analysis on a CPU, so that a signal sent while it is claimed lands mid-analysis."""
+    folder = run / f"checkpoint-{step}"
+    folder.mkdir(parents=True)
+    generator = torch.Generator().manual_seed(seed)
+    save_file(
+        {
+            f"model.layers.{i}.mlp.up_proj.weight": torch.randn(512, 384, generator=generator)
+            for i in range(matrices)
+        },
+        str(folder / "model.safetensors"),
+    )
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    return folder
