@@ -251,6 +251,57 @@ class CheckpointStat(Base):
     iqr: Mapped[float | None] = mapped_column(Float)
 
 
+class BlockStat(Base):
+    """A robust statistic of alpha over the layers of one block of one checkpoint, kept at write
+    time like :class:`CheckpointStat`.
+
+    One row per block, variant (weights, gradients, nested widths), kind set (every kind, the
+    attention and the MLP group), filter and outlier rule, for every block the selection holds a
+    layer of: a per-block trend reads one row per block and checkpoint instead of its layers.
+    Written in the same transaction as the layer rows (``results.complete``); other selections
+    are computed from the layer rows on request.
+    """
+
+    __tablename__ = "block_stat"
+    __table_args__ = (
+        # Key columns in read order: one selection's blocks of one checkpoint lie side by side,
+        # and a block range is a range of the last column.
+        UniqueConstraint(
+            "checkpoint_id",
+            "method",
+            "variant",
+            "metric",
+            "filter",
+            "outliers",
+            "kinds",
+            "block",
+            name="uq_block_stat_key",
+        ),
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    checkpoint_id: Mapped[int] = mapped_column(ForeignKey("checkpoint.id", ondelete="CASCADE"))
+    method: Mapped[str] = mapped_column(String(32))
+    variant: Mapped[str] = mapped_column(String(16))
+    metric: Mapped[str] = mapped_column(String(64))
+    filter: Mapped[str] = mapped_column(String(16))
+    outliers: Mapped[str] = mapped_column(String(16))
+    kinds: Mapped[str] = mapped_column(String(200))
+    block: Mapped[int] = mapped_column(Integer)
+    alpha_max: Mapped[float] = mapped_column(Float)
+    mad_k: Mapped[float] = mapped_column(Float)
+    n_used: Mapped[int] = mapped_column(Integer)
+    n_excluded: Mapped[int] = mapped_column(Integer)
+    excluded: Mapped[str] = mapped_column(Text, default="{}")  # JSON {reason: count}
+    median: Mapped[float | None] = mapped_column(Float)
+    mean: Mapped[float | None] = mapped_column(Float)
+    trimmed_mean: Mapped[float | None] = mapped_column(Float)
+    p10: Mapped[float | None] = mapped_column(Float)
+    p25: Mapped[float | None] = mapped_column(Float)
+    p75: Mapped[float | None] = mapped_column(Float)
+    p90: Mapped[float | None] = mapped_column(Float)
+    iqr: Mapped[float | None] = mapped_column(Float)
+
+
 class Spectrum(Base):
     """Eigenvalues of a layer (float32 bytes) for ESD plots and re-fits."""
 
