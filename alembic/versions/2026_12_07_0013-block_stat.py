@@ -11,6 +11,11 @@ their layer rows, a batch of checkpoints at a time (a long run's database holds 
 layer rows), with the thresholds their ``checkpoint_stat`` rows were made with; the API
 computes any point without a kept row from the layer rows, so an interrupted fill is never a
 wrong answer.
+
+Two covering indexes replace ``layer_metric``'s name and foreign-key indexes: a layer's history,
+and a checkpoint's layers of one method (heatmaps, flags, statistics computed from rows),
+are read from the index alone on PostgreSQL instead of from ~400-byte rows scattered over the
+table.
 """
 
 from collections.abc import Sequence
@@ -19,6 +24,7 @@ import sqlalchemy as sa
 
 from alembic import op
 from alphawatch.service.db.aggregates import block_stat_rows
+from alphawatch.service.db.models import HISTORY_COLUMNS, SELECTION_COLUMNS
 from alphawatch.trust import Thresholds
 
 revision: str = "0013"
@@ -87,6 +93,22 @@ def upgrade() -> None:
         ),
     )
     _fill()
+    # Covering indexes (PostgreSQL reads the views from them alone; SQLite gets the keys):
+    # they replace the name and foreign-key indexes, whose keys they lead with.
+    op.create_index(
+        "ix_layer_metric_history",
+        "layer_metric",
+        ["name", "method", "checkpoint_id"],
+        postgresql_include=list(HISTORY_COLUMNS),
+    )
+    op.create_index(
+        "ix_layer_metric_selection",
+        "layer_metric",
+        ["checkpoint_id", "method", "block"],
+        postgresql_include=list(SELECTION_COLUMNS),
+    )
+    op.drop_index("ix_layer_metric_name_checkpoint_id", table_name="layer_metric")
+    op.drop_index("ix_layer_metric_checkpoint_id", table_name="layer_metric")
     if op.get_context().dialect.name == "postgresql":
         # Written like every result table: API processes drop their kept answers.
         op.execute(
@@ -153,4 +175,8 @@ def _fill() -> None:
 def downgrade() -> None:
     if op.get_context().dialect.name == "postgresql":
         op.execute("DROP TRIGGER IF EXISTS trg_block_stat_notify_results ON block_stat")
+    op.create_index("ix_layer_metric_checkpoint_id", "layer_metric", ["checkpoint_id"])
+    op.create_index("ix_layer_metric_name_checkpoint_id", "layer_metric", ["name", "checkpoint_id"])
+    op.drop_index("ix_layer_metric_selection", table_name="layer_metric")
+    op.drop_index("ix_layer_metric_history", table_name="layer_metric")
     op.drop_table("block_stat")
