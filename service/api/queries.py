@@ -527,19 +527,19 @@ def block_trends(
         ):
             if layer["block"] is not None:
                 grouped[layer["block"]][layer["checkpoint_id"]].append(layer)
-        for block, of_block in grouped.items():
-            for checkpoint_id, chosen_layers in of_block.items():
+        for block, layers_of_block in grouped.items():
+            for checkpoint_id, chosen_layers in layers_of_block.items():
                 chosen = _chosen(chosen_layers, query, thresholds)
                 points[block][checkpoint_id] = _point(step[checkpoint_id], chosen, query.stat)
     empty = _chosen([], query, thresholds)
     out = []
     for block in sorted(points, reverse=query.order == LayerOrder.BLOCK_DESC):
-        of_block = points[block]
+        kept_points = points[block]
         out.append(
             {
                 "block": block,
                 "points": [
-                    of_block.get(checkpoint_id) or _point(s, empty, query.stat)
+                    kept_points.get(checkpoint_id) or _point(s, empty, query.stat)
                     for checkpoint_id, s in checkpoints
                 ],
             }
