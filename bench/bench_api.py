@@ -388,6 +388,9 @@ def main() -> None:
     parser.add_argument(
         "--cache", default="on,off", help="result cache modes to measure: on, off or on,off"
     )
+    parser.add_argument(
+        "--block-runs", type=int, default=0, help="per-block views of the first N runs (0: all)"
+    )
     parser.add_argument("--reuse", action="store_true", help="keep an existing filled database")
     parser.add_argument("--drop", action="store_true", help="drop the database afterwards")
     args = parser.parse_args()
@@ -427,6 +430,7 @@ def main() -> None:
         f"/api/v1/runs/{r}/trend?metric=alpha&stat=median&filter=trusted&kind=q,k,v,o,qkv"
         for r in range(1, n_runs + 1)
     ]
+    block_runs = min(args.block_runs or n_runs, n_runs)
     trend_block_paths = [
         f"/api/v1/runs/{r}/trend?metric=alpha&stat=median&filter=trusted&block_min=0&block_max=9"
         for r in range(1, n_runs + 1)
@@ -434,12 +438,12 @@ def main() -> None:
     one_block_paths = [
         f"/api/v1/runs/{r}/trend?metric=alpha&stat=median&filter=trusted"
         f"&block_min={b}&block_max={b}"
-        for r in range(1, n_runs + 1)
+        for r in range(1, block_runs + 1)
         for b in (0, args.layers // 14, args.layers // 7 - 1)
     ]
     blocks_paths = [
         f"/api/v1/runs/{r}/blocks?metric=alpha&stat=median&filter=trusted&max_points=150"
-        for r in range(1, n_runs + 1)
+        for r in range(1, block_runs + 1)
     ]
     history_paths = [
         f"/api/v1/runs/{rng.randint(1, n_runs)}/layers/{rng.choice(names)}/history"

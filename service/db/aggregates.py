@@ -14,6 +14,8 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
 from alphawatch.service import robust
 from alphawatch.trust import Thresholds
 from alphawatch.vocabulary import (
@@ -101,6 +103,9 @@ def _kept(
 ) -> Iterator[dict[str, Any]]:
     """The columns of a kept statistic of ``metric`` over ``layers`` under each filter and
     outlier rule."""
+    # Where a filter or the MAD rule leaves out nothing the values are the same array, and so
+    # are its statistics: described once (a block's few layers often are).
+    described: dict[bytes, dict[str, float | None]] = {}
     for flt in PRECOMPUTED_FILTERS:
         for outliers in PRECOMPUTED_OUTLIERS:
             chosen = robust.select(
@@ -120,8 +125,16 @@ def _kept(
                 "n_used": chosen.n_used,
                 "n_excluded": chosen.n_excluded,
                 "excluded": json.dumps(chosen.excluded),
-                **robust.describe(chosen.values),
+                **_described(chosen.values, described),
             }
+
+
+def _described(values: np.ndarray, seen: dict[bytes, dict[str, float | None]]) -> dict[str, Any]:
+    key = values.tobytes()
+    stats = seen.get(key)
+    if stats is None:
+        stats = seen[key] = robust.describe(values)
+    return stats
 
 
 def block_stat_rows(
