@@ -24,7 +24,6 @@ import sqlalchemy as sa
 
 from alembic import op
 from alphawatch.service.db.aggregates import block_stat_rows
-from alphawatch.service.db.models import HISTORY_COLUMNS, SELECTION_COLUMNS
 from alphawatch.trust import Thresholds
 
 revision: str = "0013"
@@ -45,6 +44,30 @@ LAYER_COLUMNS = (
     "trusted",
     "correlation_trap",
     "rank_collapse",
+)
+
+
+# What the covering indexes carry, as this revision made them.
+HISTORY_COLUMNS = (
+    "alpha",
+    "D",
+    "num_pl_spikes",
+    "fit_status",
+    "trusted",
+    "correlation_trap",
+    "rank_collapse",
+)
+SELECTION_COLUMNS = (
+    "name",
+    "kind",
+    "alpha",
+    "fit_status",
+    "trusted",
+    "correlation_trap",
+    "rank_collapse",
+    "near_random",
+    "over_trained",
+    "under_trained",
 )
 
 
