@@ -382,6 +382,15 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60, help="per endpoint")
     parser.add_argument("--workers", type=int, default=2, help="uvicorn worker processes")
     parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument(
+        "--only", default="", help="measure only endpoints whose label holds one of these words"
+    )
+    parser.add_argument(
+        "--cache", default="on,off", help="result cache modes to measure: on, off or on,off"
+    )
+    parser.add_argument(
+        "--block-runs", type=int, default=0, help="per-block views of the first N runs (0: all)"
+    )
     parser.add_argument("--reuse", action="store_true", help="keep an existing filled database")
     parser.add_argument("--drop", action="store_true", help="drop the database afterwards")
     args = parser.parse_args()
@@ -421,9 +430,20 @@ def main() -> None:
         f"/api/v1/runs/{r}/trend?metric=alpha&stat=median&filter=trusted&kind=q,k,v,o,qkv"
         for r in range(1, n_runs + 1)
     ]
+    block_runs = min(args.block_runs or n_runs, n_runs)
     trend_block_paths = [
         f"/api/v1/runs/{r}/trend?metric=alpha&stat=median&filter=trusted&block_min=0&block_max=9"
         for r in range(1, n_runs + 1)
+    ]
+    one_block_paths = [
+        f"/api/v1/runs/{r}/trend?metric=alpha&stat=median&filter=trusted"
+        f"&block_min={b}&block_max={b}"
+        for r in range(1, block_runs + 1)
+        for b in (0, args.layers // 14, args.layers // 7 - 1)
+    ]
+    blocks_paths = [
+        f"/api/v1/runs/{r}/blocks?metric=alpha&stat=median&filter=trusted&max_points=150"
+        for r in range(1, block_runs + 1)
     ]
     history_paths = [
         f"/api/v1/runs/{rng.randint(1, n_runs)}/layers/{rng.choice(names)}/history"
@@ -434,10 +454,16 @@ def main() -> None:
         ("trend (whole model, kept statistics)", trend_paths, args.requests),
         ("layer history", history_paths, args.requests),
         ("trend of the attention group (kept statistics)", trend_kind_paths, args.requests),
+        ("trend of one block (kept statistics)", one_block_paths, args.requests),
+        ("trends of every block, 150 steps (kept statistics)", blocks_paths, args.requests // 10),
         ("trend of blocks 0-9 (from layer rows)", trend_block_paths, max(args.requests // 20, 32)),
     )
+    if args.only:
+        words = [w.strip() for w in args.only.split(",") if w.strip()]
+        endpoints = tuple(e for e in endpoints if any(w in e[0] for w in words))
     base = f"http://127.0.0.1:{args.port}"
-    for cache in (True, False):
+    modes = [m.strip() for m in args.cache.split(",")]
+    for cache in [m == "on" for m in ("on", "off") if m in modes]:
         mode = "result cache on" if cache else "result cache off"
         server = serve(url, args.port, args.workers, cache)
         try:
@@ -456,6 +482,8 @@ def main() -> None:
                 results[f"{label}, {mode}"] = asyncio.run(
                     drive(base, paths, args.clients, n, args.seconds)
                 )
+                # The machine may be shared: the load beside each figure.
+                results[f"{label}, {mode}"]["load_1m"] = round(os.getloadavg()[0], 1)
                 print(f"{label}, {mode}", json.dumps(results[f"{label}, {mode}"]), flush=True)
         finally:
             server.send_signal(signal.SIGINT)
@@ -472,6 +500,7 @@ def main() -> None:
             "fill_s": fill_s,
         },
         "clients": args.clients,
+        "load_average": os.getloadavg(),
         "uvicorn_workers": args.workers,
         "results": results,
     }

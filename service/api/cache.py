@@ -4,8 +4,9 @@ A dashboard refreshes the same trends and histories every few seconds, and a CI 
 same gate of the same run: between two analysed checkpoints the answers do not change. Each API
 process keeps the JSON bodies of its read routes in an LRU and drops them all when a
 notification arrives on :data:`CHANNEL`. Triggers (migration 0003) send that notification on
-every committed write to ``run``, ``checkpoint``, ``layer_metric`` and ``checkpoint_stat``,
-whatever wrote it (a worker, a re-analysis, a deleted run, a bulk load).
+every committed write to ``run``, ``checkpoint``, ``layer_metric``, ``checkpoint_stat`` and
+``block_stat`` (migration 0013), whatever wrote it (a worker, a re-analysis, a deleted run, a
+bulk load).
 
 Correctness rests on two rules:
 

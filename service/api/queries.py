@@ -8,16 +8,23 @@ from typing import Any
 
 import numpy as np
 from pydantic_core import from_json
-from sqlalchemy import and_, case, func, select
+from sqlalchemy import ColumnElement, and_, case, func, select
 from sqlalchemy.orm import Session
 
 from alphawatch.service import robust
 from alphawatch.service.api.errors import NotFound
 from alphawatch.service.api.selections import BlockQuery, CompareQuery, HeatmapQuery, TrendQuery
 from alphawatch.service.db import lag
-from alphawatch.service.db.aggregates import PRECOMPUTED_KINDS, PRECOMPUTED_METRICS, kinds_key
+from alphawatch.service.db.aggregates import (
+    BLOCK_KINDS,
+    BLOCK_METRICS,
+    PRECOMPUTED_KINDS,
+    PRECOMPUTED_METRICS,
+    kinds_key,
+)
 from alphawatch.service.db.layers import LayerSelection
 from alphawatch.service.db.models import (
+    BlockStat,
     Checkpoint,
     CheckpointStat,
     CheckpointStatus,
@@ -199,9 +206,43 @@ def _chosen(
     )
 
 
-_STAT_FIELDS = [
-    getattr(CheckpointStat, c) for c in ("n_used", "n_excluded", "excluded", *robust.STATS)
-]
+_KEPT_FIELDS = ("n_used", "n_excluded", "excluded", *robust.STATS)
+
+
+def _kept_on(
+    table: type[CheckpointStat] | type[BlockStat],
+    *,
+    query: TrendQuery | BlockQuery,
+    kinds: str,
+    method: str,
+    thresholds: Thresholds,
+) -> list[ColumnElement[bool]]:
+    """The conditions that pick a query's kept rows: its selection, made under the thresholds
+    this server applies (rows made under others are recomputed from the layer rows)."""
+    on = [
+        table.method == method,
+        table.metric == query.metric,
+        table.filter == query.filter,
+        table.outliers == query.outliers,
+        table.kinds == kinds,
+        table.alpha_max == thresholds.alpha_max,
+    ]
+    if query.outliers == OutlierRule.MAD:
+        on.append(table.mad_k == (thresholds.mad_k if query.mad_k is None else query.mad_k))
+    return on
+
+
+def _kept_point(step: int, row: Sequence[Any], at: int, stat: str) -> dict[str, Any]:
+    """A point from a kept row's :data:`_KEPT_FIELDS`, starting at ``row[at]``."""
+    # Tuples by position: this runs once per checkpoint (and block) of every request.
+    return {
+        "step": step,
+        "value": row[at + 3 + robust.STATS.index(stat)],
+        "n_used": row[at],
+        "n_excluded": row[at + 1],
+        "excluded": from_json(row[at + 2]),
+        **dict(zip(robust.STATS, row[at + 3 :], strict=True)),
+    }
 
 
 def trend(
@@ -209,39 +250,42 @@ def trend(
 ) -> list[dict[str, Any]]:
     """The robust statistic per analysed checkpoint, with what was excluded and why.
 
-    Selections kept in ``checkpoint_stat`` (whole model, or a dashboard kind group) are read
-    in the same query as the checkpoints, one row per checkpoint; block ranges, other kind sets
-    and checkpoints without a kept row are computed from the layer rows by the same functions.
+    Selections kept in ``checkpoint_stat`` (whole model, or a dashboard kind group) or in
+    ``block_stat`` (one block) are read in the same query as the checkpoints, one row per
+    checkpoint; block ranges, other kind sets and checkpoints without a kept row are computed
+    from the layer rows by the same functions.
     """
     layers = query.layers(method)
-    metric, stat = query.metric, query.stat
-    mad_k = thresholds.mad_k if query.mad_k is None else query.mad_k
+    metric = query.metric
     key = kinds_key(layers.kinds)
-    # Only the weights' statistics are kept; gradients and nested widths come from their rows.
-    kept = (
+    one_block = layers.block_min is not None and layers.block_min == layers.block_max
+    statement = select(Checkpoint.id, Checkpoint.step)
+    if (
+        # Only the weights' whole-model statistics are kept; other variants come from rows.
         layers.variant == DEFAULT_VARIANT
         and layers.block_min is None
         and layers.block_max is None
         and key in PRECOMPUTED_KINDS
         and (metric in PRECOMPUTED_METRICS if not key else metric == "alpha")
-    )
-    if kept:
-        on = [
-            CheckpointStat.checkpoint_id == Checkpoint.id,
-            CheckpointStat.method == method,
-            CheckpointStat.metric == metric,
-            CheckpointStat.filter == query.filter,
-            CheckpointStat.outliers == query.outliers,
-            CheckpointStat.kinds == key,
-            CheckpointStat.alpha_max == thresholds.alpha_max,
-        ]
-        if query.outliers == OutlierRule.MAD:
-            on.append(CheckpointStat.mad_k == mad_k)
-        statement = select(Checkpoint.id, Checkpoint.step, *_STAT_FIELDS).outerjoin(
-            CheckpointStat, and_(*on)
+    ):
+        on = _kept_on(CheckpointStat, query=query, kinds=key, method=method, thresholds=thresholds)
+        statement = select(
+            Checkpoint.id, Checkpoint.step, *(getattr(CheckpointStat, f) for f in _KEPT_FIELDS)
+        ).outerjoin(CheckpointStat, and_(CheckpointStat.checkpoint_id == Checkpoint.id, *on))
+    elif one_block and key in BLOCK_KINDS and metric in BLOCK_METRICS:
+        on = _kept_on(BlockStat, query=query, kinds=key, method=method, thresholds=thresholds)
+        statement = select(
+            Checkpoint.id, Checkpoint.step, *(getattr(BlockStat, f) for f in _KEPT_FIELDS)
+        ).outerjoin(
+            BlockStat,
+            and_(
+                BlockStat.checkpoint_id == Checkpoint.id,
+                BlockStat.variant == layers.variant,
+                BlockStat.block == layers.block_min,
+                *on,
+            ),
         )
-    else:
-        statement = select(Checkpoint.id, Checkpoint.step)
+    kept = len(statement.selected_columns) > 2
     rows = downsample(
         session.execute(
             statement.where(Checkpoint.run_id == run_id, ANALYSED).order_by(Checkpoint.step)
@@ -252,18 +296,9 @@ def trend(
         get_run(session=session, run_id=run_id)  # 404 for an unknown run, [] for an empty one
     points: dict[int, dict[str, Any]] = {}
     missing: list[int] = []
-    at = robust.STATS.index(stat) + 5 if kept else 0
     for row in rows:
         if kept and row[2] is not None:
-            # Tuples by position: this loop runs once per checkpoint on every trend request.
-            points[row[0]] = {
-                "step": row[1],
-                "value": row[at],
-                "n_used": row[2],
-                "n_excluded": row[3],
-                "excluded": from_json(row[4]),
-                **dict(zip(robust.STATS, row[5:], strict=True)),
-            }
+            points[row[0]] = _kept_point(row[1], row, 2, query.stat)
         else:
             missing.append(row[0])
     if missing:
@@ -275,7 +310,7 @@ def trend(
         step = {row[0]: row[1] for row in rows}
         for checkpoint_id in missing:
             chosen = _chosen(by_checkpoint[checkpoint_id], query, thresholds)
-            points[checkpoint_id] = _point(step[checkpoint_id], chosen, stat)
+            points[checkpoint_id] = _point(step[checkpoint_id], chosen, query.stat)
     return [points[row[0]] for row in rows]
 
 
@@ -453,26 +488,63 @@ def block_trends(
     *, session: Session, run_id: int, query: BlockQuery, method: str, thresholds: Thresholds
 ) -> list[dict[str, Any]]:
     """The robust statistic per block and checkpoint: one trend per block, the last block first
-    by default (layers outside a block, embeddings and head, are left out)."""
+    by default (layers outside a block, embeddings and head, are left out).
+
+    Selections kept in ``block_stat`` are read from it, one row per block and checkpoint;
+    other selections, and checkpoints without kept rows, are computed from the layer rows.
+    """
     get_run(session=session, run_id=run_id)
     checkpoints = downsample(done_checkpoints(session=session, run_id=run_id), query.max_points)
     step = dict(checkpoints)
-    grouped: dict[int, dict[int, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
-    for layer in layer_dicts(
-        session=session,
-        checkpoint_ids=list(step),
-        layers=query.layers(method),
-        fields=(*_SELECT_FIELDS, "block", query.metric),
-    ):
-        if layer["block"] is not None:
-            grouped[layer["block"]][layer["checkpoint_id"]].append(layer)
+    layers = query.layers(method)
+    key = kinds_key(layers.kinds)
+    points: dict[int, dict[int, dict[str, Any]]] = defaultdict(dict)
+    missing = list(step)
+    if key in BLOCK_KINDS and query.metric in BLOCK_METRICS and step:
+        kept = session.execute(
+            select(
+                BlockStat.checkpoint_id,
+                BlockStat.block,
+                *(getattr(BlockStat, f) for f in _KEPT_FIELDS),
+            ).where(
+                BlockStat.checkpoint_id.in_(missing),
+                BlockStat.variant == layers.variant,
+                *_kept_on(BlockStat, query=query, kinds=key, method=method, thresholds=thresholds),
+            )
+        ).all()
+        for row in kept:
+            points[row[1]][row[0]] = _kept_point(step[row[0]], row, 2, query.stat)
+        # A checkpoint with no kept row of any block was analysed before they were kept (or
+        # under other thresholds); one whose selection holds no block has none either.
+        have = {row[0] for row in kept}
+        missing = [c for c in missing if c not in have]
+    if missing:
+        grouped: dict[int, dict[int, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+        for layer in layer_dicts(
+            session=session,
+            checkpoint_ids=missing,
+            layers=layers,
+            fields=(*_SELECT_FIELDS, "block", query.metric),
+        ):
+            if layer["block"] is not None:
+                grouped[layer["block"]][layer["checkpoint_id"]].append(layer)
+        for block, layers_of_block in grouped.items():
+            for checkpoint_id, chosen_layers in layers_of_block.items():
+                chosen = _chosen(chosen_layers, query, thresholds)
+                points[block][checkpoint_id] = _point(step[checkpoint_id], chosen, query.stat)
+    empty = _chosen([], query, thresholds)
     out = []
-    for block in sorted(grouped, reverse=query.order == LayerOrder.BLOCK_DESC):
-        points = []
-        for checkpoint_id, _ in checkpoints:
-            chosen = _chosen(grouped[block].get(checkpoint_id, []), query, thresholds)
-            points.append(_point(step[checkpoint_id], chosen, query.stat))
-        out.append({"block": block, "points": points})
+    for block in sorted(points, reverse=query.order == LayerOrder.BLOCK_DESC):
+        kept_points = points[block]
+        out.append(
+            {
+                "block": block,
+                "points": [
+                    kept_points.get(checkpoint_id) or _point(s, empty, query.stat)
+                    for checkpoint_id, s in checkpoints
+                ],
+            }
+        )
     return out
 
 
@@ -526,7 +598,8 @@ def flags(
 
     labels = ("n_layers", *FLAG_KEYS, *FIT_STATUSES)
     counts = [
-        func.count(LayerMetric.id),
+        # A column the covering index carries: the counts are read from the index alone.
+        func.count(LayerMetric.checkpoint_id),
         *[count(getattr(LayerMetric, key).is_(True)) for key in FLAG_KEYS],
         *[count(LayerMetric.fit_status == status) for status in FIT_STATUSES],
     ]

@@ -1,4 +1,5 @@
-"""Robust statistics of a checkpoint, computed once when its layers are written.
+"""Robust statistics of a checkpoint and of each of its blocks, computed once when its layers
+are written.
 
 A trend over a long run would otherwise read every layer row of every checkpoint on each
 request (500 checkpoints x 300 layers = 150 000 rows). The rows kept here are made by the same
@@ -9,8 +10,11 @@ numbers; the API falls back to the layer rows for anything not kept here.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
+
+import numpy as np
 
 from alphawatch.service import robust
 from alphawatch.trust import Thresholds
@@ -55,6 +59,12 @@ def weight_rows(layers: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     return [x for x in layers if split_variant(str(x.get("name", "")))[1] == DEFAULT_VARIANT]
 
 
+# Per block: alpha, for every variant (the per-block view is where gradients are read), over
+# every kind of the block and over each kind group.
+BLOCK_METRICS: tuple[str, ...] = ("alpha",)
+BLOCK_KINDS = frozenset({"", *(kinds_key(g) for g in PRECOMPUTED_GROUPS)})
+
+
 def stat_rows(
     layers: Sequence[Mapping[str, Any]],
     *,
@@ -68,7 +78,6 @@ def stat_rows(
     numbers made under the old one. Only the weights' rows are kept: gradient (``@exp_avg``) and
     nested-width (``@w<k>``) rows never enter a weights statistic, and are summarised on request.
     """
-    alpha_max, mad_k = thresholds.alpha_max, thresholds.mad_k
     by_method: dict[str, list[Mapping[str, Any]]] = {}
     for layer in weight_rows(layers):
         by_method.setdefault(str(layer.get("method", "ww")), []).append(layer)
@@ -82,30 +91,91 @@ def stat_rows(
                 ("alpha", kinds_key(group), [x for x in of_method if x.get("kind") in group])
             )
         for metric, kinds, chosen_layers in selections:
-            for flt in PRECOMPUTED_FILTERS:
-                for outliers in PRECOMPUTED_OUTLIERS:
-                    chosen = robust.select(
-                        chosen_layers,
-                        metric=metric,
-                        filter=flt,
-                        alpha_max=alpha_max,
-                        outliers=outliers,
-                        mad_k=mad_k,
-                    )
+            for kept in _kept(chosen_layers, metric=metric, thresholds=thresholds):
+                rows.append(
+                    {"checkpoint_id": checkpoint_id, "method": method, "kinds": kinds, **kept}
+                )
+    return rows
+
+
+def _kept(
+    layers: Sequence[Mapping[str, Any]], *, metric: str, thresholds: Thresholds
+) -> Iterator[dict[str, Any]]:
+    """The columns of a kept statistic of ``metric`` over ``layers`` under each filter and
+    outlier rule."""
+    # Where a filter or the MAD rule leaves out nothing the values are the same array, and so
+    # are its statistics: described once (a block's few layers often are).
+    described: dict[bytes, dict[str, float | None]] = {}
+    for flt in PRECOMPUTED_FILTERS:
+        for outliers in PRECOMPUTED_OUTLIERS:
+            chosen = robust.select(
+                layers,
+                metric=metric,
+                filter=flt,
+                alpha_max=thresholds.alpha_max,
+                outliers=outliers,
+                mad_k=thresholds.mad_k,
+            )
+            yield {
+                "metric": metric,
+                "filter": flt,
+                "outliers": outliers,
+                "alpha_max": thresholds.alpha_max,
+                "mad_k": thresholds.mad_k,
+                "n_used": chosen.n_used,
+                "n_excluded": chosen.n_excluded,
+                "excluded": json.dumps(chosen.excluded),
+                **_described(chosen.values, described),
+            }
+
+
+def _described(values: np.ndarray, seen: dict[bytes, dict[str, float | None]]) -> dict[str, Any]:
+    key = values.tobytes()
+    stats = seen.get(key)
+    if stats is None:
+        stats = seen[key] = robust.describe(values)
+    return stats
+
+
+def block_stat_rows(
+    layers: Sequence[Mapping[str, Any]],
+    *,
+    checkpoint_id: int,
+    thresholds: Thresholds,
+) -> list[dict[str, Any]]:
+    """``block_stat`` rows: per method, variant, block and kind set of :data:`BLOCK_KINDS`.
+
+    A row is made only where the selection holds a layer of that block, so the blocks a
+    per-block trend lists are the blocks its layer rows hold; layers outside a block
+    (embeddings, head) make none. Each row records its ``alpha_max`` and ``mad_k``, as
+    :func:`stat_rows` does.
+    """
+    cells: dict[tuple[str, str, int], list[Mapping[str, Any]]] = defaultdict(list)
+    for layer in layers:
+        block = layer.get("block")
+        if block is None:
+            continue
+        variant = split_variant(str(layer.get("name", "")))[1]
+        cells[(str(layer.get("method", "ww")), variant, int(block))].append(layer)
+    groups = [("", None), *((kinds_key(g), frozenset(g)) for g in PRECOMPUTED_GROUPS)]
+    rows: list[dict[str, Any]] = []
+    for (method, variant, block), of_block in sorted(cells.items()):
+        for kinds, members in groups:
+            chosen = (
+                of_block if members is None else [x for x in of_block if x.get("kind") in members]
+            )
+            if not chosen:
+                continue
+            for metric in BLOCK_METRICS:
+                for kept in _kept(chosen, metric=metric, thresholds=thresholds):
                     rows.append(
                         {
                             "checkpoint_id": checkpoint_id,
                             "method": method,
-                            "metric": metric,
-                            "filter": flt,
-                            "outliers": outliers,
+                            "variant": variant,
                             "kinds": kinds,
-                            "alpha_max": alpha_max,
-                            "mad_k": mad_k,
-                            "n_used": chosen.n_used,
-                            "n_excluded": chosen.n_excluded,
-                            "excluded": json.dumps(chosen.excluded),
-                            **robust.describe(chosen.values),
+                            "block": block,
+                            **kept,
                         }
                     )
     return rows

@@ -132,6 +132,30 @@ class Checkpoint(Base):
     rewritten_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
+# The columns the covering indexes of layer_metric carry (migration 0013).
+HISTORY_COLUMNS = (
+    "alpha",
+    "D",
+    "num_pl_spikes",
+    "fit_status",
+    "trusted",
+    "correlation_trap",
+    "rank_collapse",
+)
+SELECTION_COLUMNS = (
+    "name",
+    "kind",
+    "alpha",
+    "fit_status",
+    "trusted",
+    "correlation_trap",
+    "rank_collapse",
+    "near_random",
+    "over_trained",
+    "under_trained",
+)
+
+
 class LayerMetric(Base):
     """Spectral metrics of one weight matrix at one checkpoint, for one fit method."""
 
@@ -140,7 +164,25 @@ class LayerMetric(Base):
         UniqueConstraint(
             "checkpoint_id", "name", "method", name="uq_layer_metric_checkpoint_id_name_method"
         ),
-        Index("ix_layer_metric_name_checkpoint_id", "name", "checkpoint_id"),
+        # What the views read, from the index alone on PostgreSQL (an index-only scan: a long
+        # run's layer rows are ~400 bytes wide, their scattered heap pages are what a cold read
+        # waits for). One layer's history: its entries lie together, a run's in a few pages.
+        Index(
+            "ix_layer_metric_history",
+            "name",
+            "method",
+            "checkpoint_id",
+            postgresql_include=list(HISTORY_COLUMNS),
+        ),
+        # Heatmaps, flags and statistics computed from layer rows: a checkpoint's layers of one
+        # method, a block range inside them. Also the foreign key's index.
+        Index(
+            "ix_layer_metric_selection",
+            "checkpoint_id",
+            "method",
+            "block",
+            postgresql_include=list(SELECTION_COLUMNS),
+        ),
         # The few cross-checked rows, found without scanning a run's layers.
         Index(
             "ix_layer_metric_crosscheck_diff",
@@ -151,9 +193,7 @@ class LayerMetric(Base):
         ),
     )
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    checkpoint_id: Mapped[int] = mapped_column(
-        ForeignKey("checkpoint.id", ondelete="CASCADE"), index=True
-    )
+    checkpoint_id: Mapped[int] = mapped_column(ForeignKey("checkpoint.id", ondelete="CASCADE"))
     name: Mapped[str] = mapped_column(String(512))
     kind: Mapped[str] = mapped_column(String(32), default="other")
     block: Mapped[int | None] = mapped_column(Integer)
@@ -241,6 +281,57 @@ class CheckpointStat(Base):
     # Layer kinds the statistic is over, sorted and comma-joined; "" for every layer.
     kinds: Mapped[str] = mapped_column(String(200))
     # The rule parameters the row was computed with: a server configured otherwise recomputes.
+    alpha_max: Mapped[float] = mapped_column(Float)
+    mad_k: Mapped[float] = mapped_column(Float)
+    n_used: Mapped[int] = mapped_column(Integer)
+    n_excluded: Mapped[int] = mapped_column(Integer)
+    excluded: Mapped[str] = mapped_column(Text, default="{}")  # JSON {reason: count}
+    median: Mapped[float | None] = mapped_column(Float)
+    mean: Mapped[float | None] = mapped_column(Float)
+    trimmed_mean: Mapped[float | None] = mapped_column(Float)
+    p10: Mapped[float | None] = mapped_column(Float)
+    p25: Mapped[float | None] = mapped_column(Float)
+    p75: Mapped[float | None] = mapped_column(Float)
+    p90: Mapped[float | None] = mapped_column(Float)
+    iqr: Mapped[float | None] = mapped_column(Float)
+
+
+class BlockStat(Base):
+    """A robust statistic of alpha over the layers of one block of one checkpoint, kept at write
+    time like :class:`CheckpointStat`.
+
+    One row per block, variant (weights, gradients, nested widths), kind set (every kind, the
+    attention and the MLP group), filter and outlier rule, for every block the selection holds a
+    layer of: a per-block trend reads one row per block and checkpoint instead of its layers.
+    Written in the same transaction as the layer rows (``results.complete``); other selections
+    are computed from the layer rows on request.
+    """
+
+    __tablename__ = "block_stat"
+    __table_args__ = (
+        # Key columns in read order: one selection's blocks of one checkpoint lie side by side,
+        # and a block range is a range of the last column.
+        UniqueConstraint(
+            "checkpoint_id",
+            "method",
+            "variant",
+            "metric",
+            "filter",
+            "outliers",
+            "kinds",
+            "block",
+            name="uq_block_stat_key",
+        ),
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    checkpoint_id: Mapped[int] = mapped_column(ForeignKey("checkpoint.id", ondelete="CASCADE"))
+    method: Mapped[str] = mapped_column(String(32))
+    variant: Mapped[str] = mapped_column(String(16))
+    metric: Mapped[str] = mapped_column(String(64))
+    filter: Mapped[str] = mapped_column(String(16))
+    outliers: Mapped[str] = mapped_column(String(16))
+    kinds: Mapped[str] = mapped_column(String(200))
+    block: Mapped[int] = mapped_column(Integer)
     alpha_max: Mapped[float] = mapped_column(Float)
     mad_k: Mapped[float] = mapped_column(Float)
     n_used: Mapped[int] = mapped_column(Integer)

@@ -11,9 +11,15 @@ from collections.abc import Sequence
 from sqlalchemy import delete, insert
 from sqlalchemy.orm import Session
 
-from alphawatch.service.db.aggregates import stat_rows, weight_rows
+from alphawatch.service.db.aggregates import block_stat_rows, stat_rows, weight_rows
 from alphawatch.service.db.alerts import GateCheck, record_verdict
-from alphawatch.service.db.models import Checkpoint, CheckpointStat, LayerMetric, Spectrum
+from alphawatch.service.db.models import (
+    BlockStat,
+    Checkpoint,
+    CheckpointStat,
+    LayerMetric,
+    Spectrum,
+)
 from alphawatch.service.db.queue import Event, held, move
 from alphawatch.service.db.rows import LayerRow, SpectrumRow
 from alphawatch.service.db.session import is_connection_error, utcnow
@@ -34,7 +40,8 @@ def complete(
     thresholds: Thresholds,
     gate: GateCheck | None = None,
 ) -> bool:
-    """Write every layer row, spectrum, robust statistic and the checkpoint summary at once.
+    """Write every layer row, spectrum, robust statistic (whole model and per block) and the
+    checkpoint summary at once.
 
     One transaction: a reader sees the checkpoint either not analysed or complete. Re-analysis
     replaces earlier rows of the same checkpoint and method. With ``gate``, the run's gate
@@ -52,11 +59,10 @@ def complete(
             LayerMetric.checkpoint_id == checkpoint_id, LayerMetric.method.in_(methods)
         )
     )
-    session.execute(
-        delete(CheckpointStat).where(
-            CheckpointStat.checkpoint_id == checkpoint_id, CheckpointStat.method.in_(methods)
+    for kept in (CheckpointStat, BlockStat):
+        session.execute(
+            delete(kept).where(kept.checkpoint_id == checkpoint_id, kept.method.in_(methods))
         )
-    )
     by_name = {(s.name, s.method): s for s in spectra}
     values = [layer.values() for layer in layers]
     for layer, columns in zip(layers, values, strict=True):
@@ -73,6 +79,9 @@ def complete(
     summaries = stat_rows(values, checkpoint_id=checkpoint_id, thresholds=thresholds)
     if summaries:
         session.execute(insert(CheckpointStat), summaries)
+    blocks = block_stat_rows(values, checkpoint_id=checkpoint_id, thresholds=thresholds)
+    if blocks:
+        session.execute(insert(BlockStat), blocks)
     checkpoint = session.get(Checkpoint, checkpoint_id)
     assert checkpoint is not None
     move(job, checkpoint, Event.COMPLETE)

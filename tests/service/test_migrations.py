@@ -54,7 +54,7 @@ def test_every_migration_is_reversible(db_url: str) -> None:
     if postgres:
         assert _notify_triggers(db_url) == {
             f"trg_{t}_notify_results"
-            for t in ("run", "checkpoint", "layer_metric", "checkpoint_stat")
+            for t in ("run", "checkpoint", "layer_metric", "checkpoint_stat", "block_stat")
         }
     _migrate(db_url, "downgrade", "0002")
     if postgres:
