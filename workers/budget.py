@@ -80,12 +80,14 @@ class Budget:
 class AnalyseRequest:
     """Worker to child: analyse the checkpoint at ``path``.
 
-    ``first`` is the run's first checkpoint (distance from init), found by the worker so that
-    the child never asks the database.
+    ``first`` is the run's first checkpoint (distance from init) and ``prev`` the checkpoint
+    before by step (update spectra, layer distances), found by the worker so that the child
+    never asks the database.
     """
 
     path: Path
     first: Path | None
+    prev: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,7 +205,7 @@ class AnalysisChild:
             raise RuntimeError(f"the analysis process could not start: {_why(answer)}")
         self.device = answer.device
 
-    def analyze(self, path: Path, first: Path | None) -> Outcome:
+    def analyze(self, path: Path, first: Path | None, prev: Path | None = None) -> Outcome:
         """Analyse one checkpoint within the budget.
 
         Raises:
@@ -218,7 +220,7 @@ class AnalysisChild:
         deadline = started + self.budget.timeout_s
         peak = resident_mb(proc.pid) or 0.0
         try:
-            conn.send(AnalyseRequest(path, first))
+            conn.send(AnalyseRequest(path, first, prev))
         except OSError:  # it died while idle, after start() looked
             raise self._died(path) from None
         while True:
@@ -328,7 +330,7 @@ def serve(conn: Connection) -> None:
             return
         assert isinstance(request, AnalyseRequest), type(request)
         try:
-            analysis = analyze_checkpoint(request.path, request.first, options)
+            analysis = analyze_checkpoint(request.path, request.first, options, prev=request.prev)
         except CheckpointVanished as exc:
             conn.send(AnalysisFailure(str(exc), vanished=True))
         except Exception as exc:  # one bad checkpoint must never stop the child

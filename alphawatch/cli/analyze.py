@@ -16,23 +16,31 @@ from alphawatch.spreadsheet import write_csv
 
 if TYPE_CHECKING:
     from alphawatch.workers.analyst import AnalysedLayer, AnalysisOptions
+    from alphawatch.workers.checkpoints.bases import BaseMatrices
 
 
 _COLUMNS = ("name", "shape", "alpha", "D", "xmin", "num_pl_spikes", "fit_status", "trusted")
 
 
 def analyze_path(
-    path: Path, settings: Settings, method: str | None = None, engine: str = "alphawatch"
+    path: Path,
+    settings: Settings,
+    method: str | None = None,
+    engine: str = "alphawatch",
+    base: Path | None = None,
 ) -> dict[str, Any]:
     """Analyse one checkpoint (no database) into the public ``analyze`` JSON document.
 
     ``engine="weightwatcher"``: the fit numbers are weightwatcher 0.7.7's own (its ``analyze()``
     on each matrix), with alphawatch's fit rules applied to them; no bootstrap stability, no
     trap search and no distribution tests, which weightwatcher does not compute.
+
+    ``base``: a checkpoint to compare with; each matrix also gets a ``<layer>@delta`` row (the
+    spectrum of W − W_base) and its weight row the distances from it (``change_fro``, ...).
     """
     from alphawatch.service.robust import summarize
     from alphawatch.vocabulary import DEFAULT_VARIANT, split_variant
-    from alphawatch.workers.analyst import AnalysisOptions, analysed_layers
+    from alphawatch.workers.analyst import AnalysisOptions, analysed_layers, base_readers
     from alphawatch.workers.checkpoints import UNCONFINED, discover
     from alphawatch.workers.spectral import crosscheck
 
@@ -46,10 +54,17 @@ def analyze_path(
         raise UserError(f"--engine weightwatcher: {reason}")
     refs = discover(path, settle_s=0.0) if path.is_dir() else []
     step = next((r.step for r in refs if Path(r.path) == path), None)
+    bases = base_readers(path, options, base=base)
+    if base is not None and not bases:
+        raise UserError(f"--base {base}: not a checkpoint apart from {path}")
     if engine == "weightwatcher":
-        layers = _weightwatcher_rows(path, options)
+        layers = _weightwatcher_rows(path, options, bases)
     else:
-        layers = [_document_row(layer) for layer in analysed_layers(path, None, options)]
+        analysed = analysed_layers(path, None, options, bases=bases)
+        layers = [_document_row(layer) for layer in analysed]
+    for reader in bases.values():
+        if reader.error is not None:
+            raise UserError(f"--base {base}: {reader.error}")
     # The summary is the weights' own: gradients and nested slices are rows beside them.
     weights = [r for r in layers if split_variant(r["name"])[1] == DEFAULT_VARIANT]
     return {
@@ -72,17 +87,26 @@ def _document_row(layer: AnalysedLayer) -> dict[str, Any]:
         row.update(dtype=layer.dtype, distance_from_init=layer.distance_from_init)
     else:
         row.update(shape=list(layer.shape), dtype=layer.dtype)
+    if layer.distance is not None:
+        row.update(
+            change_fro=layer.distance.change_fro,
+            change_spectral=layer.distance.change_spectral,
+            subspace_overlap=layer.distance.subspace_overlap,
+            overlap_k=layer.distance.overlap_k,
+        )
     return row
 
 
-def _weightwatcher_rows(path: Path, options: AnalysisOptions) -> list[dict[str, Any]]:
+def _weightwatcher_rows(
+    path: Path, options: AnalysisOptions, bases: dict[str, BaseMatrices]
+) -> list[dict[str, Any]]:
     """weightwatcher's own numbers for each matrix, with alphawatch's fit rules applied."""
     from alphawatch.workers.analyst import analysed_matrices
     from alphawatch.workers.spectral import crosscheck
 
     refused: list[AnalysedLayer] = []
     layers: list[dict[str, Any]] = []
-    for matrix in analysed_matrices(path, options, refused):
+    for matrix in analysed_matrices(path, options, refused, bases=bases):
         row = crosscheck.weightwatcher_row(matrix.weight, options.method)
         status = crosscheck.status_of(row, options.thresholds)
         row.update(
@@ -107,7 +131,10 @@ def run_analyze(args: argparse.Namespace) -> int:
     if not path.exists():
         raise UserError(f"{path} does not exist")
     try:
-        doc = analyze_path(path, settings_of(args), args.method, args.engine)
+        base = args.base.expanduser().resolve() if args.base is not None else None
+        if base is not None and not base.exists():
+            raise UserError(f"--base {base} does not exist")
+        doc = analyze_path(path, settings_of(args), args.method, args.engine, base)
     except CheckpointError as exc:
         raise UserError(str(exc)) from exc
     out = sys.stdout

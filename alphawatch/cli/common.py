@@ -29,6 +29,7 @@ def settings_of(args: argparse.Namespace) -> Settings:
         ("poll", "poll_interval_s"),
         ("optimizer_state", "optimizer_state"),
         ("nested_widths", "nested_widths"),
+        ("deltas", "deltas"),
     ):
         value = getattr(args, option, None)
         if value is not None:
