@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.linalg import eigh
 
 from alphawatch.workers.spectral.device import Matrix, host_array
 
@@ -57,7 +56,8 @@ def layer_distance(weight: Matrix, reference: Matrix, *, k: int = OVERLAP_K) -> 
     Notes
     -----
     Singular values and vectors come from the float64 Gram matrix of the smaller side (the
-    M×M matrix whose eigenvalues are weightwatcher's ESD): its top-k eigenvectors span the
+    M×M matrix whose eigenvalues are weightwatcher's ESD; numpy's ``eigh``, O(M³) like the
+    ESD itself, for W and W_ref, and ``eigvalsh`` for ΔW): its top-k eigenvectors span the
     top-k right (or, for a wide matrix, left) singular subspace. An eigenvector's sign, and
     the basis chosen within a repeated singular value, leave ‖U_refᵀ U‖_F² unchanged.
 
@@ -80,7 +80,7 @@ def layer_distance(weight: Matrix, reference: Matrix, *, k: int = OVERLAP_K) -> 
     norm_fro = float(np.sqrt(max(np.trace(gram_now), 0.0)))
     top_now, vectors_now = _top(gram_now, k)
     top_then, vectors_then = _top(gram_then, k)
-    delta_top, _ = _top(delta.T @ delta, 1)
+    delta_top = np.linalg.eigvalsh(delta.T @ delta)[-1:]
     change_fro = change_spectral = None
     if norm_fro > 0.0:
         change_fro = float(np.linalg.norm(delta)) / norm_fro
@@ -97,11 +97,11 @@ def layer_distance(weight: Matrix, reference: Matrix, *, k: int = OVERLAP_K) -> 
 
 def _top(gram: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` largest eigenvalues (ascending) of a symmetric matrix and their eigenvectors."""
-    m = gram.shape[0]
-    kk = min(k, m)
-    # LAPACK's dsyevr computes only the eigenpairs asked for: about half a full eigh's cost.
-    values, vectors = eigh(gram, subset_by_index=[m - kk, m - 1], driver="evr")
-    return values, vectors
+    # numpy's LAPACK (dsyevd), the engine's own: scipy's would load a second BLAS into the
+    # analysis process, whose thread pools the engine's float32 shuffle would then share.
+    values, vectors = np.linalg.eigh(gram)
+    kk = min(k, gram.shape[0])
+    return values[-kk:], vectors[:, -kk:]
 
 
 def _rank(top: np.ndarray) -> int:
