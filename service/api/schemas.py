@@ -225,6 +225,15 @@ class LayerMetricRead(BaseModel):
     crosscheck_diff: float | None = Field(
         None, description="relative alpha difference from weightwatcher (cross-checked layers)"
     )
+    change_fro: float | None = Field(
+        None, description="‖W − W_ref‖_F / ‖W‖_F against the checkpoint before (change_ref_step)"
+    )
+    change_spectral: float | None = Field(None, description="‖W − W_ref‖₂ / ‖W‖₂")
+    subspace_overlap: float | None = Field(
+        None, description="‖U_refᵀU‖_F²/k of the top-k singular subspaces (1: same directions)"
+    )
+    overlap_k: int | None = Field(None, description="k of subspace_overlap")
+    change_ref_step: int | None = Field(None, description="the step the distances are from")
 
 
 class CheckpointLayers(BaseModel):
