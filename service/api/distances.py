@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from alphawatch.service.api.errors import Invalid, NotFound
+from alphawatch.service.api.errors import NotFound
 from alphawatch.service.api.queries import done_checkpoints, downsample, get_run, layer_order
 from alphawatch.service.api.selections import DistanceQuery
 from alphawatch.service.db.models import LayerMetric
@@ -32,12 +32,11 @@ def distances(
     *, session: Session, run_id: int, query: DistanceQuery, method: str
 ) -> dict[str, Any]:
     """The distances of every selected layer at every analysed step (downsampled to
-    ``max_points`` steps), and with ``from_step`` the layers ranked by their change up to
-    ``to_step``.
+    ``max_points`` steps), and with ``from_step`` or ``to_step`` the layers ranked by their
+    change between the two.
 
     Raises:
         NotFound: no run ``run_id``, or ``from_step``/``to_step`` is not an analysed step.
-        Invalid: ``to_step`` without ``from_step``, or ``from_step`` not before ``to_step``.
     """
     get_run(session=session, run_id=run_id)
     done = done_checkpoints(session=session, run_id=run_id)
@@ -95,19 +94,24 @@ def distances(
 
 
 def _interval(query: DistanceQuery, steps: list[int], run_id: int) -> tuple[int, int] | None:
-    """(from, to) of the ranking, both analysed steps; None when the query asks for none."""
-    if query.from_step is None:
-        if query.to_step is not None:
-            raise Invalid("to_step needs a from_step: the change is measured between two steps")
+    """(earlier, later) step of the ranking, both analysed; None when the query names neither.
+
+    ``to_step`` alone is compared with the analysed step before it; ``from_step`` alone with
+    the latest; two steps in either order make one interval (the same one).
+    """
+    if query.from_step is None and query.to_step is None:
         return None
     analysed = set(steps)
     for step in (query.from_step, query.to_step):
         if step is not None and step not in analysed:
             raise NotFound(f"run {run_id} has no analysed checkpoint at step {step}")
     end = query.to_step if query.to_step is not None else steps[-1]
-    if query.from_step >= end:
-        raise Invalid(f"from_step ({query.from_step}) must come before to_step ({end})")
-    return query.from_step, end
+    if query.from_step is not None:
+        start = query.from_step
+    else:
+        earlier = [s for s in steps if s < end]
+        start = earlier[-1] if earlier else end
+    return min(start, end), max(start, end)
 
 
 def _ranking(
@@ -165,7 +169,7 @@ def _ranking(
                 "change_spectral": spectral if measured else None,
                 "subspace_overlap": overlap,
                 "n_steps": measured,
-                "complete": complete and measured == len(inside),
+                "complete": bool(inside) and complete and measured == len(inside),
                 "alpha_from": alpha_from,
                 "alpha_to": alpha_to,
                 "delta_alpha": (

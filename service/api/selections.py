@@ -153,11 +153,16 @@ class DistanceQuery(BaseModel):
     order: LayerOrder = LayerOrder.BLOCK
     from_step: Annotated[
         int | None,
-        Field(ge=0, le=MAX_STEP, description="rank the layers by their change since this step"),
+        Field(
+            ge=0,
+            le=MAX_STEP,
+            description="rank the layers by their change from this step (default: the analysed "
+            "step before to_step)",
+        ),
     ] = None
     to_step: Annotated[
         int | None,
-        Field(ge=0, le=MAX_STEP, description="... up to this step (default: the latest analysed)"),
+        Field(ge=0, le=MAX_STEP, description="... to this step (default: the latest analysed)"),
     ] = None
     rank_by: Annotated[DistanceName, Field(description="the change the ranking is ordered by")] = (
         "change_fro"

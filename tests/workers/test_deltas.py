@@ -256,10 +256,25 @@ def test_real_run_stores_serves_and_exports_deltas(
         overlaps = [r["subspace_overlap"] for r in one["ranking"] if r["subspace_overlap"]]
         assert overlaps == sorted(overlaps)  # the most rotated first
 
+        # Two steps in either order are one interval; to_step alone is from the step before.
+        reverse = client.get(
+            f"/api/v1/runs/{run_id}/distances", params={"from_step": 30, "to_step": 10}
+        ).json()
+        assert (reverse["from_step"], reverse["to_step"]) == (10, 30)
+        assert reverse["ranking"] == ranked
+        alone = client.get(f"/api/v1/runs/{run_id}/distances", params={"to_step": 30}).json()
+        assert (alone["from_step"], alone["to_step"]) == (20, 30)
+        assert alone["ranking"] == one["ranking"] or {r["layer"] for r in alone["ranking"]} == {
+            r["layer"] for r in one["ranking"]
+        }
+        same = client.get(
+            f"/api/v1/runs/{run_id}/distances", params={"from_step": 20, "to_step": 20}
+        ).json()["ranking"]
+        assert all(r["n_steps"] == 0 and not r["complete"] for r in same)
+        assert all(r["delta_alpha"] in (0.0, None) for r in same)
         for params, code in (
-            ({"from_step": 30, "to_step": 10}, 422),
-            ({"to_step": 30}, 422),
             ({"from_step": 15}, 404),
+            ({"to_step": 25}, 404),
             ({"rank_by": "alpha"}, 422),
             ({"max_points": 1}, 422),
         ):

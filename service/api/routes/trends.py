@@ -13,7 +13,6 @@ from sqlalchemy.orm import Session
 
 from alphawatch.service.api import distances, queries
 from alphawatch.service.api.deps import MethodDep, SettingsDep
-from alphawatch.service.api.errors import documented
 from alphawatch.service.api.routes.common import (
     READ_ERRORS,
     CsvResponse,
@@ -83,9 +82,7 @@ async def get_heatmap(
     )
 
 
-@router.get(
-    "/runs/{run_id}/distances", response_model=DistancesRead, responses=documented(404, 422, 503)
-)
+@router.get("/runs/{run_id}/distances", response_model=DistancesRead, responses=READ_ERRORS)
 async def get_distances(
     request: Request, run_id: RunId, method: MethodDep, query: Annotated[DistanceQuery, Query()]
 ) -> Response:
