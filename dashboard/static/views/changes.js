@@ -108,7 +108,7 @@ function drawRanking(d, metric) {
     <td>${esc(r.kind ?? "")}</td><td>${esc(r.block ?? "")}</td><td>${fmt(r.change_fro, 4)}</td>
     <td>${fmt(r.change_spectral, 4)}</td><td>${fmt(r.subspace_overlap, 3)}</td>
     <td>${fmt(r.alpha_from)}</td><td>${fmt(r.alpha_to)}</td>
-    <td class="${isNum(r.delta_alpha) && r.delta_alpha < 0 ? "down" : "up"}">${
+    <td class="${isNum(r.delta_alpha) && r.delta_alpha < 0 ? "fell" : "rose"}">${
       isNum(r.delta_alpha) ? (r.delta_alpha >= 0 ? "+" : "") + r.delta_alpha.toFixed(3) : "–"}</td>
     <td title="${r.complete ? "every step compared with the one before" : "some steps of the " +
       "interval have no distance: the sum is partial"}">${r.n_steps}${r.complete ? "" : " *"}</td>
