@@ -183,6 +183,14 @@ class Settings(BaseSettings):
         description="MLP widths k analysed as nested sub-models (<layer>@w<k> rows); empty: "
         "the widths the model's config.json names under nested_widths, if any",
     )
+    # NoDecode: the environment's "init,prev" is split by the validator, not parsed as JSON.
+    deltas: Annotated[list[Literal["init", "prev", "distances"]], NoDecode] = Field(
+        default_factory=list,
+        description="update spectra and distances against other checkpoints: init "
+        "(<layer>@delta_init rows, against the run's first checkpoint), prev (<layer>@delta_prev "
+        "rows and layer distances, against the checkpoint before by step), distances (the layer "
+        "distances alone); each reads a second checkpoint",
+    )
     read_requires_token: bool = Field(
         False, description="reads (and /metrics) need a token of any scope, as writes always do"
     )
@@ -263,6 +271,19 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [int(w) for w in value.strip().strip("[]").split(",") if w.strip()]
         return value
+
+    @field_validator("deltas", mode="before")
+    @classmethod
+    def _split_deltas(cls, value: object) -> object:
+        # "init,prev" from the environment or the command line, besides a JSON list.
+        if isinstance(value, str):
+            return [d.strip() for d in value.strip().strip("[]").split(",") if d.strip()]
+        return value
+
+    @field_validator("deltas")
+    @classmethod
+    def _unique_deltas(cls, value: list[str]) -> list[str]:
+        return sorted(set(value))
 
     @field_validator("nested_widths")
     @classmethod

@@ -182,6 +182,9 @@ class Source(StrEnum):
     WEIGHT = "weight"  # the weight matrix itself; its name has no variant
     EXP_AVG = "exp_avg"  # Adam's first moment: an exponential average of the weight's gradient
     NESTED = "nested"  # an MLP matrix cut to its first k neurons (a MatFormer sub-model)
+    DELTA = "delta"  # an update W - W_base against a base checkpoint named to `analyze --base`
+    DELTA_INIT = "delta_init"  # the update W - W_0 since the run's first checkpoint
+    DELTA_PREV = "delta_prev"  # the update W - W_prev since the checkpoint before, by step
 
     @property
     def label(self) -> str:
@@ -193,13 +196,20 @@ _SOURCE_LABELS = {
     Source.WEIGHT: "weights",
     Source.EXP_AVG: "gradients (Adam exp_avg)",
     Source.NESTED: "nested width w<k> (first k MLP neurons)",
+    Source.DELTA: "update W - W_base (against a base checkpoint)",
+    Source.DELTA_INIT: "update W - W_0 (since the first checkpoint)",
+    Source.DELTA_PREV: "update W - W_prev (since the checkpoint before)",
 }
+
+DELTA_SOURCES: tuple[Source, ...] = (Source.DELTA, Source.DELTA_INIT, Source.DELTA_PREV)
+"""The update spectra: the ESD of a difference of two checkpoints' matrices."""
 
 DEFAULT_VARIANT = Source.WEIGHT.value
 """The variant every query assumes when it names none: the weights themselves."""
 
-VARIANT_PATTERN = r"^(weight|exp_avg|w[1-9][0-9]{0,8})$"
-"""The variants a query may name: ``weight``, ``exp_avg`` or a nested width ``w<k>``."""
+VARIANT_PATTERN = r"^(weight|exp_avg|delta|delta_init|delta_prev|w[1-9][0-9]{0,8})$"
+"""The variants a query may name: ``weight``, ``exp_avg``, an update ``delta``,
+``delta_init`` or ``delta_prev``, or a nested width ``w<k>``."""
 
 
 def nested_variant(width: int) -> str:
@@ -214,10 +224,14 @@ def split_variant(name: str) -> tuple[str, str]:
 
 
 def source_of(variant: str) -> Source:
-    """The :class:`Source` a variant belongs to (``w1024`` is nested)."""
-    if variant in (Source.WEIGHT.value, Source.EXP_AVG.value):
-        return Source(variant)
-    return Source.NESTED
+    """The :class:`Source` a variant belongs to (``w1024`` is nested).
+
+    Raises:
+        ValueError: ``variant`` names no source (the API's pattern lets none such through).
+    """
+    if variant.startswith("w") and variant[1:].isdigit():
+        return Source.NESTED
+    return Source(variant)
 
 
 class LayerOrder(StrEnum):

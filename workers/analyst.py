@@ -11,13 +11,14 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from alphawatch.locations import ObjectURL
+from alphawatch.vocabulary import VARIANT_SEPARATOR, Source
 from alphawatch.workers.checkpoints import (
     CheckpointError,
     CheckpointVanished,
@@ -25,6 +26,7 @@ from alphawatch.workers.checkpoints import (
     LayerMatrix,
     iter_layers,
 )
+from alphawatch.workers.checkpoints.bases import BaseMatrices
 from alphawatch.workers.checkpoints.errors import printable
 from alphawatch.workers.checkpoints.fingerprints import fingerprint
 from alphawatch.workers.checkpoints.nested import nested_matrices, nested_widths
@@ -37,6 +39,7 @@ from alphawatch.workers.spectral import (
     crosscheck,
 )
 from alphawatch.workers.spectral.analysis import Device, host_array, resolve_device
+from alphawatch.workers.spectral.distances import LayerDistance, layer_distance
 
 if TYPE_CHECKING:
     import torch
@@ -63,6 +66,9 @@ class AnalysisOptions:
     # Object-store URL prefixes a run may be read from (None: anywhere, as confine's roots).
     url_roots: tuple[str, ...] | None = None
     spool_max_bytes: int = 64 * 1024**3  # pickles/DCP downloaded per object-store analysis
+    # Update spectra and distances against other checkpoints: "init" (@delta_init rows),
+    # "prev" (@delta_prev rows and layer distances), "distances" (layer distances alone).
+    deltas: tuple[str, ...] = ()
 
     @classmethod
     def from_settings(
@@ -99,7 +105,13 @@ class AnalysisOptions:
             check_traps=settings.check_traps,
             url_roots=url_roots,
             spool_max_bytes=int(settings.spool_max_mb * 1024 * 1024),
+            deltas=tuple(settings.deltas),
         )
+
+    @property
+    def reads_previous(self) -> bool:
+        """Whether the analysis reads the checkpoint before the one in hand (by step)."""
+        return bool({"prev", "distances"} & set(self.deltas))
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +131,7 @@ class AnalysedLayer:
     result: LayerResult  # without its eigenvalue arrays: they travel as ``evals`` below
     evals: bytes | None = None  # float32, as the spectrum table keeps them
     rand_evals: bytes | None = None
+    distance: LayerDistance | None = None  # against the checkpoint before (or analyze's base)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,30 +139,84 @@ class Analysis:
     """Every analysed layer of one checkpoint, in reading order."""
 
     layers: tuple[AnalysedLayer, ...]
+    base_read_s: float = 0.0  # seconds spent reading base checkpoints (update spectra)
+    base_error: str | None = None  # why a base checkpoint could not be read, if one could not
 
 
 def analyze_checkpoint(
-    path: Path | ObjectURL, first: Path | ObjectURL | None, options: AnalysisOptions
+    path: Path | ObjectURL,
+    first: Path | ObjectURL | None,
+    options: AnalysisOptions,
+    *,
+    prev: Path | ObjectURL | None = None,
 ) -> Analysis:
     """Read and analyse one checkpoint, tensor by tensor (the worker's analysis).
 
-    ``first`` is the run's first checkpoint, against which distance from init is measured.
-    Either may be an object-store URL: it is read through a mirror of its objects
+    ``first`` is the run's first checkpoint, against which distance from init (and, with
+    ``deltas`` "init", the update spectra ``@delta_init``) is measured; ``prev`` the checkpoint
+    before it by step, for ``@delta_prev`` and the layer distances. Any of them may be an
+    object-store URL: it is read through a mirror of its objects
     (:func:`~alphawatch.workers.checkpoints.objects.staged`) by the same readers.
 
     Raises:
         ValueError: the checkpoint holds no weight matrix.
     """
-    if isinstance(path, ObjectURL) or isinstance(first, ObjectURL):
-        return _analyze_objects(path, first, options)
-    layers = analysed_layers(path, first, options)
+    if any(isinstance(place, ObjectURL) for place in (path, first, prev)):
+        return _analyze_objects(path, first, options, prev=prev)
+    assert not isinstance(path, ObjectURL)
+    assert not isinstance(first, ObjectURL) and not isinstance(prev, ObjectURL)
+    bases = base_readers(path, options, first=first, prev=prev)
+    try:
+        layers = analysed_layers(path, first, options, bases=bases)
+    finally:
+        for reader in bases.values():
+            reader.close()
     if not layers:
         raise ValueError(f"{path}: no weight matrices found")
-    return Analysis(tuple(layers))
+    errors = [f"{v}: {r.error}" for v, r in bases.items() if r.error is not None]
+    return Analysis(
+        tuple(layers),
+        base_read_s=sum(r.read_s for r in bases.values()),
+        base_error="; ".join(errors) or None,
+    )
+
+
+def base_readers(
+    path: Path,
+    options: AnalysisOptions,
+    *,
+    first: Path | None = None,
+    prev: Path | None = None,
+    base: Path | None = None,
+) -> dict[str, BaseMatrices]:
+    """The base checkpoints the options ask to compare with, by the variant they make.
+
+    ``base`` (``analyze --base``) makes ``delta`` rows and distances; ``first`` makes
+    ``delta_init`` rows with ``deltas`` "init"; ``prev`` makes ``delta_prev`` rows with "prev"
+    and distances with "prev" or "distances". A base that is the checkpoint itself, does not
+    exist, or lies outside the allowed roots is left out: it is a reference, never the work.
+    """
+    wanted = {
+        Source.DELTA.value: base,
+        Source.DELTA_INIT.value: first if "init" in options.deltas else None,
+        Source.DELTA_PREV.value: prev if options.reads_previous else None,
+    }
+    readers: dict[str, BaseMatrices] = {}
+    for variant, other in wanted.items():
+        if other is None or not other.exists() or not options.confine.allows(other):
+            continue
+        if other.resolve() == path.resolve():
+            continue
+        readers[variant] = BaseMatrices(other, options.confine)
+    return readers
 
 
 def _analyze_objects(
-    path: Path | ObjectURL, first: Path | ObjectURL | None, options: AnalysisOptions
+    path: Path | ObjectURL,
+    first: Path | ObjectURL | None,
+    options: AnalysisOptions,
+    *,
+    prev: Path | ObjectURL | None = None,
 ) -> Analysis:
     """:func:`analyze_checkpoint` of a checkpoint (or first checkpoint) in object storage;
     errors name the URLs, never the mirror's temporary folder."""
@@ -159,6 +226,7 @@ def _analyze_objects(
         [
             path if isinstance(path, ObjectURL) else None,
             first if isinstance(first, ObjectURL) else None,
+            prev if isinstance(prev, ObjectURL) else None,
         ],
         options.confine,
         options.url_roots,
@@ -166,9 +234,12 @@ def _analyze_objects(
     ) as (roots, confine, mirrors):
         local = roots[0] if isinstance(path, ObjectURL) else path
         local_first = roots[1] if isinstance(first, ObjectURL) else first
+        local_prev = roots[2] if isinstance(prev, ObjectURL) else prev
         assert local is not None
         try:
-            analysis = analyze_checkpoint(local, local_first, replace(options, confine=confine))
+            analysis = analyze_checkpoint(
+                local, local_first, replace(options, confine=confine), prev=local_prev
+            )
         except CheckpointError as exc:
             raise type(exc)(
                 path if isinstance(path, Path) else Path(path.name), mirrors.shown(str(exc))
@@ -181,15 +252,30 @@ def _analyze_objects(
             else layer
             for layer in analysis.layers
         )
-        return Analysis(layers)
+        base_error = analysis.base_error
+        return Analysis(
+            layers,
+            base_read_s=analysis.base_read_s,
+            base_error=None if base_error is None else mirrors.shown(base_error),
+        )
 
 
 def analysed_layers(
-    path: Path, first: Path | None, options: AnalysisOptions
+    path: Path,
+    first: Path | None,
+    options: AnalysisOptions,
+    *,
+    bases: dict[str, BaseMatrices] | None = None,
 ) -> list[AnalysedLayer]:
-    """Every layer of one checkpoint the options ask for, analysed, in reading order."""
+    """Every layer of one checkpoint the options ask for, analysed, in reading order.
+
+    ``bases`` (from :func:`base_readers`) add update-spectrum rows ``<layer>@<variant>`` after
+    each weight matrix, and distances to the weight rows.
+    """
     confine = options.confine
-    first_key = _first_key(first, confine)
+    bases = bases or {}
+    first_key = None if Source.DELTA_INIT.value in bases else _first_key(first, confine)
+    compared = _Compared()
     share = options.crosscheck_share
     if share > 0 and (reason := crosscheck.unavailable(options.method)) is not None:
         logging.getLogger(__name__).warning("cross-check skipped: %s", reason)
@@ -197,7 +283,10 @@ def analysed_layers(
     # Refused optimizer state joins this list while the engine still works on earlier matrices
     # (see analysed_matrices): the order the worker stores and ``analyze`` prints.
     layers: list[AnalysedLayer] = []
-    matrices = ((m, m.weight, m.stored_dtype) for m in analysed_matrices(path, options, layers))
+    matrices = (
+        (m, m.weight, m.stored_dtype)
+        for m in analysed_matrices(path, options, layers, bases=bases, compared=compared)
+    )
     for matrix, result in analyze_stream(
         matrices,
         workers=options.workers,
@@ -217,10 +306,15 @@ def analysed_layers(
                 block=matrix.block,
                 dtype=str(matrix.stored_dtype).removeprefix("torch."),
                 shape=tuple(matrix.weight.shape),
-                distance_from_init=_distance(first_key, matrix.name, matrix.weight, confine),
+                distance_from_init=(
+                    compared.from_init.pop(matrix.name, None)
+                    if first_key is None
+                    else _distance(first_key, matrix.name, matrix.weight, confine)
+                ),
                 result=replace(result, evals=None, rand_evals=None),
                 evals=_as_bytes(result.evals),
                 rand_evals=_as_bytes(result.rand_evals),
+                distance=compared.distances.pop(matrix.name, None),
             )
         )
         if options.progress:
@@ -234,19 +328,37 @@ def analysed_layers(
     return layers
 
 
+@dataclass
+class _Compared:
+    """What comparing each weight matrix with its bases found, by the weight's name, until the
+    analysed layer takes it."""
+
+    distances: dict[str, LayerDistance] = field(default_factory=dict)
+    from_init: dict[str, float | None] = field(default_factory=dict)
+
+
 def analysed_matrices(
-    path: Path, options: AnalysisOptions, refused: list[AnalysedLayer]
+    path: Path,
+    options: AnalysisOptions,
+    refused: list[AnalysedLayer],
+    *,
+    bases: dict[str, BaseMatrices] | None = None,
+    compared: _Compared | None = None,
 ) -> Iterator[LayerMatrix]:
-    """Every matrix the options ask for: weights, their nested slices, then their exp_avg.
+    """Every matrix the options ask for: weights, their nested slices and update spectra
+    (``@delta``, ``@delta_init``, ``@delta_prev`` against ``bases``), then their exp_avg.
 
     Optimizer state that cannot be read or named exactly adds one failed layer to ``refused``
     (named ``optimizer_state@exp_avg``, its error saying why) instead of failing the checkpoint.
     """
     confine = options.confine
+    bases = bases or {}
+    compared = compared if compared is not None else _Compared()
     widths = nested_widths(path, options.nested_widths, confine)
     for matrix in iter_layers(path, confine=confine):
         yield matrix
         yield from nested_matrices(matrix, widths)
+        yield from _updates(matrix, bases, options, compared)
     if options.optimizer_state:
         # Imported here: optimizer state is a torch pickle (or DCP); safetensors weights alone
         # are read and analysed without importing torch.
@@ -263,6 +375,43 @@ def analysed_matrices(
             raise
         except CheckpointError as exc:
             refused.append(refused_layer(f"optimizer_state@{EXP_AVG}", str(exc), options.method))
+
+
+def _updates(
+    matrix: LayerMatrix,
+    bases: dict[str, BaseMatrices],
+    options: AnalysisOptions,
+    compared: _Compared,
+) -> Iterator[LayerMatrix]:
+    """The update spectra ΔW = W − W_base of one weight matrix, one per base that has it.
+
+    Each base matrix is read when its turn comes and released with ΔW: a base is never held
+    whole. A layer the base lacks, or holds in another shape, has no update row.
+    """
+    for variant, reader in bases.items():
+        then = reader.take(matrix.name)
+        if then is None or tuple(then.shape) != tuple(matrix.weight.shape):
+            continue
+        now_array, then_array = host_array(matrix.weight), host_array(then)
+        if variant == Source.DELTA_INIT.value:
+            norm0 = float(np.linalg.norm(then_array))
+            compared.from_init[matrix.name] = (
+                float(np.linalg.norm(now_array - then_array)) / norm0 if norm0 > 0 else None
+            )
+        if variant != Source.DELTA_INIT.value and now_array.ndim == 2:
+            compared.distances[matrix.name] = layer_distance(now_array, then_array)
+        if variant == Source.DELTA_PREV.value and "prev" not in options.deltas:
+            continue  # read for the distances alone
+        delta = np.subtract(now_array, then_array, dtype=np.float32)
+        del then, then_array
+        yield LayerMatrix(
+            f"{matrix.name}{VARIANT_SEPARATOR}{variant}",
+            matrix.kind,
+            matrix.block,
+            delta,
+            matrix.stored_dtype,
+            matrix.source,
+        )
 
 
 def refused_layer(name: str, error: str, method: str) -> AnalysedLayer:

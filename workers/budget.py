@@ -86,12 +86,14 @@ class Budget:
 class AnalyseRequest:
     """Worker to child: analyse the checkpoint at ``path``.
 
-    ``first`` is the run's first checkpoint (distance from init), found by the worker so that
-    the child never asks the database.
+    ``first`` is the run's first checkpoint (distance from init) and ``prev`` the checkpoint
+    before by step (update spectra, layer distances), found by the worker so that the child
+    never asks the database.
     """
 
     path: Path | ObjectURL
     first: Path | ObjectURL | None
+    prev: Path | ObjectURL | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +215,7 @@ class AnalysisChild:
         self,
         path: Path | ObjectURL,
         first: Path | ObjectURL | None,
+        prev: Path | ObjectURL | None = None,
         *,
         cancel: Callable[[], bool] | None = None,
     ) -> Outcome:
@@ -221,6 +224,7 @@ class AnalysisChild:
         Args:
             path: the checkpoint.
             first: the run's first checkpoint (for distances from it), or None.
+            prev: the checkpoint before by step (update spectra, layer distances), or None.
             cancel: asked every ``POLL_S``; once it answers True the child is killed and
                 :class:`Cancelled` raised.
 
@@ -237,7 +241,7 @@ class AnalysisChild:
         deadline = started + self.budget.timeout_s
         peak = resident_mb(proc.pid) or 0.0
         try:
-            conn.send(AnalyseRequest(path, first))
+            conn.send(AnalyseRequest(path, first, prev))
         except OSError:  # it died while idle, after start() looked
             raise self._died(path) from None
         while True:
@@ -350,7 +354,7 @@ def serve(conn: Connection) -> None:
             return
         assert isinstance(request, AnalyseRequest), type(request)
         try:
-            analysis = analyze_checkpoint(request.path, request.first, options)
+            analysis = analyze_checkpoint(request.path, request.first, options, prev=request.prev)
         except CheckpointVanished as exc:
             conn.send(AnalysisFailure(str(exc), vanished=True))
         except Exception as exc:  # one bad checkpoint must never stop the child

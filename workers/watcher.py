@@ -699,12 +699,20 @@ class Watcher:
         """Analyse a claimed job and write its results (or its failure)."""
         log.info("analysing step %s of run %s (%s)", job.step, job.run_id, job.path)
         first = self._retry("first checkpoint", lambda: self._first_checkpoint(job.run_id))
+        prev: tuple[int, Path | ObjectURL] | None = None
+        if {"prev", "distances"} & set(self.settings.deltas):
+            prev = self._retry("previous checkpoint", lambda: self._previous_checkpoint(job))
         # The heartbeat outlives the budget by one beat: the stopped job's failure is written
         # while the lease still holds.
         beat = _Heartbeat(self, job.job_id, self.budget.timeout_s + self.settings.heartbeat_s)
         beat.start()
         try:
-            outcome = self.child.analyze(_place(job.path), first, cancel=self._abandon.is_set)
+            outcome = self.child.analyze(
+                _place(job.path),
+                first,
+                None if prev is None else prev[1],
+                cancel=self._abandon.is_set,
+            )
         except Cancelled:
             self._release(job)
         except (BudgetExceeded, ChildDied) as exc:
@@ -718,7 +726,16 @@ class Watcher:
             if beat.lost:
                 log.warning("dropping results of job %s: its lease was lost", job.job_id)
             else:
-                layers, spectra = stored_rows(outcome.analysis.layers)
+                if outcome.analysis.base_error is not None:
+                    log.warning(
+                        "step %s of run %s: compared with no base: %s",
+                        job.step,
+                        job.run_id,
+                        printable(outcome.analysis.base_error),
+                    )
+                layers, spectra = stored_rows(
+                    outcome.analysis.layers, ref_step=None if prev is None else prev[0]
+                )
 
                 def write() -> bool:
                     with session_scope(self.engine) as session:
@@ -806,6 +823,19 @@ class Watcher:
         with session_scope(self.engine) as session:
             first = registry.first_checkpoint(session, run_id=run_id)
         return _place(first) if first else None
+
+    def _previous_checkpoint(self, job: queue.ClaimedJob) -> tuple[int, Path | ObjectURL] | None:
+        """The checkpoint before the job's by step whose files exist (rotation deletes some),
+        whether or not it was analysed yet: claims go newest first. In object storage the
+        nearest registered one is taken without a request; if its objects are gone, the
+        analysis records that it compared with no base."""
+        with session_scope(self.engine) as session:
+            earlier = registry.earlier_checkpoints(session, run_id=job.run_id, step=job.step)
+        for step, path in earlier:
+            place = _place(path)
+            if isinstance(place, ObjectURL) or place.exists():
+                return step, place
+        return None
 
     # -- loops -----------------------------------------------------------------------------
     def run_once(self) -> int:
@@ -978,12 +1008,19 @@ _STOP_GRACE_S = 3.0
 _RELEASE_WAIT_S = 3.0
 
 
-def stored_rows(layers: Iterable[AnalysedLayer]) -> tuple[list[LayerRow], list[SpectrumRow]]:
+def stored_rows(
+    layers: Iterable[AnalysedLayer], *, ref_step: int | None = None
+) -> tuple[list[LayerRow], list[SpectrumRow]]:
     """The ``layer_metric`` and ``spectrum`` rows of analysed layers, as ``results.complete``
-    stores them; a field of the engine's result that has no column raises ``UnknownColumns``."""
+    stores them; a field of the engine's result that has no column raises ``UnknownColumns``.
+
+    ``ref_step`` is the step the layers' distances were measured against (the checkpoint
+    before), stored as ``change_ref_step`` on each row that has distances.
+    """
     rows: list[LayerRow] = []
     spectra: list[SpectrumRow] = []
     for layer in layers:
+        moved = layer.distance
         rows.append(
             LayerRow.from_mapping(
                 {
@@ -993,6 +1030,11 @@ def stored_rows(layers: Iterable[AnalysedLayer]) -> tuple[list[LayerRow], list[S
                     "block": layer.block,
                     "dtype": layer.dtype,
                     "distance_from_init": layer.distance_from_init,
+                    "change_fro": None if moved is None else moved.change_fro,
+                    "change_spectral": None if moved is None else moved.change_spectral,
+                    "subspace_overlap": None if moved is None else moved.subspace_overlap,
+                    "overlap_k": None if moved is None else moved.overlap_k,
+                    "change_ref_step": None if moved is None else ref_step,
                 }
             )
         )

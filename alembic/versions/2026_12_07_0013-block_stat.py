@@ -1,7 +1,7 @@
 """block stat: robust statistics per block, kept at write time; filled from the layer rows
 
 Revision ID: 0013
-Revises: 0011
+Revises: 0012
 Create Date: 2026-12-07 04:00:00.000000
 
 ``block_stat`` holds, per analysed checkpoint, the robust statistics of alpha over each block's
@@ -27,7 +27,7 @@ from alphawatch.service.db.aggregates import block_stat_rows
 from alphawatch.trust import Thresholds
 
 revision: str = "0013"
-down_revision: str | None = "0011"
+down_revision: str | None = "0012"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

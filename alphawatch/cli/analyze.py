@@ -18,6 +18,7 @@ from alphawatch.spreadsheet import write_csv
 if TYPE_CHECKING:
     from alphawatch.workers.analyst import AnalysedLayer, AnalysisOptions
     from alphawatch.workers.checkpoints import Confinement
+    from alphawatch.workers.checkpoints.bases import BaseMatrices
 
 
 _COLUMNS = ("name", "shape", "alpha", "D", "xmin", "num_pl_spikes", "fit_status", "trusted")
@@ -28,6 +29,7 @@ def analyze_path(
     settings: Settings,
     method: str | None = None,
     engine: str = "alphawatch",
+    base: Path | None = None,
 ) -> dict[str, Any]:
     """Analyse one checkpoint (no database) into the public ``analyze`` JSON document.
 
@@ -37,6 +39,9 @@ def analyze_path(
 
     An object-store URL is read through a mirror of its objects (ranged reads, a bounded
     spool: ``workers.checkpoints.objects``); the document names the URL.
+
+    ``base``: a checkpoint to compare with; each matrix also gets a ``<layer>@delta`` row (the
+    spectrum of W − W_base) and its weight row the distances from it (``change_fro``, ...).
     """
     if isinstance(path, ObjectURL):
         from alphawatch.workers.checkpoints import UNCONFINED
@@ -49,7 +54,7 @@ def analyze_path(
             if not local.exists():
                 raise UserError(f"{path}: no object at or below this URL")
             try:
-                doc = _analyze_local(local, settings, method, engine, confine)
+                doc = _analyze_local(local, settings, method, engine, confine, base)
             except Exception as exc:
                 exc.args = tuple(mirrors.shown(str(a)) for a in exc.args)
                 raise
@@ -57,15 +62,20 @@ def analyze_path(
         return doc
     from alphawatch.workers.checkpoints import UNCONFINED
 
-    return _analyze_local(path, settings, method, engine, UNCONFINED)
+    return _analyze_local(path, settings, method, engine, UNCONFINED, base)
 
 
 def _analyze_local(
-    path: Path, settings: Settings, method: str | None, engine: str, confine: Confinement
+    path: Path,
+    settings: Settings,
+    method: str | None,
+    engine: str,
+    confine: Confinement,
+    base: Path | None,
 ) -> dict[str, Any]:
     from alphawatch.service.robust import summarize
     from alphawatch.vocabulary import DEFAULT_VARIANT, split_variant
-    from alphawatch.workers.analyst import AnalysisOptions, analysed_layers
+    from alphawatch.workers.analyst import AnalysisOptions, analysed_layers, base_readers
     from alphawatch.workers.checkpoints import discover
     from alphawatch.workers.spectral import crosscheck
 
@@ -79,10 +89,17 @@ def _analyze_local(
         raise UserError(f"--engine weightwatcher: {reason}")
     refs = discover(path, settle_s=0.0, confine=confine) if path.is_dir() else []
     step = next((r.step for r in refs if Path(r.path) == path), None)
+    bases = base_readers(path, options, base=base)
+    if base is not None and not bases:
+        raise UserError(f"--base {base}: not a checkpoint apart from {path}")
     if engine == "weightwatcher":
-        layers = _weightwatcher_rows(path, options)
+        layers = _weightwatcher_rows(path, options, bases)
     else:
-        layers = [_document_row(layer) for layer in analysed_layers(path, None, options)]
+        analysed = analysed_layers(path, None, options, bases=bases)
+        layers = [_document_row(layer) for layer in analysed]
+    for reader in bases.values():
+        if reader.error is not None:
+            raise UserError(f"--base {base}: {reader.error}")
     # The summary is the weights' own: gradients and nested slices are rows beside them.
     weights = [r for r in layers if split_variant(r["name"])[1] == DEFAULT_VARIANT]
     return {
@@ -105,17 +122,26 @@ def _document_row(layer: AnalysedLayer) -> dict[str, Any]:
         row.update(dtype=layer.dtype, distance_from_init=layer.distance_from_init)
     else:
         row.update(shape=list(layer.shape), dtype=layer.dtype)
+    if layer.distance is not None:
+        row.update(
+            change_fro=layer.distance.change_fro,
+            change_spectral=layer.distance.change_spectral,
+            subspace_overlap=layer.distance.subspace_overlap,
+            overlap_k=layer.distance.overlap_k,
+        )
     return row
 
 
-def _weightwatcher_rows(path: Path, options: AnalysisOptions) -> list[dict[str, Any]]:
+def _weightwatcher_rows(
+    path: Path, options: AnalysisOptions, bases: dict[str, BaseMatrices]
+) -> list[dict[str, Any]]:
     """weightwatcher's own numbers for each matrix, with alphawatch's fit rules applied."""
     from alphawatch.workers.analyst import analysed_matrices
     from alphawatch.workers.spectral import crosscheck
 
     refused: list[AnalysedLayer] = []
     layers: list[dict[str, Any]] = []
-    for matrix in analysed_matrices(path, options, refused):
+    for matrix in analysed_matrices(path, options, refused, bases=bases):
         row = crosscheck.weightwatcher_row(matrix.weight, options.method)
         status = crosscheck.status_of(row, options.thresholds)
         row.update(
@@ -142,7 +168,10 @@ def run_analyze(args: argparse.Namespace) -> int:
         if not path.exists():
             raise UserError(f"{path} does not exist")
     try:
-        doc = analyze_path(path, settings_of(args), args.method, args.engine)
+        base = args.base.expanduser().resolve() if args.base is not None else None
+        if base is not None and not base.exists():
+            raise UserError(f"--base {base} does not exist")
+        doc = analyze_path(path, settings_of(args), args.method, args.engine, base)
     except CheckpointError as exc:
         raise UserError(str(exc)) from exc
     out = sys.stdout

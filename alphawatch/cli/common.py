@@ -31,6 +31,7 @@ def settings_of(args: argparse.Namespace) -> Settings:
         ("optimizer_state", "optimizer_state"),
         ("nested_widths", "nested_widths"),
         ("keep_up", "keep_up"),
+        ("deltas", "deltas"),
     ):
         value = getattr(args, option, None)
         if value is not None:

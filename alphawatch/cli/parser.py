@@ -75,6 +75,17 @@ def build_parser() -> argparse.ArgumentParser:
             "every checkpoint; 0: off, skipped ones are queued again (ALPHAWATCH_KEEP_UP)",
         )
 
+    def deltas_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--deltas",
+            type=deltas,
+            metavar="init,prev",
+            help="also analyse the update W - W_0 since the run's first checkpoint (init, "
+            "<layer>@delta_init rows) and W - W_prev since the checkpoint before by step (prev, "
+            "<layer>@delta_prev rows and layer distances); 'distances' for the distances alone "
+            "(default: ALPHAWATCH_DELTAS)",
+        )
+
     def poll_option(p: argparse.ArgumentParser) -> None:
         p.add_argument(
             "--poll",
@@ -98,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     poll_option(up)
     variant_options(up)
     keep_up_option(up)
+    deltas_option(up)
 
     watch = sub.add_parser("watch", help="worker only: analyse checkpoints into the database")
     watch.add_argument(
@@ -113,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     poll_option(watch)
     variant_options(watch)
     keep_up_option(watch)
+    deltas_option(watch)
     watch.add_argument(
         "--reanalyze", action="store_true", help="analyse checkpoints again even when results exist"
     )
@@ -176,6 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
         "its exact numbers (crosscheck extra; ww, xmin_peak, clip_xmax)",
     )
     variant_options(analyze)
+    analyze.add_argument(
+        "--base",
+        type=Path,
+        metavar="BASE_CKPT",
+        help="also analyse the update W - W_base of each matrix against this checkpoint "
+        "(<layer>@delta rows), and give each weight its distances from it",
+    )
 
     gate = sub.add_parser("gate", help="ask the API's CI gate; exit 0 pass, 1 fail, 2 error")
     gate.add_argument("--url", type=str, required=True, help="base URL of the alphawatch API")
@@ -387,6 +407,16 @@ def backlog_bound(text: str) -> int:
     if value != 0 and not 3 <= value <= 10000:
         raise argparse.ArgumentTypeError("0 (off) or a number of checkpoints from 3 to 10000")
     return value
+
+
+def deltas(text: str) -> list[str]:
+    chosen = [d.strip() for d in text.split(",") if d.strip()]
+    unknown = [d for d in chosen if d not in ("init", "prev", "distances")]
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(
+            f"expected a comma list of init, prev, distances, got {text!r}"
+        )
+    return chosen
 
 
 def step_number(text: str) -> int:

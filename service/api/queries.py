@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from collections.abc import Collection, Sequence
 from typing import Any
@@ -37,6 +38,7 @@ from alphawatch.trust import Thresholds
 from alphawatch.vocabulary import (
     DEFAULT_VARIANT,
     KIND_ORDER,
+    VARIANT_PATTERN,
     FitStatus,
     Kind,
     LayerOrder,
@@ -549,7 +551,8 @@ def block_trends(
 
 
 def variants(*, session: Session, run_id: int, method: str) -> list[dict[str, Any]]:
-    """The variants analysed in a run (weights, gradients, nested widths) with their row counts,
+    """The variants analysed in a run (weights, gradients, update spectra, nested widths) with
+    their row counts,
     read from its latest analysed checkpoint."""
     get_run(session=session, run_id=run_id)
     done = done_checkpoints(session=session, run_id=run_id)
@@ -562,10 +565,11 @@ def variants(*, session: Session, run_id: int, method: str) -> list[dict[str, An
         )
         for name in names:
             variant = split_variant(name)[1]
-            counts[variant] = counts.get(variant, 0) + 1
+            if re.fullmatch(VARIANT_PATTERN, variant):  # no variant alphawatch cannot name
+                counts[variant] = counts.get(variant, 0) + 1
 
     def key(variant: str) -> tuple[int, int]:
-        # Weights, gradients, then the nested widths from the narrowest.
+        # Weights, gradients, nested widths from the narrowest, then the update spectra.
         width = int(variant[1:]) if variant[1:].isdigit() else 0
         return list(Source).index(source_of(variant)), width
 

@@ -244,6 +244,15 @@ class LayerMetricRead(BaseModel):
     crosscheck_diff: float | None = Field(
         None, description="relative alpha difference from weightwatcher (cross-checked layers)"
     )
+    change_fro: float | None = Field(
+        None, description="‖W − W_ref‖_F / ‖W‖_F against the checkpoint before (change_ref_step)"
+    )
+    change_spectral: float | None = Field(None, description="‖W − W_ref‖₂ / ‖W‖₂")
+    subspace_overlap: float | None = Field(
+        None, description="‖U_refᵀU‖_F²/k of the top-k singular subspaces (1: same directions)"
+    )
+    overlap_k: int | None = Field(None, description="k of subspace_overlap")
+    change_ref_step: int | None = Field(None, description="the step the distances are from")
 
 
 class CheckpointLayers(BaseModel):
@@ -293,7 +302,10 @@ class TrendRead(BaseModel):
     filter: str
     method: str
     outliers: str
-    variant: str = Field(description="weight, exp_avg (gradients) or a nested width w<k>")
+    variant: str = Field(
+        description="weight, exp_avg (gradients), delta, delta_init or delta_prev (update "
+        "spectra) or a nested width w<k>"
+    )
     points: list[TrendPoint]
 
 
@@ -495,6 +507,60 @@ class HeatmapRead(BaseModel):
     blocks: list[int | None] = Field(default_factory=list, description="block of each row")
     z: list[list[float | None]] = Field(description="z[layer][step]; null where not analysed")
     trusted: list[list[bool | None]]
+
+
+class LayerChange(BaseModel):
+    """How much one layer changed between the two steps of a ranking."""
+
+    layer: str
+    kind: str | None
+    block: int | None
+    change_fro: float | None = Field(
+        description="‖ΔW‖_F/‖W‖_F; over several steps the sum of each step's (path length)"
+    )
+    change_spectral: float | None = Field(
+        description="‖ΔW‖₂/‖W‖₂; over several steps the sum of each step's"
+    )
+    subspace_overlap: float | None = Field(
+        description="overlap of the top-k singular subspaces (1: same directions); over "
+        "several steps the smallest of one step's"
+    )
+    n_steps: int = Field(description="steps of the interval whose distance was measured")
+    complete: bool = Field(
+        description="every analysed step of the interval was compared with the one before"
+    )
+    alpha_from: float | None
+    alpha_to: float | None
+    delta_alpha: float | None = Field(description="alpha_to - alpha_from")
+
+
+class DistancesRead(BaseModel):
+    """Layer distances between consecutive checkpoints, as layer x step matrices."""
+
+    run_id: int
+    steps: list[int]
+    layers: list[str] = Field(description="rows: weight layers by block, then kind")
+    kinds: list[str | None]
+    blocks: list[int | None]
+    change_fro: list[list[float | None]] = Field(
+        description="[layer][step]: ‖W − W_ref‖_F / ‖W‖_F; null where not measured"
+    )
+    change_spectral: list[list[float | None]] = Field(
+        description="[layer][step]: ‖W − W_ref‖₂ / ‖W‖₂"
+    )
+    subspace_overlap: list[list[float | None]] = Field(
+        description="[layer][step]: ‖U_refᵀU‖_F²/k of the top-k singular subspaces, in [0, 1]"
+    )
+    ref_steps: list[list[int | None]] = Field(
+        description="[layer][step]: the step compared with (the one before on disk)"
+    )
+    alpha: list[list[float | None]]
+    from_step: int | None
+    to_step: int | None
+    rank_by: str
+    ranking: list[LayerChange] = Field(
+        description="with from_step: the layers by their change, the most changed first"
+    )
 
 
 class FlagPoint(BaseModel):

@@ -53,8 +53,8 @@ Variant = Annotated[
     Field(
         max_length=16,
         pattern=VARIANT_PATTERN,
-        description="weight (default), exp_avg (gradients) or a nested "
-        "width w<k>; variants are never mixed",
+        description="weight (default), exp_avg (gradients), an update spectrum delta, "
+        "delta_init or delta_prev, or a nested width w<k>; variants are never mixed",
     ),
 ]
 # The gate bands a level of alpha: its schema offers the statistics that are levels, only.
@@ -137,6 +137,40 @@ class HeatmapQuery(BaseModel):
     def layers(self, method: str) -> LayerSelection:
         """The layer rows that make the matrix's rows."""
         return _within_blocks(method, self.variant, self.kind, self.block_min, self.block_max)
+
+
+DistanceName = Literal["change_fro", "change_spectral", "subspace_overlap"]
+
+
+class DistanceQuery(BaseModel):
+    """Layer distances between consecutive checkpoints as layer x step matrices, and between
+    two chosen steps a ranking of the layers by how much they changed."""
+
+    max_points: MaxPoints = 500
+    kind: KindList = None
+    block_min: BlockBound = None
+    block_max: BlockBound = None
+    order: LayerOrder = LayerOrder.BLOCK
+    from_step: Annotated[
+        int | None,
+        Field(
+            ge=0,
+            le=MAX_STEP,
+            description="rank the layers by their change from this step (default: the analysed "
+            "step before to_step)",
+        ),
+    ] = None
+    to_step: Annotated[
+        int | None,
+        Field(ge=0, le=MAX_STEP, description="... to this step (default: the latest analysed)"),
+    ] = None
+    rank_by: Annotated[DistanceName, Field(description="the change the ranking is ordered by")] = (
+        "change_fro"
+    )
+
+    def layers(self, method: str) -> LayerSelection:
+        """The weight rows that make the matrices' rows (distances are the weights')."""
+        return _within_blocks(method, DEFAULT_VARIANT, self.kind, self.block_min, self.block_max)
 
 
 class CompareQuery(BaseModel):

@@ -250,6 +250,15 @@ class LayerMetric(Base):
     # Relative difference |alpha - weightwatcher's| / weightwatcher's, for the layers the live
     # cross-check re-analysed (settings.crosscheck.share); None for the others.
     crosscheck_diff: Mapped[float | None] = mapped_column(Float)
+    # Layer distances from the same layer of the checkpoint before by step (change_ref_step):
+    # ‖ΔW‖_F/‖W‖_F, ‖ΔW‖₂/‖W‖₂ and the overlap of the top-k singular subspaces (k =
+    # overlap_k). On the weight rows of runs analysed with ALPHAWATCH_DELTAS prev or distances;
+    # kept beside alpha so the distance heatmap is the alpha heatmap's query on another column.
+    change_fro: Mapped[float | None] = mapped_column(Float)
+    change_spectral: Mapped[float | None] = mapped_column(Float)
+    subspace_overlap: Mapped[float | None] = mapped_column(Float)
+    overlap_k: Mapped[int | None] = mapped_column(Integer)
+    change_ref_step: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class CheckpointStat(Base):

@@ -40,6 +40,28 @@ def first_checkpoint(session: Session, *, run_id: int) -> str | None:
     ).first()
 
 
+def earlier_checkpoints(
+    session: Session, *, run_id: int, step: int, limit: int = 8
+) -> list[tuple[int, str]]:
+    """(step, path) of the run's registered checkpoints before ``step``, the latest first.
+
+    The update spectra ``@delta_prev`` and the layer distances compare a checkpoint with the
+    one before it by step (whatever order they are analysed in), the first of these whose files
+    still exist: rotation may have deleted the ones the database still lists.
+    """
+    rows = session.execute(
+        select(Checkpoint.step, Checkpoint.path)
+        .where(
+            Checkpoint.run_id == run_id,
+            Checkpoint.step < step,
+            Checkpoint.status != CheckpointStatus.VANISHED,
+        )
+        .order_by(Checkpoint.step.desc())
+        .limit(limit)
+    )
+    return [(int(s), str(p)) for s, p in rows]
+
+
 def ensure_run(session: Session, *, name: str, path: str) -> int:
     """Id of the run at ``path``, created if new, under a name nothing can keep it from.
 

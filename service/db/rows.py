@@ -76,6 +76,11 @@ class LayerRow:
     pl_vs_lognormal_R: float | None = None
     pl_vs_lognormal_p: float | None = None
     crosscheck_diff: float | None = None
+    change_fro: float | None = None
+    change_spectral: float | None = None
+    subspace_overlap: float | None = None
+    overlap_k: int | None = None
+    change_ref_step: int | None = None
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> LayerRow:

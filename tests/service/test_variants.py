@@ -175,7 +175,14 @@ def test_variants_history_csv_and_bad_variants(filled: Filled, db_url: str) -> N
 def test_vocabulary_serves_sources_and_orders(tmp_path: Path) -> None:
     with TestClient(create_app(Settings(database_url=f"sqlite:///{tmp_path}/v.db"))) as c:
         words = c.get("/api/v1/vocabulary").json()
-    assert [s["name"] for s in words["sources"]] == ["weight", "exp_avg", "nested"]
+    assert [s["name"] for s in words["sources"]] == [
+        "weight",
+        "exp_avg",
+        "nested",
+        "delta",
+        "delta_init",
+        "delta_prev",
+    ]
     assert [o["name"] for o in words["orders"]] == ["block", "block_desc"]
     assert words["variant_separator"] == "@"
 

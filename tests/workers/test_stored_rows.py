@@ -24,6 +24,7 @@ from alphawatch.settings import Settings
 from alphawatch.workers.analyst import AnalysisOptions, analyze_checkpoint, refused_layer
 from alphawatch.workers.checkpoints import UNCONFINED
 from alphawatch.workers.spectral import LayerResult
+from alphawatch.workers.spectral.distances import LayerDistance
 from alphawatch.workers.watcher import stored_rows
 
 # Fields of the engine's result that are deliberately no layer_metric column: the eigenvalue
@@ -31,6 +32,8 @@ from alphawatch.workers.watcher import stored_rows
 NOT_COLUMNS = frozenset({"evals", "rand_evals"})
 # Columns the worker adds from where the matrix sits and the run's first checkpoint.
 PLACE = frozenset({"name", "kind", "block", "dtype", "distance_from_init"})
+# Columns the worker adds from the layer's distance to the checkpoint before, and its step.
+MOVED = frozenset({f.name for f in fields(LayerDistance)} | {"change_ref_step"})
 
 
 def test_every_engine_field_is_a_layer_metric_column() -> None:
@@ -44,7 +47,7 @@ def test_every_engine_field_is_a_layer_metric_column() -> None:
     # The row type is the table: nothing more, nothing less; and nothing but the engine's
     # fields and the matrix's place in the model.
     assert LAYER_ROW_FIELDS == LAYER_COLUMNS
-    assert (engine - NOT_COLUMNS) | PLACE == LAYER_COLUMNS
+    assert (engine - NOT_COLUMNS) | PLACE | MOVED == LAYER_COLUMNS
 
 
 def test_a_field_without_a_column_is_refused_by_name() -> None:
@@ -73,12 +76,27 @@ def test_stored_rows_hold_every_value_the_engine_computed(tmp_path: Path, db_url
         str(path),
     )
     options = AnalysisOptions.from_settings(Settings(device="cpu"), confine=UNCONFINED)
+    before = tmp_path / "before.safetensors"
+    save_file(
+        {
+            f"model.layers.{i}.mlp.up_proj.weight": torch.randn(200, 80, generator=g)
+            for i in range(2)
+        },
+        str(before),
+    )
+    distances = AnalysisOptions.from_settings(
+        Settings(device="cpu", deltas="prev"), confine=UNCONFINED
+    )
     layers = [
         *analyze_checkpoint(path, path, options).layers,
         refused_layer("optimizer_state@exp_avg", "unreadable", "ww"),
     ]
-    rows, spectra = stored_rows(layers)
-    assert [s.name for s in spectra] == [x.name for x in layers[:2]]  # none for the refusal
+    moved = analyze_checkpoint(path, path, distances, prev=before).layers
+    # The weights' rows, now with distances from the checkpoint before, and the update rows.
+    assert [x.name for x in moved][::2] == [x.name for x in layers[:2]]
+    layers = [*moved, layers[2]]
+    rows, spectra = stored_rows(layers, ref_step=0)
+    assert [s.name for s in spectra] == [x.name for x in layers[:4]]  # none for the refusal
 
     engine = make_engine(db_url)
     with session_scope(engine) as session:
@@ -115,7 +133,14 @@ def test_stored_rows_hold_every_value_the_engine_computed(tmp_path: Path, db_url
                 "block": layer.block,
                 "dtype": layer.dtype,
                 "distance_from_init": layer.distance_from_init,
+                **(
+                    {k: getattr(layer.distance, k) for k in MOVED - {"change_ref_step"}}
+                    | {"change_ref_step": 0}
+                    if layer.distance is not None
+                    else dict.fromkeys(MOVED)
+                ),
             }
+            assert (layer.distance is not None) == ("@" not in layer.name)
             for column in LAYER_COLUMNS:
                 got = getattr(row, column)
                 if isinstance(got, float) and math.isnan(got):

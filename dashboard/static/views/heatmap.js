@@ -1,4 +1,5 @@
 // α per layer and step: one row per weight matrix in the API's order, one column per checkpoint.
+// The layer distances (views/changes.js) are drawn by the same code with their own scale.
 
 import { setParams } from "../state.js";
 import { alphaMax, esc, note, plot } from "../ui.js";
@@ -6,21 +7,26 @@ import { alphaMax, esc, note, plot } from "../ui.js";
 // Past this many untrusted cells, per-cell markers cost more than they tell: fade cells instead.
 const MAX_MARKERS = 4000;
 
-export function drawHeatmap(heat, kindOf) {
-  const el = document.getElementById("heatmap");
+// opts: id (element), label (colour bar and hover), zmin, zmax, colorscale; heat.trusted may
+// be left out (no cell marked).
+export function drawHeatmap(heat, kindOf, opts = {}) {
+  const el = document.getElementById(opts.id ?? "heatmap");
   if (!heat.layers.length) { note(el, "No layer metrics yet."); return; }
   const nRows = heat.layers.length;
-  const hover = heat.trusted.map((row, i) => row.map((t) =>
+  const label = opts.label ?? "α";
+  const trustedCells = heat.trusted ?? heat.z.map((row) => row.map(() => null));
+  const hover = trustedCells.map((row, i) => row.map((t) =>
     `${kindOf[heat.layers[i]] ?? ""}${t === false ? " · untrusted" : ""}`));
   const traces = [{ type: "heatmap", x: heat.steps, y: heat.layers, z: heat.z,
-    customdata: hover, colorscale: "Viridis", zmin: 1, zmax: alphaMax(), xgap: nRows < 60 ? 1 : 0,
-    ygap: nRows < 60 ? 1 : 0, colorbar: { title: { text: "α" }, thickness: 14 },
-    hovertemplate: "%{y}<br>step %{x}<br>α %{z:.3f} %{customdata}<extra></extra>" }];
+    customdata: hover, colorscale: opts.colorscale ?? "Viridis", zmin: opts.zmin ?? 1,
+    zmax: opts.zmax ?? alphaMax(), xgap: nRows < 60 ? 1 : 0,
+    ygap: nRows < 60 ? 1 : 0, colorbar: { title: { text: label }, thickness: 14 },
+    hovertemplate: `%{y}<br>step %{x}<br>${esc(label)} %{z:.3f} %{customdata}<extra></extra>` }];
   let nUntrusted = 0;
-  heat.trusted.forEach((row) => row.forEach((t) => { if (t === false) nUntrusted += 1; }));
+  trustedCells.forEach((row) => row.forEach((t) => { if (t === false) nUntrusted += 1; }));
   if (nUntrusted && nUntrusted <= MAX_MARKERS) {
     const xs = [], ys = [];
-    heat.trusted.forEach((row, i) => row.forEach((t, j) => {
+    trustedCells.forEach((row, i) => row.forEach((t, j) => {
       if (t === false) { xs.push(heat.steps[j]); ys.push(heat.layers[i]); }
     }));
     traces.push({ type: "scatter", mode: "markers", x: xs, y: ys, name: "untrusted",
@@ -28,7 +34,7 @@ export function drawHeatmap(heat, kindOf) {
         line: { color: "rgba(255,255,255,0.95)", width: 1.5 } }, hoverinfo: "skip" });
   } else if (nUntrusted) {
     traces.push({ type: "heatmap", x: heat.steps, y: heat.layers, name: "untrusted",
-      z: heat.trusted.map((row) => row.map((t) => (t === false ? 1 : null))),
+      z: trustedCells.map((row) => row.map((t) => (t === false ? 1 : null))),
       colorscale: [[0, "rgba(255,255,255,0.6)"], [1, "rgba(255,255,255,0.6)"]],
       showscale: false, hoverinfo: "skip" });
   }

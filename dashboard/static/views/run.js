@@ -6,6 +6,7 @@ import { enc, setParams, state, view } from "../state.js";
 import {
   bindParamSelects, esc, fmt, gateBadge, inPanel, pct, select, setThresholds, termSelect,
 } from "../ui.js";
+import { drawChanges } from "./changes.js";
 import { crosscheckBadge, renderCheckpointTable } from "./checkpoints.js";
 import { drawCompanions } from "./companions.js";
 import { drawFlags } from "./flags.js";
@@ -52,6 +53,20 @@ function runSkeleton(runId, params, words) {
         <span class="legend-x">×</span> / faded: untrusted fit.</span>
       </div>
       <div id="heatmap" class="plot"></div>
+    </div>
+    <div class="panel" id="changes-panel" hidden>
+      <h2>What changed between two steps</h2>
+      <div class="controls" id="changes-controls" role="group" aria-label="steps compared"></div>
+      <div class="grid2"><div><h3 id="changes-title">Layers by change</h3>
+        <div id="changes-bars" class="plot small"></div></div>
+        <div><h3>Change from the checkpoint before, per layer and step</h3>
+        <div id="distance-heatmap" class="plot small"></div></div></div>
+      <div id="changes-table" class="table-scroll"></div>
+      <p class="muted small">How far each weight matrix moved: ‖ΔW‖F/‖W‖F and ‖ΔW‖₂/‖W‖₂ of
+      the update, and how much of its top-10 singular directions stayed (overlap 1: none
+      rotated). Over several steps the changes are summed and the overlap is the smallest of
+      one step's; Δα (bar label, red when α fell) beside. * : some steps of the interval were
+      not compared.</p>
     </div>
     <div class="panel" id="variants-panel" hidden>
       <h2>Weights, gradients and nested widths</h2>
@@ -170,7 +185,7 @@ async function drawRunPlots(runId, params, words, token, run, done) {
   const variant = variantOf(words, params);
   const order = orderOf(words, params);
   const key = JSON.stringify([runId, state.lastSignature, trendQuery(words, params), variant,
-    order]);
+    order, params.get("dmetric"), params.get("from"), params.get("to")]);
   if (key === state.drawnKey) {
     const pick = document.getElementById("layer-pick");
     pick.value = layer && [...pick.options].some((o) => o.value === layer) ? layer : "";
@@ -198,6 +213,11 @@ async function drawRunPlots(runId, params, words, token, run, done) {
       if (token !== state.renderToken) return;
       drawHeatmap(heat, Object.fromEntries(rows.layers.map((l) => [l.name, l.kind])));
       fillLayerPick(heat.layers, layer);
+    }),
+    inPanel("changes-bars", token, async () => {
+      const rows = await latest.catch(() => ({ layers: [] }));
+      await drawChanges(runId, params, method, done,
+        Object.fromEntries(rows.layers.map((l) => [l.name, l.kind])), token);
     }),
     inPanel("flags", token, async () => {
       const flags = await apiOnce(`/runs/${runId}/flags?${m}`);

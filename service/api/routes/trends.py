@@ -11,12 +11,20 @@ from typing import Annotated, Any
 from fastapi import Query, Request, Response
 from sqlalchemy.orm import Session
 
-from alphawatch.service.api import queries
+from alphawatch.service.api import distances, queries
 from alphawatch.service.api.deps import MethodDep, SettingsDep
-from alphawatch.service.api.routes.common import READ_ERRORS, RunId, api_router, cached
+from alphawatch.service.api.routes.common import (
+    READ_ERRORS,
+    CsvResponse,
+    RunId,
+    SessionDep,
+    api_router,
+    cached,
+)
 from alphawatch.service.api.schemas import (
     BlockTrendRead,
     CompareRead,
+    DistancesRead,
     FlagsRead,
     HeatmapRead,
     TrendRead,
@@ -24,6 +32,7 @@ from alphawatch.service.api.schemas import (
 from alphawatch.service.api.selections import (
     BlockQuery,
     CompareQuery,
+    DistanceQuery,
     HeatmapQuery,
     TrendQuery,
     Variant,
@@ -71,6 +80,36 @@ async def get_heatmap(
         HeatmapRead,
         lambda session: queries.heatmap(session=session, run_id=run_id, query=query, method=method),
     )
+
+
+@router.get("/runs/{run_id}/distances", response_model=DistancesRead, responses=READ_ERRORS)
+async def get_distances(
+    request: Request, run_id: RunId, method: MethodDep, query: Annotated[DistanceQuery, Query()]
+) -> Response:
+    """Layer x step distances from the checkpoint before; layers ranked by change between steps."""
+    return await cached(
+        request,
+        DistancesRead,
+        lambda session: distances.distances(
+            session=session, run_id=run_id, query=query, method=method
+        ),
+    )
+
+
+@router.get(
+    "/runs/{run_id}/distances.csv",
+    response_class=CsvResponse,
+    responses={
+        **READ_ERRORS,
+        200: {
+            "description": "one row per layer and analysed step with a measured distance",
+            "content": {"text/csv": {"schema": {"type": "string"}}},
+        },
+    },
+)
+def export_distances(run_id: RunId, session: SessionDep, method: MethodDep) -> CsvResponse:
+    """Every stored layer distance of a run, as CSV."""
+    return CsvResponse(distances.distances_csv(session=session, run_id=run_id, method=method))
 
 
 @router.get("/runs/{run_id}/blocks", response_model=BlockTrendRead, responses=READ_ERRORS)
