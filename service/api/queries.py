@@ -116,10 +116,11 @@ def run_summary(
     }
 
 
+# Every metric column; the trap localisation (JSON, trapped layers only) is the drill-down's.
 _LAYER_FIELDS = [
     getattr(LayerMetric, a.key).label(a.key)
     for a in LayerMetric.__mapper__.column_attrs
-    if a.key != "id"
+    if a.key not in ("id", "trap_localisation")
 ]
 # What robust.select reads besides the metric itself: fewer columns, less to fetch and build.
 _SELECT_FIELDS = (
@@ -603,4 +604,8 @@ def esd(
         "mp_bulk_max": layer.mp_bulk_max,
         "fit_status": layer.fit_status,
         "fit_line": fit_line,
+        "correlation_trap": layer.correlation_trap,
+        "trap_localisation": from_json(layer.trap_localisation)
+        if layer.trap_localisation
+        else None,
     }

@@ -194,12 +194,22 @@ class LayerMetricRead(BaseModel):
     entropy: float | None = None
     matrix_rank: int | None = None
     rank_loss: int | None = None
-    mp_bulk_max: float | None = None
-    mp_sigma: float | None = None
-    num_spikes: int | None = None
-    mp_softrank: float | None = None
-    num_traps: int | None = None
-    rand_distance: float | None = None
+    mp_bulk_max: float | None = Field(None, description="MP edge of W's entry variance")
+    mp_sigma: float | None = Field(None, description="√ of W's entry variance")
+    num_spikes: int | None = Field(None, description="weightwatcher's: spikes beyond its MP fit")
+    mp_softrank: float | None = Field(None, description="weightwatcher's: its MP edge / λmax")
+    edge_spikes: int | None = Field(None, description="eigenvalues beyond mp_bulk_max")
+    edge_softrank: float | None = Field(None, description="mp_bulk_max / λmax")
+    num_traps: int | None = Field(None, description="weightwatcher's: shuffle's MP-fit spikes")
+    rand_distance: float | None = Field(
+        None, description="weightwatcher's: JS distance of sorted eigenvalues vs the shuffle's"
+    )
+    shuffle_traps: int | None = Field(
+        None, description="shuffle's eigenvalues beyond mp_bulk_max + 5 TW: correlation_trap"
+    )
+    shuffle_distance: float | None = Field(
+        None, description="JS distance of the log-histograms of the ESD and the shuffle's"
+    )
     max_rand_eval: float | None = None
     mean_spike: bool
     alpha_delta: float | None = None
@@ -310,6 +320,23 @@ class FitLine(BaseModel):
     y: list[float]
 
 
+class NeuronWeights(BaseModel):
+    participation: float = Field(description="(Σx²)²/Σx⁴: 1 = one neuron, length = spread")
+    neurons: list[int] = Field(description="row or column indices, the heaviest first")
+    weights: list[float] = Field(description="each neuron's share x²/Σx² of the vector")
+
+
+class TrapVector(BaseModel):
+    sigma: float = Field(description="the singular value")
+    rows: NeuronWeights = Field(description="left vector: output neurons (W's rows)")
+    cols: NeuronWeights = Field(description="right vector: input neurons (W's columns)")
+
+
+class TrapLocalisation(BaseModel):
+    shape: list[int] = Field(description="W as stored: (rows, columns)")
+    vectors: list[TrapVector] = Field(description="W's top singular pairs, largest σ first")
+
+
 class EsdRead(BaseModel):
     layer: str
     step: int
@@ -324,6 +351,10 @@ class EsdRead(BaseModel):
     mp_bulk_max: float | None
     fit_status: str
     fit_line: FitLine
+    correlation_trap: bool
+    trap_localisation: TrapLocalisation | None = Field(
+        description="which neurons carry the correlation trap; null without one"
+    )
 
 
 class Violation(BaseModel):
