@@ -7,7 +7,6 @@ beside it), analysed by the real worker, served, and opened in the browser.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
