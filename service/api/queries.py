@@ -116,11 +116,10 @@ def run_summary(
     }
 
 
-# Every metric column; the trap localisation (JSON, trapped layers only) is the drill-down's.
 _LAYER_FIELDS = [
     getattr(LayerMetric, a.key).label(a.key)
     for a in LayerMetric.__mapper__.column_attrs
-    if a.key not in ("id", "trap_localisation")
+    if a.key != "id"
 ]
 # What robust.select reads besides the metric itself: fewer columns, less to fetch and build.
 _SELECT_FIELDS = (

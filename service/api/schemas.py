@@ -9,8 +9,16 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+)
 from pydantic.json_schema import SkipJsonSchema
+from pydantic_core import from_json
 
 from alphawatch import run_names
 from alphawatch.gate_rules import GateRules
@@ -163,6 +171,23 @@ class CheckpointList(BaseModel):
     checkpoints: list[CheckpointRead]
 
 
+class NeuronWeights(BaseModel):
+    participation: float = Field(description="(Σx²)²/Σx⁴: 1 = one neuron, length = spread")
+    neurons: list[int] = Field(description="row or column indices, the heaviest first")
+    weights: list[float] = Field(description="each neuron's share x²/Σx² of the vector")
+
+
+class TrapVector(BaseModel):
+    sigma: float = Field(description="the singular value")
+    rows: NeuronWeights = Field(description="left vector: output neurons (W's rows)")
+    cols: NeuronWeights = Field(description="right vector: input neurons (W's columns)")
+
+
+class TrapLocalisation(BaseModel):
+    shape: list[int] = Field(description="W as stored: (rows, columns)")
+    vectors: list[TrapVector] = Field(description="W's top singular pairs, largest σ first")
+
+
 class LayerMetricRead(BaseModel):
     """Every metric of one layer at one checkpoint for one fit method (docs/API.md)."""
 
@@ -235,6 +260,15 @@ class LayerMetricRead(BaseModel):
     crosscheck_diff: float | None = Field(
         None, description="relative alpha difference from weightwatcher (cross-checked layers)"
     )
+    trap_localisation: TrapLocalisation | None = Field(
+        None, description="trapped layers: which neurons carry the trap (docs/SPECTRAL.md)"
+    )
+
+    @field_validator("trap_localisation", mode="before")
+    @classmethod
+    def _parsed(cls, value: object) -> object:
+        # stored as JSON text
+        return from_json(value) if isinstance(value, str) else value
 
 
 class CheckpointLayers(BaseModel):
@@ -318,23 +352,6 @@ class VariantsRead(BaseModel):
 class FitLine(BaseModel):
     x: list[float]
     y: list[float]
-
-
-class NeuronWeights(BaseModel):
-    participation: float = Field(description="(Σx²)²/Σx⁴: 1 = one neuron, length = spread")
-    neurons: list[int] = Field(description="row or column indices, the heaviest first")
-    weights: list[float] = Field(description="each neuron's share x²/Σx² of the vector")
-
-
-class TrapVector(BaseModel):
-    sigma: float = Field(description="the singular value")
-    rows: NeuronWeights = Field(description="left vector: output neurons (W's rows)")
-    cols: NeuronWeights = Field(description="right vector: input neurons (W's columns)")
-
-
-class TrapLocalisation(BaseModel):
-    shape: list[int] = Field(description="W as stored: (rows, columns)")
-    vectors: list[TrapVector] = Field(description="W's top singular pairs, largest σ first")
 
 
 class EsdRead(BaseModel):

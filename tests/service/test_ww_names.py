@@ -118,9 +118,12 @@ def test_the_drill_down_serves_the_localisation_of_a_trapped_layer(sqlite_url: s
         assert body["trap_localisation"] == LOCALISATION
         other = client.get(f"{base}/model.layers.0.mlp.down_proj/esd").json()
         assert other["correlation_trap"] is False and other["trap_localisation"] is None
-        # the per-checkpoint table and the CSV stay flat: the localisation is the drill-down's
+        # the per-checkpoint table serves it parsed too; the CSV stays flat
         listed = client.get(base).json()["layers"]
-        assert all("trap_localisation" not in layer for layer in listed)
+        assert [layer["trap_localisation"] for layer in listed] in (
+            [LOCALISATION, None],
+            [None, LOCALISATION],
+        )
         assert {layer["shuffle_traps"] for layer in listed} == {3, None}
         csv = client.get(f"/api/v1/runs/{run['id']}/layers.csv").text
         header = csv.splitlines()[0].replace('"', "").split(",")
