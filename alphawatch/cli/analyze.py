@@ -180,7 +180,8 @@ def run_analyze(args: argparse.Namespace) -> int:
         out.write("\n")
     elif args.format == "csv":
         keys = list(doc["layers"][0]) if doc["layers"] else list(_COLUMNS)
-        write_csv(out, keys, doc["layers"])
+        # flat cells only, as the API's CSV: the trap localisation is in the JSON document
+        write_csv(out, [k for k in keys if k != "trap_localisation"], doc["layers"])
     else:
         out.write(_table(doc))
     return EXIT_OK

@@ -681,4 +681,8 @@ def esd(
         "mp_bulk_max": layer.mp_bulk_max,
         "fit_status": layer.fit_status,
         "fit_line": fit_line,
+        "correlation_trap": layer.correlation_trap,
+        "trap_localisation": from_json(layer.trap_localisation)
+        if layer.trap_localisation
+        else None,
     }

@@ -277,7 +277,9 @@ def layers_csv(*, session: Session, run_id: int, method: str) -> str:
         layers=LayerSelection(method=method, variant=None),
     )
     buffer = io.StringIO()
-    columns = ["step", *[c for c in (layers[0] if layers else {}) if c != "checkpoint_id"]]
+    # flat cells only: the trap localisation (JSON) is served by the layer drill-down
+    skip = ("checkpoint_id", "trap_localisation")
+    columns = ["step", *[c for c in (layers[0] if layers else {}) if c not in skip]]
     columns.insert(columns.index("name") + 1 if "name" in columns else 1, "variant")
     write_csv(
         buffer,

@@ -19,6 +19,7 @@ from pydantic import (
     field_validator,
 )
 from pydantic.json_schema import SkipJsonSchema
+from pydantic_core import from_json
 
 from alphawatch import run_names
 from alphawatch.gate_rules import PRESETS, GateRules, preset_rules
@@ -182,6 +183,23 @@ class CheckpointList(BaseModel):
     checkpoints: list[CheckpointRead]
 
 
+class NeuronWeights(BaseModel):
+    participation: float = Field(description="(Σx²)²/Σx⁴: 1 = one neuron, length = spread")
+    neurons: list[int] = Field(description="row or column indices, the heaviest first")
+    weights: list[float] = Field(description="each neuron's share x²/Σx² of the vector")
+
+
+class TrapVector(BaseModel):
+    sigma: float = Field(description="the singular value")
+    rows: NeuronWeights = Field(description="left vector: output neurons (W's rows)")
+    cols: NeuronWeights = Field(description="right vector: input neurons (W's columns)")
+
+
+class TrapLocalisation(BaseModel):
+    shape: list[int] = Field(description="W as stored: (rows, columns)")
+    vectors: list[TrapVector] = Field(description="W's top singular pairs, largest σ first")
+
+
 class LayerMetricRead(BaseModel):
     """Every metric of one layer at one checkpoint for one fit method (docs/API.md)."""
 
@@ -213,12 +231,22 @@ class LayerMetricRead(BaseModel):
     entropy: float | None = None
     matrix_rank: int | None = None
     rank_loss: int | None = None
-    mp_bulk_max: float | None = None
-    mp_sigma: float | None = None
-    num_spikes: int | None = None
-    mp_softrank: float | None = None
-    num_traps: int | None = None
-    rand_distance: float | None = None
+    mp_bulk_max: float | None = Field(None, description="MP edge of W's entry variance")
+    mp_sigma: float | None = Field(None, description="√ of W's entry variance")
+    num_spikes: int | None = Field(None, description="weightwatcher's: spikes beyond its MP fit")
+    mp_softrank: float | None = Field(None, description="weightwatcher's: its MP edge / λmax")
+    edge_spikes: int | None = Field(None, description="eigenvalues beyond mp_bulk_max")
+    edge_softrank: float | None = Field(None, description="mp_bulk_max / λmax")
+    num_traps: int | None = Field(None, description="weightwatcher's: shuffle's MP-fit spikes")
+    rand_distance: float | None = Field(
+        None, description="weightwatcher's: JS distance of sorted eigenvalues vs the shuffle's"
+    )
+    shuffle_traps: int | None = Field(
+        None, description="shuffle's eigenvalues beyond mp_bulk_max + 5 TW: correlation_trap"
+    )
+    shuffle_distance: float | None = Field(
+        None, description="JS distance of the log-histograms of the ESD and the shuffle's"
+    )
     max_rand_eval: float | None = None
     mean_spike: bool
     alpha_delta: float | None = None
@@ -253,6 +281,16 @@ class LayerMetricRead(BaseModel):
     )
     overlap_k: int | None = Field(None, description="k of subspace_overlap")
     change_ref_step: int | None = Field(None, description="the step the distances are from")
+
+    trap_localisation: TrapLocalisation | None = Field(
+        None, description="trapped layers: which neurons carry the trap (docs/SPECTRAL.md)"
+    )
+
+    @field_validator("trap_localisation", mode="before")
+    @classmethod
+    def _parsed(cls, value: object) -> object:
+        # stored as JSON text
+        return from_json(value) if isinstance(value, str) else value
 
 
 class CheckpointLayers(BaseModel):
@@ -355,6 +393,10 @@ class EsdRead(BaseModel):
     mp_bulk_max: float | None
     fit_status: str
     fit_line: FitLine
+    correlation_trap: bool
+    trap_localisation: TrapLocalisation | None = Field(
+        description="which neurons carry the correlation trap; null without one"
+    )
 
 
 class Violation(BaseModel):

@@ -223,10 +223,16 @@ class LayerMetric(Base):
     rank_loss: Mapped[int | None] = mapped_column(Integer)
     mp_bulk_max: Mapped[float | None] = mapped_column(Float)
     mp_sigma: Mapped[float | None] = mapped_column(Float)
+    # weightwatcher 0.7.7's numbers under its names (its MP fit of the ESD, its shuffle
+    # distance); alphawatch's own measures beside them (docs/SPECTRAL.md, "Two MP fits").
     num_spikes: Mapped[int | None] = mapped_column(Integer)
     mp_softrank: Mapped[float | None] = mapped_column(Float)
+    edge_spikes: Mapped[int | None] = mapped_column(Integer)
+    edge_softrank: Mapped[float | None] = mapped_column(Float)
     num_traps: Mapped[int | None] = mapped_column(Integer)
     rand_distance: Mapped[float | None] = mapped_column(Float)
+    shuffle_traps: Mapped[int | None] = mapped_column(Integer)
+    shuffle_distance: Mapped[float | None] = mapped_column(Float)
     max_rand_eval: Mapped[float | None] = mapped_column(Float)
     mean_spike: Mapped[bool] = mapped_column(Boolean, default=False)
     alpha_delta: Mapped[float | None] = mapped_column(Float)
@@ -259,6 +265,9 @@ class LayerMetric(Base):
     subspace_overlap: Mapped[float | None] = mapped_column(Float)
     overlap_k: Mapped[int | None] = mapped_column(Integer)
     change_ref_step: Mapped[int | None] = mapped_column(BigInteger)
+    # JSON: which rows and columns carry a correlation trap (W's top singular vectors: their
+    # participation ratios and heaviest neurons); NULL for layers without a trap.
+    trap_localisation: Mapped[str | None] = mapped_column(Text)
 
 
 class CheckpointStat(Base):

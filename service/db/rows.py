@@ -8,6 +8,7 @@ dropped on the way: a field the engine adds without a column would otherwise van
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -55,8 +56,12 @@ class LayerRow:
     mp_sigma: float | None = None
     num_spikes: int | None = None
     mp_softrank: float | None = None
+    edge_spikes: int | None = None
+    edge_softrank: float | None = None
     num_traps: int | None = None
     rand_distance: float | None = None
+    shuffle_traps: int | None = None
+    shuffle_distance: float | None = None
     max_rand_eval: float | None = None
     mean_spike: bool = False
     alpha_delta: float | None = None
@@ -81,10 +86,12 @@ class LayerRow:
     subspace_overlap: float | None = None
     overlap_k: int | None = None
     change_ref_step: int | None = None
+    trap_localisation: str | None = None  # JSON text
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> LayerRow:
-        """The row of ``values``, keyed by column name.
+        """The row of ``values``, keyed by column name (a ``trap_localisation`` mapping becomes
+        its JSON text).
 
         Raises:
             UnknownColumns: ``values`` names a field that is not a ``layer_metric`` column.
@@ -100,6 +107,10 @@ class LayerRow:
                 f"layer {values.get('name')!r}: {', '.join(unknown)} {verb} (add the column "
                 "and a migration, or leave the field out of the row)"
             )
+        localisation = values.get("trap_localisation")
+        if isinstance(localisation, Mapping):
+            # the engine's JSON-ready dict, stored as JSON text (one column, trapped layers only)
+            values = {**values, "trap_localisation": json.dumps(localisation, allow_nan=False)}
         return cls(**values)
 
     def values(self) -> dict[str, Any]:

@@ -173,7 +173,7 @@ def test_numpy_arrays_and_torch_tensors_give_the_same_result() -> None:
     from_array.pop("elapsed_ms")
     from_tensor.pop("elapsed_ms")
     assert from_array == from_tensor
-    assert from_array["num_traps"] is not None
+    assert from_array["shuffle_traps"] is not None
     bf16 = analyze_matrix(w.bfloat16(), stored_dtype=torch.bfloat16)
     named = analyze_matrix(w.bfloat16().float().numpy(), stored_dtype="bfloat16")
     assert bf16.alpha == named.alpha and bf16.matrix_rank == named.matrix_rank
@@ -216,7 +216,7 @@ def test_one_non_finite_entry_is_found(bad: list[float]) -> None:
     assert moments_of(huge, HOST).finite
 
 
-def test_rand_distance_pools_what_lies_below_the_floor() -> None:
+def test_shuffle_distance_pools_what_lies_below_the_floor() -> None:
     from alphawatch.workers.spectral.traps import _jensen_shannon
 
     x = np.random.default_rng(10).standard_normal((600, 600))
@@ -232,7 +232,7 @@ def test_rand_distance_pools_what_lies_below_the_floor() -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("shape", [(900, 700), (700, 700), (400, 1100)])
-def test_the_float32_shuffle_moves_no_flag_and_rand_distance_by_little(
+def test_the_float32_shuffle_moves_no_flag_and_shuffle_distance_by_little(
     monkeypatch: pytest.MonkeyPatch, shape: tuple[int, int]
 ) -> None:
     from threadpoolctl import threadpool_limits
@@ -253,12 +253,15 @@ def test_the_float32_shuffle_moves_no_flag_and_rand_distance_by_little(
         lapack, "eigvalsh", lambda a, overwrite=False, single=False: exact(a, overwrite=overwrite)
     )
     reference = analyze_matrix(w)  # the shuffle's eigenvalues in float64
-    assert reference.num_traps is not None and reference.rand_distance is not None
+    assert reference.shuffle_traps is not None and reference.shuffle_distance is not None
     for ours in runs.values():
         assert ours.alpha == pytest.approx(reference.alpha, rel=1e-12)  # W: float64 either way
-        assert ours.num_traps == reference.num_traps and ours.near_random == reference.near_random
+        assert (
+            ours.shuffle_traps == reference.shuffle_traps
+            and ours.near_random == reference.near_random
+        )
         assert ours.trusted == reference.trusted and ours.fit_status == reference.fit_status
-        assert ours.rand_distance == pytest.approx(reference.rand_distance, abs=1e-3)
+        assert ours.shuffle_distance == pytest.approx(reference.shuffle_distance, abs=1e-3)
         assert ours.max_rand_eval == pytest.approx(reference.max_rand_eval, rel=1e-5)
 
 
@@ -272,8 +275,8 @@ def test_weights_whose_squares_leave_float32_still_get_their_traps(scale: float)
     w[:, :3] += 0.3 * rng.standard_normal((300, 1))
     reference = analyze_matrix(w.astype(np.float32))
     scaled = analyze_matrix((w * scale).astype(np.float32))
-    assert scaled.error is None and scaled.num_traps == reference.num_traps
-    assert reference.num_traps is not None and reference.rand_distance is not None
-    assert scaled.rand_distance == pytest.approx(reference.rand_distance, abs=1e-3)
+    assert scaled.error is None and scaled.shuffle_traps == reference.shuffle_traps
+    assert reference.shuffle_traps is not None and reference.shuffle_distance is not None
+    assert scaled.shuffle_distance == pytest.approx(reference.shuffle_distance, abs=1e-3)
     assert scaled.near_random == reference.near_random
     assert scaled.max_rand_eval == pytest.approx(reference.max_rand_eval * scale**2, rel=1e-4)

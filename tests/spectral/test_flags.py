@@ -22,7 +22,7 @@ def gaussian(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
 
 def test_iid_gaussian_has_no_trap_and_looks_random() -> None:
     result = analyze_matrix(gaussian(400, 200))
-    assert result.num_traps == 0 and not result.correlation_trap
+    assert result.shuffle_traps == 0 and not result.correlation_trap
     assert not result.mean_spike
     assert result.near_random
 
@@ -32,14 +32,14 @@ def test_planted_large_entries_are_traps() -> None:
     w[3, 7] = 40.0
     w[100, 50] = -35.0
     result = analyze_matrix(w)
-    assert result.correlation_trap and result.num_traps >= 2
+    assert result.correlation_trap and result.shuffle_traps >= 2
     assert not result.trusted
 
 
 def test_constant_mean_shift_is_a_mean_spike_not_a_trap() -> None:
     result = analyze_matrix(gaussian(400, 200) + 0.5)
     assert result.mean_spike
-    assert result.num_traps == 0 and not result.correlation_trap
+    assert result.shuffle_traps == 0 and not result.correlation_trap
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -112,8 +112,8 @@ def test_float64_weights_beyond_float32_are_analysed_in_float64() -> None:
     reference, scaled = analyze_matrix(w), analyze_matrix(w * 1e100)
     assert scaled.error is None and scaled.fit_status is reference.fit_status
     assert scaled.alpha == pytest.approx(reference.alpha, rel=1e-9)
-    assert reference.num_traps and scaled.num_traps == reference.num_traps
-    assert scaled.rand_distance == pytest.approx(reference.rand_distance, abs=1e-3)
+    assert reference.shuffle_traps and scaled.shuffle_traps == reference.shuffle_traps
+    assert scaled.shuffle_distance == pytest.approx(reference.shuffle_distance, abs=1e-3)
     assert scaled.lambda_max == pytest.approx(reference.lambda_max * 1e200, rel=1e-9)
 
 

@@ -42,8 +42,8 @@ def test_parallel_results_equal_sequential_ones_in_reading_order(workers: int) -
         # BLAS threads change the order of sums: equal up to rounding, flags identical
         assert ours.alpha == pytest.approx(ref.alpha, rel=1e-9)
         assert pytest.approx(ref.D, rel=1e-9) == ours.D
-        assert ours.rand_distance == pytest.approx(ref.rand_distance, abs=1e-6)
-        assert ours.num_pl_spikes == ref.num_pl_spikes and ours.num_traps == ref.num_traps
+        assert ours.shuffle_distance == pytest.approx(ref.shuffle_distance, abs=1e-6)
+        assert ours.num_pl_spikes == ref.num_pl_spikes and ours.shuffle_traps == ref.shuffle_traps
         assert ours.matrix_rank == ref.matrix_rank and ours.trusted == ref.trusted
         assert ours.near_random == ref.near_random
     assert dict(got)["bad"].fit_status is FitStatus.FAILED
@@ -109,7 +109,10 @@ def test_an_error_of_the_shuffle_task_fails_that_matrix_only(
     for name, weight, dtype in items():
         if name not in ("m3", "bad"):
             ref = analyze_matrix(weight, stored_dtype=dtype)
-            assert got[name].fit_status == ref.fit_status and got[name].num_traps == ref.num_traps
+            assert (
+                got[name].fit_status == ref.fit_status
+                and got[name].shuffle_traps == ref.shuffle_traps
+            )
 
 
 def test_a_matrix_stopped_early_does_not_wait_for_its_shuffle() -> None:
@@ -124,4 +127,4 @@ def test_a_matrix_stopped_early_does_not_wait_for_its_shuffle() -> None:
     )
     assert got["inf"].fit_status is FitStatus.NON_FINITE
     assert got["constant"].fit_status is FitStatus.DEGENERATE
-    assert got["ok"].rand_distance is not None and got["ok"].error is None
+    assert got["ok"].shuffle_distance is not None and got["ok"].error is None

@@ -35,7 +35,7 @@ torch = pytest.importorskip("torch")
 
 TORCH_CPU = Device(kind="torch", torch_device="cpu")
 RTOL = 1e-9
-SHUFFLE_FIELDS = {"rand_distance": 1e-3, "max_rand_eval": 1e-5}
+SHUFFLE_FIELDS = {"rand_distance": 1e-3, "shuffle_distance": 1e-3, "max_rand_eval": 1e-5}
 SEARCHED_FIELDS = (
     "tpl_alpha",
     "tpl_lambda",
@@ -55,7 +55,9 @@ EXACT_FIELDS = (
     "matrix_rank",
     "rank_loss",
     "num_spikes",
+    "edge_spikes",
     "num_traps",
+    "shuffle_traps",
     "num_fingers",
     "correlation_trap",
     "rank_collapse",
@@ -126,7 +128,7 @@ def assert_same_result(host: LayerResult, accel: LayerResult) -> None:
         elif field in SHUFFLE_FIELDS:
             tol = SHUFFLE_FIELDS[field]
             assert other == pytest.approx(
-                value, rel=tol, abs=tol if field == "rand_distance" else 0.0
+                value, rel=tol, abs=tol if field.endswith("distance") else 0.0
             ), field
         elif field in SEARCHED_FIELDS:
             assert other == pytest.approx(value, rel=SEARCH_RTOL, abs=1e-300), field

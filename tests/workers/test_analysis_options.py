@@ -81,7 +81,7 @@ def test_parallel_analysis_keeps_reading_order_and_the_trap_switch(tmp_path: Pat
 
     one, two, off = run(1, True), run(2, True), run(2, False)
     for a, b in zip(one, two, strict=True):
-        assert a.num_traps == b.num_traps and a.num_pl_spikes == b.num_pl_spikes
+        assert a.shuffle_traps == b.shuffle_traps and a.num_pl_spikes == b.num_pl_spikes
         assert a.alpha is not None and b.alpha is not None
         assert abs(a.alpha - b.alpha) <= 1e-9 * abs(a.alpha)
-    assert all(r.num_traps is None and r.rand_distance is None for r in off)
+    assert all(r.shuffle_traps is None and r.shuffle_distance is None for r in off)

@@ -32,6 +32,7 @@ from alphawatch.workers.spectral.eigenvalues import (
     singular_values,
     spectrum_of,
 )
+from alphawatch.workers.spectral.localise import localise
 from alphawatch.workers.spectral.moments import (
     Bulk,
     Moments,
@@ -41,6 +42,7 @@ from alphawatch.workers.spectral.moments import (
     rank_of,
     with_variance,
 )
+from alphawatch.workers.spectral.mpfit import MPFit, mp_fit
 from alphawatch.workers.spectral.plfit import fit_power_law
 from alphawatch.workers.spectral.traps import (
     SHUFFLE_BUCKETS,
@@ -116,7 +118,7 @@ def verdict_of(
             status = FitStatus.UNSTABLE
         else:
             status = FitStatus.OK
-    trap = traps is not None and traps.num_traps > 0
+    trap = traps is not None and traps.shuffle_traps > 0
     return Verdict(
         status=status,
         trusted=status is FitStatus.OK and not trap and not rank.rank_collapse,
@@ -196,6 +198,7 @@ class Analysed:
     spec: Spectrum
     rank: Rank
     bulk: Bulk
+    mp: MPFit | None
     fit: PowerLawFit | None
     comparison: compare.Comparison | None
     started: float
@@ -224,6 +227,12 @@ class Analysed:
             status = compare.apply_rule(verdict.status, self.comparison, self.limits)
             if status is not verdict.status:
                 verdict = replace(verdict, status=status, trusted=False)
+            extra = compare.result_fields(self.fit, self.comparison)
+            if traps is not None and traps.shuffle_traps > 0 and len(self.mats) == 1:
+                # W's spikes beyond the trap edge: the singular pairs worth localising
+                limit = self.bulk.edge + TW_PAD * self.bulk.tw_scale
+                spikes = int(np.count_nonzero(self.spec.evals > limit))
+                extra["trap_localisation"] = _localised(self.mats[0], spikes)
             return _result(
                 method=self.method,
                 rows=self.rows,
@@ -231,11 +240,12 @@ class Analysed:
                 spec=self.spec,
                 rank=self.rank,
                 bulk=self.bulk,
+                mp=self.mp,
                 fit=self.fit,
                 traps=traps,
                 verdict=verdict,
                 started=self.started,
-                extra=compare.result_fields(self.fit, self.comparison),
+                extra=extra,
             )
         except Exception as exc:  # a result per tensor, whatever happens
             return self.failed(exc)
@@ -316,6 +326,7 @@ def analyze_spectrum(
             spec=spec,
             rank=rank_of(spec, stored_dtype, n, limits.rank_loss_fraction),
             bulk=bulk_of(moments, spec, n, m),
+            mp=mp_fit(spec.evals, n, m),
             fit=fit,
             # Is the tail a power law at all? (workers/spectral/compare.py; the rule is optional)
             comparison=compare.compare_fit(fit, spec.evals),
@@ -333,6 +344,7 @@ def _result(
     spec: Spectrum,
     rank: Rank,
     bulk: Bulk,
+    mp: MPFit | None,
     fit: PowerLawFit | None,
     traps: Traps | None,
     verdict: Verdict,
@@ -384,13 +396,17 @@ def _result(
         rank_loss=rank.rank_loss,
         mp_bulk_max=bulk.edge,
         mp_sigma=float(np.sqrt(bulk.variance)),
-        num_spikes=bulk.num_spikes,
-        mp_softrank=bulk.edge / lambda_max,
+        num_spikes=None if mp is None else mp.num_spikes,
+        mp_softrank=None if mp is None else mp.softrank,
+        edge_spikes=bulk.edge_spikes,
+        edge_softrank=bulk.edge / lambda_max,
         num_traps=None if traps is None else traps.num_traps,
         rand_distance=None if traps is None else traps.rand_distance,
+        shuffle_traps=None if traps is None else traps.shuffle_traps,
+        shuffle_distance=None if traps is None else traps.shuffle_distance,
         max_rand_eval=None if traps is None else traps.max_rand_eval,
         mean_spike=traps is not None and traps.mean_spike,
-        correlation_trap=traps is not None and traps.num_traps > 0,
+        correlation_trap=traps is not None and traps.shuffle_traps > 0,
         rank_collapse=rank.rank_collapse,
         near_random=traps is not None and traps.near_random,
         over_trained=over,
@@ -403,6 +419,16 @@ def _result(
         **fitted,  # type: ignore[arg-type]
         **(extra or {}),  # type: ignore[arg-type]
     )
+
+
+def _localised(weight: Matrix, spikes: int) -> dict[str, object] | None:
+    """The trap's localisation as JSON, or None where it cannot be had: it explains a flag
+    already raised, and a failure to explain it must not fail the layer's analysis."""
+    try:
+        found = localise(weight, spikes)
+    except (ValueError, ArithmeticError, np.linalg.LinAlgError, RuntimeError):
+        return None
+    return None if found is None else found.as_json()
 
 
 def _float32(values: np.ndarray) -> np.ndarray:

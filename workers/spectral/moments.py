@@ -111,7 +111,7 @@ def bulk_of(moments: Moments, spec: Spectrum, n: int, m: int) -> Bulk:
         mean=mean,
         edge=edge,
         tw_scale=tw,
-        num_spikes=int(np.count_nonzero(spec.evals > edge)),
+        edge_spikes=int(np.count_nonzero(spec.evals > edge)),
     )
 
 
@@ -125,13 +125,15 @@ def mp_edge(variance: float, n: int, m: int) -> tuple[float, float]:
 
 @dataclass(frozen=True)
 class Bulk:
-    """Marchenko–Pastur bulk of an iid matrix with W's entry variance: edge λ+, TW scale."""
+    """Marchenko–Pastur bulk of an iid matrix with W's entry variance: edge λ+, TW scale, and
+    W's eigenvalues beyond λ+ (``edge_spikes``; weightwatcher's ``num_spikes`` fits the bulk
+    to the ESD instead, :mod:`mpfit`)."""
 
     variance: float
     mean: float
     edge: float
     tw_scale: float
-    num_spikes: int
+    edge_spikes: int
 
 
 @dataclass(frozen=True)

@@ -16,13 +16,14 @@ import numpy as np
 from alphawatch.workers.spectral.device import Device, Matrix, entry_count
 from alphawatch.workers.spectral.eigenvalues import Spectrum, shuffled_eigenvalues
 from alphawatch.workers.spectral.moments import Bulk
+from alphawatch.workers.spectral.mpfit import mp_fit, rand_distance
 
 # Trap edge: Tracy–Widom scale (Johnstone 2001) times this many, beyond the MP bulk edge.
 TW_PAD = 5.0
 
 
 RAND_FLOOR = 1e-4
-"""``rand_distance`` pools eigenvalues below this fraction of the larger λmax of the two spectra
+"""``shuffle_distance`` pools eigenvalues below this fraction of the larger λmax of the two spectra
 in its lowest bin: the shuffle's float32 Gram matrix leaves noise of ~1e-6·λmax, and a few
 noise values or W's zero eigenvalues (rank loss) spread over ten more decades would otherwise
 set the range of the 100 bins (docs/SPECTRAL.md)."""
@@ -61,10 +62,21 @@ def _same_distribution(a: np.ndarray, b: np.ndarray) -> bool:
 
 @dataclass(frozen=True)
 class Traps:
-    """Eigenvalues of the shuffled W beyond the bulk edge (+ Tracy–Widom pad): traps."""
+    """Eigenvalues of the shuffled W beyond the bulk edge (+ Tracy–Widom pad): traps.
+
+    alphawatch's own measures: ``shuffle_traps`` (the shuffle's eigenvalues beyond the MP edge
+    of W's entry variance + ``TW_PAD`` Tracy–Widom scales, the mean spike left out: the
+    ``correlation_trap`` flag), ``shuffle_distance`` (Jensen–Shannon distance of the two
+    log-histograms) and ``near_random`` (a two-sample KS test). weightwatcher 0.7.7's, under its
+    names: ``num_traps`` (the shuffled ESD's spikes beyond its own MP fit, :func:`mp_fit`; None
+    when that fit has nothing to fit) and ``rand_distance`` (:func:`mpfit.rand_distance`), and
+    ``max_rand_eval``, the same in both.
+    """
 
     rand_evals: np.ndarray
-    num_traps: int
+    shuffle_traps: int
+    shuffle_distance: float
+    num_traps: int | None
     rand_distance: float
     max_rand_eval: float
     mean_spike: bool
@@ -180,10 +192,13 @@ def traps_of(rand_evals: np.ndarray, spec: Spectrum, bulk: Bulk, n: int, m: int)
     if beyond.size and mean_eval > limit:
         mean_spike = True
         beyond = np.delete(beyond, int(np.argmin(np.abs(beyond - mean_eval))))
+    ww_fit = mp_fit(rand_evals, n, m)
     return Traps(
         rand_evals=rand_evals,
-        num_traps=int(beyond.size),
-        rand_distance=_jensen_shannon(spec.evals, rand_evals),
+        shuffle_traps=int(beyond.size),
+        shuffle_distance=_jensen_shannon(spec.evals, rand_evals),
+        num_traps=None if ww_fit is None else ww_fit.num_spikes,
+        rand_distance=rand_distance(spec.evals, rand_evals),
         max_rand_eval=float(rand_evals[-1]),
         mean_spike=mean_spike,
         near_random=_same_distribution(spec.evals, rand_evals),

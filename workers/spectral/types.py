@@ -85,8 +85,12 @@ class LayerResult:
     mp_sigma: float | None = None
     num_spikes: int | None = None
     mp_softrank: float | None = None
+    edge_spikes: int | None = None
+    edge_softrank: float | None = None
     num_traps: int | None = None
     rand_distance: float | None = None
+    shuffle_traps: int | None = None
+    shuffle_distance: float | None = None
     max_rand_eval: float | None = None
     mean_spike: bool = False
     alpha_delta: float | None = None
@@ -104,6 +108,8 @@ class LayerResult:
     pl_vs_lognormal_R: float | None = None
     pl_vs_lognormal_p: float | None = None
     crosscheck_diff: float | None = None
+    # Which neurons carry a correlation trap (localise.Localisation.as_json); trapped layers only
+    trap_localisation: dict[str, Any] | None = field(default=None, compare=False)
     elapsed_ms: float = 0.0
     evals: np.ndarray | None = field(default=None, repr=False, compare=False)
     rand_evals: np.ndarray | None = field(default=None, repr=False, compare=False)

@@ -44,6 +44,28 @@ export async function drawLayer(runId, layer, step, run, token, method) {
   if (token !== state.renderToken) return;
   drawEsd(esd, maxD);
   drawFit(rows.layers.find((l) => l.name === layer), method, atStep);
+  drawTrap(esd);
+}
+
+// Where a correlation trap sits: for W's top singular pairs, how many neurons carry each
+// vector (participation ratio: 1 = one neuron) and which, with their share of the vector.
+function drawTrap(esd) {
+  const el = document.getElementById("layer-trap");
+  if (!el) return;
+  const loc = esd.trap_localisation;
+  if (!esd.correlation_trap || !loc || !loc.vectors || !loc.vectors.length) {
+    el.innerHTML = ""; return;
+  }
+  const side = (w, of) => `PR ${fmt(w.participation, 1)} of ${of}: ` + w.neurons.map((n, i) =>
+    `<span class="neuron">${esc(n)}</span>&nbsp;(${(100 * w.weights[i]).toFixed(0)}%)`)
+    .join(", ");
+  el.innerHTML = `<table class="fit-table trap-table"><caption class="muted small">Correlation
+    trap at step ${esc(esd.step)}: where W's top singular vectors live (W is ${
+      esc(loc.shape[0])}×${esc(loc.shape[1])}, rows = output neurons)</caption><thead><tr>
+    <th scope="col">σ</th><th scope="col">Rows (output neurons)</th>
+    <th scope="col">Columns (input neurons)</th></tr></thead><tbody>${loc.vectors.map((v) =>
+    `<tr><td>${fmt(v.sigma)}</td><td>${side(v.rows, loc.shape[0])}</td><td>${
+      side(v.cols, loc.shape[1])}</td></tr>`).join("")}</tbody></table>`;
 }
 
 // The fit at the chosen step: the method's power law, the truncated power law, and powerlaw's
@@ -67,6 +89,13 @@ function drawFit(row, method, step) {
       isNum(row.tpl_lambda) ? row.tpl_lambda.toExponential(2) : "–"}</td></tr>
     <tr><th scope="row">PL vs truncated PL</th><td>${test(row.pl_vs_tpl_R, row.pl_vs_tpl_p)}
       </td></tr>
+    <tr><th scope="row">MP bulk, weightwatcher's fit</th><td>${row.num_spikes ?? "–"} spikes,
+      soft rank ${fmt(row.mp_softrank)}; shuffle: ${row.num_traps ?? "–"} traps, distance ${
+      fmt(row.rand_distance)}</td></tr>
+    <tr><th scope="row">MP bulk, W's entry variance</th><td>${row.edge_spikes ?? "–"} spikes,
+      soft rank ${fmt(row.edge_softrank)}; shuffle: ${row.shuffle_traps ?? "–"} traps${
+      row.correlation_trap ? " (correlation trap)" : ""}, distance ${
+      fmt(row.shuffle_distance)}</td></tr>
     <tr><th scope="row">PL vs lognormal</th><td>${
       test(row.pl_vs_lognormal_R, row.pl_vs_lognormal_p)}</td></tr>
     ${isNum(row.crosscheck_diff) ? `<tr><th scope="row">weightwatcher cross-check</th><td>` +

@@ -88,6 +88,7 @@ function runSkeleton(runId, params, words) {
         <div><h3>Eigenvalue spectrum (ESD), log–log</h3><div id="esd" class="plot small"></div>
         </div></div>
       <div id="layer-fit" class="table-scroll"></div>
+      <div id="layer-trap" class="table-scroll"></div>
       <p class="muted small" id="layer-note"></p>
     </div>
     <div class="panel"><h2>α by layer kind</h2>
