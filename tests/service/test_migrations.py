@@ -103,4 +103,5 @@ def test_skipped_status_migration_up_and_down(db_url: str) -> None:
     for table in ("checkpoint", "analysis_job"):
         with pytest.raises(IntegrityError, match="status"), make_engine(db_url).begin() as c:
             c.exec_driver_sql(f"UPDATE {table} SET status = 'bogus'")
+    _migrate(db_url, "upgrade", "head")
     verify_schema(make_engine(db_url))
