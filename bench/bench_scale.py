@@ -447,9 +447,11 @@ def main() -> int:
     cpu_start = _self_cpu()
     blas = _blas_info()
 
-    # Per-shape pass: every distinct (m, n) of the chosen models, smallest first.
+    # Per-shape pass: every distinct (m, n), smallest first
+    # (of every model: the cost model needs the wide ones even when their checkpoints are not run)
     shapes = sorted(
-        {oriented(s) for model in models for s in model.matrices(1)}, key=lambda s: s[0] * s[1] ** 2
+        {oriented(s) for model in MODELS.values() for s in model.matrices(1)},
+        key=lambda s: s[0] * s[1] ** 2,
     )
     if args.quick:
         shapes = [s for s in shapes if s[1] <= 4096 and s[0] <= 32000]
