@@ -149,6 +149,7 @@ def iter_layers(
         for matrix in _matrices(key, stored, scale, str(file), config, vocab_digests):
             seen += 1
             yield matrix
+            del matrix  # the consumer's reference is the only one while the next is read
         # Drop this tensor before the next is read: peak memory stays ~ one tensor's worth.
         del stored
     for lora_name, lora_weight, lora_dtype, lora_file in sat.finish():

@@ -130,6 +130,7 @@ def analyze_stream(
                     check_traps=check_traps,
                 ),
             )
+            del payload, weight  # not held while the next is read
         return
     threads = max(1, cpu_cores() // count)
     pending: deque[tuple[T, Future[LayerResult | Analysed], Future[np.ndarray] | None]] = deque()
@@ -167,6 +168,7 @@ def analyze_stream(
             while len(pending) > count or (pending and sum(held) >= max(largest, ALONE_BYTES)):
                 held.popleft()
                 yield _finished(*pending.popleft())
+            del payload, weight  # held by ``pending`` until handed back, then not here
         while pending:
             yield _finished(*pending.popleft())
 
