@@ -75,6 +75,9 @@ def raw_tensors(path: Path, confine: Confinement = UNCONFINED) -> Tensors:
         )
         for key, tensor, scale in stream:
             yield key, tensor, scale, file
+            # Not held while the next is read: it would be a third tensor beside the next
+            # one's file bytes and float32 values (bench/bench_scale.py measured 3.7x).
+            del tensor, scale
 
 
 def _digest(weight: torch.Tensor | np.ndarray) -> str:

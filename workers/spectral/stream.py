@@ -168,7 +168,9 @@ def analyze_stream(
             while len(pending) > count or (pending and sum(held) >= max(largest, ALONE_BYTES)):
                 held.popleft()
                 yield _finished(*pending.popleft())
-            del payload, weight  # held by ``pending`` until handed back, then not here
+            # Held by ``pending`` until handed back, then not here while the next is read (an
+            # Analysed result holds its matrix)
+            del payload, weight, own, shuffle
         while pending:
             yield _finished(*pending.popleft())
 
