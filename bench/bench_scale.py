@@ -338,7 +338,7 @@ def analyse(folder: Path, run: Run) -> None:
     from alphawatch.workers.budget import AnalysisChild, budget_of
     from alphawatch.workers.checkpoints import Confinement
 
-    settings = Settings(device="cpu")
+    settings = Settings()  # device "auto": the GPU where there is one, as a worker's default
     options = AnalysisOptions.from_settings(settings, confine=Confinement.to([folder.parent]))
     child = AnalysisChild(options, budget_of(settings))
     child.start()
