@@ -99,12 +99,16 @@ def test_written_checkpoint_is_read_back_by_the_worker(tmp_path: Path) -> None:
     assert size == sum(p.stat().st_size for p in folder.iterdir())
     layers = list(iter_layers(folder))
     assert sorted(tuple(m.weight.shape) for m in layers) == sorted(tiny.matrices(2))
-    # sorted by name within a file, as safetensors writes: lm_head before the embedding
-    assert layers[0].name.startswith("lm_head")
+    # shards follow the state dict: the embedding first, lm_head in the last shard
+    assert layers[0].name.startswith("model.embed_tokens")
+    assert next(m for m in layers if m.name == "lm_head").source.endswith(shards[-1])
     embed = next(m.weight for m in layers if m.name.startswith("model.embed_tokens"))
     # N(0, 1/in) entries, rounded to bf16
     assert float(np.std(embed)) == pytest.approx(1 / np.sqrt(64), rel=0.05)
     again = tmp_path / "again" / "checkpoint-1"
     bench.write_checkpoint(again, tiny, blocks=2, seed=0, shard_bytes=10**9)
-    first = {m.name: m.weight for m in iter_layers(again)}
+    one_file = list(iter_layers(again))
+    # sorted by name within a file, as safetensors writes: lm_head before the embedding
+    assert [m.name for m in one_file[:2]] == ["lm_head", "model.embed_tokens"]
+    first = {m.name: m.weight for m in one_file}
     assert all(np.array_equal(first[m.name], m.weight) for m in layers)
