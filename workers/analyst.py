@@ -283,12 +283,8 @@ def analysed_layers(
     # Refused optimizer state joins this list while the engine still works on earlier matrices
     # (see analysed_matrices): the order the worker stores and ``analyze`` prints.
     layers: list[AnalysedLayer] = []
-    matrices = (
-        (m, m.weight, m.stored_dtype)
-        for m in analysed_matrices(path, options, layers, bases=bases, compared=compared)
-    )
     for matrix, result in analyze_stream(
-        matrices,
+        _stream_items(analysed_matrices(path, options, layers, bases=bases, compared=compared)),
         workers=options.workers,
         method=options.method,
         thresholds=options.thresholds,
@@ -323,9 +319,21 @@ def analysed_layers(
                 f"{matrix.name[-48:]} alpha={result.alpha or float('nan'):.2f}\x1b[K"
             )
             sys.stderr.flush()
+        # Dropped before the stream reads the next matrix: while it reads, the previous one's
+        # float32 values are held nowhere (bench/bench_scale.py measures the peak).
+        del matrix, result
     if options.progress:
         sys.stderr.write("\n")
     return layers
+
+
+def _stream_items(
+    matrices: Iterator[LayerMatrix],
+) -> Iterator[tuple[LayerMatrix, torch.Tensor | np.ndarray, object]]:
+    """``analyze_stream``'s items, each released here before the next is read."""
+    for matrix in matrices:
+        yield matrix, matrix.weight, matrix.stored_dtype
+        del matrix
 
 
 @dataclass
@@ -359,6 +367,7 @@ def analysed_matrices(
         yield matrix
         yield from nested_matrices(matrix, widths)
         yield from _updates(matrix, bases, options, compared)
+        del matrix  # not held while the next is read
     if options.optimizer_state:
         # Imported here: optimizer state is a torch pickle (or DCP); safetensors weights alone
         # are read and analysed without importing torch.

@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from alphawatch.workers.spectral import FitStatus, analysis_workers, analyze_matrix, analyze_stream
+from alphawatch.workers.spectral import (
+    FitStatus,
+    analysis_workers,
+    analyze_matrix,
+    analyze_stream,
+    stream,
+)
 from alphawatch.workers.spectral.device import HOST
 from alphawatch.workers.spectral.eigenvalues import shuffled_eigenvalues, singular_values
 
@@ -64,6 +70,31 @@ def test_reads_lazily_and_holds_few_tensors() -> None:
         done.append(i)
         assert result.alpha is not None
     assert done == list(range(8))
+
+
+def test_the_largest_matrices_are_not_read_beside_each_other(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # lm_head and embed_tokens side by side, as in a safetensors file: the second is read only
+    # once the first is handed back (each holds its values and its shuffle's permutation)
+    monkeypatch.setattr(stream, "ALONE_BYTES", 200 * 100 * 4)
+    shapes = [(60, 40), (200, 100), (200, 100), (60, 40), (60, 40), (120, 100)]
+    read: list[int] = []
+    done: list[int] = []
+    ahead: list[int] = []
+
+    def reader() -> Iterator[tuple[int, np.ndarray, None]]:
+        for i, shape in enumerate(shapes):
+            read.append(i)
+            ahead.append(len(read) - len(done))
+            yield i, heavy(*shape, i).numpy(), None
+
+    for i, _ in analyze_stream(reader(), workers=2):
+        done.append(i)
+    assert done == list(range(len(shapes)))
+    # item 2 read only after 0 and 1 were handed back; item 3 after 2; the small ones and the
+    # 120×100 (smaller than the largest seen) overlap as before
+    assert ahead == [1, 2, 1, 1, 2, 3]
 
 
 def test_torch_threads_are_restored() -> None:

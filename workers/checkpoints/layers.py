@@ -75,6 +75,9 @@ def raw_tensors(path: Path, confine: Confinement = UNCONFINED) -> Tensors:
         )
         for key, tensor, scale in stream:
             yield key, tensor, scale, file
+            # Not held while the next is read: it would be a third tensor beside the next
+            # one's file bytes and float32 values (bench/bench_scale.py measured 3.7x).
+            del tensor, scale
 
 
 def _digest(weight: torch.Tensor | np.ndarray) -> str:
@@ -149,6 +152,7 @@ def iter_layers(
         for matrix in _matrices(key, stored, scale, str(file), config, vocab_digests):
             seen += 1
             yield matrix
+            del matrix  # the consumer's reference is the only one while the next is read
         # Drop this tensor before the next is read: peak memory stays ~ one tensor's worth.
         del stored
     for lora_name, lora_weight, lora_dtype, lora_file in sat.finish():

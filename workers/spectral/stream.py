@@ -45,6 +45,13 @@ T = TypeVar("T")
 MAX_AUTO_WORKERS = 4
 """``workers=0`` uses one worker per core up to this many: memory grows with each worker."""
 
+ALONE_BYTES = 128 * 2**20
+"""A matrix of at least this many bytes, and as large as any read before it, is analysed with
+no further matrix read until it is done. Two of the largest at once (a checkpoint's ``lm_head``
+and ``embed_tokens`` sit side by side in a safetensors file, sorted by name) each hold their
+float32 values and their shuffle's permutation, as large again: 4x the largest tensor, 20 GB at
+a 128k vocabulary of width 8192 (bench/bench_scale.py). Below this size the overlap is kept."""
+
 
 def cpu_cores() -> int:
     """Cores this process may run on (its affinity mask, e.g. a container's cpuset)."""
@@ -123,9 +130,12 @@ def analyze_stream(
                     check_traps=check_traps,
                 ),
             )
+            del payload, weight  # not held while the next is read
         return
     threads = max(1, cpu_cores() // count)
     pending: deque[tuple[T, Future[LayerResult | Analysed], Future[np.ndarray] | None]] = deque()
+    held: deque[int] = deque()  # bytes of each pending matrix
+    largest = 0
     # torch's thread count is also a per-thread OpenMP setting: each worker thread sets its own.
     with (
         _intra_op_threads(threads),
@@ -134,6 +144,8 @@ def analyze_stream(
         ) as pool,
     ):
         for payload, weight, dtype in items:
+            size = _nbytes(weight)
+            largest = max(largest, size)
             own = pool.submit(
                 analyze_spectrum,
                 weight,
@@ -150,10 +162,24 @@ def analyze_stream(
                 else None
             )
             pending.append((payload, own, shuffle))
-            while len(pending) > count:
+            held.append(size)
+            # Before the next matrix is read (the loop's next item): at most ``count`` pending,
+            # and no other beside one of the largest (ALONE_BYTES).
+            while len(pending) > count or (pending and sum(held) >= max(largest, ALONE_BYTES)):
+                held.popleft()
                 yield _finished(*pending.popleft())
+            # Held by ``pending`` until handed back, then not here while the next is read (an
+            # Analysed result holds its matrix)
+            del payload, weight, own, shuffle
         while pending:
             yield _finished(*pending.popleft())
+
+
+def _nbytes(weight: Matrix) -> int:
+    """Bytes of a matrix as the engine holds it: float32 at least (the shuffle's values)."""
+    if isinstance(weight, np.ndarray):
+        return max(int(weight.nbytes), 4 * int(weight.size))
+    return int(weight.numel()) * max(4, int(weight.element_size()))
 
 
 def _finished(
