@@ -12,6 +12,9 @@ import pytest
 
 from tests import pg
 
+# The bucket fixtures (s3, bucket) of the object-store tests; moto is imported only when used.
+pytest_plugins = ["tests.objectstore"]
+
 _counter = itertools.count()
 
 

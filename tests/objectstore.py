@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import os
 import threading
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 # Credentials the tests put in the environment: the secret must never appear in a log line, a
 # stored row or an API answer.
@@ -131,3 +134,19 @@ def upload(
     files = [p for p in local.rglob("*") if p.is_file()]
     for file in order(files):
         fs.pipe_file(f"{base}/{file.relative_to(local).as_posix()}", file.read_bytes())
+
+
+# The fixtures of the tests that use a bucket: one server per test module, a fresh bucket per test.
+@pytest.fixture(scope="module")
+def s3() -> Iterator[CountingServer]:
+    server = CountingServer()
+    with variables(environment(server)):
+        yield server
+    server.stop()
+
+
+@pytest.fixture
+def bucket(s3: CountingServer) -> str:
+    name = f"runs-{uuid.uuid4().hex[:12]}"
+    make_bucket(s3, name)
+    return name

@@ -9,8 +9,6 @@ of the same files on disk, byte for byte.
 from __future__ import annotations
 
 import json
-import uuid
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -41,28 +39,10 @@ from alphawatch.workers.checkpoints.objects import (
 from tests.objectstore import (
     CountingServer,
     client_fs,
-    environment,
-    make_bucket,
     upload,
-    variables,
 )
 from tests.workers import hostile
 from tests.workers.small import write_checkpoint
-
-
-@pytest.fixture(scope="module")
-def s3() -> Iterator[CountingServer]:
-    server = CountingServer()
-    with variables(environment(server)):
-        yield server
-    server.stop()
-
-
-@pytest.fixture
-def bucket(s3: CountingServer) -> str:
-    name = f"runs-{uuid.uuid4().hex[:12]}"
-    make_bucket(s3, name)
-    return name
 
 
 def _options(**extra: Any) -> AnalysisOptions:

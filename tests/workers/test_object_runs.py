@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import math
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,27 +28,9 @@ from tests.objectstore import (
     SECRET,
     CountingServer,
     client_fs,
-    environment,
-    make_bucket,
     upload,
-    variables,
 )
 from tests.workers.small import write_checkpoint
-
-
-@pytest.fixture(scope="module")
-def s3() -> Iterator[CountingServer]:
-    server = CountingServer()
-    with variables(environment(server)):
-        yield server
-    server.stop()
-
-
-@pytest.fixture
-def bucket(s3: CountingServer) -> str:
-    name = f"runs-{uuid.uuid4().hex[:12]}"
-    make_bucket(s3, name)
-    return name
 
 
 def _all_text(url: str) -> str:
