@@ -26,11 +26,15 @@ ROOT = Path(__file__).resolve().parents[1]
 # The eigenvalue arrays are the spectrum table's, never a key of the document.
 METRICS = [f.name for f in fields(LayerResult) if f.name not in ("evals", "rand_evals")]
 VARIES = {"elapsed_ms"}  # wall time of each matrix
+# Read off the shuffle's float32 Gram matrix, whose sums BLAS orders by its thread count: the
+# document analyses matrices side by side on one thread each, this test one at a time on all.
+FLOAT32_SHUFFLE = {"max_rand_eval", "rand_distance", "shuffle_distance"}
 
 
-def _same(got: Any, want: Any) -> bool:
+def _same(got: Any, want: Any, key: str = "") -> bool:
     if isinstance(want, float) and isinstance(got, float):
-        # Matrices are analysed in parallel in the document, one at a time here.
+        if key in FLOAT32_SHUFFLE:  # float32 sums: ~1e-7 relative each
+            return got == pytest.approx(want, rel=1e-5, abs=1e-6, nan_ok=True)
         return got == pytest.approx(want, rel=1e-9, nan_ok=True)
     return bool(got == want)
 
@@ -82,7 +86,7 @@ def test_the_json_document_keeps_its_keys_and_the_engines_numbers(tiny_run: Path
         ).metrics()
         for key in METRICS:
             if key not in VARIES:
-                assert _same(layer[key], want[key]), (matrix.name, key)
+                assert _same(layer[key], want[key], key), (matrix.name, key)
 
 
 def test_refused_optimizer_state_keeps_its_row_of_the_document(
