@@ -30,6 +30,19 @@ URL_MAX = 1024
 _SCHEME = re.compile(r"([a-z][a-z0-9]*)://(.*)", re.DOTALL)
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]")
 
+# A key segment as the API takes it: printable ASCII but '/', '?', '#' and '\', at most 63
+# characters, never '.' or '..' (written without look-arounds, which regex engines differ on).
+_NO_DOT = r"[ !\"$%&'()*+,\-0-9:;<=>@A-Z\[\]^_`a-z{|}~]"
+_ANY = r"[ !\"$%&'()*+,\-.0-9:;<=>@A-Z\[\]^_`a-z{|}~]"
+_SEGMENT = rf"(?:{_NO_DOT}{_ANY}{{0,62}}|\.{_NO_DOT}{_ANY}{{0,61}}|\.\.{_ANY}{{1,61}})"
+URL_PATTERN = (
+    "^(?:" + "|".join(SCHEMES) + r")://[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]"
+    rf"(?:/{_SEGMENT}){{0,12}}/?$"
+)
+"""The run URLs the API takes (its JSON Schema), a subset of :func:`object_url`'s: at most 12
+key segments of plain printable ASCII, so never longer than :data:`URL_MAX`. The CLI takes any
+URL :func:`object_url` takes."""
+
 
 class ObjectURL(str):
     """A normalised object-store URL (``s3://bucket/prefix/run``), without a trailing slash.

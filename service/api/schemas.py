@@ -23,6 +23,7 @@ from pydantic_core import from_json
 
 from alphawatch import run_names
 from alphawatch.gate_rules import PRESETS, GateRules, preset_rules
+from alphawatch.locations import URL_PATTERN
 from alphawatch.trust import Thresholds
 from alphawatch.vocabulary import LayerFilter, Statistic
 
@@ -70,7 +71,7 @@ class RunCreate(BaseModel):
     )
     path: str = Field(
         max_length=4096,
-        pattern=r"^(/[^/\x00]{1,255})+/?$|^/$|^(s3|gs|gcs)://[^\x00]{3,1024}$",
+        pattern=r"^(/[^/\x00]{1,255})+/?$|^/$|" + URL_PATTERN,
         description="absolute path of the run directory, under one of ALPHAWATCH_ALLOWED_ROOTS "
         "once symlinks are followed; at most 255 characters per component. Or an object-store "
         "URL (s3://bucket/prefix/run, gs://…) under a URL prefix among the allowed roots",
