@@ -163,7 +163,7 @@ def test_no_route_takes_its_selection_parameter_by_parameter() -> None:
     from alphawatch.service.api.routes import ROUTERS
 
     endpoints = [r for api in ROUTERS for r in api.routes if isinstance(r, APIRoute)]
-    assert len(endpoints) == 20
+    assert len(endpoints) == 22  # 20, then the layer distances and their CSV
     for route in endpoints:
         parameters = inspect.signature(route.endpoint).parameters
         assert len(parameters) <= 8, f"{route.path}: {len(parameters)} parameters"

@@ -2,8 +2,8 @@
 
 The real worker analyses the tiny training run with ``ks2`` (ALPHAWATCH_FIT_METHOD), so the
 database holds ks2 rows only. Every route that takes ``method`` must then answer a request that
-names none exactly as one that names ks2; the gate, the vocabulary, the run summaries, the CSV,
-``alphawatch gate`` and ``alphawatch export`` follow the same setting.
+names none exactly as one that names ks2; the gate, the vocabulary, the run summaries, the CSVs,
+the layer distances, ``alphawatch gate`` and ``alphawatch export`` follow the same setting.
 """
 
 from __future__ import annotations
@@ -36,7 +36,9 @@ def server_settings(pg_admin_url: str, pg_template: str, tiny_run: Path) -> Iter
     """One database for the module, filled by the real worker running with ``ks2``."""
     name = f"aw_method_{os.getpid()}"
     url = pg.create_database(pg_admin_url, name, template=pg_template)
-    settings = Settings(database_url=url, device="cpu", settle_s=0.0, fit_method=METHOD)
+    settings = Settings(
+        database_url=url, device="cpu", settle_s=0.0, fit_method=METHOD, deltas=["distances"]
+    )
     Watcher(settings, [tiny_run]).run_once()
     yield settings
     dispose_all()
@@ -82,6 +84,10 @@ ROUTES: dict[str, Any] = {
     ),
     "/api/v1/runs/{run_id}/gate": lambda a: a["n_used"] > 0 and a["value"] is not None,
     "/api/v1/compare": lambda a: _trusted_used(a["runs"][0]["points"]),
+    "/api/v1/runs/{run_id}/distances": lambda a: any(
+        v is not None for row in a["change_fro"] for v in row
+    ),
+    "/api/v1/runs/{run_id}/distances.csv": lambda a: len(a) > 0,
 }
 
 
@@ -94,7 +100,8 @@ def _answer(client: TestClient, route: str, run: dict[str, Any], method: str | N
     assert response.status_code == 200, (route, method, response.text)
     if route.endswith(".csv"):
         rows = list(csv.DictReader(io.StringIO(response.text)))
-        assert {r["method"] for r in rows} <= {METHOD.value}
+        # layers.csv names each row's method; distances.csv holds the server method's rows only
+        assert {r.get("method", METHOD.value) for r in rows} <= {METHOD.value}
         return rows
     return response.json()
 
