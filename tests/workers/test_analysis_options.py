@@ -55,8 +55,9 @@ def test_settings_reach_the_child_options(tmp_path: Path) -> None:
     assert AnalysisOptions.from_settings(Settings(), confine=UNCONFINED).check_traps is True
     # The worker's child is sent exactly these options, under the worker's own confinement.
     watcher = Watcher(settings, [tmp_path])
+    assert watcher.url_roots == ()  # no URL prefix allowed: the child reads no bucket
     assert watcher.child.options == AnalysisOptions.from_settings(
-        settings, confine=watcher.confine, progress=watcher.progress
+        settings, confine=watcher.confine, progress=watcher.progress, url_roots=()
     )
 
 
