@@ -37,7 +37,7 @@ from sqlalchemy.engine import make_url
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from alphawatch.service.db.aggregates import stat_rows  # noqa: E402
+from alphawatch.service.db.aggregates import block_stat_rows, stat_rows  # noqa: E402
 from alphawatch.service.db.migrations import upgrade  # noqa: E402
 from alphawatch.service.db.session import dispose_all  # noqa: E402
 from alphawatch.trust import Thresholds  # noqa: E402
@@ -104,6 +104,7 @@ STAT_COLUMNS = (
     "p90",
     "iqr",
 )
+BLOCK_COLUMNS = (*STAT_COLUMNS[:6], "variant", "block", *STAT_COLUMNS[6:])
 
 
 def layer_names(n: int) -> list[tuple[str, str, int]]:
@@ -165,20 +166,28 @@ def checkpoint_layers(
 
 
 def fill_chunk(args: tuple[str, list[tuple[int, int, int]], int]) -> int:
-    """COPY the layer rows and kept statistics of a list of (checkpoint id, seed, step index)."""
+    """COPY the layer rows and kept statistics (whole model and per block, made by the functions
+    ``results.complete`` uses) of a list of (checkpoint id, seed, step index)."""
     dsn, work, n_layers = args
     names = layer_names(n_layers)
     with psycopg.connect(dsn) as conn, conn.cursor() as cur:
         with cur.copy(f"COPY layer_metric ({QUOTED_LAYER_COLUMNS}) FROM STDIN") as lcopy:
             stats: list[dict[str, Any]] = []
+            blocks: list[dict[str, Any]] = []
             for checkpoint_id, seed, index in work:
                 layers = checkpoint_layers(checkpoint_id, seed, index, names)
                 for layer in layers:
                     lcopy.write_row([layer[c] for c in LAYER_COLUMNS])
                 stats += stat_rows(layers, checkpoint_id=checkpoint_id, thresholds=Thresholds())
+                blocks += block_stat_rows(
+                    layers, checkpoint_id=checkpoint_id, thresholds=Thresholds()
+                )
         with cur.copy(f"COPY checkpoint_stat ({', '.join(STAT_COLUMNS)}) FROM STDIN") as scopy:
             for row in stats:
                 scopy.write_row([row[c] for c in STAT_COLUMNS])
+        with cur.copy(f"COPY block_stat ({', '.join(BLOCK_COLUMNS)}) FROM STDIN") as bcopy:
+            for row in blocks:
+                bcopy.write_row([row[c] for c in BLOCK_COLUMNS])
     return len(work)
 
 

@@ -6,6 +6,7 @@ trend, the CI gate and ``alphawatch analyze`` all report the same numbers.
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -72,6 +73,66 @@ def untrusted_reason_of(
     return None
 
 
+def untrusted_reasons(
+    fit_status: Sequence[str | None],
+    correlation_trap: Sequence[bool | None],
+    rank_collapse: Sequence[bool | None],
+    trusted: Sequence[bool | None],
+) -> np.ndarray:
+    """:func:`untrusted_reason_of` of rows given as columns: an object array of reasons (None
+    where trusted). The rule is applied once per distinct combination, not once per row."""
+    keys = list(zip(fit_status, correlation_trap, rank_collapse, trusted, strict=True))
+    memo = {key: untrusted_reason_of(*key) for key in set(keys)}
+    return np.fromiter(map(memo.__getitem__, keys), dtype=object, count=len(keys))
+
+
+def exclusions(
+    values: np.ndarray,
+    alpha: np.ndarray,
+    reasons: np.ndarray,
+    *,
+    metric: str,
+    filter: str,
+    alpha_max: float,
+) -> np.ndarray:
+    """Why each row is left out of a statistic, or None where it is used (the rules of
+    :func:`select` before the outlier rule, in their order).
+
+    Args:
+        values: the metric per row, float64 (NaN where the row has none).
+        alpha: alpha per row, float64 (NaN where the row has none).
+        reasons: :func:`untrusted_reasons` of the rows.
+    """
+    label = np.full(values.shape, None, dtype=object)
+    # Assigned from the last rule to the first, so the first rule that applies wins.
+    if filter == LayerFilter.TRUSTED:
+        untrusted = np.fromiter((r is not None for r in reasons), dtype=bool, count=reasons.size)
+        label[untrusted] = reasons[untrusted]
+    if metric in ALPHA_METRICS:
+        with np.errstate(invalid="ignore"):
+            label[alpha > alpha_max] = f"alpha_gt_{alpha_max:g}"
+    label[~np.isfinite(values)] = "no_value"
+    return label
+
+
+def chosen(values: np.ndarray, label: np.ndarray, *, outliers: str, mad_k: float) -> Selection:
+    """The :class:`Selection` of rows given their values and :func:`exclusions` labels: the
+    used values sorted, then the outlier rule applied to them."""
+    used = np.fromiter((x is None for x in label), dtype=bool, count=label.size)
+    excluded: Counter[str] = Counter(label[~used].tolist())
+    # Sorted: every statistic then sees the same array whatever order the rows came in.
+    kept = np.sort(values[used].astype(np.float64, copy=False))
+    if outliers == OutlierRule.MAD and kept.size >= 3:
+        median = float(np.median(kept))
+        mad = 1.4826 * float(np.median(np.abs(kept - median)))
+        if mad > 0:
+            keep = np.abs(kept - median) <= mad_k * mad
+            if (~keep).any():
+                excluded["mad_outlier"] += int((~keep).sum())
+            kept = kept[keep]
+    return Selection(values=kept, excluded=dict(excluded))
+
+
 def select(
     layers: Iterable[Mapping[str, Any]],
     *,
@@ -87,35 +148,73 @@ def select(
     α > ``alpha_max`` is excluded (``alpha_gt_8``), as weightwatcher's maintainers advise;
     with ``filter="trusted"`` untrusted layers are excluded with their reason; with
     ``outliers="mad"`` values farther than ``mad_k`` scaled MADs from the median are excluded.
+    The rules live in :func:`exclusions` and :func:`chosen`, which :func:`select_groups`
+    applies to many checkpoints' rows at once.
     """
-    kept: list[float] = []
-    excluded: Counter[str] = Counter()
-    for layer in layers:
-        value = layer.get(metric)
-        if value is None or not np.isfinite(value):
-            excluded["no_value"] += 1
-            continue
-        alpha = layer.get("alpha")
-        if metric in ALPHA_METRICS and alpha is not None and alpha > alpha_max:
-            excluded[f"alpha_gt_{alpha_max:g}"] += 1
-            continue
-        if filter == LayerFilter.TRUSTED:
-            reason = untrusted_reason(layer)
-            if reason is not None:
-                excluded[reason] += 1
-                continue
-        kept.append(float(value))
-    # Sorted: every statistic then sees the same array whatever order the rows came in.
-    values = np.sort(np.asarray(kept, dtype=np.float64))
-    if outliers == OutlierRule.MAD and values.size >= 3:
-        median = float(np.median(values))
-        mad = 1.4826 * float(np.median(np.abs(values - median)))
-        if mad > 0:
-            keep = np.abs(values - median) <= mad_k * mad
-            if (~keep).any():
-                excluded["mad_outlier"] += int((~keep).sum())
-            values = values[keep]
-    return Selection(values=values, excluded=dict(excluded))
+    rows = list(layers)
+    return select_groups(
+        np.zeros(len(rows), dtype=np.int64),
+        values=_floats([x.get(metric) for x in rows]),
+        alpha=_floats([x.get("alpha") for x in rows]),
+        reasons=untrusted_reasons(
+            [x.get("fit_status") for x in rows],
+            [x.get("correlation_trap") for x in rows],
+            [x.get("rank_collapse") for x in rows],
+            [x.get("trusted") for x in rows],
+        )
+        if filter == LayerFilter.TRUSTED
+        else np.full(len(rows), None, dtype=object),
+        metric=metric,
+        filter=filter,
+        alpha_max=alpha_max,
+        outliers=outliers,
+        mad_k=mad_k,
+    ).get(0) or Selection(values=np.zeros(0, dtype=np.float64))
+
+
+def _floats(column: Sequence[Any]) -> np.ndarray:
+    """A column as float64, None (and anything not a number) as NaN."""
+    try:
+        return np.asarray(column, dtype=np.float64).reshape(len(column))
+    except (TypeError, ValueError):
+        out = np.full(len(column), np.nan)
+        for i, v in enumerate(column):
+            with contextlib.suppress(TypeError, ValueError):
+                out[i] = float(v)
+        return out
+
+
+def select_groups(
+    groups: np.ndarray,
+    *,
+    values: np.ndarray,
+    alpha: np.ndarray,
+    reasons: np.ndarray,
+    metric: str,
+    filter: str,
+    alpha_max: float,
+    outliers: str,
+    mad_k: float,
+) -> dict[int, Selection]:
+    """:func:`select` of each group of rows (a checkpoint, a block of one), from columns.
+
+    ``groups`` is an integer key per row; the rows' ``values`` and ``alpha`` are float64 (NaN
+    where none) and ``reasons`` their :func:`untrusted_reasons`. A trend computed from layer
+    rows runs the rules once over every row, not once per checkpoint.
+    """
+    label = exclusions(values, alpha, reasons, metric=metric, filter=filter, alpha_max=alpha_max)
+    if groups.size == 0:
+        return {}
+    # Stable: inside a group the rows keep their order, so the reasons are counted in it.
+    order = np.argsort(groups, kind="stable")
+    ordered = groups[order]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+    ends = np.r_[starts[1:], ordered.size]
+    out: dict[int, Selection] = {}
+    for start, end in zip(starts.tolist(), ends.tolist(), strict=True):
+        rows = order[start:end]
+        out[int(ordered[start])] = chosen(values[rows], label[rows], outliers=outliers, mad_k=mad_k)
+    return out
 
 
 def trimmed_mean(values: np.ndarray, proportion: float = TRIM) -> float:

@@ -131,15 +131,6 @@ _LAYER_FIELDS = [
     for a in LayerMetric.__mapper__.column_attrs
     if a.key != "id"
 ]
-# What robust.select reads besides the metric itself: fewer columns, less to fetch and build.
-_SELECT_FIELDS = (
-    "checkpoint_id",
-    "alpha",
-    "fit_status",
-    "trusted",
-    "correlation_trap",
-    "rank_collapse",
-)
 
 
 def layer_dicts(
@@ -206,6 +197,66 @@ def _chosen(
         outliers=query.outliers,
         mad_k=thresholds.mad_k if query.mad_k is None else query.mad_k,
     )
+
+
+def _chosen_from_rows(
+    *,
+    session: Session,
+    checkpoint_ids: list[int],
+    layers: LayerSelection,
+    query: TrendQuery | BlockQuery,
+    thresholds: Thresholds,
+    by_block: bool,
+) -> dict[tuple[int, int | None], robust.Selection]:
+    """The selections of checkpoints (or of each block of them) computed from their layer rows,
+    keyed by (checkpoint id, block or None): the columns are read as tuples and the rules run
+    over all rows at once (:func:`robust.select_groups`)."""
+    columns = [
+        LayerMetric.checkpoint_id,
+        LayerMetric.block,
+        getattr(LayerMetric, query.metric),
+        LayerMetric.alpha,
+        LayerMetric.fit_status,
+        LayerMetric.correlation_trap,
+        LayerMetric.rank_collapse,
+        LayerMetric.trusted,
+    ]
+    # Through the connection, not the ORM: tens of thousands of plain tuples, no entities.
+    rows = (
+        session.connection()
+        .execute(
+            select(*columns).where(LayerMetric.checkpoint_id.in_(checkpoint_ids), *layers.where())
+        )
+        .all()
+    )
+    if by_block:
+        rows = [r for r in rows if r[1] is not None]  # embeddings and head are in no block
+    if not rows:
+        return {}
+    ids, blocks, values, alpha, status, trap, collapse, trusted = zip(*rows, strict=True)
+    id_array = np.asarray(ids, dtype=np.int64)
+    if by_block:
+        keys, groups = np.unique(
+            np.stack([id_array, np.asarray(blocks, dtype=np.int64)], axis=1),
+            axis=0,
+            return_inverse=True,
+        )
+        key_of: list[tuple[int, int | None]] = [(int(c), int(b)) for c, b in keys]
+    else:
+        unique_ids, groups = np.unique(id_array, return_inverse=True)
+        key_of = [(int(c), None) for c in unique_ids]
+    chosen = robust.select_groups(
+        groups.reshape(-1),
+        values=np.asarray(values, dtype=np.float64),
+        alpha=np.asarray(alpha, dtype=np.float64),
+        reasons=robust.untrusted_reasons(status, trap, collapse, trusted),
+        metric=query.metric,
+        filter=query.filter,
+        alpha_max=thresholds.alpha_max,
+        outliers=query.outliers,
+        mad_k=thresholds.mad_k if query.mad_k is None else query.mad_k,
+    )
+    return {key_of[g]: selection for g, selection in chosen.items()}
 
 
 _KEPT_FIELDS = ("n_used", "n_excluded", "excluded", *robust.STATS)
@@ -304,14 +355,18 @@ def trend(
         else:
             missing.append(row[0])
     if missing:
-        by_checkpoint: dict[int, list[dict[str, Any]]] = defaultdict(list)
-        for layer in layer_dicts(
-            session=session, checkpoint_ids=missing, layers=layers, fields=(*_SELECT_FIELDS, metric)
-        ):
-            by_checkpoint[layer["checkpoint_id"]].append(layer)
+        computed = _chosen_from_rows(
+            session=session,
+            checkpoint_ids=missing,
+            layers=layers,
+            query=query,
+            thresholds=thresholds,
+            by_block=False,
+        )
+        empty = _chosen([], query, thresholds)
         step = {row[0]: row[1] for row in rows}
         for checkpoint_id in missing:
-            chosen = _chosen(by_checkpoint[checkpoint_id], query, thresholds)
+            chosen = computed.get((checkpoint_id, None), empty)
             points[checkpoint_id] = _point(step[checkpoint_id], chosen, query.stat)
     return [points[row[0]] for row in rows]
 
@@ -521,19 +576,17 @@ def block_trends(
         have = {row[0] for row in kept}
         missing = [c for c in missing if c not in have]
     if missing:
-        grouped: dict[int, dict[int, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
-        for layer in layer_dicts(
+        computed = _chosen_from_rows(
             session=session,
             checkpoint_ids=missing,
             layers=layers,
-            fields=(*_SELECT_FIELDS, "block", query.metric),
-        ):
-            if layer["block"] is not None:
-                grouped[layer["block"]][layer["checkpoint_id"]].append(layer)
-        for block, layers_of_block in grouped.items():
-            for checkpoint_id, chosen_layers in layers_of_block.items():
-                chosen = _chosen(chosen_layers, query, thresholds)
-                points[block][checkpoint_id] = _point(step[checkpoint_id], chosen, query.stat)
+            query=query,
+            thresholds=thresholds,
+            by_block=True,
+        )
+        for (checkpoint_id, block), chosen in computed.items():
+            assert block is not None
+            points[block][checkpoint_id] = _point(step[checkpoint_id], chosen, query.stat)
     empty = _chosen([], query, thresholds)
     out = []
     for block in sorted(points, reverse=query.order == LayerOrder.BLOCK_DESC):

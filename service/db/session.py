@@ -27,28 +27,63 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cursor.close()
 
 
-def make_engine(url: str) -> Engine:
-    """The engine for ``url``, made once per process and shared."""
-    engine = _ENGINES.get(url)
+class BinaryCursor(psycopg.Cursor[Any]):
+    """A cursor that asks PostgreSQL for results in the binary format.
+
+    A trend of 500 checkpoints reads ~5,000 floats: in the text format the server prints each
+    one and the client parses it back, which cost more than the query (8.6 ms against 2.7 ms
+    for a whole-model trend, and five times the client CPU). Binary floats are also the stored
+    bits, with no decimal round trip. Parameters are still sent as SQLAlchemy binds them.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.format = psycopg.pq.Format.BINARY
+
+
+def make_engine(url: str, *, reads: bool = False) -> Engine:
+    """The engine for ``url``, made once per process and shared.
+
+    ``reads=True`` gives a second pool of the same server for the API's read answers: each
+    statement in autocommit, results in the binary format (:class:`BinaryCursor`). A read in a
+    transaction costs two more round trips (``BEGIN``, ``COMMIT``) than its query, and under
+    load each one waits for the server process to be scheduled; at READ COMMITTED every
+    statement takes its own snapshot anyway, so a read of several statements sees nothing less
+    consistent without the transaction. Never write through it; schema reflection (Alembic)
+    expects text results and uses the default pool.
+    """
+    key = f"reads:{url}" if reads else url
+    engine = _ENGINES.get(key)
     if engine is not None:
         return engine
     if url.startswith("sqlite"):
+        if reads:
+            engine = make_engine(url)
+            _ENGINES[key] = engine
+            return engine
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
     else:
         # A server that vanished without a word (a host gone, a dropped route) is waited for
         # CONNECT_TIMEOUT_S, not for ever: a worker retries with backoff, and one told to stop
         # is not held by a connect in progress. A connect_timeout in the URL wins.
-        timeout = (
-            {}
-            if "connect_timeout" in make_url(url).query
-            else {"connect_timeout": CONNECT_TIMEOUT_S}
-        )
+        connect: dict[str, Any] = {}
+        if "connect_timeout" not in make_url(url).query:
+            connect["connect_timeout"] = CONNECT_TIMEOUT_S
+        options: dict[str, Any] = {}
+        if reads:
+            connect["cursor_factory"] = BinaryCursor
+            options["isolation_level"] = "AUTOCOMMIT"
         # FastAPI runs sync routes on a 40-thread pool: one connection per thread at most.
         engine = create_engine(
-            url, pool_pre_ping=True, pool_size=10, max_overflow=30, connect_args=timeout
+            url,
+            pool_pre_ping=True,
+            pool_size=10,
+            max_overflow=30,
+            connect_args=connect,
+            **options,
         )
-    _ENGINES[url] = engine
+    _ENGINES[key] = engine
     return engine
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import psycopg
@@ -175,3 +177,39 @@ def test_sqlite_keeps_nothing(sqlite_url: str) -> None:
         first, second = c.get(TREND), c.get(TREND)
     assert first.status_code == 200 and "x-cache" not in second.headers
     assert np.isfinite(second.json()["points"][-1]["value"])
+
+
+def test_concurrent_misses_of_one_url_share_one_computation(client: TestClient) -> None:
+    # Everything a dashboard fleet asks at once after a checkpoint lands: one computes, the
+    # others wait for its body (or find it kept), and all get the same answer.
+    path = TREND + "?block_min=0&block_max=1&outliers=mad"
+    n = 12
+    barrier = threading.Barrier(n)
+
+    def ask(_: int) -> tuple[str, bytes]:
+        barrier.wait()
+        answer = client.get(path)
+        assert answer.status_code == 200, answer.text
+        return answer.headers["x-cache"], answer.content
+
+    for _ in range(3):
+        _cache(client).invalidate()
+        with ThreadPoolExecutor(n) as pool:
+            answers = list(pool.map(ask, range(n)))
+        kinds = [kind for kind, _ in answers]
+        assert kinds.count("miss") == 1, kinds
+        assert set(kinds) <= {"miss", "shared", "hit"}
+        assert len({body for _, body in answers}) == 1
+
+
+def test_a_shared_failure_is_every_waiters_answer(client: TestClient) -> None:
+    # The first asker's 404 is the answer of those who waited for it, not a 500.
+    path = "/api/v1/runs/999/trend"
+    barrier = threading.Barrier(6)
+
+    def ask(_: int) -> int:
+        barrier.wait()
+        return client.get(path).status_code
+
+    with ThreadPoolExecutor(6) as pool:
+        assert set(pool.map(ask, range(6))) == {404}

@@ -6,6 +6,8 @@ this process's kept answers, before it answers: the next request on any connecti
 
 from __future__ import annotations
 
+import asyncio
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from typing import Annotated, Any
@@ -68,13 +70,17 @@ def written(request: Request) -> None:
 def _compute(
     settings: Settings, build: Callable[[Session], dict[str, Any]], adapter: TypeAdapter[Any]
 ) -> bytes:
-    with session_scope(make_engine(settings.database_url)) as session:
+    with session_scope(make_engine(settings.database_url, reads=True)) as session:
         answer = build(session)
     # Validated like any response model: a kept answer is as checked as a fresh one.
     return adapter.dump_json(adapter.validate_python(answer))
 
 
 _ADAPTERS: dict[type[BaseModel], TypeAdapter[Any]] = {}
+# Computations in progress, per event loop (a process serves one; tests may start several).
+_FLIGHTS: weakref.WeakKeyDictionary[
+    asyncio.AbstractEventLoop, dict[tuple[str, int], asyncio.Future[bytes]]
+] = weakref.WeakKeyDictionary()
 
 
 async def cached(
@@ -84,6 +90,9 @@ async def cached(
 
     On a hit no thread, session or query is involved; on a miss ``build`` runs on the thread
     pool with its own session, and its body is kept under the version read before it ran.
+    Concurrent misses of one URL at one version share one computation: when a checkpoint
+    lands, every dashboard and CI job polling the run asks again at once, and all but the
+    first wait for its body (``X-Cache: shared``) instead of computing the same answer.
     """
     settings: Settings = request.app.state.settings
     cache: ResultCache | None = request.app.state.cache
@@ -98,6 +107,39 @@ async def cached(
     if body is not None:
         return Response(body, media_type="application/json", headers={"X-Cache": "hit"})
     version = cache.version()
-    body = await run_in_threadpool(_compute, settings, build, adapter)
+    loop = asyncio.get_running_loop()
+    flights: dict[tuple[str, int], asyncio.Future[bytes]] = _FLIGHTS.setdefault(loop, {})
+    flight = (key, version) if version is not None else None
+    pending = flights.get(flight) if flight is not None else None
+    if pending is not None:
+        await asyncio.wait({pending})  # raises only if this request itself is cancelled
+        if not pending.cancelled():
+            error = pending.exception()
+            if error is not None:
+                raise error
+            return Response(
+                pending.result(), media_type="application/json", headers={"X-Cache": "shared"}
+            )
+        # The first asker went away before its answer was made: compute it here.
+    future: asyncio.Future[bytes] | None = None
+    if flight is not None and flight not in flights:
+        future = flights[flight] = loop.create_future()
+        # An error nobody else waited for is this request's alone: no "never retrieved" warning.
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
+    try:
+        body = await run_in_threadpool(_compute, settings, build, adapter)
+    except asyncio.CancelledError:
+        if future is not None:
+            future.cancel()
+        raise
+    except Exception as exc:
+        if future is not None:
+            future.set_exception(exc)
+        raise
+    finally:
+        if future is not None and flights.get(flight) is future:  # type: ignore[arg-type]
+            del flights[flight]  # type: ignore[arg-type]
+    if future is not None:
+        future.set_result(body)
     cache.put(key, version, body)
     return Response(body, media_type="application/json", headers={"X-Cache": "miss"})

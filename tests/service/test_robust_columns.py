@@ -1,0 +1,146 @@
+"""The selection rules applied to columns of many checkpoints' rows give what the rules applied
+one layer at a time give.
+
+``robust.select`` (one checkpoint's layer dicts) and ``robust.select_groups`` (the columns of
+every checkpoint a trend computes from layer rows) share ``exclusions`` and ``chosen``. The
+oracle below is the rules written out one layer at a time, as the docstring of ``select``
+states them; rows are drawn with every kind of value the database holds (None, NaN, ±inf,
+alphas either side of ``alpha_max``, each fit status, flags True/False/None).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from alphawatch.service import robust
+from alphawatch.vocabulary import FitStatus, LayerFilter, OutlierRule
+
+ALPHA_MAX = 8.0
+MAD_K = 3.0
+
+values = st.one_of(
+    st.none(),
+    st.just(float("nan")),
+    st.just(float("inf")),
+    st.just(-float("inf")),
+    st.floats(min_value=0.5, max_value=12.0, allow_nan=False),
+    st.sampled_from([2.0, 4.0, 8.0, 8.000001]),
+)
+flags = st.sampled_from([None, True, False])
+layer = st.fixed_dictionaries(
+    {
+        "alpha": values,
+        "stable_rank": values,
+        "fit_status": st.sampled_from([None, *(s.value for s in FitStatus)]),
+        "correlation_trap": flags,
+        "rank_collapse": flags,
+        "trusted": flags,
+        "checkpoint": st.integers(min_value=1, max_value=6),
+    }
+)
+
+
+def oracle(layers: list[dict[str, Any]], *, metric: str, filter: str, outliers: str) -> Any:
+    """The rules of ``robust.select``, one layer at a time."""
+    kept: list[float] = []
+    excluded: Counter[str] = Counter()
+    for row in layers:
+        value = row.get(metric)
+        if value is None or not np.isfinite(value):
+            excluded["no_value"] += 1
+            continue
+        alpha = row.get("alpha")
+        if metric in robust.ALPHA_METRICS and alpha is not None and alpha > ALPHA_MAX:
+            excluded[f"alpha_gt_{ALPHA_MAX:g}"] += 1
+            continue
+        if filter == LayerFilter.TRUSTED and robust.untrusted_reason(row) is not None:
+            excluded[str(robust.untrusted_reason(row))] += 1
+            continue
+        kept.append(float(value))
+    used = np.sort(np.asarray(kept, dtype=np.float64))
+    if outliers == OutlierRule.MAD and used.size >= 3:
+        median = float(np.median(used))
+        mad = 1.4826 * float(np.median(np.abs(used - median)))
+        if mad > 0:
+            keep = np.abs(used - median) <= MAD_K * mad
+            if (~keep).any():
+                excluded["mad_outlier"] += int((~keep).sum())
+            used = used[keep]
+    return used, dict(excluded)
+
+
+SELECTIONS = list(
+    itertools.product(
+        ["alpha", "stable_rank"],
+        [f.value for f in LayerFilter],
+        [r.value for r in OutlierRule],
+    )
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(rows=st.lists(layer, max_size=40), which=st.sampled_from(SELECTIONS))
+def test_select_and_select_groups_follow_the_rules(
+    rows: list[dict[str, Any]], which: tuple[str, str, str]
+) -> None:
+    metric, flt, outliers = which
+    options = {"metric": metric, "filter": flt, "outliers": outliers}
+
+    chosen = robust.select(rows, alpha_max=ALPHA_MAX, mad_k=MAD_K, **options)
+    used, excluded = oracle(rows, **options)
+    assert np.array_equal(chosen.values, used)
+    assert chosen.excluded == excluded
+
+    grouped = robust.select_groups(
+        np.asarray([r["checkpoint"] for r in rows], dtype=np.int64),
+        values=np.asarray([r[metric] for r in rows], dtype=np.float64),
+        alpha=np.asarray([r["alpha"] for r in rows], dtype=np.float64),
+        reasons=robust.untrusted_reasons(
+            [r["fit_status"] for r in rows],
+            [r["correlation_trap"] for r in rows],
+            [r["rank_collapse"] for r in rows],
+            [r["trusted"] for r in rows],
+        ),
+        alpha_max=ALPHA_MAX,
+        mad_k=MAD_K,
+        **options,
+    )
+    assert set(grouped) == {r["checkpoint"] for r in rows}
+    for checkpoint, selection in grouped.items():
+        of_checkpoint = [r for r in rows if r["checkpoint"] == checkpoint]
+        used, excluded = oracle(of_checkpoint, **options)
+        assert np.array_equal(selection.values, used)
+        assert selection.excluded == excluded
+        # Reasons counted in the rows' order, as one checkpoint's select counts them.
+        assert list(selection.excluded) == list(excluded)
+
+
+def test_untrusted_reasons_equal_the_rule_for_every_combination() -> None:
+    combos = list(
+        itertools.product(
+            [None, *(s.value for s in FitStatus)],
+            [None, True, False],
+            [None, True, False],
+            [None, True, False],
+        )
+    )
+    columns = [list(c) for c in zip(*combos, strict=True)]
+    reasons = robust.untrusted_reasons(*columns)
+    assert reasons.tolist() == [robust.untrusted_reason_of(*c) for c in combos]
+    assert any(r is None for r in reasons) and any(r == "untrusted" for r in reasons)
+
+
+@pytest.mark.parametrize("column", [[None, 1.5, "x"], [True, None, 2]])
+def test_select_reads_odd_values_as_the_rules_do(column: list[Any]) -> None:
+    rows = [{"alpha": v, "fit_status": "ok"} for v in column]
+    chosen = robust.select(rows, filter="all", alpha_max=ALPHA_MAX, mad_k=MAD_K)
+    numeric = [float(v) for v in column if isinstance(v, int | float) and v is not None]
+    assert chosen.values.tolist() == sorted(numeric)
+    assert chosen.excluded == {"no_value": len(column) - len(numeric)}
