@@ -17,7 +17,7 @@ from alphawatch.service.api import create_app
 from alphawatch.service.db.session import make_engine, session_scope
 from alphawatch.service.db.tokens import TokenScope, create_token
 from alphawatch.settings import Settings
-from tests.factories import STEPS, random_run
+from tests.factories import KINDS, STEPS, random_run
 
 
 @pytest.fixture
@@ -267,7 +267,7 @@ def test_kept_statistics_equal_the_layer_rows(db_url: str, outliers: str) -> Non
                     "/api/v1/runs/1/trend",
                     params={"kind": kinds, "filter": flt, "outliers": outliers, "stat": stat},
                 ).json()
-                for kinds in ("v,o,q,k,qkv", "gate,up,down,fc_in,fc_out")
+                for kinds in ("v,o,q,k,qkv", "gate,up,down,fc_in,fc_out", *KINDS)
                 for flt in ("trusted", "all")
                 for stat in ("median", "p90")
             ]
@@ -300,6 +300,45 @@ def test_kept_statistics_equal_the_layer_rows(db_url: str, outliers: str) -> Non
             )
             assert point["value"] == pytest.approx(want, rel=1e-12), (stat, flt)
             assert point["n_used"] == len(values)
+
+
+def test_single_kind_trends_are_kept_at_ingest_and_read_from_there(db_url: str) -> None:
+    """The run page asks alpha of each kind alone: written with the layer rows, served from them."""
+    from sqlalchemy import func, select, update
+
+    from alphawatch.service.db.models import CheckpointStat
+
+    written = random_run(db_url)
+    with session_scope(make_engine(db_url)) as session:
+        kept = dict(
+            session.execute(
+                select(CheckpointStat.kinds, func.count())
+                .where(CheckpointStat.kinds.in_(KINDS), CheckpointStat.metric == "alpha")
+                .group_by(CheckpointStat.kinds)
+            ).all()
+        )
+    # Every kind of every checkpoint, under each filter and outlier rule.
+    assert kept == {kind: len(STEPS) * 2 * 2 for kind in KINDS}
+    with TestClient(create_app(Settings(database_url=db_url))) as c:
+
+        def points(kind: str) -> list[dict[str, object]]:
+            got = c.get("/api/v1/runs/1/trend", params={"kind": kind, "max_points": 150})
+            assert got.status_code == 200, got.text
+            return list(got.json()["points"])
+
+        for kind in ("q", "down"):
+            for point in points(kind):
+                layers = [x for x in written[int(point["step"])] if x["kind"] == kind]  # type: ignore[call-overload]
+                assert point["value"] == pytest.approx(_expected(layers, "median", "trusted"))
+        # A kind the run lacks has no kept row and is answered, empty, from the layer rows.
+        assert {p["n_used"] for p in points("lm_head")} == {0}
+        # What the single-kind answers are read from: the kept rows.
+        with session_scope(make_engine(db_url)) as session:
+            session.execute(
+                update(CheckpointStat).where(CheckpointStat.kinds == "q").values(median=-1.0)
+            )
+        assert {p["value"] for p in points("q")} == {-1.0}
+        assert -1.0 not in {p["value"] for p in points("k")}
 
 
 def test_layer_history_pages_and_downsamples(client: TestClient, db_url: str) -> None:
