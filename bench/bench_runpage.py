@@ -49,6 +49,20 @@ window.fetch = async (...args) => {
   try { const r = await realFetch(...args); await r.clone().arrayBuffer(); return r; }
   finally { window.__inflight -= 1; }
 };
+// When Plotly is defined: how long each plot's drawing took, by element.
+window.__draws = [];
+let plotly;
+Object.defineProperty(window, "Plotly", { configurable: true, get: () => plotly, set: (p) => {
+  plotly = p;
+  window.__plotlyAt = performance.now();
+  const react = p.react.bind(p);
+  p.react = (el, ...rest) => {
+    const t0 = performance.now();
+    const out = react(el, ...rest);
+    window.__draws.push([el.id, Math.round(t0), Math.round(performance.now() - t0)]);
+    return out;
+  };
+} });
 """
 # Every plot of a visible panel drawn or showing its note, the table filled, nothing in flight.
 COMPLETE = """
@@ -112,6 +126,8 @@ def load_page(base: str, run_id: int, timeout_s: float) -> dict[str, Any]:
             ".concat([['(document: DOMContentLoaded end)', 0, Math.round(performance"
             ".getEntriesByType('navigation')[0].domContentLoadedEventEnd), 0]])"
         )
+        draws = page.evaluate("() => window.__draws")
+        plotly_at = page.evaluate("() => window.__plotlyAt")
         browser.close()
     for r in requests:
         r["start_ms"] = round(r.pop("start_epoch_ms") - origin)
@@ -124,6 +140,8 @@ def load_page(base: str, run_id: int, timeout_s: float) -> dict[str, Any]:
         "heatmap_cells": heat,
         "errors": errors,
         "static": static,
+        "plotly_defined_ms": round(plotly_at or -1),
+        "draws": draws,
         "requests": requests,
     }
 
@@ -226,6 +244,9 @@ def main() -> None:
     print("\nstatic files of the last load (ms from the page's start to start, to end; bytes):")
     for name, start, end, size in loads[-1]["static"]:
         print(f"{start:>6} {end:>6} {size:>9}  {name}")
+    print(f"\nPlotly defined at {loads[-1]['plotly_defined_ms']} ms; drawing (start ms, took ms):")
+    for el, start, took in loads[-1]["draws"]:
+        print(f"{start:>6} {took:>6}  #{el}")
     print("\nrequests of the last load (ms from the page's start; bytes of the body):")
     print(f"{'start':>6} {'ttfb':>6} {'done':>6} {'bytes':>9}  path")
     for r in loads[-1]["requests"]:

@@ -16,7 +16,13 @@ from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from alphawatch.service.api.errors import NotFound
-from alphawatch.service.api.queries import done_checkpoints, downsample, get_run, layer_order
+from alphawatch.service.api.queries import (
+    done_checkpoints,
+    downsample,
+    get_run,
+    layer_order,
+    many_rows,
+)
 from alphawatch.service.api.selections import DISTANCE_MATRICES, DistanceQuery
 from alphawatch.service.db.models import LayerMetric
 from alphawatch.spreadsheet import write_csv
@@ -52,21 +58,22 @@ def distances(
     within = [LayerMetric.checkpoint_id.in_(sorted(wanted)), *query.layers(method).where()]
     statement = select(*[getattr(LayerMetric, f) for f in _FIELDS]).where(*within)
     if "alpha" in asked:
-        rows = session.execute(statement).all()
+        rows = many_rows(session, statement)
         named = rows
     else:
         # Without the alpha matrix a row matters only where a distance is stored, or for the
         # ranking's steps: a run measured at few steps (or none) is not read whole. The rows'
         # names, kinds and blocks come from a query of their own.
         ranked = [c for c, s in done if interval and interval[0] <= s <= interval[1]]
-        rows = session.execute(
+        rows = many_rows(
+            session,
             statement.where(
                 or_(
                     LayerMetric.checkpoint_id.in_(ranked),
                     *(getattr(LayerMetric, f).is_not(None) for f in _STORED),
                 )
-            )
-        ).all()
+            ),
+        )
         named = session.execute(
             select(LayerMetric.name, LayerMetric.kind, LayerMetric.block).where(*within).distinct()
         ).all()

@@ -100,8 +100,8 @@ def stat_rows(
         # One kind alone only where the checkpoint has a layer of it: a kind it lacks is
         # answered from its (no) layer rows, with the same empty statistics.
         present = sorted(
-            {str(x.get("kind")) for x in of_method} & PRECOMPUTED_SINGLE_KINDS
-            - {kinds for _, kinds, _ in selections}
+            {str(x.get("kind")) for x in of_method}
+            & PRECOMPUTED_SINGLE_KINDS - {kinds for _, kinds, _ in selections}
         )
         for kind in present:
             selections.append(("alpha", kind, [x for x in of_method if x.get("kind") == kind]))
