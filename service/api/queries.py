@@ -493,9 +493,11 @@ def heatmap(*, session: Session, run_id: int, query: HeatmapQuery, method: str) 
     z: list[list[float | None]] = [[None] * len(checkpoints) for _ in names]
     trusted: list[list[bool | None]] = [[None] * len(checkpoints) for _ in names]
     trusted_of = robust.untrusted_reason_of
+    digits = query.digits
     for r in rows:
         i, j = row_of[r[nm]], column[r[cid]]
-        z[i][j] = r[val]
+        value = r[val]
+        z[i][j] = value if digits is None or value is None else round(value, digits)
         trusted[i][j] = trusted_of(r[st], r[tr], r[rc], r[ok]) is None
     return {
         "metric": metric,

@@ -133,6 +133,15 @@ class HeatmapQuery(BaseModel):
     block_min: BlockBound = None
     block_max: BlockBound = None
     order: LayerOrder = LayerOrder.BLOCK
+    digits: Annotated[
+        int | None,
+        Field(
+            ge=0,
+            le=15,
+            description="round z to this many decimals (default: as stored); a long run's "
+            "matrix is a third the size at 3, what a colour or a hover can show",
+        ),
+    ] = None
 
     def layers(self, method: str) -> LayerSelection:
         """The layer rows that make the matrix's rows."""

@@ -36,7 +36,8 @@ export function stepsCompared(params, steps) {
   return [start, end];
 }
 
-export async function drawChanges(runId, params, method, done, kindOf, token) {
+// kindOfPromise: each layer's kind, for the labels only (asked for beside the distances).
+export async function drawChanges(runId, params, method, done, kindOfPromise, token) {
   const panel = document.getElementById("changes-panel");
   const steps = done.map((c) => c.step).sort((a, b) => a - b);
   const metric = distanceMetricOf(params);
@@ -48,7 +49,8 @@ export async function drawChanges(runId, params, method, done, kindOf, token) {
     query.set("from_step", String(from));
     query.set("to_step", String(to));
   }
-  const d = await apiOnce(`/runs/${runId}/distances?${query}`);
+  const [d, kindOf] = await Promise.all([apiOnce(`/runs/${runId}/distances?${query}`),
+    kindOfPromise]);
   if (token !== state.renderToken) return;
   const measured = d[metric].some((row) => row.some(isNum))
     || d.ranking.some((r) => DISTANCE_METRICS.some(([name]) => isNum(r[name])));

@@ -1,10 +1,11 @@
 // Run page (#/runs/{id}): summary, trend, heatmap, layer drill-down, kinds, flags, companions
 // and the checkpoint table (views/checkpoints.js). The pickers are built from the API's vocabulary.
 
-import { api, apiOnce, kindQuery, vocabulary } from "../api.js";
+import { api, apiOnce, apiText, kindQuery, vocabulary } from "../api.js";
 import { enc, setParams, state, view } from "../state.js";
 import {
-  bindParamSelects, esc, fmt, gateBadge, inPanel, pct, select, setThresholds, termSelect,
+  bindParamSelects, esc, fmt, gateBadge, holdPlotly, inPanel, pct, select, setThresholds,
+  termSelect,
 } from "../ui.js";
 import { drawChanges } from "./changes.js";
 import { crosscheckBadge, renderCheckpointTable } from "./checkpoints.js";
@@ -127,9 +128,9 @@ export async function renderRun(runId, params, token) {
 export async function refreshRun(runId, params, token) {
   const words = await vocabulary();
   const method = enc(switchOf(words, params, "method"));
-  const [run, checkpoints, gate] = await Promise.all([api(`/runs/${runId}`),
-    api(`/runs/${runId}/checkpoints`),
-    api(`/runs/${runId}/gate?method=${method}`).catch(() => null)]);
+  const [run, checkpoints, gate] = await Promise.all([apiText(`/runs/${runId}`),
+    apiText(`/runs/${runId}/checkpoints`),
+    apiText(`/runs/${runId}/gate?method=${method}`).catch(() => null)]);
   if (token !== state.renderToken) return;
   setThresholds(run.thresholds);
   state.lastSignature = JSON.stringify([run.n_checkpoints, run.n_done, run.n_failed,
@@ -194,12 +195,16 @@ async function drawRunPlots(runId, params, words, token, run, done) {
     return;
   }
   const lastStep = done.reduce((m, c) => Math.max(m, c.step), -Infinity);
+  // Three decimals: what the colours and the hover (%{z:.3f}) show, a third of the bytes.
   const heatQuery = new URLSearchParams({ metric: "alpha", max_points: "500", variant, order,
-    method });
+    method, digits: "3" });
   const kinds = kindQuery(words, params.get("kind"));
   if (kinds) heatQuery.set("kind", kinds);
   const m = `method=${enc(method)}`;
-  const latest = apiOnce(`/runs/${runId}/checkpoints/${lastStep}/layers?${m}`);
+  // Only labels and the kinds present: not held back for Plotly, so the requests that wait
+  // for it (the per-kind trends, the distances) go out early.
+  const latest = apiOnce(`/runs/${runId}/checkpoints/${lastStep}/layers?${m}`, { text: true });
+  holdPlotly(latest);
   // Each panel asks for its own data and shows its own failure: one refused request (a bad
   // variant in the URL, a layer the server cannot answer for) never blanks the page.
   const drawn = await Promise.all([
@@ -215,11 +220,9 @@ async function drawRunPlots(runId, params, words, token, run, done) {
       drawHeatmap(heat, Object.fromEntries(rows.layers.map((l) => [l.name, l.kind])));
       fillLayerPick(heat.layers, layer);
     }),
-    inPanel("changes-bars", token, async () => {
-      const rows = await latest.catch(() => ({ layers: [] }));
-      await drawChanges(runId, params, method, done,
-        Object.fromEntries(rows.layers.map((l) => [l.name, l.kind])), token);
-    }),
+    inPanel("changes-bars", token, () => drawChanges(runId, params, method, done,
+      latest.then((rows) => Object.fromEntries(rows.layers.map((l) => [l.name, l.kind])),
+        () => ({})), token)),
     inPanel("flags", token, async () => {
       const flags = await apiOnce(`/runs/${runId}/flags?${m}`);
       if (token === state.renderToken) drawFlags(flags.points);
