@@ -18,26 +18,14 @@ export const fmt = (v, digits = 3) => (isNum(v) ? v.toFixed(digits) : (v === nul
   ? "–" : String(v)));
 export const pct = (v) => (isNum(v) ? `${(100 * v).toFixed(0)}%` : "–");
 
-// Plotly, loaded once, when the first answer to draw has arrived (index.html only preloads it)
-// and the answers held for (holdPlotly) are in: answers that decide which further requests to
-// make, so those go out before Plotly's evaluation occupies the page.
+// Plotly, loaded once (index.html only preloads it): when a page has asked for what it draws, or
+// else when the first answer to draw has arrived.
 let plotlyPromise = null;
-const holds = new Set();
-
-export function holdPlotly(promise) {
-  if (window.Plotly || plotlyPromise) return;
-  holds.add(promise);
-}
 
 export function plotlyLoaded() {
   if (window.Plotly) return Promise.resolve();
   if (!plotlyPromise) {
-    const held = [...holds];
-    holds.clear();
-    plotlyPromise = Promise.allSettled(held)
-      // A task later: the requests the held answers lead to are made first.
-      .then(() => new Promise((resolve) => { setTimeout(resolve, 0); }))
-      .then(() => new Promise((resolve, reject) => {
+    plotlyPromise = new Promise((resolve, reject) => {
       const script = document.createElement("script");
       script.src = "/static/vendor/plotly.min.js";
       script.onload = () => resolve();
@@ -47,7 +35,7 @@ export function plotlyLoaded() {
         reject(new Error("could not load /static/vendor/plotly.min.js"));
       };
       document.head.append(script);
-    }));
+    });
   }
   return plotlyPromise;
 }

@@ -138,8 +138,8 @@ class HeatmapQuery(BaseModel):
         Field(
             ge=0,
             le=15,
-            description="round z to this many decimals (default: as stored); a long run's "
-            "matrix is a third the size at 3, what a colour or a hover can show",
+            description="round z to this many decimals (default: as stored); at 3, what a "
+            "colour or a hover can show, a long run's matrix is half the bytes",
         ),
     ] = None
 

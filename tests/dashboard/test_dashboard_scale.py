@@ -173,9 +173,10 @@ def test_run_page_stays_responsive_on_a_long_run(long_run: tuple[str, int]) -> N
         # One heatmap trace for the values, at most one overlay for the untrusted cells.
         assert shape["traces"] <= 2 and shape["cols"] == 500
 
-        # What the load asked, and when: every request made before Plotly was evaluated (it
-        # is loaded once the first answers are in, so the server computes meanwhile), none
-        # twice, the heatmap at the three decimals it shows and one distance matrix only.
+        # What the load asked, and when: every panel's request made before Plotly was
+        # evaluated (so the server computes meanwhile), but the per-kind trends, which wait for
+        # the layer list; none twice; the heatmap at the three decimals it shows and one
+        # distance matrix only.
         page.wait_for_selector("#changes-panel:not([hidden]) #distance-heatmap .plot-note")
         asked = page.evaluate(
             "() => ({plotly: window.__plotlyAt, api: performance.getEntriesByType('resource')"
@@ -186,12 +187,17 @@ def test_run_page_stays_responsive_on_a_long_run(long_run: tuple[str, int]) -> N
         # The 4 s poll may have asked the run's summary again.
         polled = f"/runs/{run_id}"
         assert len(set(paths)) == len(paths) - max(0, paths.count(polled) - 1), paths
-        assert all(start < asked["plotly"] for path, start in asked["api"] if path != polled), asked
+        per_kind = [p for p in paths if f"/runs/{run_id}/trend?" in p and "kind=" in p]
+        assert len(per_kind) == 7
+        early = [(p, start) for p, start in asked["api"] if p != polled and p not in per_kind]
+        # The vocabulary, checkpoints and gate; the layer list, trend, heatmap, flags,
+        # variants, distances and four companion trends.
+        assert len(early) == 13
+        assert all(start < asked["plotly"] for _, start in early), asked
         heat = next(p for p in paths if p.startswith(f"/runs/{run_id}/heatmap?"))
         assert "digits=3" in heat
         distances = next(p for p in paths if p.startswith(f"/runs/{run_id}/distances?"))
         assert "matrices=change_fro" in distances
-        assert sum(f"/runs/{run_id}/trend?" in p and "kind=" in p for p in paths) == 7
         cells = page.evaluate("() => document.getElementById('heatmap').data[0].z.flat()")
         assert len(cells) == 150_000 and all(round(c, 3) == c for c in cells)
 

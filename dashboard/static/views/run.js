@@ -4,7 +4,7 @@
 import { api, apiOnce, apiText, kindQuery, vocabulary } from "../api.js";
 import { enc, setParams, state, view } from "../state.js";
 import {
-  bindParamSelects, esc, fmt, gateBadge, holdPlotly, inPanel, pct, select, setThresholds,
+  bindParamSelects, esc, fmt, gateBadge, inPanel, pct, plotlyLoaded, select, setThresholds,
   termSelect,
 } from "../ui.js";
 import { drawChanges } from "./changes.js";
@@ -109,6 +109,9 @@ function runSkeleton(runId, params, words) {
 }
 
 export async function renderRun(runId, params, token) {
+  // The run and its checkpoints do not depend on the vocabulary: asked beside it.
+  const early = [`/runs/${runId}`, `/runs/${runId}/checkpoints`].map((path) => apiText(path));
+  early.forEach((answer) => answer.catch(() => {}));
   const words = await vocabulary();
   if (token !== state.renderToken) return;
   view.innerHTML = runSkeleton(runId, params, words);
@@ -122,14 +125,16 @@ export async function renderRun(runId, params, token) {
     setParams({ step: ev.target.value }));
   document.getElementById("layer-close").addEventListener("click", () =>
     setParams({ layer: null, step: null }));
-  await refreshRun(runId, params, token);
+  await refreshRun(runId, params, token, early);
 }
 
-export async function refreshRun(runId, params, token) {
+// early: the run's and its checkpoints' answers when already asked for (renderRun).
+export async function refreshRun(runId, params, token, early = null) {
   const words = await vocabulary();
   const method = enc(switchOf(words, params, "method"));
-  const [run, checkpoints, gate] = await Promise.all([apiText(`/runs/${runId}`),
-    apiText(`/runs/${runId}/checkpoints`),
+  const [run, checkpoints, gate] = await Promise.all([
+    early ? early[0] : apiText(`/runs/${runId}`),
+    early ? early[1] : apiText(`/runs/${runId}/checkpoints`),
     apiText(`/runs/${runId}/gate?method=${method}`).catch(() => null)]);
   if (token !== state.renderToken) return;
   setThresholds(run.thresholds);
@@ -195,19 +200,16 @@ async function drawRunPlots(runId, params, words, token, run, done) {
     return;
   }
   const lastStep = done.reduce((m, c) => Math.max(m, c.step), -Infinity);
-  // Three decimals: what the colours and the hover (%{z:.3f}) show, a third of the bytes.
+  // 3 decimals: what the colours and the hover (%{z:.3f}) show; half the bytes.
   const heatQuery = new URLSearchParams({ metric: "alpha", max_points: "500", variant, order,
     method, digits: "3" });
   const kinds = kindQuery(words, params.get("kind"));
   if (kinds) heatQuery.set("kind", kinds);
   const m = `method=${enc(method)}`;
-  // Only labels and the kinds present: not held back for Plotly, so the requests that wait
-  // for it (the per-kind trends, the distances) go out early.
   const latest = apiOnce(`/runs/${runId}/checkpoints/${lastStep}/layers?${m}`, { text: true });
-  holdPlotly(latest);
   // Each panel asks for its own data and shows its own failure: one refused request (a bad
   // variant in the URL, a layer the server cannot answer for) never blanks the page.
-  const drawn = await Promise.all([
+  const panels = [
     inPanel("trend", token, async () => {
       const trend = await api(`/runs/${runId}/trend?${trendQuery(words, params)}`);
       if (token === state.renderToken) drawTrend(trend, words);
@@ -238,7 +240,10 @@ async function drawRunPlots(runId, params, words, token, run, done) {
     }),
     inPanel("companion", token, () => drawCompanions(runId, params, words, token)),
     inPanel("layer-history", token, async () => { await layerTask; }),
-  ]);
+  ];
+  // Every panel has asked for its answer: Plotly is evaluated while the server computes them.
+  plotlyLoaded().catch(() => {});
+  const drawn = await Promise.all(panels);
   // A failed panel is asked again on the next refresh.
   if (token === state.renderToken && drawn.every(Boolean)) state.drawnKey = key;
 }
