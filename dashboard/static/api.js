@@ -2,6 +2,7 @@
 // exactly the numbers a CI gate or a script sees.
 
 import { state } from "./state.js";
+import { plotlyLoaded } from "./ui.js";
 
 const API = "/api/v1";
 // Servers that require a token for reads get one typed in once per browser tab; it is kept in
@@ -12,7 +13,9 @@ export class ApiError extends Error {
   constructor(status, message) { super(`${status}: ${message}`); this.status = status; }
 }
 
-export async function api(path) {
+// An answer the page only writes out as text (the vocabulary, the run's summary, the checkpoint
+// table): handed over as soon as it arrives.
+export async function apiText(path) {
   const headers = { Accept: "application/json" };
   const token = sessionStorage.getItem(TOKEN_KEY);
   if (token) headers.Authorization = `Bearer ${token}`;
@@ -26,17 +29,32 @@ export async function api(path) {
   return response.json();
 }
 
+// An answer that is drawn: handed over once Plotly is loaded too. Plotly is a 4.8 MB script that
+// takes a core a second or more to evaluate on a busy machine; asked for only when the first
+// drawn answer is there, it is evaluated while the server computes the rest, instead of holding
+// back every request of the page.
+export async function api(path) {
+  const body = await apiText(path);
+  await plotlyLoaded();
+  return body;
+}
+
 // Heatmap, flags and layer lists change only when checkpoints do: keep them per signature, so
 // a switch of filter or layer on a long run does not download them again.
 const heavy = new Map();
 
-export function apiOnce(path) {
-  const hit = heavy.get(path);
-  if (hit && hit.signature === state.lastSignature) return hit.promise;
-  const promise = api(path);
-  heavy.set(path, { signature: state.lastSignature, promise });
-  promise.catch(() => heavy.delete(path));
-  return promise;
+// text: hand the answer over without waiting for Plotly (see apiText).
+export function apiOnce(path, { text = false } = {}) {
+  let hit = heavy.get(path);
+  if (!hit || hit.signature !== state.lastSignature) {
+    hit = { signature: state.lastSignature, promise: apiText(path) };
+    heavy.set(path, hit);
+    hit.promise.catch(() => heavy.delete(path));
+  }
+  return text ? hit.promise : hit.promise.then(async (body) => {
+    await plotlyLoaded();
+    return body;
+  });
 }
 
 // Statistics, filters, outlier rules and layer kinds are the server's: asked once per page,
@@ -45,7 +63,7 @@ let vocabularyPromise = null;
 
 export function vocabulary() {
   if (!vocabularyPromise) {
-    vocabularyPromise = api("/vocabulary");
+    vocabularyPromise = apiText("/vocabulary");
     vocabularyPromise.catch(() => { vocabularyPromise = null; });
   }
   return vocabularyPromise;

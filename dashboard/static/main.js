@@ -2,7 +2,7 @@
 // shows exactly the numbers a CI gate sees. Plotly is served by the API, offline. One module per
 // view under views/; api.js is the only one that talks to the server.
 
-import { api } from "./api.js";
+import { apiText } from "./api.js";
 import { parseHash, state, view } from "./state.js";
 import { esc } from "./ui.js";
 import { renderCompare } from "./views/compare.js";
@@ -57,11 +57,11 @@ async function poll() {
   try {
     let now;
     if (parts[0] === "runs" && parts[1]) {
-      const run = await api(`/runs/${parts[1]}`);
+      const run = await apiText(`/runs/${parts[1]}`);
       now = JSON.stringify([run.n_checkpoints, run.n_done, run.n_failed, run.n_pending,
         run.n_skipped, run.last_step, run.discovery_error]);
     } else {
-      const runs = (await api("/runs?limit=1000")).runs;
+      const runs = (await apiText("/runs?limit=1000")).runs;
       now = JSON.stringify(parts[0] === "compare"
         ? runs.map((r) => [r.id, r.n_done, r.last_step])
         : runs.map((r) => [r.id, r.n_checkpoints, r.n_done, r.n_failed, r.n_pending, r.n_skipped,

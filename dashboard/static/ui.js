@@ -18,6 +18,28 @@ export const fmt = (v, digits = 3) => (isNum(v) ? v.toFixed(digits) : (v === nul
   ? "–" : String(v)));
 export const pct = (v) => (isNum(v) ? `${(100 * v).toFixed(0)}%` : "–");
 
+// Plotly, loaded once (index.html only preloads it): when a page has asked for what it draws, or
+// else when the first answer to draw has arrived.
+let plotlyPromise = null;
+
+export function plotlyLoaded() {
+  if (window.Plotly) return Promise.resolve();
+  if (!plotlyPromise) {
+    plotlyPromise = new Promise((resolve, reject) => {
+      const script = document.createElement("script");
+      script.src = "/static/vendor/plotly.min.js";
+      script.onload = () => resolve();
+      script.onerror = () => {
+        plotlyPromise = null;
+        script.remove();
+        reject(new Error("could not load /static/vendor/plotly.min.js"));
+      };
+      document.head.append(script);
+    });
+  }
+  return plotlyPromise;
+}
+
 export function plot(id, traces, layout = {}) {
   const el = typeof id === "string" ? document.getElementById(id) : id;
   if (!el) return null;

@@ -12,12 +12,18 @@ from __future__ import annotations
 import io
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from alphawatch.service.api.errors import NotFound
-from alphawatch.service.api.queries import done_checkpoints, downsample, get_run, layer_order
-from alphawatch.service.api.selections import DistanceQuery
+from alphawatch.service.api.queries import (
+    done_checkpoints,
+    downsample,
+    get_run,
+    layer_order,
+    many_rows,
+)
+from alphawatch.service.api.selections import DISTANCE_MATRICES, DistanceQuery
 from alphawatch.service.db.models import LayerMetric
 from alphawatch.spreadsheet import write_csv
 from alphawatch.vocabulary import LayerOrder
@@ -26,6 +32,8 @@ DISTANCES = ("change_fro", "change_spectral", "subspace_overlap")
 """The stored distances, each a layer x step matrix of the answer."""
 
 _FIELDS = ("checkpoint_id", "name", "kind", "block", "alpha", *DISTANCES, "change_ref_step")
+# Columns set on a row whose distance from the checkpoint before was measured.
+_STORED = (*DISTANCES, "change_ref_step")
 
 
 def distances(
@@ -46,43 +54,64 @@ def distances(
     wanted = ({c for c, s in done if interval[0] <= s <= interval[1]} if interval else set()) | {
         c for c, _ in shown
     }
-    rows = session.execute(
-        select(*[getattr(LayerMetric, f) for f in _FIELDS]).where(
-            LayerMetric.checkpoint_id.in_(sorted(wanted)), *query.layers(method).where()
+    asked = query.matrix_names()
+    within = [LayerMetric.checkpoint_id.in_(sorted(wanted)), *query.layers(method).where()]
+    statement = select(*[getattr(LayerMetric, f) for f in _FIELDS]).where(*within)
+    if "alpha" in asked:
+        rows = many_rows(session, statement)
+        named = rows
+    else:
+        # Without the alpha matrix a row matters only where a distance is stored, or for the
+        # ranking's steps: a run measured at few steps (or none) is not read whole. The rows'
+        # names, kinds and blocks come from a query of their own.
+        ranked = [c for c, s in done if interval and interval[0] <= s <= interval[1]]
+        rows = many_rows(
+            session,
+            statement.where(
+                or_(
+                    LayerMetric.checkpoint_id.in_(ranked),
+                    *(getattr(LayerMetric, f).is_not(None) for f in _STORED),
+                )
+            ),
         )
-    ).all()
+        named = session.execute(
+            select(LayerMetric.name, LayerMetric.kind, LayerMetric.block).where(*within).distinct()
+        ).all()
     at = {f: i for i, f in enumerate(_FIELDS)}
+    name_at, kind_at, block_at = (
+        (0, 1, 2) if named is not rows else (at["name"], at["kind"], at["block"])
+    )
     keys: dict[str, tuple[int, int, str]] = {}
     places: dict[str, tuple[str, int | None]] = {}
-    for r in rows:
-        name = r[at["name"]]
+    for r in named:
+        name = r[name_at]
         if name not in keys:
-            keys[name] = layer_order({"name": name, "kind": r[at["kind"]], "block": r[at["block"]]})
-            places[name] = (r[at["kind"]], r[at["block"]])
+            keys[name] = layer_order({"name": name, "kind": r[kind_at], "block": r[block_at]})
+            places[name] = (r[kind_at], r[block_at])
     names = sorted(keys, key=keys.__getitem__)
     if query.order == LayerOrder.BLOCK_DESC:
         names = sorted(names, key=lambda n: (-keys[n][0], keys[n][1:]))
     row_of = {n: i for i, n in enumerate(names)}
     column = {c: j for j, (c, _) in enumerate(shown)}
-    matrices: dict[str, list[list[Any]]] = {
-        f: [[None] * len(shown) for _ in names] for f in (*DISTANCES, "change_ref_step", "alpha")
-    }
+    fields = {"ref_steps": "change_ref_step"}
+    matrices: dict[str, list[list[Any]]] = {m: [[None] * len(shown) for _ in names] for m in asked}
+    filled = [(at[fields.get(m, m)], cells) for m, cells in matrices.items()]
     by_layer: dict[str, dict[int, Any]] = {n: {} for n in names}
     for r in rows:
         name, checkpoint = r[at["name"]], r[at["checkpoint_id"]]
         by_layer[name][checkpoint] = r
         j = column.get(checkpoint)
         if j is not None:
-            for f, cells in matrices.items():
-                cells[row_of[name]][j] = r[at[f]]
+            i = row_of[name]
+            for field, cells in filled:
+                cells[i][j] = r[field]
     answer: dict[str, Any] = {
         "run_id": run_id,
         "steps": [s for _, s in shown],
         "layers": names,
         "kinds": [places[n][0] for n in names],
         "blocks": [places[n][1] for n in names],
-        "ref_steps": matrices.pop("change_ref_step"),
-        **matrices,
+        **{m: matrices.get(m) for m in DISTANCE_MATRICES},
         "from_step": None if interval is None else interval[0],
         "to_step": None if interval is None else interval[1],
         "rank_by": query.rank_by,

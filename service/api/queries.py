@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 from pydantic_core import from_json
-from sqlalchemy import ColumnElement, and_, case, func, select
+from sqlalchemy import ColumnElement, Select, and_, case, func, select
 from sqlalchemy.orm import Session
 
 from alphawatch.service import robust
@@ -163,6 +163,27 @@ def done_checkpoints(*, session: Session, run_id: int) -> list[tuple[int, int]]:
             .order_by(Checkpoint.step)
         )
     ]
+
+
+def many_rows(session: Session, statement: Select[Any]) -> Sequence[Sequence[Any]]:
+    """The rows of a select of columns, for answers of a hundred thousand rows and more.
+
+    On PostgreSQL they are read from the driver's cursor as plain tuples: psycopg returns the
+    Python types the columns declare, and SQLAlchemy's processing of each row would cost more
+    than the query (a 500 x 300 heatmap: 0.9 s instead of 0.35 s). Elsewhere as usual.
+    """
+    connection = session.connection()
+    if connection.dialect.name != "postgresql":
+        return session.execute(statement).all()
+    compiled = statement.compile(
+        dialect=connection.dialect, compile_kwargs={"render_postcompile": True}
+    )
+    cursor = connection.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    try:
+        cursor.execute(str(compiled), compiled.params)
+        return list(cursor.fetchall())
+    finally:
+        cursor.close()
 
 
 def downsample(items: Sequence[Any], max_points: int | None) -> list[Any]:
@@ -501,12 +522,13 @@ def heatmap(*, session: Session, run_id: int, query: HeatmapQuery, method: str) 
             )
         )
     )
-    rows = session.execute(
+    rows = many_rows(
+        session,
         select(*[getattr(LayerMetric, f) for f in fields]).where(
             LayerMetric.checkpoint_id.in_([c for c, _ in checkpoints]),
             *query.layers(method).where(),
-        )
-    ).all()
+        ),
+    )
     # Positions, not mappings: a long run has hundreds of thousands of cells.
     at = {f: i for i, f in enumerate(fields)}
     cid, nm, kd, bl, val = at["checkpoint_id"], at["name"], at["kind"], at["block"], at[metric]
@@ -526,9 +548,11 @@ def heatmap(*, session: Session, run_id: int, query: HeatmapQuery, method: str) 
     z: list[list[float | None]] = [[None] * len(checkpoints) for _ in names]
     trusted: list[list[bool | None]] = [[None] * len(checkpoints) for _ in names]
     trusted_of = robust.untrusted_reason_of
+    digits = query.digits
     for r in rows:
         i, j = row_of[r[nm]], column[r[cid]]
-        z[i][j] = r[val]
+        value = r[val]
+        z[i][j] = value if digits is None or value is None else round(value, digits)
         trusted[i][j] = trusted_of(r[st], r[tr], r[rc], r[ok]) is None
     return {
         "metric": metric,

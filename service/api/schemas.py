@@ -585,19 +585,20 @@ class DistancesRead(BaseModel):
     layers: list[str] = Field(description="rows: weight layers by block, then kind")
     kinds: list[str | None]
     blocks: list[int | None]
-    change_fro: list[list[float | None]] = Field(
-        description="[layer][step]: ‖W − W_ref‖_F / ‖W‖_F; null where not measured"
+    change_fro: list[list[float | None]] | None = Field(
+        description="[layer][step]: ‖W − W_ref‖_F / ‖W‖_F; null where not measured (the whole "
+        "matrix null when not asked for: matrices=)"
     )
-    change_spectral: list[list[float | None]] = Field(
+    change_spectral: list[list[float | None]] | None = Field(
         description="[layer][step]: ‖W − W_ref‖₂ / ‖W‖₂"
     )
-    subspace_overlap: list[list[float | None]] = Field(
+    subspace_overlap: list[list[float | None]] | None = Field(
         description="[layer][step]: ‖U_refᵀU‖_F²/k of the top-k singular subspaces, in [0, 1]"
     )
-    ref_steps: list[list[int | None]] = Field(
+    ref_steps: list[list[int | None]] | None = Field(
         description="[layer][step]: the step compared with (the one before on disk)"
     )
-    alpha: list[list[float | None]]
+    alpha: list[list[float | None]] | None
     from_step: int | None
     to_step: int | None
     rank_by: str

@@ -133,6 +133,15 @@ class HeatmapQuery(BaseModel):
     block_min: BlockBound = None
     block_max: BlockBound = None
     order: LayerOrder = LayerOrder.BLOCK
+    digits: Annotated[
+        int | None,
+        Field(
+            ge=0,
+            le=15,
+            description="round z to this many decimals (default: as stored); at 3, what a "
+            "colour or a hover can show, a long run's matrix is half the bytes",
+        ),
+    ] = None
 
     def layers(self, method: str) -> LayerSelection:
         """The layer rows that make the matrix's rows."""
@@ -140,6 +149,10 @@ class HeatmapQuery(BaseModel):
 
 
 DistanceName = Literal["change_fro", "change_spectral", "subspace_overlap"]
+# The layer x step matrices of a distances answer.
+DISTANCE_MATRICES = ("change_fro", "change_spectral", "subspace_overlap", "ref_steps", "alpha")
+_MATRIX = "(" + "|".join(DISTANCE_MATRICES) + ")"
+MATRICES_PATTERN = f"^{_MATRIX}(,{_MATRIX}){{0,4}}$"
 
 
 class DistanceQuery(BaseModel):
@@ -167,6 +180,20 @@ class DistanceQuery(BaseModel):
     rank_by: Annotated[DistanceName, Field(description="the change the ranking is ordered by")] = (
         "change_fro"
     )
+    matrices: Annotated[
+        str | None,
+        Field(
+            pattern=MATRICES_PATTERN,
+            description="comma-separated layer x step matrices to send, of change_fro, "
+            "change_spectral, subspace_overlap, ref_steps, alpha (default: all); the others "
+            "are null. The ranking is the same either way",
+        ),
+    ] = None
+
+    def matrix_names(self) -> tuple[str, ...]:
+        """The matrices asked for, in the answer's order."""
+        asked = set((self.matrices or ",".join(DISTANCE_MATRICES)).split(","))
+        return tuple(m for m in DISTANCE_MATRICES if m in asked)
 
     def layers(self, method: str) -> LayerSelection:
         """The weight rows that make the matrices' rows (distances are the weights')."""

@@ -21,6 +21,7 @@ from alphawatch.trust import Thresholds
 from alphawatch.vocabulary import (
     DEFAULT_VARIANT,
     KIND_GROUPS,
+    Kind,
     LayerFilter,
     OutlierRule,
     split_variant,
@@ -51,7 +52,12 @@ def kinds_key(kinds: Iterable[str] | None) -> str:
     return ",".join(sorted(set(kinds or ())))
 
 
-PRECOMPUTED_KINDS = frozenset({"", *(kinds_key(g) for g in PRECOMPUTED_GROUPS)})
+# Each layer kind alone, for alpha only: the dashboard's "alpha by layer kind" panels ask for one
+# kind each, and a run page would otherwise read every layer row once per kind present.
+PRECOMPUTED_SINGLE_KINDS: frozenset[str] = frozenset(k.value for k in Kind)
+PRECOMPUTED_KINDS = frozenset(
+    {"", *(kinds_key(g) for g in PRECOMPUTED_GROUPS), *PRECOMPUTED_SINGLE_KINDS}
+)
 
 
 def weight_rows(layers: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
@@ -71,7 +77,8 @@ def stat_rows(
     checkpoint_id: int,
     thresholds: Thresholds,
 ) -> list[dict[str, Any]]:
-    """``checkpoint_stat`` rows for every method, kept metric, kind set, filter and outlier rule.
+    """``checkpoint_stat`` rows for every method, kept metric, kind set, filter and outlier rule:
+    every kept metric over all layers; alpha over each kind group and over each kind present.
 
     Each row records the ``alpha_max`` and ``mad_k`` it was made with: the API serves a kept row
     only when they equal the thresholds it applies, so a changed setting is never answered with
@@ -90,6 +97,14 @@ def stat_rows(
             selections.append(
                 ("alpha", kinds_key(group), [x for x in of_method if x.get("kind") in group])
             )
+        # One kind alone only where the checkpoint has a layer of it: a kind it lacks is
+        # answered from its (no) layer rows, with the same empty statistics.
+        present = sorted(
+            {str(x.get("kind")) for x in of_method}
+            & PRECOMPUTED_SINGLE_KINDS - {kinds for _, kinds, _ in selections}
+        )
+        for kind in present:
+            selections.append(("alpha", kind, [x for x in of_method if x.get("kind") == kind]))
         for metric, kinds, chosen_layers in selections:
             for kept in _kept(chosen_layers, metric=metric, thresholds=thresholds):
                 rows.append(

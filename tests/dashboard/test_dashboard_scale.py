@@ -34,6 +34,12 @@ ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
+# Records when Plotly is evaluated (the page loads it itself, after its first answers).
+PLOTLY_CLOCK = """
+let plotly;
+Object.defineProperty(window, "Plotly", { configurable: true, get: () => plotly,
+  set: (p) => { plotly = p; window.__plotlyAt = performance.now(); } });
+"""
 CHECKPOINTS, LAYERS = 500, 300
 KINDS = ("q", "k", "v", "o", "gate", "up", "down")
 NAMES = {
@@ -147,6 +153,7 @@ def test_run_page_stays_responsive_on_a_long_run(long_run: tuple[str, int]) -> N
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         errors: list[str] = []
         page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.add_init_script(PLOTLY_CLOCK)
         t0 = time.monotonic()
         page.goto(f"{base_url}/#/runs/{run_id}")
         page.wait_for_function(
@@ -165,6 +172,34 @@ def test_run_page_stays_responsive_on_a_long_run(long_run: tuple[str, int]) -> N
         )
         # One heatmap trace for the values, at most one overlay for the untrusted cells.
         assert shape["traces"] <= 2 and shape["cols"] == 500
+
+        # What the load asked, and when: every panel's request made before Plotly was
+        # evaluated (so the server computes meanwhile), but the per-kind trends, which wait for
+        # the layer list; none twice; the heatmap at the three decimals it shows and one
+        # distance matrix only.
+        page.wait_for_selector("#changes-panel:not([hidden]) #distance-heatmap .plot-note")
+        asked = page.evaluate(
+            "() => ({plotly: window.__plotlyAt, api: performance.getEntriesByType('resource')"
+            ".filter((e) => e.name.includes('/api/v1/'))"
+            ".map((e) => [e.name.split('/api/v1')[1], e.startTime])})"
+        )
+        paths = [path for path, _ in asked["api"]]
+        # The 4 s poll may have asked the run's summary again.
+        polled = f"/runs/{run_id}"
+        assert len(set(paths)) == len(paths) - max(0, paths.count(polled) - 1), paths
+        per_kind = [p for p in paths if f"/runs/{run_id}/trend?" in p and "kind=" in p]
+        assert len(per_kind) == 7
+        early = [(p, start) for p, start in asked["api"] if p != polled and p not in per_kind]
+        # The vocabulary, checkpoints and gate; the layer list, trend, heatmap, flags,
+        # variants, distances and four companion trends.
+        assert len(early) == 13
+        assert all(start < asked["plotly"] for _, start in early), asked
+        heat = next(p for p in paths if p.startswith(f"/runs/{run_id}/heatmap?"))
+        assert "digits=3" in heat
+        distances = next(p for p in paths if p.startswith(f"/runs/{run_id}/distances?"))
+        assert "matrices=change_fro" in distances
+        cells = page.evaluate("() => document.getElementById('heatmap').data[0].z.flat()")
+        assert len(cells) == 150_000 and all(round(c, 3) == c for c in cells)
 
         # A switch redraws in place; the page answers while it does.
         t1 = time.monotonic()

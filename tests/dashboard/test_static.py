@@ -43,6 +43,16 @@ def test_every_module_is_served_as_javascript(client: TestClient, module: str) -
     assert response.headers["content-type"].split(";")[0] == "text/javascript"
 
 
+def test_the_page_preloads_every_module_and_only_preloads_plotly() -> None:
+    # The module graph in one round of requests, not one per level of imports; Plotly is
+    # fetched at once and evaluated by ui.js once the first answers are asked for.
+    page = (STATIC_DIR / "index.html").read_text()
+    preloaded = re.findall(r'<link rel="modulepreload" href="/static/([^"]+)">', page)
+    assert sorted(preloaded) == sorted(m for m in MODULES if m != "main.js")
+    assert '<link rel="preload" href="/static/vendor/plotly.min.js" as="script">' in page
+    assert "<script src=" not in page
+
+
 def test_every_module_import_resolves_to_a_served_file() -> None:
     for module in MODULES:
         source = (STATIC_DIR / module).read_text()

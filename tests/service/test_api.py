@@ -17,7 +17,7 @@ from alphawatch.service.api import create_app
 from alphawatch.service.db.session import make_engine, session_scope
 from alphawatch.service.db.tokens import TokenScope, create_token
 from alphawatch.settings import Settings
-from tests.factories import STEPS, random_run
+from tests.factories import KINDS, STEPS, random_run
 
 
 @pytest.fixture
@@ -267,7 +267,7 @@ def test_kept_statistics_equal_the_layer_rows(db_url: str, outliers: str) -> Non
                     "/api/v1/runs/1/trend",
                     params={"kind": kinds, "filter": flt, "outliers": outliers, "stat": stat},
                 ).json()
-                for kinds in ("v,o,q,k,qkv", "gate,up,down,fc_in,fc_out")
+                for kinds in ("v,o,q,k,qkv", "gate,up,down,fc_in,fc_out", *KINDS)
                 for flt in ("trusted", "all")
                 for stat in ("median", "p90")
             ]
@@ -302,6 +302,47 @@ def test_kept_statistics_equal_the_layer_rows(db_url: str, outliers: str) -> Non
             assert point["n_used"] == len(values)
 
 
+def test_single_kind_trends_are_kept_at_ingest_and_read_from_there(db_url: str) -> None:
+    """The run page asks alpha of each kind alone: written with the layer rows, served from them."""
+    from sqlalchemy import func, select, update
+
+    from alphawatch.service.db.models import CheckpointStat
+
+    written = random_run(db_url)
+    with session_scope(make_engine(db_url)) as session:
+        kept = dict(
+            session.execute(
+                select(CheckpointStat.kinds, func.count())
+                .where(CheckpointStat.kinds.in_(KINDS), CheckpointStat.metric == "alpha")
+                .group_by(CheckpointStat.kinds)
+            ).all()
+        )
+    # Every kind of every checkpoint, under each filter and outlier rule.
+    assert kept == {kind: len(STEPS) * 2 * 2 for kind in KINDS}
+    with TestClient(create_app(Settings(database_url=db_url))) as c:
+
+        def points(kind: str, max_points: int = 150) -> list[dict[str, object]]:
+            params = {"kind": kind, "max_points": max_points}
+            got = c.get("/api/v1/runs/1/trend", params=params)
+            assert got.status_code == 200, got.text
+            return list(got.json()["points"])
+
+        for kind in ("q", "down"):
+            for point in points(kind):
+                layers = [x for x in written[int(point["step"])] if x["kind"] == kind]  # type: ignore[call-overload]
+                assert point["value"] == pytest.approx(_expected(layers, "median", "trusted"))
+        # A kind the run lacks has no kept row and is answered, empty, from the layer rows.
+        assert {p["n_used"] for p in points("lm_head")} == {0}
+        # What the single-kind answers are read from: the kept rows.
+        with session_scope(make_engine(db_url)) as session:
+            session.execute(
+                update(CheckpointStat).where(CheckpointStat.kinds == "q").values(median=-1.0)
+            )
+        # (Asked anew: an answer kept by the result cache may outlive the notification's trip.)
+        assert {p["value"] for p in points("q", 149)} == {-1.0}
+        assert -1.0 not in {p["value"] for p in points("k", 149)}
+
+
 def test_layer_history_pages_and_downsamples(client: TestClient, db_url: str) -> None:
     written = random_run(db_url)
     name = "model.layers.1.q_proj"
@@ -332,3 +373,59 @@ def test_layer_schema_is_written_out_and_covers_every_column() -> None:
     assert set(LayerMetricRead.model_fields) == set(LAYER_COLUMNS), (
         "add the new layer_metric column to schemas.LayerMetricRead (or drop the old one)"
     )
+
+
+@pytest.mark.parametrize("extra", [{}, {"max_points": "2", "from_step": "100", "to_step": "200"}])
+def test_distances_send_the_matrices_asked_for_and_the_same_ranking(
+    db_url: str, extra: dict[str, str]
+) -> None:
+    """matrices= leaves the other layer x step matrices out; everything else is unchanged."""
+    from sqlalchemy import select, update
+
+    from alphawatch.service.db.models import Checkpoint, LayerMetric
+
+    random_run(db_url)
+    random_run(db_url, name="run-b", seed=1)  # no distance stored anywhere
+    with session_scope(make_engine(db_url)) as session:
+        # Distances as the worker stores them, on the q and k rows of run-a's later steps.
+        for step, before in ((200, 100), (300, 200)):
+            session.execute(
+                update(LayerMetric)
+                .where(
+                    LayerMetric.checkpoint_id
+                    == select(Checkpoint.id)
+                    .where(Checkpoint.run_id == 1, Checkpoint.step == step)
+                    .scalar_subquery(),
+                    LayerMetric.kind.in_(("q", "k")),
+                )
+                .values(
+                    change_fro=LayerMetric.alpha / 10,
+                    change_spectral=LayerMetric.alpha / 20,
+                    subspace_overlap=1 / LayerMetric.alpha,
+                    change_ref_step=before,
+                )
+            )
+    with TestClient(create_app(Settings(database_url=db_url))) as c:
+
+        def get(run: int, **params: str) -> dict[str, object]:
+            got = c.get(f"/api/v1/runs/{run}/distances", params={"to_step": "300", **params})
+            assert got.status_code == 200, got.text
+            return dict(got.json())
+
+        full = get(1, **extra)
+        assert any(x is not None for row in full["change_fro"] for x in row)  # type: ignore[attr-defined]
+        assert any(r["change_fro"] is not None for r in full["ranking"])  # type: ignore[attr-defined]
+        every = ("change_fro", "change_spectral", "subspace_overlap", "ref_steps", "alpha")
+        for asked in ("change_fro", "subspace_overlap,ref_steps", "alpha,change_spectral"):
+            answer = get(1, **extra, matrices=asked)
+            for matrix in every:
+                assert answer[matrix] == (full[matrix] if matrix in asked else None), matrix
+            rest = {k: v for k, v in full.items() if k not in every}
+            assert {k: v for k, v in answer.items() if k not in every} == rest
+        bare = get(2, matrices="change_fro")
+        assert bare["change_fro"] == get(2)["change_fro"]
+        assert all(x is None for row in bare["change_fro"] for x in row)  # type: ignore[attr-defined]
+        assert len(bare["layers"]) == len(KINDS) * 4  # type: ignore[arg-type]
+        for bad in ("fro", "alpha,", "change_fro;alpha"):
+            response = c.get("/api/v1/runs/1/distances", params={"matrices": bad})
+            assert response.status_code == 422, bad

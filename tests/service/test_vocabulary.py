@@ -87,9 +87,10 @@ def test_routes_accept_exactly_the_served_names_with_the_served_defaults(
     assert tuple(served("statistics")[0]) == robust.STATS
     assert tuple(served("filters")[0]) == aggregates.PRECOMPUTED_FILTERS
     assert tuple(served("outlier_rules")[0]) == aggregates.PRECOMPUTED_OUTLIERS
-    assert {aggregates.kinds_key(g["kinds"]) for g in body["kind_groups"]} | {
-        ""
-    } == aggregates.PRECOMPUTED_KINDS
+    # Kept: every layer, each served kind group and each served kind alone.
+    assert {aggregates.kinds_key(g["kinds"]) for g in body["kind_groups"]} | {""} | set(
+        body["kinds"]
+    ) == aggregates.PRECOMPUTED_KINDS
 
 
 def test_every_served_statistic_answers_and_the_gate_refuses_a_spread(sqlite_url: str) -> None:

@@ -36,19 +36,24 @@ export function stepsCompared(params, steps) {
   return [start, end];
 }
 
-export async function drawChanges(runId, params, method, done, kindOf, token) {
+// kindOfPromise: each layer's kind, for the labels only (asked for beside the distances).
+export async function drawChanges(runId, params, method, done, kindOfPromise, token) {
   const panel = document.getElementById("changes-panel");
   const steps = done.map((c) => c.step).sort((a, b) => a - b);
   const metric = distanceMetricOf(params);
   const [from, to] = stepsCompared(params, steps);
-  const query = new URLSearchParams({ method, max_points: "500", rank_by: metric });
+  // Only the matrix drawn: a long run's other matrices are megabytes the page never shows.
+  const query = new URLSearchParams({ method, max_points: "500", rank_by: metric,
+    matrices: metric });
   if (from !== undefined) {
     query.set("from_step", String(from));
     query.set("to_step", String(to));
   }
-  const d = await apiOnce(`/runs/${runId}/distances?${query}`);
+  const [d, kindOf] = await Promise.all([apiOnce(`/runs/${runId}/distances?${query}`),
+    kindOfPromise]);
   if (token !== state.renderToken) return;
-  const measured = d.change_fro.some((row) => row.some(isNum));
+  const measured = d[metric].some((row) => row.some(isNum))
+    || d.ranking.some((r) => DISTANCE_METRICS.some(([name]) => isNum(r[name])));
   panel.hidden = false;
   const controls = document.getElementById("changes-controls");
   controls.innerHTML = [

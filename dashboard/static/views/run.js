@@ -1,10 +1,11 @@
 // Run page (#/runs/{id}): summary, trend, heatmap, layer drill-down, kinds, flags, companions
 // and the checkpoint table (views/checkpoints.js). The pickers are built from the API's vocabulary.
 
-import { api, apiOnce, kindQuery, vocabulary } from "../api.js";
+import { api, apiOnce, apiText, kindQuery, vocabulary } from "../api.js";
 import { enc, setParams, state, view } from "../state.js";
 import {
-  bindParamSelects, esc, fmt, gateBadge, inPanel, pct, select, setThresholds, termSelect,
+  bindParamSelects, esc, fmt, gateBadge, inPanel, pct, plotlyLoaded, select, setThresholds,
+  termSelect,
 } from "../ui.js";
 import { drawChanges } from "./changes.js";
 import { crosscheckBadge, renderCheckpointTable } from "./checkpoints.js";
@@ -108,6 +109,9 @@ function runSkeleton(runId, params, words) {
 }
 
 export async function renderRun(runId, params, token) {
+  // The run and its checkpoints do not depend on the vocabulary: asked beside it.
+  const early = [`/runs/${runId}`, `/runs/${runId}/checkpoints`].map((path) => apiText(path));
+  early.forEach((answer) => answer.catch(() => {}));
   const words = await vocabulary();
   if (token !== state.renderToken) return;
   view.innerHTML = runSkeleton(runId, params, words);
@@ -121,15 +125,17 @@ export async function renderRun(runId, params, token) {
     setParams({ step: ev.target.value }));
   document.getElementById("layer-close").addEventListener("click", () =>
     setParams({ layer: null, step: null }));
-  await refreshRun(runId, params, token);
+  await refreshRun(runId, params, token, early);
 }
 
-export async function refreshRun(runId, params, token) {
+// early: the run's and its checkpoints' answers when already asked for (renderRun).
+export async function refreshRun(runId, params, token, early = null) {
   const words = await vocabulary();
   const method = enc(switchOf(words, params, "method"));
-  const [run, checkpoints, gate] = await Promise.all([api(`/runs/${runId}`),
-    api(`/runs/${runId}/checkpoints`),
-    api(`/runs/${runId}/gate?method=${method}`).catch(() => null)]);
+  const [run, checkpoints, gate] = await Promise.all([
+    early ? early[0] : apiText(`/runs/${runId}`),
+    early ? early[1] : apiText(`/runs/${runId}/checkpoints`),
+    apiText(`/runs/${runId}/gate?method=${method}`).catch(() => null)]);
   if (token !== state.renderToken) return;
   setThresholds(run.thresholds);
   state.lastSignature = JSON.stringify([run.n_checkpoints, run.n_done, run.n_failed,
@@ -194,15 +200,16 @@ async function drawRunPlots(runId, params, words, token, run, done) {
     return;
   }
   const lastStep = done.reduce((m, c) => Math.max(m, c.step), -Infinity);
+  // 3 decimals: what the colours and the hover (%{z:.3f}) show; half the bytes.
   const heatQuery = new URLSearchParams({ metric: "alpha", max_points: "500", variant, order,
-    method });
+    method, digits: "3" });
   const kinds = kindQuery(words, params.get("kind"));
   if (kinds) heatQuery.set("kind", kinds);
   const m = `method=${enc(method)}`;
-  const latest = apiOnce(`/runs/${runId}/checkpoints/${lastStep}/layers?${m}`);
+  const latest = apiOnce(`/runs/${runId}/checkpoints/${lastStep}/layers?${m}`, { text: true });
   // Each panel asks for its own data and shows its own failure: one refused request (a bad
   // variant in the URL, a layer the server cannot answer for) never blanks the page.
-  const drawn = await Promise.all([
+  const panels = [
     inPanel("trend", token, async () => {
       const trend = await api(`/runs/${runId}/trend?${trendQuery(words, params)}`);
       if (token === state.renderToken) drawTrend(trend, words);
@@ -215,11 +222,9 @@ async function drawRunPlots(runId, params, words, token, run, done) {
       drawHeatmap(heat, Object.fromEntries(rows.layers.map((l) => [l.name, l.kind])));
       fillLayerPick(heat.layers, layer);
     }),
-    inPanel("changes-bars", token, async () => {
-      const rows = await latest.catch(() => ({ layers: [] }));
-      await drawChanges(runId, params, method, done,
-        Object.fromEntries(rows.layers.map((l) => [l.name, l.kind])), token);
-    }),
+    inPanel("changes-bars", token, () => drawChanges(runId, params, method, done,
+      latest.then((rows) => Object.fromEntries(rows.layers.map((l) => [l.name, l.kind])),
+        () => ({})), token)),
     inPanel("flags", token, async () => {
       const flags = await apiOnce(`/runs/${runId}/flags?${m}`);
       if (token === state.renderToken) drawFlags(flags.points);
@@ -235,7 +240,10 @@ async function drawRunPlots(runId, params, words, token, run, done) {
     }),
     inPanel("companion", token, () => drawCompanions(runId, params, words, token)),
     inPanel("layer-history", token, async () => { await layerTask; }),
-  ]);
+  ];
+  // Every panel has asked for its answer: Plotly is evaluated while the server computes them.
+  plotlyLoaded().catch(() => {});
+  const drawn = await Promise.all(panels);
   // A failed panel is asked again on the next refresh.
   if (token === state.renderToken && drawn.every(Boolean)) state.drawnKey = key;
 }
