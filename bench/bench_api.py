@@ -165,7 +165,7 @@ def checkpoint_layers(
     return layers
 
 
-def fill_chunk(args: tuple[str, list[tuple[int, int, int]], int]) -> int:
+def fill_chunk(args: tuple[str, list[tuple[int, int, int, bool]], int]) -> int:
     """COPY the layer rows and kept statistics (whole model and per block, made by the functions
     ``results.complete`` uses) of a list of (checkpoint id, seed, step index)."""
     dsn, work, n_layers = args
@@ -174,14 +174,15 @@ def fill_chunk(args: tuple[str, list[tuple[int, int, int]], int]) -> int:
         with cur.copy(f"COPY layer_metric ({QUOTED_LAYER_COLUMNS}) FROM STDIN") as lcopy:
             stats: list[dict[str, Any]] = []
             blocks: list[dict[str, Any]] = []
-            for checkpoint_id, seed, index in work:
+            for checkpoint_id, seed, index, with_blocks in work:
                 layers = checkpoint_layers(checkpoint_id, seed, index, names)
                 for layer in layers:
                     lcopy.write_row([layer[c] for c in LAYER_COLUMNS])
                 stats += stat_rows(layers, checkpoint_id=checkpoint_id, thresholds=Thresholds())
-                blocks += block_stat_rows(
-                    layers, checkpoint_id=checkpoint_id, thresholds=Thresholds()
-                )
+                if with_blocks:
+                    blocks += block_stat_rows(
+                        layers, checkpoint_id=checkpoint_id, thresholds=Thresholds()
+                    )
         with cur.copy(f"COPY checkpoint_stat ({', '.join(STAT_COLUMNS)}) FROM STDIN") as scopy:
             for row in stats:
                 scopy.write_row([row[c] for c in STAT_COLUMNS])
@@ -196,13 +197,14 @@ def libpq(url: str) -> str:
     return f"host={u.host} port={u.port or 5432} user={u.username} dbname={u.database}"
 
 
-def fill(url: str, runs: int, checkpoints: int, layers: int, jobs: int) -> float:
+def fill(url: str, runs: int, checkpoints: int, layers: int, jobs: int, block_runs: int) -> float:
+    """Fill the database; ``block_stat`` rows for the first ``block_runs`` runs (0: all)."""
     started = time.perf_counter()
     upgrade(url)
     dispose_all()
     dsn = libpq(url)
     now = datetime.now(UTC)
-    work: list[tuple[int, int, int]] = []
+    work: list[tuple[int, int, int, bool]] = []
     with psycopg.connect(dsn) as conn, conn.cursor() as cur:
         for r in range(runs):
             run_id = cur.execute(
@@ -232,8 +234,11 @@ def fill(url: str, runs: int, checkpoints: int, layers: int, jobs: int) -> float
                             layers,
                         )
                     )
-        rows = cur.execute("SELECT id, step FROM checkpoint ORDER BY id").fetchall()
-        work = [(cid, cid, step // 100 - 1) for cid, step in rows]
+        rows = cur.execute("SELECT id, run_id, step FROM checkpoint ORDER BY id").fetchall()
+        work = [
+            (cid, cid, step // 100 - 1, not block_runs or run_id <= block_runs)
+            for cid, run_id, step in rows
+        ]
     chunks = [work[i : i + 250] for i in range(0, len(work), 250)]
     done = 0
     with ProcessPoolExecutor(jobs) as pool:
@@ -398,7 +403,10 @@ def main() -> None:
         "--cache", default="on,off", help="result cache modes to measure: on, off or on,off"
     )
     parser.add_argument(
-        "--block-runs", type=int, default=0, help="per-block views of the first N runs (0: all)"
+        "--block-runs",
+        type=int,
+        default=0,
+        help="per-block views of the first N runs, and block_stat rows filled for them (0: all)",
     )
     parser.add_argument("--reuse", action="store_true", help="keep an existing filled database")
     parser.add_argument("--drop", action="store_true", help="drop the database afterwards")
@@ -419,7 +427,14 @@ def main() -> None:
             conn.execute(f'CREATE DATABASE "{args.database}"')
     fill_s = None
     if not (exists and args.reuse):
-        fill_s = fill(url, args.runs, args.checkpoints, args.layers, jobs=os.cpu_count() or 2)
+        fill_s = fill(
+            url,
+            args.runs,
+            args.checkpoints,
+            args.layers,
+            jobs=os.cpu_count() or 2,
+            block_runs=args.block_runs,
+        )
         print(f"fill: {fill_s:.0f} s", file=sys.stderr)
     with psycopg.connect(libpq(url)) as conn:
         n_runs, n_ckpt, n_layers = conn.execute(

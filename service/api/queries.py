@@ -242,13 +242,9 @@ def _chosen_from_rows(
         LayerMetric.rank_collapse,
         LayerMetric.trusted,
     ]
-    # Through the connection, not the ORM: tens of thousands of plain tuples, no entities.
-    rows = (
-        session.connection()
-        .execute(
-            select(*columns).where(LayerMetric.checkpoint_id.in_(checkpoint_ids), *layers.where())
-        )
-        .all()
+    rows = many_rows(
+        session,
+        select(*columns).where(LayerMetric.checkpoint_id.in_(checkpoint_ids), *layers.where()),
     )
     if by_block:
         rows = [r for r in rows if r[1] is not None]  # embeddings and head are in no block
