@@ -106,7 +106,7 @@ def main() -> int:
 
         settled: dict[str, object] = {}
         if args.settled:
-            settled = _settled_polls(watcher, server, settings.database_url, args.polls)
+            settled = _settled_polls(watcher, server, settings.database_url, urls, args.polls)
 
         write_checkpoint(work / "new", 99_999, seed=7)
         upload(fs, work / "new", urls[0])
@@ -156,7 +156,9 @@ def _put_tiny(runs: int, checkpoints: int) -> None:
             backend.put_object("bench", f"{folder}/trainer_state.json", state)
 
 
-def _settled_polls(watcher: Any, server: Any, url: str, polls: int) -> dict[str, object]:
+def _settled_polls(
+    watcher: Any, server: Any, url: str, urls: list[str], polls: int
+) -> dict[str, object]:
     """Every checkpoint marked analysed; ``polls`` idle passes of the whole worker."""
     from sqlalchemy import create_engine, text
 
@@ -167,6 +169,17 @@ def _settled_polls(watcher: Any, server: Any, url: str, polls: int) -> dict[str,
     engine.dispose()
     requests: list[dict[str, int]] = []
     seconds: list[float] = []
+    # The listings alone (the same LIST requests through a plain s3fs client): how much of a
+    # poll is the store's answer rather than alphawatch.
+    from tests.objectstore import client_fs
+
+    fs = client_fs(server)
+    listing: list[float] = []
+    for _ in range(polls):
+        started = time.perf_counter()
+        for run in urls:
+            fs.find(run.removeprefix("s3://"), detail=True, withdirs=False)
+        listing.append(time.perf_counter() - started)
     for _ in range(polls):
         server.reset()
         started = time.perf_counter()
@@ -178,6 +191,7 @@ def _settled_polls(watcher: Any, server: Any, url: str, polls: int) -> dict[str,
         "settled_worker_poll_requests": requests,
         "settled_worker_poll_s_median": round(statistics.median(seconds), 3),
         "settled_worker_poll_s": [round(x, 3) for x in seconds],
+        "listing_alone_s_median": round(statistics.median(listing), 3),
     }
 
 
