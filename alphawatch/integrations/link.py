@@ -245,6 +245,14 @@ class RunLink:
         A local folder is created when missing; a URL (``s3://bucket/prefix/run``, a ``str``)
         is registered as written, less a trailing slash, and nothing is created for it.
         """
+        if is_url(path) and "@" in str(path).partition("://")[2].partition("/")[0]:
+            # Never sent, stored or logged: the workers read the bucket with their own chain.
+            self._warn(
+                "folder",
+                "a run URL carrying credentials (user@ or key:secret@) is not registered; "
+                "credentials come from the cloud's standard chain on the workers",
+            )
+            return None
         self.path = place(path)
         if not is_url(path):
             try:

@@ -161,6 +161,12 @@ def test_a_url_is_never_a_path_and_a_refused_url_costs_one_warning(
     warnings = warnings_of(caplog)
     assert len(warnings) == 1 and "403" in warnings[0], warnings
     assert live.get("/runs")["runs"] == []
+    # A URL carrying credentials is never sent (nor logged): one warning, nothing registered.
+    caplog.clear()
+    secret_url = f"s3://AKIA:{SECRET}@{bucket}/team/run"
+    assert RunLink(url=live.url, token=live.token).start(secret_url) is None
+    assert len(warnings_of(caplog)) == 1 and SECRET not in caplog.text
+    assert live.get("/runs")["runs"] == []
     # The client sends a URL as written, never as a local path.
     client = Client(live.url, live.token)
     run = client.register(name="direct", path=f"{_bucket_of(live)}/direct")
