@@ -8,9 +8,9 @@ files read from disk.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import math
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -42,15 +42,22 @@ def gcs(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     from gcp_storage_emulator.server import create_server
 
     # gcsfs's experimental hierarchical-namespace probe asks a gRPC control API the emulator
-    # does not serve (a minute's timeout per bucket): off, as for any emulator.
+    # does not serve (a minute's timeout per bucket): off, as for any emulator. The variable
+    # is read when gcsfs is imported; where another test imported it first, its plain file
+    # system is put back in fsspec's registry for this test.
     monkeypatch.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
-    if "gcsfs" in sys.modules and sys.modules["gcsfs"].GCSFileSystem.__name__ != "GCSFileSystem":
-        pytest.skip("gcsfs was imported with its experimental file system before this test")
+    import gcsfs
+    import gcsfs.core
+
+    registry = importlib.import_module("fsspec.registry")  # the module, not fsspec.registry
+    plain = gcsfs.core.GCSFileSystem
+    monkeypatch.setattr(gcsfs, "GCSFileSystem", plain)
+    for protocol in ("gs", "gcs"):
+        monkeypatch.setitem(registry._registry, protocol, plain)
     port = free_port()
     server = create_server("127.0.0.1", port, in_memory=True, default_bucket=BUCKET)
     server.start()
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
-    import gcsfs
 
     try:
         yield gcsfs.GCSFileSystem(token="anon", skip_instance_cache=True)
