@@ -129,8 +129,9 @@ def make_bucket(server: CountingServer, name: str) -> None:
 def upload(
     fs: Any, local: Path, url: str, order: Callable[[list[Path]], list[Path]] = sorted
 ) -> None:
-    """Every file below ``local`` to ``url`` (``s3://bucket/prefix``), in ``order``."""
-    base = url.removeprefix("s3://").rstrip("/")
+    """Every file below ``local`` to ``url`` (``s3://bucket/prefix``, ``gs://...`` with a
+    gcsfs ``fs``), in ``order``."""
+    base = url.partition("://")[2].rstrip("/")
     files = [p for p in local.rglob("*") if p.is_file()]
     for file in order(files):
         fs.pipe_file(f"{base}/{file.relative_to(local).as_posix()}", file.read_bytes())

@@ -5,11 +5,12 @@
     trainer = Trainer(..., callbacks=[AlphaWatchCallback(url="http://alphawatch:8000",
                                                          token=os.environ["ALPHAWATCH_TOKEN"])])
 
-On train begin it registers ``args.output_dir`` as a run (the existing run when it is known
-already); after each save it asks the server to scan the folder now instead of at the worker's
-next poll; with ``stop_on_gate=True`` it reads the run's gate after each save and stops training
-when the gate fails on an analysed checkpoint. Only the world's process zero talks to the
-server. A server that is down costs one warning; training goes on.
+On train begin it registers ``args.output_dir`` (or ``path``: a URL such as
+``s3://bucket/prefix/run`` where a sync job uploads the output folder) as a run (the existing
+run when it is known already); after each save it asks the server to scan the folder now
+instead of at the worker's next poll; with ``stop_on_gate=True`` it reads the run's gate after
+each save and stops training when the gate fails on an analysed checkpoint. Only the world's
+process zero talks to the server. A server that is down costs one warning; training goes on.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from alphawatch.integrations.link import RunLink, log
+from alphawatch.integrations.link import RunLink, is_url, log
 
 
 class AlphaWatchCallback(TrainerCallback):
@@ -34,6 +35,9 @@ class AlphaWatchCallback(TrainerCallback):
             checkpoint. The gate judges the latest *analysed* checkpoint, so training stops at
             the first save after a failing checkpoint has been analysed.
         timeout_s: the longest one call to the server may hold the training loop.
+        path: where the checkpoints are watched, when not ``args.output_dir``: a local folder
+            or an object-store URL (``s3://bucket/prefix/run``, ``gs://...``), registered as
+            written. An ``output_dir`` that is itself a URL is registered as that URL.
     """
 
     def __init__(
@@ -43,16 +47,20 @@ class AlphaWatchCallback(TrainerCallback):
         run_name: str | None = None,
         stop_on_gate: bool = False,
         timeout_s: float = 5.0,
+        path: str | Path | None = None,
     ) -> None:
         self.link = RunLink(url, token, run_name, timeout_s=timeout_s)
+        self.path = path
         self.stop_on_gate = stop_on_gate
         self.stopped_by_gate = False
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        if state.is_world_process_zero and args.output_dir:
-            self.link.start(Path(args.output_dir))
+        where = self.path if self.path is not None else args.output_dir
+        if state.is_world_process_zero and where:
+            # A URL stays text: Path("s3://b/run") would be the local path s3:/b/run.
+            self.link.start(where if is_url(where) else Path(where))
 
     def on_save(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any

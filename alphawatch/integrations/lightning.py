@@ -20,7 +20,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from alphawatch.integrations.link import RunLink, log
+from alphawatch.integrations.link import RunLink, is_url, log
 
 
 class AlphaWatchCallback(pl.Callback):
@@ -33,7 +33,9 @@ class AlphaWatchCallback(pl.Callback):
         stop_on_gate: read the run's gate after each save and stop when it fails on an
             analysed checkpoint (the latest analysed: training stops at the first save after a
             failing checkpoint has been analysed).
-        dirpath: the folder to register; the trainer's checkpoint folder when None.
+        dirpath: the folder to register; the trainer's checkpoint folder when None. A URL
+            (``s3://bucket/prefix/run``: Lightning writes checkpoints there through fsspec)
+            is registered as written.
         timeout_s: the longest one call to the server may hold the training loop.
     """
 
@@ -48,7 +50,7 @@ class AlphaWatchCallback(pl.Callback):
     ) -> None:
         self.link = RunLink(url, token, run_name, timeout_s=timeout_s)
         self.stop_on_gate = stop_on_gate
-        self.dirpath = Path(dirpath) if dirpath is not None else None
+        self.dirpath = _place(dirpath)
         self.stopped_by_gate = False
         self._unseen_save = False
         self._seen: tuple[Any, ...] = ()
@@ -134,7 +136,13 @@ def _saves(trainer: pl.Trainer) -> tuple[Any, ...]:
     )
 
 
-def _checkpoint_dir(trainer: pl.Trainer) -> Path | None:
+def _checkpoint_dir(trainer: pl.Trainer) -> str | Path | None:
     callback = trainer.checkpoint_callback
-    dirpath = getattr(callback, "dirpath", None)
-    return Path(dirpath) if dirpath else None
+    return _place(getattr(callback, "dirpath", None) or None)
+
+
+def _place(dirpath: str | Path | None) -> str | Path | None:
+    """A folder as a ``Path``, a URL (``s3://...``) as its text: a ``Path`` collapses ``//``."""
+    if dirpath is None:
+        return None
+    return dirpath if is_url(dirpath) else Path(dirpath)

@@ -8,6 +8,10 @@ warning, after which calls are skipped for a while (``retry_after_s``) and train
     link.start(Path("runs/my-llama"), default_name="my-llama")   # at train begin
     link.saved()                                                  # after each checkpoint save
     if link.gate_failed(): ...                                    # stop_on_gate
+
+A run may live in object storage: ``link.start("s3://bucket/prefix/my-llama")`` registers that
+URL as it is written (a URL is text, never a ``Path``, which would collapse its ``//``); nothing is
+created for it (object stores have no folders) and no credential ever travels to the server.
 """
 
 from __future__ import annotations
@@ -30,6 +34,22 @@ log = logging.getLogger("alphawatch.integrations")
 DEFAULT_URL = "http://127.0.0.1:8000"
 # A run name the API accepts (schemas.RunCreate): word characters, dots and dashes.
 _NAME_UNSAFE = re.compile(r"[^\w.\-]+")
+# A URL (scheme://...): kept as text; the server says whether it takes the scheme.
+_URL = re.compile(r"[a-zA-Z][a-zA-Z0-9+.\-]*://.*", re.DOTALL)
+
+
+def is_url(path: str | Path) -> bool:
+    """Whether ``path`` is a URL (``s3://bucket/run``) rather than a local path: only a ``str``
+    can be (``Path("s3://b/x")`` is the local path ``s3:/b/x``)."""
+    return isinstance(path, str) and _URL.fullmatch(path) is not None
+
+
+def place(path: str | Path) -> str:
+    """The text a run's place is registered as: a URL as written, less a trailing slash; a
+    local path absolute and resolved."""
+    if is_url(path):
+        return str(path).rstrip("/")
+    return str(Path(path).resolve())
 
 
 class LinkError(Exception):
@@ -106,8 +126,9 @@ class Client:
         except ValueError as exc:
             raise LinkError(f"{method} {path}: the answer is not JSON", kind="http") from exc
 
-    def register(self, *, name: str, path: Path) -> RegisteredRun:
-        """Register ``path`` as run ``name``; the existing run when the name is taken."""
+    def register(self, *, name: str, path: str | Path) -> RegisteredRun:
+        """Register ``path`` (a local path, or a URL such as ``s3://bucket/run``, sent as
+        written) as run ``name``; the existing run when the name is taken."""
         try:
             run = self.call("POST", "/runs", {"name": name, "path": str(path)})
         except LinkError as exc:
@@ -166,9 +187,13 @@ def _detail(exc: urllib.error.HTTPError) -> str:
     return str(detail)
 
 
-def run_name_of(path: Path) -> str:
-    """A valid run name made from a folder's name."""
-    name = _NAME_UNSAFE.sub("-", Path(path).resolve().name).strip("-.")
+def run_name_of(path: str | Path) -> str:
+    """A valid run name made from a folder's name (a URL's last segment, or its bucket)."""
+    if is_url(path):
+        last = str(path).rstrip("/").partition("://")[2].rpartition("/")[2]
+    else:
+        last = Path(path).resolve().name
+    name = _NAME_UNSAFE.sub("-", last).strip("-.")
     return name[:255] or "run"
 
 
@@ -209,19 +234,32 @@ class RunLink:
         self.run_name = run_name
         self.retry_after_s = retry_after_s
         self.run: RegisteredRun | None = None
-        self.path: Path | None = None
+        self.path: str | None = None
         self.last_verdict: dict[str, Any] | None = None
         self._warned: set[str] = set()
         self._quiet_until = 0.0
 
-    def start(self, path: Path, *, default_name: str | None = None) -> RegisteredRun | None:
-        """Register ``path`` (created when missing) as a run; the run, or None on failure."""
-        self.path = Path(path).resolve()
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            self._warn("folder", f"cannot create {self.path}: {exc}")
+    def start(self, path: str | Path, *, default_name: str | None = None) -> RegisteredRun | None:
+        """Register ``path`` as a run; the run, or None on failure.
+
+        A local folder is created when missing; a URL (``s3://bucket/prefix/run``, a ``str``)
+        is registered as written, less a trailing slash, and nothing is created for it.
+        """
+        if is_url(path) and "@" in str(path).partition("://")[2].partition("/")[0]:
+            # Never sent, stored or logged: the workers read the bucket with their own chain.
+            self._warn(
+                "folder",
+                "a run URL carrying credentials (user@ or key:secret@) is not registered; "
+                "credentials come from the cloud's standard chain on the workers",
+            )
             return None
+        self.path = place(path)
+        if not is_url(path):
+            try:
+                Path(self.path).mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                self._warn("folder", f"cannot create {self.path}: {exc}")
+                return None
         self._quiet_until = 0.0
         return self._registered()
 
@@ -249,7 +287,7 @@ class RunLink:
             run = self._attempt("register", lambda: self.client.register(name=name, path=path))
             if isinstance(run, RegisteredRun):
                 self.run = run
-                if Path(run.path) != path:
+                if run.path != path and (is_url(path) or Path(run.path) != Path(path)):
                     self._warn(
                         "path",
                         f"run {run.name!r} exists at {run.path}, not at {path}: "

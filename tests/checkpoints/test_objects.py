@@ -9,6 +9,7 @@ of the same files on disk, byte for byte.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -50,11 +51,13 @@ def _options(**extra: Any) -> AnalysisOptions:
     return AnalysisOptions.from_settings(settings, confine=UNCONFINED, **extra)
 
 
-def _survey(url: str, *, settle_s: float = 0.0) -> tuple[list[Any], Mirrors]:
+def _survey(
+    url: str, *, settle_s: float = 0.0, now: float | None = None
+) -> tuple[list[Any], Mirrors]:
     mirrors = Mirrors()
     root = mirrors.sync(object_url(url))
     confine = ObjectConfinement.around(Confinement.to([]), mirrors, (url,))
-    return survey(root, settle_s=settle_s, confine=confine).refs, mirrors
+    return survey(root, settle_s=settle_s, now=now, confine=confine).refs, mirrors
 
 
 def _sharded(run: Path, step: int) -> Path:
@@ -307,3 +310,97 @@ def test_analyze_reads_a_url_as_it_reads_a_folder(
         for layer in doc["layers"]:
             layer.pop("elapsed_ms", None)
     assert remote["layers"] == local["layers"] and remote["summary"] == local["summary"]
+
+
+def _dcp_checkpoint(folder: Path, seed: int) -> dict[str, int]:
+    """A real torch DCP checkpoint written by two writer threads (two ``.distcp`` files);
+    the size of each file."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    generator = torch.Generator().manual_seed(seed)
+    state = {
+        f"model.layers.{i}.mlp.{kind}_proj.weight": torch.randn(64, 48, generator=generator)
+        for i in range(2)
+        for kind in ("up", "down")
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # saving without a process group is intended here
+        dcp.save({"model": state}, storage_writer=FileSystemWriter(folder, thread_count=2),
+                 no_dist=True)  # fmt: skip
+    sizes = {p.name: p.stat().st_size for p in folder.glob("*.distcp")}
+    assert len(sizes) == 2 and (folder / ".metadata").is_file()
+    return sizes
+
+
+def test_a_dcp_checkpoint_is_complete_only_when_its_data_is_whole(
+    s3: CountingServer, bucket: str, tmp_path: Path
+) -> None:
+    """DCP writes ``.metadata`` last, but a bucket has no rename: an uploader can put it
+    first, and a ``.distcp`` can land cut short. Neither counts as complete."""
+    folder = tmp_path / "run" / "step_10"
+    sizes = _dcp_checkpoint(folder, seed=1)
+    first, second = sorted(sizes)
+    fs = client_fs(s3)
+    base = f"{bucket}/run/step_10"
+    url = f"s3://{bucket}/run"
+    # .metadata first (the wrong order), then one data file: the other is missing.
+    fs.pipe_file(f"{base}/.metadata", (folder / ".metadata").read_bytes())
+    fs.pipe_file(f"{base}/{first}", (folder / first).read_bytes())
+    refs, _ = _survey(url, settle_s=3600)
+    assert [(r.step, r.format, r.complete) for r in refs] == [(10, "dcp", False)]
+    assert f"{second} is missing" in refs[0].reason
+
+    # The second half-uploaded: listed, but shorter than the bytes its records reach.
+    whole = (folder / second).read_bytes()
+    fs.pipe_file(f"{base}/{second}", whole[: len(whole) // 2])
+    refs, _ = _survey(url, settle_s=3600)
+    assert not refs[0].complete
+    assert f"holds {len(whole) // 2} of the {sizes[second]} bytes" in refs[0].reason
+
+    # Left that way for settle_s (by the objects' last-modified times): analysed, so that it
+    # fails visibly with the file named.
+    refs, _ = _survey(url, settle_s=60, now=time.time() + 61)
+    assert refs[0].complete and refs[0].reason.startswith("marker present but")
+    with pytest.raises(CheckpointError) as cut:
+        analyze_checkpoint(object_url(f"{url}/step_10"), None, _options())
+    assert f"{url}/step_10" in str(cut.value)
+
+    # Whole: complete, and read as the same files on disk are.
+    fs.pipe_file(f"{base}/{second}", whole)
+    refs, _ = _survey(url, settle_s=3600)
+    assert [(r.step, r.complete) for r in refs] == [(10, True)]
+    assert refs[0].reason == ".metadata written and its 2 data file(s) whole"
+    local = analyze_checkpoint(folder, None, _options())
+    remote = analyze_checkpoint(object_url(f"{url}/step_10"), None, _options())
+    assert _rows(remote) == _rows(local) and len(local.layers) == 4
+
+
+def test_a_dcp_folder_on_disk_follows_the_same_rule(tmp_path: Path) -> None:
+    folder = tmp_path / "run" / "step_20"
+    sizes = _dcp_checkpoint(folder, seed=2)
+    name = sorted(sizes)[0]
+    data = (folder / name).read_bytes()
+    (folder / name).write_bytes(data[:100])
+    [ref] = survey(tmp_path / "run", settle_s=3600).refs
+    assert not ref.complete and f"holds 100 of the {sizes[name]} bytes" in ref.reason
+    (folder / name).write_bytes(data)
+    [ref] = survey(tmp_path / "run", settle_s=3600).refs
+    assert ref.complete
+    # Metadata that names a data file outside the folder is refused, not waited for (the
+    # name keeps its length: "__0_0.distcp" -> "../x/.distcp", the pickle stays well formed).
+    metadata = (folder / ".metadata").read_bytes()
+    (folder / ".metadata").write_bytes(
+        metadata.replace(name.encode(), b"../x/" + name[5:].encode())
+    )
+    [ref] = survey(tmp_path / "run", settle_s=3600).refs
+    assert ref.error is not None and "is not a plain relative name" in ref.error, ref
+    # Metadata naming code is never run by discovery: not complete until settled, then
+    # handed to the analysis (which refuses it, tests/workers/hostile.py).
+    (folder / ".metadata").write_bytes(b"\x80\x02cos\nsystem\nX\x01\x00\x00\x00x\x85R.")
+    [ref] = survey(tmp_path / "run", settle_s=3600).refs
+    assert not ref.complete and "global os.system is not DCP metadata" in ref.reason
+    [ref] = survey(tmp_path / "run", settle_s=0).refs
+    assert ref.complete

@@ -82,12 +82,19 @@ class Live:
 
 
 def start_live(
-    db_url: str, root: Path, *, poll_interval_s: float = 0.3, trust: Thresholds | None = None
+    db_url: str,
+    root: Path,
+    *,
+    poll_interval_s: float = 0.3,
+    trust: Thresholds | None = None,
+    url_roots: tuple[str, ...] = (),
 ) -> Iterator[Live]:
+    """A live server and worker; runs may live under ``root`` and the URL prefixes
+    ``url_roots`` (``s3://bucket/team``)."""
     root.mkdir(parents=True, exist_ok=True)
     settings = Settings(
         database_url=db_url,
-        allowed_roots=[root],
+        allowed_roots=[root, *url_roots],
         device="cpu",
         settle_s=0.0,
         poll_interval_s=poll_interval_s,

@@ -160,3 +160,27 @@ def test_two_workers_share_the_checkpoints_of_a_run_in_a_bucket(
     assert [status for status, _ in jobs] == ["done"] * 4
     assert {worker for _, worker in jobs} == {first.worker_id, second.worker_id}
     assert _rows(pg_url, "SELECT count(*) FROM layer_metric") == [(4 * 3,)]
+
+
+def test_a_settled_fleet_costs_one_list_per_run_per_worker_poll(
+    s3: CountingServer, bucket: str, tmp_path: Path, pg_url: str
+) -> None:
+    """Every checkpoint analysed: a poll of the whole worker (discovery, then the queue) asks
+    the store for one listing per run and nothing else, poll after poll."""
+    runs, checkpoints = 3, 4
+    fs = client_fs(s3)
+    urls = [f"s3://{bucket}/fleet/run-{r}" for r in range(runs)]
+    for r, url in enumerate(urls):
+        for c in range(1, checkpoints + 1):
+            write_checkpoint(tmp_path / f"run-{r}", c * 10, seed=10 * r + c)
+        upload(fs, tmp_path / f"run-{r}", url)
+    watcher = Watcher(worker_settings(pg_url), urls)
+    try:
+        assert watcher.run_once() == runs * checkpoints  # registered and analysed
+        assert _rows(pg_url, "SELECT DISTINCT status FROM checkpoint") == [("done",)]
+        for _ in range(3):
+            s3.reset()
+            assert watcher.run_once() == 0
+            assert s3.snapshot() == {"LIST": runs}
+    finally:
+        watcher.close()

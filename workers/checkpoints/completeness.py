@@ -4,22 +4,27 @@ A checkpoint is analysed only once its producer says it is complete: Hugging Fac
 ``trainer_state.json`` last, sharded safetensors are complete when the index exists and every
 shard's size equals 8 + header + largest data offset, DeepSpeed and Megatron write a tracker file
 (``latest``, ``latest_checkpointed_iteration.txt``) after the step folder, torch DCP writes
-``.metadata`` last. Anything else is complete once its files stop changing for ``settle_s``
-(:func:`files_settled`). Every file read here is bounded (:data:`PARSE_MAX`, tracker files a few
-kilobytes), and every step number is checked to fit a BIGINT (:func:`parse_step`).
+``.metadata`` last and is complete when every ``.distcp`` file it records holds at least the
+bytes its records reach (:func:`dcp_completion`). Anything else is complete once its files stop
+changing for ``settle_s`` (:func:`files_settled`). Every file read here is bounded
+(:data:`PARSE_MAX`, tracker files a few kilobytes), and every step number is checked to fit
+a BIGINT (:func:`parse_step`).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
+import pickle
 import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
+from typing import ClassVar
 
 from alphawatch.vocabulary import (
     MAX_STEP,  # BIGINT: beyond it (or below 0) is refused, never wrapped
@@ -311,3 +316,154 @@ def tracker_steps(folder: Path, confine: Confinement) -> Trackers:
         "deepspeed": _tracker_step(folder / "latest", confine),
         "megatron": _tracker_step(folder / "latest_checkpointed_iteration.txt", confine),
     }
+
+
+class _Record:
+    """An object a DCP ``.metadata`` pickle builds, kept as inert data: the arguments it was
+    made with and the state it was given. Nothing of torch is imported, no code is run."""
+
+    args: tuple[object, ...] = ()
+    state: object = None
+
+    def __init__(self, *args: object) -> None:
+        self.args = args
+
+    def __setstate__(self, state: object) -> None:
+        self.state = state
+
+    def field(self, name: str) -> object:
+        """A dataclass field of the record (a dict state, or slots as ``(None, dict)``)."""
+        state = self.state
+        if isinstance(state, tuple) and len(state) == 2:
+            state = {**(state[0] or {}), **(state[1] or {})}
+        return state.get(name) if isinstance(state, dict) else None
+
+
+_RECORD_MODULES = ("torch", "pathlib", "collections")
+
+
+class _LayoutUnpickler(pickle.Unpickler):
+    """Reads a DCP ``.metadata`` pickle into :class:`_Record` objects: every global a pickle of
+    torch's, ``pathlib`` or ``collections`` names is a record type; any other is refused."""
+
+    _types: ClassVar[dict[tuple[str, str], type[_Record]]] = {}
+
+    def find_class(self, module: str, name: str) -> type[_Record]:
+        if module.partition(".")[0] not in _RECORD_MODULES:
+            raise pickle.UnpicklingError(f"global {module}.{name} is not DCP metadata")
+        key = (module, name)
+        made = self._types.get(key)
+        if made is None:
+            made = self._types[key] = type(name, (_Record,), {"__slots__": ()})
+        return made
+
+
+def dcp_layout(data: bytes) -> dict[str, int] | None:
+    """From the bytes of a DCP ``.metadata``, the byte each data file must reach: for every
+    file its records name, the largest ``offset + length`` among them. None when the metadata
+    records no file layout alphawatch knows (another storage writer's): no size to check.
+
+    Raises:
+        ValueError: the bytes are no DCP metadata (pickle.UnpicklingError is one).
+    """
+    try:
+        metadata = _LayoutUnpickler(io.BytesIO(data)).load()
+    except (pickle.UnpicklingError, EOFError, TypeError, AttributeError, IndexError) as exc:
+        raise ValueError(f"not DCP metadata: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(metadata, _Record) or type(metadata).__name__ != "Metadata":
+        raise ValueError("not DCP metadata: the pickle holds no Metadata record")
+    storage = metadata.field("storage_data")
+    if not isinstance(storage, dict) or not storage:
+        return None
+    ends: dict[str, int] = {}
+    for info in storage.values():
+        if not isinstance(info, _Record):
+            return None
+        name, offset, length = (info.field(k) for k in ("relative_path", "offset", "length"))
+        if not (isinstance(name, str) and isinstance(offset, int) and isinstance(length, int)):
+            return None
+        if offset < 0 or length < 0:
+            raise ValueError(f"not DCP metadata: {name!r} at a negative offset or length")
+        ends[name] = max(ends.get(name, 0), offset + length)
+    return ends
+
+
+class DcpLayouts:
+    """The layouts of DCP ``.metadata`` files, parsed once per version of the file (its
+    device, inode, size and mtime), so a settled checkpoint costs no read at the next pass."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size = size
+        self.parsed = 0
+        self._seen: dict[str, tuple[tuple[int, int, int, int], dict[str, int] | None]] = {}
+
+    def layout(self, metadata: Path, confine: Confinement) -> dict[str, int] | None:
+        """:func:`dcp_layout` of ``metadata``.
+
+        Raises:
+            ValueError: no DCP metadata; CheckpointError: larger than :data:`PARSE_MAX`;
+            OSError: unreadable or gone; OutsideRootError: it resolves outside the roots.
+        """
+        confine.check(metadata, "DCP metadata")
+        st = os.stat(metadata)
+        stamp_ = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        key = str(metadata)
+        last = self._seen.get(key)
+        if last is not None and last[0] == stamp_:
+            return last[1]
+        self.parsed += 1
+        ends = dcp_layout(confine.read_bytes(metadata, "DCP metadata", PARSE_MAX))
+        self._seen.pop(key, None)
+        if len(self._seen) >= self.size:
+            del self._seen[next(iter(self._seen))]  # the oldest entry
+        self._seen[key] = (stamp_, ends)
+        return ends
+
+
+DCP_LAYOUTS = DcpLayouts()
+
+
+def dcp_completion(
+    folder: Path, confine: Confinement, now: float, settle_s: float
+) -> tuple[bool, str]:
+    """Whether a DCP folder (one with ``.metadata``) is complete, and why.
+
+    DCP writes ``.metadata`` after every rank's data, but an object store has no rename: the
+    metadata can be listed before the data it records, or beside a data file cut short. The
+    folder is complete when every ``.distcp`` file the metadata records is present and holds at
+    least the bytes its records reach (largest ``offset + length``). Metadata that does not
+    parse, or that stays ahead of its data for ``settle_s`` (nothing changed), makes the
+    folder complete all the same, so that its analysis fails visibly with the error rather
+    than waiting for ever; metadata larger than :data:`PARSE_MAX` is not parsed (complete).
+
+    Raises:
+        OutsideRootError: the metadata or a data file it records resolves outside the roots.
+    """
+    metadata = folder / ".metadata"
+    if _larger(metadata, PARSE_MAX, confine):
+        return True, f".metadata written (larger than discovery parses, {PARSE_MAX} bytes)"
+    try:
+        ends = DCP_LAYOUTS.layout(metadata, confine)
+    except OutsideRootError:
+        raise
+    except (OSError, ValueError, CheckpointError) as exc:
+        problem = f".metadata does not parse: {printable(str(exc))[:200]}"
+        if files_settled(folder, confine, now, settle_s):
+            return True, f"{problem}; files settled"
+        return False, f"{problem} yet"
+    if ends is None:
+        return True, ".metadata written (records no file sizes to check)"
+    for name, end in sorted(ends.items()):
+        data = confine.member(folder, name, "DCP data file named by .metadata")
+        try:
+            held = os.stat(data).st_size
+        except FileNotFoundError:
+            problem = f"{shown(data)} is missing"
+        else:
+            if held >= end:
+                continue
+            problem = f"{shown(data)} holds {held} of the {end} bytes .metadata records"
+        if files_settled(folder, confine, now, settle_s):
+            return True, f"marker present but {problem}"
+        return False, problem
+    return True, f".metadata written and its {len(ends)} data file(s) whole"

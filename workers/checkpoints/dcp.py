@@ -20,6 +20,7 @@ from typing import Any, cast
 
 import torch
 from torch.distributed.checkpoint import metadata as dcp_metadata
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import FileSystem, FileSystemReader, _StorageInfo
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict_loader import load
@@ -186,6 +187,35 @@ def iter_dcp(
             raise CheckpointVanished(path, f"{path} disappeared while being read") from exc
         except CheckpointError:
             raise
+        except CheckpointException as exc:  # a BaseException: torch's wrapper of a rank's failure
+            raise _load_failure(path, key, metadata, exc) from exc
         except Exception as exc:
             raise CheckpointError(path, f"{path}: cannot read {key!r} from DCP: {exc}") from exc
         yield key, target.pop(key), None, path
+
+
+def _load_failure(
+    path: Path, key: str, metadata: Metadata, exc: CheckpointException
+) -> CheckpointError:
+    """The error a failed ``load`` of ``key`` stands for, naming the data files it was read
+    from: torch wraps each rank's exception (an ``EOFError`` for a ``.distcp`` cut short)."""
+    causes = [f[0] if isinstance(f, tuple) else f for f in exc.failures.values()]
+    for cause in causes:
+        if isinstance(cause, FileNotFoundError):
+            return CheckpointVanished(path, f"{path} disappeared while being read")
+        if isinstance(cause, CheckpointError):
+            return cause
+    files = sorted(
+        {
+            str(getattr(info, "relative_path", "?"))
+            for index, info in (metadata.storage_data or {}).items()
+            if getattr(index, "fqn", None) == key
+        }
+    )
+    cause = causes[0] if causes else exc
+    why = f"{type(cause).__name__}: {cause}".rstrip(": ")
+    if isinstance(cause, EOFError):
+        why += " (the data file ends before the records of .metadata do: cut short?)"
+    return CheckpointError(
+        path, f"{path}: cannot read {key!r} from DCP ({', '.join(files) or 'no file'}): {why}"
+    )

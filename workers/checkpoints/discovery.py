@@ -26,6 +26,7 @@ from alphawatch.workers.checkpoints.completeness import (
     NO_TRACKERS,
     StepError,
     Trackers,
+    dcp_completion,
     files_settled,
     hf_completion,
     parse_step,
@@ -170,12 +171,13 @@ def _dir_ref(child: Path, trackers: Trackers, scan: _Scan) -> CheckpointRef | No
         )
     if (child / ".metadata").exists():
         match = _STEP_IN_NAME.search(name)
+        complete, reason = dcp_completion(child, scan.confine, scan.now, scan.settle_s)
         return CheckpointRef(
             child,
             parse_step(match.group(1), child) if match else None,
             "dcp",
-            True,
-            ".metadata written",
+            complete,
+            reason,
             _print(child, scan),
         )
     return None

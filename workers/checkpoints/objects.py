@@ -191,7 +191,11 @@ class ObjectStore:
         except TypeError:  # a file system whose files do not take a known size: one HEAD
             handle = self.fs.open(path, "rb", cache_type="none", block_size=_CHUNK)
         # What fsspec would otherwise ask a HEAD for.
-        handle.details = {"name": path, "size": listed.size, "type": "file"}
+        details = {"name": path, "size": listed.size, "type": "file"}
+        try:
+            handle.details = details
+        except AttributeError:  # gcsfs: a read-only property over ``_details``
+            handle._details = details
         read_kw = getattr(handle, "read_kw", None)
         if listed.version and self.scheme == "s3" and isinstance(read_kw, dict):
             # Every ranged GET names the listed version: S3 answers 412 once it was replaced.
