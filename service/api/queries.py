@@ -578,7 +578,8 @@ def block_trends(
     points: dict[int, dict[int, dict[str, Any]]] = defaultdict(dict)
     missing = list(step)
     if key in BLOCK_KINDS and query.metric in BLOCK_METRICS and step:
-        kept = session.execute(
+        kept = many_rows(
+            session,
             select(
                 BlockStat.checkpoint_id,
                 BlockStat.block,
@@ -587,8 +588,8 @@ def block_trends(
                 BlockStat.checkpoint_id.in_(missing),
                 BlockStat.variant == layers.variant,
                 *_kept_on(BlockStat, query=query, kinds=key, method=method, thresholds=thresholds),
-            )
-        ).all()
+            ),
+        )
         for row in kept:
             points[row[1]][row[0]] = _kept_point(step[row[0]], row, 2, query.stat)
         # A checkpoint with no kept row of any block was analysed before they were kept (or
