@@ -1,4 +1,5 @@
-"""Read responses kept in memory until PostgreSQL says that results changed.
+"""Read responses kept in memory, and shared by the API processes, until PostgreSQL says that
+results changed.
 
 A dashboard refreshes the same trends and histories every few seconds, and a CI job asks for the
 same gate of the same run: between two analysed checkpoints the answers do not change. Each API
@@ -15,20 +16,35 @@ Correctness rests on two rules:
 * a body is stored under the version read *before* its query ran; a notification that arrives
   while the query runs bumps the version, so the body is never served. PostgreSQL delivers a
   notification after its transaction is visible, so a query that starts after the bump sees it.
+
+A second tier is shared by every API process (``api_answer``, migration 0016): a process that
+misses in memory asks it before computing, and keeps what it computed there. Its key is the
+process's **token**, the payload of the last notification it received. Notifications name
+their transaction and every listener receives them in commit order, so two processes with the
+same token have seen the same results, and share answers under it. A process that (re)connects
+has no token until it hears one: it announces itself with a notification of its own
+(``hello:<id>``), which every process hears after the commits it heard before.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+import time
+import uuid
 from collections import OrderedDict
+from typing import Any
 
 import psycopg
 from sqlalchemy.engine import make_url
 
+from alphawatch.service.db.answers import PRUNE_SQL
+
 log = logging.getLogger("alphawatch.api.cache")
 
 CHANNEL = "alphawatch_results"
+PRUNE_EVERY_S = 2.0
 
 
 def libpq_url(database_url: str) -> str:
@@ -54,6 +70,7 @@ class ResultCache:
         self._entries: OrderedDict[str, tuple[int, bytes]] = OrderedDict()
         self._lock = threading.Lock()
         self._version = 0
+        self._token: str | None = None
         self._live = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -67,6 +84,11 @@ class ResultCache:
     def version(self) -> int | None:
         """The version a computation started now would be stored under; None when not live."""
         return self._version if self._live.is_set() else None
+
+    def token(self) -> str | None:
+        """The key of the shared tier now (the last notification heard); None when not live or
+        when none was heard since the listener connected."""
+        return self._token if self._live.is_set() else None
 
     def get(self, key: str) -> bytes | None:
         if not self._live.is_set():
@@ -98,11 +120,18 @@ class ResultCache:
                 _key, (_version, dropped) = self._entries.popitem(last=False)
                 self._size -= len(dropped)
 
-    def invalidate(self) -> None:
+    def invalidate(self, token: str | None = None) -> None:
+        """Drop every kept body; ``token`` is the notification that said so (None: unknown, as
+        after a lost connection or a write of this process, until the next one is heard)."""
         with self._lock:
             self._version += 1
+            self._token = token
             self._entries.clear()
             self._size = 0
+
+    @property
+    def max_bytes(self) -> int:
+        return self._max
 
     def start(self) -> None:
         self._stop.clear()
@@ -131,11 +160,18 @@ class ResultCache:
                     # Anything may have changed while nobody listened.
                     self.invalidate()
                     self._live.set()
+                    # Heard by every process after the commits they heard before: a token.
+                    conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, f"hello:{uuid.uuid4()}"))
                     backoff = 0.5
                     idle = 0.0
+                    pruned = 0.0
                     while not self._stop.is_set():
-                        for _note in conn.notifies(timeout=self._poll_s):
-                            self.invalidate()
+                        for note in conn.notifies(timeout=self._poll_s):
+                            self.invalidate(note.payload)
+                        token = self._token
+                        if token is not None and time.monotonic() - pruned >= PRUNE_EVERY_S:
+                            pruned = time.monotonic()
+                            self._prune(conn, token)
                         idle += self._poll_s
                         if idle >= 5.0:  # a dead server shows itself here, not in notifies()
                             conn.execute("SELECT 1")
@@ -148,3 +184,9 @@ class ResultCache:
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 10.0)
         self._live.clear()
+
+    @staticmethod
+    def _prune(conn: psycopg.Connection[Any], token: str) -> None:
+        # A database not yet at migration 0016 has no shared tier (the reads skip it too).
+        with contextlib.suppress(psycopg.errors.UndefinedTable):
+            conn.execute(PRUNE_SQL, (token,))

@@ -477,3 +477,17 @@ LAYER_COLUMNS = frozenset(a.key for a in LayerMetric.__mapper__.column_attrs) - 
     "id",
     "checkpoint_id",
 }
+
+
+class ApiAnswer(Base):
+    """A read answer of the API kept for every API process: the result cache's shared tier.
+
+    ``token`` is the payload of the last result notification the process that computed it had
+    received; a process serves the row only while its own last notification is the same one
+    (service/api/cache.py). UNLOGGED on PostgreSQL (migration 0016): a cache, not data.
+    """
+
+    __tablename__ = "api_answer"
+    key: Mapped[str] = mapped_column(Text, primary_key=True)
+    token: Mapped[str] = mapped_column(String(128))
+    body: Mapped[bytes] = mapped_column(LargeBinary)

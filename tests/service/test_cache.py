@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 
 from alphawatch.service.api import create_app
 from alphawatch.service.api.cache import ResultCache, libpq_url
-from alphawatch.service.db import queue, registry, results
+from alphawatch.service.db import answers, queue, registry, results
 from alphawatch.service.db.rows import LayerRow
 from alphawatch.service.db.session import make_engine, session_scope
 from alphawatch.settings import Settings
@@ -69,40 +69,7 @@ def test_a_completed_checkpoint_is_visible_at_once(client: TestClient, pg_url: s
     before = client.get(TREND).json()
     assert client.get(TREND).headers["x-cache"] == "hit"
     version = _cache(client).version()
-    engine = make_engine(pg_url)
-    with session_scope(engine) as session:
-        registry.register_checkpoint(
-            session, run_id=1, step=400, path="/r/400", fingerprint="y", fmt="hf"
-        )
-    with session_scope(engine) as session:
-        job = queue.claim(session, worker_id="w", lease_s=60)
-    assert job is not None and job.step == 400
-    layers = [
-        LayerRow(
-            name="model.layers.0.q_proj",
-            kind="q",
-            block=0,
-            method="ww",
-            fit_status="ok",
-            correlation_trap=False,
-            rank_collapse=False,
-            trusted=True,
-            alpha=3.25,
-            D=0.05,
-            num_pl_spikes=20,
-        )
-    ]
-    with session_scope(engine) as session:
-        assert results.complete(
-            session,
-            job_id=job.job_id,
-            worker_id="w",
-            layers=layers,
-            spectra=[],
-            device="cpu",
-            elapsed_s=0.1,
-            thresholds=Thresholds(),
-        )
+    _complete_step(pg_url, 400, alpha=3.25)
     _until(lambda: _cache(client).version() != version)
     after = client.get(TREND)
     assert after.headers["x-cache"] == "miss"
@@ -198,7 +165,7 @@ def test_concurrent_misses_of_one_url_share_one_computation(client: TestClient) 
             answers = list(pool.map(ask, range(n)))
         kinds = [kind for kind, _ in answers]
         assert kinds.count("miss") == 1, kinds
-        assert set(kinds) <= {"miss", "shared", "hit"}
+        assert set(kinds) <= {"miss", "waited", "hit"}
         assert len({body for _, body in answers}) == 1
 
 
@@ -213,3 +180,104 @@ def test_a_shared_failure_is_every_waiters_answer(client: TestClient) -> None:
 
     with ThreadPoolExecutor(6) as pool:
         assert set(pool.map(ask, range(6))) == {404}
+
+
+def _complete_step(pg_url: str, step: int, *, alpha: float) -> None:
+    """Register, claim and complete a checkpoint of run 1 at ``step``, as a worker would."""
+    engine = make_engine(pg_url)
+    with session_scope(engine) as session:
+        registry.register_checkpoint(
+            session, run_id=1, step=step, path=f"/r/{step}", fingerprint="y", fmt="hf"
+        )
+    with session_scope(engine) as session:
+        job = queue.claim(session, worker_id="w", lease_s=60)
+    assert job is not None and job.step == step
+    layers = [
+        LayerRow(
+            name="model.layers.0.q_proj",
+            kind="q",
+            block=0,
+            method="ww",
+            fit_status="ok",
+            correlation_trap=False,
+            rank_collapse=False,
+            trusted=True,
+            alpha=alpha,
+            D=0.05,
+            num_pl_spikes=20,
+        )
+    ]
+    with session_scope(engine) as session:
+        assert results.complete(
+            session,
+            job_id=job.job_id,
+            worker_id="w",
+            layers=layers,
+            spectra=[],
+            device="cpu",
+            elapsed_s=0.1,
+            thresholds=Thresholds(),
+        )
+
+
+def _settle(pg_url: str, *caches: ResultCache) -> None:
+    """Send a notification after everything committed so far, and wait until every cache heard
+    it last (they then share one token)."""
+    marker = f"marker:{time.monotonic_ns()}"
+    with psycopg.connect(libpq_url(pg_url), autocommit=True) as conn:
+        conn.execute("SELECT pg_notify('alphawatch_results', %s)", (marker,))
+    _until(lambda: all(cache.token() == marker for cache in caches))
+
+
+def test_api_processes_share_answers_until_the_results_change(pg_url: str) -> None:
+    """What one API process computed is the other's answer, under the same last notification;
+    after a write neither serves the old answer, and the old one is pruned from the table."""
+    random_run(pg_url)
+    one = TestClient(create_app(Settings(database_url=pg_url)))
+    other = TestClient(create_app(Settings(database_url=pg_url)))
+    with one, other:
+        first, second = _cache(one), _cache(other)
+        assert first.wait_live(10) and second.wait_live(10)
+        # Both heard the same last notification: one sent after every other.
+        _settle(pg_url, first, second)
+        computed = one.get(TREND)
+        assert computed.headers["x-cache"] == "miss"
+        shared = other.get(TREND)
+        assert shared.headers["x-cache"] == "peer"
+        assert shared.content == computed.content
+        assert other.get(TREND).headers["x-cache"] == "hit"
+        token = first.token()
+
+        _complete_step(pg_url, 400, alpha=3.25)
+        _settle(pg_url, first, second)
+        assert first.token() != token
+        fresh = other.get(TREND)
+        assert fresh.headers["x-cache"] == "miss"
+        assert fresh.json()["points"][-1] == {**fresh.json()["points"][-1], "step": 400}
+        again = one.get(TREND)
+        assert again.headers["x-cache"] == "peer"
+        assert again.content == fresh.content
+
+        # Only answers under the token now heard are left in the table.
+        def tokens() -> set[str]:
+            with psycopg.connect(libpq_url(pg_url), autocommit=True) as conn:
+                return {t for (t,) in conn.execute("SELECT token FROM api_answer")}
+
+        _until(lambda: tokens() == {first.token()})
+
+
+def test_an_answer_of_another_token_is_never_served(pg_url: str) -> None:
+    random_run(pg_url)
+    with TestClient(create_app(Settings(database_url=pg_url))) as client:
+        cache = _cache(client)
+        assert cache.wait_live(10)
+        _until(lambda: cache.token() is not None)
+        # A row kept under a token this process has not heard (a process behind or ahead).
+        with psycopg.connect(libpq_url(pg_url), autocommit=True) as conn:
+            conn.execute(
+                "INSERT INTO api_answer (key, token, body) VALUES (%s, %s, %s)",
+                (answers._row_key(f"{TREND}?[]"), "elsewhere:1", b'{"forged": true}'),
+            )
+        answer = client.get(TREND)
+        assert answer.headers["x-cache"] == "miss"
+        assert "forged" not in answer.text

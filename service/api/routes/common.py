@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import weakref
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, suppress
+from functools import partial
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
@@ -17,12 +18,14 @@ from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, TypeAdapter
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from alphawatch.service.api.auth import read_access
 from alphawatch.service.api.cache import ResultCache
 from alphawatch.service.api.errors import documented
 from alphawatch.service.api.selections import INT32
+from alphawatch.service.db import answers
 from alphawatch.service.db.session import make_engine, session_scope
 from alphawatch.settings import Settings
 from alphawatch.vocabulary import MAX_STEP
@@ -76,6 +79,38 @@ def _compute(
     return adapter.dump_json(adapter.validate_python(answer))
 
 
+def _answer(
+    settings: Settings,
+    build: Callable[[Session], dict[str, Any]],
+    adapter: TypeAdapter[Any],
+    *,
+    key: str,
+    token: str | None,
+    max_bytes: int,
+) -> tuple[bytes, str]:
+    """The body of a miss in this process's memory, and where it came from: another API
+    process's answer kept under the same token (``peer``), else computed here (``miss``) and
+    kept for the others."""
+    if token is not None:
+        with (
+            suppress(DBAPIError),
+            session_scope(make_engine(settings.database_url, reads=True)) as session,
+        ):
+            kept = answers.get(session, key=key, token=token)
+            if kept is not None:
+                return kept, "peer"
+    body = _compute(settings, build, adapter)
+    if token is not None and 8 * len(body) <= max_bytes:
+        # Sharing is a saving, never a failure: a database before migration 0016 has no
+        # shared tier, and a store that fails leaves the answer to this process.
+        with (
+            suppress(DBAPIError),
+            session_scope(make_engine(settings.database_url)) as session,
+        ):
+            answers.put(session, key=key, token=token, body=body)
+    return body, "miss"
+
+
 _ADAPTERS: dict[type[BaseModel], TypeAdapter[Any]] = {}
 # Computations in progress, per event loop (a process serves one; tests may start several).
 _FLIGHTS: weakref.WeakKeyDictionary[
@@ -92,7 +127,9 @@ async def cached(
     pool with its own session, and its body is kept under the version read before it ran.
     Concurrent misses of one URL at one version share one computation: when a checkpoint
     lands, every dashboard and CI job polling the run asks again at once, and all but the
-    first wait for its body (``X-Cache: shared``) instead of computing the same answer.
+    first wait for its body (``X-Cache: waited``) instead of computing the same answer. A miss
+    first asks the tier the API processes share (``X-Cache: peer``), and what it computes is
+    kept there.
     """
     settings: Settings = request.app.state.settings
     cache: ResultCache | None = request.app.state.cache
@@ -106,7 +143,7 @@ async def cached(
     body = cache.get(key)
     if body is not None:
         return Response(body, media_type="application/json", headers={"X-Cache": "hit"})
-    version = cache.version()
+    version, token = cache.version(), cache.token()
     loop = asyncio.get_running_loop()
     flights: dict[tuple[str, int], asyncio.Future[bytes]] = _FLIGHTS.setdefault(loop, {})
     flight = (key, version) if version is not None else None
@@ -118,7 +155,7 @@ async def cached(
             if error is not None:
                 raise error
             return Response(
-                pending.result(), media_type="application/json", headers={"X-Cache": "shared"}
+                pending.result(), media_type="application/json", headers={"X-Cache": "waited"}
             )
         # The first asker went away before its answer was made: compute it here.
     future: asyncio.Future[bytes] | None = None
@@ -127,7 +164,17 @@ async def cached(
         # An error nobody else waited for is this request's alone: no "never retrieved" warning.
         future.add_done_callback(lambda f: f.cancelled() or f.exception())
     try:
-        body = await run_in_threadpool(_compute, settings, build, adapter)
+        computed, source = await run_in_threadpool(
+            partial(
+                _answer,
+                settings,
+                build,
+                adapter,
+                key=key,
+                token=token,
+                max_bytes=cache.max_bytes,
+            )
+        )
     except asyncio.CancelledError:
         if future is not None:
             future.cancel()
@@ -140,6 +187,6 @@ async def cached(
         if future is not None and flights.get(flight) is future:  # type: ignore[arg-type]
             del flights[flight]  # type: ignore[arg-type]
     if future is not None:
-        future.set_result(body)
-    cache.put(key, version, body)
-    return Response(body, media_type="application/json", headers={"X-Cache": "miss"})
+        future.set_result(computed)
+    cache.put(key, version, computed)
+    return Response(computed, media_type="application/json", headers={"X-Cache": source})
