@@ -71,6 +71,7 @@ class ResultCache:
         self._lock = threading.Lock()
         self._version = 0
         self._token: str | None = None
+        self._shared = 0
         self._live = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -128,10 +129,18 @@ class ResultCache:
             self._token = token
             self._entries.clear()
             self._size = 0
+            self._shared = 0
 
-    @property
-    def max_bytes(self) -> int:
-        return self._max
+    def may_share(self, token: str, size: int) -> bool:
+        """Whether a body of ``size`` bytes made under ``token`` may be kept in the shared tier:
+        the token is still the last heard, the body is one this process would keep, and what
+        this process kept there under it stays within its own memory budget (so the table
+        holds at most that much per API process between two notifications)."""
+        with self._lock:
+            if token != self._token or 8 * size > self._max or self._shared + size > self._max:
+                return False
+            self._shared += size
+            return True
 
     def start(self) -> None:
         self._stop.clear()

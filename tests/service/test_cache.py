@@ -281,3 +281,15 @@ def test_an_answer_of_another_token_is_never_served(pg_url: str) -> None:
         answer = client.get(TREND)
         assert answer.headers["x-cache"] == "miss"
         assert "forged" not in answer.text
+
+
+def test_each_process_keeps_at_most_its_budget_in_the_shared_tier() -> None:
+    cache = ResultCache("postgresql+psycopg://u@127.0.0.1/db", max_bytes=800)
+    cache.invalidate("checkpoint:7")
+    assert [cache.may_share("checkpoint:7", 100) for _ in range(9)] == [True] * 8 + [False]
+    assert not cache.may_share("checkpoint:6", 10)  # made under a token no longer heard
+    cache.invalidate("checkpoint:8")
+    assert not cache.may_share("checkpoint:8", 101)  # larger than this process would keep
+    assert cache.may_share("checkpoint:8", 100)  # a new token, a new budget
+    cache.invalidate()  # a write of this process: unknown until its notification is heard
+    assert not cache.may_share("checkpoint:8", 1)

@@ -86,7 +86,7 @@ def _answer(
     *,
     key: str,
     token: str | None,
-    max_bytes: int,
+    cache: ResultCache,
 ) -> tuple[bytes, str]:
     """The body of a miss in this process's memory, and where it came from: another API
     process's answer kept under the same token (``peer``), else computed here (``miss``) and
@@ -100,7 +100,7 @@ def _answer(
             if kept is not None:
                 return kept, "peer"
     body = _compute(settings, build, adapter)
-    if token is not None and 8 * len(body) <= max_bytes:
+    if token is not None and cache.may_share(token, len(body)):
         # Sharing is a saving, never a failure: a database before migration 0016 has no
         # shared tier, and a store that fails leaves the answer to this process.
         with (
@@ -172,7 +172,7 @@ async def cached(
                 adapter,
                 key=key,
                 token=token,
-                max_bytes=cache.max_bytes,
+                cache=cache,
             )
         )
     except asyncio.CancelledError:
