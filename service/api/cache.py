@@ -173,13 +173,19 @@ class ResultCache:
                     conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, f"hello:{uuid.uuid4()}"))
                     backoff = 0.5
                     idle = 0.0
-                    pruned = 0.0
+                    pruned, pruned_for = 0.0, None
                     while not self._stop.is_set():
                         for note in conn.notifies(timeout=self._poll_s):
                             self.invalidate(note.payload)
                         token = self._token
-                        if token is not None and time.monotonic() - pruned >= PRUNE_EVERY_S:
-                            pruned = time.monotonic()
+                        # Once per token heard, at most every PRUNE_EVERY_S: an idle fleet
+                        # deletes nothing, a busy one once in a while.
+                        if (
+                            token is not None
+                            and token != pruned_for
+                            and time.monotonic() - pruned >= PRUNE_EVERY_S
+                        ):
+                            pruned, pruned_for = time.monotonic(), token
                             self._prune(conn, token)
                         idle += self._poll_s
                         if idle >= 5.0:  # a dead server shows itself here, not in notifies()
