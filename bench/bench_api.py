@@ -251,6 +251,22 @@ def fill(url: str, runs: int, checkpoints: int, layers: int, jobs: int, block_ru
     return time.perf_counter() - started
 
 
+def database(admin_url: str, name: str, *, reuse: bool) -> tuple[str, bool]:
+    """The URL of database ``name``, and whether an existing one is reused (else it is made
+    empty: dropped if it exists, created)."""
+    url = make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+    with psycopg.connect(libpq(admin_url), autocommit=True) as conn:
+        exists = (
+            conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+            is not None
+        )
+        if exists and not reuse:
+            conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+        if not (exists and reuse):
+            conn.execute(f'CREATE DATABASE "{name}"')
+    return url, exists and reuse
+
+
 class Connection:
     """A minimal HTTP/1.1 keep-alive client on asyncio streams.
 
@@ -412,21 +428,9 @@ def main() -> None:
     parser.add_argument("--drop", action="store_true", help="drop the database afterwards")
     args = parser.parse_args()
 
-    admin = make_url(args.admin_url)
-    url = admin.set(database=args.database).render_as_string(hide_password=False)
-    with psycopg.connect(libpq(args.admin_url), autocommit=True) as conn:
-        exists = (
-            conn.execute(
-                "SELECT 1 FROM pg_database WHERE datname = %s", (args.database,)
-            ).fetchone()
-            is not None
-        )
-        if exists and not args.reuse:
-            conn.execute(f'DROP DATABASE "{args.database}" WITH (FORCE)')
-        if not exists or not args.reuse:
-            conn.execute(f'CREATE DATABASE "{args.database}"')
+    url, reused = database(args.admin_url, args.database, reuse=args.reuse)
     fill_s = None
-    if not (exists and args.reuse):
+    if not reused:
         fill_s = fill(
             url,
             args.runs,

@@ -31,11 +31,10 @@ from urllib.parse import unquote
 
 import httpx
 import psycopg
-from sqlalchemy.engine import make_url
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_api import fill, libpq, serve
+from bench_api import database, fill, libpq, serve
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
@@ -182,21 +181,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write the results here too")
     args = parser.parse_args()
 
-    admin = make_url(args.admin_url)
-    url = admin.set(database=args.database).render_as_string(hide_password=False)
-    with psycopg.connect(libpq(args.admin_url), autocommit=True) as conn:
-        exists = (
-            conn.execute(
-                "SELECT 1 FROM pg_database WHERE datname = %s", (args.database,)
-            ).fetchone()
-            is not None
-        )
-        if exists and not args.reuse:
-            conn.execute(f'DROP DATABASE "{args.database}" WITH (FORCE)')
-        if not (exists and args.reuse):
-            conn.execute(f'CREATE DATABASE "{args.database}"')
+    url, reused = database(args.admin_url, args.database, reuse=args.reuse)
     try:
-        if not (exists and args.reuse):
+        if not reused:
             fill_s = fill(url, 1, args.checkpoints, args.layers, jobs=os.cpu_count() or 2)
             print(f"fill: {fill_s:.0f} s", file=sys.stderr)
         with psycopg.connect(libpq(url)) as conn:
