@@ -45,6 +45,7 @@ SEARCHED_FIELDS = (
     "pl_vs_lognormal_p",
 )
 SEARCH_RTOL = 1e-5
+R_ATOL = 1e-6
 # counts, statuses and flags: equal, not close
 EXACT_FIELDS = (
     "fit_status",
@@ -131,7 +132,11 @@ def assert_same_result(host: LayerResult, accel: LayerResult) -> None:
                 value, rel=tol, abs=tol if field.endswith("distance") else 0.0
             ), field
         elif field in SEARCHED_FIELDS:
-            assert other == pytest.approx(value, rel=SEARCH_RTOL, abs=1e-300), field
+            # A log-likelihood ratio R crosses zero as the evidence turns: near zero the 1e-5
+            # agreement of the searched parameters it comes from is an absolute one (9.3e-8 on
+            # an R of -0.0074 between the two paths, with OpenBLAS's SkylakeX kernels).
+            tiny = R_ATOL if field.endswith("_R") else 1e-300
+            assert other == pytest.approx(value, rel=SEARCH_RTOL, abs=tiny), field
         else:
             assert other == pytest.approx(value, rel=RTOL, abs=1e-300), field
     for a, b in ((host.evals, accel.evals), (host.rand_evals, accel.rand_evals)):
