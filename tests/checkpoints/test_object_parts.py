@@ -59,13 +59,19 @@ def _options() -> AnalysisOptions:
     )
 
 
-def test_a_large_tensor_is_read_in_parallel_parts_with_the_numbers_of_disk(
-    s3: CountingServer, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def run(s3: CountingServer, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A run of one checkpoint on disk, uploaded to ``s3://<bucket>/run``; parts of PART."""
     monkeypatch.setattr(objects, "PART_BYTES", PART)
-    run = tmp_path / "run"
-    _checkpoint(run, 10)
-    upload(client_fs(s3), run, f"s3://{bucket}/run")
+    folder = tmp_path / "run"
+    _checkpoint(folder, 10)
+    upload(client_fs(s3), folder, f"s3://{bucket}/run")
+    return folder
+
+
+def test_a_large_tensor_is_read_in_parallel_parts_with_the_numbers_of_disk(
+    s3: CountingServer, bucket: str, run: Path
+) -> None:
     local = analyze_checkpoint(run / "checkpoint-10", None, _options())
     s3.reset()
     s3.log.clear()
@@ -89,13 +95,9 @@ def test_a_large_tensor_is_read_in_parallel_parts_with_the_numbers_of_disk(
 
 
 def test_a_part_of_an_object_replaced_mid_read_is_a_vanished_file(
-    s3: CountingServer, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    s3: CountingServer, bucket: str, run: Path, tmp_path: Path
 ) -> None:
     """Every part carries the listed version: a replaced object is never read mixed."""
-    monkeypatch.setattr(objects, "PART_BYTES", PART)
-    run = tmp_path / "run"
-    _checkpoint(run, 10)
-    upload(client_fs(s3), run, f"s3://{bucket}/run")
     mirrors = Mirrors()
     root = mirrors.sync(object_url(f"s3://{bucket}/run"))
     confine = ObjectConfinement.around(Confinement.to([]), mirrors, None)
