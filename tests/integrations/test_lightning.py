@@ -41,6 +41,20 @@ class TinyLlamaModule(pl.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=3e-3)
 
 
+def quiet_trainer(*, max_steps: int, callbacks: list[Any], root: Path) -> pl.Trainer:
+    """A CPU Lightning trainer with no logger, progress bar or model summary."""
+    return pl.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        default_root_dir=root,
+    )
+
+
 def _fit(
     folder: Path, callback: pl.Callback, *, steps: int = 30, save_every: int = 10
 ) -> pl.Trainer:
@@ -51,16 +65,7 @@ def _fit(
         every_n_train_steps=save_every,
         save_weights_only=True,
     )
-    trainer = pl.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[callback, checkpoints],
-        default_root_dir=folder.parent,
-    )
+    trainer = quiet_trainer(max_steps=steps, callbacks=[callback, checkpoints], root=folder.parent)
     trainer.fit(TinyLlamaModule(), DataLoader(Tokens(), batch_size=8))  # type: ignore[arg-type]
     return trainer
 
@@ -131,15 +136,8 @@ def test_lightning_stops_when_the_gate_fails(failing_gate: Live, tmp_path: Path)
         every_n_train_steps=10,
         save_weights_only=True,
     )
-    trainer = pl.Trainer(
-        max_steps=100_000,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[callback, slow, checkpoints],
-        default_root_dir=tmp_path,
+    trainer = quiet_trainer(
+        max_steps=100_000, callbacks=[callback, slow, checkpoints], root=tmp_path
     )
     trainer.fit(TinyLlamaModule(), DataLoader(Tokens(n=100_000), batch_size=8))  # type: ignore[arg-type]
     assert not slow.fired, "the failing gate did not stop training"

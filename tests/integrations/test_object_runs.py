@@ -18,7 +18,6 @@ pytest.importorskip("s3fs")
 pytest.importorskip("transformers")
 pytest.importorskip("lightning")
 
-import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
@@ -35,7 +34,7 @@ from tests.integrations.conftest import (
     warnings_of,
 )
 from tests.integrations.test_hf import _trainer
-from tests.integrations.test_lightning import TinyLlamaModule
+from tests.integrations.test_lightning import TinyLlamaModule, quiet_trainer
 from tests.objectstore import SECRET, CountingServer, client_fs, upload
 
 
@@ -61,16 +60,7 @@ def test_lightning_writing_to_a_bucket_registers_the_url_and_every_save_is_analy
         dirpath=url, filename="{step}", save_top_k=-1, every_n_train_steps=10,
         save_weights_only=True,
     )  # fmt: skip
-    trainer = pl.Trainer(
-        max_steps=30,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[callback, checkpoints],
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(max_steps=30, callbacks=[callback, checkpoints], root=tmp_path)
     trainer.fit(TinyLlamaModule(), DataLoader(Tokens(), batch_size=8))  # type: ignore[arg-type]
     assert trainer.global_step == 30
     # Lightning wrote into the bucket, nothing locally under the URL's mangled path.
