@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -85,11 +85,8 @@ def stat_rows(
     numbers made under the old one. Only the weights' rows are kept: gradient (``@exp_avg``) and
     nested-width (``@w<k>``) rows never enter a weights statistic, and are summarised on request.
     """
-    by_method: dict[str, list[Mapping[str, Any]]] = {}
-    for layer in weight_rows(layers):
-        by_method.setdefault(str(layer.get("method", "ww")), []).append(layer)
     rows: list[dict[str, Any]] = []
-    for method, of_method in by_method.items():
+    for method, of_method in _weights_by_method(layers).items():
         selections: list[tuple[str, str, Sequence[Mapping[str, Any]]]] = [
             (metric, "", of_method) for metric in PRECOMPUTED_METRICS
         ]
@@ -97,20 +94,50 @@ def stat_rows(
             selections.append(
                 ("alpha", kinds_key(group), [x for x in of_method if x.get("kind") in group])
             )
-        # One kind alone only where the checkpoint has a layer of it: a kind it lacks is
-        # answered from its (no) layer rows, with the same empty statistics.
-        present = sorted(
-            {str(x.get("kind")) for x in of_method}
-            & PRECOMPUTED_SINGLE_KINDS - {kinds for _, kinds, _ in selections}
-        )
-        for kind in present:
-            selections.append(("alpha", kind, [x for x in of_method if x.get("kind") == kind]))
+        selections.extend(_single_kinds(of_method, taken={kinds for _, kinds, _ in selections}))
         for metric, kinds, chosen_layers in selections:
             for kept in _kept(chosen_layers, metric=metric, thresholds=thresholds):
                 rows.append(
                     {"checkpoint_id": checkpoint_id, "method": method, "kinds": kinds, **kept}
                 )
     return rows
+
+
+def _weights_by_method(
+    layers: Iterable[Mapping[str, Any]],
+) -> dict[str, list[Mapping[str, Any]]]:
+    by_method: dict[str, list[Mapping[str, Any]]] = {}
+    for layer in weight_rows(layers):
+        by_method.setdefault(str(layer.get("method", "ww")), []).append(layer)
+    return by_method
+
+
+def _single_kinds(
+    layers: Sequence[Mapping[str, Any]], *, taken: Collection[str] = frozenset()
+) -> list[tuple[str, str, Sequence[Mapping[str, Any]]]]:
+    """Alpha over each layer kind alone, only where the checkpoint has a layer of it (a kind it
+    lacks is answered from its (no) layer rows, with the same empty statistics); kind sets in
+    ``taken`` (a group of one kind) are kept already."""
+    present = sorted({str(x.get("kind")) for x in layers} & PRECOMPUTED_SINGLE_KINDS - set(taken))
+    return [("alpha", kind, [x for x in layers if x.get("kind") == kind]) for kind in present]
+
+
+def single_kind_rows(
+    layers: Sequence[Mapping[str, Any]],
+    *,
+    checkpoint_id: int,
+    thresholds: Thresholds,
+) -> list[dict[str, Any]]:
+    """The ``checkpoint_stat`` rows of alpha over each layer kind alone: the part of
+    :func:`stat_rows` that checkpoints analysed before 2026-12-07 lack (migration 0017 fills
+    them from their layer rows)."""
+    groups = {kinds_key(g) for g in PRECOMPUTED_GROUPS}
+    return [
+        {"checkpoint_id": checkpoint_id, "method": method, "kinds": kinds, **kept}
+        for method, of_method in _weights_by_method(layers).items()
+        for metric, kinds, chosen in _single_kinds(of_method, taken=groups)
+        for kept in _kept(chosen, metric=metric, thresholds=thresholds)
+    ]
 
 
 def _kept(

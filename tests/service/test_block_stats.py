@@ -18,9 +18,9 @@ from sqlalchemy import delete, func, select, update
 from alembic import command
 from alphawatch.service.api import create_app
 from alphawatch.service.db import queue
-from alphawatch.service.db.aggregates import block_stat_rows
+from alphawatch.service.db.aggregates import PRECOMPUTED_SINGLE_KINDS, block_stat_rows
 from alphawatch.service.db.migrations import alembic_config, upgrade
-from alphawatch.service.db.models import BlockStat, Checkpoint, LayerMetric
+from alphawatch.service.db.models import BlockStat, Checkpoint, CheckpointStat, LayerMetric
 from alphawatch.service.db.session import make_engine, session_scope
 from alphawatch.settings import Settings
 from alphawatch.trust import Thresholds
@@ -220,3 +220,59 @@ def test_the_migration_fills_block_statistics_from_the_layer_rows(db_url: str) -
         ]
     made = block_stat_rows(layers, checkpoint_id=1, thresholds=Thresholds())
     assert len(made) == sum(1 for r in written if r[0] == 1)
+
+
+def _single_kind_stats(url: str) -> list[tuple[Any, ...]]:
+    lead = ("checkpoint_id", "method", "kinds", "alpha_max", "median")
+    rest = [c for c in CheckpointStat.__table__.columns if c.name not in ("id", *lead)]
+    columns = [*(CheckpointStat.__table__.c[name] for name in lead), *rest]
+    with session_scope(make_engine(url)) as session:
+        return sorted(
+            (
+                tuple(r)
+                for r in session.execute(
+                    select(*columns).where(CheckpointStat.kinds.in_(PRECOMPUTED_SINGLE_KINDS))
+                ).all()
+            ),
+            key=repr,
+        )
+
+
+def test_the_migration_fills_single_kind_statistics_of_earlier_checkpoints(db_url: str) -> None:
+    """Checkpoints analysed before alpha of each kind alone was kept get it from their layer rows,
+    as the worker makes it, under the thresholds their other statistics were made with."""
+    rng = np.random.default_rng(7)
+    analysed_run(db_url, name="kinds", steps=STEPS, layers=lambda s: _both_methods(rng, s))
+    written = _single_kind_stats(db_url)
+    # Every kind of the run, both methods, every checkpoint.
+    assert {(r[0], r[1], r[2]) for r in written} == {
+        (c, m, k)
+        for c in range(1, len(STEPS) + 1)
+        for m in ("ww", "ks2")
+        for k in (*KINDS, "embed", "lm_head")
+    }
+    single = CheckpointStat.kinds.in_(PRECOMPUTED_SINGLE_KINDS)
+    with session_scope(make_engine(db_url)) as session:
+        # Checkpoints 1 and 2 as analysed before; 2 under a stricter alpha_max; 3 has its rows.
+        session.execute(delete(CheckpointStat).where(single, CheckpointStat.checkpoint_id < 3))
+        session.execute(
+            update(CheckpointStat).where(CheckpointStat.checkpoint_id == 2).values(alpha_max=4.5)
+        )
+        session.execute(
+            update(CheckpointStat)
+            .where(single, CheckpointStat.checkpoint_id == 3)
+            .values(median=-1.0)
+        )
+    with make_engine(db_url).begin() as connection:
+        config = alembic_config(db_url)
+        config.attributes["connection"] = connection
+        command.downgrade(config, "0016")
+    upgrade(db_url)
+    filled = _single_kind_stats(db_url)
+    assert [r for r in filled if r[0] == 1] == [r for r in written if r[0] == 1]
+    assert {r[3] for r in filled if r[0] == 2} == {4.5}
+    assert [r for r in filled if r[0] == 2] != [r for r in written if r[0] == 2]
+    # A checkpoint that had its rows keeps them as they were: nothing is written twice.
+    assert len(filled) == len(written)
+    assert all(r in filled for r in written if r[0] == 4)
+    assert {r[4] for r in filled if r[0] == 3} == {-1.0}
