@@ -270,7 +270,27 @@ class LayerMetric(Base):
     trap_localisation: Mapped[str | None] = mapped_column(Text)
 
 
-class CheckpointStat(Base):
+class KeptStatistic:
+    """The columns of a kept robust statistic (``aggregates._kept`` makes them), shared by the
+    whole-model and the per-block rows."""
+
+    # The rule parameters the row was computed with: a server configured otherwise recomputes.
+    alpha_max: Mapped[float] = mapped_column(Float)
+    mad_k: Mapped[float] = mapped_column(Float)
+    n_used: Mapped[int] = mapped_column(Integer)
+    n_excluded: Mapped[int] = mapped_column(Integer)
+    excluded: Mapped[str] = mapped_column(Text, default="{}")  # JSON {reason: count}
+    median: Mapped[float | None] = mapped_column(Float)
+    mean: Mapped[float | None] = mapped_column(Float)
+    trimmed_mean: Mapped[float | None] = mapped_column(Float)
+    p10: Mapped[float | None] = mapped_column(Float)
+    p25: Mapped[float | None] = mapped_column(Float)
+    p75: Mapped[float | None] = mapped_column(Float)
+    p90: Mapped[float | None] = mapped_column(Float)
+    iqr: Mapped[float | None] = mapped_column(Float)
+
+
+class CheckpointStat(KeptStatistic, Base):
     """A robust statistic of one metric over the layers of one checkpoint, kept at write time.
 
     Written by ``results.complete`` in the same transaction as the layer rows, so a trend over a
@@ -298,23 +318,9 @@ class CheckpointStat(Base):
     outliers: Mapped[str] = mapped_column(String(16))
     # Layer kinds the statistic is over, sorted and comma-joined; "" for every layer.
     kinds: Mapped[str] = mapped_column(String(200))
-    # The rule parameters the row was computed with: a server configured otherwise recomputes.
-    alpha_max: Mapped[float] = mapped_column(Float)
-    mad_k: Mapped[float] = mapped_column(Float)
-    n_used: Mapped[int] = mapped_column(Integer)
-    n_excluded: Mapped[int] = mapped_column(Integer)
-    excluded: Mapped[str] = mapped_column(Text, default="{}")  # JSON {reason: count}
-    median: Mapped[float | None] = mapped_column(Float)
-    mean: Mapped[float | None] = mapped_column(Float)
-    trimmed_mean: Mapped[float | None] = mapped_column(Float)
-    p10: Mapped[float | None] = mapped_column(Float)
-    p25: Mapped[float | None] = mapped_column(Float)
-    p75: Mapped[float | None] = mapped_column(Float)
-    p90: Mapped[float | None] = mapped_column(Float)
-    iqr: Mapped[float | None] = mapped_column(Float)
 
 
-class BlockStat(Base):
+class BlockStat(KeptStatistic, Base):
     """A robust statistic of alpha over the layers of one block of one checkpoint, kept at write
     time like :class:`CheckpointStat`.
 
