@@ -29,8 +29,8 @@ export async function apiText(path) {
   return response.json();
 }
 
-// An answer that is drawn: handed over once Plotly is loaded too. Plotly is a 4.8 MB script that
-// takes a core a second or more to evaluate on a busy machine; asked for only when the first
+// An answer that is drawn: handed over once Plotly is loaded too. Plotly is a 1.5 MB script that
+// takes a core half a second to evaluate on a busy machine; asked for only when the first
 // drawn answer is there, it is evaluated while the server computes the rest, instead of holding
 // back every request of the page.
 export async function api(path) {

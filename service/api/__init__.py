@@ -7,10 +7,8 @@ import logging
 import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 import anyio.to_thread
-import plotly
 from fastapi import FastAPI
 from fastapi.responses import FileResponse, HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -29,7 +27,6 @@ from alphawatch.service.api.vocabulary import vocabulary_router
 from alphawatch.settings import Settings
 
 log = logging.getLogger("alphawatch.api")
-PLOTLY_JS = Path(plotly.__file__).resolve().parent / "package_data" / "plotly.min.js"
 
 
 class _Static(StaticFiles):
@@ -106,10 +103,6 @@ def create_app(
     for api in ROUTERS:
         app.include_router(api)
     app.include_router(vocabulary_router)
-
-    @app.get("/static/vendor/plotly.min.js", include_in_schema=False)
-    def plotly_js() -> FileResponse:
-        return FileResponse(PLOTLY_JS, media_type="application/javascript")
 
     @app.get("/", include_in_schema=False, response_model=None)
     def index() -> FileResponse | HTMLResponse:

@@ -493,6 +493,19 @@ def layer_order(layer: dict[str, Any]) -> tuple[int, int, str]:
     return (block if block is not None else (1 << 29), rank, layer["name"])
 
 
+def _rounded(z: list[list[float | None]], digits: int) -> list[list[float | None]]:
+    """The matrix rounded to ``digits`` decimals at once (a long run's 150,000 calls of
+    ``round`` were a quarter of the heatmap's cost); cells without a value stay None.
+
+    NumPy rounds ``x * 10**digits`` to even: a value within an ulp of a half-way case may
+    round the other way from ``round``, never by more than half the last decimal kept."""
+    values = np.array(z, dtype=float)  # None becomes NaN
+    rounded: list[list[float | None]] = np.round(values, digits).tolist()
+    for i, j in zip(*np.nonzero(np.isnan(values)), strict=True):
+        rounded[i][j] = None
+    return rounded
+
+
 def heatmap(*, session: Session, run_id: int, query: HeatmapQuery, method: str) -> dict[str, Any]:
     """Layer x step matrix of a metric with each cell's trust verdict.
 
@@ -544,12 +557,12 @@ def heatmap(*, session: Session, run_id: int, query: HeatmapQuery, method: str) 
     z: list[list[float | None]] = [[None] * len(checkpoints) for _ in names]
     trusted: list[list[bool | None]] = [[None] * len(checkpoints) for _ in names]
     trusted_of = robust.untrusted_reason_of
-    digits = query.digits
     for r in rows:
         i, j = row_of[r[nm]], column[r[cid]]
-        value = r[val]
-        z[i][j] = value if digits is None or value is None else round(value, digits)
+        z[i][j] = r[val]
         trusted[i][j] = trusted_of(r[st], r[tr], r[rc], r[ok]) is None
+    if query.digits is not None and z:
+        z = _rounded(z, query.digits)
     return {
         "metric": metric,
         "variant": query.variant,

@@ -297,7 +297,28 @@ def test_run_page_plots_have_data_and_failed_checkpoint_shows(page: Any, site: S
     assert "model.layers.0.self_attn.q_proj" in heat["y"]
     assert heat["rows"] == len(heat["y"])
     # Rows follow the API order: block first, then kind.
-    assert heat["y"] == _api(site, f"/runs/{site.run_id}/heatmap?metric=alpha")["layers"]
+    api_heat = _api(site, f"/runs/{site.run_id}/heatmap?metric=alpha")
+    assert heat["y"] == api_heat["layers"]
+    # The hover names each cell's kind and says which fits are untrusted; those cells are
+    # marked (a cross each on a small run), the others not.
+    kind = {
+        row["name"]: row["kind"]
+        for row in _api(site, f"/runs/{site.run_id}/checkpoints/30/layers")["layers"]
+    }
+    assert heat["customdata"] == [
+        [kind[name] + (" · untrusted" if t is False else "") for t in row]
+        for name, row in zip(api_heat["layers"], api_heat["trusted"], strict=True)
+    ]
+    untrusted = {
+        (step, name)
+        for name, row in zip(api_heat["layers"], api_heat["trusted"], strict=True)
+        for step, t in zip(api_heat["steps"], row, strict=True)
+        if t is False
+    }
+    assert untrusted, "the site has untrusted fits to mark"
+    marks = _data(page, "heatmap")[1]
+    assert marks["name"] == "untrusted"
+    assert set(zip(marks["x"], marks["y"], strict=True)) == untrusted
 
     page.wait_for_function("() => document.getElementById('flags')?.data?.length >= 1")
     assert all(t["x"] == [10, 20, 30] for t in _data(page, "flags"))

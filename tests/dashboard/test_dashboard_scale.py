@@ -172,6 +172,15 @@ def test_run_page_stays_responsive_on_a_long_run(long_run: tuple[str, int]) -> N
         )
         # One heatmap trace for the values, at most one overlay for the untrusted cells.
         assert shape["traces"] <= 2 and shape["cols"] == 500
+        # The cells marked (crosses, or faded past the crosses' limit) are exactly those whose
+        # hover says untrusted.
+        marked, said = page.evaluate(
+            "() => { const [h, o] = document.getElementById('heatmap').data;"
+            " const n = (m, f) => m.reduce((s, r) => s + r.filter(f).length, 0);"
+            " return [!o ? 0 : o.type === 'heatmap' ? n(o.z, (v) => v === 1) : o.x.length,"
+            " n(h.customdata, (c) => c.endsWith(' · untrusted'))]; }"
+        )
+        assert marked == said and (shape["traces"] == 1 or said > 0)
 
         # What the load asked, and when: every panel's request made before Plotly was
         # evaluated (so the server computes meanwhile), but the per-kind trends, which wait for

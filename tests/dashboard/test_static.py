@@ -3,6 +3,7 @@ the API's vocabulary."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 import tomllib
 from collections.abc import Iterator
@@ -17,7 +18,26 @@ from alphawatch.service.api import create_app
 from alphawatch.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
-MODULES = sorted(p.relative_to(STATIC_DIR).as_posix() for p in STATIC_DIR.rglob("*.js"))
+VENDOR = STATIC_DIR / "vendor"
+# The dashboard's own modules; vendor/ holds third-party scripts, loaded as classic scripts.
+MODULES = sorted(
+    p.relative_to(STATIC_DIR).as_posix()
+    for p in STATIC_DIR.rglob("*.js")
+    if not p.is_relative_to(VENDOR)
+)
+# Layout objects have a `type` too: axes (linear, log, date, category, multicategory) and shapes
+# (line, rect, circle, path). Any other `type: "..."` in a view is a trace type.
+LAYOUT_TYPES = {
+    "linear",
+    "log",
+    "date",
+    "category",
+    "multicategory",
+    "line",
+    "rect",
+    "circle",
+    "path",
+}
 
 
 @pytest.fixture
@@ -85,3 +105,38 @@ def test_no_module_copies_a_statistic_kind_or_method_name(client: TestClient) ->
     for module in MODULES:
         found = literal.findall((STATIC_DIR / module).read_text())
         assert not found, f"{module} declares {found} itself; take them from /api/v1/vocabulary"
+
+
+def _bundled_trace_types() -> set[str]:
+    # Each trace module of a plotly.js bundle registers itself as {moduleType:"trace",name:"…"}.
+    source = (VENDOR / "plotly.min.js").read_text()
+    return set(re.findall(r'moduleType:"trace",name:"(\w+)"', source))
+
+
+def test_the_vendored_plotly_has_every_trace_type_the_views_draw() -> None:
+    bundled = _bundled_trace_types()
+    # A bundle whose registrations this pattern no longer finds must fail here, not pass empty.
+    assert {"scatter", "heatmap"} <= bundled, bundled
+    used = {"scatter"}  # the type of a trace that names none
+    for module in MODULES:
+        source = (STATIC_DIR / module).read_text()
+        used |= set(re.findall(r"""\btype: ["'`](\w+)["'`]""", source)) - LAYOUT_TYPES
+    # A trace type missing from the bundle draws nothing, silently: vendor a bundle that has it.
+    assert used <= bundled, f"views draw {sorted(used - bundled)}, not in vendor/plotly.min.js"
+    assert {"bar", "histogram", "heatmap"} <= used, used
+
+
+def test_the_vendored_plotly_is_the_file_its_readme_describes() -> None:
+    readme = (VENDOR / "README.md").read_text()
+    recorded = re.search(r"`plotly.min.js` sha256 \| `([0-9a-f]{64})`", readme)
+    assert recorded, "vendor/README.md must record the sha256 of plotly.min.js"
+    actual = hashlib.sha256((VENDOR / "plotly.min.js").read_bytes()).hexdigest()
+    assert actual == recorded[1], "plotly.min.js changed: remake it as vendor/README.md says"
+    assert (VENDOR / "LICENSE").read_text().startswith("MIT License")
+
+
+def test_plotly_is_served_from_the_package_as_javascript(client: TestClient) -> None:
+    response = client.get("/static/vendor/plotly.min.js")
+    assert response.status_code == 200
+    assert response.headers["content-type"].split(";")[0] == "text/javascript"
+    assert response.content == (VENDOR / "plotly.min.js").read_bytes()

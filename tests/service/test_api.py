@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from alphawatch.service.api import create_app
+from alphawatch.service.api import create_app, queries
 from alphawatch.service.db.session import make_engine, session_scope
 from alphawatch.service.db.tokens import TokenScope, create_token
 from alphawatch.settings import Settings
@@ -108,6 +108,20 @@ def test_gate_passes_and_fails_exactly_at_thresholds(client: TestClient, db_url:
     )
 
 
+def test_a_rounded_heatmap_keeps_its_empty_cells() -> None:
+    z = [[1.23456, None, -0.0004], [None, None, 7.0], [2.5e-7, 6.2764, float("inf")]]
+    assert queries._rounded(z, 3) == [
+        [1.235, None, -0.0],
+        [None, None, 7.0],
+        [0.0, 6.276, float("inf")],
+    ]
+    values = np.random.default_rng(0).uniform(-10, 10, (50, 40))
+    rounded = np.array(queries._rounded(values.tolist(), 3))
+    # Within half of the last decimal kept (a tie may go either way), and as short as printed.
+    assert np.abs(rounded - values).max() <= 0.5e-3 + 1e-12
+    assert all(len(repr(v).split(".")[1]) <= 3 for v in rounded.ravel().tolist())
+
+
 def test_layers_history_esd_heatmap_flags_csv(client: TestClient, db_url: str) -> None:
     written = random_run(db_url)
     layers = client.get("/api/v1/runs/1/checkpoints/200/layers").json()["layers"]
@@ -127,6 +141,10 @@ def test_layers_history_esd_heatmap_flags_csv(client: TestClient, db_url: str) -
         assert heat["trusted"][cell[0]][cell[1]] == (
             row["fit_status"] == "ok" and not row["correlation_trap"]
         )
+    # digits: the same matrix rounded, the cells without a value still null.
+    rounded = client.get("/api/v1/runs/1/heatmap", params={"digits": 3}).json()
+    assert rounded["z"] == [[None if v is None else round(v, 3) for v in r] for r in heat["z"]]
+    assert rounded["trusted"] == heat["trusted"] and rounded["layers"] == heat["layers"]
     flags = client.get("/api/v1/runs/1/flags").json()["points"]
     assert [f["step"] for f in flags] == list(STEPS)
     for point in flags:

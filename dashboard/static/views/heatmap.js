@@ -14,27 +14,40 @@ export function drawHeatmap(heat, kindOf, opts = {}) {
   if (!heat.layers.length) { note(el, "No layer metrics yet."); return; }
   const nRows = heat.layers.length;
   const label = opts.label ?? "α";
-  const trustedCells = heat.trusted ?? heat.z.map((row) => row.map(() => null));
-  const hover = trustedCells.map((row, i) => row.map((t) =>
-    `${kindOf[heat.layers[i]] ?? ""}${t === false ? " · untrusted" : ""}`));
+  // One pass over the cells: the hover's label (one string per row and trust, shared by the
+  // row's cells: a long run has 150,000 of them), the untrusted cells and their count.
+  const trusted = heat.trusted;
+  const hover = new Array(nRows), fade = trusted ? new Array(nRows) : null;
+  const xs = [], ys = [];
+  let nUntrusted = 0;
+  for (let i = 0; i < nRows; i += 1) {
+    const kind = kindOf[heat.layers[i]] ?? "";
+    const row = trusted?.[i];
+    if (!row || !row.includes(false)) {
+      hover[i] = new Array(heat.steps.length).fill(kind);
+      if (fade) fade[i] = new Array(heat.steps.length).fill(null);
+      continue;
+    }
+    const marked = `${kind} · untrusted`;
+    hover[i] = row.map((t) => (t === false ? marked : kind));
+    fade[i] = row.map((t, j) => {
+      if (t !== false) return null;
+      nUntrusted += 1;
+      if (nUntrusted <= MAX_MARKERS) { xs.push(heat.steps[j]); ys.push(heat.layers[i]); }
+      return 1;
+    });
+  }
   const traces = [{ type: "heatmap", x: heat.steps, y: heat.layers, z: heat.z,
     customdata: hover, colorscale: opts.colorscale ?? "Viridis", zmin: opts.zmin ?? 1,
     zmax: opts.zmax ?? alphaMax(), xgap: nRows < 60 ? 1 : 0,
     ygap: nRows < 60 ? 1 : 0, colorbar: { title: { text: label }, thickness: 14 },
     hovertemplate: `%{y}<br>step %{x}<br>${esc(label)} %{z:.3f} %{customdata}<extra></extra>` }];
-  let nUntrusted = 0;
-  trustedCells.forEach((row) => row.forEach((t) => { if (t === false) nUntrusted += 1; }));
   if (nUntrusted && nUntrusted <= MAX_MARKERS) {
-    const xs = [], ys = [];
-    trustedCells.forEach((row, i) => row.forEach((t, j) => {
-      if (t === false) { xs.push(heat.steps[j]); ys.push(heat.layers[i]); }
-    }));
     traces.push({ type: "scatter", mode: "markers", x: xs, y: ys, name: "untrusted",
       marker: { symbol: "x-thin", size: nRows < 60 ? 8 : 5,
         line: { color: "rgba(255,255,255,0.95)", width: 1.5 } }, hoverinfo: "skip" });
   } else if (nUntrusted) {
-    traces.push({ type: "heatmap", x: heat.steps, y: heat.layers, name: "untrusted",
-      z: trustedCells.map((row) => row.map((t) => (t === false ? 1 : null))),
+    traces.push({ type: "heatmap", x: heat.steps, y: heat.layers, name: "untrusted", z: fade,
       colorscale: [[0, "rgba(255,255,255,0.6)"], [1, "rgba(255,255,255,0.6)"]],
       showscale: false, hoverinfo: "skip" });
   }
