@@ -9,11 +9,12 @@ from typing import Any
 
 import numpy as np
 from pydantic_core import from_json
-from sqlalchemy import ColumnElement, Select, and_, case, func, select
+from sqlalchemy import ColumnElement, Integer, Select, and_, case, func, select
 from sqlalchemy.orm import Session
 
 from alphawatch.service import robust
 from alphawatch.service.api.errors import NotFound
+from alphawatch.service.api.schemas import HistoryPoint, TrendPoint
 from alphawatch.service.api.selections import BlockQuery, CompareQuery, HeatmapQuery, TrendQuery
 from alphawatch.service.db import lag
 from alphawatch.service.db.aggregates import (
@@ -194,16 +195,34 @@ def downsample(items: Sequence[Any], max_points: int | None) -> list[Any]:
     return [items[i] for i in idx]
 
 
-def _point(step: int, chosen: robust.Selection, stat: str) -> dict[str, Any]:
+# A trend's point as a tuple in TrendPoint's field order: step, value, n_used, n_excluded,
+# excluded (a dict, or the JSON text a kept row holds), then every statistic of robust.STATS.
+TrendRow = tuple[Any, ...]
+TREND_FIELDS = tuple(TrendPoint.model_fields)
+# A layer history's point in HistoryPoint's order: step, value, alpha, D, num_pl_spikes,
+# fit_status, trusted.
+HistoryRow = tuple[Any, ...]
+HISTORY_FIELDS = tuple(HistoryPoint.model_fields)
+
+
+def trend_point(row: TrendRow) -> dict[str, Any]:
+    """A trend row as the dict TrendPoint validates."""
+    point = dict(zip(TREND_FIELDS, row, strict=True))
+    if isinstance(point["excluded"], str):
+        point["excluded"] = from_json(point["excluded"])
+    return point
+
+
+def _point(step: int, chosen: robust.Selection, stat: str) -> TrendRow:
     described = robust.describe(chosen.values)
-    return {
-        "step": step,
-        "value": described[stat],
-        "n_used": chosen.n_used,
-        "n_excluded": chosen.n_excluded,
-        "excluded": chosen.excluded,
-        **described,
-    }
+    return (
+        step,
+        described[stat],
+        chosen.n_used,
+        chosen.n_excluded,
+        chosen.excluded,
+        *described.values(),
+    )
 
 
 def _chosen(
@@ -302,23 +321,40 @@ def _kept_on(
     return on
 
 
-def _kept_point(step: int, row: Sequence[Any], at: int, stat: str) -> dict[str, Any]:
-    """A point from a kept row's :data:`_KEPT_FIELDS`, starting at ``row[at]``."""
-    # Tuples by position: this runs once per checkpoint (and block) of every request.
-    return {
-        "step": step,
-        "value": row[at + 3 + robust.STATS.index(stat)],
-        "n_used": row[at],
-        "n_excluded": row[at + 1],
-        "excluded": from_json(row[at + 2]),
-        **dict(zip(robust.STATS, row[at + 3 :], strict=True)),
-    }
+def _kept_point(step: int, row: Sequence[Any], at: int, value: int) -> TrendRow:
+    """A point from a kept row's :data:`_KEPT_FIELDS`, starting at ``row[at]``; ``value`` is
+    the position of the requested statistic in ``row``."""
+    # Tuples by position: this runs once per checkpoint (and block) of every request. The
+    # exclusions stay the JSON text kept: the answer's writer reads it.
+    return (step, row[value], row[at], row[at + 1], row[at + 2], *row[at + 3 : at + _KEPT_END])
+
+
+_KEPT_END = 3 + len(robust.STATS)
+
+
+def _kept_value(at: int, stat: str) -> int:
+    """Where a kept row's statistic ``stat`` is, the row's :data:`_KEPT_FIELDS` at ``at``."""
+    return at + 3 + robust.STATS.index(stat)
 
 
 def trend(
     *, session: Session, run_id: int, query: TrendQuery, method: str, thresholds: Thresholds
 ) -> list[dict[str, Any]]:
-    """The robust statistic per analysed checkpoint, with what was excluded and why.
+    """The robust statistic per analysed checkpoint, with what was excluded and why: the
+    points of :func:`trend_rows` as dicts."""
+    return [
+        trend_point(row)
+        for row in trend_rows(
+            session=session, run_id=run_id, query=query, method=method, thresholds=thresholds
+        )
+    ]
+
+
+def trend_rows(
+    *, session: Session, run_id: int, query: TrendQuery, method: str, thresholds: Thresholds
+) -> list[TrendRow]:
+    """The robust statistic per analysed checkpoint, with what was excluded and why, as
+    :data:`TrendRow` tuples.
 
     Selections kept in ``checkpoint_stat`` (whole model, or a dashboard kind group) or in
     ``block_stat`` (one block) are read in the same query as the checkpoints, one row per
@@ -364,11 +400,12 @@ def trend(
     )
     if not rows:
         get_run(session=session, run_id=run_id)  # 404 for an unknown run, [] for an empty one
-    points: dict[int, dict[str, Any]] = {}
+    points: dict[int, TrendRow] = {}
     missing: list[int] = []
+    value = _kept_value(2, query.stat)
     for row in rows:
         if kept and row[2] is not None:
-            points[row[0]] = _kept_point(row[1], row, 2, query.stat)
+            points[row[0]] = _kept_point(row[1], row, 2, value)
         else:
             missing.append(row[0])
     if missing:
@@ -395,7 +432,7 @@ def compare(
     out = []
     for run_id in query.run_ids:
         run = get_run(session=session, run_id=run_id)
-        points = trend(
+        rows = trend_rows(
             session=session,
             run_id=run_id,
             query=query.trend(),
@@ -406,9 +443,7 @@ def compare(
             {
                 "run_id": run_id,
                 "name": run.name,
-                "points": [
-                    {"step": p["step"], "value": p["value"], "n_used": p["n_used"]} for p in points
-                ],
+                "points": [{"step": r[0], "value": r[1], "n_used": r[2]} for r in rows],
             }
         )
     return {"metric": query.metric, "stat": query.stat, "runs": out}
@@ -425,7 +460,33 @@ def layer_history(
     limit: int | None,
     offset: int,
 ) -> list[dict[str, Any]]:
-    """One layer's rows over the analysed steps of a run, in step order."""
+    """One layer's rows over the analysed steps of a run, in step order, as dicts."""
+    rows = layer_history_rows(
+        session=session,
+        run_id=run_id,
+        layer_name=layer_name,
+        metric=metric,
+        method=method,
+        max_points=max_points,
+        limit=limit,
+        offset=offset,
+    )
+    return [dict(zip(HISTORY_FIELDS, row, strict=True)) for row in rows]
+
+
+def layer_history_rows(
+    *,
+    session: Session,
+    run_id: int,
+    layer_name: str,
+    metric: str,
+    method: str,
+    max_points: int | None,
+    limit: int | None,
+    offset: int,
+) -> list[HistoryRow]:
+    """One layer's rows over the analysed steps of a run, in step order, as
+    :data:`HistoryRow` tuples."""
     fields = tuple(
         dict.fromkeys(
             (
@@ -467,16 +528,18 @@ def layer_history(
         at["rank_collapse"],
     )
     trusted_of = robust.untrusted_reason_of
+    # HistoryPoint's value is a float: an integer metric's (num_pl_spikes, ...) as one.
+    as_float = isinstance(getattr(LayerMetric, metric).type, Integer)
     return [
-        {
-            "step": r[0],
-            "value": r[value],
-            "alpha": r[alpha],
-            "D": r[d],
-            "num_pl_spikes": r[spikes],
-            "fit_status": r[status],
-            "trusted": trusted_of(r[status], r[trap], r[collapse], r[trusted]) is None,
-        }
+        (
+            r[0],
+            float(r[value]) if as_float and r[value] is not None else r[value],
+            r[alpha],
+            r[d],
+            r[spikes],
+            r[status],
+            trusted_of(r[status], r[trap], r[collapse], r[trusted]) is None,
+        )
         for r in rows
     ]
 
@@ -577,8 +640,21 @@ def heatmap(*, session: Session, run_id: int, query: HeatmapQuery, method: str) 
 def block_trends(
     *, session: Session, run_id: int, query: BlockQuery, method: str, thresholds: Thresholds
 ) -> list[dict[str, Any]]:
-    """The robust statistic per block and checkpoint: one trend per block, the last block first
-    by default (layers outside a block, embeddings and head, are left out).
+    """The robust statistic per block and checkpoint: :func:`block_trend_rows` as dicts."""
+    return [
+        {"block": block, "points": [trend_point(row) for row in rows]}
+        for block, rows in block_trend_rows(
+            session=session, run_id=run_id, query=query, method=method, thresholds=thresholds
+        )
+    ]
+
+
+def block_trend_rows(
+    *, session: Session, run_id: int, query: BlockQuery, method: str, thresholds: Thresholds
+) -> list[tuple[int, list[TrendRow]]]:
+    """The robust statistic per block and checkpoint: one trend per block, (block, its
+    :data:`TrendRow` points), the last block first by default (layers outside a block,
+    embeddings and head, are left out).
 
     Selections kept in ``block_stat`` are read from it, one row per block and checkpoint;
     other selections, and checkpoints without kept rows, are computed from the layer rows.
@@ -588,7 +664,7 @@ def block_trends(
     step = dict(checkpoints)
     layers = query.layers(method)
     key = kinds_key(layers.kinds)
-    points: dict[int, dict[int, dict[str, Any]]] = defaultdict(dict)
+    points: dict[int, dict[int, TrendRow]] = defaultdict(dict)
     missing = list(step)
     if key in BLOCK_KINDS and query.metric in BLOCK_METRICS and step:
         kept = many_rows(
@@ -603,8 +679,9 @@ def block_trends(
                 *_kept_on(BlockStat, query=query, kinds=key, method=method, thresholds=thresholds),
             ),
         )
+        value = _kept_value(2, query.stat)
         for row in kept:
-            points[row[1]][row[0]] = _kept_point(step[row[0]], row, 2, query.stat)
+            points[row[1]][row[0]] = _kept_point(step[row[0]], row, 2, value)
         # A checkpoint with no kept row of any block was analysed before they were kept (or
         # under other thresholds); one whose selection holds no block has none either.
         have = {row[0] for row in kept}
@@ -626,13 +703,13 @@ def block_trends(
     for block in sorted(points, reverse=query.order == LayerOrder.BLOCK_DESC):
         kept_points = points[block]
         out.append(
-            {
-                "block": block,
-                "points": [
+            (
+                block,
+                [
                     kept_points.get(checkpoint_id) or _point(s, empty, query.stat)
                     for checkpoint_id, s in checkpoints
                 ],
-            }
+            )
         )
     return out
 
