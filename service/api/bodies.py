@@ -20,6 +20,7 @@ compares these bodies with the validated path's, byte for byte, on real answers.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from itertools import chain
 from typing import Any
 
 from pydantic import BaseModel, TypeAdapter
@@ -76,8 +77,11 @@ class PointsBody:
         if unknown:
             raise ValueError(f"{model.__name__} has no field {sorted(unknown)}")
         self.fields = tuple(names)
-        self._template = b"{" + b",".join(b'"' + name.encode() + b'":%b' for name in names) + b"}"
-        self._numbers = tuple(i for i, name in enumerate(names) if name not in convert)
+        self._width = len(names)
+        # The text before each field's value; the first closes the point before.
+        self._keys = [b'},{"' + names[0].encode() + b'":'] + [
+            b',"' + name.encode() + b'":' for name in names[1:]
+        ]
         self._converted = tuple(
             (i, convert[name]) for i, name in enumerate(names) if name in convert
         )
@@ -86,20 +90,24 @@ class PointsBody:
         """``[point,...]`` of the rows, in their order."""
         if not rows:
             return b"[]"
-        numbers, converted, template = self._numbers, self._converted, self._template
-        width = len(numbers)
-        # One serialiser call for every number; a number's JSON never holds a comma.
-        flat = [row[i] for row in rows for i in numbers]
+        width = self._width
+        # Every value in one list; the converted ones set aside, zeros in their place, so that
+        # one serialiser call writes all the numbers and a comma parts them (a number's JSON
+        # never holds one).
+        flat = list(chain.from_iterable(rows))
+        if len(flat) != width * len(rows):
+            raise ValueError(f"rows of {width} fields expected")
+        aside = [(i, encode, flat[i::width]) for i, encode in self._converted]
+        for i, _, _ in aside:
+            flat[i::width] = bytes(len(rows))
         parts = to_json(flat, inf_nan_mode="null")[1:-1].split(b",")
-        out = []
-        start = 0
-        for row in rows:
-            fields = parts[start : start + width]
-            start += width
-            for i, encode in converted:
-                fields.insert(i, encode(row[i]))
-            out.append(template % tuple(fields))
-        return b"[" + b",".join(out) + b"]"
+        for i, encode, values in aside:
+            parts[i::width] = [encode(value) for value in values]
+        out = [b""] * (2 * len(parts))
+        out[0::2] = self._keys * len(rows)
+        out[1::2] = parts
+        out[0] = out[0][2:]  # no point before the first
+        return b"[" + b"".join(out) + b"}]"
 
 
 _ADAPTERS: dict[type[BaseModel], TypeAdapter[Any]] = {}
