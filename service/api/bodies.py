@@ -32,46 +32,53 @@ from alphawatch.service.api.schemas import BlockTrend, HistoryPoint, TrendPoint
 _MEMO_LIMIT = 4096
 
 
-def _memo(encode: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
-    kept: dict[Any, bytes] = {}
+class Memo:
+    """The JSON of values that repeat, written once and kept (up to a bound) for the next row."""
 
-    def encoded(value: Any) -> bytes:
-        found = kept.get(value)
+    def __init__(self, encode: Callable[[Any], bytes]):
+        self._encode = encode
+        self._kept: dict[Any, bytes] = {}
+
+    def column(self, values: Sequence[Any]) -> list[bytes]:
+        """The JSON of each value."""
+        kept = self._kept
+        try:
+            return [kept[value] for value in values]  # every one seen before: the usual case
+        except (KeyError, TypeError):
+            return [self._one(value) for value in values]
+
+    def _one(self, value: Any) -> bytes:
+        try:
+            found = self._kept.get(value)
+        except TypeError:  # unhashable (a dict): written each time
+            return self._encode(value)
         if found is None:
-            found = encode(value)
-            if len(kept) >= _MEMO_LIMIT:
-                kept.clear()
-            kept[value] = found
+            found = self._encode(value)
+            if len(self._kept) >= _MEMO_LIMIT:
+                self._kept.clear()
+            self._kept[value] = found
         return found
-
-    return encoded
-
-
-def _compact_json(text: str) -> bytes:
-    return to_json(from_json(text))
-
-
-_compact_json_text = _memo(_compact_json)
-text_json = _memo(to_json)
-"""The JSON of a string (or any hashable scalar), kept for the next row that has it."""
 
 
 def counts_json(value: str | Mapping[str, int]) -> bytes:
     """A ``dict[str, int]`` field: from the JSON text a table keeps (``{"a": 1}``, with spaces
     or without) or from a dict (whose counts may be numpy integers)."""
     if isinstance(value, str):
-        return _compact_json_text(value)
+        return to_json(from_json(value))
     return to_json({str(k): int(v) for k, v in value.items()})
 
 
 class PointsBody:
     """Writes a list of ``model`` points from tuples in the model's field order.
 
-    Fields named in ``convert`` are written by their converter (JSON bytes from the value);
-    the others must be numbers, booleans or None, of the types the model declares.
+    Fields named in ``convert`` are written by their converter (the JSON of each value of the
+    field's column); the others must be numbers, booleans or None, of the types the model
+    declares.
     """
 
-    def __init__(self, model: type[BaseModel], convert: Mapping[str, Callable[[Any], bytes]]):
+    def __init__(
+        self, model: type[BaseModel], convert: Mapping[str, Callable[[Sequence[Any]], list[bytes]]]
+    ):
         names = list(model.model_fields)
         unknown = set(convert) - set(names)
         if unknown:
@@ -102,7 +109,7 @@ class PointsBody:
             flat[i::width] = bytes(len(rows))
         parts = to_json(flat, inf_nan_mode="null")[1:-1].split(b",")
         for i, encode, values in aside:
-            parts[i::width] = [encode(value) for value in values]
+            parts[i::width] = encode(values)
         out = [b""] * (2 * len(parts))
         out[0::2] = self._keys * len(rows)
         out[1::2] = parts
@@ -124,8 +131,8 @@ def with_list(model: type[BaseModel], head: dict[str, Any], field: str, items: b
     return empty[:-3] + items + b"}"
 
 
-TREND_POINTS = PointsBody(TrendPoint, {"excluded": counts_json})
-HISTORY_POINTS = PointsBody(HistoryPoint, {"fit_status": text_json})
+TREND_POINTS = PointsBody(TrendPoint, {"excluded": Memo(counts_json).column})
+HISTORY_POINTS = PointsBody(HistoryPoint, {"fit_status": Memo(to_json).column})
 _BLOCK_KEYS = tuple(BlockTrend.model_fields)
 
 
