@@ -70,18 +70,23 @@ def written(request: Request) -> None:
         cache.invalidate()
 
 
-def _compute(
-    settings: Settings, build: Callable[[Session], dict[str, Any]], adapter: TypeAdapter[Any]
-) -> bytes:
+# What a route's build makes: the answer as a dict, or its body already written (the long
+# answers, by service/api/bodies.py, which tests compare with the validated path's bytes).
+Build = Callable[[Session], dict[str, Any] | bytes]
+
+
+def _compute(settings: Settings, build: Build, adapter: TypeAdapter[Any]) -> bytes:
     with session_scope(make_engine(settings.database_url, reads=True)) as session:
         answer = build(session)
+    if isinstance(answer, bytes):
+        return answer
     # Validated like any response model: a kept answer is as checked as a fresh one.
     return adapter.dump_json(adapter.validate_python(answer))
 
 
 def _answer(
     settings: Settings,
-    build: Callable[[Session], dict[str, Any]],
+    build: Build,
     adapter: TypeAdapter[Any],
     *,
     key: str,
@@ -118,9 +123,7 @@ _FLIGHTS: weakref.WeakKeyDictionary[
 ] = weakref.WeakKeyDictionary()
 
 
-async def cached(
-    request: Request, model: type[BaseModel], build: Callable[[Session], dict[str, Any]]
-) -> Response:
+async def cached(request: Request, model: type[BaseModel], build: Build) -> Response:
     """The JSON body ``build`` makes, from the result cache when the results have not changed.
 
     On a hit no thread, session or query is involved; on a miss ``build`` runs on the thread

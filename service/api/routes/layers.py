@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from fastapi import Query, Request, Response
 from sqlalchemy.orm import Session
 
-from alphawatch.service.api import queries, runs
+from alphawatch.service.api import bodies, queries, runs
 from alphawatch.service.api.deps import MethodDep
 from alphawatch.service.api.routes.common import (
     READ_ERRORS,
@@ -69,8 +69,8 @@ async def layer_history(
 ) -> Response:
     """One layer's metric over steps, with fit quality and status (paged, then downsampled)."""
 
-    def build(session: Session) -> dict[str, Any]:
-        points = queries.layer_history(
+    def build(session: Session) -> bytes:
+        rows = queries.layer_history_rows(
             session=session,
             run_id=run_id,
             layer_name=layer_name,
@@ -80,7 +80,8 @@ async def layer_history(
             limit=limit,
             offset=offset,
         )
-        return {"run_id": run_id, "layer": layer_name, "metric": metric, "points": points}
+        head = {"run_id": run_id, "layer": layer_name, "metric": metric}
+        return bodies.with_list(HistoryRead, head, "points", bodies.HISTORY_POINTS.points(rows))
 
     return await cached(request, HistoryRead, build)
 

@@ -6,12 +6,12 @@ and hands it whole to its query; answers come from the result cache when nothing
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import Query, Request, Response
 from sqlalchemy.orm import Session
 
-from alphawatch.service.api import distances, queries
+from alphawatch.service.api import bodies, distances, queries
 from alphawatch.service.api.deps import MethodDep, SettingsDep
 from alphawatch.service.api.routes.common import (
     READ_ERRORS,
@@ -52,11 +52,11 @@ async def get_trend(
 ) -> Response:
     """Model-level robust statistic of a metric per checkpoint, with exclusions explained."""
 
-    def build(session: Session) -> dict[str, Any]:
-        points = queries.trend(
+    def build(session: Session) -> bytes:
+        rows = queries.trend_rows(
             session=session, run_id=run_id, query=query, method=method, thresholds=settings.trust
         )
-        return {
+        head = {
             "run_id": run_id,
             "metric": query.metric,
             "stat": query.stat,
@@ -64,8 +64,8 @@ async def get_trend(
             "method": method,
             "outliers": query.outliers,
             "variant": query.variant,
-            "points": points,
         }
+        return bodies.with_list(TrendRead, head, "points", bodies.TREND_POINTS.points(rows))
 
     return await cached(request, TrendRead, build)
 
@@ -122,19 +122,19 @@ async def get_block_trends(
 ) -> Response:
     """The robust statistic of each block over the checkpoints, the last block first."""
 
-    def build(session: Session) -> dict[str, Any]:
-        blocks = queries.block_trends(
+    def build(session: Session) -> bytes:
+        blocks = queries.block_trend_rows(
             session=session, run_id=run_id, query=query, method=method, thresholds=settings.trust
         )
-        return {
+        head = {
             "run_id": run_id,
             "metric": query.metric,
             "stat": query.stat,
             "filter": query.filter,
             "variant": query.variant,
             "order": query.order,
-            "blocks": blocks,
         }
+        return bodies.with_list(BlockTrendRead, head, "blocks", bodies.block_trends(blocks))
 
     return await cached(request, BlockTrendRead, build)
 
