@@ -509,31 +509,6 @@ def compare(
     return {"metric": query.metric, "stat": query.stat, "runs": out}
 
 
-def layer_history(
-    *,
-    session: Session,
-    run_id: int,
-    layer_name: str,
-    metric: str,
-    method: str,
-    max_points: int | None,
-    limit: int | None,
-    offset: int,
-) -> list[dict[str, Any]]:
-    """One layer's rows over the analysed steps of a run, in step order, as dicts."""
-    rows = layer_history_rows(
-        session=session,
-        run_id=run_id,
-        layer_name=layer_name,
-        metric=metric,
-        method=method,
-        max_points=max_points,
-        limit=limit,
-        offset=offset,
-    )
-    return [dict(zip(HISTORY_FIELDS, row, strict=True)) for row in rows]
-
-
 def layer_history_rows(
     *,
     session: Session,
@@ -687,18 +662,6 @@ def heatmap(*, session: Session, run_id: int, query: HeatmapQuery, method: str) 
         "z": z,
         "trusted": trusted,
     }
-
-
-def block_trends(
-    *, session: Session, run_id: int, query: BlockQuery, method: str, thresholds: Thresholds
-) -> list[dict[str, Any]]:
-    """The robust statistic per block and checkpoint: :func:`block_trend_rows` as dicts."""
-    return [
-        {"block": block, "points": [trend_point(row) for row in rows]}
-        for block, rows in block_trend_rows(
-            session=session, run_id=run_id, query=query, method=method, thresholds=thresholds
-        )
-    ]
 
 
 def block_trend_rows(

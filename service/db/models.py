@@ -356,19 +356,6 @@ class BlockStat(KeptStatistic, Base):
     outliers: Mapped[str] = mapped_column(String(16))
     kinds: Mapped[str] = mapped_column(String(200))
     block: Mapped[int] = mapped_column(Integer)
-    alpha_max: Mapped[float] = mapped_column(Float)
-    mad_k: Mapped[float] = mapped_column(Float)
-    n_used: Mapped[int] = mapped_column(Integer)
-    n_excluded: Mapped[int] = mapped_column(Integer)
-    excluded: Mapped[str] = mapped_column(Text, default="{}")  # JSON {reason: count}
-    median: Mapped[float | None] = mapped_column(Float)
-    mean: Mapped[float | None] = mapped_column(Float)
-    trimmed_mean: Mapped[float | None] = mapped_column(Float)
-    p10: Mapped[float | None] = mapped_column(Float)
-    p25: Mapped[float | None] = mapped_column(Float)
-    p75: Mapped[float | None] = mapped_column(Float)
-    p90: Mapped[float | None] = mapped_column(Float)
-    iqr: Mapped[float | None] = mapped_column(Float)
 
 
 class Spectrum(Base):

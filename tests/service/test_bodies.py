@@ -124,8 +124,8 @@ def test_a_block_trends_body_is_the_models(run_url: str, query: BlockQuery) -> N
     }
     with session_scope(make_engine(run_url, reads=True)) as session:
         args = {"session": session, "run_id": 1, "query": query, "method": "ww"}
-        blocks = queries.block_trends(**args, thresholds=Thresholds())
         rows = queries.block_trend_rows(**args, thresholds=Thresholds())
+    blocks = [{"block": b, "points": [queries.trend_point(r) for r in of]} for b, of in rows]
     fast = bodies.with_list(BlockTrendRead, head, "blocks", bodies.block_trends(rows))
     assert fast == _validated(BlockTrendRead, {**head, "blocks": blocks})
     assert len(blocks) == 3
@@ -143,8 +143,8 @@ def test_a_history_body_is_the_models(run_url: str, metric: str) -> None:
         "offset": 0,
     }
     with session_scope(make_engine(run_url, reads=True)) as session:
-        points = queries.layer_history(session=session, **args)
         rows = queries.layer_history_rows(session=session, **args)
+    points = [dict(zip(queries.HISTORY_FIELDS, row, strict=True)) for row in rows]
     head = {"run_id": 1, "layer": "model.layers.2.q_proj", "metric": metric}
     fast = bodies.with_list(HistoryRead, head, "points", bodies.HISTORY_POINTS.points(rows))
     assert fast == _validated(HistoryRead, {**head, "points": points})
