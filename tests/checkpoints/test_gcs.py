@@ -109,3 +109,68 @@ def test_a_run_in_a_gcs_bucket_is_discovered_and_analysed_as_on_disk(
     for name, alpha in b.items():
         assert alpha is not None and math.isclose(a[name] or 0.0, alpha, rel_tol=1e-12), name
     assert rows(pg_url, "SELECT count(*) FROM layer_metric") == [(2 * len(b),)]
+
+
+@pytest.fixture
+def generations(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The emulator's downloads made to follow GCS on ``generation=``: the bytes of that
+    generation while it is live, 404 once it is replaced (a bucket without versioning); the
+    emulator itself serves the live bytes whatever the generation asked. Returns the
+    generations the downloads named, in order."""
+    from http import HTTPStatus
+
+    from gcp_storage_emulator import server
+    from gcp_storage_emulator.exceptions import NotFound
+    from gcp_storage_emulator.handlers import objects
+
+    asked: list[str] = []
+
+    def download(request: Any, response: Any, storage: Any, *args: Any, **kwargs: Any) -> Any:
+        wanted = request.query.get("generation")
+        if wanted:
+            asked.append(wanted[0])
+            try:
+                live = storage.get_file_obj(
+                    request.params["bucket_name"], request.params["object_id"]
+                )["generation"]
+            except NotFound:
+                live = None
+            if live != wanted[0]:
+                response.status = HTTPStatus.NOT_FOUND
+                return None
+        return objects.download(request, response, storage, *args, **kwargs)
+
+    for _, handlers in server.HANDLERS:
+        if handlers.get(server.GET) is objects.download:
+            monkeypatch.setitem(handlers, server.GET, download)
+    return asked
+
+
+def test_a_gcs_object_replaced_after_its_listing_is_never_read_mixed(
+    gcs: Any, generations: list[str], tmp_path: Path
+) -> None:
+    """Each ranged read names the listed generation: a replaced object is 'vanished'."""
+    run = tmp_path / "run"
+    write_checkpoint(run, 10, seed=1)
+    url = f"gs://{BUCKET}/run"
+    upload(gcs, run, url)
+    key = f"{BUCKET}/run/checkpoint-10/model.safetensors"
+    listed = str(gcs.info(key)["generation"])
+    mirrors = Mirrors()
+    try:
+        root = mirrors.sync(object_url(url))
+        confine = ObjectConfinement.around(Confinement.to([]), mirrors, None)
+        shard = root / "checkpoint-10" / "model.safetensors"
+        original = (run / "checkpoint-10" / "model.safetensors").read_bytes()
+        with confine.open(shard) as handle:
+            assert handle.read(8) == original[:8]  # the listed generation's bytes
+            assert generations and set(generations) == {listed}
+            write_checkpoint(tmp_path / "other", 10, seed=2)  # same size, other bytes
+            gcs.pipe_file(
+                key, (tmp_path / "other" / "checkpoint-10" / "model.safetensors").read_bytes()
+            )
+            assert str(gcs.info(key)["generation"]) != listed
+            with pytest.raises(FileNotFoundError, match="replaced while being read"):
+                handle.read(8)
+    finally:
+        mirrors.close()

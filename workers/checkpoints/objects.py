@@ -173,13 +173,19 @@ class ObjectStore:
             if info.get("type") == "directory":
                 continue
             version = _version(info)
-            listed[relative] = _Object(int(info.get("size") or 0), version, _stamp(info, version))
+            listed[relative] = _Object(
+                int(info.get("size") or 0),
+                version,
+                _stamp(info, version),
+                str(info.get("generation") or ""),
+            )
         return listed
 
     def open(self, url: ObjectURL, listed: _Object) -> Any:
         """A read-only file of ``url`` whose every read is one ranged GET (no read-ahead), at
         its listed size and version: no HEAD is made, and a read of an object replaced since
-        it was listed fails (its ETag no longer matches) instead of mixing two versions."""
+        it was listed fails (S3: its ETag no longer matches; GCS: its generation is gone)
+        instead of mixing two versions."""
         return _Counted(lambda: self._open(url, listed), self.requests, url)
 
     def _open(self, url: ObjectURL, listed: _Object) -> Any:
@@ -201,7 +207,31 @@ class ObjectStore:
             # Every ranged GET names the listed version: S3 answers 412 once it was replaced.
             handle.details["ETag"] = listed.version
             handle.read_kw = {**read_kw, "IfMatch": listed.version}
+        elif listed.generation and self.scheme in ("gs", "gcs"):
+            _pin_generation(handle, url, listed.generation)
         return handle
+
+
+def _pin_generation(handle: Any, url: ObjectURL, generation: str) -> None:
+    """Every ranged GET of a gcsfs file names the listed generation (gcsfs's own reads name
+    none): GCS serves that generation's bytes while it is kept (a bucket with versioning), and
+    answers 404 once it is gone, which is read as the file vanishing, as S3's 412 is."""
+    fs, path, size = handle.fs, handle.path, handle.size
+
+    def fetch(start: int | None = None, end: int | None = None) -> bytes:
+        if (start or 0) >= (size if end is None else min(end, size)):
+            return b""
+        try:
+            data: bytes = fs.cat_file(path, start=start, end=end, generation=generation)
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(
+                f"{url} was replaced while being read (generation {generation} is gone)"
+            ) from exc
+        return data
+
+    # The buffered file reads through its cache's fetcher (bound when it was opened).
+    handle._fetch_range = fetch
+    handle.cache.fetcher = fetch
 
 
 class _Counted:
@@ -328,6 +358,8 @@ class _Object:
     size: int
     version: str
     mtime_ns: int
+    # GCS's generation of the object as listed (ranged reads name it); "" elsewhere.
+    generation: str = ""
 
 
 def _version(info: Mapping[str, Any]) -> str:
