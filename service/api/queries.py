@@ -590,7 +590,13 @@ def _rounded(z: list[list[float | None]], digits: int) -> list[list[float | None
     NumPy rounds ``x * 10**digits`` to even: a value within an ulp of a half-way case may
     round the other way from ``round``, never by more than half the last decimal kept."""
     values = np.array(z, dtype=float)  # None becomes NaN
-    rounded: list[list[float | None]] = np.round(values, digits).tolist()
+    with np.errstate(over="ignore"):
+        scaled = np.round(values, digits)
+    # NumPy scales by 10**digits first: a value past ~1e293 overflows there, and has no
+    # decimals to round anyway.
+    overflowed = np.isinf(scaled) & np.isfinite(values)
+    scaled[overflowed] = values[overflowed]
+    rounded: list[list[float | None]] = scaled.tolist()
     for i, j in zip(*np.nonzero(np.isnan(values)), strict=True):
         rounded[i][j] = None
     return rounded

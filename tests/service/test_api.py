@@ -115,6 +115,10 @@ def test_a_rounded_heatmap_keeps_its_empty_cells() -> None:
         [None, None, 7.0],
         [0.0, 6.276, float("inf")],
     ]
+    # A value too large to scale by 10**digits is kept as it is (it has no decimals).
+    assert queries._rounded([[1e300, -(2.0**1000), 1e300 / 3]], 15) == [
+        [1e300, -(2.0**1000), 1e300 / 3]
+    ]
     values = np.random.default_rng(0).uniform(-10, 10, (50, 40))
     rounded = np.array(queries._rounded(values.tolist(), 3))
     # Within half of the last decimal kept (a tie may go either way), and as short as printed.
