@@ -112,7 +112,8 @@ def test_the_layer_filter_is_built_in_one_place() -> None:
 
 
 @pytest.mark.parametrize(
-    "function", [queries.trend, queries.block_trends, queries.heatmap, queries.compare]
+    "function",
+    [queries.trend, queries.trend_rows, queries.block_trend_rows, queries.heatmap, queries.compare],
 )
 def test_selections_reach_their_query_whole(function: object) -> None:
     parameters = inspect.signature(function).parameters  # type: ignore[arg-type]
