@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 from collections import defaultdict
@@ -11,6 +12,7 @@ from typing import Any
 import numpy as np
 from pydantic_core import from_json
 from sqlalchemy import ColumnElement, Integer, Select, and_, bindparam, case, func, select
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from alphawatch.service import robust
@@ -210,13 +212,31 @@ def rows_of(
 
 
 def _driver_rows(session: Session, sql: str, params: Mapping[str, Any]) -> list[Any]:
-    raw = session.connection().connection.driver_connection
+    connection = session.connection()
+    raw = connection.connection.driver_connection
     cursor = raw.cursor()  # type: ignore[union-attr]
+    dialect = connection.dialect
     try:
         cursor.execute(sql, params)
         return list(cursor.fetchall())
+    except dialect.loaded_dbapi.Error as exc:
+        # As SQLAlchemy's own execution fails: a connection the server dropped is invalidated
+        # (never pooled again), and the error is SQLAlchemy's (OperationalError: the API
+        # answers 503; DataError: 422), not the driver's (500).
+        invalidated = dialect.is_disconnect(exc, raw, cursor)
+        if invalidated:
+            connection.invalidate(exc)
+        raise DBAPIError.instance(
+            sql,
+            dict(params),
+            exc,
+            dialect.loaded_dbapi.Error,
+            connection_invalidated=invalidated,
+            dialect=dialect,
+        ) from exc
     finally:
-        cursor.close()
+        with contextlib.suppress(Exception):
+            cursor.close()
 
 
 def downsample(items: Sequence[Any], max_points: int | None) -> list[Any]:

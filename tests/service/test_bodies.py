@@ -227,3 +227,27 @@ def test_the_rows_are_in_the_models_field_order() -> None:
     assert queries.HISTORY_FIELDS[:2] == ("step", "value")
     with pytest.raises(ValueError, match="last field"):
         bodies.with_list(TrendRead, {}, "run_id", b"[]")
+
+
+def test_a_read_on_a_dropped_connection_is_a_database_error(pg_url: str) -> None:
+    """The rows read straight from the driver fail as SQLAlchemy's own reads do: a connection
+    the server dropped is an OperationalError (the API answers 503, not 500), and the next read
+    works."""
+    import psycopg
+    from sqlalchemy import select
+    from sqlalchemy.exc import OperationalError
+
+    from alphawatch.service.db.models import Checkpoint
+
+    analysed_run(
+        pg_url, name="dropped", steps=(100,), layers=lambda s: _layers(np.random.default_rng(0), s)
+    )
+    engine = make_engine(pg_url, reads=True)
+    statement = select(Checkpoint.id).where(Checkpoint.run_id == 1)
+    with pytest.raises(OperationalError), session_scope(engine) as session:
+        pid = session.connection().connection.driver_connection.info.backend_pid  # type: ignore[union-attr]
+        with psycopg.connect(pg_url.replace("postgresql+psycopg", "postgresql")) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        queries.rows_of(session, statement, {})
+    with session_scope(engine) as session:
+        assert [tuple(r) for r in queries.rows_of(session, statement, {})] == [(1,)]
