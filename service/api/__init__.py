@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import os
 from collections.abc import AsyncIterator, Callable
@@ -46,8 +47,22 @@ class _Static(StaticFiles):
         return response
 
 
+@functools.cache
+def _freeze_heap() -> None:
+    """Leave what the process holds once the app is built out of every later garbage
+    collection, once per process.
+
+    Reads of many rows allocate a tuple per row and trigger the cyclic collector, whose oldest
+    generation then scans every object the process holds, the imported libraries' included:
+    half of a block-range trend's CPU (35,000 rows: 115 ms, 55 ms with the heap frozen) and
+    a third of a long run's heatmap. What is built at start lives as long as the process.
+    """
+    gc.freeze()
+
+
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    _freeze_heap()
     # The limiter belongs to the event loop, so it is sized here, where the loop runs.
     settings: Settings = app.state.settings
     anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_threads

@@ -265,8 +265,10 @@ def trend_point(row: TrendRow) -> dict[str, Any]:
     return point
 
 
-def _point(step: int, chosen: robust.Selection, stat: str) -> TrendRow:
-    described = robust.describe(chosen.values)
+def _point(
+    step: int, chosen: robust.Selection, described: Mapping[str, float | None], stat: str
+) -> TrendRow:
+    """A point computed from layer rows: the selection and its :func:`robust.describe`."""
     return (
         step,
         described[stat],
@@ -303,25 +305,29 @@ def _chosen_from_rows(
     """The selections of checkpoints (or of each block of them) computed from their layer rows,
     keyed by (checkpoint id, block or None): the columns are read as tuples and the rules run
     over all rows at once (:func:`robust.select_groups`)."""
-    columns = [
-        LayerMetric.checkpoint_id,
-        LayerMetric.block,
-        getattr(LayerMetric, query.metric),
-        LayerMetric.alpha,
-        LayerMetric.fit_status,
-        LayerMetric.correlation_trap,
-        LayerMetric.rank_collapse,
-        LayerMetric.trusted,
-    ]
+    wanted = (
+        "checkpoint_id",
+        "block",
+        query.metric,
+        "alpha",
+        "fit_status",
+        "correlation_trap",
+        "rank_collapse",
+        "trusted",
+    )
+    names = dict.fromkeys(wanted)  # alpha read once when it is the metric too
     rows = many_rows(
         session,
-        select(*columns).where(LayerMetric.checkpoint_id.in_(checkpoint_ids), *layers.where()),
+        select(*(getattr(LayerMetric, n) for n in names)).where(
+            LayerMetric.checkpoint_id.in_(checkpoint_ids), *layers.where()
+        ),
     )
     if by_block:
         rows = [r for r in rows if r[1] is not None]  # embeddings and head are in no block
     if not rows:
         return {}
-    ids, blocks, values, alpha, status, trap, collapse, trusted = zip(*rows, strict=True)
+    column = dict(zip(names, zip(*rows, strict=True), strict=True))
+    ids, blocks, values, alpha, status, trap, collapse, trusted = (column[n] for n in wanted)
     id_array = np.asarray(ids, dtype=np.int64)
     if by_block:
         keys, groups = np.unique(
@@ -499,9 +505,11 @@ def trend_rows(
         )
         empty = _chosen([], query, thresholds)
         step = {row[0]: row[1] for row in rows}
-        for checkpoint_id in missing:
-            chosen = computed.get((checkpoint_id, None), empty)
-            points[checkpoint_id] = _point(step[checkpoint_id], chosen, query.stat)
+        selections = [computed.get((c, None), empty) for c in missing]
+        for checkpoint_id, chosen, described in zip(
+            missing, selections, robust.describe_all(selections), strict=True
+        ):
+            points[checkpoint_id] = _point(step[checkpoint_id], chosen, described, query.stat)
     return [points[row[0]] for row in rows]
 
 
@@ -742,10 +750,15 @@ def block_trend_rows(
             thresholds=thresholds,
             by_block=True,
         )
-        for (checkpoint_id, block), chosen in computed.items():
+        for ((checkpoint_id, block), chosen), described in zip(
+            computed.items(), robust.describe_all(list(computed.values())), strict=True
+        ):
             assert block is not None
-            points[block][checkpoint_id] = _point(step[checkpoint_id], chosen, query.stat)
+            points[block][checkpoint_id] = _point(
+                step[checkpoint_id], chosen, described, query.stat
+            )
     empty = _chosen([], query, thresholds)
+    nothing = robust.describe(empty.values)
     out = []
     for block in sorted(points, reverse=query.order == LayerOrder.BLOCK_DESC):
         kept_points = points[block]
@@ -753,7 +766,7 @@ def block_trend_rows(
             (
                 block,
                 [
-                    kept_points.get(checkpoint_id) or _point(s, empty, query.stat)
+                    kept_points.get(checkpoint_id) or _point(s, empty, nothing, query.stat)
                     for checkpoint_id, s in checkpoints
                 ],
             )

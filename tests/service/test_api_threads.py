@@ -1,6 +1,10 @@
-"""ALPHAWATCH_API_THREADS is a setting: read when the app is built, applied when it starts."""
+"""What an app applies when it starts: ALPHAWATCH_API_THREADS (a setting, read when the app is
+built), and its process's heap left out of later garbage collections."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import anyio.to_thread
 import pytest
@@ -40,3 +44,26 @@ def test_settings_passed_in_size_the_route_threads(sqlite_url: str) -> None:
 def test_bad_thread_counts_are_refused() -> None:
     with pytest.raises(ValueError, match="api_threads"):
         Settings(api_threads=0)
+
+
+def test_a_started_app_leaves_the_heap_it_was_built_with_out_of_collections(
+    sqlite_url: str,
+) -> None:
+    # In a process of its own: an app started by an earlier test froze this one's already.
+    code = f"""
+import gc
+from fastapi.testclient import TestClient
+from alphawatch.service.api import create_app
+from alphawatch.settings import Settings
+app = create_app(Settings(database_url={sqlite_url!r}))
+print(gc.get_freeze_count())
+with TestClient(app) as client:
+    assert client.get("/health").status_code == 200
+    print(gc.get_freeze_count())
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    before, after = (int(line) for line in done.stdout.split())
+    assert before == 0
+    assert after > 10_000  # the imported libraries, the app and its routes

@@ -144,3 +144,56 @@ def test_select_reads_odd_values_as_the_rules_do(column: list[Any]) -> None:
     numeric = [float(v) for v in column if isinstance(v, int | float) and v is not None]
     assert chosen.values.tolist() == sorted(numeric)
     assert chosen.excluded == {"no_value": len(column) - len(numeric)}
+
+
+def numpy_describe(values: np.ndarray) -> dict[str, float]:
+    """Each statistic of one group as NumPy's own functions take it, one call each."""
+    ordered = np.sort(values)
+    cut = int(robust.TRIM * ordered.size)
+    p10, p25, p75, p90 = (float(np.percentile(ordered, q)) for q in (10, 25, 75, 90))
+    return {
+        "median": float(np.median(ordered)),
+        "mean": float(ordered.mean()),
+        "trimmed_mean": float(ordered[cut : ordered.size - cut].mean()),
+        "p10": p10,
+        "p25": p25,
+        "p75": p75,
+        "p90": p90,
+        "iqr": p75 - p25,
+    }
+
+
+group_values = st.lists(
+    st.one_of(
+        st.floats(min_value=-1e12, max_value=1e12, allow_nan=False),
+        st.sampled_from([0.0, -0.0, 1.0, 2.5, 8.0, 1e-300, 5e-324]),
+    ),
+    max_size=90,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(groups=st.lists(group_values, min_size=1, max_size=12))
+def test_describe_groups_is_numpy_bit_for_bit(groups: list[list[float]]) -> None:
+    # Every group's statistics taken at once equal, exactly, NumPy's functions called on that
+    # group alone (ties, signed zeros, subnormals, sizes either side of NumPy's 8-wide sums).
+    arrays = [np.sort(np.asarray(g, dtype=np.float64)) for g in groups]
+    described = robust.describe_groups(np.concatenate(arrays), [a.size for a in arrays])
+    for values, got in zip(arrays, described, strict=True):
+        if values.size == 0:
+            assert got == dict.fromkeys(robust.STATS)
+            continue
+        assert got == numpy_describe(values)
+        assert robust.describe(values[::-1]) == got  # any order
+        assert robust.statistic(values, "p90") == got["p90"]
+
+
+def test_describe_all_of_many_checkpoints_equals_one_at_a_time() -> None:
+    rng = np.random.default_rng(7)
+    selections = [
+        robust.Selection(values=np.sort(rng.lognormal(1.0, 0.5, size=n)))
+        for n in rng.integers(0, 300, size=200)
+    ]
+    assert robust.describe_all(selections) == [
+        numpy_describe(s.values) if s.n_used else dict.fromkeys(robust.STATS) for s in selections
+    ]
