@@ -126,6 +126,25 @@ def test_heatmap_by_variant_kind_and_block_last_first(filled: Filled) -> None:
     ]
 
 
+def test_heatmap_places_a_layer_the_last_checkpoint_lacks(db_url: str) -> None:
+    # Kind and block are read once per layer, from the last checkpoint first: a layer only
+    # earlier checkpoints hold keeps its own, and with them its row's place.
+    def layers(step: int) -> list[Row]:
+        return [
+            layer_row(f"model.layers.{block}.{kind}_proj", kind=kind, block=block, alpha=3.0)
+            for block in range(3)
+            for kind in ("q", "up")
+            if not (step == STEPS[-1] and block == 1 and kind == "up")
+        ]
+
+    analysed_run(db_url, name="shrinking", steps=STEPS, layers=layers)
+    with TestClient(create_app(Settings(database_url=db_url))) as client:
+        body = client.get("/api/v1/runs/1/heatmap", params={"order": "block_desc"}).json()
+    assert body["layers"] == [f"model.layers.{b}.{k}_proj" for b in (2, 1, 0) for k in ("q", "up")]
+    assert body["blocks"] == [2, 2, 1, 1, 0, 0]
+    assert body["z"][3] == [3.0, 3.0, None]
+
+
 def test_block_trends_start_from_the_last_block(filled: Filled) -> None:
     client, written = filled
     body = client.get(
