@@ -5,6 +5,7 @@ Against a real S3 API on 127.0.0.1 (moto's server mode) through s3fs, and a real
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import uuid
@@ -222,9 +223,10 @@ def test_a_restarted_worker_lists_its_runs_and_reads_only_what_changed(
     # While no worker runs: an analysed checkpoint's marker is rewritten (another size), and a
     # new checkpoint is written.
     ((rewritten,),) = _rows(pg_url, "SELECT path FROM checkpoint WHERE status = 'done' LIMIT 1")
+    step = int(rewritten.rpartition("-")[2])
     fs.pipe_file(
         f"{rewritten.removeprefix('s3://')}/trainer_state.json",
-        b'{"global_step": 1, "epoch": 1.0, "log_history": []}',
+        json.dumps({"global_step": step, "epoch": 1.0, "log_history": []}).encode(),
     )
     write_checkpoint(tmp_path / "new", 40, seed=99)
     upload(fs, tmp_path / "new", urls[1])
