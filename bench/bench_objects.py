@@ -7,7 +7,9 @@ measures:
 
 * the first pass: requests by kind (LIST, HEAD, GET) and seconds;
 * ``--polls`` idle passes: requests by kind per pass, and seconds per pass;
-* one new checkpoint in one run: requests of the pass that registers it.
+* one new checkpoint in one run: requests of the pass that registers it;
+* a restarted worker (a new ``Watcher`` on the same database, no memory of the passes above):
+  requests and seconds of its first discovery pass, after ``--settled``'s marking when given.
 
 With ``--settled`` the registered checkpoints are then marked analysed in the database (their
 checkpoints and jobs ``done``: analysing 20,000 would take hours and is no part of what a poll
@@ -107,6 +109,7 @@ def main() -> int:
         settled: dict[str, object] = {}
         if args.settled:
             settled = _settled_polls(watcher, server, settings.database_url, urls, args.polls)
+        restarted = _restarted_pass(settings, urls, server)
 
         write_checkpoint(work / "new", 99_999, seed=7)
         upload(fs, work / "new", urls[0])
@@ -127,6 +130,7 @@ def main() -> int:
                 "idle_pass_s_median": round(statistics.median(seconds), 3),
                 "new_checkpoint_pass": new,
                 **settled,
+                "restarted_first_pass": restarted,
             },
             indent=2,
         )
@@ -154,6 +158,21 @@ def _put_tiny(runs: int, checkpoints: int) -> None:
             backend.put_object("bench", f"{folder}/model.safetensors", weights)
             state = json.dumps({"global_step": c * 10}).encode()
             backend.put_object("bench", f"{folder}/trainer_state.json", state)
+
+
+def _restarted_pass(settings: Any, urls: list[str], server: Any) -> dict[str, object]:
+    """The first discovery pass of a worker started afresh on the same database: every
+    checkpoint it finds is registered, none is new."""
+    from alphawatch.workers.watcher import Watcher
+
+    watcher = Watcher(settings, urls)
+    try:
+        server.reset()
+        started = time.perf_counter()
+        assert watcher.discover_once() == 0
+        return {"seconds": round(time.perf_counter() - started, 3), **server.snapshot()}
+    finally:
+        watcher.close()
 
 
 def _settled_polls(

@@ -12,7 +12,10 @@ run that changed only new or unsettled entries are read. Files rewritten in plac
 folder's stamp: ``rewrite_checks_per_poll`` settled checkpoints are re-checked each pass,
 round-robin, by a ``stat`` of the files and folders their fingerprint was computed from
 (:class:`~alphawatch.workers.checkpoints.fingerprints.Shape`), or by their fingerprint where a
-symlinked file makes that not enough (:mod:`~alphawatch.workers.checkpoints.memory`). An
+symlinked file makes that not enough (:mod:`~alphawatch.workers.checkpoints.memory`). A
+worker's first pass over a registered run (after a restart) takes each checkpoint the database
+holds as registered as settled while its fingerprint, a ``stat`` of its files (on object
+storage: what the listing says), is the stored one: none of their files is read again. An
 idle worker asks the queue whether it has anything (one read) before it claims, and bids for
 the discovery lease with one statement. In :meth:`Watcher.run_forever` discovery runs in its
 own thread and only the worker holding the discovery lease discovers (every worker analyses);
@@ -28,7 +31,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -52,7 +55,12 @@ from alphawatch.workers.budget import (
 )
 from alphawatch.workers.checkpoints import CheckpointError, Confinement, survey
 from alphawatch.workers.checkpoints.errors import printable, shown
-from alphawatch.workers.checkpoints.memory import DiscoveryMemory, RunMemory, Settled
+from alphawatch.workers.checkpoints.memory import (
+    DiscoveryMemory,
+    RunMemory,
+    Settled,
+    registered,
+)
 from alphawatch.workers.checkpoints.objects import Mirrors, ObjectConfinement, run_url_check
 from alphawatch.workers.loops import Backoff, LoopHealth
 
@@ -380,7 +388,11 @@ class Watcher:
                 self._memory.forget(run_dir)
                 continue
             try:
-                new += self._discover_run(run_dir, memory)
+                if memory is not None:
+                    settled = memory.settled
+                else:
+                    settled = {} if run_dir in full else self._registered(run_dir, run_id)
+                new += self._discover_run(run_dir, memory, settled)
             except Exception as exc:  # one run, whatever its folder holds, never ends the worker
                 self._memory.forget(run_dir)
                 if is_connection_error(exc):
@@ -405,9 +417,33 @@ class Watcher:
             # Not even the error could be written: the log has it, the other runs go on.
             log.error("cannot record the discovery error of %s: %s", shown(text), failed)
 
-    def _discover_run(self, run_dir: Path, memory: RunMemory | None) -> int:
+    def _registered(self, run_dir: Path, run_id: int | None) -> dict[Path, Settled]:
+        """What a first pass over a registered run takes as settled: its checkpoints as the
+        database holds them, each while its fingerprint is the stored one, so that a restarted
+        worker reads none of their files again (one query; see
+        :func:`~alphawatch.workers.checkpoints.memory.registered`).
+
+        A checkpoint discovery found something wrong with (``discovery_error``), and one
+        registered under another folder, are read again; a scan asked for reads every one.
+        """
+        if run_id is None:
+            return {}
+        with session_scope(self.engine) as session:
+            known = registry.known_checkpoints(session, run_id=run_id)
+        base = self._text(run_dir) + "/"
+        settled: dict[Path, Settled] = {}
+        for step, found in known.items():
+            if found.fingerprint and found.discovery_error is None and found.path.startswith(base):
+                path = run_dir / found.path[len(base) :]
+                settled[path] = registered(
+                    path, step=step, fmt=found.format, fingerprint=found.fingerprint
+                )
+        return settled
+
+    def _discover_run(
+        self, run_dir: Path, memory: RunMemory | None, settled: Mapping[Path, Settled]
+    ) -> int:
         problems: list[str] = []
-        settled = memory.settled if memory is not None else {}
         try:
             found = survey(
                 run_dir, settle_s=self.settings.settle_s, confine=self.confine, settled=settled

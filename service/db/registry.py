@@ -194,6 +194,7 @@ class KnownCheckpoint:
     checkpoint_id: int
     path: str
     fingerprint: str
+    format: str
     status: CheckpointStatus
     job_status: JobStatus | None
     discovery_error: str | None
@@ -207,6 +208,7 @@ def known_checkpoints(session: Session, *, run_id: int) -> dict[int, KnownCheckp
             Checkpoint.id,
             Checkpoint.path,
             Checkpoint.fingerprint,
+            Checkpoint.format,
             Checkpoint.status,
             AnalysisJob.status,
             Checkpoint.discovery_error,
@@ -219,9 +221,10 @@ def known_checkpoints(session: Session, *, run_id: int) -> dict[int, KnownCheckp
             int(r[1]),
             r[2],
             r[3],
-            CheckpointStatus(r[4]),
-            None if r[5] is None else JobStatus(r[5]),
-            r[6],
+            r[4],
+            CheckpointStatus(r[5]),
+            None if r[6] is None else JobStatus(r[6]),
+            r[7],
         )
         for r in rows
     }

@@ -212,6 +212,51 @@ def test_a_rewrite_in_place_is_seen_within_the_round_robin_bound(
     assert _rows(sqlite_url, "SELECT step FROM checkpoint WHERE status = 'pending'") == [(20,)]
 
 
+def test_a_restarted_worker_reads_no_registered_checkpoint_whose_files_it_still_lists(
+    tiny_run: Path, tmp_path: Path, db_url: str
+) -> None:
+    """A worker started afresh on the same database takes a checkpoint registered with the
+    fingerprint its files still give (a ``stat`` of each) as settled, and reads none of its
+    files; one whose files changed since, or that now leads outside the roots, is read (and
+    here refused) as a new one is."""
+    root = tmp_path / "runs"
+    run = root / "run"
+    for step in (10, 20, 30):
+        _checkpoint(tiny_run, run, step)
+    settings = _settings(db_url, root, rewrite_checks_per_poll=1)
+    assert Watcher(settings, [run]).discover_once() == 3
+
+    # While no worker runs: checkpoint-20's marker is made unreadable in place, its size and
+    # times kept (a worker that read it would refuse it); checkpoint-30's is broken and a byte
+    # longer; checkpoint-10 becomes a link to a copy outside the roots, which has the same
+    # names, sizes and times, hence the same fingerprint.
+    state = run / "checkpoint-20" / "trainer_state.json"
+    kept = state.stat()
+    with state.open("r+b") as handle:
+        handle.write(b"\xff\xfe not json")
+    os.utime(state, ns=(kept.st_atime_ns, kept.st_mtime_ns))
+    longer = run / "checkpoint-30" / "trainer_state.json"
+    longer.write_bytes(b"\xff" + longer.read_bytes())
+    outside = tmp_path / "outside" / "checkpoint-10"
+    shutil.copytree(run / "checkpoint-10", outside)
+    shutil.rmtree(run / "checkpoint-10")
+    (run / "checkpoint-10").symlink_to(outside, target_is_directory=True)
+    stored = dict(_rows(db_url, "SELECT step, fingerprint FROM checkpoint"))
+    assert fingerprint(run / "checkpoint-10") == stored[10]
+    assert fingerprint(run / "checkpoint-20") == stored[20]
+
+    restarted = Watcher(settings, [run])
+    assert restarted.discover_once() == 0
+    errors = dict(_rows(db_url, "SELECT step, discovery_error FROM checkpoint"))
+    assert errors[20] is None  # not read
+    assert "trainer_state.json" in errors[30]
+    assert "outside the allowed roots" in errors[10]
+    # Settled in this process now: re-checked for rewrites by a stat of its members.
+    assert [(path.name, shape is not None) for _, path, _, shape in restarted._memory.round] == [
+        ("checkpoint-20", True)
+    ]
+
+
 def _shaped(folder: Path) -> Shape:
     confine = Confinement.to([])
     digest, shape = fingerprint_shape(folder, confine)

@@ -5,6 +5,7 @@ Against a real S3 API on 127.0.0.1 (moto's server mode) through s3fs, and a real
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import uuid
@@ -184,3 +185,64 @@ def test_a_settled_fleet_costs_one_list_per_run_per_worker_poll(
             assert s3.snapshot() == {"LIST": runs}
     finally:
         watcher.close()
+
+
+def test_a_restarted_worker_lists_its_runs_and_reads_only_what_changed(
+    s3: CountingServer, bucket: str, tmp_path: Path, pg_url: str
+) -> None:
+    """A worker started afresh on the same database takes every checkpoint registered with
+    the files its listing shows as settled, analysed or still queued: its first pass is one
+    LIST per run and not one GET. A checkpoint rewritten while no worker ran is read and
+    queued again, a new one registered."""
+    runs, checkpoints = 2, 3
+    fs = client_fs(s3)
+    urls = [f"s3://{bucket}/restart/run-{r}" for r in range(runs)]
+    for r, url in enumerate(urls):
+        for c in range(1, checkpoints + 1):
+            write_checkpoint(tmp_path / f"run-{r}", c * 10, seed=10 * r + c)
+        upload(fs, tmp_path / f"run-{r}", url)
+    settings = worker_settings(pg_url)
+    first = Watcher(settings, urls)
+    try:
+        assert first.discover_once() == runs * checkpoints
+        assert first.process_one() and first.process_one()  # two analysed, the others queued
+    finally:
+        first.close()
+    statuses = "SELECT status, count(*) FROM checkpoint GROUP BY status ORDER BY status"
+    assert _rows(pg_url, statuses) == [("done", 2), ("pending", 4)]
+
+    restarted = Watcher(settings, urls)
+    try:
+        for _ in range(2):  # its first pass, then an idle one
+            s3.reset()
+            assert restarted.discover_once() == 0
+            assert s3.snapshot() == {"LIST": runs}
+    finally:
+        restarted.close()
+
+    # While no worker runs: an analysed checkpoint's marker is rewritten (another size), and a
+    # new checkpoint is written.
+    ((rewritten,),) = _rows(pg_url, "SELECT path FROM checkpoint WHERE status = 'done' LIMIT 1")
+    step = int(rewritten.rpartition("-")[2])
+    fs.pipe_file(
+        f"{rewritten.removeprefix('s3://')}/trainer_state.json",
+        json.dumps({"global_step": step, "epoch": 1.0, "log_history": []}).encode(),
+    )
+    write_checkpoint(tmp_path / "new", 40, seed=99)
+    upload(fs, tmp_path / "new", urls[1])
+    again = Watcher(settings, urls)
+    try:
+        s3.reset()
+        assert again.discover_once() == 2  # one queued again, one new
+        requests = s3.snapshot()
+    finally:
+        again.close()
+    # Only those two are read: each its marker and its weights' header.
+    assert requests["LIST"] == runs and requests.get("HEAD", 0) == 0
+    assert 0 < requests["GET"] <= 2 * 3, requests
+    assert _rows(
+        pg_url,
+        "SELECT c.status, j.status, c.rewritten_at IS NOT NULL FROM checkpoint c "
+        f"JOIN analysis_job j ON j.checkpoint_id = c.id WHERE c.path = '{rewritten}'",
+    ) == [("pending", "queued", True)]
+    assert _rows(pg_url, statuses) == [("done", 1), ("pending", 6)]

@@ -8,9 +8,13 @@ with a step in its name) and judged complete by that producer's rule
 back refused, with the reason, and never stops the listing.
 
 :func:`survey` is :func:`discover` for a caller that remembers earlier passes: entries it
-passes as settled (same name, same inode) are taken as they were instead of being read again,
-and it returns the stamp of every folder it listed, so that the next pass can skip a run
-whose folders did not change (:func:`~alphawatch.workers.checkpoints.fingerprints.unchanged`).
+passes as settled are taken as they were instead of being read again, and it returns the stamp
+of every folder it listed, so that the next pass can skip a run whose folders did not change
+(:func:`~alphawatch.workers.checkpoints.fingerprints.unchanged`). An entry settled by an earlier
+pass of the same process is the same while its inode is; one settled before the process started
+(registered with its fingerprint: a restarted worker) while its fingerprint is, which takes a
+``stat`` of each of its files and reads none of them (on object storage: no request beyond the
+listing).
 """
 
 from __future__ import annotations
@@ -72,14 +76,15 @@ class CheckpointRef:
 class _Scan:
     """What every step of one discovery pass needs: when, how patient, and where it may read.
 
-    ``settled`` holds entries known from an earlier pass (by path: the inode they had and the
-    ref they gave); ``listed`` and ``inodes`` are filled as folders are listed.
+    ``settled`` holds entries known from an earlier pass (by path: the inode they had, None
+    when that pass was another process's, and the ref they gave); ``listed`` and ``inodes``
+    are filled as folders are listed.
     """
 
     settle_s: float
     now: float
     confine: Confinement
-    settled: Mapping[Path, tuple[int, CheckpointRef]] = field(default_factory=dict)
+    settled: Mapping[Path, tuple[int | None, CheckpointRef]] = field(default_factory=dict)
     listed: dict[Path, Stamp] = field(default_factory=dict)
     inodes: dict[Path, int] = field(default_factory=dict)
     shapes: dict[Path, Shape] = field(default_factory=dict)
@@ -259,6 +264,23 @@ def _list(folder: Path, scan: _Scan) -> list[Path]:
     return sorted(found)
 
 
+def _still(child: Path, known: tuple[int | None, CheckpointRef], scan: _Scan) -> bool:
+    """Whether a settled entry is still the one it was: the same inode when this process
+    settled it (a folder or file replaced, or swapped for a symlink, has a new inode); else the
+    same fingerprint as when it was registered complete (the names, sizes and times of its
+    files, taken by ``stat``: none of them is read, and a mirror's placeholders answer from the
+    listing).
+
+    Raises:
+        OutsideRootError: it now resolves outside the roots (refused, as a new entry is).
+    """
+    inode, ref = known
+    if inode is not None:
+        return inode == scan.inodes[child]
+    scan.confine.check(child, "checkpoint")
+    return _print(child, scan) == ref.fingerprint
+
+
 def _scan(folder: Path, scan: _Scan, depth: int) -> list[CheckpointRef]:
     try:
         children = _list(folder, scan)
@@ -276,12 +298,10 @@ def _scan(folder: Path, scan: _Scan, depth: int) -> list[CheckpointRef]:
         if _ignored(child.name):
             continue
         known = scan.settled.get(child)
-        if known is not None and known[0] == scan.inodes[child]:
-            # Settled in an earlier pass and still the same entry (a folder or file replaced,
-            # or swapped for a symlink, has a new inode): not read again.
-            refs.append(known[1])
-            continue
         try:
+            if known is not None and _still(child, known, scan):
+                refs.append(known[1])  # settled in an earlier pass: not read again
+                continue
             refs += _entry(child, trackers, scan, depth)
         except Exception as exc:  # one entry, whatever it holds, never ends the listing
             step = _name_step(child.name) if child.name.isprintable() else None
@@ -323,13 +343,15 @@ def survey(
     settle_s: float = 30.0,
     now: float | None = None,
     confine: Confinement = UNCONFINED,
-    settled: Mapping[Path, tuple[int, CheckpointRef]] | None = None,
+    settled: Mapping[Path, tuple[int | None, CheckpointRef]] | None = None,
 ) -> Survey:
-    """:func:`discover`, taking the entries in ``settled`` as they were when their inode is.
+    """:func:`discover`, taking the entries in ``settled`` as they were while they are the same.
 
     Args:
         settled: entries an earlier pass found complete and registered, by path: the inode
-            they had then and their ref. Anything else is read as :func:`discover` reads it.
+            they had then (None: registered by an earlier process, then compared by their
+            ref's fingerprint) and their ref. Anything else, and a settled entry that changed,
+            is read as :func:`discover` reads it.
 
     Returns:
         The refs, and the stamps and inodes the next pass compares with (:class:`Survey`).

@@ -9,6 +9,11 @@ files and folders their fingerprint was computed from
 (:class:`~alphawatch.workers.checkpoints.fingerprints.Shape`), or by their fingerprint where a
 symlinked file makes that not enough.
 
+A worker's first pass over a run starts from what the database holds instead (the caller's
+:func:`registered` entries): a checkpoint registered complete, by this worker before a restart
+or by another, is taken as settled while its fingerprint is the stored one, so a restart reads
+none of its producer's files again.
+
 The memory knows paths and run ids, never the database: the caller decides what counts as
 registered and tells the memory.
 """
@@ -30,8 +35,19 @@ from alphawatch.workers.checkpoints.fingerprints import (
     unchanged,
 )
 
-Settled = tuple[int, CheckpointRef]
-"""An entry a pass found complete and registered: the inode it had then, and its ref."""
+Settled = tuple[int | None, CheckpointRef]
+"""An entry a pass found complete and registered: the inode it had then (None when that pass
+was another process's: see :func:`registered`), and its ref."""
+
+
+def registered(path: Path, *, step: int, fmt: str, fingerprint: str) -> Settled:
+    """The settled entry of a checkpoint registered before this process started.
+
+    The database holds a checkpoint's fingerprint only from a pass that found it complete (a
+    refused one has none): while the fingerprint computed from its files' names, sizes and
+    times is that one, its files are those that were complete, and it is not read again.
+    """
+    return None, CheckpointRef(path, step, fmt, True, "registered with these files", fingerprint)
 
 
 @dataclass
@@ -104,13 +120,14 @@ class DiscoveryMemory:
 
         Args:
             earlier: the run's settled entries the pass started from; one ``ref`` was taken
-                from stays as it was (and keeps its turn in the round).
+                from stays as it was (and keeps its turn in the round), unless it came from
+                the database (:func:`registered`): it then gets its inode and joins the round.
             inodes, shapes: what the pass's survey recorded.
             rechecked: whether settled checkpoints are looked at again at all; a new entry
                 then joins the round.
         """
         entry = earlier.get(ref.path)
-        if entry is None or entry[1] is not ref:
+        if entry is None or entry[1] is not ref or entry[0] is None:
             entry = (inodes.get(ref.path, -1), ref)
             if rechecked:
                 self.round.append((run_dir, ref.path, entry, shapes.get(ref.path)))
