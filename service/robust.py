@@ -269,7 +269,7 @@ def describe_groups(
 ) -> list[dict[str, float | None]]:
     """Every statistic of :data:`STATS` of many groups at once, None for an empty group.
 
-    ``values`` holds the groups one after the other, each sorted (as :func:`chosen` leaves
+    ``values`` holds the groups one after the other, each sorted (as :func:`select_groups` leaves
     them), group ``g`` being ``counts[g]`` values long. Medians and percentiles of all groups
     are taken in a few array operations with NumPy's own arithmetic (``np.percentile``'s
     linear interpolation, ``np.median``'s mean of the two middle values), so each number is,
