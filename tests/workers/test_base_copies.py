@@ -53,7 +53,9 @@ def _ranged_updates(url: str, step: int, first_step: int) -> dict[str, tuple[obj
     settings = worker_settings("sqlite://", deltas="init", analysis_workers=1)
     options = AnalysisOptions.from_settings(settings, confine=UNCONFINED)
     analysis = analyze_checkpoint(
-        object_url(f"{url}/checkpoint-{step}"), object_url(f"{url}/checkpoint-{first_step}"), options
+        object_url(f"{url}/checkpoint-{step}"),
+        object_url(f"{url}/checkpoint-{first_step}"),
+        options,
     )
     return {
         layer.name: (

@@ -19,6 +19,10 @@ through, opens a placeholder as the object itself:
   than listed (a size lie) or when the checkpoint's spooled bytes pass ``spool_max_bytes``,
   then read by the local readers with every local check (``weights_only``, size checks, bombs).
 
+The one exception to "nothing downloaded whole": the base checkpoint of update spectra
+(``deltas`` "init", the run's first checkpoint, read whole by every analysis) is downloaded
+once into the worker's :class:`LocalCopies`, within their bound, and read from disk afterwards.
+
 A listing is the only request a settled run costs: :meth:`Mirror.sync` lists the prefix
 (one LIST per 1,000 objects) and touches a placeholder only when its object's (size, ETag /
 generation, last-modified) changed, so an idle run keeps its folders' stamps and its
