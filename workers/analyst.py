@@ -72,7 +72,7 @@ class AnalysisOptions:
     # The worker's folder of local copies of base checkpoints in object storage (None: the
     # base is read by ranges at each analysis), and the most bytes they hold.
     base_copies: Path | None = None
-    base_copies_bytes: int = 0
+    base_copies_bytes: int = 16 * 1024**3
 
     @classmethod
     def from_settings(
