@@ -736,10 +736,6 @@ class _Lazy:
         return self._mirrors.store(self._scheme).open(url, listed)
 
 
-BASE_COPIES_BYTES = 16 * 1024**3
-"""Default bound of a worker's local copies of base checkpoints (``ALPHAWATCH_BASE_CACHE_MB``)."""
-
-
 class LocalCopies:
     """Whole local copies of the objects of base checkpoints, within ``max_bytes`` on disk.
 
@@ -827,7 +823,7 @@ class LocalCopies:
             with contextlib.suppress(FileNotFoundError):
                 stat = entry.stat()
                 held.append((stat.st_mtime_ns, stat.st_size, entry))
-        used = sum(size for _, size, _ in held)
+        used = sum(entry_size for _, entry_size, _ in held)
         for _, held_size, entry in sorted(held):
             if used + size <= self.max_bytes:
                 break
