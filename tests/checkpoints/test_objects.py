@@ -30,6 +30,7 @@ from alphawatch.workers.checkpoints import (
     CheckpointError,
     Confinement,
     OutsideRootError,
+    objects,
     survey,
 )
 from alphawatch.workers.checkpoints.objects import (
@@ -452,3 +453,29 @@ def test_local_copies_keep_the_bound_evict_the_least_recent_and_never_use_a_part
     assert copy(bases[0]) == (a_bytes, 1)  # a copy of another size is downloaded again
     # A base larger than the bound is left to ranged reads.
     assert not LocalCopies(folder, max_bytes=size - 1).admits(bases[0])
+
+
+def test_a_disk_without_room_for_a_copy_leaves_the_base_to_ranged_reads(
+    s3: CountingServer,
+    bucket: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The copies' bound is not the disk: where a copy would leave it all but full (or the
+    disk refuses the write), the base is read by ranges, never an analysis failed."""
+    write_checkpoint(tmp_path / "a", 10, seed=1)
+    upload(client_fs(s3), tmp_path / "a", f"s3://{bucket}/a")
+    mirrors = Mirrors()
+    mirror = mirrors.mirror(object_url(f"s3://{bucket}/a/checkpoint-10"))
+    mirror.sync()
+    folder = tmp_path / "copies"
+    mirror.copies = LocalCopies(folder, max_bytes=2**40)
+    monkeypatch.setattr(objects, "FREE_MARGIN_BYTES", 2**62)  # no disk has that much free
+    confine = ObjectConfinement.around(Confinement.to([]), mirrors, None)
+    shard = "model.safetensors"
+    with confine.open(mirror.path(shard)) as handle:
+        read = handle.read()
+    assert read == (tmp_path / "a" / "checkpoint-10" / shard).read_bytes()
+    assert mirror.copies is None and not any(folder.iterdir())
+    assert "read by ranged GETs" in caplog.text

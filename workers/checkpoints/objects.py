@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -736,6 +737,10 @@ class _Lazy:
         return self._mirrors.store(self._scheme).open(url, listed)
 
 
+FREE_MARGIN_BYTES = 1024**3
+"""Bytes a local copy of a base leaves free on the worker's disk, whatever its bound."""
+
+
 class LocalCopies:
     """Whole local copies of the objects of base checkpoints, within ``max_bytes`` on disk.
 
@@ -805,6 +810,14 @@ class LocalCopies:
                 old.unlink(missing_ok=True)
             keep = {self._name(mirror, r, o)[1] for r, o in mirror.objects.items()}
             self._make_room(obj.size, keep)
+            free = shutil.disk_usage(self.folder).free
+            if free < obj.size + FREE_MARGIN_BYTES:
+                # The bound is not the disk: a copy that would leave the worker's disk all
+                # but full is not made (its object is read by ranges).
+                raise OSError(
+                    errno.ENOSPC,
+                    f"{free} bytes free, {obj.size} needed and {FREE_MARGIN_BYTES} kept free",
+                )
             mirror.download(relative, path)
             return path
 
@@ -902,7 +915,22 @@ class ObjectConfinement(Confinement):
             with super().open(path, what) as handle:
                 yield handle
             return
-        copy = mirror.copies.copy(mirror, relative) if mirror.copies is not None else None
+        copy = None
+        if mirror.copies is not None:
+            try:
+                copy = mirror.copies.copy(mirror, relative)
+            except FileNotFoundError:
+                raise  # not listed, or replaced while downloaded: as a ranged read would
+            except OSError as exc:
+                # The worker's disk, not the object (full, read-only, removed): the base is
+                # read by ranges, as it would be without copies, never an analysis failed.
+                log.warning(
+                    "no local copy of %s (%s: %s): read by ranged GETs",
+                    shown(mirror.url),
+                    type(exc).__name__,
+                    exc,
+                )
+                mirror.copies = None
         if copy is not None:
             with open(copy, "rb") as local:
                 yield local
