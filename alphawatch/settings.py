@@ -126,6 +126,13 @@ class Settings(BaseSettings):
         description="the most MB one analysis of an object-store checkpoint downloads into its "
         "spool (torch pickles, DCP); safetensors are read by ranges and never spooled",
     )
+    base_cache_mb: float = Field(
+        16 * 1024,
+        ge=0,
+        description="the most MB a worker keeps on disk of the base checkpoints it compares "
+        "with (deltas init, runs in object storage: downloaded once, not per analysis); "
+        "a larger base is read by ranges at each analysis; 0: off",
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     fit_method: FitMethod = Field(DEFAULT_FIT_METHOD, description="power-law fit method")
     check_traps: bool = Field(

@@ -69,6 +69,10 @@ class AnalysisOptions:
     # Update spectra and distances against other checkpoints: "init" (@delta_init rows),
     # "prev" (@delta_prev rows and layer distances), "distances" (layer distances alone).
     deltas: tuple[str, ...] = ()
+    # The worker's folder of local copies of base checkpoints in object storage (None: the
+    # base is read by ranges at each analysis), and the most bytes they hold.
+    base_copies: Path | None = None
+    base_copies_bytes: int = 16 * 1024**3
 
     @classmethod
     def from_settings(
@@ -79,6 +83,7 @@ class AnalysisOptions:
         progress: bool = False,
         method: str | None = None,
         url_roots: tuple[str, ...] | None = None,
+        base_copies: Path | None = None,
     ) -> AnalysisOptions:
         """The options ``settings`` ask for: the one place analysis reads the settings.
 
@@ -88,6 +93,8 @@ class AnalysisOptions:
             progress: a live line per layer on stderr.
             method: a fit method other than ``settings.fit_method`` (``analyze --method``).
             url_roots: the object-store prefixes runs may be read from (None: anywhere).
+            base_copies: where the first checkpoint of a run in object storage is kept whole
+                for ``deltas`` "init" (the worker's; None: read by ranges each time).
 
         Raises:
             ValueError: the settings ask for a CUDA device this machine does not have.
@@ -106,6 +113,8 @@ class AnalysisOptions:
             url_roots=url_roots,
             spool_max_bytes=int(settings.spool_max_mb * 1024 * 1024),
             deltas=tuple(settings.deltas),
+            base_copies=base_copies,
+            base_copies_bytes=int(settings.base_cache_mb * 1024 * 1024),
         )
 
     @property
@@ -219,9 +228,11 @@ def _analyze_objects(
     prev: Path | ObjectURL | None = None,
 ) -> Analysis:
     """:func:`analyze_checkpoint` of a checkpoint (or first checkpoint) in object storage;
-    errors name the URLs, never the mirror's temporary folder."""
-    from alphawatch.workers.checkpoints.objects import staged
+    errors name the URLs, never the mirror's temporary folder. With ``deltas`` "init", the
+    first checkpoint is read from the worker's local copies of it (downloaded once)."""
+    from alphawatch.workers.checkpoints.objects import local_copies, staged
 
+    init = "init" in options.deltas and isinstance(first, ObjectURL)
     with staged(
         [
             path if isinstance(path, ObjectURL) else None,
@@ -231,6 +242,8 @@ def _analyze_objects(
         options.confine,
         options.url_roots,
         options.spool_max_bytes,
+        copies=local_copies(options.base_copies, options.base_copies_bytes) if init else None,
+        copied=first if init and isinstance(first, ObjectURL) else None,
     ) as (roots, confine, mirrors):
         local = roots[0] if isinstance(path, ObjectURL) else path
         local_first = roots[1] if isinstance(first, ObjectURL) else first

@@ -227,7 +227,13 @@ class Watcher:
         self.progress = sys.stderr.isatty()
         self.budget = budget_of(settings)
         self.options = AnalysisOptions.from_settings(
-            settings, confine=local, progress=self.progress, url_roots=self.url_roots
+            settings,
+            confine=local,
+            progress=self.progress,
+            url_roots=self.url_roots,
+            # In the mirrors' folder: kept across analyses (and analysis processes), removed
+            # with it when the worker stops.
+            base_copies=self._objects.base / "bases" if self.url_roots else None,
         )
         self.device = self.options.device
         self.child = AnalysisChild(self.options, self.budget)

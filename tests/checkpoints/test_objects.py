@@ -30,9 +30,11 @@ from alphawatch.workers.checkpoints import (
     CheckpointError,
     Confinement,
     OutsideRootError,
+    objects,
     survey,
 )
 from alphawatch.workers.checkpoints.objects import (
+    LocalCopies,
     Mirrors,
     ObjectConfinement,
     run_url_check,
@@ -408,3 +410,72 @@ def test_a_dcp_folder_on_disk_follows_the_same_rule(tmp_path: Path) -> None:
     assert not ref.complete and "global os.system is not DCP metadata" in ref.reason
     [ref] = survey(tmp_path / "run", settle_s=0).refs
     assert ref.complete
+
+
+def test_local_copies_keep_the_bound_evict_the_least_recent_and_never_use_a_partial_one(
+    s3: CountingServer, bucket: str, tmp_path: Path
+) -> None:
+    """Two runs' bases compete for room for one: the least recently used goes; a copy that is
+    not whole (a download cut short, a copy cut on disk) is never read."""
+    mirrors = Mirrors()
+    bases = []
+    for name, seed in (("a", 1), ("b", 2)):
+        write_checkpoint(tmp_path / name, 10, seed=seed)
+        upload(client_fs(s3), tmp_path / name, f"s3://{bucket}/{name}")
+        mirror = mirrors.mirror(object_url(f"s3://{bucket}/{name}/checkpoint-10"))
+        mirror.sync()
+        bases.append(mirror)
+    shard = "model.safetensors"
+    size = bases[0].objects[shard].size
+    folder = tmp_path / "copies"
+    folder.mkdir()
+    (folder / "left-by-a-killed-process.part123").write_bytes(b"x" * 100)
+    copies = LocalCopies(folder, max_bytes=size + size // 2)
+    assert not any(folder.iterdir())  # a partial download is removed, never used
+    assert all(copies.admits(base) for base in bases)
+
+    def copy(base: Any) -> tuple[bytes, int]:
+        s3.reset()
+        path = copies.copy(base, shard)
+        assert path is not None and path.parent == folder
+        return path.read_bytes(), s3.snapshot().get("GET", 0)
+
+    a_bytes = (tmp_path / "a" / "checkpoint-10" / shard).read_bytes()
+    assert copy(bases[0]) == (a_bytes, 1)  # downloaded once, whole
+    assert copy(bases[0]) == (a_bytes, 0)  # then read from disk
+    b_bytes, gets = copy(bases[1])  # no room for both: a's copy goes
+    assert gets == 1 and b_bytes == (tmp_path / "b" / "checkpoint-10" / shard).read_bytes()
+    assert [p.stat().st_size for p in folder.iterdir()] == [size]
+    assert copy(bases[0]) == (a_bytes, 1)
+    [held] = folder.iterdir()
+    with open(held, "r+b") as cut:
+        cut.truncate(size - 1)
+    assert copy(bases[0]) == (a_bytes, 1)  # a copy of another size is downloaded again
+    # A base larger than the bound is left to ranged reads.
+    assert not LocalCopies(folder, max_bytes=size - 1).admits(bases[0])
+
+
+def test_a_disk_without_room_for_a_copy_leaves_the_base_to_ranged_reads(
+    s3: CountingServer,
+    bucket: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The copies' bound is not the disk: where a copy would leave it all but full (or the
+    disk refuses the write), the base is read by ranges, never an analysis failed."""
+    write_checkpoint(tmp_path / "a", 10, seed=1)
+    upload(client_fs(s3), tmp_path / "a", f"s3://{bucket}/a")
+    mirrors = Mirrors()
+    mirror = mirrors.mirror(object_url(f"s3://{bucket}/a/checkpoint-10"))
+    mirror.sync()
+    folder = tmp_path / "copies"
+    mirror.copies = LocalCopies(folder, max_bytes=2**40)
+    monkeypatch.setattr(objects, "FREE_MARGIN_BYTES", 2**62)  # no disk has that much free
+    confine = ObjectConfinement.around(Confinement.to([]), mirrors, None)
+    shard = "model.safetensors"
+    with confine.open(mirror.path(shard)) as handle:
+        read = handle.read()
+    assert read == (tmp_path / "a" / "checkpoint-10" / shard).read_bytes()
+    assert mirror.copies is None and not any(folder.iterdir())
+    assert "read by ranged GETs" in caplog.text

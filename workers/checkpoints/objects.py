@@ -19,6 +19,10 @@ through, opens a placeholder as the object itself:
   than listed (a size lie) or when the checkpoint's spooled bytes pass ``spool_max_bytes``,
   then read by the local readers with every local check (``weights_only``, size checks, bombs).
 
+The one exception to "nothing downloaded whole": the base checkpoint of update spectra
+(``deltas`` "init", the run's first checkpoint, read whole by every analysis) is downloaded
+once into the worker's :class:`LocalCopies`, within their bound, and read from disk afterwards.
+
 A listing is the only request a settled run costs: :meth:`Mirror.sync` lists the prefix
 (one LIST per 1,000 objects) and touches a placeholder only when its object's (size, ETag /
 generation, last-modified) changed, so an idle run keeps its folders' stamps and its
@@ -38,7 +42,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import errno
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
@@ -82,6 +88,7 @@ def _part_pool() -> concurrent.futures.ThreadPoolExecutor:
 
 
 NAME_MAX = 255
+log = logging.getLogger(__name__)
 
 
 class ObjectStoreError(CheckpointError):
@@ -427,6 +434,8 @@ class Mirror:
         self.problems: tuple[str, ...] = ()
         self.spool_max_bytes = spool_max_bytes
         self.spooled: dict[str, int] = {}
+        # Where its ranged objects are read from a whole local copy instead (a base checkpoint).
+        self.copies: LocalCopies | None = None
         self._lock = threading.Lock()
 
     def sync(self) -> bool:
@@ -566,32 +575,50 @@ class Mirror:
                     f"the {self.spool_max_bytes} an analysis may download "
                     "(ALPHAWATCH_SPOOL_MAX_MB); safetensors are read by ranges instead",
                 )
-            part = path.with_name(path.name + ".spool")
-            written = 0
-            try:
-                with self.open_object(relative) as source, open(part, "wb") as sink:
-                    while True:
-                        chunk = source.read(min(_CHUNK, obj.size + 1 - written))
-                        if not chunk:
-                            break
-                        written += len(chunk)
-                        if written > obj.size:
-                            raise CheckpointError(
-                                path,
-                                f"refused: {shown(url)} holds more than the {obj.size} bytes "
-                                "it was listed with (replaced while read, or a size lie)",
-                            )
-                        sink.write(chunk)
-                if written < obj.size:
-                    raise CheckpointVanished(
-                        path, f"{shown(url)} holds {written} of its {obj.size} listed bytes"
-                    )
-                os.replace(part, path)
-            finally:
-                with contextlib.suppress(FileNotFoundError):
-                    part.unlink()
+            self.download(relative, path)
             os.utime(path, ns=(obj.mtime_ns, obj.mtime_ns))
             self.spooled[relative] = obj.size
+
+    def download(self, relative: str, target: Path) -> None:
+        """Download a placeholder's object, as listed, into ``target``: written under a
+        temporary name and renamed once whole, so a partial download is never at ``target``.
+
+        Raises:
+            CheckpointError: the object holds more bytes than listed (a size lie, or it was
+                replaced); CheckpointVanished when it holds fewer (it shrank or was removed).
+        """
+        obj = self.objects.get(relative)
+        if obj is None:
+            raise FileNotFoundError(relative)
+        path = self.path(relative)
+        url = self.url.joined_text(relative) if relative else str(self.url)
+        part = target.with_name(f"{target.name}.part{os.getpid()}")
+        # Large objects in reads of PART_THREADS parts (concurrent ranged GETs, see _Counted).
+        size = _CHUNK if obj.size < 2 * PART_BYTES else PART_BYTES * PART_THREADS
+        buffer = memoryview(bytearray(min(size, obj.size + 1)))
+        written = 0
+        try:
+            with self.open_object(relative) as source, open(part, "wb") as sink:
+                while True:
+                    n = source.readinto(buffer[: min(len(buffer), obj.size + 1 - written)])
+                    if not n:
+                        break
+                    written += n
+                    if written > obj.size:
+                        raise CheckpointError(
+                            path,
+                            f"refused: {shown(url)} holds more than the {obj.size} bytes "
+                            "it was listed with (replaced while read, or a size lie)",
+                        )
+                    sink.write(buffer[:n])
+            if written < obj.size:
+                raise CheckpointVanished(
+                    path, f"{shown(url)} holds {written} of its {obj.size} listed bytes"
+                )
+            os.replace(part, target)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                part.unlink()
 
 
 class Mirrors:
@@ -710,6 +737,128 @@ class _Lazy:
         return self._mirrors.store(self._scheme).open(url, listed)
 
 
+FREE_MARGIN_BYTES = 1024**3
+"""Bytes a local copy of a base leaves free on the worker's disk, whatever its bound."""
+
+
+class LocalCopies:
+    """Whole local copies of the objects of base checkpoints, within ``max_bytes`` on disk.
+
+    Update spectra against the run's first checkpoint read that checkpoint whole at every
+    analysis: by ranged GETs, a 7B model's 14 GB again per checkpoint. Its objects are
+    downloaded here once instead (:meth:`Mirror.download`: the listed ETag or generation
+    pinned, sizes checked, a temporary name renamed once whole) and read from disk while
+    their listing is unchanged. A copy is named by its URL and its listed (size, version,
+    time): an object replaced in the bucket has another name, and its old copy is removed
+    when the new one is asked for. The least recently used copies of other bases make room;
+    a base larger than ``max_bytes`` is read by ranges, as without copies.
+
+    The folder is the worker's (under its mirrors' temporary folder, removed when it stops);
+    each analysis process keeps its state there, so a new one after a death reuses the copies
+    (and removes the partial download a killed one left).
+    """
+
+    def __init__(self, folder: Path, max_bytes: int) -> None:
+        self.folder = folder
+        self.max_bytes = max_bytes
+        self._told: set[str] = set()  # bases said once to be read by ranges
+        self._lock = threading.Lock()
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for entry in folder.iterdir():
+            if ".part" in entry.name:
+                entry.unlink(missing_ok=True)
+
+    def admits(self, mirror: Mirror) -> bool:
+        """Whether the ranged objects of ``mirror`` (a base checkpoint) fit the bound; a base
+        that does not is logged, once per process, and read by ranges."""
+        size = sum(o.size for r, o in mirror.objects.items() if mirror.ranged(r))
+        if size <= self.max_bytes:
+            return True
+        with self._lock:
+            if mirror.url not in self._told:
+                self._told.add(mirror.url)
+                log.warning(
+                    "base checkpoint %s holds %d bytes, more than the %d kept on disk "
+                    "(ALPHAWATCH_BASE_CACHE_MB): it is read by ranged GETs at each analysis",
+                    shown(mirror.url),
+                    size,
+                    self.max_bytes,
+                )
+        return False
+
+    def copy(self, mirror: Mirror, relative: str) -> Path | None:
+        """The local copy of a placeholder's object as listed, downloaded when there is none;
+        None when it is not kept (no version to tell a replaced object by).
+
+        Raises:
+            FileNotFoundError: the object is not listed, or was replaced while downloaded;
+            CheckpointError: a size lie (see :meth:`Mirror.download`).
+        """
+        obj = mirror.objects.get(relative)
+        if obj is None:
+            raise FileNotFoundError(relative)
+        if not obj.version or not mirror.ranged(relative):
+            return None
+        prefix, name = self._name(mirror, relative, obj)
+        path = self.folder / name
+        with self._lock:
+            with contextlib.suppress(FileNotFoundError):
+                if path.stat().st_size == obj.size:
+                    os.utime(path)  # its mtime orders the copies by last use
+                    return path
+            for old in self.folder.glob(f"{prefix}-*"):  # a replaced object's copy
+                old.unlink(missing_ok=True)
+            keep = {self._name(mirror, r, o)[1] for r, o in mirror.objects.items()}
+            self._make_room(obj.size, keep)
+            free = shutil.disk_usage(self.folder).free
+            if free < obj.size + FREE_MARGIN_BYTES:
+                # The bound is not the disk: a copy that would leave the worker's disk all
+                # but full is not made (its object is read by ranges).
+                raise OSError(
+                    errno.ENOSPC,
+                    f"{free} bytes free, {obj.size} needed and {FREE_MARGIN_BYTES} kept free",
+                )
+            mirror.download(relative, path)
+            return path
+
+    def _name(self, mirror: Mirror, relative: str, obj: _Object) -> tuple[str, str]:
+        """A copy's name: a digest of its URL, then one of its listed (size, version, time)."""
+        url = mirror.url.joined_text(relative) if relative else str(mirror.url)
+        listed = f"{obj.size}\0{obj.version}\0{obj.generation}\0{obj.mtime_ns}"
+        prefix = hashlib.sha256(url.encode()).hexdigest()[:32]
+        return prefix, f"{prefix}-{hashlib.sha256(listed.encode()).hexdigest()[:16]}"
+
+    def _make_room(self, size: int, keep: set[str]) -> None:
+        """Remove the least recently used copies (none of ``keep``: the base in hand) until
+        ``size`` more bytes fit the bound."""
+        held = []
+        for entry in self.folder.iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                stat = entry.stat()
+                held.append((stat.st_mtime_ns, stat.st_size, entry))
+        used = sum(entry_size for _, entry_size, _ in held)
+        for _, held_size, entry in sorted(held):
+            if used + size <= self.max_bytes:
+                break
+            if entry.name not in keep:
+                entry.unlink(missing_ok=True)
+                used -= held_size
+
+
+_COPIES: dict[tuple[Path, int], LocalCopies] = {}
+
+
+def local_copies(folder: Path | None, max_bytes: int) -> LocalCopies | None:
+    """The process's :class:`LocalCopies` in ``folder`` (None: no folder, or ``max_bytes``
+    0): one per analysis process, so that a base too large is logged once, not per analysis."""
+    if folder is None or max_bytes <= 0:
+        return None
+    with _SHARED_LOCK:
+        if (folder, max_bytes) not in _COPIES:
+            _COPIES[folder, max_bytes] = LocalCopies(folder, max_bytes)
+        return _COPIES[folder, max_bytes]
+
+
 @dataclass(frozen=True)
 class ObjectConfinement(Confinement):
     """A :class:`Confinement` that also reads the placeholders of object mirrors.
@@ -766,6 +915,26 @@ class ObjectConfinement(Confinement):
             with super().open(path, what) as handle:
                 yield handle
             return
+        copy = None
+        if mirror.copies is not None:
+            try:
+                copy = mirror.copies.copy(mirror, relative)
+            except FileNotFoundError:
+                raise  # not listed, or replaced while downloaded: as a ranged read would
+            except OSError as exc:
+                # The worker's disk, not the object (full, read-only, removed): the base is
+                # read by ranges, as it would be without copies, never an analysis failed.
+                log.warning(
+                    "no local copy of %s (%s: %s): read by ranged GETs",
+                    shown(mirror.url),
+                    type(exc).__name__,
+                    exc,
+                )
+                mirror.copies = None
+        if copy is not None:
+            with open(copy, "rb") as local:
+                yield local
+            return
         with mirror.open_object(relative) as handle:
             yield handle
 
@@ -790,8 +959,13 @@ def staged(
     local: Confinement,
     url_roots: tuple[str, ...] | None,
     spool_max_bytes: int = SPOOL_MAX_BYTES,
+    *,
+    copies: LocalCopies | None = None,
+    copied: ObjectURL | None = None,
 ) -> Iterator[tuple[list[Path | None], ObjectConfinement, Mirrors]]:
-    """Mirrors of ``urls`` (listed once each) for one analysis, removed afterwards.
+    """Mirrors of ``urls`` (listed once each) for one analysis, removed afterwards; the
+    ranged objects of ``copied`` (one of ``urls``: a base checkpoint) are read from their
+    whole local ``copies`` when the base fits them.
 
     Yields:
         the mirror root of each URL (None stays None), the confinement that reads them
@@ -809,6 +983,9 @@ def staged(
                 continue
             run_url_check(url, url_roots)
             roots.append(mirrors.sync(url))
+        if copies is not None and copied is not None:
+            base = mirrors.mirror(copied)
+            base.copies = copies if copies.admits(base) else None
         yield roots, ObjectConfinement.around(local, mirrors, url_roots, spool=True), mirrors
     finally:
         mirrors.close()
