@@ -648,7 +648,8 @@ def _places(
             LayerMetric.checkpoint_id.in_(chosen), *where
         )
         if chosen is checkpoint_ids:
-            statement = statement.where(LayerMetric.name.in_(missing))
+            # One row per layer, not one per cell of it.
+            statement = statement.where(LayerMetric.name.in_(missing)).distinct()
         for name, kind, block in session.execute(statement):
             places.setdefault(name, (kind, block))
     return places
