@@ -7,7 +7,7 @@ trend, the CI gate and ``alphawatch analyze`` all report the same numbers.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,29 +72,78 @@ def untrusted_reason_of(
     return None
 
 
+@dataclass(frozen=True)
+class Reasons:
+    """Why each of many rows is not trusted, as categories: ``codes[i]`` indexes ``labels``,
+    whose first entry is None (trusted). Rules then run as integer comparisons, not once per
+    row in Python."""
+
+    codes: np.ndarray
+    labels: tuple[str | None, ...] = (None,)
+
+    @classmethod
+    def trusted(cls, n: int) -> Reasons:
+        """``n`` rows none of which has a reason."""
+        return cls(np.zeros(n, dtype=np.int64))
+
+    @classmethod
+    def of_keys(
+        cls, keys: Sequence[Hashable] | np.ndarray, reason_of: Callable[[Any], str | None]
+    ) -> Reasons:
+        """The reasons of rows given as keys (tuples of a row's fields, or an array of small
+        non-negative integers that encode them): ``reason_of`` is applied once per distinct
+        key, not once per row."""
+        labels: list[str | None] = [None]
+        code_of: dict[str | None, int] = {None: 0}
+
+        def code(key: Any) -> int:
+            reason = reason_of(key)
+            if reason not in code_of:
+                code_of[reason] = len(labels)
+                labels.append(reason)
+            return code_of[reason]
+
+        if isinstance(keys, np.ndarray):
+            # Small non-negative integers: a table from key to code, not a sort of the rows.
+            present = np.flatnonzero(np.bincount(keys.astype(np.int64, copy=False)))
+            table = np.zeros(present[-1] + 1 if present.size else 0, dtype=np.int64)
+            table[present] = [code(k) for k in present.tolist()]
+            return cls(table[keys], tuple(labels))
+        memo = {key: code(key) for key in set(keys)}
+        return cls(
+            np.fromiter(map(memo.__getitem__, keys), dtype=np.int64, count=len(keys)),
+            tuple(labels),
+        )
+
+    def tolist(self) -> list[str | None]:
+        """The reason of each row, None where trusted."""
+        return [self.labels[c] for c in self.codes.tolist()]
+
+
 def untrusted_reasons(
     fit_status: Sequence[str | None],
     correlation_trap: Sequence[bool | None],
     rank_collapse: Sequence[bool | None],
     trusted: Sequence[bool | None],
-) -> np.ndarray:
-    """:func:`untrusted_reason_of` of rows given as columns: an object array of reasons (None
-    where trusted). The rule is applied once per distinct combination, not once per row."""
-    keys = list(zip(fit_status, correlation_trap, rank_collapse, trusted, strict=True))
-    memo = {key: untrusted_reason_of(*key) for key in set(keys)}
-    return np.fromiter(map(memo.__getitem__, keys), dtype=object, count=len(keys))
+) -> Reasons:
+    """:func:`untrusted_reason_of` of rows given as columns. The rule is applied once per
+    distinct combination, not once per row."""
+    return Reasons.of_keys(
+        list(zip(fit_status, correlation_trap, rank_collapse, trusted, strict=True)),
+        lambda key: untrusted_reason_of(*key),
+    )
 
 
 def exclusions(
     values: np.ndarray,
     alpha: np.ndarray,
-    reasons: np.ndarray,
+    reasons: Reasons,
     *,
     metric: str,
     filter: str,
     alpha_max: float,
-) -> np.ndarray:
-    """Why each row is left out of a statistic, or None where it is used (the rules of
+) -> Reasons:
+    """Why each row is left out of a statistic, code 0 where it is used (the rules of
     :func:`select` before the outlier rule, in their order).
 
     Args:
@@ -102,16 +151,18 @@ def exclusions(
         alpha: alpha per row, float64 (NaN where the row has none).
         reasons: :func:`untrusted_reasons` of the rows.
     """
-    label = np.full(values.shape, None, dtype=object)
+    labels = list(reasons.labels)
     # Assigned from the last rule to the first, so the first rule that applies wins.
-    if filter == LayerFilter.TRUSTED:
-        untrusted = np.fromiter((r is not None for r in reasons), dtype=bool, count=reasons.size)
-        label[untrusted] = reasons[untrusted]
+    code = (
+        reasons.codes.copy() if filter == LayerFilter.TRUSTED else np.zeros(values.shape, np.int64)
+    )
     if metric in ALPHA_METRICS:
         with np.errstate(invalid="ignore"):
-            label[alpha > alpha_max] = f"alpha_gt_{alpha_max:g}"
-    label[~np.isfinite(values)] = "no_value"
-    return label
+            code[alpha > alpha_max] = len(labels)
+        labels.append(f"alpha_gt_{alpha_max:g}")
+    code[~np.isfinite(values)] = len(labels)
+    labels.append("no_value")
+    return Reasons(code, tuple(labels))
 
 
 def select(
@@ -144,7 +195,7 @@ def select(
             [x.get("trusted") for x in rows],
         )
         if filter == LayerFilter.TRUSTED
-        else np.full(len(rows), None, dtype=object),
+        else Reasons.trusted(len(rows)),
         metric=metric,
         filter=filter,
         alpha_max=alpha_max,
@@ -170,7 +221,7 @@ def select_groups(
     *,
     values: np.ndarray,
     alpha: np.ndarray,
-    reasons: np.ndarray,
+    reasons: Reasons,
     metric: str,
     filter: str,
     alpha_max: float,
@@ -188,14 +239,19 @@ def select_groups(
         return {}
     keys, group_of = np.unique(groups, return_inverse=True)
     group_of = group_of.reshape(-1)
-    used = np.fromiter((x is None for x in label), dtype=bool, count=label.size)
+    used = label.codes == 0
     # Reasons counted in the rows' order, each group's in its own dict (as a Counter of one
-    # group's rows counts them).
+    # group's rows counts them): each (group, reason) once, in the order of its first row.
     excluded: list[dict[str, int]] = [{} for _ in range(keys.size)]
     left_out = np.flatnonzero(~used)
-    for g, reason in zip(group_of[left_out].tolist(), label[left_out].tolist(), strict=True):
-        counts = excluded[g]
-        counts[reason] = counts.get(reason, 0) + 1
+    width = len(label.labels)
+    pairs, first, counts = np.unique(
+        group_of[left_out] * width + label.codes[left_out], return_index=True, return_counts=True
+    )
+    for i in np.argsort(first, kind="stable").tolist():
+        g, code = divmod(int(pairs[i]), width)
+        reason = str(label.labels[code])
+        excluded[g][reason] = excluded[g].get(reason, 0) + int(counts[i])
     # The used values sorted inside each group, the groups one after the other: every
     # statistic then sees the same array whatever order the rows came in.
     rows = np.flatnonzero(used)
@@ -301,16 +357,19 @@ def describe_groups(
     quantiles[high] = (b - step * (1 - weight))[high]
     at_last = virtual >= last
     quantiles[at_last] = b[at_last]
-    for i, (g, first, size) in enumerate(
-        zip(filled.tolist(), start.tolist(), n.tolist(), strict=True)
+    means, trimmed = _means(values, start, n, (TRIM * n).astype(np.int64))
+    for g, median, mean, cut_mean, (p10, p25, p75, p90) in zip(
+        filled.tolist(),
+        medians.tolist(),
+        means.tolist(),
+        trimmed.tolist(),
+        quantiles.tolist(),
+        strict=True,
     ):
-        group = values[first : first + size]
-        cut = int(TRIM * size)
-        p10, p25, p75, p90 = quantiles[i].tolist()
         out[g] = {
-            "median": float(medians[i]),
-            "mean": float(group.mean()),
-            "trimmed_mean": float(group[cut : size - cut].mean()),
+            "median": median,
+            "mean": mean,
+            "trimmed_mean": cut_mean,
             "p10": p10,
             "p25": p25,
             "p75": p75,
@@ -318,6 +377,26 @@ def describe_groups(
             "iqr": p75 - p25,
         }
     return out
+
+
+def _means(
+    values: np.ndarray, starts: np.ndarray, counts: np.ndarray, cuts: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The mean of each non-empty sorted group and of its values less ``cuts`` at either end, as
+    ``mean()`` takes them: a pairwise sum over the values, divided by their count. Groups of one
+    length are summed as the rows of one array, each row by the same pairwise sum as a group
+    alone (NumPy sums the contiguous last axis so), instead of one call per group."""
+    means = np.empty(counts.size)
+    trimmed = np.empty(counts.size)
+    for out, first, length in (
+        (means, starts, counts),
+        (trimmed, starts + cuts, counts - 2 * cuts),
+    ):
+        for size in np.unique(length).tolist():
+            which = np.flatnonzero(length == size)
+            rows = values[first[which, None] + np.arange(size)]
+            out[which] = np.add.reduce(rows, axis=1) / size
+    return means, trimmed
 
 
 def _medians(values: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> np.ndarray:

@@ -7,11 +7,27 @@ import functools
 import re
 from collections import defaultdict
 from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from pydantic_core import from_json
-from sqlalchemy import ColumnElement, Integer, Select, and_, bindparam, case, func, select
+from sqlalchemy import (
+    ARRAY,
+    ColumnElement,
+    Double,
+    Integer,
+    Select,
+    Text,
+    and_,
+    any_,
+    bindparam,
+    case,
+    cast,
+    func,
+    literal,
+    select,
+)
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
@@ -303,47 +319,30 @@ def _chosen_from_rows(
     by_block: bool,
 ) -> dict[tuple[int, int | None], robust.Selection]:
     """The selections of checkpoints (or of each block of them) computed from their layer rows,
-    keyed by (checkpoint id, block or None): the columns are read as tuples and the rules run
-    over all rows at once (:func:`robust.select_groups`)."""
-    wanted = (
-        "checkpoint_id",
-        "block",
-        query.metric,
-        "alpha",
-        "fit_status",
-        "correlation_trap",
-        "rank_collapse",
-        "trusted",
-    )
-    names = dict.fromkeys(wanted)  # alpha read once when it is the metric too
-    rows = many_rows(
+    keyed by (checkpoint id, block or None): the rules run over the columns of all rows at once
+    (:func:`robust.select_groups`)."""
+    columns = _layer_columns(
         session,
-        select(*(getattr(LayerMetric, n) for n in names)).where(
-            LayerMetric.checkpoint_id.in_(checkpoint_ids), *layers.where()
-        ),
+        checkpoint_ids=checkpoint_ids,
+        layers=layers,
+        metric=query.metric,
+        by_block=by_block,
     )
-    if by_block:
-        rows = [r for r in rows if r[1] is not None]  # embeddings and head are in no block
-    if not rows:
+    if columns.ids.size == 0:
         return {}
-    column = dict(zip(names, zip(*rows, strict=True), strict=True))
-    ids, blocks, values, alpha, status, trap, collapse, trusted = (column[n] for n in wanted)
-    id_array = np.asarray(ids, dtype=np.int64)
     if by_block:
         keys, groups = np.unique(
-            np.stack([id_array, np.asarray(blocks, dtype=np.int64)], axis=1),
-            axis=0,
-            return_inverse=True,
+            np.stack([columns.ids, columns.blocks], axis=1), axis=0, return_inverse=True
         )
         key_of: list[tuple[int, int | None]] = [(int(c), int(b)) for c, b in keys]
     else:
-        unique_ids, groups = np.unique(id_array, return_inverse=True)
+        unique_ids, groups = np.unique(columns.ids, return_inverse=True)
         key_of = [(int(c), None) for c in unique_ids]
     chosen = robust.select_groups(
         groups.reshape(-1),
-        values=np.asarray(values, dtype=np.float64),
-        alpha=np.asarray(alpha, dtype=np.float64),
-        reasons=robust.untrusted_reasons(status, trap, collapse, trusted),
+        values=columns.values,
+        alpha=columns.alpha,
+        reasons=columns.reasons,
         metric=query.metric,
         filter=query.filter,
         alpha_max=thresholds.alpha_max,
@@ -351,6 +350,171 @@ def _chosen_from_rows(
         mad_k=thresholds.mad_k if query.mad_k is None else query.mad_k,
     )
     return {key_of[g]: selection for g, selection in chosen.items()}
+
+
+@dataclass(frozen=True)
+class LayerColumns:
+    """The columns of layer rows that the selection rules read, one entry per row."""
+
+    ids: np.ndarray  # checkpoint id, int64
+    blocks: np.ndarray  # int64; only when read by block (empty otherwise)
+    values: np.ndarray  # the metric, float64, NaN where none
+    alpha: np.ndarray  # float64, NaN where none
+    reasons: robust.Reasons
+
+
+def _layer_columns(
+    session: Session,
+    *,
+    checkpoint_ids: list[int],
+    layers: LayerSelection,
+    metric: str,
+    by_block: bool,
+) -> LayerColumns:
+    """The :class:`LayerColumns` of the layer rows of ``checkpoint_ids`` that ``layers`` keeps
+    (those in a block, with ``by_block``)."""
+    where = [*layers.where()] + ([LayerMetric.block.is_not(None)] if by_block else [])
+    if session.connection().dialect.name == "postgresql":
+        found = _layer_arrays(session, checkpoint_ids, where, metric=metric, by_block=by_block)
+        if found is not None:
+            return found
+    return _tuple_columns(session, checkpoint_ids, where, metric=metric, by_block=by_block)
+
+
+def _tuple_columns(
+    session: Session,
+    checkpoint_ids: list[int],
+    where: list[ColumnElement[bool]],
+    *,
+    metric: str,
+    by_block: bool,
+) -> LayerColumns:
+    """:func:`_layer_columns` from a tuple per row."""
+    names = dict.fromkeys(
+        ("checkpoint_id", "block", metric, "alpha", *_REASON_FIELDS)
+    )  # alpha read once when it is the metric too
+    rows = many_rows(
+        session,
+        select(*(getattr(LayerMetric, n) for n in names)).where(
+            LayerMetric.checkpoint_id.in_(checkpoint_ids), *where
+        ),
+    )
+    if not rows:
+        return _NO_COLUMNS
+    column = dict(zip(names, zip(*rows, strict=True), strict=True))
+    return LayerColumns(
+        ids=np.asarray(column["checkpoint_id"], dtype=np.int64),
+        blocks=np.asarray(column["block"], dtype=np.int64) if by_block else np.zeros(0, np.int64),
+        values=np.asarray(column[metric], dtype=np.float64),
+        alpha=np.asarray(column["alpha"], dtype=np.float64),
+        reasons=robust.untrusted_reasons(*(column[n] for n in _REASON_FIELDS)),
+    )
+
+
+_NO_COLUMNS = LayerColumns(
+    ids=np.zeros(0, np.int64),
+    blocks=np.zeros(0, np.int64),
+    values=np.zeros(0),
+    alpha=np.zeros(0),
+    reasons=robust.Reasons.trusted(0),
+)
+_REASON_FIELDS = ("fit_status", "correlation_trap", "rank_collapse", "trusted")
+# The fit statuses by their code in :func:`_layer_arrays` (0: none, -1: one not listed here).
+_STATUSES = tuple(s.value for s in FitStatus)
+
+
+def _reason_key() -> ColumnElement[Any]:
+    """A row's fields of :data:`_REASON_FIELDS` as one integer, which :func:`_reason_of_key`
+    reads back: 27 x the status code + 9 x trusted + 3 x rank collapse + correlation trap, each
+    flag 0 (false), 1 (true) or 2 (none); negative for a status not in :data:`_STATUSES`."""
+    status = case(
+        (LayerMetric.fit_status.is_(None), 0),
+        else_=func.coalesce(
+            func.array_position(
+                bindparam("statuses", list(_STATUSES), type_=ARRAY(Text)),
+                cast(LayerMetric.fit_status, Text),
+            ),
+            -1,
+        ),
+    )
+    flags = [
+        func.coalesce(cast(getattr(LayerMetric, name), Integer), 2)
+        for name in ("correlation_trap", "rank_collapse", "trusted")
+    ]
+    return status * 27 + flags[2] * 9 + flags[1] * 3 + flags[0]
+
+
+def _reason_of_key(key: int) -> str | None:
+    status, flags = divmod(key, 27)
+    trusted, collapse, trap = (
+        None if f == 2 else bool(f) for f in (flags // 9, flags // 3 % 3, flags % 3)
+    )
+    return robust.untrusted_reason_of(
+        _STATUSES[status - 1] if status else None, trap, collapse, trusted
+    )
+
+
+def _layer_arrays(
+    session: Session,
+    checkpoint_ids: list[int],
+    where: list[ColumnElement[bool]],
+    *,
+    metric: str,
+    by_block: bool,
+) -> LayerColumns | None:
+    """:func:`_layer_columns` on PostgreSQL: the rows' columns come back as one row of arrays
+    (``array_agg``, sent in PostgreSQL's binary form and read by NumPy), the reason fields as
+    one integer per row (:func:`_reason_key`), instead of a tuple per row: a block range's
+    35,000 rows cost 2 ms of the API's CPU instead of 45. None where a row holds a fit status
+    this version does not know (the rows are then read as tuples).
+
+    Every ``array_agg`` of one query level reads the rows in the same order, so the arrays'
+    entries belong together.
+    """
+
+    def packed(expression: Any) -> ColumnElement[Any]:
+        return func.array_send(func.array_agg(expression))
+
+    nan = literal(float("nan"), Double)
+    wanted = [
+        packed(LayerMetric.checkpoint_id),
+        packed(func.coalesce(cast(LayerMetric.alpha, Double), nan)),
+        packed(_reason_key()),
+    ]
+    if metric != "alpha":
+        wanted.append(packed(func.coalesce(cast(getattr(LayerMetric, metric), Double), nan)))
+    if by_block:
+        wanted.append(packed(LayerMetric.block))
+    ids_of = bindparam("ids", checkpoint_ids, type_=ARRAY(Integer))
+    statement = select(*wanted).where(LayerMetric.checkpoint_id == any_(ids_of), *where)
+    row = many_rows(session, statement)[0]
+    if row[0] is None:
+        return _NO_COLUMNS
+    ids, alpha, keys = _unpacked(row[0], "i4"), _unpacked(row[1], "f8"), _unpacked(row[2], "i4")
+    if (keys < 0).any():
+        return None
+    return LayerColumns(
+        ids=ids.astype(np.int64),
+        blocks=_unpacked(row[-1], "i4").astype(np.int64) if by_block else np.zeros(0, np.int64),
+        values=_unpacked(row[3], "f8") if metric != "alpha" else alpha,
+        alpha=alpha,
+        reasons=robust.Reasons.of_keys(keys, _reason_of_key),
+    )
+
+
+def _unpacked(data: bytes, kind: str) -> np.ndarray:
+    """A one-dimensional array without nulls, in PostgreSQL's binary form (``array_send``:
+    dimensions, a null flag, the element type, a length and lower bound per dimension, then a
+    length and the big-endian value of each element), as a native NumPy array of ``kind``."""
+    ndim, has_null = (int(v) for v in np.frombuffer(data, ">i4", count=2))
+    if ndim == 0:
+        return np.zeros(0, kind)
+    n = int(np.frombuffer(data, ">i4", count=1, offset=12)[0])
+    width = np.dtype(kind).itemsize
+    entries = np.frombuffer(data, [("length", ">i4"), ("value", ">" + kind)], count=n, offset=20)
+    if ndim != 1 or has_null or (entries["length"] != width).any():
+        raise ValueError(f"unexpected array of {ndim} dimensions, nulls {has_null}")
+    return entries["value"].astype(kind)
 
 
 _KEPT_FIELDS = ("n_used", "n_excluded", "excluded", *robust.STATS)

@@ -132,8 +132,8 @@ def test_untrusted_reasons_equal_the_rule_for_every_combination() -> None:
         )
     )
     columns = [list(c) for c in zip(*combos, strict=True)]
-    reasons = robust.untrusted_reasons(*columns)
-    assert reasons.tolist() == [robust.untrusted_reason_of(*c) for c in combos]
+    reasons = robust.untrusted_reasons(*columns).tolist()
+    assert reasons == [robust.untrusted_reason_of(*c) for c in combos]
     assert any(r is None for r in reasons) and any(r == "untrusted" for r in reasons)
 
 
@@ -197,3 +197,21 @@ def test_describe_all_of_many_checkpoints_equals_one_at_a_time() -> None:
     assert robust.describe_all(selections) == [
         numpy_describe(s.values) if s.n_used else dict.fromkeys(robust.STATS) for s in selections
     ]
+
+
+def test_means_of_groups_of_one_length_are_numpy_bit_for_bit() -> None:
+    # Groups of one length are summed together as the rows of one array: each mean and trimmed
+    # mean must still be, to the bit, what mean() gives for that group alone, on both sides of
+    # NumPy's 8-wide unrolled sums, its 128-value pairwise blocks and its 8192-value buffers.
+    rng = np.random.default_rng(11)
+    arrays = [
+        np.sort(rng.standard_normal(size) * 10.0 ** rng.integers(-8, 9, size))
+        for size in (1, 7, 8, 9, 127, 128, 129, 1000, 8193, 20000)
+        for _ in range(4)
+    ]
+    described = robust.describe_groups(np.concatenate(arrays), [a.size for a in arrays])
+    for values, got in zip(arrays, described, strict=True):
+        cut = int(robust.TRIM * values.size)
+        expected = [values.mean(), values[cut : values.size - cut].mean()]
+        bits = np.asarray([got["mean"], got["trimmed_mean"]]).view(np.int64)
+        assert bits.tolist() == np.asarray(expected).view(np.int64).tolist()

@@ -1,0 +1,136 @@
+"""Layer rows read as arrays (PostgreSQL) hold exactly what they hold read as tuples.
+
+Trends that no kept statistic answers (block ranges, other kind sets, other variants) read
+their layer rows' columns. On PostgreSQL they come back as one row of arrays with the reason
+fields packed into one integer per row; the rules must then see the very rows, values and
+reasons that a tuple per row gives: every fit status, each flag, values missing, NaN and
+infinite, integer metrics, layers outside any block, and a fit status this version does not
+know (read as tuples instead).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+from alphawatch.service.api import create_app, queries
+from alphawatch.service.db.layers import LayerSelection
+from alphawatch.service.db.models import Checkpoint, LayerMetric
+from alphawatch.service.db.session import make_engine, session_scope
+from alphawatch.settings import Settings
+from alphawatch.vocabulary import FitStatus
+from tests.factories import KINDS, Row, analysed_run, layer_row
+
+STEPS = (10, 20, 30)
+ODD_ALPHAS = (None, float("nan"), float("inf"), -float("inf"), 9.5, 8.0, 2.0)
+
+
+def _layers(step: int) -> list[Row]:
+    rng = np.random.default_rng(step)
+    statuses = [s.value for s in FitStatus]
+    rows = [
+        layer_row("model.embed_tokens", kind="embed", block=None, alpha=4.0),
+        layer_row("lm_head", kind="lm_head", block=None, alpha=None, fit_status="failed"),
+    ]
+    for block in range(4):
+        for i, kind in enumerate(KINDS):
+            n = block * len(KINDS) + i
+            alpha = ODD_ALPHAS[n % len(ODD_ALPHAS)] if n % 3 == 0 else float(rng.uniform(1, 9))
+            rows.append(
+                layer_row(
+                    f"model.layers.{block}.{kind}_proj",
+                    kind=kind,
+                    block=block,
+                    alpha=alpha,
+                    fit_status=statuses[n % len(statuses)],
+                    trusted=bool(rng.random() < 0.7),
+                    correlation_trap=bool(rng.random() < 0.2),
+                    rank_collapse=bool(rng.random() < 0.2),
+                    num_pl_spikes=int(rng.integers(0, 50)) if n % 4 else None,
+                    stable_rank=float(rng.uniform(1, 30)) if n % 5 else None,
+                )
+            )
+    return rows
+
+
+@pytest.fixture
+def pg_run(pg_url: str) -> Iterator[tuple[str, list[int]]]:
+    analysed_run(pg_url, name="columns", steps=STEPS, layers=_layers)
+    with session_scope(make_engine(pg_url)) as session:
+        ids = [
+            int(i)
+            for i in session.scalars(Checkpoint.__table__.select().with_only_columns(Checkpoint.id))
+        ]
+    yield pg_url, ids
+
+
+def _rows(columns: queries.LayerColumns, by_block: bool) -> list[tuple[Any, ...]]:
+    # The rows as comparable tuples (values by their bits: NaN equals NaN, -0.0 differs from 0.0),
+    # sorted: two reads of one table need not return rows in one order.
+    bits = lambda a: a.view(np.int64).tolist()  # noqa: E731
+    return sorted(
+        zip(
+            columns.ids.tolist(),
+            columns.blocks.tolist() if by_block else [None] * columns.ids.size,
+            bits(columns.values),
+            bits(columns.alpha),
+            [str(r) for r in columns.reasons.tolist()],
+            strict=True,
+        )
+    )
+
+
+@pytest.mark.parametrize("metric", ["alpha", "stable_rank", "num_pl_spikes", "change_ref_step"])
+@pytest.mark.parametrize("by_block", [False, True])
+@pytest.mark.parametrize(
+    "selection",
+    [
+        {},
+        {"block_min": 1, "block_max": 2},
+        {"kinds": ("q", "k", "v", "o", "embed")},
+        {"block_min": 99, "block_max": 99},
+    ],
+)
+def test_arrays_hold_what_tuples_hold(
+    pg_run: tuple[str, list[int]], metric: str, by_block: bool, selection: dict[str, Any]
+) -> None:
+    url, ids = pg_run
+    layers = LayerSelection(method="ww", variant="weight", **selection)
+    where = [*layers.where()] + ([LayerMetric.block.is_not(None)] if by_block else [])
+    with Session(make_engine(url)) as session:
+        arrays = queries._layer_arrays(session, ids, where, metric=metric, by_block=by_block)
+        tuples = queries._tuple_columns(session, ids, where, metric=metric, by_block=by_block)
+    assert arrays is not None
+    assert _rows(arrays, by_block) == _rows(tuples, by_block)
+    if selection.get("block_min") == 99:
+        assert arrays.ids.size == 0
+    else:
+        # About something: odd values, untrusted reasons of several kinds, all checkpoints.
+        assert set(arrays.ids.tolist()) == set(ids)
+        assert len(set(arrays.reasons.tolist())) >= 4
+        assert np.isnan(arrays.alpha).any() and np.isinf(arrays.alpha).any()
+
+
+def test_an_unknown_fit_status_is_read_as_tuples(pg_run: tuple[str, list[int]]) -> None:
+    url, ids = pg_run
+    with session_scope(make_engine(url)) as session:
+        session.execute(
+            update(LayerMetric)
+            .where(LayerMetric.name == "model.layers.1.q_proj", LayerMetric.checkpoint_id == ids[0])
+            .values(fit_status="from_a_newer_worker", alpha=3.0)
+        )
+    layers = LayerSelection(method="ww", variant="weight", block_min=0, block_max=3)
+    with Session(make_engine(url)) as session:
+        where = layers.where()
+        assert queries._layer_arrays(session, ids, where, metric="alpha", by_block=False) is None
+    with TestClient(create_app(Settings(database_url=url, api_cache_mb=0))) as client:
+        got = client.get("/api/v1/runs/1/trend", params={"block_min": 0, "block_max": 3})
+    assert got.status_code == 200, got.text
+    first = got.json()["points"][0]
+    assert first["excluded"].get("from_a_newer_worker") == 1
