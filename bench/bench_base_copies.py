@@ -1,12 +1,15 @@
 """Update spectra of a run in a bucket: the base checkpoint's GETs and read time per analysis.
 
     python bench/bench_base_copies.py [--tensors 8] [--dim 1024] [--checkpoints 4]
+                                      [--format safetensors|pickle]
 
 Starts a real S3 API on 127.0.0.1 (moto's server mode, every request counted by key), uploads
-``--checkpoints`` bf16 Hugging Face-style checkpoints (``--tensors`` matrices of dim x dim) and
+``--checkpoints`` bf16 Hugging Face-style checkpoints (``--tensors`` matrices of dim x dim, in
+``model.safetensors`` or, with ``--format pickle``, a torch pickle ``pytorch_model.bin``) and
 analyses them in step order with ``deltas`` "init", as the worker's analysis process does
-(``analyze_checkpoint``, traps off), twice: with the base read by ranged GETs at every analysis
-(``ALPHAWATCH_BASE_CACHE_MB=0``), and with local copies of it (the default). Reports, per
+(``analyze_checkpoint``, traps off), twice: with the base read at every analysis
+(``ALPHAWATCH_BASE_CACHE_MB=0``: safetensors by ranged GETs, pickles spooled whole), and with
+local copies of it (the default). Reports, per
 analysis, the GETs of the base's objects, the MB they carried, the seconds spent reading the
 base (``Analysis.base_read_s``) and the analysis's wall time. The first checkpoint's own
 analysis is the one that makes the copy.
@@ -28,7 +31,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def _write(folder: Path, tensors: int, dim: int, checkpoints: int) -> None:
+WEIGHTS = {"safetensors": "model.safetensors", "pickle": "pytorch_model.bin"}
+UNCOPIED = {"safetensors": "ranged", "pickle": "spooled"}  # how a base without a copy is read
+
+
+def _write(folder: Path, tensors: int, dim: int, checkpoints: int, fmt: str) -> None:
     import torch
     from safetensors.torch import save_file
 
@@ -43,7 +50,10 @@ def _write(folder: Path, tensors: int, dim: int, checkpoints: int) -> None:
             ).to(torch.bfloat16)
             for i, w in enumerate(base)
         }
-        save_file(weights, str(path / "model.safetensors"))
+        if fmt == "pickle":
+            torch.save(weights, path / WEIGHTS[fmt])
+        else:
+            save_file(weights, str(path / WEIGHTS[fmt]))
         (path / "trainer_state.json").write_text(json.dumps({"global_step": c * 100}))
 
 
@@ -81,6 +91,7 @@ def main() -> int:
     parser.add_argument("--tensors", type=int, default=8)
     parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("--checkpoints", type=int, default=4)
+    parser.add_argument("--format", choices=sorted(WEIGHTS), default="safetensors")
     args = parser.parse_args()
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
 
@@ -99,7 +110,7 @@ def main() -> int:
     server = CountingServer()
     with variables(environment(server)), tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        _write(work / "run", args.tensors, args.dim, args.checkpoints)
+        _write(work / "run", args.tensors, args.dim, args.checkpoints, args.format)
         make_bucket(server, "bench")
         url = "s3://bench/run"
         upload(client_fs(server), work / "run", url)
@@ -108,10 +119,13 @@ def main() -> int:
         copied = replace(ranged, base_copies=work / "copies")
         steps = [c * 100 for c in range(args.checkpoints)]
         result = {
+            "format": args.format,
             "base_mb": round(
-                (work / "run/checkpoint-0/model.safetensors").stat().st_size / 2**20, 1
+                (work / "run/checkpoint-0" / WEIGHTS[args.format]).stat().st_size / 2**20, 1
             ),
-            "ranged (ALPHAWATCH_BASE_CACHE_MB=0)": _pass(server, url, steps, ranged),
+            f"{UNCOPIED[args.format]} (ALPHAWATCH_BASE_CACHE_MB=0)": _pass(
+                server, url, steps, ranged
+            ),
             "local copies (default)": _pass(server, url, steps, copied),
         }
         server.stop()

@@ -70,7 +70,7 @@ class AnalysisOptions:
     # "prev" (@delta_prev rows and layer distances), "distances" (layer distances alone).
     deltas: tuple[str, ...] = ()
     # The worker's folder of local copies of base checkpoints in object storage (None: the
-    # base is read by ranges at each analysis), and the most bytes they hold.
+    # base is read by ranges or spooled at each analysis), and the most bytes they hold.
     base_copies: Path | None = None
     base_copies_bytes: int = 16 * 1024**3
 

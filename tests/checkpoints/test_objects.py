@@ -479,3 +479,32 @@ def test_a_disk_without_room_for_a_copy_leaves_the_base_to_ranged_reads(
     assert read == (tmp_path / "a" / "checkpoint-10" / shard).read_bytes()
     assert mirror.copies is None and not any(folder.iterdir())
     assert "read by ranged GETs" in caplog.text
+
+
+def test_a_pickle_base_is_copied_within_the_bound_counting_only_what_is_read(
+    s3: CountingServer, bucket: str, tmp_path: Path
+) -> None:
+    """A base's size is what its reading opens (not the optimizer state beside the weights),
+    and no copy ever takes a base's copies past the bound, whatever that count judged."""
+    folder = tmp_path / "run" / "checkpoint-10"
+    folder.mkdir(parents=True)
+    generator = torch.Generator().manual_seed(1)
+    torch.save({"model.layers.0.mlp.up_proj.weight": torch.randn(64, 48, generator=generator)},
+               folder / "pytorch_model.bin")  # fmt: skip
+    torch.save({"state": {0: {"exp_avg": torch.randn(128, 128, generator=generator)}}},
+               folder / "optimizer.pt")  # fmt: skip
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": 10}))
+    upload(client_fs(s3), tmp_path / "run", f"s3://{bucket}/run")
+    mirror = Mirrors().mirror(object_url(f"s3://{bucket}/run/checkpoint-10"))
+    mirror.sync()
+    weights = mirror.objects["pytorch_model.bin"].size
+    assert mirror.objects["optimizer.pt"].size > weights
+    copies = LocalCopies(tmp_path / "copies", max_bytes=weights + 1024)
+    assert copies.admits(mirror)  # optimizer.pt is not counted: reading weights never opens it
+    s3.reset()
+    path = copies.copy(mirror, "pytorch_model.bin")
+    assert path is not None and path.read_bytes() == (folder / "pytorch_model.bin").read_bytes()
+    assert s3.snapshot().get("GET", 0) == 1
+    assert copies.copy(mirror, "optimizer.pt") is None  # opened after all: past the bound
+    assert sum(p.stat().st_size for p in (tmp_path / "copies").iterdir()) == weights
+    assert not LocalCopies(tmp_path / "small", max_bytes=weights - 1).admits(mirror)

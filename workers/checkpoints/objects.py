@@ -19,9 +19,11 @@ through, opens a placeholder as the object itself:
   than listed (a size lie) or when the checkpoint's spooled bytes pass ``spool_max_bytes``,
   then read by the local readers with every local check (``weights_only``, size checks, bombs).
 
-The one exception to "nothing downloaded whole": the base checkpoint of update spectra
-(``deltas`` "init", the run's first checkpoint, read whole by every analysis) is downloaded
-once into the worker's :class:`LocalCopies`, within their bound, and read from disk afterwards.
+The one exception to "nothing downloaded whole, nothing kept past its analysis": the base
+checkpoint of update spectra (``deltas`` "init", the run's first checkpoint, read whole by every
+analysis) is downloaded once into the worker's :class:`LocalCopies`, within their bound, and
+read from disk afterwards, whatever its format: safetensors are then not read by ranges, and
+pickles and DCP files are not spooled again for each analysis.
 
 A listing is the only request a settled run costs: :meth:`Mirror.sync` lists the prefix
 (one LIST per 1,000 objects) and touches a placeholder only when its object's (size, ETag /
@@ -46,6 +48,7 @@ import errno
 import hashlib
 import logging
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -740,18 +743,32 @@ class _Lazy:
 FREE_MARGIN_BYTES = 1024**3
 """Bytes a local copy of a base leaves free on the worker's disk, whatever its bound."""
 
+_TRAINER_STATE = re.compile(
+    r"^(optimizer.*|scheduler.*|scaler.*|rng_state.*|training_args\.bin|"
+    r".*_optim_states\.pt|distrib_optim\.pt)$"
+)
+"""Files a trainer writes beside a checkpoint's weights (HF Trainer, DeepSpeed ZeRO, Megatron's
+distributed optimizer) that reading the weights never opens: not counted in a base's size."""
+
+
+def _trainer_state(relative: str) -> bool:
+    return _TRAINER_STATE.match(relative.rpartition("/")[2]) is not None
+
 
 class LocalCopies:
     """Whole local copies of the objects of base checkpoints, within ``max_bytes`` on disk.
 
     Update spectra against the run's first checkpoint read that checkpoint whole at every
-    analysis: by ranged GETs, a 7B model's 14 GB again per checkpoint. Its objects are
-    downloaded here once instead (:meth:`Mirror.download`: the listed ETag or generation
-    pinned, sizes checked, a temporary name renamed once whole) and read from disk while
-    their listing is unchanged. A copy is named by its URL and its listed (size, version,
-    time): an object replaced in the bucket has another name, and its old copy is removed
-    when the new one is asked for. The least recently used copies of other bases make room;
-    a base larger than ``max_bytes`` is read by ranges, as without copies.
+    analysis: by ranged GETs (safetensors) or spooled (torch pickles, DCP files), a 7B
+    model's 14 GB again per checkpoint. Its objects are downloaded here once instead, as
+    each is first opened (:meth:`Mirror.download`: the listed ETag or generation pinned,
+    sizes checked, a temporary name renamed once whole) and read from disk while their
+    listing is unchanged; a copy is only where the bytes lie, the readers that open it are
+    the ones that open the spool (``weights_only``, the DCP metadata allow-list). A copy is
+    named by its URL and its listed (size, version, time): an object replaced in the bucket
+    has another name, and its old copy is removed when the new one is asked for. The least
+    recently used copies of other bases make room; a base larger than ``max_bytes`` is read
+    as without copies (by ranges, or spooled).
 
     The folder is the worker's (under its mirrors' temporary folder, removed when it stops);
     each analysis process keeps its state there, so a new one after a death reuses the copies
@@ -761,7 +778,7 @@ class LocalCopies:
     def __init__(self, folder: Path, max_bytes: int) -> None:
         self.folder = folder
         self.max_bytes = max_bytes
-        self._told: set[str] = set()  # bases said once to be read by ranges
+        self._told: set[str] = set()  # bases said once to be larger than the bound
         self._lock = threading.Lock()
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         for entry in folder.iterdir():
@@ -769,26 +786,34 @@ class LocalCopies:
                 entry.unlink(missing_ok=True)
 
     def admits(self, mirror: Mirror) -> bool:
-        """Whether the ranged objects of ``mirror`` (a base checkpoint) fit the bound; a base
-        that does not is logged, once per process, and read by ranges."""
-        size = sum(o.size for r, o in mirror.objects.items() if mirror.ranged(r))
+        """Whether the objects of ``mirror`` (a base checkpoint) that its reading opens fit
+        the bound (every object but the trainer's state beside the weights: optimizer,
+        scheduler, RNG); a base that does not is logged, once per process, and read as
+        without copies."""
+        size = sum(o.size for r, o in mirror.objects.items() if not _trainer_state(r))
         if size <= self.max_bytes:
             return True
-        with self._lock:
-            if mirror.url not in self._told:
-                self._told.add(mirror.url)
-                log.warning(
-                    "base checkpoint %s holds %d bytes, more than the %d kept on disk "
-                    "(ALPHAWATCH_BASE_CACHE_MB): it is read by ranged GETs at each analysis",
-                    shown(mirror.url),
-                    size,
-                    self.max_bytes,
-                )
+        self._tell(mirror, size)
         return False
+
+    def _tell(self, mirror: Mirror, size: int) -> None:
+        with self._lock:
+            if mirror.url in self._told:
+                return
+            self._told.add(mirror.url)
+        log.warning(
+            "base checkpoint %s holds %d bytes, more than the %d kept on disk "
+            "(ALPHAWATCH_BASE_CACHE_MB): it is read by ranged GETs at each analysis "
+            "(torch pickles and DCP files: spooled)",
+            shown(mirror.url),
+            size,
+            self.max_bytes,
+        )
 
     def copy(self, mirror: Mirror, relative: str) -> Path | None:
         """The local copy of a placeholder's object as listed, downloaded when there is none;
-        None when it is not kept (no version to tell a replaced object by).
+        None when it is not kept (no version to tell a replaced object by, or it would take
+        the copies of its base past the bound).
 
         Raises:
             FileNotFoundError: the object is not listed, or was replaced while downloaded;
@@ -797,7 +822,7 @@ class LocalCopies:
         obj = mirror.objects.get(relative)
         if obj is None:
             raise FileNotFoundError(relative)
-        if not obj.version or not mirror.ranged(relative):
+        if not obj.version:
             return None
         prefix, name = self._name(mirror, relative, obj)
         path = self.folder / name
@@ -809,17 +834,24 @@ class LocalCopies:
             for old in self.folder.glob(f"{prefix}-*"):  # a replaced object's copy
                 old.unlink(missing_ok=True)
             keep = {self._name(mirror, r, o)[1] for r, o in mirror.objects.items()}
-            self._make_room(obj.size, keep)
-            free = shutil.disk_usage(self.folder).free
-            if free < obj.size + FREE_MARGIN_BYTES:
-                # The bound is not the disk: a copy that would leave the worker's disk all
-                # but full is not made (its object is read by ranges).
-                raise OSError(
-                    errno.ENOSPC,
-                    f"{free} bytes free, {obj.size} needed and {FREE_MARGIN_BYTES} kept free",
-                )
-            mirror.download(relative, path)
-            return path
+            needed = self._held(keep - {name}) + obj.size
+            if needed <= self.max_bytes:
+                self._make_room(obj.size, keep)
+                free = shutil.disk_usage(self.folder).free
+                if free < obj.size + FREE_MARGIN_BYTES:
+                    # The bound is not the disk: a copy that would leave the worker's disk
+                    # all but full is not made (its object is read as without copies).
+                    raise OSError(
+                        errno.ENOSPC,
+                        f"{free} bytes free, {obj.size} needed and {FREE_MARGIN_BYTES} kept free",
+                    )
+                mirror.download(relative, path)
+                return path
+        # :meth:`admits` judges by names: a file it took for trainer state that the base's
+        # reading opens after all (Megatron's model_optim_rng.pt holds the weights too) is
+        # kept only within the bound.
+        self._tell(mirror, needed)
+        return None
 
     def _name(self, mirror: Mirror, relative: str, obj: _Object) -> tuple[str, str]:
         """A copy's name: a digest of its URL, then one of its listed (size, version, time)."""
@@ -827,6 +859,14 @@ class LocalCopies:
         listed = f"{obj.size}\0{obj.version}\0{obj.generation}\0{obj.mtime_ns}"
         prefix = hashlib.sha256(url.encode()).hexdigest()[:32]
         return prefix, f"{prefix}-{hashlib.sha256(listed.encode()).hexdigest()[:16]}"
+
+    def _held(self, names: set[str]) -> int:
+        """Bytes of the copies of ``names`` on disk."""
+        held = 0
+        for name in names:
+            with contextlib.suppress(FileNotFoundError):
+                held += (self.folder / name).stat().st_size
+        return held
 
     def _make_room(self, size: int, keep: set[str]) -> None:
         """Remove the least recently used copies (none of ``keep``: the base in hand) until
@@ -865,7 +905,8 @@ class ObjectConfinement(Confinement):
 
     Local paths are confined and opened exactly as by :class:`Confinement` (its ``roots``);
     a placeholder of one of ``mirrors`` is opened as its object (ranged, or spooled first when
-    ``spool``), and only when the mirror's URL lies under ``url_roots`` (None: anywhere).
+    ``spool``), or as its whole local copy when its mirror keeps :class:`LocalCopies` (a base
+    checkpoint), and only when the mirror's URL lies under ``url_roots`` (None: anywhere).
     """
 
     mirrors: Mirrors | None = field(default=None, compare=False)
@@ -910,33 +951,43 @@ class ObjectConfinement(Confinement):
             )
         if not mirror.path(relative).is_file():
             raise FileNotFoundError(str(path))
+        copy = self._copy(mirror, relative)
+        if copy is not None:
+            # Any format: the readers get a local file, as from the spool, and apply the same
+            # rules to it (a pickle that needs code is refused, never run).
+            with open(copy, "rb") as local:
+                yield local
+            return
         if self.spool and not mirror.ranged(relative):
             mirror.spool(relative)
             with super().open(path, what) as handle:
                 yield handle
             return
-        copy = None
-        if mirror.copies is not None:
-            try:
-                copy = mirror.copies.copy(mirror, relative)
-            except FileNotFoundError:
-                raise  # not listed, or replaced while downloaded: as a ranged read would
-            except OSError as exc:
-                # The worker's disk, not the object (full, read-only, removed): the base is
-                # read by ranges, as it would be without copies, never an analysis failed.
-                log.warning(
-                    "no local copy of %s (%s: %s): read by ranged GETs",
-                    shown(mirror.url),
-                    type(exc).__name__,
-                    exc,
-                )
-                mirror.copies = None
-        if copy is not None:
-            with open(copy, "rb") as local:
-                yield local
-            return
         with mirror.open_object(relative) as handle:
             yield handle
+
+    @staticmethod
+    def _copy(mirror: Mirror, relative: str) -> Path | None:
+        """The whole local copy of a placeholder's object, when its mirror keeps copies and
+        one is made; None: it is read as without copies (by ranges, or spooled)."""
+        if mirror.copies is None:
+            return None
+        try:
+            return mirror.copies.copy(mirror, relative)
+        except FileNotFoundError:
+            raise  # not listed, or replaced while downloaded: as a ranged read would
+        except OSError as exc:
+            # The worker's disk, not the object (full, read-only, removed): the base is read
+            # as it would be without copies, never an analysis failed.
+            log.warning(
+                "no local copy of %s (%s: %s): read by ranged GETs as without copies "
+                "(torch pickles and DCP files: spooled)",
+                shown(mirror.url),
+                type(exc).__name__,
+                exc,
+            )
+            mirror.copies = None
+            return None
 
 
 def run_url_check(url: ObjectURL, url_roots: tuple[str, ...] | None) -> None:
@@ -964,8 +1015,8 @@ def staged(
     copied: ObjectURL | None = None,
 ) -> Iterator[tuple[list[Path | None], ObjectConfinement, Mirrors]]:
     """Mirrors of ``urls`` (listed once each) for one analysis, removed afterwards; the
-    ranged objects of ``copied`` (one of ``urls``: a base checkpoint) are read from their
-    whole local ``copies`` when the base fits them.
+    objects of ``copied`` (one of ``urls``: a base checkpoint, in any format) are read from
+    their whole local ``copies`` when the base fits them.
 
     Yields:
         the mirror root of each URL (None stays None), the confinement that reads them
