@@ -7,7 +7,7 @@ import functools
 import re
 from collections import defaultdict
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -361,6 +361,9 @@ class LayerColumns:
     values: np.ndarray  # the metric, float64, NaN where none
     alpha: np.ndarray  # float64, NaN where none
     reasons: robust.Reasons
+    layers: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    """Read by layer: the row's layer, a position in :attr:`names` (empty otherwise)."""
+    names: tuple[str, ...] = ()
 
 
 def _layer_columns(
@@ -369,16 +372,21 @@ def _layer_columns(
     checkpoint_ids: list[int],
     layers: LayerSelection,
     metric: str,
-    by_block: bool,
+    by_block: bool = False,
+    by_layer: bool = False,
 ) -> LayerColumns:
     """The :class:`LayerColumns` of the layer rows of ``checkpoint_ids`` that ``layers`` keeps
-    (those in a block, with ``by_block``)."""
+    (those in a block, with ``by_block``; with the layer of each row, with ``by_layer``)."""
     where = [*layers.where()] + ([LayerMetric.block.is_not(None)] if by_block else [])
     if session.connection().dialect.name == "postgresql":
-        found = _layer_arrays(session, checkpoint_ids, where, metric=metric, by_block=by_block)
+        found = _layer_arrays(
+            session, checkpoint_ids, where, metric=metric, by_block=by_block, by_layer=by_layer
+        )
         if found is not None:
             return found
-    return _tuple_columns(session, checkpoint_ids, where, metric=metric, by_block=by_block)
+    return _tuple_columns(
+        session, checkpoint_ids, where, metric=metric, by_block=by_block, by_layer=by_layer
+    )
 
 
 def _tuple_columns(
@@ -388,10 +396,11 @@ def _tuple_columns(
     *,
     metric: str,
     by_block: bool,
+    by_layer: bool,
 ) -> LayerColumns:
     """:func:`_layer_columns` from a tuple per row."""
     names = dict.fromkeys(
-        ("checkpoint_id", "block", metric, "alpha", *_REASON_FIELDS)
+        ("checkpoint_id", "block", "name", metric, "alpha", *_REASON_FIELDS)
     )  # alpha read once when it is the metric too
     rows = many_rows(
         session,
@@ -402,12 +411,19 @@ def _tuple_columns(
     if not rows:
         return _NO_COLUMNS
     column = dict(zip(names, zip(*rows, strict=True), strict=True))
+    layer_of: dict[str, int] = {}
+    if by_layer:
+        layer_of = {name: i for i, name in enumerate(dict.fromkeys(column["name"]))}
     return LayerColumns(
         ids=np.asarray(column["checkpoint_id"], dtype=np.int64),
         blocks=np.asarray(column["block"], dtype=np.int64) if by_block else np.zeros(0, np.int64),
         values=np.asarray(column[metric], dtype=np.float64),
         alpha=np.asarray(column["alpha"], dtype=np.float64),
         reasons=robust.untrusted_reasons(*(column[n] for n in _REASON_FIELDS)),
+        layers=np.fromiter(map(layer_of.__getitem__, column["name"]), np.int64, len(rows))
+        if by_layer
+        else np.zeros(0, np.int64),
+        names=tuple(layer_of),
     )
 
 
@@ -461,6 +477,7 @@ def _layer_arrays(
     *,
     metric: str,
     by_block: bool,
+    by_layer: bool,
 ) -> LayerColumns | None:
     """:func:`_layer_columns` on PostgreSQL: the rows' columns come back as one row of arrays
     (``array_agg``, sent in PostgreSQL's binary form and read by NumPy), the reason fields as
@@ -469,7 +486,7 @@ def _layer_arrays(
     this version does not know (the rows are then read as tuples).
 
     Every ``array_agg`` of one query level reads the rows in the same order, so the arrays'
-    entries belong together.
+    entries belong together. By layer, a row of arrays per layer.
     """
 
     def packed(expression: Any) -> ColumnElement[Any]:
@@ -487,18 +504,32 @@ def _layer_arrays(
         wanted.append(packed(LayerMetric.block))
     ids_of = bindparam("ids", checkpoint_ids, type_=ARRAY(Integer))
     statement = select(*wanted).where(LayerMetric.checkpoint_id == any_(ids_of), *where)
-    row = many_rows(session, statement)[0]
-    if row[0] is None:
+    if by_layer:
+        statement = statement.add_columns(LayerMetric.name).group_by(LayerMetric.name)
+    rows = [r for r in many_rows(session, statement) if r[0] is not None]
+    if not rows:
         return _NO_COLUMNS
-    ids, alpha, keys = _unpacked(row[0], "i4"), _unpacked(row[1], "f8"), _unpacked(row[2], "i4")
+
+    def column(at: int, kind: str) -> np.ndarray:
+        return np.concatenate([_unpacked(r[at], kind) for r in rows])
+
+    keys = column(2, "i4")
     if (keys < 0).any():
         return None
+    alpha = column(1, "f8")
+    ids = [_unpacked(r[0], "i4") for r in rows]
     return LayerColumns(
-        ids=ids.astype(np.int64),
-        blocks=_unpacked(row[-1], "i4").astype(np.int64) if by_block else np.zeros(0, np.int64),
-        values=_unpacked(row[3], "f8") if metric != "alpha" else alpha,
+        ids=np.concatenate(ids).astype(np.int64),
+        blocks=column(len(wanted) - 1, "i4").astype(np.int64)
+        if by_block
+        else np.zeros(0, np.int64),
+        values=column(3, "f8") if metric != "alpha" else alpha,
         alpha=alpha,
         reasons=robust.Reasons.of_keys(keys, _reason_of_key),
+        layers=np.repeat(np.arange(len(rows)), [i.size for i in ids])
+        if by_layer
+        else np.zeros(0, np.int64),
+        names=tuple(r[-1] for r in rows) if by_layer else (),
     )
 
 
@@ -775,23 +806,19 @@ def layer_order(layer: dict[str, Any]) -> tuple[int, int, str]:
     return (block if block is not None else (1 << 29), rank, layer["name"])
 
 
-def _rounded(z: list[list[float | None]], digits: int) -> list[list[float | None]]:
+def _rounded(values: np.ndarray, digits: int) -> np.ndarray:
     """The matrix rounded to ``digits`` decimals at once (a long run's 150,000 calls of
-    ``round`` were a quarter of the heatmap's cost); cells without a value stay None.
+    ``round`` were a quarter of the heatmap's cost); NaN stays NaN.
 
     NumPy rounds ``x * 10**digits`` to even: a value within an ulp of a half-way case may
     round the other way from ``round``, never by more than half the last decimal kept."""
-    values = np.array(z, dtype=float)  # None becomes NaN
-    with np.errstate(over="ignore"):
+    with np.errstate(over="ignore", invalid="ignore"):
         scaled = np.round(values, digits)
     # NumPy scales by 10**digits first: a value past ~1e293 overflows there, and has no
     # decimals to round anyway.
     overflowed = np.isinf(scaled) & np.isfinite(values)
     scaled[overflowed] = values[overflowed]
-    rounded: list[list[float | None]] = scaled.tolist()
-    for i, j in zip(*np.nonzero(np.isnan(values)), strict=True):
-        rounded[i][j] = None
-    return rounded
+    return scaled
 
 
 def _places(
@@ -819,6 +846,10 @@ def _places(
     return places
 
 
+# A heatmap cell's trust verdict by its code: untrusted, trusted, no cell.
+_VERDICTS = np.array([False, True, None], dtype=object)
+
+
 def heatmap(*, session: Session, run_id: int, query: HeatmapQuery, method: str) -> dict[str, Any]:
     """Layer x step matrix of a metric with each cell's trust verdict.
 
@@ -830,31 +861,10 @@ def heatmap(*, session: Session, run_id: int, query: HeatmapQuery, method: str) 
     metric = query.metric
     checkpoints = downsample(done_checkpoints(session=session, run_id=run_id), query.max_points)
     ids = [c for c, _ in checkpoints]
-    where = query.layers(method).where()
-    fields = tuple(
-        dict.fromkeys(
-            (
-                "checkpoint_id",
-                "name",
-                metric,
-                "fit_status",
-                "correlation_trap",
-                "rank_collapse",
-                "trusted",
-            )
-        )
-    )
-    rows = many_rows(
-        session,
-        select(*[getattr(LayerMetric, f) for f in fields]).where(
-            LayerMetric.checkpoint_id.in_(ids), *where
-        ),
-    )
-    # Positions, not mappings: a long run has hundreds of thousands of cells.
-    at = {f: i for i, f in enumerate(fields)}
-    cid, nm, val = at["checkpoint_id"], at["name"], at[metric]
-    st, tr, rc, ok = at["fit_status"], at["correlation_trap"], at["rank_collapse"], at["trusted"]
-    places = _places(session, ids, where, {r[nm] for r in rows})
+    layers = query.layers(method)
+    cells = _layer_columns(session, checkpoint_ids=ids, layers=layers, metric=metric, by_layer=True)
+    where = layers.where()
+    places = _places(session, ids, where, set(cells.names))
     keys = {
         n: layer_order({"name": n, "kind": kind, "block": block})
         for n, (kind, block) in places.items()
@@ -864,17 +874,21 @@ def heatmap(*, session: Session, run_id: int, query: HeatmapQuery, method: str) 
     if query.order == LayerOrder.BLOCK_DESC:
         # Blocks from the last back; inside a block the kinds keep the order the model runs them.
         names = sorted(names, key=lambda n: (-keys[n][0], keys[n][1:]))
-    column = {c: j for j, (c, _) in enumerate(checkpoints)}
+    # Every cell placed at once: its row from its layer, its column from its checkpoint.
     row_of = {n: i for i, n in enumerate(names)}
-    z: list[list[float | None]] = [[None] * len(checkpoints) for _ in names]
-    trusted: list[list[bool | None]] = [[None] * len(checkpoints) for _ in names]
-    trusted_of = robust.untrusted_reason_of
-    for r in rows:
-        i, j = row_of[r[nm]], column[r[cid]]
-        z[i][j] = r[val]
-        trusted[i][j] = trusted_of(r[st], r[tr], r[rc], r[ok]) is None
-    if query.digits is not None and z:
-        z = _rounded(z, query.digits)
+    rows = np.asarray([row_of[n] for n in cells.names], dtype=np.int64)[cells.layers]
+    by_id = np.argsort(np.asarray(ids, dtype=np.int64))
+    columns = by_id[np.searchsorted(np.asarray(ids, dtype=np.int64)[by_id], cells.ids)]
+    values = np.full((len(names), len(checkpoints)), np.nan)
+    values[rows, columns] = cells.values
+    verdicts = np.full(values.shape, 2, dtype=np.int64)  # 2: no cell
+    verdicts[rows, columns] = cells.reasons.codes == 0
+    trusted: list[list[bool | None]] = _VERDICTS[verdicts].tolist()
+    if query.digits is not None:
+        values = _rounded(values, query.digits)
+    z: list[list[float | None]] = values.tolist()
+    for i, j in zip(*np.nonzero(np.isnan(values)), strict=True):
+        z[i][j] = None  # no cell, or a cell without a value
     return {
         "metric": metric,
         "variant": query.variant,

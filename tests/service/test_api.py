@@ -109,18 +109,19 @@ def test_gate_passes_and_fails_exactly_at_thresholds(client: TestClient, db_url:
 
 
 def test_a_rounded_heatmap_keeps_its_empty_cells() -> None:
-    z = [[1.23456, None, -0.0004], [None, None, 7.0], [2.5e-7, 6.2764, float("inf")]]
-    assert queries._rounded(z, 3) == [
-        [1.235, None, -0.0],
-        [None, None, 7.0],
-        [0.0, 6.276, float("inf")],
-    ]
+    nan = float("nan")
+    z = np.array([[1.23456, nan, -0.0004], [nan, nan, 7.0], [2.5e-7, 6.2764, float("inf")]])
+    assert np.array_equal(
+        queries._rounded(z, 3),
+        [[1.235, nan, -0.0], [nan, nan, 7.0], [0.0, 6.276, float("inf")]],
+        equal_nan=True,
+    )
     # A value too large to scale by 10**digits is kept as it is (it has no decimals).
-    assert queries._rounded([[1e300, -(2.0**1000), 1e300 / 3]], 15) == [
+    assert queries._rounded(np.array([[1e300, -(2.0**1000), 1e300 / 3]]), 15).tolist() == [
         [1e300, -(2.0**1000), 1e300 / 3]
     ]
     values = np.random.default_rng(0).uniform(-10, 10, (50, 40))
-    rounded = np.array(queries._rounded(values.tolist(), 3))
+    rounded = queries._rounded(values, 3)
     # Within half of the last decimal kept (a tie may go either way), and as short as printed.
     assert np.abs(rounded - values).max() <= 0.5e-3 + 1e-12
     assert all(len(repr(v).split(".")[1]) <= 3 for v in rounded.ravel().tolist())

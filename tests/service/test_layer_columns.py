@@ -70,7 +70,7 @@ def pg_run(pg_url: str) -> Iterator[tuple[str, list[int]]]:
     yield pg_url, ids
 
 
-def _rows(columns: queries.LayerColumns, by_block: bool) -> list[tuple[Any, ...]]:
+def _rows(columns: queries.LayerColumns, by_block: bool, by_layer: bool) -> list[tuple[Any, ...]]:
     # The rows as comparable tuples (values by their bits: NaN equals NaN, -0.0 differs from 0.0),
     # sorted: two reads of one table need not return rows in one order.
     bits = lambda a: a.view(np.int64).tolist()  # noqa: E731
@@ -81,13 +81,16 @@ def _rows(columns: queries.LayerColumns, by_block: bool) -> list[tuple[Any, ...]
             bits(columns.values),
             bits(columns.alpha),
             [str(r) for r in columns.reasons.tolist()],
+            [columns.names[i] for i in columns.layers.tolist()]
+            if by_layer
+            else [None] * columns.ids.size,
             strict=True,
         )
     )
 
 
 @pytest.mark.parametrize("metric", ["alpha", "stable_rank", "num_pl_spikes", "change_ref_step"])
-@pytest.mark.parametrize("by_block", [False, True])
+@pytest.mark.parametrize(("by_block", "by_layer"), [(False, False), (True, False), (False, True)])
 @pytest.mark.parametrize(
     "selection",
     [
@@ -98,16 +101,24 @@ def _rows(columns: queries.LayerColumns, by_block: bool) -> list[tuple[Any, ...]
     ],
 )
 def test_arrays_hold_what_tuples_hold(
-    pg_run: tuple[str, list[int]], metric: str, by_block: bool, selection: dict[str, Any]
+    pg_run: tuple[str, list[int]],
+    metric: str,
+    by_block: bool,
+    by_layer: bool,
+    selection: dict[str, Any],
 ) -> None:
     url, ids = pg_run
     layers = LayerSelection(method="ww", variant="weight", **selection)
     where = [*layers.where()] + ([LayerMetric.block.is_not(None)] if by_block else [])
+    shape = {"metric": metric, "by_block": by_block, "by_layer": by_layer}
     with Session(make_engine(url)) as session:
-        arrays = queries._layer_arrays(session, ids, where, metric=metric, by_block=by_block)
-        tuples = queries._tuple_columns(session, ids, where, metric=metric, by_block=by_block)
+        arrays = queries._layer_arrays(session, ids, where, **shape)
+        tuples = queries._tuple_columns(session, ids, where, **shape)
     assert arrays is not None
-    assert _rows(arrays, by_block) == _rows(tuples, by_block)
+    assert _rows(arrays, by_block, by_layer) == _rows(tuples, by_block, by_layer)
+    if by_layer:
+        assert sorted(arrays.names) == sorted(tuples.names)
+        assert len(set(arrays.names)) == len(arrays.names) == len(set(arrays.layers.tolist()))
     if selection.get("block_min") == 99:
         assert arrays.ids.size == 0
     else:
@@ -128,9 +139,18 @@ def test_an_unknown_fit_status_is_read_as_tuples(pg_run: tuple[str, list[int]]) 
     layers = LayerSelection(method="ww", variant="weight", block_min=0, block_max=3)
     with Session(make_engine(url)) as session:
         where = layers.where()
-        assert queries._layer_arrays(session, ids, where, metric="alpha", by_block=False) is None
+        for by_layer in (False, True):
+            found = queries._layer_arrays(
+                session, ids, where, metric="alpha", by_block=False, by_layer=by_layer
+            )
+            assert found is None
     with TestClient(create_app(Settings(database_url=url, api_cache_mb=0))) as client:
         got = client.get("/api/v1/runs/1/trend", params={"block_min": 0, "block_max": 3})
+        heat = client.get("/api/v1/runs/1/heatmap").json()
     assert got.status_code == 200, got.text
     first = got.json()["points"][0]
     assert first["excluded"].get("from_a_newer_worker") == 1
+    # The heatmap reads the rows as tuples too: that one cell untrusted, its value shown.
+    cell = heat["layers"].index("model.layers.1.q_proj"), heat["steps"].index(STEPS[0])
+    assert heat["trusted"][cell[0]][cell[1]] is False
+    assert heat["z"][cell[0]][cell[1]] == 3.0
