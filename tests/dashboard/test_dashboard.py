@@ -513,8 +513,11 @@ def test_token_protected_server_asks_for_a_token(
         page.goto(base_url + "/")
         page.wait_for_selector("#token-form")
         page.fill("#token-input", "aw_wrong")
+        # The wrong token's answer draws a new form: wait for it, not for the one typed into
+        # (a token typed into the old form before it is replaced would be lost).
+        page.evaluate("() => { document.getElementById('token-form').dataset.old = '1'; }")
         page.click("#token-form button")
-        page.wait_for_selector("#token-form")
+        page.wait_for_selector("#token-form:not([data-old])")
         page.fill("#token-input", token)
         page.click("#token-form button")
         page.wait_for_selector("#runs-empty")
