@@ -21,7 +21,7 @@ from alphawatch.service.db.session import make_engine, session_scope, utcnow
 from alphawatch.settings import Settings
 from alphawatch.trust import Thresholds
 from alphawatch.workers.watcher import Watcher
-from tests.live import serve
+from tests.live import refused_by_a_stopped_server, serve
 
 pytestmark = pytest.mark.browser
 
@@ -130,7 +130,9 @@ def page(browser: Any, expected_console: list[str]) -> Iterator[Any]:
 
     def on_console(message: Any) -> None:
         text = f"{message.text} {message.location.get('url', '')}"
-        if message.type == "error" and not any(e in text for e in expected_console):
+        if message.type != "error" or any(e in text for e in expected_console):
+            return
+        if not refused_by_a_stopped_server(text):
             errors.append(text)
 
     pg.on("console", on_console)
@@ -648,3 +650,23 @@ def test_plots_follow_the_servers_thresholds(page: Any, site: Site, trust: Thres
     assert shapes == [[trust.over_trained_below, trust.under_trained_above]]
     assert zmax == trust.alpha_max
     assert f"{trust.over_trained_below:g} ≤ α ≤ {trust.under_trained_above:g}" in label
+
+
+def test_requests_after_the_test_stopped_its_server_are_not_page_errors(
+    page: Any, tmp_path: Path
+) -> None:
+    # A page still loading when its test's server stops asks it in vain: those refusals are
+    # the test's ending, not the page's errors; any other refused request still is one.
+    url = f"sqlite:///{tmp_path / 'late.db'}"
+    from alphawatch.service.db.migrations import upgrade
+
+    upgrade(url)
+    with serve(create_app(Settings(database_url=url))) as base_url:
+        page.goto(base_url + "/")
+        page.wait_for_selector("#runs-empty")
+    page.evaluate("(u) => fetch(u + '/api/v1/runs').catch(() => null)", base_url)
+    page.wait_for_timeout(200)
+    refused = f"Failed to load resource: net::ERR_CONNECTION_REFUSED {base_url}/api/v1/runs"
+    assert refused_by_a_stopped_server(refused)
+    elsewhere = refused.replace(base_url, "http://127.0.0.1:9")
+    assert not refused_by_a_stopped_server(elsewhere)
