@@ -337,7 +337,20 @@ def analysed_layers(
         del matrix, result
     if options.progress:
         sys.stderr.write("\n")
+    if compared.distances or compared.from_init:
+        # Analysed one at a time, a weight's result comes back before its update spectra (and
+        # with them its comparisons) are read from the stream: they join its layer here.
+        layers = [_compared(layer, compared) for layer in layers]
     return layers
+
+
+def _compared(layer: AnalysedLayer, compared: _Compared) -> AnalysedLayer:
+    """``layer`` with the comparisons found after it was analysed."""
+    if layer.name in compared.distances:
+        layer = replace(layer, distance=compared.distances.pop(layer.name))
+    if layer.name in compared.from_init:
+        layer = replace(layer, distance_from_init=compared.from_init.pop(layer.name))
+    return layer
 
 
 def _stream_items(
