@@ -1,18 +1,20 @@
 """Update spectra of a run in a bucket: the base checkpoint's GETs and read time per analysis.
 
     python bench/bench_base_copies.py [--tensors 8] [--dim 1024] [--checkpoints 4]
-                                      [--format safetensors|pickle]
+                                      [--format safetensors|pickle] [--deltas init|prev]
 
 Starts a real S3 API on 127.0.0.1 (moto's server mode, every request counted by key), uploads
 ``--checkpoints`` bf16 Hugging Face-style checkpoints (``--tensors`` matrices of dim x dim, in
 ``model.safetensors`` or, with ``--format pickle``, a torch pickle ``pytorch_model.bin``) and
-analyses them in step order with ``deltas`` "init", as the worker's analysis process does
+analyses them in step order with ``--deltas`` "init" (the base: the first checkpoint) or
+"prev" (the base: the checkpoint before), as the worker's analysis process does
 (``analyze_checkpoint``, traps off), twice: with the base read at every analysis
 (``ALPHAWATCH_BASE_CACHE_MB=0``: safetensors by ranged GETs, pickles spooled whole), and with
-local copies of it (the default). Reports, per
-analysis, the GETs of the base's objects, the MB they carried, the seconds spent reading the
-base (``Analysis.base_read_s``) and the analysis's wall time. The first checkpoint's own
-analysis is the one that makes the copy.
+local copies (the default). Reports, per analysis, the GETs of the base's objects, the MB they
+carried, the seconds spent reading the base (``Analysis.base_read_s``), the MB of GETs of the
+checkpoint in hand (``own_mb``) and the analysis's wall time. With "init" the first
+checkpoint's own analysis makes the copy; with "prev" each analysis copies the checkpoint in
+hand, which the next one reads as its base.
 """
 
 from __future__ import annotations
@@ -57,29 +59,40 @@ def _write(folder: Path, tensors: int, dim: int, checkpoints: int, fmt: str) -> 
         (path / "trainer_state.json").write_text(json.dumps({"global_step": c * 100}))
 
 
+def _carried(server: Any, prefix: str) -> tuple[int, float]:
+    """GETs of the objects under ``prefix`` since the last reset, and the MB they carried."""
+    gets = [r for kind, key, r in server.log if kind == "GET" and key.startswith(prefix)]
+    carried = 0
+    for rng in gets:
+        low, high = (int(x) for x in (rng or "bytes=0-0").removeprefix("bytes=").split("-"))
+        carried += high - low + 1
+    return len(gets), round(carried / 2**20, 1)
+
+
 def _pass(server: Any, url: str, steps: list[int], options: Any) -> list[dict[str, float]]:
     from alphawatch.locations import object_url
     from alphawatch.workers.analyst import analyze_checkpoint
 
     first = object_url(f"{url}/checkpoint-{steps[0]}")
-    base_key = f"/bench/run/checkpoint-{steps[0]}/"
     rows = []
-    for step in steps:
+    for i, step in enumerate(steps):
+        base = steps[0] if "init" in options.deltas else steps[max(i - 1, 0)]
+        prev = object_url(f"{url}/checkpoint-{base}") if options.reads_previous else None
         server.reset()
         started = time.perf_counter()
-        analysis = analyze_checkpoint(object_url(f"{url}/checkpoint-{step}"), first, options)
+        analysis = analyze_checkpoint(
+            object_url(f"{url}/checkpoint-{step}"), first, options, prev=prev
+        )
         wall = time.perf_counter() - started
-        gets = [r for kind, key, r in server.log if kind == "GET" and key.startswith(base_key)]
-        carried = 0
-        for rng in gets:
-            low, high = (int(x) for x in (rng or "bytes=0-0").removeprefix("bytes=").split("-"))
-            carried += high - low + 1
+        gets, carried = _carried(server, f"/bench/run/checkpoint-{base}/")
+        _, own = _carried(server, f"/bench/run/checkpoint-{step}/")
         rows.append(
             {
                 "step": step,
-                "base_gets": len(gets),
-                "base_mb": round(carried / 2**20, 1),
+                "base_gets": gets if base != step else 0,
+                "base_mb": carried if base != step else 0.0,
                 "base_read_s": round(analysis.base_read_s, 3),
+                "own_mb": own,
                 "analysis_s": round(wall, 3),
             }
         )
@@ -92,6 +105,7 @@ def main() -> int:
     parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("--checkpoints", type=int, default=4)
     parser.add_argument("--format", choices=sorted(WEIGHTS), default="safetensors")
+    parser.add_argument("--deltas", choices=["init", "prev"], default="init")
     args = parser.parse_args()
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
 
@@ -114,12 +128,13 @@ def main() -> int:
         make_bucket(server, "bench")
         url = "s3://bench/run"
         upload(client_fs(server), work / "run", url)
-        settings = Settings(device="cpu", deltas="init", check_traps=False)
+        settings = Settings(device="cpu", deltas=args.deltas, check_traps=False)
         ranged = AnalysisOptions.from_settings(settings, confine=UNCONFINED)
         copied = replace(ranged, base_copies=work / "copies")
         steps = [c * 100 for c in range(args.checkpoints)]
         result = {
             "format": args.format,
+            "deltas": args.deltas,
             "base_mb": round(
                 (work / "run/checkpoint-0" / WEIGHTS[args.format]).stat().st_size / 2**20, 1
             ),

@@ -69,8 +69,9 @@ class AnalysisOptions:
     # Update spectra and distances against other checkpoints: "init" (@delta_init rows),
     # "prev" (@delta_prev rows and layer distances), "distances" (layer distances alone).
     deltas: tuple[str, ...] = ()
-    # The worker's folder of local copies of base checkpoints in object storage (None: the
-    # base is read by ranges or spooled at each analysis), and the most bytes they hold.
+    # The worker's folder of local copies of base checkpoints in object storage, and of the
+    # checkpoint in hand with "prev" (None: each is read by ranges or spooled at each
+    # analysis), and the most bytes they hold.
     base_copies: Path | None = None
     base_copies_bytes: int = 16 * 1024**3
 
@@ -93,8 +94,10 @@ class AnalysisOptions:
             progress: a live line per layer on stderr.
             method: a fit method other than ``settings.fit_method`` (``analyze --method``).
             url_roots: the object-store prefixes runs may be read from (None: anywhere).
-            base_copies: where the first checkpoint of a run in object storage is kept whole
-                for ``deltas`` "init" (the worker's; None: read by ranges each time).
+            base_copies: where the base checkpoints of a run in object storage are kept whole
+                for ``deltas`` "init" (the first checkpoint) and "prev" / "distances" (the
+                checkpoint in hand, the next one's base) (the worker's; None: read by ranges
+                each time).
 
         Raises:
             ValueError: the settings ask for a CUDA device this machine does not have.
@@ -228,11 +231,18 @@ def _analyze_objects(
     prev: Path | ObjectURL | None = None,
 ) -> Analysis:
     """:func:`analyze_checkpoint` of a checkpoint (or first checkpoint) in object storage;
-    errors name the URLs, never the mirror's temporary folder. With ``deltas`` "init", the
-    first checkpoint is read from the worker's local copies of it (downloaded once)."""
+    errors name the URLs, never the mirror's temporary folder.
+
+    The base checkpoints are read from the worker's local copies (each downloaded once): with
+    ``deltas`` "init" the first checkpoint; with "prev" or "distances" the previous one, which
+    the analysis before copied as the checkpoint in hand, as this one copies itself for the
+    next (it is read whole anyway: the same bytes, one read from the bucket per checkpoint).
+    """
     from alphawatch.workers.checkpoints.objects import local_copies, staged
 
-    init = "init" in options.deltas and isinstance(first, ObjectURL)
+    init = first if "init" in options.deltas and isinstance(first, ObjectURL) else None
+    later = (prev, path) if options.reads_previous else ()
+    copied = tuple(u for u in (init, *later) if isinstance(u, ObjectURL))
     with staged(
         [
             path if isinstance(path, ObjectURL) else None,
@@ -242,8 +252,10 @@ def _analyze_objects(
         options.confine,
         options.url_roots,
         options.spool_max_bytes,
-        copies=local_copies(options.base_copies, options.base_copies_bytes) if init else None,
-        copied=first if init and isinstance(first, ObjectURL) else None,
+        copies=local_copies(options.base_copies, options.base_copies_bytes) if copied else None,
+        copied=copied,
+        # The previous checkpoint will not be a base again, unless it is the init base.
+        spent=prev if isinstance(prev, ObjectURL) and prev != init else None,
     ) as (roots, confine, mirrors):
         local = roots[0] if isinstance(path, ObjectURL) else path
         local_first = roots[1] if isinstance(first, ObjectURL) else first
@@ -337,7 +349,20 @@ def analysed_layers(
         del matrix, result
     if options.progress:
         sys.stderr.write("\n")
+    if compared.distances or compared.from_init:
+        # Analysed one at a time, a weight's result comes back before its update spectra (and
+        # with them its comparisons) are read from the stream: they join its layer here.
+        layers = [_compared(layer, compared) for layer in layers]
     return layers
+
+
+def _compared(layer: AnalysedLayer, compared: _Compared) -> AnalysedLayer:
+    """``layer`` with the comparisons found after it was analysed."""
+    if layer.name in compared.distances:
+        layer = replace(layer, distance=compared.distances.pop(layer.name))
+    if layer.name in compared.from_init:
+        layer = replace(layer, distance_from_init=compared.from_init.pop(layer.name))
+    return layer
 
 
 def _stream_items(

@@ -20,10 +20,12 @@ through, opens a placeholder as the object itself:
   then read by the local readers with every local check (``weights_only``, size checks, bombs).
 
 The one exception to "nothing downloaded whole, nothing kept past its analysis": the base
-checkpoint of update spectra (``deltas`` "init", the run's first checkpoint, read whole by every
-analysis) is downloaded once into the worker's :class:`LocalCopies`, within their bound, and
-read from disk afterwards, whatever its format: safetensors are then not read by ranges, and
-pickles and DCP files are not spooled again for each analysis.
+checkpoints of update spectra, read whole by every analysis, are downloaded once into the
+worker's :class:`LocalCopies`, within their bound, and read from disk afterwards, whatever
+their format (safetensors are then not read by ranges, pickles and DCP files not spooled
+again): with ``deltas`` "init" the run's first checkpoint; with "prev" or "distances" the
+checkpoint in hand itself, as it is read, so that the next checkpoint's analysis finds its
+previous one on disk.
 
 A listing is the only request a settled run costs: :meth:`Mirror.sync` lists the prefix
 (one LIST per 1,000 objects) and touches a placeholder only when its object's (size, ETag /
@@ -436,7 +438,8 @@ class Mirror:
         self.objects: dict[str, _Object] = {}
         self.problems: tuple[str, ...] = ()
         self.spool_max_bytes = spool_max_bytes
-        self.spooled: dict[str, int] = {}
+        self.spooled: set[str] = set()  # downloaded into their placeholders
+        self.charged: dict[str, int] = {}  # counted against the bound: spooled or copied
         # Where its ranged objects are read from a whole local copy instead (a base checkpoint).
         self.copies: LocalCopies | None = None
         self._lock = threading.Lock()
@@ -513,7 +516,8 @@ class Mirror:
         path.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
-        self.spooled.pop(relative, None)
+        self.spooled.discard(relative)
+        self.charged.pop(relative, None)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             os.ftruncate(fd, obj.size)  # sparse: the size is recorded, no byte is stored
@@ -523,7 +527,8 @@ class Mirror:
 
     def _remove(self, relative: str) -> None:
         path = self.path(relative)
-        self.spooled.pop(relative, None)
+        self.spooled.discard(relative)
+        self.charged.pop(relative, None)
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         parent = path.parent
@@ -565,22 +570,40 @@ class Mirror:
         with self._lock:
             if relative in self.spooled:
                 return
-            obj = self.objects.get(relative)
-            if obj is None:
-                raise FileNotFoundError(relative)
+            obj = self._charge(relative)
             path = self.path(relative)
-            url = self.url.joined_text(relative) if relative else str(self.url)
-            total = sum(self.spooled.values()) + obj.size
-            if total > self.spool_max_bytes:
-                raise CheckpointError(
-                    path,
-                    f"refused: {shown(url)}: spooling it would hold {total} bytes, more than "
-                    f"the {self.spool_max_bytes} an analysis may download "
-                    "(ALPHAWATCH_SPOOL_MAX_MB); safetensors are read by ranges instead",
-                )
             self.download(relative, path)
             os.utime(path, ns=(obj.mtime_ns, obj.mtime_ns))
-            self.spooled[relative] = obj.size
+            self.spooled.add(relative)
+
+    def charge(self, relative: str) -> None:
+        """Count a placeholder's object against the spool bound, once, as :meth:`spool`
+        does: an object read whole from a local copy instead is refused where it would be
+        refused from the spool, so copies never change what an analysis reads.
+
+        Raises:
+            CheckpointError: the spool would pass ``spool_max_bytes``.
+        """
+        with self._lock:
+            self._charge(relative)
+
+    def _charge(self, relative: str) -> _Object:
+        obj = self.objects.get(relative)
+        if obj is None:
+            raise FileNotFoundError(relative)
+        if relative in self.charged:
+            return obj
+        total = sum(self.charged.values()) + obj.size
+        if total > self.spool_max_bytes:
+            url = self.url.joined_text(relative) if relative else str(self.url)
+            raise CheckpointError(
+                self.path(relative),
+                f"refused: {shown(url)}: spooling it would hold {total} bytes, more than "
+                f"the {self.spool_max_bytes} an analysis may download "
+                "(ALPHAWATCH_SPOOL_MAX_MB); safetensors are read by ranges instead",
+            )
+        self.charged[relative] = obj.size
+        return obj
 
     def download(self, relative: str, target: Path) -> None:
         """Download a placeholder's object, as listed, into ``target``: written under a
@@ -758,17 +781,25 @@ def _trainer_state(relative: str) -> bool:
 class LocalCopies:
     """Whole local copies of the objects of base checkpoints, within ``max_bytes`` on disk.
 
-    Update spectra against the run's first checkpoint read that checkpoint whole at every
-    analysis: by ranged GETs (safetensors) or spooled (torch pickles, DCP files), a 7B
-    model's 14 GB again per checkpoint. Its objects are downloaded here once instead, as
+    Update spectra read their base checkpoint whole at every analysis: by ranged GETs
+    (safetensors) or spooled (torch pickles, DCP files), a 7B model's 14 GB more per
+    checkpoint. With ``deltas`` "init" the base is the run's first checkpoint; with "prev" it
+    is the checkpoint analysed just before (by a worker that keeps up), itself read whole by
+    that analysis: so the checkpoint in hand is copied here as it is read, and the next
+    analysis finds its base on disk. Objects are downloaded here once, as
     each is first opened (:meth:`Mirror.download`: the listed ETag or generation pinned,
     sizes checked, a temporary name renamed once whole) and read from disk while their
     listing is unchanged; a copy is only where the bytes lie, the readers that open it are
     the ones that open the spool (``weights_only``, the DCP metadata allow-list). A copy is
     named by its URL and its listed (size, version, time): an object replaced in the bucket
-    has another name, and its old copy is removed when the new one is asked for. The least
-    recently used copies of other bases make room; a base larger than ``max_bytes`` is read
-    as without copies (by ranges, or spooled).
+    has another name, and its old copy is removed when the new one is asked for.
+
+    The copies an analysis reads (:meth:`held`: its init base, its previous checkpoint, the
+    checkpoint in hand) never make room for one another; the least recently used of the rest
+    make room, and a previous checkpoint's copies become the first to go once its successor
+    is analysed (it will not be a base again; the init base and the newest checkpoint of each
+    run stay). A checkpoint larger than ``max_bytes``, or one object that would take the
+    analysis's copies past it, is read as without copies (by ranges, or spooled).
 
     The folder is the worker's (under its mirrors' temporary folder, removed when it stops);
     each analysis process keeps its state there, so a new one after a death reuses the copies
@@ -778,7 +809,10 @@ class LocalCopies:
     def __init__(self, folder: Path, max_bytes: int) -> None:
         self.folder = folder
         self.max_bytes = max_bytes
-        self._told: set[str] = set()  # bases said once to be larger than the bound
+        # Runs (the folder of a checkpoint's URL) said once to have checkpoints larger than
+        # the bound; "" once said that one analysis's checkpoints do not fit it together.
+        self._told: set[str] = set()
+        self._in_hand: set[str] = set()  # names of the copies the analysis in hand reads
         self._lock = threading.Lock()
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         for entry in folder.iterdir():
@@ -788,19 +822,39 @@ class LocalCopies:
     def admits(self, mirror: Mirror) -> bool:
         """Whether the objects of ``mirror`` (a base checkpoint) that its reading opens fit
         the bound (every object but the trainer's state beside the weights: optimizer,
-        scheduler, RNG); a base that does not is logged, once per process, and read as
-        without copies."""
+        scheduler, RNG); a base that does not is logged, once per run and process, and read
+        as without copies."""
         size = sum(o.size for r, o in mirror.objects.items() if not _trainer_state(r))
         if size <= self.max_bytes:
             return True
         self._tell(mirror, size)
         return False
 
-    def _tell(self, mirror: Mirror, size: int) -> None:
+    @contextlib.contextmanager
+    def held(self, mirrors: list[Mirror], spent: Mirror | None = None) -> Iterator[None]:
+        """Within: the copies of ``mirrors`` (one analysis's) never make room for one another.
+        After: the copies of ``spent`` (the previous checkpoint, compared with the checkpoint
+        in hand) become the least recently used, the first to make room."""
+        names = {self._name(m, r, o)[1] for m in mirrors for r, o in m.objects.items()}
         with self._lock:
-            if mirror.url in self._told:
+            self._in_hand = names
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._in_hand = set()
+                if spent is not None:
+                    for relative, obj in spent.objects.items():
+                        with contextlib.suppress(FileNotFoundError):
+                            os.utime(self.folder / self._name(spent, relative, obj)[1], ns=(0, 0))
+
+    def _tell(self, mirror: Mirror, size: int) -> None:
+        # Once per run: with "prev" every checkpoint of it is a base, each as large.
+        run = mirror.url.rstrip("/").rpartition("/")[0]
+        with self._lock:
+            if run in self._told:
                 return
-            self._told.add(mirror.url)
+            self._told.add(run)
         log.warning(
             "base checkpoint %s holds %d bytes, more than the %d kept on disk "
             "(ALPHAWATCH_BASE_CACHE_MB): it is read by ranged GETs at each analysis "
@@ -813,7 +867,7 @@ class LocalCopies:
     def copy(self, mirror: Mirror, relative: str) -> Path | None:
         """The local copy of a placeholder's object as listed, downloaded when there is none;
         None when it is not kept (no version to tell a replaced object by, or it would take
-        the copies of its base past the bound).
+        the copies of its checkpoint, and of the others the analysis reads, past the bound).
 
         Raises:
             FileNotFoundError: the object is not listed, or was replaced while downloaded;
@@ -833,7 +887,7 @@ class LocalCopies:
                     return path
             for old in self.folder.glob(f"{prefix}-*"):  # a replaced object's copy
                 old.unlink(missing_ok=True)
-            keep = {self._name(mirror, r, o)[1] for r, o in mirror.objects.items()}
+            keep = self._in_hand | {self._name(mirror, r, o)[1] for r, o in mirror.objects.items()}
             needed = self._held(keep - {name}) + obj.size
             if needed <= self.max_bytes:
                 self._make_room(obj.size, keep)
@@ -847,11 +901,28 @@ class LocalCopies:
                     )
                 mirror.download(relative, path)
                 return path
-        # :meth:`admits` judges by names: a file it took for trainer state that the base's
-        # reading opens after all (Megatron's model_optim_rng.pt holds the weights too) is
-        # kept only within the bound.
-        self._tell(mirror, needed)
+        own = self._held(keep - self._in_hand - {name}) + obj.size
+        if own > self.max_bytes:
+            # :meth:`admits` judges by names: a file it took for trainer state that the base's
+            # reading opens after all (Megatron's model_optim_rng.pt holds the weights too) is
+            # kept only within the bound.
+            self._tell(mirror, own)
+        else:
+            self._crowded()
         return None
+
+    def _crowded(self) -> None:
+        with self._lock:
+            if "" in self._told:
+                return
+            self._told.add("")
+        log.warning(
+            "the checkpoints one analysis reads (the init base, the previous checkpoint and the "
+            "one in hand) need more than the %d bytes kept on disk (ALPHAWATCH_BASE_CACHE_MB): "
+            "some are read by ranged GETs as without copies (torch pickles and DCP files: "
+            "spooled); room for three checkpoints' weights lets a worker read each once",
+            self.max_bytes,
+        )
 
     def _name(self, mirror: Mirror, relative: str, obj: _Object) -> tuple[str, str]:
         """A copy's name: a digest of its URL, then one of its listed (size, version, time)."""
@@ -869,8 +940,8 @@ class LocalCopies:
         return held
 
     def _make_room(self, size: int, keep: set[str]) -> None:
-        """Remove the least recently used copies (none of ``keep``: the base in hand) until
-        ``size`` more bytes fit the bound."""
+        """Remove the least recently used copies (none of ``keep``: those the analysis reads)
+        until ``size`` more bytes fit the bound."""
         held = []
         for entry in self.folder.iterdir():
             with contextlib.suppress(FileNotFoundError):
@@ -906,7 +977,8 @@ class ObjectConfinement(Confinement):
     Local paths are confined and opened exactly as by :class:`Confinement` (its ``roots``);
     a placeholder of one of ``mirrors`` is opened as its object (ranged, or spooled first when
     ``spool``), or as its whole local copy when its mirror keeps :class:`LocalCopies` (a base
-    checkpoint), and only when the mirror's URL lies under ``url_roots`` (None: anywhere).
+    checkpoint, or the checkpoint in hand with ``deltas`` "prev"), and only when the mirror's
+    URL lies under ``url_roots`` (None: anywhere).
     """
 
     mirrors: Mirrors | None = field(default=None, compare=False)
@@ -951,6 +1023,8 @@ class ObjectConfinement(Confinement):
             )
         if not mirror.path(relative).is_file():
             raise FileNotFoundError(str(path))
+        if self.spool and mirror.copies is not None and not mirror.ranged(relative):
+            mirror.charge(relative)  # refused from a copy where the spool would refuse it
         copy = self._copy(mirror, relative)
         if copy is not None:
             # Any format: the readers get a local file, as from the spool, and apply the same
@@ -1012,11 +1086,14 @@ def staged(
     spool_max_bytes: int = SPOOL_MAX_BYTES,
     *,
     copies: LocalCopies | None = None,
-    copied: ObjectURL | None = None,
+    copied: tuple[ObjectURL, ...] = (),
+    spent: ObjectURL | None = None,
 ) -> Iterator[tuple[list[Path | None], ObjectConfinement, Mirrors]]:
     """Mirrors of ``urls`` (listed once each) for one analysis, removed afterwards; the
-    objects of ``copied`` (one of ``urls``: a base checkpoint, in any format) are read from
-    their whole local ``copies`` when the base fits them.
+    objects of each of ``copied`` (some of ``urls``: base checkpoints, or the checkpoint in
+    hand that the next analysis compares with, in any format) are read from their whole
+    local ``copies`` when it fits them; the copies of ``spent`` (the previous checkpoint)
+    are the first to make room afterwards (see :meth:`LocalCopies.held`).
 
     Yields:
         the mirror root of each URL (None stays None), the confinement that reads them
@@ -1034,9 +1111,14 @@ def staged(
                 continue
             run_url_check(url, url_roots)
             roots.append(mirrors.sync(url))
-        if copies is not None and copied is not None:
-            base = mirrors.mirror(copied)
-            base.copies = copies if copies.admits(base) else None
-        yield roots, ObjectConfinement.around(local, mirrors, url_roots, spool=True), mirrors
+        confine = ObjectConfinement.around(local, mirrors, url_roots, spool=True)
+        if copies is None or not copied:
+            yield roots, confine, mirrors
+            return
+        kept = [mirrors.mirror(url) for url in dict.fromkeys(copied)]
+        for mirror in kept:
+            mirror.copies = copies if copies.admits(mirror) else None
+        with copies.held(kept, mirrors.mirror(spent) if spent is not None else None):
+            yield roots, confine, mirrors
     finally:
         mirrors.close()
