@@ -161,6 +161,7 @@ def analyze_checkpoint(
     options: AnalysisOptions,
     *,
     prev: Path | ObjectURL | None = None,
+    newest: bool = True,
 ) -> Analysis:
     """Read and analyse one checkpoint, tensor by tensor (the worker's analysis).
 
@@ -168,13 +169,14 @@ def analyze_checkpoint(
     ``deltas`` "init", the update spectra ``@delta_init``) is measured; ``prev`` the checkpoint
     before it by step, for ``@delta_prev`` and the layer distances. Any of them may be an
     object-store URL: it is read through a mirror of its objects
-    (:func:`~alphawatch.workers.checkpoints.objects.staged`) by the same readers.
+    (:func:`~alphawatch.workers.checkpoints.objects.staged`) by the same readers. ``newest``:
+    no later checkpoint of the run is known, so this one will be the next one's ``prev``.
 
     Raises:
         ValueError: the checkpoint holds no weight matrix.
     """
     if any(isinstance(place, ObjectURL) for place in (path, first, prev)):
-        return _analyze_objects(path, first, options, prev=prev)
+        return _analyze_objects(path, first, options, prev=prev, newest=newest)
     assert not isinstance(path, ObjectURL)
     assert not isinstance(first, ObjectURL) and not isinstance(prev, ObjectURL)
     bases = base_readers(path, options, first=first, prev=prev)
@@ -229,6 +231,7 @@ def _analyze_objects(
     options: AnalysisOptions,
     *,
     prev: Path | ObjectURL | None = None,
+    newest: bool = True,
 ) -> Analysis:
     """:func:`analyze_checkpoint` of a checkpoint (or first checkpoint) in object storage;
     errors name the URLs, never the mirror's temporary folder.
@@ -241,7 +244,10 @@ def _analyze_objects(
     from alphawatch.workers.checkpoints.objects import local_copies, staged
 
     init = first if "init" in options.deltas and isinstance(first, ObjectURL) else None
-    later = (prev, path) if options.reads_previous else ()
+    # The checkpoint in hand is copied for the next analysis only when it is the run's newest:
+    # a backfilled one is seldom the next analysis's base, and its copy would push out the
+    # newest's, which the next new checkpoint compares with.
+    later = (prev, path if newest else None) if options.reads_previous else ()
     copied = tuple(u for u in (init, *later) if isinstance(u, ObjectURL))
     with staged(
         [

@@ -87,13 +87,14 @@ class AnalyseRequest:
     """Worker to child: analyse the checkpoint at ``path``.
 
     ``first`` is the run's first checkpoint (distance from init) and ``prev`` the checkpoint
-    before by step (update spectra, layer distances), found by the worker so that the child
-    never asks the database.
+    before by step (update spectra, layer distances), ``newest`` whether no later checkpoint of
+    the run is known: found by the worker so that the child never asks the database.
     """
 
     path: Path | ObjectURL
     first: Path | ObjectURL | None
     prev: Path | ObjectURL | None = None
+    newest: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,6 +218,7 @@ class AnalysisChild:
         first: Path | ObjectURL | None,
         prev: Path | ObjectURL | None = None,
         *,
+        newest: bool = True,
         cancel: Callable[[], bool] | None = None,
     ) -> Outcome:
         """Analyse one checkpoint within the budget.
@@ -225,6 +227,7 @@ class AnalysisChild:
             path: the checkpoint.
             first: the run's first checkpoint (for distances from it), or None.
             prev: the checkpoint before by step (update spectra, layer distances), or None.
+            newest: no later checkpoint of the run is known (it will be the next one's prev).
             cancel: asked every ``POLL_S``; once it answers True the child is killed and
                 :class:`Cancelled` raised.
 
@@ -241,7 +244,7 @@ class AnalysisChild:
         deadline = started + self.budget.timeout_s
         peak = resident_mb(proc.pid) or 0.0
         try:
-            conn.send(AnalyseRequest(path, first, prev))
+            conn.send(AnalyseRequest(path, first, prev, newest))
         except OSError:  # it died while idle, after start() looked
             raise self._died(path) from None
         while True:
@@ -354,7 +357,9 @@ def serve(conn: Connection) -> None:
             return
         assert isinstance(request, AnalyseRequest), type(request)
         try:
-            analysis = analyze_checkpoint(request.path, request.first, options, prev=request.prev)
+            analysis = analyze_checkpoint(
+                request.path, request.first, options, prev=request.prev, newest=request.newest
+            )
         except CheckpointVanished as exc:
             conn.send(AnalysisFailure(str(exc), vanished=True))
         except Exception as exc:  # one bad checkpoint must never stop the child

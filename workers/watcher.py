@@ -742,8 +742,11 @@ class Watcher:
         log.info("analysing step %s of run %s (%s)", job.step, job.run_id, job.path)
         first = self._retry("first checkpoint", lambda: self._first_checkpoint(job.run_id))
         prev: tuple[int, Path | ObjectURL] | None = None
+        newest = True
         if {"prev", "distances"} & set(self.settings.deltas):
-            prev = self._retry("previous checkpoint", lambda: self._previous_checkpoint(job))
+            prev, newest = self._retry(
+                "previous checkpoint", lambda: self._previous_checkpoint(job)
+            )
         # The heartbeat outlives the budget by one beat: the stopped job's failure is written
         # while the lease still holds.
         beat = _Heartbeat(self, job.job_id, self.budget.timeout_s + self.settings.heartbeat_s)
@@ -753,6 +756,7 @@ class Watcher:
                 _place(job.path),
                 first,
                 None if prev is None else prev[1],
+                newest=newest,
                 cancel=self._abandon.is_set,
             )
         except Cancelled:
@@ -866,18 +870,22 @@ class Watcher:
             first = registry.first_checkpoint(session, run_id=run_id)
         return _place(first) if first else None
 
-    def _previous_checkpoint(self, job: queue.ClaimedJob) -> tuple[int, Path | ObjectURL] | None:
+    def _previous_checkpoint(
+        self, job: queue.ClaimedJob
+    ) -> tuple[tuple[int, Path | ObjectURL] | None, bool]:
         """The checkpoint before the job's by step whose files exist (rotation deletes some),
         whether or not it was analysed yet: claims go newest first. In object storage the
         nearest registered one is taken without a request; if its objects are gone, the
-        analysis records that it compared with no base."""
+        analysis records that it compared with no base. Then whether the job's checkpoint is
+        the run's newest (the next one's base)."""
         with session_scope(self.engine) as session:
             earlier = registry.earlier_checkpoints(session, run_id=job.run_id, step=job.step)
+            newest = registry.is_newest(session, run_id=job.run_id, step=job.step)
         for step, path in earlier:
             place = _place(path)
             if isinstance(place, ObjectURL) or place.exists():
-                return step, place
-        return None
+                return (step, place), newest
+        return None, newest
 
     # -- loops -----------------------------------------------------------------------------
     def run_once(self) -> int:

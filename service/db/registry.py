@@ -62,6 +62,21 @@ def earlier_checkpoints(
     return [(int(s), str(p)) for s, p in rows]
 
 
+def is_newest(session: Session, *, run_id: int, step: int) -> bool:
+    """Whether no checkpoint of the run after ``step`` is registered (vanished ones aside): a
+    checkpoint analysed now is then the next one's base for update spectra."""
+    later = session.scalar(
+        select(Checkpoint.id)
+        .where(
+            Checkpoint.run_id == run_id,
+            Checkpoint.step > step,
+            Checkpoint.status != CheckpointStatus.VANISHED,
+        )
+        .limit(1)
+    )
+    return later is None
+
+
 def ensure_run(session: Session, *, name: str, path: str) -> int:
     """Id of the run at ``path``, created if new, under a name nothing can keep it from.
 

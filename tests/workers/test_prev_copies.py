@@ -302,3 +302,32 @@ def test_the_spent_previous_checkpoint_makes_room_before_another_runs_newest(
         for run, step in (("b", 10), ("a", 20), ("c", 30))
     }
     mirrors.close()
+
+
+def test_a_backfill_keeps_the_newest_checkpoints_copy_for_the_next_one(
+    s3: CountingServer, bucket: str, tmp_path: Path, pg_url: str
+) -> None:
+    """A worker that starts behind analyses the newest checkpoint first, then backfills. Only
+    the newest is copied as the checkpoint in hand: backfilled ones are read by ranges, so
+    their copies never push out the newest's, and the next new checkpoint reads its base (the
+    newest before it) from disk. Room for two checkpoints' weights."""
+    written = FORMATS["safetensors"][0](tmp_path / "size", 1, seed=1) / "model.safetensors"
+    room = 2 * written.stat().st_size + 1024
+    settings = worker_settings(
+        pg_url, deltas="prev", analysis_workers=1, base_cache_mb=room / 1024**2
+    )
+    watcher = Watcher(settings, [object_url(f"s3://{bucket}/run")])
+    try:
+        for step in (10, 20, 30):
+            FORMATS["safetensors"][0](tmp_path / "run", step, seed=step)
+        upload(client_fs(s3), tmp_path / "run", f"s3://{bucket}/run")
+        assert _analyse_new(watcher, s3) == 3
+        gets = {step: _gets(s3, bucket, "run", "safetensors", step) for step in (10, 20, 30)}
+        assert gets[30]["model.safetensors"] == 1, gets  # the newest: copied whole
+        assert gets[20]["model.safetensors"] > 1, gets  # backfilled: by ranges, not copied
+        later = FORMATS["safetensors"][0](tmp_path / "later", 40, seed=40)
+        upload(client_fs(s3), later.parent, f"s3://{bucket}/run")
+        assert _analyse_new(watcher, s3) == 1
+        assert not _gets(s3, bucket, "run", "safetensors", 30), s3.log  # its base, from disk
+    finally:
+        watcher.close()
