@@ -25,7 +25,7 @@ from alphawatch.service.db.models import Checkpoint, LayerMetric
 from alphawatch.service.db.session import make_engine, session_scope
 from alphawatch.settings import Settings
 from alphawatch.vocabulary import FitStatus
-from tests.factories import KINDS, Row, analysed_run, layer_row
+from tests.factories import KINDS, Row, analysed_run, layer_row, register_run
 
 STEPS = (10, 20, 30)
 ODD_ALPHAS = (None, float("nan"), float("inf"), -float("inf"), 9.5, 8.0, 2.0)
@@ -154,3 +154,34 @@ def test_an_unknown_fit_status_is_read_as_tuples(pg_run: tuple[str, list[int]]) 
     cell = heat["layers"].index("model.layers.1.q_proj"), heat["steps"].index(STEPS[0])
     assert heat["trusted"][cell[0]][cell[1]] is False
     assert heat["z"][cell[0]][cell[1]] == 3.0
+
+
+def test_a_run_with_nothing_analysed_and_cells_without_values(db_url: str) -> None:
+    # Edges of both reads: a run with only pending checkpoints (no rows at all, the arrays'
+    # aggregate is null), and cells whose value is missing or NaN (null in the answer, their
+    # verdict kept), a layer outside any block, on either database.
+    analysed_run(
+        db_url,
+        name="done",
+        steps=[5],
+        layers=lambda s: [
+            layer_row("a", alpha=float("nan")),
+            layer_row("b", alpha=None, block=None, kind="embed"),
+        ],
+    )
+    register_run(db_url, name="pending", steps=[1, 2])
+    with TestClient(create_app(Settings(database_url=db_url, api_cache_mb=0))) as client:
+        ids = {r["name"]: r["id"] for r in client.get("/api/v1/runs").json()["runs"]}
+        for params in ({}, {"block_min": 0, "block_max": 3}, {"kind": "q"}):
+            heat = client.get(f"/api/v1/runs/{ids['pending']}/heatmap", params=params).json()
+            assert heat["z"] == [] and heat["layers"] == [] and heat["steps"] == []
+            trend = client.get(f"/api/v1/runs/{ids['pending']}/trend", params=params).json()
+            assert trend["points"] == []
+        heat = client.get(f"/api/v1/runs/{ids['done']}/heatmap").json()
+        trend = client.get(
+            f"/api/v1/runs/{ids['done']}/trend", params={"block_min": 0, "block_max": 0}
+        ).json()
+    assert heat["layers"] == ["b", "a"] and heat["blocks"] == [None, 0]
+    assert heat["z"] == [[None], [None]] and heat["trusted"] == [[True], [True]]
+    assert trend["points"][0]["n_used"] == 0
+    assert trend["points"][0]["excluded"] == {"no_value": 1}
