@@ -130,8 +130,9 @@ class Settings(BaseSettings):
         16 * 1024,
         ge=0,
         description="the most MB a worker keeps on disk of the base checkpoints it compares "
-        "with (deltas init, runs in object storage, any format: downloaded once, not per "
-        "analysis); a larger base is read by ranges (or spooled) at each analysis; 0: off",
+        "with (runs in object storage, any format, downloaded once, not per analysis: deltas "
+        "init the first checkpoint; prev/distances a run's newest checkpoint, the next one's "
+        "base); a larger base is read by ranges (or spooled) at each analysis; 0: off",
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     fit_method: FitMethod = Field(DEFAULT_FIT_METHOD, description="power-law fit method")
