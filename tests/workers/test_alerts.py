@@ -323,13 +323,15 @@ def test_a_verdict_back_to_the_one_delivered_is_not_sent_again(db_url: str) -> N
 
 def test_a_failed_attempt_is_not_retried_once_the_verdict_changed(db_url: str) -> None:
     with receiver([503]) as hook:
-        settings = _settings(db_url, hook.url)
+        # A retry 2 s later: on a loaded machine, 0.2 s can pass before the same delivery pass
+        # claims again, and the retry would then be sent in it.
+        settings = _settings(db_url, hook.url, backoff_s=2.0)
         check = _check(settings)
         dispatcher = AlertDispatcher(settings.alerts, make_engine(db_url), "w1")
         _analysed(db_url, run="r", step=1, alpha=7.0, check=check)  # fails: answered 503
         assert dispatcher.deliver_due() == 1
         _analysed(db_url, run="r", step=2, alpha=3.0, check=check)  # passes
-        time.sleep(0.3)  # the first alert's retry is due
+        time.sleep(2.1)  # the first alert's retry is due
         assert dispatcher.deliver_due() == 1
     assert [b["verdict"] for b in hook.bodies()] == ["fail", "pass"]
     (_, first, error), (_, second, _) = _alert_rows(db_url)
